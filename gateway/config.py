@@ -1,0 +1,286 @@
+"""Settings: one TOML file, environment overrides, validated once at start.
+
+Resolution order (later wins):
+  1. the embedded defaults below (every key documented in config/gateway.toml),
+  2. the TOML file (``--config``, else ``$GATEWAY_CONFIG``, else
+     ``<data_dir>/gateway.toml`` when it exists),
+  3. environment variables ``GATEWAY_<KEY>`` for top-level keys and
+     ``GATEWAY_<SECTION>_<KEY>`` for keys in a section, e.g.
+     ``GATEWAY_DATABASE_URL`` or ``GATEWAY_SMTP_MAX_MESSAGE_SIZE``.
+
+A bad value stops the start with a ``ConfigError`` that names the key, where it
+came from and why it is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import UserError
+
+ENV_PREFIX = "GATEWAY_"
+
+
+class ConfigError(UserError):
+    """The configuration is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Port = int
+
+
+def _check_port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("a port is a number from 0 to 65535 (0 = chosen by the system)")
+    return value
+
+
+class DatabaseSettings(_Section):
+    url: str = Field(
+        "",
+        description="SQLAlchemy async URL. Empty: SQLite file <data_dir>/gateway.db. "
+        "PostgreSQL: postgresql+asyncpg://user:pass@host:port/db",
+    )
+    pool_size: int = Field(10, ge=1, le=200, description="connections kept open (PostgreSQL)")
+    echo: bool = Field(False, description="log every SQL statement (debugging only)")
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASS@HOST:PORT/DB"
+            )
+        return value
+
+
+class DirectorySettings(_Section):
+    patient_domain: str = Field(
+        "patient.mssante.localhost",
+        description="domain of patient mailboxes (<INS>@<patient_domain>); created as a local domain by init",
+    )
+    professional_domain: str = Field(
+        "demo.mssante.localhost",
+        description="first local domain for professional, organisation and application mailboxes",
+    )
+    default_quota_mb: int = Field(2048, ge=1, description="quota of a new mailbox, in MiB")
+    accept_production_ins: bool = Field(
+        True,
+        description="accept INS under the production OIDs (.8 NIR, .9 NIA); test (.10) and demo (.11) are always accepted",
+    )
+
+
+class ListenerSettings(_Section):
+    host: str = Field("127.0.0.1", description="address every listener binds to")
+    smtp_relay_port: Port = Field(2525, description="inbound relay from other operators (port 25 style)")
+    smtp_submission_port: Port = Field(2587, description="submission with STARTTLS (port 587 style)")
+    smtp_submissions_port: Port = Field(2465, description="submission with implicit TLS (port 465 style)")
+    imap_port: Port = Field(2143, description="IMAP with STARTTLS (port 143 style)")
+    imaps_port: Port = Field(2993, description="IMAP with implicit TLS (port 993 style)")
+    http_port: Port = Field(8443, description="HTTPS: patient webmail and FHIR API")
+
+    @field_validator(
+        "smtp_relay_port", "smtp_submission_port", "smtp_submissions_port",
+        "imap_port", "imaps_port", "http_port",
+    )
+    @classmethod
+    def _port(cls, value: int) -> int:
+        return _check_port(value)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not value or any(c.isspace() for c in value):
+                raise ValueError("an IP address or a host name") from None
+        return value
+
+
+class PkiSettings(_Section):
+    dir: str = Field("", description="where the test PKI lives. Empty: <data_dir>/pki")
+    organisation: str = Field("MSS-GATEWAY-TEST", description="O= of the test PKI's certificates")
+    server_names: list[str] = Field(
+        default_factory=lambda: ["localhost"],
+        description="DNS names put in the gateway's TLS certificate (the hostname is always added)",
+    )
+    server_ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="IP addresses put in the gateway's TLS certificate",
+    )
+    key_type: Literal["rsa", "ec"] = Field("ec", description="key type of issued certificates: rsa (3072) or ec (P-256)")
+    validity_days: int = Field(825, ge=1, le=3650, description="lifetime of issued end-entity certificates")
+
+    @field_validator("server_ips")
+    @classmethod
+    def _ips(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_address(value)
+        return values
+
+
+class AuthSettings(_Section):
+    argon2_time_cost: int = Field(2, ge=1, le=10, description="argon2id iterations")
+    argon2_memory_kib: int = Field(19456, ge=8192, description="argon2id memory per hash, KiB (OWASP: 19 MiB)")
+    argon2_parallelism: int = Field(1, ge=1, le=8, description="argon2id lanes")
+    min_password_length: int = Field(12, ge=8, description="shortest password accepted by set-password")
+
+
+class Settings(_Section):
+    data_dir: str = Field("./data", description="directory holding everything the gateway writes")
+    hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    directory: DirectorySettings = Field(default_factory=DirectorySettings)
+    listen: ListenerSettings = Field(default_factory=ListenerSettings)
+    pki: PkiSettings = Field(default_factory=PkiSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    # Derived paths: one place decides where each thing lives under data_dir.
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def pki_path(self) -> Path:
+        return Path(self.pki.dir).expanduser().resolve() if self.pki.dir else self.data_path / "pki"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.data_path / 'gateway.db'}"
+
+
+def _section_names() -> set[str]:
+    return {
+        name for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Turn GATEWAY_* variables into a nested dict; remember which variable set what."""
+    sections = _section_names()
+    top_level = set(Settings.model_fields) - sections
+    values: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == "GATEWAY_CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest in top_level:
+            path: tuple[str, ...] = (rest,)
+        else:
+            section, _, key = rest.partition("_")
+            if section not in sections or not key:
+                raise ConfigError(f"{var}: no such setting (sections: {', '.join(sorted(sections))})")
+            path = (section, key)
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = _parse_env_value(raw)
+        origins[path] = f"environment variable {var}"
+    return values, origins
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are TOML scalars or arrays when they parse as such, else strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from defaults, the TOML file, the environment and CLI overrides."""
+    environ = os.environ if environ is None else environ
+    file_path: Path | None = None
+    if config_file is not None:
+        file_path = Path(config_file)
+    elif environ.get("GATEWAY_CONFIG"):
+        file_path = Path(environ["GATEWAY_CONFIG"])
+    else:
+        guess_dir = data_dir or environ.get("GATEWAY_DATA_DIR")
+        if guess_dir and (Path(guess_dir) / "gateway.toml").is_file():
+            file_path = Path(guess_dir) / "gateway.toml"
+
+    raw: dict[str, Any] = _read_toml(file_path) if file_path else {}
+    env_values, origins = _env_overrides(environ)
+    raw = _merge(raw, env_values)
+    if overrides:
+        raw = _merge(raw, dict(overrides))
+    if data_dir is not None:
+        raw["data_dir"] = str(data_dir)
+        origins[("data_dir",)] = "--data-dir"
+    if file_path and "data_dir" in raw and ("data_dir",) not in origins:
+        # A relative data_dir in a file is relative to that file, not to the cwd.
+        raw["data_dir"] = str((file_path.parent / raw["data_dir"]).resolve())
+
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins, file_path)) from None
+
+
+def _describe(exc: ValidationError, origins: dict[tuple[str, ...], str], file_path: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc)
+        source = origins.get(loc) or (str(file_path) if file_path else "defaults")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (see config/gateway.toml for the documented keys)"
+        given = error.get("input")
+        shown = f" (got {given!r})" if given is not None and error["type"] != "extra_forbidden" and not isinstance(given, dict) else ""
+        problems.append(f"{key}: {message}{shown} [from {source}]")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def describe_settings() -> list[tuple[str, Any, str]]:
+    """(key, default, description) for every setting: the source of config/gateway.toml's comments."""
+    rows: list[tuple[str, Any, str]] = []
+    defaults = Settings()
+    for name, field in Settings.model_fields.items():
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            for sub_name, sub_field in type(value).model_fields.items():
+                rows.append((f"{name}.{sub_name}", getattr(value, sub_name), sub_field.description or ""))
+        else:
+            rows.append((name, value, field.description or ""))
+    return rows

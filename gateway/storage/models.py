@@ -1,0 +1,279 @@
+"""Database tables (SQLAlchemy 2 declarative).
+
+Every schema change goes through an Alembic revision in ``migrations/versions``;
+the models here and the latest revision must describe the same schema (a test
+compares them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(DateTime):
+    """Timezone-aware timestamps on both SQLite (which drops the zone) and PostgreSQL."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def result_processor(self, dialect: Any, coltype: Any):  # type: ignore[override]
+        parent = super().result_processor(dialect, coltype)
+
+        def process(value: Any) -> Any:
+            if parent is not None:
+                value = parent(value)
+            if isinstance(value, dt.datetime) and value.tzinfo is None:
+                value = value.replace(tzinfo=dt.timezone.utc)
+            return value
+
+        return process
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Timestamped:
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+
+class MailboxType(str, enum.Enum):
+    """ANS mailbox types (PER, ORG, APP, CAB) plus patient mailboxes of Mon espace santé."""
+
+    PER = "PER"
+    ORG = "ORG"
+    APP = "APP"
+    CAB = "CAB"
+    PAT = "PAT"
+
+
+class State(str, enum.Enum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class PatientState(str, enum.Enum):
+    ACTIVE = "active"
+    OPPOSED = "opposed"
+    CLOSED = "closed"
+
+
+class DomainKind(str, enum.Enum):
+    PROFESSIONAL = "professional"
+    PATIENT = "patient"
+
+
+class Organisation(Timestamped, Base):
+    """A legal entity or site: hospital, laboratory, practice. Keyed by its IDNST."""
+
+    __tablename__ = "organisations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    idnst: Mapped[str] = mapped_column(String(32), unique=True)
+    id_type: Mapped[str] = mapped_column(String(16))  # FINESS, SIRET, SIREN, RPPS_RANG, ADELI_RANG
+    id_value: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(256))
+    trade_name: Mapped[str | None] = mapped_column(String(256))
+    address: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    postal_code: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+
+    members: Mapped[list["ProfessionalOrganisation"]] = relationship(back_populates="organisation")
+
+
+class Professional(Timestamped, Base):
+    """A health professional, keyed by the national id IDNPS (type prefix + RPPS or ADELI)."""
+
+    __tablename__ = "professionals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    idnps: Mapped[str] = mapped_column(String(32), unique=True)
+    id_type: Mapped[str] = mapped_column(String(8))  # RPPS or ADELI
+    id_value: Mapped[str] = mapped_column(String(16))
+    civility: Mapped[str | None] = mapped_column(String(16))
+    family_name: Mapped[str] = mapped_column(String(128))
+    given_name: Mapped[str | None] = mapped_column(String(128))
+    profession_code: Mapped[str] = mapped_column(String(8))
+    profession_label: Mapped[str] = mapped_column(String(128))
+    category_code: Mapped[str | None] = mapped_column(String(8))
+    category_label: Mapped[str | None] = mapped_column(String(128))
+    savoir_faire_code: Mapped[str | None] = mapped_column(String(16))
+    savoir_faire_label: Mapped[str | None] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+
+    organisations: Mapped[list["ProfessionalOrganisation"]] = relationship(back_populates="professional")
+
+
+class ProfessionalOrganisation(Base):
+    """Where a professional practises (an activity), with the service they belong to there."""
+
+    __tablename__ = "professional_organisations"
+    __table_args__ = (UniqueConstraint("professional_id", "organisation_id", name="activity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    professional_id: Mapped[int] = mapped_column(ForeignKey("professionals.id", ondelete="CASCADE"))
+    organisation_id: Mapped[int] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    role: Mapped[str | None] = mapped_column(String(128))
+
+    professional: Mapped[Professional] = relationship(back_populates="organisations")
+    organisation: Mapped[Organisation] = relationship(back_populates="members")
+
+
+class Patient(Timestamped, Base):
+    """An insured person identified by their INS (NIR or NIA with its OID) and identity traits."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("ins", "ins_oid", name="ins"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ins: Mapped[str] = mapped_column(String(15))
+    ins_oid: Mapped[str] = mapped_column(String(32))
+    birth_family_name: Mapped[str] = mapped_column(String(128))
+    first_given_name: Mapped[str] = mapped_column(String(128))
+    given_names: Mapped[str | None] = mapped_column(String(256))
+    used_family_name: Mapped[str | None] = mapped_column(String(128))
+    birth_date: Mapped[dt.date] = mapped_column(Date)
+    sex: Mapped[str] = mapped_column(String(1))  # M, F, I (RNIV "indéterminé")
+    birthplace_code: Mapped[str | None] = mapped_column(String(5))  # INSEE COG code
+    state: Mapped[str] = mapped_column(String(16), default=PatientState.ACTIVE.value)
+    state_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class LocalDomain(Timestamped, Base):
+    """A domain this gateway hosts. Names are stored as lower-case A-labels (IDNA)."""
+
+    __tablename__ = "local_domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default=DomainKind.PROFESSIONAL.value)
+
+
+class TrustedDomain(Timestamped, Base):
+    """A remote operator's domain on the trust list (ANS whitelist or added by hand)."""
+
+    __tablename__ = "trusted_domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    operator: Mapped[str | None] = mapped_column(String(256))
+    since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    source: Mapped[str] = mapped_column(String(16), default="manual")  # manual | whitelist
+
+
+class Mailbox(Timestamped, Base):
+    """A mailbox address with its owner. Address and type never change once created.
+
+    A mailbox in a local domain is hosted here (it has credentials and a store);
+    one in a trusted remote domain is a directory entry of another operator,
+    imported from the national directory.
+    """
+
+    __tablename__ = "mailboxes"
+    __table_args__ = (
+        CheckConstraint(
+            "(type IN ('PER','CAB') AND professional_id IS NOT NULL)"
+            " OR (type IN ('ORG','APP') AND organisation_id IS NOT NULL)"
+            " OR (type = 'PAT' AND patient_id IS NOT NULL)",
+            name="owner_matches_type",
+        ),
+        Index("ix_mailboxes_domain", "domain"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    domain: Mapped[str] = mapped_column(String(253))
+    type: Mapped[str] = mapped_column(String(3))
+    hosted: Mapped[bool] = mapped_column(Boolean, default=True)
+    professional_id: Mapped[int | None] = mapped_column(ForeignKey("professionals.id", ondelete="RESTRICT"), index=True)
+    organisation_id: Mapped[int | None] = mapped_column(ForeignKey("organisations.id", ondelete="RESTRICT"), index=True)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"), index=True)
+    display_name: Mapped[str | None] = mapped_column(String(256))
+    description: Mapped[str | None] = mapped_column(Text)
+    service: Mapped[str | None] = mapped_column(String(256))  # service de rattachement
+    liste_rouge: Mapped[bool] = mapped_column(Boolean, default=False)
+    preferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    dematerialisation: Mapped[bool] = mapped_column(Boolean, default=False)
+    quota_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    password_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    professional: Mapped[Professional | None] = relationship()
+    organisation: Mapped[Organisation | None] = relationship()
+    patient: Mapped[Patient | None] = relationship()
+    delegations: Mapped[list["Delegation"]] = relationship(
+        foreign_keys="Delegation.mailbox_id", back_populates="mailbox", cascade="all, delete-orphan"
+    )
+
+
+class Delegation(Base):
+    """Grants the account of ``delegate`` rights on ``mailbox`` (read, send as, manage)."""
+
+    __tablename__ = "delegations"
+    __table_args__ = (UniqueConstraint("mailbox_id", "delegate_id", name="pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    delegate_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"), index=True)
+    rights: Mapped[str] = mapped_column(String(64))  # comma-separated: read,send,manage
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+    mailbox: Mapped[Mailbox] = relationship(foreign_keys=[mailbox_id], back_populates="delegations")
+    delegate: Mapped[Mailbox] = relationship(foreign_keys=[delegate_id])
+
+
+class Certificate(Timestamped, Base):
+    """An X.509 certificate bound to a mailbox: S/MIME, or a client certificate to log in with."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mailbox_id: Mapped[int | None] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"), index=True)
+    usage: Mapped[str] = mapped_column(String(16))  # smime | auth
+    subject: Mapped[str] = mapped_column(String(512))
+    issuer: Mapped[str] = mapped_column(String(512))
+    serial: Mapped[str] = mapped_column(String(64))
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    pem: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
