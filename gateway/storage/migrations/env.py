@@ -2,7 +2,8 @@
 
 from alembic import context
 
-from gateway.storage.models import Base, UTCDateTime
+from gateway.storage.models import UTCDateTime
+from gateway.storage.schema import metadata
 
 
 def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
@@ -18,7 +19,7 @@ if connection is None:
 
 context.configure(
     connection=connection,
-    target_metadata=Base.metadata,
+    target_metadata=metadata,
     render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copy
     compare_type=True,
     render_item=render_item,

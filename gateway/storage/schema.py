@@ -1,0 +1,10 @@
+"""Every table of the gateway, for Alembic and the schema test.
+
+Each area keeps its tables in its own module sharing ``Base``; import it here
+so the migrations see it.
+"""
+
+from gateway.storage import models  # noqa: F401  (directory tables)
+from gateway.storage.models import Base
+
+metadata = Base.metadata

@@ -1,0 +1,43 @@
+"""Shared fixtures: settings in a temporary data directory, and a migrated
+database on SQLite and on PostgreSQL (the same tests run on both)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Settings, load_settings
+from gateway.storage.db import Database
+from tests.pg import PgCluster, start_cluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path / "data", environ={})
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A freshly migrated database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+        await db.migrate()
+        yield db
+        await db.dispose()
+        return
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    url = await cluster.create_database()
+    db = Database(url)
+    await db.migrate()
+    yield db
+    await db.dispose()
+    await cluster.drop_database(url)
