@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the gateway and its tests need, only those missing.
+# Usage: scripts/install-deps.sh [run|test]   (default: test)
+set -euo pipefail
+mode=${1:-test}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need=()
+want() { # want COMMAND PACKAGE: queue PACKAGE when COMMAND is missing
+  command -v "$1" >/dev/null 2>&1 || [ -x "$1" ] || need+=("$2")
+}
+
+want python3 python3
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+want openssl openssl
+if [ "$mode" = test ]; then
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  want runuser util-linux
+  want gpgsm gpgsm
+  want swaks swaks
+  want msmtp msmtp
+  want curl curl
+  want mutt mutt
+  want mbsync isync
+  want offlineimap offlineimap3
+  want dnsmasq dnsmasq-base
+  want /usr/bin/chromium chromium
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q >/dev/null
+  $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi

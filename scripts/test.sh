@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets everything up (Debian packages, virtualenv) and runs the whole test suite,
+# slow tests included. Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh test
+scripts/venv.sh test
+exec .venv/bin/python -m pytest "$@"
