@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import Settings, load_settings
 from gateway.storage.db import Database
+from tests.harness import GatewayProcess
 from tests.pg import PgCluster, start_cluster
 
 
@@ -41,3 +42,21 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     yield db
     await db.dispose()
     await cluster.drop_database(url)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A real ``gateway serve`` with the demo directory, on free loopback ports (one per test)."""
+    process = GatewayProcess(tmp_path / "gateway")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """Like ``gateway`` but shared by the tests of one module (for read-mostly tests)."""
+    process = GatewayProcess(tmp_path_factory.mktemp("gateway") / "data")
+    process.start()
+    yield process
+    process.stop()

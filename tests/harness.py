@@ -1,0 +1,117 @@
+"""Start the real gateway as a subprocess on loopback ports chosen at run time.
+
+``GatewayProcess`` runs ``gateway init --demo`` in a fresh data directory, then
+``gateway serve``, and waits for ``<data_dir>/run/ready.json`` (written once
+every listener accepts connections). Tests read accounts, ports and the test
+CA from ``demo.json`` through it, exactly as a person trying the gateway would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+GATEWAY = [sys.executable, "-m", "gateway"]
+PORT_KEYS = ("smtp_relay_port", "smtp_submission_port", "smtp_submissions_port", "imap_port", "imaps_port", "http_port")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (kept bound until all are chosen, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def run_cli(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None,
+            input: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``gateway [--data-dir D] ARGS`` and capture its output."""
+    command = GATEWAY + (["--data-dir", str(data_dir)] if data_dir else []) + list(args)
+    result = subprocess.run(command, capture_output=True, text=True, env=env or os.environ.copy(), input=input,
+                            cwd=REPO, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gateway {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@dataclass
+class GatewayProcess:
+    data_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = os.environ.copy()
+        env.update({f"GATEWAY_LISTEN_{key.upper()}": str(port) for key, port in self.ports.items()})
+        env.update(self.extra_env)
+        return env
+
+    def init_demo(self) -> None:
+        if not self.ports:
+            self.ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+        if not (self.data_dir / "demo.json").exists():
+            run_cli("init", "--demo", data_dir=self.data_dir, env=self.env, check=True)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.init_demo()
+        ready = self.data_dir / "run" / "ready.json"
+        ready.unlink(missing_ok=True)
+        log = open(self.data_dir / "serve.log", "ab")
+        self.process = subprocess.Popen(GATEWAY + ["--data-dir", str(self.data_dir), "serve"], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway serve exited {self.process.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gateway serve not ready after {timeout}s:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash or an OOM kill would leave it."""
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        path = self.data_dir / "serve.log"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+    @property
+    def demo(self) -> dict[str, Any]:
+        return json.loads((self.data_dir / "demo.json").read_text())
+
+    def account(self, type_: str, index: int = 0) -> dict[str, Any]:
+        return [a for a in self.demo["accounts"] if a["type"] == type_][index]
+
+    @property
+    def ca_file(self) -> str:
+        return self.demo["ca_certificate"]
+
+    def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, data_dir=self.data_dir, env=self.env, **kwargs)
