@@ -1,0 +1,722 @@
+"""Import of the public ANS MSSanté directory extraction ("Extraction_Correspondance_MSSante").
+
+The file is text, one header line and 31 ``|``-separated columns per row, in
+UTF-8 (other ANS extractions are Windows-1252, so the encoding is detected and
+reported). The address is the only key of a row; about 169 addresses of the
+real file appear on several rows, and the first row wins.
+
+The import is a set difference: the directory's keys are loaded into memory
+once, each batch of rows is compared with them in Python, and only what differs
+is written, with bulk INSERT / UPDATE statements. Importing the same file twice
+writes nothing the second time. Each batch is committed on its own so that a
+running gateway is never locked out of the database for the whole import; a
+batch that fails leaves the earlier ones in place, and running the import again
+completes the work (it is idempotent).
+
+Rules (mssante.md §1.4, §4): only PER and ORG rows; the address's domain is one
+of ours or on the trust list; PER rows carry a valid IDNPS and a known
+profession code; ORG rows carry a valid structure id; a mailbox's address, type
+and owner never change once created.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.directory.addresses import normalise_address
+from gateway.directory.identifiers import StructureId, make_idnps, make_idnst, parse_idnps, parse_idnst
+from gateway.directory.professions import CATEGORIES, PROFESSIONS
+from gateway.errors import UserError
+from gateway.storage.db import Database
+from gateway.storage.models import (
+    LocalDomain,
+    Mailbox,
+    Organisation,
+    Professional,
+    ProfessionalOrganisation,
+    TrustedDomain,
+)
+
+HEADER: tuple[str, ...] = (
+    "Type de BAL", "Adresse BAL", "Type Identifiant PP", "Identifiant PP", "Identification nationale PP",
+    "Type identifiant structure", "Identification Structure", "Service de rattachement",
+    "Civilité d'exercice", "Nom d'exercice", "Prénom d'exercice", "Catégorie profession",
+    "Libellé de catégorie profession", "Code Profession", "Libellé Profession", "Code savoir-faire",
+    "Libellé savoir-faire", "Dématérialisation", "Raison Sociale structure BAL",
+    "Enseigne commerciale structure BAL", "L2COMPLEMENTLOCALISATION structure BAL",
+    "L3COMPLEMENTDISTRIBUTION structure BAL", "L4NUMEROVOIE structure BAL",
+    "L4COMPLEMENTNUMEROVOIE structure BAL", "NL4TYPEVOIE structure BAL", "L4LIBELLEVOIE structure BAL",
+    "L5LIEUDITMENTION structure BAL", "L6LIGNEACHEMINEMENT structure BAL",
+    "Code postal structure BAL", "Département structure BAL", "Pays structure BAL",
+)
+COLUMN_COUNT = len(HEADER)
+SEPARATOR = "|"
+DEFAULT_BATCH_SIZE = 5000
+IMPORTED_TYPES = ("PER", "ORG")
+
+# Postal address columns of the structure -> keys of Organisation.address.
+_ADDRESS_COLUMNS: dict[str, str] = {
+    "L2COMPLEMENTLOCALISATION structure BAL": "complement_localisation",
+    "L3COMPLEMENTDISTRIBUTION structure BAL": "complement_distribution",
+    "L4NUMEROVOIE structure BAL": "numero_voie",
+    "L4COMPLEMENTNUMEROVOIE structure BAL": "complement_numero_voie",
+    "NL4TYPEVOIE structure BAL": "type_voie",
+    "L4LIBELLEVOIE structure BAL": "libelle_voie",
+    "L5LIEUDITMENTION structure BAL": "lieu_dit",
+    "L6LIGNEACHEMINEMENT structure BAL": "ligne_acheminement",
+    "Département structure BAL": "departement",
+    "Pays structure BAL": "pays",
+}
+
+Progress = Callable[[int, int], None]
+
+
+class ExtractionFormatError(UserError):
+    """The file as a whole cannot be read as an ANS extraction (encoding, header)."""
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class RejectedRow:
+    line: int
+    address: str
+    column: str | None
+    reason: str
+
+
+@dataclass
+class EntityCounts:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+@dataclass
+class ImportReport:
+    """What an import did. A row is one mailbox: created, updated, unchanged or rejected.
+
+    A row counts as updated when its mailbox, its owner or its activity link changed.
+    """
+
+    path: str
+    encoding: str
+    rows: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejects: list[RejectedRow] = field(default_factory=list)
+    organisations: EntityCounts = field(default_factory=EntityCounts)
+    professionals: EntityCounts = field(default_factory=EntityCounts)
+    activities_created: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejects)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "encoding": self.encoding, "rows": self.rows,
+            "created": self.created, "updated": self.updated, "unchanged": self.unchanged,
+            "rejected": self.rejected, "organisations": asdict(self.organisations),
+            "professionals": asdict(self.professionals), "activities_created": self.activities_created,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.summary() | {"rejects": [asdict(r) for r in self.rejects]}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def detect_encoding(path: Path) -> tuple[str, int]:
+    """('utf-8' | 'utf-8-sig' | 'cp1252', number of lines). UTF-8 when the whole file decodes as such.
+
+    A file that is not UTF-8 must decode entirely as Windows-1252, checked here so
+    that an undecodable file is refused before any row is written.
+    """
+    try:
+        utf8, first, lines = _scan(path, "utf-8")
+        if utf8:
+            return ("utf-8-sig" if first.startswith(codecs.BOM_UTF8) else "utf-8"), lines
+        if _scan(path, "cp1252")[0]:
+            return "cp1252", lines
+    except OSError as exc:
+        raise ExtractionFormatError(f"cannot read {path}: {exc.strerror or exc}", field="file") from None
+    raise ExtractionFormatError(f"{path} is neither UTF-8 nor Windows-1252 text", field="file")
+
+
+def _scan(path: Path, encoding: str) -> tuple[bool, bytes, int]:
+    """(decodes entirely in ``encoding``, first bytes, line count), reading 1 MiB at a time."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    first = last = b""
+    lines = 0
+    decodes = True
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            first = first or chunk[:3]
+            last = chunk
+            lines += chunk.count(b"\n")
+            decodes = decodes and _decodes(decoder, chunk, final=False)
+    decodes = decodes and _decodes(decoder, b"", final=True)
+    if last and not last.endswith(b"\n"):
+        lines += 1
+    return decodes, first, lines
+
+
+def _decodes(decoder: codecs.IncrementalDecoder, chunk: bytes, *, final: bool) -> bool:
+    try:
+        decoder.decode(chunk, final=final)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def check_header(fields: Sequence[str]) -> None:
+    """Refuse any header other than the 31 ANS columns in their order, naming what differs."""
+    if tuple(fields) == HEADER:
+        return
+    missing = [name for name in HEADER if name not in fields]
+    unexpected = [name for name in fields if name not in HEADER]
+    problems = []
+    if missing:
+        problems.append("missing columns: " + ", ".join(repr(n) for n in missing))
+    if unexpected:
+        problems.append("unexpected columns: " + ", ".join(repr(n) for n in unexpected))
+    if not problems:
+        problems.append("the columns are not in the ANS order (" + " | ".join(HEADER) + ")")
+    raise ExtractionFormatError("not an ANS MSSanté extraction header; " + "; ".join(problems), field="header")
+
+
+def _split(line: str) -> list[str]:
+    return line.rstrip("\r\n").split(SEPARATOR)
+
+
+def read_rows(path: Path, encoding: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every data line after checking the header; blank lines skipped."""
+    try:
+        with path.open("r", encoding=encoding, newline="\n") as stream:
+            header = _split(stream.readline())
+            # Some ANS extractions end every line with the separator: accept it when the header does.
+            trailing = len(header) == COLUMN_COUNT + 1 and header[-1] == ""
+            check_header(header[:-1] if trailing else header)
+            for number, line in enumerate(stream, start=2):
+                if not line.strip():
+                    continue
+                fields = _split(line)
+                if trailing and len(fields) == COLUMN_COUNT + 1 and fields[-1] == "":
+                    fields.pop()
+                yield number, fields
+    except UnicodeDecodeError as exc:
+        raise ExtractionFormatError(f"{path} is neither UTF-8 nor Windows-1252 text: {exc}", field="file") from None
+    except OSError as exc:
+        raise ExtractionFormatError(f"cannot read {path}: {exc.strerror or exc}", field="file") from None
+
+
+# ----------------------------------------------------------------------------- validation
+
+_COL = {name: index for index, name in enumerate(HEADER)}
+
+
+class RowRejected(Exception):
+    def __init__(self, column: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.column = column
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class OrganisationData:
+    idnst: str
+    id_type: str
+    id_value: str
+    name: str
+    trade_name: str | None
+    address: dict[str, str]
+    postal_code: str | None
+
+    def values(self) -> dict[str, Any]:
+        return {"idnst": self.idnst, "id_type": self.id_type, "id_value": self.id_value, "name": self.name,
+                "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code}
+
+
+@dataclass(slots=True)
+class ProfessionalData:
+    idnps: str
+    id_type: str
+    id_value: str
+    civility: str | None
+    family_name: str
+    given_name: str | None
+    profession_code: str
+    profession_label: str
+    category_code: str | None
+    category_label: str | None
+    savoir_faire_code: str | None
+    savoir_faire_label: str | None
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
+
+
+PROFESSIONAL_FIELDS = ("idnps", "id_type", "id_value", "civility", "family_name", "given_name", "profession_code",
+                       "profession_label", "category_code", "category_label", "savoir_faire_code", "savoir_faire_label")
+ORGANISATION_FIELDS = ("idnst", "id_type", "id_value", "name", "trade_name", "address", "postal_code")
+# The mailbox columns an import may change (address, type and owner are fixed).
+MAILBOX_MUTABLE = ("hosted", "display_name", "service", "dematerialisation")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One valid row: the mailbox and what owns it."""
+
+    line: int
+    address: str
+    domain: str
+    type: str
+    hosted: bool
+    display_name: str | None
+    service: str | None
+    dematerialisation: bool
+    professional: ProfessionalData | None
+    organisation: OrganisationData | None
+
+    def mailbox_values(self) -> dict[str, Any]:
+        return {"hosted": self.hosted, "display_name": self.display_name, "service": self.service,
+                "dematerialisation": self.dematerialisation}
+
+
+def _opt(value: str) -> str | None:
+    value = value.strip()
+    return value or None
+
+
+class RowValidator:
+    """Turns the fields of a row into an Entry, or raises RowRejected naming the column."""
+
+    def __init__(self, local_domains: set[str], trusted_domains: set[str]) -> None:
+        self.local_domains = local_domains
+        self.trusted_domains = trusted_domains
+
+    def validate(self, line: int, fields: list[str]) -> Entry:
+        if len(fields) != COLUMN_COUNT:
+            raise RowRejected(None, f"{COLUMN_COUNT} columns expected, {len(fields)} found")
+        get = _Getter(fields)
+        kind = get("Type de BAL").upper()
+        if kind not in IMPORTED_TYPES:
+            raise RowRejected("Type de BAL", f"{kind or '(empty)'!r} is not a mailbox type of this file (PER or ORG)")
+        address, domain = self._address(get("Adresse BAL"))
+        organisation = self._organisation(get, required=kind == "ORG")
+        professional = self._professional(get) if kind == "PER" else None
+        return Entry(
+            line=line, address=address, domain=domain, type=kind, hosted=domain in self.local_domains,
+            display_name=self._display_name(professional, organisation, get),
+            service=_opt(get("Service de rattachement")),
+            dematerialisation=get("Dématérialisation").lower() in ("true", "1", "oui", "o", "vrai"),
+            professional=professional, organisation=organisation,
+        )
+
+    def _address(self, raw: str) -> tuple[str, str]:
+        if not raw:
+            raise RowRejected("Adresse BAL", "the address is empty")
+        try:
+            address = normalise_address(raw)
+        except UserError as exc:
+            raise RowRejected("Adresse BAL", _message(exc)) from None
+        domain = address.rpartition("@")[2]
+        if domain not in self.local_domains and domain not in self.trusted_domains:
+            raise RowRejected("Adresse BAL", f"the domain {domain} is neither ours nor on the trust list")
+        return address, domain
+
+    def _professional(self, get: _Getter) -> ProfessionalData:
+        national = get("Identification nationale PP")
+        column = "Identification nationale PP"
+        try:
+            if national:
+                person = parse_idnps(national, field=column)
+            else:
+                column = "Identifiant PP"
+                person = make_idnps(get("Type Identifiant PP") or "RPPS", get("Identifiant PP"), field=column)
+        except UserError as exc:
+            raise RowRejected(column, _message(exc)) from None
+        code = get("Code Profession")
+        profession = PROFESSIONS.get(code)
+        if profession is None:
+            raise RowRejected("Code Profession", f"{code or '(empty)'!r} is not an ANS profession code (TRE_G15)")
+        family_name = get("Nom d'exercice")
+        if not family_name:
+            raise RowRejected("Nom d'exercice", "a personal mailbox needs the holder's name")
+        category = _opt(get("Catégorie profession"))
+        return ProfessionalData(
+            idnps=person.idnps, id_type=person.id_type, id_value=person.id_value,
+            civility=_opt(get("Civilité d'exercice")), family_name=family_name,
+            given_name=_opt(get("Prénom d'exercice")), profession_code=profession.code,
+            profession_label=profession.label, category_code=category,
+            category_label=CATEGORIES.get(category or "") or _opt(get("Libellé de catégorie profession")),
+            savoir_faire_code=_opt(get("Code savoir-faire")), savoir_faire_label=_opt(get("Libellé savoir-faire")),
+        )
+
+    def _organisation(self, get: _Getter, *, required: bool) -> OrganisationData | None:
+        raw = get("Identification Structure")
+        if not raw:
+            if required:
+                raise RowRejected("Identification Structure", "an organisational mailbox needs its structure id")
+            return None
+        try:
+            structure = _structure_id(get("Type identifiant structure"), raw)
+        except UserError as exc:
+            raise RowRejected("Identification Structure", _message(exc)) from None
+        name = get("Raison Sociale structure BAL")
+        trade_name = _opt(get("Enseigne commerciale structure BAL"))
+        address = {key: value for column, key in _ADDRESS_COLUMNS.items() if (value := get(column))}
+        return OrganisationData(
+            idnst=structure.idnst, id_type=structure.id_type, id_value=structure.id_value,
+            name=name or trade_name or structure.idnst, trade_name=trade_name, address=address,
+            postal_code=_opt(get("Code postal structure BAL")),
+        )
+
+    @staticmethod
+    def _display_name(pro: ProfessionalData | None, org: OrganisationData | None, get: _Getter) -> str | None:
+        if pro is not None:
+            return " ".join(part for part in (pro.given_name, pro.family_name) if part)
+        service = get("Service de rattachement")
+        if org is not None:
+            return f"{org.name} - {service}" if service else org.name
+        return service or None
+
+
+class _Getter:
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: list[str]) -> None:
+        self.fields = fields
+
+    def __call__(self, column: str) -> str:
+        return self.fields[_COL[column]].strip()
+
+
+_STRUCTURE_KINDS = {"0": "ADELI_RANG", "1": "FINESS", "2": "SIREN", "3": "SIRET", "4": "RPPS_RANG",
+                    "ADELI": "ADELI_RANG", "RPPS": "RPPS_RANG"}
+
+
+def _structure_id(kind: str, value: str) -> StructureId:
+    """The IDNST of a row: the column holds either the IDNST itself or the raw number of ``kind``."""
+    if not kind:
+        return parse_idnst(value, field="Identification Structure")
+    try:
+        return make_idnst(kind, value, field="Identification Structure")
+    except UserError:
+        expected = _STRUCTURE_KINDS.get(kind.upper(), kind.upper())
+        try:
+            structure = parse_idnst(value, field="Identification Structure")
+        except UserError:
+            structure = None
+        if structure is None or structure.id_type != expected:
+            raise
+        return structure
+
+
+def _message(exc: UserError) -> str:
+    return Exception.__str__(exc)
+
+
+# ----------------------------------------------------------------------------- directory state
+
+
+@dataclass
+class _MailboxState:
+    id: int
+    type: str
+    professional_id: int | None
+    organisation_id: int | None
+    values: dict[str, Any]
+
+
+@dataclass
+class DirectoryState:
+    """The directory keys and comparable values, loaded once per import."""
+
+    local_domains: set[str]
+    trusted_domains: set[str]
+    organisations: dict[str, tuple[int, dict[str, Any]]]
+    professionals: dict[str, tuple[int, dict[str, Any]]]
+    activities: set[tuple[int, int]]
+    mailboxes: dict[str, _MailboxState]
+
+    @classmethod
+    async def load(cls, session: AsyncSession) -> DirectoryState:
+        now = dt.datetime.now(dt.timezone.utc)
+        local = set((await session.scalars(select(LocalDomain.name))).all())
+        trusted_rows = await session.execute(select(TrustedDomain.name, TrustedDomain.until))
+        trusted = {name for name, until in trusted_rows if until is None or _aware(until) > now}
+        return cls(
+            local_domains=local, trusted_domains=trusted,
+            organisations=await _load_keyed(session, Organisation.__table__, "idnst", ORGANISATION_FIELDS),
+            professionals=await _load_keyed(session, Professional.__table__, "idnps", PROFESSIONAL_FIELDS),
+            activities={(p, o) for p, o in await session.execute(
+                select(ProfessionalOrganisation.professional_id, ProfessionalOrganisation.organisation_id))},
+            mailboxes=await _load_mailboxes(session),
+        )
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+async def _load_keyed(session: AsyncSession, table: Table, key: str, fields: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+    columns = [table.c.id, *(table.c[name] for name in fields)]
+    result = await session.execute(select(*columns))
+    return {row[key]: (row["id"], {name: row[name] for name in fields}) for row in result.mappings()}
+
+
+async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
+    table = Mailbox.__table__
+    result = await session.execute(select(
+        table.c.address, table.c.id, table.c.type, table.c.professional_id, table.c.organisation_id,
+        *(table.c[name] for name in MAILBOX_MUTABLE)))
+    return {
+        row["address"]: _MailboxState(row["id"], row["type"], row["professional_id"], row["organisation_id"],
+                                      {name: row[name] for name in MAILBOX_MUTABLE})
+        for row in result.mappings()
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _BatchWriter:
+    """Applies one batch of valid entries to the database as a set difference against the state."""
+
+    def __init__(self, state: DirectoryState, report: ImportReport, dialect: str) -> None:
+        self.state = state
+        self.report = report
+        self.dialect = dialect
+        self.seen_organisations: set[str] = set()
+        self.seen_professionals: set[str] = set()
+        self.changed_owners: set[str] = set()  # IDNPS / IDNST created or updated by this import
+
+    async def write(self, session: AsyncSession, entries: list[Entry]) -> None:
+        await self._upsert_owners(session, Organisation.__table__, "idnst", self.state.organisations,
+                                  self.seen_organisations, self.report.organisations,
+                                  [e.organisation for e in entries if e.organisation is not None])
+        await self._upsert_owners(session, Professional.__table__, "idnps", self.state.professionals,
+                                  self.seen_professionals, self.report.professionals,
+                                  [e.professional for e in entries if e.professional is not None])
+        entries = self._check_mailbox_owners(entries)
+        new_links = await self._insert_activities(session, entries)
+        await self._upsert_mailboxes(session, entries, new_links)
+
+    async def _upsert_owners(self, session: AsyncSession, table: Table, key: str,
+                             known: dict[str, tuple[int, dict[str, Any]]], seen: set[str], counts: EntityCounts,
+                             records: list[OrganisationData] | list[ProfessionalData]) -> None:
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for record in records:
+            values = record.values()
+            ident = values[key]
+            if ident in seen:
+                continue  # the first row naming an owner wins
+            seen.add(ident)
+            current = known.get(ident)
+            if current is None:
+                inserts.append(values)
+            elif current[1] != values:
+                updates.append({"b_id": current[0], **values})
+                known[ident] = (current[0], values)
+            else:
+                counts.unchanged += 1
+        if inserts:
+            result = await session.execute(insert(table).returning(table.c.id, table.c[key]), inserts)
+            ids = {ident: row_id for row_id, ident in result}
+            for values in inserts:
+                known[values[key]] = (ids[values[key]], values)
+        if updates:
+            await session.execute(_update_by_id(table, [k for k in updates[0] if k != "b_id"]), updates)
+        counts.created += len(inserts)
+        counts.updated += len(updates)
+        self.changed_owners.update(v[key] for v in inserts)
+        self.changed_owners.update(v[key] for v in updates)
+
+    def _owner_ids(self, entry: Entry) -> tuple[int | None, int | None]:
+        pro = self.state.professionals[entry.professional.idnps][0] if entry.professional else None
+        org = self.state.organisations[entry.organisation.idnst][0] if entry.organisation else None
+        return pro, org
+
+    def _check_mailbox_owners(self, entries: list[Entry]) -> list[Entry]:
+        """Keep the entries whose existing mailbox has the same type and owner; reject the others."""
+        kept = []
+        for entry in entries:
+            existing = self.state.mailboxes.get(entry.address)
+            problem = self._fixed_field_problem(entry, existing) if existing else None
+            if problem:
+                self.report.rejects.append(RejectedRow(entry.line, entry.address, *problem))
+            else:
+                kept.append(entry)
+        return kept
+
+    def _fixed_field_problem(self, entry: Entry, existing: _MailboxState) -> tuple[str, str] | None:
+        if existing.type != entry.type:
+            return "Type de BAL", f"the mailbox exists with type {existing.type}; a mailbox's type never changes"
+        pro_id, org_id = self._owner_ids(entry)
+        if entry.type == "PER" and existing.professional_id != pro_id:
+            return "Identification nationale PP", "the mailbox exists and belongs to another professional"
+        if entry.type == "ORG" and existing.organisation_id != org_id:
+            return "Identification Structure", "the mailbox exists and belongs to another structure"
+        return None
+
+    async def _insert_activities(self, session: AsyncSession, entries: list[Entry]) -> set[tuple[int, int]]:
+        links: set[tuple[int, int]] = set()
+        for entry in entries:
+            if entry.type == "PER" and entry.organisation is not None:
+                pro_id, org_id = self._owner_ids(entry)
+                assert pro_id is not None and org_id is not None
+                if (pro_id, org_id) not in self.state.activities:
+                    links.add((pro_id, org_id))
+        if links:
+            rows = [{"professional_id": p, "organisation_id": o} for p, o in sorted(links)]
+            await session.execute(_insert_ignoring_duplicates(self.dialect, ProfessionalOrganisation.__table__), rows)
+            self.state.activities.update(links)
+            self.report.activities_created += len(links)
+        return links
+
+    async def _upsert_mailboxes(self, session: AsyncSession, entries: list[Entry], new_links: set[tuple[int, int]]) -> None:
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for entry in entries:
+            pro_id, org_id = self._owner_ids(entry)
+            values = entry.mailbox_values()
+            existing = self.state.mailboxes.get(entry.address)
+            if existing is None:
+                inserts.append({"address": entry.address, "domain": entry.domain, "type": entry.type,
+                                "professional_id": pro_id, "organisation_id": org_id, **values})
+                self.state.mailboxes[entry.address] = _MailboxState(0, entry.type, pro_id, org_id, values)
+                self.report.created += 1
+                continue
+            owner_changed = self._owner_key(entry) in self.changed_owners or (pro_id, org_id) in new_links
+            mailbox_changed = existing.values != values
+            if mailbox_changed:
+                updates.append({"b_id": existing.id, **values})
+                existing.values = values
+            if mailbox_changed or owner_changed:
+                self.report.updated += 1
+            else:
+                self.report.unchanged += 1
+        if inserts:
+            result = await session.execute(insert(Mailbox.__table__).returning(Mailbox.__table__.c.id, Mailbox.__table__.c.address), inserts)
+            for row_id, address in result:
+                self.state.mailboxes[address].id = row_id
+        if updates:
+            await session.execute(_update_by_id(Mailbox.__table__, list(MAILBOX_MUTABLE)), updates)
+
+    @staticmethod
+    def _owner_key(entry: Entry) -> str | None:
+        if entry.professional is not None:
+            return entry.professional.idnps
+        return entry.organisation.idnst if entry.organisation is not None else None
+
+
+def _update_by_id(table: Table, columns: Sequence[str]) -> Any:
+    return update(table).where(table.c.id == bindparam("b_id")).values({name: bindparam(name) for name in columns})
+
+
+def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
+    """INSERT that skips rows already present (another process may link the same pair meanwhile)."""
+    if dialect == "postgresql":
+        return pg_insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing()
+    return insert(table)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+async def import_ans_extraction(db: Database, path: Path, *, progress: Progress | None = None,
+                                batch_size: int = DEFAULT_BATCH_SIZE) -> ImportReport:
+    """Import an ANS extraction file into the directory; see the module docstring for the rules.
+
+    ``progress(done, total)`` is called after each batch, ``total`` being the file's data lines.
+    Raises ExtractionFormatError (a UserError) when the file cannot be read or its header is wrong;
+    row-level problems are reported in ``ImportReport.rejects`` instead.
+    """
+    if batch_size < 1:
+        raise UserError("the batch size must be at least 1", field="batch_size")
+    started = time.perf_counter()
+    path = Path(path)
+    encoding, lines = detect_encoding(path)
+    total = max(lines - 1, 0)
+    report = ImportReport(path=str(path), encoding="utf-8" if encoding == "utf-8-sig" else encoding)
+    rows = read_rows(path, encoding)
+    first = next(rows, None)  # reads and checks the header before touching the database
+    async with db.session() as session:
+        state = await DirectoryState.load(session)
+    validator = RowValidator(state.local_domains, state.trusted_domains)
+    importer = _Importer(state, report, validator, db.engine.dialect.name)
+    batch: list[Entry] = []
+    done = 0
+    for number, fields in _chain(first, rows):
+        done = number - 1
+        entry = importer.accept(number, fields)
+        if entry is not None:
+            batch.append(entry)
+        if len(batch) >= batch_size:
+            await importer.flush(db, batch)
+            batch = []
+            if progress:
+                progress(done, total)
+    await importer.flush(db, batch)
+    if progress:
+        progress(total, total)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _chain(first: tuple[int, list[str]] | None, rest: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, list[str]]]:
+    if first is not None:
+        yield first
+        yield from rest
+
+
+class _Importer:
+    """Validates rows one by one (de-duplicating addresses) and writes them batch by batch."""
+
+    def __init__(self, state: DirectoryState, report: ImportReport, validator: RowValidator, dialect: str) -> None:
+        self.report = report
+        self.validator = validator
+        self.writer = _BatchWriter(state, report, dialect)
+        self.first_seen: dict[str, int] = {}
+
+    def accept(self, number: int, fields: list[str]) -> Entry | None:
+        self.report.rows += 1
+        try:
+            entry = self.validator.validate(number, fields)
+        except RowRejected as exc:
+            address = fields[1].strip() if len(fields) > 1 else ""
+            self.report.rejects.append(RejectedRow(number, address, exc.column, exc.reason))
+            return None
+        first = self.first_seen.setdefault(entry.address, number)
+        if first != number:
+            self.report.rejects.append(RejectedRow(number, entry.address, "Adresse BAL",
+                                                   f"duplicate address, first seen on line {first}"))
+            return None
+        return entry
+
+    async def flush(self, db: Database, batch: list[Entry]) -> None:
+        if not batch:
+            return
+        async with db.session() as session:
+            await self.writer.write(session, batch)
