@@ -34,7 +34,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.directory.addresses import normalise_address
+# _LOCAL is the RFC 5321 dot-string rule split_address applies; reusing it lets rows skip IDNA for known domains.
+from gateway.directory.addresses import _LOCAL, normalise_address, normalise_domain
 from gateway.directory.identifiers import StructureId, make_idnps, make_idnst, parse_idnps, parse_idnst
 from gateway.directory.professions import CATEGORIES, PROFESSIONS
 from gateway.errors import UserError
@@ -311,6 +312,9 @@ class RowValidator:
     def __init__(self, local_domains: set[str], trusted_domains: set[str]) -> None:
         self.local_domains = local_domains
         self.trusted_domains = trusted_domains
+        # Thousands of rows share a domain or a structure: check each distinct value once.
+        self._domains: dict[str, str] = {}
+        self._structures: dict[tuple[str, str], StructureId | UserError] = {}
 
     def validate(self, line: int, fields: list[str]) -> Entry:
         if len(fields) != COLUMN_COUNT:
@@ -334,13 +338,35 @@ class RowValidator:
         if not raw:
             raise RowRejected("Adresse BAL", "the address is empty")
         try:
-            address = normalise_address(raw)
+            address = self._canonical_address(raw)
         except UserError as exc:
             raise RowRejected("Adresse BAL", _message(exc)) from None
         domain = address.rpartition("@")[2]
         if domain not in self.local_domains and domain not in self.trusted_domains:
             raise RowRejected("Adresse BAL", f"the domain {domain} is neither ours nor on the trust list")
         return address, domain
+
+    def _canonical_address(self, raw: str) -> str:
+        """normalise_address(raw), with each distinct domain put through IDNA only once."""
+        local, at, domain = raw.rpartition("@")
+        if not at or len(local) > 64 or not _LOCAL.match(local):
+            return normalise_address(raw, field="Adresse BAL")  # raises with the precise reason
+        canonical = self._domains.get(domain)
+        if canonical is None:
+            canonical = self._domains[domain] = normalise_domain(domain, field="Adresse BAL")
+        return f"{local.lower()}@{canonical}"
+
+    def _structure(self, kind: str, value: str) -> StructureId:
+        key = (kind, value)
+        if key not in self._structures:
+            try:
+                self._structures[key] = _structure_id(kind, value)
+            except UserError as exc:
+                self._structures[key] = exc
+        found = self._structures[key]
+        if isinstance(found, UserError):
+            raise found
+        return found
 
     def _professional(self, get: _Getter) -> ProfessionalData:
         national = get("Identification nationale PP")
@@ -377,7 +403,7 @@ class RowValidator:
                 raise RowRejected("Identification Structure", "an organisational mailbox needs its structure id")
             return None
         try:
-            structure = _structure_id(get("Type identifiant structure"), raw)
+            structure = self._structure(get("Type identifiant structure"), raw)
         except UserError as exc:
             raise RowRejected("Identification Structure", _message(exc)) from None
         name = get("Raison Sociale structure BAL")
