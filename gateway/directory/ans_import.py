@@ -219,8 +219,8 @@ def read_rows(path: Path, encoding: str) -> Iterator[tuple[int, list[str]]]:
                 if not line.strip():
                     continue
                 fields = _split(line)
-                if trailing and len(fields) == COLUMN_COUNT + 1 and fields[-1] == "":
-                    fields.pop()
+                if trailing and fields[-1] == "":
+                    fields.pop()  # then a short row stays short and is reported as such
                 yield number, fields
     except UnicodeDecodeError as exc:
         raise ExtractionFormatError(f"{path} is neither UTF-8 nor Windows-1252 text: {exc}", field="file") from None

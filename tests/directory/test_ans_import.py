@@ -1,0 +1,327 @@
+"""ANS MSSanté extraction import: counts, rejections, idempotence, encodings, header.
+
+Runs on the shared ``database`` fixture (tests/conftest.py: SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.directory.ans_import import HEADER, ExtractionFormatError, import_ans_extraction
+from gateway.directory.identifiers import add_luhn_key
+from gateway.directory.professions import CATEGORIES, category_label, profession_label
+from gateway.directory.synthetic import write_synthetic_extraction
+from gateway.errors import UserError
+from gateway.storage.db import Database
+from gateway.storage.models import (
+    LocalDomain,
+    Mailbox,
+    Organisation,
+    Professional,
+    ProfessionalOrganisation,
+    TrustedDomain,
+)
+
+DATA = Path(__file__).parent.parent / "data"
+FIXTURE = DATA / "extraction_small.txt"
+LOCAL = "ch-test.mssante.fr"
+TRUSTED = "labo-test.mssante.fr"
+FIXTURE_VALID_ROWS = 44
+# line -> (column, words of the reason) for every bad row of the fixture
+FIXTURE_REJECTS: dict[int, tuple[str | None, str]] = {
+    3: ("Adresse BAL", "is not a mail address"),
+    9: ("Adresse BAL", "the domain inconnu.example.org is neither ours nor on the trust list"),
+    14: ("Code Profession", "'07' is not an ANS profession code"),
+    31: ("Adresse BAL", "duplicate address, first seen on line 23"),
+    43: ("Identification nationale PP", "Luhn key is wrong"),
+    46: (None, "31 columns expected, 30 found"),
+}
+COL = {name: index for index, name in enumerate(HEADER)}
+
+
+@pytest.fixture
+async def directory(database: Database) -> Database:
+    """The database with our local domain and one trusted remote domain."""
+    async with database.session() as session:
+        session.add(LocalDomain(name=LOCAL))
+        session.add(TrustedDomain(name=TRUSTED, source="manual"))
+    return database
+
+
+def lines_of(path: Path) -> list[list[str]]:
+    return [line.split("|") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def write_lines(path: Path, rows: list[list[str]], *, encoding: str = "utf-8", suffix: str = "") -> Path:
+    path.write_text("".join("|".join(row) + suffix + "\n" for row in rows), encoding=encoding)
+    return path
+
+
+def make_row(**values: str) -> list[str]:
+    """A row from column values given by python-friendly keys (see ROW_KEYS)."""
+    row = [""] * len(HEADER)
+    for key, value in values.items():
+        row[COL[ROW_KEYS[key]]] = value
+    return row
+
+
+ROW_KEYS = {
+    "type": "Type de BAL", "address": "Adresse BAL", "idnps": "Identification nationale PP",
+    "pp_type": "Type Identifiant PP", "pp": "Identifiant PP", "structure_type": "Type identifiant structure",
+    "structure": "Identification Structure", "family": "Nom d'exercice", "given": "Prénom d'exercice",
+    "profession": "Code Profession", "name": "Raison Sociale structure BAL", "service": "Service de rattachement",
+    "demat": "Dématérialisation",
+}
+RPPS = add_luhn_key("1234567890")
+FINESS = add_luhn_key("75000001")
+
+
+def per_row(address: str, *, rpps: str = RPPS, family: str = "MARTIN", **extra: str) -> list[str]:
+    return make_row(type="PER", address=address, idnps="8" + rpps, family=family, given="Claire", profession="10", **extra)
+
+
+def org_row(address: str, *, structure: str = "1" + FINESS, **extra: str) -> list[str]:
+    return make_row(type="ORG", address=address, structure=structure, name="CH DE TEST", **extra)
+
+
+async def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    tables = {"mailboxes": Mailbox, "professionals": Professional, "organisations": Organisation,
+              "activities": ProfessionalOrganisation}
+    result: dict[str, list[tuple[Any, ...]]] = {}
+    async with db.session() as session:
+        for name, model in tables.items():
+            rows = (await session.execute(select(model.__table__).order_by(model.__table__.c.id))).all()
+            result[name] = [tuple(row) for row in rows]
+    return result
+
+
+async def count(db: Database, model: Any) -> int:
+    async with db.session() as session:
+        return await session.scalar(select(func.count()).select_from(model))
+
+
+# ----------------------------------------------------------------------------- the fixture file
+
+
+def test_fixture_is_what_the_generator_writes(tmp_path: Path) -> None:
+    written = write_synthetic_extraction(tmp_path / "x.txt", 50, domains=[LOCAL, TRUSTED], seed=7, bad_rows=True)
+    assert (tmp_path / "x.txt").read_bytes() == FIXTURE.read_bytes()
+    assert written.valid_rows == FIXTURE_VALID_ROWS
+    assert sorted(written.duplicate_lines + [l for ls in written.bad_lines.values() for l in ls]) == sorted(FIXTURE_REJECTS)
+
+
+async def test_import_counts_and_rejections(directory: Database) -> None:
+    report = await import_ans_extraction(directory, FIXTURE)
+    assert (report.rows, report.created, report.updated, report.unchanged, report.rejected) == (50, FIXTURE_VALID_ROWS, 0, 0, 6)
+    assert report.encoding == "utf-8"
+    assert {r.line: r.column for r in report.rejects} == {line: col for line, (col, _) in FIXTURE_REJECTS.items()}
+    for reject in report.rejects:
+        assert FIXTURE_REJECTS[reject.line][1] in reject.reason
+    assert await count(directory, Mailbox) == FIXTURE_VALID_ROWS
+    assert report.professionals.created == await count(directory, Professional)
+    assert report.organisations.created == await count(directory, Organisation) == 2
+    assert report.activities_created == await count(directory, ProfessionalOrganisation)
+
+
+async def test_hosted_follows_the_domain(directory: Database) -> None:
+    await import_ans_extraction(directory, FIXTURE)
+    async with directory.session() as session:
+        rows = (await session.execute(select(Mailbox.domain, Mailbox.hosted))).all()
+    assert {domain for domain, _ in rows} == {LOCAL, TRUSTED}
+    assert all(hosted == (domain == LOCAL) for domain, hosted in rows)
+
+
+async def test_second_import_changes_nothing(directory: Database) -> None:
+    await import_ans_extraction(directory, FIXTURE)
+    before = await snapshot(directory)
+    again = await import_ans_extraction(directory, FIXTURE)
+    assert (again.created, again.updated, again.unchanged, again.rejected) == (0, 0, FIXTURE_VALID_ROWS, 6)
+    assert (again.professionals.created, again.professionals.updated, again.organisations.updated) == (0, 0, 0)
+    assert again.activities_created == 0
+    assert await snapshot(directory) == before
+
+
+async def test_edited_rows_are_updated(directory: Database, tmp_path: Path) -> None:
+    await import_ans_extraction(directory, FIXTURE)
+    rows = lines_of(FIXTURE)
+    person = next(r for r in rows[1:] if len(r) == 31 and r[COL["Type de BAL"]] == "PER" and "@" in r[1])
+    organisation = next(r for r in rows[1:] if len(r) == 31 and r[COL["Type de BAL"]] == "ORG")
+    person[COL["Nom d'exercice"]] = "NOUVEAUNOM"
+    organisation[COL["Dématérialisation"]] = "False" if organisation[COL["Dématérialisation"]] == "True" else "True"
+    report = await import_ans_extraction(directory, write_lines(tmp_path / "edited.txt", rows))
+    assert (report.created, report.updated, report.unchanged) == (0, 2, FIXTURE_VALID_ROWS - 2)
+    assert report.professionals.updated == 1
+    async with directory.session() as session:
+        pro = await session.scalar(select(Professional).where(Professional.idnps == person[COL["Identification nationale PP"]]))
+        box = await session.scalar(select(Mailbox).where(Mailbox.address == organisation[1]))
+    assert pro is not None and pro.family_name == "NOUVEAUNOM"
+    assert box is not None and box.dematerialisation == (organisation[COL["Dématérialisation"]] == "True")
+
+
+async def test_type_of_an_existing_mailbox_never_changes(directory: Database, tmp_path: Path) -> None:
+    await import_ans_extraction(directory, FIXTURE)
+    rows = lines_of(FIXTURE)
+    person = next(r for r in rows[1:] if len(r) == 31 and r[0] == "PER" and r[COL["Identification Structure"]] and "@" in r[1])
+    person[0] = "ORG"
+    report = await import_ans_extraction(directory, write_lines(tmp_path / "retyped.txt", rows))
+    retyped = [r for r in report.rejects if r.address == person[1]]
+    assert len(retyped) == 1 and retyped[0].column == "Type de BAL" and "type never changes" in retyped[0].reason
+    async with directory.session() as session:
+        assert await session.scalar(select(Mailbox.type).where(Mailbox.address == person[1])) == "PER"
+
+
+# ----------------------------------------------------------------------------- encodings and file format
+
+
+async def test_cp1252_file_is_detected_and_imported(directory: Database, tmp_path: Path) -> None:
+    path = tmp_path / "cp1252.txt"
+    path.write_bytes(FIXTURE.read_text(encoding="utf-8").encode("cp1252"))
+    report = await import_ans_extraction(directory, path)
+    assert report.encoding == "cp1252"
+    assert (report.created, report.rejected) == (FIXTURE_VALID_ROWS, 6)
+    accented = {r[COL["Nom d'exercice"]] for r in lines_of(FIXTURE)[1:] if len(r) == 31 and not r[COL["Nom d'exercice"]].isascii()}
+    async with directory.session() as session:
+        names = set((await session.scalars(select(Professional.family_name))).all())
+    assert accented and accented <= names
+
+
+async def test_utf8_bom_and_trailing_separator_are_accepted(directory: Database, tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "bom.txt", lines_of(FIXTURE), encoding="utf-8-sig", suffix="|")
+    report = await import_ans_extraction(directory, path)
+    assert report.encoding == "utf-8"
+    assert (report.created, report.rejected) == (FIXTURE_VALID_ROWS, 6)
+
+
+async def test_wrong_header_is_refused_naming_the_columns(directory: Database, tmp_path: Path) -> None:
+    rows = lines_of(FIXTURE)
+    rows[0][COL["Code Profession"]] = "Code profession"
+    with pytest.raises(ExtractionFormatError) as caught:
+        await import_ans_extraction(directory, write_lines(tmp_path / "bad.txt", rows))
+    message = str(caught.value)
+    assert "missing columns: 'Code Profession'" in message and "unexpected columns: 'Code profession'" in message
+    assert caught.value.field == "header"
+    assert await count(directory, Mailbox) == 0
+
+
+async def test_header_in_another_order_is_refused(directory: Database, tmp_path: Path) -> None:
+    rows = lines_of(FIXTURE)
+    rows[0][0], rows[0][1] = rows[0][1], rows[0][0]
+    with pytest.raises(ExtractionFormatError, match="not in the ANS order"):
+        await import_ans_extraction(directory, write_lines(tmp_path / "order.txt", rows))
+
+
+async def test_unreadable_file_is_a_user_error(directory: Database, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read"):
+        await import_ans_extraction(directory, tmp_path / "missing.txt")
+
+
+async def test_progress_is_reported_per_batch(directory: Database) -> None:
+    calls: list[tuple[int, int]] = []
+    await import_ans_extraction(directory, FIXTURE, progress=lambda done, total: calls.append((done, total)), batch_size=10)
+    assert len(calls) >= 4
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert calls[-1] == (50, 50)
+
+
+async def test_small_batches_give_the_same_result(directory: Database) -> None:
+    report = await import_ans_extraction(directory, FIXTURE, batch_size=3)
+    assert (report.created, report.rejected) == (FIXTURE_VALID_ROWS, 6)
+
+
+# ----------------------------------------------------------------------------- row rules
+
+
+async def import_rows(db: Database, tmp_path: Path, *rows: list[str]) -> Any:
+    return await import_ans_extraction(db, write_lines(tmp_path / "rows.txt", [list(HEADER), *rows]))
+
+
+async def test_closed_trust_entry_rejects_its_domain(directory: Database, tmp_path: Path) -> None:
+    async with directory.session() as session:
+        session.add(TrustedDomain(name="ferme.mssante.fr", source="whitelist",
+                                  until=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)))
+    report = await import_rows(directory, tmp_path, per_row("a.b@ferme.mssante.fr"))
+    assert report.created == 0
+    assert report.rejects[0].column == "Adresse BAL" and "neither ours nor on the trust list" in report.rejects[0].reason
+
+
+async def test_idn_address_is_stored_in_a_label_form(directory: Database, tmp_path: Path) -> None:
+    async with directory.session() as session:
+        session.add(TrustedDomain(name="xn--hpital-test-2eb.mssante.fr", source="whitelist"))  # hôpital-test
+    report = await import_rows(directory, tmp_path, per_row("Claire.Martin@HÔPITAL-test.mssante.fr"))
+    assert report.created == 1, report.rejects
+    async with directory.session() as session:
+        assert await session.scalar(select(Mailbox.address)) == "claire.martin@xn--hpital-test-2eb.mssante.fr"
+
+
+async def test_structure_id_as_raw_number_or_idnst(directory: Database, tmp_path: Path) -> None:
+    report = await import_rows(directory, tmp_path,
+                               org_row(f"a@{LOCAL}", structure_type="1", structure=FINESS),
+                               org_row(f"b@{LOCAL}", structure_type="1", structure="1" + FINESS),
+                               org_row(f"c@{LOCAL}", structure="1" + FINESS))
+    assert report.created == 3 and report.organisations.created == 1
+    async with directory.session() as session:
+        assert await session.scalar(select(Organisation.idnst)) == "1" + FINESS
+
+
+@pytest.mark.parametrize(("row", "column", "reason"), [
+    (make_row(type="APP", address=f"logiciel@{LOCAL}", structure="1" + FINESS), "Type de BAL", "PER or ORG"),
+    (org_row(f"x@{LOCAL}", structure="1" + FINESS[:-1] + str((int(FINESS[-1]) + 1) % 10)), "Identification Structure", "Luhn"),
+    (org_row(f"x@{LOCAL}", structure=""), "Identification Structure", "needs its structure id"),
+    (per_row(f"x@{LOCAL}", family=""), "Nom d'exercice", "name"),
+    (make_row(type="PER", address=f"x@{LOCAL}", family="X", profession="10"), "Identifiant PP", "RPPS"),
+    (per_row(""), "Adresse BAL", "empty"),
+])
+async def test_invalid_rows_are_rejected_naming_the_column(directory: Database, tmp_path: Path,
+                                                           row: list[str], column: str, reason: str) -> None:
+    report = await import_rows(directory, tmp_path, row)
+    assert report.created == 0 and report.rejected == 1
+    assert report.rejects[0].column == column and reason in report.rejects[0].reason
+    assert report.rejects[0].line == 2
+
+
+async def test_first_row_naming_a_professional_wins(directory: Database, tmp_path: Path) -> None:
+    report = await import_rows(directory, tmp_path, per_row(f"a@{LOCAL}", family="PREMIER"),
+                               per_row(f"b@{TRUSTED}", family="SECOND"))
+    assert report.created == 2 and report.professionals.created == 1
+    async with directory.session() as session:
+        assert (await session.scalars(select(Professional.family_name))).all() == ["PREMIER"]
+
+
+async def test_mailbox_of_another_owner_is_rejected(directory: Database, tmp_path: Path) -> None:
+    await import_rows(directory, tmp_path, per_row(f"a@{LOCAL}"))
+    other = add_luhn_key("1999999999")
+    report = await import_rows(directory, tmp_path, per_row(f"a@{LOCAL}", rpps=other))
+    assert report.rejects[0].column == "Identification nationale PP" and "another professional" in report.rejects[0].reason
+
+
+async def test_activity_link_is_created_once(directory: Database, tmp_path: Path) -> None:
+    row = per_row(f"a@{LOCAL}", structure="1" + FINESS, name="CH DE TEST")
+    row[COL["Raison Sociale structure BAL"]] = "CH DE TEST"
+    first = await import_rows(directory, tmp_path, row)
+    second = await import_rows(directory, tmp_path, row)
+    assert (first.activities_created, second.activities_created, second.unchanged) == (1, 0, 1)
+    assert await count(directory, ProfessionalOrganisation) == 1
+
+
+# ----------------------------------------------------------------------------- profession table
+
+
+def test_profession_labels() -> None:
+    assert profession_label("10") == "Médecin"
+    assert profession_label(" 70 ") == "Masseur-Kinésithérapeute"
+    with pytest.raises(UserError) as caught:
+        profession_label("07")
+    assert caught.value.field == "profession_code"
+
+
+def test_category_labels() -> None:
+    assert set(CATEGORIES) == {"C", "E", "F", "M"}
+    assert category_label("c") == "Civil"
+    with pytest.raises(UserError) as caught:
+        category_label("Z")
+    assert caught.value.field == "category_code"
