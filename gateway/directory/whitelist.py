@@ -140,7 +140,11 @@ async def import_whitelist(db: Database, path: Path, *, operator: str | None = N
 
 
 def _is_open(entry: TrustedDomain, now: dt.datetime) -> bool:
-    return entry.until is None or entry.until > now
+    if entry.until is None:
+        return True
+    # SQLite may hand back naive timestamps; every timestamp we store is UTC.
+    until = entry.until if entry.until.tzinfo else entry.until.replace(tzinfo=dt.timezone.utc)
+    return until > now
 
 
 def _apply_listed(session: AsyncSession, existing: dict[str, TrustedDomain], names: list[str], now: dt.datetime,
