@@ -19,6 +19,7 @@ Layout under the PKI directory (directories 0700, private keys 0600):
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import ipaddress
 import json
@@ -37,7 +38,7 @@ import idna
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.directory.addresses import split_address
@@ -245,7 +246,8 @@ def _crl_distribution_point(crl_path: Path) -> x509.CRLDistributionPoints:
     return x509.CRLDistributionPoints([point])
 
 
-def _base_builder(subject: x509.Name, issuer: x509.Name, public_key: Any, not_after: datetime) -> x509.CertificateBuilder:
+def _base_builder(subject: x509.Name, issuer: x509.Name, public_key: CertificatePublicKeyTypes,
+                  not_after: datetime) -> x509.CertificateBuilder:
     # RFC 5280 4.1.2.2: a positive serial of at most 20 octets, unpredictable here (random).
     return (x509.CertificateBuilder()
             .subject_name(subject)
@@ -312,7 +314,7 @@ def _key_usage_names(usage: x509.KeyUsage) -> list[str]:
     return present
 
 
-def describe_public_key(key: Any) -> str:
+def describe_public_key(key: CertificatePublicKeyTypes) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         return f"rsa {key.key_size}"
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -367,7 +369,7 @@ class TestPKI:
                  validity_days: int = 825) -> None:
         if validity_days < 1:
             raise UserError(f"{validity_days}: a certificate lives at least one day", field="validity_days")
-        if not organisation.strip() or len(organisation) > 64:
+        if not organisation.strip() or len(organisation) > 64:  # RFC 5280 appendix A: ub-organization-name
             raise UserError(f"{organisation!r}: an organisation name has 1 to 64 characters", field="organisation")
         self.root = Path(root).expanduser().resolve()
         self.organisation = organisation.strip()
@@ -496,7 +498,7 @@ class TestPKI:
         ips = _unique(str(_ip_address(value)) for value in ip_addresses)
         if not dns:
             raise UserError("a server certificate needs at least one DNS name", field="dns")
-        sans: list[x509.GeneralName] = [x509.DNSName(value) for value in dns]
+        sans: builtins.list[x509.GeneralName] = [x509.DNSName(value) for value in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(value)) for value in ips]
         chosen = validate_key_type(key_type or self.key_type)
         usage = (_key_usage(digital_signature=True, key_encipherment=True) if chosen == "rsa"
@@ -508,7 +510,7 @@ class TestPKI:
     def issue_client(self, name: str, common_name: str, email: str | None = None, *,
                      key_type: str | None = None, replace: bool = False) -> IssuedCertificate:
         """A TLS client certificate for an application or an operator (SASL EXTERNAL, relay)."""
-        sans: list[x509.GeneralName] = [x509.RFC822Name(_email(email))] if email else []
+        sans: builtins.list[x509.GeneralName] = [x509.RFC822Name(_email(email))] if email else []
         profile = _LeafProfile("client", _common_name(common_name), sans, _key_usage(digital_signature=True),
                                [ExtendedKeyUsageOID.CLIENT_AUTH])
         return self._issue(validate_name(name), profile, validate_key_type(key_type or self.key_type), replace)
@@ -529,7 +531,7 @@ class TestPKI:
                                    ips: Sequence[str]) -> IssuedCertificate:
         """The gateway's own TLS certificate, (re)issued when missing, unusable or not covering every name."""
         if not self.exists():
-            self.init()
+            self._init_unless_created_meanwhile()
         wanted_dns = _unique(normalise_dns_name(v) for v in [hostname, *dns_names] if not _is_ip(v))
         wanted_ips = _unique(str(_ip_address(v)) for v in [*ips, hostname] if _is_ip(v))
         self.refresh_crls_if_stale()
@@ -537,6 +539,12 @@ class TestPKI:
         if current is not None and self._covers(current.certificate, wanted_dns, wanted_ips):
             return current
         return self.issue_server(GATEWAY_CERT_NAME, wanted_dns, wanted_ips, replace=True)
+
+    def _init_unless_created_meanwhile(self) -> None:
+        try:
+            self.init()
+        except Conflict:
+            pass  # another process (a CLI command, a second node) created it between our check and our lock
 
     def _current_gateway_cert(self) -> IssuedCertificate | None:
         entry = self._find_entry(self._load_index(), GATEWAY_CERT_NAME)
@@ -551,7 +559,7 @@ class TestPKI:
         return issued
 
     @staticmethod
-    def _covers(cert: x509.Certificate, dns: list[str], ips: list[str]) -> bool:
+    def _covers(cert: x509.Certificate, dns: builtins.list[str], ips: builtins.list[str]) -> bool:
         details = certificate_details(cert)
         return set(dns) <= set(details["dns_names"]) and set(ips) <= set(details["ip_addresses"])
 
@@ -572,7 +580,7 @@ class TestPKI:
             if previous is not None:
                 self._write_crls(index)
             self._save_index(index)
-        return self.load(name)
+        return IssuedCertificate(name, profile.kind, cert, *self._issued_paths(name))
 
     def _sign_leaf(self, profile: _LeafProfile, key_type: KeyType, name: str) -> x509.Certificate:
         issuer_cert = _read_certificate(self.intermediate_cert_path)
@@ -652,7 +660,7 @@ class TestPKI:
         self._write_crl(index, "root", self.root_cert_path, self.root_key_path, revoked_cas, self.root_crl_path)
 
     def _write_crl(self, index: dict[str, Any], issuer: str, cert_path: Path, key_path: Path,
-                   revoked: list[dict[str, Any]], target: Path) -> None:
+                   revoked: builtins.list[dict[str, Any]], target: Path) -> None:
         issuer_cert, issuer_key = _read_certificate(cert_path), _read_private_key(key_path)
         # RFC 5280 5.2.3: the CRL number increases monotonically for each issuer.
         number = index["crl_numbers"][issuer] = index["crl_numbers"].get(issuer, 0) + 1
@@ -724,7 +732,7 @@ class TestPKI:
         finally:
             os.close(fd)
 
-    def _new_index(self, certificates: list[tuple[str, str, x509.Certificate]]) -> dict[str, Any]:
+    def _new_index(self, certificates: builtins.list[tuple[str, str, x509.Certificate]]) -> dict[str, Any]:
         return {
             "format": INDEX_FORMAT, "organisation": self.organisation, "crl_numbers": {},
             "certificates": [self._entry(name, kind, cert, self.key_type) for name, kind, cert in certificates],
@@ -757,17 +765,18 @@ class TestPKI:
     @staticmethod
     def _find_entry(index: dict[str, Any], name_or_serial: str) -> dict[str, Any] | None:
         """The current (not replaced) certificate of that name, else the one with that serial."""
-        for entry in reversed(index["certificates"]):
+        entries: builtins.list[dict[str, Any]] = index["certificates"]
+        for entry in entries[::-1]:
             if entry["name"] == name_or_serial and not entry.get("replaced"):
                 return entry
         serial = name_or_serial.replace(":", "").lower().lstrip("0")
-        for entry in index["certificates"]:
+        for entry in entries:
             if serial and entry["serial"].lstrip("0") == serial:
                 return entry
         return None
 
-    # Last in the class body: this method shadows the builtin for any annotation written after it.
-    def list(self) -> list[dict[str, Any]]:
+    # Named as the brief asks; inside this class body ``list`` is this method, hence ``builtins.list`` above.
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every certificate the PKI has issued, replaced ones included, oldest first."""
         return [self._record(entry) for entry in self._load_index()["certificates"]]
 
