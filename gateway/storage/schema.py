@@ -5,6 +5,7 @@ so the migrations see it.
 """
 
 from gateway.storage import models  # noqa: F401  (directory tables)
+from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
 from gateway.storage.models import Base
 
 metadata = Base.metadata

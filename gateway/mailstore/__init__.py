@@ -1,0 +1,1 @@
+"""The mail store: folders, messages, UIDs, flags, MODSEQ, quota and change notifications."""
