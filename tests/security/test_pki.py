@@ -401,8 +401,9 @@ def test_cli_init_twice_is_refused_with_one_line(tmp_path: Path) -> None:
 
 
 def invoke(data: Path, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(certs, [*args[:1], "--data-dir", str(data), *args[1:]] if args[0] != "issue"
-                                else [*args[:2], "--data-dir", str(data), *args[2:]])
+    """Run ``certs ARGS`` in-process; --data-dir goes after the leaf command (``issue server``, ``list``...)."""
+    depth = 2 if args[0] == "issue" else 1
+    result = CliRunner().invoke(certs, [*args[:depth], "--data-dir", str(data), *args[depth:]])
     return result.exit_code, result.output
 
 
