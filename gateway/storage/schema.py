@@ -6,6 +6,7 @@ so the migrations see it.
 
 from gateway.storage import models  # noqa: F401  (directory tables)
 from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
+from gateway.pipeline import models as pipeline_tables  # noqa: F401  (SMTP queue, conversations: revision 0003)
 from gateway.storage.models import Base
 
 metadata = Base.metadata

@@ -1,0 +1,125 @@
+"""In-memory limiters: concurrent slots, message rates, and the AUTH lockout.
+
+A slot is released exactly once whatever happens (its ``release`` is
+idempotent and callers hold it in ``finally`` paths): a limiter that leaks
+counts ends up refusing everyone (maddy#348). ``snapshot()`` shows the live
+counts, for tests and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Clock = Callable[[], float]
+
+
+class Slot:
+    """One held unit of a ``ConcurrencyLimiter``; ``release()`` may be called any number of times."""
+
+    def __init__(self, limiter: "ConcurrencyLimiter", key: str) -> None:
+        self._limiter = limiter
+        self.key = key
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter._give_back(self.key)
+
+
+class ConcurrencyLimiter:
+    """At most ``limit`` simultaneous holders per key (connections per IP, sessions per user)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def try_acquire(self, key: str) -> Slot | None:
+        if self._counts[key] >= self.limit:
+            return None
+        self._counts[key] += 1
+        return Slot(self, key)
+
+    def _give_back(self, key: str) -> None:
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]
+
+    def snapshot(self) -> dict[str, int]:
+        return {key: count for key, count in self._counts.items() if count}
+
+
+class RateLimiter:
+    """At most ``limit`` events per key in a sliding window of ``window`` seconds; limit 0 = unlimited."""
+
+    def __init__(self, limit: int, window: float = 60.0, clock: Clock = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._events: dict[str, deque[float]] = {}
+
+    def allow(self, key: str) -> bool:
+        """Record one event for ``key`` if it fits in the window; False (nothing recorded) if not."""
+        if not self.limit:
+            return True
+        now = self._clock()
+        events = self._events.setdefault(key, deque())
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        if len(events) >= self.limit:
+            return False
+        events.append(now)
+        return True
+
+    def forget_idle(self) -> None:
+        """Drop keys whose events all left the window (bounded memory under many clients)."""
+        horizon = self._clock() - self.window
+        for key in [k for k, events in self._events.items() if not events or events[-1] <= horizon]:
+            del self._events[key]
+
+    def snapshot(self) -> dict[str, int]:
+        return {key: len(events) for key, events in self._events.items() if events}
+
+
+@dataclass
+class _FailureRecord:
+    times: deque[float] = field(default_factory=deque)
+    locked_until: float = 0.0
+
+
+class AuthLockout:
+    """Locks a key (an IP address, a login) after ``threshold`` failures within ``window`` seconds."""
+
+    def __init__(self, threshold: int, window: float, lockout: float, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.lockout = lockout
+        self._clock = clock
+        self._records: dict[str, _FailureRecord] = {}
+
+    def seconds_locked(self, key: str) -> int:
+        """Seconds left of the lockout of ``key``, 0 when it may try."""
+        record = self._records.get(key)
+        if record is None:
+            return 0
+        left = record.locked_until - self._clock()
+        return int(left + 0.999) if left > 0 else 0
+
+    def record_failure(self, key: str) -> None:
+        now = self._clock()
+        record = self._records.setdefault(key, _FailureRecord())
+        while record.times and record.times[0] <= now - self.window:
+            record.times.popleft()
+        record.times.append(now)
+        if len(record.times) >= self.threshold:
+            record.locked_until = now + self.lockout
+            record.times.clear()
+
+    def record_success(self, key: str) -> None:
+        self._records.pop(key, None)
+
+    def snapshot(self) -> dict[str, int]:
+        return {key: len(r.times) for key, r in self._records.items()}

@@ -1,0 +1,173 @@
+"""Policy step: the trust-space rules, written once for every door.
+
+Each check raises ``SmtpRefusal`` with the reply that names the rule:
+
+- never an open relay: source routes, percent hacks, bang paths, quoted local
+  parts and address literals are refused outright (RFC 5321 3.6.2, 4.1.1.3);
+  only our domains and trusted domains exist (DESIGN: rules of the trust space);
+- an authenticated user sends only as a mailbox it owns or is delegated;
+- the relay door accepts mail for our mailboxes only, from a trusted domain
+  the client certificate speaks for (rule below, ``certificate_speaks_for``);
+- a patient writes only to a professional who wrote first (or to a configured
+  first-contact address such as a pharmacy), never to another patient;
+- opposed and closed patient spaces receive nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.directory.addresses import normalise_address
+from gateway.directory.service import DirectoryService, LocalRoute, RefusedRoute, RemoteRoute, RouteRefusal
+from gateway.errors import UserError
+from gateway.pipeline.conversations import ConversationBook, ConversationChange, ends_conversation
+from gateway.pipeline.origin import Origin, TlsInfo
+from gateway.pipeline.parse import MessageFacts
+from gateway.smtp import codes
+from gateway.smtp.codes import Reply, SmtpRefusal
+from gateway.smtp.paths import SmtpPath
+
+ROUTE_REFUSALS: dict[RouteRefusal, Reply] = {
+    RouteRefusal.UNKNOWN_MAILBOX: codes.UNKNOWN_MAILBOX,
+    RouteRefusal.MAILBOX_DISABLED: codes.MAILBOX_DISABLED,
+    RouteRefusal.PATIENT_OPPOSED: codes.PATIENT_OPPOSED,
+    RouteRefusal.PATIENT_CLOSED: codes.PATIENT_CLOSED,
+    RouteRefusal.DOMAIN_NOT_TRUSTED: codes.DOMAIN_NOT_TRUSTED,
+    RouteRefusal.MALFORMED: codes.MALFORMED_ADDRESS,
+}
+
+
+@dataclass(frozen=True)
+class AcceptedRecipient:
+    address: str                     # canonical form
+    route: LocalRoute | RemoteRoute
+
+
+def check_address_form(path: SmtpPath) -> None:
+    """Refuse the classic relay tricks before any lookup (RFC 5321 3.6.2: no open relay)."""
+    if path.source_route:
+        raise SmtpRefusal(codes.SOURCE_ROUTE_REFUSED)          # RFC 5321 4.1.1.3 / appendix C
+    if path.quoted:
+        raise SmtpRefusal(codes.QUOTED_LOCAL_PART_REFUSED)     # "a@b"@ours hides another address
+    if path.has_percent_hack:
+        raise SmtpRefusal(codes.PERCENT_HACK_REFUSED)          # a%b@ours -> a@b
+    if path.has_bang_path:
+        raise SmtpRefusal(codes.BANG_PATH_REFUSED)             # b!a@ours -> UUCP a at b
+    if path.address_literal:
+        raise SmtpRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=path.domain))
+
+
+def canonical(path: SmtpPath) -> str:
+    try:
+        return normalise_address(path.address)
+    except UserError as exc:
+        raise SmtpRefusal(codes.MALFORMED_ADDRESS.format(detail=str(exc))) from None
+
+
+def certificate_speaks_for(tls: TlsInfo | None, domain: str) -> bool:
+    """The relay rule: a DNS name of the verified client certificate (SAN, else CN) is the sender's
+    domain, a host inside it (``mx.ch-a.mssante.fr`` speaks for ``ch-a.mssante.fr``), or a
+    wildcard ``*.domain`` over it. Operators' certificates name their MX hosts, which live in
+    their mail domain in the MSSanté space."""
+    if tls is None or tls.peer_certificate_sha256 is None:
+        return False
+    for name in tls.peer_names:
+        bare = name[2:] if name.startswith("*.") else name
+        if bare == domain or bare.endswith("." + domain):
+            return True
+    return False
+
+
+class Policy:
+    def __init__(self, directory: DirectoryService, conversations: ConversationBook,
+                 patient_first_contact: Sequence[str]) -> None:
+        self.directory = directory
+        self.conversations = conversations
+        self.first_contact = {entry.strip().lower() for entry in patient_first_contact if entry.strip()}
+
+    # ----------------------------------------------------------------- MAIL FROM
+
+    async def check_sender(self, origin: Origin, path: SmtpPath | None) -> str:
+        """The canonical sender ("" for the null path) if this origin may use it."""
+        if origin.door.is_submission:
+            return self._check_submitter(origin, path)
+        return await self._check_relay_sender(origin, path)
+
+    def _check_submitter(self, origin: Origin, path: SmtpPath | None) -> str:
+        if origin.account is None:
+            raise SmtpRefusal(codes.AUTH_REQUIRED)                 # RFC 6409 4.3, never unauthenticated
+        if path is None:
+            raise SmtpRefusal(codes.NULL_SENDER_REFUSED)
+        check_address_form(path)
+        sender = canonical(path)
+        if not origin.account.may_send_as(sender):
+            raise SmtpRefusal(codes.NOT_OWNER.format(address=sender, login=origin.account.address))
+        return sender
+
+    async def _check_relay_sender(self, origin: Origin, path: SmtpPath | None) -> str:
+        if path is None:
+            # A bounce (RFC 5321 4.5.5): the certificate must still belong to a trusted operator.
+            if not await self._certificate_is_trusted_operator(origin.tls):
+                raise SmtpRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(
+                    names=_names(origin.tls), domain="any trusted domain"))
+            return ""
+        check_address_form(path)
+        sender = canonical(path)
+        domain = sender.split("@", 1)[1]
+        if await self.directory.is_local_domain(domain):
+            raise SmtpRefusal(codes.SENDER_DOMAIN_IS_LOCAL.format(domain=domain))
+        if not await self.directory.is_trusted_domain(domain):
+            raise SmtpRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=domain))
+        if not certificate_speaks_for(origin.tls, domain):
+            raise SmtpRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(names=_names(origin.tls), domain=domain))
+        return sender
+
+    async def _certificate_is_trusted_operator(self, tls: TlsInfo | None) -> bool:
+        for name in tls.peer_names if tls else ():
+            labels = name.removeprefix("*.").split(".")
+            for start in range(len(labels) - 1):
+                if await self.directory.is_trusted_domain(".".join(labels[start:])):
+                    return True
+        return False
+
+    # ----------------------------------------------------------------- RCPT TO
+
+    async def check_recipient(self, origin: Origin, sender: str, path: SmtpPath) -> AcceptedRecipient:
+        check_address_form(path)
+        address = canonical(path)
+        route = await self.directory.route_recipient(address)
+        if isinstance(route, RefusedRoute):
+            reply = ROUTE_REFUSALS[route.reason]
+            raise SmtpRefusal(reply.format(address=address, domain=address.split("@", 1)[1], detail=route.text),
+                              detail=route.text)
+        if isinstance(route, RemoteRoute) and not origin.door.is_submission:
+            raise SmtpRefusal(codes.RELAY_DENIED.format(address=address))   # peers relay to us, not through us
+        if origin.is_patient:
+            await self._check_patient_may_write(origin, route)
+        return AcceptedRecipient(address, route)
+
+    async def _check_patient_may_write(self, origin: Origin, route: LocalRoute | RemoteRoute) -> None:
+        assert origin.account is not None
+        if isinstance(route, LocalRoute) and route.type == "PAT":
+            raise SmtpRefusal(codes.PATIENT_TO_PATIENT)
+        address = route.address
+        if address in self.first_contact or "@" + address.split("@", 1)[1] in self.first_contact:
+            return                                                      # the pharmacy exception (mssante.md 2.1)
+        if not await self.conversations.is_open(address, origin.account.mailbox_id):
+            raise SmtpRefusal(codes.PATIENT_CANNOT_INITIATE.format(address=address))
+
+    # ----------------------------------------------------------------- the message
+
+    def conversation_changes(self, origin: Origin, sender: str, recipients: Sequence[AcceptedRecipient],
+                             facts: MessageFacts) -> list[ConversationChange]:
+        """A professional writing to our patients opens (or, with FIN, closes) the conversation."""
+        if not sender or origin.is_patient:
+            return []
+        ending = ends_conversation(facts)
+        return [ConversationChange(sender, r.route.mailbox_id, ending) for r in recipients
+                if isinstance(r.route, LocalRoute) and r.route.type == "PAT"]
+
+
+def _names(tls: TlsInfo | None) -> str:
+    return ", ".join(tls.peer_names) if tls and tls.peer_names else "no certificate"

@@ -1,0 +1,115 @@
+"""The spool: accepted message bodies on disk until every recipient is done.
+
+A message is written to ``incoming/<id>.eml`` while DATA streams in, then made
+durable in this order before the queue rows are committed and 250 is sent
+(mox store/account.go, moxio/syncdir.go do the same):
+
+1. fsync the file (its bytes are on disk),
+2. rename it into ``queue/`` and fsync ``queue/`` (its name is on disk),
+3. the caller commits the queue rows (the message exists for the recovery pass).
+
+Anything left in ``incoming/`` at start was never acknowledged and is removed;
+a file in ``queue/`` without queue rows is an acknowledgement that never
+happened (crash between 2 and 3) and is removed by the recovery pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from pathlib import Path
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (milliseconds, hex) and unique (48 random bits)."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(6)}"
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (a new or renamed file) durable (POSIX: fsync on the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolFile:
+    """One message being received; a ``MessageSink`` for the SMTP protocol."""
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.incoming_path = spool.incoming / f"{queue_id}.eml"
+        self.path = spool.path_of(queue_id)
+        self.size = 0
+        self._fd: int | None = os.open(self.incoming_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._committed = False
+        self._discarded = False
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None, "spool file already closed"
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    async def make_durable(self) -> Path:
+        """Steps 1 and 2 above; the file is then at ``self.path``."""
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+        os.rename(self.incoming_path, self.path)
+        self._committed = True
+        await asyncio.to_thread(fsync_directory, self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        """Forget this message (refused, aborted, or its queue rows failed to commit). Idempotent."""
+        if self._discarded:
+            return
+        self._discarded = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for path in (self.incoming_path, self.path):
+            path.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """The queue rows are committed: the file now belongs to the queue, ``discard`` no longer applies."""
+        self._discarded = True
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.queue = root / "queue"
+        for directory in (self.root, self.incoming, self.queue):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path_of(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.eml"
+
+    def new_file(self) -> SpoolFile:
+        return SpoolFile(self, new_queue_id())
+
+    def clear_incoming(self) -> int:
+        """Remove half-received messages left by a crash (never acknowledged); returns how many."""
+        removed = 0
+        for path in self.incoming.glob("*.eml"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def queued_ids(self) -> set[str]:
+        return {path.stem for path in self.queue.glob("*.eml")}
+
+    def remove(self, queue_id: str) -> None:
+        self.path_of(queue_id).unlink(missing_ok=True)

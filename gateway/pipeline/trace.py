@@ -1,0 +1,98 @@
+"""Security and trace step: the header fields the gateway adds, and the ones it removes.
+
+- ``Return-Path`` (RFC 5321 4.4: added at final delivery, the reverse-path);
+- ``Received`` (RFC 5321 4.4) with the protocol keyword of RFC 3848
+  (ESMTP, ESMTPS, ESMTPA, ESMTPSA), the TLS version and cipher and the
+  authenticated user in comments;
+- ``Authentication-Results`` (RFC 8601) for what is verified now: SMTP AUTH
+  (``auth=pass smtp.auth=<user>``, RFC 8601 2.7.4) and the verified TLS client
+  certificate of a peer operator; DKIM and S/MIME results join later;
+- ``X-MSS-NIL`` (Ref#2 ECO.2.4.3) on mail our own users send, when missing.
+
+Inbound ``Authentication-Results`` fields that claim our authserv-id are forged
+and are removed at delivery (RFC 8601 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from email.utils import format_datetime
+
+from gateway.pipeline.origin import Door, Origin
+from gateway.pipeline.parse import MessageFacts
+from gateway.storage.models import utcnow
+
+FOLD = "\r\n\t"
+
+
+def protocol_keyword(origin: Origin) -> str:
+    """RFC 3848 2: "S" for TLS, "A" for SMTP AUTH."""
+    if origin.door is Door.WEBMAIL:
+        return "HTTPS"
+    return "ESMTP" + ("S" if origin.tls else "") + ("A" if origin.account else "")
+
+
+def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: list[str]) -> str:
+    helo = origin.helo or "unknown"
+    parts = [f"Received: from {helo} ([{origin.client_address}])"]
+    details = []
+    if origin.tls:
+        details.append(f"using {origin.tls.describe()}")
+    if origin.account:
+        details.append(f"authenticated as {origin.account.address}")
+    elif origin.tls and origin.tls.peer_certificate_sha256:
+        details.append(f"client certificate {', '.join(origin.tls.peer_names)} verified")
+    if details:
+        parts.append(f"({'; '.join(details)})")
+    parts.append(f"by {hostname} (MSSanté gateway) with {protocol_keyword(origin)} id {queue_id}")
+    if len(recipients) == 1:
+        parts.append(f"for <{recipients[0]}>")                      # RFC 5321 4.4: only for a single recipient
+    return FOLD.join(parts) + f"; {format_datetime(utcnow())}"
+
+
+def authentication_results_field(origin: Origin, *, hostname: str) -> str | None:
+    results = []
+    if origin.account is not None:
+        tls = f" ({origin.tls.version} {origin.tls.cipher})" if origin.tls else ""
+        results.append(f"auth=pass{tls} smtp.auth={origin.account.address}")
+    elif origin.tls and origin.tls.peer_certificate_sha256:
+        names = ",".join(origin.tls.peer_names) or "unnamed"
+        results.append(f"x-tls=pass ({origin.tls.version} {origin.tls.cipher}; client certificate verified"
+                       f" sha256:{origin.tls.peer_certificate_sha256[:16]}) smtp.remote-cert={names}")
+    if not results:
+        return None
+    return f"Authentication-Results: {hostname};" + FOLD + (";" + FOLD).join(results)
+
+
+def trace_header_block(origin: Origin, *, hostname: str, queue_id: str, sender: str, recipients: list[str],
+                       facts: MessageFacts, x_mss_nil: str) -> str:
+    """The fields prepended to the message at delivery, CRLF-terminated, newest first."""
+    fields = [f"Return-Path: <{sender}>", received_field(origin, hostname=hostname, queue_id=queue_id, recipients=recipients)]
+    results = authentication_results_field(origin, hostname=hostname)
+    if results:
+        fields.append(results)
+    if origin.door.is_submission and x_mss_nil and not facts.has("X-MSS-NIL"):
+        fields.append(f"X-MSS-NIL: {x_mss_nil}")
+    return "".join(field + "\r\n" for field in fields)
+
+
+def without_forged_results(lines: Iterable[bytes], authserv_id: str) -> Iterator[bytes]:
+    """Pass a message's lines through, dropping header fields ``Authentication-Results: <authserv_id>``
+    (with their continuation lines) from the header section only (RFC 8601 5)."""
+    marker = authserv_id.lower().encode()
+    in_header = True
+    dropping = False
+    for line in lines:
+        if in_header:
+            if line in (b"\r\n", b"\n"):
+                in_header = False
+            elif line[:1] in (b" ", b"\t"):
+                if dropping:
+                    continue
+            else:
+                name, _, value = line.partition(b":")
+                dropping = name.strip().lower() == b"authentication-results" and \
+                    value.strip().lower().split(b";", 1)[0].strip() == marker
+                if dropping:
+                    continue
+        yield line
