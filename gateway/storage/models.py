@@ -145,7 +145,7 @@ class ProfessionalOrganisation(Base):
     """Where a professional practises (an activity), with the service they belong to there."""
 
     __tablename__ = "professional_organisations"
-    __table_args__ = (UniqueConstraint("professional_id", "organisation_id", name="activity"),)
+    __table_args__ = (UniqueConstraint("professional_id", "organisation_id", name="uq_professional_organisations_activity"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     professional_id: Mapped[int] = mapped_column(ForeignKey("professionals.id", ondelete="CASCADE"))
@@ -160,7 +160,7 @@ class Patient(Timestamped, Base):
     """An insured person identified by their INS (NIR or NIA with its OID) and identity traits."""
 
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("ins", "ins_oid", name="ins"),)
+    __table_args__ = (UniqueConstraint("ins", "ins_oid", name="uq_patients_ins"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ins: Mapped[str] = mapped_column(String(15))
@@ -249,7 +249,7 @@ class Delegation(Base):
     """Grants the account of ``delegate`` rights on ``mailbox`` (read, send as, manage)."""
 
     __tablename__ = "delegations"
-    __table_args__ = (UniqueConstraint("mailbox_id", "delegate_id", name="pair"),)
+    __table_args__ = (UniqueConstraint("mailbox_id", "delegate_id", name="uq_delegations_pair"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))

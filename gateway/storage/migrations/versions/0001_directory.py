@@ -55,7 +55,7 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('CURRENT_TIMESTAMP'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('CURRENT_TIMESTAMP'), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_patients')),
-    sa.UniqueConstraint('ins', 'ins_oid', name='ins')
+    sa.UniqueConstraint('ins', 'ins_oid', name='uq_patients_ins')
     )
     op.create_table('professionals',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -131,7 +131,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['organisation_id'], ['organisations.id'], name=op.f('fk_professional_organisations_organisation_id_organisations'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['professional_id'], ['professionals.id'], name=op.f('fk_professional_organisations_professional_id_professionals'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_professional_organisations')),
-    sa.UniqueConstraint('professional_id', 'organisation_id', name='activity')
+    sa.UniqueConstraint('professional_id', 'organisation_id', name='uq_professional_organisations_activity')
     )
     op.create_table('certificates',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -163,7 +163,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['delegate_id'], ['mailboxes.id'], name=op.f('fk_delegations_delegate_id_mailboxes'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['mailbox_id'], ['mailboxes.id'], name=op.f('fk_delegations_mailbox_id_mailboxes'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_delegations')),
-    sa.UniqueConstraint('mailbox_id', 'delegate_id', name='pair')
+    sa.UniqueConstraint('mailbox_id', 'delegate_id', name='uq_delegations_pair')
     )
     with op.batch_alter_table('delegations', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_delegations_delegate_id'), ['delegate_id'], unique=False)
