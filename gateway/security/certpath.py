@@ -70,7 +70,11 @@ class PathRule(StrEnum):
 
 def describe_certificate(certificate: x509.Certificate) -> str:
     """``CN=Alice,O=Clinic (serial 0x1f2e)``: how failures name a certificate."""
-    return f"{certificate.subject.rfc4514_string() or '<empty subject>'} (serial {certificate.serial_number:#x})"
+    try:
+        subject = certificate.subject.rfc4514_string() or "<empty subject>"
+    except ValueError:
+        subject = "<unparseable subject>"
+    return f"{subject} (serial {certificate.serial_number:#x})"
 
 
 @dataclass(frozen=True)
@@ -132,9 +136,10 @@ def address_matches(certificate: x509.Certificate, address: str) -> bool:
 
 
 def _extension(certificate: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension | None:
+    # Unparseable extensions read as absent here; _check_critical_extensions fails such a path.
     try:
         return certificate.extensions.get_extension_for_class(kind)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         return None
 
 
@@ -262,7 +267,11 @@ def _key_usage_allows(usage: x509.KeyUsage, leaf: x509.Certificate, purpose: Pur
     # RFC 8550 4.4.2: signing needs digitalSignature or nonRepudiation; encryption keyEncipherment (RSA) or keyAgreement (EC).
     if purpose is Purpose.SIGNING:
         return bool(usage.digital_signature or usage.content_commitment)
-    if isinstance(leaf.public_key(), ec.EllipticCurvePublicKey):
+    try:
+        public_key = leaf.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        return False
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
         return bool(usage.key_agreement)
     return bool(usage.key_encipherment)
 
@@ -311,7 +320,7 @@ def _usable_crls(context: _Context, certificate: x509.Certificate, issuer: x509.
         if crl.issuer != certificate.issuer:
             continue
         # RFC 5280 6.3.3(f)-(g): the CRL is signed by the certificate's issuer, allowed to sign CRLs.
-        if not crl.is_signature_valid(issuer.public_key()):
+        if not _crl_signed_by(crl, issuer):
             notes.append(f"CRL from {crl.issuer.rfc4514_string()} ignored: bad signature")
             continue
         if can_sign_crls is not None and not can_sign_crls.value.crl_sign:
@@ -319,6 +328,13 @@ def _usable_crls(context: _Context, certificate: x509.Certificate, issuer: x509.
             continue
         usable.append(crl)
     return usable, notes
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (UnsupportedAlgorithm, ValueError, TypeError):
+        return False
 
 
 def _check_revocation(context: _Context, certificate: x509.Certificate, issuer: x509.Certificate) -> _RevocationStatus:

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, keywrap, padding as symmetric_padding
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
@@ -207,8 +208,8 @@ def _to_cryptography(certificate: cms.CertificateChoices) -> x509.Certificate | 
         return None
     try:
         return x509.load_der_x509_certificate(certificate.chosen.dump())
-    except ValueError:
-        return None
+    except (ValueError, x509.InvalidVersion):
+        return None  # RFC 5652 5.1: unusable certificates are skipped, not fatal
 
 
 def _ski(certificate: x509.Certificate) -> bytes | None:
@@ -510,8 +511,16 @@ def _bytes_covered_by_signature(
     return signed_attributes_der(signer_info["signed_attrs"])
 
 
+def public_key_of(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
+    """The certificate's key, or UNSUPPORTED_ALGORITHM for key types we cannot use."""
+    try:
+        return certificate.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise SmimeError(SmimeFailure.UNSUPPORTED_ALGORITHM, f"certificate public key: {exc}") from None
+
+
 def _verify_signature(certificate: x509.Certificate, signer_info: cms.SignerInfo, data: bytes, digest_name: str) -> None:
-    public_key = certificate.public_key()
+    public_key = public_key_of(certificate)
     algorithm = signer_info["signature_algorithm"]
     name = algorithm["algorithm"].native
     signature = signer_info["signature"].native
@@ -608,7 +617,7 @@ def _auth_enveloped(
 def _recipient_info(
     certificate: x509.Certificate, content_key: bytes, cipher: ContentCipher, key_transport: KeyTransport
 ) -> cms.RecipientInfo:
-    public_key = certificate.public_key()
+    public_key = public_key_of(certificate)
     if isinstance(public_key, rsa.RSAPublicKey):
         return _key_transport_info(certificate, public_key, content_key, key_transport)
     if isinstance(public_key, ec.EllipticCurvePublicKey):
