@@ -5,13 +5,17 @@ Runs on the shared ``database`` fixture (tests/conftest.py: SQLite and PostgreSQ
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import func, select
 
+from gateway.cli.main import cli
 from gateway.directory.ans_import import HEADER, ExtractionFormatError, import_ans_extraction
 from gateway.directory.identifiers import add_luhn_key
 from gateway.directory.professions import CATEGORIES, category_label, profession_label
@@ -325,3 +329,33 @@ def test_category_labels() -> None:
     with pytest.raises(UserError) as caught:
         category_label("Z")
     assert caught.value.field == "category_code"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_cli(data_dir: Path, *args: str) -> Any:
+    return CliRunner().invoke(cli, ["--data-dir", str(data_dir), *args], catch_exceptions=False)
+
+
+def test_cli_imports_reports_rejects_and_exits_0(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert run_cli(data_dir, "domain", "add", LOCAL).exit_code == 0
+    assert run_cli(data_dir, "domain", "import-whitelist", str(DATA / "whitelist.xml"), "--json").exit_code == 0
+    rejects_file = tmp_path / "rejects.csv"
+    result = run_cli(data_dir, "directory", "import-ans", str(FIXTURE), "--json", "--rejects-file", str(rejects_file))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["created"], report["rejected"], len(report["rejects"])) == (FIXTURE_VALID_ROWS, 6, 6)
+    with rejects_file.open(encoding="utf-8") as stream:
+        assert sorted(int(row["line"]) for row in csv.DictReader(stream)) == sorted(FIXTURE_REJECTS)
+    table = run_cli(data_dir, "directory", "import-ans", str(FIXTURE))
+    assert table.exit_code == 0 and "unchanged" in table.stdout and "first seen on line 23" in table.stdout
+
+
+def test_cli_refuses_a_wrong_header_with_exit_1(tmp_path: Path) -> None:
+    rows = lines_of(FIXTURE)
+    rows[0].pop()
+    result = run_cli(tmp_path / "data", "directory", "import-ans", str(write_lines(tmp_path / "bad.txt", rows)))
+    assert result.exit_code == 1
+    assert "missing columns: 'Pays structure BAL'" in result.output
