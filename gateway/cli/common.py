@@ -78,6 +78,17 @@ def run(coro: Awaitable[T]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
+def with_services(action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``action(services)`` with every service open on a migrated database."""
+    from gateway.app import open_services  # the app imports every service: load it only when a command runs
+
+    async def runner() -> T:
+        async with open_services(settings()) as services:
+            return await action(services)
+
+    return run(runner())
+
+
 def user_errors(func: Callable[..., T]) -> Callable[..., T]:
     """Decorator for synchronous commands: UserError -> exit 1 with a one-line message."""
 

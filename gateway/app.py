@@ -1,0 +1,104 @@
+"""The one place that assembles the gateway's services and runs its listeners.
+
+Front ends and CLI commands receive a ``Services`` object; nothing else
+constructs services, and no module holds state in globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Settings
+from gateway.directory.service import DirectoryService
+from gateway.security.passwords import PasswordHasher
+from gateway.security.pki import TestPKI
+from gateway.storage.db import Database
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    hasher: PasswordHasher
+    directory: DirectoryService
+    pki: TestPKI
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Services]:
+    """Build every service on a migrated database; dispose of them on exit."""
+    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = Database(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
+    try:
+        if migrate:
+            await db.migrate()
+        hasher = PasswordHasher.from_settings(settings.auth)
+        yield Services(
+            settings=settings,
+            db=db,
+            hasher=hasher,
+            directory=DirectoryService(db, settings, hasher),
+            pki=TestPKI.from_settings(settings),
+        )
+    finally:
+        await db.dispose()
+
+
+class Gateway:
+    """``gateway serve``: start every listener, report readiness, stop cleanly on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+
+    def listeners(self) -> dict[str, dict[str, object]]:
+        """Every listener the gateway opens, with its host and port (published in demo.json)."""
+        listen = self.settings.listen
+        return {
+            "smtp_relay": {"host": listen.host, "port": listen.smtp_relay_port, "tls": "starttls", "auth": "client-certificate"},
+            "smtp_submission": {"host": listen.host, "port": listen.smtp_submission_port, "tls": "starttls", "auth": "required"},
+            "smtp_submissions": {"host": listen.host, "port": listen.smtp_submissions_port, "tls": "implicit", "auth": "required"},
+            "imap": {"host": listen.host, "port": listen.imap_port, "tls": "starttls"},
+            "imaps": {"host": listen.host, "port": listen.imaps_port, "tls": "implicit"},
+            "https": {"host": listen.host, "port": listen.http_port, "tls": "implicit"},
+        }
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        async with open_services(self.settings) as services:
+            services.pki.ensure_gateway_server_cert(
+                self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
+            servers = await self._start_listeners(services)
+            self._write_ready_file(servers)
+            log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in servers))
+            await self._stop.wait()
+            log.info("gateway stopping")
+
+    async def _start_listeners(self, services: Services) -> list[tuple[str, str, int]]:
+        """Start the protocol listeners that exist; returns (name, host, port) of each."""
+        return []
+
+    def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
+        """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
+        run_dir = self.settings.data_path / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"pid": os.getpid(), "listeners": {name: {"host": host, "port": port} for name, host, port in servers}}
+        tmp = run_dir / "ready.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(run_dir / "ready.json")
+
+
+def clear_ready_file(data_path: Path) -> None:
+    (data_path / "run" / "ready.json").unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""``gateway init``, ``gateway serve``, ``gateway db`` and ``gateway config``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.cli.common import data_dir_option, emit_json, emit_rows, json_option, run, settings, user_errors
+from gateway.config import Settings, describe_settings, render_documented_toml
+from gateway.errors import UserError
+
+
+@click.command()
+@data_dir_option
+@click.option("--demo", is_flag=True, help="also create the demo directory and write <data-dir>/demo.json")
+@user_errors
+def init(demo: bool) -> None:
+    """Prepare the data directory: database schema, test PKI, TLS certificate, local domains."""
+    config = settings()
+    if demo and (config.data_path / "demo.json").exists():
+        raise UserError(f"{config.data_path / 'demo.json'} exists: this data directory already holds the demo "
+                        "(remove the directory to start afresh)", field="--demo")
+    summary = run(_initialise(config, demo))
+    for line in summary:
+        click.echo(line)
+
+
+async def _initialise(config: Settings, demo: bool) -> list[str]:
+    from gateway.app import Gateway, open_services
+    from gateway.directory.demo import seed_demo_directory
+
+    lines = [f"data directory: {config.data_path}"]
+    async with open_services(config) as services:
+        lines.append(f"database: {config.database_url.split('@')[-1]} at revision {await services.db.current_revision()}")
+        if not services.pki.exists():
+            services.pki.init()
+            lines.append(f"test PKI created in {config.pki_path}")
+        services.pki.ensure_gateway_server_cert(config.hostname, config.pki.server_names, config.pki.server_ips)
+        await services.directory.ensure_local_domain(config.directory.professional_domain, kind="professional")
+        await services.directory.ensure_local_domain(config.directory.patient_domain, kind="patient")
+        lines.append(f"local domains: {config.directory.professional_domain}, {config.directory.patient_domain} (patients)")
+        if demo:
+            accounts = await seed_demo_directory(services.directory, services.pki, config.directory.professional_domain)
+            path = _write_demo_file(config, [a.as_json() for a in accounts], Gateway(config).listeners(), services.pki.ca_bundle_path)
+            lines.append(f"demo directory created: {len(accounts)} accounts, listed with their passwords in {path}")
+    return lines
+
+
+def _write_demo_file(config: Settings, accounts: list[dict[str, Any]], listeners: dict[str, Any], ca_path: Path) -> Path:
+    path = config.data_path / "demo.json"
+    payload = {
+        "data_dir": str(config.data_path),
+        "hostname": config.hostname,
+        "ca_certificate": str(ca_path),
+        "listeners": listeners,
+        "accounts": accounts,
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # holds passwords: owner only
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+    return path
+
+
+@click.command()
+@data_dir_option
+@user_errors
+def serve() -> None:
+    """Run the gateway's listeners until SIGTERM or Ctrl-C."""
+    from gateway.app import Gateway
+
+    config = settings()
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(Gateway(config).run())
+    except OSError as exc:
+        raise UserError(f"cannot start: {exc}") from None
+
+
+@click.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@data_dir_option
+def upgrade() -> None:
+    """Apply pending migrations (serve and init do it too)."""
+    from gateway.storage.db import Database
+
+    async def go() -> str | None:
+        database = Database(settings().database_url)
+        try:
+            await database.migrate()
+            return await database.current_revision()
+        finally:
+            await database.dispose()
+
+    click.echo(f"schema at revision {run(go())}")
+
+
+@db.command()
+@data_dir_option
+def current() -> None:
+    """Show the schema revision of the database and the newest one this version knows."""
+    from gateway.storage.db import Database, head_revision
+
+    async def go() -> str | None:
+        database = Database(settings().database_url)
+        try:
+            return await database.current_revision()
+        finally:
+            await database.dispose()
+
+    click.echo(f"database: {run(go()) or 'empty'}; this version: {head_revision()}")
+
+
+@click.group()
+def config() -> None:
+    """Configuration."""
+
+
+@config.command()
+@json_option
+@click.option("--toml", "as_toml", is_flag=True, help="print the documented TOML file (config/gateway.toml)")
+def describe(as_json: bool, as_toml: bool) -> None:
+    """Every setting with its default and meaning."""
+    if as_toml:
+        click.echo(render_documented_toml(), nl=False)
+        return
+    rows = [{"key": key, "default": default, "description": text} for key, default, text in describe_settings()]
+    emit_rows(rows, ["key", "default", "description"], as_json=as_json)
+
+
+@config.command()
+@data_dir_option
+@json_option
+@user_errors
+def check(as_json: bool) -> None:
+    """Validate the configuration (file + environment) and print the effective values."""
+    effective = settings().model_dump()
+    if as_json:
+        emit_json(effective)
+    else:
+        click.echo("configuration is valid")
+        for section, values in effective.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    click.echo(f"{section}.{key} = {value!r}")
+            else:
+                click.echo(f"{section} = {values!r}")
