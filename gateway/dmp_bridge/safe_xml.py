@@ -1,0 +1,146 @@
+"""The one XML entry point of the DMP bridge: hardened, bounded, no network.
+
+Everything we parse (CDA documents, XDM METADATA) comes from strangers, so:
+- any DTD is refused (``<!DOCTYPE`` stops the parse at once): no internal
+  entities (billion laughs), no external entities (XXE), nothing fetched;
+- the input size, element depth, element count, attributes per element and
+  the length of one text node are bounded (``XmlLimits``);
+- not well-formed input, unknown encodings and invalid UTF-8 are refused.
+
+It is built on expat directly (not ``xml.etree.ElementTree.XMLParser``) so
+that every refusal happens inside a handler, before any expansion, and so that
+METADATA fragments with undeclared prefixes (the DRIMbox ``ns3:`` case,
+mssante.md §3.2) can be read in a namespace-agnostic mode where names keep
+only their local part.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from xml.parsers import expat
+
+from gateway.dmp_bridge.errors import MalformedXmlError, XmlSecurityError
+
+
+@dataclass(frozen=True)
+class XmlLimits:
+    """Upper bounds for one XML document; the defaults fit CDA documents with an embedded PDF."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    max_depth: int = 128
+    max_elements: int = 500_000
+    max_attributes: int = 256
+    # A level-1 CDA carries its whole PDF as one base64 text node.
+    max_text_chars: int = 24 * 1024 * 1024
+
+
+DEFAULT_XML_LIMITS = XmlLimits()
+
+
+def local_name(tag: str) -> str:
+    """``{urn:hl7-org:v3}id`` -> ``id``; a name without namespace is returned unchanged."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def namespace_of(tag: str) -> str | None:
+    """``{urn:hl7-org:v3}id`` -> ``urn:hl7-org:v3``; ``None`` for a name without namespace."""
+    return tag[1:].split("}", 1)[0] if tag.startswith("{") else None
+
+
+def parse_xml(data: bytes, *, limits: XmlLimits = DEFAULT_XML_LIMITS, namespace_aware: bool = True) -> ET.Element:
+    """Parse ``data`` into an element tree or raise ``XmlSecurityError`` / ``MalformedXmlError``.
+
+    With ``namespace_aware=False`` prefixes are dropped from element and
+    attribute names (``ns3:SubmitObjectsRequest`` -> ``SubmitObjectsRequest``)
+    and ``xmlns`` declarations are ignored, so undeclared prefixes are accepted.
+    """
+    if len(data) > limits.max_bytes:
+        raise XmlSecurityError(f"XML of {len(data)} bytes refused: the limit is {limits.max_bytes} bytes")
+    return _BoundedTreeBuilder(limits, namespace_aware).parse(data)
+
+
+class _BoundedTreeBuilder:
+    """Feeds expat events into an ElementTree ``TreeBuilder`` while enforcing ``XmlLimits``."""
+
+    def __init__(self, limits: XmlLimits, namespace_aware: bool) -> None:
+        self._limits = limits
+        self._namespace_aware = namespace_aware
+        self._tree = ET.TreeBuilder()
+        self._depth = 0
+        self._elements = 0
+        self._text_run = 0
+        self._parser = self._make_parser()
+
+    def parse(self, data: bytes) -> ET.Element:
+        try:
+            self._parser.Parse(data, True)
+        except expat.ExpatError as error:
+            raise MalformedXmlError(f"not well-formed XML: {expat.ErrorString(error.code)} (line {error.lineno}, column {error.offset})") from None
+        return self._tree.close()
+
+    def _make_parser(self) -> expat.XMLParserType:
+        parser = expat.ParserCreate(namespace_separator=" " if self._namespace_aware else None)
+        # Parameter entities would let an internal subset pull in external DTDs.
+        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.buffer_text = True
+        parser.StartDoctypeDeclHandler = self._refuse_doctype
+        parser.EntityDeclHandler = self._refuse_entity
+        parser.UnparsedEntityDeclHandler = self._refuse_unparsed_entity
+        parser.ExternalEntityRefHandler = self._refuse_external_entity
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        parser.CharacterDataHandler = self._data
+        return parser
+
+    def _refuse_doctype(self, name: str, *_: object) -> None:
+        raise XmlSecurityError(f"XML with a DTD (<!DOCTYPE {name}>) refused: DTDs and entities are not allowed")
+
+    def _refuse_entity(self, name: str, *_: object) -> None:
+        raise XmlSecurityError(f"XML entity declaration {name!r} refused: entities are not allowed")
+
+    def _refuse_unparsed_entity(self, name: str, *_: object) -> None:
+        raise XmlSecurityError(f"XML unparsed entity {name!r} refused: entities are not allowed")
+
+    def _refuse_external_entity(self, context: str | None, base: str | None, system_id: str | None, public_id: str | None) -> int:
+        raise XmlSecurityError(f"XML external entity {system_id or public_id!r} refused: nothing is fetched")
+
+    def _start(self, name: str, attributes: dict[str, str]) -> None:
+        self._depth += 1
+        self._elements += 1
+        self._text_run = 0
+        if self._depth > self._limits.max_depth:
+            raise XmlSecurityError(f"XML nested deeper than {self._limits.max_depth} elements refused")
+        if self._elements > self._limits.max_elements:
+            raise XmlSecurityError(f"XML with more than {self._limits.max_elements} elements refused")
+        if len(attributes) > self._limits.max_attributes:
+            raise XmlSecurityError(f"XML element <{name}> with {len(attributes)} attributes refused (limit {self._limits.max_attributes})")
+        self._tree.start(self._element_name(name), self._attributes(attributes))
+
+    def _end(self, name: str) -> None:
+        self._depth -= 1
+        self._text_run = 0
+        self._tree.end(self._element_name(name))
+
+    def _data(self, text: str) -> None:
+        # expat may deliver one text node in several pieces: count the whole run.
+        self._text_run += len(text)
+        if self._text_run > self._limits.max_text_chars:
+            raise XmlSecurityError(f"XML text node longer than {self._limits.max_text_chars} characters refused")
+        self._tree.data(text)
+
+    def _element_name(self, name: str) -> str:
+        if self._namespace_aware:
+            return _clark(name)
+        return name.rsplit(":", 1)[-1]
+
+    def _attributes(self, attributes: dict[str, str]) -> dict[str, str]:
+        if self._namespace_aware:
+            return {_clark(key): value for key, value in attributes.items()}
+        return {key.rsplit(":", 1)[-1]: value for key, value in attributes.items() if key != "xmlns" and not key.startswith("xmlns:")}
+
+
+def _clark(expat_name: str) -> str:
+    """expat's ``uri local`` (separator " ") -> ElementTree's ``{uri}local``."""
+    uri, _, local = expat_name.rpartition(" ")
+    return f"{{{uri}}}{local}" if uri else local
