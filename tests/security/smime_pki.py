@@ -60,9 +60,12 @@ class Issued:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         return certificate_path, key_path
 
-    def write_p12(self, path: Path, password: bytes | None = None) -> Path:
-        encryption = (serialization.BestAvailableEncryption(password) if password
-                      else serialization.NoEncryption())
+    def write_p12(self, path: Path, password: bytes) -> Path:
+        """PKCS#12 with the legacy 3DES/SHA-1 protection that gpgsm 2.2 can still read."""
+        encryption = (serialization.PrivateFormat.PKCS12.encryption_builder()
+                      .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+                      .hmac_hash(hashes.SHA1())
+                      .build(password))
         path.write_bytes(pkcs12.serialize_key_and_certificates(
             b"leaf", self.key, self.certificate, list(self.chain) or None, encryption))
         return path
