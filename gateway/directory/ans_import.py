@@ -83,6 +83,24 @@ _ADDRESS_COLUMNS: dict[str, str] = {
 
 Progress = Callable[[int, int], None]
 
+# Column -> the database column it lands in: PostgreSQL enforces these lengths, so a
+# longer value is rejected with its row instead of failing the whole batch.
+_STORED_IN = {
+    "Nom d'exercice": Professional.__table__.c.family_name,
+    "Prénom d'exercice": Professional.__table__.c.given_name,
+    "Civilité d'exercice": Professional.__table__.c.civility,
+    "Catégorie profession": Professional.__table__.c.category_code,
+    "Libellé de catégorie profession": Professional.__table__.c.category_label,
+    "Code savoir-faire": Professional.__table__.c.savoir_faire_code,
+    "Libellé savoir-faire": Professional.__table__.c.savoir_faire_label,
+    "Raison Sociale structure BAL": Organisation.__table__.c.name,
+    "Enseigne commerciale structure BAL": Organisation.__table__.c.trade_name,
+    "Code postal structure BAL": Organisation.__table__.c.postal_code,
+    "Service de rattachement": Mailbox.__table__.c.service,
+}
+_MAX_LENGTH = {name: column.type.length for name, column in _STORED_IN.items()}
+_DISPLAY_NAME_LENGTH: int = Mailbox.__table__.c.display_name.type.length
+
 
 class ExtractionFormatError(UserError):
     """The file as a whole cannot be read as an ANS extraction (encoding, header)."""
@@ -321,6 +339,7 @@ class RowValidator:
         if len(fields) != COLUMN_COUNT:
             raise RowRejected(None, f"{COLUMN_COUNT} columns expected, {len(fields)} found")
         get = _Getter(fields)
+        _check_lengths(get)
         kind = get("Type de BAL").upper()
         if kind not in IMPORTED_TYPES:
             raise RowRejected("Type de BAL", f"{kind or '(empty)'!r} is not a mailbox type of this file (PER or ORG)")
@@ -329,7 +348,7 @@ class RowValidator:
         professional = self._professional(get) if kind == "PER" else None
         return Entry(
             line=line, address=address, domain=domain, type=kind, hosted=domain in self.local_domains,
-            display_name=self._display_name(professional, organisation, get),
+            display_name=_truncate(self._display_name(professional, organisation, get), _DISPLAY_NAME_LENGTH),
             service=_opt(get("Service de rattachement")),
             dematerialisation=get("Dématérialisation").lower() in ("true", "1", "oui", "o", "vrai"),
             professional=professional, organisation=organisation,
@@ -424,6 +443,16 @@ class RowValidator:
         if org is not None:
             return f"{org.name} - {service}" if service else org.name
         return service or None
+
+
+def _truncate(text: str | None, limit: int) -> str | None:
+    return text[:limit] if text else text
+
+
+def _check_lengths(get: _Getter) -> None:
+    for column, limit in _MAX_LENGTH.items():
+        if len(get(column)) > limit:
+            raise RowRejected(column, f"longer than {limit} characters")
 
 
 class _Getter:

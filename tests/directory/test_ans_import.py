@@ -279,6 +279,8 @@ async def test_structure_id_as_raw_number_or_idnst(directory: Database, tmp_path
     (per_row(f"x@{LOCAL}", family=""), "Nom d'exercice", "name"),
     (make_row(type="PER", address=f"x@{LOCAL}", family="X", profession="10"), "Identifiant PP", "RPPS"),
     (per_row(""), "Adresse BAL", "empty"),
+    (per_row(f"x@{LOCAL}", family="N" * 129), "Nom d'exercice", "longer than 128 characters"),
+    (org_row(f"x@{LOCAL}", service="S" * 257), "Service de rattachement", "longer than 256 characters"),
 ])
 async def test_invalid_rows_are_rejected_naming_the_column(directory: Database, tmp_path: Path,
                                                            row: list[str], column: str, reason: str) -> None:
@@ -286,6 +288,14 @@ async def test_invalid_rows_are_rejected_naming_the_column(directory: Database, 
     assert report.created == 0 and report.rejected == 1
     assert report.rejects[0].column == column and reason in report.rejects[0].reason
     assert report.rejects[0].line == 2
+
+
+async def test_long_names_give_a_display_name_that_fits(directory: Database, tmp_path: Path) -> None:
+    report = await import_rows(directory, tmp_path, make_row(type="PER", address=f"x@{LOCAL}", idnps="8" + RPPS,
+                                                             family="N" * 128, given="G" * 128, profession="10"))
+    assert report.created == 1, report.rejects
+    async with directory.session() as session:
+        assert len(await session.scalar(select(Mailbox.display_name))) == 256
 
 
 async def test_first_row_naming_a_professional_wins(directory: Database, tmp_path: Path) -> None:
