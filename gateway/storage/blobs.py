@@ -1,0 +1,324 @@
+"""The blob store: immutable message bodies, encrypted at rest, streamed in segments.
+
+File layout, version 1 (all integers big-endian)::
+
+    header   magic "GWBL" | version u8 | data key id u64 | salt 16 | nonce prefix 7 | segment size u32
+    segments AES-256-GCM(segment plaintext) || tag 16, every segment but the last of exactly
+             ``segment size`` plaintext bytes; the last holds 0..segment size bytes.
+
+Each blob gets its own key, HKDF-SHA256(owner data key, salt, owner + blob id),
+so nonces never repeat across blobs whatever their number. Segment i uses the
+nonce ``prefix || i (u32) || last (u8)``: the STREAM construction of Hoang, Reyhanitabar,
+Rogaway and Vizár (CRYPTO 2015, as in Tink's streaming AEAD). Dropping, reordering or
+appending segments breaks authentication, and so does truncating at a segment
+boundary, because the new last segment was sealed with last=0. Every segment also
+authenticates the header, the owner and the blob id, so a file moved to another
+mailbox or renamed to another blob id does not decrypt.
+
+The blob id is random, never a hash of the content: a content address would tell
+anyone with the directory listing which mailboxes received the same document.
+Writes go to a temporary file, are fsynced, renamed into a sharded directory
+(``ab/cd/<id>``), and the directory is fsynced: once ``put`` returns the body
+survives a power cut (a 250 after DATA depends on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import secrets
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.security.keys import KeyManager, UnknownDataKey
+
+MAGIC = b"GWBL"
+VERSION = 1
+HEADER = struct.Struct("!4sBQ16s7sI")
+SALT_BYTES = 16
+NONCE_PREFIX_BYTES = 7
+TAG_BYTES = 16
+SEGMENT_SIZE = 64 * 1024
+COPY_CHUNK = 1024 * 1024
+
+BlobSource = bytes | Path | BinaryIO
+
+
+class BlobError(Exception):
+    """A blob cannot be read."""
+
+
+class BlobNotFound(BlobError):
+    """No file for this blob id."""
+
+
+class BlobCorrupt(BlobError):
+    """The file fails authentication: damaged, truncated, tampered with, or not this owner's."""
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    blob_id: str
+    size: int  # plaintext octets
+
+
+@dataclass(frozen=True)
+class _Header:
+    key_id: int
+    salt: bytes
+    nonce_prefix: bytes
+    segment_size: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, self.key_id, self.salt, self.nonce_prefix, self.segment_size)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> _Header:
+        if len(raw) < HEADER.size:
+            raise BlobCorrupt("blob shorter than its header")
+        magic, version, key_id, salt, prefix, segment_size = HEADER.unpack(raw[: HEADER.size])
+        if magic != MAGIC:
+            raise BlobCorrupt("not a blob file (bad magic)")
+        if version != VERSION:
+            raise BlobCorrupt(f"unsupported blob format version {version}")
+        if not 0 < segment_size <= 16 * 1024 * 1024:
+            raise BlobCorrupt("implausible segment size")
+        return cls(key_id, salt, prefix, segment_size)
+
+
+class _SegmentCipher:
+    """Seals and opens the segments of one blob."""
+
+    def __init__(self, data_key: bytes, header: _Header, owner: str, blob_id: str) -> None:
+        binding = owner.encode() + b"\x00" + blob_id.encode()
+        blob_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=header.salt, info=b"gateway-blob-v1\x00" + binding
+        ).derive(data_key)
+        self._aead = AESGCM(blob_key)
+        self._prefix = header.nonce_prefix
+        self._aad = header.pack() + b"\x00" + binding
+
+    def _nonce(self, index: int, last: bool) -> bytes:
+        return self._prefix + struct.pack("!IB", index, 1 if last else 0)
+
+    def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
+        return self._aead.encrypt(self._nonce(index, last), plaintext, self._aad)
+
+    def open(self, index: int, sealed: bytes, last: bool) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(index, last), sealed, self._aad)
+        except InvalidTag:
+            raise BlobCorrupt(f"segment {index} fails authentication") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Encrypts a stream segment by segment into a temporary file; ``commit`` makes it durable.
+
+    Synchronous (file I/O and fsync): run it in a worker thread.
+    """
+
+    def __init__(self, store: BlobStore, owner: str, key_id: int, data_key: bytes) -> None:
+        self.blob_id = secrets.token_hex(16)
+        self._store = store
+        self._header = _Header(key_id, secrets.token_bytes(SALT_BYTES), secrets.token_bytes(NONCE_PREFIX_BYTES),
+                               SEGMENT_SIZE)
+        self._cipher = _SegmentCipher(data_key, self._header, owner, self.blob_id)
+        self._pending = bytearray()
+        self._index = 0
+        self._size = 0
+        self._temp_path = store.temp_dir / f"{self.blob_id}.tmp"
+        self._file = open(self._temp_path, "xb")  # noqa: SIM115 (closed in commit/abort)
+        self._file.write(self._header.pack())
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        self._size += len(data)
+        # Keep at least one byte back: the last segment must be sealed with last=1.
+        while len(self._pending) > SEGMENT_SIZE:
+            self._emit(bytes(self._pending[:SEGMENT_SIZE]), last=False)
+            del self._pending[:SEGMENT_SIZE]
+
+    def commit(self) -> StoredBlob:
+        self._emit(bytes(self._pending), last=True)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final_path = self._store.path(self.blob_id)
+        created = self._store.ensure_shard(final_path.parent)
+        os.replace(self._temp_path, final_path)
+        for directory in [final_path.parent, *created]:
+            _fsync_directory(directory)
+        return StoredBlob(self.blob_id, self._size)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._temp_path.unlink(missing_ok=True)
+
+    def _emit(self, plaintext: bytes, *, last: bool) -> None:
+        self._file.write(self._cipher.seal(self._index, plaintext, last))
+        self._index += 1
+
+
+class BlobReader:
+    """Random access to a blob's plaintext: a range read decrypts only the segments it covers.
+
+    The last segment is authenticated when the reader opens, so ``size`` is
+    trustworthy and a truncated file is refused up front. Synchronous: run in a thread.
+    """
+
+    def __init__(self, file: BinaryIO, header: _Header, cipher: _SegmentCipher, file_size: int) -> None:
+        self._file = file
+        self._cipher = cipher
+        self._segment_size = header.segment_size
+        sealed_size = header.segment_size + TAG_BYTES
+        body = file_size - HEADER.size
+        self._segments = max(1, -(-body // sealed_size))
+        last_sealed = body - (self._segments - 1) * sealed_size
+        if last_sealed < TAG_BYTES:
+            raise BlobCorrupt("blob truncated inside its last segment")
+        self.size = body - self._segments * TAG_BYTES
+        self._last_plain: bytes | None = None
+        self._last_plain = self._read_segment(self._segments - 1)
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        return b"".join(self.iter_range(offset, length))
+
+    def iter_range(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Yield the plaintext of [offset, offset+length) one segment at a time."""
+        end = self.size if length is None else min(self.size, offset + length)
+        position = max(0, offset)
+        while position < end:
+            index, skip = divmod(position, self._segment_size)
+            plain = self._read_segment(index)
+            piece = plain[skip: skip + (end - position)]
+            yield piece
+            position += len(piece)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _read_segment(self, index: int) -> bytes:
+        last = index == self._segments - 1
+        if last and self._last_plain is not None:
+            return self._last_plain
+        sealed_size = self._segment_size + TAG_BYTES
+        self._file.seek(HEADER.size + index * sealed_size)
+        sealed = self._file.read(sealed_size)
+        if not last and len(sealed) != sealed_size:
+            raise BlobCorrupt(f"segment {index} is short")
+        return self._cipher.open(index, sealed, last)
+
+
+class BlobStore:
+    """Encrypted blobs under ``root`` (``<data_dir>/blobs``), keyed per owner by ``keys``."""
+
+    def __init__(self, root: Path, keys: KeyManager) -> None:
+        self.root = root
+        self.keys = keys
+        self.temp_dir = root / "tmp"
+        self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, blob_id: str) -> Path:
+        if len(blob_id) != 32 or not all(c in "0123456789abcdef" for c in blob_id):
+            raise BlobNotFound(f"malformed blob id {blob_id!r}")
+        return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def ensure_shard(self, shard: Path) -> list[Path]:
+        """Create the shard directories; returns the parents whose entries changed (to fsync)."""
+        changed: list[Path] = []
+        for directory in (shard.parent, shard):
+            if not directory.is_dir():
+                directory.mkdir(mode=0o700, exist_ok=True)
+                changed.append(directory.parent)
+        return changed
+
+    async def put(self, owner: str, source: BlobSource) -> StoredBlob:
+        """Encrypt ``source`` (bytes, a file path or a binary stream) as a new durable blob of ``owner``."""
+        material = await self.keys.current_key(owner)
+        writer = await asyncio.to_thread(BlobWriter, self, owner, material.key_id, material.key)
+        try:
+            await asyncio.to_thread(_copy_into, source, writer)
+            return await asyncio.to_thread(writer.commit)
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+
+    async def open(self, owner: str, blob_id: str) -> BlobReader:
+        """A reader of ``owner``'s blob; BlobCorrupt when it is not theirs or was tampered with."""
+        path = self.path(blob_id)
+        file, header, file_size = await asyncio.to_thread(_open_with_header, path)
+        try:
+            data_key = await self._data_key(owner, header.key_id)
+            cipher = _SegmentCipher(data_key, header, owner, blob_id)
+            return await asyncio.to_thread(BlobReader, file, header, cipher, file_size)
+        except BaseException:
+            file.close()
+            raise
+
+    async def _data_key(self, owner: str, key_id: int) -> bytes:
+        try:
+            return await self.keys.key(owner, key_id)
+        except UnknownDataKey:
+            raise BlobCorrupt("blob encrypted under another owner's key") from None
+
+    async def read(self, owner: str, blob_id: str, offset: int = 0, length: int | None = None) -> bytes:
+        reader = await self.open(owner, blob_id)
+        try:
+            return await asyncio.to_thread(reader.read, offset, length)
+        finally:
+            reader.close()
+
+    async def delete(self, blob_id: str) -> None:
+        await asyncio.to_thread(self.path(blob_id).unlink, True)
+
+
+def _copy_into(source: BlobSource, writer: BlobWriter) -> None:
+    if isinstance(source, bytes | bytearray | memoryview):
+        writer.write(bytes(source))
+        return
+    if isinstance(source, Path):
+        with open(source, "rb") as file:
+            _pump(file, writer)
+        return
+    _pump(source, writer)
+
+
+def _pump(stream: BinaryIO | io.BufferedReader, writer: BlobWriter) -> None:
+    while chunk := stream.read(COPY_CHUNK):
+        writer.write(chunk)
+
+
+def _open_with_header(path: Path) -> tuple[BinaryIO, _Header, int]:
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (handed to the reader, which closes it)
+    except FileNotFoundError:
+        raise BlobNotFound(f"no blob file {path.name}") from None
+    try:
+        header = _Header.unpack(file.read(HEADER.size))
+        return file, header, os.fstat(file.fileno()).st_size
+    except BaseException:
+        file.close()
+        raise
