@@ -375,7 +375,7 @@ class SignatureResult:
 
     @property
     def algorithm(self) -> str | None:
-        """``sha256WithRSA-PSS``-style label: signature and digest together."""
+        """``rsassa_pss/sha256``: the signature algorithm and the digest, together."""
         if not self.signature_algorithm:
             return None
         return f"{self.signature_algorithm}/{self.digest_algorithm}"

@@ -250,3 +250,22 @@ def test_random_bytes_never_crash(pki: Pki, data: bytes) -> None:
        cut=st.one_of(st.none(), st.integers(0, 3000)))
 def test_mutated_der_never_crashes(pki: Pki, samples: list[bytes], index: int, edits: list[tuple[int, int]], cut: int | None) -> None:
     _exercise(pki, _mutate(samples[index], edits, cut))
+
+
+@pytest.fixture(scope="module")
+def mime_samples(pki: Pki) -> list[bytes]:
+    return [
+        smime.process_outgoing(MESSAGE, sign_with=pki.alice.identity()),
+        smime.process_outgoing(MESSAGE, sign_with=pki.carol.identity(), encrypt_to=[pki.bob.certificate],
+                               options=smime.OutgoingOptions(detached=False)),
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(0, 1),
+       edits=st.lists(st.tuples(st.integers(0, 20_000), st.sampled_from(b"\r\n-:;\"=ABz0+/ \t\x00\xff")), max_size=6),
+       cut=st.one_of(st.none(), st.integers(0, 20_000)))
+def test_mutated_mime_never_crashes(pki: Pki, mime_samples: list[bytes], index: int, edits: list[tuple[int, int]], cut: int | None) -> None:
+    raw = _mutate(mime_samples[index], edits, cut)
+    result = incoming(pki, raw, keys=[pki.bob.recipient_key()])
+    assert result.summary.startswith("smime=") and "\n" not in result.summary

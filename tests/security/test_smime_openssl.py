@@ -107,6 +107,8 @@ def _openssl_signed(pki: Pki, files: Path, signer: str, *extra: str) -> bytes:
     ("carol", ("-md", "sha384"), "sha384_ecdsa"),
     ("alice", ("-nodetach",), "rsassa_pkcs1v15"),
     ("carol", ("-nodetach",), "sha256_ecdsa"),
+    ("alice", ("-keyid",), "rsassa_pkcs1v15"),  # RFC 5652 5.3: signer named by subjectKeyIdentifier
+    ("carol", ("-keyid", "-nodetach"), "sha256_ecdsa"),
 ])
 def test_we_verify_openssl_signatures(pki: Pki, files: Path, signer: str, extra: tuple[str, ...], algorithm: str) -> None:
     signed = _openssl_signed(pki, files, signer, *extra)
@@ -121,6 +123,7 @@ def test_we_verify_openssl_signatures(pki: Pki, files: Path, signer: str, extra:
 @pytest.mark.parametrize("recipient,keyopt", [
     ("alice", ()), ("bob", ("-keyopt", "rsa_padding_mode:oaep")),
     ("bob", ("-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256")), ("carol", ()),
+    ("alice", ("-keyid",)),  # RFC 5652 6.2.1: recipient named by subjectKeyIdentifier
 ])
 def test_we_decrypt_openssl_envelopes(pki: Pki, files: Path, cipher_option: str, recipient: str, keyopt: tuple[str, ...]) -> None:
     encrypted = openssl("-encrypt", cipher_option, *_HEADERS, "-recip", files / f"{recipient}.crt", *keyopt, data=ENTITY)
