@@ -44,7 +44,7 @@ def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: 
         details.append(f"client certificate {', '.join(origin.tls.peer_names)} verified")
     if details:
         parts.append(f"({'; '.join(details)})")
-    parts.append(f"by {hostname} (MSSanté gateway) with {protocol_keyword(origin)} id {queue_id}")
+    parts.append(f"by {hostname} (MSSante gateway) with {protocol_keyword(origin)} id {queue_id}")
     if len(recipients) == 1:
         parts.append(f"for <{recipients[0]}>")                      # RFC 5321 4.4: only for a single recipient
     return FOLD.join(parts) + f"; {format_datetime(utcnow())}"

@@ -62,7 +62,7 @@ class SmtpRefusal(Exception):
 
 # --------------------------------------------------------------------------- success (RFC 5321 4.2.2)
 
-GREETING = Reply(220, "", "{hostname} ESMTP MSSanté gateway ready")              # RFC 5321 4.3.1
+GREETING = Reply(220, "", "{hostname} ESMTP MSSante gateway ready")              # RFC 5321 4.3.1
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")                           # RFC 3207 4
 CLOSING = Reply(221, "2.0.0", "Bye")                                            # RFC 5321 4.1.1.10
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")                      # RFC 4954 6

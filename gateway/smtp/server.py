@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
@@ -230,15 +230,14 @@ class GatewaySMTP(SMTP):
     def _create_envelope(self) -> GatewayEnvelope:
         return GatewayEnvelope()
 
+    # Properties here must not raise: aiosmtpd's __init__ reads every attribute (inspect.getmembers).
     @property
     def gsession(self) -> GatewaySession:
-        assert isinstance(self.session, GatewaySession)
-        return self.session
+        return cast(GatewaySession, self.session)
 
     @property
     def genvelope(self) -> GatewayEnvelope:
-        assert isinstance(self.envelope, GatewayEnvelope)
-        return self.envelope
+        return cast(GatewayEnvelope, self.envelope)
 
     def _set_post_data_state(self) -> None:
         """Every end of a transaction (DATA done, RSET, EHLO, disconnect) releases its sink."""
@@ -278,7 +277,7 @@ class GatewaySMTP(SMTP):
 
     @property
     def tls_active(self) -> bool:
-        return self.gsession.tls is not None
+        return getattr(self.session, "tls", None) is not None
 
     # ----------------------------------------------------------------- command loop
 
@@ -326,13 +325,13 @@ class GatewaySMTP(SMTP):
         if line is None:
             return
         command, arg = self._split_command(line)
-        gate = self._gate(command)
-        if gate is not None:
-            await self._count_error(gate)
-            return
         method = self._commands.get(command)
         if method is None:
             await self._count_error(codes.UNKNOWN_COMMAND.format(command=command[:20]))
+            return
+        gate = self._gate(command)
+        if gate is not None:
+            await self._count_error(gate)
             return
         self._reset_timeout()
         await method(arg)

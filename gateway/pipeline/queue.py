@@ -1,0 +1,116 @@
+"""The queue in the database: one transaction per accepted message, one row per recipient.
+
+``commit`` is the last step before 250: the spool file is already durable, and
+the message row, its recipient rows and the conversation changes are written in
+one transaction (SQLite with synchronous=FULL and PostgreSQL both make a
+committed transaction durable).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from gateway.pipeline.conversations import ConversationBook, ConversationChange
+from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.storage.db import Database
+from gateway.storage.models import utcnow
+
+OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """One local recipient due for delivery."""
+
+    recipient_id: int
+    queue_id: str
+    mailbox_id: int
+    address: str
+    trace_headers: str
+
+
+class QueueStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def commit(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
+                     conversation_changes: Sequence[ConversationChange]) -> None:
+        async with self.db.session() as s:
+            message.recipients = list(recipients)
+            s.add(message)
+            for change in conversation_changes:
+                await ConversationBook.apply(s, change)
+
+    async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
+        """Local recipients that are pending, or deferred and due, oldest message first."""
+        now = utcnow()
+        stmt = (select(QueuedRecipient.id, QueuedRecipient.message_id, QueuedRecipient.mailbox_id,
+                       QueuedRecipient.address, QueuedMessage.trace_headers)
+                .join(QueuedMessage, QueuedMessage.id == QueuedRecipient.message_id)
+                .where(QueuedRecipient.route == RouteKind.LOCAL.value, QueuedRecipient.state.in_(OPEN_STATES),
+                       (QueuedRecipient.next_attempt_at.is_(None)) | (QueuedRecipient.next_attempt_at <= now))
+                .order_by(QueuedRecipient.message_id, QueuedRecipient.id).limit(limit))
+        if queue_id is not None:
+            stmt = stmt.where(QueuedRecipient.message_id == queue_id)
+        async with self.db.session() as s:
+            rows = (await s.execute(stmt)).all()
+        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers) for r in rows if r.mailbox_id]
+
+    async def mark_delivered(self, recipient_id: int) -> None:
+        await self._set_state(recipient_id, RecipientState.DELIVERED, delivered_at=utcnow(), last_error=None)
+
+    async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
+        await self._set_state(recipient_id, RecipientState.DEFERRED, last_error=error[:2000], next_attempt_at=retry_at)
+
+    async def mark_failed(self, recipient_id: int, error: str) -> None:
+        await self._set_state(recipient_id, RecipientState.FAILED, last_error=error[:2000])
+
+    async def _set_state(self, recipient_id: int, state: RecipientState, **values: object) -> None:
+        async with self.db.session() as s:
+            await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
+                state=state.value, attempts=QueuedRecipient.attempts + 1, updated_at=utcnow(), **values))
+
+    async def finish_if_done(self, queue_id: str) -> bool:
+        """Mark the message done when no recipient is open; True when it is (its spool file may go)."""
+        async with self.db.session() as s:
+            open_count = await s.scalar(select(func.count()).select_from(QueuedRecipient).where(
+                QueuedRecipient.message_id == queue_id, QueuedRecipient.state.in_(OPEN_STATES)))
+            if open_count:
+                return False
+            await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id, QueuedMessage.state != MessageState.DONE.value)
+                            .values(state=MessageState.DONE.value, done_at=utcnow()))
+            return True
+
+    async def queued_message_ids(self) -> set[str]:
+        async with self.db.session() as s:
+            return set((await s.scalars(select(QueuedMessage.id).where(QueuedMessage.state == MessageState.QUEUED.value))).all())
+
+    async def known_ids(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        async with self.db.session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start:start + 500])
+                found |= set((await s.scalars(select(QueuedMessage.id).where(QueuedMessage.id.in_(chunk)))).all())
+        return found
+
+    async def done_ids(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        async with self.db.session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start:start + 500])
+                found |= set((await s.scalars(select(QueuedMessage.id).where(
+                    QueuedMessage.id.in_(chunk), QueuedMessage.state == MessageState.DONE.value))).all())
+        return found
+
+    async def recipients_of(self, queue_id: str) -> list[QueuedRecipient]:
+        async with self.db.session() as s:
+            return list((await s.scalars(select(QueuedRecipient).where(QueuedRecipient.message_id == queue_id)
+                                         .order_by(QueuedRecipient.id))).all())
+
+    async def message(self, queue_id: str) -> QueuedMessage | None:
+        async with self.db.session() as s:
+            return await s.get(QueuedMessage, queue_id)

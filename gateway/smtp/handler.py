@@ -1,0 +1,176 @@
+"""The SMTP doors' handler: aiosmtpd-style hooks that hand every decision to the pipeline.
+
+The protocol (gateway.smtp.server) calls these hooks; they translate the SMTP
+session into an ``Origin`` and call the one ``Pipeline``. What is specific to a
+connection lives here too: the per-IP connection limit, the per-account session
+limit, and the AUTH lockout. Every slot taken is released when the connection
+ends, whatever the path (maddy#348).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config import SmtpSettings
+from gateway.directory.service import Account, DirectoryService
+from gateway.pipeline.limits import AuthLockout, ConcurrencyLimiter, Slot
+from gateway.pipeline.origin import Door, Origin
+from gateway.pipeline.pipeline import Pipeline, Transaction
+from gateway.pipeline.spool import SpoolFile
+from gateway.smtp import codes
+from gateway.smtp.codes import Reply, SmtpRefusal
+from gateway.smtp.parameters import MailParameters
+from gateway.smtp.paths import SmtpPath
+from gateway.smtp.server import (
+    CertificateCredentials,
+    Credentials,
+    GatewayEnvelope,
+    GatewaySession,
+    GatewaySMTP,
+    MessageSink,
+    PasswordCredentials,
+    RecipientRequest,
+    TokenCredentials,
+)
+
+log = logging.getLogger("gateway.smtp")
+
+
+class TokenVerifier(Protocol):
+    """Checks an OAuth bearer token (OIDC, e.g. Pro Santé Connect) and names the account it grants."""
+
+    async def account_for_token(self, user: str, token: str) -> Account | None: ...
+
+
+@dataclass
+class SessionLimits:
+    """Shared by every SMTP listener of one gateway process."""
+
+    connections_per_ip: ConcurrencyLimiter
+    sessions_per_user: ConcurrencyLimiter
+    auth_lockout: AuthLockout
+
+    @classmethod
+    def from_settings(cls, smtp: SmtpSettings) -> "SessionLimits":
+        return cls(
+            ConcurrencyLimiter(smtp.max_connections_per_ip),
+            ConcurrencyLimiter(smtp.max_sessions_per_user),
+            AuthLockout(smtp.auth_failures_before_lockout, smtp.auth_failure_window_seconds, smtp.auth_lockout_seconds),
+        )
+
+
+class GatewayHandler:
+    """One per listener; ``door`` says which."""
+
+    def __init__(self, door: Door, pipeline: Pipeline, directory: DirectoryService, limits: SessionLimits,
+                 token_verifier: TokenVerifier | None = None) -> None:
+        self.door = door
+        self.pipeline = pipeline
+        self.directory = directory
+        self.limits = limits
+        self.token_verifier = token_verifier
+        self.token_auth_available = token_verifier is not None
+
+    # ----------------------------------------------------------------- connection
+
+    async def connection_opened(self, server: GatewaySMTP, session: GatewaySession) -> None:
+        address = _client_address(session)
+        slot = self.limits.connections_per_ip.try_acquire(address)
+        if slot is None:
+            raise SmtpRefusal(codes.TOO_MANY_CONNECTIONS.format(who=address, limit=self.limits.connections_per_ip.limit))
+        server.connection_data["ip_slot"] = slot
+
+    def connection_closed(self, server: GatewaySMTP) -> None:
+        for key in ("user_slot", "ip_slot"):
+            slot: Slot | None = server.connection_data.pop(key, None)
+            if slot is not None:
+                slot.release()
+
+    # ----------------------------------------------------------------- AUTH
+
+    async def authenticate(self, server: GatewaySMTP, session: GatewaySession, credentials: Credentials) -> Account:
+        address = _client_address(session)
+        login = _login_of(credentials)
+        self._refuse_if_locked(address, login)
+        account = await self._verify(credentials)
+        if account is None:
+            self.limits.auth_lockout.record_failure(address)
+            if login:
+                self.limits.auth_lockout.record_failure("login:" + login)
+            raise SmtpRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
+        self.limits.auth_lockout.record_success("login:" + account.address)
+        slot = self.limits.sessions_per_user.try_acquire(account.address)
+        if slot is None:
+            # A limit, said as a limit: clients must not conclude the password is wrong (stalwart#190).
+            raise SmtpRefusal(codes.TOO_MANY_SESSIONS.format(who=account.address, limit=self.limits.sessions_per_user.limit))
+        server.connection_data["user_slot"] = slot
+        return account
+
+    def _refuse_if_locked(self, address: str, login: str) -> None:
+        lockout = self.limits.auth_lockout
+        seconds = max(lockout.seconds_locked(address), lockout.seconds_locked("login:" + login) if login else 0)
+        if seconds:
+            raise SmtpRefusal(codes.AUTH_LOCKED.format(seconds=seconds), detail=f"locked: {address} / {login}")
+
+    async def _verify(self, credentials: Credentials) -> Account | None:
+        if isinstance(credentials, PasswordCredentials):
+            return await self.directory.authenticate(credentials.login, credentials.password)
+        if isinstance(credentials, CertificateCredentials):
+            account = await self.directory.account_for_certificate(credentials.fingerprint_sha256)
+            if account is not None and credentials.authzid and not account.may_send_as(credentials.authzid):
+                raise SmtpRefusal(codes.AUTHZID_REFUSED)               # RFC 4422 A.1
+            return account
+        if isinstance(credentials, TokenCredentials) and self.token_verifier is not None and credentials.token:
+            return await self.token_verifier.account_for_token(credentials.user, credentials.token)
+        return None
+
+    # ----------------------------------------------------------------- transaction
+
+    def _origin(self, session: GatewaySession) -> Origin:
+        peer = session.peer if isinstance(session.peer, tuple) else (str(session.peer), None)
+        return Origin(door=self.door, client_address=str(peer[0]), client_port=peer[1] if len(peer) > 1 else None,
+                      helo=session.host_name, tls=session.tls, account=session.identity,
+                      auth_mechanism=session.auth_mechanism)
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope,
+                          path: SmtpPath | None, params: MailParameters) -> Reply:
+        envelope.state["transaction"] = await self.pipeline.start_transaction(self._origin(session), path, params)
+        return codes.SENDER_OK
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope,
+                          recipient: RecipientRequest) -> Reply:
+        recipient.route = await self.pipeline.add_recipient(_transaction(envelope), recipient.path, recipient.params)
+        return codes.RECIPIENT_OK
+
+    async def open_message(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope) -> MessageSink:
+        return self.pipeline.open_spool()
+
+    async def handle_DATA(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope) -> Reply:
+        sink = envelope.sink
+        assert isinstance(sink, SpoolFile)
+        queue_id = await self.pipeline.accept(_transaction(envelope), sink)
+        return codes.QUEUED.format(queue_id=queue_id)
+
+    def abandon_transaction(self, server: GatewaySMTP, envelope: GatewayEnvelope) -> None:
+        if envelope.sink is not None:
+            envelope.sink.discard()
+
+
+def _transaction(envelope: GatewayEnvelope) -> Transaction:
+    transaction: Any = envelope.state.get("transaction")
+    assert isinstance(transaction, Transaction), "RCPT/DATA before an accepted MAIL"
+    return transaction
+
+
+def _client_address(session: GatewaySession) -> str:
+    return str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer)
+
+
+def _login_of(credentials: Credentials) -> str:
+    if isinstance(credentials, PasswordCredentials):
+        return credentials.login.strip().lower()
+    if isinstance(credentials, TokenCredentials):
+        return credentials.user.strip().lower()
+    return ""

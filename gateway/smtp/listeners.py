@@ -1,0 +1,138 @@
+"""Assemble the SMTP side and open its three listeners.
+
+``start_smtp_listeners(services, settings)`` is what ``gateway serve`` calls:
+it builds the pipeline (queue, spool, policy, local delivery), runs the
+recovery pass (every acknowledged message not yet delivered is scheduled
+again), and opens
+
+- submission  (``listen.smtp_submission_port``): STARTTLS, then AUTH, then mail;
+- submissions (``listen.smtp_submissions_port``): implicit TLS, then AUTH;
+- relay       (``listen.smtp_relay_port``): STARTTLS with a client certificate
+  verified against the trust anchors (CERT_REQUIRED), no AUTH.
+
+TLS 1.2 or newer everywhere (gateway.security.tls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from gateway.directory.service import DirectoryService
+from gateway.pipeline.conversations import ConversationBook
+from gateway.pipeline.delivery import LocalDelivery, LocalStore
+from gateway.pipeline.origin import Door
+from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.queue import QueueStore
+from gateway.pipeline.spool import Spool
+from gateway.security.tls import server_context
+from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
+from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
+from gateway.storage.db import Database
+
+log = logging.getLogger("gateway.smtp")
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """Our certificate chain and key, and the anchors client certificates must chain to."""
+
+    cert_chain: Path
+    key: Path
+    client_ca: Path
+    crls: tuple[Path, ...] = ()
+
+    def context(self, *, require_client_cert: bool) -> ssl.SSLContext:
+        return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
+                              require_client_cert=require_client_cert, crls=self.crls)
+
+
+class SmtpListeners(list[asyncio.Server]):
+    """The open listeners (a list, as ``gateway serve`` expects) plus what runs behind them."""
+
+    def __init__(self, pipeline: Pipeline, delivery: LocalDelivery, session_limits: SessionLimits) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self.delivery = delivery
+        self.session_limits = session_limits
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    async def aclose(self) -> None:
+        for server in self:
+            server.close()
+        for server in self:
+            await server.wait_closed()
+        await self.delivery.stop()
+
+
+def spool_root(settings: Settings) -> Path:
+    return Path(settings.smtp.spool_dir).expanduser().resolve() if settings.smtp.spool_dir else settings.data_path / "spool"
+
+
+def build_pipeline(settings: Settings, db: Database, directory: DirectoryService, store: LocalStore | None) -> Pipeline:
+    queue = QueueStore(db)
+    spool = Spool(spool_root(settings))
+    delivery = LocalDelivery(queue, spool, store, authserv_id=settings.hostname,
+                             workers=settings.smtp.delivery_workers, retry_seconds=settings.smtp.local_retry_seconds)
+    return Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db))
+
+
+def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
+    issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
+    crls = tuple(path for path in services.pki.crl_paths if path.is_file())
+    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, crls)
+
+
+async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListeners:
+    """Build the pipeline from ``services`` (db, directory, pki, mailstore) and open the three listeners."""
+    store = getattr(services, "mailstore", None)
+    if store is None:
+        raise RuntimeError("the SMTP listeners need the mail store service (services.mailstore) for local delivery")
+    pipeline = build_pipeline(settings, services.db, services.directory, store)
+    return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
+                                token_verifier=getattr(services, "token_verifier", None))
+
+
+async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
+                         *, token_verifier: TokenVerifier | None = None) -> SmtpListeners:
+    report = await pipeline.delivery.start()
+    log.info("SMTP recovery: %s", report)
+    limits = SessionLimits.from_settings(settings.smtp)
+    listeners = SmtpListeners(pipeline, pipeline.delivery, limits)
+    plan = (
+        (ListenerKind.SUBMISSION, settings.listen.smtp_submission_port, tls.context(require_client_cert=False)),
+        (ListenerKind.SUBMISSIONS, settings.listen.smtp_submissions_port, tls.context(require_client_cert=False)),
+        (ListenerKind.RELAY, settings.listen.smtp_relay_port, tls.context(require_client_cert=True)),
+    )
+    try:
+        for kind, port, context in plan:
+            handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier)
+            server = await _listen(kind, handler, settings, port, context)
+            listeners.append(server)
+            host, bound_port = server.sockets[0].getsockname()[:2]
+            listeners.addresses[kind.value] = (host, bound_port)
+    except BaseException:
+        await listeners.aclose()
+        raise
+    return listeners
+
+
+async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Settings, port: int,
+                  context: ssl.SSLContext) -> asyncio.Server:
+    smtp = settings.smtp
+    limits = ProtocolLimits(max_message_size=smtp.max_message_size, max_line_length=smtp.max_line_length,
+                            max_auth_failures=smtp.auth_failures_per_connection, timeout_seconds=smtp.timeout_seconds)
+    disabled = frozenset(word.upper() for word in smtp.disabled_extensions)
+
+    def factory() -> GatewaySMTP:
+        return GatewaySMTP(handler, kind=kind, hostname=settings.hostname, tls_context=context, limits=limits,
+                           disabled_extensions=disabled)
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(factory, host=settings.listen.host, port=port,
+                                    ssl=context if kind.implicit_tls else None, reuse_address=True)
