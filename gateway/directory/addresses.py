@@ -9,6 +9,7 @@ but are compared lower-cased: MSSanté addresses are case-insensitive in practic
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import idna
 
@@ -24,6 +25,7 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 
 
+@lru_cache(maxsize=4096)  # bulk imports and routing see the same few domains again and again
 def normalise_domain(name: str, *, field: str = "domain") -> str:
     """The lower-case A-label form of ``name``; AddressError if it is not a valid host name."""
     raw = name.strip().rstrip(".")

@@ -35,8 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# _LOCAL is the RFC 5321 dot-string rule split_address applies; reusing it lets rows skip IDNA for known domains.
-from gateway.directory.addresses import _LOCAL, normalise_address, normalise_domain
+from gateway.directory.addresses import normalise_address
 from gateway.directory.identifiers import StructureId, make_idnps, make_idnst, parse_idnps, parse_idnst
 from gateway.directory.professions import CATEGORIES, PROFESSIONS
 from gateway.errors import UserError
@@ -332,7 +331,6 @@ class RowValidator:
         self.local_domains = local_domains
         self.trusted_domains = trusted_domains
         # Thousands of rows share a domain or a structure: check each distinct value once.
-        self._domains: dict[str, str] = {}
         self._structures: dict[tuple[str, str], StructureId | UserError] = {}
 
     def validate(self, line: int, fields: list[str]) -> Entry:
@@ -367,14 +365,7 @@ class RowValidator:
         return address, domain
 
     def _canonical_address(self, raw: str) -> str:
-        """normalise_address(raw), with each distinct domain put through IDNA only once."""
-        local, at, domain = raw.rpartition("@")
-        if not at or len(local) > 64 or not _LOCAL.match(local):
-            return normalise_address(raw, field="Adresse BAL")  # raises with the precise reason
-        canonical = self._domains.get(domain)
-        if canonical is None:
-            canonical = self._domains[domain] = normalise_domain(domain, field="Adresse BAL")
-        return f"{local.lower()}@{canonical}"
+        return normalise_address(raw, field="Adresse BAL")  # IDNA work is cached per domain
 
     def _structure(self, kind: str, value: str) -> StructureId:
         key = (kind, value)
