@@ -1,0 +1,776 @@
+"""The mail store over SQLAlchemy (SQLite or PostgreSQL) and the encrypted blob store.
+
+Invariants (RFC 3501 2.3.1.1, RFC 7162 3.1):
+
+- UIDs strictly ascend and are never reused: UIDNEXT lives in the folder row and
+  is bumped in the same transaction as the insert, under a lock of that row
+  (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite a first no-op UPDATE takes
+  the single write lock before anything is read).
+- Every change of a folder's messages takes the next MODSEQ of that folder; all
+  messages changed by one command share it; expunges leave a tombstone with it.
+- UIDVALIDITY is time-based and strictly greater than any value the mailbox has
+  handed out before, so a re-created folder never repeats one.
+
+Each public method is one short transaction. Lock contention is retried a few
+times with jittered backoff, then reported as ``StoreBusy`` (451 / NO [UNAVAILABLE]).
+Bodies are written (and fsynced) before the transaction, deleted after the
+commit that drops their last reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.mailstore import flags as flagcodec
+from gateway.mailstore import names
+from gateway.mailstore.errors import (
+    CannotDeleteInbox,
+    FolderExists,
+    FolderHasChildren,
+    FolderNotFound,
+    InvalidFolderName,
+    MailboxNotHosted,
+    MessageNotFound,
+    QuotaExceeded,
+    StoreBusy,
+    UidValidityChanged,
+)
+from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
+from gateway.mailstore.interface import (
+    INBOX,
+    PERMANENT_FLAGS,
+    SPECIAL_USES,
+    SYSTEM_FLAGS,
+    AppendResult,
+    Changes,
+    CopyResult,
+    ExpungeResult,
+    FlagUpdate,
+    FolderInfo,
+    FolderRef,
+    FolderSnapshot,
+    FolderStatus,
+    MailStore,
+    MessageBody,
+    MessageMeta,
+    MessageSource,
+    MoveResult,
+    QuotaUsage,
+    SearchKey,
+    StoreMode,
+    StoreResult,
+    UidSet,
+)
+from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
+from gateway.mailstore.search import Evaluator, prefilter, to_sql, uid_clause
+from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
+from gateway.security.keys import mailbox_owner
+from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox, utcnow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SEEN_BIT = flagcodec.SYSTEM_BITS["\\Seen"]
+DELETED_BIT = flagcodec.SYSTEM_BITS["\\Deleted"]
+# PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock timeout.
+RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+LOCK_TIMEOUT = "5s"
+
+
+@dataclass(frozen=True)
+class AddedMessage:
+    result: AppendResult
+    duplicate: bool  # the delivery key had already reached this mailbox
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    headers: CachedHeaders
+    source: MessageSource
+    known_size: int | None
+
+
+class _BlobBody(MessageBody):
+    def __init__(self, reader: BlobReader) -> None:
+        self._reader = reader
+        self.size = reader.size
+
+    async def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._reader.read, offset, length)
+
+    async def chunks(self, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        pieces = self._reader.iter_range(offset, length)
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            yield piece
+
+    async def close(self) -> None:
+        self._reader.close()
+
+
+class _ChainedStream(io.RawIOBase):
+    """The bytes already read for header parsing, then the rest of a non-seekable stream."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._head.read(len(buffer)) or self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _prepare(source: MessageSource) -> _Prepared:
+    """Parse the header section of any source without loading a big body into memory."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return _Prepared(parse_headers(header_section(data[:MAX_HEADER_BYTES])), data, len(data))
+    if isinstance(source, Path):
+        with open(source, "rb") as file:
+            prefix = file.read(MAX_HEADER_BYTES)
+        return _Prepared(parse_headers(header_section(prefix)), source, source.stat().st_size)
+    prefix = source.read(MAX_HEADER_BYTES)
+    if source.seekable():
+        source.seek(-len(prefix), io.SEEK_CUR)
+        stream: BinaryIO = source
+    else:
+        stream = io.BufferedReader(_ChainedStream(prefix, source))  # type: ignore[assignment]
+    return _Prepared(parse_headers(header_section(prefix)), stream, None)
+
+
+def _is_contention(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+def _new_uidvalidity(last: int) -> int:
+    # RFC 3501 2.3.1.1: a 32-bit value that must grow if a name is reused; seconds since 1970 fit until 2106.
+    return max(int(time.time()), last + 1)
+
+
+def _meta(row: Message) -> MessageMeta:
+    return MessageMeta(
+        uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
+        internaldate=row.internaldate, size=row.size, envelope=row.envelope, message_id=row.message_id,
+        subject=row.subject, from_addr=row.from_addr, to_addr=row.to_addr, sent_date=row.sent_date,
+    )
+
+
+def _flag_update(row: Message) -> FlagUpdate:
+    return FlagUpdate(row.uid, flagcodec.decode(row.system_flags, row.keywords), row.modseq)
+
+
+def _next_modseq(folder: Folder) -> int:
+    folder.highestmodseq += 1
+    return folder.highestmodseq
+
+
+def _remember_keywords(folder: Folder, keywords: Iterable[str]) -> None:
+    known = flagcodec.keywords_of(folder.keywords)
+    if not known.issuperset(keywords):
+        folder.keywords = flagcodec.keywords_column(known | set(keywords))
+
+
+class SqlMailStore(MailStore):
+    """``MailStore`` on a ``Database`` and a ``BlobStore``; publishes changes to ``hub`` after commits."""
+
+    def __init__(self, database: Database, blobs: BlobStore, hub: ChangeHub | None = None, *,
+                 max_attempts: int = 6) -> None:
+        self.database = database
+        self.blobs = blobs
+        self.hub = hub or ChangeHub()
+        self.max_attempts = max_attempts
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, retrying lock contention a bounded number of times."""
+        for attempt in range(self.max_attempts):
+            try:
+                async with self.database.session() as session:
+                    if not self.database.is_sqlite:
+                        # Never hang on a lock: fail fast and let the retry loop decide.
+                        await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                    return await work(session)
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError) or not _is_contention(exc):
+                    raise
+                log.info("mail store contention (attempt %d/%d): %s", attempt + 1, self.max_attempts, exc.orig)
+                await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
+        raise StoreBusy("the mail store is busy; try again shortly")
+
+    async def _take_write_lock(self, session: AsyncSession, mailbox_id: int) -> None:
+        """On SQLite, a no-op write first: later reads then belong to the write transaction."""
+        if self.database.is_sqlite:
+            await session.execute(
+                update(MailAccount).where(MailAccount.mailbox_id == mailbox_id)
+                .values(last_uidvalidity=MailAccount.last_uidvalidity)
+                .execution_options(synchronize_session=False)
+            )
+
+    async def _lock_folder(self, session: AsyncSession, ref: FolderRef) -> Folder:
+        await self._take_write_lock(session, ref.mailbox_id)
+        query = select(Folder).where(Folder.mailbox_id == ref.mailbox_id, Folder.name == names.normalise(ref.name))
+        if not self.database.is_sqlite:
+            query = query.with_for_update()
+        return self._checked(await session.scalar(query.execution_options(populate_existing=True)), ref)
+
+    async def _lock_folders(self, session: AsyncSession, refs: Sequence[FolderRef]) -> list[Folder]:
+        """Lock several folders in id order, so two commands never wait on each other in a cycle."""
+        found = [await self._find_folder(session, ref) for ref in refs]
+        order = sorted({folder.id for folder in found})
+        await self._take_write_lock(session, refs[0].mailbox_id)
+        query = select(Folder).where(Folder.id.in_(order)).order_by(Folder.id)
+        if not self.database.is_sqlite:
+            query = query.with_for_update()
+        locked = {folder.id: folder for folder in await session.scalars(query.execution_options(populate_existing=True))}
+        return [self._checked(locked.get(folder.id), ref) for folder, ref in zip(found, refs, strict=True)]
+
+    async def _find_folder(self, session: AsyncSession, ref: FolderRef) -> Folder:
+        folder = await session.scalar(
+            select(Folder).where(Folder.mailbox_id == ref.mailbox_id, Folder.name == names.normalise(ref.name))
+        )
+        return self._checked(folder, ref)
+
+    @staticmethod
+    def _checked(folder: Folder | None, ref: FolderRef) -> Folder:
+        if folder is None:
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        if ref.uidvalidity is not None and folder.uidvalidity != ref.uidvalidity:
+            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        return folder
+
+    async def _lock_account(self, session: AsyncSession, mailbox_id: int) -> MailAccount:
+        hosted = await session.scalar(select(Mailbox.hosted).where(Mailbox.id == mailbox_id))
+        if not hosted:
+            raise MailboxNotHosted(f"mailbox {mailbox_id} is not hosted here")
+        account = await session.get(MailAccount, mailbox_id)
+        if account is None:
+            session.add(MailAccount(mailbox_id=mailbox_id, last_uidvalidity=0))
+            await session.flush()
+        await self._take_write_lock(session, mailbox_id)
+        query = select(MailAccount).where(MailAccount.mailbox_id == mailbox_id)
+        if not self.database.is_sqlite:
+            query = query.with_for_update()
+        account = await session.scalar(query.execution_options(populate_existing=True))
+        assert account is not None
+        return account
+
+    def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0) -> None:
+        self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq))
+
+    async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
+        candidates = set(blob_ids)
+        if not candidates:
+            return
+        async with self.database.session() as session:
+            still_used = set(await session.scalars(
+                select(Message.blob_id).where(Message.blob_id.in_(candidates)).distinct()
+            ))
+        for blob_id in candidates - still_used:
+            await self.blobs.delete(blob_id)
+
+    # ------------------------------------------------------------------ folders
+
+    async def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
+        async with self.database.session() as session:
+            folders = (await session.scalars(
+                select(Folder).where(Folder.mailbox_id == mailbox_id).order_by(Folder.name)
+            )).all()
+            subscribed = set(await session.scalars(
+                select(Subscription.name).where(Subscription.mailbox_id == mailbox_id)
+            ))
+        all_names = [folder.name for folder in folders]
+        return [
+            FolderInfo(folder.name, folder.special_use, folder.name in subscribed,
+                       any(names.is_inside(other, folder.name) for other in all_names), folder.uidvalidity)
+            for folder in folders
+        ]
+
+    async def list_subscriptions(self, mailbox_id: int) -> list[str]:
+        async with self.database.session() as session:
+            return list(await session.scalars(
+                select(Subscription.name).where(Subscription.mailbox_id == mailbox_id).order_by(Subscription.name)
+            ))
+
+    async def create_folder(self, mailbox_id: int, name: str, *, special_use: str | None = None,
+                            subscribe: bool = False) -> FolderInfo:
+        name = names.normalise(name)
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise InvalidFolderName(f"unknown special use {special_use}")  # RFC 6154 3: NO [USEATTR]
+
+        async def work(session: AsyncSession) -> FolderInfo:
+            account = await self._lock_account(session, mailbox_id)
+            existing = set(await session.scalars(select(Folder.name).where(Folder.mailbox_id == mailbox_id)))
+            if name in existing:
+                raise FolderExists(f"folder {name!r} already exists")
+            for parent in names.parents(name):
+                if parent not in existing:
+                    await self._insert_folder(session, account, parent, None, subscribe)
+            folder = await self._insert_folder(session, account, name, special_use, subscribe)
+            return FolderInfo(name, special_use, subscribe, False, folder.uidvalidity)
+
+        info = await self._transaction(work)
+        self._publish(mailbox_id, None, ChangeKind.FOLDERS)
+        return info
+
+    async def _insert_folder(self, session: AsyncSession, account: MailAccount, name: str,
+                             special_use: str | None, subscribe: bool) -> Folder:
+        account.last_uidvalidity = _new_uidvalidity(account.last_uidvalidity)
+        folder = Folder(mailbox_id=account.mailbox_id, name=name, special_use=special_use,
+                        uidvalidity=account.last_uidvalidity, uidnext=1, highestmodseq=1, recent_uid=0,
+                        message_count=0, total_bytes=0, keywords=" ")
+        session.add(folder)
+        if subscribe:
+            await self._add_subscription(session, account.mailbox_id, name)
+        await session.flush()
+        return folder
+
+    async def _add_subscription(self, session: AsyncSession, mailbox_id: int, name: str) -> None:
+        known = await session.scalar(
+            select(Subscription.id).where(Subscription.mailbox_id == mailbox_id, Subscription.name == name)
+        )
+        if known is None:
+            session.add(Subscription(mailbox_id=mailbox_id, name=name))
+
+    async def delete_folder(self, mailbox_id: int, name: str) -> None:
+        name = names.normalise(name)
+        if name == INBOX:
+            raise CannotDeleteInbox("INBOX cannot be deleted")
+
+        async def work(session: AsyncSession) -> list[str]:
+            folder = await self._lock_folder(session, FolderRef(mailbox_id, name))
+            children = await session.scalar(select(func.count()).select_from(Folder).where(
+                Folder.mailbox_id == mailbox_id, Folder.name.startswith(name + "/", autoescape=True)))
+            if children:
+                raise FolderHasChildren(f"folder {name!r} has subfolders: delete or move them first")
+            blob_ids = list(await session.scalars(select(Message.blob_id).where(Message.folder_id == folder.id)))
+            await session.execute(delete(ExpungedMessage).where(ExpungedMessage.folder_id == folder.id))
+            await session.execute(delete(Message).where(Message.folder_id == folder.id))
+            await session.execute(delete(Folder).where(Folder.id == folder.id))
+            return blob_ids
+
+        blob_ids = await self._transaction(work)
+        await self._drop_unreferenced_blobs(blob_ids)
+        self._publish(mailbox_id, name, ChangeKind.FOLDERS)
+
+    async def rename_folder(self, mailbox_id: int, old: str, new: str) -> None:
+        old, new = names.normalise(old), names.normalise(new)
+        if new == INBOX or names.is_inside(new, old) or old == new:
+            raise InvalidFolderName(f"cannot rename {old!r} to {new!r}")
+
+        async def work(session: AsyncSession) -> None:
+            account = await self._lock_account(session, mailbox_id)
+            folders = {folder.name: folder for folder in await session.scalars(
+                select(Folder).where(Folder.mailbox_id == mailbox_id))}
+            if old not in folders:
+                raise FolderNotFound(f"no folder {old!r}")
+            if new in folders:
+                raise FolderExists(f"folder {new!r} already exists")
+            for parent in names.parents(new):
+                if parent not in folders:
+                    folders[parent] = await self._insert_folder(session, account, parent, None, False)
+            if old == INBOX:
+                await self._rename_inbox(session, account, folders[INBOX], new)
+            else:
+                self._rename_tree(folders, old, new)
+
+        await self._transaction(work)
+        self._publish(mailbox_id, None, ChangeKind.FOLDERS)
+        self._publish(mailbox_id, old, ChangeKind.EXPUNGE)
+
+    @staticmethod
+    def _rename_tree(folders: dict[str, Folder], old: str, new: str) -> None:
+        """RFC 3501 6.3.5: inferior names are renamed too; UIDVALIDITY may stay (UIDs do not change)."""
+        moving = [name for name in folders if name == old or names.is_inside(name, old)]
+        targets = {name: new + name[len(old):] for name in moving}
+        clash = [target for target in targets.values() if target in folders]
+        if clash:
+            raise FolderExists(f"folder {clash[0]!r} already exists")
+        for name in moving:
+            folders[name].name = targets[name]
+
+    async def _rename_inbox(self, session: AsyncSession, account: MailAccount, inbox: Folder, new: str) -> None:
+        """RFC 3501 6.3.5: renaming INBOX moves its messages to a new folder and leaves INBOX empty.
+
+        The messages keep their UIDs in the new folder (which has its own UIDVALIDITY);
+        INBOX keeps its UIDVALIDITY and records the moved UIDs as expunged.
+        """
+        target = await self._insert_folder(session, account, new, None, False)
+        target.uidnext, target.highestmodseq = inbox.uidnext, inbox.highestmodseq
+        target.message_count, target.total_bytes, target.keywords = inbox.message_count, inbox.total_bytes, inbox.keywords
+        target.recent_uid = inbox.recent_uid
+        uids = list(await session.scalars(select(Message.uid).where(Message.folder_id == inbox.id)))
+        await session.execute(update(Message).where(Message.folder_id == inbox.id).values(folder_id=target.id)
+                              .execution_options(synchronize_session=False))
+        modseq = _next_modseq(inbox)
+        await self._add_tombstones(session, inbox.id, uids, modseq)
+        inbox.message_count, inbox.total_bytes = 0, 0
+
+    async def subscribe(self, mailbox_id: int, name: str) -> None:
+        name = names.normalise(name)
+
+        async def work(session: AsyncSession) -> None:
+            await self._lock_account(session, mailbox_id)
+            await self._add_subscription(session, mailbox_id, name)
+
+        await self._transaction(work)
+        self._publish(mailbox_id, None, ChangeKind.FOLDERS)
+
+    async def unsubscribe(self, mailbox_id: int, name: str) -> None:
+        name = names.normalise(name)
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(delete(Subscription).where(Subscription.mailbox_id == mailbox_id,
+                                                             Subscription.name == name))
+
+        await self._transaction(work)
+        self._publish(mailbox_id, None, ChangeKind.FOLDERS)
+
+    async def status(self, folder: FolderRef) -> FolderStatus:
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            unseen = await session.scalar(select(func.count()).select_from(Message).where(
+                Message.folder_id == row.id, Message.system_flags.op("&")(SEEN_BIT) == 0))
+            recent = await session.scalar(select(func.count()).select_from(Message).where(
+                Message.folder_id == row.id, Message.uid > row.recent_uid))
+        return FolderStatus(row.name, row.message_count, int(recent or 0), row.uidnext, row.uidvalidity,
+                            int(unseen or 0), row.highestmodseq, row.total_bytes)
+
+    async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
+        async def work(session: AsyncSession) -> FolderSnapshot:
+            row = await (self._find_folder(session, folder) if read_only else self._lock_folder(session, folder))
+            listing = (await session.execute(select(Message.uid, Message.system_flags)
+                                             .where(Message.folder_id == row.id).order_by(Message.uid))).all()
+            if read_only:
+                await session.refresh(row)  # counters no older than the UID list just read
+                recent = frozenset(uid for uid, _ in listing if uid > row.recent_uid)
+            else:
+                recent = self._claim(row, [uid for uid, _ in listing])
+            return self._snapshot(folder, row, listing, recent, read_only)
+
+        return await self._transaction(work)
+
+    @staticmethod
+    def _claim(folder: Folder, uids: Iterable[int]) -> frozenset[int]:
+        """RFC 3501 2.3.2: \\Recent belongs to the first session that sees a message, and to no other."""
+        mark = folder.recent_uid
+        folder.recent_uid = folder.uidnext - 1
+        return frozenset(uid for uid in uids if uid > mark)
+
+    def _snapshot(self, ref: FolderRef, row: Folder, listing: Sequence[tuple[int, int]], recent: frozenset[int],
+                  read_only: bool) -> FolderSnapshot:
+        unseen_positions = [position for position, (_, bits) in enumerate(listing, 1) if not bits & SEEN_BIT]
+        keywords = sorted(flagcodec.keywords_of(row.keywords))
+        return FolderSnapshot(
+            ref=FolderRef(ref.mailbox_id, row.name, row.uidvalidity), special_use=row.special_use,
+            uidvalidity=row.uidvalidity, uidnext=row.uidnext, highestmodseq=row.highestmodseq,
+            uids=tuple(uid for uid, _ in listing), recent_uids=recent, unseen=len(unseen_positions),
+            first_unseen=unseen_positions[0] if unseen_positions else None,
+            flags=(*SYSTEM_FLAGS, *keywords),
+            permanent_flags=() if read_only else (*PERMANENT_FLAGS[:-1], *keywords, PERMANENT_FLAGS[-1]),
+            read_only=read_only,
+        )
+
+    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
+        async def work(session: AsyncSession) -> frozenset[int]:
+            row = await self._lock_folder(session, folder)
+            new_uids = await session.scalars(select(Message.uid).where(
+                Message.folder_id == row.id, Message.uid > row.recent_uid))
+            return self._claim(row, list(new_uids))
+
+        return await self._transaction(work)
+
+    # ------------------------------------------------------------------ messages
+
+    async def fetch(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> list[MessageMeta]:
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            query = select(Message).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid)
+            if changed_since is not None:
+                query = query.where(Message.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
+            rows = (await session.scalars(query)).all()
+        return [_meta(message) for message in rows if message.uid in uids]
+
+    async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            blob_id = await session.scalar(select(Message.blob_id).where(Message.folder_id == row.id,
+                                                                         Message.uid == uid))
+        if blob_id is None:
+            raise MessageNotFound(f"no message with UID {uid}")
+        return _BlobBody(await self.blobs.open(mailbox_owner(folder.mailbox_id), blob_id))
+
+    async def append(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
+                     internaldate: dt.datetime | None = None) -> AppendResult:
+        added = await self.add_message(folder, message, flags=flags, internaldate=internaldate)
+        return added.result
+
+    async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
+                          internaldate: dt.datetime | None = None, delivery_key: str | None = None) -> AddedMessage:
+        """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key)."""
+        bits, keywords = flagcodec.encode(flags)
+        if delivery_key is not None and (done := await self._delivered(folder.mailbox_id, delivery_key)):
+            return AddedMessage(done, duplicate=True)
+        async with self.database.session() as session:
+            await self._find_folder(session, folder)  # before consuming a stream the caller may want to retry
+        prepared = await asyncio.to_thread(_prepare, message)
+        if prepared.known_size is not None:
+            await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
+        stored = await self.blobs.put(mailbox_owner(folder.mailbox_id), prepared.source)
+        when = internaldate or utcnow()
+
+        async def work(session: AsyncSession) -> AppendResult:
+            target = await self._lock_folder(session, folder)
+            await self._enforce_quota(session, folder.mailbox_id, stored.size)
+            result = self._insert_message(session, target, stored, prepared.headers, bits, keywords, when)
+            if delivery_key is not None:
+                session.add(Delivery(delivery_key=delivery_key, mailbox_id=folder.mailbox_id, folder_name=target.name,
+                                     uidvalidity=result.uidvalidity, uid=result.uid))
+            await session.flush()
+            return result
+
+        try:
+            result = await self._transaction(work)
+        except IntegrityError:
+            await self.blobs.delete(stored.blob_id)
+            done = await self._delivered(folder.mailbox_id, delivery_key) if delivery_key else None
+            if done is None:
+                raise
+            return AddedMessage(done, duplicate=True)  # a concurrent redelivery won the race
+        except BaseException:
+            await self.blobs.delete(stored.blob_id)
+            raise
+        self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
+        return AddedMessage(result, duplicate=False)
+
+    def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
+                        bits: int, keywords: frozenset[str], internaldate: dt.datetime) -> AppendResult:
+        uid = folder.uidnext
+        folder.uidnext += 1
+        modseq = _next_modseq(folder)
+        folder.message_count += 1
+        folder.total_bytes += stored.size
+        _remember_keywords(folder, keywords)
+        session.add(Message(
+            folder_id=folder.id, uid=uid, modseq=modseq, system_flags=bits,
+            keywords=flagcodec.keywords_column(keywords), internaldate=internaldate, size=stored.size,
+            blob_id=stored.blob_id, message_id=headers.message_id, subject=headers.subject,
+            from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
+            sent_date=headers.sent_date, envelope=headers.envelope,
+        ))
+        return AppendResult(folder.uidvalidity, uid, modseq)
+
+    async def _delivered(self, mailbox_id: int, delivery_key: str) -> AppendResult | None:
+        async with self.database.session() as session:
+            done = await session.scalar(select(Delivery).where(Delivery.mailbox_id == mailbox_id,
+                                                               Delivery.delivery_key == delivery_key))
+        return None if done is None else AppendResult(done.uidvalidity, done.uid, 0)
+
+    async def _usage(self, session: AsyncSession, mailbox_id: int) -> tuple[int, int, int]:
+        """(bytes used, messages, quota in bytes; 0 means unlimited)."""
+        used, count = (await session.execute(
+            select(func.coalesce(func.sum(Folder.total_bytes), 0), func.coalesce(func.sum(Folder.message_count), 0))
+            .where(Folder.mailbox_id == mailbox_id)
+        )).one()
+        limit = await session.scalar(select(Mailbox.quota_bytes).where(Mailbox.id == mailbox_id))
+        if limit is None:
+            raise MailboxNotHosted(f"mailbox {mailbox_id} does not exist")
+        return int(used), int(count), int(limit)
+
+    async def _enforce_quota(self, session: AsyncSession, mailbox_id: int, adding: int) -> None:
+        used, _, limit = await self._usage(session, mailbox_id)
+        if limit and used + adding > limit:
+            # RFC 9208 4.3 / SMTP 552 5.2.2 (RFC 3463 3.3).
+            raise QuotaExceeded(f"mailbox over quota ({used + adding} > {limit} octets)")
+
+    async def _check_quota(self, mailbox_id: int, adding: int) -> None:
+        async with self.database.session() as session:
+            await self._enforce_quota(session, mailbox_id, adding)
+
+    async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,
+                          unchanged_since: int | None = None) -> StoreResult:
+        bits, keywords = flagcodec.encode(flags)
+
+        async def work(session: AsyncSession) -> StoreResult:
+            row = await self._lock_folder(session, folder)
+            messages = [message for message in await session.scalars(
+                select(Message).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid))
+                if message.uid in uids]
+            conflicts = tuple(m.uid for m in messages if unchanged_since is not None and m.modseq > unchanged_since)
+            changed = [m for m in messages if m.uid not in conflicts and self._restore(m, mode, bits, keywords)]
+            if changed:
+                # RFC 7162 3.1.3: one new MODSEQ for the messages this command changed; unchanged ones keep theirs.
+                modseq = _next_modseq(row)
+                for message in changed:
+                    message.modseq = modseq
+                _remember_keywords(row, keywords)
+            return StoreResult(tuple(_flag_update(m) for m in changed), conflicts, row.highestmodseq)
+
+        result = await self._transaction(work)
+        if result.updated:
+            self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.FLAGS, result.highestmodseq)
+        return result
+
+    @staticmethod
+    def _restore(message: Message, mode: StoreMode, bits: int, keywords: frozenset[str]) -> bool:
+        """Apply the STORE to one row; True when its flags actually changed."""
+        new_bits, new_keywords = flagcodec.apply(mode, message.system_flags, flagcodec.keywords_of(message.keywords),
+                                                 bits, keywords)
+        new_column = flagcodec.keywords_column(new_keywords)
+        if new_bits == message.system_flags and new_column == message.keywords:
+            return False
+        message.system_flags, message.keywords = new_bits, new_column
+        return True
+
+    async def copy(self, folder: FolderRef, uids: UidSet, destination: FolderRef) -> CopyResult:
+        result = await self._transaction(lambda session: self._copy(session, folder, uids, destination, move=False))
+        copied, _ = result
+        if copied.dest_uids:
+            self._publish(destination.mailbox_id, names.normalise(destination.name), ChangeKind.EXISTS)
+        return copied
+
+    async def move(self, folder: FolderRef, uids: UidSet, destination: FolderRef) -> MoveResult:
+        """RFC 6851: copy then expunge the originals, atomically (one transaction)."""
+        copied, expunged = await self._transaction(
+            lambda session: self._copy(session, folder, uids, destination, move=True))
+        assert expunged is not None
+        if copied.dest_uids:
+            self._publish(destination.mailbox_id, names.normalise(destination.name), ChangeKind.EXISTS)
+            self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, expunged.highestmodseq)
+        return MoveResult(copied, expunged)
+
+    async def _copy(self, session: AsyncSession, ref: FolderRef, uids: UidSet, destination: FolderRef, *,
+                    move: bool) -> tuple[CopyResult, ExpungeResult | None]:
+        if destination.mailbox_id != ref.mailbox_id:
+            raise FolderNotFound("copying between mailboxes is not supported")  # their blobs use other keys
+        source, target = await self._lock_folders(session, [ref, destination])
+        if source.id == target.id and move:
+            raise InvalidFolderName("cannot move messages into the folder they are in")
+        messages = [m for m in await session.scalars(
+            select(Message).where(Message.folder_id == source.id, uid_clause(uids)).order_by(Message.uid))
+            if m.uid in uids]
+        if not move:
+            await self._enforce_quota(session, ref.mailbox_id, sum(m.size for m in messages))
+        dest_uids = self._insert_copies(session, target, messages) if messages else ()
+        copied = CopyResult(target.uidvalidity, tuple(m.uid for m in messages), dest_uids)
+        expunged = await self._remove(session, source, messages) if move else None
+        return copied, expunged
+
+    def _insert_copies(self, session: AsyncSession, target: Folder, messages: Sequence[Message]) -> tuple[int, ...]:
+        modseq = _next_modseq(target)
+        first = target.uidnext
+        session.add_all(Message(
+            folder_id=target.id, uid=first + index, modseq=modseq, system_flags=m.system_flags, keywords=m.keywords,
+            internaldate=m.internaldate, size=m.size, blob_id=m.blob_id, message_id=m.message_id, subject=m.subject,
+            from_addr=m.from_addr, to_addr=m.to_addr, cc_addr=m.cc_addr, sent_date=m.sent_date, envelope=m.envelope,
+        ) for index, m in enumerate(messages))
+        target.uidnext = first + len(messages)
+        target.message_count += len(messages)
+        target.total_bytes += sum(m.size for m in messages)
+        _remember_keywords(target, set().union(*(flagcodec.keywords_of(m.keywords) for m in messages)))
+        return tuple(range(first, first + len(messages)))
+
+    async def _remove(self, session: AsyncSession, folder: Folder, messages: Sequence[Message]) -> ExpungeResult:
+        if not messages:
+            return ExpungeResult((), folder.highestmodseq)
+        modseq = _next_modseq(folder)
+        uids = [m.uid for m in messages]
+        await session.execute(delete(Message).where(Message.id.in_([m.id for m in messages])))
+        await self._add_tombstones(session, folder.id, uids, modseq)
+        folder.message_count -= len(messages)
+        folder.total_bytes -= sum(m.size for m in messages)
+        return ExpungeResult(tuple(uids), modseq)
+
+    async def _add_tombstones(self, session: AsyncSession, folder_id: int, uids: Sequence[int], modseq: int) -> None:
+        if uids:
+            await session.execute(insert(ExpungedMessage),
+                                  [{"folder_id": folder_id, "uid": uid, "modseq": modseq} for uid in uids])
+
+    async def expunge(self, folder: FolderRef, uids: UidSet | None = None) -> ExpungeResult:
+        async def work(session: AsyncSession) -> tuple[ExpungeResult, list[str]]:
+            row = await self._lock_folder(session, folder)
+            query = select(Message).where(Message.folder_id == row.id,
+                                          Message.system_flags.op("&")(DELETED_BIT) != 0).order_by(Message.uid)
+            if uids is not None:
+                query = query.where(uid_clause(uids))
+            doomed = [m for m in await session.scalars(query) if uids is None or m.uid in uids]
+            return await self._remove(session, row, doomed), [m.blob_id for m in doomed]
+
+        result, blob_ids = await self._transaction(work)
+        await self._drop_unreferenced_blobs(blob_ids)
+        if result.uids:
+            self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, result.highestmodseq)
+        return result
+
+    async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            updated = (await session.scalars(select(Message).where(
+                Message.folder_id == row.id, Message.modseq > modseq).order_by(Message.uid))).all()
+            expunged = (await session.scalars(select(ExpungedMessage.uid).where(
+                ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > modseq).order_by(ExpungedMessage.uid))).all()
+            highest = await session.scalar(select(Folder.highestmodseq).where(Folder.id == row.id))
+        return Changes(int(highest or row.highestmodseq), tuple(_flag_update(m) for m in updated), tuple(expunged))
+
+    async def search(self, folder: FolderRef, key: SearchKey, *,
+                     recent_uids: frozenset[int] = frozenset()) -> list[int]:
+        compiled = to_sql(key, recent_uids)
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            if compiled is not None:
+                return list(await session.scalars(
+                    select(Message.uid).where(Message.folder_id == row.id, compiled).order_by(Message.uid)))
+            candidates = (await session.scalars(select(Message).where(
+                Message.folder_id == row.id, prefilter(key, recent_uids)).order_by(Message.uid))).all()
+        owner = mailbox_owner(folder.mailbox_id)
+        evaluator = Evaluator(recent_uids, lambda m: self._read_head(owner, m),
+                              lambda m, text, headers: self._body_contains(owner, m, text, headers))
+        return [m.uid for m in candidates if await evaluator.matches(key, m)]
+
+    async def _read_head(self, owner: str, message: Message) -> bytes:
+        return await self.blobs.read(owner, message.blob_id, 0, MAX_HEADER_BYTES)
+
+    async def _body_contains(self, owner: str, message: Message, needle: str, include_headers: bool) -> bool:
+        """Scan a body chunk by chunk (bounded memory), keeping an overlap for matches across chunks."""
+        wanted = needle.casefold()
+        reader = await self.blobs.open(owner, message.blob_id)
+        try:
+            start = 0 if include_headers else len(header_section(await asyncio.to_thread(reader.read, 0, MAX_HEADER_BYTES)))
+            body = _BlobBody(reader)
+            tail = ""
+            async for chunk in body.chunks(start):
+                text = tail + chunk.decode("utf-8", errors="replace").casefold()
+                if wanted in text:
+                    return True
+                tail = text[-len(wanted):] if wanted else ""
+            return wanted == ""
+        finally:
+            reader.close()
+
+    async def quota(self, mailbox_id: int) -> QuotaUsage:
+        async with self.database.session() as session:
+            used, count, limit = await self._usage(session, mailbox_id)
+        kib = -(-used // 1024)  # RFC 9208 5.1: STORAGE in units of 1024 octets, rounded up
+        return QuotaUsage(kib, limit // 1024 if limit else None, count, None)
