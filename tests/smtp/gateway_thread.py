@@ -38,12 +38,14 @@ StoreFactory = Callable[[Database, Settings], Awaitable[LocalStore | None]]
 
 
 async def mail_store_for(db: Database, settings: Settings) -> LocalStore | None:
-    """The real mail store when its module provides one, else None (accept-only node)."""
-    try:
-        from gateway.mailstore.store import MailStore  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return MailStore.from_settings(db, settings)  # type: ignore[no-any-return]
+    """The real mail store (encrypted blobs under the data directory), as ``gateway serve`` builds it."""
+    from gateway.mailstore.delivery import LocalDelivery as MailStoreDelivery
+    from gateway.mailstore.sql import SqlMailStore
+    from gateway.security.keys import KeyManager
+    from gateway.storage.blobs import BlobStore
+
+    keys = KeyManager(db, settings.data_path / "keys")
+    return MailStoreDelivery(SqlMailStore(db, BlobStore(settings.data_path / "blobs", keys)))
 
 
 @dataclass
@@ -59,6 +61,7 @@ class GatewayThread:
     db: Database | None = None
     directory: DirectoryService | None = None
     listeners: SmtpListeners | None = None
+    mail_store: Any = None
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -122,7 +125,8 @@ class GatewayThread:
             self._load_accounts()
         issued = self.pki.ensure_gateway_server_cert("localhost", ["localhost"], ["127.0.0.1"])
         tls = TlsMaterial(issued.chain_path, issued.key_path, self.pki.ca_bundle_path)
-        pipeline = build_pipeline(settings, self.db, self.directory, await self.store_factory(self.db, settings))
+        self.mail_store = await self.store_factory(self.db, settings)
+        pipeline = build_pipeline(settings, self.db, self.directory, self.mail_store)
         self.listeners = await open_listeners(pipeline, self.directory, settings, tls)
         self.ports = {kind: port for kind, (_, port) in self.listeners.addresses.items()}
 
@@ -159,6 +163,30 @@ class GatewayThread:
     @property
     def ca_file(self) -> str:
         return self.extra["ca_file"]
+
+    def wait_delivered(self) -> None:
+        """Until the local delivery workers have nothing scheduled."""
+        assert self.listeners is not None
+        self.call(self.listeners.delivery.wait_idle())
+
+    def inbox(self, address: str) -> list[bytes]:
+        """Every message in the INBOX of ``address``, as the mail store returns it."""
+        return self.call(self._inbox(address))
+
+    async def _inbox(self, address: str) -> list[bytes]:
+        from gateway.mailstore.interface import FolderRef
+        assert self.directory is not None and self.mail_store is not None
+        account = await self.directory.account(address)
+        assert account is not None
+        store = self.mail_store.store
+        await self.mail_store.provision(account.mailbox_id)
+        folder = FolderRef(account.mailbox_id, "INBOX")
+        snapshot = await store.select(folder, read_only=True)
+        bodies = []
+        for uid in snapshot.uids:
+            async with await store.open_message(folder, uid) as body:
+                bodies.append(await body.read())
+        return bodies
 
 
 def _serve_forever(data_dir: Path) -> None:
