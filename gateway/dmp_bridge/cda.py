@@ -31,7 +31,8 @@ CDA_TYPE_ID = "POCD_HD000040"
 FRENCH_TIME = ZoneInfo("Europe/Paris")
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 
-_HL7_TIME = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
+_HL7_TIME = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$", re.ASCII)
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 class BodyKind(str, Enum):
@@ -299,7 +300,7 @@ class _CdaReader:
         except ValueError as error:
             self._warnings.append(f"{field}: {error}; ignored")
             return None
-        if not re.search(r"[+-]\d{4}$", value) and len(value) > 8:
+        if not re.search(r"[+-][0-9]{4}$", value) and len(value) > 8:
             self._warnings.append(f"{field} {value!r} has no timezone offset: read as Europe/Paris time")
         return parsed
 
@@ -307,7 +308,7 @@ class _CdaReader:
         value = self._attribute(_find(self._root, "versionNumber"), "value")
         if value is None:
             return None
-        if not value.isdigit():
+        if not _DIGITS.fullmatch(value):
             self._warnings.append(f"versionNumber {value!r} is not an integer; ignored")
             return None
         return int(value)
@@ -414,7 +415,7 @@ class _CdaReader:
             return None
         digits = value.strip()[:8]
         try:
-            return date(int(digits[:4]), int(digits[4:6]), int(digits[6:8])) if re.fullmatch(r"\d{8}", digits) else None
+            return date(int(digits[:4]), int(digits[4:6]), int(digits[6:8])) if re.fullmatch(r"[0-9]{8}", digits) else None
         except ValueError:
             self._warnings.append(f"birthTime {value!r} is not a valid date; ignored")
             return None

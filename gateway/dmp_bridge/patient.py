@@ -101,6 +101,8 @@ def identify_patient(patient: CdaPatient | None, *, accept_production: bool) -> 
     if chosen.root in PRODUCTION_INS_OIDS and not accept_production:
         return IdentificationFailure(INS_ABSENT, f"the INS uses the production OID {chosen.root} ({INS_OIDS[chosen.root]}), refused by the accept_production policy")
     try:
+        if not (chosen.extension or "").isascii():
+            raise IdentifierError(f"{chosen.extension!r} is not an INS: only ASCII digits are allowed", field="ins")
         ins = validate_nir(chosen.extension or "")
     except IdentifierError as error:
         return IdentificationFailure(INS_ABSENT, f"the INS under {chosen.root} is not valid: {error}")

@@ -26,7 +26,7 @@ _MAX_INFO_OBJECT = 64 * 1024
 
 _VERSION = re.compile(rb"^%PDF-(\d\.\d)")
 _INFO_REF = re.compile(rb"/Info\s+(\d{1,10})\s+(\d{1,5})\s+R")
-_PDF_DATE = re.compile(r"^D:(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:([+\-Z])(?:(\d{2})'?(\d{2})?'?)?)?")
+_PDF_DATE = re.compile(r"^D:(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:([+\-Z])(?:(\d{2})'?(\d{2})?'?)?)?", re.ASCII)
 
 
 @dataclass(frozen=True)

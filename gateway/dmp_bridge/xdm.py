@@ -660,7 +660,7 @@ class _MetadataReader:
 
     def _size(self, slots: dict[str, list[str]], owner: str) -> int | None:
         value = _first(slots, "size")
-        if value is not None and not value.isdigit():
+        if value is not None and not re.fullmatch(r"[0-9]{1,15}", value):
             raise XdmError(f"entry {owner!r}: size {value!r} is not a number of bytes")
         return int(value) if value else None
 
@@ -668,7 +668,7 @@ class _MetadataReader:
     def _uri(slots: dict[str, list[str]]) -> str | None:
         # Long URIs may be split over several values ("1|part", "2|part"); plain ones are a single value.
         values = slots.get("URI", [])
-        if len(values) > 1 and all(re.match(r"^\d+\|", v) for v in values):
+        if len(values) > 1 and all(re.match(r"^[0-9]{1,6}\|", v) for v in values):
             ordered = sorted(values, key=lambda v: int(v.split("|", 1)[0]))
             return "".join(v.split("|", 1)[1] for v in ordered) or None
         return values[0] if values else None
