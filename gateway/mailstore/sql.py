@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -265,10 +267,10 @@ class SqlMailStore(MailStore):
         hosted = await session.scalar(select(Mailbox.hosted).where(Mailbox.id == mailbox_id))
         if not hosted:
             raise MailboxNotHosted(f"mailbox {mailbox_id} is not hosted here")
-        account = await session.get(MailAccount, mailbox_id)
-        if account is None:
-            session.add(MailAccount(mailbox_id=mailbox_id, last_uidvalidity=0))
-            await session.flush()
+        # Concurrent first uses of a mailbox (provision racing a delivery) must not collide on the key.
+        dialect_insert = sqlite_insert if self.database.is_sqlite else pg_insert
+        await session.execute(dialect_insert(MailAccount).values(mailbox_id=mailbox_id, last_uidvalidity=0)
+                              .on_conflict_do_nothing(index_elements=[MailAccount.mailbox_id]))
         await self._take_write_lock(session, mailbox_id)
         query = select(MailAccount).where(MailAccount.mailbox_id == mailbox_id)
         if not self.database.is_sqlite:

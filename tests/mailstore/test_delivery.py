@@ -131,3 +131,11 @@ async def test_changes_wake_a_subscribed_session(store: SqlMailStore, hub: Chang
         assert [event.kind for event in await idle.wait(timeout=0)] == [ChangeKind.FLAGS]
         assert await elsewhere.wait(timeout=0) == []
     assert hub.subscriber_count() == 0
+
+
+async def test_concurrent_first_deliveries_to_an_unprovisioned_mailbox(
+        store: SqlMailStore, delivery: LocalDelivery, make_mailbox: MakeMailbox) -> None:
+    box = await make_mailbox()
+    results = await asyncio.gather(*(delivery.deliver(box, message(n), delivery_key=f"first-{n}") for n in range(4)))
+    assert sorted(result.uid for result in results) == [1, 2, 3, 4]
+    assert len(await store.list_folders(box)) == 6
