@@ -29,7 +29,7 @@ def test_sequence_set_round_trip(value: SequenceSet) -> None:
 def test_resolution_matches_membership(value: SequenceSet, largest: int) -> None:
     intervals = value.resolve(largest)
     assert intervals == sorted(intervals)
-    for (_, high), (low, _) in zip(intervals, intervals[1:]):
+    for (_, high), (low, _) in zip(intervals, intervals[1:], strict=False):
         assert low > high + 1                      # merged and disjoint
     for number in range(1, min(largest, 60) + 1):
         expected = any(item.bounds(largest)[0] <= number <= item.bounds(largest)[1] for item in value.ranges)

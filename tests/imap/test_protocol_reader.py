@@ -67,6 +67,15 @@ def test_literal8_marker() -> None:
     assert events(CommandAssembler(), wire) == [RawCommand(wire[:-2], "a", 1)]
 
 
+def test_overlong_line_while_idling_is_refused_then_skipped() -> None:
+    assembler = CommandAssembler(SMALL)
+    assembler.feed(b"z" * 300)
+    with pytest.raises(BadCommand):
+        assembler.next_line()
+    assembler.feed(b"zz\r\nDONE\r\n")
+    assert assembler.next_line() == b"DONE"
+
+
 def test_idle_done_line() -> None:
     assembler = CommandAssembler()
     assembler.feed(b"DO")

@@ -101,7 +101,9 @@ def test_untagged_data() -> None:
 
 
 def test_errors_know_their_wire_form() -> None:
-    assert ImapNo("Mailbox does not exist", NONEXISTENT).response("a") == b"a NO [NONEXISTENT] Mailbox does not exist\r\n"
+    missing = ImapNo("Mailbox does not exist", NONEXISTENT)
+    assert missing.response("a") == b"a NO [NONEXISTENT] Mailbox does not exist\r\n"
+    assert BadCommand("Nom inconnu: é").response("f") == b"f BAD Nom inconnu: ?\r\n"
     assert BadCommand("Unknown command").response("b") == b"b BAD Unknown command\r\n"
     assert ParseError("Missing tag").response() == b"* BAD Missing tag\r\n"
     assert ServerFault().response("c") == b"c NO [SERVERBUG] Internal server error\r\n"

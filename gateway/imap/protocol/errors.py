@@ -43,8 +43,8 @@ _MAX_TEXT = 200
 
 
 def _clean_text(text: str) -> str:
-    """RFC 3501 9 ``text = 1*TEXT-CHAR``: no CR, LF or NUL, never empty, kept short."""
-    cleaned = "".join(ch if ch.isprintable() and ch not in "\r\n" else " " for ch in text).strip()
+    """RFC 3501 9 ``text = 1*TEXT-CHAR``: 7-bit, no CR, LF or NUL, never empty, kept short."""
+    cleaned = "".join(ch if " " <= ch <= "~" else ("?" if ord(ch) > 127 else " ") for ch in text).strip()
     return (cleaned or "Error")[:_MAX_TEXT]
 
 

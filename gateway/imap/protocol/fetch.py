@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gateway.imap.protocol.errors import ParseError
 from gateway.imap.protocol.primitives import (
     MAX_MODSEQ, Buffer, decode_utf8, fail, parse_astring, parse_char, parse_keyword, parse_number,
-    parse_nz_number, parse_sp, try_keyword,
+    parse_nz_number, parse_sp, peek, try_keyword,
 )
 
 _ITEM_NAME = re.compile(rb"[A-Za-z0-9.]+")
@@ -117,7 +117,7 @@ def _parse_header_list(buf: Buffer) -> tuple[tuple[str, ...], Buffer]:
         names.append(name)
         if len(names) > MAX_HEADER_FIELDS:
             raise fail("Too many header fields", buf)
-        if rest[:1] == b")":
+        if peek(rest) == b")":
             return tuple(names), rest[1:]
         rest = parse_sp(rest)
 
@@ -151,7 +151,7 @@ def parse_section(buf: Buffer, *, binary: bool = False) -> tuple[BodySection, Bu
         rest = rest[match.end():]
     text: str | None = None
     fields: tuple[str, ...] = ()
-    if rest[:1] != b"]":
+    if peek(rest) != b"]":
         if binary:
             raise fail("BINARY takes only a part number", rest)
         if part:
@@ -162,7 +162,7 @@ def parse_section(buf: Buffer, *, binary: bool = False) -> tuple[BodySection, Bu
 
 def _parse_partial(buf: Buffer) -> tuple[tuple[int, int] | None, Buffer]:
     """RFC 3501 9: "<" number "." nz-number ">"."""
-    if buf[:1] != b"<":
+    if peek(buf) != b"<":
         return None, buf
     start, rest = parse_number(buf[1:])
     rest = parse_char(rest, b".")
@@ -188,7 +188,7 @@ def parse_fetch_attribute(buf: Buffer) -> tuple[FetchAttribute, Buffer]:
         raise fail("Expected a fetch item", buf)
     name = match.group(0).decode("ascii").upper()
     rest = buf[match.end():]
-    if rest[:1] == b"[":
+    if peek(rest) == b"[":
         if name not in ("BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK", "BINARY.SIZE"):
             raise fail("Unknown fetch item", buf)
         return _parse_sectioned(name, rest)
@@ -203,7 +203,7 @@ def parse_fetch_attributes(buf: Buffer) -> tuple[tuple[FetchAttribute, ...], Buf
         rest = try_keyword(buf, macro.encode())
         if rest is not None:
             return items, rest
-    if buf[:1] != b"(":
+    if peek(buf) != b"(":
         item, rest = parse_fetch_attribute(buf)
         return (item,), rest
     rest = buf[1:]
@@ -211,7 +211,7 @@ def parse_fetch_attributes(buf: Buffer) -> tuple[tuple[FetchAttribute, ...], Buf
     while True:
         item, rest = parse_fetch_attribute(rest)
         items_list.append(item)
-        if rest[:1] == b")":
+        if peek(rest) == b")":
             return tuple(items_list), rest[1:]
         rest = parse_sp(rest)
 
@@ -236,7 +236,7 @@ def parse_fetch_modifiers(buf: Buffer) -> tuple[FetchModifiers, Buffer]:
         else:
             rest = parse_keyword(rest, b"VANISHED")
             vanished = True
-        if rest[:1] == b")":
+        if peek(rest) == b")":
             break
         rest = parse_sp(rest)
     if vanished and changed_since is None:

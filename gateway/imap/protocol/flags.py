@@ -8,7 +8,9 @@ includes it).
 
 from __future__ import annotations
 
-from gateway.imap.protocol.primitives import ATOM, Buffer, fail, parse_atom, parse_char, parse_sp
+from gateway.imap.protocol.primitives import (
+    ATOM, Buffer, fail, parse_atom, parse_char, parse_sp, peek,
+)
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 RECENT = "\\Recent"
@@ -23,7 +25,7 @@ def canonical_flag(flag: str) -> str:
 
 def parse_flag(buf: Buffer, *, allow_recent: bool = False) -> tuple[str, Buffer]:
     """RFC 3501 9: flag = system flag / flag-keyword / flag-extension ("\\" atom)."""
-    backslash = buf[:1] == b"\\"
+    backslash = peek(buf) == b"\\"
     atom, rest = parse_atom(buf[1:] if backslash else buf, ATOM)
     text = ("\\" if backslash else "") + atom.decode("ascii")
     flag = canonical_flag(text)
@@ -36,7 +38,7 @@ def parse_flag_list(buf: Buffer) -> tuple[tuple[str, ...], Buffer]:
     """RFC 3501 9: flag-list = "(" [flag *(SP flag)] ")"; duplicates dropped, order kept."""
     rest = parse_char(buf, b"(")
     flags: list[str] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if flags:
             rest = parse_sp(rest)
         flag, rest = parse_flag(rest)
@@ -57,6 +59,6 @@ def parse_flags_unparenthesised(buf: Buffer) -> tuple[tuple[str, ...], Buffer]:
             flags.append(flag)
         if len(flags) > MAX_FLAGS:
             raise fail("Too many flags", buf)
-        if rest[:1] != b" ":
+        if peek(rest) != b" ":
             return tuple(flags), rest
         rest = parse_sp(rest)

@@ -16,7 +16,7 @@ import re
 
 from gateway.imap.protocol.errors import ParseError
 from gateway.imap.protocol.primitives import (
-    LIST_ATOM, Buffer, decode_utf8, parse_astring, parse_atom, parse_string,
+    LIST_ATOM, Buffer, decode_utf8, parse_astring, parse_atom, parse_string, peek,
 )
 
 INBOX = "INBOX"
@@ -141,7 +141,7 @@ def parse_mailbox(buf: Buffer, *, utf8: bool) -> tuple[str, Buffer]:
 
 def parse_list_mailbox(buf: Buffer, *, utf8: bool) -> tuple[str, Buffer]:
     """RFC 3501 9 ``list-mailbox = 1*list-char / string`` (may hold the wildcards % and *)."""
-    if buf[:1] in (b'"', b"{"):
+    if peek(buf) in (b'"', b"{"):
         octets, rest = parse_string(buf)
     else:
         octets, rest = parse_atom(buf, LIST_ATOM)

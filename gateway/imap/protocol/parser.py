@@ -18,14 +18,14 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol.dates import parse_date_time
 from gateway.imap.protocol.errors import BadCommand, ImapError, ParseError
 from gateway.imap.protocol.fetch import FetchAttribute, parse_fetch_attributes, parse_fetch_modifiers
-from gateway.imap.protocol.flags import parse_flag, parse_flag_list, parse_flags_unparenthesised
+from gateway.imap.protocol.flags import parse_flag_list, parse_flags_unparenthesised
 from gateway.imap.protocol.mailbox_name import (
-    decode_mailbox_octets, normalise_inbox, parse_list_mailbox, parse_mailbox,
+    decode_mailbox_octets, parse_list_mailbox, parse_mailbox,
 )
 from gateway.imap.protocol.primitives import (
     ATOM, MAX_MODSEQ, TAG, Buffer, decode_utf8, fail, is_literal_start, parse_astring,
-    parse_astring_text, parse_atom, parse_char, parse_end, parse_keyword, parse_literal,
-    parse_nstring, parse_number, parse_nz_number, parse_sp, parse_string, try_char, try_keyword,
+    parse_astring_text, parse_atom, parse_char, parse_end, parse_keyword, parse_literal, parse_nstring,
+    parse_number, parse_nz_number, parse_sp, parse_string, peek, try_keyword,
 )
 from gateway.imap.protocol.reader import RawCommand
 from gateway.imap.protocol.search import parse_search_program
@@ -100,7 +100,7 @@ def _parse_command_name(buf: Buffer) -> tuple[str, Buffer]:
     if match is None:
         raise fail("Expected a command name", buf)
     rest = buf[match.end():]
-    if len(rest) and rest[:1] != b" ":
+    if len(rest) and peek(rest) != b" ":
         raise fail("Invalid command name", buf)
     return match.group(0).decode("ascii").upper(), rest
 
@@ -161,9 +161,9 @@ def _parse_qresync(buf: Buffer) -> tuple[c.QResyncParameters, Buffer]:
     modseq, rest = parse_number(parse_sp(rest), MAX_MODSEQ)
     known_uids: SequenceSet | None = None
     match_data: tuple[SequenceSet, SequenceSet] | None = None
-    if rest[:1] == b" " and rest[1:2] != b"(":
+    if peek(rest) == b" " and peek(rest[1:]) != b"(":
         known_uids, rest = parse_sequence_set(parse_sp(rest), allow_saved=False)
-    if rest[:1] == b" ":
+    if peek(rest) == b" ":
         inner = parse_char(parse_sp(rest), b"(")
         sequences, inner = parse_sequence_set(inner, allow_saved=False)
         uids, inner = parse_sequence_set(parse_sp(inner), allow_saved=False)
@@ -186,7 +186,7 @@ def _select(cls: type[c.Select]) -> CommandParser:
                 else:
                     rest = parse_keyword(rest, b"CONDSTORE")   # RFC 7162 3.1.8
                     condstore = True
-                if rest[:1] == b")":
+                if peek(rest) == b")":
                     break
                 rest = parse_sp(rest)
             rest = rest[1:]
@@ -199,7 +199,7 @@ def _parse_use_attributes(buf: Buffer) -> tuple[tuple[str, ...], Buffer]:
     """RFC 6154 6: "USE" SP "(" [use-attr *(SP use-attr)] ")"; use-attr is "\\" atom."""
     rest = parse_char(parse_sp(parse_keyword(buf, b"USE")), b"(")
     attributes: list[str] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if attributes:
             rest = parse_sp(rest)
         rest = parse_char(rest, b"\\")
@@ -237,7 +237,7 @@ def _parse_reference(buf: Buffer, options: ParserOptions) -> tuple[str, Buffer]:
 def _parse_options(buf: Buffer, allowed: frozenset[str], what: str) -> tuple[list[str], Buffer]:
     rest = parse_char(buf, b"(")
     chosen: list[str] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if chosen:
             rest = parse_sp(rest)
         atom, rest = parse_atom(rest, ATOM)
@@ -261,7 +261,7 @@ def _parse_list_return(buf: Buffer) -> tuple[c.ListReturn, Buffer]:
     rest = parse_char(parse_sp(parse_keyword(buf, b"RETURN")), b"(")
     flags: set[str] = set()
     status: tuple[str, ...] | None = None
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if flags or status is not None:
             rest = parse_sp(rest)
         after = try_keyword(rest, b"STATUS")
@@ -279,7 +279,7 @@ def _parse_list_return(buf: Buffer) -> tuple[c.ListReturn, Buffer]:
 
 def _parse_patterns(buf: Buffer, options: ParserOptions) -> tuple[tuple[str, ...], bool, Buffer]:
     """RFC 5258 3: mbox-or-pat = list-mailbox / patterns; patterns = "(" list-mailbox *(SP ...) ")"."""
-    if buf[:1] != b"(":
+    if peek(buf) != b"(":
         pattern, rest = parse_list_mailbox(buf, utf8=options.utf8)
         return (pattern,), False, rest
     rest = buf[1:]
@@ -287,7 +287,7 @@ def _parse_patterns(buf: Buffer, options: ParserOptions) -> tuple[tuple[str, ...
     while True:
         pattern, rest = parse_list_mailbox(rest, utf8=options.utf8)
         patterns.append(pattern)
-        if rest[:1] == b")":
+        if peek(rest) == b")":
             return tuple(patterns), True, rest[1:]
         rest = parse_sp(rest)
 
@@ -297,7 +297,7 @@ def _list(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
     rest = parse_sp(rest)
     selection: list[str] = []
     extended = False
-    if rest[:1] == b"(":
+    if peek(rest) == b"(":
         selection, rest = _parse_options(rest, LIST_SELECTION, "LIST selection")
         rest, extended = parse_sp(rest), True
         if "RECURSIVEMATCH" in selection and len(set(selection)) == 1:
@@ -337,11 +337,11 @@ def _append(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
     mailbox, rest = _mailbox_arg(rest, options)
     rest = parse_sp(rest)
     flags: tuple[str, ...] = ()
-    if rest[:1] == b"(":
+    if peek(rest) == b"(":
         flags, rest = parse_flag_list(rest)
         rest = parse_sp(rest)
     internal_date = None
-    if rest[:1] == b'"':
+    if peek(rest) == b'"':
         internal_date, rest = parse_date_time(rest)
         rest = parse_sp(rest)
     utf8 = False
@@ -378,7 +378,7 @@ def _id(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
         return c.Id(tag, None)
     rest = parse_char(rest, b"(")
     pairs: list[tuple[str, str | None]] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if pairs:
             rest = parse_sp(rest)
         pair, rest = _parse_id_pair(rest)
@@ -419,7 +419,7 @@ def _setquota(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
     root, rest = parse_astring_text(parse_sp(rest), "quota root")
     rest = parse_char(parse_sp(rest), b"(")
     limits: list[tuple[str, int]] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if limits:
             rest = parse_sp(rest)
         limit, rest = _parse_quota_limit(rest)
@@ -469,7 +469,7 @@ def _store(uid: bool) -> CommandParser:
         sequence_set, rest = parse_sequence_set(parse_sp(rest))
         rest = parse_sp(rest)
         unchanged_since = None
-        if rest[:1] == b"(":
+        if peek(rest) == b"(":
             inner = parse_sp(parse_keyword(rest[1:], b"UNCHANGEDSINCE"))
             unchanged_since, inner = parse_number(inner, MAX_MODSEQ)
             rest = parse_sp(parse_char(inner, b")"))
@@ -478,7 +478,7 @@ def _store(uid: bool) -> CommandParser:
             raise fail("Expected FLAGS, +FLAGS or -FLAGS", rest)
         mode = c.StoreMode(match.group(1).decode())
         rest = parse_sp(rest[match.end():])
-        if rest[:1] == b"(":
+        if peek(rest) == b"(":
             flags, rest = parse_flag_list(rest)
         else:
             flags, rest = parse_flags_unparenthesised(rest)

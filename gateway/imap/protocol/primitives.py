@@ -44,6 +44,11 @@ def buffer(data: bytes) -> Buffer:
     return memoryview(data)
 
 
+def peek(buf: Buffer, size: int = 1) -> bytes:
+    """The next ``size`` octets as bytes (empty at the end), without consuming them."""
+    return bytes(buf[:size])
+
+
 def describe(buf: Buffer) -> str:
     """A short, printable excerpt of where parsing stopped, for error reasons."""
     excerpt = bytes(buf[:20]).decode("ascii", "replace")
@@ -57,7 +62,7 @@ def fail(reason: str, buf: Buffer) -> ParseError:
 
 def parse_sp(buf: Buffer) -> Buffer:
     """SP: exactly one space."""
-    if buf[:1] != b" ":
+    if peek(buf) != b" ":
         raise fail("Expected a space", buf)
     return buf[1:]
 
@@ -73,13 +78,13 @@ def at_end(buf: Buffer) -> bool:
 
 
 def parse_char(buf: Buffer, char: bytes) -> Buffer:
-    if buf[:1] != char:
+    if peek(buf) != char:
         raise fail(f"Expected {char.decode()!r}", buf)
     return buf[1:]
 
 
 def try_char(buf: Buffer, char: bytes) -> Buffer | None:
-    return buf[1:] if buf[:1] == char else None
+    return buf[1:] if peek(buf) == char else None
 
 
 def try_keyword(buf: Buffer, keyword: bytes) -> Buffer | None:
@@ -128,7 +133,7 @@ def parse_nz_number(buf: Buffer) -> tuple[int, Buffer]:
 
 
 def parse_quoted(buf: Buffer) -> tuple[bytes, Buffer]:
-    if buf[:1] != b'"':
+    if peek(buf) != b'"':
         raise fail("Expected a quoted string", buf)
     match = QUOTED.match(buf)
     if match is None:
@@ -156,14 +161,14 @@ def parse_literal(buf: Buffer, *, allow_binary: bool = False) -> tuple[bytes, Bu
 
 
 def is_literal_start(buf: Buffer) -> bool:
-    return buf[:1] == b"{" or buf[:2] == b"~{"
+    return peek(buf) == b"{" or peek(buf, 2) == b"~{"
 
 
 def parse_string(buf: Buffer) -> tuple[bytes, Buffer]:
     """RFC 3501 9 ``string = quoted / literal``."""
-    if buf[:1] == b'"':
+    if peek(buf) == b'"':
         return parse_quoted(buf)
-    if buf[:1] == b"{":
+    if peek(buf) == b"{":
         octets, rest, _ = parse_literal(buf)
         return octets, rest
     raise fail("Expected a string", buf)
@@ -171,7 +176,7 @@ def parse_string(buf: Buffer) -> tuple[bytes, Buffer]:
 
 def parse_astring(buf: Buffer) -> tuple[bytes, Buffer]:
     """RFC 3501 9 ``astring = 1*ASTRING-CHAR / string``."""
-    if buf[:1] in (b'"', b"{"):
+    if peek(buf) in (b'"', b"{"):
         return parse_string(buf)
     return parse_atom(buf, ASTRING_ATOM)
 
@@ -202,7 +207,7 @@ def parse_paren_list(buf: Buffer, item: Callable[[Buffer], tuple[T, Buffer]],
     """``"(" [item *(SP item)] ")"``."""
     rest = parse_char(buf, b"(")
     items: list[T] = []
-    if rest[:1] == b")":
+    if peek(rest) == b")":
         if not allow_empty:
             raise fail("Empty list", buf)
         return items, rest[1:]
@@ -211,7 +216,7 @@ def parse_paren_list(buf: Buffer, item: Callable[[Buffer], tuple[T, Buffer]],
         items.append(value)
         if len(items) > max_items:
             raise fail("List too long", rest)
-        if rest[:1] == b")":
+        if peek(rest) == b")":
             return items, rest[1:]
         rest = parse_sp(rest)
 

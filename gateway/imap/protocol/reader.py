@@ -20,6 +20,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NoReturn
 
 from gateway.imap.protocol.errors import BadCommand, ImapError, LiteralTooLarge
 
@@ -144,12 +145,12 @@ class CommandAssembler:
 
     def next_line(self) -> bytes | None:
         """One bare CRLF-terminated line (IDLE's DONE, an AUTHENTICATE response), or None if incomplete."""
-        if self._parts or self._literal_remaining or self._skipping:
+        if self._parts or self._literal_remaining:
             raise RuntimeError("next_line called in the middle of a command")
-        line = self._take_line()
-        if line is not None:
-            self._reset()
-        return line
+        while self._skipping:
+            if not self._skip_some():
+                return None
+        return self._take_line()
 
     # -- lines ------------------------------------------------------------
     def _take_line(self) -> bytes | None:
@@ -166,7 +167,7 @@ class CommandAssembler:
         self._scanned = 0
         return line
 
-    def _refuse_overlong_line(self) -> None:
+    def _refuse_overlong_line(self) -> NoReturn:
         tag = self._tag if self._parts else read_tag(bytes(self._buffer[:256]))
         self._start_skipping(b"")
         raise BadCommand("Command line too long", tag=tag)
@@ -229,7 +230,7 @@ class CommandAssembler:
         return self._literal_remaining == 0
 
     # -- refusing and skipping ----------------------------------------------
-    def _refuse(self, error: ImapError, last_line: bytes) -> None:
+    def _refuse(self, error: ImapError, last_line: bytes) -> NoReturn:
         """Abandon the command after ``last_line``; skip what the client will still send."""
         marker = _literal_marker(last_line)
         self._reset()

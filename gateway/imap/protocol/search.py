@@ -14,13 +14,13 @@ import datetime as dt
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, TypeAlias
 
 from gateway.imap.protocol.dates import parse_date
 from gateway.imap.protocol.errors import BADCHARSET, ImapNo, ParseError
 from gateway.imap.protocol.primitives import (
-    ATOM, MAX_MODSEQ, Buffer, decode_utf8, fail, parse_astring, parse_atom, parse_char,
-    parse_number, parse_quoted, parse_sp, try_keyword,
+    ATOM, MAX_MODSEQ, Buffer, decode_utf8, fail, parse_astring, parse_atom, parse_char, parse_number,
+    parse_quoted, parse_sp, peek, try_keyword,
 )
 from gateway.imap.protocol.sequence import SequenceSet, parse_sequence_set
 
@@ -108,8 +108,8 @@ class SearchAnd:
     keys: tuple[SearchKey, ...]
 
 
-SearchKey = Union[SearchAll, SearchFlag, SearchDate, SearchHeader, SearchText, SearchSize,
-                  SearchSequence, SearchModSeq, SearchNot, SearchOr, SearchAnd]
+SearchKey: TypeAlias = (SearchAll | SearchFlag | SearchDate | SearchHeader | SearchText | SearchSize
+                        | SearchSequence | SearchModSeq | SearchNot | SearchOr | SearchAnd)
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class _SearchParser:
     def key(self, buf: Buffer, depth: int) -> tuple[SearchKey, Buffer]:
         if depth > MAX_DEPTH:
             raise fail("Search criteria nested too deeply", buf)
-        first = bytes(buf[:1])
+        first = peek(buf)
         if first == b"(":
             return self.group(buf, depth)
         if first.isdigit() or first in (b"*", b"$"):
@@ -172,10 +172,10 @@ class _SearchParser:
         if match is None:
             raise fail("Expected a search key", buf)
         name = match.group(0).upper()
-        rest = try_keyword(buf, name)
-        if rest is None:
+        after = try_keyword(buf, name)
+        if after is None:
             raise fail("Unknown search key", buf)
-        return self.keyword_key(name, rest, depth, buf)
+        return self.keyword_key(name, after, depth, buf)
 
     def keyword_key(self, name: bytes, rest: Buffer, depth: int, buf: Buffer) -> tuple[SearchKey, Buffer]:
         if name in _FLAG_KEYS:
@@ -200,7 +200,7 @@ class _SearchParser:
         while True:
             key, rest = self.key(rest, depth + 1)
             keys.append(key)
-            if rest[:1] == b")":
+            if peek(rest) == b")":
                 return (keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))), rest[1:]
             rest = parse_sp(rest)
 
@@ -245,7 +245,7 @@ class _SearchParser:
         rest = parse_sp(rest)
         entry_name: str | None = None
         entry_type: str | None = None
-        if rest[:1] == b'"':
+        if peek(rest) == b'"':
             name, rest = parse_quoted(rest)
             entry_name = decode_utf8(name, "MODSEQ entry name")
             if not entry_name.startswith("/flags/"):
@@ -282,7 +282,7 @@ def parse_return_options(buf: Buffer) -> tuple[tuple[str, ...], Buffer]:
     """RFC 4731 3.1: "RETURN" SP "(" [search-return-opt *(SP search-return-opt)] ")"; () means ALL."""
     rest = parse_char(buf, b"(")
     options: list[str] = []
-    while rest[:1] != b")":
+    while peek(rest) != b")":
         if options:
             rest = parse_sp(rest)
         atom, rest = parse_atom(rest, ATOM)
@@ -308,7 +308,7 @@ def parse_search_program(buf: Buffer) -> tuple[SearchProgram, Buffer]:
     return_options: tuple[str, ...] | None = None
     rest = buf
     after = try_keyword(rest, b"RETURN")
-    if after is not None and after[:2] == b" (":
+    if after is not None and peek(after, 2) == b" (":
         return_options, rest = parse_return_options(parse_sp(after))
         rest = parse_sp(rest)
     charset: str | None = None

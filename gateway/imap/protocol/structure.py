@@ -81,14 +81,37 @@ def message_octets(message: Message) -> bytes:
     return _crlf(buffer.getvalue())
 
 
+def _split_header(octets: bytes) -> tuple[bytes, bytes]:
+    """RFC 5322 2.1: the header ends at the first empty line (kept with the header, as BODY[HEADER] does)."""
+    index = octets.find(b"\r\n\r\n")
+    if index < 0:
+        return octets, b""
+    return octets[:index + 4], octets[index + 4:]
+
+
+def _children(part: Message) -> list[Message]:
+    payload = part.get_payload()
+    return [child for child in payload if isinstance(child, Message)] if isinstance(payload, list) else []
+
+
+def header_octets(part: Message) -> bytes:
+    """The header of a message or part as written, CRLF line ends, blank line included (BODY[HEADER]/[MIME])."""
+    return _split_header(message_octets(part))[0]
+
+
 def body_octets(part: Message) -> bytes:
-    """The body of a part as transferred (still content-transfer-encoded), CRLF line ends."""
+    """The body of a part as transferred (still content-transfer-encoded), CRLF line ends.
+
+    A message/rfc822 body is the nested message; a multipart body keeps its
+    boundaries, preamble and epilogue (RFC 2046 5.1.1).
+    """
     payload = part.get_payload()
     if isinstance(payload, list):
-        if _is_rfc822(part) and payload:
-            return message_octets(payload[0])
-        return b"".join(message_octets(sub) for sub in payload)
-    return _crlf(to_octets(payload or ""))
+        children = _children(part)
+        if _is_rfc822(part) and children:
+            return message_octets(children[0])
+        return _split_header(message_octets(part))[1]
+    return _crlf(to_octets(payload if isinstance(payload, (str, bytes)) else ""))
 
 
 def _line_count(octets: bytes) -> int:
@@ -166,8 +189,9 @@ def _single_part(part: Message, media: MimeValue, extensible: bool, utf8: bool) 
     octets = body_octets(part)
     fields = _basic_fields(part, media, octets, utf8)
     main = media.value.split("/")[0].lower()
-    if _is_rfc822(part):
-        nested = part.get_payload()[0]
+    nested_messages = _children(part) if _is_rfc822(part) else []
+    if nested_messages:
+        nested = nested_messages[0]
         fields += [format_envelope(nested, utf8=utf8), _structure(nested, extensible, utf8)]
         fields.append(str(_line_count(octets)).encode())
     elif main == "text":
@@ -179,7 +203,7 @@ def _single_part(part: Message, media: MimeValue, extensible: bool, utf8: bool) 
 
 def _multipart(part: Message, media: MimeValue, extensible: bool, utf8: bool) -> bytes:
     """RFC 3501 9 body-type-mpart = 1*body SP media-subtype [SP body-ext-mpart]."""
-    children = [child for child in part.get_payload() if isinstance(child, Message)]
+    children = _children(part)
     bodies = b"".join(_structure(child, extensible, utf8) for child in children)
     if not bodies:
         # 1*body: a multipart with no parts still needs one; an empty text part stands in.
