@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.imap.protocol.errors import BadCommand, ImapError, LiteralTooLarge
+from gateway.imap.protocol.errors import TRYCREATE, BadCommand, ImapError, ImapNo, LiteralTooLarge
 from gateway.imap.protocol.reader import (
     NEED_DATA, ClientDisconnected, CommandAssembler, CommandReader, ContinuationRequest, RawCommand,
     ReaderLimits, ReaderEvent,
@@ -200,3 +200,31 @@ async def test_async_read_line() -> None:
     stream = asyncio.StreamReader()
     stream.feed_data(b"DONE\r\n")
     assert await CommandReader(stream).read_line() == b"DONE"
+
+
+async def test_session_may_refuse_a_literal_before_it_is_sent() -> None:
+    """RFC 3501 7.5: a tagged NO instead of "+" (e.g. APPEND to a missing mailbox, [TRYCREATE])."""
+    stream = asyncio.StreamReader()
+    stream.feed_data(b"a1 APPEND Missing {5}\r\na2 NOOP\r\n")
+    reader = CommandReader(stream, SMALL)
+    seen: list[bytes] = []
+
+    async def refuse(request: ContinuationRequest) -> None:
+        seen.append(request.command_so_far)
+        raise ImapNo("No such mailbox", TRYCREATE)
+
+    with pytest.raises(ImapNo) as caught:
+        await reader.read_command(refuse)
+    assert caught.value.response() == b"a1 NO [TRYCREATE] No such mailbox\r\n"
+    assert seen == [b"a1 APPEND Missing {5}\r\n"]
+    assert await reader.read_command(refuse) == RawCommand(b"a2 NOOP", "a2", 0)
+
+
+def test_log_form_hides_credentials_and_literals() -> None:
+    assembler = CommandAssembler()
+    login = events(assembler, b"a LOGIN {3+}\r\nbob {6+}\r\nsecret\r\n")[0]
+    assert isinstance(login, RawCommand)
+    assert login.for_log() == "a LOGIN ***" and "secret" not in repr(login)
+    append = events(assembler, b"b APPEND INBOX {2+}\r\nhi\r\n")[0]
+    assert isinstance(append, RawCommand)
+    assert append.for_log() == "b APPEND INBOX {2+} (+1 literal(s), 23 octets)"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import NoReturn
 
@@ -45,22 +45,42 @@ class ReaderLimits:
     max_skip_size: int = 26 * 1024 * 1024     # bytes we will read and drop after a refused command
 
 
+_SECRET_COMMANDS = re.compile(rb"[^ ]+ (LOGIN|AUTHENTICATE) ", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class RawCommand:
     """One complete command as sent: lines and literals, literal markers kept, final CRLF removed."""
 
-    data: bytes
+    data: bytes = field(repr=False)
     tag: str | None
     literal_count: int
 
+    def for_log(self, limit: int = 200) -> str:
+        """A one-line, printable form for logs; LOGIN/AUTHENTICATE arguments and literal contents hidden."""
+        secret = _SECRET_COMMANDS.match(self.data)
+        if secret:
+            return secret.group(0).decode("ascii") + "***"
+        first_line = self.data.split(b"\r\n", 1)[0]
+        shown = first_line[:limit].decode("ascii", "replace")
+        more = f" (+{self.literal_count} literal(s), {len(self.data)} octets)" if self.literal_count else ""
+        return "".join(ch if ch.isprintable() else "?" for ch in shown) + more
+
 
 class ContinuationRequest:
-    """The session must send ``+ ...`` (RFC 3501 7.5) before the client sends the literal."""
+    """The session must send ``+ ...`` (RFC 3501 7.5) before the client sends the literal.
 
-    __slots__ = ("size",)
+    ``command_so_far`` lets the session refuse before the upload (RFC 3501 7.5
+    allows a tagged NO/BAD instead of "+"), e.g. APPEND to a missing mailbox
+    with [TRYCREATE] or over quota: it then calls ``abandon_command``.
+    """
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("size", "command_so_far", "tag")
+
+    def __init__(self, size: int, command_so_far: bytes = b"", tag: str | None = None) -> None:
         self.size = size
+        self.command_so_far = command_so_far
+        self.tag = tag
 
     def __repr__(self) -> str:
         return f"ContinuationRequest({self.size})"
@@ -152,6 +172,11 @@ class CommandAssembler:
                 return None
         return self._take_line()
 
+    def abandon_command(self) -> None:
+        """Drop the command awaiting a synchronising literal: we answered NO/BAD instead of "+",
+        so the client sends nothing more for it (RFC 3501 7.5)."""
+        self._reset()
+
     # -- lines ------------------------------------------------------------
     def _take_line(self) -> bytes | None:
         index = self._buffer.find(CRLF, max(0, self._scanned - 1))
@@ -184,7 +209,7 @@ class CommandAssembler:
         self._literals += 1
         self._literal_remaining = marker.size or 0
         if marker.synchronising:
-            return ContinuationRequest(self._literal_remaining)
+            return ContinuationRequest(self._literal_remaining, b"".join(self._parts), self._tag)
         return None
 
     def _complete(self) -> RawCommand:
@@ -289,6 +314,7 @@ class ClientDisconnected(Exception):
     """The client closed the connection (EOF), possibly in the middle of a command."""
 
 
+# Writes "+ ..." for the request, or raises an ImapError to refuse the literal before it is sent.
 SendContinuation = Callable[[ContinuationRequest], Awaitable[None]]
 
 
@@ -308,9 +334,20 @@ class CommandReader:
             if isinstance(event, RawCommand):
                 return event
             if isinstance(event, ContinuationRequest):
-                await send_continuation(event)
+                await self._continue_or_refuse(event, send_continuation)
                 continue
             await self._fill()
+
+    async def _continue_or_refuse(self, request: ContinuationRequest,
+                                  send_continuation: SendContinuation) -> None:
+        """``send_continuation`` writes "+" or raises an ``ImapError`` to refuse the literal."""
+        try:
+            await send_continuation(request)
+        except ImapError as error:
+            self.assembler.abandon_command()
+            if error.tag is None:
+                error.tag = request.tag
+            raise
 
     async def read_line(self) -> bytes:
         """One line without its CRLF (IDLE ``DONE``, RFC 2177; AUTHENTICATE responses, RFC 3501 6.2.2)."""
