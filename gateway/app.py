@@ -18,8 +18,12 @@ from pathlib import Path
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
+from gateway.mailstore.notify import ChangeHub
+from gateway.mailstore.sql import SqlMailStore
+from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
+from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 
 log = logging.getLogger("gateway")
@@ -32,6 +36,10 @@ class Services:
     hasher: PasswordHasher
     directory: DirectoryService
     pki: TestPKI
+    keys: KeyManager
+    blobs: BlobStore
+    hub: ChangeHub
+    mailstore: SqlMailStore
 
 
 @asynccontextmanager
@@ -43,12 +51,20 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         if migrate:
             await db.migrate()
         hasher = PasswordHasher.from_settings(settings.auth)
+        # Key-encryption keys live in files beside, never inside, the database (encryption at rest).
+        keys = KeyManager(db, settings.data_path / "keys")
+        blobs = BlobStore(settings.data_path / "blobs", keys)
+        hub = ChangeHub()
         yield Services(
             settings=settings,
             db=db,
             hasher=hasher,
             directory=DirectoryService(db, settings, hasher),
             pki=TestPKI.from_settings(settings),
+            keys=keys,
+            blobs=blobs,
+            hub=hub,
+            mailstore=SqlMailStore(db, blobs, hub),
         )
     finally:
         await db.dispose()
