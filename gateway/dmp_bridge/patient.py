@@ -161,25 +161,18 @@ def _absent_reason(ids: tuple[InstanceIdentifier, ...]) -> str:
 
 
 def _with_traits(patient: CdaPatient, ins: str, oid: str) -> PatientIdentity | IdentificationFailure:
-    missing = [
-        label
-        for label, value in (
-            ("birth family name", patient.birth_family_name),
-            ("first given name", patient.first_given_name),
-            ("birth date", patient.birth_date),
-            ("sex", patient.sex),
-        )
-        if not value
-    ]
-    if missing or patient.birth_family_name is None or patient.first_given_name is None or patient.birth_date is None or patient.sex is None:
-        return IdentificationFailure(INS_INCOMPLETE, f"INS {ins} comes without its mandatory traits: {', '.join(missing)} missing")
+    family, given, birth_date, sex = patient.birth_family_name, patient.first_given_name, patient.birth_date, patient.sex
+    if family is None or given is None or birth_date is None or sex is None:
+        labels = (("birth family name", family), ("first given name", given), ("birth date", birth_date), ("sex", sex))
+        missing = ", ".join(label for label, value in labels if value is None)
+        return IdentificationFailure(INS_INCOMPLETE, f"INS {ins} comes without its mandatory traits: {missing} missing")
     return PatientIdentity(
         ins=ins,
         oid=oid,
-        birth_family_name=patient.birth_family_name,
-        first_given_name=patient.first_given_name,
-        birth_date=patient.birth_date,
-        sex=patient.sex.upper(),
+        birth_family_name=family,
+        first_given_name=given,
+        birth_date=birth_date,
+        sex=sex.upper(),
         given_names=patient.given_names,
         used_family_name=patient.used_family_name,
         birthplace_code=patient.birthplace_code,
