@@ -7,7 +7,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from test_xdm import CDA_BYTES, Entry, build_xdm, metadata_xml
+from tests.dmp_bridge.xdm_builder import CDA_BYTES, Entry, build_xdm, metadata_xml
 
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.extract import ExtractionLimits, extract_documents

@@ -7,7 +7,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from test_xdm import Entry, build_xdm
+from tests.dmp_bridge.xdm_builder import Entry, build_xdm
 
 from gateway.dmp_bridge.extract import extract_documents
 from gateway.dmp_bridge.mss_headers import MssDocumentHeaders, apply_mss_headers, compute_mss_headers, mss_headers_for_message
