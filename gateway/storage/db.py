@@ -58,14 +58,20 @@ class Database:
             async with session.begin():
                 yield session
 
-    async def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to ``revision`` (default: the newest)."""
+    async def migrate(self, revision: str = "heads") -> None:
+        """Bring the schema to ``revision`` (default: the newest of every branch).
+
+        Areas may add their revisions as branches off a common base while they
+        are developed side by side; ``heads`` applies all of them.
+        """
         async with self.engine.begin() as conn:
             await conn.run_sync(_upgrade, revision)
 
     async def current_revision(self) -> str | None:
+        """The applied revision(s), comma-separated when several branches are applied."""
         async with self.engine.connect() as conn:
-            return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+            heads = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_heads())
+        return ",".join(sorted(heads)) or None
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -78,7 +84,8 @@ def alembic_config() -> AlembicConfig:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    """The newest revision(s) this version knows, comma-separated when there are branches."""
+    return ",".join(sorted(ScriptDirectory.from_config(alembic_config()).get_heads())) or None
 
 
 def _upgrade(connection: Connection, revision: str) -> None:
