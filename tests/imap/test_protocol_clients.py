@@ -130,7 +130,8 @@ async def test_imaplib_charset_search_with_a_literal(responder: tuple[Responder,
     def script(client: imaplib.IMAP4) -> None:
         client.login("bob", "pw")
         client.select("INBOX")
-        client.literal = "Compte rendu été".encode()    # imaplib sends it as a synchronising literal
+        # imaplib sends it as a synchronising literal (typeshed types the attribute as str).
+        client.literal = "Compte rendu été".encode()  # type: ignore[assignment]
         client.search("UTF-8", "SUBJECT")
 
     await run_client(port, script)

@@ -229,8 +229,7 @@ def test_body_is_bodystructure_without_extension_data(multipart: EmailMessage) -
 
 
 def test_sizes_agree_with_served_octets(multipart: EmailMessage) -> None:
-    parts = multipart.get_payload()
-    assert isinstance(parts, list)
+    parts = list(multipart.iter_parts())
     assert body_octets(parts[0]) == b"Bonjour,\r\nvoir le compte rendu."
     assert len(body_octets(parts[2])) == 113
 
