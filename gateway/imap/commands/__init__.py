@@ -1,0 +1,1 @@
+"""One module per IMAP command family; each exposes ``HANDLERS`` for the session's ``COMMANDS`` table."""

@@ -1,0 +1,129 @@
+"""What every command family shares: the handler result, mailbox-name resolution and access control.
+
+Namespaces (RFC 2342): the personal namespace has the empty prefix and "/"
+as separator; mailboxes delegated to the user (the directory's ``readable``
+set, read right only) appear in the shared namespace as
+``Shared/<address>/<folder>`` and are read-only.  Every name a client sends
+goes through ``resolve``: a name can only ever reach the user's own mailbox
+or one delegated to them, and a mailbox that is not delegated is answered
+exactly like a folder that does not exist (no way to probe addresses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.imap.protocol.errors import NONEXISTENT, NOPERM, CANNOT, ImapNo
+from gateway.imap.protocol.sequence import SequenceSet
+from gateway.mailstore.interface import INBOX, SEPARATOR, FolderRef
+
+if TYPE_CHECKING:
+    from gateway.imap.session import Session
+
+SHARED_PREFIX = "Shared"
+SHARED_ROOT = SHARED_PREFIX + SEPARATOR
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a handler returns: the tagged OK text and an optional response code (RFC 3501 7.1)."""
+
+    text: str
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A mailbox name resolved to a folder of a mailbox the user may reach."""
+
+    ref: FolderRef
+    name: str          # as the client names it (with the shared prefix for a delegated mailbox)
+    shared: bool
+
+    @property
+    def writable(self) -> bool:
+        return not self.shared
+
+
+def no_such_mailbox() -> ImapNo:
+    return ImapNo("No such mailbox", NONEXISTENT)
+
+
+def normalise_folder(name: str) -> str:
+    """RFC 3501 5.1: INBOX is case-insensitive, and so is the INBOX of a hierarchy path."""
+    if name.upper() == INBOX:
+        return INBOX
+    if name[: len(INBOX) + 1].upper() == INBOX + SEPARATOR:
+        return INBOX + name[len(INBOX):]
+    return name
+
+
+def is_shared_path(name: str) -> bool:
+    return name == SHARED_PREFIX or name.startswith(SHARED_ROOT)
+
+
+def shared_name(address: str, folder: str) -> str:
+    return f"{SHARED_ROOT}{address}{SEPARATOR}{folder}"
+
+
+def delegated_addresses(session: Session) -> list[str]:
+    """Addresses whose mailboxes the user may read besides their own, sorted."""
+    account = session.require_account()
+    return sorted(address for address in account.readable if address != account.address)
+
+
+async def delegated_mailbox_id(session: Session, address: str) -> int | None:
+    """The mailbox id behind a delegated address, or None when it is not delegated to this user."""
+    if address not in delegated_addresses(session):
+        return None
+    cache = session.delegated_ids
+    if address not in cache:
+        delegate = await session.context.directory.account(address)
+        if delegate is None:
+            return None
+        cache[address] = delegate.mailbox_id
+    return cache[address]
+
+
+async def resolve(session: Session, name: str) -> Target:
+    """Map a client's mailbox name to a folder it may reach; NO [NONEXISTENT] otherwise."""
+    account = session.require_account()
+    if not is_shared_path(name):
+        folder = normalise_folder(name)
+        return Target(FolderRef(account.mailbox_id, folder), folder, shared=False)
+    parts = name.split(SEPARATOR, 2)
+    if len(parts) < 3 or not parts[2]:
+        raise no_such_mailbox()
+    address, folder = parts[1].lower(), normalise_folder(parts[2])
+    mailbox_id = await delegated_mailbox_id(session, address)
+    if mailbox_id is None:
+        session.log.warning("refused access to shared path %r (not delegated)", name)
+        raise no_such_mailbox()
+    return Target(FolderRef(mailbox_id, folder), shared_name(address, folder), shared=True)
+
+
+async def resolve_writable(session: Session, name: str) -> Target:
+    """``resolve`` for commands that change the mailbox: delegated mailboxes are read-only."""
+    target = await resolve(session, name)
+    if not target.writable:
+        raise ImapNo("Delegated mailboxes are read-only", NOPERM)
+    return target
+
+
+def refuse_shared_name(name: str) -> None:
+    """The shared prefix is ours: a personal folder may not take it (RFC 2342 6)."""
+    if is_shared_path(name):
+        raise ImapNo("Names under Shared/ are reserved", CANNOT)
+
+
+def uid_sequence(uids: Sequence[int]) -> SequenceSet:
+    """UIDs as a sequence set, ranges merged only where the order is kept (RFC 4315 3 COPYUID)."""
+    ranges: list[tuple[int, int]] = []
+    for uid in uids:
+        if ranges and ranges[-1][1] == uid - 1:
+            ranges[-1] = (ranges[-1][0], uid)
+        else:
+            ranges.append((uid, uid))
+    return SequenceSet.of(*(low if low == high else (low, high) for low, high in ranges))

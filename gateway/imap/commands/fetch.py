@@ -1,0 +1,191 @@
+"""FETCH and UID FETCH (RFC 3501 6.4.5, 6.4.8; CHANGEDSINCE of RFC 7162 3.1.4.1; BINARY of RFC 3516).
+
+UID comes first in every FETCH response (ProtonMail bridge #204: Thunderbird
+shows the wrong message otherwise).  Flags and sizes come from the store's
+metadata; the body is read only when an item needs it.  Items that set
+``\\Seen`` (BODY[...] without .PEEK, RFC822, RFC822.TEXT) set it before the
+response is built, and the new FLAGS are returned with them (RFC 3501 6.4.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from gateway.imap.commands.base import Completion
+from gateway.imap.commands.content import MessageContent, binary_octets, find_part
+from gateway.imap.protocol import commands as c
+from gateway.imap.protocol import response
+from gateway.imap.protocol.fetch import FetchAttribute
+from gateway.imap.protocol.structure import format_bodystructure, format_envelope
+from gateway.imap.selected import Message, SelectedMailbox
+from gateway.mailstore.interface import SEEN, MessageMeta, StoreMode, UidSet
+
+if TYPE_CHECKING:
+    from gateway.imap.session import Handler, Session
+
+_ENVELOPE_ADDRESSES = ("from", "sender", "reply-to", "to", "cc", "bcc")
+
+
+async def fetch(session: Session, command: c.Command) -> Completion:
+    assert isinstance(command, c.Fetch)
+    selected = session.require_selected()
+    if command.changed_since is not None or any(item.name == "MODSEQ" for item in command.attributes):
+        _enable_condstore(session, selected)          # RFC 7162 3.1: these enable CONDSTORE
+    attributes = _with_implied(command, selected)
+    messages = selected.resolve(command.sequence_set, uid=command.uid)
+    if not messages:
+        return Completion("FETCH completed")
+    metas = await _metadata(session, selected, messages, command.changed_since)
+    newly_seen: set[int] = set()
+    if not selected.read_only and any(item.sets_seen() for item in attributes):
+        newly_seen = await _set_seen(session, selected, metas)
+    for message in messages:
+        meta = metas.get(message.uid)
+        if meta is None:
+            continue      # expunged by another session, not yet reported (RFC 3501 7.4.1), or unchanged
+        wanted = _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes
+        items = await render(session, selected, meta, wanted)
+        session.write(response.fetch(message.number, items))
+    return Completion("FETCH completed")
+
+
+def _enable_condstore(session: Session, selected: SelectedMailbox) -> None:
+    session.enabled.add("CONDSTORE")
+    selected.condstore = True
+
+
+def _with_implied(command: c.Fetch, selected: SelectedMailbox) -> tuple[FetchAttribute, ...]:
+    attributes = command.attributes
+    if command.uid:
+        attributes = _ensure(attributes, "UID")       # RFC 3501 6.4.8
+    if command.changed_since is not None:
+        attributes = _ensure(attributes, "MODSEQ")    # RFC 7162 3.1.4.1
+    return attributes
+
+
+def _ensure(attributes: tuple[FetchAttribute, ...], name: str) -> tuple[FetchAttribute, ...]:
+    if any(item.name == name and item.section is None for item in attributes):
+        return attributes
+    return (*attributes, FetchAttribute(name))
+
+
+async def _metadata(session: Session, selected: SelectedMailbox, messages: Sequence[Message],
+                    changed_since: int | None) -> dict[int, MessageMeta]:
+    uids = UidSet.from_uids(message.uid for message in messages)
+    found = await session.store.fetch(selected.ref, uids, changed_since=changed_since)
+    return {meta.uid: meta for meta in found}
+
+
+async def _set_seen(session: Session, selected: SelectedMailbox, metas: dict[int, MessageMeta]) -> set[int]:
+    """RFC 3501 6.4.5: BODY[...] sets \\Seen, in one STORE before answering; the FLAGS of the
+    messages it changed are then returned with them.  Returns their UIDs."""
+    unseen = [uid for uid, meta in metas.items() if SEEN not in meta.flags]
+    if not unseen:
+        return set()
+    result = await session.store.store_flags(selected.ref, UidSet.from_uids(unseen), StoreMode.ADD, [SEEN])
+    for update in result.updated:
+        selected.note_reported(update.uid, update.modseq)
+        old = metas[update.uid]
+        metas[update.uid] = dataclasses.replace(old, flags=update.flags, modseq=update.modseq)
+    return {update.uid for update in result.updated}
+
+
+async def render(session: Session, selected: SelectedMailbox, meta: MessageMeta,
+                 attributes: Sequence[FetchAttribute]) -> list[tuple[str, bytes]]:
+    """The (name, value) items of one ``* n FETCH`` response; ``response.fetch`` puts UID first."""
+    content = MessageContent(session.store, selected.ref, meta.uid)
+    items: list[tuple[str, bytes]] = []
+    for attribute in attributes:
+        items.append((attribute.response_name(), await _value(session, selected, meta, content, attribute)))
+    if any(name == "FLAGS" for name, _ in items):
+        selected.note_reported(meta.uid, meta.modseq)
+    return items
+
+
+async def _value(session: Session, selected: SelectedMailbox, meta: MessageMeta, content: MessageContent,
+                 attribute: FetchAttribute) -> bytes:
+    name = attribute.name
+    if attribute.section is not None:
+        return await _section_value(content, attribute)
+    simple = _simple_value(selected, meta, name)
+    if simple is not None:
+        return simple
+    if name == "ENVELOPE":
+        return await _envelope(meta, content, utf8=session.utf8)
+    if name in ("BODYSTRUCTURE", "BODY"):
+        return format_bodystructure(await content.parsed(), extensible=name == "BODYSTRUCTURE", utf8=session.utf8)
+    if name == "RFC822":
+        return response.literal(await content.raw())
+    if name == "RFC822.HEADER":
+        return response.literal(await content.head())
+    if name == "RFC822.TEXT":
+        return response.literal((await content.raw())[len(await content.head()):])
+    raise ValueError(f"unhandled fetch item {name}")
+
+
+def _simple_value(selected: SelectedMailbox, meta: MessageMeta, name: str) -> bytes | None:
+    if name == "UID":
+        return str(meta.uid).encode()
+    if name == "FLAGS":
+        return response.flag_list(selected.flags_for(meta.uid, meta.flags))
+    if name == "INTERNALDATE":
+        return response.internal_date(_aware(meta.internaldate))
+    if name == "RFC822.SIZE":
+        return str(meta.size).encode()
+    if name == "MODSEQ":
+        return b"(%d)" % meta.modseq                  # RFC 7162 3.1.4
+    return None
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+async def _section_value(content: MessageContent, attribute: FetchAttribute) -> bytes:
+    assert attribute.section is not None
+    if attribute.name in ("BINARY", "BINARY.SIZE"):
+        octets = await _binary(content, attribute)
+        if attribute.name == "BINARY.SIZE":
+            return str(len(octets)).encode()          # RFC 3516 4.3
+    else:
+        octets = await content.section(attribute.section)
+    if attribute.partial is not None:
+        start, length = attribute.partial             # RFC 3501 6.4.5 <origin.octets>
+        octets = octets[start:start + length]
+    if attribute.name == "BINARY" and b"\x00" in octets:
+        return response.literal8(octets)
+    return response.literal(octets)
+
+
+async def _binary(content: MessageContent, attribute: FetchAttribute) -> bytes:
+    assert attribute.section is not None
+    message = await content.parsed()
+    part = find_part(message, attribute.section.part) if attribute.section.part else message
+    return binary_octets(part) if part is not None else b""
+
+
+async def _envelope(meta: MessageMeta, content: MessageContent, *, utf8: bool) -> bytes:
+    """RFC 3501 7.4.2 ENVELOPE, from the store's cached header fields when it has them."""
+    cached = meta.envelope
+    if not cached:
+        return format_envelope(await content.head_message(), utf8=utf8)
+    fields = [response.nstring(cached.get("date"), utf8=utf8), response.nstring(cached.get("subject"), utf8=utf8)]
+    fields += [_address_list(cached.get(name), utf8) for name in _ENVELOPE_ADDRESSES]
+    fields += [response.nstring(cached.get("in-reply-to"), utf8=utf8),
+               response.nstring(cached.get("message-id"), utf8=utf8)]
+    return response.paren_list(fields)
+
+
+def _address_list(addresses: Any, utf8: bool) -> bytes:
+    """RFC 3501 9 address = "(" addr-name SP addr-adl SP addr-mailbox SP addr-host ")"; none is NIL."""
+    if not addresses:
+        return response.NIL
+    rendered = [response.paren_list(response.nstring(part, utf8=utf8) for part in address)
+                for address in addresses]
+    return b"(" + b"".join(rendered) + b")"
+
+
+HANDLERS: dict[type[c.Command], Handler] = {c.Fetch: fetch}

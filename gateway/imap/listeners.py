@@ -1,0 +1,81 @@
+"""Assemble the IMAP side for ``gateway serve``: TLS context, session context, the two listeners.
+
+``start_imap_listeners(services, settings, mailstore=...)`` opens
+``listen.imap_port`` (STARTTLS, RFC 3501 6.2.1) and ``listen.imaps_port``
+(implicit TLS, RFC 8314).  Client certificates are asked for but optional:
+when one is presented it must chain to the trust anchors, and it then allows
+SASL EXTERNAL (RFC 4422 appendix A).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from gateway.config import Settings
+from gateway.imap.protocol.capabilities import unknown_names
+from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimiter
+from gateway.imap.session import SessionContext, SessionSettings
+from gateway.mailstore.interface import MailStore
+from gateway.mailstore.notify import ChangeHub
+from gateway.security.tls import server_context
+
+log = logging.getLogger("gateway.imap")
+
+DEFAULT_CONNECTIONS_PER_USER = 20
+
+
+class ImapListeners(list[asyncio.Server]):
+    """The open listeners (a list, as ``gateway serve`` expects) and the server behind them."""
+
+    def __init__(self, server: ImapServer) -> None:
+        super().__init__(server.servers)
+        self.server = server
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.server.addresses()
+
+    async def aclose(self) -> None:
+        await self.server.close()
+
+
+def tls_context_from_pki(services: Any, settings: Settings) -> ssl.SSLContext:
+    """Our certificate (every name clients use, DNS names included) and optional client certificates."""
+    issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names,
+                                                     settings.pki.server_ips)
+    crls = tuple(path for path in getattr(services.pki, "crl_paths", ()) if path.is_file())
+    return server_context(issued.chain_path, issued.key_path, client_ca=services.pki.ca_bundle_path,
+                          require_client_cert=False, crls=crls)
+
+
+def session_settings(settings: Settings) -> SessionSettings:
+    """Session knobs; an ``[imap]`` settings section, when configuration has one, overrides the defaults."""
+    imap = getattr(settings, "imap", None)
+    disabled = tuple(getattr(imap, "disabled_capabilities", ()) or ())
+    for name in unknown_names(disabled):
+        log.warning("imap.disabled_capabilities: %s is not a capability we announce", name)
+    return SessionSettings(hostname=settings.hostname, disabled_capabilities=disabled)
+
+
+async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: MailStore,
+                               hub: ChangeHub | None = None) -> ImapListeners:
+    """Open the IMAP (STARTTLS) and IMAPS (implicit TLS) listeners on ``settings.listen``.
+
+    ``hub`` is the change hub the mail store publishes to (IDLE wake-ups); by
+    default the store's own ``hub`` attribute.
+    """
+    change_hub = hub if hub is not None else getattr(mailstore, "hub", None)
+    if not isinstance(change_hub, ChangeHub):
+        raise RuntimeError("IMAP needs the mail store's change hub for IDLE (pass hub=...)")
+    imap = getattr(settings, "imap", None)
+    limiter = UserConnectionLimiter(int(getattr(imap, "max_connections_per_user", DEFAULT_CONNECTIONS_PER_USER)))
+    context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
+                             limiter=limiter, settings=session_settings(settings))
+    config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
+                              implicit_tls_port=settings.listen.imaps_port,
+                              tls_context=tls_context_from_pki(services, settings))
+    server = ImapServer(config, context)
+    await server.start()
+    return ImapListeners(server)

@@ -1,0 +1,180 @@
+"""The selected mailbox as one session sees it (RFC 3501 2.3.1.2, 5.2, 7.4.1).
+
+``SelectedMailbox`` keeps the session's sequence-number -> UID map and the
+MODSEQ up to which the session has been told about changes.  After each
+command the session calls ``updates(...)``, which asks the store for its
+changes since that MODSEQ and turns them into untagged responses, the way
+pymap's ``SelectedMailbox.fork`` does:
+
+- new UIDs become ``* n EXISTS`` (and ``* n RECENT`` when this session claimed
+  them, RFC 3501 7.3.2);
+- flag changes made by *other* sessions become ``* n FETCH (UID u FLAGS (...))``
+  (with ``MODSEQ`` once CONDSTORE is enabled, RFC 7162 3.1.4);
+- expunges become ``* n EXPUNGE`` -- but only where RFC 3501 7.4.1 allows it:
+  never while answering FETCH, STORE or SEARCH (the UID forms may), and never
+  when no command is in progress.  Until then the expunged UIDs stay in the
+  map, so the numbers the client holds keep meaning the same messages.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.imap.protocol import response
+from gateway.imap.protocol.errors import BadCommand
+from gateway.imap.protocol.sequence import SequenceSet
+from gateway.mailstore.interface import RECENT, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of the view: its sequence number and UID."""
+
+    number: int
+    uid: int
+
+
+@dataclass
+class SelectedMailbox:
+    """The session's view of one folder; see the module docstring."""
+
+    ref: FolderRef
+    name: str                      # as the client named it (shared-namespace path included)
+    read_only: bool
+    uidvalidity: int
+    uids: list[int]
+    modseq: int
+    recent: set[int] = field(default_factory=set)
+    condstore: bool = False
+    pending_expunges: set[int] = field(default_factory=set)
+    # UID -> MODSEQ of flag changes this session already reported (its own STOREs).
+    reported: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: FolderSnapshot, name: str, *, read_only: bool,
+                      condstore: bool) -> SelectedMailbox:
+        return cls(ref=snapshot.ref, name=name, read_only=read_only or snapshot.read_only,
+                   uidvalidity=snapshot.uidvalidity, uids=list(snapshot.uids), modseq=snapshot.highestmodseq,
+                   recent=set(snapshot.recent_uids), condstore=condstore)
+
+    # --- sequence numbers and UIDs ---------------------------------------------------
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    def number_of(self, uid: int) -> int | None:
+        """RFC 3501 2.3.1.2: the sequence number of ``uid`` in this view, None if absent."""
+        index = bisect.bisect_left(self.uids, uid)
+        if index < len(self.uids) and self.uids[index] == uid:
+            return index + 1
+        return None
+
+    def by_numbers(self, sequence: SequenceSet) -> list[Message]:
+        """Messages named by sequence numbers; RFC 3501 9 seq-number: a number beyond EXISTS is BAD."""
+        if sequence.highest_explicit() > self.exists:
+            raise BadCommand("Invalid message sequence number")
+        return [Message(n, self.uids[n - 1]) for n in sequence.iter_values(self.exists)]
+
+    def by_uids(self, sequence: SequenceSet) -> list[Message]:
+        """Messages named by UIDs (RFC 3501 6.4.8): absent UIDs are ignored, "*" is the highest UID."""
+        if not self.uids:
+            return []
+        intervals = sequence.resolve(self.uids[-1])
+        found: list[Message] = []
+        for low, high in intervals:
+            start = bisect.bisect_left(self.uids, low)
+            stop = bisect.bisect_right(self.uids, high)
+            found.extend(Message(index + 1, self.uids[index]) for index in range(start, stop))
+        return found
+
+    def resolve(self, sequence: SequenceSet, *, uid: bool) -> list[Message]:
+        return self.by_uids(sequence) if uid else self.by_numbers(sequence)
+
+    def visible(self, uids: Iterable[int]) -> list[Message]:
+        """The messages of ``uids`` this view holds, in sequence order."""
+        messages = [Message(number, uid) for uid in uids if (number := self.number_of(uid)) is not None]
+        return sorted(messages, key=lambda message: message.number)
+
+    def is_expunged(self, uid: int) -> bool:
+        return uid in self.pending_expunges
+
+    # --- flags as this session shows them ----------------------------------------------
+
+    def flags_for(self, uid: int, stored: Iterable[str]) -> list[str]:
+        """Stored flags plus the session's ``\\Recent`` (RFC 3501 2.3.2)."""
+        shown = list(flags_sequence(stored))
+        if uid in self.recent:
+            shown.append(RECENT)
+        return shown
+
+    def note_reported(self, uid: int, modseq: int) -> None:
+        """This session already sent ``uid``'s flags as of ``modseq`` (a STORE reply)."""
+        self.reported[uid] = max(modseq, self.reported.get(uid, 0))
+
+    # --- changes made in this session ------------------------------------------------
+
+    def remove(self, uids: Iterable[int]) -> list[bytes]:
+        """Drop ``uids`` now, answering ``* n EXPUNGE`` for each (EXPUNGE, MOVE, CLOSE)."""
+        lines: list[bytes] = []
+        for uid in sorted(set(uids)):
+            number = self.number_of(uid)
+            self.pending_expunges.discard(uid)
+            if number is None:
+                continue
+            del self.uids[number - 1]
+            self.recent.discard(uid)
+            self.reported.pop(uid, None)
+            # RFC 3501 7.4.1: each EXPUNGE renumbers the messages after it at once.
+            lines.append(response.expunge(number))
+        return lines
+
+    # --- changes made elsewhere ------------------------------------------------------
+
+    async def updates(self, store: MailStore, *, allow_expunge: bool) -> list[bytes]:
+        """Untagged responses for everything that changed since the last call (see module docstring)."""
+        changes = await store.changes_since(self.ref, self.modseq)
+        lines: list[bytes] = []
+        known = set(self.uids)
+        self.pending_expunges.update(uid for uid in changes.expunged if uid in known)
+        if allow_expunge and self.pending_expunges:
+            lines += self.remove(list(self.pending_expunges))
+            known = set(self.uids)
+        fresh = sorted(update.uid for update in changes.updated
+                       if update.uid not in known and update.uid not in changes.expunged
+                       and (not self.uids or update.uid > self.uids[-1]))
+        lines += self._flag_changes(change for change in changes.updated if change.uid in known)
+        if fresh:
+            lines += await self._announce(store, fresh)
+        self.modseq = max(self.modseq, changes.highestmodseq)
+        return lines
+
+    def _flag_changes(self, changes: Iterable[FlagUpdate]) -> list[bytes]:
+        lines: list[bytes] = []
+        for change in sorted(changes, key=lambda item: item.uid):
+            if self.reported.get(change.uid, 0) >= change.modseq or change.uid in self.pending_expunges:
+                continue
+            number = self.number_of(change.uid)
+            if number is None:
+                continue
+            self.note_reported(change.uid, change.modseq)
+            lines.append(self.fetch_flags_line(number, change.uid, change.flags, change.modseq))
+        return lines
+
+    def fetch_flags_line(self, number: int, uid: int, stored: Iterable[str], modseq: int) -> bytes:
+        """``* n FETCH (UID u FLAGS (...) [MODSEQ (m)])``: UID first (Thunderbird, RFC 3501 7.4.2)."""
+        items: list[tuple[str, bytes]] = [("UID", str(uid).encode()),
+                                          ("FLAGS", response.flag_list(self.flags_for(uid, stored)))]
+        if self.condstore:
+            items.append(("MODSEQ", b"(%d)" % modseq))   # RFC 7162 3.1.4.1
+        return response.fetch(number, items)
+
+    async def _announce(self, store: MailStore, fresh: Sequence[int]) -> list[bytes]:
+        """RFC 3501 7.3.1 EXISTS and 7.3.2 RECENT for messages new to this session."""
+        self.uids.extend(fresh)
+        if not self.read_only:
+            self.recent.update(uid for uid in await store.claim_recent(self.ref) if uid in set(fresh))
+        return [response.exists(self.exists), response.recent(len(self.recent))]
+

@@ -1,0 +1,228 @@
+"""The IMAP listeners on asyncio: STARTTLS (port 143 style) and implicit TLS (port 993 style).
+
+One task per connection runs ``connection_loop``: greeting, then read a
+command (``protocol.reader``, literals and limits included), let the
+``Session`` execute it, flush, repeat.  Time limits:
+
+- a connection that has not logged in gets ``pre_auth_timeout`` seconds per
+  command (half-open and idle scanners do not hold sockets for long);
+- an authenticated one gets ``autologout_seconds`` (RFC 3501 5.4: at least 30
+  minutes); IDLE has its own limit (``commands.idle``);
+- a client that stops reading gets ``write_timeout`` seconds to drain.
+
+The per-user connection limit is generous (Thunderbird opens about five) and
+refused as a limit (``NO [LIMIT]``), never as a wrong password (stalwart#190).
+Every log line carries the connection id and, once known, the user (mox#30).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.imap.protocol import response
+from gateway.imap.protocol.errors import ImapError
+from gateway.imap.protocol.reader import (
+    ClientDisconnected, CommandReader, ContinuationRequest, RawCommand, ReaderLimits,
+)
+from gateway.imap.session import Session, SessionContext, State
+
+log = logging.getLogger("gateway.imap")
+_connection_numbers = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ImapServerConfig:
+    """Where to listen and how long to wait; built from settings by ``listeners``."""
+
+    host: str
+    starttls_port: int
+    implicit_tls_port: int
+    tls_context: ssl.SSLContext
+    max_connections: int = 2000
+    pre_auth_timeout: float = 60.0
+    autologout_seconds: float = 30 * 60.0
+    write_timeout: float = 60.0
+    tls_handshake_timeout: float = 30.0
+    reader_limits: ReaderLimits = field(default_factory=ReaderLimits)
+
+
+class UserConnectionLimiter:
+    """Counts authenticated connections per user; ``acquire`` fails beyond ``limit``."""
+
+    def __init__(self, limit: int = 20) -> None:
+        self.limit = limit
+        self._counts: Counter[str] = Counter()
+
+    def acquire(self, user: str) -> bool:
+        if self._counts[user] >= self.limit:
+            return False
+        self._counts[user] += 1
+        return True
+
+    def release(self, user: str) -> None:
+        self._counts[user] -= 1
+        if self._counts[user] <= 0:
+            del self._counts[user]
+
+    def count(self, user: str) -> int:
+        return self._counts[user]
+
+
+class ImapConnection:
+    """One client's byte stream: commands in, responses out, and the STARTTLS upgrade."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: ImapServerConfig) -> None:
+        self.stream = reader
+        self.writer = writer
+        self.config = config
+        self.commands = CommandReader(reader, config.reader_limits)
+
+    @property
+    def is_tls(self) -> bool:
+        return self.writer.get_extra_info("ssl_object") is not None
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        value = self.writer.get_extra_info("ssl_object")
+        return value if isinstance(value, ssl.SSLObject) else None
+
+    @property
+    def peer(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+
+    def write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    async def drain(self) -> None:
+        await asyncio.wait_for(self.writer.drain(), self.config.write_timeout)
+
+    async def read_command(self) -> RawCommand:
+        return await self.commands.read_command(self._continue)
+
+    async def _continue(self, request: ContinuationRequest) -> None:
+        """RFC 3501 7.5: ask for a synchronising literal."""
+        self.write(response.continuation("Ready for literal data"))
+        await self.drain()
+
+    async def read_line(self) -> bytes:
+        return await self.commands.read_line()
+
+    def discard_buffered_input(self) -> int:
+        """Forget anything read but not yet used (RFC 3501 6.2.1: nothing pipelined survives STARTTLS)."""
+        dropped = self.commands.assembler.buffered
+        self.commands = CommandReader(self.stream, self.config.reader_limits)
+        return dropped
+
+    async def start_tls(self) -> None:
+        await self.writer.start_tls(self.config.tls_context,
+                                    ssl_handshake_timeout=self.config.tls_handshake_timeout)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+class ImapServer:
+    """Owns the listening sockets and the connection tasks."""
+
+    def __init__(self, config: ImapServerConfig, context: SessionContext) -> None:
+        self.config = config
+        self.context = context
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> list[asyncio.Server]:
+        plain = await asyncio.start_server(self._plain_client, self.config.host, self.config.starttls_port,
+                                           reuse_address=True)
+        self.servers.append(plain)
+        implicit = await asyncio.start_server(self._tls_client, self.config.host, self.config.implicit_tls_port,
+                                              ssl=self.config.tls_context, reuse_address=True,
+                                              ssl_handshake_timeout=self.config.tls_handshake_timeout)
+        self.servers.append(implicit)
+        for server in self.servers:
+            log.info("IMAP listening on %s", ", ".join(str(s.getsockname()[:2]) for s in server.sockets))
+        return self.servers
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in list(self.connections):
+            task.cancel()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    async def _plain_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer)
+
+    async def _tls_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        connection = ImapConnection(reader, writer, self.config)
+        try:
+            if len(self.connections) > self.config.max_connections:
+                connection.write(response.bye("Too many connections, try again later"))
+                await connection.drain()
+                return
+            await connection_loop(connection, self.context, self.config)
+        except Exception:
+            log.exception("IMAP connection from %s failed", connection.peer)
+        finally:
+            self.connections.discard(task)
+            await connection.close()
+
+
+async def connection_loop(connection: ImapConnection, context: SessionContext, config: ImapServerConfig) -> None:
+    """Greeting, then commands until LOGOUT, a timeout, a fatal error or the client leaving."""
+    session = Session(connection, context, f"C{next(_connection_numbers)}")
+    session.log.info("connection from %s (%s)", connection.peer, "TLS" if connection.is_tls else "plain")
+    try:
+        # RFC 3501 7.1.1 greeting, with the capabilities (saves clients a round trip).
+        connection.write(response.greeting(f"{context.settings.hostname} IMAP4rev1 ready", session.capabilities()))
+        await connection.drain()
+        await _command_loop(connection, session, config)
+    except (ClientDisconnected, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+        session.log.info("client went away")
+    except TimeoutError:
+        session.log.info("client stopped reading")
+    finally:
+        session.close()
+        session.log.info("connection closed")
+
+
+async def _command_loop(connection: ImapConnection, session: Session, config: ImapServerConfig) -> None:
+    while session.state is not State.LOGOUT:
+        timeout = config.pre_auth_timeout if session.account is None else config.autologout_seconds
+        try:
+            raw = await asyncio.wait_for(connection.read_command(), timeout)
+        except TimeoutError:
+            # RFC 3501 5.4: the autologout timer; BYE says why before closing.
+            connection.write(response.bye("Autologout; idle for too long"))
+            await connection.drain()
+            return
+        except ImapError as error:
+            connection.write(error.response())
+            if error.fatal:
+                connection.write(response.bye("Protocol error, closing"))
+                await connection.drain()
+                return
+            await connection.drain()
+            continue
+        await session.execute(raw)
+        await connection.drain()

@@ -1,0 +1,298 @@
+"""The IMAP session state machine (RFC 3501 3, RFC 9051 3).
+
+States: not authenticated -> authenticated <-> selected -> logout.  One
+``COMMANDS`` table maps each command class to its handler (one module per
+family in ``gateway.imap.commands``), and one ``ALLOWED[state]`` table is
+checked before dispatch, as in mox's ``commandsState*`` and pymap's
+``do_command``.  Handlers raise ``ImapError`` (wire form included) or a mail
+store error carrying its response code; the boundary here turns either into
+the tagged reply, and anything else into ``NO [SERVERBUG]`` with the details
+in the log only.
+
+After each command in the selected state the session sends the untagged
+updates the selected view computes (``SelectedMailbox.updates``), with
+EXPUNGE held back during FETCH, STORE and SEARCH (RFC 3501 7.4.1).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.directory.service import Account, DirectoryService
+from gateway.imap.commands.base import Completion
+from gateway.imap.protocol import commands as c
+from gateway.imap.protocol import response
+from gateway.imap.protocol.capabilities import ConnectionState, compute_capabilities
+from gateway.imap.protocol.errors import LIMIT, SERVERBUG, BadCommand, ImapError, ImapNo
+from gateway.imap.protocol.parser import ParserOptions, parse_command
+from gateway.imap.protocol.reader import ClientDisconnected, RawCommand
+from gateway.imap.selected import SelectedMailbox
+from gateway.mailstore.errors import MailStoreError, UidValidityChanged
+from gateway.mailstore.interface import MailStore
+from gateway.mailstore.notify import ChangeHub
+
+log = logging.getLogger("gateway.imap")
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the connection id and the user, once known (mox#30: fail2ban)."""
+
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]) -> tuple[object, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        user = extra.get("user")
+        prefix = f"[{extra.get('connection')}{' ' + str(user) if user else ''}]"
+        return f"{prefix} {msg}", kwargs
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"   # RFC 3501 3.1
+    AUTHENTICATED = "authenticated"           # RFC 3501 3.2
+    SELECTED = "selected"                     # RFC 3501 3.3
+    LOGOUT = "logout"                         # RFC 3501 3.4
+
+
+class Connection(Protocol):
+    """What the session needs of its transport (``gateway.imap.server.ImapConnection``)."""
+
+    @property
+    def is_tls(self) -> bool: ...
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def read_line(self) -> bytes: ...
+
+    async def start_tls(self) -> None: ...
+
+    def discard_buffered_input(self) -> int: ...
+
+
+class ConnectionLimiter(Protocol):
+    """Per-user connection counting (``gateway.imap.server.UserConnectionLimiter``)."""
+
+    limit: int
+
+    def acquire(self, user: str) -> bool: ...
+
+    def release(self, user: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Knobs of one session, from configuration."""
+
+    hostname: str = "localhost"
+    disabled_capabilities: tuple[str, ...] = ()
+    max_auth_failures: int = 3            # per connection, then BYE
+    idle_poll_seconds: float = 30.0       # IDLE also looks for changes this often (other nodes, lost hints)
+    idle_timeout_seconds: float = 30 * 60  # RFC 2177 3: clients re-issue IDLE at least every 29 minutes
+    max_append_size: int = 25 * 1024 * 1024
+
+
+@dataclass
+class SessionContext:
+    """The services a session talks to; built once by the listener."""
+
+    mailstore: MailStore
+    hub: ChangeHub
+    directory: DirectoryService
+    limiter: ConnectionLimiter
+    settings: SessionSettings = field(default_factory=SessionSettings)
+
+
+Handler = Callable[["Session", c.Command], Awaitable[Completion]]
+
+
+class Session:
+    """One client connection's protocol state."""
+
+    def __init__(self, connection: Connection, context: SessionContext, connection_id: str) -> None:
+        self.connection = connection
+        self.context = context
+        self.connection_id = connection_id
+        self.state = State.NOT_AUTHENTICATED
+        self.account: Account | None = None
+        self.selected: SelectedMailbox | None = None
+        self.enabled: set[str] = set()
+        self.auth_failures = 0
+        self.delegated_ids: dict[str, int] = {}
+        self._holds_connection_slot = False
+        self.log = SessionLog(log, {"connection": connection_id})
+
+    # --- facts the handlers use ----------------------------------------------------------
+
+    @property
+    def store(self) -> MailStore:
+        return self.context.mailstore
+
+    @property
+    def utf8(self) -> bool:
+        return "UTF8=ACCEPT" in self.enabled      # RFC 6855 3
+
+    @property
+    def condstore(self) -> bool:
+        return "CONDSTORE" in self.enabled        # RFC 7162 3.1
+
+    def capabilities(self) -> tuple[str, ...]:
+        state = ConnectionState(tls=self.connection.is_tls, authenticated=self.account is not None,
+                                client_certificate=self._has_client_certificate())
+        return compute_capabilities(state, self.context.settings.disabled_capabilities)
+
+    def _has_client_certificate(self) -> bool:
+        ssl_object = self.connection.ssl_object
+        return ssl_object is not None and ssl_object.getpeercert(binary_form=True) is not None
+
+    def require_account(self) -> Account:
+        if self.account is None:
+            raise BadCommand("Not authenticated")
+        return self.account
+
+    def require_selected(self) -> SelectedMailbox:
+        if self.selected is None:
+            raise BadCommand("No mailbox selected")
+        return self.selected
+
+    def write(self, data: bytes) -> None:
+        self.connection.write(data)
+
+    def write_all(self, lines: list[bytes]) -> None:
+        for line in lines:
+            self.connection.write(line)
+
+    # --- state changes -------------------------------------------------------------------
+
+    def log_in(self, account: Account) -> None:
+        """Enter the authenticated state; a per-user limit is said as a limit (RFC 5530 [LIMIT])."""
+        if not self.context.limiter.acquire(account.address):
+            self.log.warning("user %s: connection limit (%d) reached", account.address, self.context.limiter.limit)
+            raise ImapNo(f"Too many connections for this account (limit {self.context.limiter.limit})", LIMIT)
+        self._holds_connection_slot = True
+        self.account = account
+        self.state = State.AUTHENTICATED
+        self.log = SessionLog(log, {"connection": self.connection_id, "user": account.address})
+        self.log.info("user %s logged in", account.address)
+
+    def select(self, mailbox: SelectedMailbox) -> None:
+        self.selected = mailbox
+        self.state = State.SELECTED
+
+    def deselect(self) -> None:
+        self.selected = None
+        if self.state is State.SELECTED:
+            self.state = State.AUTHENTICATED
+
+    def close(self) -> None:
+        """Release what the session holds; called once when the connection ends."""
+        if self._holds_connection_slot and self.account is not None:
+            self.context.limiter.release(self.account.address)
+            self._holds_connection_slot = False
+        self.selected = None
+        self.state = State.LOGOUT
+
+    # --- one command ---------------------------------------------------------------------
+
+    async def execute(self, raw: RawCommand) -> None:
+        """Parse, check the state, dispatch, send untagged updates and the tagged reply."""
+        try:
+            command = parse_command(raw, ParserOptions(utf8=self.utf8))
+        except ImapError as error:
+            self.write(error.response())
+            return
+        self.log.debug("command %s %s", command.tag, command.name)
+        if command.name not in ALLOWED[self.state]:
+            self.write(response.bad(command.tag, f"{command.name} not allowed now ({self.state.value})"))
+            return
+        await self._dispatch(command)
+
+    async def _dispatch(self, command: c.Command) -> None:
+        handler = COMMANDS[type(command)]
+        try:
+            completion = await handler(self, command)
+        except ImapError as error:
+            await self._send_updates(command)
+            self.write(error.response(command.tag))
+            self._enforce_auth_failure_limit()
+            return
+        except ClientDisconnected:
+            raise
+        except UidValidityChanged:
+            # The selected folder was deleted or re-created: its UIDs mean nothing any more.
+            self.write(response.bye("Selected mailbox was deleted"))
+            self.state = State.LOGOUT
+            return
+        except MailStoreError as error:
+            self.log.info("%s refused: %s", command.name, error)
+            await self._send_updates(command)
+            self.write(response.no(command.tag, str(error), error.imap_code))
+            return
+        except Exception:
+            self.log.exception("%s failed", command.name)
+            self.write(response.no(command.tag, "Internal server error", SERVERBUG))
+            return
+        if type(command) in NO_REPLY:
+            return
+        if self.state is State.LOGOUT:
+            self.write(response.ok(command.tag, completion.text, completion.code))
+            return
+        await self._send_updates(command)
+        self.write(response.ok(command.tag, completion.text, completion.code))
+
+    def _enforce_auth_failure_limit(self) -> None:
+        if self.auth_failures >= self.context.settings.max_auth_failures:
+            self.write(response.bye("Too many authentication failures"))
+            self.state = State.LOGOUT
+
+    async def _send_updates(self, command: c.Command) -> None:
+        if self.selected is None or self.state is not State.SELECTED:
+            return
+        lines = await self.selected.updates(self.store, allow_expunge=expunge_allowed_after(command))
+        self.write_all(lines)
+
+
+def expunge_allowed_after(command: c.Command) -> bool:
+    """RFC 3501 7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (their UID forms may)."""
+    if isinstance(command, c.Fetch | c.Store | c.Search):
+        return command.uid
+    return True
+
+
+# --- the two tables ---------------------------------------------------------------------
+
+def _build_commands() -> dict[type[c.Command], Handler]:
+    from gateway.imap.commands import auth, idle, mailboxes, messages, fetch, search
+
+    table: dict[type[c.Command], Handler] = {}
+    for module in (auth, mailboxes, messages, fetch, search, idle):
+        table.update(module.HANDLERS)
+    return table
+
+
+_ANY = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})                       # RFC 3501 6.1
+_NOT_AUTHENTICATED = _ANY | {"STARTTLS", "AUTHENTICATE", "LOGIN"}              # RFC 3501 6.2
+_AUTHENTICATED = _ANY | {                                                       # RFC 3501 6.3
+    "ENABLE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
+    "LSUB", "STATUS", "APPEND", "IDLE", "NAMESPACE", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
+}
+# RFC 3501 6.4; RFC 5161 3.1: ENABLE only in the authenticated state.
+_SELECTED = (_AUTHENTICATED - {"ENABLE"}) | {
+    "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+}
+
+ALLOWED: dict[State, frozenset[str]] = {
+    State.NOT_AUTHENTICATED: _NOT_AUTHENTICATED,
+    State.AUTHENTICATED: _AUTHENTICATED,
+    State.SELECTED: _SELECTED,
+    State.LOGOUT: frozenset(),
+}
+
+COMMANDS: dict[type[c.Command], Handler] = _build_commands()
+NO_REPLY: frozenset[type[c.Command]] = frozenset({c.StartTls})   # answered before the TLS handshake
