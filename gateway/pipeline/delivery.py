@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from gateway.errors import UserError
 from gateway.pipeline.queue import LocalWork, QueueStore
 from gateway.pipeline.spool import Spool
 from gateway.pipeline.trace import without_forged_results
@@ -35,10 +36,6 @@ class LocalStore(Protocol):
     """The mail store's delivery entry point (gateway.mailstore)."""
 
     async def deliver(self, mailbox_id: int, message: BinaryIO, *, delivery_key: str, folder: str = "INBOX") -> Any: ...
-
-
-class TemporaryDeliveryError(Exception):
-    """The store cannot take the message now (quota, storage busy): try again later."""
 
 
 class DeliveryStream(io.RawIOBase):
@@ -180,24 +177,25 @@ class LocalDelivery:
                 self.schedule(work.queue_id)
 
     async def deliver_message(self, queue_id: str) -> None:
-        for work in await self.queue.local_work(queue_id):
-            await self._deliver_one(work)
-        if await self.queue.finish_if_done(queue_id):
+        works = await self.queue.local_work(queue_id)
+        finished = [await self._deliver_one(work) for work in works]
+        if any(finished) or (not works and await self.queue.finish_if_done(queue_id)):
             self.spool.remove(queue_id)                         # the store holds its own copy now
 
-    async def _deliver_one(self, work: LocalWork) -> None:
+    async def _deliver_one(self, work: LocalWork) -> bool:
+        """Deliver to one recipient; True when that finished the whole message."""
         assert self.store is not None
         stream = DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.path_of(work.queue_id), self.authserv_id)
         try:
             await self.store.deliver(work.mailbox_id, stream, delivery_key=f"{work.queue_id}:{work.recipient_id}")
-        except TemporaryDeliveryError as exc:
+        except UserError as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...
             await self.queue.mark_deferred(work.recipient_id, str(exc), utcnow() + self.retry)
             log.info("deferred %s to %s: %s", work.queue_id, work.address, exc)
-            return
+            return False
         except Exception as exc:
             await self.queue.mark_deferred(work.recipient_id, f"{type(exc).__name__}: {exc}", utcnow() + self.retry)
             log.exception("delivery of %s to %s failed; deferred", work.queue_id, work.address)
-            return
+            return False
         finally:
             stream.close()
-        await self.queue.mark_delivered(work.recipient_id)
+        return await self.queue.mark_delivered(work.recipient_id, work.queue_id)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.pipeline.conversations import ConversationBook, ConversationChange
 from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
@@ -60,8 +61,15 @@ class QueueStore:
             rows = (await s.execute(stmt)).all()
         return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers) for r in rows if r.mailbox_id]
 
-    async def mark_delivered(self, recipient_id: int) -> None:
-        await self._set_state(recipient_id, RecipientState.DELIVERED, delivered_at=utcnow(), last_error=None)
+    async def mark_delivered(self, recipient_id: int, queue_id: str) -> bool:
+        """Record the delivery and, in the same transaction, finish the message when it was the
+        last open recipient; True when the message is done (its spool file may go)."""
+        now = utcnow()
+        async with self.db.session() as s:
+            await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
+                state=RecipientState.DELIVERED.value, attempts=QueuedRecipient.attempts + 1, updated_at=now,
+                delivered_at=now, last_error=None))
+            return await self._finish_if_done(s, queue_id)
 
     async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
         await self._set_state(recipient_id, RecipientState.DEFERRED, last_error=error[:2000], next_attempt_at=retry_at)
@@ -77,13 +85,17 @@ class QueueStore:
     async def finish_if_done(self, queue_id: str) -> bool:
         """Mark the message done when no recipient is open; True when it is (its spool file may go)."""
         async with self.db.session() as s:
-            open_count = await s.scalar(select(func.count()).select_from(QueuedRecipient).where(
-                QueuedRecipient.message_id == queue_id, QueuedRecipient.state.in_(OPEN_STATES)))
-            if open_count:
-                return False
-            await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id, QueuedMessage.state != MessageState.DONE.value)
-                            .values(state=MessageState.DONE.value, done_at=utcnow()))
-            return True
+            return await self._finish_if_done(s, queue_id)
+
+    @staticmethod
+    async def _finish_if_done(s: AsyncSession, queue_id: str) -> bool:
+        open_count = await s.scalar(select(func.count()).select_from(QueuedRecipient).where(
+            QueuedRecipient.message_id == queue_id, QueuedRecipient.state.in_(OPEN_STATES)))
+        if open_count:
+            return False
+        await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id, QueuedMessage.state != MessageState.DONE.value)
+                        .values(state=MessageState.DONE.value, done_at=utcnow()))
+        return True
 
     async def queued_message_ids(self) -> set[str]:
         async with self.db.session() as s:
