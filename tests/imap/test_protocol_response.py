@@ -14,7 +14,9 @@ from gateway.imap.protocol.errors import (
     NONEXISTENT, TRYCREATE, BadCommand, ImapNo, LiteralTooLarge, ParseError, ServerFault,
 )
 from gateway.imap.protocol.sequence import SequenceSet
-from gateway.imap.protocol.structure import body_octets, format_address_list, format_bodystructure, format_envelope
+from gateway.imap.protocol.structure import (
+    MAX_MIME_DEPTH, body_octets, format_address_list, format_bodystructure, format_envelope, parse_message,
+)
 
 # --- strings ----------------------------------------------------------------------------
 
@@ -279,3 +281,31 @@ def test_capabilities_can_be_switched_off_by_name() -> None:
     state = ConnectionState(tls=True, authenticated=True)
     assert "CONDSTORE" not in compute_capabilities(state, disabled=["condstore"])
     assert unknown_names(["CONDSTORE", "X-NOPE"]) == ["X-NOPE"]
+
+
+def _nested_multipart(depth: int) -> bytes:
+    head, tail = b"", b""
+    for level in range(depth):
+        head += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (level, level)
+        tail = b"\r\n--b%d--\r\n" % level + tail
+    return b"Subject: deep\r\n" + head + b"Content-Type: text/plain\r\n\r\nhi" + tail
+
+
+@pytest.mark.parametrize("depth", [MAX_MIME_DEPTH + 1, 300, 2000])
+def test_deep_mime_nesting_becomes_one_opaque_part(depth: int) -> None:
+    """Hostile nesting must not end in RecursionError (the email package recurses per level)."""
+    message = parse_message(_nested_multipart(depth))
+    assert format_bodystructure(message).startswith(b'("TEXT" "PLAIN"')
+    assert body_octets(message).startswith(b'--b0\r\nContent-Type: multipart/mixed; boundary="b1"')
+
+
+def test_nesting_within_the_limit_is_kept() -> None:
+    message = parse_message(_nested_multipart(MAX_MIME_DEPTH))
+    assert format_bodystructure(message).count(b'"MIXED"') == MAX_MIME_DEPTH
+
+
+def test_structure_cuts_deep_parts_parsed_elsewhere() -> None:
+    from email import message_from_bytes
+    structure = format_bodystructure(message_from_bytes(_nested_multipart(100), policy=policy.default))
+    assert structure.count(b'"MIXED"') == MAX_MIME_DEPTH
+    assert b'"APPLICATION" "OCTET-STREAM"' in structure

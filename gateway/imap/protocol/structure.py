@@ -13,7 +13,8 @@ import io
 import re
 from email.generator import BytesGenerator
 from email.message import Message
-from email.policy import compat32
+from email.parser import BytesParser
+from email.policy import compat32, default
 
 from gateway.imap.protocol.headers import ImapAddress, MimeValue, parse_address_list, parse_mime_value, unfold
 from gateway.imap.protocol.response import NIL, nstring, paren_list, string, to_octets
@@ -21,6 +22,38 @@ from gateway.imap.protocol.response import NIL, nstring, paren_list, string, to_
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _WIRE_POLICY = compat32.clone(linesep="\r\n", max_line_length=0)
 _ENVELOPE_ADDRESSES = ("From", "Sender", "Reply-To", "To", "Cc", "Bcc")
+# Deeper MIME nesting is shown as an opaque part: no client needs it, and
+# hostile messages must not exhaust the stack.
+MAX_MIME_DEPTH = 64
+_OPAQUE = MimeValue("APPLICATION/OCTET-STREAM", ())
+
+
+def mime_depth(message: Message) -> int:
+    """How deeply parts nest (0 for a single part), computed without recursion."""
+    deepest = 0
+    pending: list[tuple[Message, int]] = [(message, 0)]
+    while pending:
+        part, depth = pending.pop()
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in _children(part))
+    return deepest
+
+
+def parse_message(data: bytes) -> Message:
+    """Parse stored octets for ENVELOPE, BODYSTRUCTURE and BODY[section].
+
+    A message nested deeper than MAX_MIME_DEPTH (or too deep for the email
+    package) is parsed headers-only: its body becomes one opaque part, because
+    the email package's parser and generator recurse per level and hostile
+    nesting would otherwise end in RecursionError.
+    """
+    try:
+        message = BytesParser(policy=default).parsebytes(data)
+    except RecursionError:
+        message = None
+    if message is None or mime_depth(message) > MAX_MIME_DEPTH:
+        return BytesParser(policy=default).parsebytes(data, headersonly=True)
+    return message
 
 
 # --- raw header access -----------------------------------------------------------
@@ -184,15 +217,15 @@ def _basic_fields(part: Message, media: MimeValue, octets: bytes, utf8: bool) ->
     ]
 
 
-def _single_part(part: Message, media: MimeValue, extensible: bool, utf8: bool) -> bytes:
+def _single_part(part: Message, media: MimeValue, extensible: bool, utf8: bool, depth: int) -> bytes:
     """RFC 3501 9 body-type-1part: basic, text (+ lines) or message/rfc822 (+ envelope body lines)."""
     octets = body_octets(part)
     fields = _basic_fields(part, media, octets, utf8)
     main = media.value.split("/")[0].lower()
-    nested_messages = _children(part) if _is_rfc822(part) else []
+    nested_messages = _children(part) if media is not _OPAQUE and _is_rfc822(part) else []
     if nested_messages:
         nested = nested_messages[0]
-        fields += [format_envelope(nested, utf8=utf8), _structure(nested, extensible, utf8)]
+        fields += [format_envelope(nested, utf8=utf8), _structure(nested, extensible, utf8, depth + 1)]
         fields.append(str(_line_count(octets)).encode())
     elif main == "text":
         fields.append(str(_line_count(octets)).encode())
@@ -201,10 +234,10 @@ def _single_part(part: Message, media: MimeValue, extensible: bool, utf8: bool) 
     return paren_list(fields)
 
 
-def _multipart(part: Message, media: MimeValue, extensible: bool, utf8: bool) -> bytes:
+def _multipart(part: Message, media: MimeValue, extensible: bool, utf8: bool, depth: int) -> bytes:
     """RFC 3501 9 body-type-mpart = 1*body SP media-subtype [SP body-ext-mpart]."""
     children = _children(part)
-    bodies = b"".join(_structure(child, extensible, utf8) for child in children)
+    bodies = b"".join(_structure(child, extensible, utf8, depth + 1) for child in children)
     if not bodies:
         # 1*body: a multipart with no parts still needs one; an empty text part stands in.
         bodies = b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 0 0)'
@@ -214,14 +247,16 @@ def _multipart(part: Message, media: MimeValue, extensible: bool, utf8: bool) ->
     return b"(" + bodies + b" " + b" ".join(fields) + b")"
 
 
-def _structure(part: Message, extensible: bool, utf8: bool) -> bytes:
+def _structure(part: Message, extensible: bool, utf8: bool, depth: int = 0) -> bytes:
     media = _content_type(part)
+    if depth >= MAX_MIME_DEPTH and part.is_multipart():
+        return _single_part(part, _OPAQUE, extensible, utf8, depth)
     if media.value.lower().startswith("multipart/"):
         if part.is_multipart():
-            return _multipart(part, media, extensible, utf8)
+            return _multipart(part, media, extensible, utf8, depth)
         # A multipart without a usable boundary is plain text to everyone (RFC 2046 5.1.1).
         media = MimeValue("TEXT/PLAIN", (("CHARSET", "US-ASCII"),))
-    return _single_part(part, media, extensible, utf8)
+    return _single_part(part, media, extensible, utf8, depth)
 
 
 def format_bodystructure(message: Message, *, extensible: bool = True, utf8: bool = False) -> bytes:
