@@ -90,9 +90,9 @@ def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
 
 async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListeners:
     """Build the pipeline from ``services`` (db, directory, pki, mailstore) and open the three listeners."""
-    store = getattr(services, "mailstore", None)
-    if store is None:
-        raise RuntimeError("the SMTP listeners need the mail store service (services.mailstore) for local delivery")
+    from gateway.mailstore.delivery import LocalDelivery as MailStoreDelivery
+
+    store: LocalStore = MailStoreDelivery(services.mailstore)   # provisions folders, idempotent on delivery keys
     pipeline = build_pipeline(settings, services.db, services.directory, store)
     return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=getattr(services, "token_verifier", None))
