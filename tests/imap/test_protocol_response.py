@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from email import message_from_bytes, policy
+from email.policy import compat32
 from email.message import EmailMessage
 
 import pytest
@@ -224,6 +225,13 @@ EXPECTED_BODY = (
 
 def test_bodystructure_of_multipart_with_attachment_and_nested_message(multipart: EmailMessage) -> None:
     assert format_bodystructure(multipart) == EXPECTED_BODYSTRUCTURE
+
+
+def test_compat32_parsing_gives_the_same_structure() -> None:
+    """The session may parse with policy compat32; the raw-header views do not depend on it."""
+    message = parse_message(MULTIPART, compat32)
+    assert format_bodystructure(message) == EXPECTED_BODYSTRUCTURE
+    assert format_envelope(message) == format_envelope(parse_message(MULTIPART))
 
 
 def test_body_is_bodystructure_without_extension_data(multipart: EmailMessage) -> None:

@@ -14,7 +14,7 @@ import re
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
-from email.policy import compat32, default
+from email.policy import Policy, compat32, default
 
 from gateway.imap.protocol.headers import ImapAddress, MimeValue, parse_address_list, parse_mime_value, unfold
 from gateway.imap.protocol.response import NIL, nstring, paren_list, string, to_octets
@@ -39,7 +39,7 @@ def mime_depth(message: Message) -> int:
     return deepest
 
 
-def parse_message(data: bytes) -> Message:
+def parse_message(data: bytes, policy: Policy = default) -> Message:
     """Parse stored octets for ENVELOPE, BODYSTRUCTURE and BODY[section].
 
     A message nested deeper than MAX_MIME_DEPTH (or too deep for the email
@@ -48,11 +48,11 @@ def parse_message(data: bytes) -> Message:
     nesting would otherwise end in RecursionError.
     """
     try:
-        message = BytesParser(policy=default).parsebytes(data)
+        message = BytesParser(policy=policy).parsebytes(data)
     except RecursionError:
         message = None
     if message is None or mime_depth(message) > MAX_MIME_DEPTH:
-        return BytesParser(policy=default).parsebytes(data, headersonly=True)
+        return BytesParser(policy=policy).parsebytes(data, headersonly=True)
     return message
 
 
