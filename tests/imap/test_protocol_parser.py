@@ -10,6 +10,7 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol.errors import BadCommand, ImapError, ImapNo, ParseError
 from gateway.imap.protocol.fetch import BodySection, FetchAttribute
 from gateway.imap.protocol.parser import ParserOptions, parse_command, parse_idle_done, parse_sasl_response
+from gateway.imap.protocol.reader import ReaderLimits
 from gateway.imap.protocol.search import (
     SearchAll, SearchAnd, SearchDate, SearchFlag, SearchHeader, SearchModSeq, SearchNot, SearchSequence,
     SearchText,
@@ -296,3 +297,12 @@ def test_error_carries_the_tag_or_is_untagged() -> None:
     with pytest.raises(ParseError) as untagged:
         parse_command(b"(((")
     assert untagged.value.response().startswith(b"* BAD ")
+
+
+def test_long_uid_sets_from_clients_fit() -> None:
+    """Clients mark thousands of messages at once with a long UID set on one line."""
+    uids = ",".join(str(n) for n in range(100_000, 108_000, 2))
+    wire = f"t1 UID STORE {uids} +FLAGS.SILENT (\\Seen)".encode()
+    assert len(wire) < ReaderLimits().max_line_length
+    command = parse_command(wire)
+    assert isinstance(command, c.Store) and len(command.sequence_set.ranges) == 4000

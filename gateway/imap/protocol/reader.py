@@ -37,7 +37,9 @@ _MARKER_TAIL = 32   # longest literal marker we keep while skipping a line
 class ReaderLimits:
     """Bounds on what one command may make us hold in memory."""
 
-    max_line_length: int = 16 * 1024          # one line, without literals
+    # One line, without literals.  Clients send long UID sets on one line
+    # (Dovecot's imap_max_line_length is 64k for that reason).
+    max_line_length: int = 64 * 1024
     max_literal_size: int = 64 * 1024         # any literal outside APPEND
     max_append_size: int = 25 * 1024 * 1024   # APPEND message literal (RFC 7889 APPENDLIMIT)
     max_command_size: int = 26 * 1024 * 1024  # everything, lines and literals

@@ -15,7 +15,7 @@ from gateway.imap.protocol.errors import ParseError
 from gateway.imap.protocol.primitives import MAX_NUMBER, Buffer, fail
 
 _SET_TOKEN = re.compile(rb"[0-9*:,$]+")
-MAX_SET_ITEMS = 10_000
+MAX_SET_ITEMS = 100_000   # a 64 KiB line of single UIDs stays within it
 
 
 @dataclass(frozen=True)
