@@ -62,7 +62,7 @@ class Authenticate(Command):
 
     name: ClassVar[str] = "AUTHENTICATE"
     mechanism: str = ""
-    initial_response: bytes | None = None
+    initial_response: bytes | None = field(default=None, repr=False)   # may hold a password (PLAIN)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class List(Command):
     """RFC 3501 6.3.8 and LIST-EXTENDED (RFC 5258 3): selection options, patterns, return options.
 
     ``extended`` is true when the client used any RFC 5258 syntax, which
-    changes the response rules (RFC 5258 3.4: CHILDREN info is sent unasked only then).
+    changes the response rules (RFC 5258 3: e.g. CHILDINFO is only sent to an extended LIST).
     """
 
     name: ClassVar[str] = "LIST"

@@ -38,6 +38,7 @@ TOOBIG: Final = "TOOBIG"                    # RFC 4469 5, reused by RFC 7888 4
 BADCHARSET: Final = "BADCHARSET"            # RFC 3501 7.1
 UNKNOWN_CTE: Final = "UNKNOWN-CTE"          # RFC 3516 4.3
 MODIFIED: Final = "MODIFIED"                # RFC 7162 3.1.3 (carries a set)
+USEATTR: Final = "USEATTR"                  # RFC 6154 3: CREATE (USE ...) cannot be honoured
 
 _MAX_TEXT = 200
 

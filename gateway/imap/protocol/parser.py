@@ -45,7 +45,7 @@ _COMMAND_NAME = re.compile(rb"[A-Za-z]+")
 # RFC 3501 6.3.10 status-att, RFC 7162 3.1.6 HIGHESTMODSEQ, RFC 8438 SIZE, RFC 9051 DELETED.
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ",
                           "SIZE", "DELETED"})
-# RFC 5258 3.1 selection options (+ SPECIAL-USE, RFC 6154 5.1).
+# RFC 5258 3.1 selection options (+ SPECIAL-USE, RFC 6154).
 LIST_SELECTION = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 # RFC 2971 3.3: at most 30 pairs, field names up to 30 octets, values up to 1024.
 ID_MAX_PAIRS, ID_MAX_FIELD, ID_MAX_VALUE = 30, 30, 1024

@@ -225,7 +225,7 @@ def list_response(attributes: Iterable[str], delimiter: str | None, name: str, *
 
 
 def childinfo(*options: str) -> bytes:
-    """RFC 5258 4: the ``"CHILDINFO" ("SUBSCRIBED")`` extended item."""
+    """RFC 5258 mbox-list-extended item ``"CHILDINFO" ("SUBSCRIBED")`` (RECURSIVEMATCH results)."""
     return b'"CHILDINFO" ' + paren_list(quoted(option) for option in options)
 
 
