@@ -1,0 +1,165 @@
+"""The pure parts of the SMTP side: paths (RFC 5321 4.1.2), parameters and xtext (RFC 3461 4),
+the streaming header/MIME scan, the limiters, and the trace-field filter. No sockets here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.pipeline.limits import AuthLockout, ConcurrencyLimiter, RateLimiter
+from gateway.pipeline.parse import ParseLimits, scan_message
+from gateway.pipeline.trace import without_forged_results
+from gateway.smtp.codes import SmtpRefusal
+from gateway.smtp.parameters import (
+    decode_xtext,
+    encode_xtext,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
+from gateway.smtp.paths import parse_path, split_path_argument
+
+
+# --------------------------------------------------------------------------- paths
+
+@pytest.mark.parametrize("text, local, domain, route, quoted", [
+    ("<a.b@c.example>", "a.b", "c.example", (), False),
+    ("<@x.example,@y.example:a@c.example>", "a", "c.example", ("x.example", "y.example"), False),
+    ('<"a b@c"@d.example>', "a b@c", "d.example", (), True),
+    ("<a%b@c.example>", "a%b", "c.example", (), False),
+    ("a@c.example", "a", "c.example", (), False),
+    ("<élodie@hôpital.example>", "élodie", "hôpital.example", (), False),
+])
+def test_paths(text: str, local: str, domain: str, route: tuple[str, ...], quoted: bool) -> None:
+    path = parse_path(text, allow_null=False)
+    assert path is not None
+    assert (path.local_part, path.domain, path.source_route, path.quoted) == (local, domain, route, quoted)
+
+
+def test_null_path_only_where_allowed() -> None:
+    assert parse_path("<>", allow_null=True) is None
+    with pytest.raises(SmtpRefusal) as refused:
+        parse_path("<>", allow_null=False)
+    assert refused.value.reply.enhanced == "5.1.3"
+
+
+@pytest.mark.parametrize("bad", ["<a@>", "<@x:>", "<a@b>", "<a..b@c.example>", '<"unterminated@c.example>', "<a@-c.example>"])
+def test_malformed_paths(bad: str) -> None:
+    with pytest.raises(SmtpRefusal) as refused:
+        parse_path(bad, allow_null=False)
+    assert refused.value.reply.code == 553
+
+
+def test_split_path_argument_respects_quotes() -> None:
+    assert split_path_argument('<"x>y"@c.example> SIZE=10') == ('<"x>y"@c.example>', "SIZE=10")
+    assert split_path_argument("a@b.example BODY=8BITMIME") == ("a@b.example", "BODY=8BITMIME")
+
+
+# --------------------------------------------------------------------------- parameters
+
+def test_mail_parameters() -> None:
+    params = parse_mail_parameters("SIZE=1000 BODY=8bitmime SMTPUTF8 RET=hdrs ENVID=ab+2Bc AUTH=<>")
+    assert (params.size, params.body, params.smtputf8, params.ret, params.envid, params.auth) == (
+        1000, "8BITMIME", True, "HDRS", "ab+c", "<>")
+
+
+@pytest.mark.parametrize("text, code", [
+    ("SIZE=abc", 501), ("SIZE=1 SIZE=2", 501), ("BODY=BINARYMIME", 501), ("SMTPUTF8=yes", 501),
+    ("RET=NONE", 501), ("ENVID=" + "x" * 101, 501), ("ENVID=a+zz", 501), ("FOO=1", 555), ("=x", 501),
+])
+def test_bad_mail_parameters(text: str, code: int) -> None:
+    with pytest.raises(SmtpRefusal) as refused:
+        parse_mail_parameters(text)
+    assert refused.value.reply.code == code
+
+
+def test_rcpt_parameters() -> None:
+    params = parse_rcpt_parameters("NOTIFY=failure,DELAY ORCPT=rfc822;a+2Bb@c.example")
+    assert params.notify == frozenset({"FAILURE", "DELAY"}) and params.orcpt == "rfc822;a+b@c.example"
+    assert parse_rcpt_parameters("NOTIFY=NEVER").notify == frozenset({"NEVER"})
+    for bad in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=rfc822", "ORCPT=;a@b.example"):
+        with pytest.raises(SmtpRefusal):
+            parse_rcpt_parameters(bad)
+
+
+@given(st.text(min_size=0, max_size=60))
+def test_xtext_round_trip(value: str) -> None:
+    encoded = encode_xtext(value)
+    assert all(33 <= ord(c) <= 126 and c != "=" for c in encoded)
+    assert decode_xtext(encoded) == value
+
+
+# --------------------------------------------------------------------------- streaming scan
+
+LIMITS = ParseLimits(max_header_count=50, max_header_bytes=64 * 1024, max_mime_depth=5)
+
+
+def _write(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "m.eml"
+    path.write_bytes(data)
+    return path
+
+
+def test_headers_are_unfolded(tmp_path: Path) -> None:
+    facts = scan_message(_write(tmp_path, b"Subject: a\r\n  folded\r\nX-MSS-MES: FIN\r\n\r\nbody\r\n"), LIMITS)
+    assert facts.subject == "a folded" and facts.get("x-mss-mes") == "FIN" and facts.mime_depth == 0
+
+
+def test_mime_depth_follows_boundaries(tmp_path: Path) -> None:
+    data = (b"Content-Type: multipart/mixed; boundary=outer\r\n\r\npreamble\r\n--outer\r\n"
+            b"Content-Type: multipart/alternative;\r\n boundary=\"inner\"\r\n\r\n--inner\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+            b"--inner--\r\n--outer\r\nContent-Type: text/plain\r\n\r\n--not-a-boundary\r\n--outer--\r\n")
+    assert scan_message(_write(tmp_path, data), LIMITS).mime_depth == 2
+
+
+def test_header_section_bounds(tmp_path: Path) -> None:
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(51)) + b"\r\n"
+    with pytest.raises(SmtpRefusal) as refused:
+        scan_message(_write(tmp_path, many), LIMITS)
+    assert (refused.value.reply.code, refused.value.reply.enhanced) == (554, "5.6.0")
+
+
+# --------------------------------------------------------------------------- limiters
+
+def test_concurrency_slots_release_once() -> None:
+    limiter = ConcurrencyLimiter(2)
+    first, second = limiter.try_acquire("ip"), limiter.try_acquire("ip")
+    assert first and second and limiter.try_acquire("ip") is None
+    first.release()
+    first.release()                                    # idempotent: cannot free someone else's slot
+    assert limiter.snapshot() == {"ip": 1}
+    second.release()
+    assert limiter.snapshot() == {}
+
+
+def test_rate_limiter_window() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, window=60, clock=lambda: now[0])
+    assert limiter.allow("u") and limiter.allow("u") and not limiter.allow("u")
+    now[0] = 61
+    assert limiter.allow("u")
+    assert RateLimiter(0).allow("anyone")               # 0 = unlimited
+
+
+def test_auth_lockout() -> None:
+    now = [0.0]
+    lockout = AuthLockout(threshold=3, window=60, lockout=300, clock=lambda: now[0])
+    for _ in range(3):
+        assert lockout.seconds_locked("ip") == 0
+        lockout.record_failure("ip")
+    assert lockout.seconds_locked("ip") == 300
+    now[0] = 301
+    assert lockout.seconds_locked("ip") == 0
+
+
+# --------------------------------------------------------------------------- trace filter
+
+def test_forged_authentication_results_are_removed_from_the_header_only() -> None:
+    message = [b"Authentication-Results: gw.example; auth=pass\r\n", b"\tsmtp.auth=forged\r\n",
+               b"Authentication-Results: other.example; dkim=pass\r\n", b"Subject: s\r\n", b"\r\n",
+               b"Authentication-Results: gw.example; body text stays\r\n"]
+    assert list(without_forged_results(message, "gw.example")) == [
+        b"Authentication-Results: other.example; dkim=pass\r\n", b"Subject: s\r\n", b"\r\n",
+        b"Authentication-Results: gw.example; body text stays\r\n"]
