@@ -28,7 +28,7 @@ from gateway.imap.commands.base import Completion
 from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.capabilities import ConnectionState, compute_capabilities
-from gateway.imap.protocol.errors import LIMIT, SERVERBUG, BadCommand, ImapError, ImapNo
+from gateway.imap.protocol.errors import LIMIT, NONEXISTENT, SERVERBUG, TRYCREATE, BadCommand, ImapError, ImapNo
 from gateway.imap.protocol.parser import ParserOptions, parse_command
 from gateway.imap.protocol.reader import ClientDisconnected, RawCommand
 from gateway.imap.selected import SelectedMailbox
@@ -232,7 +232,7 @@ class Session:
         except MailStoreError as error:
             self.log.info("%s refused: %s", command.name, error)
             await self._send_updates(command)
-            self.write(response.no(command.tag, str(error), error.imap_code))
+            self.write(response.no(command.tag, str(error), response_code_for(error, command)))
             return
         except Exception:
             self.log.exception("%s failed", command.name)
@@ -256,6 +256,14 @@ class Session:
             return
         lines = await self.selected.updates(self.store, allow_expunge=expunge_allowed_after(command))
         self.write_all(lines)
+
+
+def response_code_for(error: MailStoreError, command: c.Command) -> str | None:
+    """RFC 3501 7.1: [TRYCREATE] only where creating the folder helps (APPEND, COPY, MOVE);
+    a missing folder elsewhere is RFC 5530 [NONEXISTENT]."""
+    if error.imap_code == TRYCREATE and not isinstance(command, c.Append | c.Copy | c.Move):
+        return NONEXISTENT
+    return error.imap_code
 
 
 def expunge_allowed_after(command: c.Command) -> bool:

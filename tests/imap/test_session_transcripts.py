@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def test_transcript(imap: RunningImap, path: Path) -> None:  # noqa: F811
     delegate = imap.account("ORG").address
     account = imap.new_account(delegated_from=delegate)
     variables = {"user": account.address, "password": account.password, "delegate": delegate,
-                 "other": imap.account("PER", 1).address}
+                 "other": imap.account("PER", 1).address,
+                 "plain": base64.b64encode(f"\0{account.address}\0{account.password}".encode()).decode()}
     port = imap.starttls_port if script.plain else imap.imaps_port
     run_script(script, HOST, port, imap.client_context(), variables)

@@ -131,19 +131,22 @@ class TranscriptRunner:
         return data
 
     def next_line(self) -> bytes:
-        """The next line to match; a literal is split into its own lines."""
-        if self.pending:
-            return self.pending.pop(0)
+        """The next line to match; a response with literals is split at each literal's lines."""
+        if not self.pending:
+            self.pending = self._response_lines()
+        return self.pending.pop(0)
+
+    def _response_lines(self) -> list[bytes]:
         line = self._read_line()
-        match = _LITERAL_AT_END.search(line)
-        if match:
+        lines = [line]
+        while match := _LITERAL_AT_END.search(line):
             literal = self._read_exact(int(match.group(1)))
-            self.pending = literal.split(b"\r\n")
-            if self.pending and self.pending[-1] == b"":
-                self.pending.pop()
-            rest = self._read_line()
-            self.pending.append(rest)
-        return line
+            parts = literal.split(b"\r\n")
+            if parts and parts[-1] == b"":
+                parts.pop()
+            line = self._read_line()
+            lines += parts + [line]
+        return lines
 
     def expect(self, step: Step) -> None:
         line = self.next_line().decode("utf-8", "replace")
