@@ -9,7 +9,9 @@ import pytest
 from gateway.imap.protocol import commands as c
 from gateway.imap.protocol.errors import BadCommand, ImapError, ImapNo, ParseError
 from gateway.imap.protocol.fetch import BodySection, FetchAttribute
-from gateway.imap.protocol.parser import ParserOptions, parse_command, parse_idle_done, parse_sasl_response
+from gateway.imap.protocol.parser import (
+    ParserOptions, append_target, parse_command, parse_idle_done, parse_sasl_response,
+)
 from gateway.imap.protocol.reader import ReaderLimits
 from gateway.imap.protocol.search import (
     SearchAll, SearchAnd, SearchDate, SearchFlag, SearchHeader, SearchModSeq, SearchNot, SearchSequence,
@@ -306,3 +308,13 @@ def test_long_uid_sets_from_clients_fit() -> None:
     assert len(wire) < ReaderLimits().max_line_length
     command = parse_command(wire)
     assert isinstance(command, c.Store) and len(command.sequence_set.ranges) == 4000
+
+
+@pytest.mark.parametrize(("prefix", "mailbox"), [
+    (b"a1 APPEND Drafts (\\Seen) {310}\r\n", "Drafts"),
+    (b'a2 append "Envoy&AOk-s" {1}\r\n', "Envoyés"),
+    (b"a3 APPEND {6}\r\n", None),                 # the literal announced is the mailbox name itself
+    (b"a4 LOGIN {3}\r\n", None),
+])
+def test_append_target_before_the_upload(prefix: bytes, mailbox: str | None) -> None:
+    assert append_target(prefix) == mailbox

@@ -73,6 +73,24 @@ def parse_command(raw: RawCommand | bytes, options: ParserOptions | None = None)
         raise
 
 
+def append_target(command_so_far: bytes, options: ParserOptions | None = None) -> str | None:
+    """The mailbox of an APPEND waiting for "+" before its message literal, else None.
+
+    Lets the session answer NO [TRYCREATE] or [OVERQUOTA] before the upload
+    (RFC 3501 6.3.11, 7.5) from ``ContinuationRequest.command_so_far``.
+    """
+    options = options or ParserOptions()
+    try:
+        _, rest = _parse_tag(memoryview(command_so_far))
+        name, rest = _parse_command_name(parse_sp(rest))
+        if name != "APPEND":
+            return None
+        mailbox, _ = _mailbox_arg(rest, options)
+    except ImapError:
+        return None
+    return mailbox
+
+
 def parse_idle_done(line: bytes) -> None:
     """RFC 2177 3: the only thing a client may send while idling is ``DONE``."""
     if line.strip().upper() != b"DONE":
