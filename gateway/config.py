@@ -183,6 +183,58 @@ class SmtpSettings(_Section):
     local_retry_seconds: int = Field(60, ge=1, description="delay before a deferred local delivery is tried again")
 
 
+class OutboundSettings(_Section):
+    """Delivery to other operators (RFC 5321 5: MX routing; MSSanté: verified, mutual TLS on every hop)."""
+
+    nameserver: str = Field("", description="DNS server for MX, A/AAAA and DKIM TXT lookups (an IP address). Empty: the system resolver")
+    nameserver_port: Port = Field(53, description="port of that DNS server")
+    dns_timeout_seconds: float = Field(10.0, gt=0, le=120, description="time allowed for one DNS lookup")
+    smtp_port: Port = Field(25, description="port of other operators' MX hosts (RFC 5321 4.5.4.1: 25)")
+    transport_map: list[str] = Field(
+        default_factory=list,
+        description="routes used instead of MX lookup, like Postfix's transport_maps, for operators reached without DNS: "
+        "[\"domain=host:port\", \"other.domain=host\"]",
+    )
+    connect_timeout_seconds: float = Field(30.0, gt=0, description="time allowed to open a connection to an MX host")
+    command_timeout_seconds: float = Field(
+        300.0, gt=0, description="time allowed for each SMTP reply (RFC 5321 4.5.3.2 suggests 5 min for MAIL, RCPT, DATA)")
+    max_concurrent_deliveries: int = Field(8, ge=1, le=256, description="SMTP transactions to other operators at once")
+    poll_seconds: float = Field(5.0, gt=0, le=600, description="how often the worker looks for due recipients")
+    retry_schedule_minutes: list[float] = Field(
+        default_factory=lambda: [7.5, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0],
+        description="wait after each failed attempt (mox's table): attempt 1 is immediate, attempt n+1 comes after entry n; "
+        "a temporary failure after the last entry becomes permanent (failure DSN)",
+    )
+    delay_warning_minutes: float = Field(
+        120.0, ge=0, description="a delay DSN (RFC 3464 Action: delayed) once a recipient has waited this long. 0: never")
+    max_queue_lifetime_hours: float = Field(
+        48.0, gt=0, description="a recipient still undelivered this long after arrival fails (5.4.7), whatever the table says")
+    @field_validator("transport_map")
+    @classmethod
+    def _routes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            domain, _, target = value.partition("=")
+            host, _, port = target.rpartition(":") if ":" in target else (target, "", "25")
+            if not domain.strip() or not host.strip() or not port.isdigit():
+                raise ValueError(f"{value!r}: expected \"domain=host:port\" or \"domain=host\"")
+        return values
+
+    tls_policy: Literal["verify-required"] = Field(
+        "verify-required",
+        description="fixed MSSanté policy, documented here: STARTTLS is mandatory, TLS 1.2+, the MX certificate must chain to the "
+        "trust anchors and name the MX host, and we present our client certificate. No plaintext fallback exists",
+    )
+
+
+class DkimSettings(_Section):
+    """DKIM (RFC 6376): signing what leaves for our domains, verifying what arrives."""
+
+    selector: str = Field("mss1", description="selector of new keys (<selector>._domainkey.<domain> TXT record)")
+    key_dir: str = Field("", description="private keys, one per domain: <key_dir>/<domain>/<selector>.key (0600). Empty: <data_dir>/dkim")
+    sign: bool = Field(True, description="sign outgoing mail whose From domain has a key (relaxed/relaxed, rsa-sha256)")
+    verify: bool = Field(True, description="verify inbound signatures and report dkim= in Authentication-Results (RFC 8601)")
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
@@ -193,6 +245,8 @@ class Settings(_Section):
     pki: PkiSettings = Field(default_factory=PkiSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    dkim: DkimSettings = Field(default_factory=DkimSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property

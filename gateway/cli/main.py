@@ -19,6 +19,9 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.domain", "domain"),
     ("gateway.cli.mailbox", "mailbox"),
     ("gateway.cli.certs", "certs"),
+    ("gateway.cli.audit", "audit"),
+    ("gateway.cli.queue", "queue"),
+    ("gateway.cli.dkim", "dkim"),
 ]
 
 

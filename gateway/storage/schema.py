@@ -7,6 +7,7 @@ so the migrations see it.
 from gateway.storage import models  # noqa: F401  (directory tables)
 from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
 from gateway.pipeline import models as pipeline_tables  # noqa: F401  (SMTP queue, conversations: revision 0003)
+from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM signatures, attempts: revision 0004)
 from gateway.storage.models import Base
 
 metadata = Base.metadata
