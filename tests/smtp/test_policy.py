@@ -139,3 +139,21 @@ def test_too_many_recipients(tmp_path_factory: pytest.TempPathFactory) -> None:
             assert (code, text) == (452, b"4.5.3 Too many recipients (limit 2)")
     finally:
         gateway.stop()
+
+
+def test_rate_limit_and_first_contact_exception(tmp_path_factory: pytest.TempPathFactory) -> None:
+    gateway = GatewayThread(tmp_path_factory.mktemp("rates") / "data", overrides={"smtp": {
+        "messages_per_minute_per_user": 2, "patient_first_contact": [f"marc.pharmacien@{OURS}"]}}).start()
+    try:
+        patient, pharmacist, doctor = gateway.account("PAT"), gateway.account("PER", 1), gateway.account("PER", 0)
+        with logged_in(gateway, patient.address, patient.password) as client:
+            # The pharmacy exception (mssante.md 2.1): no prior message needed for this address...
+            assert client.sendmail(patient.address, [pharmacist.address], message(patient.address, pharmacist.address)) == {}
+            # ...but only for it.
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                client.sendmail(patient.address, [doctor.address], message(patient.address, doctor.address))
+            # Two transactions used the minute's allowance: the third is deferred, said as a rate.
+            code, text = client.mail(patient.address)
+        assert (code, text) == (450, f"4.7.1 Too many messages from {patient.address} (limit 2 per 60s); try again later".encode())
+    finally:
+        gateway.stop()
