@@ -185,7 +185,8 @@ class LocalDelivery:
     async def _deliver_one(self, work: LocalWork) -> bool:
         """Deliver to one recipient; True when that finished the whole message."""
         assert self.store is not None
-        stream = DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.path_of(work.queue_id), self.authserv_id)
+        stream = io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.path_of(work.queue_id),
+                                                  self.authserv_id), CHUNK)
         try:
             await self.store.deliver(work.mailbox_id, stream, delivery_key=f"{work.queue_id}:{work.recipient_id}")
         except UserError as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...

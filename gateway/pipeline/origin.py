@@ -10,6 +10,7 @@ import hashlib
 import ssl
 from dataclasses import dataclass
 from enum import Enum
+from typing import cast
 
 from gateway.directory.service import Account
 
@@ -41,8 +42,10 @@ class TlsInfo:
         name, _, bits = ssl_object.cipher() or ("unknown", "", 0)
         der = ssl_object.getpeercert(binary_form=True)
         parsed = ssl_object.getpeercert() if der else None   # a dict only for a verified certificate
-        dns_names = tuple(v.lower() for k, v in (parsed or {}).get("subjectAltName", ()) if k == "DNS")
-        common_name = next((v for rdn in (parsed or {}).get("subject", ()) for k, v in rdn if k == "commonName"), None)
+        alt_names = cast(tuple[tuple[str, str], ...], (parsed or {}).get("subjectAltName", ()))
+        subject = cast(tuple[tuple[tuple[str, str], ...], ...], (parsed or {}).get("subject", ()))
+        dns_names = tuple(value.lower() for kind, value in alt_names if kind == "DNS")
+        common_name = next((value for rdn in subject for kind, value in rdn if kind == "commonName"), None)
         return cls(
             version=ssl_object.version() or "unknown", cipher=name, bits=int(bits or 0),
             peer_certificate_sha256=hashlib.sha256(der).hexdigest() if der and parsed else None,

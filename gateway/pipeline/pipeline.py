@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import DBAPIError
@@ -56,6 +57,7 @@ class Pipeline:
         self.smtp = settings.smtp
         self.queue = queue
         self.spool = spool
+        self._remote_listeners: list[Callable[[], None]] = []
         self.delivery = delivery
         self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact)
         self.user_rate = RateLimiter(settings.smtp.messages_per_minute_per_user)
@@ -87,6 +89,10 @@ class Pipeline:
         transaction.recipients.append((accepted, params))
         return accepted
 
+    def on_remote_queued(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a message with remote recipients is queued (wakes the outbound worker)."""
+        self._remote_listeners.append(listener)
+
     def open_spool(self) -> SpoolFile:
         return self.spool.new_file()
 
@@ -113,6 +119,9 @@ class Pipeline:
         spool_file.keep()
         if any(r.route == RouteKind.LOCAL.value for r in recipients):
             self.delivery.schedule(spool_file.queue_id)
+        if any(r.route == RouteKind.REMOTE.value for r in recipients):
+            for listener in self._remote_listeners:
+                listener()
         log.info("queued %s from %s (%s) for %d recipient(s), %d octets", spool_file.queue_id, transaction.sender or "<>",
                  transaction.origin.door.value, len(recipients), spool_file.size)
         return spool_file.queue_id

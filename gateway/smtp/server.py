@@ -268,9 +268,10 @@ class GatewaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing an idle connection.
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"{codes.TIMEOUT}\r\n".encode())
-        super()._timeout_cb()
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{codes.TIMEOUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
@@ -398,7 +399,7 @@ class GatewaySMTP(SMTP):
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="EHLO needs a domain or address literal"))
-        self._set_rset_state()                                        # RFC 5321 4.1.4: EHLO resets the transaction
+        self._set_rset_state()  # type: ignore[no-untyped-call]  # RFC 5321 4.1.4: EHLO resets
         self.gsession.host_name = hostname
         self.gsession.extended_smtp = True
         context = EhloContext(
@@ -413,7 +414,7 @@ class GatewaySMTP(SMTP):
     async def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="HELO needs a domain"))
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         self.gsession.host_name = hostname
         self.gsession.extended_smtp = False
         await self.push(f"250 {self.hostname}")
@@ -424,7 +425,7 @@ class GatewaySMTP(SMTP):
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="RSET takes no argument"))
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         await self.reply(codes.OK)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
