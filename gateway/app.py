@@ -12,17 +12,20 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
+from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
+from gateway.smtp.listeners import start_smtp_listeners
+from gateway.smtp.outbound import OutboundWorker, outbound_tls_context
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 
@@ -93,18 +96,32 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        async with open_services(self.settings) as services:
+        async with open_services(self.settings) as services, AsyncExitStack() as running:
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
-            servers = await self._start_listeners(services)
-            self._write_ready_file(servers)
-            log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in servers))
+            endpoints = await self._start(services, running)
+            self._write_ready_file(endpoints)
+            log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in endpoints))
             await self._stop.wait()
             log.info("gateway stopping")
+        clear_ready_file(self.settings.data_path)
 
-    async def _start_listeners(self, services: Services) -> list[tuple[str, str, int]]:
-        """Start the protocol listeners that exist; returns (name, host, port) of each."""
-        return []
+    async def _start(self, services: Services, running: AsyncExitStack) -> list[tuple[str, str, int]]:
+        """Start the workers and open every listener; each is stopped by ``running`` in reverse order."""
+        settings = self.settings
+        smtp = await start_smtp_listeners(services, settings)
+        running.push_async_callback(smtp.aclose)
+        outbound = OutboundWorker(services.db, settings, tls_context=outbound_tls_context(services.pki, settings),
+                                  directory=services.directory, spool=smtp.pipeline.spool,
+                                  schedule_local=smtp.delivery.schedule)
+        await outbound.start()
+        running.push_async_callback(outbound.stop)
+        smtp.pipeline.on_remote_queued(outbound.wake)
+        imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
+        running.push_async_callback(imap.aclose)
+        endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
+        endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
+        return endpoints
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
