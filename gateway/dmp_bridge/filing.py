@@ -1,0 +1,654 @@
+"""File the documents of a delivered message into the patient's record (mssante.md §3.1, §3.4, §7).
+
+``file_into_record`` takes what ``extract_documents`` found and decides, per
+document, one outcome: filed, duplicate, skipped (not a report of its own) or
+refused with a CI-SIS integration code (§1.7: 900-906). Every document is filed
+in its own transaction, with its audit entry, so one refusal never undoes
+another document's filing.
+
+Who the patient is:
+- a CDA: its ``recordTarget`` INS with the identity traits (``patient.py``);
+- an XDM entry without a CDA: the METADATA ``patientId`` (an INS root), with
+  the ``sourcePatientInfo`` traits when they are complete;
+- a plain PDF: only when it was delivered to a patient's mailbox (that patient).
+The INS must be in the directory (else 902), with matching traits (else 904),
+and the patient's space must be active: an opposed or closed patient gets
+nothing filed. A document delivered to a patient's mailbox must be about that
+patient (else 904: a misaddressed message is never filed into anyone's record).
+
+What is not filed as a report of its own (outcome ``skipped``): IHE DSG
+signature entries of an XDM (they sign the submission set; they stay in the
+delivered message, and ``signature_result`` records a verification once one
+is made), and a PDF attached beside a CDA or XDM in the same message (CI-SIS
+ECO.2.1.1: it is the rendering of the structured document, which is what is
+filed), and a bare PDF sent to a professional (nobody to file it for).
+
+Idempotence: the same unique id (CDA id, XDS uniqueId) or the same (setId,
+versionNumber) is filed once; both are unique in the table, so concurrent
+filers of one document (a message sent to the patient and to the doctor)
+collide in the database, and the loser sees a duplicate.
+
+Version replacement (IHE XDS RPLC): the document named by the
+``relatedDocument/parentDocument`` id is superseded. When that id is in no
+record (the CI-SIS BIO V2 sample names a parent that is not V1's id), the
+latest current version of the same setId with a lower version number is
+superseded instead. A replacement whose setId already has a newer current
+version is refused (900); a replacement by an author from neither the same
+professional nor the same organisation is refused (901). A lower version
+arriving after a newer one is filed as already superseded (history complete).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
+from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
+from gateway.dmp_bridge.errors import IntegrationCode
+from gateway.dmp_bridge.extract import ExtractedDocument, ExtractionResult
+from gateway.dmp_bridge.patient import (
+    IdentificationFailure,
+    KnownPatientTraits,
+    PatientIdentity,
+    compare_with_known,
+    identify_document,
+)
+from gateway.dmp_bridge.record import (
+    CONFIDENTIALITY_LEVELS,
+    INVISIBLE_TO_LEGAL_REPRESENTATIVES,
+    INVISIBLE_TO_PATIENT,
+    MASKED_TO_PROFESSIONALS,
+    patient_owner,
+)
+from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind, RecordDocument
+from gateway.dmp_bridge.xdm import DocumentEntry, XdsAuthor, XdsCode
+from gateway.storage.blobs import BlobStore, StoredBlob
+from gateway.storage.db import Database
+from gateway.storage.models import Patient, PatientState, utcnow
+
+log = logging.getLogger("gateway.dmp.filing")
+
+PDF_FORMAT = ("urn:ihe:iti:xds-sd:pdf:2008", "1.3.6.1.4.1.19376.1.2.3")  # IHE XDS-SD, CDA level 1 with a PDF
+UUID_OID_ARC = "2.25"  # ITU-T X.667: an OID made of a UUID, for documents that bring no id of their own
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class FilingContext:
+    """The delivery a message is filed from."""
+
+    delivery_key: str | None = None
+    message_id: str | None = None
+    sender: str | None = None
+    mailbox_patient_id: int | None = None  # set when delivered to a patient's mailbox
+    accept_production: bool = False  # production INS roots (…4.8/.9): the directory policy
+
+
+@dataclass(frozen=True)
+class DocumentOutcome:
+    attachment: str | None
+    unique_id: str | None
+    outcome: OutcomeKind
+    code: IntegrationCode | None = None
+    reason: str | None = None
+    record_document_id: int | None = None
+    patient_id: int | None = None
+    patient_ins: str | None = None
+
+
+@dataclass(frozen=True)
+class FilingReport:
+    outcomes: tuple[DocumentOutcome, ...]
+
+    @property
+    def filed(self) -> tuple[DocumentOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.outcome == OutcomeKind.FILED)
+
+    @property
+    def refused(self) -> tuple[DocumentOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.outcome == OutcomeKind.REFUSED)
+
+    @property
+    def in_record(self) -> tuple[DocumentOutcome, ...]:
+        """Filed now or earlier: the message's documents that the record holds."""
+        return tuple(o for o in self.outcomes if o.outcome in (OutcomeKind.FILED, OutcomeKind.DUPLICATE))
+
+    @property
+    def first_refusal(self) -> DocumentOutcome | None:
+        return self.refused[0] if self.refused else None
+
+    @property
+    def patient_ids(self) -> frozenset[int]:
+        return frozenset(o.patient_id for o in self.in_record if o.patient_id is not None)
+
+
+class FilingJournal(Protocol):
+    """Where filing events go (the audit log), written in the filing's own transaction."""
+
+    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None: ...
+
+    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None: ...
+
+
+class LoggingJournal:
+    """The journal when no audit log is wired: one log line per event."""
+
+    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+        log.info("document filed: %s for patient %s%s", document.unique_id, document.patient_ins,
+                 f", replacing {replaced.unique_id}" if replaced else "")
+
+    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None:
+        log.info("filing refused: %s (%s) %s: %s", outcome.unique_id or outcome.attachment,
+                 outcome.patient_ins or "no patient", outcome.code, outcome.reason)
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+
+async def file_into_record(db: Database, blobs: BlobStore, extraction: ExtractionResult, context: FilingContext,
+                           *, journal: FilingJournal | None = None) -> FilingReport:
+    """File every document of ``extraction``; the outcome of each, and of each attachment that failed."""
+    journal = journal or LoggingJournal()
+    outcomes = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
+    for document in extraction.documents:
+        outcome = await _file_document(db, blobs, document, context, journal)
+        if outcome.outcome == OutcomeKind.REFUSED:
+            async with db.session() as session:
+                await journal.filing_refused(session, outcome)
+        outcomes.append(outcome)
+    return FilingReport(tuple(outcomes))
+
+
+async def _file_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
+                         journal: FilingJournal) -> DocumentOutcome:
+    skipped = _skip_reason(document, context)
+    if skipped is not None:
+        return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED, reason=skipped)
+    claim = _patient_claim(document, context)
+    if isinstance(claim, IdentificationFailure):
+        return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, claim.code, claim.reason)
+    try:
+        return await _store(db, blobs, document, claim, context, journal)
+    except IntegrityError:
+        # A concurrent filer committed the same document first: filing again finds it.
+        return await _store(db, blobs, document, claim, context, journal)
+
+
+# ------------------------------------------------------------------------------------ what to file, for whom
+
+
+@dataclass(frozen=True)
+class _PatientClaim:
+    """Who a document says it is about; ``ins`` None means "the owner of the patient mailbox"."""
+
+    ins: str | None
+    oid: str | None
+    identity: PatientIdentity | None
+    source: str
+
+
+def _skip_reason(document: ExtractedDocument, context: FilingContext) -> str | None:
+    if document.is_signature:
+        return "IHE DSG signature of the submission set: kept in the delivered message, not a report of its own"
+    if document.accompanies_structured:
+        return "PDF beside a structured document in the same message (CI-SIS ECO.2.1.1): the CDA is what is filed"
+    if document.source == "pdf" and context.mailbox_patient_id is None:
+        return "PDF without a CDA, sent to a professional's mailbox: no patient to file it for"
+    return None
+
+
+def _patient_claim(document: ExtractedDocument, context: FilingContext) -> _PatientClaim | IdentificationFailure:
+    if document.cda is not None:
+        identity = identify_document(document.cda, accept_production=context.accept_production)
+        if isinstance(identity, IdentificationFailure):
+            return identity
+        return _PatientClaim(identity.ins, identity.oid, identity, "CDA recordTarget")
+    if document.xdm_entry is not None:
+        return _claim_from_metadata(document.xdm_entry, context)
+    return _PatientClaim(None, None, None, "patient mailbox")
+
+
+def _claim_from_metadata(entry: DocumentEntry, context: FilingContext) -> _PatientClaim | IdentificationFailure:
+    """An XDM entry that is not a CDA: the METADATA patientId must be an INS (ECO.2.1.2)."""
+    reference = entry.patient
+    if reference is None:
+        if context.mailbox_patient_id is not None:
+            return _PatientClaim(None, None, None, "patient mailbox")
+        return IdentificationFailure(IntegrationCode.INS_ABSENT, "the XDM entry has no patientId")
+    if reference.oid not in INS_OIDS:
+        return IdentificationFailure(IntegrationCode.INS_ABSENT, f"the XDM patientId {reference.raw!r} has no INS root")
+    if reference.oid in PRODUCTION_INS_OIDS and not context.accept_production:
+        return IdentificationFailure(IntegrationCode.INS_ABSENT, f"the XDM patientId uses the production OID {reference.oid}, "
+                                     "refused by the accept_production policy")
+    try:
+        ins = validate_nir(reference.id)
+    except IdentifierError as error:
+        return IdentificationFailure(IntegrationCode.INS_ABSENT, f"the XDM patientId is not a valid INS: {error}")
+    return _PatientClaim(ins, reference.oid, _identity_from_metadata(entry, ins, reference.oid), "XDM patientId")
+
+
+def _identity_from_metadata(entry: DocumentEntry, ins: str, oid: str) -> PatientIdentity | None:
+    """sourcePatientInfo traits (PID-5, PID-7, PID-8), when all four are there."""
+    info = entry.source_patient_info
+    if not (info.family and info.given and info.birth_date and info.sex):
+        return None
+    try:
+        born = dt.datetime.strptime(info.birth_date[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    return PatientIdentity(ins, oid, info.family, info.given, born, info.sex.upper())
+
+
+# ------------------------------------------------------------------------------------ storing
+
+
+@dataclass
+class _Plan:
+    status: DocumentStatus
+    replaced: RecordDocument | None = None
+    replaces_unique_id: str | None = None
+    superseded_by: str | None = None
+
+
+@dataclass
+class _BlobHolder:
+    stored: StoredBlob | None = None
+
+
+async def _store(db: Database, blobs: BlobStore, document: ExtractedDocument, claim: _PatientClaim,
+                 context: FilingContext, journal: FilingJournal) -> DocumentOutcome:
+    holder = _BlobHolder()
+    try:
+        async with db.session() as session:
+            return await _store_in(session, blobs, document, claim, context, journal, holder)
+    except BaseException:
+        if holder.stored is not None:
+            await blobs.delete(holder.stored.blob_id)
+        raise
+
+
+async def _store_in(session: AsyncSession, blobs: BlobStore, document: ExtractedDocument, claim: _PatientClaim,
+                    context: FilingContext, journal: FilingJournal, holder: _BlobHolder) -> DocumentOutcome:
+    patient = await _resolve_patient(session, claim, context)
+    if isinstance(patient, IdentificationFailure):
+        return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, patient.code,
+                               patient.reason, patient_ins=claim.ins)
+    fields = document_fields(document, patient.ins, context)
+    existing = await _existing(session, fields)
+    if existing is not None:
+        return _duplicate(document, existing, patient, context)
+    plan = await _replacement_plan(session, patient, fields)
+    if isinstance(plan, IdentificationFailure):
+        return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.REFUSED, plan.code, plan.reason,
+                               patient_id=patient.id, patient_ins=patient.ins)
+    holder.stored = await blobs.put(patient_owner(patient.ins), document.content)
+    row = _record_row(fields, patient, plan, holder.stored)
+    session.add(row)
+    if plan.replaced is not None:
+        plan.replaced.status = DocumentStatus.SUPERSEDED.value
+        plan.replaced.superseded_by_unique_id = fields.unique_id
+        plan.replaced.superseded_at = utcnow()
+    await session.flush()
+    await journal.document_filed(session, row, plan.replaced)
+    return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED, record_document_id=row.id,
+                           patient_id=patient.id, patient_ins=patient.ins,
+                           reason=f"replaces {plan.replaced.unique_id}" if plan.replaced else None)
+
+
+async def _resolve_patient(session: AsyncSession, claim: _PatientClaim, context: FilingContext) -> Patient | IdentificationFailure:
+    if claim.ins is None:
+        mailbox_patient = await session.get(Patient, context.mailbox_patient_id) if context.mailbox_patient_id else None
+        if mailbox_patient is None:
+            return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, "the patient of this mailbox is not in the directory")
+        return _check_state(mailbox_patient)
+    patient = await session.scalar(select(Patient).where(Patient.ins == claim.ins, Patient.ins_oid == claim.oid))
+    if patient is None:
+        return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, f"INS {claim.ins} ({claim.oid}, from the {claim.source}) "
+                                     "is not a patient of this gateway")
+    if context.mailbox_patient_id is not None and patient.id != context.mailbox_patient_id:
+        return IdentificationFailure(IntegrationCode.INS_MISMATCH, f"the document is about INS {claim.ins}, "
+                                     "not about the patient whose mailbox received it: not filed in either record")
+    if claim.identity is not None:
+        mismatch = compare_with_known(claim.identity, _known_traits(patient))
+        if mismatch is not None:
+            return mismatch
+    return _check_state(patient)
+
+
+def _known_traits(patient: Patient) -> KnownPatientTraits:
+    return KnownPatientTraits(patient.birth_family_name, patient.first_given_name, patient.birth_date, patient.sex, patient.ins)
+
+
+def _check_state(patient: Patient) -> Patient | IdentificationFailure:
+    if patient.state == PatientState.OPPOSED.value:
+        return IdentificationFailure(IntegrationCode.OTHER, f"patient {patient.ins} has opposed their Mon espace santé "
+                                     "space: nothing is filed into their record")
+    if patient.state == PatientState.CLOSED.value:
+        return IdentificationFailure(IntegrationCode.OTHER, f"patient {patient.ins} has closed their Mon espace santé "
+                                     "space: nothing is filed into their record")
+    return patient
+
+
+async def _existing(session: AsyncSession, fields: DocumentFields) -> RecordDocument | None:
+    found = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id == fields.unique_id))
+    if found is None and fields.set_id is not None and fields.version is not None:
+        found = await session.scalar(select(RecordDocument).where(RecordDocument.set_id == fields.set_id,
+                                                                  RecordDocument.version_number == fields.version))
+    return found
+
+
+def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: Patient, context: FilingContext) -> DocumentOutcome:
+    if existing.patient_id != patient.id:
+        return DocumentOutcome(document.attachment, existing.unique_id, OutcomeKind.REFUSED, IntegrationCode.OTHER,
+                               "a document with this id (or setId and version) is in another patient's record",
+                               patient_id=patient.id, patient_ins=patient.ins)
+    if context.delivery_key is not None and existing.source_delivery_key == context.delivery_key:
+        # Filed by this very delivery in an interrupted earlier run: it counts as filed now.
+        return DocumentOutcome(document.attachment, existing.unique_id, OutcomeKind.FILED,
+                               record_document_id=existing.id, patient_id=patient.id, patient_ins=patient.ins)
+    return DocumentOutcome(document.attachment, existing.unique_id, OutcomeKind.DUPLICATE,
+                           reason=f"already in the record since {existing.filed_at:%Y-%m-%d %H:%M:%S} UTC",
+                           record_document_id=existing.id, patient_id=patient.id, patient_ins=patient.ins)
+
+
+async def _replacement_plan(session: AsyncSession, patient: Patient, fields: DocumentFields) -> _Plan | IdentificationFailure:
+    target = None
+    if fields.replaces:
+        target = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
+                                                                   RecordDocument.patient_id == patient.id))
+    if target is None and fields.set_id is not None and fields.version is not None:
+        newer = await _current_in_set(session, patient, fields.set_id, newer_than=fields.version)
+        if newer is not None:
+            if fields.replaces:
+                return IdentificationFailure(IntegrationCode.WRONG_VERSION, f"version {fields.version} replaces a document, "
+                                             f"but version {newer.version_number} ({newer.unique_id}) is already the current one")
+            return _Plan(DocumentStatus.SUPERSEDED, superseded_by=newer.unique_id)
+        target = await _current_in_set(session, patient, fields.set_id, older_than=fields.version)
+    if target is None:
+        return _Plan(DocumentStatus.CURRENT, replaces_unique_id=fields.replaces[0] if fields.replaces else None)
+    return _check_replaceable(target, fields)
+
+
+async def _current_in_set(session: AsyncSession, patient: Patient, set_id: str, *, newer_than: int | None = None,
+                          older_than: int | None = None) -> RecordDocument | None:
+    query = select(RecordDocument).where(RecordDocument.patient_id == patient.id, RecordDocument.set_id == set_id,
+                                         RecordDocument.status == DocumentStatus.CURRENT.value)
+    if newer_than is not None:
+        query = query.where(RecordDocument.version_number > newer_than)
+    if older_than is not None:
+        query = query.where(RecordDocument.version_number < older_than)
+    return await session.scalar(query.order_by(RecordDocument.version_number.desc()).limit(1))
+
+
+def _check_replaceable(target: RecordDocument, fields: DocumentFields) -> _Plan | IdentificationFailure:
+    if target.status != DocumentStatus.CURRENT.value:
+        return IdentificationFailure(IntegrationCode.WRONG_VERSION, f"document {target.unique_id} was already replaced by "
+                                     f"{target.superseded_by_unique_id}")
+    if not _same_author(target, fields.columns):
+        return IdentificationFailure(IntegrationCode.AUTHOR_NOT_ALLOWED, f"document {target.unique_id} was written by "
+                                     "another professional of another organisation: only its author or their "
+                                     "organisation may replace it")
+    return _Plan(DocumentStatus.CURRENT, replaced=target, replaces_unique_id=target.unique_id)
+
+
+def _same_author(target: RecordDocument, columns: dict[str, Any]) -> bool:
+    """DMP rule: the author, or a professional of the same organisation, may replace a document."""
+    pairs = ((target.author_idnps, columns.get("author_idnps")),
+             (target.author_organisation_idnst, columns.get("author_organisation_idnst")))
+    if any(old is None or new is None for old, new in pairs):
+        return True  # not enough to tell: a plain PDF, or metadata without author
+    return any(old == new for old, new in pairs)
+
+
+def _record_row(fields: DocumentFields, patient: Patient, plan: _Plan, stored: StoredBlob) -> RecordDocument:
+    return RecordDocument(
+        **fields.columns, unique_id=fields.unique_id, set_id=fields.set_id, version_number=fields.version,
+        patient_id=patient.id, patient_ins=patient.ins, patient_ins_oid=patient.ins_oid, status=plan.status.value,
+        replaces_unique_id=plan.replaces_unique_id, superseded_by_unique_id=plan.superseded_by,
+        superseded_at=utcnow() if plan.status == DocumentStatus.SUPERSEDED else None,
+        blob_id=stored.blob_id, size=stored.size, filed_at=utcnow(),
+    )
+
+
+# ------------------------------------------------------------------------------------ metadata
+
+
+@dataclass(frozen=True)
+class DocumentFields:
+    """The record row's metadata, from the CDA header first, the XDM METADATA second."""
+
+    unique_id: str
+    set_id: str | None
+    version: int | None
+    replaces: tuple[str, ...]
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def document_fields(document: ExtractedDocument, patient_ins: str, context: FilingContext) -> DocumentFields:
+    columns = _source_columns(document, context) | _content_columns(document)
+    entry = document.xdm_entry
+    if entry is not None:
+        columns |= _entry_columns(entry)
+    if document.cda is not None:
+        return _cda_fields(document.cda, entry, columns)
+    unique_id = (entry.unique_id if entry is not None and entry.unique_id else None) or _content_oid(patient_ins, document.content)
+    if entry is None:
+        columns |= _pdf_columns(document)
+    return DocumentFields(unique_id, None, None, (), columns)
+
+
+def _cda_fields(cda: CdaDocument, entry: DocumentEntry | None, columns: dict[str, Any]) -> DocumentFields:
+    columns = columns | {key: value for key, value in _cda_columns(cda).items() if value is not None or key not in columns}
+    if cda.body is not None and cda.body.kind.value == "nonXMLBody" and (cda.body.media_type or "") == "application/pdf":
+        columns.setdefault("format_code", PDF_FORMAT[0])
+        columns["format_code_system"] = columns.get("format_code_system") or PDF_FORMAT[1]
+    columns |= _confidentiality_columns(_cda_confidentiality(cda, entry))
+    return DocumentFields(cda.id.xds_unique_id, cda.set_id.xds_unique_id if cda.set_id else None, cda.version_number,
+                          tuple(parent.xds_unique_id for parent in cda.replaces), columns)
+
+
+def _source_columns(document: ExtractedDocument, context: FilingContext) -> dict[str, Any]:
+    submission_set = document.xdm_submission_set
+    return {
+        "source_kind": document.source, "source_attachment": _cut(document.attachment, 512),
+        "source_message_id": _cut(context.message_id, 998), "source_delivery_key": context.delivery_key,
+        "source_sender": _cut(context.sender, 320),
+        "submission_set_unique_id": submission_set.unique_id if submission_set else None,
+    }
+
+
+def _content_columns(document: ExtractedDocument) -> dict[str, Any]:
+    content = document.content
+    body_kind = document.cda.body.kind.value if document.cda is not None and document.cda.body else (
+        "pdf" if document.pdf is not None else "other")
+    return {"mime_type": _cut(document.mime_type, 128) or "application/octet-stream", "body_kind": body_kind,
+            "sha1": hashlib.sha1(content).hexdigest(), "sha256": hashlib.sha256(content).hexdigest(),
+            "confidentiality_code": "N", "confidentiality": [], "event_codes": [], "authors": []}
+
+
+def _cda_columns(cda: CdaDocument) -> dict[str, Any]:
+    author = cda.authors[0] if cda.authors else None
+    event = cda.service_events[0] if cda.service_events else None
+    legal = cda.legal_authenticator
+    return {
+        **_code_columns("type_code", "type_code_system", "type_display", cda.code),
+        **_code_columns("facility_type_code", "facility_type_system", "facility_type_display", cda.healthcare_facility_type),
+        **_code_columns("practice_setting_code", "practice_setting_system", "practice_setting_display", cda.practice_setting),
+        "title": cda.title, "language_code": _cut(cda.language_code, 16), "creation_time": cda.effective_time,
+        "service_start": event.start if event else None, "service_stop": event.stop if event else None,
+        "event_codes": [_code_json(e.code) for e in cda.service_events if e.code is not None],
+        **_cda_author_columns(author),
+        "authors": [_cda_author_json(a) for a in cda.authors],
+        "custodian_idnst": cda.custodian.idnst if cda.custodian else None,
+        "custodian_name": _cut(cda.custodian.name, 256) if cda.custodian else None,
+        "legal_authenticator_idnps": legal.idnps if legal else None,
+        "legal_authenticator_name": _person_name(legal.name) if legal else None,
+        "legal_authenticated_at": legal.time if legal else None,
+    }
+
+
+def _cda_author_columns(author: CdaAuthor | None) -> dict[str, Any]:
+    if author is None:
+        return {}
+    organisation = author.organization
+    return {
+        "author_idnps": author.idnps, "author_name": _person_name(author.name) or _cut(author.device_name, 256),
+        **_code_columns("author_profession_code", "author_profession_system", "author_profession_display", author.profession),
+        "author_organisation_idnst": organisation.idnst if organisation else None,
+        "author_organisation_name": _cut(organisation.name, 256) if organisation else None,
+    }
+
+
+def _cda_author_json(author: CdaAuthor) -> dict[str, Any]:
+    organisation = author.organization
+    return {
+        "idnps": author.idnps, "name": _person_name(author.name) or author.device_name,
+        "profession": _code_json(author.profession) if author.profession else None,
+        "organisation": {"idnst": organisation.idnst, "name": organisation.name} if organisation else None,
+        "time": author.time.isoformat() if author.time else None,
+    }
+
+
+def _entry_columns(entry: DocumentEntry) -> dict[str, Any]:
+    """XDS DocumentEntry metadata (mssante.md §3.2); the CDA header overrides what both carry."""
+    author = entry.authors[0] if entry.authors else None
+    return {
+        **_xds_code_columns("type_code", "type_code_system", "type_display", entry.type_code),
+        **_xds_code_columns("class_code", "class_code_system", "class_display", entry.class_code),
+        **_xds_code_columns("format_code", "format_code_system", None, entry.format_code),
+        **_xds_code_columns("facility_type_code", "facility_type_system", "facility_type_display",
+                            entry.healthcare_facility_type_code),
+        **_xds_code_columns("practice_setting_code", "practice_setting_system", "practice_setting_display",
+                            entry.practice_setting_code),
+        "title": entry.title, "language_code": _cut(entry.language_code, 16), "creation_time": entry.creation_time,
+        "service_start": entry.service_start_time, "service_stop": entry.service_stop_time,
+        "event_codes": [_xds_code_json(code) for code in entry.event_codes],
+        **_xds_author_columns(author),
+        "authors": [_xds_author_json(a) for a in entry.authors],
+        "legal_authenticator_idnps": entry.legal_authenticator.id if entry.legal_authenticator else None,
+        "legal_authenticator_name": _xcn_name(entry.legal_authenticator),
+        **_confidentiality_columns([_xds_code_json(code) for code in entry.confidentiality_codes]),
+    }
+
+
+def _xds_author_columns(author: XdsAuthor | None) -> dict[str, Any]:
+    if author is None:
+        return {}
+    institution = author.institutions[0] if author.institutions else None
+    specialty = _hl7_coded(author.specialties[0]) if author.specialties else None
+    return {
+        "author_idnps": author.person.id if author.person else None, "author_name": _xcn_name(author.person),
+        **_code_columns("author_profession_code", "author_profession_system", "author_profession_display", specialty),
+        "author_organisation_idnst": institution.id if institution else None,
+        "author_organisation_name": _cut(institution.name, 256) if institution else None,
+    }
+
+
+def _xds_author_json(author: XdsAuthor) -> dict[str, Any]:
+    institution = author.institutions[0] if author.institutions else None
+    specialty = _hl7_coded(author.specialties[0]) if author.specialties else None
+    return {
+        "idnps": author.person.id if author.person else None, "name": _xcn_name(author.person),
+        "profession": _code_json(specialty) if specialty else None,
+        "organisation": {"idnst": institution.id, "name": institution.name} if institution else None,
+        "roles": list(author.roles),
+    }
+
+
+def _pdf_columns(document: ExtractedDocument) -> dict[str, Any]:
+    """A bare PDF brings almost nothing: its own title and date, else the file name."""
+    info = document.pdf
+    return {"title": (info.title if info else None) or document.filename or document.attachment,
+            "creation_time": info.creation_date if info else None, "format_code": None}
+
+
+def _cda_confidentiality(cda: CdaDocument, entry: DocumentEntry | None) -> list[dict[str, Any]]:
+    codes = [_code_json(cda.confidentiality)] if cda.confidentiality else []
+    if entry is not None:
+        codes += [_xds_code_json(code) for code in entry.confidentiality_codes
+                  if code.code not in {c["code"] for c in codes}]
+    return codes
+
+
+def _confidentiality_columns(codes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    values = {str(code["code"]).upper() for code in codes}
+    levels = [level for level in ("V", "R", "N") if level in values]  # the most restrictive wins
+    return {
+        "confidentiality": list(codes),
+        "confidentiality_code": levels[0] if levels else "N",
+        "masked_to_professionals": MASKED_TO_PROFESSIONALS in values,
+        "invisible_to_patient": INVISIBLE_TO_PATIENT in values,
+        "invisible_to_legal_representatives": any(flag in values for flag in INVISIBLE_TO_LEGAL_REPRESENTATIVES),
+    }
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def _declared_id(document: ExtractedDocument) -> str | None:
+    if document.cda is not None:
+        return document.cda.id.xds_unique_id
+    return document.xdm_entry.unique_id if document.xdm_entry is not None else None
+
+
+def _content_oid(patient_ins: str, content: bytes) -> str:
+    """A stable id for a document that has none: the same PDF to the same patient is the same document."""
+    name = f"{patient_ins}:{hashlib.sha256(content).hexdigest()}"
+    return f"{UUID_OID_ARC}.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def _code_columns(code_key: str, system_key: str, display_key: str | None, code: Code | None) -> dict[str, Any]:
+    if code is None:
+        return {}
+    columns = {code_key: _cut(code.code, 128), system_key: _cut(code.code_system, 64)}
+    if display_key is not None:
+        columns[display_key] = _cut(code.display_name, 256)
+    return columns
+
+
+def _xds_code_columns(code_key: str, system_key: str, display_key: str | None, code: XdsCode | None) -> dict[str, Any]:
+    return _code_columns(code_key, system_key, display_key, Code(code.code, code.scheme, code.display_name) if code else None)
+
+
+def _code_json(code: Code) -> dict[str, Any]:
+    return {"code": code.code, "system": code.code_system, "display": code.display_name}
+
+
+def _xds_code_json(code: XdsCode) -> dict[str, Any]:
+    return {"code": code.code, "system": code.scheme, "display": code.display_name}
+
+
+def _hl7_coded(value: str) -> Code | None:
+    """An HL7v2 CE/CWE ``code^display^system`` (authorSpecialty in CI-SIS METADATA)."""
+    parts = [part.strip() or None for part in value.split("^")]
+    if not parts or parts[0] is None:
+        return None
+    return Code(parts[0], parts[2] if len(parts) > 2 else None, parts[1] if len(parts) > 1 else None)
+
+
+def _person_name(name: PersonName | None) -> str | None:
+    if name is None:
+        return None
+    return _cut(" ".join(part for part in (*name.given, name.family or "") if part).strip() or None, 256)
+
+
+def _xcn_name(person: Any) -> str | None:
+    if person is None:
+        return None
+    return _cut(" ".join(part for part in (person.given, person.family) if part) or None, 256)
+
+
+def _cut(value: str | None, limit: int) -> str | None:
+    return value[:limit] if value else value
