@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,14 @@ class SmtpListeners(list[asyncio.Server]):
         self.delivery = delivery
         self.session_limits = session_limits
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.connections: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
 
     async def aclose(self) -> None:
+        """Stop listening, tell open sessions 421 4.3.2, stop local delivery (the queue keeps the rest)."""
         for server in self:
             server.close()
+        for connection in list(self.connections):
+            connection.shut_down()
         for server in self:
             await server.wait_closed()
         await self.delivery.stop()
@@ -112,7 +117,7 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
     try:
         for kind, port, context in plan:
             handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier)
-            server = await _listen(kind, handler, settings, port, context)
+            server = await _listen(kind, handler, settings, port, context, listeners.connections)
             listeners.append(server)
             host, bound_port = server.sockets[0].getsockname()[:2]
             listeners.addresses[kind.value] = (host, bound_port)
@@ -123,15 +128,17 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
 
 
 async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Settings, port: int,
-                  context: ssl.SSLContext) -> asyncio.Server:
+                  context: ssl.SSLContext, connections: "weakref.WeakSet[GatewaySMTP]") -> asyncio.Server:
     smtp = settings.smtp
     limits = ProtocolLimits(max_message_size=smtp.max_message_size, max_line_length=smtp.max_line_length,
                             max_auth_failures=smtp.auth_failures_per_connection, timeout_seconds=smtp.timeout_seconds)
     disabled = frozenset(word.upper() for word in smtp.disabled_extensions)
 
     def factory() -> GatewaySMTP:
-        return GatewaySMTP(handler, kind=kind, hostname=settings.hostname, tls_context=context, limits=limits,
-                           disabled_extensions=disabled)
+        connection = GatewaySMTP(handler, kind=kind, hostname=settings.hostname, tls_context=context, limits=limits,
+                                 disabled_extensions=disabled)
+        connections.add(connection)
+        return connection
 
     loop = asyncio.get_running_loop()
     return await loop.create_server(factory, host=settings.listen.host, port=port,

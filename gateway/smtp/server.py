@@ -273,6 +273,13 @@ class GatewaySMTP(SMTP):
             transport.write(f"{codes.TIMEOUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
+    def shut_down(self) -> None:
+        """The gateway is stopping: say so and close (RFC 5321 3.8: 421 at any time, even mid-DATA)."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{codes.SERVICE_SHUTTING_DOWN}\r\n".encode())
+            transport.close()
+
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
 

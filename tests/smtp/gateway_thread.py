@@ -78,7 +78,8 @@ class GatewayThread:
         return self
 
     def stop(self) -> None:
-        if self.loop is not None and self._stop is not None:
+        """Stop and wait; calling it again is harmless."""
+        if self.loop is not None and self._stop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(60)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 
+import pytest
+
 from tests.smtp.conftest import Transcript, client_context
 from tests.smtp.gateway_thread import GatewayThread
 
@@ -147,3 +149,17 @@ def test_auth_needs_a_known_mechanism_and_valid_base64(gw: GatewayThread, transc
     t.c("AUTH PLAIN !!!");       t.s(r"501 5\.5\.2 Cannot decode base64 response")
     t.c("AUTH LOGIN");           t.s(r"334 VXNlcm5hbWU6")                   # "Username:"
     t.c("*");                    t.s(r"501 5\.7\.0 Authentication aborted")
+
+
+def test_open_sessions_are_told_when_the_gateway_stops(tmp_path_factory: pytest.TempPathFactory) -> None:
+    gateway = GatewayThread(tmp_path_factory.mktemp("stopping") / "data").start()
+    t = Transcript("127.0.0.1", gateway.ports["submission"])
+    try:
+        t.s(r"220 .*")
+        t.c("EHLO client.example");  t.s(r"250 HELP")
+        gateway.stop()
+        t.s(r"421 4\.3\.2 Service shutting down, try again later")
+        assert t.closed()
+    finally:
+        t.close()
+        gateway.stop()
