@@ -74,9 +74,11 @@ class SelectedMailbox:
 
     def by_numbers(self, sequence: SequenceSet) -> list[Message]:
         """Messages named by sequence numbers; RFC 3501 9 seq-number: a number beyond EXISTS is BAD."""
-        if sequence.highest_explicit() > self.exists:
-            raise BadCommand("Invalid message sequence number")
-        return [Message(n, self.uids[n - 1]) for n in sequence.iter_values(self.exists)]
+        for item in sequence.ranges:
+            # "n:*" stays valid when messages vanished (or on an empty mailbox); a number alone may not.
+            if item.start is not None and item.end is not None and max(item.start, item.end) > self.exists:
+                raise BadCommand("Invalid message sequence number")
+        return [Message(n, self.uids[n - 1]) for n in sequence.iter_values(self.exists) if n <= self.exists]
 
     def by_uids(self, sequence: SequenceSet) -> list[Message]:
         """Messages named by UIDs (RFC 3501 6.4.8): absent UIDs are ignored, "*" is the highest UID."""

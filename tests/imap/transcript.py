@@ -149,7 +149,11 @@ class TranscriptRunner:
         return lines
 
     def expect(self, step: Step) -> None:
-        line = self.next_line().decode("utf-8", "replace")
+        try:
+            line = self.next_line().decode("utf-8", "replace")
+        except OSError as error:
+            history = "\n".join(self.seen[-12:])
+            raise TranscriptError(f"line {step.line_number}: no answer ({error}) for /{step.text}/\n{history}") from error
         self.seen.append(f"S: {line[:300]}")
         pattern = self.server_regex(step.text)
         if not re.fullmatch(pattern, line):

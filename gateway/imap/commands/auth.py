@@ -27,7 +27,7 @@ from gateway.security.tls import peer_certificate_info
 if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
 
-SERVER_ID = {"name": "MSSanté gateway", "vendor": "open-source", "os": platform.system() or None}
+SERVER_ID = {"name": "MSSante gateway", "vendor": "open-source", "os": platform.system() or None}
 
 
 # --- any state (RFC 3501 6.1) -------------------------------------------------------------
