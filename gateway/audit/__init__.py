@@ -30,10 +30,10 @@ from gateway.audit.chain import (
 )
 from gateway.audit.events import AuditEvent
 from gateway.audit.export import ExportSummary, verify_export
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditChainConflict, AuditLog
 
 __all__ = [
-    "Actor", "ActorKind", "AuditEntry", "AuditEvent", "AuditKey", "AuditLog", "BreakKind", "ChainBreak",
+    "Actor", "ActorKind", "AuditChainConflict", "AuditEntry", "AuditEvent", "AuditKey", "AuditLog", "BreakKind", "ChainBreak",
     "ChainHead", "Door", "ExportSummary", "Outcome", "OutcomeStatus", "Source", "Subject", "VerifyReport",
     "audit_key_path", "verify_export",
 ]

@@ -29,6 +29,7 @@ from typing import IO, Any
 from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.chain import (
@@ -65,6 +66,11 @@ READ_BATCH = 500
 MAX_PAGE = 1000
 MAX_DETAILS_BYTES = 16 * 1024
 SUBJECT_KIND = re.compile(r"^[a-z][a-z_]{0,31}$")
+
+
+class AuditChainConflict(UserError):
+    """The next number is already taken: rows were written beside the gateway. Nothing can be appended
+    until an operator has looked (``gateway audit verify``); failing closed keeps accesses traceable."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,11 @@ class AuditLog:
         entry = AuditEntry(seq, occurred_at, int(checked.event), checked.actor, checked.patient, checked.subject,
                            checked.outcome, checked.source, checked.details, prev_hash, entry_hash,
                            self.key.seal_entry(entry_hash) if self.key else None)
-        await session.execute(insert(AuditEntryRow).values(**_row_values(entry)))
+        try:
+            await session.execute(insert(AuditEntryRow).values(**_row_values(entry)))
+        except IntegrityError:
+            raise AuditChainConflict(f"audit entry {seq} (or its hash) already exists: the log was written outside "
+                                     "the gateway; run `gateway audit verify`", field="audit") from None
         await session.execute(
             update(AuditChainHead).where(AuditChainHead.id == HEAD_ID)
             .values(entry_hash=entry_hash, seal=self._head_seal(seq, entry_hash))
