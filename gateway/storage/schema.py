@@ -8,6 +8,7 @@ from gateway.storage import models  # noqa: F401  (directory tables)
 from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
 from gateway.pipeline import models as pipeline_tables  # noqa: F401  (SMTP queue, conversations: revision 0003)
 from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM signatures, attempts: revision 0004)
+from gateway.audit import tables as audit_tables  # noqa: F401  (hash-chained audit log: revision 0005)
 from gateway.dmp_bridge import tables as dmp_record_tables  # noqa: F401  (patient record, filing jobs: revision 0006)
 from gateway.storage.models import Base
 
