@@ -104,12 +104,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--size", type=int, default=4096, help="body bytes per message")
+    parser.add_argument("--delivery-workers", type=int, default=4, help="smtp.delivery_workers of the gateway")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     server = ServerProcess(root / "data", overrides={"smtp": {"messages_per_minute_per_user": 0,
-                                                              "messages_per_minute_per_ip": 0}}).start()
+                                                              "messages_per_minute_per_ip": 0,
+                                                              "delivery_workers": args.delivery_workers}}).start()
     try:
         summary = parse_summary(run_load(server, args))
         database = root / "data" / "gateway.db"
@@ -119,6 +121,7 @@ def main() -> None:
         server.stop()
     result = {
         "messages": args.messages, "concurrency": args.concurrency, "size": args.size,
+        "delivery_workers": args.delivery_workers,
         "transport": "submission, STARTTLS (TLS 1.3), AUTH PLAIN, reused connections",
         "durability": "fsync file + directory, SQLite synchronous=FULL commit before 250",
         "accepted_ok": summary.get("ok"), "accepted_failed": summary.get("fail"),
