@@ -116,7 +116,14 @@ class ImapConnection:
         return await self.commands.read_line()
 
     def discard_buffered_input(self) -> int:
-        """Forget anything read but not yet used (RFC 3501 6.2.1: nothing pipelined survives STARTTLS)."""
+        """Forget anything read but not yet used (RFC 3501 6.2.1: nothing pipelined survives STARTTLS).
+
+        Reading is paused here, before the OK goes out: otherwise the client's
+        ClientHello, sent as soon as it reads the OK, could be taken in as
+        plain data before ``start_tls`` installs the TLS layer, and the
+        handshake would hang.  ``start_tls`` resumes reading on the TLS transport.
+        """
+        self.writer.transport.pause_reading()
         dropped = self.commands.assembler.buffered
         self.commands = CommandReader(self.stream, self.config.reader_limits)
         return dropped
@@ -158,8 +165,11 @@ class ImapServer:
     async def close(self) -> None:
         for server in self.servers:
             server.close()
-        for task in list(self.connections):
+        tasks = list(self.connections)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

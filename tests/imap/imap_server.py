@@ -191,3 +191,40 @@ def imap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningImap]:
     server.start()
     yield server
     server.stop()
+
+
+class Conversation:
+    """A raw IMAP connection for tests that interleave sessions line by line (pymap-style)."""
+
+    def __init__(self, server: RunningImap, account: DemoAccount | None = None, *, login: bool = True) -> None:
+        from tests.imap.transcript import TranscriptRunner
+
+        self.runner = TranscriptRunner(HOST, server.imaps_port, server.client_context(), {}, plain=False)
+        self.tags = itertools.count(1)
+        self.greeting = self.line()
+        if login:
+            account = account or server.doctor
+            self.command(f"LOGIN {account.address} {account.password}")
+
+    def send(self, text: str) -> None:
+        self.runner.sock.sendall(text.encode() + b"\r\n")
+
+    def line(self) -> str:
+        return self.runner.next_line().decode("utf-8", "replace")
+
+    def command(self, text: str, *, expect: str = "OK") -> list[str]:
+        """Send a tagged command; return the untagged lines, checking the tagged status."""
+        tag = f"t{next(self.tags)}"
+        self.send(f"{tag} {text}")
+        lines: list[str] = []
+        while True:
+            line = self.line()
+            if line.startswith(tag + " "):
+                status = line.split(" ", 2)[1]
+                assert status == expect, f"{text!r}: {line!r} (untagged: {lines})"
+                lines.append(line)
+                return lines
+            lines.append(line)
+
+    def close(self) -> None:
+        self.runner.close()

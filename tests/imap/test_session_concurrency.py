@@ -1,0 +1,107 @@
+"""Two sessions on the same mailbox see each other's changes, at the points RFC 3501 allows."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+
+
+def test_expunge_by_another_session_waits_for_a_command_that_allows_it(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    for n in range(3):
+        imap.deliver(account.address, make_message(f"m{n}"))
+    reader, writer = Conversation(imap, account), Conversation(imap, account)
+    reader.command("SELECT INBOX")
+    writer.command("SELECT INBOX")
+    writer.command("STORE 2 +FLAGS.SILENT (\\Deleted)")
+    writer.command("EXPUNGE")
+    # RFC 3501 7.4.1: no EXPUNGE while answering FETCH; message 2 keeps its number meanwhile.
+    lines = reader.command("FETCH 1:3 (UID)")
+    assert not any("EXPUNGE" in line for line in lines)
+    assert lines[0] == "* 1 FETCH (UID 1)" and lines[1] == "* 3 FETCH (UID 3)"
+    lines = reader.command("SEARCH ALL")
+    assert not any("EXPUNGE" in line for line in lines)
+    # NOOP may: the expunge is reported once, and numbers shift.
+    lines = reader.command("NOOP")
+    assert lines[:1] == ["* 2 EXPUNGE"]
+    assert reader.command("FETCH 2 (UID)")[0] == "* 2 FETCH (UID 3)"
+    reader.close()
+    writer.close()
+
+
+def test_uid_fetch_may_report_expunges(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    for n in range(2):
+        imap.deliver(account.address, make_message(f"m{n}"))
+    reader, writer = Conversation(imap, account), Conversation(imap, account)
+    reader.command("SELECT INBOX")
+    writer.command("SELECT INBOX")
+    writer.command("UID STORE 1 +FLAGS.SILENT (\\Deleted)")
+    writer.command("UID EXPUNGE 1")
+    lines = reader.command("UID FETCH 1:* (FLAGS)")
+    # The answer uses the numbers the client knows, then reports the expunge (allowed: a UID command).
+    assert lines[0] == "* 2 FETCH (UID 2 FLAGS (\\Recent))"
+    assert lines[1] == "* 1 EXPUNGE"
+
+
+def test_flag_changes_and_new_mail_are_seen_by_the_other_session(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("first"))
+    first, second = Conversation(imap, account), Conversation(imap, account)
+    first.command("SELECT INBOX")
+    second.command("SELECT INBOX")
+    second.command("STORE 1 +FLAGS (\\Flagged)")
+    imap.deliver(account.address, make_message("second"))
+    lines = first.command("NOOP")
+    # UID first in every unsolicited FETCH (proton-bridge#204).
+    assert any(re.fullmatch(r"\* 1 FETCH \(UID 1 FLAGS \(\\Flagged( \\Recent)?\)\)", line) for line in lines), lines
+    assert "* 2 EXISTS" in lines
+    # The session that made the change is not told again.
+    assert not any("FETCH" in line for line in second.command("NOOP"))
+    first.close()
+    second.close()
+
+
+def test_idle_wakes_on_delivery_and_on_flag_change(imap: RunningImap, record_property) -> None:  # noqa: F811, ANN001
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("already there"))
+    idler, other = Conversation(imap, account), Conversation(imap, account)
+    idler.command("SELECT INBOX")
+    other.command("SELECT INBOX")
+    idler.send("i1 IDLE")
+    assert idler.line() == "+ idling"
+    started = time.monotonic()
+    threading.Thread(target=imap.deliver, args=(account.address, make_message("new report"))).start()
+    assert idler.line() == "* 2 EXISTS"
+    delivery_latency = time.monotonic() - started
+    assert re.fullmatch(r"\* \d RECENT", idler.line())
+    started = time.monotonic()
+    other.command("STORE 1 +FLAGS (\\Seen)")
+    line = idler.line()
+    flag_latency = time.monotonic() - started
+    assert re.fullmatch(r"\* 1 FETCH \(UID 1 FLAGS \(\\Seen( \\Recent)?\)\)", line), line
+    idler.send("DONE")
+    assert idler.line() == "i1 OK IDLE terminated"
+    # Reported, not asserted (no timing assertions): the generous deadline is the socket timeout.
+    record_property("idle_delivery_latency_s", round(delivery_latency, 4))
+    record_property("idle_flag_latency_s", round(flag_latency, 4))
+    print(f"IDLE wake-up latency: delivery {delivery_latency * 1000:.1f} ms, flag change {flag_latency * 1000:.1f} ms")
+    idler.close()
+    other.close()
+
+
+def test_folder_deleted_under_a_selected_session(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    first, second = Conversation(imap, account), Conversation(imap, account)
+    first.command("CREATE Temporaire")
+    imap.deliver(account.address, make_message("x"), folder="Temporaire")
+    first.command("SELECT Temporaire")
+    second.command("DELETE Temporaire")
+    second.command("CREATE Temporaire")
+    first.send("t9 FETCH 1 (FLAGS)")
+    assert first.line().startswith("* BYE")
+    first.close()
+    second.close()
