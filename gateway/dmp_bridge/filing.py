@@ -52,6 +52,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit.chain import Actor, Door, Outcome, Source, Subject
+from gateway.audit.events import AuditEvent
+from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
 from gateway.dmp_bridge.errors import IntegrationCode
@@ -152,6 +155,39 @@ class LoggingJournal:
     async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None:
         log.info("filing refused: %s (%s) %s: %s", outcome.unique_id or outcome.attachment,
                  outcome.patient_ins or "no patient", outcome.code, outcome.reason)
+
+
+class AuditJournal:
+    """Filing events in the hash-chained audit log, committed with the document (events 101-103)."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+        actor = _author_actor(document)
+        details = {"type": document.type_code, "version": document.version_number, "sender": document.source_sender}
+        await self.audit.append(AuditEvent.DOCUMENT_FILED, actor=actor, patient=document.patient_ins,
+                                subject=Subject.document(document.unique_id), source=Source(Door.SMTP),
+                                details=details, session=session)
+        if replaced is not None:
+            await self.audit.append(AuditEvent.DOCUMENT_REPLACED, actor=actor, patient=document.patient_ins,
+                                    subject=Subject.document(replaced.unique_id), source=Source(Door.SMTP),
+                                    details={"replaced_by": document.unique_id}, session=session)
+
+    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None:
+        subject = Subject.document(outcome.unique_id) if outcome.unique_id else None
+        reason = f"{int(outcome.code)}^{outcome.code.label}: {outcome.reason}" if outcome.code else outcome.reason or ""
+        await self.audit.append(AuditEvent.DOCUMENT_FILING_REFUSED, actor=Actor.system("dmp-bridge"),
+                                patient=outcome.patient_ins, subject=subject, source=Source(Door.SMTP),
+                                outcome=Outcome.refused(reason[:1000]),
+                                details={"attachment": (outcome.attachment or "")[:200]}, session=session)
+
+
+def _author_actor(document: RecordDocument) -> Actor:
+    if document.author_idnps:
+        return Actor.professional(document.author_idnps, document.author_name or document.author_idnps,
+                                  document.author_profession_code)
+    return Actor.system("dmp-bridge")
 
 
 # ------------------------------------------------------------------------------------ entry point

@@ -1,0 +1,323 @@
+"""Tell the sender what became of their documents, and tell the patient a document arrived.
+
+CI-SIS usage of receipts (mssante.md §1.7, IG volet trans-lps-doc-cda-courriel-mss):
+
+- When the message carries ``Disposition-Notification-To`` equal to its
+  ``Return-Path`` (loop prevention: a different address needs a person's
+  consent, RFC 8098 2.1), an MDN goes back: ``multipart/report;
+  report-type=disposition-notification`` with a human part, a
+  ``message/disposition-notification`` part (Reporting-UA, Original-Recipient,
+  Final-Recipient, Original-Message-ID, Disposition) and the original message.
+  ``Disposition: automatic-action/MDN-sent-automatically; processed`` when
+  every document was integrated; ``processed/Error: <code>^<label>`` (CI-SIS
+  form) plus the RFC 8098 ``Error:`` field otherwise. The subject is the
+  original one on success, ``[KO Intégration système !][<code>] <subject>`` on
+  failure.
+- Without such a request, a plain RFC 5322 message with the same failure
+  subject and the original attached as ``message/rfc822`` goes to the
+  Return-Path, on failure only.
+- Nothing is sent about reports, auto-submitted mail (RFC 3834) or mail with a
+  null reverse-path.
+
+Every notice is keyed (SHA-256 of kind family, message, recipient) in
+``filing_notices``, whose row commits with the notice's queue rows: at most one
+acknowledgement per (message, recipient), at most one patient notification per
+(message, patient), however often filing runs.
+
+The patient's notification carries no health content, not even a title
+(mssante.md §2.1): "Un nouveau document a été ajouté à votre dossier".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, getaddresses, make_msgid
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from gateway.config import Settings
+from gateway.dmp_bridge.errors import IntegrationCode
+from gateway.dmp_bridge.filing import DocumentOutcome, FilingReport
+from gateway.dmp_bridge.tables import FilingNotice, NoticeKind
+from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox, State, utcnow
+
+log = logging.getLogger("gateway.dmp.ack")
+
+KO_PREFIX = "[KO Intégration système !]"
+REPORTING_UA = "MSSante gateway DMP bridge"
+NOTIFICATION_SUBJECT = "Un nouveau document a été ajouté à votre dossier"
+NOTIFICATION_TEXT = (
+    "Bonjour,\n\n"
+    "Un nouveau document a été ajouté à votre dossier.\n"
+    "Connectez-vous à votre espace pour le consulter.\n\n"
+    "Ce message est envoyé automatiquement : merci de ne pas y répondre.\n"
+)
+
+
+@dataclass(frozen=True)
+class DeliveredMessage:
+    """The delivered copy a filing job examined."""
+
+    job_id: int
+    delivery_key: str
+    recipient: str  # the mailbox it was delivered to: the MDN's Final-Recipient
+    message: EmailMessage
+    raw: bytes
+
+    @property
+    def message_key(self) -> str:
+        return str(self.message.get("Message-ID", "") or "").strip() or self.delivery_key
+
+    @property
+    def return_path(self) -> str | None:
+        """The envelope sender, from the Return-Path our delivery prepended; None for ``<>``."""
+        return _single_address(self.message.get_all("Return-Path", [])[:1])
+
+    @property
+    def subject(self) -> str:
+        return " ".join(str(self.message.get("Subject", "") or "").split())
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: IntegrationCode
+    reason: str
+
+
+class Acknowledger:
+    def __init__(self, db: Database, queue: GeneratedMailQueue, settings: Settings) -> None:
+        self.db = db
+        self.queue = queue
+        self.hostname = settings.hostname
+        self.patient_domain = settings.directory.patient_domain
+
+    async def after_filing(self, delivered: DeliveredMessage, report: FilingReport) -> list[NoticeKind]:
+        """Send what ``report`` calls for; the kinds of notice actually queued now."""
+        sent = []
+        acknowledgement = self._acknowledgement(delivered, report)
+        if acknowledgement is not None:
+            kind, recipient, message = acknowledgement
+            if await self._send_once(("ack", delivered.message_key, delivered.recipient), kind, delivered.job_id, recipient, message):
+                sent.append(kind)
+        for mailbox in await self._patient_mailboxes(report):
+            message = patient_notification(mailbox, self.patient_domain, self.hostname)
+            if await self._send_once(("notify", delivered.message_key, mailbox), NoticeKind.PATIENT_NOTIFICATION,
+                                     delivered.job_id, mailbox, message):
+                sent.append(NoticeKind.PATIENT_NOTIFICATION)
+        return sent
+
+    def _acknowledgement(self, delivered: DeliveredMessage, report: FilingReport) -> tuple[NoticeKind, str, bytes] | None:
+        sender = delivered.return_path
+        if sender is None or not _may_answer(delivered.message):
+            return None
+        failure = first_failure(report)
+        if _mdn_requested(delivered.message, sender) and (failure is not None or report.in_record):
+            kind = NoticeKind.MDN_ERROR if failure else NoticeKind.MDN_PROCESSED
+            return kind, sender, build_mdn(delivered, failure, report, self.hostname)
+        if failure is not None:
+            return NoticeKind.FAILURE_REPORT, sender, build_failure_report(delivered, failure, report, self.hostname)
+        return None
+
+    async def _send_once(self, key_parts: tuple[str, str, str], kind: NoticeKind, job_id: int, recipient: str,
+                         message: bytes) -> bool:
+        key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
+        async with self.db.session() as session:
+            if await session.scalar(select(FilingNotice.id).where(FilingNotice.notice_key == key)) is not None:
+                return False
+        prepared = await self.queue.prepare(message, recipient, message_id=_message_id_of(message))
+        if prepared is None:
+            return False
+        try:
+            async with self.db.session() as session:
+                session.add(FilingNotice(notice_key=key, kind=kind.value, job_id=job_id, recipient=recipient,
+                                         queue_id=prepared.queue_id))
+                prepared.add_to(session)
+        except IntegrityError:
+            self.queue.discard(prepared)  # another worker queued it first
+            return False
+        except BaseException:
+            self.queue.discard(prepared)
+            raise
+        self.queue.dispatch(prepared)
+        log.info("%s queued as %s for %s", kind.value, prepared.queue_id, recipient)
+        return True
+
+    async def _patient_mailboxes(self, report: FilingReport) -> list[str]:
+        patient_ids = {o.patient_id for o in report.filed if o.patient_id is not None}
+        if not patient_ids:
+            return []
+        async with self.db.session() as session:
+            return list((await session.scalars(
+                select(Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
+                                              Mailbox.hosted.is_(True), Mailbox.state == State.ACTIVE.value)
+                .order_by(Mailbox.address))).all())
+
+
+# ------------------------------------------------------------------------------------ decisions
+
+
+def first_failure(report: FilingReport) -> Failure | None:
+    refusal = report.first_refusal
+    if refusal is None:
+        return None
+    code = refusal.code or IntegrationCode.OTHER
+    return Failure(code, refusal.reason or code.label)
+
+
+def _mdn_requested(message: EmailMessage, sender: str) -> bool:
+    """RFC 8098 2.1 and CI-SIS: automatic only when Disposition-Notification-To is the Return-Path."""
+    requested = _single_address(message.get_all("Disposition-Notification-To", []))
+    return requested is not None and requested.casefold() == sender.casefold()
+
+
+def _may_answer(message: EmailMessage) -> bool:
+    """Never answer a report or auto-submitted mail (RFC 3834 2, RFC 8098 3.1)."""
+    auto = str(message.get("Auto-Submitted", "no") or "no").strip().lower()
+    return auto.startswith("no") and message.get_content_type() != "multipart/report"
+
+
+def _single_address(values: Sequence[object]) -> str | None:
+    addresses = [address for _name, address in getaddresses([str(v) for v in values]) if "@" in address]
+    return addresses[0] if len(addresses) == 1 else None
+
+
+# ------------------------------------------------------------------------------------ messages
+
+
+def failure_subject(code: IntegrationCode, subject: str) -> str:
+    return f"{KO_PREFIX}[{int(code)}] {subject}".rstrip()
+
+
+def disposition(failure: Failure | None) -> str:
+    base = "automatic-action/MDN-sent-automatically; processed"
+    return base if failure is None else f"{base}/Error: {int(failure.code)}^{failure.code.label}"
+
+
+def build_mdn(delivered: DeliveredMessage, failure: Failure | None, report: FilingReport, hostname: str) -> bytes:
+    """RFC 8098 multipart/report with the CI-SIS disposition and subject."""
+    boundary = f"=_mdn_{secrets.token_hex(12)}"
+    subject = failure_subject(failure.code, delivered.subject) if failure else delivered.subject
+    headers = _top_headers(delivered.recipient, delivered.return_path or "", subject, hostname, delivered.message)
+    headers.append(f'Content-Type: multipart/report; report-type=disposition-notification; boundary="{boundary}"')
+    parts = [_text_part(human_text(delivered, failure, report)), _disposition_part(delivered, failure, hostname),
+             _original_part(delivered.raw)]
+    return _multipart(headers, boundary, parts)
+
+
+def build_failure_report(delivered: DeliveredMessage, failure: Failure, report: FilingReport, hostname: str) -> bytes:
+    """A plain message (no MDN was requested): the KO subject, the reason, the original attached."""
+    boundary = f"=_ko_{secrets.token_hex(12)}"
+    headers = _top_headers(delivered.recipient, delivered.return_path or "",
+                           failure_subject(failure.code, delivered.subject), hostname, delivered.message)
+    headers.append(f'Content-Type: multipart/mixed; boundary="{boundary}"')
+    return _multipart(headers, boundary, [_text_part(human_text(delivered, failure, report)), _original_part(delivered.raw)])
+
+
+def patient_notification(mailbox: str, patient_domain: str, hostname: str) -> bytes:
+    message = EmailMessage(policy=SMTP)
+    message["From"] = Address("Mon espace santé", "ne-pas-repondre", patient_domain)
+    message["To"] = mailbox
+    message["Subject"] = NOTIFICATION_SUBJECT
+    message["Date"] = format_datetime(utcnow())
+    message["Message-ID"] = make_msgid(domain=hostname)
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(NOTIFICATION_TEXT)
+    return message.as_bytes()
+
+
+def human_text(delivered: DeliveredMessage, failure: Failure | None, report: FilingReport) -> str:
+    lines = [f"Message : {delivered.subject or '(sans objet)'}", f"Destinataire : {delivered.recipient}", ""]
+    if failure is None:
+        lines.append("Le message a été traité : les documents ont été intégrés au dossier du patient.")
+    else:
+        lines.append(f"Échec de l'intégration : {int(failure.code)}^{failure.code.label}")
+        lines.append(f"Motif : {failure.reason}")
+        lines.append("Le message a tout de même été remis à son destinataire.")
+    lines += ["", "Documents :"] + [_outcome_line(o) for o in report.outcomes]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _outcome_line(outcome: DocumentOutcome) -> str:
+    name = outcome.unique_id or outcome.attachment or "?"
+    code = f" {int(outcome.code)}^{outcome.code.label}" if outcome.code else ""
+    reason = f" ({outcome.reason})" if outcome.reason else ""
+    return f"- {name} : {outcome.outcome.value}{code}{reason}"
+
+
+def _top_headers(from_address: str, to_address: str, subject: str, hostname: str, original: EmailMessage) -> list[str]:
+    holder = EmailMessage(policy=SMTP)
+    holder["From"] = Address("Intégration DMP", *from_address.rsplit("@", 1))
+    holder["To"] = to_address
+    holder["Subject"] = subject
+    holder["Date"] = format_datetime(utcnow())
+    holder["Message-ID"] = make_msgid(domain=hostname)
+    original_id = str(original.get("Message-ID", "") or "").strip()
+    if original_id:
+        holder["In-Reply-To"] = original_id
+        holder["References"] = original_id
+    holder["Auto-Submitted"] = "auto-replied"
+    holder["MIME-Version"] = "1.0"
+    return [line for line in holder.as_bytes().decode("ascii").rstrip("\r\n").split("\r\n")]
+
+
+def _text_part(text: str) -> bytes:
+    part = EmailMessage(policy=SMTP)
+    part.set_content(text, charset="utf-8", cte="quoted-printable")
+    del part["MIME-Version"]
+    return part.as_bytes()
+
+
+def _disposition_part(delivered: DeliveredMessage, failure: Failure | None, hostname: str) -> bytes:
+    fields = [f"Reporting-UA: {hostname}; {REPORTING_UA}",
+              f"Original-Recipient: rfc822;{_original_recipient(delivered)}",
+              f"Final-Recipient: rfc822;{delivered.recipient}"]
+    original_id = str(delivered.message.get("Message-ID", "") or "").strip()
+    if original_id:
+        fields.append(f"Original-Message-ID: {original_id}")
+    fields.append(f"Disposition: {disposition(failure)}")
+    if failure is not None:
+        fields.append(f"Error: {int(failure.code)}^{failure.code.label}")  # RFC 8098 3.2.7
+    body = "\r\n".join(fields) + "\r\n"
+    return (b"Content-Type: message/disposition-notification\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            + body.encode("utf-8"))
+
+
+def _original_recipient(delivered: DeliveredMessage) -> str:
+    """RFC 8098 3.2.3: from the Original-Recipient header an MTA may add (ORCPT), else the mailbox."""
+    header = str(delivered.message.get("Original-Recipient", "") or "")
+    _kind, _, address = header.partition(";")
+    return address.strip() or delivered.recipient
+
+
+def _original_part(raw: bytes) -> bytes:
+    encoding = "8bit" if any(byte > 0x7F for byte in raw) else "7bit"
+    body = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return (b"Content-Type: message/rfc822\r\nContent-Disposition: attachment\r\n"
+            + f"Content-Transfer-Encoding: {encoding}\r\n\r\n".encode() + body)
+
+
+def _multipart(headers: list[str], boundary: str, parts: list[bytes]) -> bytes:
+    out = bytearray("\r\n".join(headers).encode("ascii") + b"\r\n\r\n")
+    out += b"This is a MIME-encapsulated message.\r\n"
+    for part in parts:
+        out += f"\r\n--{boundary}\r\n".encode() + part.rstrip(b"\r\n") + b"\r\n"
+    out += f"\r\n--{boundary}--\r\n".encode()
+    return bytes(out)
+
+
+def _message_id_of(message: bytes) -> str | None:
+    head = message.split(b"\r\n\r\n", 1)[0].decode("ascii", errors="replace")
+    for line in head.split("\r\n"):
+        if line.lower().startswith("message-id:"):
+            return line.split(":", 1)[1].strip()
+    return None

@@ -1,0 +1,281 @@
+"""The filing worker: every delivered message is examined, exactly once in effect, whatever crashes.
+
+Durability comes from the database, not from memory. Each mail store delivery
+(``mail_deliveries``: one row per message x recipient mailbox, committed with
+the message) gets a ``filing_jobs`` row, created by one idempotent
+``INSERT ... SELECT`` over the deliveries that have none (a LEFT JOIN), at start,
+on every wake-up and on every poll. A crash between delivery and filing
+therefore loses nothing: the next pass finds the delivery without a finished
+job and files it.
+
+A job is claimed with a lease (an UPDATE that succeeds for one worker only, on
+any number of gateway nodes), then: open the delivered copy from the mail store,
+``received -> examined``, extract, file (``file_into_record``: idempotent per
+document), acknowledge (idempotent per notice), and finish as ``filed`` or
+``not-filed`` with one outcome row per document. Each step is safe to repeat,
+so a job interrupted anywhere is simply run again. Unexpected errors (database
+or disk trouble) are retried with growing delays up to ``max_attempts``, then
+the job is ``failed`` and shows in ``gateway record quarantine``; ``gateway
+record refile`` runs it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import email
+import email.policy
+import logging
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+from sqlalchemy import delete, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage
+from gateway.dmp_bridge.extract import extract_documents
+from gateway.dmp_bridge.filing import FilingContext, FilingJournal, FilingReport, file_into_record
+from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob, FilingOutcome, JobState
+from gateway.errors import Conflict, NotFound
+from gateway.mailstore.errors import FolderNotFound, MessageNotFound, UidValidityChanged
+from gateway.mailstore.interface import FolderRef
+from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
+from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.tables import Delivery
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox, utcnow
+
+log = logging.getLogger("gateway.dmp.worker")
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    accept_production: bool = False  # the directory's accept_production_ins
+    max_attempts: int = 5
+    retry_delays: tuple[int, ...] = (10, 60, 300, 900)  # seconds after attempt 1, 2, 3, 4...
+    lease_seconds: int = 300  # a job whose worker died is taken over after this
+    poll_seconds: float = 10.0  # the safety net: deliveries made by other nodes, retries falling due
+    batch: int = 100
+
+    def retry_delay(self, attempts: int) -> dt.timedelta:
+        return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
+
+
+class _Gone(Exception):
+    """The delivered copy is no longer where it was delivered (moved or expunged before filing)."""
+
+
+class FilingWorker:
+    def __init__(self, db: Database, mailstore: SqlMailStore, blobs: BlobStore, *, acknowledger: Acknowledger | None,
+                 hub: ChangeHub | None = None, journal: FilingJournal | None = None,
+                 policy: WorkerPolicy = WorkerPolicy()) -> None:
+        self.db = db
+        self.mailstore = mailstore
+        self.blobs = blobs
+        self.acknowledger = acknowledger
+        self.hub = hub
+        self.journal = journal
+        self.policy = policy
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listening = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Catch up on every delivery not yet filed, then keep filing in the background."""
+        if self.hub is not None and not self._listening:
+            self.hub.add_forwarder(self._on_change)
+            self._listening = True
+        await self.run_once()
+        self._task = asyncio.create_task(self._loop(), name="dmp-filing")
+
+    async def stop(self) -> None:
+        self._listening = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def _on_change(self, event: ChangeEvent) -> None:
+        if self._listening and event.kind == ChangeKind.EXISTS:
+            self.wake()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.policy.poll_seconds)
+            self._woken.clear()
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("filing pass failed; the next pass retries")
+
+    # ----------------------------------------------------------------- passes
+
+    async def run_once(self) -> int:
+        """Create the missing jobs and run every job that is due; how many jobs ran."""
+        await self.enqueue_deliveries()
+        ran = 0
+        while job_ids := await self._due_jobs():
+            for job_id in job_ids:
+                ran += await self._run_claimed(job_id)
+            if len(job_ids) < self.policy.batch:
+                break
+        return ran
+
+    async def enqueue_deliveries(self) -> int:
+        """One ``received`` job per delivery that has none (idempotent, safe on concurrent nodes)."""
+        now = utcnow()
+        missing = (select(Delivery.id, Delivery.delivery_key, Delivery.mailbox_id, literal(JobState.RECEIVED.value),
+                          literal(0), literal(0))
+                   .outerjoin(FilingJob, FilingJob.delivery_id == Delivery.id).where(FilingJob.id.is_(None)))
+        insert = pg_insert(FilingJob) if not self.db.is_sqlite else sqlite_insert(FilingJob)
+        statement = insert.from_select(["delivery_id", "delivery_key", "mailbox_id", "state", "attempts", "documents_filed"],
+                                       missing)
+        async with self.db.session() as session:
+            result = await session.execute(statement.on_conflict_do_nothing(index_elements=["delivery_id"]))
+        created = max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
+        if created:
+            log.debug("%d new filing job(s) at %s", created, now.isoformat())
+        return created
+
+    async def _due_jobs(self) -> list[int]:
+        now = utcnow()
+        async with self.db.session() as session:
+            return list((await session.scalars(
+                select(FilingJob.id).where(FilingJob.state.in_(OPEN_JOB_STATES),
+                                           or_(FilingJob.next_attempt_at.is_(None), FilingJob.next_attempt_at <= now),
+                                           or_(FilingJob.lease_until.is_(None), FilingJob.lease_until < now))
+                .order_by(FilingJob.id).limit(self.policy.batch))).all())
+
+    async def _claim(self, job_id: int) -> bool:
+        now = utcnow()
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(FilingJob).where(FilingJob.id == job_id, FilingJob.state.in_(OPEN_JOB_STATES),
+                                        or_(FilingJob.lease_until.is_(None), FilingJob.lease_until < now))
+                .values(lease_until=now + dt.timedelta(seconds=self.policy.lease_seconds),
+                        attempts=FilingJob.attempts + 1, updated_at=now))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _run_claimed(self, job_id: int) -> int:
+        if not await self._claim(job_id):
+            return 0  # another worker has it
+        try:
+            await self._run(job_id)
+        except _Gone as gone:
+            await self._finish(job_id, JobState.NOT_FILED, error=str(gone))
+        except Exception as error:
+            log.warning("filing job %d failed: %s", job_id, error, exc_info=True)
+            await self._defer(job_id, f"{type(error).__name__}: {error}")
+        return 1
+
+    # ----------------------------------------------------------------- one job
+
+    async def _run(self, job_id: int) -> None:
+        job, delivery, mailbox = await self._load(job_id)
+        raw = await self._read_delivered(delivery)
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, message, raw)
+        await self._mark_examined(job_id, delivered)
+        extraction = await asyncio.to_thread(extract_documents, message)
+        context = FilingContext(delivery_key=job.delivery_key, message_id=_header(message, "Message-ID", 998),
+                                sender=delivered.return_path, accept_production=self.policy.accept_production,
+                                mailbox_patient_id=mailbox.patient_id if mailbox.type == "PAT" else None)
+        report = await file_into_record(self.db, self.blobs, extraction, context, journal=self.journal)
+        if self.acknowledger is not None:
+            await self.acknowledger.after_filing(delivered, report)
+        await self._record_outcomes(job_id, report)
+
+    async def _load(self, job_id: int) -> tuple[FilingJob, Delivery, Mailbox]:
+        async with self.db.session() as session:
+            row = (await session.execute(
+                select(FilingJob, Delivery, Mailbox).join(Delivery, Delivery.id == FilingJob.delivery_id)
+                .join(Mailbox, Mailbox.id == FilingJob.mailbox_id).where(FilingJob.id == job_id))).one_or_none()
+        if row is None:
+            raise _Gone(f"delivery of job {job_id} no longer exists")
+        return row[0], row[1], row[2]
+
+    async def _read_delivered(self, delivery: Delivery) -> bytes:
+        folder = FolderRef(delivery.mailbox_id, delivery.folder_name, delivery.uidvalidity)
+        try:
+            body = await self.mailstore.open_message(folder, delivery.uid)
+        except (MessageNotFound, FolderNotFound, UidValidityChanged) as error:
+            raise _Gone(f"the delivered message left {delivery.folder_name} (UID {delivery.uid}) before filing: {error}") from error
+        async with body:
+            return await body.read()
+
+    async def _mark_examined(self, job_id: int, delivered: DeliveredMessage) -> None:
+        async with self.db.session() as session:
+            await session.execute(update(FilingJob).where(FilingJob.id == job_id).values(
+                state=JobState.EXAMINED.value, message_id=_header(delivered.message, "Message-ID", 998),
+                sender=(delivered.return_path or "")[:320] or None, recipient=delivered.recipient[:320],
+                subject=delivered.subject or None, updated_at=utcnow()))
+
+    async def _record_outcomes(self, job_id: int, report: FilingReport) -> None:
+        refusal = report.first_refusal
+        state = JobState.FILED if report.in_record else JobState.NOT_FILED
+        patients = sorted(report.patient_ids)
+        async with self.db.session() as session:
+            await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
+            session.add_all(FilingOutcome(job_id=job_id, document_unique_id=o.unique_id, attachment=(o.attachment or "")[:512] or None,
+                                          outcome=o.outcome.value, code=int(o.code) if o.code else None, reason=o.reason,
+                                          record_document_id=o.record_document_id) for o in report.outcomes)
+            await self._set_finished(session, job_id, state, result_code=int(refusal.code) if refusal and refusal.code else None,
+                                     documents_filed=len(report.filed), patient_id=patients[0] if patients else None)
+
+    async def _finish(self, job_id: int, state: JobState, *, error: str) -> None:
+        async with self.db.session() as session:
+            await self._set_finished(session, job_id, state, last_error=error[:2000])
+
+    @staticmethod
+    async def _set_finished(session: AsyncSession, job_id: int, state: JobState, **values: object) -> None:
+        now = utcnow()
+        await session.execute(update(FilingJob).where(FilingJob.id == job_id).values(
+            state=state.value, lease_until=None, next_attempt_at=None, finished_at=now, updated_at=now, **values))
+
+    async def _defer(self, job_id: int, error: str) -> None:
+        async with self.db.session() as session:
+            job = await session.get(FilingJob, job_id)
+            if job is None:
+                return
+            if job.attempts >= self.policy.max_attempts:
+                await self._set_finished(session, job_id, JobState.FAILED, last_error=error[:2000])
+                log.error("filing job %d failed after %d attempts: %s", job_id, job.attempts, error)
+                return
+            job.last_error, job.lease_until = error[:2000], None
+            job.next_attempt_at = utcnow() + self.policy.retry_delay(job.attempts)
+
+    # ----------------------------------------------------------------- administration
+
+    async def refile(self, delivery_id: int) -> FilingJob:
+        """Run a finished job again (after a failure, or once the patient exists); returns the job after it."""
+        async with self.db.session() as session:
+            job = await session.scalar(select(FilingJob).where(FilingJob.delivery_id == delivery_id))
+            if job is None:
+                raise NotFound(f"no filing job for delivery {delivery_id}", field="delivery_id")
+            if job.state in OPEN_JOB_STATES and job.lease_until is not None and job.lease_until > utcnow():
+                raise Conflict(f"delivery {delivery_id} is being filed right now", field="delivery_id")
+            job.state, job.attempts, job.next_attempt_at, job.lease_until = JobState.RECEIVED.value, 0, None, None
+            job.finished_at, job.last_error = None, None
+            job_id = job.id
+        await self._run_claimed(job_id)
+        async with self.db.session() as session:
+            refreshed = await session.get(FilingJob, job_id)
+        assert refreshed is not None
+        return refreshed
+
+
+def _header(message: EmailMessage, name: str, limit: int) -> str | None:
+    value = " ".join(str(message.get(name, "") or "").split())
+    return value[:limit] or None

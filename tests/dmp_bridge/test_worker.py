@@ -1,0 +1,226 @@
+"""FilingWorker with the real mail store, queue and local delivery (SQLite and PostgreSQL):
+acknowledgements, patient notifications, idempotence, crash recovery, bounded retries."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from gateway.config import Settings
+from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT, Acknowledger
+from gateway.dmp_bridge.record import RecordStore
+from gateway.dmp_bridge.tables import FilingJob, FilingNotice, JobState
+from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
+from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
+from gateway.mailstore.interface import FolderRef, UidSet
+from gateway.mailstore.tables import Delivery
+from gateway.pipeline.delivery import LocalDelivery as QueueDelivery
+from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.queue import QueueStore
+from gateway.pipeline.spool import Spool
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox
+from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, cda_message
+
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
+
+
+class Bench:
+    """The world plus a worker whose generated mail really goes through the queue into mailboxes."""
+
+    def __init__(self, world: World, spool_dir: Path) -> None:
+        self.world = world
+        self.spool = Spool(spool_dir)
+        self.scheduled: list[str] = []
+        self.store_delivery = StoreDelivery(world.mailstore)
+        self.queue_delivery = QueueDelivery(QueueStore(world.db), self.spool, self.store_delivery,
+                                            authserv_id="localhost")
+        self.generated = GeneratedMailQueue(world.settings, world.directory, self.spool,
+                                            schedule_local=self.scheduled.append)
+
+    def worker(self, **policy: object) -> FilingWorker:
+        return FilingWorker(self.world.db, self.world.mailstore, self.world.blobs,
+                            acknowledger=Acknowledger(self.world.db, self.generated, self.world.settings),
+                            hub=self.world.hub, policy=WorkerPolicy(**policy))  # type: ignore[arg-type]
+
+    async def deliver(self, message: EmailMessage, mailbox_id: int, key: str) -> None:
+        await self.store_delivery.deliver(mailbox_id, message.as_bytes(), delivery_key=key)
+
+    async def flush_generated(self) -> None:
+        while self.scheduled:
+            await self.queue_delivery.deliver_message(self.scheduled.pop(0))
+
+    async def inbox(self, address: str) -> list[EmailMessage]:
+        async with self.world.db.session() as session:
+            mailbox_id = await session.scalar(select(Mailbox.id).where(Mailbox.address == address))
+        assert mailbox_id is not None
+        folder = FolderRef(mailbox_id, "INBOX")
+        if "INBOX" not in {info.name for info in await self.world.mailstore.list_folders(mailbox_id)}:
+            return []  # never delivered to: not provisioned yet
+        messages = []
+        for meta in await self.world.mailstore.fetch(folder, UidSet.of((1, 1_000_000))):
+            async with await self.world.mailstore.open_message(folder, meta.uid) as body:
+                parsed = email.message_from_bytes(await body.read(), policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            messages.append(parsed)
+        return messages
+
+    async def job(self, key: str) -> FilingJob:
+        async with self.world.db.session() as session:
+            job = await session.scalar(select(FilingJob).where(FilingJob.delivery_key == key))
+        assert job is not None
+        return job
+
+
+@pytest.fixture
+async def bench(database: Database, settings: Settings, tmp_path: Path) -> Bench:
+    world = await build_world(database, settings)
+    return Bench(world, tmp_path / "spool")
+
+
+def _disposition(mdn: EmailMessage) -> str:
+    part = next(p for p in mdn.walk() if p.get_content_type() == "message/disposition-notification")
+    payload = part.get_payload()
+    if isinstance(payload, list):  # the email package parses the fields as header blocks
+        return "\n".join(f"{name}: {' '.join(str(value).split())}" for block in payload for name, value in block.items())
+    return str(payload)
+
+
+async def test_requested_mdn_says_processed_and_the_patient_is_notified(bench: Bench) -> None:
+    message = cda_message("VAC-NOTE_2023.01.xml", mdn_to=LAB_ADDRESS)
+    await bench.deliver(message, bench.world.doctor_mailbox_id, "q1:1")
+    assert await bench.worker().run_once() == 1
+    await bench.flush_generated()
+    job = await bench.job("q1:1")
+    assert (job.state, job.documents_filed, job.recipient) == ("filed", 1, bench.world.doctor_address)
+    [mdn] = await bench.inbox(LAB_ADDRESS)
+    assert mdn.get_content_type() == "multipart/report" and mdn.get_param("report-type") == "disposition-notification"
+    fields = _disposition(mdn)
+    assert "Disposition: automatic-action/MDN-sent-automatically; processed" in fields
+    assert f"Final-Recipient: rfc822;{bench.world.doctor_address}" in fields
+    assert f"Original-Message-ID: {message['Message-ID']}" in fields
+    assert str(mdn["Subject"]) == "Compte rendu" and mdn["Auto-Submitted"] == "auto-replied"
+    [notification] = await bench.inbox(bench.world.patient_address)
+    assert str(notification["Subject"]) == NOTIFICATION_SUBJECT
+    text = notification.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "VACCINATION" not in text.upper() and "Un nouveau document a été ajouté à votre dossier" in text
+
+
+async def test_requested_mdn_on_failure_carries_the_code_and_the_ko_subject(bench: Bench) -> None:
+    await bench.deliver(cda_message("sampleccd.xml", mdn_to=LAB_ADDRESS, subject="XDM/1.0/DDM+CCD DOE John"),
+                        bench.world.doctor_mailbox_id, "q1:1")
+    await bench.worker().run_once()
+    await bench.flush_generated()
+    [mdn] = await bench.inbox(LAB_ADDRESS)
+    assert str(mdn["Subject"]) == f"{KO_PREFIX}[903] XDM/1.0/DDM+CCD DOE John"
+    assert "processed/Error: 903^INS absent du document" in _disposition(mdn)
+    original = [p for p in mdn.walk() if p.get_content_type() == "message/rfc822"]
+    assert len(original) == 1
+    job = await bench.job("q1:1")
+    assert (job.state, job.result_code) == ("not-filed", 903)
+    [entry] = await RecordStore(bench.world.db, bench.world.blobs).quarantine()
+    assert (entry.code, entry.attachment, entry.delivery_id) == (903, "sampleccd.xml", job.delivery_id)
+    assert await bench.inbox(bench.world.patient_address) == []  # nothing filed, nobody notified
+
+
+async def test_without_a_request_only_a_failure_is_reported(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("sampleccd.xml", subject="CCD"), bench.world.doctor_mailbox_id, "q2:1")
+    await bench.worker().run_once()
+    await bench.flush_generated()
+    [report] = await bench.inbox(LAB_ADDRESS)
+    assert str(report["Subject"]) == f"{KO_PREFIX}[903] CCD"
+    assert report.get_content_type() == "multipart/mixed"
+    assert [p.get_content_type() for p in report.iter_attachments()] == ["message/rfc822"]
+
+
+async def test_an_mdn_to_another_address_than_the_return_path_is_not_sent(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml", mdn_to=bench.world.doctor_address),
+                        bench.world.doctor_mailbox_id, "q1:1")
+    await bench.worker().run_once()
+    await bench.flush_generated()
+    assert await bench.inbox(LAB_ADDRESS) == []
+    assert await bench.inbox(bench.world.doctor_address) != []  # only the original delivery
+
+
+async def test_sending_again_and_refiling_never_acknowledge_twice(bench: Bench) -> None:
+    message = cda_message("VAC-NOTE_2023.01.xml", mdn_to=LAB_ADDRESS)
+    await bench.deliver(message, bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(message, bench.world.patient_mailbox_id, "q1:2")
+    await bench.deliver(message, bench.world.doctor_mailbox_id, "q2:1")  # the same message sent again
+    worker = bench.worker()
+    assert await worker.run_once() == 3
+    await worker.refile((await bench.job("q1:1")).delivery_id)
+    await bench.flush_generated()
+    mdns = await bench.inbox(LAB_ADDRESS)
+    final_recipients = sorted(line for m in mdns for line in _disposition(m).splitlines() if line.startswith("Final-Recipient"))
+    assert final_recipients == sorted([f"Final-Recipient: rfc822;{bench.world.doctor_address}",
+                                       f"Final-Recipient: rfc822;{bench.world.patient_address}"])
+    patient_inbox = await bench.inbox(bench.world.patient_address)
+    assert [str(m["Subject"]) for m in patient_inbox].count(NOTIFICATION_SUBJECT) == 1
+    assert len(await RecordStore(bench.world.db, bench.world.blobs).list_for_patient(TEST_INS)) == 1
+    async with bench.world.db.session() as session:
+        assert len((await session.scalars(select(FilingNotice))).all()) == 3
+
+
+async def test_a_job_left_received_or_examined_by_a_crash_is_finished_by_the_next_worker(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("LDL-SES_2022.01.xml"), bench.world.doctor_mailbox_id, "q2:1")
+    await bench.deliver(cda_message(SAMPLE_BIO), bench.world.doctor_mailbox_id, "q3:1")
+    crashed = bench.worker()
+    assert await crashed.enqueue_deliveries() == 3  # the jobs exist; the worker "dies" before running them
+    async with bench.world.db.session() as session:  # one was mid-run: examined, leased by the dead worker
+        await session.execute(update(FilingJob).where(FilingJob.delivery_key == "q2:1").values(
+            state=JobState.EXAMINED.value, attempts=1))
+    async with bench.world.db.session() as session:  # and one delivery never got its job row at all
+        await session.execute(FilingJob.__table__.delete().where(FilingJob.delivery_key == "q3:1"))
+    survivor = bench.worker()
+    await survivor.start()
+    await survivor.stop()
+    for key in ("q1:1", "q2:1", "q3:1"):
+        assert (await bench.job(key)).state == "filed"
+    assert len(await RecordStore(bench.world.db, bench.world.blobs).list_for_patient(TEST_INS)) == 3
+
+
+SAMPLE_BIO = "BIO-CR-BIO_2021.01_Microbiologie_V1.xml"
+
+
+async def test_transient_failures_are_retried_then_failed_and_refile_recovers(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
+    async with bench.world.db.session() as session:
+        delivery = await session.scalar(select(Delivery).where(Delivery.delivery_key == "q1:1"))
+    assert delivery is not None
+    folder = FolderRef(delivery.mailbox_id, "INBOX")
+    [meta] = await bench.world.mailstore.fetch(folder, UidSet.of(delivery.uid))
+    async with bench.world.db.session() as session:
+        from gateway.mailstore.tables import Message
+        blob_id = await session.scalar(select(Message.blob_id).where(Message.uid == meta.uid))
+    path = bench.world.blobs.path(str(blob_id))
+    intact = path.read_bytes()
+    path.write_bytes(intact[:-20])  # a damaged disk: the body no longer authenticates
+    worker = bench.worker(max_attempts=2, retry_delays=(0,))
+    await worker.run_once()
+    assert (await bench.job("q1:1")).state == "received"  # deferred: due again at once (delay 0)
+    await worker.run_once()
+    job = await bench.job("q1:1")
+    assert (job.state, job.attempts) == ("failed", 2) and "Blob" in (job.last_error or "")
+    [entry] = await RecordStore(bench.world.db, bench.world.blobs).quarantine()
+    assert entry.job_state == "failed"
+    path.write_bytes(intact)  # restored from backup
+    assert (await worker.refile(job.delivery_id)).state == "filed"
+
+
+async def test_a_message_expunged_before_filing_is_not_filed_with_the_reason(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
+    folder = FolderRef(bench.world.doctor_mailbox_id, "INBOX")
+    from gateway.mailstore.interface import StoreMode
+    await bench.world.mailstore.store_flags(folder, UidSet.of(1), StoreMode.ADD, ["\\Deleted"])
+    await bench.world.mailstore.expunge(folder)
+    await bench.worker().run_once()
+    job = await bench.job("q1:1")
+    assert job.state == "not-filed" and "before filing" in (job.last_error or "")
