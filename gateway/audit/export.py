@@ -81,7 +81,7 @@ class ExportSummary:
 def check_format(value: str) -> ExportFormat:
     if value not in EXPORT_FORMATS:
         raise UserError(f"unknown export format {value!r}: use jsonl or csv", field="format")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def entry_to_record(entry: AuditEntry) -> dict[str, Any]:

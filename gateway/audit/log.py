@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Select, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -54,7 +54,7 @@ from gateway.audit.chain import (
     entry_body,
 )
 from gateway.audit.events import AuditEvent
-from gateway.audit.export import ExportScope, ExportSummary, ExportWriter, check_format
+from gateway.audit.export import ExportFormat, ExportScope, ExportSummary, ExportWriter, check_format
 from gateway.audit.tables import AuditChainHead, AuditEntryRow
 from gateway.directory.identifiers import validate_nir
 from gateway.errors import UserError
@@ -271,7 +271,7 @@ class AuditLog:
             from_seq = first if first is not None else head_seq + 1
         return ExportScope(from_seq=from_seq, head=head, patient=patient, since=since)
 
-    async def _write_export(self, stream: IO[str], fmt: Any, scope: ExportScope) -> ExportSummary:
+    async def _write_export(self, stream: IO[str], fmt: ExportFormat, scope: ExportScope) -> ExportSummary:
         writer = ExportWriter(stream, fmt, scope)
         writer.header(utcnow())
         stop = scope.head.seq if scope.head else 0
@@ -279,7 +279,7 @@ class AuditLog:
             writer.entry(entry)
         return writer.trailer()
 
-    async def _export_to_file(self, path: Path, fmt: Any, scope: ExportScope) -> ExportSummary:
+    async def _export_to_file(self, path: Path, fmt: ExportFormat, scope: ExportScope) -> ExportSummary:
         """Write beside the target, fsync, then rename: a reader never sees half an export. Mode 0600: health data."""
         temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -417,18 +417,26 @@ def _check_aware(value: dt.datetime | None, field: str) -> dt.datetime | None:
 def _filtered(query: Select[Any], *, patient: str | None, events: Sequence[AuditEvent], actor_id: str | None,
               subject_id: str | None, door: str | None, outcome: str | None, since: dt.datetime | None,
               until: dt.datetime | None, before_seq: int | None) -> Select[Any]:
-    conditions = [
-        (patient is not None, lambda: AuditEntryRow.patient_ins == patient),
-        (bool(events), lambda: AuditEntryRow.event.in_([int(event) for event in events])),
-        (actor_id is not None, lambda: AuditEntryRow.actor_id == actor_id),
-        (subject_id is not None, lambda: AuditEntryRow.subject_id == subject_id),
-        (door is not None, lambda: AuditEntryRow.door == _enum_value(Door, door, "door").value),
-        (outcome is not None, lambda: AuditEntryRow.outcome == _enum_value(OutcomeStatus, outcome, "outcome").value),
-        (since is not None, lambda: AuditEntryRow.occurred_at >= since),
-        (until is not None, lambda: AuditEntryRow.occurred_at < until),
-        (before_seq is not None, lambda: AuditEntryRow.seq < before_seq),
-    ]
-    return query.where(*(condition() for wanted, condition in conditions if wanted))
+    conditions: list[ColumnElement[bool]] = []
+    if patient is not None:
+        conditions.append(AuditEntryRow.patient_ins == patient)
+    if events:
+        conditions.append(AuditEntryRow.event.in_([int(event) for event in events]))
+    if actor_id is not None:
+        conditions.append(AuditEntryRow.actor_id == actor_id)
+    if subject_id is not None:
+        conditions.append(AuditEntryRow.subject_id == subject_id)
+    if door is not None:
+        conditions.append(AuditEntryRow.door == _enum_value(Door, door, "door").value)
+    if outcome is not None:
+        conditions.append(AuditEntryRow.outcome == _enum_value(OutcomeStatus, outcome, "outcome").value)
+    if since is not None:
+        conditions.append(AuditEntryRow.occurred_at >= since)
+    if until is not None:
+        conditions.append(AuditEntryRow.occurred_at < until)
+    if before_seq is not None:
+        conditions.append(AuditEntryRow.seq < before_seq)
+    return query.where(*conditions)
 
 
 def _row_values(entry: AuditEntry) -> dict[str, Any]:
