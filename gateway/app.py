@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.imap.listeners import start_imap_listeners
@@ -43,6 +44,7 @@ class Services:
     blobs: BlobStore
     hub: ChangeHub
     mailstore: SqlMailStore
+    audit: AuditLog
 
 
 @asynccontextmanager
@@ -68,6 +70,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             blobs=blobs,
             hub=hub,
             mailstore=SqlMailStore(db, blobs, hub),
+            audit=AuditLog.for_data_dir(db, settings.data_path),
         )
     finally:
         await db.dispose()
