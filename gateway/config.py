@@ -118,6 +118,11 @@ class PkiSettings(_Section):
         default_factory=lambda: ["127.0.0.1", "::1"],
         description="IP addresses put in the gateway's TLS certificate",
     )
+    trust_anchors: list[str] = Field(
+        default_factory=list,
+        description="further PEM files trusted for TLS peers besides this PKI's CAs: other operators' CA certificates "
+        "(IGC-Santé in production) and their CRLs. Revocation is checked, so list each CA's CRL too",
+    )
     key_type: Literal["rsa", "ec"] = Field("ec", description="key type of issued certificates: rsa (3072) or ec (P-256)")
     validity_days: int = Field(825, ge=1, le=3650, description="lifetime of issued end-entity certificates")
 

@@ -65,6 +65,12 @@ def _load_crls(context: ssl.SSLContext, crls: PathLike | Iterable[PathLike]) -> 
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
+def _load_anchors(context: ssl.SSLContext, anchors: Iterable[PathLike]) -> None:
+    """Further trust anchors (another CA's certificates, with its CRLs when revocation is checked)."""
+    for path in anchors:
+        context.load_verify_locations(cafile=_readable_file(path, "trust_anchors"))
+
+
 def _load_identity(context: ssl.SSLContext, cert_chain: PathLike, key: PathLike | None) -> None:
     chain_path = _readable_file(cert_chain, "cert_chain")
     key_path = _readable_file(key, "key") if key is not None else None
@@ -76,12 +82,14 @@ def _load_identity(context: ssl.SSLContext, cert_chain: PathLike, key: PathLike 
 
 
 def server_context(cert_chain: PathLike, key: PathLike, *, client_ca: PathLike | None = None,
-                   require_client_cert: bool = False, crls: PathLike | Iterable[PathLike] = ()) -> ssl.SSLContext:
+                   require_client_cert: bool = False, crls: PathLike | Iterable[PathLike] = (),
+                   extra_anchors: Iterable[PathLike] = ()) -> ssl.SSLContext:
     """A listener's context: our chain (leaf first) and key, TLS 1.2+.
 
     With ``client_ca`` a client certificate is verified against that bundle: optional by default
     (submission: a certificate, when presented, must verify, and then allows SASL EXTERNAL), required with
-    ``require_client_cert`` (inter-operator relay). ``crls`` adds revocation checks of client certificates.
+    ``require_client_cert`` (inter-operator relay). ``crls`` adds revocation checks of client certificates;
+    ``extra_anchors`` are further PEM files (other CAs and their CRLs) client certificates may chain to.
     """
     if require_client_cert and client_ca is None:
         raise UserError("requiring client certificates needs the CA bundle that issues them", field="client_ca")
@@ -91,18 +99,22 @@ def server_context(cert_chain: PathLike, key: PathLike, *, client_ca: PathLike |
     if client_ca is not None:
         context.load_verify_locations(cafile=_readable_file(client_ca, "client_ca"))
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+        _load_anchors(context, extra_anchors)
         _load_crls(context, crls)
     return context
 
 
 def client_context(ca_bundle: PathLike, *, cert_chain: PathLike | None = None, key: PathLike | None = None,
-                   check_hostname: bool = True, crls: PathLike | Iterable[PathLike] = ()) -> ssl.SSLContext:
+                   check_hostname: bool = True, crls: PathLike | Iterable[PathLike] = (),
+                   extra_anchors: Iterable[PathLike] = ()) -> ssl.SSLContext:
     """An outbound context: the server must present a chain to ``ca_bundle`` (never the system store:
     only the health PKI is trusted, Ref#2 ECO.1.1.10) and, by default, match the host name (RFC 6125).
-    ``cert_chain``/``key`` is our client certificate for operators that require one."""
+    ``cert_chain``/``key`` is our client certificate for operators that require one; ``extra_anchors`` are
+    further PEM files (other CAs and their CRLs) a server may chain to."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context)
     context.load_verify_locations(cafile=_readable_file(ca_bundle, "ca_bundle"))
+    _load_anchors(context, extra_anchors)
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     if cert_chain is not None:

@@ -47,10 +47,12 @@ class TlsMaterial:
     key: Path
     client_ca: Path
     crls: tuple[Path, ...] = ()
+    extra_anchors: tuple[Path, ...] = ()        # pki.trust_anchors: other operators' CAs and CRLs
 
     def context(self, *, require_client_cert: bool) -> ssl.SSLContext:
         return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
-                              require_client_cert=require_client_cert, crls=self.crls)
+                              require_client_cert=require_client_cert, crls=self.crls,
+                              extra_anchors=self.extra_anchors)
 
 
 class SmtpListeners(list[asyncio.Server]):
@@ -90,7 +92,8 @@ def build_pipeline(settings: Settings, db: Database, directory: DirectoryService
 def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
     issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
     crls = tuple(path for path in services.pki.crl_paths if path.is_file())
-    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, crls)
+    anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
+    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, crls, anchors)
 
 
 async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListeners:

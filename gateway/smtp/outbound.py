@@ -360,11 +360,12 @@ class ReportQueue:
 # =========================================================================== the worker
 
 def outbound_tls_context(pki: TestPKI, settings: Settings) -> ssl.SSLContext:
-    """Verify peers against the trust anchors (never the system store), present our certificate
-    (the gateway's own, issued under the same PKI), check revocation when CRLs exist."""
+    """Verify peers against the trust anchors (this PKI's CAs and ``pki.trust_anchors``, never the system
+    store), present our certificate (the gateway's own, issued under the same PKI), check revocation."""
     issued = pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
     crls = [path for path in pki.crl_paths if path.is_file()]
-    return client_context(pki.ca_bundle_path, cert_chain=issued.chain_path, key=issued.key_path, crls=crls)
+    return client_context(pki.ca_bundle_path, cert_chain=issued.chain_path, key=issued.key_path, crls=crls,
+                          extra_anchors=settings.pki.trust_anchors)
 
 
 @dataclass
