@@ -22,6 +22,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.audit", "audit"),
     ("gateway.cli.queue", "queue"),
     ("gateway.cli.dkim", "dkim"),
+    ("gateway.cli.record", "record"),
 ]
 
 

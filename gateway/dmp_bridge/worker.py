@@ -27,17 +27,22 @@ import datetime as dt
 import email
 import email.policy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import Protocol
 
 from sqlalchemy import delete, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit.log import AuditLog
+from gateway.config import Settings
+from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage
 from gateway.dmp_bridge.extract import extract_documents
-from gateway.dmp_bridge.filing import FilingContext, FilingJournal, FilingReport, file_into_record
+from gateway.dmp_bridge.filing import AuditJournal, FilingContext, FilingJournal, FilingReport, file_into_record
 from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob, FilingOutcome, JobState
 from gateway.errors import Conflict, NotFound
 from gateway.mailstore.errors import FolderNotFound, MessageNotFound, UidValidityChanged
@@ -45,6 +50,8 @@ from gateway.mailstore.interface import FolderRef
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Delivery
+from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.spool import Spool
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
@@ -274,6 +281,32 @@ class FilingWorker:
             refreshed = await session.get(FilingJob, job_id)
         assert refreshed is not None
         return refreshed
+
+
+class FilingServices(Protocol):
+    """What the worker needs from ``gateway.app.Services``."""
+
+    settings: Settings
+    db: Database
+    directory: DirectoryService
+    blobs: BlobStore
+    hub: ChangeHub
+    mailstore: SqlMailStore
+
+
+def build_filing_worker(services: FilingServices, spool: Spool, *, schedule_local: Callable[[str], None],
+                        wake_remote: Callable[[], None] | None = None) -> FilingWorker:
+    """The worker as ``gateway serve`` runs it: acknowledgements through the queue, events in the audit log.
+
+    ``schedule_local`` and ``wake_remote`` hand generated mail to local delivery and to the outbound
+    worker (``LocalDelivery.schedule`` and ``OutboundWorker.wake`` of the SMTP side).
+    """
+    settings = services.settings
+    queue = GeneratedMailQueue(settings, services.directory, spool, schedule_local=schedule_local, wake_remote=wake_remote)
+    journal = AuditJournal(AuditLog.for_data_dir(services.db, settings.data_path))
+    policy = WorkerPolicy(accept_production=settings.directory.accept_production_ins)
+    return FilingWorker(services.db, services.mailstore, services.blobs, hub=services.hub, journal=journal,
+                        acknowledger=Acknowledger(services.db, queue, settings), policy=policy)
 
 
 def _header(message: EmailMessage, name: str, limit: int) -> str | None:

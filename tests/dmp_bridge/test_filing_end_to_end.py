@@ -1,0 +1,180 @@
+"""End to end: a lab application submits CI-SIS documents over SMTP (STARTTLS, AUTH) to a real
+``gateway serve``; a filing worker files them from the mail store; MDNs and the patient's
+notification come back through the gateway's own queue and are read over IMAP.
+
+The worker runs in the test process on the gateway's database, as a second node would
+(jobs are leased, so it is also correct beside the worker ``gateway serve`` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import imaplib
+import json
+import smtplib
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Services, open_services
+from gateway.config import load_settings
+from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT
+from gateway.dmp_bridge.record import RecordStore
+from gateway.dmp_bridge.worker import FilingWorker, build_filing_worker
+from gateway.pipeline.spool import Spool
+from gateway.smtp.listeners import spool_root
+from tests.dmp_bridge.filing_world import SAMPLES, TEST_INS, message_with, sample
+from tests.harness import GatewayProcess
+
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
+PATIENCE = 60.0  # seconds before a wait gives up (a bound on a hang, not a timing assertion)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(tmp_path_factory.mktemp("filing-e2e") / "data",
+                             extra_env={"GATEWAY_SMTP_LOCAL_RETRY_SECONDS": "1"})
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def services(served: GatewayProcess) -> AsyncIterator[Services]:
+    settings = load_settings(data_dir=served.data_dir, environ=served.env)
+    async with open_services(settings, migrate=False) as opened:
+        yield opened
+
+
+def _tls(served: GatewayProcess) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=served.ca_file)
+
+
+def submit(served: GatewayProcess, message: EmailMessage, recipients: list[str]) -> None:
+    lab = served.account("APP")
+    with smtplib.SMTP("127.0.0.1", served.ports["smtp_submission_port"], local_hostname="labo.test", timeout=30) as smtp:
+        smtp.starttls(context=_tls(served))
+        smtp.login(lab["address"], lab["password"])
+        smtp.send_message(message, from_addr=lab["address"], to_addrs=recipients)
+
+
+def imap_messages(served: GatewayProcess, account: dict[str, str]) -> list[EmailMessage]:
+    with imaplib.IMAP4("127.0.0.1", served.ports["imap_port"], timeout=30) as imap:
+        imap.starttls(ssl_context=_tls(served))
+        imap.login(account["address"], account["password"])
+        status, _ = imap.select("INBOX", readonly=True)
+        if status != "OK":
+            return []  # nothing delivered yet: the mailbox is provisioned on its first delivery
+        _, data = imap.uid("SEARCH", "ALL")
+        messages = []
+        for uid in data[0].split():
+            _, fetched = imap.uid("FETCH", uid, "(BODY.PEEK[])")
+            raw = next(part[1] for part in fetched if isinstance(part, tuple))
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            messages.append(parsed)
+        return messages
+
+
+async def file_until(worker: FilingWorker, services: Services, message_id: str, copies: int) -> None:
+    """Run filing passes until ``copies`` deliveries of ``message_id`` are filed or refused (the
+    deliveries themselves happen in the gateway process)."""
+    deadline = time.monotonic() + PATIENCE
+    while await _finished_jobs(services, message_id) < copies:
+        assert time.monotonic() < deadline, "deliveries were not filed in time"
+        await worker.run_once()
+        await asyncio.sleep(0.1)
+
+
+async def _finished_jobs(services: Services, message_id: str) -> int:
+    from sqlalchemy import func, select
+
+    from gateway.dmp_bridge.tables import FilingJob
+    async with services.db.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(FilingJob).where(
+            FilingJob.message_id == message_id, FilingJob.state.in_(("filed", "not-filed", "failed")))) or 0)
+
+
+async def wait_for(predicate_source: object, check: object) -> list[EmailMessage]:
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        messages = await asyncio.to_thread(predicate_source)  # type: ignore[arg-type]
+        if check(messages):  # type: ignore[operator]
+            return messages  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"expected mail did not arrive: {[str(m['Subject']) for m in messages]}"
+        await asyncio.sleep(0.2)
+
+
+def _disposition(mdn: EmailMessage) -> str:
+    part = next(p for p in mdn.walk() if p.get_content_type() == "message/disposition-notification")
+    payload = part.get_payload()
+    blocks = payload if isinstance(payload, list) else []
+    return "\n".join(f"{name}: {' '.join(str(value).split())}" for block in blocks for name, value in block.items())
+
+
+async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notified(served: GatewayProcess,
+                                                                                 services: Services) -> None:
+    lab, doctor, patient = served.account("APP"), served.account("PER"), served.account("PAT")
+    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    message = message_with(("VAC-NOTE_2023.01.xml", sample("VAC-NOTE_2023.01.xml"), "text/xml"),
+                           ("BIO_V1.xml", sample("BIO-CR-BIO_2021.01_Microbiologie_V1.xml"), "text/xml"),
+                           sender=lab["address"], to=patient["address"], mdn_to=lab["address"],
+                           subject="XDM/1.0/DDM+2 documents PAT-TROIS DOMINIQUE 28/03/1979")
+    del message["Return-Path"]
+    submit(served, message, [patient["address"], doctor["address"]])
+    await file_until(worker, services, message["Message-ID"], 2)
+
+    documents = await RecordStore(services.db, services.blobs).list_for_patient(TEST_INS)
+    assert sorted(d.type_code or "" for d in documents) == ["11502-2", "87273-9"]
+    assert {d.source_sender for d in documents} == {lab["address"]}
+
+    mdns = await wait_for(lambda: imap_messages(served, lab), lambda ms: len(ms) >= 2)
+    assert len(mdns) == 2 and all("; processed" in _disposition(m) for m in mdns)
+    finals = sorted(line for m in mdns for line in _disposition(m).splitlines() if line.startswith("Final-Recipient"))
+    assert finals == sorted(f"Final-Recipient: rfc822;{a['address']}" for a in (patient, doctor))
+    inbox = await wait_for(lambda: imap_messages(served, patient),
+                           lambda ms: any(str(m["Subject"]) == NOTIFICATION_SUBJECT for m in ms))
+    assert sum(str(m["Subject"]) == NOTIFICATION_SUBJECT for m in inbox) == 1
+
+    # The same message submitted again: delivered again, filed nothing new, acknowledged nothing twice.
+    submit(served, message, [patient["address"]])
+    await file_until(worker, services, message["Message-ID"], 3)
+    assert len(await RecordStore(services.db, services.blobs).list_for_patient(TEST_INS)) == 2
+    await asyncio.sleep(1.5)  # let the gateway's 1 s retry pass run: nothing new may appear
+    assert len(imap_messages(served, lab)) == 2
+
+    # BIO V2 supersedes V1 through the SMTP path too.
+    version_two = message_with(("BIO_V2.xml", sample("BIO-CR-BIO_2021.01_Microbiologie_V2.xml"), "text/xml"),
+                               sender=lab["address"], to=doctor["address"], subject="[Annule et remplace] CR")
+    submit(served, version_two, [doctor["address"]])
+    await file_until(worker, services, version_two["Message-ID"], 1)
+    v1 = await RecordStore(services.db, services.blobs).get("1.2.250.1.213.1.1.1.55.2021.6.1")
+    assert (v1.status, v1.superseded_by_unique_id) == ("superseded", "1.2.250.1.213.1.1.1.55.2021.6.2")
+
+
+async def test_a_ccd_without_ins_is_delivered_reported_903_and_quarantined(served: GatewayProcess,
+                                                                          services: Services, tmp_path: Path) -> None:
+    lab, doctor = served.account("APP"), served.account("PER")
+    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    message = message_with(("sampleccd.xml", sample("sampleccd.xml"), "text/xml"), sender=lab["address"],
+                           to=doctor["address"], subject="CCD John Doe")
+    del message["Return-Path"]
+    submit(served, message, [doctor["address"]])
+    await file_until(worker, services, message["Message-ID"], 1)
+    delivered = imap_messages(served, doctor)
+    assert any(str(m["Subject"]) == "CCD John Doe" for m in delivered)  # not filed, but delivered
+    reports = await wait_for(lambda: imap_messages(served, lab),
+                             lambda ms: any(str(m["Subject"]).startswith(f"{KO_PREFIX}[903]") for m in ms))
+    assert any(str(m["Subject"]) == f"{KO_PREFIX}[903] CCD John Doe" for m in reports)
+    listing = served.cli("record", "quarantine", "--json", check=True)
+    entries = json.loads(listing.stdout)
+    assert any(e["code"] == 903 and e["attachment"] == "sampleccd.xml" and e["label"] == "INS absent du document"
+               for e in entries)
+    shown = json.loads(served.cli("record", "list", "--patient", TEST_INS, "--json", check=True).stdout)
+    assert all(d["patient"]["ins"] == TEST_INS for d in shown)
