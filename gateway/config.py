@@ -240,6 +240,27 @@ class DkimSettings(_Section):
     verify: bool = Field(True, description="verify inbound signatures and report dkim= in Authentication-Results (RFC 8601)")
 
 
+class FhirSettings(_Section):
+    """The record's FHIR R4 read API in the IHE MHD style (ITI-67 DocumentReference search, ITI-68 Binary)."""
+
+    base_path: str = Field("/fhir", description="URL path the FHIR API is mounted under on the HTTPS listener")
+    access_matrix: str = Field(
+        "", description="CSV file of the profession x document type access matrix. Empty: the default shipped in the "
+        "package (gateway/dmp_bridge/access_matrix.csv, seeded from the arrete du 26 octobre 2023)")
+    page_size: int = Field(20, ge=1, le=500, description="DocumentReferences per searchset page when _count is not given")
+    max_page_size: int = Field(100, ge=1, le=1000, description="largest _count honoured")
+    emergency_access: bool = Field(
+        True, description="allow emergency access (bris de glace, CSP L.1111-17) with the X-Emergency-Access-Reason header")
+    basic_auth: bool = Field(True, description="accept HTTP Basic with mailbox credentials over TLS besides client certificates")
+
+    @field_validator("base_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or " " in value:
+            raise ValueError("an absolute URL path without a trailing slash, e.g. /fhir")
+        return value
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
@@ -252,6 +273,7 @@ class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property

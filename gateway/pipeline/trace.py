@@ -25,14 +25,14 @@ from gateway.storage.models import utcnow
 FOLD = "\r\n\t"
 
 
-def protocol_keyword(origin: Origin) -> str:
-    """RFC 3848 2: "S" for TLS, "A" for SMTP AUTH."""
+def protocol_keyword(origin: Origin, *, smtputf8: bool = False) -> str:
+    """RFC 3848 2: "S" for TLS, "A" for SMTP AUTH; RFC 6531 3.7.3: UTF8SMTP for SMTPUTF8 transactions."""
     if origin.door is Door.WEBMAIL:
         return "HTTPS"
-    return "ESMTP" + ("S" if origin.tls else "") + ("A" if origin.account else "")
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if origin.tls else "") + ("A" if origin.account else "")
 
 
-def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: list[str]) -> str:
+def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: list[str], smtputf8: bool = False) -> str:
     helo = origin.helo or "unknown"
     parts = [f"Received: from {helo} ([{origin.client_address}])"]
     details = []
@@ -44,7 +44,7 @@ def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: 
         details.append(f"client certificate {', '.join(origin.tls.peer_names)} verified")
     if details:
         parts.append(f"({'; '.join(details)})")
-    parts.append(f"by {hostname} (MSSante gateway) with {protocol_keyword(origin)} id {queue_id}")
+    parts.append(f"by {hostname} (MSSante gateway) with {protocol_keyword(origin, smtputf8=smtputf8)} id {queue_id}")
     if len(recipients) == 1:
         parts.append(f"for <{recipients[0]}>")                      # RFC 5321 4.4: only for a single recipient
     return FOLD.join(parts) + f"; {format_datetime(utcnow())}"
@@ -65,9 +65,10 @@ def authentication_results_field(origin: Origin, *, hostname: str) -> str | None
 
 
 def trace_header_block(origin: Origin, *, hostname: str, queue_id: str, sender: str, recipients: list[str],
-                       facts: MessageFacts, x_mss_nil: str) -> str:
+                       facts: MessageFacts, x_mss_nil: str, smtputf8: bool = False) -> str:
     """The fields prepended to the message at delivery, CRLF-terminated, newest first."""
-    fields = [f"Return-Path: <{sender}>", received_field(origin, hostname=hostname, queue_id=queue_id, recipients=recipients)]
+    received = received_field(origin, hostname=hostname, queue_id=queue_id, recipients=recipients, smtputf8=smtputf8)
+    fields = [f"Return-Path: <{sender}>", received]
     results = authentication_results_field(origin, hostname=hostname)
     if results:
         fields.append(results)

@@ -10,6 +10,7 @@ from gateway.pipeline import models as pipeline_tables  # noqa: F401  (SMTP queu
 from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM signatures, attempts: revision 0004)
 from gateway.audit import tables as audit_tables  # noqa: F401  (hash-chained audit log: revision 0005)
 from gateway.dmp_bridge import tables as dmp_record_tables  # noqa: F401  (patient record, filing jobs: revision 0006)
+from gateway.dmp_bridge import choices_tables as dmp_choices_tables  # noqa: F401  (patient choices: revision 0007)
 from gateway.storage.models import Base
 
 metadata = Base.metadata

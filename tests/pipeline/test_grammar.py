@@ -163,3 +163,15 @@ def test_forged_authentication_results_are_removed_from_the_header_only() -> Non
     assert list(without_forged_results(message, "gw.example")) == [
         b"Authentication-Results: other.example; dkim=pass\r\n", b"Subject: s\r\n", b"\r\n",
         b"Authentication-Results: gw.example; body text stays\r\n"]
+
+
+@given(st.text(max_size=80))
+def test_paths_and_parameters_refuse_garbage_with_a_reply(text: str) -> None:
+    """Whatever a client sends after MAIL FROM:/RCPT TO:, the answer is a path or an SMTP refusal."""
+    try:
+        path_text, params = split_path_argument(text)
+        parse_path(path_text, allow_null=True)
+        parse_mail_parameters(params)
+        parse_rcpt_parameters(params)
+    except SmtpRefusal as refusal:
+        assert 500 <= refusal.reply.code < 600

@@ -138,3 +138,19 @@ def test_recipient_refused_by_smtplib_has_its_code(gw: GatewayThread) -> None:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail(doctor.address, ["x@gmail.com"], message(doctor.address, "x@gmail.com"))
     assert refused.value.recipients["x@gmail.com"] == (550, "5.7.1 Domain gmail.com is not in the MSSanté trust space".encode())
+
+
+def test_smtputf8_transaction(gw: GatewayThread) -> None:
+    doctor, nurse = gw.account("PER", 0), gw.account("PER", 2)
+    t = _session(gw)
+    t.c("MAIL FROM:<éloïse@demo.mssante.localhost>")
+    t.s(r"553 5\.6\.7 Non-ASCII address needs MAIL FROM \.\.\. SMTPUTF8")
+    t.c(f"MAIL FROM:<{doctor.address}> SMTPUTF8 BODY=8BITMIME");  t.s(r"250 2\.1\.0 .*")
+    t.c(f"RCPT TO:<{nurse.address}>");                          t.s(r"250 2\.1\.5 .*")
+    t.c("DATA");                                                t.s(r"354 .*")
+    t.raw("From: Dr Claire Médecin <claire.medecin@demo.mssante.localhost>\r\nSubject: Résumé UTF-8\r\n\r\nÀ bientôt\r\n.\r\n".encode())
+    t.s(r"250 2\.0\.0 OK queued as .*")
+    t.close()
+    gw.wait_delivered()
+    delivered = [m for m in gw.inbox(nurse.address) if "Subject: Résumé UTF-8".encode() in m]
+    assert len(delivered) == 1 and b"with UTF8SMTPSA id" in delivered[0]
