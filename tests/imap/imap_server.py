@@ -132,11 +132,12 @@ class RunningImap:
     def doctor(self) -> DemoAccount:
         return self.account("PER", 0)
 
-    def new_account(self, *, delegated_from: str | None = None) -> DemoAccount:
-        """A fresh professional mailbox (provisioned), optionally with read delegation on another one."""
-        return self.run(self._new_account(delegated_from))
+    def new_account(self, *, delegated_from: str | None = None, provision: bool = True) -> DemoAccount:
+        """A fresh professional mailbox (provisioned unless told not to), optionally with read
+        delegation on another one."""
+        return self.run(self._new_account(delegated_from, provision))
 
-    async def _new_account(self, delegated_from: str | None) -> DemoAccount:
+    async def _new_account(self, delegated_from: str | None, provision: bool) -> DemoAccount:
         assert self.services is not None and self.delivery is not None
         directory = self.services.directory
         number = next(_account_numbers)
@@ -151,7 +152,8 @@ class RunningImap:
         found = await directory.account(account.address)
         assert found is not None
         self.mailbox_ids[account.address] = found.mailbox_id
-        await self.delivery.provision(found.mailbox_id)
+        if provision:
+            await self.delivery.provision(found.mailbox_id)
         if delegated_from is not None:
             await directory.delegate(delegated_from, account.address, ["read"])
         return account

@@ -119,3 +119,14 @@ def test_a_patient_sees_only_their_own_mailbox(imap: RunningImap) -> None:  # no
     doctor_inbox = f"Shared/{imap.doctor.address}/INBOX"
     assert "[NONEXISTENT]" in conversation.command(f"SELECT {doctor_inbox}", expect="NO")[-1]
     conversation.close()
+
+
+def test_first_login_of_a_mailbox_that_never_received_mail(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account(provision=False)
+    conversation = Conversation(imap, account)
+    listed = conversation.command('LIST "" "*"')
+    assert listed[0] == '* LIST (\\HasNoChildren) "/" INBOX'
+    assert '* LIST (\\HasNoChildren \\Sent) "/" Sent' in listed and '* LIST (\\HasNoChildren \\Trash) "/" Trash' in listed
+    assert len(conversation.command('LSUB "" "*"')) == 7      # six folders, all subscribed, and the OK
+    conversation.command("SELECT INBOX")
+    conversation.close()

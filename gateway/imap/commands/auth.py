@@ -10,6 +10,7 @@ credential error (stalwart#190).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,9 @@ from gateway.imap.protocol.errors import (
     AUTHENTICATIONFAILED, AUTHORIZATIONFAILED, CANNOT, PRIVACYREQUIRED, BadCommand, ImapNo,
 )
 from gateway.imap.protocol.parser import parse_sasl_response
+from gateway.mailstore.delivery import STANDARD_FOLDERS
+from gateway.mailstore.errors import FolderExists
+from gateway.mailstore.interface import INBOX
 from gateway.security.tls import peer_certificate_info
 
 if TYPE_CHECKING:
@@ -87,16 +91,31 @@ async def login(session: Session, command: c.Command) -> Completion:
     assert isinstance(command, c.Login)
     _require_tls(session)
     account = await session.context.directory.authenticate(command.username, command.password)
-    return _authenticated(session, account, command.username)
+    return await _authenticated(session, account, command.username)
 
 
-def _authenticated(session: Session, account: Account | None, login_name: str) -> Completion:
+async def _authenticated(session: Session, account: Account | None, login_name: str) -> Completion:
     if account is None:
         session.auth_failures += 1
         session.log.warning("authentication failed for %r", login_name[:100])
         raise ImapNo("Authentication failed", AUTHENTICATIONFAILED)
     session.log_in(account)
+    await _ensure_standard_folders(session, account)
     return Completion("Logged in", "CAPABILITY " + " ".join(session.capabilities()))
+
+
+async def _ensure_standard_folders(session: Session, account: Account) -> None:
+    """RFC 3501 5.1: INBOX always exists.  A mailbox that never received mail gets its standard
+    folders, special use and subscriptions included (mox#66, stalwart#1342), at its first login."""
+    existing = {info.name for info in await session.store.list_folders(account.mailbox_id)}
+    if INBOX in existing:
+        return
+    for name, special_use in STANDARD_FOLDERS:
+        if name not in existing:
+            with contextlib.suppress(FolderExists):     # a concurrent first login made it
+                await session.store.create_folder(account.mailbox_id, name, special_use=special_use,
+                                                  subscribe=True)
+    session.log.info("standard folders created at first login")
 
 
 async def authenticate(session: Session, command: c.Command) -> Completion:
@@ -131,7 +150,7 @@ async def _plain(session: Session, message: bytes) -> Completion:
     account = await session.context.directory.authenticate(authcid, password)
     if account is not None and authzid and authzid.lower() != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
-    return _authenticated(session, account, authcid)
+    return await _authenticated(session, account, authcid)
 
 
 async def _external(session: Session, message: bytes) -> Completion:
@@ -143,7 +162,7 @@ async def _external(session: Session, message: bytes) -> Completion:
     authzid = message.decode("utf-8", "replace").strip().lower()
     if account is not None and authzid and authzid != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
-    return _authenticated(session, account, f"certificate {info['fingerprint_sha256'][:16]}")
+    return await _authenticated(session, account, f"certificate {info['fingerprint_sha256'][:16]}")
 
 
 # --- authenticated ------------------------------------------------------------------------
