@@ -19,6 +19,7 @@ from pathlib import Path
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
+from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
@@ -120,6 +121,10 @@ class Gateway:
         await outbound.start()
         running.push_async_callback(outbound.stop)
         smtp.pipeline.on_remote_queued(outbound.wake)
+        filing = build_filing_worker(services, smtp.pipeline.spool, schedule_local=smtp.delivery.schedule,
+                                     wake_remote=outbound.wake)
+        await filing.start()
+        running.push_async_callback(filing.stop)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
         running.push_async_callback(imap.aclose)
         endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
