@@ -67,6 +67,7 @@ class WorkerPolicy:
     lease_seconds: int = 300  # a job whose worker died is taken over after this
     poll_seconds: float = 10.0  # the safety net: deliveries made by other nodes, retries falling due
     batch: int = 100
+    concurrency: int = 4  # jobs run side by side: one waits on an fsync while another parses
 
     def retry_delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
@@ -132,9 +133,14 @@ class FilingWorker:
         """Create the missing jobs and run every job that is due; how many jobs ran."""
         await self.enqueue_deliveries()
         ran = 0
+        slots = asyncio.Semaphore(self.policy.concurrency)
+
+        async def run_in_slot(job_id: int) -> int:
+            async with slots:
+                return await self._run_claimed(job_id)
+
         while job_ids := await self._due_jobs():
-            for job_id in job_ids:
-                ran += await self._run_claimed(job_id)
+            ran += sum(await asyncio.gather(*(run_in_slot(job_id) for job_id in job_ids)))
             if len(job_ids) < self.policy.batch:
                 break
         return ran

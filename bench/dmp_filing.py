@@ -1,0 +1,105 @@
+"""Documents filed per second by the DMP bridge's FilingWorker, on SQLite with fsync on.
+
+A stream of messages, each carrying one CI-SIS CDA (the VAC-NOTE sample with a
+fresh id and setId per message, so every one is a new document), is delivered
+into the test patient's mailbox first; then one worker pass reads each message
+from the mail store, extracts and parses the CDA, identifies the patient
+against the directory, writes the encrypted document (fsync) and its row, its
+audit entry and its outcome, and queues the patient's notification. Only the
+filing pass is timed. Run:
+
+    .venv/bin/python bench/dmp_filing.py [--count N] [--database URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.policy
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from gateway.config import load_settings
+from gateway.directory.service import DirectoryService
+from gateway.dmp_bridge.record import RecordStore
+from gateway.dmp_bridge.worker import build_filing_worker
+from gateway.mailstore.delivery import LocalDelivery
+from gateway.mailstore.notify import ChangeHub
+from gateway.mailstore.sql import SqlMailStore
+from gateway.pipeline.spool import Spool
+from gateway.security.keys import KeyManager
+from gateway.security.passwords import PasswordHasher
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "VAC-NOTE_2023.01.xml"
+INS, OID = "279035121518989", "1.2.250.1.213.1.4.10"
+
+
+class BenchServices:
+    """The subset of gateway.app.Services the filing worker needs, over a throwaway data directory."""
+
+    def __init__(self, data_dir: Path, database_url: str | None) -> None:
+        self.settings = load_settings(data_dir=data_dir, environ={})
+        self.db = Database(database_url or f"sqlite+aiosqlite:///{data_dir / 'bench.db'}")
+        self.directory = DirectoryService(self.db, self.settings, PasswordHasher(time_cost=1, memory_kib=8))
+        self.blobs = BlobStore(data_dir / "blobs", KeyManager(self.db, data_dir / "keys"))
+        self.hub = ChangeHub()
+        self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
+
+
+def document(number: int) -> bytes:
+    cda = SAMPLE.read_bytes()
+    cda = cda.replace(b'<id root="1.2.250.1.213.1.1.1.46.2023.1.1"/>', f'<id root="1.2.250.1.999.{number}.1"/>'.encode())
+    return cda.replace(b'<setId root="1.2.250.1.213.1.1.1.46.2023.1"/>', f'<setId root="1.2.250.1.999.{number}"/>'.encode())
+
+
+def message(number: int, patient_address: str) -> bytes:
+    mail = EmailMessage(policy=email.policy.SMTP)
+    mail["Return-Path"] = "<resultats.labo@demo.mssante.localhost>"
+    mail["From"] = "resultats.labo@demo.mssante.localhost"
+    mail["To"] = patient_address
+    mail["Subject"] = f"XDM/1.0/DDM+Note de vaccination {number}"
+    mail["Message-ID"] = f"<{number}@bench.dmp>"
+    mail.set_content("Compte rendu en pièce jointe.\n")
+    mail.add_attachment(document(number), maintype="text", subtype="xml", filename="VAC-NOTE.xml")
+    return mail.as_bytes()
+
+
+async def prepare(services: BenchServices, count: int) -> None:
+    await services.db.migrate()
+    await services.directory.add_local_domain("demo.mssante.localhost")
+    await services.directory.add_local_domain(services.settings.directory.patient_domain, kind="patient")
+    patient = await services.directory.add_patient(ins=INS, ins_oid=OID, birth_family_name="PAT-TROIS",
+                                                   first_given_name="DOMINIQUE", birth_date="1979-03-28", sex="F")
+    account = await services.directory.account(patient["mailbox"])
+    assert account is not None
+    delivery = LocalDelivery(services.mailstore)
+    for number in range(count):
+        await delivery.deliver(account.mailbox_id, message(number, patient["mailbox"]), delivery_key=f"bench:{number}")
+
+
+async def main(count: int, database_url: str | None) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        services = BenchServices(Path(directory), database_url)
+        try:
+            await prepare(services, count)
+            worker = build_filing_worker(services, Spool(Path(directory) / "spool"), schedule_local=lambda _q: None)
+            started = time.perf_counter()
+            jobs = await worker.run_once()
+            elapsed = time.perf_counter() - started
+            filed = len(await RecordStore(services.db, services.blobs).list_for_patient(INS))
+        finally:
+            await services.db.dispose()
+    print(f"{jobs} messages, {filed} documents filed in {elapsed:.2f} s: {filed / elapsed:.1f} documents/s "
+          f"({'SQLite, synchronous=FULL' if database_url is None else database_url.split(':', 1)[0]})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--database", help="database URL (default: SQLite in a temporary directory)")
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.count, arguments.database))
