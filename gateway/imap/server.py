@@ -148,10 +148,10 @@ class ImapServer:
         self.connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> list[asyncio.Server]:
-        plain = await asyncio.start_server(self._plain_client, self.config.host, self.config.starttls_port,
+        plain = await asyncio.start_server(self._serve, self.config.host, self.config.starttls_port,
                                            reuse_address=True)
         self.servers.append(plain)
-        implicit = await asyncio.start_server(self._tls_client, self.config.host, self.config.implicit_tls_port,
+        implicit = await asyncio.start_server(self._serve, self.config.host, self.config.implicit_tls_port,
                                               ssl=self.config.tls_context, reuse_address=True,
                                               ssl_handshake_timeout=self.config.tls_handshake_timeout)
         self.servers.append(implicit)
@@ -173,12 +173,6 @@ class ImapServer:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-
-    async def _plain_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._serve(reader, writer)
-
-    async def _tls_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -85,6 +85,8 @@ class ConnectionLimiter(Protocol):
 
     def release(self, user: str) -> None: ...
 
+    def count(self, user: str) -> int: ...
+
 
 @dataclass(frozen=True)
 class SessionSettings:
@@ -95,7 +97,6 @@ class SessionSettings:
     max_auth_failures: int = 3            # per connection, then BYE
     idle_poll_seconds: float = 30.0       # IDLE also looks for changes this often (other nodes, lost hints)
     idle_timeout_seconds: float = 30 * 60  # RFC 2177 3: clients re-issue IDLE at least every 29 minutes
-    max_append_size: int = 25 * 1024 * 1024
 
 
 @dataclass
