@@ -559,7 +559,14 @@ class OutboundWorker:
                              f"{'; ' + certificate if certificate else ''}", enhanced="4.7.5") from None
         except ssl.SSLError as exc:
             raise HopFailure(f"TLS handshake with {hop.host.name} failed: {exc.reason or exc}", enhanced="4.7.5") from None
-        reply = await client.ehlo(self.settings.hostname)              # RFC 3207 4.2: EHLO again after TLS
+        try:
+            reply = await client.ehlo(self.settings.hostname)          # RFC 3207 4.2: EHLO again after TLS
+        except (OSError, ConnectionError) as exc:                      # ssl.SSLError is an OSError
+            # TLS 1.3 (RFC 8446 4.4.2.4): the server checks our certificate after our side of the handshake
+            # is done, so its refusal (an alert, or a reset racing it) only shows on the first read.
+            raise HopFailure(f"{hop.host.name} ended the TLS session before answering EHLO ({_describe_error(exc)}): "
+                             "it did not accept our client certificate (not under its trust anchors, expired or revoked?)",
+                             enhanced="4.7.5", tls_version=client.tls_version) from None
         if reply.code != 250:
             raise HopFailure(f"EHLO after STARTTLS refused: {reply}", reply=reply, tls_version=client.tls_version)
 
