@@ -9,6 +9,7 @@ response is built, and the new FLAGS are returned with them (RFC 3501 6.4.5).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
 
 _ENVELOPE_ADDRESSES = ("from", "sender", "reply-to", "to", "cc", "bcc")
+BODY_ITEMS = frozenset({"BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
+RENDER_BATCH = 16   # messages whose bodies are read at the same time
 
 
 async def fetch(session: Session, command: c.Command) -> Completion:
@@ -42,14 +45,28 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     newly_seen: set[int] = set()
     if not selected.read_only and any(item.sets_seen() for item in attributes):
         newly_seen = await _set_seen(session, selected, metas)
-    for message in messages:
-        meta = metas.get(message.uid)
-        if meta is None:
-            continue      # expunged by another session, not yet reported (RFC 3501 7.4.1), or unchanged
-        wanted = _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes
-        items = await render(session, selected, meta, wanted)
-        session.write(response.fetch(message.number, items))
+    # Expunged by another session and not yet reported (RFC 3501 7.4.1), or unchanged: skipped.
+    present = [(message, metas[message.uid]) for message in messages if message.uid in metas]
+    batch = RENDER_BATCH if _reads_bodies(attributes) else len(present) or 1
+    for start in range(0, len(present), batch):
+        await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen)
     return Completion("FETCH completed")
+
+
+async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequence[tuple[Message, MessageMeta]],
+                        attributes: tuple[FetchAttribute, ...], newly_seen: set[int]) -> None:
+    """Render a few messages concurrently (their bodies are read and decrypted in worker threads),
+    then write them in sequence order; memory stays bounded by the batch, not by the whole set."""
+    rendered = await asyncio.gather(*(
+        render(session, selected, meta, _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
+        for message, meta in batch))
+    for (message, _), items in zip(batch, rendered, strict=True):
+        session.write(response.fetch(message.number, items))
+    await session.connection.drain()
+
+
+def _reads_bodies(attributes: Sequence[FetchAttribute]) -> bool:
+    return any(item.section is not None or item.name in BODY_ITEMS for item in attributes)
 
 
 def _enable_condstore(session: Session, selected: SelectedMailbox) -> None:
