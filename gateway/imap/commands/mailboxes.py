@@ -24,7 +24,7 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import NONEXISTENT, NOPERM, BadCommand, ImapNo
 from gateway.imap.selected import SelectedMailbox
-from gateway.mailstore.interface import DELETED, SEPARATOR, SPECIAL_USES, FolderStatus, HasFlag
+from gateway.mailstore.interface import DELETED, INBOX, SEPARATOR, SPECIAL_USES, FolderStatus, HasFlag
 
 if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
@@ -160,10 +160,23 @@ class Listed:
 
 
 def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
-    """RFC 3501 6.3.8: "*" matches anything, "%" anything but the separator; INBOX any case."""
+    """RFC 3501 6.3.8: "*" matches anything, "%" anything but the separator.
+
+    INBOX's case-insensitivity (RFC 3501 5.1) is handled by ``matches``.
+    """
     full = normalise_folder(reference + pattern)
     pieces = [".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch) for ch in full]
     return re.compile("".join(pieces), re.DOTALL)
+
+
+def matches(regex: re.Pattern[str], name: str) -> bool:
+    """``regex`` against ``name``; INBOX and its children also match in any case of "INBOX"."""
+    if regex.fullmatch(name):
+        return True
+    if name == INBOX or name.startswith(INBOX + SEPARATOR):
+        # "Inb*" or "inbox/%" must find INBOX and its children (RFC 3501 5.1).
+        return bool(re.fullmatch(regex.pattern, name, re.DOTALL | re.IGNORECASE))
+    return False
 
 
 async def visible_mailboxes(session: Session) -> list[Listed]:
@@ -239,7 +252,7 @@ def _selected_items(items: list[Listed], command: c.List, regexes: list[re.Patte
     recursive = "RECURSIVEMATCH" in command.selection
     chosen: list[Listed] = []
     for item in items:
-        if not any(regex.fullmatch(item.name) for regex in regexes):
+        if not any(matches(regex, item.name) for regex in regexes):
             continue
         if "SPECIAL-USE" in command.selection and not item.special_use:
             continue
@@ -273,7 +286,7 @@ async def lsub(session: Session, command: c.Command) -> Completion:
     assert isinstance(command, c.Lsub)
     regex = pattern_regex(command.reference, command.pattern)
     for item in await visible_mailboxes(session):
-        if item.subscribed and regex.fullmatch(item.name):
+        if item.subscribed and matches(regex, item.name):
             attributes = [] if item.exists else ["\\Noselect"]
             session.write(response.list_response(attributes, SEPARATOR, item.name, utf8=session.utf8, kind="LSUB"))
     return Completion("LSUB completed")
