@@ -19,10 +19,13 @@ from pathlib import Path
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
+from gateway.dmp_bridge.fhir.server import start_http_listener
+from gateway.dmp_bridge.notify import MailboxNotifier
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.pipeline.generated import GeneratedMailQueue
 from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
@@ -125,10 +128,15 @@ class Gateway:
                                      wake_remote=outbound.wake)
         await filing.start()
         running.push_async_callback(filing.stop)
+        generated = GeneratedMailQueue(settings, services.directory, smtp.pipeline.spool,
+                                       schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
+        http = await start_http_listener(services, settings, notifier=MailboxNotifier(services.db, settings, generated))
+        running.push_async_callback(http.aclose)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
         running.push_async_callback(imap.aclose)
         endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
         endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
+        endpoints += [("https", host, port) for host, port in http.addresses()[:1]]
         return endpoints
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:

@@ -223,15 +223,17 @@ def build_failure_report(delivered: DeliveredMessage, failure: Failure, report: 
     return _multipart(headers, boundary, [_text_part(human_text(delivered, failure, report)), _original_part(delivered.raw)])
 
 
-def patient_notification(mailbox: str, patient_domain: str, hostname: str) -> bytes:
+def patient_notification(mailbox: str, patient_domain: str, hostname: str, *,
+                         subject: str = NOTIFICATION_SUBJECT, text: str = NOTIFICATION_TEXT) -> bytes:
+    """A content-free notice to a patient's mailbox: no title, no author, nothing medical."""
     message = EmailMessage(policy=SMTP)
     message["From"] = Address("Mon espace santé", "ne-pas-repondre", patient_domain)
     message["To"] = mailbox
-    message["Subject"] = NOTIFICATION_SUBJECT
+    message["Subject"] = subject
     message["Date"] = format_datetime(utcnow())
     message["Message-ID"] = make_msgid(domain=hostname)
     message["Auto-Submitted"] = "auto-generated"
-    message.set_content(NOTIFICATION_TEXT)
+    message.set_content(text)
     return message.as_bytes()
 
 

@@ -123,7 +123,9 @@ class ImapConnection:
         plain data before ``start_tls`` installs the TLS layer, and the
         handshake would hang.  ``start_tls`` resumes reading on the TLS transport.
         """
-        self.writer.transport.pause_reading()
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
         dropped = self.commands.assembler.buffered
         self.commands = CommandReader(self.stream, self.config.reader_limits)
         return dropped

@@ -32,6 +32,7 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
 from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.pipeline.spool import Spool
+from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.generated")
@@ -80,6 +81,20 @@ class GeneratedMailQueue:
         return PreparedMail(spool_file.queue_id, self._message_row(spool_file.queue_id, route.address, len(message),
                                                                    message_id, _has_8bit(message)),
                             _recipient_row(route))
+
+    async def send(self, db: Database, message: bytes, recipient: str, *, message_id: str | None = None) -> str | None:
+        """Both steps in one go, for mail that needs no companion row: the queue id, or None if undeliverable."""
+        prepared = await self.prepare(message, recipient, message_id=message_id)
+        if prepared is None:
+            return None
+        try:
+            async with db.session() as session:
+                prepared.add_to(session)
+        except BaseException:
+            self.discard(prepared)
+            raise
+        self.dispatch(prepared)
+        return prepared.queue_id
 
     def dispatch(self, prepared: PreparedMail) -> None:
         """The rows are committed: hand the message to local delivery or wake the outbound worker."""

@@ -42,7 +42,8 @@ def test_submitted_mail_wakes_the_recipients_idle(gateway: GatewayProcess) -> No
     while not reader.readline().startswith(tag.encode()):
         pass
     _, data = reader.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-    assert subject.encode() in data[0][1]
+    fetched = data[0]
+    assert isinstance(fetched, tuple) and subject.encode() in fetched[1]
     reader.logout()
 
 
@@ -51,6 +52,6 @@ def test_imaps_with_a_verified_certificate(gateway: GatewayProcess) -> None:
     client = imaplib.IMAP4_SSL("localhost", gateway.ports["imaps_port"], ssl_context=_context(gateway), timeout=30)
     client.login(doctor["address"], doctor["password"])
     _, folders = client.list()
-    names = b"\n".join(folders)
+    names = b"\n".join(folder for folder in folders if isinstance(folder, bytes))
     assert b"\\Sent" in names and b"\\Trash" in names and b"Shared/secretariat.cardiologie@" in names
     client.logout()

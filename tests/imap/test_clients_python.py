@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import aioimaplib
-import imapclient
+import aioimaplib  # type: ignore[import-untyped]
+import imapclient  # type: ignore[import-untyped]
 from imapclient import imapclient as imapclient_module
 
 from tests.imap.imap_server import HOST, RunningImap, imap, make_message  # noqa: F401 (fixture)

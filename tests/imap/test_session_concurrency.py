@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 
 from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
 
@@ -65,7 +66,8 @@ def test_flag_changes_and_new_mail_are_seen_by_the_other_session(imap: RunningIm
     second.close()
 
 
-def test_idle_wakes_on_delivery_and_on_flag_change(imap: RunningImap, record_property) -> None:  # noqa: F811, ANN001
+def test_idle_wakes_on_delivery_and_on_flag_change(imap: RunningImap,  # noqa: F811
+                                                   record_property: Callable[[str, object], None]) -> None:
     account = imap.new_account()
     imap.deliver(account.address, make_message("already there"))
     idler, other = Conversation(imap, account), Conversation(imap, account)

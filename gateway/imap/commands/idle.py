@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.imap.commands.base import Completion
 from gateway.imap.protocol import commands as c
@@ -64,7 +64,8 @@ async def _wait_for_done(session: Session, subscription: Subscription | None, do
         if remaining <= 0:
             return True
         woken = asyncio.ensure_future(_hint(subscription, min(settings.idle_poll_seconds, remaining)))
-        finished, _ = await asyncio.wait({done, woken}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {done, woken}
+        finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if done in finished:
             woken.cancel()
             parse_idle_done(done.result())        # RFC 2177 3: anything but DONE is BAD
