@@ -75,3 +75,12 @@ def test_garbage_and_unknown_commands_are_bad(imap: RunningImap) -> None:  # noq
     for command in ("UID FROB 1", "SELECT", "FETCH", 'LOGIN "unterminated'):
         assert conversation.command(command, expect="BAD")[-1].split(" ")[1] == "BAD"
     conversation.close()
+
+
+def test_list_pattern_with_many_wildcards_cannot_stall_the_server(imap: RunningImap) -> None:  # noqa: F811
+    conversation = Conversation(imap, imap.new_account())
+    conversation.command("CREATE " + "a" * 200)
+    # With backtracking regular expressions this pattern would take ages against the name above.
+    lines = conversation.command('LIST "" "' + "*a" * 40 + 'b"')
+    assert lines == [lines[-1]] and " OK " in lines[-1]
+    conversation.close()

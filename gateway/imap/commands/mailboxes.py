@@ -11,7 +11,6 @@ the shared-namespace roots are ``\\Noselect``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -159,24 +158,50 @@ class Listed:
     extra: list[str] = field(default_factory=list)
 
 
-def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
+def list_pattern(reference: str, pattern: str) -> str:
+    """RFC 3501 6.3.8: the reference and the pattern name one pattern together."""
+    return normalise_folder(reference + pattern)
+
+
+def matches(pattern: str, name: str) -> bool:
     """RFC 3501 6.3.8: "*" matches anything, "%" anything but the separator.
 
-    INBOX's case-insensitivity (RFC 3501 5.1) is handled by ``matches``.
+    A set-of-states automaton, linear in the name for each pattern position:
+    no backtracking, so a pattern like "*a*a*a*...b" cannot pin the event loop.
+    INBOX and its children also match in any case of "INBOX" (RFC 3501 5.1).
     """
-    full = normalise_folder(reference + pattern)
-    pieces = [".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch) for ch in full]
-    return re.compile("".join(pieces), re.DOTALL)
+    fold = name == INBOX or name.startswith(INBOX + SEPARATOR)
+    states = _skip_wildcards({0}, pattern)
+    for char in name:
+        states = _skip_wildcards(_step(states, pattern, char, fold), pattern)
+        if not states:
+            return False
+    return len(pattern) in states
 
 
-def matches(regex: re.Pattern[str], name: str) -> bool:
-    """``regex`` against ``name``; INBOX and its children also match in any case of "INBOX"."""
-    if regex.fullmatch(name):
-        return True
-    if name == INBOX or name.startswith(INBOX + SEPARATOR):
-        # "Inb*" or "inbox/%" must find INBOX and its children (RFC 3501 5.1).
-        return bool(re.fullmatch(regex.pattern, name, re.DOTALL | re.IGNORECASE))
-    return False
+def _step(states: set[int], pattern: str, char: str, fold: bool) -> set[int]:
+    following: set[int] = set()
+    for index in states:
+        if index == len(pattern):
+            continue
+        wanted = pattern[index]
+        if wanted == "*" or (wanted == "%" and char != SEPARATOR):
+            following.add(index)              # the wildcard takes this character and may take more
+        elif wanted == char or (fold and wanted.lower() == char.lower()):
+            following.add(index + 1)
+    return following
+
+
+def _skip_wildcards(states: set[int], pattern: str) -> set[int]:
+    """A wildcard may also match nothing."""
+    reached = set(states)
+    pending = list(states)
+    while pending:
+        index = pending.pop()
+        if index < len(pattern) and pattern[index] in "*%" and index + 1 not in reached:
+            reached.add(index + 1)
+            pending.append(index + 1)
+    return reached
 
 
 async def visible_mailboxes(session: Session) -> list[Listed]:
@@ -241,18 +266,18 @@ async def list_mailboxes(session: Session, command: c.Command) -> Completion:
         # RFC 3501 6.3.8: the empty pattern asks for the separator and the root.
         session.write(response.list_response(["\\Noselect"], SEPARATOR, ""))
         return Completion("LIST completed")
-    regexes = [pattern_regex(command.reference, pattern) for pattern in command.patterns]
-    for item in _selected_items(await visible_mailboxes(session), command, regexes):
+    patterns = [list_pattern(command.reference, pattern) for pattern in command.patterns]
+    for item in _selected_items(await visible_mailboxes(session), command, patterns):
         await _write_list_item(session, command, item)
     return Completion("LIST completed")
 
 
-def _selected_items(items: list[Listed], command: c.List, regexes: list[re.Pattern[str]]) -> list[Listed]:
+def _selected_items(items: list[Listed], command: c.List, patterns: list[str]) -> list[Listed]:
     only_subscribed = "SUBSCRIBED" in command.selection
     recursive = "RECURSIVEMATCH" in command.selection
     chosen: list[Listed] = []
     for item in items:
-        if not any(matches(regex, item.name) for regex in regexes):
+        if not any(matches(pattern, item.name) for pattern in patterns):
             continue
         if "SPECIAL-USE" in command.selection and not item.special_use:
             continue
@@ -284,9 +309,9 @@ async def _write_list_item(session: Session, command: c.List, item: Listed) -> N
 async def lsub(session: Session, command: c.Command) -> Completion:
     """RFC 3501 6.3.9: subscribed names matching the pattern."""
     assert isinstance(command, c.Lsub)
-    regex = pattern_regex(command.reference, command.pattern)
+    pattern = list_pattern(command.reference, command.pattern)
     for item in await visible_mailboxes(session):
-        if item.subscribed and matches(regex, item.name):
+        if item.subscribed and matches(pattern, item.name):
             attributes = [] if item.exists else ["\\Noselect"]
             session.write(response.list_response(attributes, SEPARATOR, item.name, utf8=session.utf8, kind="LSUB"))
     return Completion("LSUB completed")
