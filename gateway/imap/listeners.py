@@ -20,6 +20,7 @@ from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimi
 from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
+from gateway.pipeline.limits import AuthLockout
 from gateway.security.tls import server_context
 
 log = logging.getLogger("gateway.imap")
@@ -71,8 +72,11 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
         raise RuntimeError("IMAP needs the mail store's change hub for IDLE (pass hub=...)")
     imap = getattr(settings, "imap", None)
     limiter = UserConnectionLimiter(int(getattr(imap, "max_connections_per_user", DEFAULT_CONNECTIONS_PER_USER)))
+    smtp = settings.smtp     # one brute-force policy for every door until IMAP has its own section
+    lockout = AuthLockout(smtp.auth_failures_before_lockout, smtp.auth_failure_window_seconds,
+                          smtp.auth_lockout_seconds)
     context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
-                             limiter=limiter, settings=session_settings(settings))
+                             limiter=limiter, settings=session_settings(settings), lockout=lockout)
     config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
                               implicit_tls_port=settings.listen.imaps_port,
                               tls_context=tls_context_from_pki(services, settings))

@@ -93,6 +93,11 @@ class ImapConnection:
         return value if isinstance(value, ssl.SSLObject) else None
 
     @property
+    def peer_ip(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+    @property
     def peer(self) -> str:
         peer = self.writer.get_extra_info("peername")
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"

@@ -35,6 +35,7 @@ from gateway.imap.selected import SelectedMailbox
 from gateway.mailstore.errors import MailStoreError, UidValidityChanged
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
+from gateway.pipeline.limits import AuthLockout
 
 log = logging.getLogger("gateway.imap")
 
@@ -58,6 +59,9 @@ class State(enum.Enum):
 
 class Connection(Protocol):
     """What the session needs of its transport (``gateway.imap.server.ImapConnection``)."""
+
+    @property
+    def peer_ip(self) -> str: ...
 
     @property
     def is_tls(self) -> bool: ...
@@ -108,6 +112,7 @@ class SessionContext:
     directory: DirectoryService
     limiter: ConnectionLimiter
     settings: SessionSettings = field(default_factory=SessionSettings)
+    lockout: AuthLockout | None = None      # failed logins per IP address and per login
 
 
 Handler = Callable[["Session", c.Command], Awaitable[Completion]]

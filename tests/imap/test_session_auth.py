@@ -3,6 +3,7 @@ the per-user connection limit said as a limit, failures counted, STARTTLS inject
 
 from __future__ import annotations
 
+import dataclasses
 import imaplib
 import socket
 import ssl
@@ -10,6 +11,8 @@ import warnings
 
 import pytest
 
+from gateway.imap.server import ImapServer
+from gateway.pipeline.limits import AuthLockout
 from tests.imap.imap_server import HOST, Conversation, RunningImap, imap  # noqa: F401 (fixture)
 
 
@@ -130,3 +133,27 @@ def test_first_login_of_a_mailbox_that_never_received_mail(imap: RunningImap) ->
     assert len(conversation.command('LSUB "" "*"')) == 7      # six folders, all subscribed, and the OK
     conversation.command("SELECT INBOX")
     conversation.close()
+
+
+def test_repeated_failures_lock_the_login_and_say_so(imap: RunningImap) -> None:  # noqa: F811
+    assert imap.listeners is not None
+    running = imap.listeners.server
+    # A server of its own, so that locking 127.0.0.1 does not disturb the other tests.
+    context = dataclasses.replace(running.context, lockout=AuthLockout(threshold=2, window=600, lockout=600))
+    server = ImapServer(dataclasses.replace(running.config, starttls_port=0, implicit_tls_port=0), context)
+    imap.run(server.start())
+    try:
+        port = server.addresses()[1][1]
+        account = imap.new_account()
+        for attempt in range(2):
+            client = imaplib.IMAP4_SSL(HOST, port, ssl_context=imap.client_context(), timeout=30)
+            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+                client.login(account.address, f"wrong-{attempt}")
+            client.shutdown()
+        client = imaplib.IMAP4_SSL(HOST, port, ssl_context=imap.client_context(), timeout=30)
+        # Even the right password is refused now, and the reply says why (not "wrong password").
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\] Too many failed logins"):
+            client.login(account.address, account.password)
+        client.shutdown()
+    finally:
+        imap.run(server.close())

@@ -20,7 +20,7 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.capabilities import ENABLEABLE
 from gateway.imap.protocol.errors import (
-    AUTHENTICATIONFAILED, AUTHORIZATIONFAILED, CANNOT, PRIVACYREQUIRED, BadCommand, ImapNo,
+    AUTHENTICATIONFAILED, AUTHORIZATIONFAILED, CANNOT, PRIVACYREQUIRED, UNAVAILABLE, BadCommand, ImapNo,
 )
 from gateway.imap.protocol.parser import parse_sasl_response
 from gateway.mailstore.delivery import STANDARD_FOLDERS
@@ -90,15 +90,38 @@ async def login(session: Session, command: c.Command) -> Completion:
     """RFC 3501 6.2.3 (LOGINDISABLED before TLS)."""
     assert isinstance(command, c.Login)
     _require_tls(session)
+    _refuse_if_locked(session, command.username)
     account = await session.context.directory.authenticate(command.username, command.password)
     return await _authenticated(session, account, command.username)
 
 
+def _lockout_keys(session: Session, login_name: str) -> list[str]:
+    return [session.connection.peer_ip, "login:" + login_name.strip().lower()]
+
+
+def _refuse_if_locked(session: Session, login_name: str) -> None:
+    """Too many recent failures from this address or for this login: a temporary refusal,
+    said as such (RFC 5530 [UNAVAILABLE]), before the password is even looked at."""
+    lockout = session.context.lockout
+    if lockout is None:
+        return
+    seconds = max(lockout.seconds_locked(key) for key in _lockout_keys(session, login_name))
+    if seconds:
+        session.log.warning("login %r refused: locked for %d s after repeated failures", login_name[:100], seconds)
+        raise ImapNo(f"Too many failed logins; try again in {seconds} seconds", UNAVAILABLE)
+
+
 async def _authenticated(session: Session, account: Account | None, login_name: str) -> Completion:
+    lockout = session.context.lockout
     if account is None:
         session.auth_failures += 1
         session.log.warning("authentication failed for %r", login_name[:100])
+        if lockout is not None:
+            for key in _lockout_keys(session, login_name):
+                lockout.record_failure(key)
         raise ImapNo("Authentication failed", AUTHENTICATIONFAILED)
+    if lockout is not None:
+        lockout.record_success("login:" + account.address)
     session.log_in(account)
     await _ensure_standard_folders(session, account)
     return Completion("Logged in", "CAPABILITY " + " ".join(session.capabilities()))
@@ -147,6 +170,7 @@ async def _plain(session: Session, message: bytes) -> Completion:
     if len(parts) != 3:
         raise BadCommand("Malformed PLAIN response")
     authzid, authcid, password = (part.decode("utf-8", "replace") for part in parts)
+    _refuse_if_locked(session, authcid)
     account = await session.context.directory.authenticate(authcid, password)
     if account is not None and authzid and authzid.lower() != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
