@@ -26,7 +26,10 @@ from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
 from gateway.security.keys import KeyManager
+from gateway.security.oidc import OidcTokenVerifier
+from gateway.security.smime_service import SmimeService
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import start_smtp_listeners
@@ -48,7 +51,11 @@ class Services:
     blobs: BlobStore
     hub: ChangeHub
     mailstore: SqlMailStore
+    fields: FieldSealer          # sealed DB fields (cached headers, held S/MIME keys) under per-owner data keys
+    spool_cipher: SpoolCipher    # the SMTP spool is sealed at rest
+    smime: SmimeService
     audit: AuditLog
+    token_verifier: OidcTokenVerifier | None = None   # SASL OAUTHBEARER/XOAUTH2 (PSC); None: no issuer configured
 
 
 @asynccontextmanager
@@ -64,17 +71,24 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         keys = KeyManager(db, settings.data_path / "keys")
         blobs = BlobStore(settings.data_path / "blobs", keys)
         hub = ChangeHub()
+        fields = FieldSealer(keys)
+        pki = TestPKI.from_settings(settings)
+        directory = DirectoryService(db, settings, hasher)
         yield Services(
             settings=settings,
             db=db,
             hasher=hasher,
-            directory=DirectoryService(db, settings, hasher),
-            pki=TestPKI.from_settings(settings),
+            directory=directory,
+            pki=pki,
             keys=keys,
             blobs=blobs,
             hub=hub,
-            mailstore=SqlMailStore(db, blobs, hub),
+            mailstore=SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields)),
+            fields=fields,
+            spool_cipher=await SpoolCipher.load(keys),
+            smime=SmimeService(db, settings, pki, blobs, fields),
             audit=AuditLog.for_data_dir(db, settings.data_path),
+            token_verifier=OidcTokenVerifier.from_settings(settings.oidc, directory),
         )
     finally:
         await db.dispose()

@@ -261,6 +261,29 @@ class FhirSettings(_Section):
         return value
 
 
+class SmimeSettings(_Section):
+    """S/MIME (RFC 8551): defaults of the per-mailbox and per-domain policies (``gateway smime policy``)."""
+
+    sign: Literal["always", "when-available", "never"] = Field(
+        "when-available", description="sign outgoing mail with the sender's key when the gateway holds one")
+    encrypt: Literal["always", "when-available", "never"] = Field(
+        "when-available", description="encrypt outgoing mail to each recipient whose certificate the directory has")
+    cipher: Literal["aes128_cbc", "aes256_cbc", "aes128_gcm", "aes256_gcm"] = Field(
+        "aes256_cbc", description="content encryption of outgoing mail (CBC for the widest client support)")
+    require_revocation: bool = Field(
+        False, description="treat a certificate whose revocation status is unknown (no CRL) as invalid")
+    expiry_warning_days: int = Field(30, ge=1, le=365, description="certificates expiring within this many days are flagged")
+
+
+class RetentionSettings(_Section):
+    """Retention and crypto-shredding of closed patient spaces."""
+
+    closed_patient_days: int = Field(
+        365, ge=0, description="days after a patient closes their space before their data keys are destroyed "
+        "(mailbox and record): everything of theirs, backups included, becomes unreadable")
+    shred_interval_minutes: int = Field(60, ge=1, description="how often `gateway serve` looks for spaces due for shredding")
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
@@ -273,6 +296,8 @@ class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
+    smime: SmimeSettings = Field(default_factory=SmimeSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.

@@ -22,6 +22,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.audit", "audit"),
     ("gateway.cli.queue", "queue"),
     ("gateway.cli.dkim", "dkim"),
+    ("gateway.cli.smime", "smime"),
+    ("gateway.cli.keys", "keys"),
     ("gateway.cli.record", "record"),
 ]
 

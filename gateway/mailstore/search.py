@@ -82,17 +82,18 @@ def _flag_clause(flag: str) -> ColumnElement[bool]:
     return Message.keywords.like(f"% {_escape_like(stored)} %", escape="\\")
 
 
-def to_sql(key: SearchKey, recent_uids: frozenset[int]) -> ColumnElement[bool] | None:
-    """The SQL condition for ``key``, or None if some part of it needs the message body."""
+def to_sql(key: SearchKey, recent_uids: frozenset[int], *, header_columns: bool = True) -> ColumnElement[bool] | None:
+    """The SQL condition for ``key``, or None if some part of it needs the message body (or, with
+    ``header_columns`` false, a cached header column: they are sealed at rest and only Python can read them)."""
     match key:
         case All(keys):
-            parts = [to_sql(part, recent_uids) for part in keys]
+            parts = [to_sql(part, recent_uids, header_columns=header_columns) for part in keys]
             return None if any(part is None for part in parts) else and_(true(), *parts)  # type: ignore[arg-type]
         case AnyOf(keys):
-            parts = [to_sql(part, recent_uids) for part in keys]
+            parts = [to_sql(part, recent_uids, header_columns=header_columns) for part in keys]
             return None if any(part is None for part in parts) else or_(false(), *parts)  # type: ignore[arg-type]
         case Not(inner):
-            compiled = to_sql(inner, recent_uids)
+            compiled = to_sql(inner, recent_uids, header_columns=header_columns)
             return None if compiled is None else not_(compiled)
         case HasFlag(flag):
             return _flag_clause(flag)
@@ -113,7 +114,7 @@ def to_sql(key: SearchKey, recent_uids: frozenset[int]) -> ColumnElement[bool] |
             return Message.size < size
         case ModSeqAtLeast(modseq):
             return Message.modseq >= modseq
-        case Header(name, value) if name.lower() in CACHED_HEADERS:
+        case Header(name, value) if header_columns and name.lower() in CACHED_HEADERS:
             column = getattr(Message, CACHED_HEADERS[name.lower()])
             # RFC 3501 6.4.4 HEADER: an empty string matches every message that has the field.
             return column.is_not(None) if value == "" else column.ilike(_like_pattern(value), escape="\\")
@@ -122,12 +123,12 @@ def to_sql(key: SearchKey, recent_uids: frozenset[int]) -> ColumnElement[bool] |
     raise TypeError(f"unknown search key {key!r}")
 
 
-def prefilter(key: SearchKey, recent_uids: frozenset[int]) -> ColumnElement[bool]:
+def prefilter(key: SearchKey, recent_uids: frozenset[int], *, header_columns: bool = True) -> ColumnElement[bool]:
     """A SQL condition every match satisfies: the SQL-able conjuncts of a top-level All."""
     if isinstance(key, All):
-        compiled = [to_sql(part, recent_uids) for part in key.keys]
+        compiled = [to_sql(part, recent_uids, header_columns=header_columns) for part in key.keys]
         return and_(true(), *(part for part in compiled if part is not None))
-    return to_sql(key, recent_uids) or true()
+    return to_sql(key, recent_uids, header_columns=header_columns) or true()
 
 
 def _contains(haystack: str | None, needle: str) -> bool:

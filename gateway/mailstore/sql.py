@@ -79,6 +79,7 @@ from gateway.mailstore.interface import (
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.search import Evaluator, prefilter, to_sql, uid_clause
 from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
+from gateway.security.at_rest import HeaderSealer
 from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
 from gateway.storage.db import Database
@@ -198,9 +199,10 @@ class SqlMailStore(MailStore):
     """``MailStore`` on a ``Database`` and a ``BlobStore``; publishes changes to ``hub`` after commits."""
 
     def __init__(self, database: Database, blobs: BlobStore, hub: ChangeHub | None = None, *,
-                 max_attempts: int = 6) -> None:
+                 max_attempts: int = 6, headers: HeaderSealer | None = None) -> None:
         self.database = database
         self.blobs = blobs
+        self.headers = headers            # seals the cached header columns at rest (gateway.security.at_rest)
         self.hub = hub or ChangeHub()
         self.max_attempts = max_attempts
 
@@ -513,7 +515,12 @@ class SqlMailStore(MailStore):
             if changed_since is not None:
                 query = query.where(Message.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
             rows = (await session.scalars(query)).all()
+        await self._unseal(folder.mailbox_id, rows)
         return [_meta(message) for message in rows if message.uid in uids]
+
+    async def _unseal(self, mailbox_id: int, rows: Sequence[Message]) -> None:
+        if self.headers is not None:
+            await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
         async with self.database.session() as session:
@@ -542,11 +549,14 @@ class SqlMailStore(MailStore):
             await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
         stored = await self.blobs.put(mailbox_owner(folder.mailbox_id), prepared.source)
         when = internaldate or utcnow()
+        headers = prepared.headers
+        if self.headers is not None:
+            headers = await self.headers.seal(mailbox_owner(folder.mailbox_id), headers)
 
         async def work(session: AsyncSession) -> AppendResult:
             target = await self._lock_folder(session, folder)
             await self._enforce_quota(session, folder.mailbox_id, stored.size)
-            result = self._insert_message(session, target, stored, prepared.headers, bits, keywords, when)
+            result = self._insert_message(session, target, stored, headers, bits, keywords, when)
             if delivery_key is not None:
                 session.add(Delivery(delivery_key=delivery_key, mailbox_id=folder.mailbox_id, folder_name=target.name,
                                      uidvalidity=result.uidvalidity, uid=result.uid))
@@ -738,14 +748,17 @@ class SqlMailStore(MailStore):
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:
-        compiled = to_sql(key, recent_uids)
+        header_columns = self.headers is None                 # sealed columns cannot answer a SQL LIKE
+        compiled = to_sql(key, recent_uids, header_columns=header_columns)
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
             if compiled is not None:
                 return list(await session.scalars(
                     select(Message.uid).where(Message.folder_id == row.id, compiled).order_by(Message.uid)))
             candidates = (await session.scalars(select(Message).where(
-                Message.folder_id == row.id, prefilter(key, recent_uids)).order_by(Message.uid))).all()
+                Message.folder_id == row.id, prefilter(key, recent_uids, header_columns=header_columns))
+                .order_by(Message.uid))).all()
+        await self._unseal(folder.mailbox_id, candidates)
         owner = mailbox_owner(folder.mailbox_id)
         evaluator = Evaluator(recent_uids, lambda m: self._read_head(owner, m),
                               lambda m, text, headers: self._body_contains(owner, m, text, headers))

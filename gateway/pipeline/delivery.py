@@ -19,7 +19,6 @@ import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from gateway.errors import UserError
@@ -42,12 +41,11 @@ class DeliveryStream(io.RawIOBase):
     """The delivered bytes, read in chunks: our trace fields, then the spooled message with forged
     Authentication-Results removed. Never holds more than one chunk of the body."""
 
-    def __init__(self, trace_headers: bytes, spool_path: Path, authserv_id: str) -> None:
+    def __init__(self, trace_headers: bytes, message: BinaryIO, authserv_id: str) -> None:
         super().__init__()
-        self._file = spool_path.open("rb")
+        self._file = message                                  # the spool's plaintext reader (sealed at rest)
         self._pending = bytearray(trace_headers)
         self._lines: Iterator[bytes] | None = without_forged_results(self._header_lines(), authserv_id)
-        self.size_hint = len(trace_headers) + spool_path.stat().st_size
 
     def _header_lines(self) -> Iterator[bytes]:
         for line in self._file:
@@ -185,7 +183,7 @@ class LocalDelivery:
     async def _deliver_one(self, work: LocalWork) -> bool:
         """Deliver to one recipient; True when that finished the whole message."""
         assert self.store is not None
-        stream = io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.path_of(work.queue_id),
+        stream = io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.open_read(work.queue_id),
                                                   self.authserv_id), CHUNK)
         try:
             await self.store.deliver(work.mailbox_id, stream, delivery_key=f"{work.queue_id}:{work.recipient_id}")

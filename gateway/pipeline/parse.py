@@ -50,10 +50,15 @@ class MessageFacts:
 def scan_message(path: Path, limits: ParseLimits) -> MessageFacts:
     """Read ``path`` once: headers, then MIME depth. Blocking: run it in a thread."""
     with path.open("rb") as stream:
-        facts = _read_header_section(stream, limits)
-        boundary = _multipart_boundary(facts.headers)
-        if boundary is not None:
-            facts.mime_depth = _scan_mime_depth(stream, boundary, limits.max_mime_depth)
+        return scan_stream(stream, limits)
+
+
+def scan_stream(stream: BinaryIO, limits: ParseLimits) -> MessageFacts:
+    """``scan_message`` over an open stream (a sealed spool file's plaintext reader)."""
+    facts = _read_header_section(stream, limits)
+    boundary = _multipart_boundary(facts.headers)
+    if boundary is not None:
+        facts.mime_depth = _scan_mime_depth(stream, boundary, limits.max_mime_depth)
     return facts
 
 

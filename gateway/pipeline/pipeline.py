@@ -27,7 +27,7 @@ from gateway.pipeline.delivery import LocalDelivery
 from gateway.pipeline.limits import RateLimiter
 from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.pipeline.origin import Origin
-from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_message
+from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
 from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool, SpoolFile
@@ -36,6 +36,8 @@ from gateway.smtp import codes
 from gateway.smtp.codes import SmtpRefusal
 from gateway.smtp.parameters import MailParameters, RcptParameters
 from gateway.smtp.paths import SmtpPath
+
+from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -50,10 +52,22 @@ class Transaction:
     recipients: list[tuple[AcceptedRecipient, RcptParameters]] = field(default_factory=list)
 
 
+@dataclass
+class _Copy:
+    """One queued copy of an accepted message: S/MIME may split a message into an encrypted copy for the
+    recipients with certificates and a signed one for the others (RFC 8551 3.7)."""
+
+    spool_file: SpoolFile
+    recipients: list[tuple[AcceptedRecipient, RcptParameters]]
+    facts: MessageFacts
+    verdict: InboundVerdict | None = None
+
+
 class Pipeline:
     def __init__(self, settings: Settings, directory: DirectoryService, queue: QueueStore, spool: Spool,
-                 delivery: LocalDelivery, conversations: ConversationBook) -> None:
+                 delivery: LocalDelivery, conversations: ConversationBook, *, smime: SmimeService | None = None) -> None:
         self.settings = settings
+        self.smime = smime
         self.smtp = settings.smtp
         self.queue = queue
         self.spool = spool
@@ -84,6 +98,8 @@ class Pipeline:
         if len(transaction.recipients) >= self.smtp.max_recipients:
             raise SmtpRefusal(codes.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients))
         accepted = await self.policy.check_recipient(transaction.origin, transaction.sender, path)
+        if self.smime is not None and transaction.origin.door.is_submission:
+            await self.smime.check_recipient(transaction.sender, accepted.address)   # S/MIME encrypt=always
         if any(existing.address == accepted.address for existing, _ in transaction.recipients):
             return accepted                                           # RFC 5321 3.3: duplicates collapse
         transaction.recipients.append((accepted, params))
@@ -99,40 +115,109 @@ class Pipeline:
     # ----------------------------------------------------------------- the message
 
     async def accept(self, transaction: Transaction, spool_file: SpoolFile) -> str:
-        """Parse, check, make durable, queue; the queue id once the message is safe on disk."""
+        """Parse, check, secure (S/MIME), make durable, queue; the queue id once the message is safe on disk."""
+        copies = [_Copy(spool_file, list(transaction.recipients), MessageFacts())]
         try:
-            facts = await asyncio.to_thread(scan_message, spool_file.incoming_path, self.parse_limits)
-            message, recipients = self._queue_rows(transaction, spool_file, facts)
+            facts = await asyncio.to_thread(self._scan, spool_file)
+            copies = await self._secure(transaction, spool_file, facts)
+            queued = [self._queue_rows(transaction, copy.spool_file, copy.facts, copy.recipients, copy.verdict)
+                      for copy in copies]
             changes = self.policy.conversation_changes(transaction.origin, transaction.sender,
                                                        [r for r, _ in transaction.recipients], facts)
-            await spool_file.make_durable()
-            await self.queue.commit(message, recipients, changes)
+            for copy in copies:
+                await copy.spool_file.make_durable()
+            await self.queue.commit_all(queued, changes)
         except SmtpRefusal:
-            spool_file.discard()
+            _discard(copies, spool_file)
             raise
         except (DBAPIError, OSError) as exc:
-            spool_file.discard()
+            _discard(copies, spool_file)
             raise SmtpRefusal(codes.LOCAL_ERROR, detail=f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
-            spool_file.discard()
+            _discard(copies, spool_file)
             raise
-        spool_file.keep()
-        if any(r.route == RouteKind.LOCAL.value for r in recipients):
-            self.delivery.schedule(spool_file.queue_id)
-        if any(r.route == RouteKind.REMOTE.value for r in recipients):
-            for listener in self._remote_listeners:
-                listener()
+        for copy in copies:
+            copy.spool_file.keep()
+            await self._record_smime(copy)
+        for message, rows in queued:
+            self._dispatch(message.id, rows)
+        recipients = [row for _, rows in queued for row in rows]
         log.info("queued %s from %s (%s) for %d recipient(s), %d octets", spool_file.queue_id, transaction.sender or "<>",
                  transaction.origin.door.value, len(recipients), spool_file.size)
         return spool_file.queue_id
 
-    def _queue_rows(self, transaction: Transaction, spool_file: SpoolFile,
-                    facts: MessageFacts) -> tuple[QueuedMessage, list[QueuedRecipient]]:
+    def _dispatch(self, queue_id: str, recipients: list[QueuedRecipient]) -> None:
+        if any(r.route == RouteKind.LOCAL.value for r in recipients):
+            self.delivery.schedule(queue_id)
+        if any(r.route == RouteKind.REMOTE.value for r in recipients):
+            for listener in self._remote_listeners:
+                listener()
+
+    def _scan(self, spool_file: SpoolFile) -> MessageFacts:
+        with spool_file.open_incoming() as stream:              # the spool is sealed: read its plaintext
+            return scan_stream(stream, self.parse_limits)
+
+    # ----------------------------------------------------------------- security step (S/MIME)
+
+    async def _secure(self, transaction: Transaction, spool_file: SpoolFile, facts: MessageFacts) -> list[_Copy]:
+        """Sign/encrypt what our users send (policy), then verify/decrypt what reaches our mailboxes."""
+        copies = [_Copy(spool_file, list(transaction.recipients), facts)]
+        if self.smime is None:
+            return copies
+        if transaction.origin.door.is_submission:
+            copies = await self._protect(transaction, spool_file, facts)
+        for copy in copies:
+            await self._inspect(copy)
+        return copies
+
+    async def _protect(self, transaction: Transaction, spool_file: SpoolFile, facts: MessageFacts) -> list[_Copy]:
+        assert self.smime is not None
+        by_address = {accepted.address: (accepted, params) for accepted, params in transaction.recipients}
+        variants = await self.smime.protect(lambda: _read_all(spool_file), facts.get("Content-Type"),
+                                            transaction.sender, list(by_address))
+        copies: list[_Copy] = []
+        try:
+            for index, variant in enumerate(variants):
+                target = spool_file if index == 0 else self.spool.new_file()
+                copy = _Copy(target, [by_address[address] for address in variant.recipients], facts)
+                copies.append(copy)
+                if variant.content is not None:
+                    target.replace_content(variant.content)
+                    copy.facts = await asyncio.to_thread(self._scan, target)
+        except BaseException:
+            _discard(copies, spool_file)
+            raise
+        return copies
+
+    async def _inspect(self, copy: _Copy) -> None:
+        """Incoming S/MIME for our own mailboxes: the verdict joins the trace (Authentication-Results)."""
+        assert self.smime is not None
+        mailbox_ids = [a.route.mailbox_id for a, _ in copy.recipients if isinstance(a.route, LocalRoute)]
+        if mailbox_ids and is_smime_content_type(copy.facts.get("Content-Type")):
+            raw = await asyncio.to_thread(_read_all, copy.spool_file)
+            copy.verdict = await self.smime.inspect(raw, mailbox_ids)
+
+    async def _record_smime(self, copy: _Copy) -> None:
+        if self.smime is None or copy.verdict is None:
+            return
+        mailbox_ids = [a.route.mailbox_id for a, _ in copy.recipients if isinstance(a.route, LocalRoute)]
+        try:
+            await self.smime.record(copy.spool_file.queue_id, copy.verdict, mailbox_ids)
+        except Exception:                                       # the message is queued: never fail the 250 now
+            log.exception("S/MIME result of %s not recorded (the message is delivered as received)",
+                          copy.spool_file.queue_id)
+
+    def _queue_rows(self, transaction: Transaction, spool_file: SpoolFile, facts: MessageFacts,
+                    accepted_recipients: list[tuple[AcceptedRecipient, RcptParameters]] | None = None,
+                    verdict: InboundVerdict | None = None) -> tuple[QueuedMessage, list[QueuedRecipient]]:
         origin = transaction.origin
-        addresses = [accepted.address for accepted, _ in transaction.recipients]
+        accepted_recipients = transaction.recipients if accepted_recipients is None else accepted_recipients
+        addresses = [accepted.address for accepted, _ in accepted_recipients]
         trace = trace_header_block(origin, hostname=self.settings.hostname, queue_id=spool_file.queue_id,
                                    sender=transaction.sender, recipients=addresses, facts=facts,
                                    x_mss_nil=self.smtp.x_mss_nil, smtputf8=transaction.params.smtputf8)
+        if verdict is not None:
+            trace += verdict.authentication_results + "\r\n"      # RFC 8601 + RFC 7281 smime method
         message = QueuedMessage(
             id=spool_file.queue_id, door=origin.door.value, sender=transaction.sender,
             envid=transaction.params.envid, ret=transaction.params.ret, body_type=transaction.params.body,
@@ -141,7 +226,18 @@ class Pipeline:
             client_address=origin.client_address, client_helo=(origin.helo or "")[:255] or None,
             tls=origin.tls.describe()[:128] if origin.tls else None,
         )
-        return message, [_recipient_row(accepted, params) for accepted, params in transaction.recipients]
+        return message, [_recipient_row(accepted, params) for accepted, params in accepted_recipients]
+
+
+def _read_all(spool_file: SpoolFile) -> bytes:
+    with spool_file.open_incoming() as stream:
+        return stream.read()
+
+
+def _discard(copies: list[_Copy], spool_file: SpoolFile) -> None:
+    spool_file.discard()
+    for copy in copies:
+        copy.spool_file.discard()
 
 
 def _recipient_row(accepted: AcceptedRecipient, params: RcptParameters) -> QueuedRecipient:

@@ -46,6 +46,16 @@ class QueueStore:
             for change in conversation_changes:
                 await ConversationBook.apply(s, change)
 
+    async def commit_all(self, messages: Sequence[tuple[QueuedMessage, Sequence[QueuedRecipient]]],
+                         conversation_changes: Sequence[ConversationChange]) -> None:
+        """``commit`` for the copies of one accepted message (S/MIME split it), in one transaction."""
+        async with self.db.session() as s:
+            for message, recipients in messages:
+                message.recipients = list(recipients)
+                s.add(message)
+            for change in conversation_changes:
+                await ConversationBook.apply(s, change)
+
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""
         now = utcnow()

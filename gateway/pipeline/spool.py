@@ -11,6 +11,10 @@ durable in this order before the queue rows are committed and 250 is sent
 Anything left in ``incoming/`` at start was never acknowledged and is removed;
 a file in ``queue/`` without queue rows is an acknowledgement that never
 happened (crash between 2 and 3) and is removed by the recovery pass.
+
+With a ``SpoolCipher`` (the gateway always gives one) the files are sealed as
+they are written (gateway.security.at_rest): no plaintext of a message ever
+reaches the spool directory. Readers go through ``open_read``/``open_incoming``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import BinaryIO
+
+from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
 
 
 def new_queue_id() -> str:
@@ -46,20 +53,41 @@ class SpoolFile:
         self.path = spool.path_of(queue_id)
         self.size = 0
         self._fd: int | None = os.open(self.incoming_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._sealer: SealedSpoolWriter | None = spool.cipher.writer(self._fd, queue_id) if spool.cipher else None
         self._committed = False
         self._discarded = False
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None, "spool file already closed"
+        self.size += len(data)
+        if self._sealer is not None:
+            self._sealer.write(data)
+            return
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self.size += len(data)
+
+    def open_incoming(self) -> BinaryIO:
+        """The plaintext of the complete message (call after the last ``write``: sealing is finished here)."""
+        if self._sealer is not None:
+            self._sealer.finish()
+        return self.spool.reader(self.incoming_path, self.queue_id)
+
+    def replace_content(self, data: bytes) -> None:
+        """Start over with ``data`` (the pipeline signed or encrypted the message); before ``make_durable``."""
+        assert self._fd is not None, "spool file already durable"
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.size = 0
+        self._sealer = self.spool.cipher.writer(self._fd, self.queue_id) if self.spool.cipher else None
+        self.write(data)
 
     async def make_durable(self) -> Path:
         """Steps 1 and 2 above; the file is then at ``self.path``."""
         assert self._fd is not None
+        if self._sealer is not None:
+            self._sealer.finish()
         fd, self._fd = self._fd, None
         try:
             await asyncio.to_thread(os.fsync, fd)
@@ -87,8 +115,9 @@ class SpoolFile:
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cipher: SpoolCipher | None = None) -> None:
         self.root = root
+        self.cipher = cipher
         self.incoming = root / "incoming"
         self.queue = root / "queue"
         for directory in (self.root, self.incoming, self.queue):
@@ -96,6 +125,13 @@ class Spool:
 
     def path_of(self, queue_id: str) -> Path:
         return self.queue / f"{queue_id}.eml"
+
+    def reader(self, path: Path, queue_id: str) -> BinaryIO:
+        return self.cipher.reader(path, queue_id) if self.cipher else path.open("rb")
+
+    def open_read(self, queue_id: str) -> BinaryIO:
+        """The plaintext of a durable message, as a buffered stream (decrypted segment by segment)."""
+        return self.reader(self.path_of(queue_id), queue_id)
 
     def new_file(self) -> SpoolFile:
         return SpoolFile(self, new_queue_id())

@@ -21,8 +21,10 @@ import base64
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import dkim
 import dns.exception
@@ -161,6 +163,17 @@ class DkimSigner:
                              canonicalize=(b"relaxed", b"relaxed"), include_headers=[f.encode() for f in fields])
         text = header.decode("ascii")
         return text if text.endswith("\r\n") else text.rstrip("\r\n") + "\r\n"
+
+    async def signature_for_stream(self, open_message: Callable[[], BinaryIO]) -> str | None:
+        """Sign a spooled message read through ``open_message`` (the spool's decrypting reader)."""
+        if not self.settings.sign:
+            return None
+
+        def read_and_sign() -> str | None:
+            with open_message() as handle:
+                return self.signature_for(handle.read())
+
+        return await asyncio.to_thread(read_and_sign)
 
     async def signature_for_file(self, path: Path) -> str | None:
         """Sign a spooled message (dkimpy needs the whole message: read in a thread, once per message)."""

@@ -31,6 +31,8 @@ from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
 from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool
+from gateway.security.at_rest import SpoolCipher
+from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
 from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
@@ -81,12 +83,13 @@ def spool_root(settings: Settings) -> Path:
     return Path(settings.smtp.spool_dir).expanduser().resolve() if settings.smtp.spool_dir else settings.data_path / "spool"
 
 
-def build_pipeline(settings: Settings, db: Database, directory: DirectoryService, store: LocalStore | None) -> Pipeline:
+def build_pipeline(settings: Settings, db: Database, directory: DirectoryService, store: LocalStore | None,
+                   *, spool_cipher: SpoolCipher | None = None, smime: SmimeService | None = None) -> Pipeline:
     queue = QueueStore(db)
-    spool = Spool(spool_root(settings))
+    spool = Spool(spool_root(settings), spool_cipher)
     delivery = LocalDelivery(queue, spool, store, authserv_id=settings.hostname,
                              workers=settings.smtp.delivery_workers, retry_seconds=settings.smtp.local_retry_seconds)
-    return Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db))
+    return Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db), smime=smime)
 
 
 def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
@@ -101,7 +104,8 @@ async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListene
     from gateway.mailstore.delivery import LocalDelivery as MailStoreDelivery
 
     store: LocalStore = MailStoreDelivery(services.mailstore)   # provisions folders, idempotent on delivery keys
-    pipeline = build_pipeline(settings, services.db, services.directory, store)
+    pipeline = build_pipeline(settings, services.db, services.directory, store,
+                              spool_cipher=getattr(services, "spool_cipher", None), smime=getattr(services, "smime", None))
     return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=getattr(services, "token_verifier", None))
 

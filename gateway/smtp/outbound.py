@@ -35,8 +35,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
@@ -236,15 +235,26 @@ def remote_trace_headers(trace_headers: str) -> bytes:
     return "".join(kept).encode("utf-8")
 
 
-async def message_chunks(prefix: bytes, path: Path) -> AsyncIterator[bytes]:
-    """The prefix (signature and trace fields), then the spool file in chunks: never all of it in memory."""
+async def message_chunks(prefix: bytes, open_message: Callable[[], BinaryIO]) -> AsyncIterator[bytes]:
+    """The prefix (signature and trace fields), then the spool file in chunks: never all of it in memory.
+    ``open_message`` opens the spool's plaintext reader (the file itself is sealed at rest)."""
     yield prefix
-    handle = await asyncio.to_thread(path.open, "rb")
+    handle = await asyncio.to_thread(open_message)
     try:
         while chunk := await asyncio.to_thread(handle.read, CHUNK):
             yield chunk
     finally:
         handle.close()
+
+
+def _header_lines(handle: BinaryIO) -> bytes:
+    """The header section of a message, up to and including the empty line (RFC 5322 2.1)."""
+    lines = []
+    for line in handle:
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+    return b"".join(lines)
 
 
 # =========================================================================== results
@@ -320,7 +330,8 @@ class ReportQueue:
             return None
         spool_file = self.spool.new_file()
         try:
-            dsn = write_dsn(spool_file, reporting_mta=self.hostname, original=self._original(message),
+            original = self._original(message, await asyncio.to_thread(self._original_content, message))
+            dsn = write_dsn(spool_file, reporting_mta=self.hostname, original=original,
                             recipients=reports)
             await spool_file.make_durable()
         except BaseException:
@@ -329,9 +340,14 @@ class ReportQueue:
         spool_file.keep()
         return self._rows(spool_file.queue_id, dsn.message_id, dsn.size, dsn.eight_bit, message, route)
 
-    def _original(self, message: MessageWork) -> OriginalMessage:
+    def _original_content(self, message: MessageWork) -> bytes:
+        """The returned message (RET=HDRS: its header section only), read through the sealed spool."""
+        with self.spool.open_read(message.id) as handle:
+            return _header_lines(handle) if message.ret == "HDRS" else handle.read()
+
+    def _original(self, message: MessageWork, content: bytes) -> OriginalMessage:
         return OriginalMessage(
-            sender=message.sender, path=self.spool.path_of(message.id),
+            sender=message.sender, content=content,
             trace_headers=remote_trace_headers(message.trace_headers), envid=message.envid, ret=message.ret,
             arrival=message.received_at, message_id=message.message_id_header, size=message.size)
 
@@ -625,14 +641,14 @@ class OutboundWorker:
         reply = await client.command("DATA")
         if reply.code != 354:
             return [_from_reply(r, reply, hop, tls, has_dsn, "DATA") for r in accepted]
-        reply = await client.send_data(message_chunks(prefix, self.spool.path_of(message.id)))
+        reply = await client.send_data(message_chunks(prefix, lambda: self.spool.open_read(message.id)))
         return [_from_reply(r, reply, hop, tls, has_dsn, "end of data") for r in accepted]
 
     async def _prefix(self, message: MessageWork) -> bytes:
         """DKIM-Signature (computed once, stored), then our trace fields."""
         signature = await self.store.dkim_signature(message.id)
         if signature is None:
-            signature = await self.signer.signature_for_file(self.spool.path_of(message.id))
+            signature = await self.signer.signature_for_stream(lambda: self.spool.open_read(message.id))
             if signature is not None:
                 await self.store.save_dkim_signature(message.id, signature)
         return (signature or "").encode("ascii") + remote_trace_headers(message.trace_headers)

@@ -11,6 +11,7 @@ from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM si
 from gateway.audit import tables as audit_tables  # noqa: F401  (hash-chained audit log: revision 0005)
 from gateway.dmp_bridge import tables as dmp_record_tables  # noqa: F401  (patient record, filing jobs: revision 0006)
 from gateway.dmp_bridge import choices_tables as dmp_choices_tables  # noqa: F401  (patient choices: revision 0007)
+from gateway.security import smime_policy as smime_tables  # noqa: F401  (S/MIME policies, held keys, inbound results: revision 0008)
 from gateway.storage.models import Base
 
 metadata = Base.metadata

@@ -1,0 +1,437 @@
+"""Encryption at rest beyond the blob store: sealed database fields and sealed spool files.
+
+Both use the per-owner data keys of :class:`gateway.security.keys.KeyManager`
+(wrapped by the KEK files, so a copy of the database or of the spool alone
+reveals nothing, and ``destroy_owner_key`` shreds them too).
+
+Sealed fields (cached header columns, held S/MIME private keys)::
+
+    "gw1:" base64url( key id u64 | nonce 12 | AES-256-GCM(text) || tag 16 )
+
+The AES key is HKDF-SHA256(owner data key, info "gateway-field-v1" + owner);
+the associated data binds the owner and the column name, so a sealed value
+copied to another mailbox's row or another column does not open. A value
+without the prefix was written before sealing existed and is read as is.
+
+Sealed spool files (the SMTP queue's copy of a message until every recipient is
+done) use the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár,
+CRYPTO 2015) as the blob store does: 64 KiB segments, each AES-256-GCM with the
+nonce ``prefix || index u32 || last u8`` so truncation, reordering and
+appending fail authentication. Layout::
+
+    header   magic "GWSP" | version u8 | data key id u64 | salt 16 | nonce prefix 7
+    segments sealed segment || tag 16, every one but the last of SEGMENT plaintext octets
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sqlalchemy import func, select
+
+from gateway.security.keys import KeyManager, UnknownDataKey, mailbox_owner
+from gateway.storage.db import Database
+
+log = logging.getLogger("gateway.at_rest")
+
+SEALED_PREFIX = "gw1:"
+FIELD_NONCE_BYTES = 12
+KEY_ID = struct.Struct("!Q")
+SPOOL_OWNER = "spool"
+SPOOL_MAGIC = b"GWSP"
+SPOOL_VERSION = 1
+SPOOL_HEADER = struct.Struct("!4sBQ16s7s")
+SPOOL_SEGMENT = 64 * 1024
+TAG_BYTES = 16
+
+
+class SealedDataError(Exception):
+    """A sealed value or file does not open: damaged, moved to another owner, or its key was shredded."""
+
+
+def _derive(data_key: bytes, purpose: bytes, owner: str, salt: bytes | None = None) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=purpose + b"\x00" + owner.encode()).derive(data_key)
+
+
+def is_sealed(value: str | None) -> bool:
+    return value is not None and value.startswith(SEALED_PREFIX)
+
+
+# ---------------------------------------------------------------------------
+# Sealed fields
+# ---------------------------------------------------------------------------
+
+
+class FieldSealer:
+    """Seals short values (header fields, private keys) under an owner's data key."""
+
+    def __init__(self, keys: KeyManager) -> None:
+        self.keys = keys
+        self._ciphers: dict[tuple[str, int], AESGCM] = {}
+
+    async def _cipher(self, owner: str, key_id: int) -> AESGCM:
+        cipher = self._ciphers.get((owner, key_id))
+        if cipher is None:
+            cipher = AESGCM(_derive(await self.keys.key(owner, key_id), b"gateway-field-v1", owner))
+            self._ciphers[(owner, key_id)] = cipher
+        return cipher
+
+    async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
+        current = await self.keys.current_key(owner)
+        cipher = await self._cipher(owner, current.key_id)
+        nonce = secrets.token_bytes(FIELD_NONCE_BYTES)
+        sealed = cipher.encrypt(nonce, value, _field_aad(owner, column))
+        return SEALED_PREFIX + base64.urlsafe_b64encode(KEY_ID.pack(current.key_id) + nonce + sealed).decode("ascii")
+
+    async def seal(self, owner: str, column: str, value: str | None) -> str | None:
+        return None if value is None else await self.seal_bytes(owner, column, value.encode("utf-8"))
+
+    async def open_bytes(self, owner: str, column: str, token: str) -> bytes:
+        try:
+            raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX):])
+        except (binascii.Error, ValueError):
+            raise SealedDataError(f"sealed {column} of {owner} is not base64") from None
+        if len(raw) < KEY_ID.size + FIELD_NONCE_BYTES + TAG_BYTES:
+            raise SealedDataError(f"sealed {column} of {owner} is truncated")
+        (key_id,) = KEY_ID.unpack_from(raw)
+        nonce, sealed = raw[KEY_ID.size:KEY_ID.size + FIELD_NONCE_BYTES], raw[KEY_ID.size + FIELD_NONCE_BYTES:]
+        try:
+            cipher = await self._cipher(owner, key_id)
+        except UnknownDataKey:
+            raise SealedDataError(f"sealed {column} was not sealed for {owner}") from None
+        try:
+            return cipher.decrypt(nonce, sealed, _field_aad(owner, column))
+        except InvalidTag:
+            raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
+
+    async def open(self, owner: str, column: str, value: str | None) -> str | None:
+        """The plaintext of a sealed value; an unsealed (legacy) value is returned unchanged."""
+        if not is_sealed(value):
+            return value
+        assert value is not None
+        return (await self.open_bytes(owner, column, value)).decode("utf-8")
+
+    def forget(self, owner: str) -> None:
+        """Drop cached ciphers of ``owner`` (after crypto-shredding)."""
+        for cached in [entry for entry in self._ciphers if entry[0] == owner]:
+            del self._ciphers[cached]
+
+
+def _field_aad(owner: str, column: str) -> bytes:
+    return b"gateway-field\x00" + owner.encode() + b"\x00" + column.encode()
+
+
+# ---------------------------------------------------------------------------
+# Sealed spool files
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SpoolHeader:
+    key_id: int
+    salt: bytes
+    nonce_prefix: bytes
+
+    def pack(self) -> bytes:
+        return SPOOL_HEADER.pack(SPOOL_MAGIC, SPOOL_VERSION, self.key_id, self.salt, self.nonce_prefix)
+
+
+class _SegmentAead:
+    def __init__(self, data_key: bytes, header: _SpoolHeader, binding: str) -> None:
+        self._aead = AESGCM(_derive(data_key, b"gateway-spool-v1", binding, header.salt))
+        self._prefix = header.nonce_prefix
+        self._aad = header.pack() + b"\x00" + binding.encode()
+
+    def _nonce(self, index: int, last: bool) -> bytes:
+        return self._prefix + struct.pack("!IB", index, 1 if last else 0)
+
+    def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
+        return self._aead.encrypt(self._nonce(index, last), plaintext, self._aad)
+
+    def open(self, index: int, sealed: bytes, last: bool) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(index, last), sealed, self._aad)
+        except InvalidTag:
+            raise SealedDataError(f"spool segment {index} fails authentication") from None
+
+
+class SpoolCipher:
+    """The spool's data key (owner ``spool``), loaded once so that writes stay synchronous."""
+
+    def __init__(self, key_id: int, data_key: bytes) -> None:
+        self.key_id = key_id
+        self._data_key = data_key
+
+    @classmethod
+    async def load(cls, keys: KeyManager) -> SpoolCipher:
+        current = await keys.current_key(SPOOL_OWNER)
+        return cls(current.key_id, current.key)
+
+    def writer(self, fd: int, binding: str) -> SealedSpoolWriter:
+        return SealedSpoolWriter(fd, self, binding)
+
+    def reader(self, path: Path, binding: str) -> BinaryIO:
+        """A buffered, sequential reader of the plaintext; plaintext files (written before sealing) pass through."""
+        handle = path.open("rb")
+        magic = handle.read(len(SPOOL_MAGIC))
+        handle.seek(0)
+        if magic != SPOOL_MAGIC:
+            return handle
+        return io.BufferedReader(_SealedSpoolReader(handle, self, binding), SPOOL_SEGMENT)  # type: ignore[return-value]
+
+    def _aead(self, header: _SpoolHeader, binding: str) -> _SegmentAead:
+        if header.key_id != self.key_id:
+            raise SealedDataError(f"spool file sealed under data key {header.key_id}, the spool key is {self.key_id}")
+        return _SegmentAead(self._data_key, header, binding)
+
+
+class SealedSpoolWriter:
+    """Encrypts what is written to ``fd`` segment by segment; ``finish`` seals the last segment."""
+
+    def __init__(self, fd: int, cipher: SpoolCipher, binding: str) -> None:
+        header = _SpoolHeader(cipher.key_id, secrets.token_bytes(16), secrets.token_bytes(7))
+        self._fd = fd
+        self._aead = cipher._aead(header, binding)
+        self._buffer = bytearray()
+        self._index = 0
+        self._finished = False
+        _write_all(fd, header.pack())
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise SealedDataError("spool file already sealed: no more writes")
+        self._buffer += data
+        while len(self._buffer) > SPOOL_SEGMENT:         # keep at least one octet back for the last segment
+            segment = bytes(self._buffer[:SPOOL_SEGMENT])
+            del self._buffer[:SPOOL_SEGMENT]
+            _write_all(self._fd, self._aead.seal(self._index, segment, last=False))
+            self._index += 1
+
+    def finish(self) -> None:
+        """Seal the last segment (idempotent): the file is then complete and readable."""
+        if self._finished:
+            return
+        _write_all(self._fd, self._aead.seal(self._index, bytes(self._buffer), last=True))
+        self._buffer.clear()
+        self._finished = True
+
+
+class _SealedSpoolReader(io.RawIOBase):
+    def __init__(self, handle: BinaryIO, cipher: SpoolCipher, binding: str) -> None:
+        super().__init__()
+        raw = handle.read(SPOOL_HEADER.size)
+        if len(raw) != SPOOL_HEADER.size:
+            handle.close()
+            raise SealedDataError("spool file shorter than its header")
+        magic, version, key_id, salt, prefix = SPOOL_HEADER.unpack(raw)
+        if version != SPOOL_VERSION:
+            handle.close()
+            raise SealedDataError(f"unsupported spool format version {version}")
+        self._handle = handle
+        self._aead = cipher._aead(_SpoolHeader(key_id, salt, prefix), binding)
+        self._remaining = os.fstat(handle.fileno()).st_size - SPOOL_HEADER.size
+        self._index = 0
+        self._plain = b""
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._plain and not self._done:
+            self._plain = self._next_segment()
+        count = min(len(buffer), len(self._plain))
+        buffer[:count] = self._plain[:count]
+        self._plain = self._plain[count:]
+        return count
+
+    def _next_segment(self) -> bytes:
+        size = min(SPOOL_SEGMENT + TAG_BYTES, self._remaining)
+        last = size == self._remaining
+        sealed = self._handle.read(size)
+        if len(sealed) != size or size < TAG_BYTES:
+            raise SealedDataError("spool file truncated")
+        self._remaining -= size
+        plain = self._aead.open(self._index, sealed, last)
+        self._index += 1
+        self._done = last
+        return plain
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# ---------------------------------------------------------------------------
+# The mail store's cached header columns
+# ---------------------------------------------------------------------------
+
+MESSAGE_ID_PLAINTEXT_LIMIT = 700      # sealed, it still fits the 998-character column (RFC 5322 2.1.1 line limit)
+_SEALED_TEXT_COLUMNS = ("subject", "from_addr", "to_addr", "cc_addr", "message_id")
+
+
+class HeaderSealer:
+    """Seals the header fields the mail store caches for SEARCH and ENVELOPE under the mailbox's data key.
+
+    The cached subject, addresses, Message-ID and ENVELOPE of a message are as
+    sensitive as its body; sealed, SEARCH on them decrypts the candidate rows
+    (AES-GCM on a few hundred octets per row, see docs/PERFORMANCE.md) instead
+    of a SQL LIKE. Sizes, flags and dates stay in clear for SQL.
+    """
+
+    def __init__(self, fields: FieldSealer) -> None:
+        self.fields = fields
+
+    async def seal(self, owner: str, headers: Any) -> Any:
+        """A copy of ``CachedHeaders`` with every text field and the envelope sealed."""
+        values: dict[str, Any] = {}
+        for column in _SEALED_TEXT_COLUMNS:
+            plain = getattr(headers, column)
+            if column == "message_id" and plain is not None:
+                plain = plain[:MESSAGE_ID_PLAINTEXT_LIMIT]
+            values[column] = await self.fields.seal(owner, column, plain)
+        envelope = json.dumps(headers.envelope, ensure_ascii=False)
+        values["envelope"] = {"sealed": await self.fields.seal(owner, "envelope", envelope)}
+        return dataclasses.replace(headers, **values)
+
+    async def open_rows(self, owner: str, rows: Any) -> None:
+        """Unseal mail store rows in place (detached rows: nothing is written back)."""
+        for row in rows:
+            for column in _SEALED_TEXT_COLUMNS:
+                setattr(row, column, await self.fields.open(owner, column, getattr(row, column)))
+            envelope = row.envelope
+            if isinstance(envelope, dict) and set(envelope) == {"sealed"}:
+                row.envelope = json.loads(await self.fields.open(owner, "envelope", envelope["sealed"]) or "{}")
+
+
+# ---------------------------------------------------------------------------
+# Crypto-shredding of closed patient spaces
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShreddedSpace:
+    ins: str
+    closed_at: dt.datetime
+    owners: tuple[str, ...]
+    keys_destroyed: int
+
+
+async def shred_expired_patients(db: Database, keys: KeyManager, retention_days: int, *,
+                                 now: dt.datetime | None = None,
+                                 forget: Callable[[str], None] | None = None) -> list[ShreddedSpace]:
+    """Destroy the data keys of every patient whose space was closed more than ``retention_days`` ago:
+    their mailbox (messages, cached headers, held S/MIME keys, decrypted copies) and their record
+    (``patient:<INS>``). Idempotent: a space already shredded destroys nothing more."""
+    from gateway.dmp_bridge.record import patient_owner
+    from gateway.storage.models import Mailbox, Patient, PatientState
+
+    cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=retention_days)
+    async with db.session() as session:
+        rows = (await session.execute(
+            select(Patient.id, Patient.ins, Patient.state_changed_at, Mailbox.id)
+            .outerjoin(Mailbox, Mailbox.patient_id == Patient.id)
+            .where(Patient.state == PatientState.CLOSED.value, Patient.state_changed_at <= cutoff))).all()
+    shredded: list[ShreddedSpace] = []
+    for _patient_id, ins, closed_at, mailbox_id in rows:
+        owners = (patient_owner(ins), *((mailbox_owner(mailbox_id),) if mailbox_id is not None else ()))
+        destroyed = 0
+        for owner in owners:
+            destroyed += await keys.destroy_owner_key(owner)
+            if forget is not None:
+                forget(owner)
+        if destroyed:
+            shredded.append(ShreddedSpace(ins, closed_at, owners, destroyed))
+    if shredded:
+        # Backups of the database made before now still hold these data keys, wrapped under the
+        # current KEK: re-wrap the live keys under a new KEK and delete the old KEK files, so those
+        # backups no longer unwrap (the keys directory is backed up apart, on its own schedule).
+        await keys.rotate_kek()
+        await keys.retire_unused_keks()
+    return shredded
+
+
+class ShreddingTask:
+    """``gateway serve``'s periodic crypto-shredding of closed patient spaces past their retention."""
+
+    def __init__(self, db: Database, keys: KeyManager, fields: FieldSealer, *, retention_days: int,
+                 interval_seconds: float) -> None:
+        self.db = db
+        self.keys = keys
+        self.fields = fields
+        self.retention_days = retention_days
+        self.interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="crypto-shredding")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_once(self) -> list[ShreddedSpace]:
+        shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self.fields.forget)
+        for space in shredded:
+            log.warning("crypto-shredded the space of patient %s (closed %s): %d data keys destroyed",
+                        space.ins, space.closed_at.date(), space.keys_destroyed)
+        return shredded
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("crypto-shredding pass failed; next pass in %s s", self.interval)
+            await asyncio.sleep(self.interval)
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    current_kek: int
+    kek_files: tuple[int, ...]
+    data_keys_by_kek: dict[int, int]
+    destroyed: int
+    missing_keks: tuple[int, ...]
+
+
+async def key_status(db: Database, keys: KeyManager) -> KeyStatus:
+    """KEK files on disk, live data keys per KEK, shredded keys; KEKs that rows need but whose file is gone."""
+    from gateway.mailstore.tables import DataKey
+
+    async with db.session() as session:
+        counts = dict((await session.execute(
+            select(DataKey.kek_id, func.count()).where(DataKey.kek_id.is_not(None)).group_by(DataKey.kek_id))).all())
+        destroyed = await session.scalar(select(func.count()).where(DataKey.destroyed_at.is_not(None))) or 0
+    files = tuple(keys.keks.ids())
+    current = files[-1] if files else 0
+    missing = tuple(sorted(kek for kek in counts if kek not in files))
+    return KeyStatus(current, files, {int(k): int(v) for k, v in counts.items()}, int(destroyed), missing)

@@ -1,0 +1,163 @@
+"""Encryption at rest, piece by piece: sealed spool files, sealed fields, KEK rotation, crypto-shredding
+of a closed patient space (a backup of its blob files and database does not open any more)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from gateway.config import Settings
+from gateway.directory.demo import TEST_INS_OID
+from gateway.directory.identifiers import add_nir_key
+from gateway.directory.service import DirectoryService
+from gateway.dmp_bridge.record import patient_owner
+from gateway.pipeline.spool import Spool
+from gateway.security.at_rest import (
+    SPOOL_SEGMENT,
+    FieldSealer,
+    SealedDataError,
+    SpoolCipher,
+    key_status,
+    shred_expired_patients,
+)
+from gateway.security.keys import KekMissing, KeyDestroyed, KeyManager, mailbox_owner
+from gateway.security.passwords import PasswordHasher
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox, Patient, PatientState, utcnow
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'gateway.db'}")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    await database.migrate()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+def keys(db: Database, tmp_path: Path) -> KeyManager:
+    return KeyManager(db, tmp_path / "keys")          # outside the data directory, as a key store would be
+
+
+async def _spool(keys: KeyManager, root: Path) -> Spool:
+    return Spool(root, await SpoolCipher.load(keys))
+
+
+async def test_spool_files_are_sealed_and_read_back(keys: KeyManager, tmp_path: Path) -> None:
+    spool = await _spool(keys, tmp_path / "spool")
+    message = b"Subject: SECRET-SUBJECT\r\n\r\n" + b"SECRET-BODY line\r\n" * 20000       # several segments
+    spool_file = spool.new_file()
+    for offset in range(0, len(message), 1000):
+        spool_file.write(message[offset:offset + 1000])
+    with spool_file.open_incoming() as stream:
+        assert stream.read() == message
+    await spool_file.make_durable()
+    on_disk = spool.path_of(spool_file.queue_id).read_bytes()
+    assert b"SECRET" not in on_disk and len(on_disk) > len(message)
+    with spool.open_read(spool_file.queue_id) as stream:
+        assert stream.readline() == b"Subject: SECRET-SUBJECT\r\n" and stream.read() == message[25:]
+
+
+@pytest.mark.parametrize("damage", ["truncate-segment", "drop-last-segment", "flip-bit", "other-queue-id"])
+async def test_damaged_spool_files_do_not_open(keys: KeyManager, tmp_path: Path, damage: str) -> None:
+    spool = await _spool(keys, tmp_path / "spool")
+    spool_file = spool.new_file()
+    spool_file.write(b"x" * (SPOOL_SEGMENT * 2 + 10))
+    await spool_file.make_durable()
+    path = spool.path_of(spool_file.queue_id)
+    data = path.read_bytes()
+    queue_id = spool_file.queue_id
+    if damage == "truncate-segment":
+        path.write_bytes(data[:-5])
+    elif damage == "drop-last-segment":
+        path.write_bytes(data[:-(10 + 16)])
+    elif damage == "flip-bit":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        queue_id = "0" * len(queue_id)
+    with pytest.raises(SealedDataError):
+        with spool.reader(path, queue_id) as stream:
+            stream.read()
+
+
+async def test_unsealed_spool_files_from_before_still_read(keys: KeyManager, tmp_path: Path) -> None:
+    spool = await _spool(keys, tmp_path / "spool")
+    spool.path_of("0123456789abcdef").write_bytes(b"Subject: old\r\n\r\nbody\r\n")
+    with spool.open_read("0123456789abcdef") as stream:
+        assert stream.read() == b"Subject: old\r\n\r\nbody\r\n"
+
+
+async def test_sealed_fields_are_bound_to_owner_and_column(keys: KeyManager) -> None:
+    sealer = FieldSealer(keys)
+    token = await sealer.seal("mailbox:1", "subject", "Résultats de biologie")
+    assert token is not None and "biologie" not in token
+    assert await sealer.open("mailbox:1", "subject", token) == "Résultats de biologie"
+    assert await sealer.open("mailbox:1", "subject", "legacy clear text") == "legacy clear text"
+    await keys.current_key("mailbox:2")
+    for owner, column in (("mailbox:2", "subject"), ("mailbox:1", "from_addr")):
+        with pytest.raises(SealedDataError):
+            await sealer.open(owner, column, token)
+
+
+async def test_kek_rotation_rewraps_without_touching_blobs(db: Database, keys: KeyManager, tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs", keys)
+    stored = await blobs.put(mailbox_owner(7), b"compte rendu")
+    before = await key_status(db, keys)
+    report = await keys.rotate_kek()
+    retired = await keys.retire_unused_keks()
+    after = await key_status(db, keys)
+    assert retired == [before.current_kek] and after.kek_files == (report.kek_id,)
+    assert after.data_keys_by_kek == {report.kek_id: report.rewrapped}
+    fresh = KeyManager(db, tmp_path / "keys")                     # nothing cached: unwraps under the new KEK
+    assert await BlobStore(tmp_path / "blobs", fresh).read(mailbox_owner(7), stored.blob_id) == b"compte rendu"
+
+
+async def _closed_patient(db: Database, settings: Settings, days_ago: int) -> tuple[str, int]:
+    directory = DirectoryService(db, settings, PasswordHasher.from_settings(settings.auth))
+    await directory.ensure_local_domain(settings.directory.patient_domain, kind="patient")
+    patient = await directory.add_patient(ins=add_nir_key("2790351215189"), ins_oid=TEST_INS_OID,
+                                          birth_family_name="PAT-TROIS", first_given_name="DOMINIQUE",
+                                          birth_date="1979-03-28", sex="F", birthplace_code="51215", password=None)
+    async with db.session() as session:
+        mailbox_id = await session.scalar(select(Mailbox.id).where(Mailbox.address == patient["mailbox"]))
+        await session.execute(update(Patient).where(Patient.ins == patient["ins"]).values(
+            state=PatientState.CLOSED.value, state_changed_at=utcnow() - dt.timedelta(days=days_ago)))
+    return patient["ins"], mailbox_id
+
+
+async def test_crypto_shredding_makes_backups_unreadable(db: Database, keys: KeyManager, settings: Settings,
+                                                         tmp_path: Path) -> None:
+    ins, mailbox_id = await _closed_patient(db, settings, days_ago=400)
+    blobs = BlobStore(tmp_path / "blobs", keys)
+    message = await blobs.put(mailbox_owner(mailbox_id), b"Compte rendu de la patiente")
+    document = await blobs.put(patient_owner(ins), b"%PDF-1.4 dossier medical")
+    backup = tmp_path / "backup"                                     # the data directory, backed up: DB and blobs
+    shutil.copytree(tmp_path / "blobs", backup / "blobs")
+    with sqlite3.connect(tmp_path / "data" / "gateway.db") as source, sqlite3.connect(backup / "gateway.db") as copy:
+        source.backup(copy)                                          # an online backup, WAL included
+
+    assert await shred_expired_patients(db, keys, retention_days=500) == []     # not yet due
+    shredded = await shred_expired_patients(db, keys, retention_days=365)
+    assert [space.ins for space in shredded] == [ins] and shredded[0].keys_destroyed == 2
+    assert await shred_expired_patients(db, keys, retention_days=365) == []     # idempotent
+
+    live = BlobStore(backup / "blobs", KeyManager(db, tmp_path / "keys"))
+    for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document)):
+        with pytest.raises(KeyDestroyed):
+            await live.read(owner, blob.blob_id)
+    restored = Database(f"sqlite+aiosqlite:///{backup / 'gateway.db'}")            # the old database, keys intact
+    try:
+        old = BlobStore(backup / "blobs", KeyManager(restored, tmp_path / "keys"))
+        for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document)):
+            with pytest.raises(KekMissing):                              # wrapped under a KEK that was destroyed
+                await old.read(owner, blob.blob_id)
+    finally:
+        await restored.dispose()
