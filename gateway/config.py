@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import UserError
 
@@ -139,6 +139,83 @@ class AuthSettings(_Section):
     argon2_memory_kib: int = Field(19456, ge=8192, description="argon2id memory per hash, KiB (OWASP: 19 MiB)")
     argon2_parallelism: int = Field(1, ge=1, le=8, description="argon2id lanes")
     min_password_length: int = Field(12, ge=8, description="shortest password accepted by set-password")
+
+
+# RFC 7518 3.1: the asymmetric JWS algorithms a verifier may accept; never "none", never HMAC
+# (a shared secret would let anyone holding it mint tokens, and invites alg confusion).
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+def check_oidc_url(value: str) -> str:
+    """https, or plain http on a loopback host only (a local identity provider, tests)."""
+    if not value:
+        return value
+    scheme, _, rest = value.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    if scheme == "https" and host:
+        return value
+    if scheme == "http" and (host == "localhost" or _is_loopback(host)):
+        return value
+    raise ValueError("expected an https:// URL (http:// only on a loopback address)")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OidcSettings(_Section):
+    """OpenID Connect bearer tokens for SASL OAUTHBEARER (RFC 7628) and XOAUTH2: the Pro Santé Connect pattern."""
+
+    issuer: str = Field(
+        "", description="issuer whose access tokens open a session: the exact iss claim (RFC 7519 4.1.1), e.g. "
+        "https://auth.esante.gouv.fr/auth/realms/esante-wallet. Empty: token login disabled, OAUTHBEARER/XOAUTH2 not offered")
+    audience: str = Field(
+        "", description="what the aud claim must contain (RFC 7519 4.1.3): this gateway's client id at the issuer. "
+        "Required with issuer")
+    jwks_file: str = Field("", description="the issuer's signing keys as a JWK Set file (RFC 7517 5), re-read when it changes")
+    jwks_url: str = Field(
+        "", description="the issuer's JWK Set URL (https; http only on loopback). Both jwks_file and jwks_url empty: "
+        "jwks_uri of the issuer's discovery document <issuer>/.well-known/openid-configuration (OIDC Discovery 4, RFC 8414 3)")
+    jwks_cache_seconds: int = Field(
+        3600, ge=60, le=86400, description="how long keys fetched from a URL are used before being fetched again "
+        "(a token with an unknown kid has them fetched again at once, a few times a minute at most)")
+    subject_claim: str = Field(
+        "preferred_username", description="claim holding the practitioner's national id, IDNPS (8 + RPPS, 0 + ADELI) or bare "
+        "RPPS; Pro Santé Connect: preferred_username or SubjectNameID. The mailbox named at login must be theirs or "
+        "delegated to one of theirs")
+    leeway_seconds: int = Field(60, ge=0, le=600, description="clock skew tolerated on exp, nbf and iat")
+    allowed_algorithms: list[str] = Field(
+        ["RS256", "ES256", "PS256"], description="JWS algorithms accepted in token headers (RFC 7518 3.1); asymmetric only: "
+        + ", ".join(OIDC_ALGORITHMS))
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_oidc_url(value.strip())
+
+    @field_validator("allowed_algorithms")
+    @classmethod
+    def _algorithms(cls, values: list[str]) -> list[str]:
+        unknown = [v for v in values if v not in OIDC_ALGORITHMS]
+        if unknown or not values:
+            raise ValueError(f"choose among {', '.join(OIDC_ALGORITHMS)} (got {unknown or 'none'})")
+        return values
+
+    @model_validator(mode="after")
+    def _complete(self) -> "OidcSettings":
+        if self.issuer and not self.audience:
+            raise ValueError("audience is required when issuer is set (RFC 7519 4.1.3: tokens for other clients are refused)")
+        if self.jwks_file and self.jwks_url:
+            raise ValueError("set jwks_file or jwks_url, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
 
 
 class SmtpSettings(_Section):
@@ -293,6 +370,7 @@ class Settings(_Section):
     listen: ListenerSettings = Field(default_factory=ListenerSettings)
     pki: PkiSettings = Field(default_factory=PkiSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
