@@ -1,6 +1,6 @@
 """Benchmark: SMTP submission with STARTTLS and AUTH, durable acceptance, local delivery.
 
-Starts a gateway process on a fresh data directory (SQLite, encrypted mail store),
+Starts ``gateway serve`` on a data directory made by ``gateway init --demo`` (SQLite, encrypted mail store),
 drives it with the shared load client (/work/shared/bench-tools/smtp_load.py:
 4 KB messages, 20 concurrent connections, STARTTLS, AUTH PLAIN), then reads the
 queue to measure what happened after each 250:
@@ -32,14 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.smtp.server_process import ServerProcess  # noqa: E402  (after the path setup above)
+from tests.harness import GatewayProcess  # noqa: E402  (after the path setup above)
 
 LOAD_CLIENT = Path("/work/shared/bench-tools/smtp_load.py")
 
 
-def run_load(server: ServerProcess, args: argparse.Namespace) -> str:
+def run_load(server: GatewayProcess, args: argparse.Namespace) -> str:
     sender, recipient = server.account("PER", 0), server.account("PER", 1)
-    command = [sys.executable, str(LOAD_CLIENT), "--host", "127.0.0.1", "--port", str(server.port("submission")),
+    command = [sys.executable, str(LOAD_CLIENT), "--host", "127.0.0.1", "--port", str(server.ports["smtp_submission_port"]),
                "--messages", str(args.messages), "--concurrency", str(args.concurrency), "--size", str(args.size),
                "--per-connection", "0", "--starttls", "--insecure",
                "--auth-user", sender["address"], "--auth-pass", sender["password"],
@@ -99,6 +99,13 @@ def delivery_figures(database: Path) -> dict[str, float]:
     }
 
 
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000)
@@ -109,14 +116,15 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
-    server = ServerProcess(root / "data", overrides={"smtp": {"messages_per_minute_per_user": 0,
-                                                              "messages_per_minute_per_ip": 0,
-                                                              "delivery_workers": args.delivery_workers}}).start()
+    server = GatewayProcess(root / "data", extra_env={"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0",
+                                                      "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0",
+                                                      "GATEWAY_SMTP_DELIVERY_WORKERS": str(args.delivery_workers)})
+    server.start()
     try:
         summary = parse_summary(run_load(server, args))
         database = root / "data" / "gateway.db"
         wait_for_deliveries(database, int(summary.get("ok", 0)))
-        peak_rss_mib = round(server.memory_kib("VmHWM") / 1024, 1)
+        peak_rss_mib = round(peak_rss_kib(server.process.pid if server.process else 0) / 1024, 1)
     finally:
         server.stop()
     result = {

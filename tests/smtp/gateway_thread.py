@@ -1,19 +1,15 @@
 """A real gateway SMTP side for tests: real database, directory, PKI, pipeline and listeners,
 run in a thread with its own event loop (as aiosmtpd's Controller does), on loopback
-ports chosen by the system. Also runnable as a process (``python -m tests.smtp.gateway_thread
-DATA_DIR``) for the memory and crash tests: it writes ``DATA_DIR/smtp-ready.json``.
-
-Until ``gateway serve`` assembles every service, this is how the SMTP tests start the
-listeners; it uses the same ``gateway.smtp.listeners`` functions ``gateway serve`` calls.
+ports chosen by the system. It uses the same ``gateway.smtp.listeners`` functions
+``gateway serve`` calls, and lets tests inspect the queue and change the directory
+in-process; the crash and memory tests run the real ``gateway serve`` instead
+(test_durability.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
@@ -188,22 +184,3 @@ class GatewayThread:
             async with await store.open_message(folder, uid) as body:
                 bodies.append(await body.read())
         return bodies
-
-
-def _serve_forever(data_dir: Path) -> None:
-    """Process mode: start, publish ports and accounts, run until SIGTERM."""
-    overrides = json.loads(os.environ.get("GATEWAY_TEST_OVERRIDES", "{}"))
-    gateway = GatewayThread(data_dir, overrides=overrides).start()
-    ready = {"pid": os.getpid(), "ports": gateway.ports, "accounts": [vars(a) for a in gateway.accounts],
-             "extra": gateway.extra}
-    tmp = data_dir / "smtp-ready.json.tmp"
-    tmp.write_text(json.dumps(ready))
-    tmp.replace(data_dir / "smtp-ready.json")
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    stopped.wait()
-    gateway.stop()
-
-
-if __name__ == "__main__":
-    _serve_forever(Path(sys.argv[1]))
