@@ -26,7 +26,7 @@ from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.pipeline.generated import GeneratedMailQueue
-from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
+from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
 from gateway.security.smime_service import SmimeService
@@ -146,6 +146,11 @@ class Gateway:
                                        schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
         http = await start_http_listener(services, settings, notifier=MailboxNotifier(services.db, settings, generated))
         running.push_async_callback(http.aclose)
+        shredding = ShreddingTask(services.db, services.keys, services.fields,
+                                  retention_days=settings.retention.closed_patient_days,
+                                  interval_seconds=settings.retention.shred_interval_minutes * 60)
+        await shredding.start()
+        running.push_async_callback(shredding.stop)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
         running.push_async_callback(imap.aclose)
         endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
