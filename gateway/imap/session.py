@@ -228,8 +228,8 @@ class Session:
             self.write(error.response(command.tag))
             self._enforce_auth_failure_limit()
             return
-        except ClientDisconnected:
-            raise
+        except (ClientDisconnected, ConnectionError):
+            raise       # the client went away mid-command: nothing to answer, the server closes
         except UidValidityChanged:
             # The selected folder was deleted or re-created: its UIDs mean nothing any more.
             self.write(response.bye("Selected mailbox was deleted"))
