@@ -19,6 +19,8 @@ if [ "$mode" = test ]; then
   want runuser util-linux
   want gpgsm gpgsm
   want swaks swaks
+  perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl)   # swaks' STARTTLS and TLS
+  perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
   want msmtp msmtp
   want curl curl
   want mutt mutt
@@ -26,11 +28,15 @@ if [ "$mode" = test ]; then
   want offlineimap offlineimap3
   want dnsmasq dnsmasq-base
   want /usr/bin/chromium chromium
+  want postfix postfix            # a third operator in tests/interop (a standalone instance, never on port 25)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing Debian packages: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # Postfix: "No configuration", so the package sets up no system instance and starts nothing.
+  printf '%s\n' "postfix postfix/main_mailer_type select No configuration" \
+    "postfix postfix/mailname string localhost" | $SUDO debconf-set-selections
   $SUDO apt-get update -q >/dev/null
   $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
