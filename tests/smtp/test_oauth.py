@@ -72,10 +72,9 @@ class SigningIssuer:
 
 
 def public_jwk(kid: str, alg: str, private: PrivateKey) -> dict[str, Any]:
-    if isinstance(private, rsa.RSAPrivateKey):
-        jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
-    else:
-        jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    exported = RSAAlgorithm.to_jwk(private.public_key()) if isinstance(private, rsa.RSAPrivateKey) \
+        else ECAlgorithm.to_jwk(private.public_key())
+    jwk: dict[str, Any] = json.loads(exported)
     return jwk | {"kid": kid, "use": "sig", "alg": alg}
 
 
@@ -138,7 +137,8 @@ def refused_with(gateway: GatewayProcess, mechanism: str, user: str, token: str)
     with submission(gateway) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
             authenticate(client, mechanism, user, token, challenges)
-    return failed.value.smtp_code, failed.value.smtp_error, challenges
+    error = failed.value.smtp_error
+    return failed.value.smtp_code, error if isinstance(error, bytes) else error.encode(), challenges
 
 
 # --------------------------------------------------------------------------- fixtures
