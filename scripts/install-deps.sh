@@ -28,7 +28,7 @@ if [ "$mode" = test ]; then
   want offlineimap offlineimap3
   want dnsmasq dnsmasq-base
   want /usr/bin/chromium chromium
-  want postfix postfix            # a third operator in tests/interop (a standalone instance, never on port 25)
+  want /usr/sbin/postfix postfix  # a third operator in tests/interop (a standalone instance, never on port 25)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
