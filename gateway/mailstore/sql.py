@@ -50,6 +50,7 @@ from gateway.mailstore.errors import (
     StoreBusy,
     UidValidityChanged,
 )
+from gateway.mailstore.group_commit import GroupCommit
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
     INBOX,
@@ -205,6 +206,8 @@ class SqlMailStore(MailStore):
         self.headers = headers            # seals the cached header columns at rest (gateway.security.at_rest)
         self.hub = hub or ChangeHub()
         self.max_attempts = max_attempts
+        # SQLite: concurrent deliveries/APPENDs share one transaction and one fsync (see group_commit).
+        self.group = GroupCommit(self._transaction) if database.is_sqlite else None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -564,15 +567,16 @@ class SqlMailStore(MailStore):
             return result
 
         try:
-            result = await self._transaction(work)
+            result = await (self.group.run(work) if self.group is not None else self._transaction(work))
         except IntegrityError:
             await self.blobs.delete(stored.blob_id)
             done = await self._delivered(folder.mailbox_id, delivery_key) if delivery_key else None
             if done is None:
                 raise
             return AddedMessage(done, duplicate=True)  # a concurrent redelivery won the race
-        except BaseException:
-            await self.blobs.delete(stored.blob_id)
+        except BaseException as exc:
+            if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
+                await self.blobs.delete(stored.blob_id)
             raise
         self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
         return AddedMessage(result, duplicate=False)
