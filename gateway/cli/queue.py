@@ -121,7 +121,8 @@ def delete(queue_id: str, bounce: bool) -> None:
 async def _delete(services: Any, queue_id: str, bounce: bool) -> bool:
     from gateway.pipeline.spool import Spool
     from gateway.smtp.listeners import spool_root
-    from gateway.smtp.outbound import ReportQueue
+    from gateway.pipeline.generated import GeneratedMailQueue
+    from gateway.smtp.outbound import DsnReports
 
     store = OutboundStore(services.db)
     message = await store.message(queue_id)
@@ -133,7 +134,8 @@ async def _delete(services: Any, queue_id: str, bounce: bool) -> bool:
         reports = [RecipientReport(final_recipient=r.address, action=Action.FAILED, status="5.3.0",
                                    diagnostic="deleted from the queue by the administrator", original_recipient=r.orcpt,
                                    last_attempt=utcnow()) for r in await store.open_recipients(queue_id)]
-        rows = await ReportQueue(services.settings, services.directory, spool).prepare(_message_work(message), reports)
+        generated = GeneratedMailQueue(services.settings, services.directory, spool, schedule_local=None)
+        rows = await DsnReports(services.settings, generated, spool).prepare(_message_work(message), reports)
     await store.delete(queue_id, rows)
     spool.remove(queue_id)
     return rows is not None

@@ -1,22 +1,28 @@
-"""Mail the gateway writes itself (MDNs, filing reports, patient notifications) into the one queue.
+"""Mail the gateway writes itself into the one queue: DSNs, MDNs, filing reports, patient notifications.
 
-Such mail is trusted local mail: it skips the submission policy (its
-reverse-path is null, RFC 5321 4.5.5, RFC 8098 3: no report is ever sent about
-a report) and goes the same way as everything else once queued: local
-recipients through local delivery, other operators' through the outbound
-worker.
+The one way generated mail enters the queue, for the outbound worker's
+delivery status notifications (RFC 3464) as for the DMP bridge's
+acknowledgements and the FHIR API's patient notices. Such mail is trusted
+local mail: it skips the submission policy and the inbound checks, so our own
+rules never reject our own reports (maddy#327); its reverse-path is null
+(RFC 5321 4.5.5, RFC 3461 5.2.1, RFC 8098 3: no report is ever sent about a
+report). Once queued it goes the way of everything else: local recipients
+through local delivery, other operators' through the outbound worker.
 
 It is written in two steps so that a caller can make it part of its own
-transaction (the DMP bridge commits a notice row with it, so a notice is
-queued exactly once):
+transaction (the outbound worker commits a DSN with the attempt it reports on;
+the DMP bridge commits a notice row with the filing it acknowledges), which
+makes every report durable and queued exactly once:
 
-1. ``prepare`` writes the message to the spool durably and returns its queue rows;
+1. ``prepare`` (bytes in memory) or ``prepare_written`` (streamed into the
+   spool, for a DSN that returns a large original) writes the message to the
+   spool durably and returns its queue rows;
 2. the caller calls ``prepared.add_to(session)`` and commits; then calls
    ``dispatch`` (or ``discard`` when the commit failed).
 
-A crash between 1 and 2 leaves a spool file without rows, which the
-recovery pass of local delivery removes; a crash after 2 leaves a queued
-message, which the recovery pass delivers.
+A crash between 1 and 2 leaves a spool file without rows, which the recovery
+pass of local delivery removes; a crash after 2 leaves a queued message, which
+the recovery pass (local) or the outbound worker's next poll (remote) delivers.
 """
 
 from __future__ import annotations
@@ -31,56 +37,79 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
 from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.pipeline.spool import Spool
+from gateway.pipeline.spool import Spool, SpoolFile
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.generated")
 GENERATED_DOOR = "generated"
+DSN_DOOR = "dsn"
+
+
+@dataclass(frozen=True)
+class WrittenMail:
+    """What a writer put into the spool file: the Message-ID, the size, and whether it has 8-bit octets."""
+
+    message_id: str | None
+    size: int
+    eight_bit: bool
 
 
 @dataclass(frozen=True)
 class PreparedMail:
-    queue_id: str
+    """A generated message durably in the spool, with the queue rows still to be committed."""
+
     message: QueuedMessage
     recipient: QueuedRecipient
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.id
+
+    @property
+    def is_local(self) -> bool:
+        return self.recipient.route == RouteKind.LOCAL.value
 
     def add_to(self, session: AsyncSession) -> None:
         """Queue the message in the caller's transaction (it is queued once that commits)."""
         self.message.recipients = [self.recipient]
         session.add(self.message)
 
-    @property
-    def is_local(self) -> bool:
-        return self.recipient.route == RouteKind.LOCAL.value
-
 
 class GeneratedMailQueue:
     def __init__(self, settings: Settings, directory: DirectoryService, spool: Spool, *,
-                 schedule_local: Callable[[str], None], wake_remote: Callable[[], None] | None = None) -> None:
+                 schedule_local: Callable[[str], None] | None, wake_remote: Callable[[], None] | None = None) -> None:
         self.hostname = settings.hostname
         self.directory = directory
         self.spool = spool
         self.schedule_local = schedule_local
         self.wake_remote = wake_remote
 
-    async def prepare(self, message: bytes, recipient: str, *, message_id: str | None) -> PreparedMail | None:
+    async def prepare(self, message: bytes, recipient: str, *, message_id: str | None,
+                      door: str = GENERATED_DOOR) -> PreparedMail | None:
         """Spool ``message`` for ``recipient`` durably; None when that address cannot receive mail."""
+        def write(spool_file: SpoolFile) -> WrittenMail:
+            spool_file.write(message)
+            return WrittenMail(message_id, len(message), _has_8bit(message))
+        return await self.prepare_written(recipient, write, door=door)
+
+    async def prepare_written(self, recipient: str, write: Callable[[SpoolFile], WrittenMail], *,
+                              door: str = GENERATED_DOOR, smtputf8: bool = False) -> PreparedMail | None:
+        """Spool what ``write`` writes (synchronously) for ``recipient``; None when it cannot receive mail."""
         route = await self.directory.route_recipient(recipient)
         if not isinstance(route, (LocalRoute, RemoteRoute)):
-            log.warning("generated mail to %s dropped: %s", recipient, getattr(route, "text", route))
+            log.warning("generated mail (%s) to %s dropped: %s", door, recipient, getattr(route, "text", route))
             return None
         spool_file = self.spool.new_file()
         try:
-            spool_file.write(message)
+            written = write(spool_file)
             await spool_file.make_durable()
         except BaseException:
             spool_file.discard()
             raise
         spool_file.keep()
-        return PreparedMail(spool_file.queue_id, self._message_row(spool_file.queue_id, route.address, len(message),
-                                                                   message_id, _has_8bit(message)),
-                            _recipient_row(route))
+        message = self._message_row(spool_file.queue_id, route.address, written, door=door, smtputf8=smtputf8)
+        return PreparedMail(message, _recipient_row(route))
 
     async def send(self, db: Database, message: bytes, recipient: str, *, message_id: str | None = None) -> str | None:
         """Both steps in one go, for mail that needs no companion row: the queue id, or None if undeliverable."""
@@ -99,7 +128,8 @@ class GeneratedMailQueue:
     def dispatch(self, prepared: PreparedMail) -> None:
         """The rows are committed: hand the message to local delivery or wake the outbound worker."""
         if prepared.is_local:
-            self.schedule_local(prepared.queue_id)
+            if self.schedule_local is not None:
+                self.schedule_local(prepared.queue_id)
         elif self.wake_remote is not None:
             self.wake_remote()
 
@@ -107,13 +137,14 @@ class GeneratedMailQueue:
         """The rows were not committed: the message was never queued."""
         self.spool.remove(prepared.queue_id)
 
-    def _message_row(self, queue_id: str, recipient: str, size: int, message_id: str | None, eight_bit: bool) -> QueuedMessage:
+    def _message_row(self, queue_id: str, recipient: str, written: WrittenMail, *, door: str,
+                     smtputf8: bool) -> QueuedMessage:
         trace = (f"Return-Path: <>\r\nReceived: by {self.hostname} (MSSante gateway) with local id {queue_id}"
                  f"\r\n\tfor <{recipient}>; {format_datetime(utcnow())}\r\n")
-        return QueuedMessage(id=queue_id, door=GENERATED_DOOR, sender="", envid=None, ret=None,
-                             body_type="8BITMIME" if eight_bit else "7BIT", smtputf8=False, size=size,
-                             message_id_header=message_id, trace_headers=trace, authenticated_as=None,
-                             client_address="127.0.0.1", client_helo=None, tls=None)
+        return QueuedMessage(id=queue_id, door=door, sender="", envid=None, ret=None,
+                             body_type="8BITMIME" if written.eight_bit else "7BIT", smtputf8=smtputf8,
+                             size=written.size, message_id_header=written.message_id, trace_headers=trace,
+                             authenticated_as=None, client_address="127.0.0.1", client_helo=None, tls=None)
 
 
 def _recipient_row(route: LocalRoute | RemoteRoute) -> QueuedRecipient:

@@ -34,21 +34,20 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from typing import Any, BinaryIO
 
 from gateway.config import Settings
-from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.directory.service import DirectoryService
+from gateway.pipeline.generated import DSN_DOOR, GeneratedMailQueue, PreparedMail, WrittenMail
+from gateway.pipeline.models import RecipientState
 from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.pipeline.spool import Spool, SpoolFile
 from gateway.security.dkim import DkimKeys, DkimSigner, key_directory
 from gateway.security.pki import TestPKI
 from gateway.security.tls import client_context, describe_certificate
 from gateway.smtp.dsn import Action, OriginalMessage, RecipientReport, wants_report, write_dsn
 from gateway.smtp.mx import MxHost, MxResolver, RouteFailure
-from gateway.smtp.outbound_store import (AttemptRecord, DomainBatch, MessageWork, OutboundStore, RecipientWork,
-                                         ReportRows)
+from gateway.smtp.outbound_store import AttemptRecord, DomainBatch, MessageWork, OutboundStore, RecipientWork
 from gateway.smtp.parameters import encode_xtext
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
@@ -304,41 +303,30 @@ def _from_reply(recipient: RecipientWork, reply: PeerReply, hop: HopContext, tls
 
 # =========================================================================== DSN into the queue
 
-class ReportQueue:
-    """Queue a DSN for the original sender (RFC 3464) through our own queue.
+class DsnReports:
+    """The DSNs of the outbound worker (RFC 3464), queued through the one generated-mail queue.
 
-    The report is trusted local mail: it skips the submission policy (a null
-    reverse-path has no owner) and inbound checks, so our own rules never
-    reject our own bounces (maddy#327). Its recipient is routed by the
-    directory: a local mailbox gets it from local delivery, another operator's
-    address from this worker, with ``MAIL FROM:<>`` (RFC 5321 4.5.5).
+    The report is trusted local mail with ``MAIL FROM:<>`` (RFC 5321 4.5.5); its recipient, the
+    original sender, is routed by the directory: a local mailbox gets it from local delivery,
+    another operator's address from this worker. It is streamed into the spool (the original may
+    be large) and committed by the caller with the outcome it reports (``PreparedMail.add_to``).
     """
 
-    def __init__(self, settings: Settings, directory: DirectoryService, spool: Spool) -> None:
+    def __init__(self, settings: Settings, queue: GeneratedMailQueue, spool: Spool) -> None:
         self.hostname = settings.hostname
-        self.directory = directory
+        self.queue = queue
         self.spool = spool
 
-    async def prepare(self, message: MessageWork, reports: Sequence[RecipientReport]) -> ReportRows | None:
+    async def prepare(self, message: MessageWork, reports: Sequence[RecipientReport]) -> PreparedMail | None:
         """Write the DSN durably to the spool; the rows to commit with the outcome (None: nobody to tell)."""
         if not message.sender or not reports:
             return None                                  # RFC 3461 5.2.1: never bounce a bounce
-        route = await self.directory.route_recipient(message.sender)
-        if not isinstance(route, (LocalRoute, RemoteRoute)):
-            log.warning("no DSN for %s: its sender %s cannot receive mail (%s)", message.id, message.sender,
-                        getattr(route, "text", route))
-            return None
-        spool_file = self.spool.new_file()
-        try:
-            original = self._original(message, await asyncio.to_thread(self._original_content, message))
-            dsn = write_dsn(spool_file, reporting_mta=self.hostname, original=original,
-                            recipients=reports)
-            await spool_file.make_durable()
-        except BaseException:
-            spool_file.discard()
-            raise
-        spool_file.keep()
-        return self._rows(spool_file.queue_id, dsn.message_id, dsn.size, dsn.eight_bit, message, route)
+        original = self._original(message, await asyncio.to_thread(self._original_content, message))
+
+        def write(spool_file: SpoolFile) -> WrittenMail:
+            dsn = write_dsn(spool_file, reporting_mta=self.hostname, original=original, recipients=reports)
+            return WrittenMail(dsn.message_id, dsn.size, dsn.eight_bit)
+        return await self.queue.prepare_written(message.sender, write, door=DSN_DOOR, smtputf8=message.smtputf8)
 
     def _original_content(self, message: MessageWork) -> bytes:
         """The returned message (RET=HDRS: its header section only), read through the sealed spool."""
@@ -351,26 +339,13 @@ class ReportQueue:
             trace_headers=remote_trace_headers(message.trace_headers), envid=message.envid, ret=message.ret,
             arrival=message.received_at, message_id=message.message_id_header, size=message.size)
 
-    def _rows(self, queue_id: str, message_id: str, size: int, eight_bit: bool, original: MessageWork,
-              route: LocalRoute | RemoteRoute) -> ReportRows:
-        now = utcnow()
-        trace = (f"Return-Path: <>\r\nReceived: by {self.hostname} (MSSante gateway) with local id {queue_id}"
-                 f"\r\n\tfor <{original.sender}>; {format_datetime(now)}\r\n")
-        row = QueuedMessage(id=queue_id, door="dsn", sender="", envid=None, ret=None,
-                            body_type="8BITMIME" if eight_bit else "7BIT", smtputf8=original.smtputf8, size=size,
-                            message_id_header=message_id, trace_headers=trace, authenticated_as=None,
-                            client_address="127.0.0.1", client_helo=None, tls=None)
-        local = isinstance(route, LocalRoute)
-        recipient = QueuedRecipient(
-            address=route.address, orcpt=None, notify="NEVER",
-            route=RouteKind.LOCAL.value if local else RouteKind.REMOTE.value,
-            mailbox_id=route.mailbox_id if isinstance(route, LocalRoute) else None,
-            domain=route.address.split("@", 1)[1], state=RecipientState.PENDING.value, attempts=0)
-        return ReportRows(row, recipient)
-
-    def discard(self, rows: ReportRows) -> None:
+    def discard(self, prepared: PreparedMail) -> None:
         """The commit failed: the report was never queued."""
-        self.spool.remove(rows.message.id)
+        self.queue.discard(prepared)
+
+    def dispatch(self, prepared: PreparedMail) -> None:
+        """The commit succeeded: local delivery or this worker takes the report."""
+        self.queue.dispatch(prepared)
 
 
 # =========================================================================== the worker
@@ -431,8 +406,9 @@ class OutboundWorker:
         self.queue = QueueStore(db)
         self.tls_context = tls_context
         self.spool = spool
-        self.reports = ReportQueue(settings, directory, spool)
-        self.schedule_local = schedule_local
+        self.generated = GeneratedMailQueue(settings, directory, spool, schedule_local=schedule_local,
+                                            wake_remote=self.wake)
+        self.reports = DsnReports(settings, self.generated, spool)
         self.mx = resolver or MxResolver(settings.outbound)
         self.signer = signer or DkimSigner(DkimKeys(key_directory(settings)), settings.dkim)
         self.backoff = Backoff.from_settings(settings)
@@ -727,7 +703,7 @@ class OutboundWorker:
                              next_attempt_at=next_at, attempted_at=now)
 
     async def _reports(self, batch: DomainBatch, outcomes: list[Outcome], records: list[AttemptRecord],
-                       now: dt.datetime) -> list[tuple[Action, ReportRows]]:
+                       now: dt.datetime) -> list[tuple[Action, PreparedMail]]:
         """The DSNs this attempt calls for: failures, the one delay warning, relayed successes."""
         message = batch.message
         wanted: dict[Action, list[RecipientReport]] = {Action.FAILED: [], Action.DELAYED: [], Action.RELAYED: []}
@@ -736,7 +712,7 @@ class OutboundWorker:
             action = self._action_for(outcome, delay_due)
             if action is not None and wants_report(outcome.recipient.notify, action):
                 wanted[action].append(self._recipient_report(message, outcome, record, action, now))
-        prepared: list[tuple[Action, ReportRows]] = []
+        prepared: list[tuple[Action, PreparedMail]] = []
         for action, reports in wanted.items():
             rows = await self.reports.prepare(message, reports) if reports else None
             if rows is not None:
@@ -774,7 +750,7 @@ class OutboundWorker:
             original_recipient=outcome.recipient.orcpt, last_attempt=now,
             will_retry_until=self.backoff.retry_until(message.received_at) if action is Action.DELAYED else None)
 
-    def _after_commit(self, batch: DomainBatch, records: list[AttemptRecord], rows: list[ReportRows]) -> None:
+    def _after_commit(self, batch: DomainBatch, records: list[AttemptRecord], rows: list[PreparedMail]) -> None:
         for record in records:
             if record.outcome is RecipientState.DELIVERED:
                 self.stats.delivered += 1
@@ -786,10 +762,7 @@ class OutboundWorker:
                      record.mx_host or "-", record.reply[:200])
         self.stats.reports += len(rows)
         for row in rows:
-            if row.recipient.route == RouteKind.LOCAL.value and self.schedule_local is not None:
-                self.schedule_local(row.message.id)
-            elif row.recipient.route == RouteKind.REMOTE.value:
-                self.wake()
+            self.reports.dispatch(row)
 
     async def _finish(self, message_id: str) -> None:
         """Every recipient done: the message row is closed and its spool file goes."""

@@ -20,6 +20,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.pipeline.generated import PreparedMail
 from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.smtp.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.storage.db import Database
@@ -76,14 +77,6 @@ class AttemptRecord:
     attempted_at: dt.datetime = field(default_factory=utcnow)
 
 
-@dataclass
-class ReportRows:
-    """A DSN ready to queue: its spool file is already durable."""
-
-    message: QueuedMessage
-    recipient: QueuedRecipient
-
-
 def _message_work(row: QueuedMessage) -> MessageWork:
     return MessageWork(row.id, row.sender, row.envid, row.ret, row.body_type, row.smtputf8, row.size,
                        row.trace_headers, row.received_at, row.message_id_header)
@@ -130,15 +123,14 @@ class OutboundStore:
                                  .values(next_attempt_at=until))
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def settle(self, records: Sequence[AttemptRecord], reports: Sequence[ReportRows] = (),
+    async def settle(self, records: Sequence[AttemptRecord], reports: Sequence[PreparedMail] = (),
                      delay_reported: str | None = None) -> None:
         """One transaction: recipient states, attempt rows, DSN queue rows, the delay-report mark."""
         async with self.db.session() as s:
             for record in records:
                 await self._apply(s, record)
             for report in reports:
-                report.message.recipients = [report.recipient]
-                s.add(report.message)
+                report.add_to(s)
             if delay_reported is not None:
                 await self._outbound_row(s, delay_reported)
                 await s.execute(update(OutboundMessage).where(OutboundMessage.message_id == delay_reported)
@@ -159,10 +151,9 @@ class OutboundStore:
                               reply=record.reply[:4000], tls_version=record.tls_version,
                               next_attempt_at=record.next_attempt_at))
 
-    async def add_report(self, report: ReportRows) -> None:
+    async def add_report(self, report: PreparedMail) -> None:
         async with self.db.session() as s:
-            report.message.recipients = [report.recipient]
-            s.add(report.message)
+            report.add_to(s)
 
     @staticmethod
     async def _outbound_row(s: AsyncSession, message_id: str) -> OutboundMessage:
@@ -299,14 +290,13 @@ class OutboundStore:
                 QueuedRecipient.message_id == message_id, QueuedRecipient.state.in_(OPEN_STATES))
                 .order_by(QueuedRecipient.id))).all())
 
-    async def delete(self, message_id: str, report: ReportRows | None = None) -> bool:
+    async def delete(self, message_id: str, report: PreparedMail | None = None) -> bool:
         """Remove a message and its rows (and queue ``report``, its DSN, in the same transaction)."""
         async with self.db.session() as s:
             if await s.get(QueuedMessage, message_id) is None:
                 return False
             if report is not None:
-                report.message.recipients = [report.recipient]
-                s.add(report.message)
+                report.add_to(s)
             await s.execute(delete(QueuedMessage).where(QueuedMessage.id == message_id))
             return True
 
