@@ -231,7 +231,9 @@ class SmtpSettings(_Section):
     )
     max_header_count: int = Field(500, ge=10, description="header fields per message; more get 554 5.6.0")
     max_header_bytes: int = Field(1024 * 1024, ge=8192, description="size of the header section, in octets; more get 554 5.6.0")
-    max_mime_depth: int = Field(20, ge=2, description="nesting depth of multipart MIME bodies; deeper gets 554 5.6.0")
+    max_mime_depth: int = Field(
+        20, ge=2,
+        description="nesting depth of MIME containers (multiparts and attached messages, message/rfc822); deeper gets 554 5.6.0")
     max_connections_per_ip: int = Field(
         50, ge=1, description="simultaneous SMTP connections from one IP address; more get 421 4.7.0 (a limit, not an auth error)")
     max_sessions_per_user: int = Field(

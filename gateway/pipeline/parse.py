@@ -1,10 +1,11 @@
 """Parse step: what the pipeline needs to know about a spooled message, read as a stream.
 
 The body is never loaded whole: the header section is read up to a bound
-(RFC 5322 2.2 fields, unfolded per 2.2.3), then, for multipart messages only,
-the body lines are scanned for boundary delimiters (RFC 2046 5.1.1) to measure
-the nesting depth. Limits on header count, header size and MIME depth raise
-``SmtpRefusal`` with 554 5.6.0.
+(RFC 5322 2.2 fields, unfolded per 2.2.3), then, for multipart and
+encapsulated (message/rfc822) messages only, the body lines are scanned for
+boundary delimiters (RFC 2046 5.1.1) and for the header sections of parts and
+of encapsulated messages (RFC 2046 5.2.1) to measure the nesting depth. Limits
+on header count, header size and MIME depth raise ``SmtpRefusal`` with 554 5.6.0.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def scan_message(path: Path, limits: ParseLimits) -> MessageFacts:
 def scan_stream(stream: BinaryIO, limits: ParseLimits) -> MessageFacts:
     """``scan_message`` over an open stream (a sealed spool file's plaintext reader)."""
     facts = _read_header_section(stream, limits)
-    boundary = _multipart_boundary(facts.headers)
-    if boundary is not None:
-        facts.mime_depth = _scan_mime_depth(stream, boundary, limits.max_mime_depth)
+    top = _container(facts.headers)
+    if top is not None:
+        facts.mime_depth = _MimeDepthScanner(limits.max_mime_depth, limits.max_header_bytes).scan(stream, top)
     return facts
 
 
@@ -96,42 +97,102 @@ def _content_type(value: str | None) -> tuple[str, str | None]:
     return message.get_content_type(), boundary if isinstance(boundary, str) and boundary else None
 
 
-def _multipart_boundary(headers: list[tuple[str, str]]) -> str | None:
-    value = next((v for k, v in headers if k.lower() == "content-type"), None)
-    content_type, boundary = _content_type(value)
-    return boundary if content_type.startswith("multipart/") else None
+# RFC 2046 5.2.1 / RFC 6532 3.7: an encapsulated message, whose body is itself a whole message.
+ENCAPSULATED_TYPES = ("message/rfc822", "message/global")
+# RFC 2046 5.2.1: message/rfc822 may only be 7bit, 8bit or binary; an encoded one is opaque here.
+IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
 
 
-def _scan_mime_depth(stream: BinaryIO, boundary: str, max_depth: int) -> int:
-    """Follow boundary lines (RFC 2046 5.1.1) and part headers to find the deepest multipart."""
-    stack = [boundary.encode("utf-8", errors="replace")]
-    deepest = 1
-    part_header: list[bytes] | None = None
-    for line in stream:
-        if part_header is not None:
-            if line in (b"\r\n", b"\n"):
-                inner = _multipart_boundary([_split_field(raw) for raw in _join_folded(part_header)])
-                part_header = None
-                if inner is not None:
-                    stack.append(inner.encode("utf-8", errors="replace"))
-                    deepest = max(deepest, len(stack))
-                    if deepest > max_depth:
-                        raise SmtpRefusal(codes.MIME_TOO_DEEP.format(limit=max_depth))
-            else:
-                part_header.append(line)
-            continue
-        if not line.startswith(b"--") or not stack:
-            continue
+@dataclass(frozen=True)
+class _Frame:
+    """One open MIME container: a multipart (with its boundary) or an encapsulated message (boundary None)."""
+
+    boundary: bytes | None
+
+
+def _container(headers: list[tuple[str, str]]) -> _Frame | None:
+    """The container these header fields open, if any: a multipart with a boundary (RFC 2046 5.1.1) or
+    an encapsulated message in an identity transfer encoding (RFC 2046 5.2.1); None for a leaf."""
+    content_type, boundary = _content_type(next((v for k, v in headers if k.lower() == "content-type"), None))
+    if content_type.startswith("multipart/"):
+        return _Frame(boundary.encode("utf-8", errors="replace")) if boundary is not None else None
+    if content_type in ENCAPSULATED_TYPES:
+        encoding = next((v for k, v in headers if k.lower() == "content-transfer-encoding"), "")
+        return _Frame(None) if encoding.strip().lower() in IDENTITY_ENCODINGS else None
+    return None
+
+
+class _MimeDepthScanner:
+    """The deepest nesting of MIME containers, read line by line without keeping the body.
+
+    Both kinds of container count one level: a multipart (its parts are delimited by boundary
+    lines, RFC 2046 5.1.1) and an encapsulated ``message/rfc822`` (a forward inside a forward,
+    RFC 2046 5.2.1), whose body starts with its own header section. Boundary lines are
+    recognised everywhere, even inside a header section, as MIME parsers do, so a hostile
+    message cannot hide a level from this count that a later parser would see. Beyond
+    ``max_depth`` the message is refused (catalogue ``MIME_TOO_DEEP``, 554 5.6.0).
+    """
+
+    def __init__(self, max_depth: int, max_header_bytes: int) -> None:
+        self.max_depth = max_depth
+        self.max_header_bytes = max_header_bytes
+        self.stack: list[_Frame] = []
+        self.deepest = 0
+        self.header: list[bytes] | None = None           # the part (or encapsulated message) header being read
+        self.header_bytes = 0
+
+    def scan(self, stream: BinaryIO, top: _Frame) -> int:
+        self._open(top)
+        for line in stream:
+            if self._boundary(line):
+                continue
+            if self.header is not None:
+                self._header_line(line)
+        return self.deepest
+
+    def _open(self, frame: _Frame) -> None:
+        self.stack.append(frame)
+        self.deepest = max(self.deepest, len(self.stack))
+        if self.deepest > self.max_depth:
+            raise SmtpRefusal(codes.MIME_TOO_DEEP.format(limit=self.max_depth))
+        if frame.boundary is None:
+            self._start_header()                          # the encapsulated message's own header follows
+
+    def _start_header(self) -> None:
+        self.header, self.header_bytes = [], 0
+
+    def _header_line(self, line: bytes) -> None:
+        assert self.header is not None
+        if line in (b"\r\n", b"\n"):                      # RFC 5322 2.1: the header section ends
+            fields = [_split_field(raw) for raw in _join_folded(self.header)]
+            self.header = None
+            inner = _container(fields)
+            if inner is not None:
+                self._open(inner)
+            return
+        self.header_bytes += len(line)
+        if self.header_bytes > self.max_header_bytes:    # memory stays bounded, and no Content-Type is skipped
+            raise SmtpRefusal(codes.HEADER_TOO_LARGE.format(limit=self.max_header_bytes))
+        self.header.append(line)
+
+    def _boundary(self, line: bytes) -> bool:
+        """A delimiter or close-delimiter of an open multipart (RFC 2046 5.1.1): True when it was one."""
+        if not line.startswith(b"--"):
+            return False
         delimiter = line.rstrip(b" \t\r\n")[2:]
-        for level in range(len(stack) - 1, -1, -1):
-            if delimiter == stack[level]:
-                del stack[level + 1:]                                  # inner parts left unterminated
-                part_header = []
-                break
-            if delimiter == stack[level] + b"--":                      # close-delimiter
-                del stack[level:]
-                break
-    return deepest
+        for level in range(len(self.stack) - 1, -1, -1):
+            boundary = self.stack[level].boundary
+            if boundary is None:
+                continue
+            if delimiter == boundary:
+                del self.stack[level + 1:]                # inner containers left unterminated end here
+                self._start_header()
+                return True
+            if delimiter == boundary + b"--":
+                del self.stack[level:]
+                self.header = None
+                return True
+        return False
 
 
 def _join_folded(lines: list[bytes]) -> list[bytes]:

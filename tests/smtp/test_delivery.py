@@ -125,6 +125,18 @@ def test_mime_nesting_bound(small: GatewayThread) -> None:
     t.close()
 
 
+def test_forwarded_messages_count_in_the_nesting_bound(small: GatewayThread) -> None:
+    """A forward inside a forward (message/rfc822, RFC 2046 5.2.1) is a level like a multipart."""
+    def forwarded(depth: int) -> bytes:
+        if depth == 0:
+            return b"Content-Type: text/plain\r\n\r\nmessage d'origine\r\n"
+        return b"Content-Type: message/rfc822\r\n\r\nSubject: Tr: niveau %d\r\nMIME-Version: 1.0\r\n" % depth + forwarded(depth - 1)
+    t = _session(small)
+    _send(t, b"Subject: deep\r\nMIME-Version: 1.0\r\n" + forwarded(4), r"554 5\.6\.0 MIME structure nested deeper than 3 levels")
+    _send(t, b"Subject: ok\r\nMIME-Version: 1.0\r\n" + forwarded(3), r"250 2\.0\.0 OK queued as .*")
+    t.close()
+
+
 def test_refused_message_leaves_nothing_in_the_spool(small: GatewayThread) -> None:
     t = _session(small)
     _send(t, b"Subject: big\r\n\r\n" + (b"z" * 900 + b"\r\n") * 100, r"552 5\.3\.4 .*")
