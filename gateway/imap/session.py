@@ -32,7 +32,7 @@ from gateway.imap.protocol.errors import LIMIT, NONEXISTENT, SERVERBUG, TRYCREAT
 from gateway.imap.protocol.parser import ParserOptions, parse_command
 from gateway.imap.protocol.reader import ClientDisconnected, RawCommand
 from gateway.imap.selected import SelectedMailbox
-from gateway.mailstore.errors import MailStoreError, UidValidityChanged
+from gateway.mailstore.errors import FolderNotFound, MailStoreError, UidValidityChanged
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.pipeline.limits import AuthLockout
@@ -224,21 +224,19 @@ class Session:
         try:
             completion = await handler(self, command)
         except ImapError as error:
-            await self._send_updates(command)
-            self.write(error.response(command.tag))
-            self._enforce_auth_failure_limit()
+            if await self._send_updates(command):
+                self.write(error.response(command.tag))
+                self._enforce_auth_failure_limit()
             return
         except (ClientDisconnected, ConnectionError):
             raise       # the client went away mid-command: nothing to answer, the server closes
         except UidValidityChanged:
-            # The selected folder was deleted or re-created: its UIDs mean nothing any more.
-            self.write(response.bye("Selected mailbox was deleted"))
-            self.state = State.LOGOUT
+            self._selected_folder_gone()
             return
         except MailStoreError as error:
             self.log.info("%s refused: %s", command.name, error)
-            await self._send_updates(command)
-            self.write(response.no(command.tag, str(error), response_code_for(error, command)))
+            if await self._send_updates(command):
+                self.write(response.no(command.tag, str(error), response_code_for(error, command)))
             return
         except Exception:
             self.log.exception("%s failed", command.name)
@@ -249,19 +247,33 @@ class Session:
         if self.state is State.LOGOUT:
             self.write(response.ok(command.tag, completion.text, completion.code))
             return
-        await self._send_updates(command)
-        self.write(response.ok(command.tag, completion.text, completion.code))
+        if await self._send_updates(command):
+            self.write(response.ok(command.tag, completion.text, completion.code))
 
     def _enforce_auth_failure_limit(self) -> None:
         if self.auth_failures >= self.context.settings.max_auth_failures:
             self.write(response.bye("Too many authentication failures"))
             self.state = State.LOGOUT
 
-    async def _send_updates(self, command: c.Command) -> None:
+    async def _send_updates(self, command: c.Command) -> bool:
+        """The untagged updates of the selected folder; False when the session must end (folder gone)."""
         if self.selected is None or self.state is not State.SELECTED:
-            return
-        lines = await self.selected.updates(self.store, allow_expunge=expunge_allowed_after(command))
+            return True
+        try:
+            lines = await self.selected.updates(self.store, allow_expunge=expunge_allowed_after(command))
+        except (FolderNotFound, UidValidityChanged):
+            self._selected_folder_gone()
+            return False
         self.write_all(lines)
+        return True
+
+    def _selected_folder_gone(self) -> None:
+        """The selected folder was deleted, renamed or re-created elsewhere: its numbers and UIDs
+        mean nothing any more, so the connection ends (RFC 3501 7.1.5 BYE), as Dovecot does."""
+        self.log.info("selected folder %r is gone", self.selected.name if self.selected else "?")
+        self.write(response.bye("Selected mailbox was deleted or renamed"))
+        self.selected = None
+        self.state = State.LOGOUT
 
 
 def response_code_for(error: MailStoreError, command: c.Command) -> str | None:

@@ -104,6 +104,20 @@ def test_folder_deleted_under_a_selected_session(imap: RunningImap) -> None:  # 
     second.command("DELETE Temporaire")
     second.command("CREATE Temporaire")
     first.send("t9 FETCH 1 (FLAGS)")
-    assert first.line().startswith("* BYE")
+    assert first.line() == "* BYE Selected mailbox was deleted or renamed"
+    first.close()
+    second.close()
+
+
+def test_folder_deleted_elsewhere_ends_the_selecting_session_with_bye(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    first, second = Conversation(imap, account), Conversation(imap, account)
+    first.command("CREATE Provisoire")
+    first.command("SELECT Provisoire")
+    second.command("DELETE Provisoire")
+    first.send("t9 NOOP")
+    assert first.line() == "* BYE Selected mailbox was deleted or renamed"
+    assert first.runner.sock.recv(1) == b""
+    second.command("NOOP")
     first.close()
     second.close()
