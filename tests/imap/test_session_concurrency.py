@@ -121,3 +121,15 @@ def test_folder_deleted_elsewhere_ends_the_selecting_session_with_bye(imap: Runn
     second.command("NOOP")
     first.close()
     second.close()
+
+
+def test_renaming_the_selected_folder_keeps_it_selected(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    session = Conversation(imap, account)
+    session.command("CREATE Avant")
+    imap.deliver(account.address, make_message("dedans"), folder="Avant")
+    session.command("SELECT Avant")
+    session.command("RENAME Avant Apres")
+    assert session.command("UID FETCH 1 (UID)")[0] == "* 1 FETCH (UID 1)"
+    assert session.command("STATUS Apres (MESSAGES)")[0] == "* STATUS Apres (MESSAGES 1)"
+    session.close()

@@ -11,6 +11,7 @@ the shared-namespace roots are ``\\Noselect``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -107,7 +108,21 @@ async def rename(session: Session, command: c.Command) -> Completion:
     subscribed = set(await session.store.list_subscriptions(mailbox_id))
     await session.store.rename_folder(mailbox_id, source.ref.name, destination)
     await _move_subscriptions(session, mailbox_id, subscribed, source.ref.name, destination)
+    _follow_rename(session, mailbox_id, source.ref.name, destination)
     return Completion("RENAME completed")
+
+
+def _follow_rename(session: Session, mailbox_id: int, old: str, new: str) -> None:
+    """The session's own selected folder keeps being selected under its new name (its UIDs do not
+    change, RFC 3501 6.3.5); renaming INBOX leaves INBOX, now empty, selected."""
+    selected = session.selected
+    if selected is None or selected.ref.mailbox_id != mailbox_id or old == INBOX:
+        return
+    name = selected.ref.name
+    if name == old or name.startswith(old + SEPARATOR):
+        renamed = new + name[len(old):]
+        selected.ref = dataclasses.replace(selected.ref, name=renamed)
+        selected.name = renamed
 
 
 async def _move_subscriptions(session: Session, mailbox_id: int, subscribed: set[str], old: str, new: str) -> None:
