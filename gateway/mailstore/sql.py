@@ -543,9 +543,10 @@ class SqlMailStore(MailStore):
                           internaldate: dt.datetime | None = None, delivery_key: str | None = None) -> AddedMessage:
         """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key)."""
         bits, keywords = flagcodec.encode(flags)
-        if delivery_key is not None and (done := await self._delivered(folder.mailbox_id, delivery_key)):
-            return AddedMessage(done, duplicate=True)
-        async with self.database.session() as session:
+        async with self.database.session() as session:  # one read transaction for both checks
+            if delivery_key is not None and (done := await self._delivered_in(session, folder.mailbox_id,
+                                                                              delivery_key)):
+                return AddedMessage(done, duplicate=True)
             await self._find_folder(session, folder)  # before consuming a stream the caller may want to retry
         prepared = await asyncio.to_thread(_prepare, message)
         if prepared.known_size is not None:
@@ -600,9 +601,13 @@ class SqlMailStore(MailStore):
 
     async def _delivered(self, mailbox_id: int, delivery_key: str) -> AppendResult | None:
         async with self.database.session() as session:
-            done = await session.scalar(select(Delivery).where(Delivery.mailbox_id == mailbox_id,
-                                                               Delivery.delivery_key == delivery_key))
-        return None if done is None else AppendResult(done.uidvalidity, done.uid, 0)
+            return await self._delivered_in(session, mailbox_id, delivery_key)
+
+    @staticmethod
+    async def _delivered_in(session: AsyncSession, mailbox_id: int, delivery_key: str) -> AppendResult | None:
+        done = (await session.execute(select(Delivery.uidvalidity, Delivery.uid).where(
+            Delivery.mailbox_id == mailbox_id, Delivery.delivery_key == delivery_key))).first()
+        return None if done is None else AppendResult(done[0], done[1], 0)
 
     async def _usage(self, session: AsyncSession, mailbox_id: int) -> tuple[int, int, int]:
         """(bytes used, messages, quota in bytes; 0 means unlimited)."""
@@ -616,6 +621,11 @@ class SqlMailStore(MailStore):
         return int(used), int(count), int(limit)
 
     async def _enforce_quota(self, session: AsyncSession, mailbox_id: int, adding: int) -> None:
+        limit = await session.scalar(select(Mailbox.quota_bytes).where(Mailbox.id == mailbox_id))
+        if limit is None:
+            raise MailboxNotHosted(f"mailbox {mailbox_id} does not exist")
+        if not limit:
+            return  # unlimited: no need to add up the folders
         used, _, limit = await self._usage(session, mailbox_id)
         if limit and used + adding > limit:
             # RFC 9208 4.3 / SMTP 552 5.2.2 (RFC 3463 3.3).
