@@ -163,8 +163,8 @@ class Operator:
             typ, data = imap.uid("SEARCH", "ALL")
             assert typ == "OK", data
             messages = []
-            for uid in data[0].split():
-                typ, parts = imap.uid("FETCH", uid, "(BODY.PEEK[])")
+            for uid in (data[0] or b"").split():
+                typ, parts = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
                 assert typ == "OK", parts
                 raw = next(part[1] for part in parts if isinstance(part, tuple))
                 messages.append(email.message_from_bytes(raw, policy=email.policy.default))

@@ -12,6 +12,7 @@ client certificate: the rule under test, isolated.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -42,7 +43,7 @@ def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustSpace]:
         space.stop()
 
 
-def _check_trace(message: object, receiver: str, sender_mx: str) -> None:
+def _check_trace(message: EmailMessage, receiver: str, sender_mx: str) -> None:
     received = str(message["Received"])                      # the topmost: added by the receiving operator
     assert f"by {receiver}" in received and "ESMTPS" in received, received
     assert f"client certificate {sender_mx} verified" in received, received
