@@ -354,6 +354,23 @@ class SmimeSettings(_Section):
     expiry_warning_days: int = Field(30, ge=1, le=365, description="certificates expiring within this many days are flagged")
 
 
+class ImapSettings(_Section):
+    """The IMAP server's limits and timeouts."""
+
+    max_connections_per_user: int = Field(
+        20, ge=1, le=1000, description="simultaneous logged-in connections per user (Thunderbird opens about five); "
+        "beyond it: NO [LIMIT], never an authentication error")
+    max_connections: int = Field(2000, ge=1, description="simultaneous connections of all users")
+    login_timeout_seconds: int = Field(60, ge=5, description="time a connection has to log in")
+    autologout_minutes: int = Field(30, ge=30, description="inactivity before an authenticated session is closed "
+                                    "(RFC 3501 5.4: at least 30 minutes)")
+    idle_timeout_minutes: int = Field(30, ge=1, description="longest IDLE before the server ends it (RFC 2177: "
+                                      "clients re-issue IDLE every 29 minutes)")
+    max_auth_failures: int = Field(3, ge=1, description="failed logins on one connection before BYE")
+    disabled_capabilities: list[str] = Field(
+        default_factory=list, description="capabilities not to announce, to work around a client quirk (e.g. [\"CONDSTORE\"])")
+
+
 class RetentionSettings(_Section):
     """Retention and crypto-shredding of closed patient spaces."""
 
@@ -378,6 +395,7 @@ class Settings(_Section):
     dkim: DkimSettings = Field(default_factory=DkimSettings)
     smime: SmimeSettings = Field(default_factory=SmimeSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    imap: ImapSettings = Field(default_factory=ImapSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.

@@ -25,7 +25,6 @@ from gateway.security.tls import server_context
 
 log = logging.getLogger("gateway.imap")
 
-DEFAULT_CONNECTIONS_PER_USER = 20
 
 
 class ImapListeners(list[asyncio.Server]):
@@ -52,12 +51,14 @@ def tls_context_from_pki(services: Any, settings: Settings) -> ssl.SSLContext:
 
 
 def session_settings(settings: Settings) -> SessionSettings:
-    """Session knobs; an ``[imap]`` settings section, when configuration has one, overrides the defaults."""
-    imap = getattr(settings, "imap", None)
-    disabled = tuple(getattr(imap, "disabled_capabilities", ()) or ())
+    """Session knobs from the ``[imap]`` section."""
+    imap = settings.imap
+    disabled = tuple(imap.disabled_capabilities)
     for name in unknown_names(disabled):
         log.warning("imap.disabled_capabilities: %s is not a capability we announce", name)
-    return SessionSettings(hostname=settings.hostname, disabled_capabilities=disabled)
+    return SessionSettings(hostname=settings.hostname, disabled_capabilities=disabled,
+                           max_auth_failures=imap.max_auth_failures,
+                           idle_timeout_seconds=imap.idle_timeout_minutes * 60.0)
 
 
 async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: MailStore,
@@ -70,16 +71,19 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
     change_hub = hub if hub is not None else getattr(mailstore, "hub", None)
     if not isinstance(change_hub, ChangeHub):
         raise RuntimeError("IMAP needs the mail store's change hub for IDLE (pass hub=...)")
-    imap = getattr(settings, "imap", None)
-    limiter = UserConnectionLimiter(int(getattr(imap, "max_connections_per_user", DEFAULT_CONNECTIONS_PER_USER)))
-    smtp = settings.smtp     # one brute-force policy for every door until IMAP has its own section
+    imap = settings.imap
+    limiter = UserConnectionLimiter(imap.max_connections_per_user)
+    smtp = settings.smtp     # one brute-force policy (failures, window, lockout) for every door
     lockout = AuthLockout(smtp.auth_failures_before_lockout, smtp.auth_failure_window_seconds,
                           smtp.auth_lockout_seconds)
     context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
                              limiter=limiter, settings=session_settings(settings), lockout=lockout)
     config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
                               implicit_tls_port=settings.listen.imaps_port,
-                              tls_context=tls_context_from_pki(services, settings))
+                              tls_context=tls_context_from_pki(services, settings),
+                              max_connections=imap.max_connections,
+                              pre_auth_timeout=float(imap.login_timeout_seconds),
+                              autologout_seconds=imap.autologout_minutes * 60.0)
     server = ImapServer(config, context)
     await server.start()
     return ImapListeners(server)
