@@ -3,15 +3,23 @@ database on SQLite and on PostgreSQL (the same tests run on both)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from gateway.config import Settings, load_settings
 from gateway.storage.db import Database
 from tests.harness import GatewayProcess
 from tests.pg import PgCluster, start_cluster
+
+# CI runs property tests derandomized: the same examples every run, so a red build is
+# reproducible and a green one stays green; developers' runs keep exploring new examples.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -42,8 +42,9 @@ from gateway.security.certpath import certificate_emails
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
-# Exceptions asn1crypto raises while lazily decoding a hostile structure.
-_DECODING_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError)
+# Exceptions asn1crypto raises while lazily decoding a hostile structure (AttributeError: a mutated
+# tag can turn a field into another universal type, e.g. ObjectDescriptor, which has no .native).
+_DECODING_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
 
 
 class SmimeFailure(StrEnum):
