@@ -269,7 +269,9 @@ def read_zip_safely(data: bytes, *, limits: ZipLimits = DEFAULT_ZIP_LIMITS) -> d
     _check_declared_entry_count(data, limits)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, struct.error, UnicodeDecodeError, IndexError, KeyError, OverflowError) as error:
+    # NotImplementedError: zipfile's answer to a central directory claiming a newer zip version.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, struct.error, UnicodeDecodeError,
+            IndexError, KeyError, OverflowError, NotImplementedError) as error:
         raise XdmError(f"not a readable zip archive: {error}") from None
     with archive:
         files = _checked_members(archive.infolist(), limits)

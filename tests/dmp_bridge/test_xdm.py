@@ -353,3 +353,12 @@ def test_truncated_or_padded_package_raises_only_document_errors(junk: bytes, cu
             read_xdm(data)
         except DocumentError:
             pass
+
+
+def test_archive_claiming_an_unsupported_zip_version_is_refused() -> None:
+    """Found by the corruption fuzz test: zipfile raises NotImplementedError for version 6.4 entries."""
+    data = bytearray(build_xdm([Entry("Document01", "DOC0001.XML", CDA_BYTES)]))
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 6] = 64  # "version needed to extract" = 6.4
+    with pytest.raises(XdmError, match="not a readable zip archive"):
+        read_zip_safely(bytes(data))
