@@ -265,6 +265,11 @@ class SmtpSettings(_Section):
     spool_dir: str = Field("", description="where accepted messages wait for delivery. Empty: <data_dir>/spool")
     delivery_workers: int = Field(4, ge=1, le=64, description="concurrent local deliveries")
     local_retry_seconds: int = Field(60, ge=1, description="delay before a deferred local delivery is tried again")
+    local_queue_lifetime_hours: float = Field(
+        48.0, gt=0,
+        description="a local recipient still undeliverable this long after arrival (e.g. over quota) fails: 5.2.2 for a "
+        "full mailbox, else 5.4.7, with a failure DSN to the sender. A mailbox deleted, disabled or closed after "
+        "acceptance fails at once")
 
 
 class OutboundSettings(_Section):

@@ -8,6 +8,14 @@ no-op. At start, ``recover`` drops half-received files, removes spool files
 that were never acknowledged, and schedules every acknowledged message that
 still has open local recipients.
 
+Delivery ends (RFC 5321 4.5.4.1): before each attempt the recipient is routed
+again, so a mailbox deleted, disabled or closed since acceptance fails at once;
+a temporary failure (over quota, store busy) is retried every
+``local_retry_seconds`` until ``local_queue_lifetime_hours`` after arrival, then
+fails (gateway.pipeline.local_failures). A failed recipient is reported to the
+sender by an RFC 3464 DSN, as NOTIFY asks (RFC 3461 4.1) and never for a null
+reverse-path (RFC 3461 5.2.1), queued in the transaction that records the failure.
+
 Remote recipients stay ``pending`` for the outbound queue worker.
 """
 
@@ -17,14 +25,20 @@ import asyncio
 import datetime as dt
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
+from gateway.pipeline.generated import PreparedMail
+from gateway.pipeline.local_failures import LocalFailure, mailbox_gone, refused_route, store_error
+from gateway.pipeline.models import QueuedMessage
 from gateway.pipeline.queue import LocalWork, QueueStore
 from gateway.pipeline.spool import Spool
 from gateway.pipeline.trace import without_forged_results
+from gateway.smtp.dsn import Action, RecipientReport, wants_report
+from gateway.smtp.outbound_store import MessageWork
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")
@@ -35,6 +49,22 @@ class LocalStore(Protocol):
     """The mail store's delivery entry point (gateway.mailstore)."""
 
     async def deliver(self, mailbox_id: int, message: BinaryIO, *, delivery_key: str, folder: str = "INBOX") -> Any: ...
+
+
+class RouteLookup(Protocol):
+    """Where an address routes now (gateway.directory.DirectoryService)."""
+
+    async def route_recipient(self, address: str) -> Route: ...
+
+
+class FailureReports(Protocol):
+    """Failure DSNs through the generated-mail queue (gateway.smtp.outbound.DsnReports)."""
+
+    async def prepare(self, message: MessageWork, reports: Sequence[RecipientReport]) -> PreparedMail | None: ...
+
+    def discard(self, prepared: PreparedMail) -> None: ...
+
+    def dispatch(self, prepared: PreparedMail) -> None: ...
 
 
 class DeliveryStream(io.RawIOBase):
@@ -90,13 +120,18 @@ class RecoveryReport:
 
 class LocalDelivery:
     def __init__(self, queue: QueueStore, spool: Spool, store: LocalStore | None, *, authserv_id: str,
-                 workers: int = 4, retry_seconds: int = 60) -> None:
+                 workers: int = 4, retry_seconds: int = 60, lifetime_hours: float = 48.0,
+                 directory: RouteLookup | None = None, reports: FailureReports | None = None) -> None:
         self.queue = queue
         self.spool = spool
         self.store = store
         self.authserv_id = authserv_id
         self.worker_count = workers
         self.retry = dt.timedelta(seconds=retry_seconds)
+        self.lifetime_hours = lifetime_hours
+        self.lifetime = dt.timedelta(hours=lifetime_hours)
+        self.directory = directory            # None: the route is not checked again before delivery
+        self.reports = reports                # None: failures are recorded without a DSN
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._scheduled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -181,20 +216,72 @@ class LocalDelivery:
             self.spool.remove(queue_id)                         # the store holds its own copy now
 
     async def _deliver_one(self, work: LocalWork) -> bool:
-        """Deliver to one recipient; True when that finished the whole message."""
+        """Deliver to one recipient, or record why not; True when that finished the whole message."""
         assert self.store is not None
+        refusal = await self._route_refusal(work)
+        if refusal is not None:
+            return await self._fail(work, refusal)
+        assert work.mailbox_id is not None
         stream = io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.open_read(work.queue_id),
                                                   self.authserv_id), CHUNK)
         try:
             await self.store.deliver(work.mailbox_id, stream, delivery_key=f"{work.queue_id}:{work.recipient_id}")
-        except UserError as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...
-            await self.queue.mark_deferred(work.recipient_id, str(exc), utcnow() + self.retry)
-            log.info("deferred %s to %s: %s", work.queue_id, work.address, exc)
-            return False
-        except Exception as exc:
-            await self.queue.mark_deferred(work.recipient_id, f"{type(exc).__name__}: {exc}", utcnow() + self.retry)
-            log.exception("delivery of %s to %s failed; deferred", work.queue_id, work.address)
-            return False
+        except Exception as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...
+            if not isinstance(exc, UserError):
+                log.exception("delivery of %s to %s failed", work.queue_id, work.address)
+            return await self._failed_attempt(work, store_error(work.address, exc))
         finally:
             stream.close()
         return await self.queue.mark_delivered(work.recipient_id, work.queue_id)
+
+    async def _route_refusal(self, work: LocalWork) -> LocalFailure | None:
+        """The recipient's mailbox was deleted, disabled or closed since the message was accepted."""
+        if work.mailbox_id is None:
+            return mailbox_gone(work.address)
+        if self.directory is None:
+            return None
+        route = await self.directory.route_recipient(work.address)
+        return refused_route(route) if isinstance(route, RefusedRoute) else None
+
+    async def _failed_attempt(self, work: LocalWork, failure: LocalFailure) -> bool:
+        """Defer a temporary failure until the queue lifetime, then fail it (RFC 5321 4.5.4.1)."""
+        deadline = work.received_at + self.lifetime
+        now = utcnow()
+        if failure.permanent or now >= deadline:
+            return await self._fail(work, failure.expired(self.lifetime_hours))
+        await self.queue.mark_deferred(work.recipient_id, failure.diagnostic, min(now + self.retry, deadline))
+        log.info("deferred %s to %s: %s", work.queue_id, work.address, failure.diagnostic)
+        return False
+
+    async def _fail(self, work: LocalWork, failure: LocalFailure) -> bool:
+        """Record the final failure and queue the sender's DSN with it, in one transaction."""
+        prepared = await self._failure_report(work, failure)
+        try:
+            finished = await self.queue.fail(work.recipient_id, work.queue_id, failure.diagnostic, prepared)
+        except BaseException:
+            if prepared is not None and self.reports is not None:
+                self.reports.discard(prepared)
+            raise
+        if prepared is not None and self.reports is not None:
+            self.reports.dispatch(prepared)
+        log.warning("failed %s to %s: %s%s", work.queue_id, work.address, failure.diagnostic,
+                    f" (DSN {prepared.queue_id})" if prepared is not None else "")
+        return finished
+
+    async def _failure_report(self, work: LocalWork, failure: LocalFailure) -> PreparedMail | None:
+        """The RFC 3464 failure DSN, durably spooled; None when nobody is to be told (RFC 3461 4.1, 5.2.1)."""
+        if self.reports is None:
+            return None
+        message = await self.queue.message(work.queue_id)
+        recipient = next((r for r in await self.queue.recipients_of(work.queue_id) if r.id == work.recipient_id), None)
+        if message is None or recipient is None or not message.sender or not wants_report(recipient.notify, Action.FAILED):
+            return None
+        report = RecipientReport(final_recipient=work.address, action=Action.FAILED, status=failure.status,
+                                 diagnostic=failure.diagnostic, original_recipient=recipient.orcpt,
+                                 last_attempt=utcnow())
+        return await self.reports.prepare(_message_work(message), [report])
+
+
+def _message_work(row: QueuedMessage) -> MessageWork:
+    return MessageWork(row.id, row.sender, row.envid, row.ret, row.body_type, row.smtputf8, row.size,
+                       row.trace_headers, row.received_at, row.message_id_header)

@@ -150,8 +150,12 @@ class Pipeline:
         if any(r.route == RouteKind.LOCAL.value for r in recipients):
             self.delivery.schedule(queue_id)
         if any(r.route == RouteKind.REMOTE.value for r in recipients):
-            for listener in self._remote_listeners:
-                listener()
+            self.remote_queued()
+
+    def remote_queued(self) -> None:
+        """A message for other operators was queued (here, or a DSN by local delivery): wake the listeners."""
+        for listener in self._remote_listeners:
+            listener()
 
     def _scan(self, spool_file: SpoolFile) -> MessageFacts:
         with spool_file.open_incoming() as stream:              # the spool is sealed: read its plaintext

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,13 +26,20 @@ OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
 
 @dataclass(frozen=True)
 class LocalWork:
-    """One local recipient due for delivery."""
+    """One local recipient due for delivery (``mailbox_id`` None: its mailbox was deleted since)."""
 
     recipient_id: int
     queue_id: str
-    mailbox_id: int
+    mailbox_id: int | None
     address: str
     trace_headers: str
+    received_at: dt.datetime
+
+
+class QueueRows(Protocol):
+    """Rows another component commits with a recipient's outcome (a DSN: ``PreparedMail``)."""
+
+    def add_to(self, session: AsyncSession) -> None: ...
 
 
 class QueueStore:
@@ -60,7 +68,7 @@ class QueueStore:
         """Local recipients that are pending, or deferred and due, oldest message first."""
         now = utcnow()
         stmt = (select(QueuedRecipient.id, QueuedRecipient.message_id, QueuedRecipient.mailbox_id,
-                       QueuedRecipient.address, QueuedMessage.trace_headers)
+                       QueuedRecipient.address, QueuedMessage.trace_headers, QueuedMessage.received_at)
                 .join(QueuedMessage, QueuedMessage.id == QueuedRecipient.message_id)
                 .where(QueuedRecipient.route == RouteKind.LOCAL.value, QueuedRecipient.state.in_(OPEN_STATES),
                        (QueuedRecipient.next_attempt_at.is_(None)) | (QueuedRecipient.next_attempt_at <= now))
@@ -69,7 +77,7 @@ class QueueStore:
             stmt = stmt.where(QueuedRecipient.message_id == queue_id)
         async with self.db.session() as s:
             rows = (await s.execute(stmt)).all()
-        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers) for r in rows if r.mailbox_id]
+        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at) for r in rows]
 
     async def mark_delivered(self, recipient_id: int, queue_id: str) -> bool:
         """Record the delivery and, in the same transaction, finish the message when it was the
@@ -86,6 +94,18 @@ class QueueStore:
 
     async def mark_failed(self, recipient_id: int, error: str) -> None:
         await self._set_state(recipient_id, RecipientState.FAILED, last_error=error[:2000])
+
+    async def fail(self, recipient_id: int, queue_id: str, error: str, report: QueueRows | None = None) -> bool:
+        """A final failure, its DSN (``report``) and, when it was the last open recipient, the end of the
+        message, in one transaction: the report is queued exactly when the failure is recorded.
+        True when the message is done (its spool file may go)."""
+        async with self.db.session() as s:
+            await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
+                state=RecipientState.FAILED.value, attempts=QueuedRecipient.attempts + 1, updated_at=utcnow(),
+                last_error=error[:2000], next_attempt_at=None))
+            if report is not None:
+                report.add_to(s)
+            return await self._finish_if_done(s, queue_id)
 
     async def _set_state(self, recipient_id: int, state: RecipientState, **values: object) -> None:
         async with self.db.session() as s:

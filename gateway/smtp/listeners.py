@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.delivery import LocalDelivery, LocalStore
+from gateway.pipeline.generated import GeneratedMailQueue
 from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
 from gateway.pipeline.queue import QueueStore
@@ -35,6 +36,7 @@ from gateway.security.at_rest import SpoolCipher
 from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
+from gateway.smtp.outbound import DsnReports
 from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
 from gateway.storage.db import Database
 
@@ -88,8 +90,14 @@ def build_pipeline(settings: Settings, db: Database, directory: DirectoryService
     queue = QueueStore(db)
     spool = Spool(spool_root(settings), spool_cipher)
     delivery = LocalDelivery(queue, spool, store, authserv_id=settings.hostname,
-                             workers=settings.smtp.delivery_workers, retry_seconds=settings.smtp.local_retry_seconds)
-    return Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db), smime=smime)
+                             workers=settings.smtp.delivery_workers, retry_seconds=settings.smtp.local_retry_seconds,
+                             lifetime_hours=settings.smtp.local_queue_lifetime_hours, directory=directory)
+    pipeline = Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db), smime=smime)
+    # Failure DSNs of local delivery (RFC 3464) take the one generated-mail queue, like the outbound worker's.
+    generated = GeneratedMailQueue(settings, directory, spool, schedule_local=delivery.schedule,
+                                   wake_remote=pipeline.remote_queued)
+    delivery.reports = DsnReports(settings, generated, spool)
+    return pipeline
 
 
 def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
