@@ -1,1 +1,1 @@
-
+"""The administrator's `gateway` command: one module per family of subcommands."""

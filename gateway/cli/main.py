@@ -43,13 +43,7 @@ def cli(ctx: click.Context, config_file: str | None, data_dir: str | None) -> No
 
 def _register() -> None:
     for module_name, attribute in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # family not written yet
-                continue
-            raise
-        cli.add_command(getattr(module, attribute))
+        cli.add_command(getattr(importlib.import_module(module_name), attribute))
 
 
 _register()

@@ -1,1 +1,1 @@
-
+"""The database (SQLAlchemy, Alembic migrations) and the encrypted blob store."""
