@@ -265,11 +265,26 @@ class SmtpSettings(_Section):
     spool_dir: str = Field("", description="where accepted messages wait for delivery. Empty: <data_dir>/spool")
     delivery_workers: int = Field(4, ge=1, le=64, description="concurrent local deliveries")
     local_retry_seconds: int = Field(60, ge=1, description="delay before a deferred local delivery is tried again")
+    postmaster: str = Field(
+        "",
+        description="hosted mailbox that receives mail for <Postmaster> and for postmaster@ every local domain without "
+        "a mailbox of its own (RFC 5321 4.5.1), e.g. \"exploitation@demo.mssante.localhost\". Empty: such mail is "
+        "refused with 550 5.1.1 naming this setting")
     local_queue_lifetime_hours: float = Field(
         48.0, gt=0,
         description="a local recipient still undeliverable this long after arrival (e.g. over quota) fails: 5.2.2 for a "
         "full mailbox, else 5.4.7, with a failure DSN to the sender. A mailbox deleted, disabled or closed after "
         "acceptance fails at once")
+
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster(cls, value: str) -> str:
+        from gateway.directory.addresses import normalise_address
+        try:
+            return normalise_address(value) if value.strip() else ""
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class OutboundSettings(_Section):

@@ -73,7 +73,8 @@ class Pipeline:
         self.spool = spool
         self._remote_listeners: list[Callable[[], None]] = []
         self.delivery = delivery
-        self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact)
+        self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact,
+                             postmaster=settings.smtp.postmaster, primary_domain=settings.directory.professional_domain)
         self.user_rate = RateLimiter(settings.smtp.messages_per_minute_per_user)
         self.ip_rate = RateLimiter(settings.smtp.messages_per_minute_per_ip)
         self.parse_limits = ParseLimits(settings.smtp.max_header_count, settings.smtp.max_header_bytes,

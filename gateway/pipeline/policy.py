@@ -10,7 +10,13 @@ Each check raises ``SmtpRefusal`` with the reply that names the rule:
   the client certificate speaks for (rule below, ``certificate_speaks_for``);
 - a patient writes only to a professional who wrote first (or to a configured
   first-contact address such as a pharmacy), never to another patient;
-- opposed and closed patient spaces receive nothing.
+- opposed and closed patient spaces receive nothing;
+- ``<Postmaster>`` (no domain) is the postmaster of the primary domain, and
+  ``postmaster@`` every local domain exists (RFC 5321 4.5.1): an address with a
+  mailbox of its own gets it, any other goes to the ``[smtp] postmaster``
+  mailbox; without that setting it is refused with a reply that names it.
+  Anyone may write to the postmaster, a patient too (it is how mail problems
+  are reported).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from gateway.pipeline.origin import Origin, TlsInfo
 from gateway.pipeline.parse import MessageFacts
 from gateway.smtp import codes
 from gateway.smtp.codes import Reply, SmtpRefusal
-from gateway.smtp.paths import SmtpPath
+from gateway.smtp.paths import POSTMASTER, SmtpPath
 
 ROUTE_REFUSALS: dict[RouteRefusal, Reply] = {
     RouteRefusal.UNKNOWN_MAILBOX: codes.UNKNOWN_MAILBOX,
@@ -81,10 +87,12 @@ def certificate_speaks_for(tls: TlsInfo | None, domain: str) -> bool:
 
 class Policy:
     def __init__(self, directory: DirectoryService, conversations: ConversationBook,
-                 patient_first_contact: Sequence[str]) -> None:
+                 patient_first_contact: Sequence[str], *, postmaster: str = "", primary_domain: str = "") -> None:
         self.directory = directory
         self.conversations = conversations
         self.first_contact = {entry.strip().lower() for entry in patient_first_contact if entry.strip()}
+        self.postmaster = postmaster.strip()              # the hosted mailbox that reads postmaster mail
+        self.primary_domain = primary_domain.strip().lower()
 
     # ----------------------------------------------------------------- MAIL FROM
 
@@ -135,17 +143,36 @@ class Policy:
 
     async def check_recipient(self, origin: Origin, sender: str, path: SmtpPath) -> AcceptedRecipient:
         check_address_form(path)
-        address = canonical(path)
+        address = f"{POSTMASTER}@{self.primary_domain}" if path.is_bare_postmaster else canonical(path)
         route = await self.directory.route_recipient(address)
+        postmaster = False
+        if isinstance(route, RefusedRoute) and await self._is_local_postmaster(route):
+            route, postmaster = await self._postmaster_route(address), True
         if isinstance(route, RefusedRoute):
-            reply = ROUTE_REFUSALS[route.reason]
-            raise SmtpRefusal(reply.format(address=address, domain=address.split("@", 1)[1], detail=route.text),
-                              detail=route.text)
+            raise _refusal(route)
         if isinstance(route, RemoteRoute) and not origin.door.is_submission:
             raise SmtpRefusal(codes.RELAY_DENIED.format(address=address))   # peers relay to us, not through us
-        if origin.is_patient:
+        if origin.is_patient and not postmaster:
             await self._check_patient_may_write(origin, route)
-        return AcceptedRecipient(address, route)
+        return AcceptedRecipient(route.address, route)
+
+    async def _is_local_postmaster(self, route: RefusedRoute) -> bool:
+        """``postmaster@`` one of our domains without a mailbox of its own (RFC 5321 4.5.1: it must exist)."""
+        local, _, domain = route.address.rpartition("@")
+        return (route.reason is RouteRefusal.UNKNOWN_MAILBOX and local == POSTMASTER
+                and await self.directory.is_local_domain(domain))
+
+    async def _postmaster_route(self, address: str) -> LocalRoute:
+        """The configured postmaster mailbox, which must be hosted here and active."""
+        if not self.postmaster:
+            raise SmtpRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
+                              detail="[smtp] postmaster is empty")
+        route = await self.directory.route_recipient(self.postmaster)
+        if not isinstance(route, LocalRoute):                   # a misconfiguration, told as such
+            raise SmtpRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
+                              detail=f"[smtp] postmaster {self.postmaster} is not an active mailbox here: "
+                                     f"{getattr(route, 'text', 'hosted by another operator')}")
+        return route
 
     async def _check_patient_may_write(self, origin: Origin, route: LocalRoute | RemoteRoute) -> None:
         assert origin.account is not None
@@ -167,6 +194,12 @@ class Policy:
         ending = ends_conversation(facts)
         return [ConversationChange(sender, r.route.mailbox_id, ending) for r in recipients
                 if isinstance(r.route, LocalRoute) and r.route.type == "PAT"]
+
+
+def _refusal(route: RefusedRoute) -> SmtpRefusal:
+    reply = ROUTE_REFUSALS[route.reason]
+    return SmtpRefusal(reply.format(address=route.address, domain=route.address.rpartition("@")[2], detail=route.text),
+                       detail=route.text)
 
 
 def _names(tls: TlsInfo | None) -> str:

@@ -146,6 +146,10 @@ MESSAGE_REFUSED_POLICY = Reply(554, "5.7.1", "Message refused: {detail}")       
 # --------------------------------------------------------------------------- permanent failures: mailbox and content
 
 UNKNOWN_MAILBOX = Reply(550, "5.1.1", "No mailbox {address} here")                          # RFC 3463 3.2 (X.1.1)
+POSTMASTER_NOT_CONFIGURED = Reply(
+    550, "5.1.1",
+    "No mailbox {address} here: this gateway's postmaster is not configured (the administrator sets [smtp] "
+    "postmaster to a hosted mailbox, RFC 5321 4.5.1)")
 MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox {address} is disabled")                     # RFC 3463 3.3 (X.2.1)
 PATIENT_CLOSED = Reply(550, "5.2.1", "Mailbox {address} is closed: this patient has closed their Mon espace santé space")
 PATIENT_OPPOSED = Reply(550, "5.1.1", "No mailbox {address}: this patient has opposed Mon espace santé messaging")

@@ -22,6 +22,7 @@ _AT_DOMAIN = re.compile(r"^@[^\s,:@<>]+$")
 MAX_LOCAL_PART = 64      # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255         # RFC 5321 4.5.3.1.2
 MAX_PATH = 256           # RFC 5321 4.5.3.1.3
+POSTMASTER = "postmaster"  # RFC 5321 4.5.1: case-insensitive, with or without a domain
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class SmtpPath:
     def has_bang_path(self) -> bool:
         return "!" in self.local_part
 
+    @property
+    def is_bare_postmaster(self) -> bool:
+        """``RCPT TO:<Postmaster>`` without a domain (RFC 5321 4.1.1.3, 4.5.1): the postmaster of this server."""
+        return self.domain == "" and self.local_part == POSTMASTER
+
 
 def split_path_argument(argument: str) -> tuple[str, str]:
     """Split ``<path> params`` into the path text (with brackets) and the rest.
@@ -75,13 +81,16 @@ def split_path_argument(argument: str) -> tuple[str, str]:
     raise SmtpRefusal(SYNTAX_PARAMS.format(detail="path has no closing '>'"))
 
 
-def parse_path(path_text: str, *, allow_null: bool) -> SmtpPath | None:
-    """Parse ``<...>`` (or a bare mailbox). ``None`` is the null reverse-path ``<>``."""
+def parse_path(path_text: str, *, allow_null: bool, allow_postmaster: bool = False) -> SmtpPath | None:
+    """Parse ``<...>`` (or a bare mailbox). ``None`` is the null reverse-path ``<>``; with
+    ``allow_postmaster`` (RCPT TO), ``<Postmaster>`` in any case is a path without a domain."""
     inner = path_text[1:-1] if path_text.startswith("<") and path_text.endswith(">") else path_text
     if inner == "":
         if allow_null:
             return None  # RFC 5321 4.5.5: the null reverse-path of notifications
         raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="empty path"))
+    if allow_postmaster and inner.lower() == POSTMASTER:
+        return SmtpPath(local_part=POSTMASTER, domain="")   # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>"
     if len(inner) > MAX_PATH:
         raise SmtpRefusal(MALFORMED_ADDRESS.format(detail=f"path longer than {MAX_PATH} octets"))
     route, mailbox = _split_source_route(inner)

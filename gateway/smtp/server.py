@@ -650,7 +650,7 @@ class GatewaySMTP(SMTP):
         if param_text and not session.extended_smtp:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="parameters need EHLO"))
         params = parse_rcpt_parameters(param_text)
-        path = parse_path(path_text, allow_null=False)
+        path = parse_path(path_text, allow_null=False, allow_postmaster=True)   # RFC 5321 4.5.1
         assert path is not None
         if not path.is_ascii and not envelope.mail_params.smtputf8:
             raise SmtpRefusal(codes.SMTPUTF8_NOT_ANNOUNCED)
