@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -173,7 +173,33 @@ def _new_uidvalidity(last: int) -> int:
     return max(int(time.time()), last + 1)
 
 
-def _meta(row: Message) -> MessageMeta:
+class _MetaRow:
+    """The columns FETCH needs, as plain attributes: no ORM identity map or instance state per row
+    (that bookkeeping was a third of the store's time for UID FETCH 1:* on 100,000 messages)."""
+
+    __slots__ = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "message_id",
+                 "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
+    uid: int
+    modseq: int
+    system_flags: int
+    keywords: str
+    internaldate: dt.datetime
+    size: int
+    envelope: dict[str, Any]
+    message_id: str | None
+    subject: str | None
+    from_addr: str | None
+    to_addr: str | None
+    cc_addr: str | None
+    sent_date: dt.datetime | None
+    COLUMNS = tuple(getattr(Message, name) for name in __slots__)
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            setattr(self, name, value)
+
+
+def _meta(row: Message | _MetaRow) -> MessageMeta:
     return MessageMeta(
         uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
         internaldate=row.internaldate, size=row.size, envelope=row.envelope, message_id=row.message_id,
@@ -514,14 +540,15 @@ class SqlMailStore(MailStore):
     async def fetch(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> list[MessageMeta]:
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            query = select(Message).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid)
+            query = (select(*_MetaRow.COLUMNS).where(Message.folder_id == row.id, uid_clause(uids))
+                     .order_by(Message.uid))
             if changed_since is not None:
                 query = query.where(Message.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
-            rows = (await session.scalars(query)).all()
+            rows = [_MetaRow(values) for values in (await session.execute(query)).all()]
         await self._unseal(folder.mailbox_id, rows)
         return [_meta(message) for message in rows if message.uid in uids]
 
-    async def _unseal(self, mailbox_id: int, rows: Sequence[Message]) -> None:
+    async def _unseal(self, mailbox_id: int, rows: Sequence[Message] | Sequence[_MetaRow]) -> None:
         if self.headers is not None:
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
