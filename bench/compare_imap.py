@@ -24,7 +24,7 @@ same client as /work/shared/bench-tools/imap_load.py). Steps, against each serve
 The gateway runs as ``gateway serve`` on its populated data directory; it
 requires TLS before LOGIN, so its clients use STARTTLS (Dovecot's reference
 instance has no TLS: its clients use plain LOGIN; say so when comparing). Its
-per-user IMAP connection limit (20 by default, no setting yet) is raised to
+per-user IMAP connection limit (imap.max_connections_per_user, 20 by default) is raised to
 allow --clients/--idle connections of one user: the only change.
 
     .venv/bin/python bench/compare_imap.py --gateway-data-dir D --gateway-user ADDRESS \\
@@ -242,7 +242,11 @@ def measure(name: str, target: dict[str, Any], pid: int, args: argparse.Namespac
     print(f"== {name}: {args.clients} concurrent clients", file=sys.stderr)
     result["mix"] = concurrent_mix(target, args.clients, args.ops, args.mix_seconds)
     print(f"== {name}: {args.idle} idle connections", file=sys.stderr)
-    result["idle"] = idle_memory(target, pid, args.idle)
+    try:
+        result["idle"] = idle_memory(target, pid, args.idle)
+    except Exception as exc:  # noqa: BLE001  (keep the other figures)
+        result["idle"] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), file=sys.stderr)  # partial results survive a later failure
     result["memory_at_end_kib"] = dict(zip(("rss", "pss", "processes"), tree_memory(pid), strict=True))
     return result
 
@@ -252,12 +256,8 @@ def measure(name: str, target: dict[str, Any], pid: int, args: argparse.Namespac
 def start_gateway(data_dir: Path, connections: int) -> Any:
     import tests.harness as harness
 
-    # ``gateway serve`` with one change: the IMAP per-user connection limit (no setting for it yet).
-    harness.GATEWAY = [sys.executable, "-c",
-                       "import runpy, gateway.imap.listeners as l; "
-                       f"l.DEFAULT_CONNECTIONS_PER_USER = {connections}; "
-                       "runpy.run_module('gateway', run_name='__main__')"]
-    gateway = harness.GatewayProcess(data_dir)
+    # ``gateway serve`` with one change: the IMAP per-user connection limit (imap.max_connections_per_user).
+    gateway = harness.GatewayProcess(data_dir, extra_env={"GATEWAY_IMAP_MAX_CONNECTIONS_PER_USER": str(connections)})
     gateway.start(timeout=120)
     return gateway
 
@@ -301,9 +301,9 @@ def main() -> None:
             if key.endswith("_ms") and dv["single"].get(key):
                 ratios[key] = round(value / dv["single"][key], 2)
         ratios["mix_ops_per_s"] = round(gw["mix"]["ops_per_s"] / dv["mix"]["ops_per_s"], 2) if dv["mix"]["ops_per_s"] else None
-        ratios["idle_kib_per_connection_gateway_rss_vs_dovecot_pss"] = (
-            round(gw["idle"]["rss_kib_per_connection"] / dv["idle"]["pss_kib_per_connection"], 2)
-            if dv["idle"]["pss_kib_per_connection"] else None)
+        if "rss_kib_per_connection" in gw["idle"] and dv["idle"].get("pss_kib_per_connection"):
+            ratios["idle_kib_per_connection_gateway_rss_vs_dovecot_pss"] = round(
+                gw["idle"]["rss_kib_per_connection"] / dv["idle"]["pss_kib_per_connection"], 2)
     print(json.dumps({"results": results, "ratios_gateway_over_dovecot": ratios,
                       "note": "time ratios: >1 means the gateway is slower; ops_per_s: >1 means faster"}, indent=2))
 
