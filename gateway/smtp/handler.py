@@ -9,6 +9,7 @@ ends, whatever the path (maddy#348).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +43,10 @@ class TokenVerifier(Protocol):
     """Checks an OAuth bearer token (OIDC, e.g. Pro Santé Connect) and names the account it grants."""
 
     async def account_for_token(self, user: str, token: str) -> Account | None: ...
+
+    def error_status(self) -> bytes:
+        """RFC 7628 3.2.2: the JSON error status of a refused OAUTHBEARER (status, scope, openid-configuration)."""
+        ...
 
 
 @dataclass
@@ -107,6 +112,12 @@ class GatewayHandler:
             raise SmtpRefusal(codes.TOO_MANY_SESSIONS.format(who=account.address, limit=self.limits.sessions_per_user.limit))
         server.connection_data["user_slot"] = slot
         return account
+
+    def token_error_status(self) -> bytes:
+        """The verifier's RFC 7628 3.2.2 error status, which tells the client where to get a new token."""
+        if self.token_verifier is None:
+            return json.dumps({"status": "invalid_token"}).encode()
+        return self.token_verifier.error_status()
 
     def _refuse_if_locked(self, address: str, login: str) -> None:
         lockout = self.limits.auth_lockout

@@ -25,7 +25,6 @@ import asyncio
 import asyncio.sslproto as sslproto
 import base64
 import binascii
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -164,6 +163,8 @@ class SmtpHandler(Protocol):
     """The hooks the protocol calls. Refuse by raising ``SmtpRefusal``."""
 
     token_auth_available: bool
+
+    def token_error_status(self) -> bytes: ...
 
     async def connection_opened(self, server: "GatewaySMTP", session: GatewaySession) -> None: ...
 
@@ -525,7 +526,7 @@ class GatewaySMTP(SMTP):
     async def _auth_failed(self, refusal: SmtpRefusal, mechanism: str) -> None:
         if mechanism == "OAUTHBEARER" and refusal.reply.code == 535:
             # RFC 7628 3.2.2: an error challenge first; the client answers with a dummy ^A.
-            status = json.dumps({"status": "invalid_token"}).encode()
+            status = self.handler.token_error_status()              # the verifier's, naming its issuer
             await self.push("334 " + base64.b64encode(status).decode())
             await self._reader.readuntil(b"\n")
         self.gsession.auth_failures += 1

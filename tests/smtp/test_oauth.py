@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from gateway.directory.identifiers import add_luhn_key
+from gateway.security.oidc import discovery_url
 from tests.harness import GatewayProcess
 
 ISSUER = "https://psc.test/auth/realms/esante-wallet"
@@ -299,7 +300,9 @@ def test_refused_token(gateway: GatewayProcess, issuer: SigningIssuer, mechanism
     assert (code, text) == INVALID                                     # generic on the wire
     if mechanism == "OAUTHBEARER":
         # RFC 7628 3.2.2: the failure comes first as a JSON error status in a 334 challenge.
-        assert len(challenges) == 1 and json.loads(challenges[0])["status"] == "invalid_token"
+        # It comes from the verifier, so it names where to get a token (scope, openid-configuration).
+        assert len(challenges) == 1 and json.loads(challenges[0]) == {
+            "status": "invalid_token", "scope": "openid", "openid-configuration": discovery_url(ISSUER)}
     else:
         assert challenges == []
     log = gateway.log_text()
