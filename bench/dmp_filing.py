@@ -29,6 +29,7 @@ from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.pipeline.spool import Spool
+from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
 from gateway.storage.blobs import BlobStore
@@ -46,6 +47,7 @@ class BenchServices:
         self.db = Database(database_url or f"sqlite+aiosqlite:///{data_dir / 'bench.db'}")
         self.directory = DirectoryService(self.db, self.settings, PasswordHasher(time_cost=1, memory_kib=8))
         self.blobs = BlobStore(data_dir / "blobs", KeyManager(self.db, data_dir / "keys"))
+        self.fields = FieldSealer(self.blobs.keys)
         self.hub = ChangeHub()
         self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
 

@@ -20,7 +20,8 @@ CI-SIS usage of receipts (mssante.md §1.7, IG volet trans-lps-doc-cda-courriel-
   null reverse-path.
 
 Every notice is keyed (SHA-256 of kind family, message, recipient) in
-``filing_notices``, whose row commits with the notice's queue rows: at most one
+``filing_notices``, whose row commits with the notice's queue rows (and, from
+the worker, with the filing they report on): at most one
 acknowledgement per (message, recipient), at most one patient notification per
 (message, patient), however often filing runs.
 
@@ -41,13 +42,13 @@ from email.policy import SMTP
 from email.utils import format_datetime, getaddresses, make_msgid
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.filing import DocumentOutcome, FilingReport
 from gateway.dmp_bridge.tables import FilingNotice, NoticeKind
-from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.generated import GeneratedMailQueue, PreparedMail
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, State, utcnow
 
@@ -89,6 +90,14 @@ class DeliveredMessage:
 
 
 @dataclass(frozen=True)
+class QueuedNotice:
+    """A notice spooled and added to a transaction, to dispatch once that commits."""
+
+    kind: NoticeKind
+    mail: PreparedMail
+
+
+@dataclass(frozen=True)
 class Failure:
     code: IntegrationCode
     reason: str
@@ -102,19 +111,34 @@ class Acknowledger:
         self.patient_domain = settings.directory.patient_domain
 
     async def after_filing(self, delivered: DeliveredMessage, report: FilingReport) -> list[NoticeKind]:
-        """Send what ``report`` calls for; the kinds of notice actually queued now."""
-        sent = []
+        """Send what ``report`` calls for in a transaction of its own; the kinds of notice queued now."""
+        async with self.db.session() as session:
+            notices = await self.queue_in(session, delivered, report)
+        self.dispatch(notices)
+        return [notice.kind for notice in notices]
+
+    async def queue_in(self, session: AsyncSession, delivered: DeliveredMessage,
+                       report: FilingReport) -> list[QueuedNotice]:
+        """The notices ``report`` calls for and not sent yet, spooled durably and added to ``session``
+        (queued once it commits: then ``dispatch``; ``discard`` if it does not)."""
+        wanted = []
         acknowledgement = self._acknowledgement(delivered, report)
         if acknowledgement is not None:
             kind, recipient, message = acknowledgement
-            if await self._send_once(("ack", delivered.message_key, delivered.recipient), kind, delivered.job_id, recipient, message):
-                sent.append(kind)
-        for mailbox in await self._patient_mailboxes(report):
-            message = patient_notification(mailbox, self.patient_domain, self.hostname)
-            if await self._send_once(("notify", delivered.message_key, mailbox), NoticeKind.PATIENT_NOTIFICATION,
-                                     delivered.job_id, mailbox, message):
-                sent.append(NoticeKind.PATIENT_NOTIFICATION)
-        return sent
+            wanted.append((("ack", delivered.message_key, delivered.recipient), kind, recipient, message))
+        for mailbox in await self._patient_mailboxes(session, report):
+            wanted.append((("notify", delivered.message_key, mailbox), NoticeKind.PATIENT_NOTIFICATION, mailbox,
+                           patient_notification(mailbox, self.patient_domain, self.hostname)))
+        notices: list[QueuedNotice] = []
+        try:
+            for key_parts, kind, recipient, message in wanted:
+                notice = await self._queue_once(session, key_parts, kind, delivered.job_id, recipient, message)
+                if notice is not None:
+                    notices.append(notice)
+        except BaseException:
+            self.discard(notices)
+            raise
+        return notices
 
     def _acknowledgement(self, delivered: DeliveredMessage, report: FilingReport) -> tuple[NoticeKind, str, bytes] | None:
         sender = delivered.return_path
@@ -128,39 +152,41 @@ class Acknowledger:
             return NoticeKind.FAILURE_REPORT, sender, build_failure_report(delivered, failure, report, self.hostname)
         return None
 
-    async def _send_once(self, key_parts: tuple[str, str, str], kind: NoticeKind, job_id: int, recipient: str,
-                         message: bytes) -> bool:
+    def dispatch(self, notices: Sequence[QueuedNotice]) -> None:
+        """Their transaction committed: deliver them."""
+        for notice in notices:
+            self.queue.dispatch(notice.mail)
+            log.info("%s queued as %s for %s", notice.kind.value, notice.mail.queue_id, notice.mail.recipient.address)
+
+    def discard(self, notices: Sequence[QueuedNotice]) -> None:
+        """Their transaction did not commit: they were never queued."""
+        for notice in notices:
+            self.queue.discard(notice.mail)
+
+    async def _queue_once(self, session: AsyncSession, key_parts: tuple[str, str, str], kind: NoticeKind, job_id: int,
+                          recipient: str, message: bytes) -> QueuedNotice | None:
+        """A unique notice key makes it once: a concurrent sender of the same notice makes the commit fail
+        (IntegrityError), and the caller's next run finds the notice sent."""
         key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
-        async with self.db.session() as session:
-            if await session.scalar(select(FilingNotice.id).where(FilingNotice.notice_key == key)) is not None:
-                return False
+        if await session.scalar(select(FilingNotice.id).where(FilingNotice.notice_key == key)) is not None:
+            return None
         prepared = await self.queue.prepare(message, recipient, message_id=_message_id_of(message))
         if prepared is None:
-            return False
-        try:
-            async with self.db.session() as session:
-                session.add(FilingNotice(notice_key=key, kind=kind.value, job_id=job_id, recipient=recipient,
-                                         queue_id=prepared.queue_id))
-                prepared.add_to(session)
-        except IntegrityError:
-            self.queue.discard(prepared)  # another worker queued it first
-            return False
-        except BaseException:
-            self.queue.discard(prepared)
-            raise
-        self.queue.dispatch(prepared)
-        log.info("%s queued as %s for %s", kind.value, prepared.queue_id, recipient)
-        return True
+            return None
+        session.add(FilingNotice(notice_key=key, kind=kind.value, job_id=job_id, recipient=recipient,
+                                 queue_id=prepared.queue_id))
+        prepared.add_to(session)
+        return QueuedNotice(kind, prepared)
 
-    async def _patient_mailboxes(self, report: FilingReport) -> list[str]:
+    @staticmethod
+    async def _patient_mailboxes(session: AsyncSession, report: FilingReport) -> list[str]:
         patient_ids = {o.patient_id for o in report.filed if o.patient_id is not None}
         if not patient_ids:
             return []
-        async with self.db.session() as session:
-            return list((await session.scalars(
-                select(Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
-                                              Mailbox.hosted.is_(True), Mailbox.state == State.ACTIVE.value)
-                .order_by(Mailbox.address))).all())
+        return list((await session.scalars(
+            select(Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
+                                          Mailbox.hosted.is_(True), Mailbox.state == State.ACTIVE.value)
+            .order_by(Mailbox.address))).all())
 
 
 # ------------------------------------------------------------------------------------ decisions

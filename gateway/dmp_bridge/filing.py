@@ -2,9 +2,17 @@
 
 ``file_into_record`` takes what ``extract_documents`` found and decides, per
 document, one outcome: filed, duplicate, skipped (not a report of its own) or
-refused with a CI-SIS integration code (§1.7: 900-906). Every document is filed
-in its own transaction, with its audit entry, so one refusal never undoes
-another document's filing.
+refused with a CI-SIS integration code (§1.7: 900-906). A refusal is an
+outcome, not an error: it never undoes another document's filing.
+
+Two phases, so that filing costs one commit: ``prepare_filing`` (no database
+write) identifies the patient, writes each new document's encrypted blob
+(fsync) and seals its free-text metadata (``record.RecordSealer``);
+``apply_filing`` then runs inside one transaction (the worker's, with the
+job's outcomes and the acknowledgements) and only writes rows: the documents,
+the versions they replace and their audit entries. Blobs that no committed row
+references are deleted afterwards (``PreparedFiling.release``); a crash in
+between leaves an unreferenced blob, never a row without its blob.
 
 Who the patient is:
 - a CDA: its ``recordTarget`` INS with the identity traits (``patient.py``);
@@ -26,7 +34,8 @@ filed), and a bare PDF sent to a professional (nobody to file it for).
 Idempotence: the same unique id (CDA id, XDS uniqueId) or the same (setId,
 versionNumber) is filed once; both are unique in the table, so concurrent
 filers of one document (a message sent to the patient and to the doctor)
-collide in the database, and the loser sees a duplicate.
+collide in the database, and the loser runs its transaction again
+(``committed``) and sees a duplicate.
 
 Version replacement (IHE XDS RPLC): the document named by the
 ``relatedDocument/parentDocument`` id is superseded. When that id is in no
@@ -44,9 +53,9 @@ import datetime as dt
 import hashlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -71,10 +80,12 @@ from gateway.dmp_bridge.record import (
     INVISIBLE_TO_LEGAL_REPRESENTATIVES,
     INVISIBLE_TO_PATIENT,
     MASKED_TO_PROFESSIONALS,
+    RecordSealer,
     patient_owner,
 )
 from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind, RecordDocument
 from gateway.dmp_bridge.xdm import DocumentEntry, XdsAuthor, XdsCode
+from gateway.security.at_rest import FieldSealer
 from gateway.storage.blobs import BlobStore, StoredBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Patient, PatientState, utcnow
@@ -82,7 +93,8 @@ from gateway.storage.models import Patient, PatientState, utcnow
 log = logging.getLogger("gateway.dmp.filing")
 
 PDF_FORMAT = ("urn:ihe:iti:xds-sd:pdf:2008", "1.3.6.1.4.1.19376.1.2.3")  # IHE XDS-SD, CDA level 1 with a PDF
-UUID_OID_ARC = "2.25"  # ITU-T X.667: an OID made of a UUID, for documents that bring no id of their own
+UUID_OID_ARC = "2.25"
+T = TypeVar("T")  # ITU-T X.667: an OID made of a UUID, for documents that bring no id of their own
 
 
 # ------------------------------------------------------------------------------------ results
@@ -97,6 +109,7 @@ class FilingContext:
     sender: str | None = None
     mailbox_patient_id: int | None = None  # set when delivered to a patient's mailbox
     accept_production: bool = False  # production INS roots (…4.8/.9): the directory policy
+    signature_result: str | None = None  # the S/MIME verdict of the message (signer and summary), when signed
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ class DocumentOutcome:
     record_document_id: int | None = None
     patient_id: int | None = None
     patient_ins: str | None = None
+    blob_id: str | None = None  # the content blob a new record row references
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,10 @@ class FilingReport:
     @property
     def first_refusal(self) -> DocumentOutcome | None:
         return self.refused[0] if self.refused else None
+
+    @property
+    def blob_ids(self) -> frozenset[str]:
+        return frozenset(o.blob_id for o in self.outcomes if o.blob_id is not None)
 
     @property
     def patient_ids(self) -> frozenset[int]:
@@ -194,32 +212,109 @@ def _author_actor(document: RecordDocument) -> Actor:
 
 
 async def file_into_record(db: Database, blobs: BlobStore, extraction: ExtractionResult, context: FilingContext,
-                           *, journal: FilingJournal | None = None) -> FilingReport:
-    """File every document of ``extraction``; the outcome of each, and of each attachment that failed."""
-    journal = journal or LoggingJournal()
-    outcomes = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
-    for document in extraction.documents:
-        outcome = await _file_document(db, blobs, document, context, journal)
-        if outcome.outcome == OutcomeKind.REFUSED:
+                           *, journal: FilingJournal | None = None, sealer: RecordSealer | None = None) -> FilingReport:
+    """File every document of ``extraction`` in one transaction; the outcome of each, and of each
+    attachment that failed. (The worker runs the same two phases inside its own job transaction.)"""
+    prepared = await prepare_filing(db, blobs, extraction, context, sealer or RecordSealer(FieldSealer(blobs.keys)))
+    try:
+        report = await committed(db, lambda session: apply_filing(session, blobs, prepared, journal or LoggingJournal()))
+    except BaseException:
+        await prepared.release(blobs, kept=())
+        raise
+    await prepared.release(blobs, kept=report.blob_ids)
+    return report
+
+
+async def committed(db: Database, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3) -> T:
+    """Run ``work`` in one transaction; again (from scratch) when a concurrent filer of the same document
+    or notice committed first (a unique constraint fails): the next run finds it filed."""
+    for attempt in range(1, attempts + 1):
+        try:
             async with db.session() as session:
-                await journal.filing_refused(session, outcome)
-        outcomes.append(outcome)
-    return FilingReport(tuple(outcomes))
+                return await work(session)
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            log.info("concurrent filing of the same document: filing again (attempt %d)", attempt + 1)
+    raise AssertionError("unreachable")
 
 
-async def _file_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
-                         journal: FilingJournal) -> DocumentOutcome:
+@dataclass
+class _Pending:
+    """One document between the two phases: decided already (skipped, refused) or to store."""
+
+    document: ExtractedDocument
+    outcome: DocumentOutcome | None = None
+    claim: _PatientClaim | None = None
+    fields: DocumentFields | None = None
+    sealed_columns: dict[str, Any] | None = None
+    stored: StoredBlob | None = None
+
+
+@dataclass
+class PreparedFiling:
+    """What ``prepare_filing`` wrote and decided before the transaction that files it."""
+
+    context: FilingContext
+    sealer: RecordSealer
+    failures: list[DocumentOutcome]
+    pending: list[_Pending]
+
+    async def release(self, blobs: BlobStore, *, kept: frozenset[str] | tuple[str, ...]) -> None:
+        """Delete the blobs written ahead that no committed row references."""
+        for item in self.pending:
+            if item.stored is not None and item.stored.blob_id not in kept:
+                await blobs.delete(item.stored.blob_id)
+                item.stored = None
+
+
+async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionResult, context: FilingContext,
+                         sealer: RecordSealer) -> PreparedFiling:
+    """Phase 1, no database write: decide what needs no transaction, write each new document's encrypted
+    blob (fsync) and seal its metadata, so that the transaction that files them only writes rows."""
+    failures = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
+    pending = [await _prepare_document(db, blobs, document, context, sealer) for document in extraction.documents]
+    return PreparedFiling(context, sealer, failures, pending)
+
+
+async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
+                            sealer: RecordSealer) -> _Pending:
     skipped = _skip_reason(document, context)
     if skipped is not None:
-        return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED, reason=skipped)
+        return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED,
+                                                  reason=skipped))
     claim = _patient_claim(document, context)
     if isinstance(claim, IdentificationFailure):
-        return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, claim.code, claim.reason)
-    try:
-        return await _store(db, blobs, document, claim, context, journal)
-    except IntegrityError:
-        # A concurrent filer committed the same document first: filing again finds it.
-        return await _store(db, blobs, document, claim, context, journal)
+        return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED,
+                                                  claim.code, claim.reason))
+    async with db.session() as session:
+        patient = await _resolve_patient(session, claim, context)
+        if isinstance(patient, IdentificationFailure):
+            return _Pending(document, claim=claim)  # decided (and journaled) in the transaction
+        fields = document_fields(document, patient.ins, context)
+        existing = await _existing(session, fields)
+    pending = _Pending(document, claim=claim, fields=fields)
+    if existing is None:
+        await _write_ahead(blobs, sealer, pending, patient.ins)
+    return pending
+
+
+async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending, ins: str) -> None:
+    assert pending.fields is not None
+    pending.stored = await blobs.put(patient_owner(ins), pending.document.content)
+    pending.sealed_columns = await sealer.seal_document_columns(ins, pending.fields.columns)
+
+
+async def apply_filing(session: AsyncSession, blobs: BlobStore, prepared: PreparedFiling,
+                       journal: FilingJournal) -> FilingReport:
+    """Phase 2, in the caller's transaction: the record rows, the replaced versions and the audit entries."""
+    outcomes = list(prepared.failures)
+    for item in prepared.pending:
+        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal)
+        if outcome.outcome == OutcomeKind.REFUSED:
+            await journal.filing_refused(session, outcome)
+        outcomes.append(outcome)
+    return FilingReport(tuple(outcomes))
 
 
 # ------------------------------------------------------------------------------------ what to file, for whom
@@ -298,30 +393,15 @@ class _Plan:
     superseded_by: str | None = None
 
 
-@dataclass
-class _BlobHolder:
-    stored: StoredBlob | None = None
-
-
-async def _store(db: Database, blobs: BlobStore, document: ExtractedDocument, claim: _PatientClaim,
-                 context: FilingContext, journal: FilingJournal) -> DocumentOutcome:
-    holder = _BlobHolder()
-    try:
-        async with db.session() as session:
-            return await _store_in(session, blobs, document, claim, context, journal, holder)
-    except BaseException:
-        if holder.stored is not None:
-            await blobs.delete(holder.stored.blob_id)
-        raise
-
-
-async def _store_in(session: AsyncSession, blobs: BlobStore, document: ExtractedDocument, claim: _PatientClaim,
-                    context: FilingContext, journal: FilingJournal, holder: _BlobHolder) -> DocumentOutcome:
-    patient = await _resolve_patient(session, claim, context)
+async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, prepared: PreparedFiling,
+                    journal: FilingJournal) -> DocumentOutcome:
+    document, context = item.document, prepared.context
+    assert item.claim is not None
+    patient = await _resolve_patient(session, item.claim, context)
     if isinstance(patient, IdentificationFailure):
         return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, patient.code,
-                               patient.reason, patient_ins=claim.ins)
-    fields = document_fields(document, patient.ins, context)
+                               patient.reason, patient_ins=item.claim.ins)
+    fields = item.fields or document_fields(document, patient.ins, context)
     existing = await _existing(session, fields)
     if existing is not None:
         return _duplicate(document, existing, patient, context)
@@ -329,8 +409,11 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, document: Extracted
     if isinstance(plan, IdentificationFailure):
         return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.REFUSED, plan.code, plan.reason,
                                patient_id=patient.id, patient_ins=patient.ins)
-    holder.stored = await blobs.put(patient_owner(patient.ins), document.content)
-    row = _record_row(fields, patient, plan, holder.stored)
+    if item.stored is None or item.sealed_columns is None:  # it was in the record at phase 1 and is no longer
+        item.fields = fields
+        await _write_ahead(blobs, prepared.sealer, item, patient.ins)
+    assert item.stored is not None and item.sealed_columns is not None
+    row = _record_row(fields, item.sealed_columns, patient, plan, item.stored)
     session.add(row)
     if plan.replaced is not None:
         plan.replaced.status = DocumentStatus.SUPERSEDED.value
@@ -339,7 +422,7 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, document: Extracted
     await session.flush()
     await journal.document_filed(session, row, plan.replaced)
     return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED, record_document_id=row.id,
-                           patient_id=patient.id, patient_ins=patient.ins,
+                           patient_id=patient.id, patient_ins=patient.ins, blob_id=item.stored.blob_id,
                            reason=f"replaces {plan.replaced.unique_id}" if plan.replaced else None)
 
 
@@ -448,9 +531,10 @@ def _same_author(target: RecordDocument, columns: dict[str, Any]) -> bool:
     return any(old == new for old, new in pairs)
 
 
-def _record_row(fields: DocumentFields, patient: Patient, plan: _Plan, stored: StoredBlob) -> RecordDocument:
+def _record_row(fields: DocumentFields, sealed_columns: dict[str, Any], patient: Patient, plan: _Plan,
+                stored: StoredBlob) -> RecordDocument:
     return RecordDocument(
-        **fields.columns, unique_id=fields.unique_id, set_id=fields.set_id, version_number=fields.version,
+        **sealed_columns, unique_id=fields.unique_id, set_id=fields.set_id, version_number=fields.version,
         patient_id=patient.id, patient_ins=patient.ins, patient_ins_oid=patient.ins_oid, status=plan.status.value,
         replaces_unique_id=plan.replaces_unique_id, superseded_by_unique_id=plan.superseded_by,
         superseded_at=utcnow() if plan.status == DocumentStatus.SUPERSEDED else None,
@@ -502,6 +586,7 @@ def _source_columns(document: ExtractedDocument, context: FilingContext) -> dict
         "source_message_id": _cut(context.message_id, 998), "source_delivery_key": context.delivery_key,
         "source_sender": _cut(context.sender, 320),
         "submission_set_unique_id": submission_set.unique_id if submission_set else None,
+        "signature_result": context.signature_result,
     }
 
 

@@ -1,17 +1,42 @@
 """The patient record store: filed documents, their content, and the filing jobs' outcomes.
 
-Reads only; writing is ``filing.file_into_record`` (one transaction per
-document). ``describe_document`` is the metadata a CLI, the webmail or a FHIR
-DocumentReference (PDSm, mssante.md §3.4) is built from, without opening the
-document. Contents are blobs encrypted under the patient's own data key
-(owner ``patient:<INS>``), so crypto-shredding that key erases the record.
+Reads only; writing is ``filing`` (the worker commits a delivery's documents,
+outcomes and notices together). ``describe_document`` is the metadata a CLI,
+the webmail or a FHIR DocumentReference (PDSm, mssante.md §3.4) is built from,
+without opening the document. Contents are blobs encrypted under the patient's
+own data key (owner ``patient:<INS>``), so crypto-shredding that key erases the
+record.
+
+Sealed at rest (``RecordSealer``, gateway.security.at_rest field format), so
+that a copy of the database reveals no medical content:
+
+- ``record_documents``: the title and the sender's attachment name (free text),
+  the display names of the type, class, facility and practice setting codes and
+  the event codes with their display names (sender-supplied text, often
+  the very subject: "Sérologie VIH"), under the patient record's key
+  (``patient:<INS>``): shredding the record shreds them.
+- ``filing_jobs.subject`` and ``filing_outcomes.attachment`` (the message's
+  subject and attachment names) under the recipient mailbox's key, so that
+  shredding that mailbox makes them unreadable.
+
+Kept in clear, on purpose: codes and identifiers (type, class, format, facility,
+practice setting, profession, confidentiality: SQL filters, the access matrix and
+FHIR searches need them, and they are values of national code lists), the INS
+(the record's key), dates, sizes and hashes, professionals' and organisations'
+names and identifiers (public entries of the national directory), the
+Message-ID and envelope addresses (routing data), and the S/MIME verdict.
+Values written before sealing existed are read as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
+
+import json
+from collections.abc import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +44,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.tables import FilingJob, FilingOutcome, JobState, OutcomeKind, RecordDocument
 from gateway.errors import NotFound
+from gateway.security.at_rest import FieldSealer
+from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Patient
@@ -30,9 +57,51 @@ INVISIBLE_TO_LEGAL_REPRESENTATIVES = ("INVISIBLE_REPRESENTANTS_LEGAUX", "INVISIB
 CONFIDENTIALITY_LEVELS = ("N", "R", "V")  # HL7 Confidentiality, 2.16.840.1.113883.5.25
 
 
+SEALED_TEXT_COLUMNS = ("title", "source_attachment", "type_display", "class_display", "facility_type_display",
+                       "practice_setting_display")
+SEALED_JSON_COLUMNS = ("event_codes",)
+JOB_SUBJECT_COLUMN = "filing-subject"
+OUTCOME_ATTACHMENT_COLUMN = "filing-attachment"
+
+
 def patient_owner(ins: str) -> str:
     """The key owner of a patient's record documents."""
     return f"patient:{ins}"
+
+
+class RecordSealer:
+    """Seals the free-text metadata of record rows and of filing jobs (see the module's docstring)."""
+
+    def __init__(self, fields: FieldSealer) -> None:
+        self.fields = fields
+
+    async def seal_document_columns(self, ins: str, columns: dict[str, Any]) -> dict[str, Any]:
+        """``columns`` with the sealed ones sealed under ``patient:<INS>``."""
+        owner = patient_owner(ins)
+        sealed = dict(columns)
+        for column in SEALED_TEXT_COLUMNS:
+            sealed[column] = await self.fields.seal(owner, column, columns.get(column))
+        for column in SEALED_JSON_COLUMNS:
+            value = json.dumps(columns.get(column) or [], ensure_ascii=False)
+            sealed[column] = {"sealed": await self.fields.seal(owner, column, value)}
+        return sealed
+
+    async def open_documents(self, documents: Iterable[RecordDocument]) -> None:
+        """Unseal detached rows in place (never add them to a session afterwards)."""
+        for document in documents:
+            owner = patient_owner(document.patient_ins)
+            for column in SEALED_TEXT_COLUMNS:
+                setattr(document, column, await self.fields.open(owner, column, getattr(document, column)))
+            for column in SEALED_JSON_COLUMNS:
+                value = getattr(document, column)
+                if isinstance(value, dict) and set(value) == {"sealed"}:
+                    setattr(document, column, json.loads(await self.fields.open(owner, column, value["sealed"]) or "[]"))
+
+    async def seal_for_mailbox(self, mailbox_id: int, column: str, value: str | None) -> str | None:
+        return await self.fields.seal(mailbox_owner(mailbox_id), column, value)
+
+    async def open_for_mailbox(self, mailbox_id: int, column: str, value: str | None) -> str | None:
+        return await self.fields.open(mailbox_owner(mailbox_id), column, value)
 
 
 @dataclass(frozen=True)
@@ -50,6 +119,7 @@ class QuarantineEntry:
     code: int | None
     reason: str | None
     at: dt.datetime
+    mailbox_id: int = 0  # whose key seals the subject and the attachment name
 
     @property
     def label(self) -> str | None:
@@ -65,16 +135,25 @@ class QuarantineEntry:
 
 
 class RecordStore:
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    """``fields``: the gateway's FieldSealer (whose cache ``gateway serve`` clears after shredding); a
+    short-lived one over the blob store's keys otherwise."""
+
+    def __init__(self, db: Database, blobs: BlobStore, fields: FieldSealer | None = None) -> None:
         self.db = db
         self.blobs = blobs
+        self.sealer = RecordSealer(fields or FieldSealer(blobs.keys))
 
     async def get(self, unique_id: str) -> RecordDocument:
         async with self.db.session() as session:
             row = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id == unique_id))
         if row is None:
             raise NotFound(f"no document {unique_id!r} in any record", field="document_id")
-        return row
+        return await self.opened(row)
+
+    async def opened(self, document: RecordDocument) -> RecordDocument:
+        """A detached row with its sealed columns opened."""
+        await self.sealer.open_documents([document])
+        return document
 
     async def list_for_patient(self, ins: str, *, include_superseded: bool = True) -> list[RecordDocument]:
         """The patient's documents, newest first (all INS OIDs of this matricule)."""
@@ -85,7 +164,9 @@ class RecordStore:
         async with self.db.session() as session:
             if await session.scalar(select(Patient.id).where(Patient.ins == ins.strip().upper()).limit(1)) is None:
                 raise NotFound(f"no patient with INS {ins!r}", field="patient")
-            return list((await session.scalars(query)).all())
+            documents = list((await session.scalars(query)).all())
+        await self.sealer.open_documents(documents)
+        return documents
 
     async def read_content(self, document: RecordDocument) -> bytes:
         """The filed bytes (a CDA or a PDF), decrypted with the patient's key."""
@@ -97,7 +178,13 @@ class RecordStore:
             refused = await self._refused_documents(session, limit)
             failed = await self._jobs_without_outcome(session, limit)
         entries = sorted(refused + failed, key=lambda e: e.at, reverse=True)
-        return entries[:limit]
+        return [await self._opened_entry(entry) for entry in entries[:limit]]
+
+    async def _opened_entry(self, entry: QuarantineEntry) -> QuarantineEntry:
+        mailbox_id = entry.mailbox_id
+        return dataclasses.replace(
+            entry, subject=await self.sealer.open_for_mailbox(mailbox_id, JOB_SUBJECT_COLUMN, entry.subject),
+            attachment=await self.sealer.open_for_mailbox(mailbox_id, OUTCOME_ATTACHMENT_COLUMN, entry.attachment))
 
     async def _refused_documents(self, session: AsyncSession, limit: int) -> list[QuarantineEntry]:
         rows = (await session.execute(
@@ -122,14 +209,20 @@ class RecordStore:
 
     async def outcomes_of(self, job_id: int) -> list[FilingOutcome]:
         async with self.db.session() as session:
-            return list((await session.scalars(select(FilingOutcome).where(FilingOutcome.job_id == job_id)
-                                               .order_by(FilingOutcome.id))).all())
+            mailbox_id = await session.scalar(select(FilingJob.mailbox_id).where(FilingJob.id == job_id))
+            outcomes = list((await session.scalars(select(FilingOutcome).where(FilingOutcome.job_id == job_id)
+                                                   .order_by(FilingOutcome.id))).all())
+        for outcome in outcomes:  # detached: nothing is written back
+            if mailbox_id is not None:
+                outcome.attachment = await self.sealer.open_for_mailbox(mailbox_id, OUTCOME_ATTACHMENT_COLUMN,
+                                                                        outcome.attachment)
+        return outcomes
 
 
 def _entry(job: FilingJob, attachment: str | None, unique_id: str | None, code: int | None, reason: str | None,
            at: dt.datetime) -> QuarantineEntry:
     return QuarantineEntry(job.delivery_id, job.state, job.recipient, job.sender, job.message_id, job.subject,
-                           attachment, unique_id, code, reason, at)
+                           attachment, unique_id, code, reason, at, job.mailbox_id)
 
 
 def security_labels(document: RecordDocument) -> list[str]:

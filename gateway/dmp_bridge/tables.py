@@ -1,4 +1,4 @@
-"""Tables of the patient record that the DMP bridge files into (revision 0006).
+"""Tables of the patient record that the DMP bridge files into (revisions 0006, 0009).
 
 ``record_documents`` holds one row per filed document with every field a FHIR
 R4 DocumentReference needs in the PDSm / IHE MHD shape (mssante.md §3.4):
@@ -11,7 +11,9 @@ content.attachment (MIME type, size, SHA-1 as XDS requires, title, creation),
 content.format (J10), context.period, facilityType (J02), practiceSetting
 (J04) and event codes. A read API builds a resource from a row without
 opening the document. The content is an encrypted blob of owner
-``patient:<INS>``: shredding that key makes the whole record unreadable.
+``patient:<INS>``, and the free-text metadata is sealed under the same key
+(revision 0009; ``record.RecordSealer`` says which columns and why): shredding
+that key makes the whole record unreadable.
 
 Filing is tracked as a transaction per delivery (peers.md C5 item 10):
 ``filing_jobs`` has one row per mail store delivery (message x recipient
@@ -95,20 +97,20 @@ class RecordDocument(Base):
     # Classification (JDV_J07 type, J06 class, J10 format, J02 facility, J04 practice setting).
     type_code: Mapped[str | None] = mapped_column(String(64))
     type_code_system: Mapped[str | None] = mapped_column(String(64))
-    type_display: Mapped[str | None] = mapped_column(String(256))
+    type_display: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     class_code: Mapped[str | None] = mapped_column(String(64))
     class_code_system: Mapped[str | None] = mapped_column(String(64))
-    class_display: Mapped[str | None] = mapped_column(String(256))
+    class_display: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     format_code: Mapped[str | None] = mapped_column(String(128))
     format_code_system: Mapped[str | None] = mapped_column(String(64))
     facility_type_code: Mapped[str | None] = mapped_column(String(64))
     facility_type_system: Mapped[str | None] = mapped_column(String(64))
-    facility_type_display: Mapped[str | None] = mapped_column(String(256))
+    facility_type_display: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     practice_setting_code: Mapped[str | None] = mapped_column(String(64))
     practice_setting_system: Mapped[str | None] = mapped_column(String(64))
-    practice_setting_display: Mapped[str | None] = mapped_column(String(256))
-    event_codes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
-    title: Mapped[str | None] = mapped_column(Text)
+    practice_setting_display: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
+    event_codes: Mapped[Any] = mapped_column(JSON, default=list)  # {"sealed": ...} at rest, a list once opened
+    title: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     language_code: Mapped[str | None] = mapped_column(String(16))
     creation_time: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     service_start: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
@@ -142,7 +144,7 @@ class RecordDocument(Base):
     blob_id: Mapped[str] = mapped_column(String(32))
     # Where it came from.
     source_kind: Mapped[str] = mapped_column(String(8))  # xdm | cda | pdf
-    source_attachment: Mapped[str | None] = mapped_column(String(512))
+    source_attachment: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     source_message_id: Mapped[str | None] = mapped_column(String(998))
     source_delivery_key: Mapped[str | None] = mapped_column(String(255))
     source_sender: Mapped[str | None] = mapped_column(String(320))
@@ -169,7 +171,7 @@ class FilingJob(Base):
     message_id: Mapped[str | None] = mapped_column(String(998))
     sender: Mapped[str | None] = mapped_column(String(320))      # Return-Path (the envelope sender)
     recipient: Mapped[str | None] = mapped_column(String(320))   # the mailbox address delivered to
-    subject: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)  # sealed under the recipient mailbox's key
     patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="SET NULL"), index=True)
     result_code: Mapped[int | None] = mapped_column(Integer)     # the CI-SIS code told to the sender, if any
     documents_filed: Mapped[int] = mapped_column(Integer, default=0)
@@ -186,7 +188,7 @@ class FilingOutcome(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("filing_jobs.id", ondelete="CASCADE"), index=True)
     document_unique_id: Mapped[str | None] = mapped_column(String(255))
-    attachment: Mapped[str | None] = mapped_column(String(512))
+    attachment: Mapped[str | None] = mapped_column(Text)  # sealed under the recipient mailbox's key
     outcome: Mapped[str] = mapped_column(String(16))
     code: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text)

@@ -8,15 +8,23 @@ on every wake-up and on every poll. A crash between delivery and filing
 therefore loses nothing: the next pass finds the delivery without a finished
 job and files it.
 
-A job is claimed with a lease (an UPDATE that succeeds for one worker only, on
-any number of gateway nodes), then: open the delivered copy from the mail store,
-``received -> examined``, extract, file (``file_into_record``: idempotent per
-document), acknowledge (idempotent per notice), and finish as ``filed`` or
-``not-filed`` with one outcome row per document. Each step is safe to repeat,
-so a job interrupted anywhere is simply run again. Unexpected errors (database
-or disk trouble) are retried with growing delays up to ``max_attempts``, then
-the job is ``failed`` and shows in ``gateway record quarantine``; ``gateway
-record refile`` runs it again.
+Jobs are claimed with a lease, a chunk at a time (one UPDATE that succeeds for
+one worker only, on any number of gateway nodes: one commit for the chunk).
+Then, per job, with no database write: open the delivered copy from the mail
+store (for a message S/MIME-encrypted to a key the gateway holds, the
+decrypted copy the pipeline kept: ``SmimeService.decrypted_copy``), extract,
+and ``prepare_filing`` (the documents' encrypted blobs and sealed metadata,
+fsynced). Then one transaction, which first checks that the lease is still
+this worker's: the record rows and their audit entries (``apply_filing``), the
+acknowledgements (notice rows and queue rows, their spool files fsynced before
+the commit), the outcome rows, and the job ``filed`` or ``not-filed`` with the
+examined message's Message-ID, sender, recipient and subject (sealed under the
+mailbox's key). Everything is decided again inside the transaction, so a job
+interrupted anywhere is simply run again. Unexpected errors (database or disk
+trouble) are retried with growing delays up to ``max_attempts``, then the job
+is ``failed`` and shows in ``gateway record quarantine``; ``gateway record
+refile`` runs it again. (``examined`` is no longer written: a job goes from
+``received`` to its end in one commit; older rows in that state are resumed.)
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import datetime as dt
 import email
 import email.policy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Protocol
@@ -40,9 +48,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
-from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage
+from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
 from gateway.dmp_bridge.extract import extract_documents
-from gateway.dmp_bridge.filing import AuditJournal, FilingContext, FilingJournal, FilingReport, file_into_record
+from gateway.dmp_bridge.filing import (
+    AuditJournal,
+    FilingContext,
+    FilingJournal,
+    FilingReport,
+    LoggingJournal,
+    PreparedFiling,
+    apply_filing,
+    committed,
+    prepare_filing,
+)
+from gateway.dmp_bridge.record import JOB_SUBJECT_COLUMN, OUTCOME_ATTACHMENT_COLUMN, RecordSealer
 from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob, FilingOutcome, JobState
 from gateway.errors import Conflict, NotFound
 from gateway.mailstore.errors import FolderNotFound, MessageNotFound, UidValidityChanged
@@ -52,6 +71,9 @@ from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Delivery
 from gateway.pipeline.generated import GeneratedMailQueue
 from gateway.pipeline.spool import Spool
+from gateway.security.at_rest import FieldSealer
+from gateway.security.smime_policy import InboundResult
+from gateway.security.smime_service import DecryptedCopy
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
@@ -68,6 +90,7 @@ class WorkerPolicy:
     poll_seconds: float = 10.0  # the safety net: deliveries made by other nodes, retries falling due
     batch: int = 100
     concurrency: int = 4  # jobs run side by side: one waits on an fsync while another parses
+    claim_chunk: int = 16  # jobs leased per commit (well within the lease at ``concurrency`` at a time)
 
     def retry_delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
@@ -77,17 +100,41 @@ class _Gone(Exception):
     """The delivered copy is no longer where it was delivered (moved or expunged before filing)."""
 
 
+class _LeaseLost(Exception):
+    """The job's lease expired and another worker took the job over: this run's work is rolled back."""
+
+
+class InboundSecurity(Protocol):
+    """What the worker asks of ``SmimeService``: the S/MIME verdict and decrypted copy of a delivery."""
+
+    async def inbound_result(self, queue_id: str, mailbox_id: int) -> InboundResult | None: ...
+
+    async def decrypted_copy(self, delivery_key: str, mailbox_id: int) -> DecryptedCopy | None: ...
+
+
+@dataclass(frozen=True)
+class _Examined:
+    """The delivered message as filing sees it."""
+
+    delivered: DeliveredMessage
+    documents_source: EmailMessage     # the decrypted content when the gateway decrypted it, else the message
+    signature_result: str | None
+
+
 class FilingWorker:
     def __init__(self, db: Database, mailstore: SqlMailStore, blobs: BlobStore, *, acknowledger: Acknowledger | None,
                  hub: ChangeHub | None = None, journal: FilingJournal | None = None,
-                 policy: WorkerPolicy = WorkerPolicy()) -> None:
+                 policy: WorkerPolicy = WorkerPolicy(), smime: InboundSecurity | None = None,
+                 fields: FieldSealer | None = None) -> None:
         self.db = db
         self.mailstore = mailstore
         self.blobs = blobs
         self.acknowledger = acknowledger
         self.hub = hub
-        self.journal = journal
+        self.journal = journal or LoggingJournal()
         self.policy = policy
+        self.smime = smime
+        self.sealer = RecordSealer(fields or FieldSealer(blobs.keys))
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listening = False
@@ -135,12 +182,14 @@ class FilingWorker:
         ran = 0
         slots = asyncio.Semaphore(self.policy.concurrency)
 
-        async def run_in_slot(job_id: int) -> int:
+        async def run_in_slot(job_id: int, lease: dt.datetime) -> int:
             async with slots:
-                return await self._run_claimed(job_id)
+                return await self._run_leased(job_id, lease)
 
         while job_ids := await self._due_jobs():
-            ran += sum(await asyncio.gather(*(run_in_slot(job_id) for job_id in job_ids)))
+            for chunk in _chunks(job_ids, self.policy.claim_chunk):
+                claimed = await self._claim(chunk)
+                ran += sum(await asyncio.gather(*(run_in_slot(job_id, lease) for job_id, lease in claimed.items())))
             if len(job_ids) < self.policy.batch:
                 break
         return ran
@@ -170,23 +219,28 @@ class FilingWorker:
                                            or_(FilingJob.lease_until.is_(None), FilingJob.lease_until < now))
                 .order_by(FilingJob.id).limit(self.policy.batch))).all())
 
-    async def _claim(self, job_id: int) -> bool:
+    async def _claim(self, job_ids: Sequence[int]) -> dict[int, dt.datetime]:
+        """Lease the free jobs among ``job_ids`` in one commit; the claimed ones, with their lease (which
+        is this claim's own value, so a worker can tell later whether the job is still its)."""
         now = utcnow()
+        lease = now + dt.timedelta(seconds=self.policy.lease_seconds)
         async with self.db.session() as session:
-            result = await session.execute(
-                update(FilingJob).where(FilingJob.id == job_id, FilingJob.state.in_(OPEN_JOB_STATES),
+            await session.execute(
+                update(FilingJob).where(FilingJob.id.in_(job_ids), FilingJob.state.in_(OPEN_JOB_STATES),
                                         or_(FilingJob.lease_until.is_(None), FilingJob.lease_until < now))
-                .values(lease_until=now + dt.timedelta(seconds=self.policy.lease_seconds),
-                        attempts=FilingJob.attempts + 1, updated_at=now))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+                .values(lease_until=lease, attempts=FilingJob.attempts + 1, updated_at=now)
+                .execution_options(synchronize_session=False))
+            claimed = (await session.scalars(select(FilingJob.id).where(FilingJob.id.in_(job_ids),
+                                                                        FilingJob.lease_until == lease))).all()
+        return {job_id: lease for job_id in sorted(claimed)}
 
-    async def _run_claimed(self, job_id: int) -> int:
-        if not await self._claim(job_id):
-            return 0  # another worker has it
+    async def _run_leased(self, job_id: int, lease: dt.datetime) -> int:
         try:
-            await self._run(job_id)
+            await self._run(job_id, lease)
         except _Gone as gone:
             await self._finish(job_id, JobState.NOT_FILED, error=str(gone))
+        except _LeaseLost:
+            log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job_id)
         except Exception as error:
             log.warning("filing job %d failed: %s", job_id, error, exc_info=True)
             await self._defer(job_id, f"{type(error).__name__}: {error}")
@@ -194,21 +248,57 @@ class FilingWorker:
 
     # ----------------------------------------------------------------- one job
 
-    async def _run(self, job_id: int) -> None:
+    async def _run(self, job_id: int, lease: dt.datetime) -> None:
         job, delivery, mailbox = await self._load(job_id)
-        raw = await self._read_delivered(delivery)
-        message = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(message, EmailMessage)
-        delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, message, raw)
-        await self._mark_examined(job_id, delivered)
-        extraction = await asyncio.to_thread(extract_documents, message)
-        context = FilingContext(delivery_key=job.delivery_key, message_id=_header(message, "Message-ID", 998),
+        examined = await self._examine(job, delivery, mailbox)
+        delivered = examined.delivered
+        extraction = await asyncio.to_thread(extract_documents, examined.documents_source)
+        context = FilingContext(delivery_key=job.delivery_key, message_id=_header(delivered.message, "Message-ID", 998),
                                 sender=delivered.return_path, accept_production=self.policy.accept_production,
-                                mailbox_patient_id=mailbox.patient_id if mailbox.type == "PAT" else None)
-        report = await file_into_record(self.db, self.blobs, extraction, context, journal=self.journal)
+                                mailbox_patient_id=mailbox.patient_id if mailbox.type == "PAT" else None,
+                                signature_result=examined.signature_result)
+        prepared = await prepare_filing(self.db, self.blobs, extraction, context, self.sealer)
+        try:
+            report = await self._commit_job(job_id, lease, mailbox.id, delivered, prepared)
+        except BaseException:
+            await prepared.release(self.blobs, kept=())
+            raise
+        await prepared.release(self.blobs, kept=report.blob_ids)
+
+    async def _commit_job(self, job_id: int, lease: dt.datetime, mailbox_id: int, delivered: DeliveredMessage,
+                          prepared: PreparedFiling) -> FilingReport:
+        """The one transaction of a job: records, audit entries, notices, outcomes, the job's end."""
+        sealed = await self._sealed_message_fields(mailbox_id, delivered, prepared)
+        notices: list[QueuedNotice] = []
+
+        async def work(session: AsyncSession) -> FilingReport:
+            nonlocal notices
+            self._discard(notices)  # spooled by an attempt whose commit failed: never queued
+            await self._check_lease(session, job_id, lease)  # also takes SQLite's write lock first
+            report = await apply_filing(session, self.blobs, prepared, self.journal)
+            if self.acknowledger is not None:
+                notices = await self.acknowledger.queue_in(session, delivered, report)
+            try:
+                await self._record_outcomes(session, job_id, report, delivered, sealed)
+                await session.flush()
+            except BaseException:
+                self._discard(notices)
+                raise
+            return report
+
+        try:
+            report = await committed(self.db, work)
+        except BaseException:
+            self._discard(notices)
+            raise
         if self.acknowledger is not None:
-            await self.acknowledger.after_filing(delivered, report)
-        await self._record_outcomes(job_id, report)
+            self.acknowledger.dispatch(notices)
+        return report
+
+    def _discard(self, notices: list[QueuedNotice]) -> None:
+        if self.acknowledger is not None and notices:
+            self.acknowledger.discard(notices)
+            notices.clear()
 
     async def _load(self, job_id: int) -> tuple[FilingJob, Delivery, Mailbox]:
         async with self.db.session() as session:
@@ -219,6 +309,19 @@ class FilingWorker:
             raise _Gone(f"delivery of job {job_id} no longer exists")
         return row[0], row[1], row[2]
 
+    async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox) -> _Examined:
+        raw = await self._read_delivered(delivery)
+        delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, _parse(raw), raw)
+        if self.smime is None:
+            return _Examined(delivered, delivered.message, None)
+        decrypted = await self.smime.decrypted_copy(job.delivery_key, mailbox.id)
+        if decrypted is not None:
+            return _Examined(delivered, _parse(decrypted.content),
+                             _signature_result(decrypted.status, decrypted.summary, decrypted.signer))
+        result = await self.smime.inbound_result(job.delivery_key.split(":", 1)[0], mailbox.id)
+        signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
+        return _Examined(delivered, delivered.message, signature)
+
     async def _read_delivered(self, delivery: Delivery) -> bytes:
         folder = FolderRef(delivery.mailbox_id, delivery.folder_name, delivery.uidvalidity)
         try:
@@ -228,24 +331,41 @@ class FilingWorker:
         async with body:
             return await body.read()
 
-    async def _mark_examined(self, job_id: int, delivered: DeliveredMessage) -> None:
-        async with self.db.session() as session:
-            await session.execute(update(FilingJob).where(FilingJob.id == job_id).values(
-                state=JobState.EXAMINED.value, message_id=_header(delivered.message, "Message-ID", 998),
-                sender=(delivered.return_path or "")[:320] or None, recipient=delivered.recipient[:320],
-                subject=delivered.subject or None, updated_at=utcnow()))
+    async def _sealed_message_fields(self, mailbox_id: int, delivered: DeliveredMessage,
+                                     prepared: PreparedFiling) -> dict[str | None, str | None]:
+        """The subject and the attachment names, sealed under the mailbox's key before the transaction
+        (a key created on first use takes a transaction of its own). Key None is the subject."""
+        names = {o.attachment for o in prepared.failures} | {p.document.attachment for p in prepared.pending}
+        sealed: dict[str | None, str | None] = {
+            name: await self.sealer.seal_for_mailbox(mailbox_id, OUTCOME_ATTACHMENT_COLUMN, name[:512])
+            for name in names if name}
+        sealed[None] = await self.sealer.seal_for_mailbox(mailbox_id, JOB_SUBJECT_COLUMN, delivered.subject or None)
+        return sealed
 
-    async def _record_outcomes(self, job_id: int, report: FilingReport) -> None:
+    @staticmethod
+    async def _check_lease(session: AsyncSession, job_id: int, lease: dt.datetime) -> None:
+        result = await session.execute(
+            update(FilingJob).where(FilingJob.id == job_id, FilingJob.lease_until == lease,
+                                    FilingJob.state.in_(OPEN_JOB_STATES))
+            .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+        if not result.rowcount:  # type: ignore[attr-defined]
+            raise _LeaseLost(job_id)
+
+    async def _record_outcomes(self, session: AsyncSession, job_id: int, report: FilingReport,
+                               delivered: DeliveredMessage, sealed: dict[str | None, str | None]) -> None:
         refusal = report.first_refusal
         state = JobState.FILED if report.in_record else JobState.NOT_FILED
         patients = sorted(report.patient_ids)
-        async with self.db.session() as session:
-            await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
-            session.add_all(FilingOutcome(job_id=job_id, document_unique_id=o.unique_id, attachment=(o.attachment or "")[:512] or None,
-                                          outcome=o.outcome.value, code=int(o.code) if o.code else None, reason=o.reason,
-                                          record_document_id=o.record_document_id) for o in report.outcomes)
-            await self._set_finished(session, job_id, state, result_code=int(refusal.code) if refusal and refusal.code else None,
-                                     documents_filed=len(report.filed), patient_id=patients[0] if patients else None)
+        await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
+        session.add_all(FilingOutcome(job_id=job_id, document_unique_id=o.unique_id,
+                                      attachment=sealed.get(o.attachment) if o.attachment else None,
+                                      outcome=o.outcome.value, code=int(o.code) if o.code else None, reason=o.reason,
+                                      record_document_id=o.record_document_id) for o in report.outcomes)
+        await self._set_finished(session, job_id, state, result_code=int(refusal.code) if refusal and refusal.code else None,
+                                 documents_filed=len(report.filed), patient_id=patients[0] if patients else None,
+                                 message_id=_header(delivered.message, "Message-ID", 998),
+                                 sender=(delivered.return_path or "")[:320] or None,
+                                 recipient=delivered.recipient[:320], subject=sealed[None])
 
     async def _finish(self, job_id: int, state: JobState, *, error: str) -> None:
         async with self.db.session() as session:
@@ -255,7 +375,8 @@ class FilingWorker:
     async def _set_finished(session: AsyncSession, job_id: int, state: JobState, **values: object) -> None:
         now = utcnow()
         await session.execute(update(FilingJob).where(FilingJob.id == job_id).values(
-            state=state.value, lease_until=None, next_attempt_at=None, finished_at=now, updated_at=now, **values))
+            state=state.value, lease_until=None, next_attempt_at=None, finished_at=now, updated_at=now, **values)
+            .execution_options(synchronize_session=False))
 
     async def _defer(self, job_id: int, error: str) -> None:
         async with self.db.session() as session:
@@ -282,7 +403,8 @@ class FilingWorker:
             job.state, job.attempts, job.next_attempt_at, job.lease_until = JobState.RECEIVED.value, 0, None, None
             job.finished_at, job.last_error = None, None
             job_id = job.id
-        await self._run_claimed(job_id)
+        for claimed_id, lease in (await self._claim([job_id])).items():
+            await self._run_leased(claimed_id, lease)
         async with self.db.session() as session:
             refreshed = await session.get(FilingJob, job_id)
         assert refreshed is not None
@@ -298,6 +420,7 @@ class FilingServices(Protocol):
     blobs: BlobStore
     hub: ChangeHub
     mailstore: SqlMailStore
+    fields: FieldSealer
 
 
 def build_filing_worker(services: FilingServices, spool: Spool, *, schedule_local: Callable[[str], None],
@@ -312,7 +435,25 @@ def build_filing_worker(services: FilingServices, spool: Spool, *, schedule_loca
     journal = AuditJournal(AuditLog.for_data_dir(services.db, settings.data_path))
     policy = WorkerPolicy(accept_production=settings.directory.accept_production_ins)
     return FilingWorker(services.db, services.mailstore, services.blobs, hub=services.hub, journal=journal,
-                        acknowledger=Acknowledger(services.db, queue, settings), policy=policy)
+                        acknowledger=Acknowledger(services.db, queue, settings), policy=policy,
+                        smime=getattr(services, "smime", None), fields=services.fields)
+
+
+def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [items[start:start + size] for start in range(0, len(items), max(size, 1))]
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def _signature_result(status: str, summary: str, signer: str | None) -> str | None:
+    """The record's signature column: the RFC 7281 ``smime=...`` summary and the signer, for a signed message."""
+    if signer is None and status in ("none", "neutral"):
+        return None  # encrypted without a signature, or nothing S/MIME about it
+    return f"{summary}; signer={signer}" if signer else summary
 
 
 def _header(message: EmailMessage, name: str, limit: int) -> str | None:

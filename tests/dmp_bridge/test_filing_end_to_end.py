@@ -13,8 +13,10 @@ import email
 import email.policy
 import imaplib
 import json
+import secrets
 import smtplib
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
@@ -28,6 +30,7 @@ from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.worker import FilingWorker, build_filing_worker
 from gateway.pipeline.spool import Spool
+from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import spool_root
 from tests.dmp_bridge.filing_world import SAMPLES, TEST_INS, message_with, sample
 from tests.harness import GatewayProcess
@@ -178,3 +181,66 @@ async def test_a_ccd_without_ins_is_delivered_reported_903_and_quarantined(serve
                for e in entries)
     shown = json.loads(served.cli("record", "list", "--patient", TEST_INS, "--json", check=True).stdout)
     assert all(d["patient"]["ins"] == TEST_INS for d in shown)
+
+
+# --------------------------------------------------------------------------- S/MIME
+
+
+def _openssl_cms(*arguments: str | Path, data: bytes) -> bytes:
+    completed = subprocess.run(["openssl", "cms", *map(str, arguments)], input=data, capture_output=True, check=False)
+    assert completed.returncode == 0, completed.stderr.decode(errors="replace")
+    return completed.stdout
+
+
+def _fresh_cda(marker: str) -> tuple[bytes, str]:
+    """The vaccination note with its own id and setId (a new document for the record)."""
+    number = int(marker, 16)
+    cda = sample("VAC-NOTE_2023.01.xml")
+    cda = cda.replace(b'<id root="1.2.250.1.213.1.1.1.46.2023.1.1"/>', f'<id root="1.2.250.1.999.{number}.1"/>'.encode())
+    cda = cda.replace(b'<setId root="1.2.250.1.213.1.1.1.46.2023.1"/>', f'<setId root="1.2.250.1.999.{number}"/>'.encode())
+    return cda, f"1.2.250.1.999.{number}.1"
+
+
+def _entity_with(cda: bytes) -> bytes:
+    """The MIME entity a practice software would sign and encrypt: a text part and the CDA."""
+    entity = EmailMessage(policy=email.policy.SMTP)
+    entity.set_content("Veuillez trouver ci-joint le compte rendu.\n")
+    entity.add_attachment(cda, maintype="text", subtype="xml", filename="VAC-NOTE.xml")
+    del entity["MIME-Version"]
+    return entity.as_bytes()
+
+
+async def test_a_signed_cda_encrypted_to_the_patient_is_filed_from_the_decrypted_copy(served: GatewayProcess,
+                                                                                    services: Services) -> None:
+    lab, patient = served.account("APP"), served.account("PAT")
+    pki = TestPKI.from_settings(services.settings)
+    marker = secrets.token_hex(6)
+    held = pki.issue_smime(patient["address"], "patient", "ec", name=f"dmp-patient-{marker}")
+    imported = served.cli("smime", "cert", "import", patient["address"], str(held.cert_path), "--key",
+                          str(held.key_path), "--hold-key")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    signer = pki.issue_smime(lab["address"], "labo", "ec", name=f"dmp-lab-{marker}")
+    cda, unique_id = _fresh_cda(marker)
+    subject = f"XDM/1.0/DDM+Note de vaccination {marker}"
+    signed = _openssl_cms("-sign", "-signer", signer.cert_path, "-inkey", signer.key_path,
+                          "-certfile", pki.intermediate_cert_path, data=_entity_with(cda))
+    sealed = _openssl_cms("-encrypt", "-aes256", "-from", lab["address"], "-to", patient["address"],
+                          "-subject", subject, "-recip", held.cert_path, data=signed)
+    message_id = f"<{marker}@labo.test>"
+    submit_raw(served, b"Message-ID: " + message_id.encode() + b"\r\n" + sealed, [patient["address"]])
+
+    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    await file_until(worker, services, message_id, 1)
+    document = await RecordStore(services.db, services.blobs, services.fields).get(unique_id)
+    assert document.patient_ins == TEST_INS and document.type_code == "87273-9"
+    assert await RecordStore(services.db, services.blobs).read_content(document) == cda
+    assert document.signature_result is not None
+    assert "smime=pass" in document.signature_result and f"signer={lab['address']}" in document.signature_result
+
+
+def submit_raw(served: GatewayProcess, raw: bytes, recipients: list[str]) -> None:
+    lab = served.account("APP")
+    with smtplib.SMTP("127.0.0.1", served.ports["smtp_submission_port"], local_hostname="labo.test", timeout=30) as smtp:
+        smtp.starttls(context=_tls(served))
+        smtp.login(lab["address"], lab["password"])
+        smtp.sendmail(lab["address"], recipients, raw)

@@ -9,7 +9,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from gateway.config import Settings
 from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT, Acknowledger
@@ -23,6 +23,7 @@ from gateway.pipeline.delivery import LocalDelivery as QueueDelivery
 from gateway.pipeline.generated import GeneratedMailQueue
 from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool
+from gateway.security.at_rest import is_sealed
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox
 from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, cda_message
@@ -224,3 +225,24 @@ async def test_a_message_expunged_before_filing_is_not_filed_with_the_reason(ben
     await bench.worker().run_once()
     job = await bench.job("q1:1")
     assert job.state == "not-filed" and "before filing" in (job.last_error or "")
+
+
+async def test_subject_attachment_names_and_titles_are_sealed_at_rest_and_opened_for_reading(bench: Bench) -> None:
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml", subject="Vaccination grippe"),
+                        bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("sampleccd.xml", subject="CCD DOE John"), bench.world.doctor_mailbox_id, "q2:1")
+    await bench.worker().run_once()
+    async with bench.world.db.session() as session:
+        stored = (await session.execute(select(FilingJob.subject, FilingJob.delivery_key))).all()
+        titles = (await session.execute(text("SELECT title, type_display, event_codes FROM record_documents"))).all()
+        attachments = (await session.execute(text("SELECT attachment FROM filing_outcomes"))).scalars().all()
+    assert all(is_sealed(subject) for subject, _key in stored)
+    assert all(is_sealed(title) and is_sealed(display) for title, display, _codes in titles) and titles
+    assert all("VACCINATION" not in str(codes).upper() for _title, _display, codes in titles)
+    assert all(is_sealed(name) for name in attachments if name is not None) and attachments
+    store = RecordStore(bench.world.db, bench.world.blobs)
+    [entry] = await store.quarantine()
+    assert (entry.subject, entry.attachment) == ("CCD DOE John", "sampleccd.xml")
+    [document] = await store.list_for_patient(TEST_INS)
+    assert document.title and not is_sealed(document.title) and not is_sealed(document.type_display)
+    assert isinstance(document.event_codes, list)

@@ -15,8 +15,6 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-import pytest
-
 from tests.harness import GatewayProcess
 
 PATIENCE = 60.0  # a bound on a hang, not a timing assertion
@@ -106,16 +104,8 @@ def test_delivered_message_leaves_no_plaintext_on_disk(gateway: GatewayProcess) 
     outside_database = [hit for hit in hits if not hit.endswith(("gateway.db", "gateway.db-wal"))]
     assert outside_database == [], f"plaintext on disk: {outside_database}"
     in_rows = _plaintext_in_rows(gateway.data_dir / "gateway.db", needles)
-    known = [hit for hit in in_rows if hit.endswith(KNOWN_LEAKS)]
-    assert [hit for hit in in_rows if hit not in known] == [], f"plaintext in database rows: {in_rows}"
-    if known:
-        pytest.xfail(f"known plaintext, owned by the DMP filing worker: {known}")
+    assert in_rows == [], f"plaintext in database rows: {in_rows}"
     assert hits == [], f"plaintext in the database file outside any live row (free pages, WAL): {hits}"
-
-
-# The filing worker (gateway/dmp_bridge/worker.py) copies the Subject into filing_jobs.subject for
-# the quarantine listing: the one plaintext copy left, reported to its owner.
-KNOWN_LEAKS = ("filing_jobs.subject",)
 
 
 def _plaintext_in_rows(database: Path, needles: dict[str, bytes]) -> list[str]:

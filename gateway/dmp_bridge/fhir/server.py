@@ -57,7 +57,8 @@ def record_access_from(services: Any, settings: Settings, *, audit: AuditLog | N
     audit_log = audit or getattr(services, "audit", None) or AuditLog.for_data_dir(services.db, settings.data_path)
     policy = AccessPolicy(AccessMatrix.load(settings.fhir.access_matrix), emergency_enabled=settings.fhir.emergency_access)
     choices = PatientChoicesService(services.db, audit_log)
-    access = RecordAccessService(services.db, services.blobs, audit_log, choices, policy, notifier or LoggingNotifier())
+    access = RecordAccessService(services.db, services.blobs, audit_log, choices, policy, notifier or LoggingNotifier(),
+                                 fields=getattr(services, "fields", None))
     return access, audit_log
 
 

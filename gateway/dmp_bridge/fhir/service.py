@@ -46,6 +46,7 @@ from gateway.dmp_bridge.record import (
 )
 from gateway.dmp_bridge.tables import DocumentStatus, RecordDocument
 from gateway.errors import NotFound, UserError
+from gateway.security.at_rest import FieldSealer
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 
@@ -161,9 +162,9 @@ def facts(document: RecordDocument) -> DocumentFacts:
 
 class RecordAccessService:
     def __init__(self, db: Database, blobs: BlobStore, audit: AuditLog, choices: PatientChoicesService,
-                 policy: AccessPolicy, notifier: PatientNotifier) -> None:
+                 policy: AccessPolicy, notifier: PatientNotifier, *, fields: FieldSealer | None = None) -> None:
         self.db = db
-        self.store = RecordStore(db, blobs)
+        self.store = RecordStore(db, blobs, fields)  # opens the sealed metadata of the rows it reads
         self.audit = audit
         self.choices = choices
         self.policy = policy
@@ -236,7 +237,8 @@ class RecordAccessService:
         if not document_id.isdigit() or len(document_id) > 18:
             return None
         async with self.db.session() as session:
-            return await session.get(RecordDocument, int(document_id))
+            document = await session.get(RecordDocument, int(document_id))
+        return await self.store.opened(document) if document is not None else None
 
     # ------------------------------------------------------------------ update (PDSm: status, securityLabel, isArchived)
 
@@ -268,7 +270,7 @@ class RecordAccessService:
                 document.status = _checked_status(change.status)
             if change.security_labels is not None:
                 _apply_labels(document, change.security_labels)
-            return document
+        return await self.store.opened(document)  # detached once committed: opening writes nothing back
 
     async def _set_archived(self, unique_id: str, archived: bool, idnps: str) -> None:
         async with self.db.session() as session:
