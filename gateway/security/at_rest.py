@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import func, select
 
 from gateway.security.keys import KeyManager, UnknownDataKey, mailbox_owner
+from gateway.security.segments import SegmentAead
 from gateway.storage.db import Database
 
 log = logging.getLogger("gateway.at_rest")
@@ -155,23 +156,10 @@ class _SpoolHeader:
         return SPOOL_HEADER.pack(SPOOL_MAGIC, SPOOL_VERSION, self.key_id, self.salt, self.nonce_prefix)
 
 
-class _SegmentAead:
-    def __init__(self, data_key: bytes, header: _SpoolHeader, binding: str) -> None:
-        self._aead = AESGCM(_derive(data_key, b"gateway-spool-v1", binding, header.salt))
-        self._prefix = header.nonce_prefix
-        self._aad = header.pack() + b"\x00" + binding.encode()
-
-    def _nonce(self, index: int, last: bool) -> bytes:
-        return self._prefix + struct.pack("!IB", index, 1 if last else 0)
-
-    def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
-        return self._aead.encrypt(self._nonce(index, last), plaintext, self._aad)
-
-    def open(self, index: int, sealed: bytes, last: bool) -> bytes:
-        try:
-            return self._aead.decrypt(self._nonce(index, last), sealed, self._aad)
-        except InvalidTag:
-            raise SealedDataError(f"spool segment {index} fails authentication") from None
+def _spool_segments(data_key: bytes, header: _SpoolHeader, binding: str) -> SegmentAead:
+    return SegmentAead(_derive(data_key, b"gateway-spool-v1", binding, header.salt), header.nonce_prefix,
+                       header.pack() + b"\x00" + binding.encode(),
+                       failure=lambda index: SealedDataError(f"spool segment {index} fails authentication"))
 
 
 class SpoolCipher:
@@ -198,10 +186,10 @@ class SpoolCipher:
             return handle
         return io.BufferedReader(_SealedSpoolReader(handle, self, binding), SPOOL_SEGMENT)  # type: ignore[return-value]
 
-    def _aead(self, header: _SpoolHeader, binding: str) -> _SegmentAead:
+    def _aead(self, header: _SpoolHeader, binding: str) -> SegmentAead:
         if header.key_id != self.key_id:
             raise SealedDataError(f"spool file sealed under data key {header.key_id}, the spool key is {self.key_id}")
-        return _SegmentAead(self._data_key, header, binding)
+        return _spool_segments(self._data_key, header, binding)
 
 
 class SealedSpoolWriter:

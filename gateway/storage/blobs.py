@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.security.keys import KeyManager, UnknownDataKey
+from gateway.security.segments import SegmentAead
 
 MAGIC = b"GWBL"
 VERSION = 1
@@ -95,29 +94,14 @@ class _Header:
         return cls(key_id, salt, prefix, segment_size)
 
 
-class _SegmentCipher:
-    """Seals and opens the segments of one blob."""
-
-    def __init__(self, data_key: bytes, header: _Header, owner: str, blob_id: str) -> None:
-        binding = owner.encode() + b"\x00" + blob_id.encode()
-        blob_key = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=header.salt, info=b"gateway-blob-v1\x00" + binding
-        ).derive(data_key)
-        self._aead = AESGCM(blob_key)
-        self._prefix = header.nonce_prefix
-        self._aad = header.pack() + b"\x00" + binding
-
-    def _nonce(self, index: int, last: bool) -> bytes:
-        return self._prefix + struct.pack("!IB", index, 1 if last else 0)
-
-    def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
-        return self._aead.encrypt(self._nonce(index, last), plaintext, self._aad)
-
-    def open(self, index: int, sealed: bytes, last: bool) -> bytes:
-        try:
-            return self._aead.decrypt(self._nonce(index, last), sealed, self._aad)
-        except InvalidTag:
-            raise BlobCorrupt(f"segment {index} fails authentication") from None
+def _segment_cipher(data_key: bytes, header: _Header, owner: str, blob_id: str) -> SegmentAead:
+    """The segments of one blob: a key of its own (HKDF over the owner's data key), bound to owner and id."""
+    binding = owner.encode() + b"\x00" + blob_id.encode()
+    blob_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=header.salt, info=b"gateway-blob-v1\x00" + binding
+    ).derive(data_key)
+    return SegmentAead(blob_key, header.nonce_prefix, header.pack() + b"\x00" + binding,
+                       failure=lambda index: BlobCorrupt(f"segment {index} fails authentication"))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -139,7 +123,7 @@ class BlobWriter:
         self._store = store
         self._header = _Header(key_id, secrets.token_bytes(SALT_BYTES), secrets.token_bytes(NONCE_PREFIX_BYTES),
                                SEGMENT_SIZE)
-        self._cipher = _SegmentCipher(data_key, self._header, owner, self.blob_id)
+        self._cipher = _segment_cipher(data_key, self._header, owner, self.blob_id)
         self._pending = bytearray()
         self._index = 0
         self._size = 0
@@ -183,7 +167,7 @@ class BlobReader:
     trustworthy and a truncated file is refused up front. Synchronous: run in a thread.
     """
 
-    def __init__(self, file: BinaryIO, header: _Header, cipher: _SegmentCipher, file_size: int) -> None:
+    def __init__(self, file: BinaryIO, header: _Header, cipher: SegmentAead, file_size: int) -> None:
         self._file = file
         self._cipher = cipher
         self._segment_size = header.segment_size
@@ -276,7 +260,7 @@ class BlobStore:
         file, header, file_size = await asyncio.to_thread(_open_with_header, path)
         try:
             data_key = await self._data_key(owner, header.key_id)
-            cipher = _SegmentCipher(data_key, header, owner, blob_id)
+            cipher = _segment_cipher(data_key, header, owner, blob_id)
             return await asyncio.to_thread(BlobReader, file, header, cipher, file_size)
         except BaseException:
             file.close()
