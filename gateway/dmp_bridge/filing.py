@@ -198,7 +198,14 @@ class AuditJournal:
         await self.audit.append(AuditEvent.DOCUMENT_FILING_REFUSED, actor=Actor.system("dmp-bridge"),
                                 patient=outcome.patient_ins, subject=subject, source=Source(Door.SMTP),
                                 outcome=Outcome.refused(reason[:1000]),
-                                details={"attachment": (outcome.attachment or "")[:200]}, session=session)
+                                details={"attachment_sha256": _name_digest(outcome.attachment)}, session=session)
+
+
+def _name_digest(name: str | None) -> str | None:
+    """An attachment's name as a digest: the audit log is kept in clear for auditors and outlives
+    crypto-shredding, and a file name ("CR_DUPONT_IRM.pdf") can say who and what; the digest still
+    matches the name in the (sealed) filing outcome."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32] if name else None
 
 
 def _author_actor(document: RecordDocument) -> Actor:
