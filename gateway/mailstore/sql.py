@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore import names
@@ -57,6 +58,8 @@ from gateway.mailstore.interface import (
     PERMANENT_FLAGS,
     SPECIAL_USES,
     SYSTEM_FLAGS,
+    All,
+    AnyOf,
     AppendResult,
     Changes,
     CopyResult,
@@ -66,11 +69,13 @@ from gateway.mailstore.interface import (
     FolderRef,
     FolderSnapshot,
     FolderStatus,
+    Header,
     MailStore,
     MessageBody,
     MessageMeta,
     MessageSource,
     MoveResult,
+    Not,
     QuotaUsage,
     SearchKey,
     StoreMode,
@@ -78,7 +83,7 @@ from gateway.mailstore.interface import (
     UidSet,
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
-from gateway.mailstore.search import Evaluator, prefilter, to_sql, uid_clause
+from gateway.mailstore.search import CACHED_HEADERS, Evaluator, prefilter, to_sql, uid_clause
 from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.security.at_rest import HeaderSealer
 from gateway.security.keys import mailbox_owner
@@ -197,6 +202,19 @@ class _MetaRow:
     def __init__(self, values: Sequence[Any]) -> None:
         for name, value in zip(self.__slots__, values, strict=True):
             setattr(self, name, value)
+
+
+def _cached_columns(key: SearchKey) -> set[str]:
+    """The cached header columns a SEARCH key compares (the evaluator reads no other sealed column)."""
+    match key:
+        case All(keys) | AnyOf(keys):
+            return set().union(*(_cached_columns(part) for part in keys))
+        case Not(inner):
+            return _cached_columns(inner)
+        case Header(name, _):
+            column = CACHED_HEADERS.get(name.lower())
+            return {column} if column else set()
+    return set()
 
 
 def _meta(row: Message | _MetaRow) -> MessageMeta:
@@ -796,11 +814,16 @@ class SqlMailStore(MailStore):
             if compiled is not None:
                 return list(await session.scalars(
                     select(Message.uid).where(Message.folder_id == row.id, compiled).order_by(Message.uid)))
-            candidates = (await session.scalars(select(Message).where(
+            # The evaluator never reads the ENVELOPE: not loading it saves a JSON decode per candidate.
+            candidates = (await session.scalars(select(Message).options(defer(Message.envelope)).where(
                 Message.folder_id == row.id, prefilter(key, recent_uids, header_columns=header_columns))
                 .order_by(Message.uid))).all()
-        await self._unseal(folder.mailbox_id, candidates)
         owner = mailbox_owner(folder.mailbox_id)
+        if self.headers is not None:
+            # Unseal only the cached columns the key names (SEARCH FROM: one decryption per row, not six).
+            for column in sorted(_cached_columns(key)):
+                for message in candidates:
+                    setattr(message, column, await self.headers.fields.open(owner, column, getattr(message, column)))
         evaluator = Evaluator(recent_uids, lambda m: self._read_head(owner, m),
                               lambda m, text, headers: self._body_contains(owner, m, text, headers))
         return [m.uid for m in candidates if await evaluator.matches(key, m)]
