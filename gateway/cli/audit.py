@@ -31,8 +31,19 @@ from gateway.audit import (
 )
 from gateway.audit.export import EXPORT_FORMATS, ExportSummary
 from gateway.audit.log import AuditChainConflict
-from gateway.cli.common import emit_json, emit_record, emit_rows, json_option, run, user_errors, with_services
+from gateway.cli.common import (
+    emit_json,
+    emit_record,
+    emit_rows,
+    encrypt_to_option,
+    json_option,
+    run,
+    text_stream,
+    user_errors,
+    with_services,
+)
 from gateway.errors import UserError
+from gateway.security.openpgp import OpenPgpRecipient, encrypted_output
 
 LIST_COLUMNS = ["seq", "at", "event", "actor", "patient", "subject", "outcome", "door"]
 
@@ -62,17 +73,23 @@ def verify(from_seq: int | None, as_json: bool) -> None:
               help="jsonl carries a header and trailer for a complete offline check; csv is for spreadsheets")
 @click.option("--patient", metavar="INS", help="only this patient's entries")
 @click.option("--since", metavar="DATE", help="from the first entry at or after DATE (YYYY-MM-DD or ISO 8601; UTC if no zone)")
+@encrypt_to_option
 @json_option
 @user_errors
-def export(file: Path, fmt: str, patient: str | None, since: str | None, as_json: bool) -> None:
+def export(file: Path, fmt: str, patient: str | None, since: str | None, encrypt_to: Path | None,
+           as_json: bool) -> None:
     """Write entries with their hashes, for an auditor to re-verify with ``verify-export``."""
     since_at = parse_since(since) if since else None
-    summary: ExportSummary = with_services(lambda services: _export(services, file, fmt, patient, since_at))
+    result: tuple[ExportSummary, OpenPgpRecipient | None] = with_services(
+        lambda services: _export(services, file, fmt, patient, since_at, encrypt_to))
+    summary, recipient = result
     if as_json:
-        emit_json({**summary.as_dict(), "file": str(file)})
+        emit_json({**summary.as_dict(), "file": str(file),
+                   "encrypted_to": recipient.fingerprint if recipient else None})
         return
     span = f" (entries {summary.first_seq}..{summary.last_seq})" if summary.entries else ""
-    click.echo(f"exported {summary.entries} entries{span} to {file}")
+    sealed = f", encrypted to {recipient.describe()}" if recipient else ""
+    click.echo(f"exported {summary.entries} entries{span} to {file}{sealed}")
 
 
 @audit.command("verify-export")
@@ -159,7 +176,8 @@ def _open_log(services: Any) -> AuditLog:
     return AuditLog.for_data_dir(services.db, services.settings.data_path)
 
 
-def _operator() -> Actor:
+def operator_actor() -> Actor:
+    """The operating-system user running the command, as the audit log's actor."""
     try:
         login = getpass.getuser()
     except (KeyError, OSError):  # no login name and no passwd entry (some containers)
@@ -172,7 +190,7 @@ async def _verify(services: Any, from_seq: int | None) -> VerifyReport:
     report = await log.verify(from_seq=from_seq)
     outcome = Outcome.success() if report.ok else Outcome.refused(report.summary())
     try:
-        await log.append(AuditEvent.AUDIT_VERIFIED, actor=_operator(), patient=None, source=Source(Door.CLI),
+        await log.append(AuditEvent.AUDIT_VERIFIED, actor=operator_actor(), patient=None, source=Source(Door.CLI),
                          outcome=outcome, details={"checked": report.checked, "from_seq": from_seq or 1})
     except AuditChainConflict:
         if report.ok:
@@ -181,14 +199,21 @@ async def _verify(services: Any, from_seq: int | None) -> VerifyReport:
     return report
 
 
-async def _export(services: Any, file: Path, fmt: str, patient: str | None,
-                  since: dt.datetime | None) -> ExportSummary:
+async def _export(services: Any, file: Path, fmt: str, patient: str | None, since: dt.datetime | None,
+                  encrypt_to: Path | None) -> tuple[ExportSummary, OpenPgpRecipient | None]:
     log = _open_log(services)
-    summary = await log.export(file, format=fmt, patient=patient, since=since)
-    details: dict[str, Any] = {**summary.as_dict(), "since": since.isoformat() if since else None}
-    await log.append(AuditEvent.AUDIT_EXPORTED, actor=_operator(), patient=patient, source=Source(Door.CLI),
+    recipient: OpenPgpRecipient | None = None
+    if encrypt_to is None:
+        summary = await log.export(file, format=fmt, patient=patient, since=since)
+    else:
+        with encrypted_output(encrypt_to, file) as sink, text_stream(sink.stream) as stream:
+            summary = await log.export(stream, format=fmt, patient=patient, since=since)
+        recipient = sink.recipient
+    details: dict[str, Any] = {**summary.as_dict(), "since": since.isoformat() if since else None,
+                               "encrypted_to": recipient.fingerprint if recipient else None}
+    await log.append(AuditEvent.AUDIT_EXPORTED, actor=operator_actor(), patient=patient, source=Source(Door.CLI),
                      subject=Subject("file", str(file.resolve())), details=details)
-    return summary
+    return summary, recipient
 
 
 async def _list(services: Any, patient: str | None, events: list[AuditEvent], actor_id: str | None,
@@ -196,7 +221,7 @@ async def _list(services: Any, patient: str | None, events: list[AuditEvent], ac
     log = _open_log(services)
     entries = await log.search(patient=patient, events=events, actor_id=actor_id, limit=limit, before_seq=before_seq)
     if patient is not None:
-        await log.append(AuditEvent.AUDIT_CONSULTED, actor=_operator(), patient=patient, source=Source(Door.CLI),
+        await log.append(AuditEvent.AUDIT_CONSULTED, actor=operator_actor(), patient=patient, source=Source(Door.CLI),
                          details={"shown": len(entries)})
     return entries
 

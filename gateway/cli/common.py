@@ -8,12 +8,16 @@ output on stdout; tables are for people.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import io
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import click
 from rich.console import Console
@@ -68,6 +72,44 @@ def data_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(func)
+
+
+def encrypt_to_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--encrypt-to KEYFILE.asc``: an export encrypted to an OpenPGP key (the plaintext never reaches the disk)."""
+    return click.option(
+        "--encrypt-to", "encrypt_to", type=click.Path(path_type=Path), metavar="KEYFILE.asc",
+        help="encrypt the file to this OpenPGP public key (ASCII-armoured), for mail or USB transport",
+    )(func)
+
+
+@contextlib.contextmanager
+def text_stream(binary: BinaryIO) -> Iterator[io.TextIOWrapper]:
+    """UTF-8 text over a binary stream the caller keeps (flushed, then detached: never closed here)."""
+    text = io.TextIOWrapper(binary, encoding="utf-8", newline="", write_through=True)
+    try:
+        yield text
+        text.flush()
+    finally:
+        text.detach()
+
+
+@contextlib.contextmanager
+def private_file(target: Path) -> Iterator[BinaryIO]:
+    """Write beside ``target`` (mode 0600: health data), fsync, then rename: nobody sees half a file."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot write beside {target}: {exc.strerror}", field="file") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def run(coro: Awaitable[T]) -> T:

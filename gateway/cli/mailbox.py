@@ -1,12 +1,29 @@
-"""``gateway mailbox``: create mailboxes, set credentials, delegate, disable."""
+"""``gateway mailbox``: create mailboxes, set credentials, delegate, disable, export."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
-from gateway.cli.common import emit_record, emit_rows, json_option, split_csv, with_services
+from gateway.audit import AuditEvent, Door, Source, Subject
+from gateway.cli.audit import operator_actor
+from gateway.cli.common import (
+    emit_json,
+    emit_record,
+    emit_rows,
+    encrypt_to_option,
+    json_option,
+    private_file,
+    split_csv,
+    user_errors,
+    with_services,
+)
+from gateway.errors import NotFound
+from gateway.mailstore.mbox import MboxSummary, write_mbox
+from gateway.security.openpgp import OpenPgpRecipient, encrypted_output
 
 
 @click.group()
@@ -119,3 +136,60 @@ def list_(domain: str | None, box_type: str | None, hosted: bool | None, query: 
     """List mailboxes."""
     rows = with_services(lambda s: s.directory.list_mailboxes(query=query, domain=domain, type=box_type, hosted=hosted, limit=limit))
     emit_rows(rows, ["address", "type", "hosted", "display_name", "state"], as_json=as_json)
+
+
+@dataclass(frozen=True)
+class MailboxExport:
+    address: str
+    summary: MboxSummary
+    recipient: OpenPgpRecipient | None
+
+
+@mailbox.command("export")
+@click.argument("address")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--folder", "folders", multiple=True, metavar="NAME",
+              help="only this folder (repeatable; default: every folder)")
+@encrypt_to_option
+@json_option
+@user_errors
+def export(address: str, file: Path, folders: tuple[str, ...], encrypt_to: Path | None, as_json: bool) -> None:
+    """Write a hosted mailbox to FILE as an mbox (mboxrd), every message decrypted from the store.
+
+    The export is recorded in the audit log (an administrator's access to a mailbox).
+    """
+    done: MailboxExport = with_services(lambda services: _export(services, address, file, folders, encrypt_to))
+    if as_json:
+        emit_json({"address": done.address, "file": str(file), **done.summary.as_dict(),
+                   "encrypted_to": done.recipient.fingerprint if done.recipient else None})
+        return
+    sealed = f", encrypted to {done.recipient.describe()}" if done.recipient else ""
+    click.echo(f"exported {done.summary.messages} messages of {done.address} "
+               f"({len(done.summary.folders)} folders) to {file}{sealed}")
+
+
+async def _export(services: Any, address: str, file: Path, folders: tuple[str, ...],
+                  encrypt_to: Path | None) -> MailboxExport:
+    account = await services.directory.account(address)
+    if account is None:
+        raise NotFound(f"no mailbox {address} hosted here", field="address")
+    recipient: OpenPgpRecipient | None = None
+    if encrypt_to is None:
+        with private_file(file) as out:
+            summary = await write_mbox(services.mailstore, account.mailbox_id, out, folders)
+    else:
+        with encrypted_output(encrypt_to, file) as sink:
+            summary = await write_mbox(services.mailstore, account.mailbox_id, sink.stream, folders)
+        recipient = sink.recipient
+    await _record_export(services, account.address, file, summary, recipient)
+    return MailboxExport(account.address, summary, recipient)
+
+
+async def _record_export(services: Any, address: str, file: Path, summary: MboxSummary,
+                         recipient: OpenPgpRecipient | None) -> None:
+    box = await services.directory.show_mailbox(address)
+    details = {"action": "export", "file": str(file.resolve()), **summary.as_dict(),
+               "encrypted_to": recipient.fingerprint if recipient else None}
+    await services.audit.append(AuditEvent.ADMIN_MAILBOX_ACCESS, actor=operator_actor(),
+                                patient=box["owner"] if box["type"] == "PAT" else None, source=Source(Door.CLI),
+                                subject=Subject("mailbox", address), details=details)
