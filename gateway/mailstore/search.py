@@ -12,7 +12,7 @@ import email.parser
 import email.policy
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import ColumnElement, and_, false, not_, or_, true
+from sqlalchemy import ColumnElement, and_, false, func, not_, or_, true
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore.headers import decode_text, header_section
@@ -94,7 +94,9 @@ def to_sql(key: SearchKey, recent_uids: frozenset[int], *, header_columns: bool 
             return None if any(part is None for part in parts) else or_(false(), *parts)  # type: ignore[arg-type]
         case Not(inner):
             compiled = to_sql(inner, recent_uids, header_columns=header_columns)
-            return None if compiled is None else not_(compiled)
+            # SQL's NOT of an unknown (a NULL column: no Cc, no Date) is unknown, which filters the row out;
+            # RFC 3501 6.4.4 NOT wants it: a message that does not match the key matches its negation.
+            return None if compiled is None else not_(func.coalesce(compiled, false()))
         case HasFlag(flag):
             return _flag_clause(flag)
         case Recent():

@@ -21,6 +21,7 @@ KEYS = [
     All([Header("FROM", "dr"), Not(Header("SUBJECT", "x")), BodyContains("Bonjour 3", False)]),
     Header("Message-ID", "<4@"),
     Header("X-Unknown", ""),
+    Not(Header("CC", "x")),  # no message has a Cc: RFC 3501 6.4.4 NOT matches them all (SQL NULL must not hide them)
 ]
 
 
@@ -36,7 +37,5 @@ async def test_sealed_and_clear_stores_answer_alike(database: Database, blobs: B
             await store.append(FolderRef(box, INBOX), message(n))
         answers.append([await store.search(FolderRef(box, INBOX), key) for key in KEYS])
     assert answers[0] == answers[1]
-    # NOT of a header the message lacks (no Cc here): RFC 3501 says it matches. The sealed path evaluates in Python.
-    box_answers = await sealed.search(FolderRef(box, INBOX), Not(Header("CC", "x")))
-    assert box_answers == [1, 2, 3, 4, 5, 6]
+    assert answers[0][-1] == answers[1][-1] == [1, 2, 3, 4, 5, 6]
     assert answers[1][0] == [1, 2, 3, 4, 5, 6] and answers[1][1] == [3] and answers[1][4] == [4]
