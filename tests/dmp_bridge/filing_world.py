@@ -7,6 +7,7 @@ with a professional mailbox, and builders of MIME messages carrying documents.
 
 from __future__ import annotations
 
+import datetime as dt
 import email.policy
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -28,6 +29,9 @@ from gateway.storage.models import Mailbox, Patient
 from sqlalchemy import select
 
 SAMPLES = Path(__file__).parents[2].parent / "shared" / "samples"
+PARIS = dt.timezone(dt.timedelta(hours=1))
+BIO_V1 = "BIO-CR-BIO_2021.01_Microbiologie_V1.xml"
+BIO_V2 = "BIO-CR-BIO_2021.01_Microbiologie_V2.xml"
 TEST_INS = "279035121518989"
 TEST_OID = "1.2.250.1.213.1.4.10"
 OTHER_INS = "185077505612323"
@@ -123,3 +127,18 @@ def reparse(message: EmailMessage) -> EmailMessage:
     parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)
     return parsed
+
+
+# Expected metadata of each sample, read by hand from the CDA headers.
+SAMPLE_METADATA = [
+    ("IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml", "1.2.250.1.213.1.1.1.45.2024.2.1", "18748-4",
+     "CR d’imagerie médicale - Scanner Tête + Cou + Thorax avec injection", "801234560801", "Jacques BIDEAULT",
+     "G15_10/SM44", dt.datetime(2021, 1, 8, 11, 17, tzinfo=PARIS), 2, "nonXMLBody"),
+    (BIO_V1, "1.2.250.1.213.1.1.1.55.2021.6.1", "11502-2", "Compte rendu d'examens biologiques", "801234534765",
+     "Marcel CAMPARINI", "G15_10/SM03", dt.datetime(2021, 1, 4, 16, 5, 27, tzinfo=PARIS), 1, "structuredBody"),
+    ("LDL-SES_2022.01.xml", "1.2.250.1.213.1.1.1.29.2022.1.1", "11490-0",
+     "Lettre de liaison à la sortie de l'établissement de santé", "801234567897", "Charles DAVID", "G15_10/SM27",
+     dt.datetime(2019, 12, 3, 13, 30, tzinfo=PARIS), 1, "structuredBody"),
+    ("VAC-NOTE_2023.01.xml", "1.2.250.1.213.1.1.1.46.2023.1.1", "87273-9", "NOTE DE VACCINATION", "801234567897",
+     "Charles MULLER", "G15_10/SM26", dt.datetime(2021, 4, 9, 15, 35, tzinfo=PARIS), 1, "structuredBody"),
+]

@@ -15,6 +15,10 @@ from gateway.dmp_bridge.record import RecordStore, describe_document
 from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind
 from gateway.storage.db import Database
 from tests.dmp_bridge.filing_world import (
+    BIO_V1,
+    BIO_V2,
+    PARIS,
+    SAMPLE_METADATA,
     OTHER_INS,
     SAMPLES,
     TEST_INS,
@@ -29,29 +33,11 @@ from tests.dmp_bridge.xdm_builder import Entry, build_xdm, metadata_xml
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
 
-PARIS = dt.timezone(dt.timedelta(hours=1))
-BIO_V1 = "BIO-CR-BIO_2021.01_Microbiologie_V1.xml"
-BIO_V2 = "BIO-CR-BIO_2021.01_Microbiologie_V2.xml"
-
-
 @pytest.fixture
 async def world(database: Database, settings: Settings) -> World:
     return await build_world(database, settings)
 
 
-# Expected metadata of each sample, read by hand from the CDA headers.
-SAMPLE_METADATA = [
-    ("IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml", "1.2.250.1.213.1.1.1.45.2024.2.1", "18748-4",
-     "CR d’imagerie médicale - Scanner Tête + Cou + Thorax avec injection", "801234560801", "Jacques BIDEAULT",
-     "G15_10/SM44", dt.datetime(2021, 1, 8, 11, 17, tzinfo=PARIS), 2, "nonXMLBody"),
-    (BIO_V1, "1.2.250.1.213.1.1.1.55.2021.6.1", "11502-2", "Compte rendu d'examens biologiques", "801234534765",
-     "Marcel CAMPARINI", "G15_10/SM03", dt.datetime(2021, 1, 4, 16, 5, 27, tzinfo=PARIS), 1, "structuredBody"),
-    ("LDL-SES_2022.01.xml", "1.2.250.1.213.1.1.1.29.2022.1.1", "11490-0",
-     "Lettre de liaison à la sortie de l'établissement de santé", "801234567897", "Charles DAVID", "G15_10/SM27",
-     dt.datetime(2019, 12, 3, 13, 30, tzinfo=PARIS), 1, "structuredBody"),
-    ("VAC-NOTE_2023.01.xml", "1.2.250.1.213.1.1.1.46.2023.1.1", "87273-9", "NOTE DE VACCINATION", "801234567897",
-     "Charles MULLER", "G15_10/SM26", dt.datetime(2021, 4, 9, 15, 35, tzinfo=PARIS), 1, "structuredBody"),
-]
 
 
 @pytest.mark.parametrize(("name", "unique_id", "type_code", "title", "idnps", "author", "profession", "created",

@@ -9,6 +9,7 @@ The worker runs in the test process on the gateway's database, as a second node 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import email
 import email.policy
 import imaplib
@@ -28,11 +29,13 @@ from gateway.app import Services, open_services
 from gateway.config import load_settings
 from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT
 from gateway.dmp_bridge.record import RecordStore
+from gateway.dmp_bridge.tables import RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, build_filing_worker
+from gateway.errors import NotFound
 from gateway.pipeline.spool import Spool
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import spool_root
-from tests.dmp_bridge.filing_world import SAMPLES, TEST_INS, message_with, sample
+from tests.dmp_bridge.filing_world import SAMPLE_METADATA, SAMPLES, TEST_INS, message_with, sample
 from tests.harness import GatewayProcess
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
@@ -244,3 +247,31 @@ def submit_raw(served: GatewayProcess, raw: bytes, recipients: list[str]) -> Non
         smtp.starttls(context=_tls(served))
         smtp.login(lab["address"], lab["password"])
         smtp.sendmail(lab["address"], recipients, raw)
+
+
+async def _filed(services: Services, unique_id: str) -> RecordDocument | None:
+    try:
+        return await RecordStore(services.db, services.blobs).get(unique_id)
+    except NotFound:
+        return None
+
+
+@pytest.mark.parametrize(("name", "unique_id", "type_code", "title", "idnps", "author", "profession", "created",
+                          "version", "body"), SAMPLE_METADATA)
+async def test_every_ci_sis_sample_submitted_by_smtp_is_filed_by_the_served_worker(
+        served: GatewayProcess, services: Services, name: str, unique_id: str, type_code: str, title: str,
+        idnps: str, author: str, profession: str, created: dt.datetime, version: int, body: str) -> None:
+    """Through the real submission port into ``gateway serve``, whose own filing worker files it."""
+    lab, patient = served.account("APP"), served.account("PAT")
+    submit(served, message_with((name, sample(name), "text/xml"), sender=lab["address"], to=patient["address"],
+                                subject=f"XDM/1.0/DDM+{type_code} PAT-TROIS DOMINIQUE 28/03/1979"),
+           [patient["address"]])
+    deadline = time.monotonic() + PATIENCE
+    while (document := await _filed(services, unique_id)) is None:
+        assert time.monotonic() < deadline, f"{name} was not filed by the gateway's worker"
+        await asyncio.sleep(0.2)
+    assert (document.patient_ins, document.type_code, document.title) == (TEST_INS, type_code, title)
+    assert (document.author_idnps, document.author_name, document.author_profession_code) == (idnps, author, profession)
+    assert (document.creation_time, document.version_number, document.body_kind) == (created, version, body)
+    assert document.source_sender == lab["address"] and document.source_kind == "cda"
+    assert await RecordStore(services.db, services.blobs).read_content(document) == sample(name)
