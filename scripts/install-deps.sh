@@ -18,6 +18,7 @@ if [ "$mode" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
   want runuser util-linux
   want gpgsm gpgsm
+  want gpg gpg                      # python-gnupg: OpenPGP-encrypted exports
   want swaks swaks
   perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl)   # swaks' STARTTLS and TLS
   perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
@@ -27,7 +28,6 @@ if [ "$mode" = test ]; then
   want mbsync isync
   want offlineimap offlineimap3
   want dnsmasq dnsmasq-base
-  want /usr/bin/chromium chromium
   want /usr/sbin/postfix postfix  # a third operator in tests/interop (a standalone instance, never on port 25)
 fi
 
