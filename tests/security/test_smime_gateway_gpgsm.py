@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from gateway.security import smime
 from tests.harness import GatewayProcess
 from tests.security.test_smime_gateway import World, arrived, smime_result, submit
-from tests.security.test_smime_gpgsm import PASSPHRASE, Gpgsm
+from tests.security.test_smime_gpgsm import PASSPHRASE, Gpgsm, import_p12
 
 pytestmark = pytest.mark.skipif(shutil.which("gpgsm") is None, reason="gpgsm is not installed")
 
@@ -58,7 +58,7 @@ class GpgsmWorld:
         details = json.loads(self.world.cli("certs", "issue", "smime", "--email", address, "--cn", address.split("@")[0],
                                             "--key-type", "rsa", "--name", name, "--json"))
         issued = Issued(address, Path(details["cert_path"]), Path(details["key_path"]), details["fingerprint_sha256"])
-        self.gpgsm.run("--import", self._p12(issued))
+        import_p12(self.gpgsm, lambda: self._p12(issued))
         return issued
 
     def _p12(self, issued: Issued) -> Path:
