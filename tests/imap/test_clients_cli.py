@@ -144,15 +144,10 @@ def test_mbsync_two_way_sync(imap: RunningImap, tmp_path: Path) -> None:  # noqa
 
 # --- offlineimap ------------------------------------------------------------------------------------------
 
-def test_offlineimap_pulls_every_folder(imap: RunningImap, tmp_path: Path) -> None:  # noqa: F811
-    offlineimap = _require("offlineimap")
-    account = imap.new_account()
-    imap.deliver(account.address, make_message("pour offlineimap"))
-    mail = tmp_path / "mail"
-    config = tmp_path / "offlineimaprc"
-    config.write_text(f"""[general]
+def _offlineimap_config(imap: RunningImap, account: DemoAccount, mail: Path, metadata: Path) -> str:  # noqa: F811
+    return f"""[general]
 accounts = gateway
-metadata = {tmp_path / 'meta'}
+metadata = {metadata}
 
 [Account gateway]
 localrepository = local
@@ -170,7 +165,16 @@ remoteuser = {account.address}
 remotepass = {account.password}
 ssl = yes
 sslcacertfile = {imap.ca_file}
-""")
+"""
+
+
+def test_offlineimap_pulls_every_folder(imap: RunningImap, tmp_path: Path) -> None:  # noqa: F811
+    offlineimap = _require("offlineimap")
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("pour offlineimap"))
+    mail = tmp_path / "mail"
+    config = tmp_path / "offlineimaprc"
+    config.write_text(_offlineimap_config(imap, account, mail, tmp_path / "meta"))
     _run([offlineimap, "-c", str(config), "-o", "-u", "basic"], timeout=180)
     assert "Subject: pour offlineimap".encode() in b"".join(
         path.read_bytes() for path in (mail / "INBOX").glob("*/*"))

@@ -25,7 +25,7 @@ import pytest
 
 from gateway.directory.demo import DemoAccount
 from tests.imap.imap_server import RunningImap, imap, make_message  # noqa: F401 (fixture)
-from tests.imap.test_clients_cli import _mbsync_config, _require, _run
+from tests.imap.test_clients_cli import _mbsync_config, _offlineimap_config, _require, _run
 
 FOLDERS = {"INBOX": 200, "Archive": 100}
 MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
@@ -221,26 +221,6 @@ def test_offlineimap_full_then_incremental_two_way_sync(imap: RunningImap, tmp_p
     account = imap.new_account()
     mail = tmp_path / "mail"
     config = tmp_path / "offlineimaprc"
-    config.write_text(f"""[general]
-accounts = gateway
-metadata = {tmp_path / 'meta'}
-
-[Account gateway]
-localrepository = local
-remoterepository = remote
-
-[Repository local]
-type = Maildir
-localfolders = {mail}
-
-[Repository remote]
-type = IMAP
-remotehost = localhost
-remoteport = {imap.imaps_port}
-remoteuser = {account.address}
-remotepass = {account.password}
-ssl = yes
-sslcacertfile = {imap.ca_file}
-""")
+    config.write_text(_offlineimap_config(imap, account, mail, tmp_path / "meta"))
     _two_way_scenario(imap, account, mail, lambda: _run([offlineimap, "-c", str(config), "-o", "-u", "basic"],
                                                         timeout=180), Path.unlink)
