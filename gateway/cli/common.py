@@ -49,7 +49,8 @@ def state(ctx: click.Context | None = None) -> CliState:
     root = ctx.find_root()
     if root.obj is None:
         root.obj = CliState()
-    return root.obj
+    state: CliState = root.obj
+    return state
 
 
 def settings(ctx: click.Context | None = None) -> Settings:
@@ -146,7 +147,7 @@ def user_errors(func: Callable[..., T]) -> Callable[..., T]:
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
-        return value.isoformat()
+        return str(value.isoformat())
     return str(value)
 
 
@@ -190,7 +191,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
     if hasattr(value, "isoformat"):
-        return value.isoformat()
+        return str(value.isoformat())
     return str(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import BinaryIO
 
 import click
 
@@ -48,7 +49,7 @@ def list_(as_json: bool) -> None:
 
 @dkim.command("verify")
 @click.argument("message", type=click.File("rb"), default="-")
-def verify(message: click.utils.LazyFile) -> None:
+def verify(message: BinaryIO) -> None:
     """Verify the DKIM signatures of a message file (or stdin): prints the Authentication-Results
     fragment; exit 0 when every signature passes, 1 otherwise."""
     data = message.read() if message is not None else sys.stdin.buffer.read()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def create(address: str | None, box_type: str, owner: str, display_name: str | N
 def set_password(address: str, password: str | None, password_stdin: bool) -> None:
     """Set a mailbox's password (argon2id)."""
     if password_stdin:
-        password = click.get_text_stream("stdin").readline().rstrip("\r\n")
+        password = sys.stdin.readline().rstrip("\r\n")
     elif password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     with_services(lambda s: s.directory.set_password(address, password))

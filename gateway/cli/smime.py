@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gateway.cli.common import data_dir_option, emit_record, emit_rows, json_option, with_services
+
+if TYPE_CHECKING:
+    from gateway.app import Services
 
 CERT_COLUMNS = ["address", "state", "reason", "not_after", "published", "key_held", "key", "fingerprint"]
 POLICY_COLUMNS = ["scope", "target", "sign", "encrypt", "updated_at"]
@@ -43,7 +46,7 @@ def import_certificate(address: str, certificate: Path, key_path: Path | None, p
                        hold_key: bool, no_publish: bool, as_json: bool) -> None:
     """Import CERTIFICATE (PEM, DER or PKCS#12) for the mailbox ADDRESS."""
 
-    async def action(services: Any) -> dict[str, Any]:
+    async def action(services: Services) -> dict[str, Any]:
         return await services.smime.import_certificate(
             address, certificate.read_bytes(), key_data=key_path.read_bytes() if key_path else None,
             password=password.encode() if password else None, hold_key=hold_key, publish=not no_publish)
@@ -58,7 +61,7 @@ def import_certificate(address: str, certificate: Path, key_path: Path | None, p
 def list_certificates(address: str | None, as_json: bool) -> None:
     """Certificates (of ADDRESS, or all) with their state: valid, expiring, expired, revoked, untrusted."""
 
-    async def action(services: Any) -> list[dict[str, Any]]:
+    async def action(services: Services) -> list[dict[str, Any]]:
         return await services.smime.list_certificates(address)
 
     emit_rows([_short(e) for e in with_services(action)], CERT_COLUMNS, as_json=as_json)
@@ -71,7 +74,7 @@ def list_certificates(address: str | None, as_json: bool) -> None:
 def expiring(days: int, as_json: bool) -> None:
     """Certificates expired or expiring within DAYS; exits 3 when there are some (for monitoring)."""
 
-    async def action(services: Any) -> list[dict[str, Any]]:
+    async def action(services: Services) -> list[dict[str, Any]]:
         return await services.smime.expiring(days)
 
     found = with_services(action)
@@ -88,7 +91,7 @@ def expiring(days: int, as_json: bool) -> None:
 def publish(fingerprint: str, withdraw: bool, as_json: bool) -> None:
     """Publish a certificate (FINGERPRINT: 8+ hex digits of its SHA-256) so senders encrypt to it."""
 
-    async def action(services: Any) -> dict[str, Any]:
+    async def action(services: Services) -> dict[str, Any]:
         return await services.smime.set_published(fingerprint, not withdraw)
 
     emit_record(_short(with_services(action)), as_json=as_json)
@@ -102,7 +105,7 @@ def publish(fingerprint: str, withdraw: bool, as_json: bool) -> None:
 def revoke(fingerprint: str, reason: str, as_json: bool) -> None:
     """Revoke a certificate in the directory: never encrypted to or signed with again; its held key is erased."""
 
-    async def action(services: Any) -> dict[str, Any]:
+    async def action(services: Services) -> dict[str, Any]:
         return await services.smime.revoke(fingerprint, reason)
 
     emit_record(_short(with_services(action)), as_json=as_json)
@@ -128,7 +131,7 @@ def set_policy(target: str, settings: tuple[str, ...], as_json: bool) -> None:
             raise click.BadParameter(f"{setting!r}: write sign=VALUE or encrypt=VALUE", param_hint="SETTINGS")
         values[name] = REQUIREMENTS.convert(value, None, None)
 
-    async def action(services: Any) -> dict[str, Any]:
+    async def action(services: Services) -> dict[str, Any]:
         return await services.smime.set_policy(target, **values)
 
     emit_record(with_services(action), as_json=as_json)
@@ -140,7 +143,7 @@ def set_policy(target: str, settings: tuple[str, ...], as_json: bool) -> None:
 def list_policies(as_json: bool) -> None:
     """Every policy row (the defaults are the [smime] settings)."""
 
-    async def action(services: Any) -> list[dict[str, Any]]:
+    async def action(services: Services) -> list[dict[str, Any]]:
         return await services.smime.list_policies()
 
     emit_rows(with_services(action), POLICY_COLUMNS, as_json=as_json)
@@ -153,7 +156,7 @@ def list_policies(as_json: bool) -> None:
 def show_policy(address: str, as_json: bool) -> None:
     """The policy that applies to ADDRESS, and where it comes from (mailbox, domain, default)."""
 
-    async def action(services: Any) -> dict[str, Any]:
+    async def action(services: Services) -> dict[str, Any]:
         resolved = await services.smime.policy_for(address)
         return {"address": address, "sign": resolved.sign.value, "encrypt": resolved.encrypt.value,
                 "source": resolved.source}

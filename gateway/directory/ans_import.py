@@ -25,12 +25,12 @@ import codecs
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import String, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -97,8 +97,8 @@ _STORED_IN = {
     "Code postal structure BAL": Organisation.__table__.c.postal_code,
     "Service de rattachement": Mailbox.__table__.c.service,
 }
-_MAX_LENGTH = {name: column.type.length for name, column in _STORED_IN.items()}
-_DISPLAY_NAME_LENGTH: int = Mailbox.__table__.c.display_name.type.length
+_MAX_LENGTH: dict[str, int] = {name: cast(int, cast(String, column.type).length) for name, column in _STORED_IN.items()}
+_DISPLAY_NAME_LENGTH: int = cast(int, cast(String, Mailbox.__table__.c.display_name.type).length)
 
 
 class ExtractionFormatError(UserError):
@@ -481,7 +481,7 @@ def _message(exc: UserError) -> str:
     return Exception.__str__(exc)
 
 
-def fingerprint(values: dict[str, Any], fields: Sequence[str]) -> bytes:
+def fingerprint(values: Mapping[Any, Any], fields: Sequence[str]) -> bytes:
     """A 16-byte digest of the comparable values: the state of 500,000 rows fits in memory this way."""
     parts = [sorted(value.items()) if isinstance(value, dict) else value for value in (values[name] for name in fields)]
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
@@ -518,8 +518,8 @@ class DirectoryState:
         trusted = {name for name, until in trusted_rows if until is None or _aware(until) > now}
         return cls(
             local_domains=local, trusted_domains=trusted,
-            organisations=await _load_keyed(session, Organisation.__table__, "idnst", ORGANISATION_FIELDS),
-            professionals=await _load_keyed(session, Professional.__table__, "idnps", PROFESSIONAL_FIELDS),
+            organisations=await _load_keyed(session, _table(Organisation), "idnst", ORGANISATION_FIELDS),
+            professionals=await _load_keyed(session, _table(Professional), "idnps", PROFESSIONAL_FIELDS),
             activities={(p, o) for p, o in await session.execute(
                 select(ProfessionalOrganisation.professional_id, ProfessionalOrganisation.organisation_id))},
             mailboxes=await _load_mailboxes(session),
@@ -537,7 +537,7 @@ async def _load_keyed(session: AsyncSession, table: Table, key: str, fields: Seq
 
 
 async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
-    table = Mailbox.__table__
+    table = _table(Mailbox)
     result = await session.execute(select(
         table.c.address, table.c.id, table.c.type, table.c.professional_id, table.c.organisation_id,
         *(table.c[name] for name in MAILBOX_MUTABLE)))
@@ -563,10 +563,10 @@ class _BatchWriter:
         self.changed_owners: set[str] = set()  # IDNPS / IDNST created or updated by this import
 
     async def write(self, session: AsyncSession, entries: list[Entry]) -> None:
-        await self._upsert_owners(session, Organisation.__table__, "idnst", self.state.organisations,
+        await self._upsert_owners(session, _table(Organisation), "idnst", self.state.organisations,
                                   self.seen_organisations, self.report.organisations,
                                   [e.organisation for e in entries if e.organisation is not None], ORGANISATION_FIELDS)
-        await self._upsert_owners(session, Professional.__table__, "idnps", self.state.professionals,
+        await self._upsert_owners(session, _table(Professional), "idnps", self.state.professionals,
                                   self.seen_professionals, self.report.professionals,
                                   [e.professional for e in entries if e.professional is not None], PROFESSIONAL_FIELDS)
         entries = self._check_mailbox_owners(entries)
@@ -642,7 +642,7 @@ class _BatchWriter:
                     links.add((pro_id, org_id))
         if links:
             rows = [{"professional_id": p, "organisation_id": o} for p, o in sorted(links)]
-            await session.execute(_insert_ignoring_duplicates(self.dialect, ProfessionalOrganisation.__table__), rows)
+            await session.execute(_insert_ignoring_duplicates(self.dialect, _table(ProfessionalOrganisation)), rows)
             self.state.activities.update(links)
             self.report.activities_created += len(links)
         return links
@@ -671,17 +671,22 @@ class _BatchWriter:
             else:
                 self.report.unchanged += 1
         if inserts:
-            result = await session.execute(insert(Mailbox.__table__).returning(Mailbox.__table__.c.id, Mailbox.__table__.c.address), inserts)
+            result = await session.execute(insert(_table(Mailbox)).returning(_table(Mailbox).c.id, _table(Mailbox).c.address), inserts)
             for row_id, address in result:
                 self.state.mailboxes[address].id = row_id
         if updates:
-            await session.execute(_update_by_id(Mailbox.__table__, list(MAILBOX_MUTABLE)), updates)
+            await session.execute(_update_by_id(_table(Mailbox), list(MAILBOX_MUTABLE)), updates)
 
     @staticmethod
     def _owner_key(entry: Entry) -> str | None:
         if entry.professional is not None:
             return entry.professional.idnps
         return entry.organisation.idnst if entry.organisation is not None else None
+
+
+def _table(model: Any) -> Table:
+    """A mapped class's Core table (typed: ``__table__`` is declared as a FromClause)."""
+    return cast(Table, model.__table__)
 
 
 def _update_by_id(table: Table, columns: Sequence[str]) -> Any:

@@ -93,7 +93,8 @@ def parse_whitelist(data: bytes) -> list[str]:
 
 def _parse_root(data: bytes) -> Element:
     try:
-        return safe_xml.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root: Element = safe_xml.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        return root
     except DefusedXmlException as exc:
         raise WhitelistFormatError(f"refused: the document declares a DTD or entities ({type(exc).__name__})", field="file") from None
     except ParseError as exc:

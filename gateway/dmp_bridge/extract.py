@@ -129,7 +129,8 @@ def _leaf_parts(message: Message, limits: ExtractionLimits, collector: _Collecto
                 collector.failures.append(ExtractionFailure("message", f"MIME nesting deeper than {limits.max_mime_depth} levels: not examined"))
                 continue
             children = part.get_payload()
-            stack.extend((child, depth + 1) for child in reversed(children if isinstance(children, list) else []))
+            stack.extend((child, depth + 1) for child in reversed(children if isinstance(children, list) else [])
+                         if isinstance(child, Message))
             continue
         yield seen, part
 

@@ -117,9 +117,9 @@ def to_sql(key: SearchKey, recent_uids: frozenset[int], *, header_columns: bool 
         case ModSeqAtLeast(modseq):
             return Message.modseq >= modseq
         case Header(name, value) if header_columns and name.lower() in CACHED_HEADERS:
-            column = getattr(Message, CACHED_HEADERS[name.lower()])
+            cached: ColumnElement[str] = getattr(Message, CACHED_HEADERS[name.lower()])
             # RFC 3501 6.4.4 HEADER: an empty string matches every message that has the field.
-            return column.is_not(None) if value == "" else column.ilike(_like_pattern(value), escape="\\")
+            return cached.is_not(None) if value == "" else cached.ilike(_like_pattern(value), escape="\\")
         case Header() | BodyContains():
             return None
     raise TypeError(f"unknown search key {key!r}")

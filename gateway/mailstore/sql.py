@@ -161,7 +161,7 @@ def _prepare(source: MessageSource) -> _Prepared:
         source.seek(-len(prefix), io.SEEK_CUR)
         stream: BinaryIO = source
     else:
-        stream = io.BufferedReader(_ChainedStream(prefix, source))  # type: ignore[assignment]
+        stream = io.BufferedReader(_ChainedStream(prefix, source))
     return _Prepared(parse_headers(header_section(prefix)), stream, None)
 
 

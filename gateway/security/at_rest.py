@@ -184,7 +184,7 @@ class SpoolCipher:
         handle.seek(0)
         if magic != SPOOL_MAGIC:
             return handle
-        return io.BufferedReader(_SealedSpoolReader(handle, self, binding), SPOOL_SEGMENT)  # type: ignore[return-value]
+        return io.BufferedReader(_SealedSpoolReader(handle, self, binding), SPOOL_SEGMENT)
 
     def _aead(self, header: _SpoolHeader, binding: str) -> SegmentAead:
         if header.key_id != self.key_id:
@@ -348,6 +348,7 @@ async def shred_expired_patients(db: Database, keys: KeyManager, retention_days:
             .where(Patient.state == PatientState.CLOSED.value, Patient.state_changed_at <= cutoff))).all()
     shredded: list[ShreddedSpace] = []
     for _patient_id, ins, closed_at, mailbox_id in rows:
+        assert closed_at is not None  # the WHERE clause compared it with the cutoff
         owners = (patient_owner(ins), *((mailbox_owner(mailbox_id),) if mailbox_id is not None else ()))
         destroyed = 0
         for owner in owners:
@@ -416,10 +417,11 @@ async def key_status(db: Database, keys: KeyManager) -> KeyStatus:
     from gateway.mailstore.tables import DataKey
 
     async with db.session() as session:
-        counts = dict((await session.execute(
-            select(DataKey.kek_id, func.count()).where(DataKey.kek_id.is_not(None)).group_by(DataKey.kek_id))).all())
+        counts: dict[int, int] = {int(kek): int(count) for kek, count in (await session.execute(
+            select(DataKey.kek_id, func.count()).where(DataKey.kek_id.is_not(None)).group_by(DataKey.kek_id))).all()
+            if kek is not None}
         destroyed = await session.scalar(select(func.count()).where(DataKey.destroyed_at.is_not(None))) or 0
     files = tuple(keys.keks.ids())
     current = files[-1] if files else 0
     missing = tuple(sorted(kek for kek in counts if kek not in files))
-    return KeyStatus(current, files, {int(k): int(v) for k, v in counts.items()}, int(destroyed), missing)
+    return KeyStatus(current, files, counts, int(destroyed), missing)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, StrEnum
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -135,7 +136,10 @@ def address_matches(certificate: x509.Certificate, address: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _extension(certificate: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension | None:
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _extension(certificate: x509.Certificate, kind: type[_E]) -> x509.Extension[_E] | None:
     # Unparseable extensions read as absent here; _check_critical_extensions fails such a path.
     try:
         return certificate.extensions.get_extension_for_class(kind)

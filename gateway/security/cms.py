@@ -318,7 +318,7 @@ def build_signed_data(
     """A DER ContentInfo(SignedData) over ``content`` (RFC 5652 5.1-5.4)."""
     if digest_name not in _HASHES or digest_name in WEAK_DIGESTS:
         raise SmimeError(SmimeFailure.UNSUPPORTED_ALGORITHM, f"refusing to sign with {digest_name}")
-    if identity.certificate.public_key().public_numbers() != identity.private_key.public_key().public_numbers():
+    if identity.certificate.public_key() != identity.private_key.public_key():
         raise SmimeError(SmimeFailure.KEY_MISMATCH, "the private key does not match the signer certificate")
     moment = (signing_time or datetime.now(timezone.utc)).replace(microsecond=0)
     # RFC 5652 11.1-11.3: content-type, message-digest and signing-time attributes.

@@ -161,7 +161,7 @@ class DkimSigner:
         fields += [name for name in OVERSIGNED if name in present]      # RFC 6376 8.15: sign one more than present
         header = signer.sign(key.selector.encode(), key.domain.encode(), key.path.read_bytes(),
                              canonicalize=(b"relaxed", b"relaxed"), include_headers=[f.encode() for f in fields])
-        text = header.decode("ascii")
+        text: str = header.decode("ascii")
         return text if text.endswith("\r\n") else text.rstrip("\r\n") + "\r\n"
 
     async def signature_for_stream(self, open_message: Callable[[], BinaryIO]) -> str | None:

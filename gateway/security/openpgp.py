@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import gnupg  # type: ignore[import-untyped]  # python-gnupg ships no type information
+import gnupg  # python-gnupg ships no type information (see [tool.mypy] overrides)
 
 from gateway.errors import UserError
 

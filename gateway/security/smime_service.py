@@ -539,8 +539,8 @@ class SmimeService:
                                        sender_certificate=sender_certificate, options=options)
             variants.append(Variant(tuple(encrypted), content, signed=identity is not None, encrypted=True))
         if clear:
-            content = process_outgoing(raw, sign_with=identity, options=options) if identity else None
-            variants.append(Variant(tuple(clear), content, signed=identity is not None))
+            signed_only = process_outgoing(raw, sign_with=identity, options=options) if identity else None
+            variants.append(Variant(tuple(clear), signed_only, signed=identity is not None))
         return variants
 
     # ================================================================== incoming

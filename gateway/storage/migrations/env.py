@@ -1,12 +1,14 @@
 """Alembic environment: runs on the connection handed in by gateway.storage.db."""
 
+from typing import Any, Literal
+
 from alembic import context
 
 from gateway.storage.models import UTCDateTime
 from gateway.storage.schema import metadata
 
 
-def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Migrations are frozen: render our custom types as plain SQLAlchemy types."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
