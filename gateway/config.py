@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.directory.professions import is_known_profession
 from gateway.errors import UserError
 
 ENV_PREFIX = "GATEWAY_"
@@ -350,7 +351,24 @@ class FhirSettings(_Section):
     max_page_size: int = Field(100, ge=1, le=1000, description="largest _count honoured")
     emergency_access: bool = Field(
         True, description="allow emergency access (bris de glace, CSP L.1111-17) with the X-Emergency-Access-Reason header")
+    emergency_access_professions: list[str] = Field(
+        default_factory=lambda: ["10"],
+        description="TRE_G15 profession codes allowed emergency access; any other profession is refused (403 "
+        "emergency-access-not-allowed, audited). Default: 10 (Médecin) only. CSP L.1111-17 opens emergency access "
+        "to the professional caring for a person who cannot express their will, and names the SAMU regulating "
+        "doctor (médecin régulateur, a physician: code 10); the emergency-regulation assistants (ARM) have no "
+        "TRE_G15 profession code and act under that doctor, so no other code stands for the regulation roles. "
+        "Add 50 (sage-femme) or 60 (infirmier) if your emergency services need it")
     basic_auth: bool = Field(True, description="accept HTTP Basic with mailbox credentials over TLS besides client certificates")
+
+    @field_validator("emergency_access_professions")
+    @classmethod
+    def _professions(cls, value: list[str]) -> list[str]:
+        codes = [code.strip() for code in value]
+        unknown = [code for code in codes if not is_known_profession(code)]
+        if unknown:
+            raise ValueError(f"not TRE_G15 profession codes: {', '.join(unknown)} (see gateway/directory/professions.py)")
+        return codes
 
     @field_validator("base_path")
     @classmethod

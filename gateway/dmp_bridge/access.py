@@ -3,7 +3,9 @@
 The rules (mssante.md §2.3-2.5), applied in this order for a professional:
 
 1. Emergency access ("bris de glace", CSP L.1111-17) must state a reason, is
-   refused when the patient opposed it, and when the gateway disables it.
+   open only to the professions the configuration names
+   (``fhir.emergency_access_professions``, physicians by default), is refused
+   when the patient opposed it, and when the gateway disables it.
 2. A professional the patient blocked sees nothing, not even their own
    documents: the block is the patient's refusal of that person's access to
    the record (the author keeps the document in their own software). The
@@ -70,6 +72,7 @@ class Reason(enum.StrEnum):
     EMERGENCY_WITHOUT_REASON = "emergency-reason-required"
     EMERGENCY_OPPOSED = "emergency-access-opposed"
     EMERGENCY_DISABLED = "emergency-access-disabled"
+    EMERGENCY_NOT_ALLOWED = "emergency-access-not-allowed"  # the requester's profession may not break the glass
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class AccessPolicy:
 
     matrix: AccessMatrix
     emergency_enabled: bool = True
+    emergency_professions: frozenset[str] = frozenset({MEDECIN})  # TRE_G15 codes allowed emergency access
 
     def check_record(self, requester: Requester, patient_ins: str, choices: PatientChoices,
                      emergency: Emergency | None = None) -> Decision:
@@ -212,7 +216,7 @@ class AccessPolicy:
         if requester.kind == RequesterKind.PATIENT:
             return _patient_record_decision(requester, patient_ins)
         if emergency is not None:
-            refusal = self._emergency_refusal(emergency, choices)
+            refusal = self._emergency_refusal(requester, emergency, choices)
             if refusal is not None:
                 return refusal
         if _is_blocked(requester, choices):
@@ -245,11 +249,14 @@ class AccessPolicy:
             return Decision.allow(Reason.MATRIX)
         return Decision.deny(Reason.NOT_IN_MATRIX)
 
-    def _emergency_refusal(self, emergency: Emergency, choices: PatientChoices) -> Decision | None:
+    def _emergency_refusal(self, requester: Requester, emergency: Emergency,
+                           choices: PatientChoices) -> Decision | None:
         if not self.emergency_enabled:
             return Decision.deny(Reason.EMERGENCY_DISABLED)
         if not emergency.reason.strip():
             return Decision.deny(Reason.EMERGENCY_WITHOUT_REASON)
+        if requester.profession_code not in self.emergency_professions:
+            return Decision.deny(Reason.EMERGENCY_NOT_ALLOWED)
         if choices.emergency_access_opposed:
             return Decision.deny(Reason.EMERGENCY_OPPOSED)
         return None

@@ -66,6 +66,7 @@ from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
+from gateway.dmp_bridge.content_types import decided_type
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.extract import ExtractedDocument, ExtractionResult
 from gateway.dmp_bridge.patient import (
@@ -601,7 +602,7 @@ def _content_columns(document: ExtractedDocument) -> dict[str, Any]:
     content = document.content
     body_kind = document.cda.body.kind.value if document.cda is not None and document.cda.body else (
         "pdf" if document.pdf is not None else "other")
-    return {"mime_type": _cut(document.mime_type, 128) or "application/octet-stream", "body_kind": body_kind,
+    return {"mime_type": decided_type(document), "body_kind": body_kind,  # never the sender's declared type
             "sha1": hashlib.sha1(content).hexdigest(), "sha256": hashlib.sha256(content).hexdigest(),
             "confidentiality_code": "N", "confidentiality": [], "event_codes": [], "authors": []}
 

@@ -3,8 +3,9 @@
 The webmail (and the admin CLI, acting at the patient's request) calls
 ``PatientChoicesService``: hide or unhide a document, block or unblock a
 professional (never the médecin traitant), name the médecin traitant (a
-doctor, TRE_G15 code 10, who is not blocked), oppose or allow emergency
-access. ``choices(ins)`` gives the ``PatientChoices`` the access policy reads.
+doctor, TRE_G15 code 10, who is not blocked), refuse or allow emergency
+access (``set_emergency_access(ins, allowed, actor=, source=)``, read back by
+``emergency_access_allowed(ins)``). ``choices(ins)`` gives the ``PatientChoices`` the access policy reads.
 
 ``PatientNotifier`` is how the patient hears that their record was read: a
 content-free text (§2.1: notifications carry no health data). The lead wires
@@ -123,11 +124,24 @@ class PatientChoicesService:
 
     # ------------------------------------------------------------------ emergency access
 
+    async def set_emergency_access(self, ins: str, allowed: bool, *, actor: Actor, source: Source) -> None:
+        """The patient allows emergency access (the default) or refuses it (CSP L.1111-17); audited either way.
+
+        A refusal makes every emergency access to the record fail with ``emergency-access-opposed``,
+        for every profession, the SAMU regulating doctor included (the law lets an express earlier
+        opposition stand against them too).
+        """
+        await self._set_emergency_opposition(ins, not allowed, actor, source)
+
+    async def emergency_access_allowed(self, ins: str) -> bool:
+        """False when the patient refused emergency access; True otherwise (an unknown INS included)."""
+        return not (await self.choices(ins)).emergency_access_opposed
+
     async def oppose_emergency_access(self, ins: str, *, actor: Actor, source: Source) -> None:
-        await self._set_emergency_opposition(ins, True, actor, source)
+        await self.set_emergency_access(ins, False, actor=actor, source=source)
 
     async def allow_emergency_access(self, ins: str, *, actor: Actor, source: Source) -> None:
-        await self._set_emergency_opposition(ins, False, actor, source)
+        await self.set_emergency_access(ins, True, actor=actor, source=source)
 
     async def _set_emergency_opposition(self, ins: str, opposed: bool, actor: Actor, source: Source) -> None:
         async with self.db.session() as session:

@@ -73,17 +73,33 @@ def test_the_treating_doctor_cannot_be_blocked_others_can() -> None:
 
 
 def test_emergency_bypasses_the_matrix_only() -> None:
+    """For a profession the configuration lets break the glass (here dentists too)."""
     urgent = Emergency("patient inconscient")
-    assert POLICY.check_document(DENTIST, document("68599-0"), PatientChoices(INS), urgent).reason == Reason.EMERGENCY
+    policy = AccessPolicy(AccessMatrix.default(), emergency_professions=frozenset({"10", "40"}))
+    assert policy.check_document(DENTIST, document("68599-0"), PatientChoices(INS), urgent).reason == Reason.EMERGENCY
     blocked = PatientChoices(INS, blocked_professionals=frozenset({DENTIST.id}))
-    assert POLICY.check_record(DENTIST, INS, blocked, urgent).reason == Reason.BLOCKED
-    masked = POLICY.check_document(DENTIST, document(masked=True), PatientChoices(INS), urgent)
+    assert policy.check_record(DENTIST, INS, blocked, urgent).reason == Reason.BLOCKED
+    masked = policy.check_document(DENTIST, document(masked=True), PatientChoices(INS), urgent)
     assert masked.reason == Reason.MASKED_TO_PROFESSIONALS
     opposed = PatientChoices(INS, emergency_access_opposed=True)
-    assert POLICY.check_record(DENTIST, INS, opposed, urgent).reason == Reason.EMERGENCY_OPPOSED
-    assert POLICY.check_record(DENTIST, INS, PatientChoices(INS), Emergency(" ")).reason == Reason.EMERGENCY_WITHOUT_REASON
+    assert policy.check_record(DENTIST, INS, opposed, urgent).reason == Reason.EMERGENCY_OPPOSED
+    assert policy.check_record(DENTIST, INS, PatientChoices(INS), Emergency(" ")).reason == Reason.EMERGENCY_WITHOUT_REASON
     disabled = AccessPolicy(AccessMatrix.default(), emergency_enabled=False)
     assert disabled.check_record(DENTIST, INS, PatientChoices(INS), urgent).reason == Reason.EMERGENCY_DISABLED
+
+
+def test_emergency_access_is_reserved_to_the_configured_professions() -> None:
+    urgent = Emergency("patient inconscient")
+    pharmacist = Requester(RequesterKind.PROFESSIONAL, "810000000037", "M P", "21")
+    default = AccessPolicy(AccessMatrix.default())
+    for refused in (pharmacist, DENTIST, Requester(RequesterKind.PROFESSIONAL, "810000000045", "X", None)):
+        decision = default.check_document(refused, document("68599-0"), PatientChoices(INS), urgent)
+        assert (decision.allowed, decision.reason) == (False, Reason.EMERGENCY_NOT_ALLOWED)
+    assert default.check_record(DOCTOR, INS, PatientChoices(INS), urgent).reason == Reason.EMERGENCY
+    opposed = PatientChoices(INS, emergency_access_opposed=True)
+    assert default.check_record(DOCTOR, INS, opposed, urgent).reason == Reason.EMERGENCY_OPPOSED
+    # without the header nothing changes for them: the matrix decides
+    assert default.check_document(pharmacist, document("11502-2"), PatientChoices(INS)).reason == Reason.MATRIX
 
 
 def test_patients_and_applications() -> None:

@@ -214,6 +214,7 @@ async def test_emergency_access_needs_a_reason(fhir: FhirWorld) -> None:
 
 
 async def test_emergency_access_with_a_reason_bypasses_the_matrix_and_is_flagged(fhir: FhirWorld) -> None:
+    await fhir.restart(emergency_access_professions=["10", "40"])  # dentists may break the glass here
     reason = "Patient inconscient aux urgences, allergies inconnues"
     async with fhir.client("dentist") as client:
         response = await client.get(f"/Binary/{fhir.documents[PSYCHIATRY_ID]}",
@@ -226,6 +227,7 @@ async def test_emergency_access_with_a_reason_bypasses_the_matrix_and_is_flagged
 
 
 async def test_emergency_access_does_not_open_hidden_documents(fhir: FhirWorld) -> None:
+    await fhir.restart(emergency_access_professions=["10", "40"])
     actor, source = fhir.patient_actor()
     await fhir.choices.hide_document(TEST_INS, PSYCHIATRY_ID, actor=actor, source=source)
     async with fhir.client("dentist") as client:
@@ -236,11 +238,30 @@ async def test_emergency_access_does_not_open_hidden_documents(fhir: FhirWorld) 
 
 async def test_emergency_access_is_refused_when_the_patient_opposed(fhir: FhirWorld) -> None:
     actor, source = fhir.patient_actor()
-    await fhir.choices.oppose_emergency_access(TEST_INS, actor=actor, source=source)
-    async with fhir.client("dentist") as client:
+    await fhir.choices.set_emergency_access(TEST_INS, False, actor=actor, source=source)
+    assert not await fhir.choices.emergency_access_allowed(TEST_INS)
+    async with fhir.client("doctor") as client:
         response = await client.get("/DocumentReference", params=SEARCH,
                                     headers={"X-Emergency-Access-Reason": "urgence vitale"})
     assert response.status_code == 403 and refusal_code(response) == "emergency-access-opposed"
+    assert await audited(fhir, AuditEvent.EMERGENCY_ACCESS) == []
+    [refusal] = [r for r in await audited(fhir, AuditEvent.ACCESS_REFUSED) if r["reason"] == "emergency-access-opposed"]
+    assert refusal["actor"] == fhir.people.idnps["doctor"]
+    assert refusal["details"] == {"operation": "search", "emergency": True, "justification": "urgence vitale"}
+    [choice] = await audited(fhir, AuditEvent.EMERGENCY_ACCESS_OPPOSED)
+    assert choice["actor"] == TEST_INS
+
+
+async def test_emergency_access_is_refused_to_a_pharmacist_and_audited(fhir: FhirWorld) -> None:
+    async with fhir.client("pharmacist") as client:
+        response = await client.get(f"/DocumentReference/{fhir.documents[IMAGING_ID]}",
+                                    headers={"X-Emergency-Access-Reason": "urgence vitale"})
+        plain = await client.get(f"/DocumentReference/{fhir.documents[IMAGING_ID]}")
+    assert response.status_code == 403 and refusal_code(response) == "emergency-access-not-allowed"
+    assert plain.status_code == 403 and refusal_code(plain) == "not-in-matrix"
+    refusals = await audited(fhir, AuditEvent.ACCESS_REFUSED)
+    assert {"actor": fhir.people.idnps["pharmacist"], "reason": "emergency-access-not-allowed", "subject": IMAGING_ID,
+            "details": {"operation": "read", "emergency": True, "justification": "urgence vitale"}} in refusals
     assert await audited(fhir, AuditEvent.EMERGENCY_ACCESS) == []
 
 

@@ -104,6 +104,16 @@ class FhirWorld:
                                      timeout=30) as client:
             yield client
 
+    async def restart(self, **fhir: Any) -> None:
+        """Serve again with these ``[fhir]`` settings (e.g. ``emergency_access_professions``)."""
+        assert self.listener is not None
+        await self.listener.aclose()
+        self.settings = load_settings(data_dir=self.settings.data_dir, environ={},
+                                      overrides={"listen": {"host": "127.0.0.1", "http_port": 0}, "fhir": fhir})
+        self.listener = await start_http_listener(Services(self.world.db, self.world.blobs, self.world.directory,
+                                                           self.pki), self.settings, audit=self.audit,
+                                                  notifier=self.notifier)
+
     def patient_actor(self) -> tuple[Actor, Source]:
         return Actor.patient(TEST_INS, "DOMINIQUE PAT-TROIS"), Source(Door.WEBMAIL, "127.0.0.1")
 

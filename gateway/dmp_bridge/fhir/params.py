@@ -20,8 +20,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.directory.identifiers import IdentifierError, validate_nir
 from gateway.dmp_bridge.fhir.resources import IS_ARCHIVED_URL
 from gateway.dmp_bridge.fhir.service import DateBound, InvalidRequest, MetadataChange, SearchQuery, Token, known_ins_oid
+from gateway.dmp_bridge.tables import DocumentStatus
 
 DATE_PREFIXES = ("eq", "ge", "le", "gt", "lt")
 DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -36,7 +38,7 @@ class MethodNotAllowed(Exception):
 def search_query(params: Mapping[str, str], multi: Mapping[str, list[str]], *, page_size: int,
                  max_page_size: int) -> SearchQuery:
     ins, oid = _patient(params.get("patient.identifier"))
-    statuses = _csv(params.get("status")) or ["current"]
+    statuses = _statuses(params.get("status"))
     return SearchQuery(
         patient_ins=ins, patient_oid=oid, types=_tokens(params.get("type")), categories=_tokens(params.get("category")),
         dates=tuple(bound for value in multi.get("date", []) for bound in _date_bounds(value)),
@@ -50,10 +52,26 @@ def _patient(value: str | None) -> tuple[str, str | None]:
                              field="patient.identifier")
     system, separator, ins = value.strip().rpartition("|")
     if not separator:
-        return ins.upper(), None
+        return _ins(ins), None
     oid = known_ins_oid(system)
     # An identifier system that is no INS OID names nobody: an empty search, not an error.
-    return ins.upper(), oid if oid is not None else system
+    return (_ins(ins), oid) if oid is not None else (ins.upper(), system)
+
+
+def _ins(value: str) -> str:
+    try:
+        return validate_nir(value, field="patient.identifier")
+    except IdentifierError as error:
+        raise InvalidRequest(str(error), field="patient.identifier") from None
+
+
+def _statuses(value: str | None) -> list[str]:
+    statuses = _csv(value) or [DocumentStatus.CURRENT.value]
+    known = {status.value for status in DocumentStatus}
+    unknown = [status for status in statuses if status not in known]
+    if unknown:
+        raise InvalidRequest(f"status must be {' or '.join(sorted(known))}", field="status")
+    return statuses
 
 
 def _csv(value: str | None) -> list[str]:

@@ -17,6 +17,7 @@ import datetime as dt
 from typing import Any
 
 from gateway.directory.identifiers import INS_OIDS
+from gateway.dmp_bridge.content_types import served_type
 from gateway.dmp_bridge.record import security_labels
 from gateway.dmp_bridge.tables import RecordDocument
 
@@ -91,7 +92,7 @@ def _custodian(document: RecordDocument) -> dict[str, Any] | None:
 
 def _attachment(document: RecordDocument, base_url: str) -> dict[str, Any]:
     attachment = {
-        "contentType": document.mime_type,
+        "contentType": served_type(document.mime_type),
         "language": document.language_code,
         "url": f"{base_url}/Binary/{document.id}",
         "size": document.size,
@@ -185,7 +186,7 @@ def searchset(entries: list[dict[str, Any]], total: int, self_url: str, next_url
 
 def binary(document: RecordDocument, content: bytes) -> dict[str, Any]:
     """ITI-68 answered as a FHIR Binary (when the client's Accept asks for FHIR JSON)."""
-    return {"resourceType": "Binary", "id": str(document.id), "contentType": document.mime_type,
+    return {"resourceType": "Binary", "id": str(document.id), "contentType": served_type(document.mime_type),
             "data": base64.b64encode(content).decode("ascii")}
 
 

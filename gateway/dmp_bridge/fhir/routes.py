@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import unicodedata
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,18 +26,21 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.audit.chain import Actor, Door, Outcome, Source
-from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.dmp_bridge.access import Emergency, Reason
+from gateway.dmp_bridge.content_types import content_headers
 from gateway.dmp_bridge.fhir.auth import CallerResolver, Unauthenticated
+from gateway.dmp_bridge.fhir.boundary import (
+    audit_boundary,
+    fhir_response,
+    note_caller,
+    outcome_response,
+)
 from gateway.dmp_bridge.fhir.params import MethodNotAllowed, change_from_patch, change_from_resource, search_query
 from gateway.dmp_bridge.fhir.resources import (
-    FHIR_JSON,
     binary,
     capability_statement,
     document_reference,
-    operation_outcome,
     searchset,
 )
 from gateway.dmp_bridge.fhir.service import (
@@ -46,13 +51,22 @@ from gateway.dmp_bridge.fhir.service import (
     RecordAccessService,
     SearchQuery,
 )
+from gateway.audit.chain import Door, Source
 
 log = logging.getLogger("gateway.fhir")
 
 EMERGENCY_HEADER = "X-Emergency-Access-Reason"
+MAX_EMERGENCY_REASON = 1000  # characters of the professional's justification
 MAX_BODY = 1024 * 1024
-NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+MAX_JSON_DEPTH = 32  # a DocumentReference is a few levels deep; deeper is an attack on the parser
+READ_CHUNK = 64 * 1024
+# FHIR R4 id datatype: [A-Za-z0-9\-\.]{1,64}
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds ``MAX_BODY``: 413 (RFC 9110 15.5.14)."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +75,6 @@ class FhirConfig:
     page_size: int
     max_page_size: int
     emergency_enabled: bool
-
-
-def fhir_response(resource: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(resource, ensure_ascii=False).encode("utf-8"),
-                        content_type=FHIR_JSON, charset="utf-8", headers={**NO_STORE, **(headers or {})})
-
-
-def outcome_response(status: int, code: str, diagnostics: str, details_code: str | None = None,
-                     headers: dict[str, str] | None = None) -> web.Response:
-    return fhir_response(operation_outcome(code, diagnostics, details_code=details_code), status, headers)
 
 
 def refusal_response(error: AccessRefused) -> web.Response:
@@ -91,6 +95,7 @@ class FhirRoutes:
         self.config = config
 
     def install(self, app: web.Application) -> None:
+        app.middlewares.append(audit_boundary(self.audit, f"{self.config.base_path}/metadata"))
         app.router.add_get("/metadata", self.metadata)
         app.router.add_get("/DocumentReference", self.guarded(self.search))
         app.router.add_get("/DocumentReference/{id}", self.guarded(self.read))
@@ -107,40 +112,38 @@ class FhirRoutes:
         return f"{request.scheme}://{request.host}{self.config.base_path}"
 
     def guarded(self, handler: Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]) -> Handler:
-        """Authenticate, then run ``handler``; map refusals to OperationOutcome responses."""
+        """Authenticate, check the request's text, then run ``handler``; refusals become OperationOutcomes.
+
+        Nothing is audited here: the service audits what it decides, the boundary middleware every other answer.
+        """
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            source = Source(Door.FHIR, request.remote)
             try:
-                call = await self._call(request, source)
+                call = await self._call(request)
                 return await handler(request, call)
             except Unauthenticated as exc:
-                return await self._unauthenticated(request, source, str(exc))
+                challenge = 'Basic realm="MSS FHIR", charset="UTF-8"'
+                return outcome_response(401, "login", str(exc), headers={"WWW-Authenticate": challenge})
             except AccessRefused as exc:
                 return refusal_response(exc)
             except DocumentMissing:
                 return outcome_response(404, "not-found", "no such document")
             except InvalidRequest as exc:
                 return outcome_response(400, "invalid", str(exc))
+            except BodyTooLarge as exc:
+                return outcome_response(413, "too-costly", str(exc))
             except MethodNotAllowed as exc:
                 return outcome_response(405, "not-supported", str(exc))
         return wrapped
 
-    async def _call(self, request: web.Request, source: Source) -> CallContext:
+    async def _call(self, request: web.Request) -> CallContext:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        requester = await self.resolver.resolve(ssl_object, request.headers.get("Authorization"))
-        return CallContext(requester, source, self._emergency(request))
-
-    def _emergency(self, request: web.Request) -> Emergency | None:
-        raw = request.headers.get(EMERGENCY_HEADER)
-        return None if raw is None else Emergency(urllib.parse.unquote(raw).strip())
-
-    async def _unauthenticated(self, request: web.Request, source: Source, why: str) -> web.Response:
-        """401, audited: nobody is named, so the entry is filed under no patient."""
-        await self.audit.append(AuditEvent.ACCESS_REFUSED, actor=Actor.system("fhir-unauthenticated"), patient=None,
-                                source=source, outcome=Outcome.refused("unauthenticated"),
-                                details={"operation": request.method, "path": request.path[:256]})
-        challenge = 'Basic realm="MSS FHIR", charset="UTF-8"'
-        return outcome_response(401, "login", why, headers={"WWW-Authenticate": challenge})
+        requester = await self.resolver.resolve(ssl_object, _header(request, "Authorization"))
+        source = Source(Door.FHIR, request.remote)
+        call = CallContext(requester, source)
+        note_caller(call.actor)  # from here on, whatever fails is audited under the caller's name
+        _check_id(request)
+        _check_query(request)
+        return CallContext(requester, source, _emergency(request))
 
     # ------------------------------------------------------------------ handlers
 
@@ -172,7 +175,9 @@ class FhirRoutes:
         document, content = await self.service.read_content(call, request.match_info["id"])
         if _wants_fhir(request):
             return fhir_response(binary(document, content))
-        return web.Response(body=content, headers={**NO_STORE, "Content-Type": document.mime_type})
+        # The type the filing decided from the content, never the sender's; shown inline only when harmless.
+        headers = {"Cache-Control": "no-store", **content_headers(document.mime_type, str(document.id))}
+        return web.Response(body=content, headers=headers)
 
     async def update(self, request: web.Request, call: CallContext) -> web.Response:
         return await self._update(request, call, change_from_resource)
@@ -201,13 +206,96 @@ def _wants_fhir(request: web.Request) -> bool:
     return "application/fhir+json" in accept or fmt in ("json", "application/fhir+json")
 
 
-async def _json_body(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidRequest("the body is too large", field="body")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise InvalidRequest("the body is too large", field="body")
+def _header(request: web.Request, name: str) -> str | None:
+    """A header's value; aiohttp keeps undecodable bytes as lone surrogates, which are refused here."""
+    value = request.headers.get(name)
+    if value is not None and not _is_text(value, allow_controls=False):
+        raise InvalidRequest(f"the {name} header is not UTF-8 text", field=name)
+    return value
+
+
+def _check_id(request: web.Request) -> None:
+    resource_id = request.match_info.get("id")
+    if resource_id is not None and not FHIR_ID.fullmatch(resource_id):
+        raise InvalidRequest("a resource id is 1 to 64 letters, digits, '-' or '.' (FHIR id)", field="id")
+
+
+def _check_query(request: web.Request) -> None:
+    """RFC 3986 2.5 / FHIR search: the query is percent-encoded UTF-8, and no parameter carries control characters."""
+    for pair in request.rel_url.raw_query_string.split("&"):
+        for part in pair.split("=", 1):
+            try:
+                text = urllib.parse.unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest("the query string is not percent-encoded UTF-8", field="query") from None
+            if not _is_text(text, allow_controls=False):
+                raise InvalidRequest("a search parameter contains control characters", field="query")
+
+
+def _emergency(request: web.Request) -> Emergency | None:
+    """The justification of ``X-Emergency-Access-Reason``: UTF-8, percent-encoding allowed, printable, bounded."""
+    raw = _header(request, EMERGENCY_HEADER)
+    if raw is None:
+        return None
     try:
-        return json.loads(raw)
+        reason = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{EMERGENCY_HEADER} is not UTF-8 text (percent-encoded UTF-8 is allowed)",
+                             field=EMERGENCY_HEADER) from None
+    if not _is_text(reason, allow_controls=False):
+        raise InvalidRequest(f"{EMERGENCY_HEADER} must not contain control characters", field=EMERGENCY_HEADER)
+    if len(reason) > MAX_EMERGENCY_REASON:
+        raise InvalidRequest(f"{EMERGENCY_HEADER} is longer than {MAX_EMERGENCY_REASON} characters",
+                             field=EMERGENCY_HEADER)
+    return Emergency(reason.strip())
+
+
+def _is_text(value: str, *, allow_controls: bool) -> bool:
+    """Valid Unicode (no lone surrogate from undecodable bytes) and, unless allowed, no control character."""
+    for character in value:
+        category = unicodedata.category(character)
+        if category == "Cs" or (category == "Cc" and not allow_controls):
+            return False
+    return True
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The body as JSON: at most ``MAX_BODY`` bytes, at most ``MAX_JSON_DEPTH`` levels, valid Unicode text."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise BodyTooLarge(f"the body is larger than {MAX_BODY} bytes")
+    raw = await _bounded_body(request)
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest(f"the body is nested too deep (at most {MAX_JSON_DEPTH} levels)", field="body") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the body is not JSON", field="body") from None
+    _check_json(value)
+    return value
+
+
+async def _bounded_body(request: web.Request) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(READ_CHUNK):
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BodyTooLarge(f"the body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_json(value: Any) -> None:
+    """Walk the parsed body without recursion: depth bounded, every string and key valid text without NUL."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the body is nested too deep (at most {MAX_JSON_DEPTH} levels)", field="body")
+        if isinstance(item, str) and (not _is_text(item, allow_controls=True) or "\x00" in item):
+            raise InvalidRequest("the body contains a string that is not valid text", field="body")
+        if isinstance(item, dict):
+            pending.extend((key, depth + 1) for key in item)
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item)

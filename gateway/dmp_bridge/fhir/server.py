@@ -22,6 +22,7 @@ from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.dmp_bridge.access import AccessMatrix, AccessPolicy
 from gateway.dmp_bridge.fhir.auth import CallerResolver
+from gateway.dmp_bridge.fhir.boundary import TrackedAuditLog
 from gateway.dmp_bridge.fhir.routes import FhirConfig, FhirRoutes
 from gateway.dmp_bridge.fhir.service import RecordAccessService
 from gateway.dmp_bridge.patient_choices import LoggingNotifier, PatientChoicesService, PatientNotifier
@@ -54,8 +55,10 @@ def build_fhir_app(access: RecordAccessService, resolver: CallerResolver, audit:
 def record_access_from(services: Any, settings: Settings, *, audit: AuditLog | None = None,
                        notifier: PatientNotifier | None = None) -> tuple[RecordAccessService, AuditLog]:
     """The record access service built on ``services`` (db, blobs, and its audit log when it has one)."""
-    audit_log = audit or getattr(services, "audit", None) or AuditLog.for_data_dir(services.db, settings.data_path)
-    policy = AccessPolicy(AccessMatrix.load(settings.fhir.access_matrix), emergency_enabled=settings.fhir.emergency_access)
+    shared_log = audit or getattr(services, "audit", None) or AuditLog.for_data_dir(services.db, settings.data_path)
+    audit_log = TrackedAuditLog(shared_log)  # lets the FHIR boundary know which requests audited themselves
+    policy = AccessPolicy(AccessMatrix.load(settings.fhir.access_matrix), emergency_enabled=settings.fhir.emergency_access,
+                          emergency_professions=frozenset(settings.fhir.emergency_access_professions))
     choices = PatientChoicesService(services.db, audit_log)
     access = RecordAccessService(services.db, services.blobs, audit_log, choices, policy, notifier or LoggingNotifier(),
                                  fields=getattr(services, "fields", None))
