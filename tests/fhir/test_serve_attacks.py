@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.app import Services, open_services
@@ -295,11 +295,20 @@ SEGMENTS = st.one_of(st.sampled_from(["DocumentReference", "Binary", "metadata",
                                       "%FF", "%C0%AE", "1", "0", "-1", "1e3", "9" * 30]),
                      st.text(max_size=24).filter(lambda s: s not in (".", "..")).map(
                          lambda s: urllib.parse.quote(s, safe="", errors="surrogateescape")))
+IDS = st.one_of(st.just("{document}"), st.sampled_from(["0", "-1", "1e3", "9" * 30, "%00", "2%00", "%FF", "a.b-c",
+                                                       "x" * 65, "%2F", "1%0A"]),
+                st.text(max_size=20).map(lambda s: urllib.parse.quote(s, safe="", errors="surrogateescape")))
+PATHS = st.one_of(st.sampled_from(["DocumentReference", "metadata"]),
+                  st.builds("{}/{}".format, st.sampled_from(["DocumentReference", "Binary"]), IDS),
+                  st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join))
 PARAM_KEYS = st.sampled_from(["patient.identifier", "patient", "type", "category", "date", "status", "_count",
                               "_offset", "_format", "_sort", "_id"]) | st.text(max_size=12)
 PARAM_VALUES = st.one_of(st.sampled_from([PATIENT_QUERY, "current", "ge2020-01-01", "20", "json", ""]),
                          st.text(max_size=40), st.binary(max_size=24).map(lambda b: b.decode("latin-1")))
-HEADER_BYTES = st.binary(max_size=60).map(lambda b: b.translate(None, b"\r\n\x00"))
+# RFC 9110 5.5: a field value is visible characters, SP, HTAB and obs-text; anything else is not HTTP, and the
+# HTTP parser answers it before any application code (aiohttp's 400, logged), so it is not fuzzed here.
+HEADER_BYTES = st.binary(max_size=60).map(
+    lambda b: b.translate(None, bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])).strip(b" \t"))
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                            lambda children: st.lists(children, max_size=4)
                            | st.dictionaries(st.text(max_size=10), children, max_size=4), max_leaves=20)
@@ -321,8 +330,9 @@ class Probe:
 PROBES = st.builds(
     Probe,
     method=st.sampled_from(["GET", "GET", "GET", "PUT", "PATCH", "POST", "DELETE", "HEAD", "OPTIONS"]),
-    path=st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join),
-    params=st.lists(st.tuples(PARAM_KEYS, PARAM_VALUES), max_size=4),
+    path=PATHS,
+    params=st.lists(st.tuples(PARAM_KEYS, PARAM_VALUES), max_size=4).flatmap(
+        lambda pairs: st.sampled_from([pairs, [("patient.identifier", PATIENT_QUERY), *pairs]])),
     headers=st.dictionaries(st.sampled_from(["Accept", EMERGENCY, "Content-Type", "Authorization", "Prefer",
                                              "If-Match"]), HEADER_BYTES, max_size=3),
     body=BODIES,
@@ -330,13 +340,13 @@ PROBES = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(probe=PROBES)
 def test_fuzzed_requests_never_get_a_500_and_are_always_audited(served: GatewayProcess, document_id: str,
                                                                 probe: Probe) -> None:
     audit = AuditTail(served)
     before = audit.head()
-    path = probe.path.replace("1", document_id, 1) if probe.path.startswith(("DocumentReference/", "Binary/")) else probe.path
+    path = probe.path.replace("{document}", document_id)
     query = urllib.parse.urlencode(probe.params, errors="surrogateescape")
     headers = dict(probe.headers)
     if probe.authenticated:
@@ -344,6 +354,7 @@ def test_fuzzed_requests_never_get_a_500_and_are_always_audited(served: GatewayP
     with client(served, "PER" if probe.authenticated else None) as caller:
         response = caller.request(probe.method, f"/{path}" + (f"?{query}" if query else ""), headers=headers,
                                   content=probe.body)
+    event(f"status {response.status_code}")
     assert response.status_code < 500, response.text
     if response.status_code >= 400 and probe.method != "HEAD":
         outcome_of(response)
