@@ -9,8 +9,8 @@ a file alone (an auditor's machine needs no database and no key).
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import os
+import pwd
 from pathlib import Path
 from typing import Any
 
@@ -177,12 +177,21 @@ def _open_log(services: Any) -> AuditLog:
 
 
 def operator_actor() -> Actor:
-    """The operating-system user running the command, as the audit log's actor."""
+    """The operating-system user running the command, as the audit log's actor.
+
+    Named from the effective uid's passwd entry, never from ``USER``/``LOGNAME`` (which the caller sets at
+    will); the display name adds the uid, and ``SUDO_USER`` when sudo says who asked (as sudo's own log does).
+    """
+    uid = os.geteuid()
     try:
-        login = getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
-        login = f"uid:{os.getuid()}"
-    return Actor.admin(login)
+        login = pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry for this uid (some containers)
+        login = f"uid:{uid}"
+    display = f"{login} (uid {uid})"
+    sudo_user = os.environ.get("SUDO_USER", "")
+    if sudo_user and sudo_user != login and sudo_user.isprintable():
+        display = f"{login} (uid {uid}, via sudo from {sudo_user[:64]})"
+    return Actor.admin(login, display)
 
 
 async def _verify(services: Any, from_seq: int | None) -> VerifyReport:

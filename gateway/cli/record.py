@@ -8,6 +8,13 @@ the missing patient has been added to the directory. Acknowledgements that a
 refile queues are delivered by the running gateway (its local delivery pass
 picks up queued mail). Exit codes: 0 done, 1 no such patient, document or
 delivery, 2 usage.
+
+An administrator reading health data is audited like anyone else: ``list``
+(RECORD_SEARCHED), ``show`` (DOCUMENT_READ), ``refile`` (ADMIN_MAILBOX_ACCESS:
+the delivered message is read again) and ``quarantine`` (RECORD_SEARCHED, no
+patient) each write an entry naming the operating-system user (the effective
+uid's passwd entry) and what was read; a refusal (no such patient, document
+or delivery) is written too, as ACCESS_REFUSED.
 """
 
 from __future__ import annotations
@@ -15,13 +22,23 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from sqlalchemy import select
 
+from gateway.audit.chain import Door, Outcome, Source, Subject
+from gateway.audit.events import AuditEvent
+from gateway.cli.audit import operator_actor
 from gateway.cli.common import emit_json, emit_record, emit_rows, json_option, with_services
-from gateway.dmp_bridge.record import RecordStore, describe_document, security_labels
-from gateway.dmp_bridge.tables import RecordDocument
+from gateway.directory.identifiers import IdentifierError, validate_nir
+from gateway.dmp_bridge.record import QuarantineEntry, RecordStore, describe_document, security_labels
+from gateway.dmp_bridge.tables import FilingJob, RecordDocument
 from gateway.dmp_bridge.worker import build_filing_worker
-from gateway.smtp.listeners import spool_root
+from gateway.errors import UserError
 from gateway.pipeline.spool import Spool
+from gateway.smtp.listeners import spool_root
+from gateway.storage.models import Patient
+
+CLI = Source(Door.CLI)
+MAX_LISTED_IDS = 100
 
 
 @click.group()
@@ -34,7 +51,7 @@ def record() -> None:
 @json_option
 def quarantine(limit: int, as_json: bool) -> None:
     """Messages and documents that were delivered but not filed, with the code and the reason."""
-    entries = with_services(lambda s: RecordStore(s.db, s.blobs).quarantine(limit=limit))
+    entries = with_services(lambda s: _quarantine(s, limit))
     emit_rows([entry.describe() for entry in entries],
               ["delivery_id", "state", "recipient", "sender", "attachment", "code", "reason"], as_json=as_json)
 
@@ -45,7 +62,7 @@ def quarantine(limit: int, as_json: bool) -> None:
 @json_option
 def list_(ins: str, current_only: bool, as_json: bool) -> None:
     """A patient's documents, newest first."""
-    documents = with_services(lambda s: RecordStore(s.db, s.blobs).list_for_patient(ins, include_superseded=not current_only))
+    documents = with_services(lambda s: _list(s, ins, current_only))
     rows = [describe_document(d) for d in documents] if as_json else [_row(d) for d in documents]
     emit_rows(rows, ["id", "status", "version", "type", "title", "created", "author", "labels"], as_json=as_json)
 
@@ -55,7 +72,7 @@ def list_(ins: str, current_only: bool, as_json: bool) -> None:
 @json_option
 def show(document_id: str, as_json: bool) -> None:
     """One document's metadata (a DocumentReference's fields; the content stays encrypted)."""
-    document = with_services(lambda s: RecordStore(s.db, s.blobs).get(document_id))
+    document = with_services(lambda s: _show(s, document_id))
     emit_record(describe_document(document), as_json=as_json)
 
 
@@ -71,17 +88,88 @@ def refile(delivery_id: int, as_json: bool) -> None:
     emit_record(result, as_json=False)
 
 
+async def _quarantine(services: Any, limit: int) -> list[QuarantineEntry]:
+    entries = await RecordStore(services.db, services.blobs).quarantine(limit=limit)
+    await services.audit.append(AuditEvent.RECORD_SEARCHED, actor=operator_actor(), patient=None, source=CLI,
+                                details={"operation": "record quarantine", "shown": len(entries)})
+    return entries
+
+
+async def _list(services: Any, ins: str, current_only: bool) -> list[RecordDocument]:
+    try:
+        documents = await RecordStore(services.db, services.blobs).list_for_patient(
+            ins, include_superseded=not current_only)
+    except UserError as error:
+        await _refused(services, "record list", error, patient=ins)
+        raise
+    await services.audit.append(AuditEvent.RECORD_SEARCHED, actor=operator_actor(), patient=_ins_or_none(ins),
+                                source=CLI, details={
+                                    "operation": "record list", "current_only": current_only, "total": len(documents),
+                                    "listed": [d.unique_id for d in documents][:MAX_LISTED_IDS]})
+    return documents
+
+
+async def _show(services: Any, document_id: str) -> RecordDocument:
+    try:
+        document = await RecordStore(services.db, services.blobs).get(document_id)
+    except UserError as error:
+        await _refused(services, "record show", error, subject=Subject.document(_printable(document_id, 512) or "-"))
+        raise
+    await services.audit.append(AuditEvent.DOCUMENT_READ, actor=operator_actor(), patient=document.patient_ins,
+                                source=CLI, subject=Subject.document(document.unique_id),
+                                details={"operation": "record show", "content": False})
+    return document
+
+
 async def _refile(services: Any, delivery_id: int) -> dict[str, Any]:
     spool = Spool(spool_root(services.settings))
     worker = build_filing_worker(services, spool, schedule_local=lambda _queue_id: None)
-    job = await worker.refile(delivery_id)
+    try:
+        job = await worker.refile(delivery_id)
+    except UserError as error:
+        await _refused(services, "record refile", error, subject=Subject("delivery", str(delivery_id)))
+        raise
     outcomes = await RecordStore(services.db, services.blobs).outcomes_of(job.id)
+    await services.audit.append(
+        AuditEvent.ADMIN_MAILBOX_ACCESS, actor=operator_actor(), patient=await _patient_of(services, job),
+        source=CLI, subject=Subject.mailbox(job.recipient) if job.recipient else Subject("delivery", str(delivery_id)),
+        details={"action": "refile", "delivery_id": delivery_id, "state": job.state,
+                 "documents_filed": job.documents_filed})
     return {
         "delivery_id": job.delivery_id, "state": job.state, "documents_filed": job.documents_filed,
         "code": job.result_code, "error": job.last_error,
         "outcomes": [{"document_id": o.document_unique_id, "attachment": o.attachment, "outcome": o.outcome,
                       "code": o.code, "reason": o.reason} for o in outcomes],
     }
+
+
+async def _refused(services: Any, operation: str, error: UserError, *, patient: str | None = None,
+                   subject: Subject | None = None) -> None:
+    await services.audit.append(AuditEvent.ACCESS_REFUSED, actor=operator_actor(), patient=_ins_or_none(patient),
+                                source=CLI, subject=subject, outcome=Outcome.refused(_printable(str(error), 500)),
+                                details={"operation": operation})
+
+
+async def _patient_of(services: Any, job: FilingJob) -> str | None:
+    if job.patient_id is None:
+        return None
+    async with services.db.session() as session:
+        ins = await session.scalar(select(Patient.ins).where(Patient.id == job.patient_id))
+    return _ins_or_none(ins)
+
+
+def _ins_or_none(ins: str | None) -> str | None:
+    """The INS to file the entry under, when well formed (a mistyped one is in the refusal's reason)."""
+    if ins is None:
+        return None
+    try:
+        return validate_nir(ins)
+    except IdentifierError:
+        return None
+
+
+def _printable(text: str, limit: int) -> str:
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)[:limit]
 
 
 def _row(document: RecordDocument) -> dict[str, Any]:

@@ -12,6 +12,8 @@ and refused to a physician when the patient refused it.
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import secrets
 import smtplib
 import sqlite3
@@ -20,6 +22,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,10 +32,12 @@ from hypothesis import strategies as st
 
 from gateway.app import Services, open_services
 from gateway.audit.chain import Actor, Door, Source
+from gateway.audit.events import AuditEvent
 from gateway.config import load_settings
+from gateway.directory.identifiers import add_nir_key
 from gateway.dmp_bridge.patient_choices import PatientChoicesService
 from tests.dmp_bridge.filing_world import SAMPLES, TEST_INS, message_with, sample
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, run_cli
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
 PATIENCE = 60.0  # seconds before a wait gives up (a bound on a hang, not a timing assertion)
@@ -403,3 +408,81 @@ async def test_a_physicians_emergency_access_is_refused_when_the_patient_refused
     with client(served) as doctor:
         allowed = doctor.get(f"/Binary/{document_id}", headers={EMERGENCY: "patient%20inconscient"})
     assert allowed.status_code == 200
+
+
+# --------------------------------------------------------------------------- item 14: administrators are audited
+
+
+def operating_system_user() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def admin_entries(audit: AuditTail, before: int) -> list[tuple[int, str, str, str | None, str | None, dict[str, Any]]]:
+    rows = audit._rows("SELECT event, actor_kind, actor_id, patient_ins, subject_id, details, outcome, reason "
+                       "FROM audit_entries WHERE seq > ? AND door = 'cli' ORDER BY seq", before)
+    return [(r[0], r[1], r[2], r[3], r[4], {**json.loads(r[5]), "outcome": r[6], "reason": r[7]}) for r in rows]
+
+
+def test_record_list_and_show_are_audited_under_the_operating_system_user(served: GatewayProcess,
+                                                                          document_id: str) -> None:
+    audit = AuditTail(served)
+    before = audit.head()
+    spoofed = {**served.env, "USER": "mallory", "LOGNAME": "mallory"}  # the environment names nobody
+    listed = json.loads(run_cli("record", "list", "--patient", TEST_INS, "--json", data_dir=served.data_dir,
+                                env=spoofed, check=True).stdout)
+    unique_id = next(d["id"] for d in listed if d["id"].startswith("1.2.250.1.999."))
+    served.cli("record", "show", unique_id, "--json", check=True)
+    missing = served.cli("record", "show", "1.2.3.4.404")
+    nobody = add_nir_key("1990175056999")  # a well-formed INS of no patient here
+    unknown = served.cli("record", "list", "--patient", nobody)
+    assert missing.returncode == 1 and unknown.returncode == 1
+    entries = admin_entries(audit, before)
+    assert [(e[0], e[1], e[2]) for e in entries] == [
+        (int(AuditEvent.RECORD_SEARCHED), "admin", operating_system_user()),
+        (int(AuditEvent.DOCUMENT_READ), "admin", operating_system_user()),
+        (int(AuditEvent.ACCESS_REFUSED), "admin", operating_system_user()),
+        (int(AuditEvent.ACCESS_REFUSED), "admin", operating_system_user()),
+    ]
+    listing, shown, no_document, no_patient = entries
+    assert listing[3] == TEST_INS and unique_id in listing[5]["listed"] and listing[5]["operation"] == "record list"
+    assert (shown[3], shown[4], shown[5]["operation"]) == (TEST_INS, unique_id, "record show")
+    assert (no_document[4], no_document[5]["outcome"]) == ("1.2.3.4.404", "refused")
+    assert no_patient[3] == nobody and nobody in (no_patient[5]["reason"] or "")
+
+
+def test_refile_and_quarantine_are_audited(served: GatewayProcess, document_id: str) -> None:
+    audit = AuditTail(served)
+    with sqlite3.connect(f"file:{served.data_dir / 'gateway.db'}?mode=ro", uri=True, timeout=30) as connection:
+        delivery_id = connection.execute("SELECT delivery_id FROM filing_jobs ORDER BY id LIMIT 1").fetchone()[0]
+    before = audit.head()
+    served.cli("record", "quarantine", "--json", check=True)
+    refiled = served.cli("record", "refile", str(delivery_id), "--json")
+    assert refiled.returncode == 0, refiled.stdout + refiled.stderr
+    assert served.cli("record", "refile", "999999").returncode == 1
+    entries = admin_entries(audit, before)
+    assert [(e[0], e[2]) for e in entries] == [
+        (int(AuditEvent.RECORD_SEARCHED), operating_system_user()),
+        (int(AuditEvent.ADMIN_MAILBOX_ACCESS), operating_system_user()),
+        (int(AuditEvent.ACCESS_REFUSED), operating_system_user()),
+    ]
+    quarantine, refile, refused = entries
+    assert quarantine[5]["operation"] == "record quarantine"
+    assert (refile[3], refile[4], refile[5]["action"]) == (TEST_INS, served.account("PAT")["address"], "refile")
+    assert refused[4] == "999999"
+
+
+def test_mailbox_and_audit_exports_name_the_operating_system_user(served: GatewayProcess,
+                                                                  tmp_path: Path) -> None:
+    audit = AuditTail(served)
+    before = audit.head()
+    patient = served.account("PAT")
+    spoofed = {**served.env, "USER": "mallory", "LOGNAME": "mallory"}
+    run_cli("mailbox", "export", patient["address"], str(tmp_path / "box.mbox"),
+            data_dir=served.data_dir, env=spoofed, check=True)
+    run_cli("audit", "export", str(tmp_path / "audit.jsonl"), "--patient", TEST_INS,
+            data_dir=served.data_dir, env=spoofed, check=True)
+    entries = admin_entries(audit, before)
+    assert [(e[0], e[1], e[2], e[3]) for e in entries] == [
+        (int(AuditEvent.ADMIN_MAILBOX_ACCESS), "admin", operating_system_user(), TEST_INS),
+        (int(AuditEvent.AUDIT_EXPORTED), "admin", operating_system_user(), TEST_INS),
+    ]
