@@ -206,7 +206,7 @@ def test_an_emergency_reason_that_is_not_utf8_text_is_400_and_audited(served: Ga
     audit = AuditTail(served)
     before = audit.head()
     with client(served) as doctor:
-        response = doctor.get(f"/DocumentReference/{document_id}", headers={EMERGENCY: reason})
+        response = doctor.get(f"/DocumentReference/{document_id}", headers={EMERGENCY.encode(): reason})
     assert response.status_code == 400, response.text
     assert EMERGENCY in outcome_of(response)["issue"][0]["diagnostics"]
     [entry] = audit.fhir_since(before)
@@ -353,9 +353,9 @@ def test_fuzzed_requests_never_get_a_500_and_are_always_audited(served: GatewayP
     before = audit.head()
     path = probe.path.replace("{document}", document_id)
     query = urllib.parse.urlencode(probe.params, errors="surrogateescape")
-    headers = dict(probe.headers)
+    headers = {name.encode(): value for name, value in probe.headers.items()}
     if probe.authenticated:
-        headers.pop("Authorization", None)  # a well-formed wrong password is the limiter's business, not fuzzed here
+        headers.pop(b"Authorization", None)  # a well-formed wrong password is the limiter's business, not fuzzed here
     with client(served, "PER" if probe.authenticated else None) as caller:
         response = caller.request(probe.method, f"/{path}" + (f"?{query}" if query else ""), headers=headers,
                                   content=probe.body)
