@@ -1,16 +1,24 @@
 """HTTP handlers of the FHIR API (aiohttp): ITI-67, ITI-68, read, limited update, metadata.
 
 Every answer is FHIR JSON (``application/fhir+json``) except a Binary read
-whose Accept does not ask for FHIR: the document's own bytes and MIME type
-(ITI-68). Errors are OperationOutcome: 400 bad request, 401 no valid
-credentials (with a Basic challenge), 403 refused by the policy (the reason
-code in ``issue.details``), 404 unknown or concealed document (a hidden or
-masked document is indistinguishable from one that does not exist), 405
-update outside status/securityLabel/isArchived or an unsupported method.
+whose Accept does not ask for FHIR: the document's bytes, as the type the
+filing decided from their content (``content_types.py``: never the sender's
+declared type), with ``nosniff``, a sandbox CSP and ``attachment`` unless PDF
+or plain text (ITI-68). Errors are OperationOutcome: 400 bad request (a
+resource id outside the FHIR id syntax, a query that is not percent-encoded
+UTF-8 or carries control characters, a header that is not UTF-8 text, a body
+that is not JSON, nested deeper than 32 levels or carrying invalid text), 401
+no valid credentials (with a Basic challenge), 403 refused by the policy (the
+reason code in ``issue.details``), 404 unknown or concealed document (a hidden
+or masked document is indistinguishable from one that does not exist), 405
+update outside status/securityLabel/isArchived or an unsupported method, 413
+a body over 1 MiB (RFC 9110 15.5.14). ``boundary.py`` audits every answer the
+service did not audit itself and turns any other exception into a 500.
 
 Emergency access ("bris de glace"): the header ``X-Emergency-Access-Reason``
-carries the professional's justification (UTF-8, percent-encoding allowed).
-Present but blank: 400. The access is audited as an emergency access.
+carries the professional's justification (UTF-8, percent-encoding allowed, no
+control characters, at most 1000 characters). Present but blank: 400. The
+access is audited as an emergency access.
 """
 
 from __future__ import annotations
