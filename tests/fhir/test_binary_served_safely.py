@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import update
 
+from gateway.audit.events import AuditEvent
 from gateway.dmp_bridge.content_types import CDA_XML, OPAQUE, PDF, PLAIN_TEXT, content_headers, decided_type
 from gateway.dmp_bridge.extract import ExtractedDocument
+from gateway.dmp_bridge.fhir.service import RecordAccessService
 from gateway.dmp_bridge.pdf import inspect_pdf
 from gateway.dmp_bridge.tables import RecordDocument
 from tests.fhir.world import VACCINATION_ID, FhirWorld
@@ -82,3 +84,25 @@ async def test_a_filed_cda_is_text_xml_as_an_attachment(fhir: FhirWorld) -> None
     assert content.status_code == 200
     assert content.headers["Content-Type"] == "text/xml"
     assert content.headers["Content-Disposition"].startswith("attachment;")
+
+
+async def test_an_unexpected_error_is_a_500_operation_outcome_and_audited(fhir: FhirWorld,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (here a service that fails) answers FHIR, tells nothing of the internals, and leaves its trace."""
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("secret internals /var/lib/gateway")
+
+    monkeypatch.setattr(RecordAccessService, "read", broken)
+    head = await fhir.audit.head()
+    before = head.seq if head is not None else 0
+    async with fhir.client("doctor") as client:
+        response = await client.get(f"/DocumentReference/{fhir.documents[VACCINATION_ID]}")
+        still = await client.get(f"/Binary/{fhir.documents[VACCINATION_ID]}")
+    assert response.status_code == 500 and still.status_code == 200
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "exception"
+    assert "secret" not in response.text
+    entries = [e for e in await fhir.audit.search(events=[AuditEvent.ACCESS_REFUSED], limit=10)
+               if e.seq > before]
+    assert [(e.actor.id, e.outcome.reason, e.details["status"]) for e in entries] == [
+        (fhir.people.idnps["doctor"], "server-error", 500)]
