@@ -36,6 +36,7 @@ from gateway.smtp.listeners import start_smtp_listeners
 from gateway.smtp.outbound import OutboundWorker, outbound_tls_context
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
+from gateway.webmail.app import build_webmail_app
 
 log = logging.getLogger("gateway")
 
@@ -144,7 +145,10 @@ class Gateway:
         running.push_async_callback(filing.stop)
         generated = GeneratedMailQueue(settings, services.directory, smtp.pipeline.spool,
                                        schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
-        http = await start_http_listener(services, settings, notifier=MailboxNotifier(services.db, settings, generated))
+        # The HTTPS listener: the patient webmail at its root, the FHIR API mounted under fhir.base_path.
+        webmail = build_webmail_app(services, settings, pipeline=smtp.pipeline) if settings.webmail.enabled else None
+        http = await start_http_listener(services, settings, notifier=MailboxNotifier(services.db, settings, generated),
+                                         root=webmail)
         running.push_async_callback(http.aclose)
         shredding = ShreddingTask(services.db, services.keys, services.fields,
                                   retention_days=settings.retention.closed_patient_days,

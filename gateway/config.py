@@ -418,6 +418,46 @@ class RetentionSettings(_Section):
     shred_interval_minutes: int = Field(60, ge=1, description="how often `gateway serve` looks for spaces due for shredding")
 
 
+class WebmailSettings(_Section):
+    """The patient webmail on the HTTPS listener: sessions, second factor, sign-in with OpenID Connect."""
+
+    enabled: bool = Field(True, description="serve the patient webmail at the root of the HTTPS listener (beside the FHIR API)")
+    session_idle_minutes: int = Field(
+        15, ge=1, le=240, description="inactivity after which a webmail session ends (ANSSI: short on a shared device)")
+    session_absolute_hours: float = Field(
+        8.0, gt=0, le=72, description="longest life of a webmail session, however active, before signing in again")
+    sign_in_pending_minutes: int = Field(
+        5, ge=1, le=30, description="time allowed between the password and the second factor")
+    totp_issuer: str = Field("MSSante patient", description="issuer shown by authenticator apps beside the account (RFC 6238 TOTP)")
+    totp_valid_window: int = Field(
+        1, ge=0, le=2, description="30-second TOTP steps accepted either side of now (RFC 6238 5.2: clock drift)")
+    require_second_factor: bool = Field(
+        True, description="a patient signing in with a password must enrol and then use TOTP (or a recovery code)")
+    oidc_issuer: str = Field(
+        "", description="OpenID Connect provider patients may sign in with (FranceConnect-style): its issuer URL. "
+        "Empty: password sign-in only")
+    oidc_client_id: str = Field("", description="this webmail's client id at that provider (the aud of its ID tokens)")
+    oidc_client_secret: str = Field("", description="client secret for the token endpoint (client_secret_post); may be empty "
+                                    "for a public client using PKCE only")
+    oidc_scopes: list[str] = Field(["openid", "profile"], description="scopes asked for in the authorization request")
+    oidc_ins_claim: str = Field(
+        "ins", description="ID token claim holding the patient's INS (matched against the patient directory)")
+    public_url: str = Field(
+        "", description="the webmail's external base URL (redirect_uri for OpenID Connect is <public_url>/connexion/oidc/retour). "
+        "Empty: https://<hostname>:<listen.http_port>")
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        return check_oidc_url(value.strip())
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> "WebmailSettings":
+        if self.oidc_issuer and not self.oidc_client_id:
+            raise ValueError("oidc_client_id is required when oidc_issuer is set")
+        return self
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
@@ -435,6 +475,7 @@ class Settings(_Section):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     imap: ImapSettings = Field(default_factory=ImapSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
+    webmail: WebmailSettings = Field(default_factory=WebmailSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property

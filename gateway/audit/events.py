@@ -4,7 +4,7 @@ Like Stalwart's ``trc`` enums, every event has a fixed integer that is written
 into the hash-chained log and never changes meaning: entries signed years ago
 must still say the same thing. Codes are grouped by hundreds (1xx filing,
 2xx reading the record, 3xx the patient's choices, 4xx mailboxes and
-administration, 9xx the audit log itself). A retired event keeps its number;
+administration, 5xx the patient's webmail account, 9xx the audit log itself). A retired event keeps its number;
 new events take new numbers. ``tests/audit/test_events.py`` pins the table.
 
 Each event carries its snake_case name (CLI, exports) and a short French label
@@ -58,6 +58,14 @@ class AuditEvent(enum.IntEnum):
     ADMIN_MAILBOX_ACCESS = 401
     DELEGATION_GRANTED = 402
     DELEGATION_REVOKED = 403
+
+    # 5xx: the patient's webmail account (sign-in, second factor, sign-out)
+    WEBMAIL_SIGNED_IN = 501
+    WEBMAIL_SIGN_IN_REFUSED = 502
+    WEBMAIL_SIGNED_OUT = 503
+    WEBMAIL_SIGNED_OUT_EVERYWHERE = 504
+    WEBMAIL_SECOND_FACTOR_ENROLLED = 505
+    WEBMAIL_RECOVERY_CODE_USED = 506
 
     # 9xx: the audit log itself
     AUDIT_EXPORTED = 901
@@ -119,6 +127,12 @@ EVENT_INFO: dict[AuditEvent, EventInfo] = {
     AuditEvent.ADMIN_MAILBOX_ACCESS: EventInfo("Accès d'un administrateur à une messagerie"),
     AuditEvent.DELEGATION_GRANTED: EventInfo("Délégation d'accès à une messagerie accordée"),
     AuditEvent.DELEGATION_REVOKED: EventInfo("Délégation d'accès à une messagerie retirée"),
+    AuditEvent.WEBMAIL_SIGNED_IN: EventInfo("Connexion à votre espace"),
+    AuditEvent.WEBMAIL_SIGN_IN_REFUSED: EventInfo("Tentative de connexion refusée"),
+    AuditEvent.WEBMAIL_SIGNED_OUT: EventInfo("Déconnexion de votre espace"),
+    AuditEvent.WEBMAIL_SIGNED_OUT_EVERYWHERE: EventInfo("Déconnexion de tous vos appareils"),
+    AuditEvent.WEBMAIL_SECOND_FACTOR_ENROLLED: EventInfo("Double authentification activée"),
+    AuditEvent.WEBMAIL_RECOVERY_CODE_USED: EventInfo("Connexion avec un code de secours"),
     AuditEvent.AUDIT_EXPORTED: EventInfo("Export du journal des accès"),
     AuditEvent.AUDIT_VERIFIED: EventInfo("Vérification de l'intégrité du journal des accès"),
     AuditEvent.AUDIT_CONSULTED: EventInfo("Consultation de votre journal des accès par un administrateur"),
