@@ -70,27 +70,94 @@ class PatientBrowser:
         await self.second_factor(await self.password())
 
     async def second_factor(self, reply: httpx.Response) -> None:
-        """After the password: enrol TOTP (first time) or give the current code."""
+        """After the password: enrol TOTP (first time) or give a code (TOTP, else a recovery code)."""
         assert reply.status_code == 303, reply.text[:1000]
         if reply.headers["location"] == "/connexion/activer":
             page = await self.http.get("/connexion/activer")
             match = SECRET.search(page.text)
             assert match, page.text[:2000]
             self.totp_secret = match.group(1)
+            step = int(time.time()) // 30
             done = await self.http.post("/connexion/activer", data={
-                "csrf": csrf_of(page.text), "code": pyotp.TOTP(self.totp_secret).now()})
+                "csrf": csrf_of(page.text), "code": pyotp.TOTP(self.totp_secret).at(step * 30)})
             assert done.status_code == 200, done.text[:1000]
             self.recovery_codes = RECOVERY.findall(done.text)
+            KNOWN[self._key] = {"secret": self.totp_secret, "codes": list(self.recovery_codes), "step": step}
             return
         assert reply.headers["location"] == "/connexion/code"
-        assert self.totp_secret, "this account already has a second factor this browser does not know"
         page = await self.http.get("/connexion/code")
-        done = await self.http.post("/connexion/code", data={
-            "csrf": csrf_of(page.text), "code": self.next_code()})
+        done = await self.http.post("/connexion/code", data={"csrf": csrf_of(page.text), "code": self.next_code()})
         assert done.status_code == 303 and done.headers["location"] == "/", done.text[:1000]
 
+    @property
+    def _key(self) -> tuple[str, str]:
+        return str(self.gateway.data_dir), str(self.account["address"])
+
     def next_code(self) -> str:
-        """A TOTP code not used yet: a code is accepted once (RFC 6238 5.2), so use the next step's."""
-        assert self.totp_secret
-        totp = pyotp.TOTP(self.totp_secret)
-        return totp.at(int(time.time()) + 30)
+        """A code the server has not seen: TOTP codes are accepted once (RFC 6238 5.2), so a step after the last
+        one used within the accepted window, else one of the recovery codes."""
+        known = KNOWN.get(self._key)
+        assert known, "this account has a second factor this test run does not know"
+        self.totp_secret = known["secret"]
+        now = int(time.time()) // 30
+        for step in (now, now + 1):
+            if step > known["step"]:
+                known["step"] = step
+                return str(pyotp.TOTP(known["secret"]).at(step * 30))
+        return str(known["codes"].pop())
+
+
+# What each test account enrolled, per gateway data directory: secret, unused recovery codes, last TOTP step used.
+KNOWN: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def send_as_professional(gateway: GatewayProcess, professional: dict[str, Any], to: str, message: bytes) -> None:
+    """Submit ``message`` over SMTP (STARTTLS + AUTH) as a professional, as their mail client would."""
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", gateway.ports["smtp_submission_port"], timeout=30) as client:
+        client.starttls(context=tls_context_for_ip(gateway))
+        client.login(professional["address"], professional["password"])
+        refused = client.sendmail(professional["address"], [to], message)
+        assert refused == {}, refused
+
+
+def tls_context_for_ip(gateway: GatewayProcess) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=gateway.ca_file)
+    context.check_hostname = False   # we connect to 127.0.0.1; the chain is still verified
+    return context
+
+
+def professional_message(sender: dict[str, Any], to: str, subject: str, *, text: str = "Bonjour,\r\n",
+                         html: str | None = None, attachment: tuple[str, bytes] | None = None,
+                         extra_headers: dict[str, str] | None = None) -> bytes:
+    from email.message import EmailMessage
+    from email.utils import format_datetime, make_msgid
+    import datetime as dt
+    message = EmailMessage()
+    message["From"] = f"{sender['display_name']} <{sender['address']}>"
+    message["To"] = to
+    message["Subject"] = subject
+    message["Date"] = format_datetime(dt.datetime.now(dt.timezone.utc))
+    message["Message-ID"] = make_msgid(domain="demo.mssante.localhost")
+    for name, value in (extra_headers or {}).items():
+        message[name] = value
+    message.set_content(text)
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+    if attachment is not None:
+        message.add_attachment(attachment[1], maintype="application", subtype="octet-stream", filename=attachment[0])
+    return message.as_bytes()
+
+
+async def wait_for_subject(browser: PatientBrowser, subject: str, timeout: float = 30.0) -> int:
+    """The UID of the message with ``subject`` once delivered, read from the inbox page."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(r'href="/messages/(\d+)">((?:(?!</a>).)*)</a>', re.S)
+    while time.monotonic() < deadline:
+        page = await browser.get("/")
+        for uid, block in pattern.findall(page.text):
+            if html.escape(subject) in block:
+                return int(uid)
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"{subject!r} not delivered within {timeout} s")
