@@ -29,6 +29,9 @@ if [ "$mode" = test ]; then
   want offlineimap offlineimap3
   want dnsmasq dnsmasq-base
   want /usr/sbin/postfix postfix  # a third operator in tests/interop (a standalone instance, never on port 25)
+  want /usr/bin/chromium chromium  # the webmail's browser tests (Playwright drives Debian's chromium)
+  want node nodejs                 # axe-core, injected by the browser tests
+  want npm npm
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -39,4 +42,15 @@ if [ ${#need[@]} -gt 0 ]; then
     "postfix postfix/mailname string localhost" | $SUDO debconf-set-selections
   $SUDO apt-get update -q >/dev/null
   $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# axe-core (accessibility checks of the webmail's browser tests), from npm into a cache beside the
+# checkout (gitignored); tests/webmail/conftest.py reads node_modules/axe-core/axe.min.js from there.
+if [ "$mode" = test ]; then
+  axe_dir="$(cd "$(dirname "$0")/.." && pwd)/.cache/axe"
+  if [ ! -f "$axe_dir/node_modules/axe-core/axe.min.js" ]; then
+    echo "== installing axe-core from npm into $axe_dir" >&2
+    mkdir -p "$axe_dir"
+    npm install --prefix "$axe_dir" --no-audit --no-fund --silent axe-core@4 >/dev/null
+  fi
 fi

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from email.message import EmailMessage
-from email.utils import format_datetime, formataddr, make_msgid
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from typing import Any
 from urllib.parse import quote
 
@@ -156,10 +156,11 @@ async def conversation(request: web.Request) -> web.StreamResponse:
     sent = await _metas(request, sent_folder, await _uids(request, sent_folder, Header("to", address)))
     if not received and not sent:
         raise web.HTTPNotFound()
+    names = [parseaddr(meta.from_addr or "")[0] for meta in received]
     thread = sorted([(meta, False) for meta in received] + [(meta, True) for meta in sent],
                     key=lambda item: item[0].internaldate)
     return render(request, "conversation.html", {
-        "address": address, "thread": thread, "state": await conversation_state(request, patient, address),
+        "address": address, "who": next((n for n in names if n), address), "thread": thread, "state": await conversation_state(request, patient, address),
         "last_uid": received[0].uid if received else None, "quote": quote, "title": address,
         "sent": "envoye" in request.query})
 

@@ -36,6 +36,8 @@ HTML_ATTRIBUTES = {
     "th": {"colspan", "rowspan", "scope"}, "abbr": {"title"},
 }
 URL_SCHEMES = frozenset({"http", "https", "mailto", "data"})
+IMG_WITHOUT_SRC = re.compile(r"<img(?![^>]*\ssrc=)[^>]*>", re.IGNORECASE)
+IMG_WITHOUT_ALT = re.compile(r"<img(?![^>]*\salt=)", re.IGNORECASE)
 SMIME_RESULT = re.compile(r"\bsmime=([a-z]+)", re.IGNORECASE)
 
 
@@ -144,6 +146,10 @@ def sanitise_html(html: str) -> tuple[Markup, bool]:
     cleaned = nh3.clean(html, tags=set(HTML_TAGS), attributes={k: set(v) for k, v in HTML_ATTRIBUTES.items()},
                         attribute_filter=keep, url_schemes=set(URL_SCHEMES), strip_comments=True,
                         link_rel="noopener noreferrer nofollow")
+    # An image whose source was removed is dropped whole; one kept without text gets alt="" (decorative),
+    # so screen readers skip it (WCAG 1.1.1). nh3's output is normalised, with quoted attributes.
+    cleaned = IMG_WITHOUT_SRC.sub("", cleaned)
+    cleaned = IMG_WITHOUT_ALT.sub("<img alt=\"\"", cleaned)
     return Markup(cleaned), blocked   # noqa: S704 - nh3 output: the allow-list above is the whole vocabulary
 
 

@@ -88,7 +88,8 @@ class TotpService:
     def describe(self, secret: str, account_name: str) -> Enrolment:
         uri = pyotp.TOTP(secret, interval=STEP_SECONDS).provisioning_uri(name=account_name, issuer_name=self.issuer)
         qr = segno.make(uri, error="m")
-        svg = qr.svg_inline(scale=5, border=4, dark="#000000", light="#ffffff", title="QR code", omitsize=False)
+        svg = qr.svg_inline(scale=5, border=4, dark="#000000", light="#ffffff", omitsize=True,
+                             title="QR code", svgclass="qr-code")  # viewBox only: CSS sizes it without cropping
         return Enrolment(secret, uri, svg)
 
     async def pending(self, mailbox_id: int, account_name: str) -> Enrolment | None:

@@ -91,3 +91,25 @@ async def test_token_of_another_visitor_refused(shared_gateway: GatewayProcess) 
         reply = await victim.http.post("/connexion", data={"csrf": token, "login": account["address"],
                                                            "password": account["password"]})
     assert reply.status_code == 403
+
+
+async def test_sign_in_guessing_is_throttled(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Wrong passwords in a row lock the login (and the source), even against the right password then."""
+    gateway = GatewayProcess(tmp_path_factory.mktemp("throttle") / "data",
+                             extra_env={"GATEWAY_SMTP_AUTH_FAILURES_BEFORE_LOCKOUT": "3"})
+    gateway.start()
+    try:
+        account = gateway.account("PAT")
+        async with PatientBrowser(gateway, account) as browser:
+            statuses = [(await browser.password(f"guess-{n}")).status_code for n in range(3)]
+            assert statuses == [401, 401, 401]
+            locked = await browser.password()          # the right password, too late
+            assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+            assert "Trop de tentatives" in locked.text
+            assert "__Host-mss-session" not in locked.headers.get("set-cookie", "")
+        export = gateway.data_dir.parent / "audit.jsonl"
+        gateway.cli("audit", "export", str(export), "--patient", account["owner"], check=True)
+        refusals = [line for line in export.read_text().splitlines() if "webmail_sign_in_refused" in line]
+        assert len(refusals) == 4 and "throttled" in refusals[-1]     # every refusal audited, the lockout too
+    finally:
+        gateway.stop()
