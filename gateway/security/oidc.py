@@ -317,15 +317,22 @@ def unverified_header(token: str) -> dict[str, Any]:
     return header
 
 
-def decode_claims(token: str, key: jwt.PyJWK, alg: str, policy: TokenPolicy) -> dict[str, Any]:
-    """Signature, then RFC 7519 4.1 claims: iss exact, aud contains ours, exp/nbf/iat with leeway."""
+def decode_claims(token: str, key: jwt.PyJWK, alg: str, policy: TokenPolicy, *,
+                  refused_types: frozenset[str] = NOT_ACCESS_TOKENS,
+                  required: tuple[str, ...] = REQUIRED_CLAIMS) -> dict[str, Any]:
+    """Signature, then RFC 7519 4.1 claims: iss exact, aud contains ours, exp/nbf/iat with leeway.
+
+    ``refused_types``: Keycloak ``typ`` claims not accepted here (an access token by default; the webmail's
+    sign-in passes the ones an ID token must not be).
+    """
     try:
         claims = jwt.decode(token, key.key, algorithms=[alg], audience=policy.audience, issuer=policy.issuer,
-                            leeway=policy.leeway_seconds, options={"require": list(REQUIRED_CLAIMS)})
+                            leeway=policy.leeway_seconds, options={"require": list(required)})
     except jwt.PyJWTError as error:
         raise TokenRefused(f"{type(error).__name__}: {error}") from None
-    if claims.get("typ") in NOT_ACCESS_TOKENS:
-        raise TokenRefused(f"a {claims['typ']} token, not an access token")
+    if claims.get("typ") in refused_types:
+        expected = "an access token" if refused_types is NOT_ACCESS_TOKENS else "the token expected here"
+        raise TokenRefused(f"a {claims['typ']} token, not {expected}")
     return claims
 
 
