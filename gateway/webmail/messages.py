@@ -151,9 +151,11 @@ def _address(request: web.Request) -> str:
 async def conversation(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
     address = _address(request)
-    received = await _metas(request, _inbox(patient), await _uids(request, _inbox(patient), Header("from", address)))
+    # The newest PAGE_SIZE each way: a long relationship (years of results) stays one fast page.
+    received_uids = await _uids(request, _inbox(patient), Header("from", address))
+    received = await _metas(request, _inbox(patient), sorted(received_uids)[-PAGE_SIZE:])
     sent_folder = FolderRef(patient.mailbox_id, SENT)
-    sent = await _metas(request, sent_folder, await _uids(request, sent_folder, Header("to", address)))
+    sent = await _metas(request, sent_folder, sorted(await _uids(request, sent_folder, Header("to", address)))[-PAGE_SIZE:])
     if not received and not sent:
         raise web.HTTPNotFound()
     names = [parseaddr(meta.from_addr or "")[0] for meta in received]

@@ -14,6 +14,7 @@ anything else gets 403. SameSite=Strict cookies are the second layer.
 from __future__ import annotations
 
 import hmac
+from email.utils import parseaddr
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -90,7 +91,14 @@ def template_environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, extensions=["jinja2.ext.i18n"],
                              trim_blocks=True, lstrip_blocks=True)
     env.install_gettext_translations(translations(DEFAULT_LOCALE), newstyle=True)  # type: ignore[attr-defined]
+    env.filters["person"] = person
     return env
+
+
+def person(value: str | None) -> str:
+    """A From/To value as a patient reads it: the display name when there is one, else the address."""
+    name, address = parseaddr(value or "")
+    return name or address or (value or "")
 
 
 def N_(message: str) -> str:

@@ -120,6 +120,12 @@ async def test_patient_journey_in_chromium(shared_gateway: GatewayProcess) -> No
             == "Page introuvable"
         await visit("introuvable")
 
+        # The account's security page: recovery codes left, sign out everywhere offered.
+        await page.get_by_role("link", name="Sécurité du compte").click()
+        assert await page.get_by_text("Codes de secours encore inutilisés : 10").count() == 1
+        assert await page.get_by_role("button", name="Me déconnecter partout").count() == 1
+        await visit("securite")
+
         # The same pages at 360 px: usable on a phone, still no serious or critical violation.
         await page.set_viewport_size({"width": 360, "height": 780})
         for name, url in pages.items():
