@@ -24,7 +24,7 @@ from gateway.directory.addresses import normalise_address
 from gateway.errors import UserError
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.errors import FolderNotFound, MessageNotFound
-from gateway.mailstore.interface import INBOX, SEEN, All, FolderRef, Header, MessageMeta, StoreMode, UidSet
+from gateway.mailstore.interface import INBOX, SEEN, All, FolderRef, Header, MessageMeta, StoreMode, UidIn, UidSet
 from gateway.pipeline.models import Conversation
 from gateway.pipeline.origin import Door, Origin, TlsInfo
 from gateway.smtp.codes import SmtpRefusal
@@ -36,6 +36,7 @@ from gateway.webmail.auth import PatientIdentity, require_patient
 from gateway.webmail.web import N_, add_nav, client_ip, context, render, translate
 
 PAGE_SIZE = 50
+CONVERSATION_WINDOW = 200   # newest messages of a folder a conversation page looks through
 SENT = "Sent"
 MAX_REPLY_CHARS = 20000
 
@@ -151,20 +152,31 @@ def _address(request: web.Request) -> str:
 async def conversation(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
     address = _address(request)
-    # The newest PAGE_SIZE each way: a long relationship (years of results) stays one fast page.
-    received_uids = await _uids(request, _inbox(patient), Header("from", address))
-    received = await _metas(request, _inbox(patient), sorted(received_uids)[-PAGE_SIZE:])
-    sent_folder = FolderRef(patient.mailbox_id, SENT)
-    sent = await _metas(request, sent_folder, sorted(await _uids(request, sent_folder, Header("to", address)))[-PAGE_SIZE:])
-    if not received and not sent:
+    received, inbox_window = await _exchanged(request, _inbox(patient), Header("from", address))
+    sent, sent_window = await _exchanged(request, FolderRef(patient.mailbox_id, SENT), Header("to", address))
+    state = await conversation_state(request, patient, address)
+    if not received and not sent and state == "never":
         raise web.HTTPNotFound()
     names = [parseaddr(meta.from_addr or "")[0] for meta in received]
     thread = sorted([(meta, False) for meta in received] + [(meta, True) for meta in sent],
                     key=lambda item: item[0].internaldate)
     return render(request, "conversation.html", {
-        "address": address, "who": next((n for n in names if n), address), "thread": thread, "state": await conversation_state(request, patient, address),
+        "address": address, "who": next((n for n in names if n), address), "thread": thread, "state": state,
+        "window": CONVERSATION_WINDOW if inbox_window or sent_window else None,
         "last_uid": received[0].uid if received else None, "quote": quote, "title": address,
         "sent": "envoye" in request.query})
+
+
+async def _exchanged(request: web.Request, folder: FolderRef, header: Header) -> tuple[list[MessageMeta], bool]:
+    """Messages matching ``header`` among the folder's newest CONVERSATION_WINDOW (the newest PAGE_SIZE of them),
+    and whether older messages were left out. Sender and recipient are sealed at rest: the window bounds how
+    many the server unseals for one page (bench/webmail.py)."""
+    uids = sorted(await _uids(request, folder))
+    window = uids[-CONVERSATION_WINDOW:]
+    if not window:
+        return [], False
+    matching = await _uids(request, folder, All((UidIn(UidSet.from_uids(window)), header)))
+    return await _metas(request, folder, sorted(matching)[-PAGE_SIZE:]), len(uids) > len(window)
 
 
 async def reply(request: web.Request) -> web.StreamResponse:

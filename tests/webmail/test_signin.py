@@ -34,6 +34,8 @@ async def test_fhir_api_still_answers_beside_the_webmail(shared_gateway: Gateway
         metadata = await http.get("/fhir/metadata")
         home = await http.get("/")
     assert metadata.status_code == 200 and metadata.json()["resourceType"] == "CapabilityStatement"
+    assert metadata.headers["strict-transport-security"].startswith("max-age=")
+    assert metadata.headers["x-content-type-options"] == "nosniff"
     assert home.status_code == 303 and home.headers["location"] == "/connexion"
 
 
