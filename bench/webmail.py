@@ -93,9 +93,9 @@ async def run(count: int, rounds: int, directory: Path) -> None:
         await site.start()
         port = runner.addresses[0][1]
         token = await app[CONTEXT].sessions.open(account.mailbox_id, Stage.SIGNED_IN, "bench", None)
-        pages = {"sign-in page": "/connexion", "inbox (newest 50)": "/", "inbox page 60 (oldest)": "/?page=60",
+        pages = {"sign-in page": "/connexion", "inbox (newest 50)": "/", "inbox, oldest page": f"/?page={max(1, -(-count // 50))}",
                  "read a message": f"/messages/{count // 2}",
-                 "conversation (5,000 from one doctor)": f"/conversations/{sender}",
+                 f"conversation ({count:,} from one doctor)": f"/conversations/{sender}",
                  "account security": "/compte/securite"}
         signed_in = {"Cookie": f"{SESSION_COOKIE}={token}"}
         async with aiohttp.ClientSession() as http:
