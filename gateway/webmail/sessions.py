@@ -16,7 +16,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Delete, and_, delete, or_, select, update
 
 from gateway.config import WebmailSettings
 from gateway.storage.db import Database
@@ -58,6 +58,7 @@ class SessionStore:
         token = secrets.token_urlsafe(32)
         now = utcnow()
         async with self.db.session() as s:
+            await s.execute(self._expired_rows(mailbox_id, now))   # the ones never presented again
             s.add(WebmailSession(token_hash=token_digest(token), mailbox_id=mailbox_id, stage=stage.value,
                                  method=method, source_ip=source_ip, created_at=now, last_seen_at=now))
         return token
@@ -77,6 +78,12 @@ class SessionStore:
                 row.last_seen_at = now
             return ActiveSession(row.token_hash, row.mailbox_id, Stage(row.stage), row.method, row.created_at,
                                  row.last_seen_at)
+
+    def _expired_rows(self, mailbox_id: int, now: dt.datetime) -> Delete:
+        signed_in = WebmailSession.stage == Stage.SIGNED_IN.value
+        return delete(WebmailSession).where(WebmailSession.mailbox_id == mailbox_id, or_(
+            and_(signed_in, or_(WebmailSession.last_seen_at < now - self.idle, WebmailSession.created_at < now - self.absolute)),
+            and_(~signed_in, WebmailSession.created_at < now - self.pending)))
 
     def _expired(self, row: WebmailSession, now: dt.datetime) -> bool:
         if row.stage != Stage.SIGNED_IN.value:

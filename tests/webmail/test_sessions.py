@@ -66,6 +66,14 @@ async def test_idle_and_absolute_timeouts(database: Database, webmail_settings: 
     await store.age(half, dt.timedelta(minutes=6))                        # sign_in_pending_minutes = 5
     assert await store.lookup(pending) is None
 
+    forgotten = await store.open(mailbox_id, Stage.SIGNED_IN, "password+totp", None)   # never presented again
+    stale = await store.lookup(forgotten)
+    assert stale is not None
+    await store.age(stale, dt.timedelta(hours=1))
+    await store.open(mailbox_id, Stage.SIGNED_IN, "password+totp", None)
+    async with database.session() as s:                                   # purged when the mailbox signs in again
+        assert await s.get(WebmailSession, token_digest(forgotten)) is None
+
 
 async def test_rotation_and_sign_out_everywhere(database: Database, webmail_settings: Settings) -> None:
     mailbox_id = await patient_mailbox(database, webmail_settings)
