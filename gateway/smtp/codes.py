@@ -99,6 +99,11 @@ MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox {address} is over quota")           
 
 LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")                                       # RFC 5321 4.5.3.1.4/.5, RFC 3463 3.6
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line longer than {limit} octets (RFC 5321 4.5.3.1.6); message refused")
+# RFC 5321 2.3.8: CR and LF only ever travel together as CRLF. A bare one in DATA is how SMTP smuggling
+# (CVE-2023-51764 family) hides an end of data; the message is refused whole, as Postfix 3.9 does with
+# smtpd_forbid_bare_newline = reject ("550 5.5.2 Error: bare <LF> received"); RFC 3463 3.6: X.5.2 syntax error.
+BARE_LF = Reply(550, "5.5.2", "Message refused: bare <LF> received (RFC 5321 2.3.8: lines end with <CR><LF>)")
+BARE_CR = Reply(550, "5.5.2", "Message refused: bare <CR> received (RFC 5321 2.3.8: <CR> only before <LF>)")
 BAD_SYNTAX = Reply(500, "5.5.2", "Syntax error")                                            # RFC 5321 4.2.2
 NON_ASCII_COMMAND = Reply(500, "5.5.2", "Non-ASCII characters in command")                  # RFC 5321 2.4
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized: {command}")                  # RFC 3463 3.6 (X.5.1)

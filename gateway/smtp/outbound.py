@@ -192,21 +192,33 @@ def _extensions(lines: Sequence[str]) -> dict[str, str]:
 
 
 class DotStuffer:
-    """RFC 5321 4.5.2: a line starting with "." gets another; bare LF becomes CRLF; ends with CRLF.CRLF."""
+    """RFC 5321 4.5.2: a line starting with "." gets another; RFC 5321 2.3.8: a bare LF or a bare CR
+    becomes CRLF (peers refuse bare ones, as we do: SMTP smuggling); the message ends with CRLF.CRLF."""
 
     def __init__(self) -> None:
         self.at_line_start = True
-        self.previous_cr = False
+        self.previous_cr = False          # the last chunk ended with CR: its LF may open the next chunk
 
     def feed(self, chunk: bytes) -> bytes:
         out = bytearray()
         for line in chunk.splitlines(keepends=True):      # a chunk may end inside a line, or between CR and LF
+            if self.previous_cr:
+                self.previous_cr = False
+                out += b"\n"                              # the CR's LF: its own, or added to a bare CR
+                self.at_line_start = True
+                if line.startswith(b"\n"):
+                    line = line[1:]
+                    if not line:
+                        continue
             if self.at_line_start and line.startswith(b"."):
                 out += b"."
-            if line.endswith(b"\n") and not line.endswith(b"\r\n") and not (line == b"\n" and self.previous_cr):
-                line = line[:-1] + b"\r\n"                    # a bare LF becomes CRLF (RFC 5321 2.3.8)
+            if line.endswith(b"\r"):
+                out += line                                # CRLF completed by the next line or chunk
+                self.previous_cr, self.at_line_start = True, False
+                continue
+            if not line.endswith(b"\r\n") and line.endswith(b"\n"):
+                line = line[:-1] + b"\r\n"
             out += line
-            self.previous_cr = line.endswith(b"\r")
             self.at_line_start = line.endswith(b"\n")
         return bytes(out)
 

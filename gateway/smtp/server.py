@@ -193,6 +193,7 @@ class _BodyReading:
     problem: Reply | None = None
     buffer: bytearray = field(default_factory=bytearray)
     inside_overlong_line: bool = False
+    after_crlf: bool = True          # the previous line ended with CRLF: a lone dot here may end DATA
 
 
 class GatewaySMTP(SMTP):
@@ -674,6 +675,8 @@ class GatewaySMTP(SMTP):
         try:
             reading = await self._receive_body(envelope.sink)
             envelope.size = reading.size
+            if reading.problem is not None:
+                log.info("%r message refused while reading DATA: %s", session.peer, reading.problem)
             reply = reading.problem or await self._finish_data(session, envelope)
         finally:
             self._set_post_data_state()
@@ -700,9 +703,13 @@ class GatewaySMTP(SMTP):
                 continue
             if reading.inside_overlong_line:
                 reading.inside_overlong_line = False                   # the tail of the dropped line
+                reading.after_crlf = line.endswith(b"\r\n")
                 continue
-            if line == b".\r\n":                                       # RFC 5321 4.1.1.4: only CRLF.CRLF ends DATA
+            # RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends DATA. "<LF>.<CRLF>", "<CR>.<CR>" and the like are
+            # content (and refused below), never an end: what follows them is not a second transaction.
+            if line == b".\r\n" and reading.after_crlf:
                 break
+            reading.after_crlf = line.endswith(b"\r\n")
             self._take_line(line, reading, sink)
         if reading.problem is None and reading.buffer:
             sink.write(bytes(reading.buffer))
@@ -712,12 +719,13 @@ class GatewaySMTP(SMTP):
     def _take_line(self, line: bytes, reading: _BodyReading, sink: MessageSink) -> None:
         if line.startswith(b"."):
             line = line[1:]                                            # RFC 5321 4.5.2 transparency
-        if not line.endswith(b"\r\n"):
-            line = line[:-1] + b"\r\n"                                 # RFC 5321 2.3.8: a bare LF is stored as CRLF
         reading.size += len(line)
         if reading.problem is not None:
             return
-        if len(line) - 2 > self.limits.max_line_length:
+        bare = _bare_line_ending(line)
+        if bare is not None:
+            reading.problem = bare
+        elif len(line) - 2 > self.limits.max_line_length:
             reading.problem = codes.DATA_LINE_TOO_LONG.format(limit=self.limits.max_line_length)
         elif reading.size > self.limits.max_message_size:
             reading.problem = codes.SIZE_EXCEEDED.format(limit=self.limits.max_message_size)   # RFC 1870 6.1
@@ -729,6 +737,15 @@ class GatewaySMTP(SMTP):
             sink.write(bytes(reading.buffer))
             reading.buffer.clear()
             self._reset_timeout()                                      # RFC 5321 4.5.3.2.5: per data block
+
+
+def _bare_line_ending(line: bytes) -> Reply | None:
+    """RFC 5321 2.3.8: a line read up to its LF must end with CRLF and hold no other CR."""
+    if not line.endswith(b"\r\n"):
+        return codes.BARE_LF
+    if b"\r" in line[:-2]:
+        return codes.BARE_CR
+    return None
 
 
 def _strip_keyword(keyword: str, arg: str | None) -> str:
