@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.directory.addresses import normalise_address
+from gateway.directory.addresses import AddressError, normalise_address, normalise_domain
 from gateway.directory.service import DirectoryService, LocalRoute, RefusedRoute, RemoteRoute, RouteRefusal
 from gateway.errors import UserError
 from gateway.pipeline.conversations import ConversationBook, ConversationChange, ends_conversation
@@ -76,13 +76,27 @@ def certificate_speaks_for(tls: TlsInfo | None, domain: str) -> bool:
     domain, a host inside it (``mx.ch-a.mssante.fr`` speaks for ``ch-a.mssante.fr``), or a
     wildcard ``*.domain`` over it. Operators' certificates name their MX hosts, which live in
     their mail domain in the MSSanté space."""
-    if tls is None or tls.peer_certificate_sha256 is None:
-        return False
-    for name in tls.peer_names:
+    for name in server_names(tls):
         bare = name[2:] if name.startswith("*.") else name
         if bare == domain or bare.endswith("." + domain):
             return True
     return False
+
+
+def server_names(tls: TlsInfo | None) -> tuple[str, ...]:
+    """The host names (SAN dNSName, else CN; RFC 6125 6.4.4) of a verified client certificate, in A-label
+    form; a name that is no host name (a mailbox certificate's address, RFC 8550) names no mail server."""
+    if tls is None or tls.peer_certificate_sha256 is None:
+        return ()
+    names = []
+    for name in tls.peer_names:
+        wildcard = name.startswith("*.")
+        try:
+            host = normalise_domain(name[2:] if wildcard else name)
+        except AddressError:
+            continue
+        names.append("*." + host if wildcard else host)
+    return tuple(names)
 
 
 class Policy:
@@ -115,7 +129,9 @@ class Policy:
 
     async def _check_relay_sender(self, origin: Origin, path: SmtpPath | None) -> str:
         if path is None:
-            # A bounce (RFC 5321 4.5.5): the certificate must still belong to a trusted operator.
+            # A bounce (RFC 5321 4.5.5): the certificate must still belong to a trusted operator's mail server.
+            if not server_names(origin.tls):
+                raise SmtpRefusal(codes.CERTIFICATE_NAMES_NO_SERVER.format(names=_names(origin.tls)))
             if not await self._certificate_is_trusted_operator(origin.tls):
                 raise SmtpRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(
                     names=_names(origin.tls), domain="any trusted domain"))
@@ -132,7 +148,7 @@ class Policy:
         return sender
 
     async def _certificate_is_trusted_operator(self, tls: TlsInfo | None) -> bool:
-        for name in tls.peer_names if tls else ():
+        for name in server_names(tls):
             labels = name.removeprefix("*.").split(".")
             for start in range(len(labels) - 1):
                 if await self.directory.is_trusted_domain(".".join(labels[start:])):

@@ -128,7 +128,9 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested au
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")                    # RFC 4954 6
 AUTH_NO_CERTIFICATE = Reply(535, "5.7.8", "No verified client certificate bound to an account")  # RFC 4422 A (EXTERNAL)
 AUTHZID_REFUSED = Reply(535, "5.7.8", "Authorization identity differs from authentication identity")  # RFC 4616 2
-CLIENT_CERT_REQUIRED = Reply(530, "5.7.0", "A client certificate from the trust anchors is required")  # RFC 3207 4.1
+CLIENT_CERT_REQUIRED = Reply(
+    530, "5.7.0", "Client certificate required: this relay door accepts operators whose certificate chains to the "
+    "trust anchors of the MSSanté space; present your MX certificate in the TLS handshake (RFC 3207 4.1)")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")                              # RFC 3207 4
 TLS_HANDSHAKE_FAILED = Reply(554, "5.7.0", "TLS handshake failed")                          # RFC 3207 4.1
 NOT_OWNER = Reply(553, "5.7.1", "Sender address {address} is not owned by or delegated to {login}")  # RFC 3463 3.8
@@ -136,6 +138,9 @@ NULL_SENDER_REFUSED = Reply(553, "5.7.1", "An authenticated user cannot send wit
 DOMAIN_NOT_TRUSTED = Reply(550, "5.7.1", "Domain {domain} is not in the MSSanté trust space")  # RFC 3463 3.8
 SENDER_DOMAIN_IS_LOCAL = Reply(550, "5.7.1", "Domain {domain} is hosted here: submit on the submission port")  # RFC 6409 4
 CERTIFICATE_DOMAIN_MISMATCH = Reply(550, "5.7.1", "Client certificate ({names}) does not speak for domain {domain}")  # RFC 3463 3.8
+CERTIFICATE_NAMES_NO_SERVER = Reply(
+    550, "5.7.1", "Client certificate ({names}) names no mail server of a trusted operator: the relay door takes "
+    "an operator's MX certificate; a mailbox certificate authenticates on the submission port")  # RFC 3463 3.8
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied: {address} is not hosted here")    # RFC 5321 3.6.2, RFC 3463 3.8
 SOURCE_ROUTE_REFUSED = Reply(550, "5.7.1", "Source routes are not accepted (RFC 5321 4.1.1.3); no relaying")
 PERCENT_HACK_REFUSED = Reply(550, "5.7.1", "Percent-hack addresses are not accepted; no relaying")  # RFC 5321 3.6.2

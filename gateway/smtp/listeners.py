@@ -127,7 +127,9 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
     plan = (
         (ListenerKind.SUBMISSION, settings.listen.smtp_submission_port, tls.context(require_client_cert=False)),
         (ListenerKind.SUBMISSIONS, settings.listen.smtp_submissions_port, tls.context(require_client_cert=False)),
-        (ListenerKind.RELAY, settings.listen.smtp_relay_port, tls.context(require_client_cert=True)),
+        # The relay door's certificate is checked when presented (CERT_OPTIONAL still refuses one that does not
+        # verify) and required by the protocol, which tells a peer without one why (530 5.7.0) before closing.
+        (ListenerKind.RELAY, settings.listen.smtp_relay_port, tls.context(require_client_cert=False)),
     )
     try:
         for kind, port, context in plan:
@@ -156,5 +158,5 @@ async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Setting
         return connection
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host=settings.listen.host, port=port,
-                                    ssl=context if kind.implicit_tls else None, reuse_address=True)
+    # Implicit TLS (submissions) is handshaken by GatewaySMTP itself, so refusals are logged like STARTTLS ones.
+    return await loop.create_server(factory, host=settings.listen.host, port=port, reuse_address=True)

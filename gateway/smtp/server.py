@@ -211,6 +211,7 @@ class GatewaySMTP(SMTP):
             auth_require_tls=True, ident="ESMTP",
         )
         self.kind = kind
+        self.implicit_tls_context = tls_context if kind.implicit_tls else None   # RFC 8314 3.3: TLS from the start
         self.limits = limits
         self.disabled_extensions = disabled_extensions
         self.handler: SmtpHandler = handler
@@ -292,6 +293,14 @@ class GatewaySMTP(SMTP):
     # ----------------------------------------------------------------- command loop
 
     async def _handle_client(self) -> None:
+        if self.implicit_tls_context is not None:
+            # RFC 8314 3.3: the handshake is ours (not the event loop's), so a refused one is answered and
+            # logged exactly as after STARTTLS.
+            try:
+                await self._start_tls_layer(self.implicit_tls_context)
+            except TLSSetupException as refused:
+                self._handshake_refused(refused)
+                return
         try:
             await self.handler.connection_opened(self, self.gsession)
         except SmtpRefusal as refusal:
@@ -306,14 +315,19 @@ class GatewaySMTP(SMTP):
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
                 raise
-            except TLSSetupException:
-                log.info("%r TLS handshake failed", self.session.peer if self.session else None)
-                if self.transport is not None:
-                    self.transport.close()
+            except TLSSetupException as refused:
+                self._handshake_refused(refused)
                 return
             except Exception:
                 log.exception("%r error in SMTP command", self.gsession.peer)
                 await self.reply(codes.LOCAL_ERROR)
+
+    def _handshake_refused(self, refused: TLSSetupException) -> None:
+        """One log line naming the peer, the door and the reason; no traceback (a refusal is not a fault)."""
+        log.info("%r %s door: TLS handshake refused: %s", self.session.peer if self.session else None,
+                 self.kind.value, handshake_failure_reason(refused.__cause__))
+        if self.transport is not None:
+            self.transport.close()
 
     async def _answer_refusal(self, refusal: SmtpRefusal) -> None:
         if refusal.detail:
@@ -338,6 +352,11 @@ class GatewaySMTP(SMTP):
         method = self._commands.get(command)
         if method is None:
             await self._count_error(codes.UNKNOWN_COMMAND.format(command=command[:20]))
+            return
+        if self._lacks_required_certificate(command):
+            # RFC 3207 4.1: the relay door needs a verified client certificate; the TLS layer lets a peer
+            # without one in (CERT_OPTIONAL) so it hears why before the connection closes (issue 11 item 10).
+            await self._refuse_and_close(codes.CLIENT_CERT_REQUIRED)
             return
         gate = self._gate(command)
         if gate is not None:
@@ -383,14 +402,16 @@ class GatewaySMTP(SMTP):
         arg = rest.strip().decode("utf-8", errors="surrogateescape") or None
         return command, arg
 
+    def _lacks_required_certificate(self, command: str) -> bool:
+        tls = self.gsession.tls
+        return (self.kind.client_certificate_required and tls is not None and not tls.peer_certificate_sha256
+                and command != "QUIT")
+
     def _gate(self, command: str) -> Reply | None:
         """The listener's rules, checked before any command runs."""
         requires_tls = not self.kind.implicit_tls
         if requires_tls and not self.tls_active and command not in BEFORE_TLS:
             return codes.TLS_REQUIRED                                  # RFC 3207 4
-        if self.kind.client_certificate_required and self.tls_active and command not in BEFORE_TLS \
-                and not self.gsession.tls.peer_certificate_sha256:     # type: ignore[union-attr]
-            return codes.CLIENT_CERT_REQUIRED
         if self.kind.auth_required and not self.gsession.authenticated and command in NEED_AUTH:
             return codes.AUTH_REQUIRED                                 # RFC 4954 6
         return None
@@ -461,16 +482,16 @@ class GatewaySMTP(SMTP):
         if not self.gsession.host_name:
             raise SmtpRefusal(codes.SEND_HELO_FIRST)
         await self.reply(codes.READY_TLS)
-        await self._start_tls_layer()
+        await self._start_tls_layer(self.tls_context)
 
-    async def _start_tls_layer(self) -> None:
+    async def _start_tls_layer(self, context: ssl.SSLContext) -> None:
         """Put a server-side TLS layer under this protocol (RFC 3207 4.2: state is reset afterwards).
 
         The same moves as aiosmtpd's STARTTLS, whose reply line lacks the enhanced code.
         """
-        assert self.tls_context is not None and self.transport is not None
+        assert self.transport is not None
         waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
         self._original_transport = self.transport
         self._original_transport.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
@@ -737,6 +758,17 @@ class GatewaySMTP(SMTP):
             sink.write(bytes(reading.buffer))
             reading.buffer.clear()
             self._reset_timeout()                                      # RFC 5321 4.5.3.2.5: per data block
+
+
+def handshake_failure_reason(error: BaseException | None) -> str:
+    """Why a TLS handshake failed, in a few words: OpenSSL's reason and, for a certificate, its verdict."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate verify failed ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return (error.reason or str(error)).replace("_", " ").lower()
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return f"{type(error).__name__}: the client left during the handshake"
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown"
 
 
 def _bare_line_ending(line: bytes) -> Reply | None:

@@ -291,3 +291,94 @@ def test_pipelined_mixture_delivers_only_to_our_mailbox(gw: GatewayProcess, prob
     t.raw(f"From: {claire['address']}\r\nTo: {marc['address']}\r\nSubject: pipelined probe\r\n\r\nok\r\n.\r\n".encode())
     t.s(r"250 2\.0\.0 .*")
     t.c("QUIT");  t.s(r"221 2\.0\.0 .*")
+
+
+def test_null_sender_with_a_mailbox_certificate_gets_a_precise_refusal(gw: GatewayProcess, probes: list[Probe]) -> None:
+    """A bounce (``MAIL FROM:<>``, RFC 5321 4.5.5) is legal on the relay door from a trusted operator's
+    MX; a mailbox (application) certificate of our own PKI names an address, not a mail server: refused
+    by name, never ``451 4.3.0`` from an error inside."""
+    app = gw.account("APP")
+    issued = gw.data_dir / "pki" / "issued"
+    assert Path(app["client_certificate"]).parent == issued
+    t = _open(gw, probes, "smtp_relay_port", cert=Path(app["client_certificate"]).name.removesuffix(".pem"))
+    t.c("MAIL FROM:<>")
+    t.s(rf"550 5\.7\.1 Client certificate \({re.escape(app['address'])}\) names no mail server of a trusted "
+        r"operator: .*")
+    t.c(f"MAIL FROM:<dr.martin@{PEER}>")
+    t.s(rf"550 5\.7\.1 Client certificate \({re.escape(app['address'])}\) does not speak for domain {re.escape(PEER)}")
+    t.c("NOOP");  t.s(r"250 2\.0\.0 OK")
+    assert "Traceback" not in gw.log_text() and "AddressError" not in gw.log_text()
+
+
+def test_peer_without_a_client_certificate_is_told_why(gw: GatewayProcess, probes: list[Probe]) -> None:
+    """Issue 11 item 10: a peer whose MTA presents no certificate gets a reply naming the requirement
+    (RFC 3207 4.1, RFC 3463 X.7.0), then the connection is closed; before, it saw a silent close."""
+    t = Probe("127.0.0.1", gw.ports["smtp_relay_port"])
+    probes.append(t)
+    t.s(r"220 .*")
+    t.c(f"EHLO mx.{PEER}");  t.s(r"250 .*")
+    t.starttls(_tls(gw))                                  # the handshake succeeds without a certificate...
+    t.c(f"EHLO mx.{PEER}")                                # ...and the first command is answered, then closed
+    t.s(r"530 5\.7\.0 Client certificate required: this relay door accepts operators whose certificate "
+        r"chains to the trust anchors.*")
+    assert t.closed()
+
+
+def _untrusted_client_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate no trust anchor vouches for, as an outsider would present."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.outsider.example")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "outsider.pem", directory / "outsider.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("door", ["smtp_relay_port", "smtp_submissions_port"])
+def test_refused_tls_handshake_is_one_log_line(gw: GatewayProcess, tmp_path: Path, door: str) -> None:
+    """Item 13: a handshake refused (a certificate no anchor vouches for) is logged on one line at INFO or
+    WARNING naming the peer and the reason, without a traceback or an ERROR; the door keeps serving."""
+    import socket
+    import time
+
+    before = len((gw.data_dir / "serve.log").read_bytes())
+    context = _tls(gw)
+    context.load_cert_chain(*_untrusted_client_certificate(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", gw.ports[door]), timeout=30)
+    try:
+        if door == "smtp_relay_port":
+            sock.recv(1024)
+            sock.sendall(b"EHLO outsider.example\r\n");  time.sleep(0.2);  sock.recv(4096)
+            sock.sendall(b"STARTTLS\r\n");  assert sock.recv(1024).startswith(b"220 2.0.0")
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls = context.wrap_socket(sock, server_hostname="localhost")
+            tls.sendall(b"EHLO outsider.example\r\n")
+            if not tls.recv(1024):
+                raise ConnectionError("closed by the server")
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        new = (gw.data_dir / "serve.log").read_bytes()[before:].decode(errors="replace")
+        lines = [line for line in new.splitlines() if "TLS handshake" in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1, new
+    assert re.search(r" (INFO|WARNING) gateway\.smtp .*127\.0\.0\.1.*TLS handshake refused: .*certificate", lines[0]), lines
+    assert "Traceback" not in new and " ERROR " not in new, new
+    t = Transcript("127.0.0.1", gw.ports["smtp_relay_port"])      # still serving
+    t.s(r"220 .*")
+    t.close()
