@@ -33,7 +33,7 @@ def protocol_keyword(origin: Origin, *, smtputf8: bool = False) -> str:
 
 
 def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: list[str], smtputf8: bool = False) -> str:
-    helo = origin.helo or "unknown"
+    helo = "".join(c if 32 < ord(c) < 127 or ord(c) > 159 else "?" for c in origin.helo or "") or "unknown"   # one token, one line
     parts = [f"Received: from {helo} ([{origin.client_address}])"]
     details = []
     if origin.tls:

@@ -29,6 +29,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Protocol
 
+from gateway.smtp.parameters import encode_xtext
 from gateway.storage.models import utcnow
 
 CHUNK = 256 * 1024
@@ -195,12 +196,12 @@ def _human_part(dsn: DsnMessage, original: OriginalMessage, recipients: Sequence
     _, _, french, english = SUMMARIES[recipients[0].action]
     lines = [french, "", english, ""]
     if original.message_id:
-        lines.append(f"Message-ID : {original.message_id}")
+        lines.append(f"Message-ID : {_one_line(original.message_id)}")
     for report in recipients:
-        lines.append(f"  <{report.final_recipient}> : {report.status}"
-                     + (f" ({report.remote_mta})" if report.remote_mta else ""))
+        lines.append(f"  <{_one_line(report.final_recipient)}> : {report.status}"
+                     + (f" ({_one_line(report.remote_mta)})" if report.remote_mta else ""))
         if report.diagnostic:
-            lines.append(f"      {report.diagnostic}")
+            lines.append(f"      {_clean_header_text(report.diagnostic)}")
     text = "\r\n".join(lines) + "\r\n"
     body = quopri.encodestring(text.encode("utf-8")).replace(b"\r\n", b"\n").replace(b"\n", CRLF)
     return (f"--{dsn.boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -211,7 +212,7 @@ def _status_part(dsn: DsnMessage, reporting_mta: str, original: OriginalMessage,
                  recipients: Sequence[RecipientReport]) -> bytes:
     per_message = [f"Reporting-MTA: dns; {reporting_mta}"]                    # RFC 3464 2.2.2
     if original.envid:
-        per_message.append(f"Original-Envelope-Id: {_clean_header_text(original.envid)}")   # 2.2.1
+        per_message.append(f"Original-Envelope-Id: {_one_line(original.envid)}")           # 2.2.1
     if original.arrival:
         per_message.append(f"Arrival-Date: {format_datetime(original.arrival)}")            # 2.2.5
     blocks = ["\r\n".join(per_message)] + ["\r\n".join(_recipient_fields(r)) for r in recipients]
@@ -223,14 +224,14 @@ def _recipient_fields(report: RecipientReport) -> list[str]:
     fields = []
     if report.original_recipient:                                            # RFC 3464 2.3.1
         addr_type, _, address = report.original_recipient.partition(";")
-        fields.append(f"Original-Recipient: {addr_type.strip() or 'rfc822'}; {address.strip()}")
+        fields.append(f"Original-Recipient: {_one_line(addr_type.strip()) or 'rfc822'}; {_one_line(address.strip())}")
     fields += [
-        f"Final-Recipient: rfc822; {report.final_recipient}",               # 2.3.2
+        f"Final-Recipient: rfc822; {_one_line(report.final_recipient)}",    # 2.3.2
         f"Action: {report.action.value}",                                    # 2.3.3
         f"Status: {report.status}",                                          # 2.3.4
     ]
     if report.remote_mta:
-        fields.append(f"Remote-MTA: dns; {report.remote_mta}")               # 2.3.5
+        fields.append(f"Remote-MTA: dns; {_one_line(report.remote_mta)}")    # 2.3.5
     if report.diagnostic:
         fields.append(f"Diagnostic-Code: smtp; {_clean_header_text(report.diagnostic)}")   # 2.3.6
     if report.last_attempt:
@@ -284,6 +285,15 @@ def _original_chunks(original: OriginalMessage) -> Iterable[bytes]:
     with original.path.open("rb") as handle:
         while chunk := handle.read(CHUNK):
             yield chunk
+
+
+def _one_line(value: str) -> str:
+    """A value from the envelope (ORCPT, ENVID, an address, a host) quoted in a report field: as it is when
+    it holds no control character, else xtext-encoded (RFC 3461 4), so it can never start a line or field.
+    Parameters are validated when they arrive (gateway.smtp.parameters); this guards what was stored before."""
+    if not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        return value
+    return encode_xtext(value)
 
 
 def _clean_header_text(value: str | None) -> str:

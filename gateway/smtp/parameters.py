@@ -17,6 +17,8 @@ _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _HEX = "0123456789ABCDEF"
 NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 MAX_ENVID = 100   # RFC 3461 4.4
+MAX_ORCPT = 500   # RFC 3461 4.2
+ORCPT_TYPES = ("rfc822", "utf-8")   # RFC 3461 4.2 and RFC 6533 3
 
 
 def _refuse(detail: str) -> SmtpRefusal:
@@ -25,6 +27,11 @@ def _refuse(detail: str) -> SmtpRefusal:
 
 def decode_xtext(value: str) -> str:
     """RFC 3461 4: xtext = *( xchar / hexchar ), hexchar = "+" 2HEXDIG (upper case), xchar = 33-126 but "+" and "="."""
+    return decode_xtext_bytes(value).decode("utf-8", errors="replace")
+
+
+def decode_xtext_bytes(value: str) -> bytes:
+    """``decode_xtext`` before any character decoding: the octets the sender meant, to be validated."""
     out = bytearray()
     index = 0
     while index < len(value):
@@ -40,7 +47,23 @@ def decode_xtext(value: str) -> str:
             raise _refuse(f"character {char!r} not allowed in xtext")
         out.append(ord(char))
         index += 1
-    return out.decode("utf-8", errors="replace")
+    return bytes(out)
+
+
+def _has_control(text: str) -> bool:
+    """C0 controls (CR and LF among them), DEL and C1 controls: never in a value we may write into a message."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+def printable_ascii(name: str, octets: bytes) -> str:
+    """RFC 3461 4.2 (rfc822 ORCPT) and 4.4 (ENVID): printable US-ASCII once decoded. A CR LF smuggled as
+    ``+0D+0A`` would otherwise become lines of the delivery report (RFC 3464) that quotes it."""
+    text = octets.decode("latin-1")
+    if _has_control(text):
+        raise _refuse(f"{name} holds a control character (CR, LF or another); refused")
+    if not octets.isascii():
+        raise _refuse(f"{name} must be printable US-ASCII once decoded from xtext (RFC 3461 4)")
+    return text
 
 
 def encode_xtext(value: str) -> str:
@@ -151,7 +174,7 @@ def _envid(value: str | None) -> str:
     raw = _required("ENVID", value)
     if len(raw) > MAX_ENVID:   # RFC 3461 4.4: at most 100 characters (encoded)
         raise _refuse(f"ENVID longer than {MAX_ENVID} characters")
-    return decode_xtext(raw)
+    return printable_ascii("ENVID", decode_xtext_bytes(raw))
 
 
 def _notify(value: str | None) -> frozenset[str]:
@@ -165,12 +188,37 @@ def _notify(value: str | None) -> frozenset[str]:
 
 
 def _orcpt(value: str | None) -> str:
-    # RFC 3461 4.2: ORCPT=addr-type ";" xtext; addr-type is an atom, "rfc822" in practice
-    # (RFC 6533 adds "utf-8", whose value is utf-8-addr-xtext, decoded the same way here).
-    addr_type, semicolon, address = _required("ORCPT", value).partition(";")
-    if not semicolon or not addr_type or not address or not _KEYWORD.match(addr_type):
+    """RFC 3461 4.2: ORCPT=addr-type ";" xtext, at most 500 characters; addr-type "rfc822" (a printable
+    US-ASCII mailbox) or RFC 6533's "utf-8" (UTF-8, decoded the same way here). Never a control character:
+    the value is quoted in the Original-Recipient field of delivery reports (RFC 3464 2.3.1)."""
+    raw = _required("ORCPT", value)
+    if len(raw) > MAX_ORCPT:
+        raise _refuse(f"ORCPT longer than {MAX_ORCPT} characters")
+    addr_type, semicolon, encoded = raw.partition(";")
+    if not semicolon or not addr_type or not encoded or not _KEYWORD.match(addr_type):
         raise _refuse("ORCPT must be addr-type;address")
-    return f"{addr_type.lower()};{decode_xtext(address)}"
+    addr_type = addr_type.lower()
+    if addr_type not in ORCPT_TYPES:
+        raise _refuse(f"ORCPT address type {addr_type} is not supported ({', '.join(ORCPT_TYPES)})")
+    octets = decode_xtext_bytes(encoded)
+    if addr_type == "rfc822":
+        address = printable_ascii("ORCPT address", octets)
+    else:
+        address = _utf8_address(octets)
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or " " in domain:
+        raise _refuse("ORCPT address is not a mailbox (local-part@domain)")
+    return f"{addr_type};{address}"
+
+
+def _utf8_address(octets: bytes) -> str:
+    try:
+        address = octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _refuse("ORCPT utf-8 address is not valid UTF-8 (RFC 6533 3)") from None
+    if _has_control(address):
+        raise _refuse("ORCPT address holds a control character (CR, LF or another); refused")
+    return address
 
 
 def reply_for_size(announced: int | None, limit: int, too_big: Reply) -> Reply | None:

@@ -429,6 +429,7 @@ class GatewaySMTP(SMTP):
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="EHLO needs a domain or address literal"))
+        _refuse_control_characters("EHLO", hostname)
         self._set_rset_state()  # type: ignore[no-untyped-call]  # RFC 5321 4.1.4: EHLO resets
         self.gsession.host_name = hostname
         self.gsession.extended_smtp = True
@@ -444,6 +445,7 @@ class GatewaySMTP(SMTP):
     async def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname:
             raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="HELO needs a domain"))
+        _refuse_control_characters("HELO", hostname)
         self._set_rset_state()  # type: ignore[no-untyped-call]
         self.gsession.host_name = hostname
         self.gsession.extended_smtp = False
@@ -769,6 +771,13 @@ def handshake_failure_reason(error: BaseException | None) -> str:
     if isinstance(error, (ConnectionError, TimeoutError)):
         return f"{type(error).__name__}: the client left during the handshake"
     return f"{type(error).__name__}: {error}" if error is not None else "unknown"
+
+
+def _refuse_control_characters(command: str, argument: str) -> None:
+    """RFC 5321 4.1.1.1: the EHLO/HELO argument is a domain or an address literal; it is copied into the
+    Received field (RFC 5321 4.4), where a CR or another control character would forge header lines."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in argument):
+        raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail=f"{command} argument holds a control character"))
 
 
 def _bare_line_ending(line: bytes) -> Reply | None:

@@ -12,6 +12,7 @@ import base64
 import email
 import email.policy
 import imaplib
+import json
 import ssl
 import time
 from email.message import EmailMessage
@@ -27,8 +28,14 @@ DOORS = ("smtp_submission_port", "smtp_submissions_port", "smtp_relay_port")
 
 
 def doors_gateway(data_dir: Path) -> GatewayProcess:
+    """The peer's mail is routed back to our own relay door (transport map), which refuses a sender of our
+    domain with a permanent 550: a way to get a failure DSN at once, without a second operator."""
     gateway = GatewayProcess(data_dir)
     gateway.init_demo()
+    gateway.extra_env.update({
+        "GATEWAY_OUTBOUND_TRANSPORT_MAP": json.dumps([f"{PEER}=127.0.0.1:{gateway.ports['smtp_relay_port']}"]),
+        "GATEWAY_OUTBOUND_POLL_SECONDS": "0.5",
+    })
     gateway.cli("domain", "trust", "add", PEER, "--operator", "Peer operator", check=True)
     gateway.cli("certs", "issue", "server", "--name", "peer-mx", "--dns", f"mx.{PEER}", check=True)
     gateway.start()
@@ -100,17 +107,18 @@ def inbox(gw: GatewayProcess, account: dict[str, Any]) -> list[EmailMessage]:
 def wait_for_subject(gw: GatewayProcess, account: dict[str, Any], subject: str, timeout: float = 30.0) -> EmailMessage:
     deadline = time.monotonic() + timeout
     while True:
-        found = [m for m in inbox(gw, account) if m["Subject"] == subject]
+        messages = inbox(gw, account)
+        found = [m for m in messages if m["Subject"] == subject]
         if found:
             return found[0]
         if time.monotonic() > deadline:
-            raise AssertionError(f"{subject!r} not delivered to {account['address']} in {timeout}s")
+            raise AssertionError(f"{subject!r} not delivered to {account['address']} in {timeout}s; "
+                                 f"there: {[m['Subject'] for m in messages]}")
         time.sleep(0.2)
 
 
 def settle(gw: GatewayProcess, timeout: float = 30.0) -> None:
     """Wait until the gateway's queue holds nothing pending for local delivery (what was accepted is delivered)."""
-    import json
     deadline = time.monotonic() + timeout
     while json.loads(gw.cli("queue", "list", "--json", "--state", "pending", check=True).stdout):
         if time.monotonic() > deadline:

@@ -144,3 +144,21 @@ def test_what_we_send_has_no_bare_cr_or_lf_and_one_end_of_data(body: bytes, cut:
     assert re.search(rb"\r(?!\n)|(?<!\r)\n", whole) is None
     after_data_command = b"\r\n" + whole                # DATA's own CRLF precedes the content
     assert after_data_command.find(b"\r\n.\r\n") == len(after_data_command) - 5
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_bare_cr_in_the_ehlo_argument_is_refused(gw: GatewayProcess, door: str) -> None:
+    """The EHLO argument is written into the Received field (RFC 5321 4.4): a bare CR in it would start a
+    forged header line for the many parsers that take CR alone as a line break."""
+    from tests.smtp.conftest import Transcript
+    from tests.smtp.doors import tls_client
+    _, cert = sender_on(gw, door)
+    implicit = tls_client(gw, cert) if door == "smtp_submissions_port" else None
+    t = Transcript("127.0.0.1", gw.ports[door], implicit_tls=implicit)
+    t.s(r"220 .*")
+    t.raw(b"EHLO probe.example\rX-Injected: yes\r\n")
+    t.s(r"501 5\.5\.4 Syntax error in parameters: EHLO argument holds a control character")
+    t.raw(b"HELO probe.example\x00\r\n")
+    t.s(r"501 5\.5\.4 Syntax error in parameters: HELO argument holds a control character")
+    t.c("EHLO probe.example");  t.s(r"250 .*")
+    t.close()
