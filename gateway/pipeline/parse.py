@@ -10,6 +10,8 @@ on header count, header size and MIME depth raise ``SmtpRefusal`` with 554 5.6.0
 
 from __future__ import annotations
 
+import email.errors
+import email.policy
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -36,6 +38,11 @@ class MessageFacts:
         wanted = name.lower()
         return next((value for key, value in self.headers if key.lower() == wanted), None)
 
+    def all(self, name: str) -> list[str]:
+        """Every value of the fields called ``name`` (case-insensitive), in order."""
+        wanted = name.lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
     def has(self, name: str) -> bool:
         return self.get(name) is not None
 
@@ -46,6 +53,38 @@ class MessageFacts:
     @property
     def message_id(self) -> str | None:
         return self.get("Message-ID")
+
+
+@dataclass(frozen=True)
+class MailboxList:
+    """An address field (From, Sender) as RFC 5322 3.4 reads it: its mailboxes, and whether group syntax
+    was used; ``problem`` says why it could not be read."""
+
+    addresses: tuple[str, ...] = ()
+    group: bool = False
+    problem: str | None = None
+
+
+def parse_mailbox_list(value: str) -> MailboxList:
+    """``From:``/``Sender:`` value -> its addr-specs (RFC 5322 3.4, 3.6.2; RFC 6532 UTF-8 allowed)."""
+    try:
+        parsed = email.policy.default.header_factory("From", value)
+        groups = parsed.groups
+    except Exception as exc:                                          # the email package's parser, on any input
+        return MailboxList(problem=f"unreadable: {type(exc).__name__}")
+    if any(group.display_name is not None for group in groups):
+        return MailboxList(group=True)
+    # "a@ours <b@ours>" reads as a@ours here and as b@ours in some clients: a malformed list is no author.
+    invalid = [str(defect) for defect in parsed.defects if isinstance(defect, email.errors.InvalidHeaderDefect)]
+    if invalid:
+        return MailboxList(problem=f"malformed: {invalid[0]}")
+    addresses = []
+    for group in groups:
+        for address in group.addresses:
+            if not address.username or not address.domain:
+                return MailboxList(problem=f"{address.addr_spec or value.strip()!r} is not local-part@domain")
+            addresses.append(address.addr_spec)
+    return MailboxList(tuple(addresses), problem=None if addresses else "empty")
 
 
 def scan_message(path: Path, limits: ParseLimits) -> MessageFacts:

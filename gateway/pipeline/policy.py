@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.utils import formataddr
 
 from gateway.directory.addresses import AddressError, normalise_address, normalise_domain
 from gateway.directory.service import DirectoryService, LocalRoute, RefusedRoute, RemoteRoute, RouteRefusal
 from gateway.errors import UserError
 from gateway.pipeline.conversations import ConversationBook, ConversationChange, ends_conversation
 from gateway.pipeline.origin import Origin, TlsInfo
-from gateway.pipeline.parse import MessageFacts
+from gateway.pipeline.parse import MessageFacts, parse_mailbox_list
 from gateway.smtp import codes
 from gateway.smtp.codes import Reply, SmtpRefusal
 from gateway.smtp.paths import POSTMASTER, SmtpPath
@@ -200,6 +201,66 @@ class Policy:
         if not await self.conversations.is_open(address, origin.account.mailbox_id):
             raise SmtpRefusal(codes.PATIENT_CANNOT_INITIATE.format(address=address))
 
+    # ----------------------------------------------------------------- the author (header From)
+
+    async def check_author(self, origin: Origin, sender: str, facts: MessageFacts) -> list[str]:
+        """The header From must be who is sending (RFC 5322 3.6.2); the fields to add (a delegate's Sender).
+
+        Submission: every From mailbox is owned by or delegated to the login; when the From is not the
+        login's own mailbox (a delegate writing as the delegator, or several authors), ``Sender:`` names
+        the login, added when absent, refused when it names anyone else.
+        Relay door: every From domain is a trusted domain, not ours, in the same organisation (the
+        trust-list domain it is or is under) as MAIL FROM, or, for a bounce, one the certificate speaks for.
+        """
+        authors = _authors(facts)
+        if origin.door.is_submission:
+            return self._check_submitted_author(origin, authors, facts)
+        await self._check_relayed_author(origin, sender, authors)
+        return []
+
+    def _check_submitted_author(self, origin: Origin, authors: list[str], facts: MessageFacts) -> list[str]:
+        account = origin.account
+        assert account is not None, "submission is authenticated before DATA"
+        for address in authors:
+            if not account.may_send_as(address):
+                raise SmtpRefusal(codes.FROM_NOT_OWNED.format(address=address, login=account.address))
+        senders = facts.all("Sender")
+        if len(senders) > 1:
+            raise SmtpRefusal(codes.SENDER_REPEATED.format(count=len(senders)))
+        if senders:
+            agent = _single_mailbox(senders[0], "Sender")
+            if agent != account.address:
+                raise SmtpRefusal(codes.SENDER_NOT_LOGIN.format(address=agent, login=account.address))
+            return []
+        if authors == [account.address]:
+            return []
+        # RFC 5322 3.6.2: the agent responsible for the transmission, when it is not the sole author.
+        return ["Sender: " + formataddr((account.display_name or "", account.address), charset="utf-8")]
+
+    async def _check_relayed_author(self, origin: Origin, sender: str, authors: list[str]) -> None:
+        envelope_organisation = await self._organisation_of(sender.rpartition("@")[2]) if sender else None
+        for address in authors:
+            domain = address.rpartition("@")[2]
+            if await self.directory.is_local_domain(domain):
+                raise SmtpRefusal(codes.FROM_DOMAIN_IS_LOCAL.format(domain=domain))
+            organisation = await self._organisation_of(domain)
+            if sender:
+                if organisation is None or organisation != envelope_organisation:
+                    raise SmtpRefusal(codes.FROM_NOT_ALIGNED.format(
+                        domain=domain, organisation=envelope_organisation or sender.rpartition("@")[2]))
+            elif organisation is None or not certificate_speaks_for(origin.tls, organisation):
+                raise SmtpRefusal(codes.FROM_NOT_SPOKEN_FOR.format(domain=domain, names=_names(origin.tls)))
+
+    async def _organisation_of(self, domain: str) -> str | None:
+        """The trusted domain ``domain`` is or lies under (the trust list, not a public-suffix guess, says
+        what an organisation is in the MSSanté space: all operators share mssante.fr)."""
+        labels = domain.split(".")
+        for start in range(len(labels) - 1):
+            candidate = ".".join(labels[start:])
+            if await self.directory.is_trusted_domain(candidate):
+                return candidate
+        return None
+
     # ----------------------------------------------------------------- the message
 
     def conversation_changes(self, origin: Origin, sender: str, recipients: Sequence[AcceptedRecipient],
@@ -216,6 +277,36 @@ def _refusal(route: RefusedRoute) -> SmtpRefusal:
     reply = ROUTE_REFUSALS[route.reason]
     return SmtpRefusal(reply.format(address=route.address, domain=route.address.rpartition("@")[2], detail=route.text),
                        detail=route.text)
+
+
+def _authors(facts: MessageFacts) -> list[str]:
+    """The one From field's mailboxes, canonical (RFC 5322 3.6: exactly one From, a mailbox-list)."""
+    fields = facts.all("From")
+    if not fields:
+        raise SmtpRefusal(codes.FROM_MISSING)
+    if len(fields) > 1:
+        raise SmtpRefusal(codes.FROM_REPEATED.format(count=len(fields)))
+    authors = parse_mailbox_list(fields[0])
+    if authors.group:
+        raise SmtpRefusal(codes.FROM_GROUP)
+    if authors.problem is not None:
+        raise SmtpRefusal(codes.FROM_NO_MAILBOX.format(detail=authors.problem))
+    return [_canonical_header_address(address, "From") for address in authors.addresses]
+
+
+def _single_mailbox(value: str, name: str) -> str:
+    parsed = parse_mailbox_list(value)
+    if parsed.group or parsed.problem is not None or len(parsed.addresses) != 1:
+        raise SmtpRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header must name one mailbox (RFC 5322 3.6.2)"))
+    return _canonical_header_address(parsed.addresses[0], name)
+
+
+def _canonical_header_address(address: str, name: str) -> str:
+    try:
+        return normalise_address(address)
+    except UserError as exc:
+        raise SmtpRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header address {address!r} is malformed: {exc}")) \
+            from None
 
 
 def _names(tls: TlsInfo | None) -> str:

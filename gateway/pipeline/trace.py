@@ -6,7 +6,8 @@
   authenticated user in comments;
 - ``Authentication-Results`` (RFC 8601) for what is verified now: SMTP AUTH
   (``auth=pass smtp.auth=<user>``, RFC 8601 2.7.4) and the verified TLS client
-  certificate of a peer operator; DKIM and S/MIME results join later;
+  certificate of a peer operator, the DKIM verdict of what a peer relays (RFC 6376, 8601 2.7.1);
+  S/MIME results join later;
 - ``X-MSS-NIL`` (Ref#2 ECO.2.4.3) on mail our own users send, when missing.
 
 Inbound ``Authentication-Results`` fields that claim our authserv-id are forged
@@ -15,7 +16,7 @@ and are removed at delivery (RFC 8601 5).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from email.utils import format_datetime
 
 from gateway.pipeline.origin import Door, Origin
@@ -50,7 +51,9 @@ def received_field(origin: Origin, *, hostname: str, queue_id: str, recipients: 
     return FOLD.join(parts) + f"; {format_datetime(utcnow())}"
 
 
-def authentication_results_field(origin: Origin, *, hostname: str) -> str | None:
+def authentication_results_field(origin: Origin, *, hostname: str, verified: Sequence[str] = ()) -> str | None:
+    """RFC 8601 2.2: our authserv-id, then one resinfo per method checked (auth, the peer's certificate,
+    and ``verified``: results found while accepting, such as the relay door's dkim=)."""
     results = []
     if origin.account is not None:
         tls = f" ({origin.tls.version} {origin.tls.cipher})" if origin.tls else ""
@@ -59,21 +62,25 @@ def authentication_results_field(origin: Origin, *, hostname: str) -> str | None
         names = ",".join(origin.tls.peer_names) or "unnamed"
         results.append(f"x-tls=pass ({origin.tls.version} {origin.tls.cipher}; client certificate verified"
                        f" sha256:{origin.tls.peer_certificate_sha256[:16]}) smtp.remote-cert={names}")
+    results += [" ".join(result.split()) for result in verified]
     if not results:
         return None
     return f"Authentication-Results: {hostname};" + FOLD + (";" + FOLD).join(results)
 
 
 def trace_header_block(origin: Origin, *, hostname: str, queue_id: str, sender: str, recipients: list[str],
-                       facts: MessageFacts, x_mss_nil: str, smtputf8: bool = False) -> str:
-    """The fields prepended to the message at delivery, CRLF-terminated, newest first."""
+                       facts: MessageFacts, x_mss_nil: str, smtputf8: bool = False, verified: Sequence[str] = (),
+                       added_fields: Sequence[str] = ()) -> str:
+    """The fields prepended to the message at delivery, CRLF-terminated, newest first; ``added_fields``
+    (a delegate's Sender, RFC 5322 3.6.2) follow the trace fields."""
     received = received_field(origin, hostname=hostname, queue_id=queue_id, recipients=recipients, smtputf8=smtputf8)
     fields = [f"Return-Path: <{sender}>", received]
-    results = authentication_results_field(origin, hostname=hostname)
+    results = authentication_results_field(origin, hostname=hostname, verified=verified)
     if results:
         fields.append(results)
     if origin.door.is_submission and x_mss_nil and not facts.has("X-MSS-NIL"):
         fields.append(f"X-MSS-NIL: {x_mss_nil}")
+    fields += added_fields
     return "".join(field + "\r\n" for field in fields)
 
 

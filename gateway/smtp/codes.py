@@ -141,6 +141,22 @@ CERTIFICATE_DOMAIN_MISMATCH = Reply(550, "5.7.1", "Client certificate ({names}) 
 CERTIFICATE_NAMES_NO_SERVER = Reply(
     550, "5.7.1", "Client certificate ({names}) names no mail server of a trusted operator: the relay door takes "
     "an operator's MX certificate; a mailbox certificate authenticates on the submission port")  # RFC 3463 3.8
+# The author (RFC 5322 3.6.2 From, Sender) must be who is sending: RFC 3463 3.8 X.7.1, message refused by policy.
+FROM_MISSING = Reply(550, "5.7.1", "Message has no From: header field; RFC 5322 3.6 requires one naming the author")
+FROM_REPEATED = Reply(550, "5.7.1", "Message has {count} From: header fields; RFC 5322 3.6 allows exactly one")
+FROM_GROUP = Reply(550, "5.7.1", "From: header uses group syntax; it must list the author's own mailboxes "
+                   "(RFC 5322 3.6.2)")
+FROM_NO_MAILBOX = Reply(550, "5.7.1", "From: header names no mailbox ({detail})")
+FROM_NOT_OWNED = Reply(550, "5.7.1", "From: header address {address} is not owned by or delegated to {login}")
+SENDER_REPEATED = Reply(550, "5.7.1", "Message has {count} Sender: header fields; RFC 5322 3.6 allows at most one")
+SENDER_NOT_LOGIN = Reply(550, "5.7.1", "Sender: header address {address} is not {login}, the authenticated sender "
+                         "(RFC 5322 3.6.2)")
+FROM_DOMAIN_IS_LOCAL = Reply(550, "5.7.1", "From: header domain {domain} is hosted here: a peer operator cannot "
+                             "send as our users")
+FROM_NOT_ALIGNED = Reply(550, "5.7.1", "From: header domain {domain} is not aligned with the envelope sender's "
+                         "organisation {organisation} (From and MAIL FROM must be in the same trusted domain)")
+FROM_NOT_SPOKEN_FOR = Reply(550, "5.7.1", "From: header domain {domain} is not spoken for by the client certificate "
+                            "({names})")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied: {address} is not hosted here")    # RFC 5321 3.6.2, RFC 3463 3.8
 SOURCE_ROUTE_REFUSED = Reply(550, "5.7.1", "Source routes are not accepted (RFC 5321 4.1.1.3); no relaying")
 PERCENT_HACK_REFUSED = Reply(550, "5.7.1", "Percent-hack addresses are not accepted; no relaying")  # RFC 5321 3.6.2

@@ -27,7 +27,7 @@ PEER = "peer.mssante.localhost"
 DOORS = ("smtp_submission_port", "smtp_submissions_port", "smtp_relay_port")
 
 
-def doors_gateway(data_dir: Path) -> GatewayProcess:
+def doors_gateway(data_dir: Path, extra_env: dict[str, str] | None = None) -> GatewayProcess:
     """The peer's mail is routed back to our own relay door (transport map), which refuses a sender of our
     domain with a permanent 550: a way to get a failure DSN at once, without a second operator."""
     gateway = GatewayProcess(data_dir)
@@ -36,6 +36,7 @@ def doors_gateway(data_dir: Path) -> GatewayProcess:
         "GATEWAY_OUTBOUND_TRANSPORT_MAP": json.dumps([f"{PEER}=127.0.0.1:{gateway.ports['smtp_relay_port']}"]),
         "GATEWAY_OUTBOUND_POLL_SECONDS": "0.5",
     })
+    gateway.extra_env.update(extra_env or {})
     gateway.cli("domain", "trust", "add", PEER, "--operator", "Peer operator", check=True)
     gateway.cli("certs", "issue", "server", "--name", "peer-mx", "--dns", f"mx.{PEER}", check=True)
     gateway.start()
