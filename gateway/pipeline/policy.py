@@ -11,6 +11,13 @@ Each check raises ``SmtpRefusal`` with the reply that names the rule:
 - a patient writes only to a professional who wrote first (or to a configured
   first-contact address such as a pharmacy), never to another patient;
 - opposed and closed patient spaces receive nothing;
+- the header From is who is sending (``check_author``): on submission every From mailbox is the login's
+  own or delegated to it, a delegate's ``Sender:`` names the login (added when absent); on the relay door
+  the From domain is never ours and lies in the same trust-list organisation as MAIL FROM (for a bounce:
+  one the client certificate speaks for). DKIM is verified on the relay door and recorded in
+  Authentication-Results; ``dkim=none``/``fail`` is recorded, not a refusal (RFC 6376 6.3: a failed
+  signature is as none), because the peer is already authenticated by its verified certificate and the
+  From alignment above refuses our own domains whatever a signature says;
 - ``<Postmaster>`` (no domain) is the postmaster of the primary domain, and
   ``postmaster@`` every local domain exists (RFC 5321 4.5.1): an address with a
   mailbox of its own gets it, any other goes to the ``[smtp] postmaster``

@@ -13,7 +13,9 @@ instead of aiosmtpd:
   6531, 4954 5, 3461 4);
 - AUTH: PLAIN (RFC 4616), LOGIN, EXTERNAL (RFC 4422 A, a verified client
   certificate), OAUTHBEARER (RFC 7628) and XOAUTH2, all checked by the handler;
-- DATA streamed to the handler's sink as it arrives: dot-unstuffing (RFC 5321
+- DATA streamed to the handler's sink as it arrives: only <CRLF>.<CRLF> ends it
+  and a bare CR or LF refuses the message (RFC 5321 2.3.8, 4.1.1.4: no SMTP
+  smuggling), dot-unstuffing (RFC 5321
   4.5.2), line-length and size limits enforced while reading, the body read to
   the final dot whatever happens so the session stays in sync (RFC 5321 4.2.5),
   never more than a bounded buffer in memory (aiosmtpd buffers the whole body).

@@ -85,7 +85,7 @@ def _send(t: Transcript, data: bytes, expected: str) -> None:
     t.c(f"MAIL FROM:<claire.medecin@{OURS}>");   t.s(r"250 .*")
     t.c(f"RCPT TO:<marc.pharmacien@{OURS}>");    t.s(r"250 .*")
     t.c("DATA");                                 t.s(r"354 .*")
-    t.raw(data + b".\r\n")
+    t.raw(f"From: <claire.medecin@{OURS}>\r\n".encode() + data + b".\r\n")   # the author is the login (policy)
     t.s(expected)
 
 

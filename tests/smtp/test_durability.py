@@ -62,11 +62,12 @@ def test_50_mb_message_streams_without_50_mb_of_memory(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", gateway.ports["smtp_submission_port"], timeout=120) as client:
             client.starttls(context=_tls(gateway))
             client.login(doctor["address"], doctor["password"])
-            warm_up = b"Subject: warm-up\r\n\r\n" + (b"w" * 76 + b"\r\n") * 2000
+            author = f"From: <{doctor['address']}>\r\n".encode()
+            warm_up = author + b"Subject: warm-up\r\n\r\n" + (b"w" * 76 + b"\r\n") * 2000
             client.sendmail(doctor["address"], [pharmacist["address"]], warm_up)
             before = _peak_rss_kib(gateway)
             line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"   # base64-like
-            big = b"Subject: fifty megabytes\r\nContent-Type: application/octet-stream\r\n\r\n" + line * (50 * MIB // len(line))
+            big = author + b"Subject: fifty megabytes\r\nContent-Type: application/octet-stream\r\n\r\n" + line * (50 * MIB // len(line))
             assert client.mail(doctor["address"], [f"SIZE={len(big)}"])[0] == 250
             assert client.rcpt(pharmacist["address"])[0] == 250
             code, reply = client.data(big)

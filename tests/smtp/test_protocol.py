@@ -128,7 +128,7 @@ def test_pipelined_transaction(gw: GatewayThread, transcript: type[Transcript]) 
     t.s(r"250 2\.1\.5 .*")
     t.s(r"550 5\.1\.1 No mailbox nobody@demo\.mssante\.localhost here")
     t.s(r"354 .*")
-    t.raw(b"Subject: pipelined\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
+    t.raw(b"From: <claire.medecin@demo.mssante.localhost>\r\nSubject: pipelined\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
     t.s(r"250 2\.0\.0 OK queued as [0-9a-f]+")
     t.s(r"250 2\.0\.0 OK")
 
