@@ -711,8 +711,8 @@ class GatewaySMTP(SMTP):
         try:
             return await self.handler.handle_DATA(self, session, envelope)
         except SmtpRefusal as refusal:
-            if refusal.detail:
-                log.info("%r message refused: %s (%s)", session.peer, refusal.reply, refusal.detail)
+            log.info("%r message from <%s> refused: %s%s", session.peer, envelope.mail_from, refusal.reply,
+                     f" ({refusal.detail})" if refusal.detail else "")
             return refusal.reply
 
     async def _receive_body(self, sink: MessageSink) -> _BodyReading:

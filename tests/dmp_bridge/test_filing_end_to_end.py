@@ -14,6 +14,7 @@ import email
 import email.policy
 import imaplib
 import json
+import re
 import secrets
 import smtplib
 import ssl
@@ -246,7 +247,8 @@ def submit_raw(served: GatewayProcess, raw: bytes, recipients: list[str]) -> Non
     with smtplib.SMTP("127.0.0.1", served.ports["smtp_submission_port"], local_hostname="labo.test", timeout=30) as smtp:
         smtp.starttls(context=_tls(served))
         smtp.login(lab["address"], lab["password"])
-        smtp.sendmail(lab["address"], recipients, raw)
+        # RFC 5321 2.3.8: on the wire every line ends with CRLF (openssl writes LF; the gateway refuses bare LF).
+        smtp.sendmail(lab["address"], recipients, re.sub(rb"\r?\n", b"\r\n", raw))
 
 
 async def _filed(services: Services, unique_id: str) -> RecordDocument | None:

@@ -9,6 +9,7 @@ import asyncio
 import email
 import email.policy
 import imaplib
+import re
 import secrets
 import smtplib
 import ssl
@@ -102,7 +103,8 @@ def submit(world: World, account: dict[str, str], raw: bytes, recipients: list[s
     with smtplib.SMTP("127.0.0.1", world.gateway.ports["smtp_submission_port"], timeout=30) as smtp:
         smtp.starttls(context=_tls(world.gateway))
         smtp.login(account["address"], account["password"])
-        smtp.sendmail(account["address"], recipients, raw)
+        # RFC 5321 2.3.8: on the wire every line ends with CRLF (openssl writes LF; the gateway refuses bare LF).
+        smtp.sendmail(account["address"], recipients, re.sub(rb"\r?\n", b"\r\n", raw))
 
 
 def arrived(world: World, account: dict[str, str], marker: str) -> email.message.Message:

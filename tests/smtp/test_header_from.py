@@ -226,3 +226,26 @@ def test_relay_forged_authentication_results_are_not_ours(gw: GatewayProcess) ->
         .startswith("250 2.0.0")
     results = _our_results(wait_for_subject(gw, claire, "forged results"))
     assert "header.d=demo.mssante.localhost" not in results and "dkim=none" in results, results
+
+
+# ----------------------------------------------------------------------------- reading the From field
+
+@pytest.mark.parametrize(("value", "addresses", "problem"), [
+    ("Dr X <a@b.fr>", ("a@b.fr",), None),
+    ("a@b.fr (Dr X), <c@d.fr>", ("a@b.fr", "c@d.fr"), None),
+    ("claire@ours.fr <marc@ours.fr>", (), "malformed"),          # clients disagree on who this is: no author
+    ("<a@b.fr> <c@d.fr>", (), "malformed"),
+    ('Dr "x" <a@b.fr', (), "malformed"),
+    ("undisclosed", (), "is not local-part@domain"),
+    ("", (), "empty"),
+])
+def test_from_field_reading(value: str, addresses: tuple[str, ...], problem: str | None) -> None:
+    from gateway.pipeline.parse import parse_mailbox_list
+    parsed = parse_mailbox_list(value)
+    assert parsed.addresses == addresses
+    assert (parsed.problem is None) if problem is None else (problem in (parsed.problem or "")), parsed
+
+
+def test_ambiguous_from_is_refused_on_submission(gw: GatewayProcess) -> None:
+    reply = _submit(gw, f"From: claire.medecin@{OURS} <marc.pharmacien@{OURS}>\r\n", "ambiguous from")
+    assert re.fullmatch(r"550 5\.7\.1 From: header names no mailbox \(malformed: .*\)", reply[-1]), reply
