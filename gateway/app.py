@@ -26,6 +26,7 @@ from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
@@ -56,6 +57,7 @@ class Services:
     spool_cipher: SpoolCipher    # the SMTP spool is sealed at rest
     smime: SmimeService
     audit: AuditLog
+    auth_limiter: AuthLimiter    # one limiter for every door's sign-ins (SMTP, IMAP, FHIR, webmail)
     token_verifier: OidcTokenVerifier | None = None   # SASL OAUTHBEARER/XOAUTH2 (PSC); None: no issuer configured
 
 
@@ -75,6 +77,9 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         fields = FieldSealer(keys)
         pki = TestPKI.from_settings(settings)
         directory = DirectoryService(db, settings, hasher)
+        audit = AuditLog.for_data_dir(db, settings.data_path)
+        auth_limiter = AuthLimiter(LimiterPolicy.from_settings(settings.auth), db=db, audit=AuditedFailures(audit))
+        await auth_limiter.load()
         yield Services(
             settings=settings,
             db=db,
@@ -88,7 +93,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             fields=fields,
             spool_cipher=await SpoolCipher.load(keys),
             smime=SmimeService(db, settings, pki, blobs, fields),
-            audit=AuditLog.for_data_dir(db, settings.data_path),
+            audit=audit,
+            auth_limiter=auth_limiter,
             token_verifier=OidcTokenVerifier.from_settings(settings.oidc, directory),
         )
     finally:

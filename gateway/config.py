@@ -140,6 +140,17 @@ class AuthSettings(_Section):
     argon2_memory_kib: int = Field(19456, ge=8192, description="argon2id memory per hash, KiB (OWASP: 19 MiB)")
     argon2_parallelism: int = Field(1, ge=1, le=8, description="argon2id lanes")
     min_password_length: int = Field(12, ge=8, description="shortest password accepted by set-password")
+    # One limiter for every door (SMTP AUTH, IMAP, FHIR Basic, webmail): gateway/security/auth_limiter.py.
+    failures_before_delay: int = Field(
+        3, ge=1, le=100, description="failed sign-ins of one login from one source address before each further "
+        "attempt from there waits (growing delays; other addresses are never held back by them)")
+    source_failures_before_delay: int = Field(
+        20, ge=1, le=10000, description="failed sign-ins from one source address (IPv6: one /64), all logins "
+        "together, before everything it tries waits (logins that succeeded from there recently excepted)")
+    first_delay_seconds: int = Field(1, ge=1, le=3600, description="the first wait; each further failure doubles it")
+    max_delay_seconds: int = Field(300, ge=1, le=86400, description="the longest wait between two attempts")
+    forget_failures_after_minutes: int = Field(
+        60, ge=1, le=10080, description="failures are forgotten this long after the last one")
 
 
 # RFC 7518 3.1: the asymmetric JWS algorithms a verifier may accept; never "none", never HMAC
@@ -244,10 +255,6 @@ class SmtpSettings(_Section):
         600, ge=0, description="messages one account may submit per minute; more get 450 4.7.1. 0: no limit")
     messages_per_minute_per_ip: int = Field(
         1200, ge=0, description="messages accepted from one IP address per minute; more get 450 4.7.1. 0: no limit")
-    auth_failures_before_lockout: int = Field(
-        10, ge=1, description="failed AUTH attempts from one IP address or for one login, within the window, before a lockout")
-    auth_failure_window_seconds: int = Field(600, ge=1, description="the window in which failed AUTH attempts are counted")
-    auth_lockout_seconds: int = Field(300, ge=1, description="how long a locked IP address or login gets 454 4.7.0 on AUTH")
     auth_failures_per_connection: int = Field(3, ge=1, description="failed AUTH attempts before the connection is closed (421)")
     timeout_seconds: int = Field(300, ge=30, description="idle time before a connection is closed (RFC 5321 4.5.3.2: at least 5 min)")
     x_mss_nil: str = Field(
@@ -588,6 +595,17 @@ def load_settings(
         raise ConfigError(_describe(exc, origins, file_path)) from None
 
 
+# Keys that were replaced: refused with what to write instead (a silent fallback would hide the new semantics).
+RETIRED_KEYS = {
+    "smtp.auth_failures_before_lockout": "replaced by auth.failures_before_delay (per login and source address) and "
+    "auth.source_failures_before_delay (per source address): one limiter for every door, which never locks a "
+    "login for everyone",
+    "smtp.auth_failure_window_seconds": "replaced by auth.forget_failures_after_minutes",
+    "smtp.auth_lockout_seconds": "replaced by growing delays: auth.first_delay_seconds, doubling up to "
+    "auth.max_delay_seconds",
+}
+
+
 def _describe(exc: ValidationError, origins: dict[tuple[str, ...], str], file_path: Path | None) -> str:
     problems = []
     for error in exc.errors():
@@ -595,7 +613,9 @@ def _describe(exc: ValidationError, origins: dict[tuple[str, ...], str], file_pa
         key = ".".join(loc)
         source = origins.get(loc) or (str(file_path) if file_path else "defaults")
         message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden" and key in RETIRED_KEYS:
+            message = RETIRED_KEYS[key]
+        elif error["type"] == "extra_forbidden":
             message = "unknown key (see config/gateway.toml for the documented keys)"
         given = error.get("input")
         shown = f" (got {given!r})" if given is not None and error["type"] != "extra_forbidden" and not isinstance(given, dict) else ""

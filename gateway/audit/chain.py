@@ -52,6 +52,7 @@ class ActorKind(enum.StrEnum):
     ADMIN = "admin"
     SYSTEM = "system"
     APPLICATION = "application"
+    UNAUTHENTICATED = "unauthenticated"   # someone who tried to sign in and failed: the id is the login tried
 
 
 class Door(enum.StrEnum):
@@ -98,6 +99,10 @@ class Actor:
     @classmethod
     def application(cls, application_id: str, display_name: str) -> Actor:
         return cls(ActorKind.APPLICATION, application_id, display_name)
+
+    @classmethod
+    def unauthenticated(cls, login: str) -> Actor:
+        return cls(ActorKind.UNAUTHENTICATED, login, login)
 
 
 @dataclass(frozen=True)

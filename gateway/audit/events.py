@@ -59,6 +59,8 @@ class AuditEvent(enum.IntEnum):
     DELEGATION_GRANTED = 402
     DELEGATION_REVOKED = 403
 
+    # 41x: signing in (every door: SMTP, IMAP, FHIR, webmail)
+    AUTHENTICATION_FAILED = 410
     # 5xx: the patient's webmail account (sign-in, second factor, sign-out)
     WEBMAIL_SIGNED_IN = 501
     WEBMAIL_SIGN_IN_REFUSED = 502
@@ -127,6 +129,7 @@ EVENT_INFO: dict[AuditEvent, EventInfo] = {
     AuditEvent.ADMIN_MAILBOX_ACCESS: EventInfo("Accès d'un administrateur à une messagerie"),
     AuditEvent.DELEGATION_GRANTED: EventInfo("Délégation d'accès à une messagerie accordée"),
     AuditEvent.DELEGATION_REVOKED: EventInfo("Délégation d'accès à une messagerie retirée"),
+    AuditEvent.AUTHENTICATION_FAILED: EventInfo("Échec de connexion"),
     AuditEvent.WEBMAIL_SIGNED_IN: EventInfo("Connexion à votre espace"),
     AuditEvent.WEBMAIL_SIGN_IN_REFUSED: EventInfo("Tentative de connexion refusée"),
     AuditEvent.WEBMAIL_SIGNED_OUT: EventInfo("Déconnexion de votre espace"),

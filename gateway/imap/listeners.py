@@ -20,7 +20,7 @@ from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimi
 from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
-from gateway.pipeline.limits import AuthLockout
+from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.tls import server_context
 
 log = logging.getLogger("gateway.imap")
@@ -73,11 +73,10 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
         raise RuntimeError("IMAP needs the mail store's change hub for IDLE (pass hub=...)")
     imap = settings.imap
     limiter = UserConnectionLimiter(imap.max_connections_per_user)
-    smtp = settings.smtp     # one brute-force policy (failures, window, lockout) for every door
-    lockout = AuthLockout(smtp.auth_failures_before_lockout, smtp.auth_failure_window_seconds,
-                          smtp.auth_lockout_seconds)
+    # The gateway's one sign-in limiter, shared with SMTP and FHIR (an in-memory one for partial test services).
+    auth_limiter = getattr(services, "auth_limiter", None) or AuthLimiter(LimiterPolicy.from_settings(settings.auth))
     context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
-                             limiter=limiter, settings=session_settings(settings), lockout=lockout)
+                             limiter=limiter, settings=session_settings(settings), auth_limiter=auth_limiter)
     config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
                               implicit_tls_port=settings.listen.imaps_port,
                               tls_context=tls_context_from_pki(services, settings),

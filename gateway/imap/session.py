@@ -35,7 +35,7 @@ from gateway.imap.selected import SelectedMailbox
 from gateway.mailstore.errors import FolderNotFound, MailStoreError, UidValidityChanged
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
-from gateway.pipeline.limits import AuthLockout
+from gateway.security.auth_limiter import AuthLimiter
 
 log = logging.getLogger("gateway.imap")
 
@@ -112,7 +112,7 @@ class SessionContext:
     directory: DirectoryService
     limiter: ConnectionLimiter
     settings: SessionSettings = field(default_factory=SessionSettings)
-    lockout: AuthLockout | None = None      # failed logins per IP address and per login
+    auth_limiter: AuthLimiter | None = None  # the gateway's one sign-in limiter (services.auth_limiter)
 
 
 Handler = Callable[["Session", c.Command], Awaitable[Completion]]

@@ -1,4 +1,4 @@
-"""In-memory limiters: concurrent slots, message rates, and the AUTH lockout.
+"""In-memory limiters: concurrent slots and message rates (sign-in attempts: gateway.security.auth_limiter).
 
 A slot is released exactly once whatever happens (its ``release`` is
 idempotent and callers hold it in ``finally`` paths): a limiter that leaks
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 Clock = Callable[[], float]
 
@@ -82,44 +81,3 @@ class RateLimiter:
 
     def snapshot(self) -> dict[str, int]:
         return {key: len(events) for key, events in self._events.items() if events}
-
-
-@dataclass
-class _FailureRecord:
-    times: deque[float] = field(default_factory=deque)
-    locked_until: float = 0.0
-
-
-class AuthLockout:
-    """Locks a key (an IP address, a login) after ``threshold`` failures within ``window`` seconds."""
-
-    def __init__(self, threshold: int, window: float, lockout: float, clock: Clock = time.monotonic) -> None:
-        self.threshold = threshold
-        self.window = window
-        self.lockout = lockout
-        self._clock = clock
-        self._records: dict[str, _FailureRecord] = {}
-
-    def seconds_locked(self, key: str) -> int:
-        """Seconds left of the lockout of ``key``, 0 when it may try."""
-        record = self._records.get(key)
-        if record is None:
-            return 0
-        left = record.locked_until - self._clock()
-        return int(left + 0.999) if left > 0 else 0
-
-    def record_failure(self, key: str) -> None:
-        now = self._clock()
-        record = self._records.setdefault(key, _FailureRecord())
-        while record.times and record.times[0] <= now - self.window:
-            record.times.popleft()
-        record.times.append(now)
-        if len(record.times) >= self.threshold:
-            record.locked_until = now + self.lockout
-            record.times.clear()
-
-    def record_success(self, key: str) -> None:
-        self._records.pop(key, None)
-
-    def snapshot(self) -> dict[str, int]:
-        return {key: len(r.times) for key, r in self._records.items()}

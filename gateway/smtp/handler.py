@@ -2,8 +2,8 @@
 
 The protocol (gateway.smtp.server) calls these hooks; they translate the SMTP
 session into an ``Origin`` and call the one ``Pipeline``. What is specific to a
-connection lives here too: the per-IP connection limit, the per-account session
-limit, and the AUTH lockout. Every slot taken is released when the connection
+connection lives here too: the per-IP connection limit and the per-account session
+limit; AUTH attempts go through the gateway's one ``AuthLimiter``. Every slot taken is released when the connection
 ends, whatever the path (maddy#348).
 """
 
@@ -16,10 +16,11 @@ from typing import Any, Protocol
 
 from gateway.config import SmtpSettings
 from gateway.directory.service import Account, DirectoryService
-from gateway.pipeline.limits import AuthLockout, ConcurrencyLimiter, Slot
+from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.pipeline import Pipeline, Transaction
 from gateway.pipeline.spool import SpoolFile
+from gateway.security.auth_limiter import AuthLimiter, AuthThrottled, LimiterPolicy
 from gateway.smtp import codes
 from gateway.smtp.codes import Reply, SmtpRefusal
 from gateway.smtp.parameters import MailParameters
@@ -55,14 +56,14 @@ class SessionLimits:
 
     connections_per_ip: ConcurrencyLimiter
     sessions_per_user: ConcurrencyLimiter
-    auth_lockout: AuthLockout
+    auth_limiter: AuthLimiter           # the gateway's one limiter (services.auth_limiter), shared with IMAP and FHIR
 
     @classmethod
-    def from_settings(cls, smtp: SmtpSettings) -> "SessionLimits":
+    def from_settings(cls, smtp: SmtpSettings, auth_limiter: AuthLimiter | None = None) -> "SessionLimits":
         return cls(
             ConcurrencyLimiter(smtp.max_connections_per_ip),
             ConcurrencyLimiter(smtp.max_sessions_per_user),
-            AuthLockout(smtp.auth_failures_before_lockout, smtp.auth_failure_window_seconds, smtp.auth_lockout_seconds),
+            auth_limiter if auth_limiter is not None else AuthLimiter(LimiterPolicy()),
         )
 
 
@@ -98,14 +99,18 @@ class GatewayHandler:
     async def authenticate(self, server: GatewaySMTP, session: GatewaySession, credentials: Credentials) -> Account:
         address = _client_address(session)
         login = _login_of(credentials)
-        self._refuse_if_locked(address, login)
+        limiter = self.limits.auth_limiter
+        try:
+            await limiter.check("smtp", login, address)
+        except AuthThrottled as throttled:
+            # RFC 4954 6: 454 4.7.0, a temporary failure; the password was not looked at.
+            raise SmtpRefusal(codes.AUTH_LOCKED.format(seconds=throttled.retry_after),
+                              detail=f"throttled: {address} / {login}") from None
         account = await self._verify(credentials)
         if account is None:
-            self.limits.auth_lockout.record_failure(address)
-            if login:
-                self.limits.auth_lockout.record_failure("login:" + login)
+            await limiter.failed("smtp", login, address)
             raise SmtpRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
-        self.limits.auth_lockout.record_success("login:" + account.address)
+        await limiter.succeeded("smtp", login, address)
         slot = self.limits.sessions_per_user.try_acquire(account.address)
         if slot is None:
             # A limit, said as a limit: clients must not conclude the password is wrong (stalwart#190).
@@ -118,12 +123,6 @@ class GatewayHandler:
         if self.token_verifier is None:
             return json.dumps({"status": "invalid_token"}).encode()
         return self.token_verifier.error_status()
-
-    def _refuse_if_locked(self, address: str, login: str) -> None:
-        lockout = self.limits.auth_lockout
-        seconds = max(lockout.seconds_locked(address), lockout.seconds_locked("login:" + login) if login else 0)
-        if seconds:
-            raise SmtpRefusal(codes.AUTH_LOCKED.format(seconds=seconds), detail=f"locked: {address} / {login}")
 
     async def _verify(self, credentials: Credentials) -> Account | None:
         if isinstance(credentials, PasswordCredentials):
@@ -184,4 +183,4 @@ def _login_of(credentials: Credentials) -> str:
         return credentials.login.strip().lower()
     if isinstance(credentials, TokenCredentials):
         return credentials.user.strip().lower()
-    return ""
+    return "certificate " + credentials.fingerprint_sha256[:16]

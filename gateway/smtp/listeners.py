@@ -33,6 +33,7 @@ from gateway.pipeline.pipeline import Pipeline
 from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool
 from gateway.security.at_rest import SpoolCipher
+from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
@@ -115,14 +116,17 @@ async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListene
     pipeline = build_pipeline(settings, services.db, services.directory, store,
                               spool_cipher=getattr(services, "spool_cipher", None), smime=getattr(services, "smime", None))
     return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
-                                token_verifier=getattr(services, "token_verifier", None))
+                                token_verifier=getattr(services, "token_verifier", None),
+                                auth_limiter=getattr(services, "auth_limiter", None))
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
-                         *, token_verifier: TokenVerifier | None = None) -> SmtpListeners:
+                         *, token_verifier: TokenVerifier | None = None,
+                         auth_limiter: AuthLimiter | None = None) -> SmtpListeners:
     report = await pipeline.delivery.start()
     log.info("SMTP recovery: %s", report)
-    limits = SessionLimits.from_settings(settings.smtp)
+    limits = SessionLimits.from_settings(
+        settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
     listeners = SmtpListeners(pipeline, pipeline.delivery, limits)
     plan = (
         (ListenerKind.SUBMISSION, settings.listen.smtp_submission_port, tls.context(require_client_cert=False)),

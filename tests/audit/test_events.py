@@ -16,6 +16,7 @@ PINNED = {
     303: "professional_blocked", 304: "professional_unblocked", 305: "emergency_access_opposed",
     306: "emergency_access_opposition_lifted", 307: "record_exported", 308: "space_closed", 309: "space_reopened",
     401: "admin_mailbox_access", 402: "delegation_granted", 403: "delegation_revoked",
+    410: "authentication_failed",
     501: "webmail_signed_in", 502: "webmail_sign_in_refused", 503: "webmail_signed_out",
     504: "webmail_signed_out_everywhere", 505: "webmail_second_factor_enrolled", 506: "webmail_recovery_code_used",
     901: "audit_exported", 902: "audit_verified", 903: "audit_consulted",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.pipeline.limits import AuthLockout, ConcurrencyLimiter, RateLimiter
+from gateway.pipeline.limits import ConcurrencyLimiter, RateLimiter
 from gateway.pipeline.parse import ParseLimits, scan_message
 from gateway.pipeline.trace import without_forged_results
 from gateway.smtp.codes import SmtpRefusal
@@ -141,17 +141,6 @@ def test_rate_limiter_window() -> None:
     now[0] = 61
     assert limiter.allow("u")
     assert RateLimiter(0).allow("anyone")               # 0 = unlimited
-
-
-def test_auth_lockout() -> None:
-    now = [0.0]
-    lockout = AuthLockout(threshold=3, window=60, lockout=300, clock=lambda: now[0])
-    for _ in range(3):
-        assert lockout.seconds_locked("ip") == 0
-        lockout.record_failure("ip")
-    assert lockout.seconds_locked("ip") == 300
-    now[0] = 301
-    assert lockout.seconds_locked("ip") == 0
 
 
 # --------------------------------------------------------------------------- trace filter

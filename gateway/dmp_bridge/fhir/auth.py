@@ -6,7 +6,8 @@ context checks it, and the CRLs when present) and be bound to an active
 mailbox in the directory (``account_for_certificate``: registered with usage
 ``auth``, not revoked, within its validity). Without a usable certificate,
 ``Authorization: Basic`` carries the mailbox address and password (RFC 7617,
-UTF-8). The mailbox then says who acts:
+UTF-8), each attempt going through the gateway's one ``AuthLimiter`` (a throttled
+caller gets 429 with Retry-After, its password not looked at). The mailbox then says who acts:
 
 - PER or CAB mailbox: its professional (IDNPS, TRE_G15 profession code,
   savoir-faire), who must be active in the directory;
@@ -25,6 +26,7 @@ from typing import Any
 from gateway.directory.service import Account, DirectoryService
 from gateway.dmp_bridge.access import Requester, RequesterKind
 from gateway.errors import UserError
+from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.tls import peer_certificate_info
 
 PROFESSIONAL_MAILBOXES = ("PER", "CAB")
@@ -58,18 +60,22 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
 class CallerResolver:
     """Turns TLS peer certificates and Basic credentials into a policy ``Requester``."""
 
-    def __init__(self, directory: DirectoryService, *, basic_allowed: bool = True) -> None:
+    def __init__(self, directory: DirectoryService, *, basic_allowed: bool = True,
+                 auth_limiter: AuthLimiter | None = None) -> None:
         self.directory = directory
         self.basic_allowed = basic_allowed
+        self.auth_limiter = auth_limiter if auth_limiter is not None else AuthLimiter(LimiterPolicy())
 
-    async def resolve(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None, authorization: str | None) -> Requester:
-        account = await self._account(ssl_object, authorization)
+    async def resolve(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None, authorization: str | None,
+                      source: str = "?") -> Requester:
+        """The caller; ``AuthThrottled`` when Basic attempts from ``source`` (its IP address) must wait."""
+        account = await self._account(ssl_object, authorization, source)
         if account is None:
             raise Unauthenticated("a registered client certificate or mailbox credentials are required")
         return await self.requester_for(account)
 
     async def _account(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
-                       authorization: str | None) -> Account | None:
+                       authorization: str | None, source: str) -> Account | None:
         fingerprint = certificate_fingerprint(ssl_object)
         if fingerprint is not None:
             account = await self.directory.account_for_certificate(fingerprint)
@@ -78,7 +84,14 @@ class CallerResolver:
         credentials = basic_credentials(authorization) if self.basic_allowed else None
         if credentials is None:
             return None
-        return await self.directory.authenticate(*credentials)
+        login, password = credentials
+        await self.auth_limiter.check("fhir", login, source)
+        account = await self.directory.authenticate(login, password)
+        if account is None:
+            await self.auth_limiter.failed("fhir", login, source)
+        else:
+            await self.auth_limiter.succeeded("fhir", login, source)
+        return account
 
     async def requester_for(self, account: Account) -> Requester:
         mailbox = await self.directory.show_mailbox(account.address)

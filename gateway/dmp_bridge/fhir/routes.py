@@ -60,6 +60,7 @@ from gateway.dmp_bridge.fhir.service import (
     SearchQuery,
 )
 from gateway.audit.chain import Door, Source
+from gateway.security.auth_limiter import AuthThrottled
 
 log = logging.getLogger("gateway.fhir")
 
@@ -131,6 +132,9 @@ class FhirRoutes:
             except Unauthenticated as exc:
                 challenge = 'Basic realm="MSS FHIR", charset="UTF-8"'
                 return outcome_response(401, "login", str(exc), headers={"WWW-Authenticate": challenge})
+            except AuthThrottled as exc:
+                # RFC 6585 4: 429 with Retry-After; the limiter has audited the throttled attempt.
+                return outcome_response(429, "throttled", str(exc), headers={"Retry-After": str(exc.retry_after)})
             except AccessRefused as exc:
                 return refusal_response(exc)
             except DocumentMissing:
@@ -145,7 +149,7 @@ class FhirRoutes:
 
     async def _call(self, request: web.Request) -> CallContext:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        requester = await self.resolver.resolve(ssl_object, _header(request, "Authorization"))
+        requester = await self.resolver.resolve(ssl_object, _header(request, "Authorization"), request.remote or "?")
         source = Source(Door.FHIR, request.remote)
         call = CallContext(requester, source)
         note_caller(call.actor)  # from here on, whatever fails is audited under the caller's name

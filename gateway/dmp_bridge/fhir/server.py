@@ -26,6 +26,7 @@ from gateway.dmp_bridge.fhir.boundary import TrackedAuditLog
 from gateway.dmp_bridge.fhir.routes import FhirConfig, FhirRoutes
 from gateway.dmp_bridge.fhir.service import RecordAccessService
 from gateway.dmp_bridge.patient_choices import LoggingNotifier, PatientChoicesService, PatientNotifier
+from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.tls import server_context
 
 
@@ -86,7 +87,9 @@ async def start_http_listener(services: Any, settings: Settings, *, audit: Audit
                               tls_context: ssl.SSLContext | None = None) -> HttpListener:
     """Serve the FHIR API (and ``mounts``) over HTTPS on ``listen.host``:``listen.http_port``."""
     access, audit_log = record_access_from(services, settings, audit=audit, notifier=notifier)
-    resolver = CallerResolver(services.directory, basic_allowed=settings.fhir.basic_auth)
+    resolver = CallerResolver(services.directory, basic_allowed=settings.fhir.basic_auth,
+                              auth_limiter=getattr(services, "auth_limiter", None)
+                              or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
     root = root if root is not None else web.Application()
     root.add_subapp(settings.fhir.base_path, build_fhir_app(access, resolver, audit_log, fhir_config(settings)))
     for prefix, app in (mounts or {}).items():

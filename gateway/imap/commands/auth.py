@@ -26,6 +26,7 @@ from gateway.imap.protocol.parser import parse_sasl_response
 from gateway.mailstore.delivery import STANDARD_FOLDERS
 from gateway.mailstore.errors import FolderExists
 from gateway.mailstore.interface import INBOX
+from gateway.security.auth_limiter import AuthThrottled
 from gateway.security.tls import peer_certificate_info
 
 if TYPE_CHECKING:
@@ -90,38 +91,35 @@ async def login(session: Session, command: c.Command) -> Completion:
     """RFC 3501 6.2.3 (LOGINDISABLED before TLS)."""
     assert isinstance(command, c.Login)
     _require_tls(session)
-    _refuse_if_locked(session, command.username)
+    await _refuse_if_throttled(session, command.username)
     account = await session.context.directory.authenticate(command.username, command.password)
     return await _authenticated(session, account, command.username)
 
 
-def _lockout_keys(session: Session, login_name: str) -> list[str]:
-    return [session.connection.peer_ip, "login:" + login_name.strip().lower()]
-
-
-def _refuse_if_locked(session: Session, login_name: str) -> None:
-    """Too many recent failures from this address or for this login: a temporary refusal,
-    said as such (RFC 5530 [UNAVAILABLE]), before the password is even looked at."""
-    lockout = session.context.lockout
-    if lockout is None:
+async def _refuse_if_throttled(session: Session, login_name: str) -> None:
+    """Too many recent failures for this login from this address, or from this address at all: a
+    temporary refusal, said as such (RFC 5530 [UNAVAILABLE]), before the password is even looked at."""
+    limiter = session.context.auth_limiter
+    if limiter is None:
         return
-    seconds = max(lockout.seconds_locked(key) for key in _lockout_keys(session, login_name))
-    if seconds:
-        session.log.warning("login %r refused: locked for %d s after repeated failures", login_name[:100], seconds)
-        raise ImapNo(f"Too many failed logins; try again in {seconds} seconds", UNAVAILABLE)
+    try:
+        await limiter.check("imap", login_name, session.connection.peer_ip)
+    except AuthThrottled as throttled:
+        session.log.warning("login %r refused: throttled for %d s after repeated failures", login_name[:100],
+                            throttled.retry_after)
+        raise ImapNo(f"Too many failed logins; try again in {throttled.retry_after} seconds", UNAVAILABLE) from None
 
 
 async def _authenticated(session: Session, account: Account | None, login_name: str) -> Completion:
-    lockout = session.context.lockout
+    limiter = session.context.auth_limiter
     if account is None:
         session.auth_failures += 1
         session.log.warning("authentication failed for %r", login_name[:100])
-        if lockout is not None:
-            for key in _lockout_keys(session, login_name):
-                lockout.record_failure(key)
+        if limiter is not None:
+            await limiter.failed("imap", login_name, session.connection.peer_ip)
         raise ImapNo("Authentication failed", AUTHENTICATIONFAILED)
-    if lockout is not None:
-        lockout.record_success("login:" + account.address)
+    if limiter is not None:
+        await limiter.succeeded("imap", login_name, session.connection.peer_ip)
     session.log_in(account)
     await _ensure_standard_folders(session, account)
     return Completion("Logged in", "CAPABILITY " + " ".join(session.capabilities()))
@@ -170,7 +168,7 @@ async def _plain(session: Session, message: bytes) -> Completion:
     if len(parts) != 3:
         raise BadCommand("Malformed PLAIN response")
     authzid, authcid, password = (part.decode("utf-8", "replace") for part in parts)
-    _refuse_if_locked(session, authcid)
+    await _refuse_if_throttled(session, authcid)
     account = await session.context.directory.authenticate(authcid, password)
     if account is not None and authzid and authzid.lower() != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
@@ -182,11 +180,13 @@ async def _external(session: Session, message: bytes) -> Completion:
     info = peer_certificate_info(session.connection.ssl_object)
     if info is None:
         raise ImapNo("No client certificate presented", AUTHENTICATIONFAILED)
+    login_name = f"certificate {info['fingerprint_sha256'][:16]}"
+    await _refuse_if_throttled(session, login_name)
     account = await session.context.directory.account_for_certificate(info["fingerprint_sha256"])
     authzid = message.decode("utf-8", "replace").strip().lower()
     if account is not None and authzid and authzid != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
-    return await _authenticated(session, account, f"certificate {info['fingerprint_sha256'][:16]}")
+    return await _authenticated(session, account, login_name)
 
 
 # --- authenticated ------------------------------------------------------------------------

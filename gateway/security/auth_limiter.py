@@ -1,0 +1,294 @@
+"""One authentication limiter for every door: SMTP AUTH, IMAP LOGIN/AUTHENTICATE, FHIR Basic, the webmail.
+
+Designed so that guessing is slow and a stranger cannot lock anyone out:
+
+- **per (login, source address)**: after ``failures_before_delay`` failures, each further attempt from
+  that source for that login waits ``first_delay * 2^(n - free)`` seconds after the last failure,
+  capped at ``max_delay`` (growing delays, as Dovecot's auth penalty and OpenSSH's ``PerSourcePenalties``);
+- **per source address, across logins**: a budget of ``source_failures_before_delay`` failures, then the
+  same growing delays for everything that source tries (one guesser spraying many accounts is slowed
+  on all of them). IPv6 sources are counted per /64, which one host usually owns whole;
+- **no lock per account alone**: a user signing in from another address never waits for what
+  a stranger did, so wrong passwords cannot be used to deny a clinician access (the defect of
+  counting per login: ten guesses from anywhere locked the real user out);
+- a success clears the (login, source) record, never the source budget (a guesser holding one
+  valid account cannot reset its budget by signing in); and a login that succeeded from a source
+  recently is not held back by that source's budget, so colleagues behind one hospital NAT are not
+  slowed by someone else's guesses there;
+- failures are forgotten ``forget_after`` seconds after the last one;
+- state survives a restart: every failure is written to ``auth_failures`` (revision 0010_auth) and
+  loaded at start; checks read memory only, and a success writes only when it clears a record;
+- every failed attempt is audited with the login it tried, the door and the source; a throttled
+  attempt is audited once per waiting period (not for every retry a client makes while it waits).
+
+Attempts in flight count too: a burst of parallel guesses from one source cannot all pass
+``check`` before the first ``failed`` is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from sqlalchemy import Integer, String, delete, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.storage.models import Base, UTCDateTime
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditLog
+    from gateway.config import AuthSettings
+    from gateway.storage.db import Database
+
+log = logging.getLogger("gateway.auth")
+
+Clock = Callable[[], float]
+SOURCE_WIDE = ""                # the login column of a source's own record (its budget across logins)
+IN_FLIGHT_EXPIRY = 60.0         # an attempt that never reported back stops counting after this
+MAX_LOGIN_LENGTH = 320
+MAX_RECORDS_BEFORE_SWEEP = 10_000
+
+
+class AuthThrottled(Exception):
+    """This attempt must wait ``retry_after`` seconds; the password was not looked at."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many failed sign-ins; try again in {retry_after} seconds")
+        self.retry_after = retry_after
+
+
+class AuthFailureRow(Base):
+    """Failures of one login from one source (``login`` empty: the source's budget across logins)."""
+
+    __tablename__ = "auth_failures"
+
+    login: Mapped[str] = mapped_column(String(MAX_LOGIN_LENGTH), primary_key=True)
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class LimiterPolicy:
+    failures_before_delay: int = 3
+    source_failures_before_delay: int = 20
+    first_delay: float = 1.0
+    max_delay: float = 300.0
+    forget_after: float = 3600.0
+
+    @classmethod
+    def from_settings(cls, auth: AuthSettings) -> LimiterPolicy:
+        return cls(auth.failures_before_delay, auth.source_failures_before_delay, float(auth.first_delay_seconds),
+                   float(auth.max_delay_seconds), auth.forget_failures_after_minutes * 60.0)
+
+    def delay(self, failures: int, free: int) -> float:
+        """Seconds to wait after the last of ``failures``: none within the free ones, then doubling, capped."""
+        if failures < free:
+            return 0.0
+        return min(self.max_delay, self.first_delay * 2.0 ** min(failures - free, 62))
+
+
+@dataclass
+class _Record:
+    failures: int = 0
+    last_failure: float = 0.0                       # wall clock (survives restarts)
+    in_flight: list[float] = field(default_factory=list)
+    last_success: float = 0.0                       # memory only: a success writes nothing unless it clears failures
+    throttle_audited: bool = False                  # one audit entry per waiting period
+
+
+class FailureAudit(Protocol):
+    async def failed(self, door: str, login: str, source: str, reason: str) -> None: ...
+
+
+class AuditedFailures:
+    """Writes failed and throttled sign-ins to the hash-chained audit log."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    async def failed(self, door: str, login: str, source: str, reason: str) -> None:
+        from gateway.audit import AuditEvent
+        from gateway.audit.chain import Actor, Outcome, Source
+        shown = (login or "?")[:128]
+        await self.audit.append(AuditEvent.AUTHENTICATION_FAILED, actor=Actor.unauthenticated(shown), patient=None,
+                                source=Source(door, _audit_ip(source)), outcome=Outcome.refused(reason),
+                                details={"login": login[:MAX_LOGIN_LENGTH], "door": door})
+
+
+class AuthLimiter:
+    """Built once by ``app.open_services`` (``services.auth_limiter``) and shared by every door."""
+
+    def __init__(self, policy: LimiterPolicy | None = None, *, db: Database | None = None,
+                 audit: FailureAudit | None = None, clock: Clock = time.time) -> None:
+        self.policy = policy or LimiterPolicy()
+        self.db = db
+        self.audit = audit
+        self._clock = clock
+        self._records: dict[tuple[str, str], _Record] = {}
+        self._write_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ the API of every door
+
+    async def check(self, door: str, login: str, source: str) -> None:
+        """Raise ``AuthThrottled`` when this attempt must wait; otherwise count it as in flight."""
+        now = self._clock()
+        keys = _keys(login, source)
+        retry_after = self._wait(keys[0], now)
+        if not self._recently_succeeded(keys[0], now):
+            retry_after = max(retry_after, self._wait(keys[1], now))
+        if retry_after > 0:
+            await self._report_throttled(door, login, source, keys, retry_after)
+            raise AuthThrottled(math.ceil(retry_after))
+        for key in keys:
+            self._records.setdefault(key, _Record()).in_flight.append(now)
+
+    async def failed(self, door: str, login: str, source: str) -> None:
+        """A wrong credential: count it for (login, source) and for the source, persist it, audit it."""
+        now = self._clock()
+        keys = _keys(login, source)
+        for key in keys:
+            record = self._records.setdefault(key, _Record())
+            self._forget_if_old(record, now)
+            _land_one(record)
+            record.failures += 1
+            record.last_failure = now
+            record.throttle_audited = False
+        log.warning("%s: failed sign-in for %r from %s", door, login[:100], source)
+        await self._persist(keys)
+        if self.audit is not None:
+            await self.audit.failed(door, _clean_login(login), source, "wrong credentials")
+        self._sweep(now)
+
+    async def succeeded(self, door: str, login: str, source: str) -> None:
+        """A good credential: the (login, source) record is cleared; the source's budget is not."""
+        account_key, source_wide = _keys(login, source)
+        _land_one(self._records.get(source_wide))
+        record = self._records.setdefault(account_key, _Record())
+        _land_one(record)
+        had_failures = record.failures > 0
+        record.failures, record.throttle_audited, record.last_success = 0, False, self._clock()
+        if had_failures and self.db is not None:
+            async with self._write_lock, self.db.session() as session:
+                await session.execute(delete(AuthFailureRow).where(
+                    AuthFailureRow.login == account_key[0], AuthFailureRow.source == account_key[1]))
+
+    # ------------------------------------------------------------------ restart
+
+    async def load(self) -> int:
+        """Read the failures still remembered (older ones are deleted); the count of records loaded."""
+        if self.db is None:
+            return 0
+        now = self._clock()
+        horizon = dt.datetime.fromtimestamp(now - self.policy.forget_after, dt.UTC)
+        async with self.db.session() as session:
+            await session.execute(delete(AuthFailureRow).where(AuthFailureRow.last_failure_at < horizon))
+            rows = (await session.scalars(select(AuthFailureRow))).all()
+        for row in rows:
+            self._records[(row.login, row.source)] = _Record(row.failures, row.last_failure_at.timestamp())
+        return len(rows)
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """Failures per (login, source) (login empty: the source's budget); for tests and metrics."""
+        return {key: record.failures for key, record in self._records.items() if record.failures}
+
+    # ------------------------------------------------------------------ internals
+
+    def _wait(self, key: tuple[str, str], now: float) -> float:
+        record = self._records.get(key)
+        if record is None:
+            return 0.0
+        self._forget_if_old(record, now)
+        record.in_flight = [t for t in record.in_flight if now - t < IN_FLIGHT_EXPIRY]
+        free = self.policy.source_failures_before_delay if key[0] == SOURCE_WIDE else self.policy.failures_before_delay
+        if not record.failures:
+            return 0.0                                  # parallel sign-ins of a client with no failure all go ahead
+        wait = record.last_failure + self.policy.delay(record.failures, free) - now
+        if wait <= 0 and record.in_flight and record.failures + len(record.in_flight) >= free:
+            wait = self.policy.first_delay              # the earlier attempts have not reported back yet
+        return max(wait, 0.0)
+
+    def _recently_succeeded(self, key: tuple[str, str], now: float) -> bool:
+        record = self._records.get(key)
+        return record is not None and record.last_success > 0 and now - record.last_success < self.policy.forget_after
+
+    def _forget_if_old(self, record: _Record, now: float) -> None:
+        if record.failures and now - record.last_failure > self.policy.forget_after:
+            record.failures = 0
+            record.throttle_audited = False
+
+    async def _report_throttled(self, door: str, login: str, source: str, keys: tuple[tuple[str, str], ...],
+                                retry_after: float) -> None:
+        records = [self._records[key] for key in keys if key in self._records]
+        if all(record.throttle_audited for record in records):
+            return
+        for record in records:
+            record.throttle_audited = True
+        log.warning("%s: sign-in for %r from %s throttled for %d s", door, login[:100], source, math.ceil(retry_after))
+        if self.audit is not None:
+            await self.audit.failed(door, _clean_login(login), source,
+                                    f"throttled: too many failed sign-ins, retry after {math.ceil(retry_after)} s")
+
+    async def _persist(self, keys: tuple[tuple[str, str], ...]) -> None:
+        if self.db is None:
+            return
+        async with self._write_lock, self.db.session() as session:
+            for key in keys:
+                record = self._records[key]
+                at = dt.datetime.fromtimestamp(record.last_failure, dt.UTC)
+                changed = await session.execute(
+                    update(AuthFailureRow).where(AuthFailureRow.login == key[0], AuthFailureRow.source == key[1])
+                    .values(failures=record.failures, last_failure_at=at))
+                if not getattr(changed, "rowcount", 0):
+                    session.add(AuthFailureRow(login=key[0], source=key[1], failures=record.failures,
+                                               last_failure_at=at))
+
+    def _sweep(self, now: float) -> None:
+        """Bound memory under many sources: drop records with nothing left to remember."""
+        if len(self._records) <= MAX_RECORDS_BEFORE_SWEEP:
+            return
+        for key in [key for key, record in self._records.items()
+                    if now - max(record.last_failure, record.last_success) > self.policy.forget_after
+                    and not record.in_flight]:
+            del self._records[key]
+
+
+def _land_one(record: _Record | None) -> None:
+    if record is not None and record.in_flight:
+        record.in_flight.pop(0)
+
+
+def _clean_login(login: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in login.strip().lower())[:MAX_LOGIN_LENGTH]
+
+
+def source_key(source: str) -> str:
+    """The address failures are counted under: IPv4 as is, IPv6 per /64, IPv4-mapped IPv6 as IPv4."""
+    try:
+        address = ipaddress.ip_address(source.split("%", 1)[0])
+    except ValueError:
+        return source[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def _keys(login: str, source: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    where = source_key(source)
+    return (_clean_login(login) or "?", where), (SOURCE_WIDE, where)
+
+
+def _audit_ip(source: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(source.split("%", 1)[0]))
+    except ValueError:
+        return None

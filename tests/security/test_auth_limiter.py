@@ -1,0 +1,139 @@
+"""The one authentication limiter, on a clock of its own: growing delays per (login, source), a budget per
+source across logins, no lock a stranger can set on someone signing in elsewhere, state kept in the
+database across a restart, and every failure audited with the login it tried."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.audit import AuditEvent, AuditLog
+from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, AuthThrottled, LimiterPolicy, source_key
+from gateway.storage.db import Database
+
+POLICY = LimiterPolicy(failures_before_delay=3, source_failures_before_delay=10, first_delay=1, max_delay=60,
+                       forget_after=3600)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _fail(limiter: AuthLimiter, login: str, source: str, door: str = "imap") -> None:
+    await limiter.check(door, login, source)
+    await limiter.failed(door, login, source)
+
+
+async def _retry_after(limiter: AuthLimiter, login: str, source: str) -> int:
+    with pytest.raises(AuthThrottled) as throttled:
+        await limiter.check("smtp", login, source)
+    return throttled.value.retry_after
+
+
+async def test_delays_grow_per_login_and_source_and_are_capped() -> None:
+    clock = Clock()
+    limiter = AuthLimiter(POLICY, clock=clock)
+    for _ in range(3):
+        await _fail(limiter, "doc@x", "192.0.2.1")
+    assert await _retry_after(limiter, "doc@x", "192.0.2.1") == 1
+    clock.now += 1
+    await _fail(limiter, "doc@x", "192.0.2.1")
+    assert await _retry_after(limiter, "doc@x", "192.0.2.1") == 2
+    for _ in range(10):
+        clock.now += 3600 - 1           # each try just before forgetting: the delay keeps doubling to the cap
+        await limiter.check("smtp", "doc@x", "192.0.2.1")
+        await limiter.failed("smtp", "doc@x", "192.0.2.1")
+    assert await _retry_after(limiter, "DOC@x ", "192.0.2.1") == 60
+
+
+async def test_a_stranger_never_holds_back_the_user_signing_in_elsewhere() -> None:
+    limiter = AuthLimiter(POLICY, clock=Clock())
+    for _ in range(9):
+        try:
+            await _fail(limiter, "doc@x", "192.0.2.66")
+        except AuthThrottled:
+            pass
+    await _retry_after(limiter, "doc@x", "192.0.2.66")
+    await limiter.check("imap", "doc@x", "198.51.100.7")          # the real user, from the hospital: no wait
+    await limiter.succeeded("imap", "doc@x", "198.51.100.7")
+
+
+async def test_one_source_spraying_many_logins_is_throttled_on_all_of_them() -> None:
+    clock = Clock()
+    limiter = AuthLimiter(POLICY, clock=clock)
+    for number in range(10):
+        await _fail(limiter, f"user{number}@x", "203.0.113.9")
+    assert await _retry_after(limiter, "somebody-new@x", "203.0.113.9") == 1
+    # A colleague behind the same address who signed in there recently is not held back.
+    clock.now += 2
+    await limiter.check("imap", "colleague@x", "203.0.113.9")
+    await limiter.succeeded("imap", "colleague@x", "203.0.113.9")
+    await _fail(limiter, "user99@x", "203.0.113.9")
+    await limiter.check("imap", "colleague@x", "203.0.113.9")
+    await limiter.succeeded("imap", "colleague@x", "203.0.113.9")
+    await _retry_after(limiter, "user100@x", "203.0.113.9")
+
+
+async def test_a_success_clears_its_record_not_the_source_budget() -> None:
+    clock = Clock()
+    limiter = AuthLimiter(POLICY, clock=clock)
+    for _ in range(2):
+        await _fail(limiter, "doc@x", "192.0.2.1")
+    await limiter.check("imap", "doc@x", "192.0.2.1")
+    await limiter.succeeded("imap", "doc@x", "192.0.2.1")
+    assert limiter.snapshot() == {("", "192.0.2.1"): 2}
+
+
+async def test_parallel_guesses_cannot_all_pass_before_the_first_failure_lands() -> None:
+    limiter = AuthLimiter(POLICY, clock=Clock())
+    await _fail(limiter, "doc@x", "192.0.2.1")
+    await limiter.check("imap", "doc@x", "192.0.2.1")
+    await limiter.check("imap", "doc@x", "192.0.2.1")
+    await _retry_after(limiter, "doc@x", "192.0.2.1")             # two in flight + one failure = the free three
+
+
+async def test_parallel_sign_ins_without_failures_all_go_ahead() -> None:
+    limiter = AuthLimiter(POLICY, clock=Clock())
+    for _ in range(8):                                             # Thunderbird opens several connections at once
+        await limiter.check("imap", "doc@x", "192.0.2.1")
+
+
+def test_ipv6_sources_are_counted_per_64() -> None:
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert source_key("::ffff:192.0.2.1") == "192.0.2.1"
+
+
+async def test_state_survives_a_restart_and_failures_are_audited(database: Database) -> None:
+    clock = Clock()
+    audit = AuditLog(database)
+    limiter = AuthLimiter(POLICY, db=database, audit=AuditedFailures(audit), clock=clock)
+    for _ in range(3):
+        await _fail(limiter, "doc@x", "192.0.2.1", door="fhir")
+    assert await _retry_after(limiter, "doc@x", "192.0.2.1") == 1
+    restarted = AuthLimiter(POLICY, db=database, clock=clock)
+    assert await restarted.load() == 2
+    assert await _retry_after(restarted, "doc@x", "192.0.2.1") == 1
+    clock.now += 2
+    await restarted.check("imap", "doc@x", "192.0.2.1")
+    await restarted.succeeded("imap", "doc@x", "192.0.2.1")
+    assert await AuthLimiter(POLICY, db=database, clock=clock).load() == 1      # only the source budget remains
+    entries = await audit.search(events=[AuditEvent.AUTHENTICATION_FAILED])
+    assert len(entries) == 4                                       # three failures and one throttled attempt
+    assert {(e.actor.id, e.source.door, e.source.ip) for e in entries} == {("doc@x", "fhir", "192.0.2.1"),
+                                                                           ("doc@x", "smtp", "192.0.2.1")}
+    assert all(e.details["login"] == "doc@x" and e.outcome.is_refused for e in entries)
+
+
+async def test_old_failures_are_forgotten() -> None:
+    clock = Clock()
+    limiter = AuthLimiter(POLICY, clock=clock)
+    for _ in range(5):
+        try:
+            await _fail(limiter, "doc@x", "192.0.2.1")
+        except AuthThrottled:
+            clock.now += 100
+    clock.now += 3601
+    await limiter.check("imap", "doc@x", "192.0.2.1")
