@@ -142,7 +142,7 @@ class AuthSettings(_Section):
     min_password_length: int = Field(12, ge=8, description="shortest password accepted by set-password")
     # One limiter for every door (SMTP AUTH, IMAP, FHIR Basic, webmail): gateway/security/auth_limiter.py.
     failures_before_delay: int = Field(
-        3, ge=1, le=100, description="failed sign-ins of one login from one source address before each further "
+        5, ge=1, le=100, description="failed sign-ins of one login from one source address before each further "
         "attempt from there waits (growing delays; other addresses are never held back by them)")
     source_failures_before_delay: int = Field(
         20, ge=1, le=10000, description="failed sign-ins from one source address (IPv6: one /64), all logins "

@@ -77,7 +77,7 @@ class AuthFailureRow(Base):
 
 @dataclass(frozen=True)
 class LimiterPolicy:
-    failures_before_delay: int = 3
+    failures_before_delay: int = 5
     source_failures_before_delay: int = 20
     first_delay: float = 1.0
     max_delay: float = 300.0

@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from gateway.imap.server import ImapServer
-from gateway.pipeline.limits import AuthLockout
+from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from tests.imap.imap_server import HOST, Conversation, RunningImap, imap  # noqa: F401 (fixture)
 
 
@@ -138,8 +138,9 @@ def test_first_login_of_a_mailbox_that_never_received_mail(imap: RunningImap) ->
 def test_repeated_failures_lock_the_login_and_say_so(imap: RunningImap) -> None:  # noqa: F811
     assert imap.listeners is not None
     running = imap.listeners.server
-    # A server of its own, so that locking 127.0.0.1 does not disturb the other tests.
-    context = dataclasses.replace(running.context, lockout=AuthLockout(threshold=2, window=600, lockout=600))
+    # A server of its own, so that throttling 127.0.0.1 does not disturb the other tests.
+    limiter = AuthLimiter(LimiterPolicy(failures_before_delay=2, first_delay=600))
+    context = dataclasses.replace(running.context, auth_limiter=limiter)
     server = ImapServer(dataclasses.replace(running.config, starttls_port=0, implicit_tls_port=0), context)
     imap.run(server.start())
     try:
@@ -151,7 +152,7 @@ def test_repeated_failures_lock_the_login_and_say_so(imap: RunningImap) -> None:
                 client.login(account.address, f"wrong-{attempt}")
             client.shutdown()
         client = imaplib.IMAP4_SSL(HOST, port, ssl_context=imap.client_context(), timeout=30)
-        # Even the right password is refused now, and the reply says why (not "wrong password").
+        # From this address even the right password must wait now, and the reply says why (not "wrong password").
         with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\] Too many failed logins"):
             client.login(account.address, account.password)
         client.shutdown()

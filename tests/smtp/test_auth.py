@@ -63,7 +63,8 @@ async def test_aiosmtplib(gw: GatewayThread, port_kind: str, tls: str) -> None:
 
 def test_lockout_after_repeated_failures(tmp_path_factory: pytest.TempPathFactory) -> None:
     gateway = GatewayThread(tmp_path_factory.mktemp("lockout") / "data", overrides={
-        "smtp": {"auth_failures_before_lockout": 3, "auth_lockout_seconds": 120, "auth_failures_per_connection": 5}}).start()
+        "auth": {"failures_before_delay": 3, "first_delay_seconds": 120},
+        "smtp": {"auth_failures_per_connection": 5}}).start()
     try:
         doctor = gateway.account("PER")
         with smtplib.SMTP_SSL("127.0.0.1", gateway.ports["submissions"], context=client_context(gateway.ca_file)) as client:
@@ -72,7 +73,8 @@ def test_lockout_after_repeated_failures(tmp_path_factory: pytest.TempPathFactor
                 with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
                     _auth_plain(client, doctor.address, "wrong")
                 assert failed.value.smtp_code == 535
-            # Locked now: even the right password gets a temporary refusal naming the delay.
+            # From this address, this login must wait now: even the right password gets a temporary refusal
+            # naming the delay (other addresses are not held back: tests/security/test_auth_doors.py).
             with pytest.raises(smtplib.SMTPAuthenticationError) as locked:
                 _auth_plain(client, doctor.address, doctor.password)
         assert locked.value.smtp_code == 454

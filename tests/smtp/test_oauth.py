@@ -161,8 +161,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, issuer: SigningIssuer) -> 
     jwks.write_text(json.dumps(issuer.jwks()))
     process = GatewayProcess(root / "data", extra_env={
         "GATEWAY_OIDC_ISSUER": ISSUER, "GATEWAY_OIDC_AUDIENCE": AUDIENCE, "GATEWAY_OIDC_JWKS_FILE": str(jwks),
-        # Many refusals on purpose from 127.0.0.1: no lockout in the way of the following tests.
-        "GATEWAY_SMTP_AUTH_FAILURES_BEFORE_LOCKOUT": "100000",
+        # Many refusals on purpose from 127.0.0.1: no sign-in delays in the way of the following tests.
+        "GATEWAY_AUTH_FAILURES_BEFORE_DELAY": "100", "GATEWAY_AUTH_SOURCE_FAILURES_BEFORE_DELAY": "10000",
     })
     process.start()
     yield process
