@@ -152,6 +152,12 @@ class AuthSettings(_Section):
     forget_failures_after_minutes: int = Field(
         60, ge=1, le=10080, description="failures are forgotten this long after the last one")
 
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> "AuthSettings":
+        if self.first_delay_seconds > self.max_delay_seconds:
+            raise ValueError("first_delay_seconds must not exceed max_delay_seconds")
+        return self
+
 
 # RFC 7518 3.1: the asymmetric JWS algorithms a verifier may accept; never "none", never HMAC
 # (a shared secret would let anyone holding it mint tokens, and invites alg confusion).
