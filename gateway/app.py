@@ -37,6 +37,7 @@ from gateway.smtp.listeners import start_smtp_listeners
 from gateway.smtp.outbound import OutboundWorker, outbound_tls_context
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
+from gateway.storage.private import private_dir, secure_tree
 from gateway.webmail.app import build_webmail_app
 
 log = logging.getLogger("gateway")
@@ -64,7 +65,7 @@ class Services:
 @asynccontextmanager
 async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Services]:
     """Build every service on a migrated database; dispose of them on exit."""
-    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(settings.data_path)
     db = Database(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
     try:
         if migrate:
@@ -124,6 +125,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        fixed = secure_tree(self.settings.data_path)     # left by an older version or a looser umask
+        if self.settings.smtp.spool_dir:
+            fixed += secure_tree(Path(self.settings.smtp.spool_dir).expanduser())
+        if fixed:
+            log.warning("data directory: %d file and folder modes made private (0600 / 0700)", fixed)
         async with open_services(self.settings) as services, AsyncExitStack() as running:
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
@@ -170,11 +176,12 @@ class Gateway:
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
-        run_dir = self.settings.data_path / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = private_dir(self.settings.data_path / "run")
         payload = {"pid": os.getpid(), "listeners": {name: {"host": host, "port": port} for name, host, port in servers}}
         tmp = run_dir / "ready.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(payload, indent=2))
         tmp.replace(run_dir / "ready.json")
 
 

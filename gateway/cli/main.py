@@ -8,6 +8,7 @@ import click
 
 from gateway import __version__
 from gateway.cli.common import state
+from gateway.storage.private import restrict_umask
 
 # (module, attribute) of every subcommand family, registered below.
 SUBCOMMANDS: list[tuple[str, str]] = [
@@ -50,4 +51,6 @@ _register()
 
 
 def main() -> None:
+    # Every file the gateway writes is private to its user, whatever umask it was started with.
+    restrict_umask()
     cli(prog_name="gateway")

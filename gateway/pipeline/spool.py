@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
+from gateway.storage.private import private_dir
 
 
 def new_queue_id() -> str:
@@ -121,7 +122,7 @@ class Spool:
         self.incoming = root / "incoming"
         self.queue = root / "queue"
         for directory in (self.root, self.incoming, self.queue):
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(directory)
 
     def path_of(self, queue_id: str) -> Path:
         return self.queue / f"{queue_id}.eml"

@@ -452,7 +452,7 @@ class TestPKI:
             self.index_path.unlink(missing_ok=True)
             root_cert = self._create_root()
             intermediate_cert = self._create_intermediate(root_cert)
-            _write_atomically(self.ca_bundle_path, _pem(intermediate_cert, root_cert), 0o644)
+            _write_atomically(self.ca_bundle_path, _pem(intermediate_cert, root_cert), 0o600)
             index = self._new_index([("root", "root", root_cert), ("intermediate", "intermediate", intermediate_cert)])
             self._write_crls(index)
             self._save_index(index)
@@ -467,7 +467,7 @@ class TestPKI:
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False))
         cert = _sign(builder, key)
         _write_private_key(self.root_key_path, key)
-        _write_atomically(self.root_cert_path, _pem(cert), 0o644)
+        _write_atomically(self.root_cert_path, _pem(cert), 0o600)
         return cert
 
     def _create_intermediate(self, root_cert: x509.Certificate) -> x509.Certificate:
@@ -482,7 +482,7 @@ class TestPKI:
                    .add_extension(_crl_distribution_point(self.root_crl_path), critical=False))
         cert = _sign(builder, root_key)
         _write_private_key(self.intermediate_key_path, key)
-        _write_atomically(self.intermediate_cert_path, _pem(cert), 0o644)
+        _write_atomically(self.intermediate_cert_path, _pem(cert), 0o600)
         return cert
 
     # --------------------------------------------------------------- issuing
@@ -601,8 +601,8 @@ class TestPKI:
         cert_path, key_path, chain_path = self._issued_paths(name)
         _make_private_dir(cert_path.parent)
         _write_private_key(key_path, key)
-        _write_atomically(cert_path, _pem(cert), 0o644)
-        _write_atomically(chain_path, _pem(cert, issuer_cert), 0o644)
+        _write_atomically(cert_path, _pem(cert), 0o600)
+        _write_atomically(chain_path, _pem(cert, issuer_cert), 0o600)
         return cert
 
     # --------------------------------------------------------------- revocation
@@ -675,7 +675,7 @@ class TestPKI:
             builder = builder.add_revoked_certificate(_revoked_certificate(entry))
         crl = builder.sign(issuer_key, hashes.SHA256())
         _make_private_dir(target.parent)
-        _write_atomically(target, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write_atomically(target, crl.public_bytes(serialization.Encoding.PEM), 0o600)
 
     # --------------------------------------------------------------- reading
 

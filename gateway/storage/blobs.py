@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.segments import SegmentAead
+from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
 
 MAGIC = b"GWBL"
 VERSION = 1
@@ -128,7 +129,8 @@ class BlobWriter:
         self._index = 0
         self._size = 0
         self._temp_path = store.temp_dir / f"{self.blob_id}.tmp"
-        self._file = open(self._temp_path, "xb")  # noqa: SIM115 (closed in commit/abort)
+        fd = os.open(self._temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+        self._file = os.fdopen(fd, "wb")  # closed in commit/abort
         self._file.write(self._header.pack())
 
     def write(self, data: bytes) -> None:
@@ -223,7 +225,8 @@ class BlobStore:
         self.root = root
         self.keys = keys
         self.temp_dir = root / "tmp"
-        self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.root)
+        private_dir(self.temp_dir)
 
     def path(self, blob_id: str) -> Path:
         if len(blob_id) != 32 or not all(c in "0123456789abcdef" for c in blob_id):
@@ -235,7 +238,7 @@ class BlobStore:
         changed: list[Path] = []
         for directory in (shard.parent, shard):
             if not directory.is_dir():
-                directory.mkdir(mode=0o700, exist_ok=True)
+                directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
                 changed.append(directory.parent)
         return changed
 

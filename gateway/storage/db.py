@@ -20,6 +20,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from gateway.storage.private import create_private_file, private_dir
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -44,7 +46,9 @@ class Database:
         if self.is_sqlite:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # The database file 0600 before SQLite opens it: its -wal and -shm take the file's mode.
+                private_dir(Path(path).parent)
+                create_private_file(Path(path))
             self.engine: AsyncEngine = create_async_engine(url, echo=echo)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:

@@ -1,0 +1,105 @@
+"""Every file the gateway writes is 0600 and every folder 0700, whatever the umask it is started with:
+the database and its -wal/-shm, blobs, spool, run/, keys, pki, exports. Checked on a real ``gateway serve``
+started with umask 022 that has delivered a message, and on the places that create files themselves."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gateway.storage.db import Database
+from gateway.storage.private import secure_tree
+from tests.harness import GatewayProcess
+
+
+@contextmanager
+def umask(value: int) -> Iterator[None]:
+    previous = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def loose_modes(root: Path) -> list[str]:
+    """Everything under ``root`` that another local user could read or enter."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            path = Path(directory) / name
+            mode = path.lstat().st_mode
+            expected = 0o700 if stat.S_ISDIR(mode) else 0o600
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) != expected:
+                found.append(f"{path.relative_to(root)} {oct(stat.S_IMODE(mode))}")
+    if stat.S_IMODE(root.stat().st_mode) != 0o700:
+        found.append(f". {oct(stat.S_IMODE(root.stat().st_mode))}")
+    return found
+
+
+def test_serve_under_umask_022_writes_nothing_others_can_read(tmp_path: Path) -> None:
+    gateway = GatewayProcess(tmp_path / "data")
+    with umask(0o022):
+        gateway.init_demo()
+        # What an older version (or an operator's cp -r) left behind is brought back at start.
+        (gateway.data_dir / "blobs").chmod(0o755)
+        (gateway.data_dir / "demo.json").chmod(0o644)
+        (gateway.data_dir / "gateway.db").chmod(0o644)
+        (gateway.data_dir / "pki" / "ca").chmod(0o755)
+        gateway.start()
+        try:
+            doctor, colleague = gateway.account("PER"), gateway.account("PER", 1)
+            context = ssl.create_default_context(cafile=gateway.ca_file)
+            with smtplib.SMTP_SSL("127.0.0.1", gateway.ports["smtp_submissions_port"], context=context,
+                                  timeout=30) as client:
+                client.login(doctor["address"], doctor["password"])
+                client.sendmail(doctor["address"], [colleague["address"]],
+                                f"From: {doctor['address']}\r\nTo: {colleague['address']}\r\nSubject: modes\r\n\r\n"
+                                "Compte rendu.\r\n")
+            _wait_for_delivery(gateway.data_dir)
+            export = gateway.cli("audit", "export", str(gateway.data_dir / "audit-export.jsonl"))
+            assert export.returncode == 0, export.stderr
+            written = {path.name for path in gateway.data_dir.rglob("*")}
+            assert {"gateway.db", "gateway.db-wal", "gateway.db-shm", "ready.json", "audit-export.jsonl"} <= written
+            assert loose_modes(gateway.data_dir) == []
+        finally:
+            gateway.stop()
+    assert loose_modes(gateway.data_dir) == []
+
+
+def _wait_for_delivery(data_dir: Path, attempts: int = 300) -> None:
+    """Until a message body is in the blob store and the spool queue is empty."""
+    for _ in range(attempts):
+        blobs = [p for p in (data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
+        if blobs and not any((data_dir / "spool" / "queue").iterdir()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the message was not delivered")
+
+
+async def test_the_database_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    with umask(0):
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'db' / 'gateway.db'}")
+        try:
+            await database.migrate()
+        finally:
+            await database.dispose()
+    assert loose_modes(tmp_path / "db") == []
+
+
+def test_secure_tree_fixes_modes_and_leaves_links_alone(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True, mode=0o755)
+    (tmp_path / "a" / "file").write_text("x")
+    (tmp_path / "a" / "file").chmod(0o664)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_text("not ours")
+    outside.chmod(0o644)
+    (tmp_path / "a" / "link").symlink_to(outside)
+    assert secure_tree(tmp_path / "a") >= 3
+    assert loose_modes(tmp_path / "a") == []
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644
