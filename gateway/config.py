@@ -412,6 +412,12 @@ class ImapSettings(_Section):
         20, ge=1, le=1000, description="simultaneous logged-in connections per user (Thunderbird opens about five); "
         "beyond it: NO [LIMIT], never an authentication error")
     max_connections: int = Field(2000, ge=1, description="simultaneous connections of all users")
+    max_unauthenticated_connections_per_ip: int = Field(
+        20, ge=1, description="simultaneous connections from one IP address that have not logged in; more get "
+        "* BYE with the reason (logged-in ones count per user instead, so a hospital's NAT is not a limit)")
+    max_literal_before_login: int = Field(
+        8192, ge=1024, le=1024 * 1024, description="largest literal accepted before login, in octets (Dovecot: 8 KiB); "
+        "a bigger one gets NO [TOOBIG] without continuation, or BYE when sent as LITERAL+")
     login_timeout_seconds: int = Field(60, ge=5, description="time a connection has to log in")
     autologout_minutes: int = Field(30, ge=30, description="inactivity before an authenticated session is closed "
                                     "(RFC 3501 5.4: at least 30 minutes)")

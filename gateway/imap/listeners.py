@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.imap.protocol.capabilities import unknown_names
+from gateway.imap.protocol.reader import pre_auth_limits
 from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimiter
 from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
@@ -82,7 +83,9 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
                               tls_context=tls_context_from_pki(services, settings),
                               max_connections=imap.max_connections,
                               pre_auth_timeout=float(imap.login_timeout_seconds),
-                              autologout_seconds=imap.autologout_minutes * 60.0)
+                              autologout_seconds=imap.autologout_minutes * 60.0,
+                              pre_auth_reader_limits=pre_auth_limits(imap.max_literal_before_login),
+                              max_unauthenticated_per_ip=imap.max_unauthenticated_connections_per_ip)
     server = ImapServer(config, context)
     await server.start()
     return ImapListeners(server)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import ImapError
 from gateway.imap.protocol.reader import (
-    ClientDisconnected, CommandReader, ContinuationRequest, RawCommand, ReaderLimits,
+    ClientDisconnected, CommandReader, ContinuationRequest, RawCommand, ReaderLimits, pre_auth_limits,
 )
 from gateway.imap.session import Session, SessionContext, State
+from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 
 log = logging.getLogger("gateway.imap")
 _connection_numbers = itertools.count(1)
@@ -49,7 +50,9 @@ class ImapServerConfig:
     autologout_seconds: float = 30 * 60.0
     write_timeout: float = 60.0
     tls_handshake_timeout: float = 30.0
-    reader_limits: ReaderLimits = field(default_factory=ReaderLimits)
+    reader_limits: ReaderLimits = field(default_factory=ReaderLimits)          # once logged in
+    pre_auth_reader_limits: ReaderLimits = field(default_factory=pre_auth_limits)  # before: small literals only
+    max_unauthenticated_per_ip: int = 20     # connections of one address not (yet) logged in
 
 
 class UserConnectionLimiter:
@@ -81,7 +84,9 @@ class ImapConnection:
         self.stream = reader
         self.writer = writer
         self.config = config
-        self.commands = CommandReader(reader, config.reader_limits)
+        self.limits = config.pre_auth_reader_limits
+        self.commands = CommandReader(reader, self.limits)
+        self.pre_auth_slot: Slot | None = None     # this address's unauthenticated connections (released at login)
 
     @property
     def is_tls(self) -> bool:
@@ -132,8 +137,17 @@ class ImapConnection:
         if isinstance(transport, asyncio.ReadTransport):
             transport.pause_reading()
         dropped = self.commands.assembler.buffered
-        self.commands = CommandReader(self.stream, self.config.reader_limits)
+        self.commands = CommandReader(self.stream, self.limits)
         return dropped
+
+    def logged_in(self) -> None:
+        """The client is known now: the full limits (APPEND literals) apply, and it no longer counts
+        against its address's unauthenticated connections."""
+        if self.limits is not self.config.reader_limits:
+            self.limits = self.config.reader_limits
+            self.commands.assembler.limits = self.limits
+        if self.pre_auth_slot is not None:
+            self.pre_auth_slot.release()
 
     async def start_tls(self) -> None:
         await self.writer.start_tls(self.config.tls_context,
@@ -153,6 +167,9 @@ class ImapServer:
         self.context = context
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        # The same limiter as SMTP's per-address connections; here it counts connections not logged in,
+        # so one address cannot hold every socket while colleagues behind one NAT still all log in.
+        self.unauthenticated_per_ip = ConcurrencyLimiter(config.max_unauthenticated_per_ip)
 
     async def start(self) -> list[asyncio.Server]:
         plain = await asyncio.start_server(self._serve, self.config.host, self.config.starttls_port,
@@ -187,16 +204,31 @@ class ImapServer:
         self.connections.add(task)
         connection = ImapConnection(reader, writer, self.config)
         try:
-            if len(self.connections) > self.config.max_connections:
-                connection.write(response.bye("Too many connections, try again later"))
+            refusal = self._over_limit(connection)
+            if refusal is not None:
+                # RFC 3501 7.1.5: BYE as the greeting, with the reason, then close.
+                connection.write(response.bye(refusal))
                 await connection.drain()
                 return
             await connection_loop(connection, self.context, self.config)
         except Exception:
             log.exception("IMAP connection from %s failed", connection.peer)
         finally:
+            if connection.pre_auth_slot is not None:
+                connection.pre_auth_slot.release()
             self.connections.discard(task)
             await connection.close()
+
+    def _over_limit(self, connection: ImapConnection) -> str | None:
+        if len(self.connections) > self.config.max_connections:
+            return "Too many connections, try again later"
+        connection.pre_auth_slot = self.unauthenticated_per_ip.try_acquire(connection.peer_ip)
+        if connection.pre_auth_slot is None:
+            log.warning("IMAP connection from %s refused: %d connections of that address not logged in",
+                        connection.peer, self.unauthenticated_per_ip.limit)
+            return (f"Too many connections from {connection.peer_ip} not logged in "
+                    f"(limit {self.unauthenticated_per_ip.limit}), try again later")
+        return None
 
 
 async def connection_loop(connection: ImapConnection, context: SessionContext, config: ImapServerConfig) -> None:
@@ -236,4 +268,6 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
             await connection.drain()
             continue
         await session.execute(raw)
+        if session.account is not None:
+            connection.logged_in()
         await connection.drain()

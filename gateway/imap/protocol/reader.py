@@ -45,6 +45,24 @@ class ReaderLimits:
     max_command_size: int = 26 * 1024 * 1024  # everything, lines and literals
     max_literals: int = 64                    # literals in one command
     max_skip_size: int = 26 * 1024 * 1024     # bytes we will read and drop after a refused command
+    before_login: bool = False                # said in refusals: these are the limits of a stranger
+
+
+PRE_AUTH_LITERAL_SIZE = 8 * 1024
+
+
+def pre_auth_limits(max_literal_size: int = PRE_AUTH_LITERAL_SIZE,
+                    max_line_length: int = 64 * 1024) -> ReaderLimits:
+    """What a connection that has not logged in may make us hold (Dovecot's imap-login refuses
+    literals beyond a few KiB the same way): one small literal at a time, nothing skipped for it.
+
+    A synchronising literal beyond the limit is refused with NO [TOOBIG] before the client sends
+    it (RFC 3501 7.5: no "+"); a LITERAL+ one is already on its way, and reading megabytes for a
+    stranger is what we refuse, so the connection is closed with BYE (``max_skip_size`` 0).
+    """
+    return ReaderLimits(max_line_length=max_line_length, max_literal_size=max_literal_size,
+                        max_append_size=max_literal_size, max_command_size=max_line_length + 4 * max_literal_size,
+                        max_literals=8, max_skip_size=0, before_login=True)
 
 
 _SECRET_COMMANDS = re.compile(rb"[^ ]+ (LOGIN|AUTHENTICATE) ", re.IGNORECASE)
@@ -242,6 +260,8 @@ class CommandAssembler:
                 marker.size is None or marker.size > self.limits.max_skip_size)
             error = LiteralTooLarge(marker.size, limit, synchronising=marker.synchronising,
                                     tag=self._tag, fatal=fatal)
+            if self.limits.before_login:
+                error.text += " before login"
             self._refuse(error, line)
         if self._size + marker.size + 2 > self.limits.max_command_size:
             self._refuse(BadCommand("Command too large", tag=self._tag), line)
