@@ -30,6 +30,7 @@ from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterP
 from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
+from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.smime_service import SmimeService
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
@@ -59,6 +60,8 @@ class Services:
     smime: SmimeService
     audit: AuditLog
     auth_limiter: AuthLimiter    # one limiter for every door's sign-ins (SMTP, IMAP, FHIR, webmail)
+    revocation: RevocationList   # the CRLs as they are now, for every certificate login
+    tls_contexts: ReloadingContexts  # listeners' TLS contexts, rebuilt when their files (CRLs, trust) change
     token_verifier: OidcTokenVerifier | None = None   # SASL OAUTHBEARER/XOAUTH2 (PSC); None: no issuer configured
 
 
@@ -81,6 +84,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         audit = AuditLog.for_data_dir(db, settings.data_path)
         auth_limiter = AuthLimiter(LimiterPolicy.from_settings(settings.auth), db=db, audit=AuditedFailures(audit))
         await auth_limiter.load()
+        anchors = [Path(path).expanduser() for path in settings.pki.trust_anchors]
+        revocation = RevocationList(lambda: [*pki.crl_paths, *anchors])   # anchor files carry other CAs' CRLs
         yield Services(
             settings=settings,
             db=db,
@@ -96,6 +101,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             smime=SmimeService(db, settings, pki, blobs, fields),
             audit=audit,
             auth_limiter=auth_limiter,
+            revocation=revocation,
+            tls_contexts=ReloadingContexts(),
             token_verifier=OidcTokenVerifier.from_settings(settings.oidc, directory),
         )
     finally:
@@ -134,6 +141,7 @@ class Gateway:
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
             endpoints = await self._start(services, running)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_trust, services)
             self._write_ready_file(endpoints)
             log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in endpoints))
             await self._stop.wait()
@@ -173,6 +181,13 @@ class Gateway:
         endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
         endpoints += [("https", host, port) for host, port in http.addresses()[:1]]
         return endpoints
+
+    @staticmethod
+    def _reload_trust(services: Services) -> None:
+        """SIGHUP: re-read the CRLs, the trust list and the listeners' certificates now."""
+        log.info("SIGHUP: reloading CRLs, trust anchors and TLS certificates")
+        services.revocation.reload()
+        services.tls_contexts.reload()
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""

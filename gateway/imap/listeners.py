@@ -22,7 +22,7 @@ from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
-from gateway.security.tls import server_context
+from gateway.security.revocation import optional_client_certificate_context
 
 log = logging.getLogger("gateway.imap")
 
@@ -44,11 +44,8 @@ class ImapListeners(list[asyncio.Server]):
 
 def tls_context_from_pki(services: Any, settings: Settings) -> ssl.SSLContext:
     """Our certificate (every name clients use, DNS names included) and optional client certificates."""
-    issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names,
-                                                     settings.pki.server_ips)
-    crls = tuple(path for path in getattr(services.pki, "crl_paths", ()) if path.is_file())
-    return server_context(issued.chain_path, issued.key_path, client_ca=services.pki.ca_bundle_path,
-                          require_client_cert=False, crls=crls)
+    return optional_client_certificate_context(services, settings.hostname, settings.pki.server_names,
+                                               settings.pki.server_ips)
 
 
 def session_settings(settings: Settings) -> SessionSettings:
@@ -77,7 +74,8 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
     # The gateway's one sign-in limiter, shared with SMTP and FHIR (an in-memory one for partial test services).
     auth_limiter = getattr(services, "auth_limiter", None) or AuthLimiter(LimiterPolicy.from_settings(settings.auth))
     context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
-                             limiter=limiter, settings=session_settings(settings), auth_limiter=auth_limiter)
+                             limiter=limiter, settings=session_settings(settings), auth_limiter=auth_limiter,
+                             revocation=getattr(services, "revocation", None))
     config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
                               implicit_tls_port=settings.listen.imaps_port,
                               tls_context=tls_context_from_pki(services, settings),

@@ -36,6 +36,7 @@ from gateway.mailstore.errors import FolderNotFound, MailStoreError, UidValidity
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.security.auth_limiter import AuthLimiter
+from gateway.security.revocation import RevocationList
 
 log = logging.getLogger("gateway.imap")
 
@@ -113,6 +114,7 @@ class SessionContext:
     limiter: ConnectionLimiter
     settings: SessionSettings = field(default_factory=SessionSettings)
     auth_limiter: AuthLimiter | None = None  # the gateway's one sign-in limiter (services.auth_limiter)
+    revocation: RevocationList | None = None  # the CRLs as they are now (AUTHENTICATE EXTERNAL)
 
 
 Handler = Callable[["Session", c.Command], Awaitable[Completion]]

@@ -21,6 +21,7 @@ from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.pipeline import Pipeline, Transaction
 from gateway.pipeline.spool import SpoolFile
 from gateway.security.auth_limiter import AuthLimiter, AuthThrottled, LimiterPolicy
+from gateway.security.revocation import RevocationList
 from gateway.smtp import codes
 from gateway.smtp.codes import Reply, SmtpRefusal
 from gateway.smtp.parameters import MailParameters
@@ -71,8 +72,9 @@ class GatewayHandler:
     """One per listener; ``door`` says which."""
 
     def __init__(self, door: Door, pipeline: Pipeline, directory: DirectoryService, limits: SessionLimits,
-                 token_verifier: TokenVerifier | None = None) -> None:
+                 token_verifier: TokenVerifier | None = None, revocation: RevocationList | None = None) -> None:
         self.door = door
+        self.revocation = revocation
         self.pipeline = pipeline
         self.directory = directory
         self.limits = limits
@@ -106,7 +108,7 @@ class GatewayHandler:
             # RFC 4954 6: 454 4.7.0, a temporary failure; the password was not looked at.
             raise SmtpRefusal(codes.AUTH_LOCKED.format(seconds=throttled.retry_after),
                               detail=f"throttled: {address} / {login}") from None
-        account = await self._verify(credentials)
+        account = await self._verify(server, credentials)
         if account is None:
             await limiter.failed("smtp", login, address)
             raise SmtpRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
@@ -124,10 +126,15 @@ class GatewayHandler:
             return json.dumps({"status": "invalid_token"}).encode()
         return self.token_verifier.error_status()
 
-    async def _verify(self, credentials: Credentials) -> Account | None:
+    async def _verify(self, server: GatewaySMTP, credentials: Credentials) -> Account | None:
         if isinstance(credentials, PasswordCredentials):
             return await self.directory.authenticate(credentials.login, credentials.password)
         if isinstance(credentials, CertificateCredentials):
+            # The connection may predate a revocation: the CRLs as they are now decide (RFC 5280 6.3).
+            ssl_object = server.transport.get_extra_info("ssl_object") if server.transport is not None else None
+            if self.revocation is not None and self.revocation.peer_is_revoked(ssl_object):
+                log.warning("AUTH EXTERNAL refused: certificate %s is revoked", credentials.fingerprint_sha256[:16])
+                return None
             account = await self.directory.account_for_certificate(credentials.fingerprint_sha256)
             if account is not None and credentials.authzid and not account.may_send_as(credentials.authzid):
                 raise SmtpRefusal(codes.AUTHZID_REFUSED)               # RFC 4422 A.1

@@ -34,6 +34,7 @@ from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool
 from gateway.security.at_rest import SpoolCipher
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
+from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
@@ -51,13 +52,19 @@ class TlsMaterial:
     cert_chain: Path
     key: Path
     client_ca: Path
-    crls: tuple[Path, ...] = ()
+    crls: tuple[Path, ...] = ()                 # those missing now are used once they appear
     extra_anchors: tuple[Path, ...] = ()        # pki.trust_anchors: other operators' CAs and CRLs
+    reloading: ReloadingContexts | None = None  # re-read the files when they change (revocation at once)
 
     def context(self, *, require_client_cert: bool) -> ssl.SSLContext:
-        return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
-                              require_client_cert=require_client_cert, crls=self.crls,
-                              extra_anchors=self.extra_anchors)
+        def build() -> ssl.SSLContext:
+            return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
+                                  require_client_cert=require_client_cert,
+                                  crls=[path for path in self.crls if path.is_file()], extra_anchors=self.extra_anchors)
+        if self.reloading is None:
+            return build()
+        return self.reloading.server(build, (self.cert_chain, self.key, self.client_ca, *self.crls,
+                                             *self.extra_anchors))
 
 
 class SmtpListeners(list[asyncio.Server]):
@@ -103,9 +110,9 @@ def build_pipeline(settings: Settings, db: Database, directory: DirectoryService
 
 def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
     issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
-    crls = tuple(path for path in services.pki.crl_paths if path.is_file())
     anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
-    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, crls, anchors)
+    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, tuple(services.pki.crl_paths),
+                       anchors, getattr(services, "tls_contexts", None))
 
 
 async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListeners:
@@ -117,12 +124,14 @@ async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListene
                               spool_cipher=getattr(services, "spool_cipher", None), smime=getattr(services, "smime", None))
     return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=getattr(services, "token_verifier", None),
-                                auth_limiter=getattr(services, "auth_limiter", None))
+                                auth_limiter=getattr(services, "auth_limiter", None),
+                                revocation=getattr(services, "revocation", None))
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
                          *, token_verifier: TokenVerifier | None = None,
-                         auth_limiter: AuthLimiter | None = None) -> SmtpListeners:
+                         auth_limiter: AuthLimiter | None = None,
+                         revocation: RevocationList | None = None) -> SmtpListeners:
     report = await pipeline.delivery.start()
     log.info("SMTP recovery: %s", report)
     limits = SessionLimits.from_settings(
@@ -137,7 +146,7 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
     )
     try:
         for kind, port, context in plan:
-            handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier)
+            handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier, revocation)
             server = await _listen(kind, handler, settings, port, context, listeners.connections)
             listeners.append(server)
             host, bound_port = server.sockets[0].getsockname()[:2]

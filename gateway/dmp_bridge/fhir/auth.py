@@ -27,6 +27,7 @@ from gateway.directory.service import Account, DirectoryService
 from gateway.dmp_bridge.access import Requester, RequesterKind
 from gateway.errors import UserError
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
+from gateway.security.revocation import RevocationList
 from gateway.security.tls import peer_certificate_info
 
 PROFESSIONAL_MAILBOXES = ("PER", "CAB")
@@ -61,8 +62,9 @@ class CallerResolver:
     """Turns TLS peer certificates and Basic credentials into a policy ``Requester``."""
 
     def __init__(self, directory: DirectoryService, *, basic_allowed: bool = True,
-                 auth_limiter: AuthLimiter | None = None) -> None:
+                 auth_limiter: AuthLimiter | None = None, revocation: RevocationList | None = None) -> None:
         self.directory = directory
+        self.revocation = revocation
         self.basic_allowed = basic_allowed
         self.auth_limiter = auth_limiter if auth_limiter is not None else AuthLimiter(LimiterPolicy())
 
@@ -78,6 +80,9 @@ class CallerResolver:
                        authorization: str | None, source: str) -> Account | None:
         fingerprint = certificate_fingerprint(ssl_object)
         if fingerprint is not None:
+            # A kept-alive connection may predate a revocation: the CRLs as they are now decide (RFC 5280 6.3).
+            if self.revocation is not None and self.revocation.peer_is_revoked(ssl_object):
+                raise Unauthenticated("the client certificate is revoked")
             account = await self.directory.account_for_certificate(fingerprint)
             if account is not None:
                 return account

@@ -27,7 +27,7 @@ from gateway.dmp_bridge.fhir.routes import FhirConfig, FhirRoutes
 from gateway.dmp_bridge.fhir.service import RecordAccessService
 from gateway.dmp_bridge.patient_choices import LoggingNotifier, PatientChoicesService, PatientNotifier
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
-from gateway.security.tls import server_context
+from gateway.security.revocation import optional_client_certificate_context
 
 
 @dataclass
@@ -73,11 +73,8 @@ def fhir_config(settings: Settings) -> FhirConfig:
 
 def https_context(services: Any, settings: Settings) -> ssl.SSLContext:
     """The gateway's certificate; client certificates optional, verified against the anchors and CRLs."""
-    issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names,
-                                                     settings.pki.server_ips)
-    crls = tuple(path for path in services.pki.crl_paths if path.is_file())
-    return server_context(issued.chain_path, issued.key_path, client_ca=services.pki.ca_bundle_path,
-                          require_client_cert=False, crls=crls)
+    return optional_client_certificate_context(services, settings.hostname, settings.pki.server_names,
+                                               settings.pki.server_ips)
 
 
 async def start_http_listener(services: Any, settings: Settings, *, audit: AuditLog | None = None,
@@ -89,7 +86,8 @@ async def start_http_listener(services: Any, settings: Settings, *, audit: Audit
     access, audit_log = record_access_from(services, settings, audit=audit, notifier=notifier)
     resolver = CallerResolver(services.directory, basic_allowed=settings.fhir.basic_auth,
                               auth_limiter=getattr(services, "auth_limiter", None)
-                              or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
+                              or AuthLimiter(LimiterPolicy.from_settings(settings.auth)),
+                              revocation=getattr(services, "revocation", None))
     root = root if root is not None else web.Application()
     root.add_subapp(settings.fhir.base_path, build_fhir_app(access, resolver, audit_log, fhir_config(settings)))
     for prefix, app in (mounts or {}).items():

@@ -182,6 +182,11 @@ async def _external(session: Session, message: bytes) -> Completion:
         raise ImapNo("No client certificate presented", AUTHENTICATIONFAILED)
     login_name = f"certificate {info['fingerprint_sha256'][:16]}"
     await _refuse_if_throttled(session, login_name)
+    revocation = session.context.revocation
+    if revocation is not None and revocation.peer_is_revoked(session.connection.ssl_object):
+        # The connection may predate the revocation: the CRLs as they are now decide (RFC 5280 6.3).
+        session.log.warning("EXTERNAL refused: %s is revoked", login_name)
+        return await _authenticated(session, None, login_name)
     account = await session.context.directory.account_for_certificate(info["fingerprint_sha256"])
     authzid = message.decode("utf-8", "replace").strip().lower()
     if account is not None and authzid and authzid != account.address:
