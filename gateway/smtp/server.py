@@ -48,6 +48,7 @@ from gateway.smtp.parameters import (
     reply_for_size,
 )
 from gateway.smtp.paths import SmtpPath, parse_path, split_path_argument
+from gateway.security import sasl
 
 log = logging.getLogger("gateway.smtp")
 
@@ -593,17 +594,16 @@ class GatewaySMTP(SMTP):
         return await readers[mechanism](initial)
 
     async def _read_plain(self, initial: str | None) -> Credentials | None:
-        # RFC 4616 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd
         response = await self._sasl_response(initial)
         if response is None:
             return None
-        parts = response.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            raise SmtpRefusal(codes.AUTH_BAD_RESPONSE)
-        authzid, login, password = (p.decode("utf-8", errors="replace") for p in parts)
-        if authzid and authzid.lower() != login.lower():
+        try:
+            plain = sasl.decode_plain(response)                        # RFC 4616 2
+        except sasl.SaslMalformed:
+            raise SmtpRefusal(codes.AUTH_BAD_RESPONSE) from None
+        if plain.authzid_differs():
             raise SmtpRefusal(codes.AUTHZID_REFUSED)
-        return PasswordCredentials("PLAIN", login, password)
+        return PasswordCredentials("PLAIN", plain.authcid, plain.password)
 
     async def _read_login(self, initial: str | None) -> Credentials | None:
         # draft-murchison-sasl-login: "Username:" then "Password:" challenges.
@@ -613,35 +613,31 @@ class GatewaySMTP(SMTP):
         password = await self._sasl_response(None, b"Password:")
         if password is None:
             return None
-        return PasswordCredentials("LOGIN", login.decode("utf-8", errors="replace"), password.decode("utf-8", errors="replace"))
+        answer = sasl.decode_login(login, password)
+        return PasswordCredentials("LOGIN", answer.authcid, answer.password)
 
     async def _read_external(self, initial: str | None) -> Credentials | None:
-        # RFC 4422 A.1: the response is the (possibly empty) authorization identity.
         response = await self._sasl_response(initial)
         if response is None:
             return None
         tls = self.gsession.tls
         if tls is None or tls.peer_certificate_sha256 is None:
             raise SmtpRefusal(codes.AUTH_NO_CERTIFICATE)
-        return CertificateCredentials(tls.peer_certificate_sha256, response.decode("utf-8", errors="replace"))
+        return CertificateCredentials(tls.peer_certificate_sha256, sasl.decode_external(response))   # RFC 4422 A.1
 
     async def _read_oauthbearer(self, initial: str | None) -> Credentials | None:
-        # RFC 7628 3.1: gs2-header "n,a=user," then kvpairs separated by ^A, "auth=Bearer <token>".
         response = await self._sasl_response(initial)
         if response is None:
             return None
-        header, _, rest = response.decode("utf-8", errors="replace").partition("\x01")
-        user = next((part[2:] for part in header.split(",") if part.startswith("a=")), "")
-        pairs = dict(kv.split("=", 1) for kv in rest.split("\x01") if "=" in kv)
-        return TokenCredentials("OAUTHBEARER", user.replace("=2C", ",").replace("=3D", "="), _bearer(pairs.get("auth", "")))
+        bearer = sasl.decode_oauthbearer(response)                     # RFC 7628 3.1
+        return TokenCredentials("OAUTHBEARER", bearer.user, bearer.token)
 
     async def _read_xoauth2(self, initial: str | None) -> Credentials | None:
-        # Google's XOAUTH2: "user=" user ^A "auth=Bearer " token ^A ^A
         response = await self._sasl_response(initial)
         if response is None:
             return None
-        pairs = dict(kv.split("=", 1) for kv in response.decode("utf-8", errors="replace").split("\x01") if "=" in kv)
-        return TokenCredentials("XOAUTH2", pairs.get("user", ""), _bearer(pairs.get("auth", "")))
+        bearer = sasl.decode_xoauth2(response)
+        return TokenCredentials("XOAUTH2", bearer.user, bearer.token)
 
     # ----------------------------------------------------------------- the mail transaction
 
@@ -796,7 +792,3 @@ def _strip_keyword(keyword: str, arg: str | None) -> str:
         raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail=f"expected {keyword}<address>"))
     return arg[len(keyword):].strip()
 
-
-def _bearer(auth_value: str) -> str:
-    scheme, _, token = auth_value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""

@@ -26,6 +26,7 @@ from gateway.imap.protocol.parser import parse_sasl_response
 from gateway.mailstore.delivery import STANDARD_FOLDERS
 from gateway.mailstore.errors import FolderExists
 from gateway.mailstore.interface import INBOX
+from gateway.security import sasl
 from gateway.security.auth_limiter import AuthThrottled
 from gateway.security.tls import peer_certificate_info
 
@@ -164,15 +165,15 @@ async def _initial_response(session: Session, command: c.Authenticate) -> bytes:
 
 async def _plain(session: Session, message: bytes) -> Completion:
     """RFC 4616 2: [authzid] NUL authcid NUL passwd; an authzid other than the login is refused."""
-    parts = message.split(b"\x00")
-    if len(parts) != 3:
-        raise BadCommand("Malformed PLAIN response")
-    authzid, authcid, password = (part.decode("utf-8", "replace") for part in parts)
-    await _refuse_if_throttled(session, authcid)
-    account = await session.context.directory.authenticate(authcid, password)
-    if account is not None and authzid and authzid.lower() != account.address:
+    try:
+        plain = sasl.decode_plain(message)
+    except sasl.SaslMalformed:
+        raise BadCommand("Malformed PLAIN response") from None
+    await _refuse_if_throttled(session, plain.authcid)
+    account = await session.context.directory.authenticate(plain.authcid, plain.password)
+    if account is not None and plain.authzid and plain.authzid.lower() != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
-    return await _authenticated(session, account, authcid)
+    return await _authenticated(session, account, plain.authcid)
 
 
 async def _external(session: Session, message: bytes) -> Completion:
@@ -188,7 +189,7 @@ async def _external(session: Session, message: bytes) -> Completion:
         session.log.warning("EXTERNAL refused: %s is revoked", login_name)
         return await _authenticated(session, None, login_name)
     account = await session.context.directory.account_for_certificate(info["fingerprint_sha256"])
-    authzid = message.decode("utf-8", "replace").strip().lower()
+    authzid = sasl.decode_external(message).lower()                  # RFC 4422 A.1
     if account is not None and authzid and authzid != account.address:
         raise ImapNo("Not authorised to act as that user", AUTHORIZATIONFAILED)
     return await _authenticated(session, account, login_name)
