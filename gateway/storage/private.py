@@ -12,9 +12,12 @@ Three layers, so that no single forgotten place leaks health data to other local
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
+
+log = logging.getLogger("gateway.storage")
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -71,5 +74,8 @@ def _fix(path: Path, mode: int) -> int:
     try:
         path.chmod(mode)
     except FileNotFoundError:
+        return 0
+    except PermissionError:
+        log.warning("%s: mode %o left as is (not ours to change); make it %o", path, stat.S_IMODE(current.st_mode), mode)
         return 0
     return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.audit import AuditEvent, AuditLog
+from gateway.config import ConfigError, load_settings
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, AuthThrottled, LimiterPolicy, source_key
 from gateway.storage.db import Database
 
@@ -137,3 +138,20 @@ async def test_old_failures_are_forgotten() -> None:
             clock.now += 100
     clock.now += 3601
     await limiter.check("imap", "doc@x", "192.0.2.1")
+
+
+@pytest.mark.parametrize("old_key, new_key", [
+    ("auth_failures_before_lockout", "auth.failures_before_delay"),
+    ("auth_failure_window_seconds", "auth.forget_failures_after_minutes"),
+    ("auth_lockout_seconds", "auth.max_delay_seconds"),
+])
+def test_the_old_lockout_keys_name_their_replacement(tmp_path: object, old_key: str, new_key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"smtp\.{old_key}: replaced by .*{new_key.replace('.', '[.]')}"):
+        load_settings(environ={}, data_dir=str(tmp_path), overrides={"smtp": {old_key: 10}})
+
+
+def test_auth_settings_build_the_policy(tmp_path: object) -> None:
+    settings = load_settings(environ={"GATEWAY_AUTH_FAILURES_BEFORE_DELAY": "7"}, data_dir=str(tmp_path))
+    assert LimiterPolicy.from_settings(settings.auth).failures_before_delay == 7
+    with pytest.raises(ConfigError, match="first_delay_seconds must not exceed max_delay_seconds"):
+        load_settings(environ={}, data_dir=str(tmp_path), overrides={"auth": {"first_delay_seconds": 600}})
