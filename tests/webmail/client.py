@@ -112,8 +112,11 @@ KNOWN: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def send_as_professional(gateway: GatewayProcess, professional: dict[str, Any], to: str, message: bytes) -> None:
-    """Submit ``message`` over SMTP (STARTTLS + AUTH) as a professional, as their mail client would."""
+    """Submit ``message`` over SMTP (STARTTLS + AUTH) as a professional, as their mail client would
+    (lines end with CRLF on the wire, RFC 5321 2.3.8: the gateway refuses a bare LF)."""
+    import re
     import smtplib
+    message = re.sub(rb"\r?\n", b"\r\n", message)
     with smtplib.SMTP("127.0.0.1", gateway.ports["smtp_submission_port"], timeout=30) as client:
         client.starttls(context=tls_context_for_ip(gateway))
         client.login(professional["address"], professional["password"])

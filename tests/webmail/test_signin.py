@@ -98,7 +98,7 @@ async def test_token_of_another_visitor_refused(shared_gateway: GatewayProcess) 
 async def test_sign_in_guessing_is_throttled(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Wrong passwords in a row lock the login (and the source), even against the right password then."""
     gateway = GatewayProcess(tmp_path_factory.mktemp("throttle") / "data",
-                             extra_env={"GATEWAY_SMTP_AUTH_FAILURES_BEFORE_LOCKOUT": "3"})
+                             extra_env={"GATEWAY_AUTH_FAILURES_BEFORE_DELAY": "3"})
     gateway.start()
     try:
         account = gateway.account("PAT")
