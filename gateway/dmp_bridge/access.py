@@ -62,7 +62,7 @@ class Reason(enum.StrEnum):
     MATRIX = "matrix"
     EMERGENCY = "emergency-access"
     NOT_IN_MATRIX = "not-in-matrix"
-    NOT_AUTHOR = "update-reserved-to-author"
+    NOT_DEPOSITOR = "update-reserved-to-depositor"  # the sender who deposited it, or their organisation
     BLOCKED = "blocked-by-patient"
     HIDDEN_BY_PATIENT = "hidden-by-patient"
     MASKED_TO_PROFESSIONALS = "masked-to-professionals"

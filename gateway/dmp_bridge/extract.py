@@ -22,6 +22,7 @@ from typing import Literal
 
 from gateway.dmp_bridge.cda import CdaDocument, cda_from_element, is_cda_root
 from gateway.dmp_bridge.errors import DocumentError, IntegrationCode, NotACdaError
+from gateway.dmp_bridge.formats import check_cda_body, looks_like_dicom, looks_like_html, refuse_unsupported
 from gateway.dmp_bridge.patient import PatientIdentity, identify_patient
 from gateway.dmp_bridge.pdf import DEFAULT_MAX_PDF_BYTES, PdfInfo, inspect_pdf, looks_like_pdf
 from gateway.dmp_bridge.safe_xml import DEFAULT_XML_LIMITS, XmlLimits, local_name, parse_xml
@@ -199,6 +200,7 @@ def _extract_cda(payload: bytes, label: str, filename: str | None, content_type:
         collector.notes.append(f"{label}: XML whose root is <{local_name(root.tag)}>, not a CDA document; not filed")
         return
     cda = cda_from_element(root, max_body_bytes=limits.max_attachment_bytes)
+    check_cda_body(cda)
     collector.documents.append(ExtractedDocument("cda", label, filename, content_type, payload, cda=cda, warnings=cda.warnings))
 
 
@@ -227,13 +229,16 @@ def _xdm_document(document: XdmDocument, submission_set: SubmissionSet | None, a
     )
     if looks_like_pdf(document.content):
         return replace(base, pdf=inspect_pdf(document.content, max_bytes=limits.max_pdf_bytes))
-    if is_signature or not _looks_like_xml(document.content, entry.mime_type):
+    if is_signature or looks_like_dicom(document.content):
         return base
+    if not _looks_like_xml(document.content, entry.mime_type) or looks_like_html(document.content):
+        refuse_unsupported(document.path, document.content, entry.mime_type)
     try:
         root = parse_xml(document.content, limits=limits.xml)
         cda = cda_from_element(root, max_body_bytes=limits.max_attachment_bytes)
     except NotACdaError:
-        return replace(base, warnings=(f"{document.path}: XML that is not a CDA document",))
+        refuse_unsupported(document.path, document.content, entry.mime_type, why="an XML document that is not a CDA")
+    check_cda_body(cda)
     return replace(base, cda=cda, warnings=cda.warnings + _cross_check(entry, cda))
 
 

@@ -14,15 +14,26 @@ the versions they replace and their audit entries. Blobs that no committed row
 references are deleted afterwards (``PreparedFiling.release``); a crash in
 between leaves an unreferenced blob, never a row without its blob.
 
+Only a copy delivered to a patient's own mailbox feeds the record: a copy
+delivered to a professional's mailbox is examined for nothing (outcome
+``skipped``), whatever patient its documents name.
+
+Who deposits: the owner of the mailbox the message was accepted from, as the
+accepting session established it (``depositor.py``; never a header or the
+document). Without one (a null sender, mail the gateway wrote, a sender
+missing from the directory) nothing is filed (906).
+
 Who the patient is:
 - a CDA: its ``recordTarget`` INS with the identity traits (``patient.py``);
-- an XDM entry without a CDA: the METADATA ``patientId`` (an INS root), with
-  the ``sourcePatientInfo`` traits when they are complete;
-- a plain PDF: only when it was delivered to a patient's mailbox (that patient).
+  inside an XDM, a METADATA ``patientId`` naming another INS is a 904;
+- an XDM entry without a CDA: the METADATA ``patientId`` (an INS root) with
+  the four ``sourcePatientInfo`` traits, exactly as a CDA (903 without an INS,
+  905 when a trait is missing, 904 when one differs);
+- a plain PDF: the patient whose mailbox received it.
 The INS must be in the directory (else 902), with matching traits (else 904),
 and the patient's space must be active: an opposed or closed patient gets
-nothing filed. A document delivered to a patient's mailbox must be about that
-patient (else 904: a misaddressed message is never filed into anyone's record).
+nothing filed. A document must be about the patient whose mailbox received it
+(else 904: a misaddressed message is never filed into anyone's record).
 
 What is not filed as a report of its own (outcome ``skipped``): IHE DSG
 signature entries of an XDM (they sign the submission set; they stay in the
@@ -41,10 +52,13 @@ Version replacement (IHE XDS RPLC): the document named by the
 ``relatedDocument/parentDocument`` id is superseded. When that id is in no
 record (the CI-SIS BIO V2 sample names a parent that is not V1's id), the
 latest current version of the same setId with a lower version number is
-superseded instead. A replacement whose setId already has a newer current
-version is refused (900); a replacement by an author from neither the same
-professional nor the same organisation is refused (901). A lower version
-arriving after a newer one is filed as already superseded (history complete).
+superseded instead. Only the depositor of the replaced document, or someone
+of the depositor's organisation, may replace it or add to its series (901
+otherwise, decided before anything else is said about the series); the author
+the new document names is kept as metadata and decides nothing. A replacement
+whose setId already has a newer current version is refused (900). A lower
+version arriving after a newer one is filed as already superseded (history
+complete).
 """
 
 from __future__ import annotations
@@ -67,7 +81,9 @@ from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
 from gateway.dmp_bridge.content_types import decided_type
+from gateway.dmp_bridge.depositor import Depositor
 from gateway.dmp_bridge.errors import IntegrationCode
+from gateway.dmp_bridge.formats import looks_like_dicom
 from gateway.dmp_bridge.extract import ExtractedDocument, ExtractionResult
 from gateway.dmp_bridge.patient import (
     IdentificationFailure,
@@ -94,6 +110,10 @@ from gateway.storage.models import Patient, PatientState, utcnow
 log = logging.getLogger("gateway.dmp.filing")
 
 PDF_FORMAT = ("urn:ihe:iti:xds-sd:pdf:2008", "1.3.6.1.4.1.19376.1.2.3")  # IHE XDS-SD, CDA level 1 with a PDF
+NOT_A_PATIENT_MAILBOX = ("delivered to a professional's mailbox: only what is delivered to a patient's own mailbox "
+                         "feeds that patient's record")
+NO_DEPOSITOR = ("the sender is not a mailbox of the directory that can deposit documents (a professional or an "
+                "organisation, authenticated on submission or the peer's sender on relay): not filed")
 UUID_OID_ARC = "2.25"
 T = TypeVar("T")  # ITU-T X.667: an OID made of a UUID, for documents that bring no id of their own
 
@@ -107,8 +127,9 @@ class FilingContext:
 
     delivery_key: str | None = None
     message_id: str | None = None
-    sender: str | None = None
-    mailbox_patient_id: int | None = None  # set when delivered to a patient's mailbox
+    sender: str | None = None  # the envelope sender the door accepted
+    mailbox_patient_id: int | None = None  # set when delivered to a patient's mailbox: only these are filed
+    depositor: Depositor | None = None  # who deposited it, from the accepting session (depositor.py)
     accept_production: bool = False  # production INS roots (…4.8/.9): the directory policy
     signature_result: str | None = None  # the S/MIME verdict of the message (signer and summary), when signed
 
@@ -183,8 +204,9 @@ class AuditJournal:
         self.audit = audit
 
     async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
-        actor = _author_actor(document)
-        details = {"type": document.type_code, "version": document.version_number, "sender": document.source_sender}
+        actor = _depositor_actor(document)
+        details = {"type": document.type_code, "version": document.version_number, "sender": document.source_sender,
+                   "author": document.author_idnps, "submitted_by": document.submitted_by}
         await self.audit.append(AuditEvent.DOCUMENT_FILED, actor=actor, patient=document.patient_ins,
                                 subject=Subject.document(document.unique_id), source=Source(Door.SMTP),
                                 details=details, session=session)
@@ -209,10 +231,12 @@ def _name_digest(name: str | None) -> str | None:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32] if name else None
 
 
-def _author_actor(document: RecordDocument) -> Actor:
-    if document.author_idnps:
-        return Actor.professional(document.author_idnps, document.author_name or document.author_idnps,
-                                  document.author_profession_code)
+def _depositor_actor(document: RecordDocument) -> Actor:
+    """Who filed it: the depositor the gateway established (the claimed author goes in the details)."""
+    if document.depositor_kind == "professional" and document.depositor_id:
+        return Actor.professional(document.depositor_id, document.source_sender or document.depositor_id, None)
+    if document.depositor_kind == "organisation" and document.depositor_id:
+        return Actor.application(document.depositor_id, document.source_sender or document.depositor_id)
     return Actor.system("dmp-bridge")
 
 
@@ -280,9 +304,19 @@ async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionR
                          sealer: RecordSealer) -> PreparedFiling:
     """Phase 1, no database write: decide what needs no transaction, write each new document's encrypted
     blob (fsync) and seal its metadata, so that the transaction that files them only writes rows."""
+    if context.mailbox_patient_id is None:
+        return PreparedFiling(context, sealer, _not_for_the_record(extraction), [])
     failures = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
     pending = [await _prepare_document(db, blobs, document, context, sealer) for document in extraction.documents]
     return PreparedFiling(context, sealer, failures, pending)
+
+
+def _not_for_the_record(extraction: ExtractionResult) -> list[DocumentOutcome]:
+    """A copy delivered to a professional's mailbox: whatever it carries, it is not the patient's to file."""
+    return ([DocumentOutcome(f.attachment, None, OutcomeKind.SKIPPED, reason=NOT_A_PATIENT_MAILBOX)
+             for f in extraction.failures]
+            + [DocumentOutcome(d.attachment, _declared_id(d), OutcomeKind.SKIPPED, reason=NOT_A_PATIENT_MAILBOX)
+               for d in extraction.documents])
 
 
 async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
@@ -291,6 +325,9 @@ async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedD
     if skipped is not None:
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED,
                                                   reason=skipped))
+    if context.depositor is None:
+        return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED,
+                                                  IntegrationCode.OTHER, NO_DEPOSITOR))
     claim = _patient_claim(document, context)
     if isinstance(claim, IdentificationFailure):
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED,
@@ -343,8 +380,8 @@ def _skip_reason(document: ExtractedDocument, context: FilingContext) -> str | N
         return "IHE DSG signature of the submission set: kept in the delivered message, not a report of its own"
     if document.accompanies_structured:
         return "PDF beside a structured document in the same message (CI-SIS ECO.2.1.1): the CDA is what is filed"
-    if document.source == "pdf" and context.mailbox_patient_id is None:
-        return "PDF without a CDA, sent to a professional's mailbox: no patient to file it for"
+    if context.mailbox_patient_id is None:
+        return NOT_A_PATIENT_MAILBOX
     return None
 
 
@@ -353,19 +390,33 @@ def _patient_claim(document: ExtractedDocument, context: FilingContext) -> _Pati
         identity = identify_document(document.cda, accept_production=context.accept_production)
         if isinstance(identity, IdentificationFailure):
             return identity
-        return _PatientClaim(identity.ins, identity.oid, identity, "CDA recordTarget")
+        contradiction = _metadata_contradiction(document.xdm_entry, identity)
+        return contradiction or _PatientClaim(identity.ins, identity.oid, identity, "CDA recordTarget")
     if document.xdm_entry is not None:
         return _claim_from_metadata(document.xdm_entry, context)
     return _PatientClaim(None, None, None, "patient mailbox")
 
 
+def _metadata_contradiction(entry: DocumentEntry | None, identity: PatientIdentity) -> IdentificationFailure | None:
+    """A CDA in an XDM whose METADATA names another patient contradicts itself (904): neither is trusted."""
+    if entry is None or entry.patient is None:
+        return None
+    try:
+        same = (validate_nir(entry.patient.id), entry.patient.oid) == (identity.ins, identity.oid)
+    except IdentifierError:
+        same = False
+    if same:
+        return None
+    return IdentificationFailure(IntegrationCode.INS_MISMATCH, f"the METADATA patientId {entry.patient.raw!r} is not "
+                                 f"the CDA's INS {identity.xds_patient_id!r}: the package contradicts itself")
+
+
 def _claim_from_metadata(entry: DocumentEntry, context: FilingContext) -> _PatientClaim | IdentificationFailure:
-    """An XDM entry that is not a CDA: the METADATA patientId must be an INS (ECO.2.1.2)."""
+    """An XDM entry that is not a CDA: the METADATA patientId must be an INS (ECO.2.1.2), with the four
+    identity traits in sourcePatientInfo, exactly as a CDA's recordTarget (903 / 905 / 904)."""
     reference = entry.patient
     if reference is None:
-        if context.mailbox_patient_id is not None:
-            return _PatientClaim(None, None, None, "patient mailbox")
-        return IdentificationFailure(IntegrationCode.INS_ABSENT, "the XDM entry has no patientId")
+        return IdentificationFailure(IntegrationCode.INS_ABSENT, "the XDM entry has no patientId: no INS")
     if reference.oid not in INS_OIDS:
         return IdentificationFailure(IntegrationCode.INS_ABSENT, f"the XDM patientId {reference.raw!r} has no INS root")
     if reference.oid in PRODUCTION_INS_OIDS and not context.accept_production:
@@ -375,19 +426,29 @@ def _claim_from_metadata(entry: DocumentEntry, context: FilingContext) -> _Patie
         ins = validate_nir(reference.id)
     except IdentifierError as error:
         return IdentificationFailure(IntegrationCode.INS_ABSENT, f"the XDM patientId is not a valid INS: {error}")
-    return _PatientClaim(ins, reference.oid, _identity_from_metadata(entry, ins, reference.oid), "XDM patientId")
+    identity = _identity_from_metadata(entry, ins, reference.oid)
+    if isinstance(identity, IdentificationFailure):
+        return identity
+    return _PatientClaim(ins, reference.oid, identity, "XDM patientId")
 
 
-def _identity_from_metadata(entry: DocumentEntry, ins: str, oid: str) -> PatientIdentity | None:
-    """sourcePatientInfo traits (PID-5, PID-7, PID-8), when all four are there."""
+def _identity_from_metadata(entry: DocumentEntry, ins: str, oid: str) -> PatientIdentity | IdentificationFailure:
+    """The sourcePatientInfo traits (PID-5 birth name and first given name, PID-7 birth date, PID-8 sex):
+    all four are mandatory with an INS, as in a CDA (905 when one is missing or unreadable)."""
     info = entry.source_patient_info
-    if not (info.family and info.given and info.birth_date and info.sex):
-        return None
+    traits = (("birth family name", info.family), ("first given name", info.given), ("birth date", info.birth_date),
+              ("sex", info.sex))
+    missing = [label for label, value in traits if not (value or "").strip()]
+    if missing:
+        return IdentificationFailure(IntegrationCode.INS_INCOMPLETE, f"INS {ins} comes without its mandatory traits "
+                                     f"in the METADATA sourcePatientInfo: {', '.join(missing)} missing")
+    assert info.family and info.given and info.birth_date and info.sex
     try:
-        born = dt.datetime.strptime(info.birth_date[:8], "%Y%m%d").date()
+        born = dt.datetime.strptime(info.birth_date.strip()[:8], "%Y%m%d").date()
     except ValueError:
-        return None
-    return PatientIdentity(ins, oid, info.family, info.given, born, info.sex.upper())
+        return IdentificationFailure(IntegrationCode.INS_INCOMPLETE, f"INS {ins}: the sourcePatientInfo birth date "
+                                     f"{info.birth_date[:32]!r} is not a date (PID-7, YYYYMMDD)")
+    return PatientIdentity(ins, oid, info.family, info.given, born, info.sex.strip().upper())
 
 
 # ------------------------------------------------------------------------------------ storing
@@ -413,7 +474,8 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, pre
     existing = await _existing(session, fields)
     if existing is not None:
         return _duplicate(document, existing, patient, context)
-    plan = await _replacement_plan(session, patient, fields)
+    assert context.depositor is not None
+    plan = await _replacement_plan(session, patient, fields, context.depositor)
     if isinstance(plan, IdentificationFailure):
         return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.REFUSED, plan.code, plan.reason,
                                patient_id=patient.id, patient_ins=patient.ins)
@@ -490,7 +552,10 @@ def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: P
                            record_document_id=existing.id, patient_id=patient.id, patient_ins=patient.ins)
 
 
-async def _replacement_plan(session: AsyncSession, patient: Patient, fields: DocumentFields) -> _Plan | IdentificationFailure:
+async def _replacement_plan(session: AsyncSession, patient: Patient, fields: DocumentFields,
+                            depositor: Depositor) -> _Plan | IdentificationFailure:
+    """Where a new document goes in its version series; only the depositor of the series (or their
+    organisation) may add to it, whether as the new current version or as a late older one."""
     target = None
     if fields.replaces:
         target = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
@@ -498,6 +563,8 @@ async def _replacement_plan(session: AsyncSession, patient: Patient, fields: Doc
     if target is None and fields.set_id is not None and fields.version is not None:
         newer = await _current_in_set(session, patient, fields.set_id, newer_than=fields.version)
         if newer is not None:
+            if not _may_amend(depositor, newer):
+                return _not_allowed(newer)
             if fields.replaces:
                 return IdentificationFailure(IntegrationCode.WRONG_VERSION, f"version {fields.version} replaces a document, "
                                              f"but version {newer.version_number} ({newer.unique_id}) is already the current one")
@@ -505,7 +572,7 @@ async def _replacement_plan(session: AsyncSession, patient: Patient, fields: Doc
         target = await _current_in_set(session, patient, fields.set_id, older_than=fields.version)
     if target is None:
         return _Plan(DocumentStatus.CURRENT, replaces_unique_id=fields.replaces[0] if fields.replaces else None)
-    return _check_replaceable(target, fields)
+    return _check_replaceable(target, depositor)
 
 
 async def _current_in_set(session: AsyncSession, patient: Patient, set_id: str, *, newer_than: int | None = None,
@@ -519,24 +586,24 @@ async def _current_in_set(session: AsyncSession, patient: Patient, set_id: str, 
     return await session.scalar(query.order_by(RecordDocument.version_number.desc()).limit(1))
 
 
-def _check_replaceable(target: RecordDocument, fields: DocumentFields) -> _Plan | IdentificationFailure:
+def _check_replaceable(target: RecordDocument, depositor: Depositor) -> _Plan | IdentificationFailure:
+    if not _may_amend(depositor, target):  # first: a stranger learns nothing of the series
+        return _not_allowed(target)
     if target.status != DocumentStatus.CURRENT.value:
         return IdentificationFailure(IntegrationCode.WRONG_VERSION, f"document {target.unique_id} was already replaced by "
                                      f"{target.superseded_by_unique_id}")
-    if not _same_author(target, fields.columns):
-        return IdentificationFailure(IntegrationCode.AUTHOR_NOT_ALLOWED, f"document {target.unique_id} was written by "
-                                     "another professional of another organisation: only its author or their "
-                                     "organisation may replace it")
     return _Plan(DocumentStatus.CURRENT, replaced=target, replaces_unique_id=target.unique_id)
 
 
-def _same_author(target: RecordDocument, columns: dict[str, Any]) -> bool:
-    """DMP rule: the author, or a professional of the same organisation, may replace a document."""
-    pairs = ((target.author_idnps, columns.get("author_idnps")),
-             (target.author_organisation_idnst, columns.get("author_organisation_idnst")))
-    if any(old is None or new is None for old, new in pairs):
-        return True  # not enough to tell: a plain PDF, or metadata without author
-    return any(old == new for old, new in pairs)
+def _may_amend(depositor: Depositor, target: RecordDocument) -> bool:
+    """DMP rule (CI-SIS 901), bound to who deposited: the original's depositor or their organisation."""
+    return depositor.may_amend(target.depositor_kind, target.depositor_id, target.depositor_organisations)
+
+
+def _not_allowed(target: RecordDocument) -> IdentificationFailure:
+    return IdentificationFailure(IntegrationCode.AUTHOR_NOT_ALLOWED, f"document {target.unique_id} was deposited by "
+                                 "another sender: only the sender who deposited it, or their organisation, may replace "
+                                 "it (the author a document names proves nothing)")
 
 
 def _record_row(fields: DocumentFields, sealed_columns: dict[str, Any], patient: Patient, plan: _Plan,
@@ -589,10 +656,14 @@ def _cda_fields(cda: CdaDocument, entry: DocumentEntry | None, columns: dict[str
 
 def _source_columns(document: ExtractedDocument, context: FilingContext) -> dict[str, Any]:
     submission_set = document.xdm_submission_set
+    depositor = context.depositor
     return {
         "source_kind": document.source, "source_attachment": _cut(document.attachment, 512),
         "source_message_id": _cut(context.message_id, 998), "source_delivery_key": context.delivery_key,
-        "source_sender": _cut(context.sender, 320),
+        "source_sender": _cut(context.sender, 320), "source_door": depositor.door if depositor else None,
+        "depositor_kind": depositor.kind.value if depositor else None, "depositor_id": depositor.id if depositor else None,
+        "depositor_organisations": list(depositor.organisations) if depositor else None,
+        "submitted_by": _cut(depositor.submitted_by, 320) if depositor else None,
         "submission_set_unique_id": submission_set.unique_id if submission_set else None,
         "signature_result": context.signature_result,
     }
@@ -600,11 +671,17 @@ def _source_columns(document: ExtractedDocument, context: FilingContext) -> dict
 
 def _content_columns(document: ExtractedDocument) -> dict[str, Any]:
     content = document.content
-    body_kind = document.cda.body.kind.value if document.cda is not None and document.cda.body else (
-        "pdf" if document.pdf is not None else "other")
-    return {"mime_type": decided_type(document), "body_kind": body_kind,  # never the sender's declared type
+    return {"mime_type": decided_type(document), "body_kind": _body_kind(document),  # never the declared type
             "sha1": hashlib.sha1(content).hexdigest(), "sha256": hashlib.sha256(content).hexdigest(),
             "confidentiality_code": "N", "confidentiality": [], "event_codes": [], "authors": []}
+
+
+def _body_kind(document: ExtractedDocument) -> str:
+    if document.cda is not None:
+        return document.cda.body.kind.value if document.cda.body else "other"
+    if document.pdf is not None:
+        return "pdf"
+    return "dicom" if looks_like_dicom(document.content) else "other"
 
 
 def _cda_columns(cda: CdaDocument) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tables of the patient record that the DMP bridge files into (revisions 0006, 0009).
+"""Tables of the patient record that the DMP bridge files into (revisions 0006, 0009, 0010).
 
 ``record_documents`` holds one row per filed document with every field a FHIR
 R4 DocumentReference needs in the PDSm / IHE MHD shape (mssante.md §3.4):
@@ -147,7 +147,15 @@ class RecordDocument(Base):
     source_attachment: Mapped[str | None] = mapped_column(Text)  # sealed (patient:<INS>)
     source_message_id: Mapped[str | None] = mapped_column(String(998))
     source_delivery_key: Mapped[str | None] = mapped_column(String(255))
-    source_sender: Mapped[str | None] = mapped_column(String(320))
+    source_sender: Mapped[str | None] = mapped_column(String(320))  # the envelope sender (MAIL FROM) at acceptance
+    source_door: Mapped[str | None] = mapped_column(String(16))     # submission | submissions | relay | webmail
+    # Who deposited it (the XDS source, not the claimed author): the owner of the mailbox it came from, as
+    # the session that accepted the message established it (dmp_bridge/depositor.py, revision 0010).
+    # Replacement and metadata updates are decided against these, never against the author columns.
+    depositor_kind: Mapped[str | None] = mapped_column(String(16))  # professional | organisation
+    depositor_id: Mapped[str | None] = mapped_column(String(32), index=True)  # IDNPS or IDNST
+    depositor_organisations: Mapped[list[str] | None] = mapped_column(JSON)  # IDNST the depositor belonged to
+    submitted_by: Mapped[str | None] = mapped_column(String(320))  # the login, when a delegate sent as the owner
     submission_set_unique_id: Mapped[str | None] = mapped_column(String(255))
     signature_result: Mapped[str | None] = mapped_column(Text)  # S/MIME or IHE DSG verification, when done
     filed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())

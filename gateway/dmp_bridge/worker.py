@@ -12,9 +12,12 @@ Jobs are claimed with a lease, a chunk at a time (one UPDATE that succeeds for
 one worker only, on any number of gateway nodes: one commit for the chunk).
 Then, per job, with no database write: open the delivered copy from the mail
 store (for a message S/MIME-encrypted to a key the gateway holds, the
-decrypted copy the pipeline kept: ``SmimeService.decrypted_copy``), extract,
-and ``prepare_filing`` (the documents' encrypted blobs and sealed metadata,
-fsynced). Then one transaction, which first checks that the lease is still
+decrypted copy the pipeline kept: ``SmimeService.decrypted_copy``), extract
+(a copy delivered to a patient's mailbox only: nothing else feeds a record),
+find the depositor in the queue row its door wrote at acceptance (the
+authenticated submitter's mailbox, or the relay peer's sender:
+``depositor.py``; never a header), and ``prepare_filing`` (the documents'
+encrypted blobs and sealed metadata, fsynced). Then one transaction, which first checks that the lease is still
 this worker's: the record rows and their audit entries (``apply_filing``), the
 acknowledgements (notice rows and queue rows, their spool files fsynced before
 the commit), the outcome rows, and the job ``filed`` or ``not-filed`` with the
@@ -49,7 +52,8 @@ from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
-from gateway.dmp_bridge.extract import extract_documents
+from gateway.dmp_bridge.depositor import depositor_of_queued_message
+from gateway.dmp_bridge.extract import ExtractionResult, extract_documents
 from gateway.dmp_bridge.filing import (
     AuditJournal,
     FilingContext,
@@ -70,6 +74,7 @@ from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Delivery
 from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.models import QueuedMessage
 from gateway.pipeline.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.smime_policy import InboundResult
@@ -252,10 +257,17 @@ class FilingWorker:
         job, delivery, mailbox = await self._load(job_id)
         examined = await self._examine(job, delivery, mailbox)
         delivered = examined.delivered
-        extraction = await asyncio.to_thread(extract_documents, examined.documents_source)
+        patient_id = mailbox.patient_id if mailbox.type == "PAT" else None
+        # Only a patient's own mailbox feeds the record: another copy is not even parsed.
+        extraction = (await asyncio.to_thread(extract_documents, examined.documents_source) if patient_id is not None
+                      else ExtractionResult((), ()))
+        queue_id = job.delivery_key.split(":", 1)[0]
+        async with self.db.session() as session:
+            depositor = await depositor_of_queued_message(session, queue_id)
+            sender = await session.scalar(select(QueuedMessage.sender).where(QueuedMessage.id == queue_id))
         context = FilingContext(delivery_key=job.delivery_key, message_id=_header(delivered.message, "Message-ID", 998),
-                                sender=delivered.return_path, accept_production=self.policy.accept_production,
-                                mailbox_patient_id=mailbox.patient_id if mailbox.type == "PAT" else None,
+                                sender=sender or None, depositor=depositor, mailbox_patient_id=patient_id,
+                                accept_production=self.policy.accept_production,
                                 signature_result=examined.signature_result)
         prepared = await prepare_filing(self.db, self.blobs, extraction, context, self.sealer)
         try:

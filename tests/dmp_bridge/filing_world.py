@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.policy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 from gateway.config import Settings
 from gateway.directory.identifiers import add_luhn_key
 from gateway.directory.service import DirectoryService
+from gateway.dmp_bridge.depositor import Depositor, depositor_of_mailbox
 from gateway.dmp_bridge.extract import extract_documents
 from gateway.dmp_bridge.filing import FilingContext, FilingReport, file_into_record
 from gateway.mailstore.notify import ChangeHub
@@ -57,14 +58,22 @@ class World:
     patient_address: str = ""
     doctor_mailbox_id: int = 0
     doctor_address: str = ""
+    lab_idnst: str = ""
 
-    async def file(self, message: EmailMessage, *, to_patient_mailbox: bool = False,
-                   delivery_key: str | None = None, accept_production: bool = False) -> FilingReport:
+    async def file(self, message: EmailMessage, *, to_patient_mailbox: bool = True, delivery_key: str | None = None,
+                   accept_production: bool = False, sender: str = LAB_ADDRESS) -> FilingReport:
+        """File ``message`` as the worker would, deposited by the owner of ``sender`` (the lab by default)."""
         context = FilingContext(delivery_key=delivery_key, message_id=str(message.get("Message-ID", "")),
-                                sender=LAB_ADDRESS,
+                                sender=sender, depositor=await self.depositor(sender),
                                 mailbox_patient_id=self.patient_id if to_patient_mailbox else None,
                                 accept_production=accept_production)
         return await file_into_record(self.db, self.blobs, extract_documents(message), context)
+
+    async def depositor(self, address: str) -> Depositor | None:
+        async with self.db.session() as session:
+            box = await session.scalar(select(Mailbox).where(Mailbox.address == address))
+            found = await depositor_of_mailbox(session, box) if box is not None else None
+        return replace(found, door="submission") if found is not None else None
 
     async def patient_row(self, ins: str = TEST_INS) -> Patient:
         async with self.db.session() as session:
@@ -85,6 +94,7 @@ async def build_world(db: Database, settings: Settings) -> World:
     doctor = await directory.add_professional(id_type="RPPS", id_value=add_luhn_key("1000000001"), family_name="MEDECIN",
                                               given_name="Claire", profession_code="10")
     await directory.create_mailbox(address=LAB_ADDRESS, type="APP", owner=lab["idnst"])
+    world.lab_idnst = lab["idnst"]
     world.doctor_address = (await directory.create_mailbox(address=f"claire.medecin@{PRO_DOMAIN}", type="PER",
                                                            owner=doctor["idnps"]))["address"]
     patient = await directory.add_patient(ins=TEST_INS, ins_oid=TEST_OID, birth_family_name="PAT-TROIS",

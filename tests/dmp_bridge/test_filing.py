@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Settings
-from gateway.directory.identifiers import add_nir_key
+from gateway.directory.identifiers import add_luhn_key, add_nir_key
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.record import RecordStore, describe_document
 from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind
@@ -17,7 +17,9 @@ from gateway.storage.db import Database
 from tests.dmp_bridge.filing_world import (
     BIO_V1,
     BIO_V2,
+    LAB_ADDRESS,
     PARIS,
+    PRO_DOMAIN,
     SAMPLE_METADATA,
     OTHER_INS,
     SAMPLES,
@@ -132,11 +134,46 @@ async def test_a_replacement_behind_a_newer_version_is_refused_900(world: World)
     assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.WRONG_VERSION
 
 
-async def test_a_replacement_by_another_author_and_organisation_is_refused_901(world: World) -> None:
+async def test_a_replacement_by_another_depositor_is_refused_901_whatever_author_it_names(world: World) -> None:
     await world.file(cda_message(BIO_V1))
-    stranger = sample(BIO_V2).replace(b"801234534765", b"801234567897").replace(b"1120459876", b"1750803447")
-    report = await world.file(message_with(("v2.xml", stranger, "text/xml")))
+    # The doctor's mailbox deposits a V2 naming the original's author and organisation: the names prove nothing.
+    report = await world.file(cda_message(BIO_V2), sender=world.doctor_address)
     assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.AUTHOR_NOT_ALLOWED
+    assert "deposited by another sender" in (report.first_refusal.reason or "")
+    v1 = await RecordStore(world.db, world.blobs).get("1.2.250.1.213.1.1.1.55.2021.6.1")
+    assert v1.status == "current"
+
+
+async def test_the_depositor_replaces_its_document_whoever_the_new_version_names_as_author(world: World) -> None:
+    await world.file(cda_message(BIO_V1))
+    other_author = sample(BIO_V2).replace(b"801234534765", b"801234567897").replace(b"1120459876", b"1750803447")
+    report = await world.file(message_with(("v2.xml", other_author, "text/xml")))
+    assert report.filed and report.filed[0].reason == "replaces 1.2.250.1.213.1.1.1.55.2021.6.1"
+    v2 = await RecordStore(world.db, world.blobs).get("1.2.250.1.213.1.1.1.55.2021.6.2")
+    assert (v2.author_idnps, v2.depositor_kind, v2.depositor_id) == ("801234567897", "organisation", world.lab_idnst)
+    assert v2.depositor_organisations == [world.lab_idnst] and v2.source_sender == LAB_ADDRESS
+
+
+async def test_a_professional_of_the_depositing_organisation_may_replace(world: World) -> None:
+    await world.file(cda_message(BIO_V1))
+    biologist = await world.directory.add_professional(id_type="RPPS", id_value=add_luhn_key("1000000077"),
+                                                       family_name="BIOLOGISTE", profession_code="21",
+                                                       organisations=[world.lab_idnst])
+    box = await world.directory.create_mailbox(address=f"biologiste@{PRO_DOMAIN}", type="PER", owner=biologist["idnps"])
+    report = await world.file(cda_message(BIO_V2), sender=box["address"])
+    assert report.filed and report.filed[0].reason == "replaces 1.2.250.1.213.1.1.1.55.2021.6.1"
+
+
+async def test_a_late_older_version_from_another_depositor_is_refused_901(world: World) -> None:
+    await world.file(cda_message(BIO_V2))
+    report = await world.file(cda_message(BIO_V1), sender=world.doctor_address)
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.AUTHOR_NOT_ALLOWED
+
+
+async def test_nothing_is_filed_without_a_depositor(world: World) -> None:
+    report = await world.file(cda_message("VAC-NOTE_2023.01.xml"), sender=world.patient_address)
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.OTHER
+    assert not report.in_record and "deposit" in (report.first_refusal.reason or "")
 
 
 async def test_us_ccd_without_ins_is_refused_903(world: World) -> None:
@@ -177,7 +214,7 @@ PDF = b"%PDF-1.4\n1 0 obj<</Title (Compte rendu)>>endobj\ntrailer<</Info 1 0 R>>
 
 
 async def test_a_plain_pdf_is_filed_for_the_patient_whose_mailbox_received_it(world: World) -> None:
-    to_doctor = await world.file(message_with(("cr.pdf", PDF, "application/pdf")))
+    to_doctor = await world.file(message_with(("cr.pdf", PDF, "application/pdf")), to_patient_mailbox=False)
     assert [o.outcome for o in to_doctor.outcomes] == [OutcomeKind.SKIPPED]
     to_patient = await world.file(message_with(("cr.pdf", PDF, "application/pdf")), to_patient_mailbox=True)
     again = await world.file(message_with(("cr.pdf", PDF, "application/pdf")), to_patient_mailbox=True)

@@ -36,6 +36,7 @@ from gateway.dmp_bridge.access import (
     RequesterKind,
 )
 from gateway.dmp_bridge.choices_tables import ArchivedDocument
+from gateway.dmp_bridge.depositor import requester_depositor
 from gateway.dmp_bridge.patient_choices import PatientChoicesService, PatientNotifier
 from gateway.dmp_bridge.record import (
     CONFIDENTIALITY_LEVELS,
@@ -248,10 +249,11 @@ class RecordAccessService:
         return document, bool(await self._archived([document.unique_id]))
 
     async def update(self, call: CallContext, document_id: str, change: MetadataChange) -> tuple[RecordDocument, bool]:
-        """Apply ``change``; only the document's author may (the author's software files and corrects it)."""
+        """Apply ``change``; only the document's depositor or their organisation may (the software that filed it
+        corrects it): decided on who is authenticated, never on the author the document names."""
         document = await self._permitted(call, document_id, "update")
-        if call.requester.id != document.author_idnps:
-            await self.refuse(call, Decision.deny(Reason.NOT_AUTHOR), patient=document.patient_ins,
+        if not await self._may_amend(call.requester, document):
+            await self.refuse(call, Decision.deny(Reason.NOT_DEPOSITOR), patient=document.patient_ins,
                               operation="update", subject=Subject.document(document.unique_id))
         updated = await self._apply(document.id, change)
         if change.archived is not None:
@@ -260,6 +262,12 @@ class RecordAccessService:
                                 source=call.source, subject=Subject.document(document.unique_id),
                                 details=_change_details(change))
         return updated, bool(await self._archived([document.unique_id]))
+
+    async def _may_amend(self, requester: Requester, document: RecordDocument) -> bool:
+        async with self.db.session() as session:
+            depositor = await requester_depositor(session, requester)
+        return depositor is not None and depositor.may_amend(document.depositor_kind, document.depositor_id,
+                                                             document.depositor_organisations)
 
     async def _apply(self, row_id: int, change: MetadataChange) -> RecordDocument:
         async with self.db.session() as session:
