@@ -15,6 +15,7 @@ import pytest
 SAMPLES = Path(__file__).parents[2].parent / "shared" / "samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
 TEST_PATIENT_ID = "279035121518989^^^&1.2.250.1.213.1.4.10&ISO^NH"
+TEST_PATIENT_INFO = ("PID-5|PAT-TROIS^DOMINIQUE^^^^^L", "PID-7|19790328", "PID-8|F")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Entry:
     hash: str | None = None  # default: the real SHA-1 of content
     size: int | None = None  # default: the real size of content
     format_code: str = "urn:ihe:iti:xds-sd:pdf:2008"
+    patient_info: tuple[str, ...] | None = TEST_PATIENT_INFO  # the sourcePatientInfo values; None: no slot
 
 
 def _slot(name: str, *values: str) -> str:
@@ -55,7 +57,7 @@ def _entry_xml(entry: Entry, patient_id: str) -> str:
         _slot("serviceStopTime", "20210104150500"),
         _slot("languageCode", "fr-FR"),
         _slot("sourcePatientId", "1234567890121^^^&1.2.3.4.567.8.9.10&ISO^PI"),
-        _slot("sourcePatientInfo", "PID-5|PAT-TROIS^DOMINIQUE^^^^^L", "PID-7|19790328", "PID-8|F"),
+        *([_slot("sourcePatientInfo", *entry.patient_info)] if entry.patient_info is not None else []),
         _slot("hash", entry.hash if entry.hash is not None else hashlib.sha1(entry.content).hexdigest()),
         _slot("size", str(entry.size if entry.size is not None else len(entry.content))),
         _slot("legalAuthenticator", "801234534765^CAMPARINI^Marcel^^^^^^&1.2.250.1.71.4.2.1&ISO^D^^^IDNPS"),
