@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from alembic import command
+from sqlalchemy import Connection, text
 
 from gateway.config import Settings
 from gateway.directory.identifiers import add_luhn_key, add_nir_key
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.record import RecordStore, describe_document
 from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind
-from gateway.storage.db import Database
+from gateway.storage.db import Database, alembic_config
 from tests.dmp_bridge.filing_world import (
     BIO_V1,
     BIO_V2,
@@ -260,3 +263,88 @@ async def test_a_broken_attachment_is_reported_906_and_the_rest_is_filed(world: 
     report = await world.file(reparse(message))
     assert [o.outcome for o in report.outcomes] == [OutcomeKind.REFUSED, OutcomeKind.FILED]
     assert report.outcomes[0].code == IntegrationCode.OTHER
+
+
+def _downgrade_to_before_the_depositor(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.downgrade(config, "0009")
+
+
+async def test_the_migration_gives_earlier_documents_the_depositor_of_their_envelope_sender(world: World) -> None:
+    await world.file(cda_message("VAC-NOTE_2023.01.xml"))
+    await world.file(cda_message(BIO_V1), sender=world.doctor_address)
+    async with world.db.engine.begin() as connection:
+        await connection.run_sync(_downgrade_to_before_the_depositor)
+    async with world.db.session() as session:  # filed before the revision, by a sender the directory no longer has
+        await session.execute(text("INSERT INTO record_documents (unique_id, patient_id, patient_ins, patient_ins_oid, "
+                                   "status, event_codes, authors, confidentiality_code, confidentiality, "
+                                   "masked_to_professionals, invisible_to_patient, invisible_to_legal_representatives, "
+                                   "body_kind, mime_type, size, sha1, sha256, blob_id, source_kind, source_sender) "
+                                   "VALUES ('1.2.250.1.999.5', :patient, :ins, '1.2.250.1.213.1.4.10', 'current', '[]', "
+                                   "'[]', 'N', '[]', false, false, false, 'pdf', 'application/pdf', 1, 'x', 'x', 'x', "
+                                   "'pdf', 'gone@example.org')"), {"patient": world.patient_id, "ins": TEST_INS})
+    await world.db.migrate()
+    store = RecordStore(world.db, world.blobs)
+    vaccination, bio = await store.get("1.2.250.1.213.1.1.1.46.2023.1.1"), await store.get("1.2.250.1.213.1.1.1.55.2021.6.1")
+    assert (vaccination.depositor_kind, vaccination.depositor_id) == ("organisation", world.lab_idnst)
+    assert vaccination.depositor_organisations == [world.lab_idnst]
+    doctor_idnps = (await world.directory.show_mailbox(world.doctor_address))["owner"]
+    assert (bio.depositor_kind, bio.depositor_id, bio.depositor_organisations) == ("professional", doctor_idnps, [])
+    unknown = await store.get("1.2.250.1.999.5")
+    assert (unknown.depositor_kind, unknown.depositor_id) == (None, None)  # matches nobody: never replaceable
+
+
+def _xdm(entries: list[Entry], *, patient_id: str | None = None) -> EmailMessage:
+    metadata = metadata_xml(entries, patient_id=patient_id) if patient_id is not None else None
+    return reparse(message_with(("IHE_XDM.ZIP", build_xdm(entries, metadata=metadata), "application/zip")))
+
+
+async def test_an_xdm_cda_whose_metadata_names_another_patient_is_refused_904(world: World) -> None:
+    entries = [Entry("Document01", "DOC0001.XML", sample(BIO_V1), unique_id="1.2.250.1.213.1.1.1.55.2021.6.1")]
+    report = await world.file(_xdm(entries, patient_id=f"{OTHER_INS}^^^&1.2.250.1.213.1.4.10&ISO^NH"))
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.INS_MISMATCH
+    assert "contradicts itself" in (report.first_refusal.reason or "") and not report.in_record
+
+
+async def test_an_xdm_entry_with_an_unreadable_birth_date_is_refused_905(world: World) -> None:
+    entries = [Entry("Document01", "DOC0001.PDF", PDF, mime_type="application/pdf", unique_id="1.2.250.1.999.40",
+                     patient_info=("PID-5|PAT-TROIS^DOMINIQUE^^^^^L", "PID-7|28/03/1979", "PID-8|F"))]
+    report = await world.file(_xdm(entries))
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.INS_INCOMPLETE
+
+
+@pytest.mark.parametrize(("content", "what"), [
+    (b"<?xml version='1.0'?><html xmlns='http://www.w3.org/1999/xhtml'><body>CR</body></html>", "an HTML page"),
+    (b"<Report><Text>CR</Text></Report>", "an XML document that is not a CDA"),
+    (b"MZ\x90\x00\x03\x00\x00\x00", "content of an unknown format"),
+])
+async def test_an_xdm_entry_the_record_does_not_hold_is_refused_906(world: World, content: bytes, what: str) -> None:
+    entries = [Entry("Document01", "DOC0001.DAT", content, mime_type="application/pdf", unique_id="1.2.250.1.999.41")]
+    report = await world.file(_xdm(entries))
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.OTHER
+    assert what in (report.first_refusal.reason or "") and "declared as 'application/pdf'" in report.first_refusal.reason
+    assert not report.in_record
+
+
+async def test_a_level_one_cda_with_an_html_body_is_refused_906(world: World) -> None:
+    html_body = sample("IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml").replace(b'mediaType="application/pdf"',
+                                                                         b'mediaType="text/html"')
+    report = await world.file(reparse(message_with(("img.xml", html_body, "text/xml"))))
+    assert report.first_refusal is not None and report.first_refusal.code == IntegrationCode.OTHER
+    assert "'text/html' is not a format the record holds" in (report.first_refusal.reason or "")
+
+
+async def test_a_dicom_object_in_an_xdm_is_filed_as_dicom(world: World) -> None:
+    dicom = b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
+    entries = [Entry("Document01", "KOS_1_1.DCM", dicom, mime_type="text/html", unique_id="1.2.250.1.999.42")]
+    report = await world.file(_xdm(entries))
+    assert [o.outcome for o in report.outcomes] == [OutcomeKind.FILED]
+    document = await RecordStore(world.db, world.blobs).get("1.2.250.1.999.42")
+    assert (document.body_kind, document.mime_type) == ("dicom", "application/dicom")  # decided, not declared
+
+
+async def test_an_xdm_mailed_to_a_professional_files_nothing_whatever_patient_it_names(world: World) -> None:
+    entries = [Entry("Document01", "DOC0001.XML", sample(BIO_V1), unique_id="1.2.250.1.213.1.1.1.55.2021.6.1")]
+    report = await world.file(_xdm(entries), to_patient_mailbox=False, sender=world.doctor_address)
+    assert [o.outcome for o in report.outcomes] == [OutcomeKind.SKIPPED] and not report.in_record

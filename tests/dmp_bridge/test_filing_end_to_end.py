@@ -140,11 +140,14 @@ async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notifi
     documents = await RecordStore(services.db, services.blobs).list_for_patient(TEST_INS)
     assert sorted(d.type_code or "" for d in documents) == ["11502-2", "87273-9"]
     assert {d.source_sender for d in documents} == {lab["address"]}
+    assert {(d.depositor_kind, d.depositor_id, d.source_door) for d in documents} == {("organisation", lab["owner"],
+                                                                                      "submission")}
 
-    mdns = await wait_for(lambda: imap_messages(served, lab), lambda ms: len(ms) >= 2)
-    assert len(mdns) == 2 and all("; processed" in _disposition(m) for m in mdns)
+    # Only the patient's copy feeds the record, so only it is acknowledged; the doctor's copy is just mail.
+    mdns = await wait_for(lambda: imap_messages(served, lab), lambda ms: len(ms) >= 1)
+    assert len(mdns) == 1 and all("; processed" in _disposition(m) for m in mdns)
     finals = sorted(line for m in mdns for line in _disposition(m).splitlines() if line.startswith("Final-Recipient"))
-    assert finals == sorted(f"Final-Recipient: rfc822;{a['address']}" for a in (patient, doctor))
+    assert finals == [f"Final-Recipient: rfc822;{patient['address']}"]
     inbox = await wait_for(lambda: imap_messages(served, patient),
                            lambda ms: any(str(m["Subject"]) == NOTIFICATION_SUBJECT for m in ms))
     assert sum(str(m["Subject"]) == NOTIFICATION_SUBJECT for m in inbox) == 1
@@ -154,12 +157,12 @@ async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notifi
     await file_until(worker, services, message["Message-ID"], 3)
     assert len(await RecordStore(services.db, services.blobs).list_for_patient(TEST_INS)) == 2
     await asyncio.sleep(1.5)  # let the gateway's 1 s retry pass run: nothing new may appear
-    assert len(imap_messages(served, lab)) == 2
+    assert len(imap_messages(served, lab)) == 1
 
     # BIO V2 supersedes V1 through the SMTP path too.
     version_two = message_with(("BIO_V2.xml", sample("BIO-CR-BIO_2021.01_Microbiologie_V2.xml"), "text/xml"),
-                               sender=lab["address"], to=doctor["address"], subject="[Annule et remplace] CR")
-    submit(served, version_two, [doctor["address"]])
+                               sender=lab["address"], to=patient["address"], subject="[Annule et remplace] CR")
+    submit(served, version_two, [patient["address"]])
     await file_until(worker, services, version_two["Message-ID"], 1)
     v1 = await RecordStore(services.db, services.blobs).get("1.2.250.1.213.1.1.1.55.2021.6.1")
     assert (v1.status, v1.superseded_by_unique_id) == ("superseded", "1.2.250.1.213.1.1.1.55.2021.6.2")
@@ -167,14 +170,14 @@ async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notifi
 
 async def test_a_ccd_without_ins_is_delivered_reported_903_and_quarantined(served: GatewayProcess,
                                                                           services: Services, tmp_path: Path) -> None:
-    lab, doctor = served.account("APP"), served.account("PER")
+    lab, patient = served.account("APP"), served.account("PAT")
     worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
     message = message_with(("sampleccd.xml", sample("sampleccd.xml"), "text/xml"), sender=lab["address"],
-                           to=doctor["address"], subject="CCD John Doe")
+                           to=patient["address"], subject="CCD John Doe")
     del message["Return-Path"]
-    submit(served, message, [doctor["address"]])
+    submit(served, message, [patient["address"]])
     await file_until(worker, services, message["Message-ID"], 1)
-    delivered = imap_messages(served, doctor)
+    delivered = imap_messages(served, patient)
     assert any(str(m["Subject"]) == "CCD John Doe" for m in delivered)  # not filed, but delivered
     reports = await wait_for(lambda: imap_messages(served, lab),
                              lambda ms: any(str(m["Subject"]).startswith(f"{KO_PREFIX}[903]") for m in ms))

@@ -21,12 +21,13 @@ from gateway.mailstore.interface import FolderRef, UidSet
 from gateway.mailstore.tables import Delivery
 from gateway.pipeline.delivery import LocalDelivery as QueueDelivery
 from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.models import QueuedMessage
 from gateway.pipeline.queue import QueueStore
 from gateway.pipeline.spool import Spool
 from gateway.security.at_rest import is_sealed
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox
-from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, cda_message
+from tests.dmp_bridge.filing_world import LAB_ADDRESS, PRO_DOMAIN, SAMPLES, TEST_INS, World, build_world, cda_message
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
 
@@ -49,7 +50,16 @@ class Bench:
                             acknowledger=Acknowledger(self.world.db, self.generated, self.world.settings),
                             hub=self.world.hub, policy=WorkerPolicy(**policy))  # type: ignore[arg-type]
 
-    async def deliver(self, message: EmailMessage, mailbox_id: int, key: str) -> None:
+    async def deliver(self, message: EmailMessage, mailbox_id: int, key: str, *, sender: str = LAB_ADDRESS,
+                      login: str | None = None, door: str = "submission") -> None:
+        """Deliver as local delivery does, after the queue row the door wrote: ``login`` (default: ``sender``)
+        authenticated and sent as ``sender``."""
+        queue_id = key.split(":", 1)[0]
+        async with self.world.db.session() as session:
+            if await session.get(QueuedMessage, queue_id) is None:
+                session.add(QueuedMessage(id=queue_id, door=door, sender=sender, size=len(message.as_bytes()),
+                                          trace_headers="", client_address="127.0.0.1",
+                                          authenticated_as=(login or sender) if door != "relay" else None))
         await self.store_delivery.deliver(mailbox_id, message.as_bytes(), delivery_key=key)
 
     async def flush_generated(self) -> None:
@@ -94,27 +104,27 @@ def _disposition(mdn: EmailMessage) -> str:
 
 async def test_requested_mdn_says_processed_and_the_patient_is_notified(bench: Bench) -> None:
     message = cda_message("VAC-NOTE_2023.01.xml", mdn_to=LAB_ADDRESS)
-    await bench.deliver(message, bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(message, bench.world.patient_mailbox_id, "q1:1")
     assert await bench.worker().run_once() == 1
     await bench.flush_generated()
     job = await bench.job("q1:1")
-    assert (job.state, job.documents_filed, job.recipient) == ("filed", 1, bench.world.doctor_address)
+    assert (job.state, job.documents_filed, job.recipient) == ("filed", 1, bench.world.patient_address)
     [mdn] = await bench.inbox(LAB_ADDRESS)
     assert mdn.get_content_type() == "multipart/report" and mdn.get_param("report-type") == "disposition-notification"
     fields = _disposition(mdn)
     assert "Disposition: automatic-action/MDN-sent-automatically; processed" in fields
-    assert f"Final-Recipient: rfc822;{bench.world.doctor_address}" in fields
+    assert f"Final-Recipient: rfc822;{bench.world.patient_address}" in fields
     assert f"Original-Message-ID: {message['Message-ID']}" in fields
     assert str(mdn["Subject"]) == "Compte rendu" and mdn["Auto-Submitted"] == "auto-replied"
-    [notification] = await bench.inbox(bench.world.patient_address)
-    assert str(notification["Subject"]) == NOTIFICATION_SUBJECT
+    [notification] = [m for m in await bench.inbox(bench.world.patient_address)
+                      if str(m["Subject"]) == NOTIFICATION_SUBJECT]
     text = notification.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "VACCINATION" not in text.upper() and "Un nouveau document a été ajouté à votre dossier" in text
 
 
 async def test_requested_mdn_on_failure_carries_the_code_and_the_ko_subject(bench: Bench) -> None:
     await bench.deliver(cda_message("sampleccd.xml", mdn_to=LAB_ADDRESS, subject="XDM/1.0/DDM+CCD DOE John"),
-                        bench.world.doctor_mailbox_id, "q1:1")
+                        bench.world.patient_mailbox_id, "q1:1")
     await bench.worker().run_once()
     await bench.flush_generated()
     [mdn] = await bench.inbox(LAB_ADDRESS)
@@ -126,12 +136,13 @@ async def test_requested_mdn_on_failure_carries_the_code_and_the_ko_subject(benc
     assert (job.state, job.result_code) == ("not-filed", 903)
     [entry] = await RecordStore(bench.world.db, bench.world.blobs).quarantine()
     assert (entry.code, entry.attachment, entry.delivery_id) == (903, "sampleccd.xml", job.delivery_id)
-    assert await bench.inbox(bench.world.patient_address) == []  # nothing filed, nobody notified
+    patient_inbox = await bench.inbox(bench.world.patient_address)
+    assert [str(m["Subject"]) for m in patient_inbox] == ["XDM/1.0/DDM+CCD DOE John"]  # delivered; nothing filed, no notice
 
 
 async def test_without_a_request_only_a_failure_is_reported(bench: Bench) -> None:
-    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
-    await bench.deliver(cda_message("sampleccd.xml", subject="CCD"), bench.world.doctor_mailbox_id, "q2:1")
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("sampleccd.xml", subject="CCD"), bench.world.patient_mailbox_id, "q2:1")
     await bench.worker().run_once()
     await bench.flush_generated()
     [report] = await bench.inbox(LAB_ADDRESS)
@@ -142,37 +153,37 @@ async def test_without_a_request_only_a_failure_is_reported(bench: Bench) -> Non
 
 async def test_an_mdn_to_another_address_than_the_return_path_is_not_sent(bench: Bench) -> None:
     await bench.deliver(cda_message("VAC-NOTE_2023.01.xml", mdn_to=bench.world.doctor_address),
-                        bench.world.doctor_mailbox_id, "q1:1")
+                        bench.world.patient_mailbox_id, "q1:1")
     await bench.worker().run_once()
     await bench.flush_generated()
     assert await bench.inbox(LAB_ADDRESS) == []
-    assert await bench.inbox(bench.world.doctor_address) != []  # only the original delivery
+    assert await bench.inbox(bench.world.doctor_address) == []
 
 
 async def test_sending_again_and_refiling_never_acknowledge_twice(bench: Bench) -> None:
     message = cda_message("VAC-NOTE_2023.01.xml", mdn_to=LAB_ADDRESS)
-    await bench.deliver(message, bench.world.doctor_mailbox_id, "q1:1")
-    await bench.deliver(message, bench.world.patient_mailbox_id, "q1:2")
-    await bench.deliver(message, bench.world.doctor_mailbox_id, "q2:1")  # the same message sent again
+    await bench.deliver(message, bench.world.patient_mailbox_id, "q1:1")
+    await bench.deliver(message, bench.world.doctor_mailbox_id, "q1:2")  # the doctor's copy: not the record's
+    await bench.deliver(message, bench.world.patient_mailbox_id, "q2:1")  # the same message sent again
     worker = bench.worker()
     assert await worker.run_once() == 3
     await worker.refile((await bench.job("q1:1")).delivery_id)
     await bench.flush_generated()
     mdns = await bench.inbox(LAB_ADDRESS)
     final_recipients = sorted(line for m in mdns for line in _disposition(m).splitlines() if line.startswith("Final-Recipient"))
-    assert final_recipients == sorted([f"Final-Recipient: rfc822;{bench.world.doctor_address}",
-                                       f"Final-Recipient: rfc822;{bench.world.patient_address}"])
+    assert final_recipients == [f"Final-Recipient: rfc822;{bench.world.patient_address}"]
+    assert (await bench.job("q1:2")).state == "not-filed"
     patient_inbox = await bench.inbox(bench.world.patient_address)
     assert [str(m["Subject"]) for m in patient_inbox].count(NOTIFICATION_SUBJECT) == 1
     assert len(await RecordStore(bench.world.db, bench.world.blobs).list_for_patient(TEST_INS)) == 1
     async with bench.world.db.session() as session:
-        assert len((await session.scalars(select(FilingNotice))).all()) == 3
+        assert len((await session.scalars(select(FilingNotice))).all()) == 2  # one MDN, one notice
 
 
 async def test_a_job_left_received_or_examined_by_a_crash_is_finished_by_the_next_worker(bench: Bench) -> None:
-    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
-    await bench.deliver(cda_message("LDL-SES_2022.01.xml"), bench.world.doctor_mailbox_id, "q2:1")
-    await bench.deliver(cda_message(SAMPLE_BIO), bench.world.doctor_mailbox_id, "q3:1")
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("LDL-SES_2022.01.xml"), bench.world.patient_mailbox_id, "q2:1")
+    await bench.deliver(cda_message(SAMPLE_BIO), bench.world.patient_mailbox_id, "q3:1")
     crashed = bench.worker()
     assert await crashed.enqueue_deliveries() == 3  # the jobs exist; the worker "dies" before running them
     async with bench.world.db.session() as session:  # one was mid-run: examined, leased by the dead worker
@@ -192,7 +203,7 @@ SAMPLE_BIO = "BIO-CR-BIO_2021.01_Microbiologie_V1.xml"
 
 
 async def test_transient_failures_are_retried_then_failed_and_refile_recovers(bench: Bench) -> None:
-    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
     async with bench.world.db.session() as session:
         delivery = await session.scalar(select(Delivery).where(Delivery.delivery_key == "q1:1"))
     assert delivery is not None
@@ -217,8 +228,8 @@ async def test_transient_failures_are_retried_then_failed_and_refile_recovers(be
 
 
 async def test_a_message_expunged_before_filing_is_not_filed_with_the_reason(bench: Bench) -> None:
-    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.doctor_mailbox_id, "q1:1")
-    folder = FolderRef(bench.world.doctor_mailbox_id, "INBOX")
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
+    folder = FolderRef(bench.world.patient_mailbox_id, "INBOX")
     from gateway.mailstore.interface import StoreMode
     await bench.world.mailstore.store_flags(folder, UidSet.of(1), StoreMode.ADD, ["\\Deleted"])
     await bench.world.mailstore.expunge(folder)
@@ -229,8 +240,8 @@ async def test_a_message_expunged_before_filing_is_not_filed_with_the_reason(ben
 
 async def test_subject_attachment_names_and_titles_are_sealed_at_rest_and_opened_for_reading(bench: Bench) -> None:
     await bench.deliver(cda_message("VAC-NOTE_2023.01.xml", subject="Vaccination grippe"),
-                        bench.world.doctor_mailbox_id, "q1:1")
-    await bench.deliver(cda_message("sampleccd.xml", subject="CCD DOE John"), bench.world.doctor_mailbox_id, "q2:1")
+                        bench.world.patient_mailbox_id, "q1:1")
+    await bench.deliver(cda_message("sampleccd.xml", subject="CCD DOE John"), bench.world.patient_mailbox_id, "q2:1")
     await bench.worker().run_once()
     async with bench.world.db.session() as session:
         stored = (await session.execute(select(FilingJob.subject, FilingJob.delivery_key))).all()
@@ -246,3 +257,29 @@ async def test_subject_attachment_names_and_titles_are_sealed_at_rest_and_opened
     [document] = await store.list_for_patient(TEST_INS)
     assert document.title and not is_sealed(document.title) and not is_sealed(document.type_display)
     assert isinstance(document.event_codes, list)
+
+
+async def test_a_delegate_deposits_for_the_delegating_owner(bench: Bench) -> None:
+    world = bench.world
+    shared = await world.directory.create_mailbox(address=f"secretariat@{PRO_DOMAIN}", type="ORG", owner=world.lab_idnst)
+    await world.directory.delegate(shared["address"], world.doctor_address, ["read", "send"])
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), world.patient_mailbox_id, "q1:1", sender=shared["address"],
+                        login=world.doctor_address)
+    await bench.worker().run_once()
+    [document] = await RecordStore(world.db, world.blobs).list_for_patient(TEST_INS)
+    assert (document.depositor_kind, document.depositor_id, document.depositor_organisations) == (
+        "organisation", world.lab_idnst, [world.lab_idnst])
+    assert (document.source_sender, document.submitted_by, document.source_door) == (
+        shared["address"], world.doctor_address, "submission")
+    assert document.author_idnps == "801234567897"  # the claimed author stays as metadata
+
+
+@pytest.mark.parametrize(("door", "sender"), [("relay", LAB_ADDRESS), ("generated", "")])
+async def test_nothing_is_filed_without_a_depositor_the_door_established(bench: Bench, door: str, sender: str) -> None:
+    """A relay peer sending as one of our own mailboxes, or mail with a null sender, deposits nothing."""
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1", sender=sender,
+                        door=door)
+    await bench.worker().run_once()
+    job = await bench.job("q1:1")
+    assert (job.state, job.result_code) == ("not-filed", 906)
+    assert await RecordStore(bench.world.db, bench.world.blobs).list_for_patient(TEST_INS) == []

@@ -280,9 +280,9 @@ async def test_put_of_another_field_is_405_and_changes_nothing(fhir: FhirWorld) 
         assert (await client.get(f"/DocumentReference/{target}")).json()["description"] == current["description"]
 
 
-async def test_only_the_author_may_update(fhir: FhirWorld) -> None:
+async def test_only_the_depositor_may_update(fhir: FhirWorld) -> None:
     target = fhir.documents[VACCINATION_ID]
     async with fhir.client("doctor") as client:
         current = (await client.get(f"/DocumentReference/{target}")).json()
         response = await client.put(f"/DocumentReference/{target}", json={**current, "status": "superseded"})
-    assert response.status_code == 403 and refusal_code(response) == "update-reserved-to-author"
+    assert response.status_code == 403 and refusal_code(response) == "update-reserved-to-depositor"

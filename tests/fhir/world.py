@@ -5,7 +5,8 @@ The record of the CI-SIS test patient (INS 279035121518989) is filed with
 Dr Charles MULLER, IDNPS 801234567897), a psychiatry summary made from that
 note with its type changed to 68599-0, the microbiology report V1 and V2
 (11502-2, V1 superseded) and the imaging report (18748-4). The directory
-holds: that author, the filing world's doctor (Claire MEDECIN), a second
+holds: that author (whose mailbox deposited the vaccination note and the
+psychiatry summary; the lab's application deposited the others), the filing world's doctor (Claire MEDECIN), a second
 doctor (the médecin traitant once the patient names her), a dentist, a
 pharmacist, the lab's APP mailbox, and the patient's own mailbox.
 """
@@ -155,12 +156,16 @@ def psychiatry_summary() -> bytes:
     return text.encode("utf-8")
 
 
-async def _file_record(world: World) -> None:
-    for name in ("VAC-NOTE_2023.01.xml", "BIO-CR-BIO_2021.01_Microbiologie_V1.xml",
-                 "BIO-CR-BIO_2021.01_Microbiologie_V2.xml", "IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml"):
-        report = await world.file(reparse(cda_message(name)))
+async def _file_record(world: World, people: People) -> None:
+    """The author's own mailbox deposits the vaccination note and the psychiatry summary (they may update
+    them); the lab's application deposits the rest."""
+    author = people.addresses["author"]
+    for name, sender in (("VAC-NOTE_2023.01.xml", author), ("BIO-CR-BIO_2021.01_Microbiologie_V1.xml", LAB_ADDRESS),
+                         ("BIO-CR-BIO_2021.01_Microbiologie_V2.xml", LAB_ADDRESS),
+                         ("IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml", LAB_ADDRESS)):
+        report = await world.file(reparse(cda_message(name)), sender=sender)
         assert report.in_record, name
-    report = await world.file(reparse(message_with(("psy.xml", psychiatry_summary(), "text/xml"))))
+    report = await world.file(reparse(message_with(("psy.xml", psychiatry_summary(), "text/xml"))), sender=author)
     assert report.in_record
 
 
@@ -180,7 +185,7 @@ async def running_fhir(database: Database, tmp_path: Path) -> AsyncIterator[Fhir
     notifier = RecordingNotifier()
     fhir = FhirWorld(world, settings, pki, audit, PatientChoicesService(database, audit), notifier,
                      await _people(world))
-    await _file_record(world)
+    await _file_record(world, fhir.people)
     fhir.documents = await _fhir_ids(world)
     fhir.listener = await start_http_listener(Services(database, world.blobs, world.directory, pki), settings,
                                               audit=audit, notifier=notifier)
