@@ -267,7 +267,10 @@ def describe_document(document: RecordDocument) -> dict[str, Any]:
                     "sha256": document.sha256, "body": document.body_kind},
         "source": {"kind": document.source_kind, "attachment": document.source_attachment,
                    "message_id": document.source_message_id, "delivery_key": document.source_delivery_key,
-                   "sender": document.source_sender, "submission_set": document.submission_set_unique_id},
+                   "sender": document.source_sender, "submission_set": document.submission_set_unique_id,
+                   "door": document.source_door},
+        "depositor": {"kind": document.depositor_kind, "id": document.depositor_id,
+                      "organisations": document.depositor_organisations or [], "submitted_by": document.submitted_by},
         "signature": document.signature_result, "filed_at": document.filed_at,
     }
 
