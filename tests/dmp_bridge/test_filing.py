@@ -341,7 +341,7 @@ async def test_a_dicom_object_in_an_xdm_is_filed_as_dicom(world: World) -> None:
     report = await world.file(_xdm(entries))
     assert [o.outcome for o in report.outcomes] == [OutcomeKind.FILED]
     document = await RecordStore(world.db, world.blobs).get("1.2.250.1.999.42")
-    assert (document.body_kind, document.mime_type) == ("dicom", "application/dicom")  # decided, not declared
+    assert (document.body_kind, document.mime_type) == ("dicom", "application/octet-stream")  # not the declared text/html
 
 
 async def test_an_xdm_mailed_to_a_professional_files_nothing_whatever_patient_it_names(world: World) -> None:
