@@ -83,8 +83,8 @@ from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
 from gateway.dmp_bridge.content_types import decided_type
 from gateway.dmp_bridge.depositor import Depositor
 from gateway.dmp_bridge.errors import IntegrationCode
-from gateway.dmp_bridge.formats import looks_like_dicom
 from gateway.dmp_bridge.extract import ExtractedDocument, ExtractionResult
+from gateway.dmp_bridge.formats import looks_like_dicom
 from gateway.dmp_bridge.patient import (
     IdentificationFailure,
     KnownPatientTraits,
