@@ -736,9 +736,9 @@ class SqlMailStore(MailStore):
                     move: bool) -> tuple[CopyResult, ExpungeResult | None]:
         if destination.mailbox_id != ref.mailbox_id:
             raise FolderNotFound("copying between mailboxes is not supported")  # their blobs use other keys
+        # RFC 6851 3.3 allows a MOVE into the source folder itself (as Dovecot does): the copies take new UIDs
+        # (UIDNEXT and a MODSEQ first), then the originals are expunged under the next MODSEQ.
         source, target = await self._lock_folders(session, [ref, destination])
-        if source.id == target.id and move:
-            raise InvalidFolderName("cannot move messages into the folder they are in")
         messages = [m for m in await session.scalars(
             select(Message).where(Message.folder_id == source.id, uid_clause(uids)).order_by(Message.uid))
             if m.uid in uids]

@@ -20,4 +20,4 @@ def test_transcript(imap: RunningImap, path: Path) -> None:  # noqa: F811
                  "other": imap.account("PER", 1).address,
                  "plain": base64.b64encode(f"\0{account.address}\0{account.password}".encode()).decode()}
     port = imap.starttls_port if script.plain else imap.imaps_port
-    run_script(script, HOST, port, imap.client_context(), variables)
+    run_script(script, HOST, port, imap.client_context(), variables, tls_port=imap.imaps_port)

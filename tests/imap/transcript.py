@@ -11,7 +11,10 @@ A script (``tests/imap/scripts/*.txt``) is a list of lines:
   and then the rest of the response, each matched by its own ``S:`` line
   (with the literal marker itself on the first one), as in James MPT;
 - ``# ...`` a comment; ``#! plain`` on the first line connects without TLS
-  (the script then runs STARTTLS, after which the runner upgrades the socket).
+  (the script then runs STARTTLS, after which the runner upgrades the socket);
+- ``C2: text`` / ``S2: regex`` (any digit): the same on a second (third...)
+  connection of the same script, opened over TLS when first used, so that
+  transcripts can interleave sessions (another client expunging, RFC 3501 7.4.1).
 
 Variables: ``{user}``/``{password}`` (a fresh account made for the script),
 ``{delegate}`` (a mailbox delegated to it, read right), ``{other}`` (an
@@ -36,6 +39,7 @@ class Step:
     text: str
     line_number: int
     message: list[str] = field(default_factory=list)
+    connection: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,12 @@ def load(path: Path) -> Script:
         if kind == "M" or raw == "M:":
             steps[-1].message.append(text if kind == "M" else "")
             continue
+        connection = 1
+        if re.fullmatch(r"[CS][1-9]", kind):
+            kind, connection = kind[0], int(kind[1:])
         if kind not in ("C", "S"):
             raise ValueError(f"{path.name}:{number}: expected C:, S:, M: or #, got {raw!r}")
-        steps.append(Step(kind, text, number))
+        steps.append(Step(kind, text, number, connection=connection))
     return Script(path.stem, steps, plain)
 
 
@@ -168,16 +175,22 @@ class TranscriptRunner:
         self.sock.close()
 
 
-def run_script(script: Script, host: str, port: int, context: ssl.SSLContext, variables: dict[str, str]) -> None:
-    runner = TranscriptRunner(host, port, context, variables, plain=script.plain)
+def run_script(script: Script, host: str, port: int, context: ssl.SSLContext, variables: dict[str, str],
+               tls_port: int | None = None) -> None:
+    runners = {1: TranscriptRunner(host, port, context, variables, plain=script.plain)}
     try:
         for step in script.steps:
+            if step.connection not in runners:
+                # Further connections use the TLS port the fixture also serves (imaps when plain is false).
+                runners[step.connection] = TranscriptRunner(host, tls_port or port, context, variables, plain=False)
+            runner = runners[step.connection]
             if step.kind == "C":
                 runner.send(step)
             else:
                 runner.expect(step)
     finally:
-        runner.close()
+        for runner in runners.values():
+            runner.close()
 
 
 def all_scripts() -> list[Path]:
