@@ -150,6 +150,16 @@ class Session:
     def condstore(self) -> bool:
         return "CONDSTORE" in self.enabled        # RFC 7162 3.1
 
+    def enable_condstore(self) -> None:
+        """RFC 7162 3.1: a CONDSTORE-enabling command turns CONDSTORE on for the rest of the connection; the
+        first one issued while a mailbox is selected is preceded by ``* OK [HIGHESTMODSEQ n]`` (3.1.2.1), n
+        being the mod-sequence up to which this session has reported changes."""
+        if self.selected is not None:
+            if not self.condstore:
+                self.write(response.untagged_ok("Highest", f"HIGHESTMODSEQ {self.selected.modseq}"))
+            self.selected.condstore = True
+        self.enabled.add("CONDSTORE")
+
     def capabilities(self) -> tuple[str, ...]:
         state = ConnectionState(tls=self.connection.is_tls, authenticated=self.account is not None,
                                 client_certificate=self._has_client_certificate())

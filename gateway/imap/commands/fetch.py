@@ -36,7 +36,7 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     assert isinstance(command, c.Fetch)
     selected = session.require_selected()
     if command.changed_since is not None or any(item.name == "MODSEQ" for item in command.attributes):
-        _enable_condstore(session, selected)          # RFC 7162 3.1: these enable CONDSTORE
+        session.enable_condstore()                    # RFC 7162 3.1: these enable CONDSTORE
     attributes = _with_implied(command, selected)
     messages = selected.resolve(command.sequence_set, uid=command.uid)
     if not messages:
@@ -67,11 +67,6 @@ async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequ
 
 def _reads_bodies(attributes: Sequence[FetchAttribute]) -> bool:
     return any(item.section is not None or item.name in BODY_ITEMS for item in attributes)
-
-
-def _enable_condstore(session: Session, selected: SelectedMailbox) -> None:
-    session.enabled.add("CONDSTORE")
-    selected.condstore = True
 
 
 def _with_implied(command: c.Fetch, selected: SelectedMailbox) -> tuple[FetchAttribute, ...]:

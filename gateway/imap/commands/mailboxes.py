@@ -337,6 +337,8 @@ async def lsub(session: Session, command: c.Command) -> Completion:
 async def status(session: Session, command: c.Command) -> Completion:
     """RFC 3501 6.3.10; HIGHESTMODSEQ (RFC 7162 3.1.6), SIZE (RFC 8438), DELETED (RFC 9051 6.3.11)."""
     assert isinstance(command, c.Status)
+    if "HIGHESTMODSEQ" in command.items:
+        session.enable_condstore()                    # RFC 7162 3.1: STATUS HIGHESTMODSEQ enables CONDSTORE
     target = await resolve(session, command.mailbox)
     values = await _status_values(session, target, command.items)
     session.write(response.status(target.name, values, utf8=session.utf8))

@@ -87,8 +87,7 @@ async def store(session: Session, command: c.Command) -> Completion:
     assert isinstance(command, c.Store)
     selected = _writable(session)
     if command.unchanged_since is not None:
-        session.enabled.add("CONDSTORE")
-        selected.condstore = True
+        session.enable_condstore()                    # RFC 7162 3.1: UNCHANGEDSINCE enables CONDSTORE
     messages = [m for m in selected.resolve(command.sequence_set, uid=command.uid)
                 if not selected.is_expunged(m.uid)]
     if not messages:

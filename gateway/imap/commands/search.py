@@ -94,8 +94,7 @@ async def search(session: Session, command: c.Command) -> Completion:
         raise BadCommand("Missing search criteria")
     with_modseq = _uses_modseq(command.criteria)
     if with_modseq:
-        session.enabled.add("CONDSTORE")          # RFC 7162 3.1: SEARCH MODSEQ enables CONDSTORE
-        selected.condstore = True
+        session.enable_condstore()                # RFC 7162 3.1: SEARCH MODSEQ enables CONDSTORE
     key = translate(command.criteria, selected)
     uids = await session.store.search(selected.ref, key, recent_uids=frozenset(selected.recent))
     matches = selected.visible(uids)
