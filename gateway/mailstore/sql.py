@@ -577,7 +577,11 @@ class SqlMailStore(MailStore):
                                                                          Message.uid == uid))
         if blob_id is None:
             raise MessageNotFound(f"no message with UID {uid}")
-        return _BlobBody(await self.blobs.open(mailbox_owner(folder.mailbox_id), blob_id))
+        try:
+            return _BlobBody(await self.blobs.open(mailbox_owner(folder.mailbox_id), blob_id))
+        except FileNotFoundError:
+            # Expunged by another session between the query and the open (its blob deleted after the commit).
+            raise MessageNotFound(f"no message with UID {uid}") from None
 
     async def append(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                      internaldate: dt.datetime | None = None) -> AppendResult:

@@ -22,6 +22,8 @@ from gateway.imap.protocol import response
 from gateway.imap.protocol.fetch import FetchAttribute
 from gateway.imap.protocol.structure import format_bodystructure, format_envelope
 from gateway.imap.selected import Message, SelectedMailbox
+from gateway.imap.protocol.errors import EXPUNGEISSUED
+from gateway.mailstore.errors import MessageNotFound
 from gateway.mailstore.interface import SEEN, MessageMeta, StoreMode, UidSet
 
 if TYPE_CHECKING:
@@ -47,22 +49,46 @@ async def fetch(session: Session, command: c.Command) -> Completion:
         newly_seen = await _set_seen(session, selected, metas)
     # Expunged by another session and not yet reported (RFC 3501 7.4.1), or unchanged: skipped.
     present = [(message, metas[message.uid]) for message in messages if message.uid in metas]
+    answered = 0
     batch = RENDER_BATCH if _reads_bodies(attributes) else len(present) or 1
     for start in range(0, len(present), batch):
-        await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen)
+        answered += await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen)
+    return _completion(command, answered, len(present) if command.changed_since is not None else len(messages))
+
+
+def _completion(command: c.Fetch, answered: int, wanted: int) -> Completion:
+    """RFC 3501 6.4.8: UIDs that no longer exist are ignored.  A message number whose message another
+    session expunged (not yet reported, RFC 3501 7.4.1) is skipped and the others answered; the command
+    still succeeds, saying so with RFC 5530 [EXPUNGEISSUED], as Dovecot does (RFC 2180 4.1.2)."""
+    if answered < wanted and not command.uid:
+        return Completion("Some messages were already expunged", EXPUNGEISSUED)
     return Completion("FETCH completed")
 
 
 async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequence[tuple[Message, MessageMeta]],
-                        attributes: tuple[FetchAttribute, ...], newly_seen: set[int]) -> None:
+                        attributes: tuple[FetchAttribute, ...], newly_seen: set[int]) -> int:
     """Render a few messages concurrently (their bodies are read and decrypted in worker threads),
-    then write them in sequence order; memory stays bounded by the batch, not by the whole set."""
+    then write them in sequence order; memory stays bounded by the batch, not by the whole set.
+    Returns how many were answered: a body expunged between the metadata and its reading is skipped."""
     rendered = await asyncio.gather(*(
-        render(session, selected, meta, _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
+        _render_present(session, selected, meta,
+                        _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
         for message, meta in batch))
+    answered = 0
     for (message, _), items in zip(batch, rendered, strict=True):
-        session.write(response.fetch(message.number, items))
+        if items is not None:
+            session.write(response.fetch(message.number, items))
+            answered += 1
     await session.connection.drain()
+    return answered
+
+
+async def _render_present(session: Session, selected: SelectedMailbox, meta: MessageMeta,
+                          attributes: Sequence[FetchAttribute]) -> list[tuple[str, bytes]] | None:
+    try:
+        return await render(session, selected, meta, attributes)
+    except MessageNotFound:
+        return None
 
 
 def _reads_bodies(attributes: Sequence[FetchAttribute]) -> bool:
