@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import BadCommand
 from gateway.imap.protocol.sequence import SequenceSet
-from gateway.mailstore.interface import RECENT, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence
+from gateway.mailstore.interface import (
+    PERMANENT_FLAGS, RECENT, SYSTEM_FLAGS, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence,
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,16 @@ class SelectedMailbox:
     pending_expunges: set[int] = field(default_factory=set)
     # UID -> MODSEQ of flag changes this session already reported (its own STOREs).
     reported: dict[int, int] = field(default_factory=dict)
+    # Keywords this session has announced in * FLAGS (RFC 3501 7.2.6).
+    keywords: set[str] = field(default_factory=set)
 
     @classmethod
     def from_snapshot(cls, snapshot: FolderSnapshot, name: str, *, read_only: bool,
                       condstore: bool) -> SelectedMailbox:
         return cls(ref=snapshot.ref, name=name, read_only=read_only or snapshot.read_only,
                    uidvalidity=snapshot.uidvalidity, uids=list(snapshot.uids), modseq=snapshot.highestmodseq,
-                   recent=set(snapshot.recent_uids), condstore=condstore)
+                   recent=set(snapshot.recent_uids), condstore=condstore,
+                   keywords={flag for flag in snapshot.flags if not flag.startswith("\\")})
 
     # --- sequence numbers and UIDs ---------------------------------------------------
 
@@ -111,6 +116,24 @@ class SelectedMailbox:
         if uid in self.recent:
             shown.append(RECENT)
         return shown
+
+    def flags_response(self) -> bytes:
+        """RFC 3501 7.2.6 ``* FLAGS``: the system flags and every keyword announced so far."""
+        return response.flags((*SYSTEM_FLAGS, *sorted(self.keywords)))
+
+    def permanent_flags_response(self) -> bytes:
+        """RFC 3501 7.1 ``* OK [PERMANENTFLAGS (...)]``: none on a read-only view; ``\\*``: keywords may be made."""
+        permanent = () if self.read_only else (*PERMANENT_FLAGS[:-1], *sorted(self.keywords), PERMANENT_FLAGS[-1])
+        return response.untagged_ok("Permanent flags", f"PERMANENTFLAGS {response.flag_list(permanent).decode()}")
+
+    def announce(self, flags: Iterable[str]) -> list[bytes]:
+        """RFC 3501 7.2.6: before a FETCH shows a keyword the client has not been told of, an updated
+        ``* FLAGS`` (and ``PERMANENTFLAGS``) announces it, as Dovecot does; nothing when all are known."""
+        new = {flag for flag in flags if not flag.startswith("\\")} - self.keywords
+        if not new:
+            return []
+        self.keywords |= new
+        return [self.flags_response(), self.permanent_flags_response()]
 
     def note_reported(self, uid: int, modseq: int) -> None:
         """This session already sent ``uid``'s flags as of ``modseq`` (a STORE reply)."""
@@ -166,12 +189,15 @@ class SelectedMailbox:
         return lines
 
     def fetch_flags_line(self, number: int, uid: int, stored: Iterable[str], modseq: int) -> bytes:
-        """``* n FETCH (UID u FLAGS (...) [MODSEQ (m)])``: UID first (Thunderbird, RFC 3501 7.4.2)."""
+        """``* n FETCH (UID u FLAGS (...) [MODSEQ (m)])``: UID first (Thunderbird, RFC 3501 7.4.2), preceded
+        by ``* FLAGS`` when it shows a new keyword (``announce``)."""
+        stored = tuple(stored)
+        announcement = b"".join(self.announce(stored))
         items: list[tuple[str, bytes]] = [("UID", str(uid).encode()),
                                           ("FLAGS", response.flag_list(self.flags_for(uid, stored)))]
         if self.condstore:
             items.append(("MODSEQ", b"(%d)" % modseq))   # RFC 7162 3.1.4.1
-        return response.fetch(number, items)
+        return announcement + response.fetch(number, items)
 
     async def _announce(self, store: MailStore, fresh: Sequence[int]) -> list[bytes]:
         """RFC 3501 7.3.1 EXISTS and 7.3.2 RECENT for messages new to this session."""

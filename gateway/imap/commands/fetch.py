@@ -75,8 +75,10 @@ async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequ
                         _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
         for message, meta in batch))
     answered = 0
-    for (message, _), items in zip(batch, rendered, strict=True):
+    for (message, meta), items in zip(batch, rendered, strict=True):
         if items is not None:
+            if any(name == "FLAGS" for name, _ in items):
+                session.write_all(selected.announce(meta.flags))      # RFC 3501 7.2.6: * FLAGS first
             session.write(response.fetch(message.number, items))
             answered += 1
     await session.connection.drain()

@@ -47,24 +47,21 @@ async def select(session: Session, command: c.Command) -> Completion:
     snapshot = await session.store.select(target.ref, read_only=read_only)
     mailbox = SelectedMailbox.from_snapshot(snapshot, target.name, read_only=read_only,
                                             condstore=session.condstore)
-    session.write_all(_select_responses(snapshot.flags, snapshot.permanent_flags, mailbox, snapshot.first_unseen,
-                                        snapshot.uidnext))
+    session.write_all(_select_responses(mailbox, snapshot.first_unseen, snapshot.uidnext))
     session.select(mailbox)
     return Completion(f"{command.name} completed", "READ-ONLY" if mailbox.read_only else "READ-WRITE")
 
 
-def _select_responses(flags: Iterable[str], permanent: Iterable[str], mailbox: SelectedMailbox,
-                      first_unseen: int | None, uidnext: int) -> list[bytes]:
+def _select_responses(mailbox: SelectedMailbox, first_unseen: int | None, uidnext: int) -> list[bytes]:
     lines = [
-        response.flags(flags),                                                   # RFC 3501 7.2.6
+        mailbox.flags_response(),                                                # RFC 3501 7.2.6
         response.exists(mailbox.exists),                                         # RFC 3501 7.3.1
         response.recent(len(mailbox.recent)),                                    # RFC 3501 7.3.2
     ]
     if first_unseen is not None:
         lines.append(response.untagged_ok("First unseen", f"UNSEEN {first_unseen}"))
-    permanent_list = response.flag_list(() if mailbox.read_only else permanent).decode()
     lines += [
-        response.untagged_ok("Permanent flags", f"PERMANENTFLAGS {permanent_list}"),
+        mailbox.permanent_flags_response(),
         response.untagged_ok("UIDs valid", f"UIDVALIDITY {mailbox.uidvalidity}"),
         response.untagged_ok("Predicted next UID", f"UIDNEXT {uidnext}"),
         # RFC 7162 3.1.2.1: sent on every SELECT by a server that keeps mod-sequences.

@@ -28,6 +28,10 @@ def parse_flag(buf: Buffer, *, allow_recent: bool = False) -> tuple[str, Buffer]
     backslash = peek(buf) == b"\\"
     atom, rest = parse_atom(buf[1:] if backslash else buf, ATOM)
     text = ("\\" if backslash else "") + atom.decode("ascii")
+    if text.upper() == "NIL":
+        # NIL is the nil token, never a keyword (Dovecot refuses it too): storing it would make
+        # FLAGS (NIL) read as "no flag list" to clients.
+        raise fail("NIL is not a flag", buf)
     flag = canonical_flag(text)
     if flag == RECENT and not allow_recent:
         raise fail("\\Recent cannot be set by a client", buf)
