@@ -16,6 +16,8 @@ from gateway.imap.protocol.search import (
     SearchSequence, SearchSize, SearchText,
 )
 from gateway.imap.protocol.sequence import SequenceRange, SequenceSet
+from gateway.directory.demo import DemoAccount
+from tests.imap.imap_server import Conversation, RunningImap, imap  # noqa: F401 (fixture)
 
 
 def assert_bad(wire: bytes) -> ParseError:
@@ -179,3 +181,37 @@ def test_generated_search_programs_parse(program: tuple[str, SearchKey], uid: bo
     prefix = "t UID SEARCH CHARSET UTF-8 " if uid else "t SEARCH CHARSET UTF-8 "
     command = parse_command((prefix + text).encode("utf-8"))
     assert command.criteria == expected   # type: ignore[attr-defined]
+
+
+# --- printable mailbox names and patterns through a real session ------------------------------------------
+
+PRINTABLE_NAME_PIECES = st.sampled_from(list("!#$&'+,-.0123456789:;<=>?@^_`|}~ []/%*aZ") + ["&-", "&AOk-", "INBOX"])
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(PRINTABLE_NAME_PIECES, min_size=1, max_size=12).map("".join))
+def test_printable_names_and_patterns_never_end_the_session(imap: RunningImap, name: str) -> None:  # noqa: F811
+    """Any printable name or pattern (RFC 3501 5.1, 6.3.8) gets a tagged OK, NO or BAD, and the session
+    goes on: LIST "" "!#$&'+,-.0123456789:;<=>?@^_`|}%*" once ended it (an invalid modified UTF-7 pattern)."""
+    conversation = Conversation(imap, _HOSTILE_ACCOUNT.setdefault("account", imap.new_account()))
+    try:
+        for command in (f'LIST "" {_quoted(name)}', f"LIST {_quoted(name)} %", f'LSUB "" {_quoted(name)}',
+                        f'LIST (SUBSCRIBED RECURSIVEMATCH) "" {_quoted(name)} RETURN (CHILDREN STATUS (MESSAGES))',
+                        f"CREATE {_quoted(name)}", f"STATUS {_quoted(name)} (MESSAGES)",
+                        f"SUBSCRIBE {_quoted(name)}", f"EXAMINE {_quoted(name)}", "UNSELECT",
+                        f"DELETE {_quoted(name)}"):
+            conversation.send(f"h {command}")
+            while not (line := conversation.line()).startswith("h "):
+                assert line.startswith(("* ", "+ ")), (command, line)
+            assert line.split(" ")[1] in ("OK", "NO", "BAD"), (command, line)
+            assert "SERVERBUG" not in line, (command, line)
+        conversation.command("NOOP")                  # still served
+    finally:
+        conversation.close()
+
+
+_HOSTILE_ACCOUNT: dict[str, DemoAccount] = {}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gateway.imap.protocol.dates import format_date_time, parse_date, parse_date_time
 from gateway.imap.protocol.errors import ParseError
 from gateway.imap.protocol.mailbox_name import (
-    decode_mailbox_octets, decode_modified_utf7, encode_modified_utf7, normalise_inbox,
+    InvalidMailboxName, decode_mailbox_octets, decode_modified_utf7, encode_modified_utf7, normalise_inbox,
 )
 from gateway.imap.protocol.sequence import SequenceRange, SequenceSet, sequence_set_from_text
 
@@ -83,10 +83,18 @@ def test_invalid_modified_utf7(wire: str) -> None:
         decode_modified_utf7(wire)
 
 
+def test_invalid_modified_utf7_name_is_no_and_pattern_kept_as_written() -> None:
+    """An invalid name is a NO [CANNOT] (the command is well formed); a LIST pattern keeps its text."""
+    with pytest.raises(InvalidMailboxName) as caught:
+        decode_mailbox_octets(b"Rapports&Jjo", utf8=False)
+    assert caught.value.response(b"a".decode()).startswith(b"a NO [CANNOT]")
+    assert decode_mailbox_octets(b"!#$&'+,-.%*", utf8=False, pattern=True) == "!#$&'+,-.%*"
+
+
 def test_inbox_is_case_insensitive_and_control_characters_refused() -> None:
     assert normalise_inbox("inBox") == "INBOX"
     assert normalise_inbox("INBOX/sub") == "INBOX/sub"
-    with pytest.raises(ParseError):
+    with pytest.raises(InvalidMailboxName):
         decode_mailbox_octets(b"a\rb", utf8=True)
     assert decode_mailbox_octets("é".encode(), utf8=True) == "é"
 

@@ -272,8 +272,6 @@ BAD_COMMANDS = [
     b"a AUTHENTICATE PLAIN !!!",
     b"a LOGIN \"unterminated",
     b"a LOGIN \"a\\x\" b",                   # bad escape in quoted string
-    b"a CREATE &Jjo!",                      # bad modified UTF-7
-    b"a CREATE A&AEE-",                     # "A" encoded: not canonical
     b"a CREATE caf\xc3\xa9",                # 8-bit name without UTF8=ACCEPT
     b"a SELECT {3}\r\na\x00b",              # NUL in literal
     b"a ID (\"name\")",
@@ -290,6 +288,22 @@ def test_malformed_commands_are_bad_with_a_reason(wire: bytes) -> None:
     response = caught.value.response()
     assert response.endswith(b"\r\n") and b" BAD " in response
     assert response.count(b"\r\n") == 1
+
+
+INVALID_NAMES = [
+    b"a CREATE &Jjo!",                      # bad modified UTF-7
+    b"a CREATE A&AEE-",                     # "A" encoded: not canonical
+    b"a SELECT \"x&\"",                     # unterminated
+    b"a RENAME INBOX/a \"b\x01\"",            # a control character in a quoted string
+]
+
+
+@pytest.mark.parametrize("wire", INVALID_NAMES, ids=[w.decode("latin-1")[:40] for w in INVALID_NAMES])
+def test_invalid_mailbox_names_are_no_not_bad(wire: bytes) -> None:
+    """The command is well formed; the name cannot exist: NO [CANNOT] (RFC 3501 7.1.2, RFC 5530 3)."""
+    with pytest.raises(ImapNo) as caught:
+        parse_command(wire)
+    assert caught.value.response().startswith(b"a NO [CANNOT] ")
 
 
 def test_error_carries_the_tag_or_is_untagged() -> None:

@@ -14,7 +14,7 @@ import base64
 import binascii
 import re
 
-from gateway.imap.protocol.errors import ParseError
+from gateway.imap.protocol.errors import CANNOT, ImapNo, ParseError
 from gateway.imap.protocol.primitives import (
     LIST_ATOM, Buffer, decode_utf8, parse_astring, parse_atom, parse_string, peek,
 )
@@ -108,24 +108,42 @@ def decode_modified_utf7(text: str) -> str:
     return "".join(out)
 
 
+class InvalidMailboxName(ImapNo):
+    """A well-formed command naming a mailbox no folder can have (invalid modified UTF-7, a control
+    character, too long): RFC 3501 7.1.2 NO [CANNOT] (RFC 5530 3), not BAD, as Dovecot answers."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, CANNOT)
+
+
 def validate_name(name: str) -> str:
     """Refuse control characters and absurd lengths (names end up in paths and logs)."""
     if len(name) > MAX_NAME_LENGTH:
-        raise ParseError("Mailbox name too long")
+        raise InvalidMailboxName("Mailbox name too long")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        raise ParseError("Control character in mailbox name")
+        raise InvalidMailboxName("Control character in mailbox name")
     return name
 
 
-def decode_mailbox_octets(octets: bytes, *, utf8: bool) -> str:
-    """Wire octets to a name: UTF-8 when enabled (RFC 6855 3), else modified UTF-7."""
+def decode_mailbox_octets(octets: bytes, *, utf8: bool, pattern: bool = False) -> str:
+    """Wire octets to a name: UTF-8 when enabled (RFC 6855 3), else modified UTF-7.
+
+    A name that is not valid modified UTF-7 is refused (``InvalidMailboxName``); a LIST reference or
+    pattern (``pattern``) keeps its text as written instead, so it matches only a name spelt that way
+    (the command still succeeds, RFC 3501 6.3.8)."""
     if utf8:
         return validate_name(decode_utf8(octets, "mailbox name"))
     try:
         text = octets.decode("ascii")
     except UnicodeDecodeError:
         raise ParseError("8-bit mailbox name without UTF8=ACCEPT (use modified UTF-7)") from None
-    return validate_name(decode_modified_utf7(text))
+    try:
+        decoded = decode_modified_utf7(text)
+    except ParseError as error:
+        if not pattern:
+            raise InvalidMailboxName(error.text) from None
+        decoded = text
+    return validate_name(decoded)
 
 
 def encode_mailbox_name(name: str, *, utf8: bool) -> str:
@@ -145,4 +163,4 @@ def parse_list_mailbox(buf: Buffer, *, utf8: bool) -> tuple[str, Buffer]:
         octets, rest = parse_string(buf)
     else:
         octets, rest = parse_atom(buf, LIST_ATOM)
-    return decode_mailbox_octets(octets, utf8=utf8), rest
+    return decode_mailbox_octets(octets, utf8=utf8, pattern=True), rest

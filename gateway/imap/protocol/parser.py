@@ -249,7 +249,7 @@ def _rename(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
 def _parse_reference(buf: Buffer, options: ParserOptions) -> tuple[str, Buffer]:
     """The LIST reference is a ``mailbox`` but not INBOX-normalised (it is a prefix)."""
     octets, rest = parse_astring(buf)
-    return decode_mailbox_octets(octets, utf8=options.utf8), rest
+    return decode_mailbox_octets(octets, utf8=options.utf8, pattern=True), rest
 
 
 def _parse_options(buf: Buffer, allowed: frozenset[str], what: str) -> tuple[list[str], Buffer]:
