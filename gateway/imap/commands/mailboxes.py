@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.imap.commands.base import (
-    SHARED_PREFIX, Completion, Target, delegated_addresses, delegated_mailbox_id, normalise_folder,
-    refuse_shared_name, resolve, resolve_writable, shared_name,
+    SHARED_PREFIX, Completion, Target, delegated_addresses, delegated_mailbox_id, is_shared_path,
+    normalise_folder, refuse_shared_name, resolve, resolve_writable, shared_name,
 )
 from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
@@ -87,11 +87,11 @@ async def create(session: Session, command: c.Command) -> Completion:
 
 
 async def delete(session: Session, command: c.Command) -> Completion:
-    """RFC 3501 6.3.4."""
+    """RFC 3501 6.3.4.  The name stays subscribed: RFC 3501 6.3.6 forbids removing a subscription
+    unilaterally, and LIST (SUBSCRIBED) then shows it \\NonExistent (RFC 5258 3.4 example)."""
     assert isinstance(command, c.Delete)
     target = await resolve_writable(session, command.mailbox)
     await session.store.delete_folder(target.ref.mailbox_id, target.ref.name)
-    await session.store.unsubscribe(target.ref.mailbox_id, target.ref.name)
     return Completion("DELETE completed")
 
 
@@ -227,6 +227,11 @@ async def visible_mailboxes(session: Session) -> list[Listed]:
     known = {item.name for item in listed}
     listed += [Listed(name, subscribed=True, exists=False, selectable=False)
                for name in sorted(subscriptions - known)]
+    known |= subscriptions
+    # RFC 5258 4 / RFC 3501 6.3.9: the parents of subscribed names exist for CHILDINFO and LSUB "%" even
+    # when no folder has that name (they are \NonExistent / \Noselect then).
+    listed += [Listed(name, exists=False, selectable=False)
+               for name in sorted(_missing_parents(subscriptions, known))]
     _mark_subscribed_children(listed)
     return sorted(listed, key=lambda item: (item.name != "INBOX", item.name))
 
@@ -249,6 +254,12 @@ async def _shared_mailboxes(session: Session, subscriptions: set[str]) -> list[L
     return listed
 
 
+def _missing_parents(names: set[str], known: set[str]) -> set[str]:
+    parents = {SEPARATOR.join(name.split(SEPARATOR)[:depth]) for name in names
+               for depth in range(1, name.count(SEPARATOR) + 1)}
+    return {parent for parent in parents - known if parent and not is_shared_path(parent)}
+
+
 def _mark_subscribed_children(listed: list[Listed]) -> None:
     """RFC 5258 4: CHILDINFO ("SUBSCRIBED") for RECURSIVEMATCH."""
     subscribed = [item.name for item in listed if item.subscribed]
@@ -260,10 +271,11 @@ def list_attributes(item: Listed, *, show_subscribed: bool) -> list[str]:
     """RFC 3501 7.2.2, RFC 3348 CHILDREN, RFC 6154 2 special use, RFC 5258 3 \\Subscribed/\\NonExistent."""
     attributes: list[str] = []
     if not item.exists:
-        attributes.append("\\NonExistent")
-    elif not item.selectable:
-        attributes.append("\\Noselect")
-    attributes.append("\\HasChildren" if item.has_children else "\\HasNoChildren")
+        attributes.append("\\NonExistent")     # RFC 5258 3.4: implies \Noselect; no CHILDREN attribute
+    else:
+        if not item.selectable:
+            attributes.append("\\Noselect")
+        attributes.append("\\HasChildren" if item.has_children else "\\HasNoChildren")
     if show_subscribed and item.subscribed:
         attributes.append("\\Subscribed")
     if item.special_use:
@@ -297,8 +309,8 @@ def _selected_items(items: list[Listed], command: c.List, patterns: list[str]) -
             if not (recursive and item.subscribed_children):
                 continue
             item.extra.append("SUBSCRIBED")
-        elif not item.exists:
-            continue
+        elif not item.exists and not only_subscribed:
+            continue        # RFC 5258 3.4: a subscribed name that does not exist is listed only by (SUBSCRIBED)
         chosen.append(item)
     return chosen
 
@@ -322,10 +334,19 @@ async def lsub(session: Session, command: c.Command) -> Completion:
     """RFC 3501 6.3.9: subscribed names matching the pattern."""
     assert isinstance(command, c.Lsub)
     pattern = list_pattern(command.reference, command.pattern)
-    for item in await visible_mailboxes(session):
-        if item.subscribed and matches(pattern, item.name):
+    items = await visible_mailboxes(session)
+    subscribed = [item.name for item in items if item.subscribed]
+    for item in items:
+        if not matches(pattern, item.name):
+            continue
+        if item.subscribed:
             attributes = [] if item.exists else ["\\Noselect"]
-            session.write(response.list_response(attributes, SEPARATOR, item.name, utf8=session.utf8, kind="LSUB"))
+        elif any(name.startswith(item.name + SEPARATOR) and not matches(pattern, name) for name in subscribed):
+            # RFC 3501 6.3.9: "foo/bar" subscribed, "foo" not: LSUB "" "%" answers foo with \Noselect.
+            attributes = ["\\Noselect"]
+        else:
+            continue
+        session.write(response.list_response(attributes, SEPARATOR, item.name, utf8=session.utf8, kind="LSUB"))
     return Completion("LSUB completed")
 
 

@@ -318,8 +318,8 @@ def _list(tag: str, rest: Buffer, options: ParserOptions) -> c.Command:
     if peek(rest) == b"(":
         selection, rest = _parse_options(rest, LIST_SELECTION, "LIST selection")
         rest, extended = parse_sp(rest), True
-        if "RECURSIVEMATCH" in selection and len(set(selection)) == 1:
-            # RFC 5258 3.1: RECURSIVEMATCH alone is a syntax error.
+        if "RECURSIVEMATCH" in selection and set(selection) - {"REMOTE"} == {"RECURSIVEMATCH"}:
+            # RFC 5258 3.1: RECURSIVEMATCH alone (or only with REMOTE) is a syntax error.
             raise ParseError("RECURSIVEMATCH needs another selection option")
     reference, rest = _parse_reference(rest, options)
     patterns, several, rest = _parse_patterns(parse_sp(rest), options)
