@@ -9,13 +9,20 @@ from __future__ import annotations
 import datetime as dt
 import email.parser
 import email.policy
+import re
 from dataclasses import dataclass
 from email.header import decode_header, make_header
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
+
+# The RFC 5322 address parser IMAP's ENVELOPE uses (pure, no I/O): the cached ENVELOPE and the SEARCH
+# columns must read addresses exactly as a FETCH of the header would.
+from gateway.imap.protocol.headers import parse_address_list, unfold
 
 MAX_HEADER_BYTES = 256 * 1024
 _ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+ADDRESS_HEADERS = frozenset(_ADDRESS_FIELDS)
+_QUOTED_PART = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -49,32 +56,62 @@ def decode_text(raw: str | None) -> str | None:
 
 
 def _address_list(raw: str | None) -> list[list[str | None]] | None:
-    """ENVELOPE address structures: (name adl mailbox host) per RFC 3501 7.4.2."""
+    """ENVELOPE address structures (name adl mailbox host), RFC 3501 7.4.2, group syntax included:
+    (NIL NIL "group" NIL) before a group's members and (NIL NIL NIL NIL) after them (RFC 5322 3.4)."""
     if not raw:
         return None
-    addresses: list[list[str | None]] = []
-    for name, address in getaddresses([raw]):
-        mailbox, _, host = address.rpartition("@") if "@" in address else (address, "", "")
-        addresses.append([name or None, None, mailbox or None, host or None])
+    addresses = [[a.name, a.adl, a.mailbox, a.host] for a in parse_address_list(raw)]
     return addresses or None
 
 
+def _unquoted(local_part: str) -> str:
+    """RFC 5322 3.2.4: ``"jean"`` -> ``jean``, ``"a\\"b"`` -> ``a"b``."""
+    return _QUOTED_PART.sub(lambda match: re.sub(r"\\(.)", r"\1", match.group(1)), local_part)
+
+
+def address_search_text(raw: str | None) -> str | None:
+    """What SEARCH FROM / TO / CC / BCC compare (RFC 3501 6.4.4): the field as the user sees it (RFC 2047
+    encoded words decoded), then each address it holds in one plain form, ``Name <local@domain>`` (local
+    part unquoted, encoded words decoded), and each group's name, one per line, so that a search for the
+    address, the name or the group finds the message however the header spells them, as Dovecot does."""
+    if raw is None:
+        return None
+    seen = decode_text(unfold(raw)) or ""
+    forms = [seen]
+    for address in parse_address_list(raw):
+        if address.mailbox is None:
+            continue                                   # a group's end marker
+        if address.host is None:
+            form = decode_text(address.mailbox) or ""  # a group's name (or an address without a domain)
+        else:
+            mailbox = f"{_unquoted(address.mailbox)}@{address.host}"
+            name = decode_text(address.name) if address.name else None
+            form = f"{name} <{mailbox}>" if name else mailbox
+        if form and not any(form in known for known in forms):
+            forms.append(form)
+    return "\n".join(forms)
+
+
 def _sent_date(raw: str | None) -> dt.datetime | None:
+    """The Date field's wall-clock time in its own zone, the zone dropped (kept as if UTC): RFC 3501 6.4.4
+    SENTBEFORE/SENTON/SENTSINCE compare that date "disregarding time and timezone", so 23:30 -0500 on
+    1 July is 1 July, not 2 July in UTC."""
     if not raw:
         return None
     try:
         parsed = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def parse_headers(section: bytes) -> CachedHeaders:
     message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
 
     def raw(name: str) -> str | None:
+        """The first ``name`` field unfolded, as ENVELOPE serves it (RFC 5322 2.2.3)."""
         value = message.get(name)
-        return None if value is None else str(value).strip()
+        return None if value is None else unfold(str(value)).strip(" \t")
 
     addresses = {name: _address_list(raw(name)) for name in _ADDRESS_FIELDS}
     # RFC 3501 7.4.2: sender and reply-to default to from when absent.
@@ -88,9 +125,9 @@ def parse_headers(section: bytes) -> CachedHeaders:
     return CachedHeaders(
         message_id=message_id[:998] if message_id else None,
         subject=decode_text(raw("subject")),
-        from_addr=decode_text(raw("from")),
-        to_addr=decode_text(raw("to")),
-        cc_addr=decode_text(raw("cc")),
+        from_addr=address_search_text(raw("from")),
+        to_addr=address_search_text(raw("to")),
+        cc_addr=address_search_text(raw("cc")),
         sent_date=_sent_date(raw("date")),
         envelope=envelope,
     )

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import ColumnElement, and_, false, func, not_, or_, true
 
 from gateway.mailstore import flags as flagcodec
-from gateway.mailstore.headers import decode_text, header_section
+from gateway.mailstore.headers import ADDRESS_HEADERS, address_search_text, decode_text, header_section
 from gateway.mailstore.interface import (
     All,
     AnyOf,
@@ -64,7 +64,8 @@ def uid_clause(uids: UidSet) -> ColumnElement[bool]:
 
 
 def _day_start(day: dt.date) -> dt.datetime:
-    # RFC 3501 6.4.4: date keys disregard time and timezone; we compare calendar days in UTC.
+    # RFC 3501 6.4.4: date keys disregard time and timezone.  Internal dates are compared as UTC days; the
+    # sent date is stored as the Date field's own wall clock (headers._sent_date), so its day is the header's.
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
 
 
@@ -116,7 +117,9 @@ def to_sql(key: SearchKey, recent_uids: frozenset[int], *, header_columns: bool 
             return Message.size < size
         case ModSeqAtLeast(modseq):
             return Message.modseq >= modseq
-        case Header(name, value) if header_columns and name.lower() in CACHED_HEADERS:
+        case Header(name, value) if header_columns and name.lower() in CACHED_HEADERS and value.isascii():
+            # Non-ASCII needles go to the evaluator: SQL ILIKE folds ASCII case only (SQLite), Python folds
+            # Unicode case, and the sealed store (Python only) must answer as the clear one does.
             cached: ColumnElement[str] = getattr(Message, CACHED_HEADERS[name.lower()])
             # RFC 3501 6.4.4 HEADER: an empty string matches every message that has the field.
             return cached.is_not(None) if value == "" else cached.ilike(_like_pattern(value), escape="\\")
@@ -200,6 +203,7 @@ class Evaluator:
             return field is not None if value == "" else _contains(field, value)
         raw = await self._read_headers(row)
         section = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_section(raw))
-        values = [decode_text(str(item)) for item in section.get_all(name, [])]
+        searchable = address_search_text if name.lower() in ADDRESS_HEADERS else decode_text
+        values = [searchable(str(item)) for item in section.get_all(name, [])]
         return bool(values) if value == "" else any(_contains(item, value) for item in values)
 

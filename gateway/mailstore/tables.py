@@ -114,7 +114,7 @@ class Message(Base):
     from_addr: Mapped[str | None] = mapped_column(Text)
     to_addr: Mapped[str | None] = mapped_column(Text)
     cc_addr: Mapped[str | None] = mapped_column(Text)
-    sent_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())  # the Date: header
+    sent_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())  # Date: wall clock, own zone dropped
     # RFC 3501 7.4.2 ENVELOPE, parsed once at delivery (header-only, cheap).
     envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
     saved_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
