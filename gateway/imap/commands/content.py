@@ -1,25 +1,31 @@
 """A message's octets as FETCH serves them: the whole, the header, and body sections (RFC 3501 6.4.5).
 
 ``MessageContent`` opens the stored message lazily: a FETCH of flags never
-touches the blob, a header request reads only the first block, and the full
-parse happens once per message even when several sections are asked for.
-Part numbering follows RFC 3501 6.4.5: a non-multipart message has one part
-(1); a message/rfc822 part's subparts number the encapsulated message's parts.
-Body octets come from ``structure.body_octets`` so that sizes agree with
-BODYSTRUCTURE.
+touches the blob, a header request reads only the first block, and the MIME
+tree is built once per message even when several sections are asked for.
+Sections are slices of the stored octets (``protocol.mime``), numbered as RFC
+3501 6.4.5 says and as Dovecot walks them (``mime.find_part``), so sizes agree
+with BODYSTRUCTURE.
 """
 
 from __future__ import annotations
 
+import base64
 import email
+import quopri
+import re
 from email.message import Message
 from email.policy import compat32
 
+from gateway.imap.protocol.errors import UNKNOWN_CTE, ImapNo
 from gateway.imap.protocol.fetch import BodySection
-from gateway.imap.protocol.structure import body_octets, message_octets
+from gateway.imap.protocol.mime import MimePart, find_part, header_value, parse_message
 from gateway.mailstore.interface import FolderRef, MailStore
 
+__all__ = ["MessageContent", "binary_octets", "find_part", "header_fields", "split_header"]
+
 HEAD_BLOCK = 64 * 1024
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def split_header(raw: bytes) -> tuple[bytes, bytes]:
@@ -60,7 +66,7 @@ class MessageContent:
         self.uid = uid
         self._raw: bytes | None = None
         self._head: bytes | None = None
-        self._parsed: Message | None = None
+        self._parsed: MimePart | None = None
 
     async def raw(self) -> bytes:
         if self._raw is None:
@@ -82,9 +88,9 @@ class MessageContent:
             self._head = split_header(block)[0]
         return self._head
 
-    async def parsed(self) -> Message:
+    async def parsed(self) -> MimePart:
         if self._parsed is None:
-            self._parsed = email.message_from_bytes(await self.raw(), policy=compat32)
+            self._parsed = parse_message(await self.raw())
         return self._parsed
 
     async def head_message(self) -> Message:
@@ -112,53 +118,33 @@ class MessageContent:
         return raw
 
 
-def _subparts(part: Message) -> list[Message]:
-    payload = part.get_payload()
-    if isinstance(payload, list):
-        return [child for child in payload if isinstance(child, Message)]
-    return []
-
-
-def _is_encapsulated(part: Message) -> bool:
-    return part.get_content_type() == "message/rfc822" and part.is_multipart()
-
-
-def find_part(message: Message, numbers: tuple[int, ...]) -> Message | None:
-    """Walk part numbers; a message/rfc822 part steps into its message for the next number."""
-    current = message
-    for number in numbers:
-        if _is_encapsulated(current) and current is not message:
-            current = _subparts(current)[0]
-        if current.is_multipart():
-            children = _subparts(current)
-            if number > len(children):
-                return None
-            current = children[number - 1]
-        elif number == 1:
-            continue      # RFC 3501 6.4.5: a non-multipart message's only part is 1
-        else:
-            return None
-    return current
-
-
-def _part_section(part: Message, section: BodySection) -> bytes:
+def _part_section(part: MimePart, section: BodySection) -> bytes:
+    """RFC 3501 6.4.5: MIME is the part's own header; HEADER, HEADER.FIELDS and TEXT of a message/rfc822
+    part are those of its message; no specifier is the part's body."""
     if section.text == "MIME":
-        return split_header(message_octets(part))[0]
+        return part.header
     if section.text is None:
-        if part.is_multipart() and not _is_encapsulated(part):
-            return split_header(message_octets(part))[1]
-        return body_octets(part)
-    inner = _subparts(part)[0] if _is_encapsulated(part) else part
-    whole = message_octets(inner)
-    head, body = split_header(whole)
+        return part.body
+    inner = part.encapsulated or part
     if section.text == "HEADER":
-        return head
+        return inner.header
     if section.text == "TEXT":
+        return inner.body
+    return header_fields(inner.header, section.fields, exclude=section.text == "HEADER.FIELDS.NOT")
+
+
+def binary_octets(part: MimePart) -> bytes:
+    """RFC 3516 4.2: the part's content with its transfer encoding removed; an encoding we cannot undo is
+    NO [UNKNOWN-CTE] (RFC 3516 4.3)."""
+    encoding = (header_value(part.headers, "Content-Transfer-Encoding") or "").strip().lower()
+    body = part.body
+    if encoding in ("", "7bit", "8bit", "binary"):
         return body
-    return header_fields(head, section.fields, exclude=section.text == "HEADER.FIELDS.NOT")
-
-
-def binary_octets(part: Message) -> bytes:
-    """RFC 3516 4.2: the part's content with its transfer encoding removed."""
-    payload = part.get_payload(decode=True)
-    return payload if isinstance(payload, bytes) else b""
+    if encoding == "base64":
+        # Lenient, as mail readers are: line breaks and stray characters skipped, missing padding added.
+        alphabet = _NOT_BASE64.sub(b"", body)
+        alphabet = alphabet[: len(alphabet) - len(alphabet) % 4 if len(alphabet) % 4 == 1 else len(alphabet)]
+        return base64.b64decode(alphabet + b"=" * (-len(alphabet) % 4))
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body)
+    raise ImapNo(f"Unknown Content-Transfer-Encoding {encoding[:40]}", UNKNOWN_CTE)
