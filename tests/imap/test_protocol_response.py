@@ -304,3 +304,22 @@ def test_deep_mime_nesting_becomes_one_opaque_part(depth: int) -> None:
 def test_nesting_within_the_limit_is_kept() -> None:
     message = parse_message(_nested_multipart(MAX_MIME_DEPTH))
     assert format_bodystructure(message).count(b'"MIXED"') == MAX_MIME_DEPTH
+
+
+def test_binary_undoes_the_transfer_encoding_or_says_unknown_cte() -> None:
+    """RFC 3516 4.2: BINARY[part] is the decoded content; an encoding we cannot undo is NO [UNKNOWN-CTE]."""
+    from gateway.imap.commands.content import binary_octets
+    from gateway.imap.protocol.mime import find_part
+
+    message = parse_message(
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Transfer-Encoding: base64\r\n\r\nSlZC\r\nRVJp\r\n--b\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9=\r\n!\r\n--b\r\n"
+        b"Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 x\r\n--b--\r\n")
+    parts = [part for number in (1, 2, 3) if (part := find_part(message, (number,))) is not None]
+    assert len(parts) == 3
+    assert binary_octets(parts[0]) == b"JVBERi"
+    assert binary_octets(parts[1]) == "café!".encode()
+    with pytest.raises(ImapNo) as caught:
+        binary_octets(parts[2])
+    assert caught.value.code == "UNKNOWN-CTE"
