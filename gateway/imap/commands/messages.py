@@ -96,6 +96,9 @@ async def store(session: Session, command: c.Command) -> Completion:
                                              command.flags, unchanged_since=command.unchanged_since)
     for update in result.updated:
         selected.note_reported(update.uid, update.modseq)
+    if command.mode is not c.StoreMode.REMOVE:
+        # RFC 3501 7.2.6: a keyword new to the mailbox is announced (* FLAGS) even when .SILENT.
+        session.write_all(selected.announce(command.flags))
     if not command.silent:
         await _report_flags(session, selected, messages, set(result.conflicts))
     return Completion("STORE completed", _modified_code(selected, result.conflicts, uid=command.uid))
