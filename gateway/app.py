@@ -20,7 +20,7 @@ from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.fhir.server import start_http_listener
-from gateway.dmp_bridge.notify import MailboxNotifier
+from gateway.dmp_bridge.notify import AccessNoticeRecorder, AccessNoticeTask
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
@@ -165,10 +165,13 @@ class Gateway:
         running.push_async_callback(filing.stop)
         generated = GeneratedMailQueue(settings, services.directory, smtp.pipeline.spool,
                                        schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
+        notices = AccessNoticeTask(services.db, settings, generated)
+        await notices.start()
+        running.push_async_callback(notices.stop)
         # The HTTPS listener: the patient webmail at its root, the FHIR API mounted under fhir.base_path.
         webmail = build_webmail_app(services, settings, pipeline=smtp.pipeline) if settings.webmail.enabled else None
-        http = await start_http_listener(services, settings, notifier=MailboxNotifier(services.db, settings, generated),
-                                         root=webmail)
+        http = await start_http_listener(services, settings, root=webmail,
+                                         notifier=AccessNoticeRecorder(services.db, wake=notices.wake))
         running.push_async_callback(http.aclose)
         shredding = ShreddingTask(services.db, services.keys, services.fields,
                                   retention_days=settings.retention.closed_patient_days,

@@ -437,6 +437,16 @@ class RetentionSettings(_Section):
     shred_interval_minutes: int = Field(60, ge=1, description="how often `gateway serve` looks for spaces due for shredding")
 
 
+class NoticeSettings(_Section):
+    """Notices telling a patient that their record was read (content-free, grouped)."""
+
+    access_period_hours: float = Field(
+        24.0, gt=0, le=24 * 31, description="at most one notice of ordinary reads per patient in this period (the "
+        "reads in between are counted in the next one); a patient may choose another frequency in the webmail. "
+        "Emergency accesses are told at once")
+    poll_seconds: float = Field(60.0, gt=0, le=3600, description="how often `gateway serve` looks for notices falling due")
+
+
 class WebmailSettings(_Section):
     """The patient webmail on the HTTPS listener: sessions, second factor, sign-in with OpenID Connect."""
 
@@ -462,8 +472,8 @@ class WebmailSettings(_Section):
     oidc_ins_claim: str = Field(
         "ins", description="ID token claim holding the patient's INS (matched against the patient directory)")
     public_url: str = Field(
-        "", description="the webmail's external base URL (redirect_uri for OpenID Connect is <public_url>/connexion/oidc/retour). "
-        "Empty: https://<hostname>:<listen.http_port>")
+        "", description="the webmail's external base URL (redirect_uri for OpenID Connect is <public_url>/connexion/oidc/retour; "
+        "access notices link to <public_url>/historique). Empty: https://<hostname>:<listen.http_port>")
 
     @field_validator("oidc_issuer")
     @classmethod
@@ -495,6 +505,7 @@ class Settings(_Section):
     imap: ImapSettings = Field(default_factory=ImapSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     webmail: WebmailSettings = Field(default_factory=WebmailSettings)
+    notices: NoticeSettings = Field(default_factory=NoticeSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property
@@ -504,6 +515,11 @@ class Settings(_Section):
     @property
     def pki_path(self) -> Path:
         return Path(self.pki.dir).expanduser().resolve() if self.pki.dir else self.data_path / "pki"
+
+    @property
+    def https_base_url(self) -> str:
+        """Where users reach the webmail (the HTTPS listener's root), without a trailing slash."""
+        return self.webmail.public_url.rstrip("/") or f"https://{self.hostname}:{self.listen.http_port}"
 
     @property
     def database_url(self) -> str:

@@ -53,6 +53,7 @@ class AuditEvent(enum.IntEnum):
     RECORD_EXPORTED = 307
     SPACE_CLOSED = 308
     SPACE_REOPENED = 309
+    NOTIFICATION_PREFERENCES_CHANGED = 310
 
     # 4xx: mailboxes and administration
     ADMIN_MAILBOX_ACCESS = 401
@@ -126,6 +127,7 @@ EVENT_INFO: dict[AuditEvent, EventInfo] = {
     AuditEvent.RECORD_EXPORTED: EventInfo("Export de votre dossier"),
     AuditEvent.SPACE_CLOSED: EventInfo("Fermeture de votre espace"),
     AuditEvent.SPACE_REOPENED: EventInfo("Réouverture de votre espace"),
+    AuditEvent.NOTIFICATION_PREFERENCES_CHANGED: EventInfo("Préférences de notification modifiées"),
     AuditEvent.ADMIN_MAILBOX_ACCESS: EventInfo("Accès d'un administrateur à une messagerie"),
     AuditEvent.DELEGATION_GRANTED: EventInfo("Délégation d'accès à une messagerie accordée"),
     AuditEvent.DELEGATION_REVOKED: EventInfo("Délégation d'accès à une messagerie retirée"),

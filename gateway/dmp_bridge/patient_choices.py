@@ -8,9 +8,9 @@ access (``set_emergency_access(ins, allowed, actor=, source=)``, read back by
 ``emergency_access_allowed(ins)``). ``choices(ins)`` gives the ``PatientChoices`` the access policy reads.
 
 ``PatientNotifier`` is how the patient hears that their record was read: a
-content-free text (§2.1: notifications carry no health data). The lead wires
-it to the mail store's delivery into the patient's mailbox; ``LoggingNotifier``
-is the stand-in when nothing is wired.
+content-free text (§2.1: notifications carry no health data). ``gateway serve``
+wires ``notify.AccessNoticeRecorder`` (grouped notices, at once for an emergency
+access); ``LoggingNotifier`` is the stand-in when nothing is wired.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ log = logging.getLogger("gateway.dmp.choices")
 class PatientNotifier(Protocol):
     """Tells a patient, by a content-free message, that something happened to their record."""
 
-    async def notify_patient(self, ins: str, text: str) -> None: ...
+    async def notify_patient(self, ins: str, text: str, *, emergency: bool = False) -> None: ...
 
 
 class LoggingNotifier:
     """The notifier when no mail delivery is wired: one log line per notification."""
 
-    async def notify_patient(self, ins: str, text: str) -> None:
-        log.info("patient %s notified: %s", ins, text)
+    async def notify_patient(self, ins: str, text: str, *, emergency: bool = False) -> None:
+        log.info("patient %s notified%s: %s", ins, " (emergency access)" if emergency else "", text)
 
 
 class PatientChoicesService:

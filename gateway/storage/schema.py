@@ -11,6 +11,7 @@ from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM si
 from gateway.audit import tables as audit_tables  # noqa: F401  (hash-chained audit log: revision 0005)
 from gateway.dmp_bridge import tables as dmp_record_tables  # noqa: F401  (patient record, filing jobs: revision 0006)
 from gateway.dmp_bridge import choices_tables as dmp_choices_tables  # noqa: F401  (patient choices: revision 0007)
+from gateway.dmp_bridge import notice_tables as dmp_notice_tables  # noqa: F401  (patient access notices: revision 0019)
 from gateway.security import smime_policy as smime_tables  # noqa: F401  (S/MIME policies, held keys, inbound results: revision 0008)
 from gateway.security import auth_limiter as auth_tables  # noqa: F401  (authentication limiter failures: revision 0010_auth)
 from gateway.webmail import tables as webmail_tables  # noqa: F401  (webmail sessions, TOTP, recovery codes: revision 0010_webmail)

@@ -15,6 +15,7 @@ PINNED = {
     204: "emergency_access", 205: "access_refused", 301: "document_hidden", 302: "document_unhidden",
     303: "professional_blocked", 304: "professional_unblocked", 305: "emergency_access_opposed",
     306: "emergency_access_opposition_lifted", 307: "record_exported", 308: "space_closed", 309: "space_reopened",
+    310: "notification_preferences_changed",
     401: "admin_mailbox_access", 402: "delegation_granted", 403: "delegation_revoked",
     410: "authentication_failed",
     501: "webmail_signed_in", 502: "webmail_sign_in_refused", 503: "webmail_signed_out",

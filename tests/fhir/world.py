@@ -49,9 +49,12 @@ class RecordingNotifier:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str]] = []
+        self.emergencies: list[str] = []
 
-    async def notify_patient(self, ins: str, text: str) -> None:
+    async def notify_patient(self, ins: str, text: str, *, emergency: bool = False) -> None:
         self.sent.append((ins, text))
+        if emergency:
+            self.emergencies.append(ins)
 
 
 @dataclass

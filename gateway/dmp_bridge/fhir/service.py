@@ -311,7 +311,8 @@ class RecordAccessService:
         await self.audit.append(event, actor=call.actor, patient=patient, source=call.source, subject=subject,
                                 details=_emergency_details(call, details))
         if patient is not None and call.requester.kind == RequesterKind.PROFESSIONAL:
-            await self.notifier.notify_patient(patient, EMERGENCY_NOTICE if call.emergency else READ_NOTICE)
+            await self.notifier.notify_patient(patient, EMERGENCY_NOTICE if call.emergency else READ_NOTICE,
+                                               emergency=call.emergency is not None)
 
 
 def _emergency_details(call: CallContext, details: dict[str, Any]) -> dict[str, Any]:
