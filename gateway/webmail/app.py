@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.webmail import account, messages, oidc_signin, second_factor, signin
+from gateway.webmail import account, controls, documents, export, history, messages, oidc_signin, second_factor, signin
 from gateway.webmail.keys import WebmailKey, webmail_key_path
 from gateway.webmail.sessions import SessionStore
 from gateway.webmail.throttle import limiter_for
@@ -20,7 +20,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_FORM_BYTES = 2 * 1024 * 1024   # a reply with its text; attachments are not uploaded from the webmail
 
 # Page modules, each with install(app). Their order is the order of the navigation.
-PAGES: list[ModuleType] = [signin, second_factor, oidc_signin, messages, account]
+PAGES: list[ModuleType] = [signin, second_factor, oidc_signin, messages, documents, history, controls, account, export]
 
 
 def build_webmail_app(services: Any, settings: Settings, *, pipeline: Any = None) -> web.Application:
