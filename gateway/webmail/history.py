@@ -107,6 +107,7 @@ REFUSALS: dict[str, str] = {
     "emergency-access-opposed": N_("access refused: you refused emergency access"),
     "emergency-access-disabled": N_("access refused: emergency access is not open on this service"),
     "emergency-reason-required": N_("access refused: no reason was given for the emergency"),
+    "emergency-access-not-allowed": N_("access refused: their profession cannot use emergency access"),
     "application-not-allowed": N_("access refused: software cannot read your record"),
     "other-patient": N_("access refused: this record is not theirs"),
     "update-reserved-to-author": N_("refused: only the author of a document can change it"),
