@@ -33,7 +33,7 @@ async def test_refusals_and_emergency_accesses_say_why(fhir: FhirWorld) -> None:
     async with fhir.client("pharmacist") as client:
         assert (await client.get("/DocumentReference", params={"patient.identifier": PATIENT_QUERY})).status_code == 403
     reason = "Patient inconscient aux urgences"
-    async with fhir.client("dentist") as client:
+    async with fhir.client("traitant") as client:  # a physician: main reserves emergency access to them
         response = await client.get(f"/Binary/{fhir.documents[PSYCHIATRY_ID]}",
                                     headers={"X-Emergency-Access-Reason": reason.replace(" ", "%20")})
         assert response.status_code == 200

@@ -173,7 +173,7 @@ async def test_record_journey_in_chromium(gateway: GatewayProcess) -> None:
         with fhir(gateway, doctor) as client:
             refused = client.get("/DocumentReference", params=query,
                                  headers={"X-Emergency-Access-Reason": "Patient%20inconscient"})
-            assert refused.status_code == 403
+            assert refused.status_code == 403 and "emergency-access-opposed" in refused.text
         assert any("accès refusé : vous avez refusé l'accès en urgence" in s for s in await history_sentences(page, base))
 
         # Export everything.
