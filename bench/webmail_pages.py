@@ -41,6 +41,7 @@ from gateway.app import open_services  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.dmp_bridge.worker import build_filing_worker  # noqa: E402
 from gateway.mailstore.delivery import LocalDelivery  # noqa: E402
+from gateway.pipeline.models import QueuedMessage  # noqa: E402
 from gateway.pipeline.spool import Spool  # noqa: E402
 from gateway.webmail.app import build_webmail_app  # noqa: E402
 from gateway.webmail.sessions import Stage  # noqa: E402
@@ -62,8 +63,14 @@ async def file_documents(data_dir: Path, address: str, count: int) -> float:
         account = await services.directory.account(address)
         assert account is not None
         delivery = LocalDelivery(services.mailstore)
+        lab = "resultats.labo@demo.mssante.localhost"
         for number in range(count):
-            await delivery.deliver(account.mailbox_id, cda_message(number, address), delivery_key=f"bench:{number}")
+            raw = cda_message(number, address)
+            queue_id = f"bench{number}"
+            async with services.db.session() as session:  # the queue row the submission door writes: the depositor
+                session.add(QueuedMessage(id=queue_id, door="submission", sender=lab, size=len(raw), trace_headers="",
+                                          client_address="127.0.0.1", authenticated_as=lab))
+            await delivery.deliver(account.mailbox_id, raw, delivery_key=f"{queue_id}:1")
         worker = build_filing_worker(services, Spool(data_dir / "spool"), schedule_local=lambda _q: None)
         started = time.perf_counter()
         while await worker.run_once():
