@@ -73,6 +73,7 @@ class Reason(enum.StrEnum):
     EMERGENCY_OPPOSED = "emergency-access-opposed"
     EMERGENCY_DISABLED = "emergency-access-disabled"
     EMERGENCY_NOT_ALLOWED = "emergency-access-not-allowed"  # the requester's profession may not break the glass
+    RECORD_CLOSED = "record-closed"  # the patient closed their space: kept until shredding, shown to nobody else
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class PatientChoices:
     blocked_professionals: frozenset[str] = frozenset()
     treating_doctor_idnps: str | None = None
     emergency_access_opposed: bool = False
+    space_closed: bool = False  # the patient closed their space (directory state CLOSED)
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,10 @@ class AccessPolicy:
             return Decision.deny(Reason.APPLICATION)
         if requester.kind == RequesterKind.PATIENT:
             return _patient_record_decision(requester, patient_ins)
+        if choices.space_closed:
+            # A closed space is kept only until its keys are shredded; no professional reads it,
+            # emergency access included (the patient's closing is their last word on it).
+            return Decision.deny(Reason.RECORD_CLOSED)
         if emergency is not None:
             refusal = self._emergency_refusal(requester, emergency, choices)
             if refusal is not None:

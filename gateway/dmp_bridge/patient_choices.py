@@ -29,7 +29,7 @@ from gateway.dmp_bridge.choices_tables import BlockedProfessional, HiddenDocumen
 from gateway.dmp_bridge.tables import RecordDocument
 from gateway.errors import Conflict, NotFound
 from gateway.storage.db import Database
-from gateway.storage.models import Patient, Professional
+from gateway.storage.models import Patient, PatientState, Professional
 
 log = logging.getLogger("gateway.dmp.choices")
 
@@ -66,7 +66,8 @@ class PatientChoicesService:
         return PatientChoices(
             ins=patient.ins, hidden_documents=frozenset(hidden.all()), blocked_professionals=frozenset(blocked.all()),
             treating_doctor_idnps=preferences.treating_doctor_idnps if preferences else None,
-            emergency_access_opposed=bool(preferences and preferences.emergency_access_opposed))
+            emergency_access_opposed=bool(preferences and preferences.emergency_access_opposed),
+            space_closed=patient.state == PatientState.CLOSED.value)
 
     # ------------------------------------------------------------------ documents
 

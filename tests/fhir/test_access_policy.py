@@ -102,6 +102,14 @@ def test_emergency_access_is_reserved_to_the_configured_professions() -> None:
     assert default.check_document(pharmacist, document("11502-2"), PatientChoices(INS)).reason == Reason.MATRIX
 
 
+def test_nobody_but_the_patient_reads_a_closed_space() -> None:
+    closed = PatientChoices(INS, space_closed=True)
+    for requester, emergency in ((DOCTOR, None), (DOCTOR, Emergency("patient inconscient")), (DENTIST, None)):
+        decision = POLICY.check_document(requester, document(), closed, emergency)
+        assert (decision.allowed, decision.reason) == (False, Reason.RECORD_CLOSED)
+    assert POLICY.check_document(PATIENT, document(), closed).allowed
+
+
 def test_patients_and_applications() -> None:
     assert POLICY.check_document(PATIENT, document(masked=True), PatientChoices(INS)).allowed
     invisible = POLICY.check_document(PATIENT, document(invisible=True), PatientChoices(INS))

@@ -8,7 +8,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from gateway.audit.events import AuditEvent
 from gateway.dmp_bridge.tables import RecordDocument
-from gateway.storage.models import Certificate
+from gateway.storage.models import Certificate, Patient, PatientState
 from sqlalchemy import update
 
 from gateway.storage.models import utcnow
@@ -109,6 +109,20 @@ async def test_a_dentist_does_not_see_the_psychiatry_summary(fhir: FhirWorld) ->
             "subject": PSYCHIATRY_ID} in refusals
     searches = await audited(fhir, AuditEvent.RECORD_SEARCHED)
     assert searches[0]["details"]["withheld"] == {"not-in-matrix": 1}  # type: ignore[index]
+
+
+async def test_a_closed_space_is_read_by_no_professional(fhir: FhirWorld) -> None:
+    async with fhir.world.db.session() as session:
+        await session.execute(update(Patient).where(Patient.ins == TEST_INS).values(state=PatientState.CLOSED.value))
+        await session.commit()
+    async with fhir.client("dentist") as client:
+        listed = await client.get("/DocumentReference", params=SEARCH)
+        direct = await client.get(f"/DocumentReference/{fhir.documents[VACCINATION_ID]}")
+        content = await client.get(f"/Binary/{fhir.documents[VACCINATION_ID]}")
+    assert listed.status_code == 403 and refusal_code(listed) == "record-closed"
+    assert direct.status_code == 403 and content.status_code == 403
+    refusals = await audited(fhir, AuditEvent.ACCESS_REFUSED)
+    assert any(entry["reason"] == "record-closed" for entry in refusals)
 
 
 async def test_a_pharmacist_sees_biology_not_imaging(fhir: FhirWorld) -> None:
