@@ -22,12 +22,14 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from gateway.config import load_settings
+from gateway.directory.identifiers import add_luhn_key
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.pipeline.models import QueuedMessage
 from gateway.pipeline.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager
@@ -37,6 +39,8 @@ from gateway.storage.db import Database
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "VAC-NOTE_2023.01.xml"
 INS, OID = "279035121518989", "1.2.250.1.213.1.4.10"
+
+LAB = "resultats.labo@demo.mssante.localhost"
 
 
 class BenchServices:
@@ -60,8 +64,8 @@ def document(number: int) -> bytes:
 
 def message(number: int, patient_address: str) -> bytes:
     mail = EmailMessage(policy=email.policy.SMTP)
-    mail["Return-Path"] = "<resultats.labo@demo.mssante.localhost>"
-    mail["From"] = "resultats.labo@demo.mssante.localhost"
+    mail["Return-Path"] = f"<{LAB}>"
+    mail["From"] = LAB
     mail["To"] = patient_address
     mail["Subject"] = f"XDM/1.0/DDM+Note de vaccination {number}"
     mail["Message-ID"] = f"<{number}@bench.dmp>"
@@ -76,11 +80,21 @@ async def prepare(services: BenchServices, count: int) -> None:
     await services.directory.add_local_domain(services.settings.directory.patient_domain, kind="patient")
     patient = await services.directory.add_patient(ins=INS, ins_oid=OID, birth_family_name="PAT-TROIS",
                                                    first_given_name="DOMINIQUE", birth_date="1979-03-28", sex="F")
+    # The lab's application mailbox deposits the documents: the filing binds them to the sender that the
+    # submission door authenticated, read from the queue row the door wrote at acceptance.
+    lab = await services.directory.add_organisation(id_type="SIRET", id_value=add_luhn_key("1234567800001"),
+                                                    name="LABO BENCH")
+    await services.directory.create_mailbox(address=LAB, type="APP", owner=lab["idnst"])
     account = await services.directory.account(patient["mailbox"])
     assert account is not None
     delivery = LocalDelivery(services.mailstore)
     for number in range(count):
-        await delivery.deliver(account.mailbox_id, message(number, patient["mailbox"]), delivery_key=f"bench:{number}")
+        raw = message(number, patient["mailbox"])
+        async with services.db.session() as session:
+            session.add(QueuedMessage(id=f"bench{number}", door="submission", sender=LAB, size=len(raw),
+                                      trace_headers="", client_address="127.0.0.1", authenticated_as=LAB))
+            await session.commit()
+        await delivery.deliver(account.mailbox_id, raw, delivery_key=f"bench{number}:1")
 
 
 async def main(count: int, database_url: str | None) -> None:
