@@ -6,6 +6,7 @@ professional by its IDNPS, a patient by its INS.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -94,15 +95,16 @@ def add_professional(idnps: str | None, id_type: str | None, id_value: str | Non
 @click.option("--sex", required=True, type=click.Choice(["M", "F", "I"], case_sensitive=False))
 @click.option("--birthplace", "birthplace_code", help="INSEE place code of birth (5 characters)")
 @click.option("--no-mailbox", is_flag=True, help="do not open the patient's Mon espace santé mailbox")
-@click.option("--password", help="password of the patient mailbox (prompted if --password-prompt)")
-@click.option("--password-prompt", is_flag=True, help="ask for the mailbox password on the terminal")
+@click.option("--password-prompt", is_flag=True, help="set the mailbox password now, asked on the terminal")
+@click.option("--password-stdin", is_flag=True,
+              help="read the mailbox password from the first line of standard input (never on the command line, "
+                   "where `ps` and the shell history would show it)")
 @json_option
 def add_patient(ins: str, ins_oid: str, birth_family_name: str, first_given_name: str, given_names: str | None,
                 used_family_name: str | None, birth_date: str, sex: str, birthplace_code: str | None,
-                no_mailbox: bool, password: str | None, password_prompt: bool, as_json: bool) -> None:
+                no_mailbox: bool, password_prompt: bool, password_stdin: bool, as_json: bool) -> None:
     """Add a patient (and open their mailbox <INS>@<patient domain>)."""
-    if password_prompt:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    password = _new_password(prompt=password_prompt, stdin=password_stdin, no_mailbox=no_mailbox)
     record = with_services(lambda s: s.directory.add_patient(
         ins=ins, ins_oid=ins_oid, birth_family_name=birth_family_name, first_given_name=first_given_name,
         given_names=given_names, used_family_name=used_family_name, birth_date=birth_date, sex=sex,
@@ -190,13 +192,19 @@ def disable(kind: str, key: str) -> None:
 
 
 @directory.command()
-@click.argument("kind", type=click.Choice(KINDS))
-@click.argument("key")
+@click.argument("words", nargs=-1, required=True, metavar="[KIND] KEY")
 @json_option
-def show(kind: str, key: str, as_json: bool) -> None:
-    """Show one organisation (IDNST), professional (IDNPS) or patient (INS)."""
+def show(words: tuple[str, ...], as_json: bool) -> None:
+    """Show one organisation (IDNST), professional (IDNPS) or patient (INS).
+
+    KIND (organisation, professional or patient) may be left out: the key is then looked up in every kind.
+    """
+    kind, key = _kind_and_text(words, "KEY")
     getters = {"organisation": "show_organisation", "professional": "show_professional", "patient": "show_patient"}
-    record = with_services(lambda s: getattr(s.directory, getters[kind])(key))
+    if kind is None:
+        record = with_services(lambda s: s.directory.show_any(key))
+    else:
+        record = with_services(lambda s: getattr(s.directory, getters[kind])(key))
     emit_record(record, as_json=as_json)
 
 
@@ -210,19 +218,70 @@ def list_(kind: str, limit: int, as_json: bool) -> None:
 
 
 @directory.command()
-@click.argument("kind", type=click.Choice(KINDS))
-@click.argument("query")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+@click.argument("words", nargs=-1, required=True, metavar="[KIND] QUERY")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1), help="at most this many of each kind")
 @json_option
-def search(kind: str, query: str, limit: int, as_json: bool) -> None:
-    """Search by name or national id (case-insensitive substring)."""
-    _listing(kind, query, limit, as_json)
+def search(words: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Search by name or national id, ignoring accents and case ("lefevre" finds LEFÈVRE).
+
+    Names starting with QUERY come first, then those containing it. KIND (organisation,
+    professional or patient) may be left out: every kind is searched.
+    """
+    kind, query = _kind_and_text(words, "QUERY")
+    if kind is not None:
+        _listing(kind, query, limit, as_json)
+        return
+    rows = with_services(lambda s: s.directory.search_everything(query, limit=limit))
+    if as_json:
+        emit_rows(rows, [], as_json=True)
+        return
+    emit_rows([_summary_row(row) for row in rows], ["kind", "key", "name", "detail", "state"], as_json=False)
+
+
+def _kind_and_text(words: tuple[str, ...], name: str) -> tuple[str | None, str]:
+    """(kind or None, the rest): the kind is the first word when it is one of KINDS."""
+    if len(words) == 1:
+        return None, words[0]
+    if len(words) == 2 and words[0] in KINDS:
+        return words[0], words[1]
+    if len(words) == 2:
+        raise click.BadParameter(f"{words[0]!r} is not one of {', '.join(KINDS)}; quote a {name} of several words",
+                                 param_hint="KIND")
+    raise click.UsageError(f"expected [KIND] {name}; quote a {name} of several words")
+
+
+def _summary_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One line of a search over every kind: its key, name, a detail and state."""
+    kind = record["kind"]
+    if kind == "organisation":
+        return {"kind": kind, "key": record["idnst"], "name": record["name"],
+                "detail": record.get("postal_code") or "", "state": record["state"]}
+    if kind == "professional":
+        name = " ".join(part for part in (record.get("given_name"), record["family_name"]) if part)
+        return {"kind": kind, "key": record["idnps"], "name": name, "detail": record["profession_label"],
+                "state": record["state"]}
+    return {"kind": kind, "key": record["ins"], "name": f"{record['first_given_name']} {record['birth_family_name']}",
+            "detail": str(record["birth_date"]), "state": record["state"]}
 
 
 def _listing(kind: str, query: str | None, limit: int, as_json: bool) -> None:
     listers = {"organisation": "list_organisations", "professional": "list_professionals", "patient": "list_patients"}
     rows = with_services(lambda s: getattr(s.directory, listers[kind])(query=query, limit=limit))
     emit_rows(rows, COLUMNS[kind], as_json=as_json)
+
+
+def _new_password(*, prompt: bool, stdin: bool, no_mailbox: bool) -> str | None:
+    """The mailbox password from the terminal or standard input; None when neither was asked for."""
+    if (prompt or stdin) and no_mailbox:
+        raise click.UsageError("--no-mailbox opens no mailbox: a password has nowhere to go")
+    if prompt and stdin:
+        raise click.UsageError("--password-prompt and --password-stdin exclude each other")
+    if stdin:
+        password = str(sys.stdin.readline()).rstrip("\r\n")
+        if not password:
+            raise click.BadParameter("standard input gave an empty first line", param_hint="--password-stdin")
+        return password
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True)) if prompt else None
 
 
 def _key_values(parts: tuple[str, ...], field: str) -> dict[str, str]:

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.directory.addresses import normalise_address
 from gateway.directory.identifiers import StructureId, make_idnps, make_idnst, parse_idnps, parse_idnst
 from gateway.directory.professions import CATEGORIES, PROFESSIONS
+from gateway.directory.search import organisation_search, professional_search
 from gateway.errors import UserError
 from gateway.storage.db import Database
 from gateway.storage.models import (
@@ -270,7 +271,8 @@ class OrganisationData:
 
     def values(self) -> dict[str, Any]:
         return {"idnst": self.idnst, "id_type": self.id_type, "id_value": self.id_value, "name": self.name,
-                "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code}
+                "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code,
+                **organisation_search(self.name, self.trade_name, self.idnst)}
 
 
 @dataclass(slots=True)
@@ -289,7 +291,8 @@ class ProfessionalData:
     savoir_faire_label: str | None
 
     def values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
+        values = {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
+        return values | professional_search(self.family_name, self.given_name, self.idnps, self.profession_label)
 
 
 PROFESSIONAL_FIELDS = ("idnps", "id_type", "id_value", "civility", "family_name", "given_name", "profession_code",

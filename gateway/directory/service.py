@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.directory import identifiers as ids
 from gateway.directory.addresses import normalise_address, normalise_domain, split_address
 from gateway.directory.professions import profession_label
+from gateway.directory.search import fold, prefix_upper_bound
 from gateway.errors import Conflict, NotFound, UserError
 from gateway.security.passwords import PasswordHasher
 from gateway.storage.db import Database
@@ -319,13 +320,12 @@ class DirectoryService:
             return record
 
     async def list_organisations(self, *, query: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        stmt = select(Organisation).order_by(Organisation.name).limit(limit)
-        if query:
-            like = f"%{query.lower()}%"
-            stmt = stmt.where(or_(func.lower(Organisation.name).like(like), Organisation.idnst.like(like),
-                                  func.lower(func.coalesce(Organisation.trade_name, "")).like(like)))
         async with self.db.session() as s:
-            return [describe_organisation(o) for o in (await s.scalars(stmt)).all()]
+            if query:
+                found: Sequence[Any] = await _search(s, Organisation, query, limit)
+            else:
+                found = (await s.scalars(select(Organisation).order_by(Organisation.name).limit(limit))).all()
+            return [describe_organisation(o) for o in found]
 
     # ----------------------------------------------------------------- professionals
 
@@ -389,13 +389,13 @@ class DirectoryService:
             return record
 
     async def list_professionals(self, *, query: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        stmt = select(Professional).order_by(Professional.family_name, Professional.given_name).limit(limit)
-        if query:
-            like = f"%{query.lower()}%"
-            stmt = stmt.where(or_(func.lower(Professional.family_name).like(like), func.lower(func.coalesce(Professional.given_name, "")).like(like),
-                                  Professional.idnps.like(like), func.lower(Professional.profession_label).like(like)))
         async with self.db.session() as s:
-            return [describe_professional(p) for p in (await s.scalars(stmt)).all()]
+            if query:
+                found: Sequence[Any] = await _search(s, Professional, query, limit)
+            else:
+                found = (await s.scalars(select(Professional).order_by(Professional.family_name, Professional.given_name)
+                                         .limit(limit))).all()
+            return [describe_professional(p) for p in found]
 
     # ----------------------------------------------------------------- patients
 
@@ -455,13 +455,39 @@ class DirectoryService:
             return record
 
     async def list_patients(self, *, query: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        stmt = select(Patient).order_by(Patient.birth_family_name, Patient.first_given_name).limit(limit)
-        if query:
-            like = f"%{query.lower()}%"
-            stmt = stmt.where(or_(func.lower(Patient.birth_family_name).like(like), func.lower(Patient.first_given_name).like(like),
-                                  func.lower(func.coalesce(Patient.used_family_name, "")).like(like), Patient.ins.like(like)))
         async with self.db.session() as s:
-            return [describe_patient(p) for p in (await s.scalars(stmt)).all()]
+            if query:
+                found: Sequence[Any] = await _search(s, Patient, query, limit)
+            else:
+                found = (await s.scalars(select(Patient).order_by(Patient.birth_family_name, Patient.first_given_name)
+                                         .limit(limit))).all()
+            return [describe_patient(p) for p in found]
+
+    # ----------------------------------------------------------------- every kind at once
+
+    async def search_everything(self, query: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Organisations, professionals and patients matching ``query`` (each record with its ``kind``)."""
+        found: list[dict[str, Any]] = []
+        for kind, lister in (("organisation", self.list_organisations), ("professional", self.list_professionals),
+                             ("patient", self.list_patients)):
+            found += [{"kind": kind, **record} for record in await lister(query=query, limit=limit)]
+        return found
+
+    async def show_any(self, key: str) -> dict[str, Any]:
+        """The one organisation (IDNST), professional (IDNPS) or patient (INS) with this key, with its ``kind``."""
+        found: list[dict[str, Any]] = []
+        for kind, getter in (("organisation", self.show_organisation), ("professional", self.show_professional),
+                             ("patient", self.show_patient)):
+            try:
+                found.append({"kind": kind, **await getter(key)})
+            except NotFound:
+                continue
+        if not found:
+            raise NotFound(f"no organisation (IDNST), professional (IDNPS) or patient (INS) with key {key}", field="key")
+        if len(found) > 1:
+            kinds = " and ".join(record["kind"] for record in found)
+            raise Conflict(f"{key} names a {kinds}: give the kind, e.g. `directory show {found[0]['kind']} {key}`", field="key")
+        return found[0]
 
     # ----------------------------------------------------------------- mailboxes
 
@@ -744,6 +770,31 @@ class DirectoryService:
 
 
 # --------------------------------------------------------------------------- module helpers
+
+
+Searchable = Organisation | Professional | Patient
+
+
+async def _search(s: AsyncSession, model: type[Searchable], query: str, limit: int) -> Sequence[Any]:
+    """Rows whose folded name starts with the folded query (index range), then those containing it anywhere.
+
+    Accent- and case-insensitive on every database: both sides are folded by gateway.directory.search.fold.
+    """
+    folded = fold(query)
+    if not folded:
+        raise UserError("the search needs at least one letter or digit", field="query")
+    name, text = model.search_name, model.search_text
+    in_prefix = (name >= folded) & (name < prefix_upper_bound(folded))
+    found: list[Any] = list((await s.scalars(select(model).where(in_prefix).order_by(name, model.id).limit(limit))).all())
+    if len(found) < limit:
+        pattern = "%" + _escape_like(folded) + "%"
+        rest = select(model).where(text.like(pattern, escape="\\"), ~in_prefix).order_by(name, model.id)
+        found += (await s.scalars(rest.limit(limit - len(found)))).all()
+    return found
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 async def _is_local(s: AsyncSession, domain: str) -> bool:

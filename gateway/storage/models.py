@@ -26,9 +26,12 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from gateway.directory.search import SEARCH_NAME_LENGTH, organisation_search, patient_search, professional_search
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -77,6 +80,17 @@ class Timestamped:
     )
 
 
+def _search_name_column() -> Mapped[str]:
+    """The folded, indexed name (gateway.directory.search); "C" collation on PostgreSQL so a prefix is a range."""
+    column_type = String(SEARCH_NAME_LENGTH).with_variant(String(SEARCH_NAME_LENGTH, collation="C"), "postgresql")
+    return mapped_column(column_type, default="", server_default="", index=True)
+
+
+def _search_text_column() -> Mapped[str]:
+    """Every searchable field folded and joined, for substring search."""
+    return mapped_column(Text, default="", server_default="")
+
+
 class MailboxType(str, enum.Enum):
     """ANS mailbox types (PER, ORG, APP, CAB) plus patient mailboxes of Mon espace santé."""
 
@@ -117,6 +131,8 @@ class Organisation(Timestamped, Base):
     address: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     postal_code: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+    search_name: Mapped[str] = _search_name_column()
+    search_text: Mapped[str] = _search_text_column()
 
     members: Mapped[list["ProfessionalOrganisation"]] = relationship(back_populates="organisation")
 
@@ -140,6 +156,8 @@ class Professional(Timestamped, Base):
     savoir_faire_code: Mapped[str | None] = mapped_column(String(16))
     savoir_faire_label: Mapped[str | None] = mapped_column(String(256))
     state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
+    search_name: Mapped[str] = _search_name_column()
+    search_text: Mapped[str] = _search_text_column()
 
     organisations: Mapped[list["ProfessionalOrganisation"]] = relationship(back_populates="professional")
 
@@ -177,6 +195,8 @@ class Patient(Timestamped, Base):
     birthplace_code: Mapped[str | None] = mapped_column(String(5))  # INSEE COG code
     state: Mapped[str] = mapped_column(String(16), default=PatientState.ACTIVE.value)
     state_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    search_name: Mapped[str] = _search_name_column()
+    search_text: Mapped[str] = _search_text_column()
 
 
 class LocalDomain(Timestamped, Base):
@@ -280,3 +300,30 @@ class Certificate(Timestamped, Base):
     not_after: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     pem: Mapped[str] = mapped_column(Text)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+# --------------------------------------------------------------------------- search columns
+# Every ORM insert or update of a searchable row refreshes its folded search columns
+# (the bulk ANS import, which writes with Core statements, fills them itself).
+
+
+@event.listens_for(Organisation, "before_insert")
+@event.listens_for(Organisation, "before_update")
+def _organisation_search(mapper: Any, connection: Any, row: Organisation) -> None:
+    for key, value in organisation_search(row.name, row.trade_name, row.idnst).items():
+        setattr(row, key, value)
+
+
+@event.listens_for(Professional, "before_insert")
+@event.listens_for(Professional, "before_update")
+def _professional_search(mapper: Any, connection: Any, row: Professional) -> None:
+    for key, value in professional_search(row.family_name, row.given_name, row.idnps, row.profession_label).items():
+        setattr(row, key, value)
+
+
+@event.listens_for(Patient, "before_insert")
+@event.listens_for(Patient, "before_update")
+def _patient_search(mapper: Any, connection: Any, row: Patient) -> None:
+    for key, value in patient_search(row.birth_family_name, row.first_given_name, row.used_family_name,
+                                     row.given_names, row.ins).items():
+        setattr(row, key, value)
