@@ -86,16 +86,24 @@ def _write_rejects_csv(path: Path, rejects: list[RejectedRow]) -> None:
 
 def _show_ans_report(report: ImportReport, rejects_file: Path | None) -> None:
     summary = report.summary()
+    advice = summary.pop("advice")
     emit_record({"file": summary.pop("path"), **summary}, as_json=False)
     if not report.rejects:
         return
     click.echo()
     shown = [{"line": r.line, "address": r.address, "column": r.column or "(row)", "reason": r.reason}
              for r in report.rejects[:REJECTS_ON_SCREEN]]
-    emit_rows(shown, REJECT_COLUMNS, as_json=False, title=f"rejected rows ({report.rejected})")
-    hidden = report.rejected - len(shown)
-    if hidden > 0 and rejects_file is None:
-        click.echo(f"... and {hidden} more: use --json or --rejects-file FILE.csv to get them all")
+    complete = len(shown) == report.rejected
+    title = f"rejected rows ({report.rejected})" if complete else f"rejected rows: the first {len(shown)} of {report.rejected}"
+    emit_rows(shown, REJECT_COLUMNS, as_json=False, title=title)
+    if rejects_file is not None:
+        click.echo(f"all {report.rejected} rejected rows are in {rejects_file} (CSV: {', '.join(REJECT_COLUMNS)})")
+    elif not complete:
+        click.echo(f"... and {report.rejected - len(shown)} more: run again with --rejects-file FILE.csv to get "
+                   "them all (or --json)")
+    if advice:
+        click.echo()
+        click.echo(advice)
 
 
 @click.command("import-ans")

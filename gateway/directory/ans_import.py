@@ -142,16 +142,39 @@ class ImportReport:
     professionals: EntityCounts = field(default_factory=EntityCounts)
     activities_created: int = 0
     seconds: float = 0.0
+    untrusted_domains: dict[str, int] = field(default_factory=dict)  # domain -> rows refused for it
+    trusted_domain_count: int = 0  # domains on the trust list when the import ran
 
     @property
     def rejected(self) -> int:
         return len(self.rejects)
 
+    @property
+    def untrusted_domain_rows(self) -> int:
+        return sum(self.untrusted_domains.values())
+
+    def advice(self) -> str | None:
+        """What to do about rows refused for an untrusted domain, or None."""
+        refused = self.untrusted_domain_rows
+        if not refused:
+            return None
+        domains = len(self.untrusted_domains)
+        advice = (f"{refused} rows were refused because their domain ({domains} domain{'s' if domains > 1 else ''}) "
+                  "is neither ours nor on the trust list")
+        if self.trusted_domain_count == 0:
+            advice += ("; the trust list is empty: import the ANS whitelist first "
+                       "(gateway domain import-whitelist WHITELIST.xml), then run this import again")
+        else:
+            advice += ("; if they are MSSanté operators, update the trust list "
+                       "(gateway domain import-whitelist WHITELIST.xml) and run this import again")
+        return advice
+
     def summary(self) -> dict[str, Any]:
         return {
             "path": self.path, "encoding": self.encoding, "rows": self.rows,
             "created": self.created, "updated": self.updated, "unchanged": self.unchanged,
-            "rejected": self.rejected, "organisations": asdict(self.organisations),
+            "rejected": self.rejected, "untrusted_domain_rows": self.untrusted_domain_rows,
+            "advice": self.advice(), "organisations": asdict(self.organisations),
             "professionals": asdict(self.professionals), "activities_created": self.activities_created,
             "seconds": round(self.seconds, 3),
         }
@@ -259,6 +282,14 @@ class RowRejected(Exception):
         self.reason = reason
 
 
+class UntrustedDomain(RowRejected):
+    """The row's domain is neither ours nor on the trust list (often: the whitelist is not imported yet)."""
+
+    def __init__(self, domain: str) -> None:
+        super().__init__("Adresse BAL", f"the domain {domain} is neither ours nor on the trust list")
+        self.domain = domain
+
+
 @dataclass(slots=True)
 class OrganisationData:
     idnst: str
@@ -364,7 +395,7 @@ class RowValidator:
             raise RowRejected("Adresse BAL", _message(exc)) from None
         domain = address.rpartition("@")[2]
         if domain not in self.local_domains and domain not in self.trusted_domains:
-            raise RowRejected("Adresse BAL", f"the domain {domain} is neither ours nor on the trust list")
+            raise UntrustedDomain(domain)
         return address, domain
 
     def _canonical_address(self, raw: str) -> str:
@@ -463,21 +494,36 @@ _STRUCTURE_KINDS = {"0": "ADELI_RANG", "1": "FINESS", "2": "SIREN", "3": "SIRET"
                     "ADELI": "ADELI_RANG", "RPPS": "RPPS_RANG"}
 
 
+# Structure types whose raw number has a fixed length: a value one character longer that
+# starts with the type's IDNST prefix is the IDNST itself.
+_RAW_LENGTH = {"FINESS": 9, "SIREN": 9, "SIRET": 14}
+_IDNST_PREFIX = {"ADELI_RANG": "0", "FINESS": "1", "SIREN": "2", "SIRET": "3", "RPPS_RANG": "4"}
+
+
 def _structure_id(kind: str, value: str) -> StructureId:
-    """The IDNST of a row: the column holds either the IDNST itself or the raw number of ``kind``."""
+    """The IDNST of a row: the column holds either the IDNST itself or the raw number of ``kind``.
+
+    Which of the two it holds is decided from its shape first, and only that reading is
+    checked, so that a fault is reported as what it is (a FINESS with a wrong check key
+    is "its Luhn key is wrong", not the length error of the other reading).
+    """
     if not kind:
+        return parse_idnst(value, field="Identification Structure")
+    expected = _STRUCTURE_KINDS.get(kind.upper(), kind.upper())
+    if _holds_idnst(expected, value):
         return parse_idnst(value, field="Identification Structure")
     try:
         return make_idnst(kind, value, field="Identification Structure")
     except UserError:
-        expected = _STRUCTURE_KINDS.get(kind.upper(), kind.upper())
-        try:
-            structure = parse_idnst(value, field="Identification Structure")
-        except UserError:
-            structure = None
-        if structure is None or structure.id_type != expected:
+        # A rang (no fixed length) may still be given as its IDNST.
+        if expected in _RAW_LENGTH or not value.startswith(_IDNST_PREFIX.get(expected, "?")):
             raise
-        return structure
+        return parse_idnst(value, field="Identification Structure")
+
+
+def _holds_idnst(expected: str, value: str) -> bool:
+    raw_length = _RAW_LENGTH.get(expected)
+    return raw_length is not None and len(value) == raw_length + 1 and value[:1] == _IDNST_PREFIX[expected]
 
 
 def _message(exc: UserError) -> str:
@@ -727,6 +773,7 @@ async def import_ans_extraction(db: Database, path: Path, *, progress: Progress 
     first = next(rows, None)  # reads and checks the header before touching the database
     async with db.session() as session:
         state = await DirectoryState.load(session)
+    report.trusted_domain_count = len(state.trusted_domains)
     validator = RowValidator(state.local_domains, state.trusted_domains)
     importer = _Importer(state, report, validator, db.engine.dialect.name)
     batch: list[Entry] = []
@@ -768,6 +815,8 @@ class _Importer:
         try:
             entry = self.validator.validate(number, fields)
         except RowRejected as exc:
+            if isinstance(exc, UntrustedDomain):
+                self.report.untrusted_domains[exc.domain] = self.report.untrusted_domains.get(exc.domain, 0) + 1
             address = fields[1].strip() if len(fields) > 1 else ""
             self.report.rejects.append(RejectedRow(number, address, exc.column, exc.reason))
             return None

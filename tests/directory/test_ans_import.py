@@ -83,6 +83,7 @@ ROW_KEYS = {
 }
 RPPS = add_luhn_key("1234567890")
 FINESS = add_luhn_key("75000001")
+BAD_FINESS = FINESS[:-1] + str((int(FINESS[-1]) + 1) % 10)
 
 
 def per_row(address: str, *, rpps: str = RPPS, family: str = "MARTIN", **extra: str) -> list[str]:
@@ -275,6 +276,13 @@ async def test_structure_id_as_raw_number_or_idnst(directory: Database, tmp_path
 @pytest.mark.parametrize(("row", "column", "reason"), [
     (make_row(type="APP", address=f"logiciel@{LOCAL}", structure="1" + FINESS), "Type de BAL", "PER or ORG"),
     (org_row(f"x@{LOCAL}", structure="1" + FINESS[:-1] + str((int(FINESS[-1]) + 1) % 10)), "Identification Structure", "Luhn"),
+    # A wrong check key is named as such whether the column holds the IDNST or the raw FINESS, with its type given.
+    (org_row(f"x@{LOCAL}", structure_type="1", structure="1" + BAD_FINESS), "Identification Structure", "its Luhn key is wrong"),
+    (org_row(f"x@{LOCAL}", structure_type="FINESS", structure="1" + BAD_FINESS), "Identification Structure", "its Luhn key is wrong"),
+    (org_row(f"x@{LOCAL}", structure_type="1", structure=BAD_FINESS), "Identification Structure", "its Luhn key is wrong"),
+    (org_row(f"x@{LOCAL}", structure_type="1", structure="75000"), "Identification Structure", "9 characters expected"),
+    (org_row(f"x@{LOCAL}", structure_type="3", structure="3" + add_luhn_key("1234567800001")[:-1] + "9"),
+     "Identification Structure", "its Luhn key is wrong"),
     (org_row(f"x@{LOCAL}", structure=""), "Identification Structure", "needs its structure id"),
     (per_row(f"x@{LOCAL}", family=""), "Nom d'exercice", "name"),
     (make_row(type="PER", address=f"x@{LOCAL}", family="X", profession="10"), "Identifiant PP", "RPPS"),
@@ -369,3 +377,36 @@ def test_cli_refuses_a_wrong_header_with_exit_1(tmp_path: Path) -> None:
     result = run_cli(tmp_path / "data", "directory", "import-ans", str(write_lines(tmp_path / "bad.txt", rows)))
     assert result.exit_code == 1
     assert "missing columns: 'Pays structure BAL'" in result.output
+
+
+def test_cli_says_how_many_rows_an_empty_trust_list_refused_and_what_to_run(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert run_cli(data_dir, "domain", "add", LOCAL).exit_code == 0
+    result = run_cli(data_dir, "directory", "import-ans", str(FIXTURE), "--json")
+    report = json.loads(result.stdout)
+    refused = [r for r in report["rejects"] if "neither ours nor on the trust list" in r["reason"]]
+    assert report["untrusted_domain_rows"] == len(refused) > 1
+    assert "import the ANS whitelist first" in report["advice"] and "import-whitelist" in report["advice"]
+    table = run_cli(data_dir, "directory", "import-ans", str(FIXTURE))
+    assert f"{len(refused)} rows were refused because their domain" in table.stdout
+    assert "gateway domain import-whitelist" in table.stdout
+    # Once the whitelist is in, the same file imports them.
+    assert run_cli(data_dir, "domain", "import-whitelist", str(DATA / "whitelist.xml")).exit_code == 0
+    again = json.loads(run_cli(data_dir, "directory", "import-ans", str(FIXTURE), "--json").stdout)
+    assert again["untrusted_domain_rows"] == 1 and again["created"] == len(refused) - 1  # line 9: inconnu.example.org
+    assert "update the trust list" in again["advice"]
+
+
+def test_cli_reject_table_says_how_to_get_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.cli.imports.REJECTS_ON_SCREEN", 2)
+    data_dir = tmp_path / "data"
+    table = run_cli(data_dir, "directory", "import-ans", str(FIXTURE))
+    assert table.exit_code == 0, table.output
+    rejected = json.loads(run_cli(data_dir, "directory", "import-ans", str(FIXTURE), "--json").stdout)["rejected"]
+    assert f"the first 2 of {rejected}" in table.stdout
+    assert f"and {rejected - 2} more: run again with --rejects-file FILE.csv" in table.stdout
+    rejects_file = tmp_path / "all.csv"
+    written = run_cli(data_dir, "directory", "import-ans", str(FIXTURE), "--rejects-file", str(rejects_file))
+    assert f"all {rejected} rejected rows are in {rejects_file}" in written.stdout
+    with rejects_file.open(encoding="utf-8") as stream:
+        assert len(list(csv.DictReader(stream))) == rejected
