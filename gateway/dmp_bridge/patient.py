@@ -9,8 +9,13 @@ birth family name, first given name, birth date and sex. Other roots under
 an INS.
 
 Decisions (CI-SIS only names the codes):
-- no INS root, an INS with a wrong key, or a production INS refused by the
-  ``accept_production`` policy -> 903 (no usable INS in the document);
+- no INS root, or a production INS refused by the ``accept_production``
+  policy -> 903 (no usable INS in the document);
+- an INS present under an INS root but invalid (wrong NIR check key, not 15
+  characters, not ASCII digits) -> 904: the CI-SIS table describes 904 as "the
+  INS is present in the document but its matricule or traits do not match",
+  which is what happened; 903 ("INS absent du document") would tell the sender
+  to add an INS that is already there;
 - INS roots carrying two different values -> 904 (the document contradicts itself);
 - traits missing -> 905; traits differing from the patient on record -> 904;
 - 902 (unknown patient) is decided by the caller, who owns the directory.
@@ -105,7 +110,7 @@ def identify_patient(patient: CdaPatient | None, *, accept_production: bool) -> 
             raise IdentifierError(f"{chosen.extension!r} is not an INS: only ASCII digits are allowed", field="ins")
         ins = validate_nir(chosen.extension or "")
     except IdentifierError as error:
-        return IdentificationFailure(INS_ABSENT, f"the INS under {chosen.root} is not valid: {error}")
+        return IdentificationFailure(INS_MISMATCH, f"the INS under {chosen.root} is present but not valid: {error}")
     return _with_traits(patient, ins, chosen.root)
 
 

@@ -76,13 +76,13 @@ async def test_level_one_pdf_cda_gets_the_xds_sd_format_and_its_facility(world: 
     assert described["status"] == "current" and described["replaces"] == "90E1C8EC-F951-4B26-A305-A34848818DD6"
 
 
-async def test_production_ins_sample_is_refused_903_under_either_policy(world: World) -> None:
+async def test_production_ins_sample_is_refused_under_either_policy(world: World) -> None:
     refused = await world.file(cda_message("CSE-MDE_2023.01.xml"))
     assert refused.first_refusal is not None and refused.first_refusal.code == IntegrationCode.INS_ABSENT
     assert "accept_production" in (refused.first_refusal.reason or "")
-    # Accepted as a root, its fictitious NIR still fails the key check.
+    # Accepted as a root, its fictitious NIR still fails the key check: present but invalid (904), not absent.
     accepted = await world.file(cda_message("CSE-MDE_2023.01.xml"), accept_production=True)
-    assert accepted.first_refusal is not None and accepted.first_refusal.code == IntegrationCode.INS_ABSENT
+    assert accepted.first_refusal is not None and accepted.first_refusal.code == IntegrationCode.INS_MISMATCH
     assert "key" in (accepted.first_refusal.reason or "")
 
 

@@ -83,7 +83,8 @@ def test_production_sample_value_is_fictitious_and_its_key_is_wrong() -> None:
     # Accepted by policy, the CSE-MDE value still fails the NIR key: it is not a usable INS.
     failure = identify_document(parse_cda(sample("CSE-MDE_2023.01.xml")), accept_production=True)
     assert isinstance(failure, IdentificationFailure)
-    assert failure.code is INS_ABSENT and "wrong INS key" in failure.reason
+    assert failure.code is INS_MISMATCH and "wrong INS key" in failure.reason
+    assert failure.label != INS_ABSENT.label  # present with a wrong key: not "INS absent du document"
 
 
 @needs_samples
@@ -133,7 +134,9 @@ def test_other_roots_under_the_ins_arc_are_not_an_ins(root: str) -> None:
 def test_ins_with_a_wrong_key_or_non_ascii_digits_is_refused() -> None:
     for value in ("279035121518988", "２７９０３５１２１５１８９８９"):
         failure = identify_patient(patient(ids=(InstanceIdentifier("1.2.250.1.213.1.4.10", value),)), accept_production=True)
-        assert isinstance(failure, IdentificationFailure) and failure.code is INS_ABSENT
+        # The INS is there, under an INS root: reported as an INS that does not match (904), not as absent (903).
+        assert isinstance(failure, IdentificationFailure) and failure.code is INS_MISMATCH
+        assert "present but not valid" in failure.reason and "absent" not in failure.label
 
 
 def test_two_different_ins_contradict_each_other() -> None:
