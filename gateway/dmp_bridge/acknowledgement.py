@@ -7,7 +7,9 @@ CI-SIS usage of receipts (mssante.md §1.7, IG volet trans-lps-doc-cda-courriel-
   consent, RFC 8098 2.1), an MDN goes back: ``multipart/report;
   report-type=disposition-notification`` with a human part, a
   ``message/disposition-notification`` part (Reporting-UA, Original-Recipient,
-  Final-Recipient, Original-Message-ID, Disposition) and the original message.
+  Final-Recipient, Original-Message-ID, Disposition) in US-ASCII (labels
+  without their accents; RFC 6533 ``message/global-disposition-notification``
+  only when an address is non-ASCII) and the original message.
   ``Disposition: automatic-action/MDN-sent-automatically; processed`` when
   every document was integrated; ``processed/Error: <code>^<label>`` (CI-SIS
   form) plus the RFC 8098 ``Error:`` field otherwise. The subject is the
@@ -34,7 +36,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -306,18 +309,42 @@ def _text_part(text: str) -> bytes:
 
 
 def _disposition_part(delivered: DeliveredMessage, failure: Failure | None, hostname: str) -> bytes:
-    fields = [f"Reporting-UA: {hostname}; {REPORTING_UA}",
-              f"Original-Recipient: rfc822;{_original_recipient(delivered)}",
-              f"Final-Recipient: rfc822;{delivered.recipient}"]
+    """The machine-readable part: RFC 8098 ``message/disposition-notification`` in ASCII.
+
+    RFC 8098 3.1.1 fields are US-ASCII: the CI-SIS labels (``904^INS ou traits
+    d'identité...``) are written there without their accents. Only when an address
+    itself is non-ASCII (SMTPUTF8) is the part RFC 6533 6
+    ``message/global-disposition-notification``, in UTF-8, addresses typed ``utf-8``.
+    """
+    original_recipient, final_recipient = _original_recipient(delivered), delivered.recipient
     original_id = str(delivered.message.get("Message-ID", "") or "").strip()
+    global_form = not all(value.isascii() for value in (original_recipient, final_recipient, original_id, hostname))
+    text: Callable[[str], str] = (lambda value: value) if global_form else to_ascii
+    address_type = "utf-8" if global_form else "rfc822"  # RFC 6533 3.2: utf-8-type-addr
+    fields = [f"Reporting-UA: {hostname}; {REPORTING_UA}",
+              f"Original-Recipient: {address_type};{original_recipient}",
+              f"Final-Recipient: {address_type};{final_recipient}"]
     if original_id:
         fields.append(f"Original-Message-ID: {original_id}")
-    fields.append(f"Disposition: {disposition(failure)}")
+    fields.append(f"Disposition: {text(disposition(failure))}")
     if failure is not None:
-        fields.append(f"Error: {int(failure.code)}^{failure.code.label}")  # RFC 8098 3.2.7
+        fields.append(f"Error: {text(f'{int(failure.code)}^{failure.code.label}')}")  # RFC 8098 3.2.7
     body = "\r\n".join(fields) + "\r\n"
-    return (b"Content-Type: message/disposition-notification\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-            + body.encode("utf-8"))
+    if global_form:
+        return (b"Content-Type: message/global-disposition-notification\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                + body.encode("utf-8"))
+    return (b"Content-Type: message/disposition-notification\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+            + body.encode("ascii"))
+
+
+_ASCII_LETTERS = str.maketrans({"œ": "oe", "Œ": "OE", "æ": "ae", "Æ": "AE", "\u2019": "'", "\u00a0": " "})
+
+
+def to_ascii(text: str) -> str:
+    """``text`` in US-ASCII for an RFC 8098 field: accents dropped ("identité" -> "identite"), others as '?'."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_ASCII_LETTERS))
+    stripped = "".join(char for char in decomposed if not unicodedata.combining(char))
+    return stripped.encode("ascii", errors="replace").decode("ascii")
 
 
 def _original_recipient(delivered: DeliveredMessage) -> str:
