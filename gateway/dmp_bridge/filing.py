@@ -80,6 +80,7 @@ from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
+from gateway.dmp_bridge.codes import derive_xds_codes
 from gateway.dmp_bridge.content_types import decided_type
 from gateway.dmp_bridge.depositor import Depositor
 from gateway.dmp_bridge.errors import IntegrationCode
@@ -109,7 +110,6 @@ from gateway.storage.models import Patient, PatientState, utcnow
 
 log = logging.getLogger("gateway.dmp.filing")
 
-PDF_FORMAT = ("urn:ihe:iti:xds-sd:pdf:2008", "1.3.6.1.4.1.19376.1.2.3")  # IHE XDS-SD, CDA level 1 with a PDF
 NOT_A_PATIENT_MAILBOX = ("delivered to a professional's mailbox: only what is delivered to a patient's own mailbox "
                          "feeds that patient's record")
 NO_DEPOSITOR = ("the sender is not a mailbox of the directory that can deposit documents (a professional or an "
@@ -493,7 +493,8 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, pre
     await journal.document_filed(session, row, plan.replaced)
     return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED, record_document_id=row.id,
                            patient_id=patient.id, patient_ins=patient.ins, blob_id=item.stored.blob_id,
-                           reason=f"replaces {plan.replaced.unique_id}" if plan.replaced else None)
+                           reason="; ".join(filter(None, (f"replaces {plan.replaced.unique_id}" if plan.replaced else None,
+                                                          *fields.gaps))) or None)
 
 
 async def _resolve_patient(session: AsyncSession, claim: _PatientClaim, context: FilingContext) -> Patient | IdentificationFailure:
@@ -629,6 +630,7 @@ class DocumentFields:
     version: int | None
     replaces: tuple[str, ...]
     columns: dict[str, Any] = field(default_factory=dict)
+    gaps: tuple[str, ...] = ()  # metadata the DMP needs that could not be derived (filed anyway, reported)
 
 
 def document_fields(document: ExtractedDocument, patient_ins: str, context: FilingContext) -> DocumentFields:
@@ -646,12 +648,10 @@ def document_fields(document: ExtractedDocument, patient_ins: str, context: Fili
 
 def _cda_fields(cda: CdaDocument, entry: DocumentEntry | None, columns: dict[str, Any]) -> DocumentFields:
     columns = columns | {key: value for key, value in _cda_columns(cda).items() if value is not None or key not in columns}
-    if cda.body is not None and cda.body.kind.value == "nonXMLBody" and (cda.body.media_type or "") == "application/pdf":
-        columns.setdefault("format_code", PDF_FORMAT[0])
-        columns["format_code_system"] = columns.get("format_code_system") or PDF_FORMAT[1]
-    columns |= _confidentiality_columns(_cda_confidentiality(cda, entry))
+    derived = derive_xds_codes(cda, columns)  # classCode and formatCode from the ANS tables (dmp_bridge/codes.py)
+    columns |= derived.columns | _confidentiality_columns(_cda_confidentiality(cda, entry))
     return DocumentFields(cda.id.xds_unique_id, cda.set_id.xds_unique_id if cda.set_id else None, cda.version_number,
-                          tuple(parent.xds_unique_id for parent in cda.replaces), columns)
+                          tuple(parent.xds_unique_id for parent in cda.replaces), columns, derived.gaps)
 
 
 def _source_columns(document: ExtractedDocument, context: FilingContext) -> dict[str, Any]:
