@@ -327,6 +327,10 @@ class OutboundSettings(_Section):
         120.0, ge=0, description="a delay DSN (RFC 3464 Action: delayed) once a recipient has waited this long. 0: never")
     max_queue_lifetime_hours: float = Field(
         48.0, gt=0, description="a recipient still undelivered this long after arrival fails (5.4.7), whatever the table says")
+    finished_listed_hours: float = Field(
+        72.0, ge=0, description="`gateway queue list` keeps showing a message this long after its last recipient was delivered "
+        "or failed (and its DSN sent), so `--state failed` finds it; 0: only messages still queued")
+
     @field_validator("transport_map")
     @classmethod
     def _routes(cls, values: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ failure DSN, RFC 3464). Exit codes: 0 done, 1 no such message or refused, 2 usag
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import click
@@ -19,7 +20,7 @@ from gateway.smtp.dsn import Action, RecipientReport
 from gateway.smtp.outbound_store import OutboundStore, _message_work
 from gateway.storage.models import utcnow
 
-STATES = ("pending", "deferred", "failed", "delivered", "held")
+STATES = ("pending", "deferred", "in-flight", "failed", "delivered", "held")
 
 
 @click.group()
@@ -31,9 +32,14 @@ def queue() -> None:
 @click.option("--state", type=click.Choice(STATES), help="only messages with a recipient in this state (or held)")
 @json_option
 def list_(state: str | None, as_json: bool) -> None:
-    """Messages still in the queue."""
-    rows = with_services(lambda s: OutboundStore(s.db).list_messages(state=state))
-    emit_rows(rows, ["id", "sender", "received_at", "size", "recipients", "states", "held", "next_attempt_at"],
+    """Messages in the queue, and those finished within outbound.finished_listed_hours.
+
+    A recipient being delivered right now is ``in-flight``; ``next_attempt_at`` is the
+    earliest next attempt of the others, as ``queue show`` gives it per recipient.
+    """
+    rows = with_services(lambda s: OutboundStore(s.db).list_messages(
+        state=state, finished_within=dt.timedelta(hours=s.settings.outbound.finished_listed_hours)))
+    emit_rows(rows, ["id", "state", "sender", "received_at", "size", "recipients", "states", "held", "next_attempt_at"],
               as_json=as_json)
 
 
@@ -50,13 +56,25 @@ def show(queue_id: str, as_json: bool) -> None:
     emit_record(record, as_json=False)
     for recipient in recipients:
         click.echo(f"\n<{recipient['address']}> {recipient['route']} {recipient['state']}, "
-                   f"{recipient['attempts']} attempt(s), next: {_when(recipient['next_attempt_at'])}")
+                   f"{recipient['attempts']} attempt(s), {_next(recipient)}")
         if recipient["last_error"]:
             click.echo(f"  last error: {recipient['last_error']}")
         for attempt in recipient["history"]:
-            where = f"{attempt['mx'] or '-'}[{attempt['ip'] or '-'}]"
-            click.echo(f"  {_when(attempt['at'])}  {attempt['outcome']:<9} {where} {attempt['tls'] or 'no TLS'}: "
-                       f"{attempt['reply']}  (next: {_when(attempt['next_attempt_at'])})")
+            click.echo(f"  {_when(attempt['at'])}  {attempt['outcome']:<9} {_hop(attempt)}{attempt['reply']}  "
+                       f"(next: {_when(attempt['next_attempt_at'])})")
+
+
+def _next(recipient: dict[str, Any]) -> str:
+    if recipient["lease_until"] is not None:
+        return f"being delivered now (tried again at {_when(recipient['lease_until'])} if that attempt never ends)"
+    return f"next: {_when(recipient['next_attempt_at'])}"
+
+
+def _hop(attempt: dict[str, Any]) -> str:
+    """Where the attempt went and how, when it got that far: a DNS failure reached no host, and its reply names it."""
+    if not attempt["mx"] and not attempt["ip"]:
+        return ""
+    return f"{attempt['mx'] or '-'}[{attempt['ip'] or '-'}] {attempt['tls'] or 'no TLS'}: "
 
 
 def _when(value: Any) -> str:

@@ -188,13 +188,20 @@ class OutboundStore:
 
     # ----------------------------------------------------------------- the administrator (gateway queue)
 
-    async def list_messages(self, *, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    async def list_messages(self, *, state: str | None = None, limit: int = 1000,
+                            finished_within: dt.timedelta = dt.timedelta(0)) -> list[dict[str, Any]]:
+        """Queued messages, and those finished (every recipient delivered or failed, its DSN sent) less
+        than ``finished_within`` ago; each recipient read as ``show`` reads it (``recipient_view``)."""
+        now = utcnow()
+        listed = or_(QueuedMessage.state == MessageState.QUEUED.value,
+                     and_(QueuedMessage.state == MessageState.DONE.value, QueuedMessage.done_at >= now - finished_within))
         async with self.db.session() as s:
-            messages = (await s.scalars(select(QueuedMessage).where(QueuedMessage.state == MessageState.QUEUED.value)
+            messages = (await s.scalars(select(QueuedMessage).where(listed)
                                         .order_by(QueuedMessage.id).limit(limit))).all()
             recipients = await self._recipients_by_message(s, [m.id for m in messages])
+            attempts = await self._attempts(s, [r.id for rows in recipients.values() for r in rows])
             holds = await self._holds(s, [m.id for m in messages])
-        rows = [self._summary(m, recipients.get(m.id, []), holds.get(m.id)) for m in messages]
+        rows = [self._summary(m, recipients.get(m.id, []), attempts, holds.get(m.id), now) for m in messages]
         if state == "held":
             return [row for row in rows if row["held"]]
         if state:
@@ -223,18 +230,25 @@ class OutboundStore:
         return found
 
     @staticmethod
-    def _summary(message: QueuedMessage, recipients: Sequence[QueuedRecipient], held_at: dt.datetime | None) -> dict[str, Any]:
+    def _summary(message: QueuedMessage, recipients: Sequence[QueuedRecipient],
+                 attempts: dict[int, list[OutboundAttempt]], held_at: dt.datetime | None,
+                 now: dt.datetime) -> dict[str, Any]:
         states: dict[str, int] = defaultdict(int)
+        upcoming: list[dt.datetime] = []
         for recipient in recipients:
-            states[recipient.state] += 1
-        upcoming = [r.next_attempt_at for r in recipients if r.state in OPEN_STATES and r.next_attempt_at]
+            view = recipient_view(recipient, attempts.get(recipient.id, []), now)
+            states[view.state] += 1
+            if view.next_attempt_at is not None:
+                upcoming.append(view.next_attempt_at)
         return {
-            "id": message.id, "sender": message.sender or "<>", "received_at": message.received_at,
-            "size": message.size, "recipients": len(recipients), "states": dict(states),
-            "held": held_at is not None, "next_attempt_at": min(upcoming) if upcoming else None,
+            "id": message.id, "state": message.state, "sender": message.sender or "<>",
+            "received_at": message.received_at, "done_at": message.done_at, "size": message.size,
+            "recipients": len(recipients), "states": dict(states), "held": held_at is not None,
+            "next_attempt_at": min(upcoming) if upcoming else None,
         }
 
     async def show(self, message_id: str) -> dict[str, Any] | None:
+        now = utcnow()
         async with self.db.session() as s:
             message = await s.get(QueuedMessage, message_id)
             if message is None:
@@ -246,17 +260,19 @@ class OutboundStore:
         return {
             "id": message.id, "state": message.state, "door": message.door, "sender": message.sender or "<>",
             "envid": message.envid, "ret": message.ret, "size": message.size, "received_at": message.received_at,
-            "message_id": message.message_id_header, "held": bool(outbound and outbound.held_at),
+            "done_at": message.done_at, "message_id": message.message_id_header,
+            "held": bool(outbound and outbound.held_at),
             "delay_reported_at": outbound.delay_reported_at if outbound else None,
             "dkim_signed": bool(outbound and outbound.dkim_signature),
-            "recipients": [_describe_recipient(r, attempts.get(r.id, [])) for r in recipients],
+            "recipients": [_describe_recipient(r, attempts.get(r.id, []), now) for r in recipients],
         }
 
     @staticmethod
     async def _attempts(s: AsyncSession, recipient_ids: Sequence[int]) -> dict[int, list[OutboundAttempt]]:
         grouped: dict[int, list[OutboundAttempt]] = defaultdict(list)
-        if recipient_ids:
-            for row in (await s.scalars(select(OutboundAttempt).where(OutboundAttempt.recipient_id.in_(recipient_ids))
+        for start in range(0, len(recipient_ids), 500):
+            chunk = list(recipient_ids[start:start + 500])
+            for row in (await s.scalars(select(OutboundAttempt).where(OutboundAttempt.recipient_id.in_(chunk))
                                         .order_by(OutboundAttempt.id))).all():
                 grouped[row.recipient_id].append(row)
         return grouped
@@ -310,10 +326,38 @@ class OutboundStore:
                 QueuedRecipient.route == RouteKind.REMOTE.value, QueuedRecipient.state.in_(OPEN_STATES))) or 0)
 
 
-def _describe_recipient(recipient: QueuedRecipient, attempts: Sequence[OutboundAttempt]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RecipientView:
+    """How ``gateway queue list`` and ``show`` both present a recipient."""
+
+    state: str  # pending | deferred | in-flight | delivered | failed
+    next_attempt_at: dt.datetime | None  # when it is tried next; None when finished or being tried now
+    lease_until: dt.datetime | None = None  # in-flight: tried again then if that delivery never settles
+
+
+def recipient_view(recipient: QueuedRecipient, attempts: Sequence[OutboundAttempt], now: dt.datetime) -> RecipientView:
+    """One reading of a recipient's row for every view.
+
+    A worker claiming a remote recipient moves its ``next_attempt_at`` to the end of
+    its lease (``claim_due``) until the attempt settles, when it becomes the attempt's
+    own ``next_attempt_at``. So an open remote recipient whose ``next_attempt_at`` is in
+    the future and differs from what its last attempt scheduled is being delivered
+    now: shown ``in-flight``, not as "pending, next attempt in 30 minutes".
+    """
+    if recipient.state not in OPEN_STATES:
+        return RecipientView(recipient.state, None)
+    scheduled = attempts[-1].next_attempt_at if attempts else None
+    next_at = recipient.next_attempt_at
+    if recipient.route == RouteKind.REMOTE.value and next_at is not None and next_at > now and next_at != scheduled:
+        return RecipientView("in-flight", None, next_at)
+    return RecipientView(recipient.state, next_at)
+
+
+def _describe_recipient(recipient: QueuedRecipient, attempts: Sequence[OutboundAttempt], now: dt.datetime) -> dict[str, Any]:
+    view = recipient_view(recipient, attempts, now)
     return {
-        "address": recipient.address, "route": recipient.route, "state": recipient.state,
-        "attempts": recipient.attempts, "next_attempt_at": recipient.next_attempt_at,
+        "address": recipient.address, "route": recipient.route, "state": view.state,
+        "attempts": recipient.attempts, "next_attempt_at": view.next_attempt_at, "lease_until": view.lease_until,
         "last_error": recipient.last_error, "notify": recipient.notify, "orcpt": recipient.orcpt,
         "delivered_at": recipient.delivered_at,
         "history": [{
