@@ -15,10 +15,11 @@ came from and why it is wrong.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -557,17 +558,40 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
         target = values
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        target[path[-1]] = _parse_env_value(raw)
+        target[path[-1]] = _parse_env_value(raw, is_list=_is_list_setting(path))
         origins[path] = f"environment variable {var}"
     return values, origins
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Environment values are TOML scalars or arrays when they parse as such, else strings."""
+def _is_list_setting(path: tuple[str, ...]) -> bool:
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    field = model.model_fields.get(path[-1])
+    return field is not None and get_origin(field.annotation) is list
+
+
+def _parse_env_value(raw: str, *, is_list: bool = False) -> Any:
+    """Environment values are TOML scalars or arrays when they parse as such, else strings.
+
+    A list setting also takes what `gateway config describe` shows: comma-separated items
+    (``GATEWAY_PKI_SERVER_NAMES=mx.example, imap.example``), or a JSON array; empty: no item.
+    """
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        return raw
+        value = raw
+    if not is_list or isinstance(value, list):
+        return value
+    if raw.strip().startswith("["):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw  # neither TOML nor JSON: validation names the key and shows the value
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -643,7 +667,9 @@ def _describe(exc: ValidationError, origins: dict[tuple[str, ...], str], file_pa
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"])
         key = ".".join(loc)
-        source = origins.get(loc) or (str(file_path) if file_path else "defaults")
+        # An item of a list (loc ends with its index) comes from where the list was set.
+        source = next((origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origins),
+                      str(file_path) if file_path else "defaults")
         message = error["msg"]
         if error["type"] == "extra_forbidden" and key in RETIRED_KEYS:
             message = RETIRED_KEYS[key]

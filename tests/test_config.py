@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_settings, render_documented_toml
+from gateway.config import ConfigError, Settings, describe_settings, load_settings, render_documented_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,3 +68,44 @@ def test_bad_values_name_the_key(tmp_path: Path, toml: str, environ: dict[str, s
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+def _describe(columns: int) -> str:
+    from tests.harness import run_cli
+    result = run_cli("config", "describe", env=os.environ | {"COLUMNS": str(columns)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_list_settings_accept_what_describe_shows_and_json() -> None:
+    """Every list setting: the value `config describe` prints, given back in the environment, is that value."""
+    text = _describe(100)
+    defaults = Settings()
+    lists = [(key, default) for key, default, _ in describe_settings() if isinstance(default, list)]
+    assert lists, "no list setting to check"
+    for key, default in lists:
+        shown = next(line for line in text.splitlines() if line.startswith(f"{key} = ")).split(" = ", 1)[1]
+        variable = "GATEWAY_" + key.replace(".", "_").upper()
+        section, name = key.split(".")
+        if default:  # an empty default is shown as (empty)
+            parsed = load_settings(environ={variable: shown})
+            assert getattr(getattr(parsed, section), name) == getattr(getattr(defaults, section), name), key
+    environ = {"GATEWAY_PKI_SERVER_NAMES": "mx.example, imap.example",
+               "GATEWAY_OUTBOUND_RETRY_SCHEDULE_MINUTES": "1, 2.5,10",
+               "GATEWAY_SMTP_DISABLED_EXTENSIONS": "",
+               "GATEWAY_OUTBOUND_TRANSPORT_MAP": '["a.example=mx.a.example:2525", "b.example=mx.b.example"]'}
+    settings = load_settings(environ=environ)
+    assert settings.pki.server_names == ["mx.example", "imap.example"]
+    assert settings.outbound.retry_schedule_minutes == [1.0, 2.5, 10.0]
+    assert settings.smtp.disabled_extensions == []
+    assert settings.outbound.transport_map == ["a.example=mx.a.example:2525", "b.example=mx.b.example"]
+    with pytest.raises(ConfigError, match=r"outbound\.retry_schedule_minutes.*GATEWAY_OUTBOUND_RETRY_SCHEDULE_MINUTES"):
+        load_settings(environ={"GATEWAY_OUTBOUND_RETRY_SCHEDULE_MINUTES": "soon, later"})
+
+
+def test_describe_fits_the_terminal_and_names_the_variables() -> None:
+    text = _describe(60)
+    described = [line for line in text.splitlines() if line.startswith("    ") and not line.startswith("    env: ")]
+    assert described and all(len(line) <= 60 for line in described)
+    assert "    env: GATEWAY_SMTP_MAX_MESSAGE_SIZE" in text
+    assert "--toml" in text and "--json" in text

@@ -6,13 +6,15 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import click
 
 from gateway.cli.common import data_dir_option, emit_json, emit_rows, json_option, run, settings, user_errors
-from gateway.config import Settings, describe_settings, render_documented_toml
+from gateway.config import ENV_PREFIX, Settings, describe_settings, render_documented_toml
 from gateway.errors import UserError
 
 
@@ -129,12 +131,40 @@ def config() -> None:
 @json_option
 @click.option("--toml", "as_toml", is_flag=True, help="print the documented TOML file (config/gateway.toml)")
 def describe(as_json: bool, as_toml: bool) -> None:
-    """Every setting with its default and meaning."""
+    """Every setting with its default, its environment variable and its meaning, fitted to the terminal.
+
+    --toml prints a configuration file to start from; --json is for tools.
+    """
     if as_toml:
         click.echo(render_documented_toml(), nl=False)
         return
     rows = [{"key": key, "default": default, "description": text} for key, default, text in describe_settings()]
-    emit_rows(rows, ["key", "default", "description"], as_json=as_json)
+    if as_json:
+        emit_rows(rows, ["key", "default", "description"], as_json=True)
+        return
+    click.echo(describe_text(rows, shutil.get_terminal_size(fallback=(80, 24)).columns))
+
+
+def describe_text(rows: list[dict[str, Any]], width: int) -> str:
+    """One block per setting: ``key = default``, its environment variable, its meaning wrapped to ``width``."""
+    width = max(width, 40)
+    blocks = []
+    for row in rows:
+        key, default = row["key"], row["default"]
+        shown = ", ".join(str(item) for item in default) if isinstance(default, list) else _toml_scalar(default)
+        variable = ENV_PREFIX + key.replace(".", "_").upper()
+        lines = [f"{key} = {shown}" if shown else f"{key} = (empty)", f"    env: {variable}"]
+        lines += textwrap.wrap(row["description"], width=width, initial_indent="    ", subsequent_indent="    ")
+        blocks.append("\n".join(lines))
+    footer = ("Lists are written as shown (comma-separated) or as a JSON array, in the environment too. "
+              "`gateway config describe --toml` prints a documented configuration file; --json is for tools.")
+    return "\n\n".join(blocks) + "\n\n" + "\n".join(textwrap.wrap(footer, width=width))
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 @config.command()
