@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the gateway on its embedded defaults:
 # SQLite and files under ./data, a test PKI, demo accounts (listed in ./data/demo.json).
+# The first run installs what is missing (Debian packages, .venv), quietly; later runs start at once.
 # Usage: scripts/demo.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
