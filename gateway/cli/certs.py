@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from gateway.cli.common import data_dir_option, emit_record, emit_rows, json_option, settings, split_csv, user_errors
+from gateway.cli.common import (
+    data_dir_option,
+    emit_record,
+    emit_rows,
+    json_option,
+    settings,
+    split_csv,
+    user_errors,
+    with_services,
+)
+from gateway.errors import NotFound
 from gateway.security.pki import REVOCATION_REASONS, IssuedCertificate, TestPKI
 
 LIST_COLUMNS = ["name", "kind", "state", "serial", "not_after", "subject"]
@@ -96,16 +107,47 @@ def issue_client(name: str, common_name: str, email: str | None, key_type: str |
 @click.option("--email", required=True, help="the mailbox address (SAN rfc822Name)")
 @click.option("--cn", "common_name", required=True, help="subject common name (the person or service)")
 @click.option("--name", help="file name under issued/ (default: the address)")
-@_key_type_option
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True,
+              help="rsa (3072 bits) by default: mail clients such as gpgsm 2.2 cannot import an EC P-256 S/MIME key")
+@click.option("--hold-key", is_flag=True,
+              help="the gateway also holds the key (sealed): it signs what the mailbox sends and decrypts its mail")
+@click.option("--no-publish", is_flag=True, help="register without publishing (not used to encrypt to the mailbox)")
+@click.option("--no-register", is_flag=True,
+              help="only issue the files, for an address that is not a mailbox here (by default the certificate "
+                   "is registered to the mailbox, as `smime cert import` would)")
 @_replace_option
 @json_option
-@user_errors
-def issue_smime(email: str, common_name: str, name: str | None, key_type: str | None, replace: bool,
-                as_json: bool) -> None:
-    """S/MIME certificate (emailProtection) for signing and encryption."""
-    pki = _pki()
-    issued = pki.issue_smime(email, common_name, key_type, name=name, replace=replace)
-    _emit_issued(pki, issued, as_json)
+def issue_smime(email: str, common_name: str, name: str | None, key_type: str, hold_key: bool, no_publish: bool,
+                no_register: bool, replace: bool, as_json: bool) -> None:
+    """S/MIME certificate (emailProtection) for signing and encryption, registered to its mailbox in one step."""
+    if no_register and (hold_key or no_publish):
+        raise click.UsageError("--hold-key and --no-publish are about the registration that --no-register skips")
+
+    async def action(services: Any) -> dict[str, Any]:
+        pki: TestPKI = services.pki
+        if not no_register:
+            await _require_mailbox(services, email)  # refuse before issuing: no orphan certificate
+        issued = pki.issue_smime(email, common_name, key_type, name=name, replace=replace)
+        details = pki.describe(issued.name)
+        record = {key: details[key] for key in ISSUED_FIELDS}
+        if no_register:
+            return record | {"registered": False}
+        key_path = Path(details["key_path"])
+        registered = await services.smime.import_certificate(
+            email, Path(details["cert_path"]).read_bytes(), key_data=key_path.read_bytes() if hold_key else None,
+            hold_key=hold_key, publish=not no_publish)
+        return record | {"registered": True, "published": registered.get("published"),
+                         "key_held": registered.get("key_held")}
+
+    emit_record(with_services(action), as_json=as_json)
+
+
+async def _require_mailbox(services: Any, address: str) -> None:
+    try:
+        await services.directory.show_mailbox(address)
+    except NotFound:
+        raise NotFound(f"no mailbox {address} here to register the certificate to: create the mailbox first, "
+                       "or issue with --no-register", field="email") from None
 
 
 @certs.command("revoke")

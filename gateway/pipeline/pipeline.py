@@ -64,6 +64,7 @@ class _Copy:
     recipients: list[tuple[AcceptedRecipient, RcptParameters]]
     facts: MessageFacts
     verdict: InboundVerdict | None = None
+    encrypted_here: bool = False  # this copy is the envelope we made for its recipients (sender's policy)
 
 
 class Pipeline:
@@ -204,7 +205,8 @@ class Pipeline:
         try:
             for index, variant in enumerate(variants):
                 target = spool_file if index == 0 else self.spool.new_file()
-                copy = _Copy(target, [by_address[address] for address in variant.recipients], facts)
+                copy = _Copy(target, [by_address[address] for address in variant.recipients], facts,
+                             encrypted_here=variant.encrypted)
                 copies.append(copy)
                 if variant.content is not None:
                     target.replace_content(variant.content)
@@ -220,7 +222,7 @@ class Pipeline:
         mailbox_ids = [a.route.mailbox_id for a, _ in copy.recipients if isinstance(a.route, LocalRoute)]
         if mailbox_ids and is_smime_content_type(copy.facts.get("Content-Type")):
             raw = await asyncio.to_thread(_read_all, copy.spool_file)
-            copy.verdict = await self.smime.inspect(raw, mailbox_ids)
+            copy.verdict = await self.smime.inspect(raw, mailbox_ids, encrypted_here=copy.encrypted_here)
 
     async def _record_smime(self, copy: _Copy) -> None:
         if self.smime is None or copy.verdict is None:

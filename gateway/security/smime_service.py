@@ -27,7 +27,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from gateway.security.smime import (
     OutgoingOptions,
     RecipientKey,
     SigningIdentity,
+    SmimeFailure,
     SmimeStatus,
     process_incoming,
     process_outgoing,
@@ -545,8 +546,13 @@ class SmimeService:
 
     # ================================================================== incoming
 
-    async def inspect(self, raw: bytes, mailbox_ids: Sequence[int]) -> InboundVerdict:
-        """Decrypt (with each recipient mailbox's held keys), verify, validate; never raises for bad input."""
+    async def inspect(self, raw: bytes, mailbox_ids: Sequence[int], *, encrypted_here: bool = False) -> InboundVerdict:
+        """Decrypt (with each recipient mailbox's held keys), verify, validate; never raises for bad input.
+
+        ``encrypted_here``: the message is the envelope this gateway made at submission (the sender's
+        policy) for recipients whose keys it does not hold; the result says so instead of "encrypted
+        for other recipients only", which would read as mail addressed to someone else.
+        """
         trust = self.trust()
         now = utcnow()
         by_mailbox: dict[int, IncomingResult] = {}
@@ -556,6 +562,8 @@ class SmimeService:
                 by_mailbox[mailbox_id] = await asyncio.to_thread(self._verify, raw, keys, trust, now)
         results = list(by_mailbox.values()) or [await asyncio.to_thread(self._verify, raw, [], trust, now)]
         best = min(results, key=_rank)
+        if encrypted_here and _not_for_our_keys(best):
+            best = _encrypted_here(best)
         field = f"Authentication-Results: {self.settings.hostname};\r\n\t{best.summary}"
         decrypted = {mailbox_id: result.content for mailbox_id, result in by_mailbox.items()
                      if result.decryption is not None and result.decryption.decrypted}
@@ -614,3 +622,21 @@ def _describe_key(certificate: x509.Certificate) -> str:
 def _describe_policy(row: SmimePolicyRow) -> dict[str, Any]:
     return {"scope": row.scope, "target": row.target, "sign": row.sign or "inherit",
             "encrypt": row.encrypt or "inherit", "updated_at": row.updated_at}
+
+
+ENCRYPTED_HERE = ("encrypted by this gateway at submission to the recipient's certificate, by the sender's policy; "
+                  "the recipient's mail client decrypts it")
+
+
+def _not_for_our_keys(result: IncomingResult) -> bool:
+    decryption = result.decryption
+    return decryption is not None and not decryption.decrypted and decryption.failure is SmimeFailure.NO_RECIPIENT_KEY
+
+
+def _encrypted_here(result: IncomingResult) -> IncomingResult:
+    """RFC 7281 smime=neutral, with a comment saying what happened (RFC 8601 2.7.1 allows one)."""
+    summary = f"smime={result.status.value} ({ENCRYPTED_HERE})"
+    if result.from_address:
+        summary += f" header.from={result.from_address}"
+    return replace(result, reasons=(ENCRYPTED_HERE,), summary=summary)
+

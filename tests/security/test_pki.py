@@ -414,8 +414,12 @@ def test_cli_issue_list_show_revoke_crl(tmp_path: Path) -> None:
                        "--json")
     assert code == 0, out
     assert json.loads(out)["dns_names"] == ["mx.test", "localhost"]
-    code, out = invoke(data, "issue", "smime", "--email", "a@b.test", "--cn", "A B", "--key-type", "rsa", "--json")
-    assert code == 0 and json.loads(out)["key"] == "rsa 3072"
+    code, out = invoke(data, "issue", "smime", "--email", "a@b.test", "--cn", "A B", "--no-register", "--json")
+    assert code == 0 and json.loads(out)["key"] == "rsa 3072"  # RSA by default for S/MIME (gpgsm 2.2: no EC keys)
+    assert json.loads(out)["registered"] is False
+    code, out = invoke(data, "issue", "smime", "--email", "a@b.test", "--cn", "A B", "--name", "a2")
+    assert code == 1 and "no mailbox a@b.test here" in out and "--no-register" in out
+    assert "a2" not in {row["name"] for row in json.loads(invoke(data, "list", "--json")[1])}  # nothing issued
     code, out = invoke(data, "issue", "client", "--name", "app", "--cn", "App", "--email", "app@b.test")
     assert code == 0 and "app@b.test" in out
     code, out = invoke(data, "revoke", "app", "--reason", "superseded")

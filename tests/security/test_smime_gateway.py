@@ -248,7 +248,11 @@ def test_gateway_signs_and_encrypts_and_openssl_decrypts_and_verifies(world: Wor
 
     delivered = arrived(world, world.marc, marker)
     assert delivered.get_content_type() == "application/pkcs7-mime"
-    assert "smime=neutral" in smime_result(delivered)                # we hold no key of marc's: flagged, as is
+    result = smime_result(delivered)
+    assert "smime=neutral" in result                                # we hold no key of marc's: flagged, as is
+    # ... and the field says what happened: we encrypted it for marc, it is not someone else's mail.
+    assert "encrypted by this gateway at submission to the recipient's certificate" in result
+    assert "other recipients" not in result
     marc_cert, marc_key = world.marc_files
     decrypted = openssl("-decrypt", "-recip", marc_cert, "-inkey", marc_key,
                         data=delivered.as_bytes())

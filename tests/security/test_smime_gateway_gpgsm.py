@@ -52,11 +52,14 @@ class GpgsmWorld:
         self.world = world
         self.gpgsm = gpgsm
 
-    def issue_rsa(self, address: str) -> Issued:
-        """``gateway certs issue smime --key-type rsa``, then into gpgsm as PKCS#12 (key and chain)."""
+    def issue_rsa(self, address: str, *options: str) -> Issued:
+        """``gateway certs issue smime`` (RSA by default; issued and registered to the mailbox in one step),
+        then into gpgsm as PKCS#12 (key and chain)."""
         name = f"gpgsm-{address.split('@')[0]}-{secrets.token_hex(3)}"
         details = json.loads(self.world.cli("certs", "issue", "smime", "--email", address, "--cn", address.split("@")[0],
-                                            "--key-type", "rsa", "--name", name, "--json"))
+                                            "--name", name, *options, "--json"))
+        assert details["key"] == "rsa 3072" and details["registered"] is True and details["published"] is True
+        assert details["key_held"] is ("--hold-key" in options)
         issued = Issued(address, Path(details["cert_path"]), Path(details["key_path"]), details["fingerprint_sha256"])
         import_p12(self.gpgsm, lambda: self._p12(issued))
         return issued
@@ -145,10 +148,8 @@ def test_gateway_signed_and_encrypted_message_decrypts_and_verifies_with_gpgsm(s
                                                                               tmp_path: Path) -> None:
     world = setup.world
     sender, to = world.claire["address"], world.marc["address"]
-    signer = setup.issue_rsa(sender)
-    world.cli("smime", "cert", "import", sender, str(signer.cert_path), "--key", str(signer.key_path), "--hold-key")
-    recipient = setup.issue_rsa(to)                                              # gpgsm holds marc's key
-    world.cli("smime", "cert", "import", to, str(recipient.cert_path))           # the gateway only the certificate
+    signer = setup.issue_rsa(sender, "--hold-key")                              # the gateway signs for claire
+    setup.issue_rsa(to)                                         # gpgsm holds marc's key, the gateway the certificate
     world.cli("smime", "policy", "set", sender, "sign=always", "encrypt=always")
     marker = "GSMOUT" + secrets.token_hex(5)
     letter = (f"From: {sender}\r\nTo: {to}\r\nSubject: Lettre {marker}\r\nMessage-ID: <{marker}@demo.test>\r\n"
@@ -160,6 +161,7 @@ def test_gateway_signed_and_encrypted_message_decrypts_and_verifies_with_gpgsm(s
         world.cli("smime", "policy", "set", sender, "sign=inherit", "encrypt=inherit")
 
     assert delivered.get_content_type() == "application/pkcs7-mime"
+    assert "encrypted by this gateway at submission" in smime_result(delivered)
     enveloped = delivered.get_payload(decode=True)
     assert isinstance(enveloped, bytes)
     assert _content_cipher(enveloped) == "aes256_cbc"
