@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,14 +38,17 @@ def cert() -> None:
 @click.argument("certificate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="its private key (PEM or DER); with --hold-key the gateway keeps it, sealed at rest")
-@click.option("--password", help="password of the key or of a PKCS#12 file")
+@click.option("--password-stdin", is_flag=True,
+              help="read the password of the key or PKCS#12 file from the first line of standard input "
+                   "(never on the command line, where `ps` and the shell history would show it)")
 @click.option("--hold-key", is_flag=True,
               help="the owner lets the gateway hold the key: it decrypts their mail and signs what they send")
 @click.option("--no-publish", is_flag=True, help="register without publishing (not used to encrypt to them)")
 @json_option
-def import_certificate(address: str, certificate: Path, key_path: Path | None, password: str | None,
+def import_certificate(address: str, certificate: Path, key_path: Path | None, password_stdin: bool,
                        hold_key: bool, no_publish: bool, as_json: bool) -> None:
     """Import CERTIFICATE (PEM, DER or PKCS#12) for the mailbox ADDRESS."""
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
 
     async def action(services: Services) -> dict[str, Any]:
         return await services.smime.import_certificate(
