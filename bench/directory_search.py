@@ -30,7 +30,7 @@ from gateway.directory.synthetic import write_synthetic_extraction  # noqa: E402
 from gateway.security.passwords import PasswordHasher  # noqa: E402
 from gateway.storage.db import Database  # noqa: E402
 
-PREFIXES = ("MAR", "Léf", "DUR", "bern", "Petit", "GARÇ", "rous", "Morel")
+PREFIXES = ("MAR", "Léf", "DUR", "bern", "Petit", "GARCÍ", "rous", "Morel")
 
 
 async def bench(rows: int, database_url: str | None, repeat: int, workdir: Path) -> dict[str, list[float]]:
@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         timings = asyncio.run(bench(args.rows, args.database_url, args.repeat, Path(tmp)))
     backend = (args.database_url or "sqlite").split(":", 1)[0].split("+", 1)[0]
-    print(f"| query | rows | database | median | p95 |")
+    print("| query | rows | database | median | p95 |")
     print("| --- | --- | --- | --- | --- |")
     for query, samples in timings.items():
         ordered = sorted(samples)
