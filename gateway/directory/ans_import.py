@@ -302,8 +302,11 @@ class OrganisationData:
 
     def values(self) -> dict[str, Any]:
         return {"idnst": self.idnst, "id_type": self.id_type, "id_value": self.id_value, "name": self.name,
-                "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code,
-                **organisation_search(self.name, self.trade_name, self.idnst)}
+                "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code}
+
+    def search_values(self) -> dict[str, str]:
+        """The folded search columns, computed only for rows that are written."""
+        return organisation_search(self.name, self.trade_name, self.idnst)
 
 
 @dataclass(slots=True)
@@ -322,8 +325,11 @@ class ProfessionalData:
     savoir_faire_label: str | None
 
     def values(self) -> dict[str, Any]:
-        values = {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
-        return values | professional_search(self.family_name, self.given_name, self.idnps, self.profession_label)
+        return {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
+
+    def search_values(self) -> dict[str, str]:
+        """The folded search columns, computed only for rows that are written."""
+        return professional_search(self.family_name, self.given_name, self.idnps, self.profession_label)
 
 
 PROFESSIONAL_FIELDS = ("idnps", "id_type", "id_value", "civility", "family_name", "given_name", "profession_code",
@@ -628,17 +634,17 @@ class _BatchWriter:
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         for record in records:
-            values = record.values()
-            ident = values[key]
+            ident = getattr(record, key)
             if ident in seen:
-                continue  # the first row naming an owner wins
+                continue  # the first row naming an owner wins (thousands of rows name the same structure)
             seen.add(ident)
+            values = record.values()
             current = known.get(ident)
             digest = fingerprint(values, fields)
             if current is None:
-                inserts.append(values)
+                inserts.append(values | record.search_values())
             elif current[1] != digest:
-                updates.append({"b_id": current[0], **values})
+                updates.append({"b_id": current[0], **values, **record.search_values()})
                 known[ident] = (current[0], digest)
             else:
                 counts.unchanged += 1

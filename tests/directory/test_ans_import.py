@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from gateway.cli.main import cli
 from gateway.directory.ans_import import HEADER, ExtractionFormatError, import_ans_extraction
 from gateway.directory.identifiers import add_luhn_key
+from gateway.directory.search import fold
 from gateway.directory.professions import CATEGORIES, category_label, profession_label
 from gateway.directory.synthetic import write_synthetic_extraction
 from gateway.errors import UserError
@@ -166,6 +167,13 @@ async def test_edited_rows_are_updated(directory: Database, tmp_path: Path) -> N
         box = await session.scalar(select(Mailbox).where(Mailbox.address == organisation[1]))
     assert pro is not None and pro.family_name == "NOUVEAUNOM"
     assert box is not None and box.dematerialisation == (organisation[COL["Dématérialisation"]] == "True")
+    # The folded search columns follow the import, on create and on update.
+    assert pro.search_name.startswith("nouveaunom") and pro.search_name == fold(f"NOUVEAUNOM {pro.given_name or ''}")
+    accented = per_row(f"acc@{LOCAL}", rpps=add_luhn_key("1000000777"), family="LEFÈVRE-GARÇON")
+    await import_rows(directory, tmp_path, accented)
+    async with directory.session() as session:
+        found = (await session.scalars(select(Professional).where(Professional.search_name.like("lefevre-garcon%")))).all()
+    assert [p.family_name for p in found] == ["LEFÈVRE-GARÇON"]
 
 
 async def test_type_of_an_existing_mailbox_never_changes(directory: Database, tmp_path: Path) -> None:
