@@ -372,6 +372,8 @@ class RowValidator:
         self.trusted_domains = trusted_domains
         # Thousands of rows share a domain or a structure: check each distinct value once.
         self._structures: dict[tuple[str, str], StructureId | UserError] = {}
+        # ... and a structure's columns, identical on each row naming it: one OrganisationData per distinct set.
+        self._organisations: dict[tuple[str, ...], OrganisationData] = {}
 
     def validate(self, line: int, fields: list[str]) -> Entry:
         if len(fields) != COLUMN_COUNT:
@@ -457,6 +459,14 @@ class RowValidator:
             structure = self._structure(get("Type identifiant structure"), raw)
         except UserError as exc:
             raise RowRejected("Identification Structure", _message(exc)) from None
+        key = (structure.idnst, *get.slice(_ORGANISATION_COLUMNS))
+        known = self._organisations.get(key)
+        if known is None:
+            known = self._organisations[key] = self._new_organisation(structure, get)
+        return known
+
+    @staticmethod
+    def _new_organisation(structure: StructureId, get: _Getter) -> OrganisationData:
         name = get("Raison Sociale structure BAL")
         trade_name = _opt(get("Enseigne commerciale structure BAL"))
         address = {key: value for column, key in _ADDRESS_COLUMNS.items() if (value := get(column))}
@@ -490,11 +500,19 @@ class _Getter:
     __slots__ = ("fields",)
 
     def __init__(self, fields: list[str]) -> None:
-        self.fields = fields
+        self.fields = [value.strip() for value in fields]  # once per row, not once per read
 
     def __call__(self, column: str) -> str:
-        return self.fields[_COL[column]].strip()
+        return self.fields[_COL[column]]
 
+    def slice(self, columns: tuple[int, ...]) -> tuple[str, ...]:
+        return tuple(self.fields[index] for index in columns)
+
+
+# Every column an OrganisationData is made of (its cache key, with the IDNST).
+_ORGANISATION_COLUMNS: tuple[int, ...] = tuple(_COL[name] for name in (
+    "Raison Sociale structure BAL", "Enseigne commerciale structure BAL", "Code postal structure BAL",
+    *_ADDRESS_COLUMNS))
 
 _STRUCTURE_KINDS = {"0": "ADELI_RANG", "1": "FINESS", "2": "SIREN", "3": "SIRET", "4": "RPPS_RANG",
                     "ADELI": "ADELI_RANG", "RPPS": "RPPS_RANG"}
