@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from gateway.app import Services, open_services
 from gateway.config import Settings, load_settings
 from gateway.storage.db import Database
 from tests.harness import GatewayProcess
@@ -68,3 +69,12 @@ def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+async def services(served: GatewayProcess) -> AsyncIterator[Services]:
+    """The services of the module's running gateway (its ``served`` fixture), opened beside it on its data
+    directory, as the CLI and the webmail open them."""
+    opened_settings = load_settings(data_dir=served.data_dir, environ=served.env)
+    async with open_services(opened_settings, migrate=False) as opened:
+        yield opened

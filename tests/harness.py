@@ -8,6 +8,9 @@ CA from ``demo.json`` through it, exactly as a person trying the gateway would.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import imaplib
 import json
 import os
 import signal
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +119,21 @@ class GatewayProcess:
 
     def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, data_dir=self.data_dir, env=self.env, **kwargs)
+
+
+def read_inbox(imap: imaplib.IMAP4, account: dict[str, Any]) -> list[EmailMessage]:
+    """Log ``account`` in on an open IMAP connection and fetch every message of its INBOX, as a mail client
+    would. The mail store provisions a mailbox's folders at its first delivery: before it, no INBOX."""
+    imap.login(account["address"], account["password"])
+    typ, data = imap.select("INBOX", readonly=True)
+    if typ != "OK":
+        return []
+    typ, data = imap.uid("SEARCH", "ALL")
+    assert typ == "OK", data
+    messages = []
+    for uid in (data[0] or b"").split():
+        typ, parts = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+        assert typ == "OK", parts
+        raw = next(part[1] for part in parts if isinstance(part, tuple))
+        messages.append(email.message_from_bytes(raw, policy=email.policy.default))  # type: ignore[arg-type]
+    return messages

@@ -28,7 +28,7 @@ from gateway.audit.chain import Door, Outcome, Source, Subject
 from gateway.audit.events import AuditEvent
 from gateway.cli.audit import operator_actor
 from gateway.cli.common import emit_json, emit_record, emit_rows, json_option, with_services
-from gateway.directory.identifiers import IdentifierError, validate_nir
+from gateway.directory.identifiers import well_formed_nir
 from gateway.dmp_bridge.record import QuarantineEntry, RecordStore, describe_document, security_labels
 from gateway.dmp_bridge.tables import FilingJob, RecordDocument
 from gateway.dmp_bridge.worker import build_filing_worker
@@ -102,7 +102,7 @@ async def _list(services: Any, ins: str, current_only: bool) -> list[RecordDocum
     except UserError as error:
         await _refused(services, "record list", error, patient=ins)
         raise
-    await services.audit.append(AuditEvent.RECORD_SEARCHED, actor=operator_actor(), patient=_ins_or_none(ins),
+    await services.audit.append(AuditEvent.RECORD_SEARCHED, actor=operator_actor(), patient=well_formed_nir(ins),
                                 source=CLI, details={
                                     "operation": "record list", "current_only": current_only, "total": len(documents),
                                     "listed": [d.unique_id for d in documents][:MAX_LISTED_IDS]})
@@ -145,7 +145,7 @@ async def _refile(services: Any, delivery_id: int) -> dict[str, Any]:
 
 async def _refused(services: Any, operation: str, error: UserError, *, patient: str | None = None,
                    subject: Subject | None = None) -> None:
-    await services.audit.append(AuditEvent.ACCESS_REFUSED, actor=operator_actor(), patient=_ins_or_none(patient),
+    await services.audit.append(AuditEvent.ACCESS_REFUSED, actor=operator_actor(), patient=well_formed_nir(patient),
                                 source=CLI, subject=subject, outcome=Outcome.refused(_printable(str(error), 500)),
                                 details={"operation": operation})
 
@@ -155,17 +155,7 @@ async def _patient_of(services: Any, job: FilingJob) -> str | None:
         return None
     async with services.db.session() as session:
         ins = await session.scalar(select(Patient.ins).where(Patient.id == job.patient_id))
-    return _ins_or_none(ins)
-
-
-def _ins_or_none(ins: str | None) -> str | None:
-    """The INS to file the entry under, when well formed (a mistyped one is in the refusal's reason)."""
-    if ins is None:
-        return None
-    try:
-        return validate_nir(ins)
-    except IdentifierError:
-        return None
+    return well_formed_nir(ins)
 
 
 def _printable(text: str, limit: int) -> str:

@@ -71,6 +71,17 @@ def validate_nir(value: str, *, field: str = "ins") -> str:
     return nir
 
 
+def well_formed_nir(value: str | None) -> str | None:
+    """``value`` normalised when it is a well-formed NIR/NIA, else None (to file an audit entry
+    under a patient only when the identifier the caller gave really is one)."""
+    if value is None:
+        return None
+    try:
+        return validate_nir(value)
+    except IdentifierError:
+        return None
+
+
 def validate_ins_oid(oid: str, *, accept_production: bool = True, field: str = "ins_oid") -> str:
     if oid not in INS_OIDS:
         known = ", ".join(f"{k} ({v})" for k, v in INS_OIDS.items())

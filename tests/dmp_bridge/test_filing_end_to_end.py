@@ -20,14 +20,13 @@ import smtplib
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from gateway.app import Services, open_services
-from gateway.config import load_settings
+from gateway.app import Services
 from gateway.dmp_bridge.acknowledgement import KO_PREFIX, NOTIFICATION_SUBJECT
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import RecordDocument
@@ -50,13 +49,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     process.start()
     yield process
     process.stop()
-
-
-@pytest.fixture
-async def services(served: GatewayProcess) -> AsyncIterator[Services]:
-    settings = load_settings(data_dir=served.data_dir, environ=served.env)
-    async with open_services(settings, migrate=False) as opened:
-        yield opened
 
 
 def _tls(served: GatewayProcess) -> ssl.SSLContext:

@@ -23,7 +23,7 @@ import imaplib
 import smtplib
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
@@ -31,8 +31,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.app import Services, open_services
-from gateway.config import load_settings
+from gateway.app import Services
 from gateway.dmp_bridge.acknowledgement import KO_PREFIX
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import FilingJob, FilingOutcome, RecordDocument
@@ -62,13 +61,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     process.start()
     yield process
     process.stop()
-
-
-@pytest.fixture
-async def services(served: GatewayProcess) -> AsyncIterator[Services]:
-    settings = load_settings(data_dir=served.data_dir, environ=served.env)
-    async with open_services(settings, migrate=False) as opened:
-        yield opened
 
 
 def radiologist(served: GatewayProcess) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import sqlite3
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import Services, open_services
+from gateway.app import Services
 from gateway.audit.chain import Actor, Door, Source
 from gateway.audit.events import AuditEvent
-from gateway.config import load_settings
 from gateway.directory.identifiers import add_nir_key
 from gateway.dmp_bridge.patient_choices import PatientChoicesService
 from tests.dmp_bridge.filing_world import SAMPLES, TEST_INS, message_with, sample
@@ -53,14 +52,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     process.start()
     yield process
     process.stop()
-
-
-@pytest.fixture
-async def services(served: GatewayProcess) -> AsyncIterator[Services]:
-    """The gateway's services opened beside it on its data directory (what the webmail calls)."""
-    opened_settings = load_settings(data_dir=served.data_dir, environ=served.env)
-    async with open_services(opened_settings, migrate=False) as opened:
-        yield opened
 
 
 # --------------------------------------------------------------------------- helpers

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.dnsmasq import Dnsmasq, DnsZone
-from tests.harness import PORT_KEYS, GatewayProcess, free_ports
+from tests.harness import PORT_KEYS, GatewayProcess, free_ports, read_inbox
 
 T = TypeVar("T")
 
@@ -155,20 +155,7 @@ class Operator:
         """Every message in the account's INBOX, read over IMAP with STARTTLS as a mail client would."""
         with imaplib.IMAP4(self.address, self.ports["imap_port"], timeout=30) as imap:
             imap.starttls(ssl_context=self.client_tls())
-            imap.login(account["address"], account["password"])
-            typ, data = imap.select("INBOX", readonly=True)
-            if typ != "OK":
-                # The mail store provisions a mailbox's folders on its first delivery: before it, no INBOX.
-                return []
-            typ, data = imap.uid("SEARCH", "ALL")
-            assert typ == "OK", data
-            messages = []
-            for uid in (data[0] or b"").split():
-                typ, parts = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
-                assert typ == "OK", parts
-                raw = next(part[1] for part in parts if isinstance(part, tuple))
-                messages.append(email.message_from_bytes(raw, policy=email.policy.default))
-            return messages
+            return read_inbox(imap, account)
 
     def wait_for_message(self, account: dict[str, Any], subject: str, timeout: float = 60.0) -> email.message.EmailMessage:
         def found() -> email.message.EmailMessage | None:

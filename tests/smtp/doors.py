@@ -9,8 +9,6 @@ can be reached exactly as another operator reaches it.
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import imaplib
 import json
 import ssl
@@ -19,7 +17,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, read_inbox
 from tests.smtp.conftest import Transcript
 
 OURS = "demo.mssante.localhost"
@@ -90,19 +88,7 @@ def start_transaction(gw: GatewayProcess, door: str, recipient: str) -> Transcri
 def inbox(gw: GatewayProcess, account: dict[str, Any]) -> list[EmailMessage]:
     """Every message in the account's INBOX, read over IMAPS as a mail client would."""
     with imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps_port"], ssl_context=tls_client(gw), timeout=30) as imap:
-        imap.login(account["address"], account["password"])
-        typ, _ = imap.select("INBOX", readonly=True)
-        if typ != "OK":
-            return []                                  # folders are provisioned at the first delivery
-        typ, data = imap.uid("SEARCH", "ALL")
-        assert typ == "OK", data
-        messages = []
-        for uid in (data[0] or b"").split():
-            typ, parts = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
-            assert typ == "OK", parts
-            raw = next(part[1] for part in parts if isinstance(part, tuple))
-            messages.append(email.message_from_bytes(raw, policy=email.policy.default))  # type: ignore[arg-type]
-        return messages
+        return read_inbox(imap, account)
 
 
 def wait_for_subject(gw: GatewayProcess, account: dict[str, Any], subject: str, timeout: float = 30.0) -> EmailMessage:

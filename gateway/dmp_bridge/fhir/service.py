@@ -24,7 +24,7 @@ from sqlalchemy import delete, select
 from gateway.audit.chain import Actor, Outcome, Source, Subject
 from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
-from gateway.directory.identifiers import INS_OIDS, IdentifierError, validate_nir
+from gateway.directory.identifiers import INS_OIDS, well_formed_nir
 from gateway.dmp_bridge.access import (
     AccessPolicy,
     Decision,
@@ -174,7 +174,7 @@ class RecordAccessService:
     # ------------------------------------------------------------------ ITI-67
 
     async def search(self, call: CallContext, query: SearchQuery) -> SearchResult:
-        patient = _audit_patient(query.patient_ins)
+        patient = well_formed_nir(query.patient_ins)
         choices = await self.choices.choices(query.patient_ins)
         decision = self.policy.check_record(call.requester, query.patient_ins, choices, call.emergency)
         if not decision.allowed:
@@ -299,7 +299,7 @@ class RecordAccessService:
     async def refuse(self, call: CallContext, decision: Decision, *, patient: str | None, operation: str,
                      subject: Subject | None = None) -> None:
         """Audit the refusal, then raise ``AccessRefused``."""
-        await self.audit.append(AuditEvent.ACCESS_REFUSED, actor=call.actor, patient=_audit_patient(patient),
+        await self.audit.append(AuditEvent.ACCESS_REFUSED, actor=call.actor, patient=well_formed_nir(patient),
                                 source=call.source, subject=subject, outcome=Outcome.refused(decision.reason.value),
                                 details=_emergency_details(call, {"operation": operation}))
         raise AccessRefused(decision)
@@ -319,16 +319,6 @@ def _emergency_details(call: CallContext, details: dict[str, Any]) -> dict[str, 
     if call.emergency is None:
         return details
     return {**details, "emergency": True, "justification": call.emergency.reason.strip() or "(none given)"}
-
-
-def _audit_patient(ins: str | None) -> str | None:
-    """The INS to file an audit entry under, when it is a well-formed one."""
-    if ins is None:
-        return None
-    try:
-        return validate_nir(ins)
-    except IdentifierError:
-        return None
 
 
 def _same_system(asked: str, stored: str | None) -> bool:
