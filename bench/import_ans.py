@@ -36,6 +36,7 @@ TRUSTED_DOMAIN = "labo-bench.mssante.fr"
 class Run:
     report: ImportReport
     seconds: float
+    cpu_seconds: float  # user + system CPU of this process: what the import cost, whatever the machine's load
 
     @property
     def rows_per_second(self) -> float:
@@ -56,9 +57,9 @@ async def prepare(db: Database) -> None:
 
 
 async def timed_import(db: Database, path: Path, batch_size: int) -> Run:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     report = await import_ans_extraction(db, path, batch_size=batch_size)
-    return Run(report, time.perf_counter() - started)
+    return Run(report, time.perf_counter() - started, time.process_time() - cpu_started)
 
 
 async def bench(rows: int, database_url: str | None, batch_size: int, workdir: Path) -> tuple[Run, Run, float]:
@@ -78,7 +79,7 @@ async def bench(rows: int, database_url: str | None, batch_size: int, workdir: P
 
 def describe(run: Run) -> str:
     r = run.report
-    return (f"{run.seconds:.2f} s ({run.rows_per_second:,.0f} rows/s; created {r.created}, updated {r.updated}, "
+    return (f"{run.seconds:.2f} s, CPU {run.cpu_seconds:.2f} s ({run.rows_per_second:,.0f} rows/s; created {r.created}, updated {r.updated}, "
             f"unchanged {r.unchanged}, rejected {r.rejected})")
 
 
@@ -93,12 +94,15 @@ def main() -> None:
     backend = (args.database_url or "sqlite").split(":", 1)[0].split("+", 1)[0]
     machine = f"{os.cpu_count()} CPU, Python {platform.python_version()}"
     rss = peak_rss_mib()
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"import_ans rows={args.rows} db={backend} generate={generated:.2f}s first: {describe(first)}; "
-          f"second: {describe(second)}; peak RSS {rss:.0f} MiB ({machine})")
-    print("| benchmark | rows | database | first import | rows/s | re-import (no change) | rows/s | peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| import_ans | {args.rows:,} | {backend} | {first.seconds:.2f} s | {first.rows_per_second:,.0f} | "
-          f"{second.seconds:.2f} s | {second.rows_per_second:,.0f} | {rss:.0f} MiB |")
+          f"second: {describe(second)}; peak RSS {rss:.0f} MiB ({machine}; load average at the end {load})")
+    print("| benchmark | rows | database | load | first import (CPU) | rows/s | re-import, no change (CPU) | rows/s "
+          "| peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| import_ans | {args.rows:,} | {backend} | {load} | {first.seconds:.2f} s ({first.cpu_seconds:.2f} s) | "
+          f"{first.rows_per_second:,.0f} | {second.seconds:.2f} s ({second.cpu_seconds:.2f} s) | "
+          f"{second.rows_per_second:,.0f} | {rss:.0f} MiB |")
 
 
 if __name__ == "__main__":
