@@ -580,6 +580,9 @@ def _row_fingerprint(row: Sequence[Any]) -> int:
 # ----------------------------------------------------------------------------- directory state
 
 
+_NOT_LOADED = 0  # the id of a mailbox created by the running import (not read back)
+
+
 @dataclass(slots=True)
 class _MailboxState:
     id: int
@@ -623,7 +626,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 async def _load_keyed(session: AsyncSession, table: Table, key: str, fields: Sequence[str]) -> dict[str, tuple[int, int]]:
     # Plain rows, not mappings: the fields are columns 2.. of each row, in order.
     result = await session.execute(select(table.c.id, table.c[key], *(table.c[name] for name in fields)))
-    return {row[1]: (row[0], _row_fingerprint(row[2:])) for row in result.tuples()}
+    return {row[1]: (row[0], _row_fingerprint(row[2:])) for row in result}
 
 
 async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
@@ -632,7 +635,7 @@ async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
         table.c.address, table.c.id, table.c.type, table.c.professional_id, table.c.organisation_id,
         *(table.c[name] for name in MAILBOX_MUTABLE)))
     return {row[0]: _MailboxState(row[1], row[2], row[3], row[4], _row_fingerprint(row[5:]))
-            for row in result.tuples()}
+            for row in result}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -747,7 +750,7 @@ class _BatchWriter:
             if existing is None:
                 inserts.append({"address": entry.address, "domain": entry.domain, "type": entry.type,
                                 "professional_id": pro_id, "organisation_id": org_id, **values})
-                self.state.mailboxes[entry.address] = _MailboxState(0, entry.type, pro_id, org_id, digest)
+                self.state.mailboxes[entry.address] = _MailboxState(_NOT_LOADED, entry.type, pro_id, org_id, digest)
                 self.report.created += 1
                 continue
             owner_changed = self._owner_key(entry) in self.changed_owners or (pro_id, org_id) in new_links
@@ -760,9 +763,9 @@ class _BatchWriter:
             else:
                 self.report.unchanged += 1
         if inserts:
-            result = await session.execute(insert(_table(Mailbox)).returning(_table(Mailbox).c.id, _table(Mailbox).c.address), inserts)
-            for row_id, address in result:
-                self.state.mailboxes[address].id = row_id
+            # No RETURNING: a plain executemany. A new mailbox's id is never needed by this
+            # import (an address appears once; later rows with it are rejected as duplicates).
+            await session.execute(insert(_table(Mailbox)), inserts)
         if updates:
             await session.execute(_update_by_id(_table(Mailbox), list(MAILBOX_MUTABLE)), updates)
 

@@ -38,16 +38,13 @@ class IdentifierError(UserError):
 _NIR = re.compile(r"^[1-478]\d{4}(?:\d{2}|2A|2B)\d{6}\d{2}$")
 
 
+_LUHN_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # 2 * d, less 9 when above 9
+
+
 def luhn_valid(digits: str) -> bool:
     """Luhn (mod 10) check over a string of digits, key included as the last digit."""
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        value = int(char)
-        if position % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
+    # From the right: the key and every other digit as they are, the digits between them doubled.
+    total = sum(map(int, digits[::-1][::2])) + sum(_LUHN_DOUBLED[int(char)] for char in digits[::-1][1::2])
     return total % 10 == 0
 
 
@@ -98,8 +95,11 @@ class ProfessionalId:
     id_value: str
 
 
+_RPPS = re.compile(r"\d{11}")
+
+
 def validate_rpps(value: str, *, field: str = "rpps") -> str:
-    if not re.fullmatch(r"\d{11}", value):
+    if not _RPPS.fullmatch(value):
         raise IdentifierError(f"{value!r} is not an RPPS number: 11 digits expected", field=field)
     if not luhn_valid(value):
         raise IdentifierError(f"{value!r} is not an RPPS number: its Luhn key is wrong", field=field)
