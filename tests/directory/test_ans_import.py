@@ -176,6 +176,22 @@ async def test_edited_rows_are_updated(directory: Database, tmp_path: Path) -> N
     assert [p.family_name for p in found] == ["LEFÈVRE-GARÇON"]
 
 
+async def test_changed_postal_address_of_a_structure_is_updated(directory: Database, tmp_path: Path) -> None:
+    # The address is a dict column: a change in one of its keys must reach the comparison.
+    street = COL["L4LIBELLEVOIE structure BAL"]
+    row = org_row(f"accueil@{LOCAL}")
+    row[street] = "RUE DES LILAS"
+    await import_rows(directory, tmp_path, row)
+    unchanged = await import_rows(directory, tmp_path, row)
+    assert (unchanged.organisations.unchanged, unchanged.organisations.updated) == (1, 0)
+    row[street] = "RUE DES ROSES"
+    report = await import_rows(directory, tmp_path, row)
+    assert (report.organisations.updated, report.updated, report.unchanged) == (1, 1, 0)
+    async with directory.session() as session:
+        organisation = await session.scalar(select(Organisation).where(Organisation.idnst == "1" + FINESS))
+    assert organisation is not None and organisation.address["libelle_voie"] == "RUE DES ROSES"
+
+
 async def test_type_of_an_existing_mailbox_never_changes(directory: Database, tmp_path: Path) -> None:
     await import_ans_extraction(directory, FIXTURE)
     rows = lines_of(FIXTURE)

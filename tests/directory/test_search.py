@@ -37,6 +37,8 @@ def test_fold_removes_accents_case_and_ligatures() -> None:
     assert fold("Hélène") == fold("HELENE") == "helene"
     assert fold("CŒUR  Straße") == "coeur strasse"
     assert fold("") == fold(None) == ""
+    # ASCII text takes a shorter path: same case folding and space collapsing.
+    assert fold("  Jean\tPIERRE  de LA  Tour ") == fold("  Jéan\tPIERRE  de LA  Tour ") == "jean pierre de la tour"
 
 
 def test_prefix_upper_bound_is_just_above_every_extension() -> None:
