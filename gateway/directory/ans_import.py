@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
-import hashlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -300,6 +299,11 @@ class OrganisationData:
     address: dict[str, str]
     postal_code: str | None
 
+    def digest(self) -> int:
+        """``fingerprint`` of ``values()`` (ORGANISATION_FIELDS order), without building the dict."""
+        return fingerprint((self.idnst, self.id_type, self.id_value, self.name, self.trade_name, self.address,
+                                 self.postal_code))
+
     def values(self) -> dict[str, Any]:
         return {"idnst": self.idnst, "id_type": self.id_type, "id_value": self.id_value, "name": self.name,
                 "trade_name": self.trade_name, "address": self.address, "postal_code": self.postal_code}
@@ -323,6 +327,12 @@ class ProfessionalData:
     category_label: str | None
     savoir_faire_code: str | None
     savoir_faire_label: str | None
+
+    def digest(self) -> int:
+        """``fingerprint`` of ``values()`` (PROFESSIONAL_FIELDS order; no dict among them)."""
+        return hash((self.idnps, self.id_type, self.id_value, self.civility, self.family_name, self.given_name,
+                     self.profession_code, self.profession_label, self.category_code, self.category_label,
+                     self.savoir_faire_code, self.savoir_faire_label))
 
     def values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in PROFESSIONAL_FIELDS}
@@ -353,6 +363,10 @@ class Entry:
     dematerialisation: bool
     professional: ProfessionalData | None
     organisation: OrganisationData | None
+
+    def mailbox_digest(self) -> int:
+        """``fingerprint`` of ``mailbox_values()`` (MAILBOX_MUTABLE order)."""
+        return hash((self.hosted, self.display_name, self.service, self.dematerialisation))
 
     def mailbox_values(self) -> dict[str, Any]:
         return {"hosted": self.hosted, "display_name": self.display_name, "service": self.service,
@@ -558,22 +572,18 @@ def _message(exc: UserError) -> str:
     return Exception.__str__(exc)
 
 
-def fingerprint(values: Mapping[Any, Any], fields: Sequence[str]) -> int:
-    """A 64-bit digest of the comparable values, so that the state of 500,000 rows fits in memory.
-
-    Python's hash of a tuple (its strings hashed with SipHash under a key drawn per
-    process): cheap, and enough here since digests are only compared within one
-    import, between the values loaded from the database and those of the file.
-    """
-    return hash(tuple([_hashable(values[name]) for name in fields]))
-
-
 def _hashable(value: Any) -> Any:
     return tuple(sorted(value.items())) if type(value) is dict else value
 
 
-def _row_fingerprint(row: Sequence[Any]) -> int:
-    """``fingerprint`` of a database row whose columns are the compared fields in order."""
+def fingerprint(row: Sequence[Any]) -> int:
+    """A 64-bit digest of comparable values (a row's fields in order), so that the state of 500,000 rows fits in memory.
+
+    Python's hash of a tuple (its strings hashed with SipHash under a key drawn per
+    process): cheap, and enough here since digests are only compared within one
+    import, between the values loaded from the database and those of the file.
+    A dict (an organisation's address) is compared as its sorted items.
+    """
     return hash(tuple([_hashable(value) for value in row]))
 
 
@@ -626,7 +636,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 async def _load_keyed(session: AsyncSession, table: Table, key: str, fields: Sequence[str]) -> dict[str, tuple[int, int]]:
     # Plain rows, not mappings: the fields are columns 2.. of each row, in order.
     result = await session.execute(select(table.c.id, table.c[key], *(table.c[name] for name in fields)))
-    return {row[1]: (row[0], _row_fingerprint(row[2:])) for row in result}
+    return {row[1]: (row[0], fingerprint(row[2:])) for row in result}
 
 
 async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
@@ -634,7 +644,7 @@ async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
     result = await session.execute(select(
         table.c.address, table.c.id, table.c.type, table.c.professional_id, table.c.organisation_id,
         *(table.c[name] for name in MAILBOX_MUTABLE)))
-    return {row[0]: _MailboxState(row[1], row[2], row[3], row[4], _row_fingerprint(row[5:]))
+    return {row[0]: _MailboxState(row[1], row[2], row[3], row[4], fingerprint(row[5:]))
             for row in result}
 
 
@@ -674,14 +684,13 @@ class _BatchWriter:
             if ident in seen:
                 continue  # the first row naming an owner wins (thousands of rows name the same structure)
             seen.add(ident)
-            values = record.values()
             current = known.get(ident)
-            digest = fingerprint(values, fields)
+            digest = record.digest()
             if current is None:
-                inserts.append(values | record.search_values())
+                inserts.append(record.values() | record.search_values())
                 new_digests[ident] = digest
             elif current[1] != digest:
-                updates.append({"b_id": current[0], **values, **record.search_values()})
+                updates.append({"b_id": current[0], **record.values(), **record.search_values()})
                 known[ident] = (current[0], digest)
             else:
                 counts.unchanged += 1
@@ -744,19 +753,18 @@ class _BatchWriter:
         updates: list[dict[str, Any]] = []
         for entry in entries:
             pro_id, org_id = self._owner_ids(entry)
-            values = entry.mailbox_values()
-            digest = fingerprint(values, MAILBOX_MUTABLE)
+            digest = entry.mailbox_digest()
             existing = self.state.mailboxes.get(entry.address)
             if existing is None:
                 inserts.append({"address": entry.address, "domain": entry.domain, "type": entry.type,
-                                "professional_id": pro_id, "organisation_id": org_id, **values})
+                                "professional_id": pro_id, "organisation_id": org_id, **entry.mailbox_values()})
                 self.state.mailboxes[entry.address] = _MailboxState(_NOT_LOADED, entry.type, pro_id, org_id, digest)
                 self.report.created += 1
                 continue
             owner_changed = self._owner_key(entry) in self.changed_owners or (pro_id, org_id) in new_links
             mailbox_changed = existing.digest != digest
             if mailbox_changed:
-                updates.append({"b_id": existing.id, **values})
+                updates.append({"b_id": existing.id, **entry.mailbox_values()})
                 existing.digest = digest
             if mailbox_changed or owner_changed:
                 self.report.updated += 1
