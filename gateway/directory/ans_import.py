@@ -584,7 +584,10 @@ def fingerprint(row: Sequence[Any]) -> int:
     import, between the values loaded from the database and those of the file.
     A dict (an organisation's address) is compared as its sorted items.
     """
-    return hash(tuple([_hashable(value) for value in row]))
+    try:
+        return hash(tuple(row))
+    except TypeError:  # a dict among the values: hashed as its sorted items
+        return hash(tuple([_hashable(value) for value in row]))
 
 
 # ----------------------------------------------------------------------------- directory state
