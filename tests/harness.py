@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 GATEWAY = [sys.executable, "-m", "gateway"]
@@ -137,3 +138,17 @@ def read_inbox(imap: imaplib.IMAP4, account: dict[str, Any]) -> list[EmailMessag
         raw = next(part[1] for part in parts if isinstance(part, tuple))
         messages.append(email.message_from_bytes(raw, policy=email.policy.default))  # type: ignore[arg-type]
     return messages
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``condition`` until it returns something other than None (returned), or fail naming ``what``
+    once ``timeout`` seconds have passed: a bound on a hang, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while (result := condition()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {timeout} s")
+        time.sleep(interval)
+    return result

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, wait_until
 from tests.smtp.conftest import Transcript
 
 OURS = "demo.mssante.localhost"
@@ -351,7 +351,6 @@ def test_refused_tls_handshake_is_one_log_line(gw: GatewayProcess, tmp_path: Pat
     """Item 13: a handshake refused (a certificate no anchor vouches for) is logged on one line at INFO or
     WARNING naming the peer and the reason, without a traceback or an ERROR; the door keeps serving."""
     import socket
-    import time
 
     before = len((gw.data_dir / "serve.log").read_bytes())
     context = _tls(gw)
@@ -360,7 +359,12 @@ def test_refused_tls_handshake_is_one_log_line(gw: GatewayProcess, tmp_path: Pat
     try:
         if door == "smtp_relay_port":
             sock.recv(1024)
-            sock.sendall(b"EHLO outsider.example\r\n");  time.sleep(0.2);  sock.recv(4096)
+            sock.sendall(b"EHLO outsider.example\r\n")
+            reply = b""
+            while not re.search(rb"(^|\r\n)250 [^\r\n]*\r\n$", reply):   # RFC 5321 4.2.1: "250 " ends it
+                chunk = sock.recv(4096)
+                assert chunk, reply
+                reply += chunk
             sock.sendall(b"STARTTLS\r\n");  assert sock.recv(1024).startswith(b"220 2.0.0")
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             tls = context.wrap_socket(sock, server_hostname="localhost")
@@ -369,13 +373,12 @@ def test_refused_tls_handshake_is_one_log_line(gw: GatewayProcess, tmp_path: Pat
                 raise ConnectionError("closed by the server")
     finally:
         sock.close()
-    deadline = time.monotonic() + 10
-    while True:
+    def logged() -> str | None:
         new = (gw.data_dir / "serve.log").read_bytes()[before:].decode(errors="replace")
-        lines = [line for line in new.splitlines() if "TLS handshake" in line]
-        if lines or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return new if "TLS handshake" in new else None
+
+    new = wait_until(logged, timeout=10, what="the refused handshake logged")
+    lines = [line for line in new.splitlines() if "TLS handshake" in line]
     assert len(lines) == 1, new
     assert re.search(r" (INFO|WARNING) gateway\.smtp .*127\.0\.0\.1.*TLS handshake refused: .*certificate", lines[0]), lines
     assert "Traceback" not in new and " ERROR " not in new, new

@@ -3,6 +3,7 @@ SMTP, the patient reads, replies, and cannot start a conversation or reply after
 
 from __future__ import annotations
 
+import asyncio
 import html as html_module
 import imaplib
 import re
@@ -12,8 +13,14 @@ from typing import Any
 import pytest
 
 from tests.harness import GatewayProcess
-from tests.webmail.client import (PatientBrowser, csrf_of, professional_message, send_as_professional,
-                                  tls_context_for_ip, wait_for_subject)
+from tests.webmail.client import (
+    PatientBrowser,
+    csrf_of,
+    professional_message,
+    send_as_professional,
+    tls_context_for_ip,
+    wait_for_subject,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,7 +102,6 @@ async def test_reply_to_a_professional_who_wrote_first(shared_gateway: GatewayPr
     for _ in range(100):
         if any(f"Re: {title}" in s for s in imap_subjects(shared_gateway, doctor)):
             break
-        import asyncio
         await asyncio.sleep(0.3)
     else:
         raise AssertionError("the doctor did not receive the reply")
