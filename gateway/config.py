@@ -338,7 +338,7 @@ class OutboundSettings(_Section):
         for value in values:
             domain, _, target = value.partition("=")
             host, _, port = target.rpartition(":") if ":" in target else (target, "", "25")
-            if not domain.strip() or not host.strip() or not port.isdigit():
+            if not domain.strip() or not host.strip() or not (port.isascii() and port.isdigit()):
                 raise ValueError(f"{value!r}: expected \"domain=host:port\" or \"domain=host\"")
         return values
 

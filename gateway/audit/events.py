@@ -92,7 +92,7 @@ class AuditEvent(enum.IntEnum):
     def from_name(cls, name: str, *, field: str = "event") -> AuditEvent:
         """The event called ``name`` (snake_case, any case) or its number; UserError otherwise."""
         cleaned = name.strip()
-        if cleaned.isdigit():
+        if cleaned.isascii() and cleaned.isdigit():
             return cls.from_code(int(cleaned), field=field)
         try:
             return cls[cleaned.upper().replace("-", "_")]

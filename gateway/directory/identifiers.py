@@ -150,7 +150,7 @@ def _check_structure(kind: str, value: str, field: str) -> str:
     if kind == "FINESS":
         if not re.fullmatch(r"(?:\d{2}|2A|2B)\d{7}", value):
             raise IdentifierError(f"{value!r} is not a FINESS number: 9 characters expected", field=field)
-        if value[:2].isdigit() and not luhn_valid(value):
+        if value[:2].isascii() and value[:2].isdigit() and not luhn_valid(value):
             raise IdentifierError(f"{value!r} is not a FINESS number: its Luhn key is wrong", field=field)
     elif kind in ("SIREN", "SIRET"):
         length = 9 if kind == "SIREN" else 14

@@ -174,7 +174,7 @@ def _spans(element: ET.Element) -> str:
     attributes = ""
     for name in ("colspan", "rowspan"):
         value = element.get(name)
-        if value and value.isdigit() and 1 <= int(value) <= MAX_SPAN:
+        if value and value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_SPAN:
             attributes += f' {name}="{int(value)}"'
     return attributes
 

@@ -204,7 +204,7 @@ class PatientDocuments:
         query = select(RecordDocument).where(RecordDocument.patient_ins == caller.ins,
                                              RecordDocument.invisible_to_patient.is_(False))
         if document_id is not None:
-            if not document_id.isdigit() or len(document_id) > 18:
+            if not (document_id.isascii() and document_id.isdigit()) or len(document_id) > 18:
                 raise NotFound("no such document in your record", field="document")
             query = query.where(RecordDocument.id == int(document_id))
         elif unique_id is not None:

@@ -121,6 +121,6 @@ def _is_sequence(password: str) -> bool:
 
 
 def _step(a: str, b: str) -> int:
-    if a.isdigit() and b.isdigit():
+    if a.isascii() and a.isdigit() and b.isascii() and b.isdigit():
         return {1: 1, 9: -1}.get((int(b) - int(a)) % 10, 0)
     return ord(b) - ord(a)

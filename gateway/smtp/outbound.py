@@ -114,7 +114,7 @@ class SmtpClient:
             if not raw:
                 raise ConnectionError("the peer closed the connection")
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if len(line) < 3 or not line[:3].isdigit():
+            if len(line) < 3 or not (line[:3].isascii() and line[:3].isdigit()):
                 raise ConnectionError(f"not an SMTP reply: {line[:200]!r}")
             lines.append(line)
             if len(line) == 3 or line[3] != "-":
@@ -647,7 +647,7 @@ class OutboundWorker:
         if message.smtputf8 and not client.supports("SMTPUTF8"):
             return "5.6.7", "the message needs SMTPUTF8 (RFC 6531 3.4) and the receiving server does not offer it"
         limit = client.extensions.get("SIZE", "")
-        if limit.isdigit() and int(limit) > 0 and size > int(limit):
+        if limit.isascii() and limit.isdigit() and int(limit) > 0 and size > int(limit):
             return "5.3.4", f"message of {size} octets exceeds the receiving server's SIZE limit of {limit} (RFC 1870)"
         return None
 

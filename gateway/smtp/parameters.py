@@ -151,7 +151,7 @@ def _required(key: str, value: str | None) -> str:
 def _size(value: str | None) -> int:
     # RFC 1870 3: size-value = 1*20DIGIT
     text = _required("SIZE", value)
-    if not text.isdigit() or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise _refuse("SIZE must be a number of octets")
     return int(text)
 

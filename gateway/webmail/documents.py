@@ -129,7 +129,7 @@ def _date(value: str, errors: list[str], message: str) -> dt.date | None:
 
 def _page_number(request: web.Request) -> int:
     value = request.query.get("page", "1")
-    return int(value) if value.isdigit() and 0 < int(value) < 100_000 else 1
+    return int(value) if value.isascii() and value.isdigit() and 0 < int(value) < 100_000 else 1
 
 
 def _query_without_page(request: web.Request) -> str:

@@ -137,7 +137,7 @@ def install(app: web.Application) -> None:
 async def history_page(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
     before_text = request.query.get("avant", "")
-    before = int(before_text) if before_text.isdigit() and len(before_text) < 19 else None
+    before = int(before_text) if before_text.isascii() and before_text.isdigit() and len(before_text) < 19 else None
     page = await record_pages(request).history.page(patient.ins, limit=PAGE_SIZE, before=before)
     lines = collapse([line_of(request, item) for item in page.items])
     return render(request, "history.html", {"lines": lines, "older": page.next_before, "first_page": before is None})

@@ -80,7 +80,8 @@ async def _metas(request: web.Request, folder: FolderRef, uids: list[int]) -> li
 async def inbox(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
     uids = await _uids(request, _inbox(patient))
-    page = max(1, int(request.query.get("page", "1"))) if request.query.get("page", "1").isdigit() else 1
+    page_text = request.query.get("page", "1")
+    page = max(1, int(page_text)) if page_text.isascii() and page_text.isdigit() else 1
     newest = sorted(uids, reverse=True)[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
     metas = await _metas(request, _inbox(patient), newest)
     return render(request, "inbox.html", {"messages": metas, "total": len(uids), "page": page,
@@ -200,7 +201,7 @@ async def reply(request: web.Request) -> web.StreamResponse:
 async def _original(request: web.Request, patient: PatientIdentity, address: str,
                     uid_text: str) -> reading.ReadMessage | None:
     """The message replied to: one of the patient's own, from this professional (else none)."""
-    if not uid_text.isdigit():
+    if not (uid_text.isascii() and uid_text.isdigit()):
         return None
     try:
         message = reading.read(await _raw(request, _inbox(patient), int(uid_text)),

@@ -151,7 +151,7 @@ class TotpService:
     def _matching_step(self, secret: str, code: str, *, after: int) -> int | None:
         """The time step within the window whose code equals ``code`` and that comes after ``after``."""
         digits = normalise_code(code)
-        if len(digits) != 6 or not digits.isdigit():
+        if len(digits) != 6 or not (digits.isascii() and digits.isdigit()):
             return None
         totp = pyotp.TOTP(secret, interval=STEP_SECONDS)
         now_step = int(time.time()) // STEP_SECONDS

@@ -181,3 +181,15 @@ async def test_export_is_a_zip_of_messages_documents_and_history(browser: Patien
     assert any(n.startswith("messages/INBOX/") for n in names) and "historique.txt" in names
     assert len([n for n in names if n.startswith("documents/") and not n.endswith(".csv")]) == 5
     assert "Vous avez exporté votre dossier et vos messages" in (await browser.get("/historique")).text
+
+
+@pytest.mark.parametrize("path", [
+    "/?page=²", "/documents?page=²", "/documents?du=²&au=2026-13-45&type=%00", "/historique?avant=²",
+    "/historique?avant=٣", "/documents/²", "/documents/٣/pdf", "/messages/٣",
+])
+async def test_hostile_query_values_are_answered_not_crashed(browser: PatientBrowser, path: str) -> None:
+    """Digits that are not ASCII, impossible dates and control characters in a page's parameters: a page or
+    a 4xx, never a 500, and the webmail goes on serving."""
+    answer = await browser.get(path)
+    assert answer.status_code < 500, (path, answer.status_code)
+    assert (await browser.get("/documents")).status_code == 200

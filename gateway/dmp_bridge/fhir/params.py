@@ -108,7 +108,7 @@ def _parse_moment(text: str) -> dt.datetime:
 def _bounded_int(value: str | None, default: int, low: int, high: int, field: str) -> int:
     if value is None or value == "":
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise InvalidRequest(f"{field} must be a whole number", field=field)
     return max(low, min(int(value), high))
 

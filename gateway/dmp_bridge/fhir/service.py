@@ -235,7 +235,7 @@ class RecordAccessService:
         return row
 
     async def _row(self, document_id: str) -> RecordDocument | None:
-        if not document_id.isdigit() or len(document_id) > 18:
+        if not (document_id.isascii() and document_id.isdigit()) or len(document_id) > 18:
             return None
         async with self.db.session() as session:
             document = await session.get(RecordDocument, int(document_id))
