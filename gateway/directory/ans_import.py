@@ -8,7 +8,10 @@ real file appear on several rows, and the first row wins.
 The import is a set difference: the directory's keys are loaded into memory
 once, each batch of rows is compared with them in Python, and only what differs
 is written, with bulk INSERT / UPDATE statements. Importing the same file twice
-writes nothing the second time. Each batch is committed on its own so that a
+writes nothing the second time, and most of it is not even validated again: each
+mailbox keeps the digest of the line it was imported from (``source_digest``), and
+a line whose digest is known is taken as unchanged after checking only what lies
+outside the line (the domain still trusted, still local or not). Each batch is committed on its own so that a
 running gateway is never locked out of the database for the whole import; a
 batch that fails leaves the earlier ones in place, and running the import again
 completes the work (it is idempotent).
@@ -22,6 +25,7 @@ and owner never change once created.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, insert, select, update
+from sqlalchemy import String, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -248,21 +252,25 @@ def _split(line: str) -> list[str]:
     return line.rstrip("\r\n").split(SEPARATOR)
 
 
-def read_rows(path: Path, encoding: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every data line after checking the header; blank lines skipped."""
+def read_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of every data line after checking the header; blank lines skipped.
+
+    The line loses its end of line and, when the header has one, its trailing separator
+    (some ANS extractions end every line with it), so that ``line.split(SEPARATOR)`` gives
+    its fields and a short row stays short.
+    """
     try:
         with path.open("r", encoding=encoding, newline="\n") as stream:
             header = _split(stream.readline())
-            # Some ANS extractions end every line with the separator: accept it when the header does.
             trailing = len(header) == COLUMN_COUNT + 1 and header[-1] == ""
             check_header(header[:-1] if trailing else header)
             for number, line in enumerate(stream, start=2):
                 if not line.strip():
                     continue
-                fields = _split(line)
-                if trailing and fields[-1] == "":
-                    fields.pop()  # then a short row stays short and is reported as such
-                yield number, fields
+                line = line.rstrip("\r\n")
+                if trailing and line.endswith(SEPARATOR):
+                    line = line[:-1]
+                yield number, line
     except UnicodeDecodeError as exc:
         raise ExtractionFormatError(f"{path} is neither UTF-8 nor Windows-1252 text: {exc}", field="file") from None
     except OSError as exc:
@@ -363,6 +371,7 @@ class Entry:
     dematerialisation: bool
     professional: ProfessionalData | None
     organisation: OrganisationData | None
+    source_digest: int = 0  # of its line (source_digest())
 
     def mailbox_digest(self) -> int:
         """``fingerprint`` of ``mailbox_values()`` (MAILBOX_MUTABLE order)."""
@@ -371,6 +380,12 @@ class Entry:
     def mailbox_values(self) -> dict[str, Any]:
         return {"hosted": self.hosted, "display_name": self.display_name, "service": self.service,
                 "dematerialisation": self.dematerialisation}
+
+
+def source_digest(line: str) -> int:
+    """BLAKE2b-64 of a line, signed so that it fits a BIGINT: stable across processes and databases."""
+    digest = hashlib.blake2b(line.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _opt(value: str) -> str | None:
@@ -603,6 +618,18 @@ class _MailboxState:
     professional_id: int | None
     organisation_id: int | None
     digest: int  # fingerprint of the MAILBOX_MUTABLE values
+    hosted: bool
+    source_digest: int | None  # of the line it was last imported from, when still valid
+
+
+@dataclass(slots=True)
+class Unchanged:
+    """A line recognised by its digest: its mailbox and owners stay as they are."""
+
+    line: int
+    address: str
+    professional_id: int | None
+    organisation_id: int | None
 
 
 @dataclass
@@ -615,6 +642,23 @@ class DirectoryState:
     professionals: dict[str, tuple[int, int]]  # IDNPS -> (id, fingerprint)
     activities: set[tuple[int, int]]
     mailboxes: dict[str, _MailboxState]
+    by_source: dict[int, str] = field(default_factory=dict)  # source_digest -> address
+
+    def __post_init__(self) -> None:
+        self.by_source = {box.source_digest: address for address, box in self.mailboxes.items()
+                          if box.source_digest is not None}
+
+    def unchanged_line(self, number: int, digest: int) -> Unchanged | None:
+        """The line's mailbox when the line is the one it was imported from and nothing outside it changed."""
+        address = self.by_source.get(digest)
+        if address is None:
+            return None
+        box = self.mailboxes[address]
+        domain = address.rpartition("@")[2]
+        local = domain in self.local_domains
+        if box.hosted != local or not (local or domain in self.trusted_domains):
+            return None  # validated again: the row may now be refused, or its "hosted" changes
+        return Unchanged(number, address, box.professional_id, box.organisation_id)
 
     @classmethod
     async def load(cls, session: AsyncSession) -> DirectoryState:
@@ -646,8 +690,9 @@ async def _load_mailboxes(session: AsyncSession) -> dict[str, _MailboxState]:
     table = _table(Mailbox)
     result = await session.execute(select(
         table.c.address, table.c.id, table.c.type, table.c.professional_id, table.c.organisation_id,
-        *(table.c[name] for name in MAILBOX_MUTABLE)))
-    return {row[0]: _MailboxState(row[1], row[2], row[3], row[4], fingerprint(row[5:]))
+        table.c.source_digest, *(table.c[name] for name in MAILBOX_MUTABLE)))
+    hosted_at = 6 + MAILBOX_MUTABLE.index("hosted")
+    return {row[0]: _MailboxState(row[1], row[2], row[3], row[4], fingerprint(row[6:]), bool(row[hosted_at]), row[5])
             for row in result}
 
 
@@ -663,31 +708,62 @@ class _BatchWriter:
         self.dialect = dialect
         self.seen_organisations: set[str] = set()
         self.seen_professionals: set[str] = set()
+        # Owners named by unchanged lines, by id (their lines were not validated, so no IDNPS / IDNST).
+        self.seen_organisation_ids: set[int] = set()
+        self.seen_professional_ids: set[int] = set()
         self.changed_owners: set[str] = set()  # IDNPS / IDNST created or updated by this import
+        self.updated_organisation_ids: set[int] = set()
+        self.updated_professional_ids: set[int] = set()
 
-    async def write(self, session: AsyncSession, entries: list[Entry]) -> None:
-        await self._upsert_owners(session, _table(Organisation), "idnst", self.state.organisations,
-                                  self.seen_organisations, self.report.organisations,
-                                  [e.organisation for e in entries if e.organisation is not None], ORGANISATION_FIELDS)
-        await self._upsert_owners(session, _table(Professional), "idnps", self.state.professionals,
-                                  self.seen_professionals, self.report.professionals,
-                                  [e.professional for e in entries if e.professional is not None], PROFESSIONAL_FIELDS)
-        entries = self._check_mailbox_owners(entries)
+    async def write(self, session: AsyncSession, items: list[Entry | Unchanged]) -> None:
+        # Owners in line order, unchanged lines included: the first line naming an owner wins.
+        organisations = [item.organisation if isinstance(item, Entry) else item.organisation_id for item in items]
+        professionals = [item.professional if isinstance(item, Entry) else item.professional_id for item in items]
+        updated_orgs = await self._upsert_owners(
+            session, _table(Organisation), "idnst", self.state.organisations, self.seen_organisations,
+            self.seen_organisation_ids, self.report.organisations, organisations)
+        updated_pros = await self._upsert_owners(
+            session, _table(Professional), "idnps", self.state.professionals, self.seen_professionals,
+            self.seen_professional_ids, self.report.professionals, professionals)
+        await self._forget_sources(session, updated_orgs, updated_pros)
+        self.updated_organisation_ids.update(updated_orgs)
+        self.updated_professional_ids.update(updated_pros)
+        for item in items:
+            if isinstance(item, Unchanged):  # its mailbox is as it was; its owner may have been updated by this import
+                if item.organisation_id in self.updated_organisation_ids or \
+                        item.professional_id in self.updated_professional_ids:
+                    self.report.updated += 1
+                else:
+                    self.report.unchanged += 1
+        entries = self._check_mailbox_owners([item for item in items if isinstance(item, Entry)])
         new_links = await self._insert_activities(session, entries)
         await self._upsert_mailboxes(session, entries, new_links)
 
     async def _upsert_owners(self, session: AsyncSession, table: Table, key: str,
-                             known: dict[str, tuple[int, int]], seen: set[str], counts: EntityCounts,
-                             records: list[OrganisationData] | list[ProfessionalData], fields: Sequence[str]) -> None:
+                             known: dict[str, tuple[int, int]], seen: set[str], seen_ids: set[int],
+                             counts: EntityCounts,
+                             records: Sequence[OrganisationData | ProfessionalData | int | None]) -> list[int]:
+        """Insert or update the owners first named here; the ids of those updated."""
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         new_digests: dict[str, int] = {}
         for record in records:
+            if record is None:
+                continue
+            if isinstance(record, int):  # named by an unchanged line: kept as it is
+                if record not in seen_ids:
+                    seen_ids.add(record)
+                    counts.unchanged += 1
+                continue
             ident = getattr(record, key)
             if ident in seen:
                 continue  # the first row naming an owner wins (thousands of rows name the same structure)
             seen.add(ident)
             current = known.get(ident)
+            if current is not None:
+                if current[0] in seen_ids:
+                    continue  # an earlier unchanged line named it first
+                seen_ids.add(current[0])
             digest = record.digest()
             if current is None:
                 inserts.append(record.values() | record.search_values())
@@ -698,7 +774,7 @@ class _BatchWriter:
             else:
                 counts.unchanged += 1
         if inserts:
-            result = await session.execute(insert(table).returning(table.c.id, table.c[key]), inserts)
+            result = await session.execute(_bulk_insert(table).returning(table.c.id, table.c[key]), inserts)
             ids = {ident: row_id for row_id, ident in result}
             for ident, digest in new_digests.items():
                 known[ident] = (ids[ident], digest)
@@ -708,6 +784,25 @@ class _BatchWriter:
         counts.updated += len(updates)
         self.changed_owners.update(v[key] for v in inserts)
         self.changed_owners.update(v[key] for v in updates)
+        return [v["b_id"] for v in updates]
+
+    @staticmethod
+    async def _forget_sources(session: AsyncSession, organisation_ids: list[int], professional_ids: list[int]) -> None:
+        """An owner updated: the lines of its other mailboxes no longer describe what is stored."""
+        table = _table(Mailbox)
+        for column, ids in (("organisation_id", organisation_ids), ("professional_id", professional_ids)):
+            for start in range(0, len(ids), 1000):
+                await session.execute(update(table).where(table.c[column].in_(ids[start:start + 1000]))
+                                      .values(source_digest=None))
+
+    def _source_to_keep(self, entry: Entry) -> int | None:
+        """The line's digest, when its owner data is what is stored (else the line must be validated again)."""
+        pro, org = entry.professional, entry.organisation
+        if pro is not None and self.state.professionals[pro.idnps][1] != pro.digest():
+            return None
+        if org is not None and self.state.organisations[org.idnst][1] != org.digest():
+            return None
+        return entry.source_digest
 
     def _owner_ids(self, entry: Entry) -> tuple[int | None, int | None]:
         pro = self.state.professionals[entry.professional.idnps][0] if entry.professional else None
@@ -754,21 +849,28 @@ class _BatchWriter:
     async def _upsert_mailboxes(self, session: AsyncSession, entries: list[Entry], new_links: set[tuple[int, int]]) -> None:
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
+        sources: list[dict[str, Any]] = []  # unchanged mailboxes whose line digest is (re)written
         for entry in entries:
             pro_id, org_id = self._owner_ids(entry)
             digest = entry.mailbox_digest()
+            source = self._source_to_keep(entry)
             existing = self.state.mailboxes.get(entry.address)
             if existing is None:
                 inserts.append({"address": entry.address, "domain": entry.domain, "type": entry.type,
-                                "professional_id": pro_id, "organisation_id": org_id, **entry.mailbox_values()})
-                self.state.mailboxes[entry.address] = _MailboxState(_NOT_LOADED, entry.type, pro_id, org_id, digest)
+                                "professional_id": pro_id, "organisation_id": org_id, "source_digest": source,
+                                **entry.mailbox_values()})
+                self.state.mailboxes[entry.address] = _MailboxState(_NOT_LOADED, entry.type, pro_id, org_id, digest,
+                                                                    entry.hosted, source)
                 self.report.created += 1
                 continue
             owner_changed = self._owner_key(entry) in self.changed_owners or (pro_id, org_id) in new_links
             mailbox_changed = existing.digest != digest
             if mailbox_changed:
-                updates.append({"b_id": existing.id, **entry.mailbox_values()})
+                updates.append({"b_id": existing.id, "source_digest": source, **entry.mailbox_values()})
                 existing.digest = digest
+            elif owner_changed or existing.source_digest != source:
+                sources.append({"b_id": existing.id, "source_digest": source})
+            existing.source_digest = source
             if mailbox_changed or owner_changed:
                 self.report.updated += 1
             else:
@@ -776,9 +878,11 @@ class _BatchWriter:
         if inserts:
             # No RETURNING: a plain executemany. A new mailbox's id is never needed by this
             # import (an address appears once; later rows with it are rejected as duplicates).
-            await session.execute(insert(_table(Mailbox)), inserts)
+            await session.execute(_bulk_insert(_table(Mailbox)), inserts)
         if updates:
-            await session.execute(_update_by_id(_table(Mailbox), list(MAILBOX_MUTABLE)), updates)
+            await session.execute(_update_by_id(_table(Mailbox), ["source_digest", *MAILBOX_MUTABLE]), updates)
+        if sources:
+            await session.execute(_update_by_id(_table(Mailbox), ["source_digest"]), sources)
 
     @staticmethod
     def _owner_key(entry: Entry) -> str | None:
@@ -792,8 +896,15 @@ def _table(model: Any) -> Table:
     return cast(Table, model.__table__)
 
 
+# The timestamps of a bulk statement are the database's clock, written in the SQL itself: the
+# columns' Python defaults would be one datetime per row to build and convert (a fifth of an import).
+def _bulk_insert(table: Table) -> Any:
+    return insert(table).values(created_at=func.now(), updated_at=func.now())
+
+
 def _update_by_id(table: Table, columns: Sequence[str]) -> Any:
-    return update(table).where(table.c.id == bindparam("b_id")).values({name: bindparam(name) for name in columns})
+    values: dict[str, Any] = {name: bindparam(name) for name in columns}
+    return update(table).where(table.c.id == bindparam("b_id")).values(values | {"updated_at": func.now()})
 
 
 def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
@@ -823,18 +934,18 @@ async def import_ans_extraction(db: Database, path: Path, *, progress: Progress 
     encoding, lines = detect_encoding(path)
     total = max(lines - 1, 0)
     report = ImportReport(path=str(path), encoding="utf-8" if encoding == "utf-8-sig" else encoding)
-    rows = read_rows(path, encoding)
+    rows = read_lines(path, encoding)
     first = next(rows, None)  # reads and checks the header before touching the database
     async with db.session() as session:
         state = await DirectoryState.load(session)
     report.trusted_domain_count = len(state.trusted_domains)
     validator = RowValidator(state.local_domains, state.trusted_domains)
     importer = _Importer(state, report, validator, db.engine.dialect.name)
-    batch: list[Entry] = []
+    batch: list[Entry | Unchanged] = []
     done = 0
-    for number, fields in _chain(first, rows):
+    for number, line in _chain(first, rows):
         done = number - 1
-        entry = importer.accept(number, fields)
+        entry = importer.accept(number, line)
         if entry is not None:
             batch.append(entry)
         if len(batch) >= batch_size:
@@ -849,7 +960,7 @@ async def import_ans_extraction(db: Database, path: Path, *, progress: Progress 
     return report
 
 
-def _chain(first: tuple[int, list[str]] | None, rest: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, list[str]]]:
+def _chain(first: tuple[int, str] | None, rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
     if first is not None:
         yield first
         yield from rest
@@ -859,13 +970,19 @@ class _Importer:
     """Validates rows one by one (de-duplicating addresses) and writes them batch by batch."""
 
     def __init__(self, state: DirectoryState, report: ImportReport, validator: RowValidator, dialect: str) -> None:
+        self.state = state
         self.report = report
         self.validator = validator
         self.writer = _BatchWriter(state, report, dialect)
         self.first_seen: dict[str, int] = {}
 
-    def accept(self, number: int, fields: list[str]) -> Entry | None:
+    def accept(self, number: int, line: str) -> Entry | Unchanged | None:
         self.report.rows += 1
+        digest = source_digest(line)
+        unchanged = self.state.unchanged_line(number, digest)
+        if unchanged is not None:
+            return self._first_with_address(unchanged)
+        fields = line.split(SEPARATOR)
         try:
             entry = self.validator.validate(number, fields)
         except RowRejected as exc:
@@ -874,14 +991,18 @@ class _Importer:
             address = fields[1].strip() if len(fields) > 1 else ""
             self.report.rejects.append(RejectedRow(number, address, exc.column, exc.reason))
             return None
-        first = self.first_seen.setdefault(entry.address, number)
-        if first != number:
-            self.report.rejects.append(RejectedRow(number, entry.address, "Adresse BAL",
+        entry.source_digest = digest
+        return self._first_with_address(entry)
+
+    def _first_with_address(self, item: Entry | Unchanged) -> Entry | Unchanged | None:
+        first = self.first_seen.setdefault(item.address, item.line)
+        if first != item.line:
+            self.report.rejects.append(RejectedRow(item.line, item.address, "Adresse BAL",
                                                    f"duplicate address, first seen on line {first}"))
             return None
-        return entry
+        return item
 
-    async def flush(self, db: Database, batch: list[Entry]) -> None:
+    async def flush(self, db: Database, batch: list[Entry | Unchanged]) -> None:
         if not batch:
             return
         async with db.session() as session:

@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
@@ -309,6 +309,7 @@ class DirectoryService:
                 if key == "name":
                     value = _require(value, "name")
                 setattr(org, key, value)
+            await _forget_import_sources(s, Mailbox.organisation_id == org.id)
             await s.flush()
             return describe_organisation(org)
 
@@ -378,6 +379,7 @@ class DirectoryService:
                 if key == "family_name":
                     value = _require(value, "family_name")
                 setattr(pro, key, value)
+            await _forget_import_sources(s, Mailbox.professional_id == pro.id)
             await s.flush()
             return describe_professional(pro, await self._organisations_of(s, pro.id))
 
@@ -543,6 +545,7 @@ class DirectoryService:
                 if key == "state":
                     value = _state(value)
                 setattr(box, key, value)
+            box.source_digest = None
             await s.flush()
             return await self._describe_mailbox(s, box)
 
@@ -791,6 +794,12 @@ async def _search(s: AsyncSession, model: type[Searchable], query: str, limit: i
         rest = select(model).where(text.like(pattern, escape="\\"), ~in_prefix).order_by(name, model.id)
         found += (await s.scalars(rest.limit(limit - len(found)))).all()
     return found
+
+
+async def _forget_import_sources(s: AsyncSession, where: Any) -> None:
+    """An edit outside the ANS import: the next import validates these mailboxes' lines again
+    (and puts the file's values back) instead of taking them as unchanged (ans_import.source_digest)."""
+    await s.execute(update(Mailbox).where(where).values(source_digest=None))
 
 
 def _escape_like(text: str) -> str:

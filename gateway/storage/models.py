@@ -259,6 +259,9 @@ class Mailbox(Timestamped, Base):
     state: Mapped[str] = mapped_column(String(16), default=State.ACTIVE.value)
     password_hash: Mapped[str | None] = mapped_column(String(256))
     password_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # BLAKE2b-64 of the ANS extraction line this mailbox was last imported from (signed): an
+    # unchanged line is recognised on re-import without validation. NULL = validate again.
+    source_digest: Mapped[int | None] = mapped_column(BigInteger)
 
     professional: Mapped[Professional | None] = relationship()
     organisation: Mapped[Organisation | None] = relationship()

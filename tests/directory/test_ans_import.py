@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from gateway.cli.main import cli
-from gateway.directory.ans_import import HEADER, ExtractionFormatError, import_ans_extraction
+from gateway.directory.ans_import import HEADER, ExtractionFormatError, RowValidator, import_ans_extraction
 from gateway.directory.identifiers import add_luhn_key
 from gateway.directory.search import fold
 from gateway.directory.professions import CATEGORIES, category_label, profession_label
@@ -434,3 +434,80 @@ def test_cli_reject_table_says_how_to_get_every_row(tmp_path: Path, monkeypatch:
     assert f"all {rejected} rejected rows are in {rejects_file}" in written.stdout
     with rejects_file.open(encoding="utf-8") as stream:
         assert len(list(csv.DictReader(stream))) == rejected
+
+
+# ----------------------------------------------------------------------------- unchanged lines (source_digest)
+
+
+async def test_unchanged_lines_are_not_validated_again(directory: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    await import_ans_extraction(directory, FIXTURE)
+    validated: list[int] = []
+    validate = RowValidator.validate
+
+    def counting(self: RowValidator, line: int, fields: list[str]) -> Any:
+        validated.append(line)
+        return validate(self, line, fields)
+
+    monkeypatch.setattr(RowValidator, "validate", counting)
+    again = await import_ans_extraction(directory, FIXTURE)
+    assert (again.created, again.updated, again.unchanged) == (0, 0, FIXTURE_VALID_ROWS)
+    # Only the refused lines are read again (a refused line leaves no digest), and they are refused again;
+    # line 31, a copy of line 23, is recognised by its digest and refused as a duplicate without validation.
+    assert sorted(validated) == sorted(line for line in FIXTURE_REJECTS if line != 31)
+    assert {r.line for r in again.rejects} == set(FIXTURE_REJECTS)
+
+
+async def test_an_edit_outside_the_import_is_undone_by_the_next_import(directory: Database, tmp_path: Path) -> None:
+    """The file is the reference: an administrator's edit of imported values does not make its lines 'unchanged'."""
+    from gateway.config import Settings
+    from gateway.directory.service import DirectoryService
+    from gateway.security.passwords import PasswordHasher
+
+    settings = Settings()
+    service = DirectoryService(directory, settings, PasswordHasher.from_settings(settings.auth))
+    rows = (per_row(f"a@{LOCAL}", family="MARTIN", service="Cardiologie"), org_row(f"b@{LOCAL}"))
+    await import_rows(directory, tmp_path, *rows)
+    await service.update_mailbox(f"a@{LOCAL}", service="Autre")
+    await service.update_professional("8" + RPPS, family_name="DUPONT")
+    await service.update_organisation("1" + FINESS, name="AUTRE NOM")
+    report = await import_rows(directory, tmp_path, *rows)
+    assert (report.updated, report.professionals.updated, report.organisations.updated) == (2, 1, 1)
+    async with directory.session() as session:
+        assert await session.scalar(select(Mailbox.service).where(Mailbox.address == f"a@{LOCAL}")) == "Cardiologie"
+        assert await session.scalar(select(Professional.family_name)) == "MARTIN"
+        assert await session.scalar(select(Organisation.name)) == "CH DE TEST"
+    again = await import_rows(directory, tmp_path, *rows)
+    assert (again.updated, again.unchanged) == (0, 2)
+
+
+async def test_first_line_naming_an_owner_wins_in_every_import_whatever_the_order(directory: Database,
+                                                                                  tmp_path: Path) -> None:
+    first = per_row(f"a@{LOCAL}", family="PREMIER")
+    second = per_row(f"b@{TRUSTED}", family="SECOND")
+
+    async def family_after(*rows: list[str]) -> str:
+        await import_rows(directory, tmp_path, *rows)
+        async with directory.session() as session:
+            return str(await session.scalar(select(Professional.family_name)))
+
+    assert await family_after(first, second) == "PREMIER"
+    assert await family_after(second, first) == "SECOND"
+    assert await family_after(first, second) == "PREMIER"
+    assert await family_after(first, second) == "PREMIER"
+
+
+async def test_unchanged_lines_follow_the_trust_list_and_the_local_domains(directory: Database, tmp_path: Path) -> None:
+    rows = (per_row(f"a@{TRUSTED}"), org_row(f"b@{TRUSTED}"))
+    await import_rows(directory, tmp_path, *rows)
+    async with directory.session() as session:
+        session.add(LocalDomain(name=TRUSTED))  # the operator now hosts that domain
+    hosted = await import_rows(directory, tmp_path, *rows)
+    assert hosted.updated == 2
+    async with directory.session() as session:
+        assert set((await session.scalars(select(Mailbox.hosted))).all()) == {True}
+        await session.execute(LocalDomain.__table__.delete().where(LocalDomain.name == TRUSTED))
+        await session.execute(TrustedDomain.__table__.update().where(TrustedDomain.name == TRUSTED)
+                              .values(until=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)))
+    refused = await import_rows(directory, tmp_path, *rows)
+    assert (refused.unchanged, refused.rejected) == (0, 2)
+    assert all("neither ours nor on the trust list" in r.reason for r in refused.rejects)
