@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
+from functools import lru_cache
 
 # Letters that NFKD does not decompose but that French (and European) names spell
 # with two ASCII letters or a base letter: "CŒUR" is searched as "coeur".
@@ -28,6 +29,8 @@ _LIGATURES = str.maketrans({"œ": "oe", "æ": "ae", "ø": "o", "đ": "d", "ł": 
 SEARCH_NAME_LENGTH = 512
 
 
+# Cached: an import folds the same given names, profession labels and many family names again and again.
+@lru_cache(maxsize=1 << 16)
 def fold(text: str | None) -> str:
     """The search form of ``text``: NFKD, combining marks removed, casefolded, ligatures split, spaces collapsed.
 
@@ -61,8 +64,9 @@ def prefix_upper_bound(prefix: str) -> str:
 
 def professional_search(family_name: str | None, given_name: str | None, idnps: str | None,
                         profession_label: str | None) -> dict[str, str]:
-    return {"search_name": search_name(family_name, given_name),
-            "search_text": fold_all((family_name, given_name, idnps, profession_label))}
+    name = fold_all((family_name, given_name))  # folded once, used by both columns
+    rest = fold_all((idnps, profession_label))
+    return {"search_name": name[:SEARCH_NAME_LENGTH], "search_text": f"{name} {rest}" if name and rest else name or rest}
 
 
 def organisation_search(name: str | None, trade_name: str | None, idnst: str | None) -> dict[str, str]:
