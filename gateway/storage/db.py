@@ -7,11 +7,14 @@ is used by URL. Both run the same Alembic migrations and the same tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -37,6 +40,36 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class SqliteConnection(aiosqlite.Connection):
+    """aiosqlite's connection with a ``stop()`` that queues its worker thread's exit once.
+
+    SQLAlchemy closes a connection invalidated by a cancellation with ``shield(close())`` and, when that
+    wait is cancelled, force-stops the worker thread (``stop()``). The shielded ``close()`` then had its wait
+    cancelled too and, in its ``finally``, called ``stop()`` again and awaited it: queued behind the first
+    stop, which the thread had already left on, that future was never resolved, and the task, its one
+    cancellation spent, waited for ever; asyncio.run waits for every task at exit, so ``gateway serve`` hung
+    after SIGTERM. A second ``stop()`` now returns the first one's future, which the thread does resolve.
+    """
+
+    _stopping: asyncio.Future[Any] | None = None
+    _stop_queued = False
+
+    def stop(self) -> asyncio.Future[Any] | None:
+        if not self._stop_queued:
+            self._stop_queued = True
+            self._stopping = super().stop()
+        return self._stopping
+
+
+def sqlite_connector(path: Path) -> Callable[[], SqliteConnection]:
+    """What SQLAlchemy's ``async_creator`` calls: our connection, as ``aiosqlite.connect`` would build it."""
+    def connect() -> SqliteConnection:
+        connection = SqliteConnection(lambda: sqlite3.connect(str(path), check_same_thread=False), iter_chunk_size=64)
+        connection._thread.daemon = True    # as SQLAlchemy's dialect sets it: an unclosed one never holds exit
+        return connection
+    return connect
+
+
 class Database:
     """Owns the engine; hands out sessions; runs migrations."""
 
@@ -49,7 +82,8 @@ class Database:
                 # The database file 0600 before SQLite opens it: its -wal and -shm take the file's mode.
                 private_dir(Path(path).parent)
                 create_private_file(Path(path))
-            self.engine: AsyncEngine = create_async_engine(url, echo=echo)
+            self.engine: AsyncEngine = create_async_engine(
+                url, echo=echo, async_creator=sqlite_connector(Path(path)) if path and path != ":memory:" else None)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True)
