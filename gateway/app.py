@@ -151,8 +151,9 @@ class Gateway:
     async def _start(self, services: Services, running: AsyncExitStack) -> list[tuple[str, str, int]]:
         """Start the workers and open every listener; each is stopped by ``running`` in reverse order."""
         settings = self.settings
+        grace = settings.listen.shutdown_grace_seconds
         smtp = await start_smtp_listeners(services, settings)
-        running.push_async_callback(smtp.aclose)
+        running.push_async_callback(smtp.aclose, grace)
         outbound = OutboundWorker(services.db, settings, tls_context=outbound_tls_context(services.pki, settings),
                                   directory=services.directory, spool=smtp.pipeline.spool,
                                   schedule_local=smtp.delivery.schedule)
@@ -179,7 +180,7 @@ class Gateway:
         await shredding.start()
         running.push_async_callback(shredding.stop)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
-        running.push_async_callback(imap.aclose)
+        running.push_async_callback(imap.aclose, grace)
         endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
         endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
         endpoints += [("https", host, port) for host, port in http.addresses()[:1]]

@@ -89,6 +89,9 @@ class ListenerSettings(_Section):
     imap_port: Port = Field(2143, description="IMAP with STARTTLS (port 143 style)")
     imaps_port: Port = Field(2993, description="IMAP with implicit TLS (port 993 style)")
     http_port: Port = Field(8443, description="HTTPS: patient webmail and FHIR API")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, le=600, description="on SIGTERM, time SMTP commands in flight (a DATA) and IMAP commands "
+        "running are given to finish and get their reply before the connection is closed (421 / BYE)")
 
     @field_validator(
         "smtp_relay_port", "smtp_submission_port", "smtp_submissions_port",
@@ -492,10 +495,28 @@ class WebmailSettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics, /health and /ready on a port of their own (plain HTTP: keep it on loopback
+    or a management network)."""
+
+    enabled: bool = Field(False, description="serve /metrics (Prometheus text format), /health and /ready")
+    host: str = Field("127.0.0.1", description="address the metrics listener binds to (loopback unless a "
+                      "management network is meant)")
+    port: Port = Field(9464, description="port of the metrics listener")
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        return _check_port(value)
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one human-readable line per event; json: one JSON object per line (time, "
+        "level, logger, event, fields), for a log collector")
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
     listen: ListenerSettings = Field(default_factory=ListenerSettings)
@@ -511,6 +532,7 @@ class Settings(_Section):
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     webmail: WebmailSettings = Field(default_factory=WebmailSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property

@@ -38,8 +38,8 @@ class ImapListeners(list[asyncio.Server]):
     def addresses(self) -> list[tuple[str, int]]:
         return self.server.addresses()
 
-    async def aclose(self) -> None:
-        await self.server.close()
+    async def aclose(self, grace_seconds: float = 0.0) -> None:
+        await self.server.close(grace_seconds)
 
 
 def tls_context_from_pki(services: Any, settings: Settings) -> ssl.SSLContext:

@@ -87,6 +87,9 @@ class ImapConnection:
         self.limits = config.pre_auth_reader_limits
         self.commands = CommandReader(reader, self.limits)
         self.pre_auth_slot: Slot | None = None     # this address's unauthenticated connections (released at login)
+        self.stopping = False       # the server is shutting down: BYE once the running command has its reply
+        self.command_running = False
+        self.said_bye = False
 
     @property
     def is_tls(self) -> bool:
@@ -167,6 +170,7 @@ class ImapServer:
         self.context = context
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        self._open: dict[asyncio.Task[None], ImapConnection] = {}
         # The same limiter as SMTP's per-address connections; here it counts connections not logged in,
         # so one address cannot hold every socket while colleagues behind one NAT still all log in.
         self.unauthenticated_per_ip = ConcurrencyLimiter(config.max_unauthenticated_per_ip)
@@ -186,14 +190,22 @@ class ImapServer:
     def addresses(self) -> list[tuple[str, int]]:
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
 
-    async def close(self) -> None:
+    async def close(self, grace_seconds: float = 0.0) -> None:
+        """Stop listening; RFC 3501 7.1.5: every client hears ``* BYE`` (one waiting for a command or in IDLE
+        at once, one running a command once it has its tagged reply, within ``grace_seconds``)."""
         for server in self.servers:
             server.close()
-        tasks = list(self.connections)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
+        for task, connection in list(self._open.items()):
+            connection.stopping = True
+            if not connection.command_running:
+                _bye_and_cancel(task, connection)
+        pending = set(self.connections)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace_seconds)
+        for task in pending:
+            _bye_and_cancel(task, self._open.get(task))
+        if pending:
+            await asyncio.wait(pending, timeout=10)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -203,6 +215,7 @@ class ImapServer:
         assert task is not None
         self.connections.add(task)
         connection = ImapConnection(reader, writer, self.config)
+        self._open[task] = connection
         try:
             refusal = self._over_limit(connection)
             if refusal is not None:
@@ -217,6 +230,7 @@ class ImapServer:
             if connection.pre_auth_slot is not None:
                 connection.pre_auth_slot.release()
             self.connections.discard(task)
+            self._open.pop(task, None)
             await connection.close()
 
     def _over_limit(self, connection: ImapConnection) -> str | None:
@@ -267,7 +281,32 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
                 return
             await connection.drain()
             continue
-        await session.execute(raw)
+        connection.command_running = not _is_idle(raw)     # shutting down: IDLE is ended, others finish
+        try:
+            await session.execute(raw)
+        finally:
+            connection.command_running = False
         if session.account is not None:
             connection.logged_in()
         await connection.drain()
+        if connection.stopping and not connection.said_bye:
+            connection.said_bye = True
+            connection.write(response.bye(SHUTTING_DOWN))
+            await connection.drain()
+            return
+
+
+SHUTTING_DOWN = "Server shutting down, try again later"
+
+
+def _is_idle(raw: RawCommand) -> bool:
+    words = raw.data.split(None, 2)
+    return len(words) >= 2 and words[1].upper() == b"IDLE"
+
+
+def _bye_and_cancel(task: asyncio.Task[None], connection: ImapConnection | None) -> None:
+    """RFC 3501 7.1.5: BYE says why the server closes; written before the task ends, flushed by its close."""
+    if connection is not None and not connection.said_bye:
+        connection.said_bye = True
+        connection.write(response.bye(SHUTTING_DOWN))
+    task.cancel()

@@ -78,12 +78,19 @@ class SmtpListeners(list[asyncio.Server]):
         self.addresses: dict[str, tuple[str, int]] = {}
         self.connections: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
 
-    async def aclose(self) -> None:
-        """Stop listening, tell open sessions 421 4.3.2, stop local delivery (the queue keeps the rest)."""
+    async def aclose(self, grace_seconds: float = 0.0) -> None:
+        """Stop listening; tell idle sessions 421 4.3.2 now and those running a command (a DATA in flight)
+        after its reply, waiting up to ``grace_seconds`` for them; then 421 to the rest; stop local delivery
+        (the queue keeps what is not delivered yet)."""
         for server in self:
             server.close()
         for connection in list(self.connections):
             connection.shut_down()
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        while any(not c.closed for c in self.connections) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.force_shut_down()
         for server in self:
             await server.wait_closed()
         await self.delivery.stop()

@@ -221,6 +221,8 @@ class GatewaySMTP(SMTP):
         self.connection_data: dict[str, Any] = {}   # the handler's per-connection data (survives STARTTLS)
         self._errors = 0
         self._closed_notified = False
+        self._stopping = False        # SIGTERM: no further command once the running one has its reply
+        self._command_running = False
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "EHLO": self.smtp_EHLO, "HELO": self.smtp_HELO, "STARTTLS": self.smtp_STARTTLS,
             "AUTH": self.smtp_AUTH, "MAIL": self.smtp_MAIL, "RCPT": self.smtp_RCPT, "DATA": self.smtp_DATA,
@@ -280,7 +282,18 @@ class GatewaySMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def shut_down(self) -> None:
-        """The gateway is stopping: say so and close (RFC 5321 3.8: 421 at any time, even mid-DATA)."""
+        """The gateway is stopping: a connection waiting for its next command is told 421 and closed now;
+        one running a command (a DATA in flight) gets that command's reply first, then the 421."""
+        self._stopping = True
+        if not self._command_running:
+            self.force_shut_down()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def force_shut_down(self) -> None:
+        """Say 421 and close now (RFC 5321 3.8: 421 at any time, even mid-DATA); nothing is acknowledged."""
         transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
             transport.write(f"{codes.SERVICE_SHUTTING_DOWN}\r\n".encode())
@@ -311,6 +324,9 @@ class GatewaySMTP(SMTP):
             return
         await self.reply(codes.GREETING.format(hostname=self.hostname))
         while self.transport is not None and not self.transport.is_closing():
+            if self._stopping:
+                await self._refuse_and_close(codes.SERVICE_SHUTTING_DOWN)
+                return
             try:
                 await self._one_command()
             except SmtpRefusal as refusal:
@@ -351,6 +367,13 @@ class GatewaySMTP(SMTP):
         line = await self._read_command_line()
         if line is None:
             return
+        self._command_running = True     # SIGTERM lets it finish (shut_down)
+        try:
+            await self._run_command(line)
+        finally:
+            self._command_running = False
+
+    async def _run_command(self, line: bytes) -> None:
         command, arg = self._split_command(line)
         method = self._commands.get(command)
         if method is None:
