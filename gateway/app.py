@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,7 @@ class Services:
     auth_limiter: AuthLimiter    # one limiter for every door's sign-ins (SMTP, IMAP, FHIR, webmail)
     revocation: RevocationList   # the CRLs as they are now, for every certificate login
     tls_contexts: ReloadingContexts  # listeners' TLS contexts, rebuilt when their files (CRLs, trust) change
+    trust_anchors: list[Path]        # pki.trust_anchors as files: one live list, replaced in place on SIGHUP
     token_verifier: OidcTokenVerifier | None = None   # SASL OAUTHBEARER/XOAUTH2 (PSC); None: no issuer configured
 
 
@@ -103,6 +104,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             auth_limiter=auth_limiter,
             revocation=revocation,
             tls_contexts=ReloadingContexts(),
+            trust_anchors=anchors,
             token_verifier=OidcTokenVerifier.from_settings(settings.oidc, directory),
         )
     finally:
@@ -112,8 +114,9 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
 class Gateway:
     """``gateway serve``: start every listener, report readiness, stop cleanly on SIGTERM/SIGINT."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reread_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._reread_settings = reread_settings      # SIGHUP: the configuration as its file says now
         self._stop = asyncio.Event()
 
     def listeners(self) -> dict[str, dict[str, object]]:
@@ -186,12 +189,32 @@ class Gateway:
         endpoints += [("https", host, port) for host, port in http.addresses()[:1]]
         return endpoints
 
-    @staticmethod
-    def _reload_trust(services: Services) -> None:
-        """SIGHUP: re-read the CRLs, the trust list and the listeners' certificates now."""
-        log.info("SIGHUP: reloading CRLs, trust anchors and TLS certificates")
+    def _reload_trust(self, services: Services) -> None:
+        """SIGHUP: re-read the configuration, then the CRLs, the trust list and the listeners' certificates now.
+        Open connections are kept: only new handshakes and logins see what changed."""
+        log.info("SIGHUP: reloading configuration, CRLs, trust anchors and TLS certificates")
+        if self._reread_settings is not None:
+            self._apply_settings(services)
         services.revocation.reload()
         services.tls_contexts.reload()
+        log.info("SIGHUP: reloaded")
+
+    def _apply_settings(self, services: Services) -> None:
+        """What can change while serving changes now (log level, trust anchors); the rest is named as waiting
+        for a restart. A configuration that does not load keeps the running one."""
+        assert self._reread_settings is not None
+        try:
+            fresh = self._reread_settings()
+        except Exception as error:  # noqa: BLE001  (ConfigError names the key; anything else must not stop serving)
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", error)
+            return
+        logging.getLogger().setLevel(fresh.log_level)
+        services.trust_anchors[:] = [Path(path).expanduser() for path in fresh.pki.trust_anchors]
+        waiting = sorted(changed_settings(self.settings, fresh) - LIVE_SETTINGS)
+        if waiting:
+            log.warning("SIGHUP: changed settings that apply at the next restart: %s", ", ".join(waiting))
+        self.settings = self.settings.model_copy(update={"log_level": fresh.log_level, "pki": self.settings.pki.model_copy(
+            update={"trust_anchors": fresh.pki.trust_anchors})})
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
@@ -202,6 +225,22 @@ class Gateway:
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(payload, indent=2))
         tmp.replace(run_dir / "ready.json")
+
+
+LIVE_SETTINGS = frozenset({"log_level", "pki.trust_anchors"})   # applied by SIGHUP without a restart
+
+
+def changed_settings(old: Settings, new: Settings) -> set[str]:
+    """Dotted names of the settings whose values differ."""
+    before, after = old.model_dump(), new.model_dump()
+    changed = set()
+    for key in before.keys() | after.keys():
+        if isinstance(before.get(key), dict) and isinstance(after.get(key), dict):
+            changed |= {f"{key}.{sub}" for sub in before[key].keys() | after[key].keys()
+                        if before[key].get(sub) != after[key].get(sub)}
+        elif before.get(key) != after.get(key):
+            changed.add(key)
+    return changed
 
 
 def clear_ready_file(data_path: Path) -> None:

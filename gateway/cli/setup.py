@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from gateway.cli.common import data_dir_option, emit_json, emit_rows, json_option, run, settings, user_errors
-from gateway.config import ENV_PREFIX, Settings, describe_settings, render_documented_toml
+from gateway.cli.common import data_dir_option, emit_json, emit_rows, json_option, run, settings, state, user_errors
+from gateway.config import ENV_PREFIX, Settings, describe_settings, load_settings, render_documented_toml
 from gateway.errors import UserError
 
 
@@ -78,8 +78,9 @@ def serve() -> None:
 
     config = settings()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cli = state()
     try:
-        asyncio.run(Gateway(config).run())
+        asyncio.run(Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir)).run())
     except OSError as exc:
         raise UserError(f"cannot start: {exc}") from None
 

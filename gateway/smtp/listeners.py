@@ -21,6 +21,7 @@ import ssl
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.config import Settings
@@ -53,18 +54,19 @@ class TlsMaterial:
     key: Path
     client_ca: Path
     crls: tuple[Path, ...] = ()                 # those missing now are used once they appear
-    extra_anchors: tuple[Path, ...] = ()        # pki.trust_anchors: other operators' CAs and CRLs
+    extra_anchors: Sequence[Path] = ()          # pki.trust_anchors: other operators' CAs and CRLs (live on SIGHUP)
     reloading: ReloadingContexts | None = None  # re-read the files when they change (revocation at once)
 
     def context(self, *, require_client_cert: bool) -> ssl.SSLContext:
         def build() -> ssl.SSLContext:
             return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
                                   require_client_cert=require_client_cert,
-                                  crls=[path for path in self.crls if path.is_file()], extra_anchors=self.extra_anchors)
+                                  crls=[path for path in self.crls if path.is_file()],
+                                  extra_anchors=tuple(self.extra_anchors))
         if self.reloading is None:
             return build()
-        return self.reloading.server(build, (self.cert_chain, self.key, self.client_ca, *self.crls,
-                                             *self.extra_anchors))
+        return self.reloading.server(build, lambda: (self.cert_chain, self.key, self.client_ca, *self.crls,
+                                                     *self.extra_anchors))
 
 
 class SmtpListeners(list[asyncio.Server]):
@@ -117,7 +119,9 @@ def build_pipeline(settings: Settings, db: Database, directory: DirectoryService
 
 def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
     issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
-    anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
+    anchors = getattr(services, "trust_anchors", None)
+    if anchors is None:
+        anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
     return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, tuple(services.pki.crl_paths),
                        anchors, getattr(services, "tls_contexts", None))
 
