@@ -25,6 +25,8 @@ from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.ops.http import MetricsListener, Readiness
+from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
 from gateway.pipeline.generated import GeneratedMailQueue
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
@@ -83,7 +85,8 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         pki = TestPKI.from_settings(settings)
         directory = DirectoryService(db, settings, hasher)
         audit = AuditLog.for_data_dir(db, settings.data_path)
-        auth_limiter = AuthLimiter(LimiterPolicy.from_settings(settings.auth), db=db, audit=AuditedFailures(audit))
+        auth_limiter = AuthLimiter(LimiterPolicy.from_settings(settings.auth), db=db,
+                                   audit=CountedFailures(AuditedFailures(audit)))
         await auth_limiter.load()
         anchors = [Path(path).expanduser() for path in settings.pki.trust_anchors]
         revocation = RevocationList(lambda: [*pki.crl_paths, *anchors])   # anchor files carry other CAs' CRLs
@@ -143,15 +146,31 @@ class Gateway:
         async with open_services(self.settings) as services, AsyncExitStack() as running:
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
-            endpoints = await self._start(services, running)
+            readiness = Readiness()
+            metrics = await self._start_metrics(services, running, readiness)
+            endpoints = await self._start(services, running, readiness) + metrics
             loop.add_signal_handler(signal.SIGHUP, self._reload_trust, services)
             self._write_ready_file(endpoints)
+            readiness.listening = True
             log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in endpoints))
             await self._stop.wait()
+            readiness.stopping = True
             log.info("gateway stopping")
         clear_ready_file(self.settings.data_path)
 
-    async def _start(self, services: Services, running: AsyncExitStack) -> list[tuple[str, str, int]]:
+    async def _start_metrics(self, services: Services, running: AsyncExitStack,
+                             readiness: Readiness) -> list[tuple[str, str, int]]:
+        """The metrics listener first, so /health answers and /ready says "starting" while the rest starts."""
+        if not self.settings.metrics.enabled:
+            return []
+        listener = MetricsListener(self.settings.metrics, services.db, readiness)
+        await listener.start()
+        running.push_async_callback(listener.aclose)
+        assert listener.address is not None
+        return [("metrics", *listener.address)]
+
+    async def _start(self, services: Services, running: AsyncExitStack,
+                     readiness: Readiness | None = None) -> list[tuple[str, str, int]]:
         """Start the workers and open every listener; each is stopped by ``running`` in reverse order."""
         settings = self.settings
         grace = settings.listen.shutdown_grace_seconds
@@ -184,6 +203,14 @@ class Gateway:
         running.push_async_callback(shredding.stop)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
         running.push_async_callback(imap.aclose, grace)
+        collector = LiveCollector(services.db, open_connections={
+            "smtp": lambda: len(smtp.connections), "imap": lambda: len(imap.server.connections)},
+            outbound_totals=lambda: {"delivered": outbound.stats.delivered, "deferred": outbound.stats.deferred,
+                                     "bounced": outbound.stats.failed})
+        REGISTRY.register(collector)
+        running.callback(REGISTRY.unregister, collector)
+        if readiness is not None:
+            readiness.collector = collector
         endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
         endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
         endpoints += [("https", host, port) for host, port in http.addresses()[:1]]

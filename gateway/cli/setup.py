@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import shutil
 import textwrap
@@ -75,9 +74,10 @@ def _write_demo_file(config: Settings, accounts: list[dict[str, Any]], listeners
 def serve() -> None:
     """Run the gateway's listeners until SIGTERM or Ctrl-C."""
     from gateway.app import Gateway
+    from gateway.ops.logs import configure_logging
 
     config = settings()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(config.log_level, config.log_format)
     cli = state()
     try:
         asyncio.run(Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir)).run())

@@ -31,6 +31,7 @@ from gateway.imap.protocol.reader import (
     ClientDisconnected, CommandReader, ContinuationRequest, RawCommand, ReaderLimits, pre_auth_limits,
 )
 from gateway.imap.session import Session, SessionContext, State
+from gateway.ops.metrics import CONNECTIONS, IMAP_VERBS, timed, verb_label
 from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 
 log = logging.getLogger("gateway.imap")
@@ -214,6 +215,7 @@ class ImapServer:
         task = asyncio.current_task()
         assert task is not None
         self.connections.add(task)
+        CONNECTIONS.labels("imap").inc()
         connection = ImapConnection(reader, writer, self.config)
         self._open[task] = connection
         try:
@@ -283,7 +285,8 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
             continue
         connection.command_running = not _is_idle(raw)     # shutting down: IDLE is ended, others finish
         try:
-            await session.execute(raw)
+            with timed("imap", _verb(raw)):
+                await session.execute(raw)
         finally:
             connection.command_running = False
         if session.account is not None:
@@ -299,9 +302,13 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
 SHUTTING_DOWN = "Server shutting down, try again later"
 
 
-def _is_idle(raw: RawCommand) -> bool:
+def _verb(raw: RawCommand) -> str:
     words = raw.data.split(None, 2)
-    return len(words) >= 2 and words[1].upper() == b"IDLE"
+    return verb_label(words[1].decode("ascii", "replace"), IMAP_VERBS) if len(words) >= 2 else "other"
+
+
+def _is_idle(raw: RawCommand) -> bool:
+    return _verb(raw) == "IDLE"
 
 
 def _bye_and_cancel(task: asyncio.Task[None], connection: ImapConnection | None) -> None:

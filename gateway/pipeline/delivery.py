@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Protocol
 
 from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
+from gateway.ops.metrics import LOCAL_DELIVERIES
 from gateway.pipeline.generated import PreparedMail
 from gateway.pipeline.local_failures import LocalFailure, mailbox_gone, refused_route, store_error
 from gateway.pipeline.models import QueuedMessage
@@ -232,7 +233,9 @@ class LocalDelivery:
             return await self._failed_attempt(work, store_error(work.address, exc))
         finally:
             stream.close()
-        return await self.queue.mark_delivered(work.recipient_id, work.queue_id)
+        finished = await self.queue.mark_delivered(work.recipient_id, work.queue_id)
+        LOCAL_DELIVERIES.labels("delivered").inc()
+        return finished
 
     async def _route_refusal(self, work: LocalWork) -> LocalFailure | None:
         """The recipient's mailbox was deleted, disabled or closed since the message was accepted."""
@@ -251,6 +254,7 @@ class LocalDelivery:
             return await self._fail(work, failure.expired(self.lifetime_hours))
         await self.queue.mark_deferred(work.recipient_id, failure.diagnostic, min(now + self.retry, deadline))
         log.info("deferred %s to %s: %s", work.queue_id, work.address, failure.diagnostic)
+        LOCAL_DELIVERIES.labels("deferred").inc()
         return False
 
     async def _fail(self, work: LocalWork, failure: LocalFailure) -> bool:
@@ -266,6 +270,7 @@ class LocalDelivery:
             self.reports.dispatch(prepared)
         log.warning("failed %s to %s: %s%s", work.queue_id, work.address, failure.diagnostic,
                     f" (DSN {prepared.queue_id})" if prepared is not None else "")
+        LOCAL_DELIVERIES.labels("bounced").inc()
         return finished
 
     async def _failure_report(self, work: LocalWork, failure: LocalFailure) -> PreparedMail | None:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute
+from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.delivery import LocalDelivery
 from gateway.pipeline.limits import RateLimiter
@@ -152,6 +153,7 @@ class Pipeline:
         recipients = [row for _, rows in queued for row in rows]
         log.info("queued %s from %s (%s) for %d recipient(s), %d octets", spool_file.queue_id, transaction.sender or "<>",
                  transaction.origin.door.value, len(recipients), spool_file.size)
+        MESSAGES_ACCEPTED.labels(transaction.origin.door.value).inc()
         return spool_file.queue_id
 
     def _dispatch(self, queue_id: str, recipients: list[QueuedRecipient]) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.config import Settings
+from gateway.ops.metrics import CONNECTIONS
 from gateway.directory.service import DirectoryService
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.delivery import LocalDelivery, LocalStore
@@ -179,6 +180,7 @@ async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Setting
         connection = GatewaySMTP(handler, kind=kind, hostname=settings.hostname, tls_context=context, limits=limits,
                                  disabled_extensions=disabled)
         connections.add(connection)
+        CONNECTIONS.labels(f"smtp_{kind.value}").inc()
         return connection
 
     loop = asyncio.get_running_loop()

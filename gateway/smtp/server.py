@@ -36,6 +36,7 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from gateway.ops.metrics import SMTP_VERBS, timed, verb_label
 from gateway.pipeline.origin import TlsInfo
 from gateway.smtp import codes
 from gateway.smtp.codes import Reply, SmtpRefusal
@@ -369,7 +370,8 @@ class GatewaySMTP(SMTP):
             return
         self._command_running = True     # SIGTERM lets it finish (shut_down)
         try:
-            await self._run_command(line)
+            with timed("smtp", verb_label(line.split(b" ", 1)[0].decode("ascii", "replace"), SMTP_VERBS)):
+                await self._run_command(line)
         finally:
             self._command_running = False
 
