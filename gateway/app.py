@@ -7,6 +7,7 @@ constructs services, and no module holds state in globals.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -121,6 +122,7 @@ class Gateway:
         self.settings = settings
         self._reread_settings = reread_settings      # SIGHUP: the configuration as its file says now
         self._stop = asyncio.Event()
+        self.workers: dict[str, int] = {}   # background worker -> jobs it runs at once (ready.json, `gateway status`)
 
     def listeners(self) -> dict[str, dict[str, object]]:
         """Every listener the gateway opens, with its host and port (published in demo.json)."""
@@ -150,7 +152,7 @@ class Gateway:
             metrics = await self._start_metrics(services, running, readiness)
             endpoints = await self._start(services, running, readiness) + metrics
             loop.add_signal_handler(signal.SIGHUP, self._reload_trust, services)
-            self._write_ready_file(endpoints)
+            self._write_ready_file(endpoints, self.workers)
             readiness.listening = True
             log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in endpoints))
             await self._stop.wait()
@@ -186,6 +188,9 @@ class Gateway:
                                      wake_remote=outbound.wake)
         await filing.start()
         running.push_async_callback(filing.stop)
+        self.workers = {"local_delivery": settings.smtp.delivery_workers,
+                        "outbound": settings.outbound.max_concurrent_deliveries,
+                        "filing": filing.policy.concurrency, "access_notices": 1, "shredding": 1}
         generated = GeneratedMailQueue(settings, services.directory, smtp.pipeline.spool,
                                        schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
         notices = AccessNoticeTask(services.db, settings, generated)
@@ -243,10 +248,12 @@ class Gateway:
         self.settings = self.settings.model_copy(update={"log_level": fresh.log_level, "pki": self.settings.pki.model_copy(
             update={"trust_anchors": fresh.pki.trust_anchors})})
 
-    def _write_ready_file(self, servers: list[tuple[str, str, int]]) -> None:
+    def _write_ready_file(self, servers: list[tuple[str, str, int]], workers: dict[str, int]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
         run_dir = private_dir(self.settings.data_path / "run")
-        payload = {"pid": os.getpid(), "listeners": {name: {"host": host, "port": port} for name, host, port in servers}}
+        payload = {"pid": os.getpid(), "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "listeners": {name: {"host": host, "port": port} for name, host, port in servers},
+                   "workers": workers}
         tmp = run_dir / "ready.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

@@ -26,6 +26,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.smime", "smime"),
     ("gateway.cli.keys", "keys"),
     ("gateway.cli.record", "record"),
+    ("gateway.cli.status", "status"),
 ]
 
 

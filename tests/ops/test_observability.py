@@ -137,3 +137,26 @@ def test_counters_move_and_logs_carry_no_content(observed: GatewayProcess) -> No
     secrets += [line.strip() for line in document_text.splitlines() if len(line.strip()) > 40][:50]
     leaked = [secret for secret in secrets if secret in log]
     assert not leaked, f"the log carries content: {leaked[:3]}"
+
+
+def test_gateway_status_shows_listeners_queue_workers_certificates_and_crls(observed: GatewayProcess) -> None:
+    result = observed.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["gateway"]["state"] == "serving"
+    listeners = {listener["name"]: listener for listener in report["gateway"]["listeners"]}
+    assert listeners["smtp_submission"]["port"] == observed.ports["smtp_submission_port"]
+    assert all(listener["accepting"] for listener in listeners.values())
+    assert report["gateway"]["workers"]["local_delivery"] >= 1
+    assert report["queue"]["waiting_total"] is not None and report["queue"]["filing_jobs_open"] is not None
+    certificates = {c["certificate"]: c for c in report["certificates"]}
+    assert certificates["gateway server"]["days_left"] > 0 and certificates["root CA"]["days_left"] > 0
+    assert report["crls"] and all(crl["refreshed"] and crl["next_update"] for crl in report["crls"])
+    assert "listeners" in observed.cli("status").stdout            # the table for people
+
+
+def test_gateway_status_of_a_stopped_gateway_exits_1(tmp_path: Path) -> None:
+    from tests.harness import run_cli
+    result = run_cli("status", data_dir=tmp_path / "nothing-here")
+    assert result.returncode == 1
+    assert "not running" in result.stdout
