@@ -27,6 +27,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.keys", "keys"),
     ("gateway.cli.record", "record"),
     ("gateway.cli.status", "status"),
+    ("gateway.cli.backup", "backup"),
 ]
 
 
