@@ -126,3 +126,41 @@ async def test_backup_restores_mail_documents_and_audit_into_an_empty_data_direc
         assert json.loads(audit.stdout)["ok"] is True
     finally:
         restored.stop()
+
+
+@pytest.mark.postgres
+async def test_postgresql_backup_restores_into_a_fresh_database(tmp_path: Path, pg_cluster: object) -> None:
+    source_url = await pg_cluster.create_database()              # type: ignore[attr-defined]
+    gateway = GatewayProcess(tmp_path / "gw", extra_env={"GATEWAY_DATABASE_URL": source_url})
+    gateway.start()
+    doctor, pharmacist = gateway.account("PER", 0), gateway.account("PER", 1)
+    backup = tmp_path / "backup"
+    try:
+        _send(gateway, doctor, [pharmacist["address"]],
+              f"From: {doctor['address']}\r\nTo: {pharmacist['address']}\r\nSubject: suivi\r\n\r\n{BODY}\r\n".encode())
+        wait_until(lambda: True if any(BODY.encode() in body for body in _bodies(gateway, pharmacist)) else None,
+                   timeout=120, what="the message delivered", interval=0.5)
+        created = gateway.cli("backup", "create", str(backup), "--json")
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["database"] == "postgresql"
+    finally:
+        gateway.stop()
+    keys = gateway.data_dir / "keys"
+    assert run_cli("backup", "verify", str(backup), "--json").returncode == 0
+
+    fresh_url = await pg_cluster.create_database()               # type: ignore[attr-defined]
+    restored = GatewayProcess(tmp_path / "restored", ports=dict(gateway.ports),
+                              extra_env={"GATEWAY_DATABASE_URL": fresh_url})
+    result = run_cli("backup", "restore", str(backup), "--keys", str(keys), data_dir=restored.data_dir,
+                     env=restored.env)
+    assert result.returncode == 0, result.stderr
+    shutil.copyfile(gateway.data_dir / "demo.json", restored.data_dir / "demo.json")
+    restored.start()
+    try:
+        assert any(BODY.encode() in body for body in _bodies(restored, pharmacist))
+        audit = restored.cli("audit", "verify", "--json")
+        assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout + audit.stderr
+    finally:
+        restored.stop()
+        await pg_cluster.drop_database(source_url)              # type: ignore[attr-defined]
+        await pg_cluster.drop_database(fresh_url)               # type: ignore[attr-defined]
