@@ -19,6 +19,7 @@ pymap's ``SelectedMailbox.fork`` does:
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +47,9 @@ class SelectedMailbox:
     name: str                      # as the client named it (shared-namespace path included)
     read_only: bool
     uidvalidity: int
-    uids: list[int]
+    # Ascending UIDs; at first the store's shared index array (never modified), copied by ``_own_uids``
+    # before this view first diverges from it: 100 sessions on one folder hold one array.
+    uids: Sequence[int]
     modseq: int
     recent: set[int] = field(default_factory=set)
     condstore: bool = False
@@ -55,12 +58,13 @@ class SelectedMailbox:
     reported: dict[int, int] = field(default_factory=dict)
     # Keywords this session has announced in * FLAGS (RFC 3501 7.2.6).
     keywords: set[str] = field(default_factory=set)
+    _owns_uids: bool = False
 
     @classmethod
     def from_snapshot(cls, snapshot: FolderSnapshot, name: str, *, read_only: bool,
                       condstore: bool) -> SelectedMailbox:
         return cls(ref=snapshot.ref, name=name, read_only=read_only or snapshot.read_only,
-                   uidvalidity=snapshot.uidvalidity, uids=list(snapshot.uids), modseq=snapshot.highestmodseq,
+                   uidvalidity=snapshot.uidvalidity, uids=snapshot.uids, modseq=snapshot.highestmodseq,
                    recent=set(snapshot.recent_uids), condstore=condstore,
                    keywords={flag for flag in snapshot.flags if not flag.startswith("\\")})
 
@@ -69,6 +73,14 @@ class SelectedMailbox:
     @property
     def exists(self) -> int:
         return len(self.uids)
+
+    def _own_uids(self) -> array[int]:
+        """This view's own copy of its UIDs, made the first time it changes (copy on write)."""
+        if not self._owns_uids or not isinstance(self.uids, array):
+            self.uids = array("I", self.uids)
+            self._owns_uids = True
+        assert isinstance(self.uids, array)
+        return self.uids
 
     def number_of(self, uid: int) -> int | None:
         """RFC 3501 2.3.1.2: the sequence number of ``uid`` in this view, None if absent."""
@@ -79,11 +91,14 @@ class SelectedMailbox:
 
     def by_numbers(self, sequence: SequenceSet) -> list[Message]:
         """Messages named by sequence numbers; RFC 3501 9 seq-number: a number beyond EXISTS is BAD."""
+        self._check_numbers(sequence)
+        return [Message(n, self.uids[n - 1]) for n in sequence.iter_values(self.exists) if n <= self.exists]
+
+    def _check_numbers(self, sequence: SequenceSet) -> None:
         for item in sequence.ranges:
             # "n:*" stays valid when messages vanished (or on an empty mailbox); a number alone may not.
             if item.start is not None and item.end is not None and max(item.start, item.end) > self.exists:
                 raise BadCommand("Invalid message sequence number")
-        return [Message(n, self.uids[n - 1]) for n in sequence.iter_values(self.exists) if n <= self.exists]
 
     def by_uids(self, sequence: SequenceSet) -> list[Message]:
         """Messages named by UIDs (RFC 3501 6.4.8): absent UIDs are ignored, "*" is the highest UID."""
@@ -99,6 +114,28 @@ class SelectedMailbox:
 
     def resolve(self, sequence: SequenceSet, *, uid: bool) -> list[Message]:
         return self.by_uids(sequence) if uid else self.by_numbers(sequence)
+
+    def uid_ranges(self, sequence: SequenceSet, *, uid: bool) -> tuple[list[tuple[int, int]], int]:
+        """The UID ranges a sequence set names in this view, and how many of its messages it names, without an
+        object per message (FETCH 1:*); same rules as ``by_numbers`` / ``by_uids``."""
+        if not uid:
+            self._check_numbers(sequence)
+        if not self.uids:
+            return [], 0
+        ranges: list[tuple[int, int]] = []
+        if uid:
+            for low, high in sequence.resolve(self.uids[-1]):
+                start, stop = bisect.bisect_left(self.uids, low), bisect.bisect_right(self.uids, high)
+                if start < stop:
+                    ranges.append((self.uids[start], self.uids[stop - 1]))
+        else:
+            for low, high in sequence.resolve(self.exists):
+                low, high = max(low, 1), min(high, self.exists)
+                if low <= high:
+                    ranges.append((self.uids[low - 1], self.uids[high - 1]))
+        ranges = _merged(ranges)
+        count = sum(bisect.bisect_right(self.uids, high) - bisect.bisect_left(self.uids, low) for low, high in ranges)
+        return ranges, count
 
     def visible(self, uids: Iterable[int]) -> list[Message]:
         """The messages of ``uids`` this view holds, in sequence order."""
@@ -136,8 +173,10 @@ class SelectedMailbox:
         return [self.flags_response(), self.permanent_flags_response()]
 
     def note_reported(self, uid: int, modseq: int) -> None:
-        """This session already sent ``uid``'s flags as of ``modseq`` (a STORE reply)."""
-        self.reported[uid] = max(modseq, self.reported.get(uid, 0))
+        """This session already sent ``uid``'s flags as of ``modseq`` (a STORE reply).  Only changes above
+        ``self.modseq`` are ever looked up (``updates`` asks for those), so older ones are not kept."""
+        if modseq > self.modseq:
+            self.reported[uid] = max(modseq, self.reported.get(uid, 0))
 
     # --- changes made in this session ------------------------------------------------
 
@@ -149,7 +188,7 @@ class SelectedMailbox:
             self.pending_expunges.discard(uid)
             if number is None:
                 continue
-            del self.uids[number - 1]
+            del self._own_uids()[number - 1]
             self.recent.discard(uid)
             self.reported.pop(uid, None)
             # RFC 3501 7.4.1: each EXPUNGE renumbers the messages after it at once.
@@ -162,18 +201,21 @@ class SelectedMailbox:
         """Untagged responses for everything that changed since the last call (see module docstring)."""
         changes = await store.changes_since(self.ref, self.modseq)
         lines: list[bytes] = []
-        known = set(self.uids)
-        self.pending_expunges.update(uid for uid in changes.expunged if uid in known)
+        expunged = set(changes.expunged)
+        self.pending_expunges.update(uid for uid in expunged if self.number_of(uid) is not None)
         if allow_expunge and self.pending_expunges:
             lines += self.remove(list(self.pending_expunges))
-            known = set(self.uids)
+        highest = self.uids[-1] if self.uids else 0
         fresh = sorted(update.uid for update in changes.updated
-                       if update.uid not in known and update.uid not in changes.expunged
-                       and (not self.uids or update.uid > self.uids[-1]))
-        lines += self._flag_changes(change for change in changes.updated if change.uid in known)
+                       if update.uid > highest and update.uid not in expunged)
+        lines += self._flag_changes(change for change in changes.updated if change.uid <= highest
+                                    and self.number_of(change.uid) is not None)
         if fresh:
             lines += await self._announce(store, fresh)
-        self.modseq = max(self.modseq, changes.highestmodseq)
+        if changes.highestmodseq > self.modseq:
+            self.modseq = changes.highestmodseq
+            # RFC 7162: later changes_since calls start above this MODSEQ; older marks are never consulted.
+            self.reported = {uid: mark for uid, mark in self.reported.items() if mark > self.modseq}
         return lines
 
     def _flag_changes(self, changes: Iterable[FlagUpdate]) -> list[bytes]:
@@ -201,8 +243,19 @@ class SelectedMailbox:
 
     async def _announce(self, store: MailStore, fresh: Sequence[int]) -> list[bytes]:
         """RFC 3501 7.3.1 EXISTS and 7.3.2 RECENT for messages new to this session."""
-        self.uids.extend(fresh)
+        self._own_uids().extend(fresh)
         if not self.read_only:
             self.recent.update(uid for uid in await store.claim_recent(self.ref) if uid in set(fresh))
         return [response.exists(self.exists), response.recent(len(self.recent))]
 
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending, non-overlapping ranges."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged

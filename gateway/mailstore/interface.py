@@ -104,7 +104,7 @@ class FolderSnapshot:
     uidvalidity: int
     uidnext: int
     highestmodseq: int
-    uids: tuple[int, ...]
+    uids: Sequence[int]            # ascending; may be an array shared with other sessions: never modify it
     recent_uids: frozenset[int]
     unseen: int
     first_unseen: int | None  # a sequence number (RFC 3501 7.1 [UNSEEN n]), None when all are seen
@@ -136,6 +136,20 @@ class MessageMeta:
     from_addr: str | None
     to_addr: str | None
     sent_date: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class FlagListing:
+    """UID, MODSEQ and flags of some messages in UID order, as columns (no object per message):
+    ``flag_sets[flag_ids[i]]`` are the flags of ``uids[i]``."""
+
+    uids: Sequence[int]
+    modseqs: Sequence[int]
+    flag_ids: Sequence[int]
+    flag_sets: Sequence[frozenset[str]]
+
+    def __len__(self) -> int:
+        return len(self.uids)
 
 
 @dataclass(frozen=True)
@@ -368,6 +382,20 @@ class MailStore(ABC):
     # -- messages
     @abstractmethod
     async def fetch(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> list[MessageMeta]: ...
+
+    async def fetch_meta(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None,
+                         envelope: bool = True, headers: bool = True) -> list[MessageMeta]:
+        """``fetch`` told what is wanted: without ``envelope`` the ENVELOPE is ``{}``, without ``headers`` the
+        cached header fields (message_id, subject, from_addr, to_addr) are None; flags, dates, size always."""
+        return await self.fetch(folder, uids, changed_since=changed_since)
+
+    async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
+                          changed_since: int | None = None) -> FlagListing:
+        """UID, MODSEQ and flags only (FETCH (UID FLAGS MODSEQ)), as compact columns."""
+        metas = await self.fetch(folder, uids, changed_since=changed_since)
+        sets: dict[frozenset[str], int] = {}
+        flag_ids = [sets.setdefault(meta.flags, len(sets)) for meta in metas]
+        return FlagListing([meta.uid for meta in metas], [meta.modseq for meta in metas], flag_ids, list(sets))
 
     @abstractmethod
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody: ...

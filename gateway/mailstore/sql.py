@@ -20,8 +20,10 @@ commit that drops their last reference.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import io
+import json
 import logging
 import random
 import time
@@ -52,6 +54,7 @@ from gateway.mailstore.errors import (
     UidValidityChanged,
 )
 from gateway.mailstore.group_commit import GroupCommit
+from gateway.mailstore.index import FolderIndex, IndexCache
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
     INBOX,
@@ -64,6 +67,7 @@ from gateway.mailstore.interface import (
     Changes,
     CopyResult,
     ExpungeResult,
+    FlagListing,
     FlagUpdate,
     FolderInfo,
     FolderRef,
@@ -198,10 +202,27 @@ class _MetaRow:
     cc_addr: str | None
     sent_date: dt.datetime | None
     COLUMNS = tuple(getattr(Message, name) for name in __slots__)
+    # Without the five sealed header columns (FETCH asks for none of them).
+    CLEAR_COLUMNS = tuple(column for column in COLUMNS
+                          if column.key not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
 
     def __init__(self, values: Sequence[Any]) -> None:
         for name, value in zip(self.__slots__, values, strict=True):
             setattr(self, name, value)
+
+    @classmethod
+    def of(cls, columns: Sequence[Any], values: Sequence[Any]) -> _MetaRow:
+        """A row of some of the columns; the others are None (the envelope: empty)."""
+        row = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(row, name, None)
+        row.envelope = {}
+        for column, value in zip(columns, values, strict=True):
+            setattr(row, column.key, value)
+        return row
+
+
+_INDEX_COLUMNS = (Message.uid, Message.modseq, Message.system_flags, Message.keywords)
 
 
 def _cached_columns(key: SearchKey) -> set[str]:
@@ -252,6 +273,8 @@ class SqlMailStore(MailStore):
         self.max_attempts = max_attempts
         # SQLite: concurrent deliveries/APPENDs share one transaction and one fsync (see group_commit).
         self.group = GroupCommit(self._transaction) if database.is_sqlite else None
+        # UIDs, MODSEQs and flags of the folders in use, shared by their sessions (gateway.mailstore.index).
+        self.indexes = IndexCache()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -512,16 +535,35 @@ class SqlMailStore(MailStore):
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
         async def work(session: AsyncSession) -> FolderSnapshot:
             row = await (self._find_folder(session, folder) if read_only else self._lock_folder(session, folder))
-            listing = (await session.execute(select(Message.uid, Message.system_flags)
-                                             .where(Message.folder_id == row.id).order_by(Message.uid))).all()
+            index = await self._current_index(session, row)
+            uids = index.uids          # the index's array itself: sessions share it until theirs diverges
             if read_only:
-                await session.refresh(row)  # counters no older than the UID list just read
-                recent = frozenset(uid for uid, _ in listing if uid > row.recent_uid)
+                recent = frozenset(uids[bisect.bisect_right(uids, row.recent_uid):])
             else:
-                recent = self._claim(row, [uid for uid, _ in listing])
-            return self._snapshot(folder, row, listing, recent, read_only)
+                recent = self._claim(row, uids[bisect.bisect_right(uids, row.recent_uid):])
+            return self._snapshot(folder, row, index, recent, read_only)
 
         return await self._transaction(work)
+
+    async def _current_index(self, session: AsyncSession, row: Folder) -> FolderIndex:
+        """The folder's shared index, brought up to the folder row's HIGHESTMODSEQ (see gateway.mailstore.index):
+        the whole folder read once, then only the messages and tombstones whose MODSEQ is above the index's."""
+        index = self.indexes.get(row.id, row.uidvalidity)
+        if index.modseq >= row.highestmodseq:
+            return index
+        async with index.lock:
+            if not index.loaded:
+                rows = await session.execute(select(*_INDEX_COLUMNS).where(Message.folder_id == row.id)
+                                             .order_by(Message.uid))
+                index.load(rows.all(), row.highestmodseq)
+            elif index.modseq < row.highestmodseq:
+                since = index.modseq
+                changed = (await session.execute(select(*_INDEX_COLUMNS).where(
+                    Message.folder_id == row.id, Message.modseq > since))).all()
+                expunged = (await session.scalars(select(ExpungedMessage.uid).where(
+                    ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > since))).all()
+                index.apply(changed, expunged, row.highestmodseq)
+        return index
 
     @staticmethod
     def _claim(folder: Folder, uids: Iterable[int]) -> frozenset[int]:
@@ -530,15 +572,16 @@ class SqlMailStore(MailStore):
         folder.recent_uid = folder.uidnext - 1
         return frozenset(uid for uid in uids if uid > mark)
 
-    def _snapshot(self, ref: FolderRef, row: Folder, listing: Sequence[tuple[int, int]], recent: frozenset[int],
+    def _snapshot(self, ref: FolderRef, row: Folder, index: FolderIndex, recent: frozenset[int],
                   read_only: bool) -> FolderSnapshot:
-        unseen_positions = [position for position, (_, bits) in enumerate(listing, 1) if not bits & SEEN_BIT]
+        unseen, first_unseen = index.unseen()
         keywords = sorted(flagcodec.keywords_of(row.keywords))
+        # The index may be a little ahead of this transaction's folder row (another session refreshed it since).
+        uidnext = max(row.uidnext, index.uids[-1] + 1 if index.uids else 1)
         return FolderSnapshot(
             ref=FolderRef(ref.mailbox_id, row.name, row.uidvalidity), special_use=row.special_use,
-            uidvalidity=row.uidvalidity, uidnext=row.uidnext, highestmodseq=row.highestmodseq,
-            uids=tuple(uid for uid, _ in listing), recent_uids=recent, unseen=len(unseen_positions),
-            first_unseen=unseen_positions[0] if unseen_positions else None,
+            uidvalidity=row.uidvalidity, uidnext=uidnext, highestmodseq=max(row.highestmodseq, index.modseq),
+            uids=index.uids, recent_uids=recent, unseen=unseen, first_unseen=first_unseen,
             flags=(*SYSTEM_FLAGS, *keywords),
             permanent_flags=() if read_only else (*PERMANENT_FLAGS[:-1], *keywords, PERMANENT_FLAGS[-1]),
             read_only=read_only,
@@ -556,19 +599,44 @@ class SqlMailStore(MailStore):
     # ------------------------------------------------------------------ messages
 
     async def fetch(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> list[MessageMeta]:
+        return await self.fetch_meta(folder, uids, changed_since=changed_since)
+
+    async def fetch_meta(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None,
+                         envelope: bool = True, headers: bool = True) -> list[MessageMeta]:
+        """Only the sealed columns asked for are read and unsealed (an ENVELOPE: one decryption per message)."""
+        columns = _MetaRow.COLUMNS if headers else _MetaRow.CLEAR_COLUMNS
+        if not envelope:
+            columns = tuple(column for column in columns if column.key != "envelope")
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            query = (select(*_MetaRow.COLUMNS).where(Message.folder_id == row.id, uid_clause(uids))
-                     .order_by(Message.uid))
+            query = select(*columns).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid)
             if changed_since is not None:
                 query = query.where(Message.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
-            rows = [_MetaRow(values) for values in (await session.execute(query)).all()]
-        await self._unseal(folder.mailbox_id, rows)
+            rows = [_MetaRow.of(columns, values) for values in (await session.execute(query)).all()]
+        if headers:
+            await self._unseal(folder.mailbox_id, rows)
+        elif envelope and self.headers is not None:
+            await self._unseal_envelopes(folder.mailbox_id, rows)
         return [_meta(message) for message in rows if message.uid in uids]
+
+    async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
+                          changed_since: int | None = None) -> FlagListing:
+        async with self.database.session() as session:
+            row = await self._find_folder(session, folder)
+            index = await self._current_index(session, row)
+            return index.listing(uids, changed_since)
 
     async def _unseal(self, mailbox_id: int, rows: Sequence[Message] | Sequence[_MetaRow]) -> None:
         if self.headers is not None:
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
+
+    async def _unseal_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
+        assert self.headers is not None
+        owner = mailbox_owner(mailbox_id)
+        for row in rows:
+            if isinstance(row.envelope, dict) and set(row.envelope) == {"sealed"}:
+                row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", row.envelope["sealed"])
+                                          or "{}")
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
         async with self.database.session() as session:
@@ -802,12 +870,16 @@ class SqlMailStore(MailStore):
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            updated = (await session.scalars(select(Message).where(
+            if row.highestmodseq <= modseq:
+                return Changes(row.highestmodseq, (), ())   # the usual answer after a command: one query
+            updated = (await session.execute(select(*_INDEX_COLUMNS).where(
                 Message.folder_id == row.id, Message.modseq > modseq).order_by(Message.uid))).all()
             expunged = (await session.scalars(select(ExpungedMessage.uid).where(
                 ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > modseq).order_by(ExpungedMessage.uid))).all()
             highest = await session.scalar(select(Folder.highestmodseq).where(Folder.id == row.id))
-        return Changes(int(highest or row.highestmodseq), tuple(_flag_update(m) for m in updated), tuple(expunged))
+        return Changes(int(highest or row.highestmodseq),
+                       tuple(FlagUpdate(uid, flagcodec.decode(bits, keywords), message_modseq)
+                             for uid, message_modseq, bits, keywords in updated), tuple(expunged))
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway.imap.commands.base import Completion
@@ -24,7 +24,7 @@ from gateway.imap.protocol.structure import format_bodystructure, format_envelop
 from gateway.imap.selected import Message, SelectedMailbox
 from gateway.imap.protocol.errors import EXPUNGEISSUED
 from gateway.mailstore.errors import MessageNotFound
-from gateway.mailstore.interface import SEEN, MessageMeta, StoreMode, UidSet
+from gateway.mailstore.interface import SEEN, FlagListing, MessageMeta, StoreMode, UidSet
 
 if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _ENVELOPE_ADDRESSES = ("from", "sender", "reply-to", "to", "cc", "bcc")
 BODY_ITEMS = frozenset({"BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 RENDER_BATCH = 16   # messages whose bodies are read at the same time
+FLAG_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})   # answered from the store's index alone
+WRITE_BATCH = 2000  # FETCH responses joined per write
 
 
 async def fetch(session: Session, command: c.Command) -> Completion:
@@ -40,10 +42,12 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     if command.changed_since is not None or any(item.name == "MODSEQ" for item in command.attributes):
         session.enable_condstore()                    # RFC 7162 3.1: these enable CONDSTORE
     attributes = _with_implied(command, selected)
+    if all(item.section is None and item.name in FLAG_ITEMS for item in attributes):
+        return await _fetch_flags(session, selected, command, attributes)
     messages = selected.resolve(command.sequence_set, uid=command.uid)
     if not messages:
         return Completion("FETCH completed")
-    metas = await _metadata(session, selected, messages, command.changed_since)
+    metas = await _metadata(session, selected, messages, command.changed_since, attributes)
     newly_seen: set[int] = set()
     if not selected.read_only and any(item.sets_seen() for item in attributes):
         newly_seen = await _set_seen(session, selected, metas)
@@ -54,6 +58,80 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     for start in range(0, len(present), batch):
         answered += await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen)
     return _completion(command, answered, len(present) if command.changed_since is not None else len(messages))
+
+
+async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.Fetch,
+                       attributes: tuple[FetchAttribute, ...]) -> Completion:
+    """FETCH of UID, FLAGS and MODSEQ only (a client's resynchronisation, e.g. UID FETCH 1:* (UID FLAGS)):
+    from the store's flag listing, one response line per message, no object per message."""
+    ranges, wanted = selected.uid_ranges(command.sequence_set, uid=command.uid)
+    if not ranges:
+        return Completion("FETCH completed")
+    listing = await session.store.fetch_flags(selected.ref, UidSet(tuple(ranges)),
+                                              changed_since=command.changed_since)
+    render = _FlagLineRenderer(selected, attributes)
+    pending: list[bytes] = []
+    answered = 0
+    for number, uid, modseq, flag_id in _present(selected, listing):
+        pending.append(render.line(number, uid, modseq, flag_id, listing.flag_sets))
+        answered += 1
+        if len(pending) >= WRITE_BATCH:
+            session.write(b"".join(pending))
+            pending.clear()
+            await session.connection.drain()
+    if pending:
+        session.write(b"".join(pending))
+    await session.connection.drain()
+    return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+def _present(selected: SelectedMailbox, listing: FlagListing) -> Iterator[tuple[int, int, int, int]]:
+    """(sequence number, UID, MODSEQ, flag set id) of the listed messages this view holds, in order."""
+    mine = selected.uids
+    position, size = 0, len(mine)
+    for uid, modseq, flag_id in zip(listing.uids, listing.modseqs, listing.flag_ids, strict=True):
+        while position < size and mine[position] < uid:
+            position += 1
+        if position == size:
+            return
+        if mine[position] == uid:
+            yield position + 1, uid, modseq, flag_id
+
+
+class _FlagLineRenderer:
+    """``* n FETCH (UID u FLAGS (...) MODSEQ (m))`` lines; each flag set rendered once per command."""
+
+    def __init__(self, selected: SelectedMailbox, attributes: Sequence[FetchAttribute]) -> None:
+        self.selected = selected
+        self.names = [item.name for item in attributes if item.name != "UID"]
+        self.with_uid = len(self.names) < len(attributes)
+        self.flags = "FLAGS" in self.names
+        self._rendered: dict[tuple[int, bool], bytes] = {}
+        self._announced: set[int] = set()
+
+    def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]]) -> bytes:
+        selected = self.selected
+        prefix = b""
+        if self.flags:
+            if flag_id not in self._announced:
+                self._announced.add(flag_id)
+                prefix = b"".join(selected.announce(flag_sets[flag_id]))   # RFC 3501 7.2.6: * FLAGS first
+            selected.note_reported(uid, modseq)
+        parts = [b"UID %d" % uid] if self.with_uid else []
+        for name in self.names:
+            if name == "FLAGS":
+                parts.append(self._flag_list(uid, flag_id, flag_sets))
+            else:
+                parts.append(b"MODSEQ (%d)" % modseq)                   # RFC 7162 3.1.4
+        return prefix + b"* %d FETCH (%s)\r\n" % (number, b" ".join(parts))
+
+    def _flag_list(self, uid: int, flag_id: int, flag_sets: Sequence[frozenset[str]]) -> bytes:
+        recent = uid in self.selected.recent
+        rendered = self._rendered.get((flag_id, recent))
+        if rendered is None:
+            shown = self.selected.flags_for(uid, flag_sets[flag_id])
+            rendered = self._rendered[(flag_id, recent)] = b"FLAGS " + response.flag_list(shown)
+        return rendered
 
 
 def _completion(command: c.Fetch, answered: int, wanted: int) -> Completion:
@@ -70,10 +148,13 @@ async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequ
     """Render a few messages concurrently (their bodies are read and decrypted in worker threads),
     then write them in sequence order; memory stays bounded by the batch, not by the whole set.
     Returns how many were answered: a body expunged between the metadata and its reading is skipped."""
-    rendered = await asyncio.gather(*(
-        _render_present(session, selected, meta,
-                        _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
-        for message, meta in batch))
+    renders = (_render_present(session, selected, meta,
+                               _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
+               for message, meta in batch)
+    if _reads_bodies(attributes):
+        rendered = await asyncio.gather(*renders)
+    else:                                   # nothing to wait for: no task per message
+        rendered = [await render_one for render_one in renders]
     answered = 0
     for (message, meta), items in zip(batch, rendered, strict=True):
         if items is not None:
@@ -113,9 +194,12 @@ def _ensure(attributes: tuple[FetchAttribute, ...], name: str) -> tuple[FetchAtt
 
 
 async def _metadata(session: Session, selected: SelectedMailbox, messages: Sequence[Message],
-                    changed_since: int | None) -> dict[int, MessageMeta]:
+                    changed_since: int | None, attributes: Sequence[FetchAttribute]) -> dict[int, MessageMeta]:
+    """Flags, dates and sizes; the ENVELOPE only when asked (sealed at rest: one decryption each)."""
     uids = UidSet.from_uids(message.uid for message in messages)
-    found = await session.store.fetch(selected.ref, uids, changed_since=changed_since)
+    envelope = any(item.name == "ENVELOPE" and item.section is None for item in attributes)
+    found = await session.store.fetch_meta(selected.ref, uids, changed_since=changed_since, envelope=envelope,
+                                           headers=False)
     return {meta.uid: meta for meta in found}
 
 

@@ -1,0 +1,201 @@
+"""A per-folder index held in memory and shared by every session of this process.
+
+What SELECT and ``FETCH (UID FLAGS MODSEQ)`` need of a folder, as compact
+arrays: UIDs (``array('I')``, RFC 3501 2.3.1.1 UIDs are 32-bit), MODSEQs
+(``array('Q')``, RFC 7162 63-bit) and, per message, the id of its flag set
+(``array('I')``) in a table of interned flag sets (a mailbox has a handful of
+distinct combinations, so 100,000 messages cost 1.6 MB once, not per session).
+
+The database stays the truth.  An index knows the folder's HIGHESTMODSEQ it
+reflects; every change of a folder's messages takes a new MODSEQ in the folder
+row under that row's lock (``sql.py``), so an index whose MODSEQ equals the
+row's is current, and otherwise the changes since (messages whose MODSEQ is
+higher, expunge tombstones whose MODSEQ is higher: both indexed) bring it up to
+date.  Nothing depends on the change notifications for correctness: they only
+tell the store which indexes to refresh eagerly; a lost one (another node, a
+dropped LISTEN connection) is caught at the next look at the folder row.
+
+Sessions never see the arrays change under them: the UID array is replaced,
+never modified, when messages come or go, so a selected session can keep a
+reference to the array it was given (no copy per session) and copy it only
+when its own view has to diverge (``gateway.imap.selected``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from gateway.mailstore import flags as flagcodec
+from gateway.mailstore.interface import SEEN, FlagListing, UidSet
+
+SEEN_BIT = flagcodec.SYSTEM_BITS[SEEN]
+MAX_INDEXES = 256   # folders kept in memory (least recently used dropped first)
+
+
+class FlagSets:
+    """Interned flag sets: (system bits, keywords column) -> a small id, and back to the flags."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[int, str], int] = {}
+        self.flags: list[frozenset[str]] = []
+        self.seen: list[bool] = []
+
+    def intern(self, bits: int, keywords: str) -> int:
+        key = (bits, keywords)
+        found = self._ids.get(key)
+        if found is None:
+            found = self._ids[key] = len(self.flags)
+            self.flags.append(flagcodec.decode(bits, keywords))
+            self.seen.append(bool(bits & SEEN_BIT))
+        return found
+
+
+Row = tuple[int, int, int, str]   # uid, modseq, system_flags, keywords column
+
+
+class FolderIndex:
+    """One folder's UIDs, MODSEQs and flags; see the module docstring."""
+
+    def __init__(self, folder_id: int, uidvalidity: int) -> None:
+        self.folder_id = folder_id
+        self.uidvalidity = uidvalidity
+        self.modseq = -1                       # nothing loaded yet
+        self.uids = array("I")
+        self.modseqs = array("Q")
+        self.flag_ids = array("I")
+        self.sets = FlagSets()
+        self.lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self.modseq >= 0
+
+    def load(self, rows: Iterable[Row], modseq: int) -> None:
+        """Every message of the folder, in UID order, as of ``modseq``."""
+        uids, modseqs, flag_ids = array("I"), array("Q"), array("I")
+        intern = self.sets.intern
+        for uid, message_modseq, bits, keywords in rows:
+            uids.append(uid)
+            modseqs.append(message_modseq)
+            flag_ids.append(intern(bits, keywords))
+        self.uids, self.modseqs, self.flag_ids = uids, modseqs, flag_ids
+        self.modseq = modseq
+
+    def apply(self, changed: Sequence[Row], expunged: Iterable[int], modseq: int) -> None:
+        """Changes since ``self.modseq``: rows whose MODSEQ is higher (new or re-flagged), expunged UIDs.
+
+        Idempotent: the same changes applied twice (a refresh that saw a few newer ones) leave the same state."""
+        gone = {uid for uid in expunged}
+        fresh: list[Row] = []
+        for row in changed:
+            position = self.position(row[0])
+            if position is None:
+                fresh.append(row)
+            else:
+                self.modseqs[position] = row[1]
+                self.flag_ids[position] = self.sets.intern(row[2], row[3])
+        gone.difference_update(row[0] for row in fresh)
+        present_gone = [uid for uid in gone if self.position(uid) is not None]
+        if present_gone or fresh:
+            self._rebuild(set(present_gone), fresh)
+        self.modseq = max(self.modseq, modseq)
+
+    def _rebuild(self, gone: set[int], fresh: list[Row]) -> None:
+        """New arrays (sessions may hold the old UID array): without ``gone``, with ``fresh`` in UID order."""
+        uids, modseqs, flag_ids = array("I"), array("Q"), array("I")
+        if gone:
+            for uid, message_modseq, flag_id in zip(self.uids, self.modseqs, self.flag_ids, strict=True):
+                if uid not in gone:
+                    uids.append(uid)
+                    modseqs.append(message_modseq)
+                    flag_ids.append(flag_id)
+        else:
+            uids, modseqs, flag_ids = array("I", self.uids), array("Q", self.modseqs), array("I", self.flag_ids)
+        for uid, message_modseq, bits, keywords in sorted(fresh):
+            flag_id = self.sets.intern(bits, keywords)
+            if not uids or uid > uids[-1]:         # the usual case: new UIDs are above all others
+                uids.append(uid)
+                modseqs.append(message_modseq)
+                flag_ids.append(flag_id)
+            else:
+                at = bisect.bisect_left(uids, uid)
+                uids.insert(at, uid)
+                modseqs.insert(at, message_modseq)
+                flag_ids.insert(at, flag_id)
+        self.uids, self.modseqs, self.flag_ids = uids, modseqs, flag_ids
+
+    def position(self, uid: int) -> int | None:
+        at = bisect.bisect_left(self.uids, uid)
+        return at if at < len(self.uids) and self.uids[at] == uid else None
+
+    # --- answers ---------------------------------------------------------------------
+
+    def unseen(self) -> tuple[int, int | None]:
+        """(messages without \\Seen, sequence number of the first of them or None): RFC 3501 7.1 [UNSEEN n]."""
+        count, first = 0, None
+        for flag_id, seen in enumerate(self.sets.seen):
+            if seen:
+                continue
+            hits = self.flag_ids.count(flag_id)
+            if hits:
+                count += hits
+                at = self.flag_ids.index(flag_id) + 1
+                first = at if first is None else min(first, at)
+        return count, first
+
+    def keywords(self) -> frozenset[str]:
+        """Keywords set on at least one message."""
+        used = set(self.flag_ids)
+        return frozenset(flag for flag_id in used for flag in self.sets.flags[flag_id] if not flag.startswith("\\"))
+
+    def listing(self, uids: UidSet, changed_since: int | None = None) -> FlagListing:
+        """The messages of ``uids`` (ranges resolved by bisection), those changed after ``changed_since`` only."""
+        picked_uids, picked_modseqs, picked_ids = array("I"), array("Q"), array("I")
+        for low, high in _merged(uids.ranges):
+            start, stop = bisect.bisect_left(self.uids, low), bisect.bisect_right(self.uids, high)
+            if changed_since is None:
+                picked_uids.extend(self.uids[start:stop])
+                picked_modseqs.extend(self.modseqs[start:stop])
+                picked_ids.extend(self.flag_ids[start:stop])
+                continue
+            for position in range(start, stop):
+                if self.modseqs[position] > changed_since:
+                    picked_uids.append(self.uids[position])
+                    picked_modseqs.append(self.modseqs[position])
+                    picked_ids.append(self.flag_ids[position])
+        return FlagListing(picked_uids, picked_modseqs, picked_ids, self.sets.flags)
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ascending, non-overlapping ranges (a UidSet may be written with overlaps, e.g. ``1:5,3:9``)."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+class IndexCache:
+    """The indexes of the folders used lately, by folder id (bounded: ``MAX_INDEXES``)."""
+
+    def __init__(self, limit: int = MAX_INDEXES) -> None:
+        self.limit = limit
+        self._indexes: OrderedDict[int, FolderIndex] = OrderedDict()
+
+    def get(self, folder_id: int, uidvalidity: int) -> FolderIndex:
+        index = self._indexes.get(folder_id)
+        if index is None or index.uidvalidity != uidvalidity:
+            index = self._indexes[folder_id] = FolderIndex(folder_id, uidvalidity)
+        self._indexes.move_to_end(folder_id)
+        while len(self._indexes) > self.limit:
+            self._indexes.popitem(last=False)
+        return index
+
+    def drop(self, folder_id: int) -> None:
+        self._indexes.pop(folder_id, None)

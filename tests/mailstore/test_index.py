@@ -1,0 +1,82 @@
+"""The shared per-folder index (gateway.mailstore.index): SELECT and FETCH (UID FLAGS MODSEQ) answered from it
+must always equal what the database holds, whoever changed it (this store, another node, no notification)."""
+
+from __future__ import annotations
+
+from array import array
+
+from gateway.mailstore.index import FolderIndex
+from gateway.mailstore.interface import INBOX, FolderRef, StoreMode, UidSet
+from gateway.mailstore.sql import SqlMailStore
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+from tests.mailstore.test_store import fill, message
+
+
+async def _from_database(store: SqlMailStore, folder: FolderRef) -> list[tuple[int, int, frozenset[str]]]:
+    """The truth, through the full metadata query (no index)."""
+    return [(meta.uid, meta.modseq, meta.flags) for meta in await store.fetch_meta(folder, UidSet.of((1, 10**9)))]
+
+
+async def _from_index(store: SqlMailStore, folder: FolderRef) -> list[tuple[int, int, frozenset[str]]]:
+    listing = await store.fetch_flags(folder, UidSet.of((1, 10**9)))
+    return [(uid, modseq, listing.flag_sets[flag_id])
+            for uid, modseq, flag_id in zip(listing.uids, listing.modseqs, listing.flag_ids, strict=True)]
+
+
+async def test_index_follows_appends_flags_and_expunges(store: SqlMailStore, mailbox_id: int) -> None:
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 6)
+    first = await store.select(inbox)
+    assert list(first.uids) == [1, 2, 3, 4, 5, 6] and first.unseen == 6 and first.first_unseen == 1
+    await store.store_flags(inbox, UidSet.of((1, 2)), StoreMode.ADD, ["\\Seen", "Urgent"])
+    await store.store_flags(inbox, UidSet.of(4), StoreMode.ADD, ["\\Deleted"])
+    await store.expunge(inbox)
+    await store.append(inbox, message(7), flags=["\\Seen"])
+    assert await _from_index(store, inbox) == await _from_database(store, inbox)
+    again = await store.select(inbox)
+    assert list(again.uids) == [1, 2, 3, 5, 6, 7]
+    assert (again.unseen, again.first_unseen) == (3, 3)       # 3, 5, 6 unseen; 3 is the third message
+    assert "Urgent" in again.flags
+    # The snapshot given to the first session did not change under it (the index replaced its array).
+    assert list(first.uids) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_changes_by_another_node_are_seen_without_a_notification(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """Another gateway process on the same database (its hub not bridged): the folder row's HIGHESTMODSEQ
+    tells this store its index is behind."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 4)
+    await store.select(inbox)                                  # index loaded here
+    other = SqlMailStore(database, blobs)                      # its own hub: nothing reaches ours
+    await other.store_flags(inbox, UidSet.of(2), StoreMode.ADD, ["\\Flagged"])
+    await other.store_flags(inbox, UidSet.of(3), StoreMode.ADD, ["\\Deleted"])
+    await other.expunge(inbox)
+    await other.append(inbox, message(9))
+    assert await _from_index(store, inbox) == await _from_database(store, inbox)
+    assert list((await store.select(inbox)).uids) == [1, 2, 4, 5]
+
+
+async def test_changed_since_and_scattered_ranges(store: SqlMailStore, mailbox_id: int) -> None:
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 8)
+    mark = (await store.select(inbox)).highestmodseq
+    await store.store_flags(inbox, UidSet.of(3, 7), StoreMode.ADD, ["\\Answered"])
+    changed = await store.fetch_flags(inbox, UidSet.of((1, 8)), changed_since=mark)
+    assert list(changed.uids) == [3, 7]
+    # Overlapping and unordered ranges name each message once, in UID order (RFC 3501 6.4.8).
+    scattered = await store.fetch_flags(inbox, UidSet(((6, 8), (1, 2), (2, 3), (20, 30))))
+    assert list(scattered.uids) == [1, 2, 3, 6, 7, 8]
+
+
+def test_applying_the_same_changes_twice_changes_nothing() -> None:
+    """A refresh may see a few changes newer than the folder row it read (PostgreSQL read committed)."""
+    index = FolderIndex(1, 1)
+    index.load([(1, 2, 0, " "), (2, 3, 1, " "), (3, 4, 0, " x ")], 4)
+    for _ in range(2):
+        index.apply([(2, 5, 0, " "), (4, 6, 1, " ")], [3], 6)
+    assert index.uids == array("I", [1, 2, 4])
+    assert list(index.modseqs) == [2, 5, 6]
+    assert [index.sets.flags[flag_id] for flag_id in index.flag_ids] == [frozenset(), frozenset(), {"\\Seen"}]
+    assert index.unseen() == (2, 1)
