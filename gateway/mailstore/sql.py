@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import Text, delete, func, insert, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -203,26 +203,34 @@ class _MetaRow:
     sent_date: dt.datetime | None
     COLUMNS = tuple(getattr(Message, name) for name in __slots__)
     # Without the five sealed header columns (FETCH asks for none of them).
-    CLEAR_COLUMNS = tuple(column for column in COLUMNS
-                          if column.key not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
+    CLEAR = tuple(name for name in __slots__ if name not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
 
     def __init__(self, values: Sequence[Any]) -> None:
         for name, value in zip(self.__slots__, values, strict=True):
             setattr(self, name, value)
 
     @classmethod
-    def of(cls, columns: Sequence[Any], values: Sequence[Any]) -> _MetaRow:
+    def of(cls, names: Sequence[str], values: Sequence[Any]) -> _MetaRow:
         """A row of some of the columns; the others are None (the envelope: empty)."""
         row = cls.__new__(cls)
+        given = dict(zip(names, values, strict=True))
         for name in cls.__slots__:
-            setattr(row, name, None)
-        row.envelope = {}
-        for column, value in zip(columns, values, strict=True):
-            setattr(row, column.key, value)
+            setattr(row, name, given.get(name, {} if name == "envelope" else None))
         return row
 
 
 _INDEX_COLUMNS = (Message.uid, Message.modseq, Message.system_flags, Message.keywords)
+_MESSAGES = Message.__table__
+_SEALED_JSON = ('{"sealed": "', '"}')   # how json.dumps writes HeaderSealer's {"sealed": token}
+
+
+def _sealed_token(text: str) -> str | None:
+    """The token of a sealed ENVELOPE column without a JSON parse (base64url: no quote or escape in it)."""
+    head, tail = _SEALED_JSON
+    if text.startswith(head) and text.endswith(tail) and '"' not in text[len(head):-len(tail)] \
+            and "\\" not in text:
+        return text[len(head):-len(tail)]
+    return None
 
 
 def _cached_columns(key: SearchKey) -> set[str]:
@@ -603,21 +611,27 @@ class SqlMailStore(MailStore):
 
     async def fetch_meta(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None,
                          envelope: bool = True, headers: bool = True) -> list[MessageMeta]:
-        """Only the sealed columns asked for are read and unsealed (an ENVELOPE: one decryption per message)."""
-        columns = _MetaRow.COLUMNS if headers else _MetaRow.CLEAR_COLUMNS
+        """Only the sealed columns asked for are read and unsealed (an ENVELOPE: one decryption per message).
+        SQL Core columns (no ORM loading); the ENVELOPE column as its raw JSON text, decoded once here."""
+        names = _MetaRow.__slots__ if headers else _MetaRow.CLEAR
         if not envelope:
-            columns = tuple(column for column in columns if column.key != "envelope")
+            names = tuple(name for name in names if name != "envelope")
+        columns = [type_coerce(_MESSAGES.c.envelope, Text) if name == "envelope" else _MESSAGES.c[name]
+                   for name in names]
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            query = select(*columns).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid)
+            query = (select(*columns).where(_MESSAGES.c.folder_id == row.id, uid_clause(uids))
+                     .order_by(_MESSAGES.c.uid))
             if changed_since is not None:
-                query = query.where(Message.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
-            rows = [_MetaRow.of(columns, values) for values in (await session.execute(query)).all()]
+                query = query.where(_MESSAGES.c.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
+            rows = [_MetaRow.of(names, values) for values in (await session.execute(query)).all()]
+        if envelope:
+            await self._open_envelopes(folder.mailbox_id, rows)
         if headers:
             await self._unseal(folder.mailbox_id, rows)
-        elif envelope and self.headers is not None:
-            await self._unseal_envelopes(folder.mailbox_id, rows)
-        return [_meta(message) for message in rows if message.uid in uids]
+        if len(uids.ranges) > 1:               # uid_clause may be a coarser range (search.MAX_SQL_RANGES)
+            rows = [message for message in rows if message.uid in uids]
+        return [_meta(message) for message in rows]
 
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:
@@ -630,13 +644,26 @@ class SqlMailStore(MailStore):
         if self.headers is not None:
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
-    async def _unseal_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
-        assert self.headers is not None
+    async def _open_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
+        """The ENVELOPE column's JSON text -> its dict, unsealed first when sealed at rest
+        (``{"sealed": token}``, see gateway.security.at_rest.HeaderSealer)."""
         owner = mailbox_owner(mailbox_id)
         for row in rows:
-            if isinstance(row.envelope, dict) and set(row.envelope) == {"sealed"}:
-                row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", row.envelope["sealed"])
-                                          or "{}")
+            text = row.envelope
+            if not isinstance(text, str):
+                row.envelope = text or {}
+                continue
+            token = _sealed_token(text)
+            if token is None:
+                decoded = json.loads(text)
+                token = decoded.get("sealed") if isinstance(decoded, dict) and set(decoded) == {"sealed"} else None
+                if token is None:
+                    row.envelope = decoded if isinstance(decoded, dict) else {}
+                    continue
+            if self.headers is None:
+                row.envelope = {}        # no key here: the IMAP side builds it from the message's header
+                continue
+            row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", token) or "{}")
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
         async with self.database.session() as session:

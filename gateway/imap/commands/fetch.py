@@ -55,8 +55,10 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     present = [(message, metas[message.uid]) for message in messages if message.uid in metas]
     answered = 0
     batch = RENDER_BATCH if _reads_bodies(attributes) else len(present) or 1
+    writer = EnvelopeWriter(utf8=session.utf8)
     for start in range(0, len(present), batch):
-        answered += await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen)
+        answered += await _answer_batch(session, selected, present[start:start + batch], attributes, newly_seen,
+                                        writer)
     return _completion(command, answered, len(present) if command.changed_since is not None else len(messages))
 
 
@@ -144,32 +146,37 @@ def _completion(command: c.Fetch, answered: int, wanted: int) -> Completion:
 
 
 async def _answer_batch(session: Session, selected: SelectedMailbox, batch: Sequence[tuple[Message, MessageMeta]],
-                        attributes: tuple[FetchAttribute, ...], newly_seen: set[int]) -> int:
+                        attributes: tuple[FetchAttribute, ...], newly_seen: set[int], writer: EnvelopeWriter) -> int:
     """Render a few messages concurrently (their bodies are read and decrypted in worker threads),
     then write them in sequence order; memory stays bounded by the batch, not by the whole set.
     Returns how many were answered: a body expunged between the metadata and its reading is skipped."""
     renders = (_render_present(session, selected, meta,
-                               _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes)
+                               _ensure(attributes, "FLAGS") if message.uid in newly_seen else attributes, writer)
                for message, meta in batch)
     if _reads_bodies(attributes):
         rendered = await asyncio.gather(*renders)
     else:                                   # nothing to wait for: no task per message
         rendered = [await render_one for render_one in renders]
     answered = 0
+    lines: list[bytes] = []
     for (message, meta), items in zip(batch, rendered, strict=True):
         if items is not None:
             if any(name == "FLAGS" for name, _ in items):
-                session.write_all(selected.announce(meta.flags))      # RFC 3501 7.2.6: * FLAGS first
-            session.write(response.fetch(message.number, items))
+                lines += selected.announce(meta.flags)                # RFC 3501 7.2.6: * FLAGS first
+            lines.append(response.fetch(message.number, items))
             answered += 1
+            if len(lines) >= WRITE_BATCH:
+                session.write(b"".join(lines))
+                lines.clear()
+    session.write(b"".join(lines))
     await session.connection.drain()
     return answered
 
 
 async def _render_present(session: Session, selected: SelectedMailbox, meta: MessageMeta,
-                          attributes: Sequence[FetchAttribute]) -> list[tuple[str, bytes]] | None:
+                          attributes: Sequence[FetchAttribute], writer: EnvelopeWriter) -> list[tuple[str, bytes]] | None:
     try:
-        return await render(session, selected, meta, attributes)
+        return await render(session, selected, meta, attributes, writer)
     except MessageNotFound:
         return None
 
@@ -218,19 +225,19 @@ async def _set_seen(session: Session, selected: SelectedMailbox, metas: dict[int
 
 
 async def render(session: Session, selected: SelectedMailbox, meta: MessageMeta,
-                 attributes: Sequence[FetchAttribute]) -> list[tuple[str, bytes]]:
+                 attributes: Sequence[FetchAttribute], writer: EnvelopeWriter) -> list[tuple[str, bytes]]:
     """The (name, value) items of one ``* n FETCH`` response; ``response.fetch`` puts UID first."""
     content = MessageContent(session.store, selected.ref, meta.uid)
     items: list[tuple[str, bytes]] = []
     for attribute in attributes:
-        items.append((attribute.response_name(), await _value(session, selected, meta, content, attribute)))
+        items.append((attribute.response_name(), await _value(session, selected, meta, content, attribute, writer)))
     if any(name == "FLAGS" for name, _ in items):
         selected.note_reported(meta.uid, meta.modseq)
     return items
 
 
 async def _value(session: Session, selected: SelectedMailbox, meta: MessageMeta, content: MessageContent,
-                 attribute: FetchAttribute) -> bytes:
+                 attribute: FetchAttribute, writer: EnvelopeWriter) -> bytes:
     name = attribute.name
     if attribute.section is not None:
         return await _section_value(content, attribute)
@@ -238,7 +245,7 @@ async def _value(session: Session, selected: SelectedMailbox, meta: MessageMeta,
     if simple is not None:
         return simple
     if name == "ENVELOPE":
-        return await _envelope(meta, content, utf8=session.utf8)
+        return await _envelope(session, meta, content, writer)
     if name in ("BODYSTRUCTURE", "BODY"):
         return format_bodystructure(await content.parsed(), extensible=name == "BODYSTRUCTURE", utf8=session.utf8)
     if name == "RFC822":
@@ -291,25 +298,56 @@ async def _binary(content: MessageContent, attribute: FetchAttribute) -> bytes:
     return binary_octets(part) if part is not None else b""
 
 
-async def _envelope(meta: MessageMeta, content: MessageContent, *, utf8: bool) -> bytes:
+async def _envelope(session: Session, meta: MessageMeta, content: MessageContent, writer: EnvelopeWriter) -> bytes:
     """RFC 3501 7.4.2 ENVELOPE, from the store's cached header fields when it has them."""
     cached = meta.envelope
     if not cached:
-        return format_envelope(await content.head_message(), utf8=utf8)
-    fields = [response.nstring(cached.get("date"), utf8=utf8), response.nstring(cached.get("subject"), utf8=utf8)]
-    fields += [_address_list(cached.get(name), utf8) for name in _ENVELOPE_ADDRESSES]
-    fields += [response.nstring(cached.get("in-reply-to"), utf8=utf8),
-               response.nstring(cached.get("message-id"), utf8=utf8)]
-    return response.paren_list(fields)
+        return format_envelope(await content.head_message(), utf8=session.utf8)
+    return writer.envelope(cached)
 
 
-def _address_list(addresses: Any, utf8: bool) -> bytes:
-    """RFC 3501 9 address = "(" addr-name SP addr-adl SP addr-mailbox SP addr-host ")"; none is NIL."""
-    if not addresses:
-        return response.NIL
-    rendered = [response.paren_list(response.nstring(part, utf8=utf8) for part in address)
-                for address in addresses]
-    return b"(" + b"".join(rendered) + b")"
+class EnvelopeWriter:
+    """Renders cached ENVELOPEs; the addresses and strings of one mailbox repeat (the same correspondents,
+    the same subjects), so each distinct one is rendered once and remembered, within bounds."""
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, *, utf8: bool) -> None:
+        self.utf8 = utf8
+        self._strings: dict[str, bytes] = {}
+        self._addresses: dict[tuple[Any, ...], bytes] = {}
+
+    def envelope(self, cached: dict[str, Any]) -> bytes:
+        string = self.nstring
+        fields = [string(cached.get("date")), string(cached.get("subject"))]
+        fields += [self.address_list(cached.get(name)) for name in _ENVELOPE_ADDRESSES]
+        fields += [string(cached.get("in-reply-to")), string(cached.get("message-id"))]
+        return b"(" + b" ".join(fields) + b")"
+
+    def nstring(self, value: Any) -> bytes:
+        if value is None:
+            return response.NIL
+        rendered = self._strings.get(value)
+        if rendered is None:
+            rendered = response.nstring(value, utf8=self.utf8)
+            if len(self._strings) < self.MAX_REMEMBERED:
+                self._strings[value] = rendered
+        return rendered
+
+    def address_list(self, addresses: Any) -> bytes:
+        """RFC 3501 9 address = "(" addr-name SP addr-adl SP addr-mailbox SP addr-host ")"; none is NIL."""
+        if not addresses:
+            return response.NIL
+        return b"(" + b"".join(self._address(address) for address in addresses) + b")"
+
+    def _address(self, address: Any) -> bytes:
+        key = tuple(address)
+        rendered = self._addresses.get(key)
+        if rendered is None:
+            rendered = response.paren_list(response.nstring(part, utf8=self.utf8) for part in address)
+            if len(self._addresses) < self.MAX_REMEMBERED:
+                self._addresses[key] = rendered
+        return rendered
 
 
 HANDLERS: dict[type[c.Command], Handler] = {c.Fetch: fetch}
