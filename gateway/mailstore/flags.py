@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from gateway.mailstore.interface import ANSWERED, DELETED, DRAFT, FLAGGED, RECENT, SEEN, StoreMode
@@ -49,6 +50,7 @@ def keywords_of(column: str) -> frozenset[str]:
     return frozenset(column.split())
 
 
+@functools.lru_cache(maxsize=4096)     # a folder has a handful of distinct flag combinations
 def decode(bits: int, keywords: str) -> frozenset[str]:
     return frozenset(flag for flag, bit in SYSTEM_BITS.items() if bits & bit) | keywords_of(keywords)
 

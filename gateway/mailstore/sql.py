@@ -219,8 +219,8 @@ class _MetaRow:
         return row
 
 
-_INDEX_COLUMNS = (Message.uid, Message.modseq, Message.system_flags, Message.keywords)
-_MESSAGES = Message.__table__
+_MESSAGES = Message.__table__     # SQL Core on the hot paths: rows as tuples, no ORM loading
+_INDEX_COLUMNS = (_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags, _MESSAGES.c.keywords)
 _SEALED_JSON = ('{"sealed": "', '"}')   # how json.dumps writes HeaderSealer's {"sealed": token}
 
 
@@ -561,13 +561,13 @@ class SqlMailStore(MailStore):
             return index
         async with index.lock:
             if not index.loaded:
-                rows = await session.execute(select(*_INDEX_COLUMNS).where(Message.folder_id == row.id)
-                                             .order_by(Message.uid))
+                rows = await session.execute(select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == row.id)
+                                             .order_by(_MESSAGES.c.uid))
                 index.load(rows.all(), row.highestmodseq)
             elif index.modseq < row.highestmodseq:
                 since = index.modseq
                 changed = (await session.execute(select(*_INDEX_COLUMNS).where(
-                    Message.folder_id == row.id, Message.modseq > since))).all()
+                    _MESSAGES.c.folder_id == row.id, _MESSAGES.c.modseq > since))).all()
                 expunged = (await session.scalars(select(ExpungedMessage.uid).where(
                     ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > since))).all()
                 index.apply(changed, expunged, row.highestmodseq)
@@ -900,7 +900,7 @@ class SqlMailStore(MailStore):
             if row.highestmodseq <= modseq:
                 return Changes(row.highestmodseq, (), ())   # the usual answer after a command: one query
             updated = (await session.execute(select(*_INDEX_COLUMNS).where(
-                Message.folder_id == row.id, Message.modseq > modseq).order_by(Message.uid))).all()
+                _MESSAGES.c.folder_id == row.id, _MESSAGES.c.modseq > modseq).order_by(_MESSAGES.c.uid))).all()
             expunged = (await session.scalars(select(ExpungedMessage.uid).where(
                 ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > modseq).order_by(ExpungedMessage.uid))).all()
             highest = await session.scalar(select(Folder.highestmodseq).where(Folder.id == row.id))

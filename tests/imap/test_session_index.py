@@ -1,0 +1,57 @@
+"""Sessions share the folder index of the mail store (UIDs and flags): each still sees the folder as it
+was last told (RFC 3501 7.4.1, 7.3.1), however far the shared index has moved on."""
+
+from __future__ import annotations
+
+from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+
+
+def test_fetch_flags_answers_only_messages_this_session_was_told_of(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    for n in range(3):
+        imap.deliver(account.address, make_message(f"m{n}"))
+    reader, writer = Conversation(imap, account), Conversation(imap, account)
+    reader.command("SELECT INBOX")
+    writer.command("SELECT INBOX")
+    writer.command("STORE 1 +FLAGS.SILENT (\\Deleted)")
+    writer.command("EXPUNGE")
+    imap.deliver(account.address, make_message("late"))
+    # Sequence FETCH: message 1 is gone elsewhere but keeps its number (no EXPUNGE during FETCH), the new
+    # message has no number yet: neither is answered, the others are, flags from the shared index.
+    lines = reader.command("FETCH 1:* (UID FLAGS)")
+    fetched = [line for line in lines if " FETCH " in line]
+    assert fetched == ["* 2 FETCH (UID 2 FLAGS (\\Recent))", "* 3 FETCH (UID 3 FLAGS (\\Recent))"]
+    assert "* 4 EXISTS" in lines and not any(line.endswith(" EXPUNGE") for line in lines)
+    assert lines[-1].endswith("OK [EXPUNGEISSUED] Some messages were already expunged")
+    # UID FETCH may report the expunge; the view then has 3 messages: 2, 3 and the new 4.
+    lines = reader.command("UID FETCH 1:* (UID FLAGS)")
+    assert [line for line in lines if " FETCH " in line] == [
+        "* 2 FETCH (UID 2 FLAGS (\\Recent))", "* 3 FETCH (UID 3 FLAGS (\\Recent))",
+        "* 4 FETCH (UID 4 FLAGS (\\Recent))"]
+    assert "* 1 EXPUNGE" in lines
+    assert reader.command("FETCH 3 (UID)")[0] == "* 3 FETCH (UID 4)"
+    # The writer's own view was never touched by the reader's: it expunged 1 and has not been told of UID 4.
+    assert writer.command("FETCH 1:2 (UID)")[:2] == ["* 1 FETCH (UID 2)", "* 2 FETCH (UID 3)"]
+    reader.close()
+    writer.close()
+
+
+def test_keyword_and_condstore_through_the_flag_listing(imap: RunningImap) -> None:  # noqa: F811
+    account = imap.new_account()
+    for n in range(2):
+        imap.deliver(account.address, make_message(f"m{n}"))
+    reader, writer = Conversation(imap, account), Conversation(imap, account)
+    reader.command("SELECT INBOX")
+    writer.command("SELECT INBOX")
+    writer.command("STORE 2 +FLAGS.SILENT (Urgent \\Seen)")
+    lines = reader.command("FETCH 2 (FLAGS MODSEQ)")
+    # RFC 7162 3.1: MODSEQ enables CONDSTORE (HIGHESTMODSEQ first); RFC 3501 7.2.6: * FLAGS before the keyword.
+    assert lines[0].startswith("* OK [HIGHESTMODSEQ ")
+    flags_at = next(i for i, line in enumerate(lines) if line.startswith("* FLAGS "))
+    fetch_at = next(i for i, line in enumerate(lines) if line.startswith("* 2 FETCH "))
+    assert flags_at < fetch_at and "Urgent" in lines[flags_at]
+    assert "FLAGS (\\Seen Urgent \\Recent)" in lines[fetch_at] and "MODSEQ (" in lines[fetch_at]
+    # A number beyond EXISTS is still BAD (RFC 3501 9), on this path too.
+    assert reader.command("FETCH 3 (FLAGS)", expect="BAD")[-1].split()[1] == "BAD"
+    reader.close()
+    writer.close()
