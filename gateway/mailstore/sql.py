@@ -541,6 +541,14 @@ class SqlMailStore(MailStore):
                             int(unseen or 0), row.highestmodseq, row.total_bytes)
 
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
+        if not read_only:
+            # Nothing arrived since \Recent was last claimed: a read transaction answers (no write, no fsync).
+            async with self.database.session() as session:
+                row = await self._find_folder(session, folder)
+                index = await self._current_index(session, row)
+                if row.recent_uid >= row.uidnext - 1 and (not index.uids or index.uids[-1] <= row.recent_uid):
+                    return self._snapshot(folder, row, index, frozenset(), read_only)
+
         async def work(session: AsyncSession) -> FolderSnapshot:
             row = await (self._find_folder(session, folder) if read_only else self._lock_folder(session, folder))
             index = await self._current_index(session, row)

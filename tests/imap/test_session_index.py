@@ -55,3 +55,26 @@ def test_keyword_and_condstore_through_the_flag_listing(imap: RunningImap) -> No
     assert reader.command("FETCH 3 (FLAGS)", expect="BAD")[-1].split()[1] == "BAD"
     reader.close()
     writer.close()
+
+
+def test_envelopes_rendered_once_stay_those_of_their_own_folder(imap: RunningImap) -> None:  # noqa: F811
+    """ENVELOPEs are remembered by (mailbox, UIDVALIDITY, UID): UID 1 of another folder, or of the same
+    name deleted and re-created, is another message with its own ENVELOPE."""
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("Compte rendu INBOX"))
+    session = Conversation(imap, account)
+    session.command("CREATE Dossiers")
+    imap.deliver(account.address, make_message("Compte rendu Dossiers"), folder="Dossiers")
+    session.command("SELECT INBOX")
+    cold = session.command("FETCH 1 (ENVELOPE)")[0]
+    assert '"Compte rendu INBOX"' in cold
+    assert session.command("FETCH 1 (ENVELOPE)")[0] == cold          # the second answer is the same octets
+    session.command("SELECT Dossiers")
+    assert '"Compte rendu Dossiers"' in session.command("FETCH 1 (ENVELOPE)")[0]
+    session.command("SELECT INBOX")
+    session.command("DELETE Dossiers")
+    session.command("CREATE Dossiers")
+    imap.deliver(account.address, make_message("Nouveau dossier"), folder="Dossiers")
+    session.command("SELECT Dossiers")
+    assert '"Nouveau dossier"' in session.command("FETCH 1 (ENVELOPE)")[0]
+    session.close()

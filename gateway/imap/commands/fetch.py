@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import bisect
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +75,9 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
     listing = await session.store.fetch_flags(selected.ref, UidSet(tuple(ranges)),
                                               changed_since=command.changed_since)
     render = _FlagLineRenderer(selected, attributes)
+    start = _aligned(selected, listing)
+    if start is not None and render.bulk_ready():
+        return await _write_bulk(session, command, render, listing, start, wanted)
     pending: list[bytes] = []
     answered = 0
     for number, uid, modseq, flag_id in _present(selected, listing):
@@ -85,6 +91,28 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
         session.write(b"".join(pending))
     await session.connection.drain()
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+async def _write_bulk(session: Session, command: c.Fetch, render: _FlagLineRenderer, listing: FlagListing,
+                      start: int, wanted: int) -> Completion:
+    """The listed messages are this view's messages ``start + 1`` onwards, in order: numbers by counting."""
+    session.write(render.prepare(listing))
+    for offset in range(0, len(listing), WRITE_BATCH):
+        session.write(render.bulk(start + offset + 1, listing.uids[offset:offset + WRITE_BATCH],
+                                  listing.flag_ids[offset:offset + WRITE_BATCH], listing.flag_sets))
+        await session.connection.drain()
+    answered = len(listing)
+    return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+def _aligned(selected: SelectedMailbox, listing: FlagListing) -> int | None:
+    """The index in this view of the first listed message when the listed UIDs are a contiguous run of the
+    view's (one C comparison of two arrays), else None."""
+    mine, listed = selected.uids, listing.uids
+    if not listed or not isinstance(mine, array) or not isinstance(listed, array):
+        return None
+    start = bisect.bisect_left(mine, listed[0])
+    return start if mine[start:start + len(listed)] == listed else None
 
 
 def _present(selected: SelectedMailbox, listing: FlagListing) -> Iterator[tuple[int, int, int, int]]:
@@ -110,6 +138,34 @@ class _FlagLineRenderer:
         self.flags = "FLAGS" in self.names
         self._rendered: dict[tuple[int, bool], bytes] = {}
         self._announced: set[int] = set()
+
+    def bulk_ready(self) -> bool:
+        """UID and/or one FLAGS: lines from two numbers and one pre-rendered piece each."""
+        return self.names in ([], ["FLAGS"]) and (self.with_uid or bool(self.names))
+
+    def prepare(self, listing: FlagListing) -> bytes:
+        """Before the lines: RFC 3501 7.2.6 ``* FLAGS`` for every keyword they will show, and the flag
+        changes this session is now told of (``note_reported``; none when nothing is newer than its MODSEQ)."""
+        if not self.flags:
+            return b""
+        announcement = b"".join(line for flag_id in sorted(set(listing.flag_ids))
+                                for line in self.selected.announce(listing.flag_sets[flag_id]))
+        if listing.modseqs and max(listing.modseqs) > self.selected.modseq:
+            for uid, modseq in zip(listing.uids, listing.modseqs, strict=True):
+                self.selected.note_reported(uid, modseq)
+        return announcement
+
+    def bulk(self, first_number: int, uids: Sequence[int], flag_ids: Sequence[int],
+             flag_sets: Sequence[frozenset[str]]) -> bytes:
+        numbers = range(first_number, first_number + len(uids))
+        if not self.flags:
+            return b"".join([b"* %d FETCH (UID %d)\r\n" % pair for pair in zip(numbers, uids, strict=True)])
+        recent = self.selected.recent
+        pieces = [self._flag_list(uid if recent else 0, flag_id, flag_sets) for uid, flag_id in zip(uids, flag_ids,
+                                                                                                      strict=True)]
+        if self.with_uid:
+            return b"".join([b"* %d FETCH (UID %d %s)\r\n" % line for line in zip(numbers, uids, pieces, strict=True)])
+        return b"".join([b"* %d FETCH (%s)\r\n" % line for line in zip(numbers, pieces, strict=True)])
 
     def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]]) -> bytes:
         selected = self.selected
@@ -205,6 +261,8 @@ async def _metadata(session: Session, selected: SelectedMailbox, messages: Seque
     """Flags, dates and sizes; the ENVELOPE only when asked (sealed at rest: one decryption each)."""
     uids = UidSet.from_uids(message.uid for message in messages)
     envelope = any(item.name == "ENVELOPE" and item.section is None for item in attributes)
+    if envelope and all(_envelope_key(session, selected, message.uid) in RENDERED_ENVELOPES for message in messages):
+        envelope = False                        # all already rendered: the sealed column is not even read
     found = await session.store.fetch_meta(selected.ref, uids, changed_since=changed_since, envelope=envelope,
                                            headers=False)
     return {meta.uid: meta for meta in found}
@@ -245,7 +303,7 @@ async def _value(session: Session, selected: SelectedMailbox, meta: MessageMeta,
     if simple is not None:
         return simple
     if name == "ENVELOPE":
-        return await _envelope(session, meta, content, writer)
+        return await _envelope(session, selected, meta, content, writer)
     if name in ("BODYSTRUCTURE", "BODY"):
         return format_bodystructure(await content.parsed(), extensible=name == "BODYSTRUCTURE", utf8=session.utf8)
     if name == "RFC822":
@@ -298,12 +356,59 @@ async def _binary(content: MessageContent, attribute: FetchAttribute) -> bytes:
     return binary_octets(part) if part is not None else b""
 
 
-async def _envelope(session: Session, meta: MessageMeta, content: MessageContent, writer: EnvelopeWriter) -> bytes:
-    """RFC 3501 7.4.2 ENVELOPE, from the store's cached header fields when it has them."""
-    cached = meta.envelope
-    if not cached:
-        return format_envelope(await content.head_message(), utf8=session.utf8)
-    return writer.envelope(cached)
+async def _envelope(session: Session, selected: SelectedMailbox, meta: MessageMeta, content: MessageContent,
+                    writer: EnvelopeWriter) -> bytes:
+    """RFC 3501 7.4.2 ENVELOPE: as rendered before, else from the store's cached header fields, else parsed
+    from the message's header."""
+    key = _envelope_key(session, selected, meta.uid)
+    rendered = RENDERED_ENVELOPES.get(key)
+    if rendered is None:
+        cached = meta.envelope
+        if cached:
+            rendered = writer.envelope(cached)
+        else:
+            rendered = format_envelope(await content.head_message(), utf8=session.utf8)
+        RENDERED_ENVELOPES.put(key, rendered)
+    return rendered
+
+
+EnvelopeKey = tuple[int, int, int, bool]
+
+
+def _envelope_key(session: Session, selected: SelectedMailbox, uid: int) -> EnvelopeKey:
+    return selected.ref.mailbox_id, selected.uidvalidity, uid, session.utf8
+
+
+class RenderedEnvelopes:
+    """ENVELOPEs as last sent, by (mailbox id, UIDVALIDITY, UID, UTF8=ACCEPT), least recently used dropped
+    beyond ``max_octets``.  Such a key always names the same message: UIDVALIDITY values are never reused
+    within a mailbox and UIDs never within a UIDVALIDITY (RFC 3501 2.3.1.1), and the ENVELOPE of a message
+    never changes.  It is only read for a message the store has just listed for the session's own folder,
+    so the store still decides, on every FETCH, what exists and what the session may see."""
+
+    def __init__(self, max_octets: int) -> None:
+        self.max_octets = max_octets
+        self.octets = 0
+        self._entries: OrderedDict[EnvelopeKey, bytes] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: EnvelopeKey) -> bytes | None:
+        rendered = self._entries.get(key)
+        if rendered is not None:
+            self._entries.move_to_end(key)
+        return rendered
+
+    def put(self, key: EnvelopeKey, rendered: bytes) -> None:
+        old = self._entries.pop(key, None)
+        self.octets += len(rendered) - (len(old) if old is not None else 0)
+        self._entries[key] = rendered
+        while self.octets > self.max_octets and self._entries:
+            self.octets -= len(self._entries.popitem(last=False)[1])
+
+
+RENDERED_ENVELOPES = RenderedEnvelopes(8 * 1024 * 1024)   # ~20,000 envelopes of a few hundred octets
 
 
 class EnvelopeWriter:
