@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from sqlalchemy import Text, delete, func, insert, select, text, type_coerce, update
+from sqlalchemy import ColumnElement, Text, delete, false, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -87,7 +87,7 @@ from gateway.mailstore.interface import (
     UidSet,
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
-from gateway.mailstore.search import CACHED_HEADERS, Evaluator, prefilter, to_sql, uid_clause
+from gateway.mailstore.search import CACHED_HEADERS, MAX_SQL_RANGES, Evaluator, prefilter, to_sql, uid_clause
 from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.security.at_rest import HeaderSealer
 from gateway.security.keys import mailbox_owner
@@ -222,6 +222,16 @@ class _MetaRow:
 _MESSAGES = Message.__table__     # SQL Core on the hot paths: rows as tuples, no ORM loading
 _INDEX_COLUMNS = (_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags, _MESSAGES.c.keywords)
 _SEALED_JSON = ('{"sealed": "', '"}')   # how json.dumps writes HeaderSealer's {"sealed": token}
+
+
+def _core_uid_clause(uids: UidSet) -> ColumnElement[bool]:
+    """``search.uid_clause`` on the table's column: a statement without ORM attributes runs as plain Core."""
+    column = _MESSAGES.c.uid
+    if not uids.ranges:
+        return false()
+    if len(uids.ranges) > MAX_SQL_RANGES:
+        return column.between(min(low for low, _ in uids.ranges), max(high for _, high in uids.ranges))
+    return or_(*(column == low if low == high else column.between(low, high) for low, high in uids.ranges))
 
 
 def _sealed_token(text: str) -> str | None:
@@ -628,7 +638,7 @@ class SqlMailStore(MailStore):
                    for name in names]
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            query = (select(*columns).where(_MESSAGES.c.folder_id == row.id, uid_clause(uids))
+            query = (select(*columns).where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
                      .order_by(_MESSAGES.c.uid))
             if changed_since is not None:
                 query = query.where(_MESSAGES.c.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
