@@ -27,7 +27,7 @@ from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import BadCommand
 from gateway.imap.protocol.sequence import SequenceSet
 from gateway.mailstore.interface import (
-    PERMANENT_FLAGS, RECENT, SYSTEM_FLAGS, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence,
+    PERMANENT_FLAGS, RECENT, SYSTEM_FLAGS, Changes, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence,
 )
 
 
@@ -212,11 +212,21 @@ class SelectedMailbox:
                                     and self.number_of(change.uid) is not None)
         if fresh:
             lines += await self._announce(store, fresh)
+        self._share(changes)
         if changes.highestmodseq > self.modseq:
             self.modseq = changes.highestmodseq
             # RFC 7162: later changes_since calls start above this MODSEQ; older marks are never consulted.
             self.reported = {uid: mark for uid, mark in self.reported.items() if mark > self.modseq}
         return lines
+
+    def _share(self, changes: Changes) -> None:
+        """Hold the store's shared UID array again once this view equals it (after catching up on new
+        messages and expunges): one array for all the sessions on the folder, not a copy each."""
+        shared = changes.uids
+        if (self._owns_uids and shared is not None and not self.pending_expunges and isinstance(shared, array)
+                and shared == self.uids):
+            self.uids = shared
+            self._owns_uids = False
 
     def _flag_changes(self, changes: Iterable[FlagUpdate]) -> list[bytes]:
         lines: list[bytes] = []

@@ -205,5 +205,10 @@ class IndexCache:
             self._indexes.popitem(last=False)
         return index
 
+    def peek(self, folder_id: int, uidvalidity: int) -> FolderIndex | None:
+        """The folder's index if there is one, without making one."""
+        index = self._indexes.get(folder_id)
+        return index if index is not None and index.uidvalidity == uidvalidity else None
+
     def drop(self, folder_id: int) -> None:
         self._indexes.pop(folder_id, None)

@@ -216,6 +216,9 @@ class Changes:
     highestmodseq: int
     updated: tuple[FlagUpdate, ...]
     expunged: tuple[int, ...]  # new messages appear in ``updated`` too: their MODSEQ is above the mark
+    # The folder's UIDs as of ``highestmodseq`` when the store keeps them shared (never modify): a session
+    # whose view has caught up holds this one array instead of its own copy. None: not offered.
+    uids: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -915,16 +915,20 @@ class SqlMailStore(MailStore):
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            if row.highestmodseq <= modseq:
-                return Changes(row.highestmodseq, (), ())   # the usual answer after a command: one query
+            if row.highestmodseq <= modseq:                 # the usual answer after a command: one query
+                index = self.indexes.peek(row.id, row.uidvalidity)
+                current = index is not None and index.modseq == row.highestmodseq
+                return Changes(row.highestmodseq, (), (), uids=index.uids if index is not None and current else None)
             updated = (await session.execute(select(*_INDEX_COLUMNS).where(
                 _MESSAGES.c.folder_id == row.id, _MESSAGES.c.modseq > modseq).order_by(_MESSAGES.c.uid))).all()
             expunged = (await session.scalars(select(ExpungedMessage.uid).where(
                 ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > modseq).order_by(ExpungedMessage.uid))).all()
             highest = await session.scalar(select(Folder.highestmodseq).where(Folder.id == row.id))
-        return Changes(int(highest or row.highestmodseq),
-                       tuple(FlagUpdate(uid, flagcodec.decode(bits, keywords), message_modseq)
-                             for uid, message_modseq, bits, keywords in updated), tuple(expunged))
+            index = await self._current_index(session, row)
+        highest = int(highest or row.highestmodseq)
+        return Changes(highest, tuple(FlagUpdate(uid, flagcodec.decode(bits, keywords), message_modseq)
+                                      for uid, message_modseq, bits, keywords in updated), tuple(expunged),
+                       uids=index.uids if index.modseq == highest else None)
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:

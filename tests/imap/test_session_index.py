@@ -3,6 +3,11 @@ was last told (RFC 3501 7.4.1, 7.3.1), however far the shared index has moved on
 
 from __future__ import annotations
 
+import asyncio
+from array import array
+
+from gateway.imap.selected import SelectedMailbox
+from gateway.mailstore.interface import Changes, FlagUpdate, FolderRef
 from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
 
 
@@ -78,3 +83,32 @@ def test_envelopes_rendered_once_stay_those_of_their_own_folder(imap: RunningIma
     session.command("SELECT Dossiers")
     assert '"Nouveau dossier"' in session.command("FETCH 1 (ENVELOPE)")[0]
     session.close()
+
+
+class _Store:
+    """The two calls ``SelectedMailbox.updates`` makes, answering fixed changes."""
+
+    def __init__(self, changes: Changes) -> None:
+        self.changes = changes
+
+    async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
+        return self.changes
+
+    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
+        return frozenset()
+
+
+def test_a_view_that_caught_up_holds_the_shared_array_again() -> None:
+    old = array("I", [1, 2, 3])                          # the index's array when the session selected
+    view = SelectedMailbox(ref=FolderRef(1, "INBOX", 7), name="INBOX", read_only=False, uidvalidity=7,
+                           uids=old, modseq=5)
+    current = array("I", [1, 3, 4])                      # the index now: 2 expunged, 4 arrived
+    store = _Store(Changes(8, (FlagUpdate(4, frozenset(), 8),), (2,), uids=current))
+    lines = asyncio.run(view.updates(store, allow_expunge=False))     # type: ignore[arg-type]
+    assert lines == [b"* 4 EXISTS\r\n", b"* 0 RECENT\r\n"]
+    assert list(view.uids) == [1, 2, 3, 4] and view.uids is not current   # 2 still pending: its own copy
+    assert list(old) == [1, 2, 3]                        # the shared array was never written to
+    store.changes = Changes(8, (), (), uids=current)     # nothing new since MODSEQ 8
+    lines = asyncio.run(view.updates(store, allow_expunge=True))      # type: ignore[arg-type]
+    assert lines == [b"* 2 EXPUNGE\r\n"]
+    assert view.uids is current                          # caught up: shares the store's array again
