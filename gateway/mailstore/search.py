@@ -3,6 +3,12 @@
 ``to_sql`` returns None for a key that needs the body or an uncached header.
 The store then narrows candidates with the SQL-able conjuncts and evaluates the
 whole key in Python, opening a body only when a key needs it.
+
+When the cached header columns are sealed at rest, SQL cannot read them: the keyed
+blind index (``blind_index.py``) narrows each header key on them to the messages
+holding every trigram of its string (plus the messages not indexed yet), and the
+evaluator unseals a column only for a row the index could not rule out. The index
+only ever rules rows out; the answer is always the exact substring check.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import email.parser
 import email.policy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, not_, or_, true
+from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select, true
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore import flags as flagcodec
+from gateway.mailstore.blind_index import BlindIndex, chunked, unindexed
 from gateway.mailstore.headers import ADDRESS_HEADERS, address_search_text, decode_text, header_section
 from gateway.mailstore.interface import (
     All,
@@ -36,13 +45,52 @@ from gateway.mailstore.interface import (
     UidSet,
 )
 from gateway.mailstore.tables import Message
+from gateway.security.at_rest import FieldSealer
 
 CACHED_HEADERS = {"from": "from_addr", "to": "to_addr", "cc": "cc_addr", "subject": "subject",
                   "message-id": "message_id"}
 MAX_SQL_RANGES = 50  # SQLite limits expression depth; beyond this, filter UIDs in Python
+MAX_IDS_PER_QUERY = 5000  # candidate ids bound per statement (SQLite's and drivers' parameter limits)
 
-HeaderReader = Callable[[Message], Awaitable[bytes]]
-ChunkScanner = Callable[[Message, str, bool], Awaitable[bool]]
+
+class SearchRow:
+    """The columns SEARCH reads of one message, as plain attributes; header columns as stored (maybe sealed)."""
+
+    __slots__ = ("id", "uid", "modseq", "system_flags", "keywords", "internaldate", "sent_date", "size", "blob_id",
+                 *CACHED_HEADERS.values(), "opened")
+    BASE = ("id", "uid", "modseq", "system_flags", "keywords", "internaldate", "sent_date", "size", "blob_id")
+    id: int
+    uid: int
+    modseq: int
+    system_flags: int
+    keywords: str
+    internaldate: dt.datetime
+    sent_date: dt.datetime | None
+    size: int
+    blob_id: str
+    opened: set[str]
+
+    def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
+        for name in CACHED_HEADERS.values():
+            setattr(self, name, None)
+        for name, value in zip(names, values, strict=True):
+            setattr(self, name, value)
+        self.opened = set()
+
+
+HeaderReader = Callable[[SearchRow], Awaitable[bytes]]
+ChunkScanner = Callable[[SearchRow, str, bool], Awaitable[bool]]
+ColumnReader = Callable[[SearchRow, str], Awaitable[str | None]]
+RuledOut = Callable[[SearchRow, str, str], bool]
+
+
+async def _as_stored(row: SearchRow, column: str) -> str | None:
+    value: str | None = getattr(row, column)
+    return value
+
+
+def _never(row: SearchRow, column: str, value: str) -> bool:
+    return False
 
 
 def _escape_like(value: str) -> str:
@@ -145,14 +193,20 @@ def _on_day(value: dt.datetime | None, day: dt.date, compare: Callable[[dt.date,
 
 
 class Evaluator:
-    """Evaluates any key against one message row, reading the body only when asked."""
+    """Evaluates any key against one message row, reading the body only when asked.
 
-    def __init__(self, recent_uids: frozenset[int], read_headers: HeaderReader, scan_body: ChunkScanner) -> None:
+    ``ruled_out(row, column, value)`` says the blind index proved that the cached ``column`` of ``row``
+    does not contain ``value``; ``read_column`` gives a cached column in clear (unsealing it)."""
+
+    def __init__(self, recent_uids: frozenset[int], read_headers: HeaderReader, scan_body: ChunkScanner, *,
+                 read_column: ColumnReader = _as_stored, ruled_out: RuledOut = _never) -> None:
         self.recent_uids = recent_uids
         self._read_headers = read_headers
         self._scan_body = scan_body
+        self._read_column = read_column
+        self._ruled_out = ruled_out
 
-    async def matches(self, key: SearchKey, row: Message) -> bool:
+    async def matches(self, key: SearchKey, row: SearchRow) -> bool:
         match key:
             case All(keys):
                 for part in keys:
@@ -172,7 +226,7 @@ class Evaluator:
                 return await self._scan_body(row, value, include_headers)
         return self._metadata_matches(key, row)
 
-    def _metadata_matches(self, key: SearchKey, row: Message) -> bool:
+    def _metadata_matches(self, key: SearchKey, row: SearchRow) -> bool:
         date_of = {DateField.INTERNAL: row.internaldate, DateField.SENT: row.sent_date}
         match key:
             case HasFlag(flag):
@@ -196,14 +250,128 @@ class Evaluator:
                 return row.modseq >= modseq
         raise TypeError(f"unknown search key {key!r}")
 
-    async def _header_matches(self, row: Message, name: str, value: str) -> bool:
+    async def _header_matches(self, row: SearchRow, name: str, value: str) -> bool:
         cached = CACHED_HEADERS.get(name.lower())
         if cached is not None:
-            field = getattr(row, cached)
+            if self._ruled_out(row, cached, value):
+                return False
+            field = await self._read_column(row, cached)
             return field is not None if value == "" else _contains(field, value)
         raw = await self._read_headers(row)
         section = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_section(raw))
         searchable = address_search_text if name.lower() in ADDRESS_HEADERS else decode_text
         values = [searchable(str(item)) for item in section.get_all(name, [])]
         return bool(values) if value == "" else any(_contains(item, value) for item in values)
+
+
+
+def cached_columns(key: SearchKey) -> set[str]:
+    """The cached header columns a SEARCH key compares (the evaluator reads no other sealed column)."""
+    match key:
+        case All(keys) | AnyOf(keys):
+            return set().union(*(cached_columns(part) for part in keys))
+        case Not(inner):
+            return cached_columns(inner)
+        case Header(name, _):
+            column = CACHED_HEADERS.get(name.lower())
+            return {column} if column else set()
+    return set()
+
+
+def _cached_leaves(key: SearchKey) -> set[tuple[str, str]]:
+    """(column, string) of every header key on a cached column."""
+    match key:
+        case All(keys) | AnyOf(keys):
+            return set().union(*(_cached_leaves(part) for part in keys))
+        case Not(inner):
+            return _cached_leaves(inner)
+        case Header(name, value) if name.lower() in CACHED_HEADERS:
+            return {(CACHED_HEADERS[name.lower()], value)}
+    return set()
+
+
+class IndexNarrowing:
+    """What the blind index says about one SEARCH in one folder: per header key, the ids that may match."""
+
+    def __init__(self, possible: dict[tuple[str, str], frozenset[int]], not_indexed: frozenset[int]) -> None:
+        self.possible = possible          # (column, string) -> indexed ids holding every token; absent: no narrowing
+        self.not_indexed = not_indexed    # the folder's messages without index rows: never ruled out
+
+    @classmethod
+    async def load(cls, session: AsyncSession, index: BlindIndex, mailbox_id: int, folder_id: int,
+                   key: SearchKey) -> IndexNarrowing:
+        leaves = _cached_leaves(key)
+        possible: dict[tuple[str, str], frozenset[int]] = {}
+        if leaves:
+            index_key = await index.key_for(mailbox_id)
+            for column, value in sorted(leaves):
+                candidates = index_key.candidates(column, value)
+                if candidates is not None:
+                    possible[(column, value)] = frozenset(await session.scalars(candidates))
+        not_indexed = frozenset(await session.scalars(unindexed(folder_id))) if possible else frozenset()
+        return cls(possible, not_indexed)
+
+    def ruled_out(self, row: SearchRow, column: str, value: str) -> bool:
+        ids = self.possible.get((column, value))
+        return ids is not None and row.id not in ids and row.id not in self.not_indexed
+
+    def bound(self, key: SearchKey) -> frozenset[int] | None:
+        """A superset of the ids matching ``key`` (None: no bound known): the rows worth loading."""
+        match key:
+            case All(keys):
+                bounds = [found for part in keys if (found := self.bound(part)) is not None]
+                return frozenset.intersection(*bounds) if bounds else None
+            case AnyOf(keys):
+                parts = [self.bound(part) for part in keys]
+                if not parts or any(part is None for part in parts):
+                    return None
+                return frozenset().union(*parts)  # type: ignore[arg-type]
+            case Header(name, value) if (CACHED_HEADERS.get(name.lower()), value) in self.possible:
+                return self.possible[(CACHED_HEADERS[name.lower()], value)] | self.not_indexed
+        return None
+
+
+async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recent_uids: frozenset[int], *,
+                    header_columns: bool, bound: frozenset[int] | None) -> list[SearchRow]:
+    """The folder's rows the SQL prefilter keeps (and, with a bound, only those ids), in UID order."""
+    names = [*SearchRow.BASE, *sorted(cached_columns(key))]
+    query = select(*(getattr(Message, name) for name in names)).where(
+        Message.folder_id == folder_id, prefilter(key, recent_uids, header_columns=header_columns))
+    if bound is None:
+        rows = [SearchRow(names, values) for values in (await session.execute(query)).all()]
+    else:
+        rows = []
+        for ids in chunked(sorted(bound), MAX_IDS_PER_QUERY):
+            result = await session.execute(query.where(Message.id.in_(ids)))
+            rows.extend(SearchRow(names, values) for values in result.all())
+    rows.sort(key=lambda row: row.uid)
+    return rows
+
+
+async def search_folder(session_factory: Callable[[], Any], folder_id: int, mailbox_id: int, owner: str,
+                        key: SearchKey, recent_uids: frozenset[int], *, fields: FieldSealer | None,
+                        index: BlindIndex | None, read_headers: HeaderReader, scan_body: ChunkScanner) -> list[int]:
+    """SEARCH in one folder: SQL where the columns answer; else the blind index narrows, SQL prefilters,
+    and the evaluator checks each remaining row exactly, unsealing only the columns it must."""
+    header_columns = fields is None                 # sealed columns cannot answer a SQL LIKE
+    compiled = to_sql(key, recent_uids, header_columns=header_columns)
+    async with session_factory() as session:
+        if compiled is not None:
+            return list(await session.scalars(
+                select(Message.uid).where(Message.folder_id == folder_id, compiled).order_by(Message.uid)))
+        narrowing = (await IndexNarrowing.load(session, index, mailbox_id, folder_id, key)
+                     if index is not None and fields is not None else IndexNarrowing({}, frozenset()))
+        rows = await load_rows(session, folder_id, key, recent_uids, header_columns=header_columns,
+                               bound=narrowing.bound(key))
+
+    async def read_column(row: SearchRow, column: str) -> str | None:
+        if fields is not None and column not in row.opened:
+            setattr(row, column, await fields.open(owner, column, getattr(row, column)))
+            row.opened.add(column)
+        value: str | None = getattr(row, column)
+        return value
+
+    evaluator = Evaluator(recent_uids, read_headers, scan_body, read_column=read_column,
+                          ruled_out=narrowing.ruled_out)
+    return [row.uid for row in rows if await evaluator.matches(key, row)]
 

@@ -87,7 +87,8 @@ from gateway.mailstore.interface import (
     UidSet,
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
-from gateway.mailstore.search import CACHED_HEADERS, MAX_SQL_RANGES, Evaluator, prefilter, to_sql, uid_clause
+from gateway.mailstore.blind_index import BlindIndex
+from gateway.mailstore.search import MAX_SQL_RANGES, SearchRow, search_folder, uid_clause
 from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.security.at_rest import HeaderSealer
 from gateway.security.keys import mailbox_owner
@@ -243,19 +244,6 @@ def _sealed_token(text: str) -> str | None:
     return None
 
 
-def _cached_columns(key: SearchKey) -> set[str]:
-    """The cached header columns a SEARCH key compares (the evaluator reads no other sealed column)."""
-    match key:
-        case All(keys) | AnyOf(keys):
-            return set().union(*(_cached_columns(part) for part in keys))
-        case Not(inner):
-            return _cached_columns(inner)
-        case Header(name, _):
-            column = CACHED_HEADERS.get(name.lower())
-            return {column} if column else set()
-    return set()
-
-
 def _meta(row: Message | _MetaRow) -> MessageMeta:
     return MessageMeta(
         uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
@@ -287,6 +275,8 @@ class SqlMailStore(MailStore):
         self.database = database
         self.blobs = blobs
         self.headers = headers            # seals the cached header columns at rest (gateway.security.at_rest)
+        # Sealed columns get a keyed blind index, so that SEARCH need not unseal every row (blind_index.py).
+        self.index = BlindIndex(headers.fields.keys) if headers is not None else None
         self.hub = hub or ChangeHub()
         self.max_attempts = max_attempts
         # SQLite: concurrent deliveries/APPENDs share one transaction and one fsync (see group_commit).
@@ -716,6 +706,7 @@ class SqlMailStore(MailStore):
         stored = await self.blobs.put(mailbox_owner(folder.mailbox_id), prepared.source)
         when = internaldate or utcnow()
         headers = prepared.headers
+        tokens = await self.index.tokens_for(folder.mailbox_id, headers) if self.index is not None else None
         if self.headers is not None:
             headers = await self.headers.seal(mailbox_owner(folder.mailbox_id), headers)
 
@@ -727,6 +718,8 @@ class SqlMailStore(MailStore):
                 session.add(Delivery(delivery_key=delivery_key, mailbox_id=folder.mailbox_id, folder_name=target.name,
                                      uidvalidity=result.uidvalidity, uid=result.uid))
             await session.flush()
+            if tokens is not None:
+                await self._index_message(session, target.id, result.uid, tokens)
             return result
 
         try:
@@ -743,6 +736,13 @@ class SqlMailStore(MailStore):
             raise
         self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
         return AddedMessage(result, duplicate=False)
+
+    @staticmethod
+    async def _index_message(session: AsyncSession, folder_id: int, uid: int, tokens: set[int]) -> None:
+        """The blind index rows of a message just inserted, in its transaction (blind_index.py)."""
+        message_id = await session.scalar(select(Message.id).where(Message.folder_id == folder_id, Message.uid == uid))
+        assert message_id is not None
+        await BlindIndex.write(session, message_id, tokens)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
                         bits: int, keywords: frozenset[str], internaldate: dt.datetime) -> AppendResult:
@@ -862,6 +862,8 @@ class SqlMailStore(MailStore):
         if not move:
             await self._enforce_quota(session, ref.mailbox_id, sum(m.size for m in messages))
         dest_uids = self._insert_copies(session, target, messages) if messages else ()
+        if self.index is not None and dest_uids:
+            await self._index_copies(session, target.id, messages, dest_uids)
         copied = CopyResult(target.uidvalidity, tuple(m.uid for m in messages), dest_uids)
         expunged = await self._remove(session, source, messages) if move else None
         return copied, expunged
@@ -879,6 +881,15 @@ class SqlMailStore(MailStore):
         target.total_bytes += sum(m.size for m in messages)
         _remember_keywords(target, set().union(*(flagcodec.keywords_of(m.keywords) for m in messages)))
         return tuple(range(first, first + len(messages)))
+
+    @staticmethod
+    async def _index_copies(session: AsyncSession, target_id: int, messages: Sequence[Message],
+                            dest_uids: Sequence[int]) -> None:
+        """Copies share their originals' blind index tokens (same mailbox, same owner key)."""
+        await session.flush()
+        copy_ids = dict((await session.execute(select(Message.uid, Message.id).where(
+            Message.folder_id == target_id, Message.uid.between(dest_uids[0], dest_uids[-1])))).tuples().all())
+        await BlindIndex.copy(session, [(m.id, copy_ids[uid]) for m, uid in zip(messages, dest_uids, strict=True)])
 
     async def _remove(self, session: AsyncSession, folder: Folder, messages: Sequence[Message]) -> ExpungeResult:
         if not messages:
@@ -932,31 +943,19 @@ class SqlMailStore(MailStore):
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:
-        header_columns = self.headers is None                 # sealed columns cannot answer a SQL LIKE
-        compiled = to_sql(key, recent_uids, header_columns=header_columns)
         async with self.database.session() as session:
             row = await self._find_folder(session, folder)
-            if compiled is not None:
-                return list(await session.scalars(
-                    select(Message.uid).where(Message.folder_id == row.id, compiled).order_by(Message.uid)))
-            # The evaluator never reads the ENVELOPE: not loading it saves a JSON decode per candidate.
-            candidates = (await session.scalars(select(Message).options(defer(Message.envelope)).where(
-                Message.folder_id == row.id, prefilter(key, recent_uids, header_columns=header_columns))
-                .order_by(Message.uid))).all()
         owner = mailbox_owner(folder.mailbox_id)
-        if self.headers is not None:
-            # Unseal only the cached columns the key names (SEARCH FROM: one decryption per row, not six).
-            for column in sorted(_cached_columns(key)):
-                for message in candidates:
-                    setattr(message, column, await self.headers.fields.open(owner, column, getattr(message, column)))
-        evaluator = Evaluator(recent_uids, lambda m: self._read_head(owner, m),
-                              lambda m, text, headers: self._body_contains(owner, m, text, headers))
-        return [m.uid for m in candidates if await evaluator.matches(key, m)]
+        return await search_folder(
+            self.database.session, row.id, folder.mailbox_id, owner, key, recent_uids,
+            fields=self.headers.fields if self.headers is not None else None, index=self.index,
+            read_headers=lambda m: self._read_head(owner, m),
+            scan_body=lambda m, text, headers: self._body_contains(owner, m, text, headers))
 
-    async def _read_head(self, owner: str, message: Message) -> bytes:
+    async def _read_head(self, owner: str, message: SearchRow) -> bytes:
         return await self.blobs.read(owner, message.blob_id, 0, MAX_HEADER_BYTES)
 
-    async def _body_contains(self, owner: str, message: Message, needle: str, include_headers: bool) -> bool:
+    async def _body_contains(self, owner: str, message: SearchRow, needle: str, include_headers: bool) -> bool:
         """Scan a body chunk by chunk (bounded memory), keeping an overlap for matches across chunks."""
         wanted = needle.casefold()
         reader = await self.blobs.open(owner, message.blob_id)

@@ -120,6 +120,22 @@ class Message(Base):
     saved_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
 
 
+class SearchToken(Base):
+    """One token of the keyed blind index of a message's sealed header columns (``mailstore/blind_index.py``).
+
+    The primary key (token, message) is the posting list SEARCH reads; the second index serves the
+    cascade when a message goes and the "is this message indexed?" test. No rowid on SQLite: each entry
+    is stored once in each of the two orders, nothing else.
+    """
+
+    __tablename__ = "mail_search_tokens"
+    __table_args__ = (Index("ix_mail_search_tokens_message", "message_id"), {"sqlite_with_rowid": False})
+
+    token: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    message_id: Mapped[int] = mapped_column(ForeignKey("mail_messages.id", ondelete="CASCADE"), primary_key=True,
+                                            autoincrement=False)
+
+
 class ExpungedMessage(Base):
     """A tombstone: UID expunged at MODSEQ, for QRESYNC VANISHED and changes-since (RFC 7162 3.2.5)."""
 

@@ -1,0 +1,230 @@
+"""A keyed blind index of the sealed header columns, so that SEARCH on them needs (almost) no decryption.
+
+The cached header columns (From, To, Cc, Subject, Message-ID) are sealed at rest
+(``gateway.security.at_rest.HeaderSealer``): SQL cannot compare them. RFC 3501
+6.4.4 wants a SEARCH string to match as a case-insensitive substring, so the index
+holds, for every message, one token per distinct trigram (three code points) of each
+field's case-folded value (``str.casefold``, what the evaluator compares):
+
+    token = first 8 octets of BLAKE2b-keyed(index key, field tag | kind | trigram)
+
+BLAKE2b in keyed mode is a MAC (RFC 7693 2.5), faster than HMAC-SHA256 in Python.
+The index key is HKDF-SHA256 of the owner's data key with its own purpose string
+(``gateway-search-index-v1``): it is never stored, never the data key itself, and it
+differs per owner, so one owner's tokens say nothing about another's. Crypto-shredding
+the data key makes the tokens unlinkable to any text.
+
+Every substring of length >= 3 of a value has all its trigrams among the value's, so
+the messages holding every trigram of a needle are a superset of the matches; the
+store then unseals only those candidates and checks the substring exactly (false
+positives from token collisions or trigrams in the wrong order are removed there).
+A needle shorter than three code points cannot be narrowed: the store unseals every
+row, as before. Other tokens per message:
+
+- *present* (field, kind ``p``): the field exists (``HEADER name ""``);
+- *overflow* (field, kind ``o``): the field has more than ``MAX_GRAMS_PER_FIELD``
+  trigrams, which are then not stored (a hostile 200 KB Subject must not write 200,000
+  rows): such a message is a candidate for every needle on that field;
+- *indexed* (kind ``i``): written for every indexed message, so that a message without
+  any row (stored before the index existed, or by a copy made by older code) is known
+  as not indexed: SEARCH unseals it (the index never hides a match), and
+  ``backfill`` (``gateway mailbox reindex``) indexes it in resumable batches.
+
+What the index reveals to someone holding the database but not the key files: which
+messages of one owner share a trigram in the same field, and how often each (unknown)
+trigram occurs in that owner's mailbox (frequency analysis over a large mailbox could
+guess common trigrams); the number of distinct trigrams per field (about the length of
+the value). Nothing links two owners' tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Executable, Select, exists, func, insert, literal, select, union
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.mailstore.headers import CachedHeaders
+from gateway.mailstore.tables import Message, SearchToken
+from gateway.security.at_rest import MESSAGE_ID_PLAINTEXT_LIMIT, FieldSealer, _derive
+from gateway.security.keys import KeyManager, mailbox_owner
+from gateway.storage.db import Database
+
+log = logging.getLogger(__name__)
+
+INDEX_PURPOSE = b"gateway-search-index-v1"
+GRAM = 3
+MAX_GRAMS_PER_FIELD = 2048
+TOKEN_BYTES = 8
+BACKFILL_BATCH = 500
+# The cached columns the index covers, each with its own tag (a token of one field never matches another's).
+FIELD_TAGS = {"from_addr": b"f", "to_addr": b"t", "cc_addr": b"c", "subject": b"s", "message_id": b"m"}
+_GRAM, _PRESENT, _OVERFLOW, _INDEXED = b"g", b"p", b"o", b"i"
+
+
+def trigrams(text: str) -> set[str]:
+    return {text[start:start + GRAM] for start in range(len(text) - GRAM + 1)}
+
+
+def indexed_value(column: str, value: str | None) -> str | None:
+    """The plaintext the sealed column holds (what the evaluator compares after unsealing)."""
+    if column == "message_id" and value is not None:
+        return value[:MESSAGE_ID_PLAINTEXT_LIMIT]
+    return value
+
+
+@dataclass(frozen=True)
+class IndexKey:
+    """One owner's index key: turns (field, kind, text) into a signed 64-bit token."""
+
+    key: bytes
+
+    def token(self, column: str, kind: bytes, text: str = "") -> int:
+        digest = hashlib.blake2b(FIELD_TAGS.get(column, b"-") + kind + text.encode("utf-8", "surrogatepass"),
+                                 key=self.key, digest_size=TOKEN_BYTES).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def message_tokens(self, values: dict[str, str | None]) -> set[int]:
+        """Every token of one message, from its cached columns in clear (``FIELD_TAGS`` names)."""
+        tokens = {self.token("", _INDEXED)}
+        for column, value in values.items():
+            if value is None:
+                continue
+            tokens.add(self.token(column, _PRESENT))
+            grams = trigrams(value.casefold())
+            if len(grams) > MAX_GRAMS_PER_FIELD:
+                tokens.add(self.token(column, _OVERFLOW))
+            else:
+                tokens.update(self.token(column, _GRAM, gram) for gram in grams)
+        return tokens
+
+    def needle_tokens(self, column: str, needle: str) -> list[int] | None:
+        """The tokens every message matching ``needle`` holds, or None when the index cannot narrow."""
+        if needle == "":
+            return [self.token(column, _PRESENT)]  # RFC 3501 6.4.4 HEADER: "" matches any message with the field
+        grams = trigrams(needle.casefold())
+        return sorted(self.token(column, _GRAM, gram) for gram in grams) or None
+
+    def candidates(self, column: str, needle: str) -> Executable | None:
+        """Ids of the indexed messages that may match (all of this owner's folders), or None (no narrowing)."""
+        tokens = self.needle_tokens(column, needle)
+        if tokens is None:
+            return None
+        holding_all = (select(SearchToken.message_id).where(SearchToken.token.in_(tokens))
+                       .group_by(SearchToken.message_id).having(func.count() == len(tokens)))
+        if needle == "":
+            return holding_all
+        too_long = select(SearchToken.message_id).where(SearchToken.token == self.token(column, _OVERFLOW))
+        return union(holding_all, too_long)
+
+
+def headers_values(headers: CachedHeaders) -> dict[str, str | None]:
+    return {column: indexed_value(column, getattr(headers, column)) for column in FIELD_TAGS}
+
+
+def token_rows(message_id: int, tokens: Iterable[int]) -> list[dict[str, int]]:
+    return [{"message_id": message_id, "token": token} for token in tokens]
+
+
+def unindexed(folder_id: int) -> Select[int]:
+    """Ids of the folder's messages that have no index rows yet."""
+    return select(Message.id).where(Message.folder_id == folder_id,
+                                    ~exists().where(SearchToken.message_id == Message.id))
+
+
+class BlindIndex:
+    """Index keys per owner (derived once per process from the key manager) and the index's writes."""
+
+    def __init__(self, keys: KeyManager) -> None:
+        self.keys = keys
+        self._keys: dict[str, IndexKey] = {}
+
+    async def key_for(self, mailbox_id: int) -> IndexKey:
+        owner = mailbox_owner(mailbox_id)
+        cached = self._keys.get(owner)
+        if cached is None:
+            # The owner's current data key: one live key per owner (KeyManager creates another only after
+            # crypto-shredding, when the old messages can no longer be read anyway).
+            material = await self.keys.current_key(owner)
+            cached = IndexKey(_derive(material.key, INDEX_PURPOSE, owner))
+            self._keys[owner] = cached
+        return cached
+
+    def forget(self, mailbox_id: int) -> None:
+        self._keys.pop(mailbox_owner(mailbox_id), None)
+
+    async def tokens_for(self, mailbox_id: int, headers: CachedHeaders) -> set[int]:
+        """Tokens of a message about to be inserted (computed before its transaction)."""
+        return (await self.key_for(mailbox_id)).message_tokens(headers_values(headers))
+
+    @staticmethod
+    async def write(session: AsyncSession, message_id: int, tokens: Iterable[int]) -> None:
+        rows = token_rows(message_id, tokens)
+        if rows:
+            await session.execute(insert(SearchToken), rows)
+
+    @staticmethod
+    async def copy(session: AsyncSession, pairs: Sequence[tuple[int, int]]) -> None:
+        """The tokens of each (source id, copy id): a COPY within one mailbox keeps the owner, hence the key."""
+        for source, target in pairs:
+            await session.execute(insert(SearchToken).from_select(
+                ["message_id", "token"],
+                select(literal(target), SearchToken.token).where(SearchToken.message_id == source)))
+
+
+@dataclass
+class BackfillReport:
+    indexed: int = 0
+    batches: int = 0
+
+
+async def backfill(database: Database, index: BlindIndex, fields: FieldSealer, mailbox_id: int, *,
+                   batch: int = BACKFILL_BATCH) -> BackfillReport:
+    """Index every not yet indexed message of a mailbox, ``batch`` per transaction (resumable: progress is
+    the index itself; a message expunged meanwhile is simply skipped on the next round)."""
+    from gateway.mailstore.tables import Folder  # local: the tables module imports nothing of ours
+
+    key = await index.key_for(mailbox_id)
+    owner = mailbox_owner(mailbox_id)
+    report = BackfillReport()
+    columns = [getattr(Message, column) for column in FIELD_TAGS]
+    while True:
+        async with database.session() as session:
+            rows = (await session.execute(
+                select(Message.id, *columns).join(Folder, Folder.id == Message.folder_id)
+                .where(Folder.mailbox_id == mailbox_id, ~exists().where(SearchToken.message_id == Message.id))
+                .order_by(Message.id).limit(batch))).all()
+        if not rows:
+            return report
+        prepared = [(row[0], key.message_tokens(await _opened(fields, owner, row[1:]))) for row in rows]
+        try:
+            async with database.session() as session:
+                still_there = set(await session.scalars(select(Message.id).where(
+                    Message.id.in_([message_id for message_id, _ in prepared]),
+                    ~exists().where(SearchToken.message_id == Message.id))))
+                entries = [entry for message_id, tokens in prepared if message_id in still_there
+                           for entry in token_rows(message_id, tokens)]
+                if entries:
+                    await session.execute(insert(SearchToken), entries)
+        except IntegrityError:
+            log.info("search index backfill of mailbox %d raced another writer; retrying the batch", mailbox_id)
+            continue
+        report.indexed += len(still_there)
+        report.batches += 1
+
+
+async def _opened(fields: FieldSealer, owner: str, sealed: Sequence[Any]) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for column, value in zip(FIELD_TAGS, sealed, strict=True):
+        values[column] = indexed_value(column, await fields.open(owner, column, value))
+    return values
+
+
+def chunked(values: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
