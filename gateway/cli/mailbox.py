@@ -146,6 +146,45 @@ class MailboxExport:
     recipient: OpenPgpRecipient | None
 
 
+@mailbox.command("reindex")
+@click.argument("address", required=False)
+@click.option("--all", "every", is_flag=True, help="every hosted mailbox")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="messages indexed per transaction")
+@json_option
+@user_errors
+def reindex(address: str | None, every: bool, batch: int, as_json: bool) -> None:
+    """Fill the SEARCH blind index of messages stored before it existed (resumable: run it again to go on).
+
+    Until a message is indexed, SEARCH unseals its header columns instead: answers are the same, only slower.
+    """
+    if (address is None) == (not every):
+        raise click.UsageError("give an ADDRESS or --all")
+    done: list[tuple[str, int]] = with_services(lambda services: _reindex(services, address, batch))
+    if as_json:
+        emit_json([{"address": name, "indexed": count} for name, count in done])
+        return
+    for name, count in done:
+        click.echo(f"{name}: {count} messages indexed")
+
+
+async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int]]:
+    from gateway.mailstore.blind_index import backfill, hosted_mailboxes
+
+    store = services.mailstore
+    if store.index is None or store.headers is None:
+        raise NotFound("this mail store keeps its header columns in clear: SQL searches them, no index is kept",
+                       field="mailstore")
+    targets = await hosted_mailboxes(store.database, address)
+    if address is not None and not targets:
+        raise NotFound(f"no mailbox {address} hosted here", field="address")
+    done = []
+    for mailbox_id, name in targets:
+        report = await backfill(store.database, store.index, store.headers.fields, mailbox_id, batch=batch)
+        done.append((name, report.indexed))
+    return done
+
+
 @mailbox.command("export")
 @click.argument("address")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))

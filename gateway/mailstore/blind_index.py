@@ -225,6 +225,17 @@ async def _opened(fields: FieldSealer, owner: str, sealed: Sequence[Any]) -> dic
     return values
 
 
+async def hosted_mailboxes(database: Database, address: str | None = None) -> list[tuple[int, str]]:
+    """(id, address) of the hosted mailboxes (or of the one with ``address``), the ones ``backfill`` serves."""
+    from gateway.storage.models import Mailbox
+
+    query = select(Mailbox.id, Mailbox.address).where(Mailbox.hosted.is_(True)).order_by(Mailbox.id)
+    if address is not None:
+        query = query.where(func.lower(Mailbox.address) == address.strip().lower())
+    async with database.session() as session:
+        return [(int(mailbox_id), str(name)) for mailbox_id, name in (await session.execute(query)).all()]
+
+
 def chunked(values: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     for start in range(0, len(values), size):
         yield values[start:start + size]

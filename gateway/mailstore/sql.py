@@ -887,8 +887,8 @@ class SqlMailStore(MailStore):
                             dest_uids: Sequence[int]) -> None:
         """Copies share their originals' blind index tokens (same mailbox, same owner key)."""
         await session.flush()
-        copy_ids = dict((await session.execute(select(Message.uid, Message.id).where(
-            Message.folder_id == target_id, Message.uid.between(dest_uids[0], dest_uids[-1])))).tuples().all())
+        copy_ids = {uid: message_id for uid, message_id in (await session.execute(select(Message.uid, Message.id).where(
+            Message.folder_id == target_id, Message.uid.between(dest_uids[0], dest_uids[-1])))).all()}
         await BlindIndex.copy(session, [(m.id, copy_ids[uid]) for m, uid in zip(messages, dest_uids, strict=True)])
 
     async def _remove(self, session: AsyncSession, folder: Folder, messages: Sequence[Message]) -> ExpungeResult:

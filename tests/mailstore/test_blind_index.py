@@ -1,0 +1,187 @@
+"""The keyed blind index of sealed header columns never changes a SEARCH answer, only how many rows are unsealed.
+
+Each test compares the store with the index against the same store reading the same rows without it
+(``index=None``: every candidate row unsealed and compared in Python, the path SEARCH took before).
+"""
+
+from __future__ import annotations
+
+import email.header
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from gateway.mailstore.blind_index import MAX_GRAMS_PER_FIELD, backfill
+from gateway.mailstore.delivery import LocalDelivery
+from gateway.mailstore.interface import INBOX, All, AnyOf, FolderRef, Header, Not, SearchKey, StoreMode, UidSet
+from gateway.mailstore.notify import ChangeHub
+from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.tables import Message, SearchToken
+from gateway.security.at_rest import FieldSealer, HeaderSealer
+from gateway.security.keys import KeyManager
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+from tests.mailstore.conftest import MakeMailbox
+
+# Few letters, so that random needles often occur; case pairs whose folding differs (ß -> ss, İ, Σ/ς).
+LETTERS = "abAB é.Éß@<>İΣς-"
+FIELDS = ("FROM", "TO", "CC", "SUBJECT", "MESSAGE-ID")
+
+
+def sealed_pair(database: Database, blobs: BlobStore, keys: KeyManager) -> tuple[SqlMailStore, SqlMailStore]:
+    """The same sealed store twice: with the blind index, and reading every row without it."""
+    indexed = SqlMailStore(database, blobs, ChangeHub(), headers=HeaderSealer(FieldSealer(keys)))
+    unsealing = SqlMailStore(database, blobs, ChangeHub(), headers=HeaderSealer(FieldSealer(keys)))
+    unsealing.index = None
+    return indexed, unsealing
+
+
+def encoded(text: str) -> str:
+    return text if text.isascii() else email.header.Header(text, "utf-8").encode()
+
+
+def raw_message(subject: str, name: str, local: str, cc: str | None, message_id: str) -> bytes:
+    lines = [f"From: {encoded(name)} <{local}@example.org>", f"To: {local}.to@example.org",
+             f"Subject: {encoded(subject)}", f"Message-ID: <{message_id}@example.org>"]
+    if cc is not None:
+        lines.append(f"Cc: {encoded(cc)} <cc@example.org>")
+    return ("\r\n".join(lines) + "\r\n\r\nBonjour\r\n").encode()
+
+
+text = st.text(alphabet=LETTERS, max_size=12)
+messages = st.lists(st.tuples(text, text, st.text(alphabet="abAB.", min_size=1, max_size=6),
+                              st.none() | text, st.text(alphabet="ab12.", min_size=1, max_size=8)),
+                    min_size=1, max_size=5)
+
+
+@st.composite
+def search_keys(draw: st.DrawFn, values: list[str]) -> SearchKey:
+    def leaf() -> SearchKey:
+        if values and draw(st.booleans()):
+            source = draw(st.sampled_from(values))
+            start = draw(st.integers(0, len(source)))
+            needle = source[start:draw(st.integers(start, len(source)))]
+            needle = draw(st.sampled_from([needle, needle.upper(), needle.lower(), needle.swapcase()]))
+        else:
+            needle = draw(text)
+        return Header(draw(st.sampled_from(FIELDS)), needle)
+
+    shape = draw(st.sampled_from(["leaf", "not", "or", "and"]))
+    if shape == "leaf":
+        return leaf()
+    if shape == "not":
+        return Not(leaf())
+    if shape == "or":
+        return AnyOf([leaf(), leaf()])
+    return All([leaf(), Not(leaf())])
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(data=st.data(), mails=messages)
+async def test_index_answers_as_unsealing_every_row(database: Database, blobs: BlobStore, keys: KeyManager,
+                                                    make_mailbox: MakeMailbox, data: st.DataObject,
+                                                    mails: list[tuple[str, str, str, str | None, str]]) -> None:
+    indexed, unsealing = sealed_pair(database, blobs, keys)
+    box = await make_mailbox()
+    await LocalDelivery(indexed).provision(box)
+    inbox = FolderRef(box, INBOX)
+    for subject, name, local, cc, message_id in mails:
+        await indexed.append(inbox, raw_message(subject, name, local, cc, message_id))
+    values = [value for mail in mails for value in mail if value]
+    for _ in range(6):
+        key = data.draw(search_keys(values))
+        assert await indexed.search(inbox, key) == await unsealing.search(inbox, key), key
+
+
+async def test_messages_without_index_rows_are_still_found_then_backfilled(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
+    indexed, unsealing = sealed_pair(database, blobs, keys)
+    box = await make_mailbox()
+    await LocalDelivery(indexed).provision(box)
+    inbox = FolderRef(box, INBOX)
+    for number in range(4):      # stored before the index existed
+        await unsealing.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"m{number}"))
+    await indexed.append(inbox, raw_message("Vaccination 9", "Dr Ève", "eve", "Jean", "m9"))
+    keys_to_try: list[SearchKey] = [Header("SUBJECT", "VACCINATION"), Header("FROM", "ève"), Header("CC", ""),
+                                    Not(Header("CC", "jean")), Header("MESSAGE-ID", "<m2@")]
+    expected = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [5], [1, 2, 3, 4], [3]]
+    assert [await indexed.search(inbox, key) for key in keys_to_try] == expected
+
+    assert indexed.index is not None and indexed.headers is not None
+    report = await backfill(database, indexed.index, indexed.headers.fields, box, batch=3)
+    assert report.indexed == 4 and report.batches == 2
+    assert (await backfill(database, indexed.index, indexed.headers.fields, box)).indexed == 0  # resumable, idempotent
+    assert await _messages_without_tokens(database) == 0
+    assert [await indexed.search(inbox, key) for key in keys_to_try] == expected
+
+
+async def test_index_rows_follow_copy_move_and_expunge(database: Database, blobs: BlobStore, keys: KeyManager,
+                                                       make_mailbox: MakeMailbox) -> None:
+    indexed, _ = sealed_pair(database, blobs, keys)
+    box = await make_mailbox()
+    await LocalDelivery(indexed).provision(box)
+    inbox, archive = FolderRef(box, INBOX), FolderRef(box, "Archive")
+    for number in range(3):
+        await indexed.append(inbox, raw_message(f"Compte rendu {number}", "Dr Martin", "martin", None, f"c{number}"))
+    await indexed.copy(inbox, UidSet.of((1, 2)), archive)
+    await indexed.move(inbox, UidSet.of(3), archive)
+    assert await _messages_without_tokens(database) == 0
+    assert await indexed.search(archive, Header("SUBJECT", "rendu 2")) == [3]
+    assert await indexed.search(archive, Header("SUBJECT", "RENDU")) == [1, 2, 3]
+    assert await indexed.search(inbox, Header("SUBJECT", "rendu 2")) == []
+    before = await _token_count(database)
+    await indexed.store_flags(inbox, UidSet.of((1, 2)), StoreMode.ADD, ["\\Deleted"])
+    await indexed.expunge(inbox)
+    assert await _token_count(database) < before    # rows go with their message (ON DELETE CASCADE)
+    async with database.session() as session:
+        orphans = await session.scalar(select(func.count()).select_from(SearchToken).where(
+            ~SearchToken.message_id.in_(select(Message.id))))
+    assert orphans == 0
+
+
+async def test_an_oversized_field_stays_searchable_without_its_trigrams(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
+    indexed, unsealing = sealed_pair(database, blobs, keys)
+    box = await make_mailbox()
+    await LocalDelivery(indexed).provision(box)
+    inbox = FolderRef(box, INBOX)
+    long_subject = "".join(chr(0x4E00 + n) for n in range(MAX_GRAMS_PER_FIELD + 10))  # distinct trigrams
+    await indexed.append(inbox, raw_message(long_subject, "A", "a", None, "long"))
+    await indexed.append(inbox, raw_message("court", "A", "a", None, "short"))
+    for key in (Header("SUBJECT", long_subject[500:520]), Header("SUBJECT", "cour"), Header("SUBJECT", "")):
+        assert await indexed.search(inbox, key) == await unsealing.search(inbox, key)
+    assert await indexed.search(inbox, Header("SUBJECT", long_subject[500:520])) == [1]
+    async with database.session() as session:
+        per_message = (await session.execute(select(SearchToken.message_id, func.count())
+                                             .group_by(SearchToken.message_id))).all()
+    assert max(count for _, count in per_message) < 100   # no row per trigram of the 2,058-character field
+
+
+async def test_one_owners_tokens_differ_from_anothers(database: Database, blobs: BlobStore, keys: KeyManager,
+                                                      make_mailbox: MakeMailbox) -> None:
+    indexed, _ = sealed_pair(database, blobs, keys)
+    first, second = await make_mailbox(), await make_mailbox()
+    for box in (first, second):
+        await LocalDelivery(indexed).provision(box)
+        await indexed.append(FolderRef(box, INBOX), raw_message("Même sujet", "Dr Même", "meme", None, "same"))
+    async with database.session() as session:
+        rows = (await session.execute(select(SearchToken.message_id, SearchToken.token))).all()
+    by_message: dict[int, set[int]] = {}
+    for message_id, token in rows:
+        by_message.setdefault(message_id, set()).add(token)
+    first_tokens, second_tokens = by_message.values()
+    assert first_tokens.isdisjoint(second_tokens)   # identical headers, no common token across owners
+    assert await indexed.search(FolderRef(second, INBOX), Header("SUBJECT", "même")) == [1]
+
+
+async def _messages_without_tokens(database: Database) -> int:
+    async with database.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(Message).where(
+            ~Message.id.in_(select(SearchToken.message_id)))) or 0)
+
+
+async def _token_count(database: Database) -> int:
+    async with database.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(SearchToken)) or 0)
+
