@@ -45,8 +45,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Executable, Select, Table, exists, func, insert, literal, select, union
+from sqlalchemy import Select, Table, exists, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore.headers import CachedHeaders
@@ -63,6 +64,7 @@ GRAM = 3
 MAX_GRAMS_PER_FIELD = 2048
 TOKEN_BYTES = 8
 BACKFILL_BATCH = 500
+PROBE_CAP = 4096  # posting list lengths are counted up to this, to pick the one to walk
 # The cached columns the index covers, each with its own tag (a token of one field never matches another's).
 FIELD_TAGS = {"from_addr": b"f", "to_addr": b"t", "cc_addr": b"c", "subject": b"s", "message_id": b"m"}
 _GRAM, _PRESENT, _OVERFLOW, _INDEXED = b"g", b"p", b"o", b"i"
@@ -111,17 +113,33 @@ class IndexKey:
         grams = trigrams(needle.casefold())
         return sorted(self.token(column, _GRAM, gram) for gram in grams) or None
 
-    def candidates(self, column: str, needle: str) -> Executable | None:
-        """Ids of the indexed messages that may match (all of this owner's folders), or None (no narrowing)."""
+    async def candidates(self, session: AsyncSession, column: str, needle: str) -> frozenset[int] | None:
+        """Ids of the indexed messages that may match (in any of this owner's folders), or None (no narrowing).
+
+        The intersection is driven from the shortest posting list (lengths counted up to ``PROBE_CAP``, so
+        a common trigram costs a bounded scan), the other tokens probed per message on the primary key:
+        SEARCH HEADER Message-ID "<load-77777@" walks the few messages holding "777", not 100,000 "<lo"."""
         tokens = self.needle_tokens(column, needle)
         if tokens is None:
             return None
-        holding_all = (select(SearchToken.message_id).where(SearchToken.token.in_(tokens))
-                       .group_by(SearchToken.message_id).having(func.count() == len(tokens)))
-        if needle == "":
-            return holding_all
-        too_long = select(SearchToken.message_id).where(SearchToken.token == self.token(column, _OVERFLOW))
-        return union(holding_all, too_long)
+        lengths = (await session.execute(select(*(
+            select(func.count()).select_from(
+                select(SearchToken.message_id).where(SearchToken.token == token).limit(PROBE_CAP).subquery())
+            .scalar_subquery() for token in tokens)))).one()
+        driver = tokens[min(range(len(tokens)), key=lambda position: lengths[position])]
+        found: set[int] = set()
+        if min(lengths):
+            walked = aliased(SearchToken)
+            probes = []
+            for token in tokens:
+                if token != driver:
+                    probed = aliased(SearchToken)
+                    probes.append(exists().where(probed.token == token, probed.message_id == walked.message_id))
+            found.update(await session.scalars(select(walked.message_id).where(walked.token == driver, *probes)))
+        if needle != "":
+            found.update(await session.scalars(
+                select(SearchToken.message_id).where(SearchToken.token == self.token(column, _OVERFLOW))))
+        return frozenset(found)
 
 
 def headers_values(headers: CachedHeaders) -> dict[str, str | None]:
@@ -136,6 +154,23 @@ def unindexed(folder_id: int) -> Select[int]:
     """Ids of the folder's messages that have no index rows yet."""
     return select(Message.id).where(Message.folder_id == folder_id,
                                     ~exists().where(SearchToken.message_id == Message.id))
+
+
+async def unindexed_ids(session: AsyncSession, key: IndexKey, mailbox_id: int, folder_id: int) -> frozenset[int]:
+    """The folder's messages not indexed yet. Every indexed message holds the owner's *indexed* token, and
+    only this owner's messages hold it: when that posting list is as long as the owner's message count,
+    nothing is missing and the per-message test (one probe per message) is skipped. Both counts come
+    from one statement, hence one snapshot (PostgreSQL's READ COMMITTED takes one per statement)."""
+    from gateway.mailstore.tables import Folder
+
+    indexed = (select(func.count()).select_from(SearchToken)
+               .where(SearchToken.token == key.token("", _INDEXED)).scalar_subquery())
+    stored = (select(func.count()).select_from(Message).join(Folder, Folder.id == Message.folder_id)
+              .where(Folder.mailbox_id == mailbox_id).scalar_subquery())
+    counted, total = (await session.execute(select(indexed, stored))).one()
+    if counted == total:
+        return frozenset()
+    return frozenset(await session.scalars(unindexed(folder_id)))
 
 
 class BlindIndex:

@@ -17,13 +17,13 @@ import datetime as dt
 import email.parser
 import email.policy
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore import flags as flagcodec
-from gateway.mailstore.blind_index import BlindIndex, chunked, unindexed
+from gateway.mailstore.blind_index import BlindIndex, chunked, unindexed_ids
 from gateway.mailstore.headers import ADDRESS_HEADERS, address_search_text, decode_text, header_section
 from gateway.mailstore.interface import (
     All,
@@ -53,29 +53,27 @@ MAX_SQL_RANGES = 50  # SQLite limits expression depth; beyond this, filter UIDs 
 MAX_IDS_PER_QUERY = 5000  # candidate ids bound per statement (SQLite's and drivers' parameter limits)
 
 
-class SearchRow:
-    """The columns SEARCH reads of one message, as plain attributes; header columns as stored (maybe sealed)."""
+class SearchRow(Protocol):
+    """The columns SEARCH reads of one message (a result row: no ORM entity), header columns as stored."""
 
-    __slots__ = ("id", "uid", "modseq", "system_flags", "keywords", "internaldate", "sent_date", "size", "blob_id",
-                 *CACHED_HEADERS.values(), "opened")
-    BASE = ("id", "uid", "modseq", "system_flags", "keywords", "internaldate", "sent_date", "size", "blob_id")
-    id: int
-    uid: int
-    modseq: int
-    system_flags: int
-    keywords: str
-    internaldate: dt.datetime
-    sent_date: dt.datetime | None
-    size: int
-    blob_id: str
-    opened: set[str]
-
-    def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
-        for name in CACHED_HEADERS.values():
-            setattr(self, name, None)
-        for name, value in zip(names, values, strict=True):
-            setattr(self, name, value)
-        self.opened = set()
+    @property
+    def id(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def modseq(self) -> int: ...
+    @property
+    def system_flags(self) -> int: ...
+    @property
+    def keywords(self) -> str: ...
+    @property
+    def internaldate(self) -> dt.datetime: ...
+    @property
+    def sent_date(self) -> dt.datetime | None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def blob_id(self) -> str: ...
 
 
 HeaderReader = Callable[[SearchRow], Awaitable[bytes]]
@@ -227,7 +225,9 @@ class Evaluator:
         return self._metadata_matches(key, row)
 
     def _metadata_matches(self, key: SearchKey, row: SearchRow) -> bool:
-        date_of = {DateField.INTERNAL: row.internaldate, DateField.SENT: row.sent_date}
+        def date_of(field: DateField) -> dt.datetime | None:  # only the columns the key needs were loaded
+            return row.internaldate if field is DateField.INTERNAL else row.sent_date
+
         match key:
             case HasFlag(flag):
                 stored = flagcodec.canonical(flag)
@@ -237,11 +237,11 @@ class Evaluator:
             case UidIn(uids):
                 return row.uid in uids
             case DateBefore(field, day):
-                return _on_day(date_of[field], day, lambda a, b: a < b)
+                return _on_day(date_of(field), day, lambda a, b: a < b)
             case DateOn(field, day):
-                return _on_day(date_of[field], day, lambda a, b: a == b)
+                return _on_day(date_of(field), day, lambda a, b: a == b)
             case DateSince(field, day):
-                return _on_day(date_of[field], day, lambda a, b: a >= b)
+                return _on_day(date_of(field), day, lambda a, b: a >= b)
             case Larger(size):
                 return row.size > size
             case Smaller(size):
@@ -278,6 +278,28 @@ def cached_columns(key: SearchKey) -> set[str]:
     return set()
 
 
+def _row_columns(key: SearchKey) -> set[str]:
+    """The columns the evaluator reads for ``key`` (each converted per row: a date column costs)."""
+    match key:
+        case All(keys) | AnyOf(keys):
+            return set().union(*(_row_columns(part) for part in keys))
+        case Not(inner):
+            return _row_columns(inner)
+        case Header(name, _) if name.lower() in CACHED_HEADERS:
+            return {CACHED_HEADERS[name.lower()]}
+        case Header() | BodyContains():
+            return {"blob_id"}
+        case HasFlag():
+            return {"system_flags", "keywords"}
+        case DateBefore(field, _) | DateOn(field, _) | DateSince(field, _):
+            return {"internaldate" if field is DateField.INTERNAL else "sent_date"}
+        case Larger() | Smaller():
+            return {"size"}
+        case ModSeqAtLeast():
+            return {"modseq"}
+    return set()
+
+
 def _cached_leaves(key: SearchKey) -> set[tuple[str, str]]:
     """(column, string) of every header key on a cached column."""
     match key:
@@ -302,13 +324,14 @@ class IndexNarrowing:
                    key: SearchKey) -> IndexNarrowing:
         leaves = _cached_leaves(key)
         possible: dict[tuple[str, str], frozenset[int]] = {}
-        if leaves:
-            index_key = await index.key_for(mailbox_id)
-            for column, value in sorted(leaves):
-                candidates = index_key.candidates(column, value)
-                if candidates is not None:
-                    possible[(column, value)] = frozenset(await session.scalars(candidates))
-        not_indexed = frozenset(await session.scalars(unindexed(folder_id))) if possible else frozenset()
+        if not leaves:
+            return cls(possible, frozenset())
+        index_key = await index.key_for(mailbox_id)
+        for column, value in sorted(leaves):
+            candidates = await index_key.candidates(session, column, value)
+            if candidates is not None:
+                possible[(column, value)] = candidates
+        not_indexed = await unindexed_ids(session, index_key, mailbox_id, folder_id) if possible else frozenset()
         return cls(possible, not_indexed)
 
     def ruled_out(self, row: SearchRow, column: str, value: str) -> bool:
@@ -334,16 +357,16 @@ class IndexNarrowing:
 async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recent_uids: frozenset[int], *,
                     header_columns: bool, bound: frozenset[int] | None) -> list[SearchRow]:
     """The folder's rows the SQL prefilter keeps (and, with a bound, only those ids), in UID order."""
-    names = [*SearchRow.BASE, *sorted(cached_columns(key))]
+    names = ["id", "uid", *sorted(_row_columns(key))]
     query = select(*(getattr(Message, name) for name in names)).where(
         Message.folder_id == folder_id, prefilter(key, recent_uids, header_columns=header_columns))
+    rows: list[Any] = []  # result rows: attribute access by column name, as SearchRow describes
     if bound is None:
-        rows = [SearchRow(names, values) for values in (await session.execute(query)).all()]
+        rows.extend((await session.execute(query)).all())
     else:
-        rows = []
         for ids in chunked(sorted(bound), MAX_IDS_PER_QUERY):
             result = await session.execute(query.where(Message.id.in_(ids)))
-            rows.extend(SearchRow(names, values) for values in result.all())
+            rows.extend(result.all())
     rows.sort(key=lambda row: row.uid)
     return rows
 
@@ -364,12 +387,15 @@ async def search_folder(session_factory: Callable[[], Any], folder_id: int, mail
         rows = await load_rows(session, folder_id, key, recent_uids, header_columns=header_columns,
                                bound=narrowing.bound(key))
 
+    opened: dict[tuple[int, str], str | None] = {}
+
     async def read_column(row: SearchRow, column: str) -> str | None:
-        if fields is not None and column not in row.opened:
-            setattr(row, column, await fields.open(owner, column, getattr(row, column)))
-            row.opened.add(column)
         value: str | None = getattr(row, column)
-        return value
+        if fields is None:
+            return value
+        if (row.id, column) not in opened:  # unsealed once per row and column, only when the index cannot decide
+            opened[(row.id, column)] = await fields.open(owner, column, value)
+        return opened[(row.id, column)]
 
     evaluator = Evaluator(recent_uids, read_headers, scan_body, read_column=read_column,
                           ruled_out=narrowing.ruled_out)
