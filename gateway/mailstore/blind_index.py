@@ -47,14 +47,15 @@ from typing import Any
 
 from sqlalchemy import Select, Table, exists, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from gateway.mailstore.headers import CachedHeaders
-from gateway.mailstore.tables import Message, SearchToken
+from gateway.mailstore.tables import Folder, Message, SearchToken
 from gateway.security.at_rest import MESSAGE_ID_PLAINTEXT_LIMIT, FieldSealer, _derive
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.db import Database
+from gateway.storage.models import Mailbox
 
 log = logging.getLogger(__name__)
 TOKENS: Table = SearchToken.__table__  # type: ignore[assignment]  # Core inserts: the ORM's bulk path cost more than the rows themselves
@@ -161,8 +162,6 @@ async def unindexed_ids(session: AsyncSession, key: IndexKey, mailbox_id: int, f
     only this owner's messages hold it: when that posting list is as long as the owner's message count,
     nothing is missing and the per-message test (one probe per message) is skipped. Both counts come
     from one statement, hence one snapshot (PostgreSQL's READ COMMITTED takes one per statement)."""
-    from gateway.mailstore.tables import Folder
-
     indexed = (select(func.count()).select_from(SearchToken)
                .where(SearchToken.token == key.token("", _INDEXED)).scalar_subquery())
     stored = (select(func.count()).select_from(Message).join(Folder, Folder.id == Message.folder_id)
@@ -190,9 +189,6 @@ class BlindIndex:
             cached = IndexKey(_derive(material.key, INDEX_PURPOSE, owner))
             self._keys[owner] = cached
         return cached
-
-    def forget(self, mailbox_id: int) -> None:
-        self._keys.pop(mailbox_owner(mailbox_id), None)
 
     async def tokens_for(self, mailbox_id: int, headers: CachedHeaders) -> set[int]:
         """Tokens of a message about to be inserted (computed before its transaction)."""
@@ -223,8 +219,6 @@ async def backfill(database: Database, index: BlindIndex, fields: FieldSealer, m
                    batch: int = BACKFILL_BATCH) -> BackfillReport:
     """Index every not yet indexed message of a mailbox, ``batch`` per transaction (resumable: progress is
     the index itself; a message expunged meanwhile is simply skipped on the next round)."""
-    from gateway.mailstore.tables import Folder  # local: the tables module imports nothing of ours
-
     key = await index.key_for(mailbox_id)
     owner = mailbox_owner(mailbox_id)
     report = BackfillReport()
@@ -263,8 +257,6 @@ async def _opened(fields: FieldSealer, owner: str, sealed: Sequence[Any]) -> dic
 
 async def hosted_mailboxes(database: Database, address: str | None = None) -> list[tuple[int, str]]:
     """(id, address) of the hosted mailboxes (or of the one with ``address``), the ones ``backfill`` serves."""
-    from gateway.storage.models import Mailbox
-
     query = select(Mailbox.id, Mailbox.address).where(Mailbox.hosted.is_(True)).order_by(Mailbox.id)
     if address is not None:
         query = query.where(func.lower(Mailbox.address) == address.strip().lower())
