@@ -29,8 +29,8 @@ from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
-from gateway.pipeline.models import QueuedMessage
-from gateway.pipeline.spool import Spool
+from gateway.queue.tables import QueuedMessage
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher

@@ -41,8 +41,8 @@ from gateway.app import open_services  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.dmp_bridge.worker import build_filing_worker  # noqa: E402
 from gateway.mailstore.delivery import LocalDelivery  # noqa: E402
-from gateway.pipeline.models import QueuedMessage  # noqa: E402
-from gateway.pipeline.spool import Spool  # noqa: E402
+from gateway.queue.tables import QueuedMessage  # noqa: E402
+from gateway.queue.spool import Spool  # noqa: E402
 from gateway.webmail.app import build_webmail_app  # noqa: E402
 from gateway.webmail.sessions import Stage  # noqa: E402
 from gateway.webmail.web import CONTEXT, SESSION_COOKIE  # noqa: E402

@@ -28,7 +28,7 @@ from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.ops.http import MetricsListener, Readiness
 from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
-from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.queue.generated import GeneratedMailQueue
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
 from gateway.security.keys import KeyManager
@@ -38,7 +38,7 @@ from gateway.security.smime_service import SmimeService
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import start_smtp_listeners
-from gateway.smtp.outbound import OutboundWorker, outbound_tls_context
+from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.private import private_dir, secure_tree

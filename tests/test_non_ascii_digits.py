@@ -10,8 +10,8 @@ from gateway.dmp_bridge.fhir.params import search_query
 from gateway.dmp_bridge.fhir.service import InvalidRequest
 from gateway.errors import UserError
 from gateway.security.passwords import policy_violation
-from gateway.smtp.codes import SmtpRefusal
-from gateway.smtp.parameters import parse_mail_parameters
+from gateway.mail.codes import SmtpRefusal
+from gateway.mail.parameters import parse_mail_parameters
 
 HOSTILE = ["²", "١٢", "12³", "٣"]
 

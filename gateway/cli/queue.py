@@ -16,8 +16,8 @@ import click
 
 from gateway.cli.common import emit_json, emit_record, emit_rows, json_option, with_services
 from gateway.errors import UserError
-from gateway.smtp.dsn import Action, RecipientReport
-from gateway.smtp.outbound_store import OutboundStore, _message_work
+from gateway.queue.dsn import Action, RecipientReport
+from gateway.queue.outbound_store import OutboundStore, _message_work
 from gateway.storage.models import utcnow
 
 STATES = ("pending", "deferred", "in-flight", "failed", "delivered", "held")
@@ -137,10 +137,10 @@ def delete(queue_id: str, bounce: bool) -> None:
 
 
 async def _delete(services: Any, queue_id: str, bounce: bool) -> bool:
-    from gateway.pipeline.spool import Spool
+    from gateway.queue.spool import Spool
     from gateway.smtp.listeners import spool_root
-    from gateway.pipeline.generated import GeneratedMailQueue
-    from gateway.smtp.outbound import DsnReports
+    from gateway.queue.generated import GeneratedMailQueue
+    from gateway.queue.outbound import DsnReports
 
     store = OutboundStore(services.db)
     message = await store.message(queue_id)

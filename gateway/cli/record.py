@@ -33,7 +33,7 @@ from gateway.dmp_bridge.record import QuarantineEntry, RecordStore, describe_doc
 from gateway.dmp_bridge.tables import FilingJob, RecordDocument
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.errors import UserError
-from gateway.pipeline.spool import Spool
+from gateway.queue.spool import Spool
 from gateway.smtp.listeners import spool_root
 from gateway.storage.models import Patient
 

@@ -51,7 +51,7 @@ from gateway.config import Settings
 from gateway.dmp_bridge.errors import IntegrationCode
 from gateway.dmp_bridge.filing import DocumentOutcome, FilingReport
 from gateway.dmp_bridge.tables import FilingNotice, NoticeKind
-from gateway.pipeline.generated import GeneratedMailQueue, PreparedMail
+from gateway.queue.generated import GeneratedMailQueue, PreparedMail
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, State, utcnow
 

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.directory.addresses import normalise_address
 from gateway.dmp_bridge.access import Requester, RequesterKind
 from gateway.errors import UserError
-from gateway.pipeline.models import QueuedMessage
+from gateway.queue.tables import QueuedMessage
 from gateway.storage.models import Mailbox, Organisation, Professional, ProfessionalOrganisation
 
 SUBMISSION_DOORS = frozenset({"submission", "submissions", "webmail"})

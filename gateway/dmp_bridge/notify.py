@@ -38,7 +38,7 @@ from gateway.config import Settings
 from gateway.dmp_bridge.access_history import french_moment
 from gateway.dmp_bridge.acknowledgement import patient_notification
 from gateway.dmp_bridge.notice_tables import NoticeFrequency, PatientNoticeState, PatientNotificationPreferences
-from gateway.pipeline.generated import GeneratedMailQueue, PreparedMail
+from gateway.queue.generated import GeneratedMailQueue, PreparedMail
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, Patient, PatientState, State, utcnow
 

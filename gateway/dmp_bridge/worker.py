@@ -73,9 +73,9 @@ from gateway.mailstore.interface import FolderRef
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Delivery
-from gateway.pipeline.generated import GeneratedMailQueue
-from gateway.pipeline.models import QueuedMessage
-from gateway.pipeline.spool import Spool
+from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.tables import QueuedMessage
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.smime_policy import InboundResult
 from gateway.security.smime_service import DecryptedCopy

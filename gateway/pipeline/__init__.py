@@ -1,1 +1,1 @@
-"""The one path every message takes, whatever door it came in by: parse, policy, security, route, durable queue, deliver."""
+"""The one path every message takes, whatever door it came in by: parse, policy, security, route, then hand to the durable queue (gateway.queue)."""

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.pipeline.models import Conversation
+from gateway.pipeline.tables import Conversation
 from gateway.pipeline.parse import MessageFacts
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow

@@ -17,8 +17,8 @@ from email.message import Message
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.smtp import codes
-from gateway.smtp.codes import SmtpRefusal
+from gateway.mail import codes
+from gateway.mail.codes import SmtpRefusal
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,19 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute
 from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.conversations import ConversationBook
-from gateway.pipeline.delivery import LocalDelivery
+from gateway.queue.local_delivery import LocalDelivery
 from gateway.pipeline.limits import RateLimiter
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.pipeline.origin import Origin
 from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool, SpoolFile
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool, SpoolFile
 from gateway.pipeline.trace import trace_header_block
-from gateway.smtp import codes
-from gateway.smtp.codes import SmtpRefusal
-from gateway.smtp.parameters import MailParameters, RcptParameters
-from gateway.smtp.paths import SmtpPath
+from gateway.mail import codes
+from gateway.mail.codes import SmtpRefusal
+from gateway.mail.parameters import MailParameters, RcptParameters
+from gateway.mail.paths import SmtpPath
 
 from gateway.security.dkim import DkimVerifier
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type

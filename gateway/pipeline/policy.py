@@ -38,9 +38,9 @@ from gateway.errors import UserError
 from gateway.pipeline.conversations import ConversationBook, ConversationChange, ends_conversation
 from gateway.pipeline.origin import Origin, TlsInfo
 from gateway.pipeline.parse import MessageFacts, parse_mailbox_list
-from gateway.smtp import codes
-from gateway.smtp.codes import Reply, SmtpRefusal
-from gateway.smtp.paths import POSTMASTER, SmtpPath
+from gateway.mail import codes
+from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.paths import POSTMASTER, SmtpPath
 
 ROUTE_REFUSALS: dict[RouteRefusal, Reply] = {
     RouteRefusal.UNKNOWN_MAILBOX: codes.UNKNOWN_MAILBOX,

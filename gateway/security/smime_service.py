@@ -68,7 +68,7 @@ from gateway.security.smime_policy import (
     resolve,
     stricter,
 )
-from gateway.smtp.codes import Reply, SmtpRefusal
+from gateway.mail.codes import Reply, SmtpRefusal
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Certificate, Mailbox, utcnow

@@ -1,1 +1,1 @@
-"""SMTP: the three listeners on aiosmtpd (protocol only), the reply catalogue, outbound delivery, DSN and MX routing."""
+"""SMTP: the three listeners (protocol only) and their session handler; the vocabulary is gateway.mail, delivery after the 250 gateway.queue."""

@@ -19,13 +19,13 @@ from gateway.directory.service import Account, DirectoryService
 from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.pipeline import Pipeline, Transaction
-from gateway.pipeline.spool import SpoolFile
+from gateway.queue.spool import SpoolFile
 from gateway.security.auth_limiter import AuthLimiter, AuthThrottled, LimiterPolicy
 from gateway.security.revocation import RevocationList
-from gateway.smtp import codes
-from gateway.smtp.codes import Reply, SmtpRefusal
-from gateway.smtp.parameters import MailParameters
-from gateway.smtp.paths import SmtpPath
+from gateway.mail import codes
+from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.parameters import MailParameters
+from gateway.mail.paths import SmtpPath
 from gateway.smtp.server import (
     CertificateCredentials,
     Credentials,

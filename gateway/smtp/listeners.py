@@ -28,19 +28,19 @@ from gateway.config import Settings
 from gateway.ops.metrics import CONNECTIONS
 from gateway.directory.service import DirectoryService
 from gateway.pipeline.conversations import ConversationBook
-from gateway.pipeline.delivery import LocalDelivery, LocalStore
-from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.queue.local_delivery import LocalDelivery, LocalStore
+from gateway.queue.generated import GeneratedMailQueue
 from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import SpoolCipher
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
-from gateway.smtp.outbound import DsnReports
+from gateway.queue.outbound import DsnReports
 from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
 from gateway.storage.db import Database
 

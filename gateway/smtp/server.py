@@ -38,17 +38,17 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from gateway.ops.metrics import SMTP_VERBS, timed, verb_label
 from gateway.pipeline.origin import TlsInfo
-from gateway.smtp import codes
-from gateway.smtp.codes import Reply, SmtpRefusal
+from gateway.mail import codes
+from gateway.mail.codes import Reply, SmtpRefusal
 from gateway.smtp.ehlo import EhloContext, ehlo_keywords
-from gateway.smtp.parameters import (
+from gateway.mail.parameters import (
     MailParameters,
     RcptParameters,
     parse_mail_parameters,
     parse_rcpt_parameters,
     reply_for_size,
 )
-from gateway.smtp.paths import SmtpPath, parse_path, split_path_argument
+from gateway.mail.paths import SmtpPath, parse_path, split_path_argument
 from gateway.security import sasl
 
 log = logging.getLogger("gateway.smtp")

@@ -6,8 +6,9 @@ so the migrations see it.
 
 from gateway.storage import models  # noqa: F401  (directory tables)
 from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
-from gateway.pipeline import models as pipeline_tables  # noqa: F401  (SMTP queue, conversations: revision 0003)
-from gateway.smtp import outbound_tables  # noqa: F401  (outbound holds, DKIM signatures, attempts: revision 0004)
+from gateway.queue import tables as queue_tables  # noqa: F401  (queue messages and recipients: revision 0003)
+from gateway.pipeline import tables as pipeline_tables  # noqa: F401  (conversations: revision 0003)
+from gateway.queue import outbound_tables  # noqa: F401  (outbound holds, DKIM signatures, attempts: revision 0004)
 from gateway.audit import tables as audit_tables  # noqa: F401  (hash-chained audit log: revision 0005)
 from gateway.dmp_bridge import tables as dmp_record_tables  # noqa: F401  (patient record, filing jobs: revision 0006)
 from gateway.dmp_bridge import choices_tables as dmp_choices_tables  # noqa: F401  (patient choices: revision 0007)

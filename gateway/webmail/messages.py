@@ -25,11 +25,11 @@ from gateway.errors import UserError
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.errors import FolderNotFound, MessageNotFound
 from gateway.mailstore.interface import INBOX, SEEN, All, FolderRef, Header, MessageMeta, StoreMode, UidIn, UidSet
-from gateway.pipeline.models import Conversation
+from gateway.pipeline.tables import Conversation
 from gateway.pipeline.origin import Door, Origin, TlsInfo
-from gateway.smtp.codes import SmtpRefusal
-from gateway.smtp.parameters import MailParameters, RcptParameters
-from gateway.smtp.paths import SmtpPath
+from gateway.mail.codes import SmtpRefusal
+from gateway.mail.parameters import MailParameters, RcptParameters
+from gateway.mail.paths import SmtpPath
 from gateway.storage.models import utcnow
 from gateway.webmail import reading
 from gateway.webmail.auth import PatientIdentity, require_patient

@@ -32,7 +32,7 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, build_filing_worker
 from gateway.errors import NotFound
-from gateway.pipeline.spool import Spool
+from gateway.queue.spool import Spool
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import spool_root
 from tests.dmp_bridge.filing_world import SAMPLE_METADATA, SAMPLES, TEST_INS, message_with, sample

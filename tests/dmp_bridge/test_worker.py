@@ -19,11 +19,11 @@ from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
 from gateway.mailstore.interface import FolderRef, UidSet
 from gateway.mailstore.tables import Delivery
-from gateway.pipeline.delivery import LocalDelivery as QueueDelivery
-from gateway.pipeline.generated import GeneratedMailQueue
-from gateway.pipeline.models import QueuedMessage
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.queue.local_delivery import LocalDelivery as QueueDelivery
+from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.tables import QueuedMessage
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import is_sealed
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from gateway.pipeline.limits import ConcurrencyLimiter, RateLimiter
 from gateway.pipeline.parse import ParseLimits, scan_message
 from gateway.pipeline.trace import without_forged_results
-from gateway.smtp.codes import SmtpRefusal
-from gateway.smtp.parameters import (
+from gateway.mail.codes import SmtpRefusal
+from gateway.mail.parameters import (
     decode_xtext,
     encode_xtext,
     parse_mail_parameters,
     parse_rcpt_parameters,
 )
-from gateway.smtp.paths import parse_path, split_path_argument
+from gateway.mail.paths import parse_path, split_path_argument
 
 
 # --------------------------------------------------------------------------- paths

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.pipeline.parse import ParseLimits, scan_stream
-from gateway.smtp.codes import SmtpRefusal
+from gateway.mail.codes import SmtpRefusal
 
 LIMIT = 6
 LIMITS = ParseLimits(max_header_count=50, max_header_bytes=64 * 1024, max_mime_depth=LIMIT)

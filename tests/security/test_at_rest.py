@@ -17,7 +17,7 @@ from gateway.directory.demo import TEST_INS_OID
 from gateway.directory.identifiers import add_nir_key
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.record import patient_owner
-from gateway.pipeline.spool import Spool
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import (
     SPOOL_SEGMENT,
     FieldSealer,

@@ -21,7 +21,7 @@ from gateway.config import Settings, load_settings
 from gateway.directory.demo import DemoAccount, seed_demo_directory
 from gateway.directory.identifiers import add_nir_key
 from gateway.directory.service import DirectoryService
-from gateway.pipeline.delivery import LocalStore
+from gateway.queue.local_delivery import LocalStore
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import SmtpListeners, TlsMaterial, build_pipeline, open_listeners

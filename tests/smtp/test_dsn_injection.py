@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.smtp.dsn import Action, OriginalMessage, RecipientReport, build_dsn
+from gateway.queue.dsn import Action, OriginalMessage, RecipientReport, build_dsn
 from tests.harness import GatewayProcess
 from tests.smtp.doors import PEER, doors_gateway, inbox, login, open_door, wait_for_subject
 
@@ -86,7 +86,7 @@ def test_failure_report_carries_the_parameters_as_single_fields(gw: GatewayProce
 
 
 def test_report_writer_never_writes_a_line_break_from_a_parameter() -> None:
-    """Defence in depth (gateway.smtp.dsn): a value stored before validation existed cannot inject either."""
+    """Defence in depth (gateway.queue.dsn): a value stored before validation existed cannot inject either."""
     original = OriginalMessage(sender="claire@ours.test", content=b"Subject: x\r\n\r\nbody\r\n",
                                envid="e1\r\nAction: delivered", ret="HDRS")
     report = RecipientReport(final_recipient="dr.x@peer.test", action=Action.FAILED, status="5.1.1",

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import update
 
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient
-from gateway.pipeline.queue import QueueStore
+from gateway.queue.tables import QueuedMessage, QueuedRecipient
+from gateway.queue.store import QueueStore
 from gateway.storage.models import utcnow
 from tests.smtp.conftest import logged_in, message
 from tests.smtp.gateway_thread import GatewayThread

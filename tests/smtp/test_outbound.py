@@ -21,15 +21,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import DkimSettings
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.queue.tables import QueuedMessage, QueuedRecipient
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool
 from gateway.security.dkim import DkimKeys, verify_dkim
 from gateway.security.pki import TestPKI
 from gateway.security.tls import server_context
 from gateway.smtp.listeners import spool_root
-from gateway.smtp.outbound import OutboundWorker, outbound_tls_context
-from gateway.smtp.outbound_store import OutboundStore
+from gateway.queue.outbound import OutboundWorker, outbound_tls_context
+from gateway.queue.outbound_store import OutboundStore
 from tests.dnsmasq import Dnsmasq, DnsZone, free_port
 from tests.smtp.conftest import logged_in, message
 from tests.smtp.gateway_thread import GatewayThread

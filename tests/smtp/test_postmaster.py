@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.pipeline.queue import QueueStore
+from gateway.queue.store import QueueStore
 from tests.smtp.conftest import client_context, logged_in, message
 from tests.smtp.gateway_thread import PEER_DOMAIN, GatewayThread
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from gateway.config import load_settings
-from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState
-from gateway.smtp.outbound_store import AttemptRecord, OutboundStore
+from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState
+from gateway.queue.outbound_store import AttemptRecord, OutboundStore
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 from tests.harness import run_cli

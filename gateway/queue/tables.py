@@ -1,9 +1,8 @@
-"""Tables of the pipeline: the queue (one message row, one row per recipient) and conversations.
+"""Tables of the queue: one message row, one row per recipient.
 
 A queue row exists only for a message whose spool file is durable; its
 recipient rows move ``pending`` -> ``delivered`` | ``failed``, or ``deferred``
-with a next attempt time. Conversations record which professional wrote to
-which patient, so a patient may answer (MSSanté / Mon espace santé rule).
+with a next attempt time.
 """
 
 from __future__ import annotations
@@ -82,17 +81,3 @@ class QueuedRecipient(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now())
 
     message: Mapped[QueuedMessage] = relationship(back_populates="recipients")
-
-
-class Conversation(Base):
-    """A professional wrote to a patient: the patient may answer until the professional ends it."""
-
-    __tablename__ = "conversations"
-    __table_args__ = (UniqueConstraint("professional_address", "patient_mailbox_id", name="pair"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    professional_address: Mapped[str] = mapped_column(String(320))
-    patient_mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"), index=True)
-    opened_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
-    last_message_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
-    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

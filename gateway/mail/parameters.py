@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gateway.smtp.codes import PARAM_NOT_SUPPORTED, SYNTAX_PARAMS, Reply, SmtpRefusal
+from gateway.mail.codes import PARAM_NOT_SUPPORTED, SYNTAX_PARAMS, Reply, SmtpRefusal
 
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _HEX = "0123456789ABCDEF"

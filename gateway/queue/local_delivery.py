@@ -12,7 +12,7 @@ Delivery ends (RFC 5321 4.5.4.1): before each attempt the recipient is routed
 again, so a mailbox deleted, disabled or closed since acceptance fails at once;
 a temporary failure (over quota, store busy) is retried every
 ``local_retry_seconds`` until ``local_queue_lifetime_hours`` after arrival, then
-fails (gateway.pipeline.local_failures). A failed recipient is reported to the
+fails (gateway.queue.local_failures). A failed recipient is reported to the
 sender by an RFC 3464 DSN, as NOTIFY asks (RFC 3461 4.1) and never for a null
 reverse-path (RFC 3461 5.2.1), queued in the transaction that records the failure.
 
@@ -32,14 +32,14 @@ from typing import Any, BinaryIO, Protocol
 from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
 from gateway.ops.metrics import LOCAL_DELIVERIES
-from gateway.pipeline.generated import PreparedMail
-from gateway.pipeline.local_failures import LocalFailure, mailbox_gone, refused_route, store_error
-from gateway.pipeline.models import QueuedMessage
-from gateway.pipeline.queue import LocalWork, QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.queue.generated import PreparedMail
+from gateway.queue.local_failures import LocalFailure, mailbox_gone, refused_route, store_error
+from gateway.queue.spool import Spool
+from gateway.queue.store import LocalWork, QueueStore
+from gateway.queue.tables import QueuedMessage
 from gateway.pipeline.trace import without_forged_results
-from gateway.smtp.dsn import Action, RecipientReport, wants_report
-from gateway.smtp.outbound_store import MessageWork
+from gateway.queue.dsn import Action, RecipientReport, wants_report
+from gateway.queue.outbound_store import MessageWork
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")
@@ -59,7 +59,7 @@ class RouteLookup(Protocol):
 
 
 class FailureReports(Protocol):
-    """Failure DSNs through the generated-mail queue (gateway.smtp.outbound.DsnReports)."""
+    """Failure DSNs through the generated-mail queue (gateway.queue.outbound.DsnReports)."""
 
     async def prepare(self, message: MessageWork, reports: Sequence[RecipientReport]) -> PreparedMail | None: ...
 

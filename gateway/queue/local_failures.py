@@ -12,7 +12,7 @@ retried forever): each failure is classified once, here, as
   full"), the store is busy or failed (4.3.0, which becomes 5.4.7, RFC 3463 3.5
   "Delivery time expired").
 
-A final failure is reported to the sender by an RFC 3464 DSN (gateway.pipeline.delivery).
+A final failure is reported to the sender by an RFC 3464 DSN (gateway.queue.local_delivery).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from gateway.directory.service import RefusedRoute
 from gateway.errors import UserError
 from gateway.mailstore.errors import MailboxNotHosted, QuotaExceeded
 from gateway.pipeline.policy import ROUTE_REFUSALS
-from gateway.smtp import codes
-from gateway.smtp.codes import Reply
+from gateway.mail import codes
+from gateway.mail.codes import Reply
 
 STORE_ERROR = Reply(451, "4.3.0", "Local delivery failed: {detail}")            # RFC 3463 3.4 (X.3.0)
 LIFETIME_EXPIRED = "5.4.7"                                                       # RFC 3463 3.5: delivery time expired

@@ -3,7 +3,7 @@
 One pass of the worker (``run_once``) claims the due remote recipients, groups
 them by message and domain, and runs one SMTP transaction per group:
 
-1. route: the static transport map, else MX records (gateway.smtp.mx, RFC 5321 5.1);
+1. route: the static transport map, else MX records (gateway.queue.mx, RFC 5321 5.1);
 2. per MX host, per address: connect, EHLO, **STARTTLS required** (RFC 3207; a
    peer that does not offer it is a temporary failure, never a plaintext
    delivery), certificate verified against the trust anchors and matched to the
@@ -38,17 +38,17 @@ from typing import Any, BinaryIO
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
-from gateway.pipeline.generated import DSN_DOOR, GeneratedMailQueue, PreparedMail, WrittenMail
-from gateway.pipeline.models import RecipientState
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool, SpoolFile
+from gateway.queue.generated import DSN_DOOR, GeneratedMailQueue, PreparedMail, WrittenMail
+from gateway.queue.tables import RecipientState
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool, SpoolFile
 from gateway.security.dkim import DkimKeys, DkimSigner, key_directory
 from gateway.security.pki import TestPKI
 from gateway.security.tls import client_context, describe_certificate
-from gateway.smtp.dsn import Action, OriginalMessage, RecipientReport, wants_report, write_dsn
-from gateway.smtp.mx import MxHost, MxResolver, RouteFailure
-from gateway.smtp.outbound_store import AttemptRecord, DomainBatch, MessageWork, OutboundStore, RecipientWork
-from gateway.smtp.parameters import encode_xtext
+from gateway.queue.dsn import Action, OriginalMessage, RecipientReport, wants_report, write_dsn
+from gateway.queue.mx import MxHost, MxResolver, RouteFailure
+from gateway.queue.outbound_store import AttemptRecord, DomainBatch, MessageWork, OutboundStore, RecipientWork
+from gateway.mail.parameters import encode_xtext
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.pipeline.conversations import ConversationBook, ConversationChange
-from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

@@ -29,7 +29,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from gateway.smtp.parameters import encode_xtext
+from gateway.mail.parameters import encode_xtext
 from gateway.storage.models import utcnow
 
 CHUNK = 256 * 1024
@@ -290,7 +290,7 @@ def _original_chunks(original: OriginalMessage) -> Iterable[bytes]:
 def _one_line(value: str) -> str:
     """A value from the envelope (ORCPT, ENVID, an address, a host) quoted in a report field: as it is when
     it holds no control character, else xtext-encoded (RFC 3461 4), so it can never start a line or field.
-    Parameters are validated when they arrive (gateway.smtp.parameters); this guards what was stored before."""
+    Parameters are validated when they arrive (gateway.mail.parameters); this guards what was stored before."""
     if not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
         return value
     return encode_xtext(value)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.smtp.codes import MALFORMED_ADDRESS, SYNTAX_PARAMS, SmtpRefusal
+from gateway.mail.codes import MALFORMED_ADDRESS, SYNTAX_PARAMS, SmtpRefusal
 
 # RFC 5321 4.1.2: atext characters of a Dot-string (RFC 6531 3.3 adds UTF-8 non-ASCII).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"

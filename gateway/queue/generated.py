@@ -36,8 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.pipeline.spool import Spool, SpoolFile
+from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.spool import Spool, SpoolFile
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

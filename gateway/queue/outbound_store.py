@@ -20,9 +20,9 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.pipeline.generated import PreparedMail
-from gateway.pipeline.models import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.smtp.outbound_tables import OutboundAttempt, OutboundMessage
+from gateway.queue.generated import PreparedMail
+from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
