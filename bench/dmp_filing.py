@@ -30,7 +30,6 @@ from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.queue.tables import QueuedMessage
-from gateway.queue.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
@@ -102,7 +101,7 @@ async def main(count: int, database_url: str | None) -> None:
         services = BenchServices(Path(directory), database_url)
         try:
             await prepare(services, count)
-            worker = build_filing_worker(services, Spool(Path(directory) / "spool"), schedule_local=lambda _q: None)
+            worker = build_filing_worker(services)
             started = time.perf_counter()
             jobs = await worker.run_once()
             elapsed = time.perf_counter() - started

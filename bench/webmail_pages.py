@@ -42,7 +42,6 @@ from gateway.config import load_settings  # noqa: E402
 from gateway.dmp_bridge.worker import build_filing_worker  # noqa: E402
 from gateway.mailstore.delivery import LocalDelivery  # noqa: E402
 from gateway.queue.tables import QueuedMessage  # noqa: E402
-from gateway.queue.spool import Spool  # noqa: E402
 from gateway.webmail.app import build_webmail_app  # noqa: E402
 from gateway.webmail.sessions import Stage  # noqa: E402
 from gateway.webmail.web import CONTEXT, SESSION_COOKIE  # noqa: E402
@@ -71,7 +70,7 @@ async def file_documents(data_dir: Path, address: str, count: int) -> float:
                 session.add(QueuedMessage(id=queue_id, door="submission", sender=lab, size=len(raw), trace_headers="",
                                           client_address="127.0.0.1", authenticated_as=lab))
             await delivery.deliver(account.mailbox_id, raw, delivery_key=f"{queue_id}:1")
-        worker = build_filing_worker(services, Spool(data_dir / "spool"), schedule_local=lambda _q: None)
+        worker = build_filing_worker(services)
         started = time.perf_counter()
         while await worker.run_once():
             pass

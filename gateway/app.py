@@ -28,7 +28,13 @@ from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.ops.http import MetricsListener, Readiness
 from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
+from gateway.mailstore.delivery import LocalDelivery
+from gateway.pipeline.conversations import ConversationBook
+from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.outbound import outbound_tls_context
+from gateway.queue.service import MailQueue
+from gateway.queue.spool import Spool, spool_root
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
 from gateway.security.keys import KeyManager
@@ -38,7 +44,6 @@ from gateway.security.smime_service import SmimeService
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.smtp.listeners import start_smtp_listeners
-from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.private import private_dir, secure_tree
@@ -66,6 +71,10 @@ class Services:
     revocation: RevocationList   # the CRLs as they are now, for every certificate login
     tls_contexts: ReloadingContexts  # listeners' TLS contexts, rebuilt when their files (CRLs, trust) change
     trust_anchors: list[Path]        # pki.trust_anchors as files: one live list, replaced in place on SIGHUP
+    spool: Spool                 # the one spool, sealed with ``spool_cipher`` (serve and the CLI alike)
+    queue: MailQueue             # after the 250: rows, local delivery, outbound worker, DSNs, the admin verbs
+    generated: GeneratedMailQueue  # the one way mail the gateway writes itself enters the queue (``queue.generated``)
+    pipeline: Pipeline           # parse -> policy -> security -> route -> hand to ``queue``, for every door
     token_verifier: OidcTokenVerifier | None = None   # SASL OAUTHBEARER/XOAUTH2 (PSC); None: no issuer configured
 
 
@@ -91,6 +100,13 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         await auth_limiter.load()
         anchors = [Path(path).expanduser() for path in settings.pki.trust_anchors]
         revocation = RevocationList(lambda: [*pki.crl_paths, *anchors])   # anchor files carry other CAs' CRLs
+        mailstore = SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields))
+        smime = SmimeService(db, settings, pki, blobs, fields)
+        spool_cipher = await SpoolCipher.load(keys)
+        spool = Spool(spool_root(settings), spool_cipher)
+        queue = MailQueue(settings, db, directory, spool, LocalDelivery(mailstore))
+        pipeline = Pipeline(settings, directory, queue.rows, spool, queue.local, ConversationBook(db), smime=smime)
+        pipeline.on_remote_queued(queue.wake_remote)
         yield Services(
             settings=settings,
             db=db,
@@ -100,15 +116,19 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             keys=keys,
             blobs=blobs,
             hub=hub,
-            mailstore=SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields)),
+            mailstore=mailstore,
             fields=fields,
-            spool_cipher=await SpoolCipher.load(keys),
-            smime=SmimeService(db, settings, pki, blobs, fields),
+            spool_cipher=spool_cipher,
+            smime=smime,
             audit=audit,
             auth_limiter=auth_limiter,
             revocation=revocation,
             tls_contexts=ReloadingContexts(),
             trust_anchors=anchors,
+            spool=spool,
+            queue=queue,
+            generated=queue.generated,
+            pipeline=pipeline,
             token_verifier=OidcTokenVerifier.from_settings(settings.oidc, directory),
         )
     finally:
@@ -176,28 +196,24 @@ class Gateway:
         """Start the workers and open every listener; each is stopped by ``running`` in reverse order."""
         settings = self.settings
         grace = settings.listen.shutdown_grace_seconds
-        smtp = await start_smtp_listeners(services, settings)
-        running.push_async_callback(smtp.aclose, grace)
-        outbound = OutboundWorker(services.db, settings, tls_context=outbound_tls_context(services.pki, settings),
-                                  directory=services.directory, spool=smtp.pipeline.spool,
-                                  schedule_local=smtp.delivery.schedule)
-        await outbound.start()
-        running.push_async_callback(outbound.stop)
-        smtp.pipeline.on_remote_queued(outbound.wake)
-        filing = build_filing_worker(services, smtp.pipeline.spool, schedule_local=smtp.delivery.schedule,
-                                     wake_remote=outbound.wake)
+        recovered = await services.queue.start_local()      # recovery pass, then local delivery
+        log.info("queue recovery: %s", recovered)
+        outbound = await services.queue.start_outbound(outbound_tls_context(services.pki, settings))
+        running.push_async_callback(services.queue.stop)
+        filing = build_filing_worker(services)
         await filing.start()
         running.push_async_callback(filing.stop)
         self.workers = {"local_delivery": settings.smtp.delivery_workers,
                         "outbound": settings.outbound.max_concurrent_deliveries,
                         "filing": filing.policy.concurrency, "access_notices": 1, "shredding": 1}
-        generated = GeneratedMailQueue(settings, services.directory, smtp.pipeline.spool,
-                                       schedule_local=smtp.delivery.schedule, wake_remote=outbound.wake)
-        notices = AccessNoticeTask(services.db, settings, generated)
+        # Stopped first on SIGTERM (callbacks run in reverse): no new mail, transactions in flight finish.
+        smtp = await start_smtp_listeners(services, settings)
+        running.push_async_callback(smtp.aclose, grace)
+        notices = AccessNoticeTask(services.db, settings, services.generated)
         await notices.start()
         running.push_async_callback(notices.stop)
         # The HTTPS listener: the patient webmail at its root, the FHIR API mounted under fhir.base_path.
-        webmail = build_webmail_app(services, settings, pipeline=smtp.pipeline) if settings.webmail.enabled else None
+        webmail = build_webmail_app(services, settings, pipeline=services.pipeline) if settings.webmail.enabled else None
         http = await start_http_listener(services, settings, root=webmail,
                                          notifier=AccessNoticeRecorder(services.db, wake=notices.wake))
         running.push_async_callback(http.aclose)

@@ -33,8 +33,6 @@ from gateway.dmp_bridge.record import QuarantineEntry, RecordStore, describe_doc
 from gateway.dmp_bridge.tables import FilingJob, RecordDocument
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.errors import UserError
-from gateway.queue.spool import Spool
-from gateway.smtp.listeners import spool_root
 from gateway.storage.models import Patient
 
 CLI = Source(Door.CLI)
@@ -122,8 +120,7 @@ async def _show(services: Any, document_id: str) -> RecordDocument:
 
 
 async def _refile(services: Any, delivery_id: int) -> dict[str, Any]:
-    spool = Spool(spool_root(services.settings))
-    worker = build_filing_worker(services, spool, schedule_local=lambda _queue_id: None)
+    worker = build_filing_worker(services)      # acknowledgements through the one sealed spool and queue
     try:
         job = await worker.refile(delivery_id)
     except UserError as error:

@@ -38,7 +38,7 @@ import datetime as dt
 import email
 import email.policy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Protocol
@@ -75,10 +75,9 @@ from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Delivery
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
-from gateway.queue.spool import Spool
 from gateway.security.at_rest import FieldSealer
 from gateway.security.smime_policy import InboundResult
-from gateway.security.smime_service import DecryptedCopy
+from gateway.security.smime_service import DecryptedCopy, SmimeService
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
@@ -433,22 +432,19 @@ class FilingServices(Protocol):
     hub: ChangeHub
     mailstore: SqlMailStore
     fields: FieldSealer
+    smime: SmimeService
+    generated: GeneratedMailQueue
 
 
-def build_filing_worker(services: FilingServices, spool: Spool, *, schedule_local: Callable[[str], None],
-                        wake_remote: Callable[[], None] | None = None) -> FilingWorker:
-    """The worker as ``gateway serve`` runs it: acknowledgements through the queue, events in the audit log.
-
-    ``schedule_local`` and ``wake_remote`` hand generated mail to local delivery and to the outbound
-    worker (``LocalDelivery.schedule`` and ``OutboundWorker.wake`` of the SMTP side).
-    """
+def build_filing_worker(services: FilingServices) -> FilingWorker:
+    """The worker as ``gateway serve`` runs it: acknowledgements through the one generated-mail queue
+    (``services.generated``: local delivery or the outbound worker takes them), events in the audit log."""
     settings = services.settings
-    queue = GeneratedMailQueue(settings, services.directory, spool, schedule_local=schedule_local, wake_remote=wake_remote)
     journal = AuditJournal(AuditLog.for_data_dir(services.db, settings.data_path))
     policy = WorkerPolicy(accept_production=settings.directory.accept_production_ins)
     return FilingWorker(services.db, services.mailstore, services.blobs, hub=services.hub, journal=journal,
-                        acknowledger=Acknowledger(services.db, queue, settings), policy=policy,
-                        smime=getattr(services, "smime", None), fields=services.fields)
+                        acknowledger=Acknowledger(services.db, services.generated, settings), policy=policy,
+                        smime=services.smime, fields=services.fields)
 
 
 def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:

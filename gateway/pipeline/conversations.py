@@ -34,6 +34,10 @@ class ConversationChange:
     patient_mailbox_id: int
     ending: bool
 
+    async def apply(self, session: AsyncSession) -> None:
+        """Committed with the queue rows of the message that made it (gateway.queue.store.CompanionChange)."""
+        await ConversationBook.apply(session, self)
+
 
 class ConversationBook:
     def __init__(self, db: Database) -> None:

@@ -24,7 +24,7 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute
 from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.conversations import ConversationBook
-from gateway.queue.local_delivery import LocalDelivery
+from gateway.queue.local_delivery import LocalDeliveryWorker
 from gateway.pipeline.limits import RateLimiter
 from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.pipeline.origin import Origin
@@ -70,7 +70,7 @@ class _Copy:
 
 class Pipeline:
     def __init__(self, settings: Settings, directory: DirectoryService, queue: QueueStore, spool: Spool,
-                 delivery: LocalDelivery, conversations: ConversationBook, *, smime: SmimeService | None = None) -> None:
+                 delivery: LocalDeliveryWorker, conversations: ConversationBook, *, smime: SmimeService | None = None) -> None:
         self.settings = settings
         self.smime = smime
         self.smtp = settings.smtp

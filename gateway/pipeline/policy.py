@@ -39,18 +39,9 @@ from gateway.pipeline.conversations import ConversationBook, ConversationChange,
 from gateway.pipeline.origin import Origin, TlsInfo
 from gateway.pipeline.parse import MessageFacts, parse_mailbox_list
 from gateway.mail import codes
-from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.codes import SmtpRefusal
 from gateway.mail.paths import POSTMASTER, SmtpPath
-
-ROUTE_REFUSALS: dict[RouteRefusal, Reply] = {
-    RouteRefusal.UNKNOWN_MAILBOX: codes.UNKNOWN_MAILBOX,
-    RouteRefusal.MAILBOX_DISABLED: codes.MAILBOX_DISABLED,
-    RouteRefusal.PATIENT_OPPOSED: codes.PATIENT_OPPOSED,
-    RouteRefusal.PATIENT_CLOSED: codes.PATIENT_CLOSED,
-    RouteRefusal.DOMAIN_NOT_TRUSTED: codes.DOMAIN_NOT_TRUSTED,
-    RouteRefusal.MALFORMED: codes.MALFORMED_ADDRESS,
-}
-
+from gateway.queue.local_failures import ROUTE_REFUSALS
 
 @dataclass(frozen=True)
 class AcceptedRecipient:

@@ -16,7 +16,7 @@ and are removed at delivery (RFC 8601 5).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from email.utils import format_datetime
 
 from gateway.pipeline.origin import Door, Origin
@@ -82,25 +82,3 @@ def trace_header_block(origin: Origin, *, hostname: str, queue_id: str, sender: 
         fields.append(f"X-MSS-NIL: {x_mss_nil}")
     fields += added_fields
     return "".join(field + "\r\n" for field in fields)
-
-
-def without_forged_results(lines: Iterable[bytes], authserv_id: str) -> Iterator[bytes]:
-    """Pass a message's lines through, dropping header fields ``Authentication-Results: <authserv_id>``
-    (with their continuation lines) from the header section only (RFC 8601 5)."""
-    marker = authserv_id.lower().encode()
-    in_header = True
-    dropping = False
-    for line in lines:
-        if in_header:
-            if line in (b"\r\n", b"\n"):
-                in_header = False
-            elif line[:1] in (b" ", b"\t"):
-                if dropping:
-                    continue
-            else:
-                name, _, value = line.partition(b":")
-                dropping = name.strip().lower() == b"authentication-results" and \
-                    value.strip().lower().split(b";", 1)[0].strip() == marker
-                if dropping:
-                    continue
-        yield line

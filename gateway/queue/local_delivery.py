@@ -25,7 +25,7 @@ import asyncio
 import datetime as dt
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -37,7 +37,6 @@ from gateway.queue.local_failures import LocalFailure, mailbox_gone, refused_rou
 from gateway.queue.spool import Spool
 from gateway.queue.store import LocalWork, QueueStore
 from gateway.queue.tables import QueuedMessage
-from gateway.pipeline.trace import without_forged_results
 from gateway.queue.dsn import Action, RecipientReport, wants_report
 from gateway.queue.outbound_store import MessageWork
 from gateway.storage.models import utcnow
@@ -66,6 +65,28 @@ class FailureReports(Protocol):
     def discard(self, prepared: PreparedMail) -> None: ...
 
     def dispatch(self, prepared: PreparedMail) -> None: ...
+
+
+def without_forged_results(lines: Iterable[bytes], authserv_id: str) -> Iterator[bytes]:
+    """Pass a message's lines through, dropping header fields ``Authentication-Results: <authserv_id>``
+    (with their continuation lines) from the header section only (RFC 8601 5)."""
+    marker = authserv_id.lower().encode()
+    in_header = True
+    dropping = False
+    for line in lines:
+        if in_header:
+            if line in (b"\r\n", b"\n"):
+                in_header = False
+            elif line[:1] in (b" ", b"\t"):
+                if dropping:
+                    continue
+            else:
+                name, _, value = line.partition(b":")
+                dropping = name.strip().lower() == b"authentication-results" and \
+                    value.strip().lower().split(b";", 1)[0].strip() == marker
+                if dropping:
+                    continue
+        yield line
 
 
 class DeliveryStream(io.RawIOBase):
@@ -119,7 +140,9 @@ class RecoveryReport:
     scheduled: int = 0
 
 
-class LocalDelivery:
+class LocalDeliveryWorker:
+    """Spool -> mail store for our own mailboxes: the recovery pass, the delivery workers, the retry loop."""
+
     def __init__(self, queue: QueueStore, spool: Spool, store: LocalStore | None, *, authserv_id: str,
                  workers: int = 4, retry_seconds: int = 60, lifetime_hours: float = 48.0,
                  directory: RouteLookup | None = None, reports: FailureReports | None = None) -> None:
@@ -284,9 +307,4 @@ class LocalDelivery:
         report = RecipientReport(final_recipient=work.address, action=Action.FAILED, status=failure.status,
                                  diagnostic=failure.diagnostic, original_recipient=recipient.orcpt,
                                  last_attempt=utcnow())
-        return await self.reports.prepare(_message_work(message), [report])
-
-
-def _message_work(row: QueuedMessage) -> MessageWork:
-    return MessageWork(row.id, row.sender, row.envid, row.ret, row.body_type, row.smtputf8, row.size,
-                       row.trace_headers, row.received_at, row.message_id_header)
+        return await self.reports.prepare(MessageWork.of(message), [report])

@@ -19,15 +19,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.directory.service import RefusedRoute
+from gateway.directory.service import RefusedRoute, RouteRefusal
 from gateway.errors import UserError
 from gateway.mailstore.errors import MailboxNotHosted, QuotaExceeded
-from gateway.pipeline.policy import ROUTE_REFUSALS
 from gateway.mail import codes
 from gateway.mail.codes import Reply
 
 STORE_ERROR = Reply(451, "4.3.0", "Local delivery failed: {detail}")            # RFC 3463 3.4 (X.3.0)
 LIFETIME_EXPIRED = "5.4.7"                                                       # RFC 3463 3.5: delivery time expired
+
+# Why the directory refuses an address, as a reply: at RCPT time (gateway.pipeline.policy) and again before
+# each local delivery attempt, when the mailbox changed since acceptance (refused_route below).
+ROUTE_REFUSALS: dict[RouteRefusal, Reply] = {
+    RouteRefusal.UNKNOWN_MAILBOX: codes.UNKNOWN_MAILBOX,
+    RouteRefusal.MAILBOX_DISABLED: codes.MAILBOX_DISABLED,
+    RouteRefusal.PATIENT_OPPOSED: codes.PATIENT_OPPOSED,
+    RouteRefusal.PATIENT_CLOSED: codes.PATIENT_CLOSED,
+    RouteRefusal.DOMAIN_NOT_TRUSTED: codes.DOMAIN_NOT_TRUSTED,
+    RouteRefusal.MALFORMED: codes.MALFORMED_ADDRESS,
+}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from gateway.config import Settings
-from gateway.directory.service import DirectoryService
 from gateway.queue.generated import DSN_DOOR, GeneratedMailQueue, PreparedMail, WrittenMail
 from gateway.queue.tables import RecipientState
 from gateway.queue.store import QueueStore
@@ -409,18 +408,16 @@ class WorkerStats:
 class OutboundWorker:
     """Delivers remote recipients; ``start``/``stop`` from ``gateway serve``, ``run_once`` for tests and tools."""
 
-    def __init__(self, db: Database, settings: Settings, *, tls_context: ssl.SSLContext, directory: DirectoryService,
-                 spool: Spool, schedule_local: Callable[[str], None] | None = None,
+    def __init__(self, db: Database, settings: Settings, generated: GeneratedMailQueue, *, tls_context: ssl.SSLContext,
                  resolver: MxResolver | None = None, signer: DkimSigner | None = None) -> None:
         self.settings = settings
         self.outbound = settings.outbound
         self.store = OutboundStore(db)
         self.queue = QueueStore(db)
         self.tls_context = tls_context
-        self.spool = spool
-        self.generated = GeneratedMailQueue(settings, directory, spool, schedule_local=schedule_local,
-                                            wake_remote=self.wake)
-        self.reports = DsnReports(settings, self.generated, spool)
+        self.spool = generated.spool                 # the one sealed spool, the generated-mail queue's
+        self.generated = generated                   # its DSNs take the one generated-mail queue (MailQueue's)
+        self.reports = DsnReports(settings, generated, self.spool)
         self.mx = resolver or MxResolver(settings.outbound)
         self.signer = signer or DkimSigner(DkimKeys(key_directory(settings)), settings.dkim)
         self.backoff = Backoff.from_settings(settings)

@@ -51,6 +51,12 @@ class MessageWork:
     received_at: dt.datetime
     message_id_header: str | None
 
+    @classmethod
+    def of(cls, row: QueuedMessage) -> "MessageWork":
+        """What the worker and the DSN need of a queued message's row."""
+        return cls(row.id, row.sender, row.envid, row.ret, row.body_type, row.smtputf8, row.size,
+                   row.trace_headers, row.received_at, row.message_id_header)
+
 
 @dataclass
 class DomainBatch:
@@ -75,11 +81,6 @@ class AttemptRecord:
     tls_version: str | None = None
     next_attempt_at: dt.datetime | None = None
     attempted_at: dt.datetime = field(default_factory=utcnow)
-
-
-def _message_work(row: QueuedMessage) -> MessageWork:
-    return MessageWork(row.id, row.sender, row.envid, row.ret, row.body_type, row.smtputf8, row.size,
-                       row.trace_headers, row.received_at, row.message_id_header)
 
 
 def _due(now: dt.datetime) -> Any:
@@ -112,7 +113,7 @@ class OutboundStore:
         batches: dict[tuple[str, str], DomainBatch] = {}
         for recipient, message in claimed:
             key = (message.id, recipient.domain.lower())
-            batch = batches.setdefault(key, DomainBatch(_message_work(message), recipient.domain.lower()))
+            batch = batches.setdefault(key, DomainBatch(MessageWork.of(message), recipient.domain.lower()))
             batch.recipients.append(RecipientWork(recipient.id, recipient.address, recipient.notify,
                                                   recipient.orcpt, recipient.attempts))
         return list(batches.values())

@@ -26,8 +26,14 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.config import Settings
 from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
 from gateway.storage.private import private_dir
+
+
+def spool_root(settings: Settings) -> Path:
+    """``smtp.spool_dir``, or ``<data_dir>/spool``."""
+    return Path(settings.smtp.spool_dir).expanduser().resolve() if settings.smtp.spool_dir else settings.data_path / "spool"
 
 
 def new_queue_id() -> str:

@@ -1,7 +1,7 @@
 """The queue in the database: one transaction per accepted message, one row per recipient.
 
 ``commit`` is the last step before 250: the spool file is already durable, and
-the message row, its recipient rows and the conversation changes are written in
+the message row, its recipient rows and the pipeline's companion changes (conversations) are written in
 one transaction (SQLite with synchronous=FULL and PostgreSQL both make a
 committed transaction durable).
 """
@@ -16,7 +16,6 @@ from typing import Protocol
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.pipeline.conversations import ConversationBook, ConversationChange
 from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
@@ -42,27 +41,34 @@ class QueueRows(Protocol):
     def add_to(self, session: AsyncSession) -> None: ...
 
 
+class CompanionChange(Protocol):
+    """A change the pipeline commits with the queue rows of a message it accepted (a conversation opened or
+    closed: ``gateway.pipeline.conversations.ConversationChange``), in the same transaction."""
+
+    async def apply(self, session: AsyncSession) -> None: ...
+
+
 class QueueStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
     async def commit(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
-                     conversation_changes: Sequence[ConversationChange]) -> None:
+                     conversation_changes: Sequence[CompanionChange]) -> None:
         async with self.db.session() as s:
             message.recipients = list(recipients)
             s.add(message)
             for change in conversation_changes:
-                await ConversationBook.apply(s, change)
+                await change.apply(s)
 
     async def commit_all(self, messages: Sequence[tuple[QueuedMessage, Sequence[QueuedRecipient]]],
-                         conversation_changes: Sequence[ConversationChange]) -> None:
+                         conversation_changes: Sequence[CompanionChange]) -> None:
         """``commit`` for the copies of one accepted message (S/MIME split it), in one transaction."""
         async with self.db.session() as s:
             for message, recipients in messages:
                 message.recipients = list(recipients)
                 s.add(message)
             for change in conversation_changes:
-                await ConversationBook.apply(s, change)
+                await change.apply(s)
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""

@@ -1,9 +1,8 @@
-"""Assemble the SMTP side and open its three listeners.
+"""Open the SMTP side's three listeners in front of the pipeline.
 
 ``start_smtp_listeners(services, settings)`` is what ``gateway serve`` calls:
-it builds the pipeline (queue, spool, policy, local delivery), runs the
-recovery pass (every acknowledged message not yet delivered is scheduled
-again), and opens
+the pipeline and the queue behind it come built from ``gateway.app.open_services``
+(the queue's recovery pass has run); it opens
 
 - submission  (``listen.smtp_submission_port``): STARTTLS, then AUTH, then mail;
 - submissions (``listen.smtp_submissions_port``): implicit TLS, then AUTH;
@@ -22,27 +21,19 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.ops.metrics import CONNECTIONS
 from gateway.directory.service import DirectoryService
-from gateway.pipeline.conversations import ConversationBook
-from gateway.queue.local_delivery import LocalDelivery, LocalStore
-from gateway.queue.generated import GeneratedMailQueue
 from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
-from gateway.queue.store import QueueStore
-from gateway.queue.spool import Spool
-from gateway.security.at_rest import SpoolCipher
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
+from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
-from gateway.security.smime_service import SmimeService
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
-from gateway.queue.outbound import DsnReports
 from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
-from gateway.storage.db import Database
 
 log = logging.getLogger("gateway.smtp")
 
@@ -71,12 +62,11 @@ class TlsMaterial:
 
 
 class SmtpListeners(list[asyncio.Server]):
-    """The open listeners (a list, as ``gateway serve`` expects) plus what runs behind them."""
+    """The open listeners (a list, as ``gateway serve`` expects) and the pipeline behind them."""
 
-    def __init__(self, pipeline: Pipeline, delivery: LocalDelivery, session_limits: SessionLimits) -> None:
+    def __init__(self, pipeline: Pipeline, session_limits: SessionLimits) -> None:
         super().__init__()
         self.pipeline = pipeline
-        self.delivery = delivery
         self.session_limits = session_limits
         self.addresses: dict[str, tuple[str, int]] = {}
         self.connections: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
@@ -96,59 +86,44 @@ class SmtpListeners(list[asyncio.Server]):
             connection.force_shut_down()
         for server in self:
             await server.wait_closed()
-        await self.delivery.stop()
 
 
-def spool_root(settings: Settings) -> Path:
-    return Path(settings.smtp.spool_dir).expanduser().resolve() if settings.smtp.spool_dir else settings.data_path / "spool"
+class SmtpServices(Protocol):
+    """What the listeners need of ``gateway.app.Services``."""
+
+    pipeline: Pipeline
+    directory: DirectoryService
+    pki: TestPKI
+    tls_contexts: ReloadingContexts
+    @property
+    def token_verifier(self) -> TokenVerifier | None: ...
+    auth_limiter: AuthLimiter
+    revocation: RevocationList
 
 
-def build_pipeline(settings: Settings, db: Database, directory: DirectoryService, store: LocalStore | None,
-                   *, spool_cipher: SpoolCipher | None = None, smime: SmimeService | None = None) -> Pipeline:
-    queue = QueueStore(db)
-    spool = Spool(spool_root(settings), spool_cipher)
-    delivery = LocalDelivery(queue, spool, store, authserv_id=settings.hostname,
-                             workers=settings.smtp.delivery_workers, retry_seconds=settings.smtp.local_retry_seconds,
-                             lifetime_hours=settings.smtp.local_queue_lifetime_hours, directory=directory)
-    pipeline = Pipeline(settings, directory, queue, spool, delivery, ConversationBook(db), smime=smime)
-    # Failure DSNs of local delivery (RFC 3464) take the one generated-mail queue, like the outbound worker's.
-    generated = GeneratedMailQueue(settings, directory, spool, schedule_local=delivery.schedule,
-                                   wake_remote=pipeline.remote_queued)
-    delivery.reports = DsnReports(settings, generated, spool)
-    return pipeline
-
-
-def tls_material_from_pki(services: Any, settings: Settings) -> TlsMaterial:
+def tls_material_from_pki(services: SmtpServices, settings: Settings) -> TlsMaterial:
     issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
     anchors = getattr(services, "trust_anchors", None)
     if anchors is None:
         anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
     return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, tuple(services.pki.crl_paths),
-                       anchors, getattr(services, "tls_contexts", None))
+                       anchors, services.tls_contexts)
 
 
-async def start_smtp_listeners(services: Any, settings: Settings) -> SmtpListeners:
-    """Build the pipeline from ``services`` (db, directory, pki, mailstore) and open the three listeners."""
-    from gateway.mailstore.delivery import LocalDelivery as MailStoreDelivery
-
-    store: LocalStore = MailStoreDelivery(services.mailstore)   # provisions folders, idempotent on delivery keys
-    pipeline = build_pipeline(settings, services.db, services.directory, store,
-                              spool_cipher=getattr(services, "spool_cipher", None), smime=getattr(services, "smime", None))
-    return await open_listeners(pipeline, services.directory, settings, tls_material_from_pki(services, settings),
-                                token_verifier=getattr(services, "token_verifier", None),
-                                auth_limiter=getattr(services, "auth_limiter", None),
-                                revocation=getattr(services, "revocation", None))
+async def start_smtp_listeners(services: SmtpServices, settings: Settings) -> SmtpListeners:
+    """Open the three listeners in front of ``services.pipeline``."""
+    return await open_listeners(services.pipeline, services.directory, settings, tls_material_from_pki(services, settings),
+                                token_verifier=services.token_verifier, auth_limiter=services.auth_limiter,
+                                revocation=services.revocation)
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
                          *, token_verifier: TokenVerifier | None = None,
                          auth_limiter: AuthLimiter | None = None,
                          revocation: RevocationList | None = None) -> SmtpListeners:
-    report = await pipeline.delivery.start()
-    log.info("SMTP recovery: %s", report)
     limits = SessionLimits.from_settings(
         settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
-    listeners = SmtpListeners(pipeline, pipeline.delivery, limits)
+    listeners = SmtpListeners(pipeline, limits)
     plan = (
         (ListenerKind.SUBMISSION, settings.listen.smtp_submission_port, tls.context(require_client_cert=False)),
         (ListenerKind.SUBMISSIONS, settings.listen.smtp_submissions_port, tls.context(require_client_cert=False)),

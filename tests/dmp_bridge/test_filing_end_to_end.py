@@ -32,9 +32,7 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, build_filing_worker
 from gateway.errors import NotFound
-from gateway.queue.spool import Spool
 from gateway.security.pki import TestPKI
-from gateway.smtp.listeners import spool_root
 from tests.dmp_bridge.filing_world import SAMPLE_METADATA, SAMPLES, TEST_INS, message_with, sample
 from tests.harness import GatewayProcess
 
@@ -120,7 +118,7 @@ def _disposition(mdn: EmailMessage) -> str:
 async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notified(served: GatewayProcess,
                                                                                  services: Services) -> None:
     lab, doctor, patient = served.account("APP"), served.account("PER"), served.account("PAT")
-    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    worker = build_filing_worker(services)
     message = message_with(("VAC-NOTE_2023.01.xml", sample("VAC-NOTE_2023.01.xml"), "text/xml"),
                            ("BIO_V1.xml", sample("BIO-CR-BIO_2021.01_Microbiologie_V1.xml"), "text/xml"),
                            sender=lab["address"], to=patient["address"], mdn_to=lab["address"],
@@ -163,7 +161,7 @@ async def test_submitted_documents_are_filed_acknowledged_and_the_patient_notifi
 async def test_a_ccd_without_ins_is_delivered_reported_903_and_quarantined(served: GatewayProcess,
                                                                           services: Services, tmp_path: Path) -> None:
     lab, patient = served.account("APP"), served.account("PAT")
-    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    worker = build_filing_worker(services)
     message = message_with(("sampleccd.xml", sample("sampleccd.xml"), "text/xml"), sender=lab["address"],
                            to=patient["address"], subject="CCD John Doe")
     del message["Return-Path"]
@@ -228,7 +226,7 @@ async def test_a_signed_cda_encrypted_to_the_patient_is_filed_from_the_decrypted
     message_id = f"<{marker}@labo.test>"
     submit_raw(served, b"Message-ID: " + message_id.encode() + b"\r\n" + sealed, [patient["address"]])
 
-    worker = build_filing_worker(services, Spool(spool_root(services.settings)), schedule_local=lambda _qid: None)
+    worker = build_filing_worker(services)
     await file_until(worker, services, message_id, 1)
     document = await RecordStore(services.db, services.blobs, services.fields).get(unique_id)
     assert document.patient_ins == TEST_INS and document.type_code == "87273-9"

@@ -19,7 +19,7 @@ from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
 from gateway.mailstore.interface import FolderRef, UidSet
 from gateway.mailstore.tables import Delivery
-from gateway.queue.local_delivery import LocalDelivery as QueueDelivery
+from gateway.queue.local_delivery import LocalDeliveryWorker as QueueDelivery
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.store import QueueStore

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.pipeline.limits import ConcurrencyLimiter, RateLimiter
 from gateway.pipeline.parse import ParseLimits, scan_message
-from gateway.pipeline.trace import without_forged_results
+from gateway.queue.local_delivery import without_forged_results
 from gateway.mail.codes import SmtpRefusal
 from gateway.mail.parameters import (
     decode_xtext,

@@ -1,7 +1,9 @@
 """A real gateway SMTP side for tests: real database, directory, PKI, pipeline and listeners,
 run in a thread with its own event loop (as aiosmtpd's Controller does), on loopback
-ports chosen by the system. It uses the same ``gateway.smtp.listeners`` functions
-``gateway serve`` calls, and lets tests inspect the queue and change the directory
+ports chosen by the system. It builds the queue (``gateway.queue.service.MailQueue``, its spool
+sealed as ``gateway serve`` seals it) and the pipeline as ``gateway.app.open_services`` does, with
+the mail store a test chooses, opens the listeners with ``gateway.smtp.listeners`` as
+``gateway serve`` does, and lets tests inspect the queue and change the directory
 in-process; the crash and memory tests run the real ``gateway serve`` instead
 (test_durability.py).
 """
@@ -21,10 +23,16 @@ from gateway.config import Settings, load_settings
 from gateway.directory.demo import DemoAccount, seed_demo_directory
 from gateway.directory.identifiers import add_nir_key
 from gateway.directory.service import DirectoryService
+from gateway.pipeline.conversations import ConversationBook
+from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.local_delivery import LocalStore
+from gateway.queue.service import MailQueue
+from gateway.queue.spool import Spool, spool_root
+from gateway.security.at_rest import SpoolCipher
+from gateway.security.keys import KeyManager
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
-from gateway.smtp.listeners import SmtpListeners, TlsMaterial, build_pipeline, open_listeners
+from gateway.smtp.listeners import SmtpListeners, TlsMaterial, open_listeners
 from gateway.storage.db import Database
 
 T = TypeVar("T")
@@ -57,6 +65,7 @@ class GatewayThread:
     db: Database | None = None
     directory: DirectoryService | None = None
     listeners: SmtpListeners | None = None
+    queue: MailQueue | None = None
     mail_store: Any = None
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -101,8 +110,9 @@ class GatewayThread:
         try:
             await self._stop.wait()
         finally:
-            assert self.listeners is not None and self.db is not None
+            assert self.listeners is not None and self.queue is not None and self.db is not None
             await self.listeners.aclose()
+            await self.queue.stop()
             await self.db.dispose()
 
     async def _setup(self) -> None:
@@ -123,7 +133,11 @@ class GatewayThread:
         issued = self.pki.ensure_gateway_server_cert("localhost", ["localhost"], ["127.0.0.1"])
         tls = TlsMaterial(issued.chain_path, issued.key_path, self.pki.ca_bundle_path)
         self.mail_store = await self.store_factory(self.db, settings)
-        pipeline = build_pipeline(settings, self.db, self.directory, self.mail_store)
+        spool = Spool(spool_root(settings), await SpoolCipher.load(KeyManager(self.db, settings.data_path / "keys")))
+        self.queue = MailQueue(settings, self.db, self.directory, spool, self.mail_store)
+        pipeline = Pipeline(settings, self.directory, self.queue.rows, spool, self.queue.local, ConversationBook(self.db))
+        pipeline.on_remote_queued(self.queue.wake_remote)
+        await self.queue.start_local()
         self.listeners = await open_listeners(pipeline, self.directory, settings, tls)
         self.ports = {kind: port for kind, (_, port) in self.listeners.addresses.items()}
 
@@ -163,8 +177,8 @@ class GatewayThread:
 
     def wait_delivered(self) -> None:
         """Until the local delivery workers have nothing scheduled."""
-        assert self.listeners is not None
-        self.call(self.listeners.delivery.wait_idle())
+        assert self.queue is not None
+        self.call(self.queue.local.wait_idle())
 
     def inbox(self, address: str) -> list[bytes]:
         """Every message in the INBOX of ``address``, as the mail store returns it."""

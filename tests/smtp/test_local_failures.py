@@ -52,15 +52,15 @@ def _recipient(gw: GatewayThread, queue_id: str) -> QueuedRecipient:
 def _retry_now(gw: GatewayThread, queue_id: str, *, arrived_hours_ago: float = 0.0) -> None:
     """Make the deferred recipient due (and, if asked, the message older), then run local delivery."""
     async def run() -> None:
-        assert gw.db is not None and gw.listeners is not None
+        assert gw.db is not None and gw.queue is not None
         async with gw.db.session() as s:
             if arrived_hours_ago:
                 await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id)
                                 .values(received_at=utcnow() - dt.timedelta(hours=arrived_hours_ago)))
             await s.execute(update(QueuedRecipient).where(QueuedRecipient.message_id == queue_id)
                             .values(next_attempt_at=utcnow()))
-        gw.listeners.delivery.schedule(queue_id)
-        await gw.listeners.delivery.wait_idle()
+        gw.queue.local.schedule(queue_id)
+        await gw.queue.local.wait_idle()
     gw.call(run())
     gw.wait_delivered()                                          # and the DSN it may have queued
 

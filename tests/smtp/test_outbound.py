@@ -23,11 +23,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway.config import DkimSettings
 from gateway.queue.tables import QueuedMessage, QueuedRecipient
 from gateway.queue.store import QueueStore
-from gateway.queue.spool import Spool
 from gateway.security.dkim import DkimKeys, verify_dkim
 from gateway.security.pki import TestPKI
 from gateway.security.tls import server_context
-from gateway.smtp.listeners import spool_root
 from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.queue.outbound_store import OutboundStore
 from tests.dnsmasq import Dnsmasq, DnsZone, free_port
@@ -181,10 +179,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     async def make_worker() -> OutboundWorker:
         assert gw.settings is not None and gw.db is not None and gw.directory is not None and gw.pki is not None
-        assert gw.listeners is not None
-        return OutboundWorker(gw.db, gw.settings, tls_context=outbound_tls_context(gw.pki, gw.settings),
-                              directory=gw.directory, spool=Spool(spool_root(gw.settings)),
-                              schedule_local=gw.listeners.delivery.schedule)
+        assert gw.queue is not None
+        return OutboundWorker(gw.db, gw.settings, gw.queue.generated,
+                              tls_context=outbound_tls_context(gw.pki, gw.settings))
 
     worker = gw.call(make_worker())
     yield World(gw, worker, peers, DkimSettings(key_dir=str(base / "dkim")), base / "data")
@@ -374,6 +371,6 @@ def test_queue_cli_list_show_hold_release_retry_delete(world: World) -> None:
     assert gateway_cli(world, "show", queue_id).returncode == 1
     reports = world.report_rows(account)
     assert len(reports) == before + 1 and reports[-1][1][0].route == "local"    # queued for the sender's mailbox
-    assert not Spool(spool_root(world.gw.settings)).path_of(queue_id).exists()  # type: ignore[arg-type]
+    assert world.gw.queue is not None and not world.gw.queue.spool.path_of(queue_id).exists()
     assert gateway_cli(world, "retry").returncode == 2                           # usage: an id or --all
     assert gateway_cli(world, "hold", "nosuchid").returncode == 1
