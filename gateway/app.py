@@ -36,7 +36,8 @@ from gateway.queue.outbound import outbound_tls_context
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
-from gateway.security.at_rest import FieldSealer, HeaderSealer, ShreddingTask, SpoolCipher
+from gateway.retention import ShreddingTask
+from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
 from gateway.security.revocation import ReloadingContexts, RevocationList

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from gateway.cli.common import data_dir_option, emit_record, emit_rows, json_option, with_services
-from gateway.security.at_rest import key_status, shred_expired_patients
+from gateway.retention import shred_expired_patients
+from gateway.security.at_rest import key_status
 
 
 @click.group()

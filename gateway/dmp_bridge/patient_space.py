@@ -11,7 +11,7 @@ patient reading their own record), and no notice to themselves.
 refuse / allow emergency access (``PatientChoicesService``, each audited with
 the change), the notification address and frequency (audited), and closing the
 space: the patient's state becomes ``closed`` in the same transaction as its
-audit entry, which starts the retention clock of ``security.at_rest``
+audit entry, which starts the retention clock of ``gateway.retention``
 (``retention.closed_patient_days``, then crypto-shredding of the mailbox's and
 the record's data keys).
 

@@ -21,7 +21,8 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import RecordDocument
 from gateway.errors import Conflict, NotFound, UserError
 from gateway.mailstore.delivery import LocalDelivery
-from gateway.security.at_rest import SealedDataError, shred_expired_patients
+from gateway.retention import shred_expired_patients
+from gateway.security.at_rest import SealedDataError
 from gateway.security.keys import KeyDestroyed
 from gateway.storage.models import Patient, PatientState
 from tests.dmp_bridge.filing_world import OTHER_INS, TEST_INS

@@ -24,8 +24,8 @@ from gateway.security.at_rest import (
     SealedDataError,
     SpoolCipher,
     key_status,
-    shred_expired_patients,
 )
+from gateway.retention import shred_expired_patients
 from gateway.security.keys import KekMissing, KeyDestroyed, KeyManager, mailbox_owner
 from gateway.security.passwords import PasswordHasher
 from gateway.storage.blobs import BlobStore

@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from gateway.storage.db import Database, head_revision
-from gateway.storage.schema import metadata
+from gateway.schema import metadata
 
 
 async def test_migrated_schema_matches_models(database: Database) -> None:

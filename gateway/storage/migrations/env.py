@@ -1,11 +1,15 @@
-"""Alembic environment: runs on the connection handed in by gateway.storage.db."""
+"""Alembic environment: runs on the connection handed in by gateway.storage.db.
+
+Upgrades need no models. Autogenerate compares against the metadata handed in as
+``config.attributes["target_metadata"]`` (``gateway.schema.metadata``: every area's tables),
+so storage imports no area.
+"""
 
 from typing import Any, Literal
 
 from alembic import context
 
 from gateway.storage.models import UTCDateTime
-from gateway.storage.schema import metadata
 
 
 def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
@@ -21,7 +25,7 @@ if connection is None:
 
 context.configure(
     connection=connection,
-    target_metadata=metadata,
+    target_metadata=context.config.attributes.get("target_metadata"),
     render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copy
     compare_type=True,
     render_item=render_item,

@@ -1,7 +1,10 @@
-"""Every table of the gateway, for Alembic and the schema test.
+"""Every table of the gateway, for the models==migrations test and Alembic autogenerate.
 
-Each area keeps its tables in its own module sharing ``Base``; import it here
-so the migrations see it.
+Each area keeps its tables in its own module, extending the one metadata of
+``gateway.storage.models.Base``, and is listed here, above every area (as
+``gateway.app`` is): ``gateway.storage`` itself imports no area. A new area adds
+its tables module to this list and its Alembic revisions to
+``gateway/storage/migrations/versions``.
 """
 
 from gateway.storage import models  # noqa: F401  (directory tables)

@@ -1,0 +1,105 @@
+"""Retention: crypto-shredding of closed patient spaces once their retention has passed.
+
+A patient who closes their space (gateway.dmp_bridge.patient_space) starts a
+clock of ``retention.closed_patient_days``; past it, the data keys of their
+mailbox (messages, cached headers, held S/MIME keys, decrypted copies) and of
+their record (``patient:<INS>``) are destroyed, so everything of theirs is
+unreadable, backups included (gateway.security.keys). This sits above both the
+key store (gateway.security) and the record (gateway.dmp_bridge), which it
+joins: neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from gateway.dmp_bridge.record import patient_owner
+from gateway.security.at_rest import FieldSealer
+from gateway.security.keys import KeyManager, mailbox_owner
+from gateway.storage.db import Database
+from gateway.storage.models import Mailbox, Patient, PatientState
+
+log = logging.getLogger("gateway.retention")
+
+
+@dataclass(frozen=True)
+class ShreddedSpace:
+    ins: str
+    closed_at: dt.datetime
+    owners: tuple[str, ...]
+    keys_destroyed: int
+
+
+async def shred_expired_patients(db: Database, keys: KeyManager, retention_days: int, *,
+                                 now: dt.datetime | None = None,
+                                 forget: Callable[[str], None] | None = None) -> list[ShreddedSpace]:
+    """Destroy the data keys of every patient whose space was closed more than ``retention_days`` ago:
+    their mailbox (messages, cached headers, held S/MIME keys, decrypted copies) and their record
+    (``patient:<INS>``). Idempotent: a space already shredded destroys nothing more."""
+    cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=retention_days)
+    async with db.session() as session:
+        rows = (await session.execute(
+            select(Patient.id, Patient.ins, Patient.state_changed_at, Mailbox.id)
+            .outerjoin(Mailbox, Mailbox.patient_id == Patient.id)
+            .where(Patient.state == PatientState.CLOSED.value, Patient.state_changed_at <= cutoff))).all()
+    shredded: list[ShreddedSpace] = []
+    for _patient_id, ins, closed_at, mailbox_id in rows:
+        assert closed_at is not None  # the WHERE clause compared it with the cutoff
+        owners = (patient_owner(ins), *((mailbox_owner(mailbox_id),) if mailbox_id is not None else ()))
+        destroyed = 0
+        for owner in owners:
+            destroyed += await keys.destroy_owner_key(owner)
+            if forget is not None:
+                forget(owner)
+        if destroyed:
+            shredded.append(ShreddedSpace(ins, closed_at, owners, destroyed))
+    if shredded:
+        # Backups of the database made before now still hold these data keys, wrapped under the
+        # current KEK: re-wrap the live keys under a new KEK and delete the old KEK files, so those
+        # backups no longer unwrap (the keys directory is backed up apart, on its own schedule).
+        await keys.rotate_kek()
+        await keys.retire_unused_keks()
+    return shredded
+
+
+class ShreddingTask:
+    """``gateway serve``'s periodic crypto-shredding of closed patient spaces past their retention."""
+
+    def __init__(self, db: Database, keys: KeyManager, fields: FieldSealer, *, retention_days: int,
+                 interval_seconds: float) -> None:
+        self.db = db
+        self.keys = keys
+        self.fields = fields
+        self.retention_days = retention_days
+        self.interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="crypto-shredding")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_once(self) -> list[ShreddedSpace]:
+        shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self.fields.forget)
+        for space in shredded:
+            log.warning("crypto-shredded the space of patient %s (closed %s): %d data keys destroyed",
+                        space.ins, space.closed_at.date(), space.keys_destroyed)
+        return shredded
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("crypto-shredding pass failed; next pass in %s s", self.interval)
+            await asyncio.sleep(self.interval)
