@@ -10,7 +10,7 @@ from gateway.dmp_bridge.fhir.params import search_query
 from gateway.dmp_bridge.fhir.service import InvalidRequest
 from gateway.errors import UserError
 from gateway.security.passwords import policy_violation
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import parse_mail_parameters
 
 HOSTILE = ["²", "١٢", "12³", "٣"]
@@ -18,7 +18,7 @@ HOSTILE = ["²", "١٢", "12³", "٣"]
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_smtp_size_parameter(value: str) -> None:
-    with pytest.raises(SmtpRefusal):
+    with pytest.raises(MailRefusal):
         parse_mail_parameters(f"SIZE={value}")
 
 

@@ -1,10 +1,12 @@
-"""Every SMTP reply the gateway sends, by name, with the RFC that defines it.
+"""Every reply the gateway gives about mail, by name, with the RFC that defines it.
 
 A ``Reply`` is a basic code (RFC 5321 4.2), an enhanced status code (RFC 3463,
-announced by ENHANCEDSTATUSCODES, RFC 2034) and a text. Policy code deep in the
-pipeline raises ``SmtpRefusal(reply)``; the protocol layer turns it into the
-wire line at the command boundary, so no reply is spelled twice. The text on the
-wire stays short and useful to the sender; details go to the log.
+announced by ENHANCEDSTATUSCODES, RFC 2034) and a text. Code deep in the
+pipeline, the queue or S/MIME raises ``MailRefusal(reply)``, which names no
+protocol: the SMTP server turns it into the wire line at the command boundary,
+the webmail into a page, the queue into a DSN's Status and Diagnostic-Code
+(RFC 3464 2.3.4, 2.3.6), so no reply is spelled twice. The text stays short and
+useful to the sender; details go to the log.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class Reply:
         return "\r\n".join(self.lines())
 
 
-class SmtpRefusal(Exception):
-    """A refusal that carries its wire reply; raised anywhere, answered at the handler boundary."""
+class MailRefusal(Exception):
+    """A refusal that carries its reply; raised anywhere, answered at the boundary (SMTP, webmail, DSN)."""
 
     def __init__(self, reply: Reply, detail: str | None = None) -> None:
         super().__init__(detail or str(reply))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gateway.mail.codes import PARAM_NOT_SUPPORTED, SYNTAX_PARAMS, Reply, SmtpRefusal
+from gateway.mail.codes import PARAM_NOT_SUPPORTED, SYNTAX_PARAMS, Reply, MailRefusal
 
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _HEX = "0123456789ABCDEF"
@@ -21,8 +21,8 @@ MAX_ORCPT = 500   # RFC 3461 4.2
 ORCPT_TYPES = ("rfc822", "utf-8")   # RFC 3461 4.2 and RFC 6533 3
 
 
-def _refuse(detail: str) -> SmtpRefusal:
-    return SmtpRefusal(SYNTAX_PARAMS.format(detail=detail))
+def _refuse(detail: str) -> MailRefusal:
+    return MailRefusal(SYNTAX_PARAMS.format(detail=detail))
 
 
 def decode_xtext(value: str) -> str:
@@ -126,7 +126,7 @@ def parse_mail_parameters(text: str, *, dsn: bool = True) -> MailParameters:
         elif key == "AUTH":
             values["auth"] = decode_xtext(_required(key, value))
         else:
-            raise SmtpRefusal(PARAM_NOT_SUPPORTED.format(param=key))
+            raise MailRefusal(PARAM_NOT_SUPPORTED.format(param=key))
     return MailParameters(**values)  # type: ignore[arg-type]
 
 
@@ -138,7 +138,7 @@ def parse_rcpt_parameters(text: str, *, dsn: bool = True) -> RcptParameters:
         elif key == "ORCPT" and dsn:
             result.orcpt = _orcpt(value)
         else:
-            raise SmtpRefusal(PARAM_NOT_SUPPORTED.format(param=key))
+            raise MailRefusal(PARAM_NOT_SUPPORTED.format(param=key))
     return result
 
 

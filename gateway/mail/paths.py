@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.mail.codes import MALFORMED_ADDRESS, SYNTAX_PARAMS, SmtpRefusal
+from gateway.mail.codes import MALFORMED_ADDRESS, SYNTAX_PARAMS, MailRefusal
 
 # RFC 5321 4.1.2: atext characters of a Dot-string (RFC 6531 3.3 adds UTF-8 non-ASCII).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
@@ -78,7 +78,7 @@ def split_path_argument(argument: str) -> tuple[str, str]:
             in_quotes = not in_quotes
         elif char == ">" and not in_quotes:
             return text[: index + 1], text[index + 1:].strip()
-    raise SmtpRefusal(SYNTAX_PARAMS.format(detail="path has no closing '>'"))
+    raise MailRefusal(SYNTAX_PARAMS.format(detail="path has no closing '>'"))
 
 
 def parse_path(path_text: str, *, allow_null: bool, allow_postmaster: bool = False) -> SmtpPath | None:
@@ -88,11 +88,11 @@ def parse_path(path_text: str, *, allow_null: bool, allow_postmaster: bool = Fal
     if inner == "":
         if allow_null:
             return None  # RFC 5321 4.5.5: the null reverse-path of notifications
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="empty path"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail="empty path"))
     if allow_postmaster and inner.lower() == POSTMASTER:
         return SmtpPath(local_part=POSTMASTER, domain="")   # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>"
     if len(inner) > MAX_PATH:
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail=f"path longer than {MAX_PATH} octets"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail=f"path longer than {MAX_PATH} octets"))
     route, mailbox = _split_source_route(inner)
     local, quoted, domain = _split_mailbox(mailbox)
     literal = domain.startswith("[") and domain.endswith("]")
@@ -108,7 +108,7 @@ def _split_source_route(inner: str) -> tuple[tuple[str, ...], str]:
     route_text, colon, mailbox = inner.partition(":")
     hops = tuple(hop.strip() for hop in route_text.split(","))
     if not colon or not all(_AT_DOMAIN.match(hop) for hop in hops):
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="bad source route"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail="bad source route"))
     return tuple(hop[1:] for hop in hops), mailbox
 
 
@@ -116,13 +116,13 @@ def _split_mailbox(mailbox: str) -> tuple[str, bool, str]:
     if mailbox.startswith('"'):
         local, rest = _read_quoted_string(mailbox)
         if not rest.startswith("@"):
-            raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="missing @domain"))
+            raise MailRefusal(MALFORMED_ADDRESS.format(detail="missing @domain"))
         return local, True, rest[1:]
     local, at, domain = mailbox.rpartition("@")
     if not at or not local or not domain:
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="expected local-part@domain"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail="expected local-part@domain"))
     if len(local.encode()) > MAX_LOCAL_PART or not _DOT_STRING.match(local):
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail=f"local part {local!r} is not a dot-string (RFC 5321 4.1.2)"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail=f"local part {local!r} is not a dot-string (RFC 5321 4.1.2)"))
     return local, False, domain
 
 
@@ -140,10 +140,10 @@ def _read_quoted_string(text: str) -> tuple[str, str]:
             return "".join(chars), text[index + 1:]
         chars.append(char)
         index += 1
-    raise SmtpRefusal(MALFORMED_ADDRESS.format(detail="unterminated quoted local part"))
+    raise MailRefusal(MALFORMED_ADDRESS.format(detail="unterminated quoted local part"))
 
 
 def _check_domain(domain: str) -> None:
     labels = domain.rstrip(".").split(".")
     if len(domain) > MAX_DOMAIN or len(labels) < 2 or not all(_DOMAIN_LABEL.match(label) for label in labels):
-        raise SmtpRefusal(MALFORMED_ADDRESS.format(detail=f"{domain!r} is not a domain name"))
+        raise MailRefusal(MALFORMED_ADDRESS.format(detail=f"{domain!r} is not a domain name"))

@@ -5,7 +5,7 @@ The body is never loaded whole: the header section is read up to a bound
 encapsulated (message/rfc822) messages only, the body lines are scanned for
 boundary delimiters (RFC 2046 5.1.1) and for the header sections of parts and
 of encapsulated messages (RFC 2046 5.2.1) to measure the nesting depth. Limits
-on header count, header size and MIME depth raise ``SmtpRefusal`` with 554 5.6.0.
+on header count, header size and MIME depth raise ``MailRefusal`` with 554 5.6.0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.mail import codes
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,13 @@ def _read_header_section(stream: BinaryIO, limits: ParseLimits) -> MessageFacts:
             break
         facts.header_bytes += len(line)
         if facts.header_bytes > limits.max_header_bytes:
-            raise SmtpRefusal(codes.HEADER_TOO_LARGE.format(limit=limits.max_header_bytes))
+            raise MailRefusal(codes.HEADER_TOO_LARGE.format(limit=limits.max_header_bytes))
         if line[:1] in (b" ", b"\t") and raw_fields:
             raw_fields[-1] += line                                     # RFC 5322 2.2.3: folded continuation
             continue
         raw_fields.append(line)
         if len(raw_fields) > limits.max_header_count:
-            raise SmtpRefusal(codes.TOO_MANY_HEADERS.format(limit=limits.max_header_count))
+            raise MailRefusal(codes.TOO_MANY_HEADERS.format(limit=limits.max_header_count))
     facts.headers = [_split_field(raw) for raw in raw_fields]
     return facts
 
@@ -193,7 +193,7 @@ class _MimeDepthScanner:
         self.stack.append(frame)
         self.deepest = max(self.deepest, len(self.stack))
         if self.deepest > self.max_depth:
-            raise SmtpRefusal(codes.MIME_TOO_DEEP.format(limit=self.max_depth))
+            raise MailRefusal(codes.MIME_TOO_DEEP.format(limit=self.max_depth))
         if frame.boundary is None:
             self._start_header()                          # the encapsulated message's own header follows
 
@@ -211,7 +211,7 @@ class _MimeDepthScanner:
             return
         self.header_bytes += len(line)
         if self.header_bytes > self.max_header_bytes:    # memory stays bounded, and no Content-Type is skipped
-            raise SmtpRefusal(codes.HEADER_TOO_LARGE.format(limit=self.max_header_bytes))
+            raise MailRefusal(codes.HEADER_TOO_LARGE.format(limit=self.max_header_bytes))
         self.header.append(line)
 
     def _boundary(self, line: bytes) -> bool:

@@ -34,7 +34,7 @@ from gateway.queue.store import QueueStore
 from gateway.queue.spool import Spool, SpoolFile
 from gateway.pipeline.trace import trace_header_block
 from gateway.mail import codes
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
 
@@ -95,15 +95,15 @@ class Pipeline:
 
     def _check_rates(self, origin: Origin) -> None:
         if origin.account is not None and not self.user_rate.allow(origin.account.address):
-            raise SmtpRefusal(codes.RATE_LIMITED.format(who=origin.account.address, limit=self.user_rate.limit,
+            raise MailRefusal(codes.RATE_LIMITED.format(who=origin.account.address, limit=self.user_rate.limit,
                                                         window=int(self.user_rate.window)))
         if not self.ip_rate.allow(origin.client_address):
-            raise SmtpRefusal(codes.RATE_LIMITED.format(who=origin.client_address, limit=self.ip_rate.limit,
+            raise MailRefusal(codes.RATE_LIMITED.format(who=origin.client_address, limit=self.ip_rate.limit,
                                                         window=int(self.ip_rate.window)))
 
     async def add_recipient(self, transaction: Transaction, path: SmtpPath, params: RcptParameters) -> AcceptedRecipient:
         if len(transaction.recipients) >= self.smtp.max_recipients:
-            raise SmtpRefusal(codes.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients))
+            raise MailRefusal(codes.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients))
         accepted = await self.policy.check_recipient(transaction.origin, transaction.sender, path)
         if self.smime is not None and transaction.origin.door.is_submission:
             await self.smime.check_recipient(transaction.sender, accepted.address)   # S/MIME encrypt=always
@@ -136,12 +136,12 @@ class Pipeline:
             for copy in copies:
                 await copy.spool_file.make_durable()
             await self.queue.commit_all(queued, changes)
-        except SmtpRefusal:
+        except MailRefusal:
             _discard(copies, spool_file)
             raise
         except (DBAPIError, OSError) as exc:
             _discard(copies, spool_file)
-            raise SmtpRefusal(codes.LOCAL_ERROR, detail=f"{type(exc).__name__}: {exc}") from exc
+            raise MailRefusal(codes.LOCAL_ERROR, detail=f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             _discard(copies, spool_file)
             raise

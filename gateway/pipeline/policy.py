@@ -1,6 +1,6 @@
 """Policy step: the trust-space rules, written once for every door.
 
-Each check raises ``SmtpRefusal`` with the reply that names the rule:
+Each check raises ``MailRefusal`` with the reply that names the rule:
 
 - never an open relay: source routes, percent hacks, bang paths, quoted local
   parts and address literals are refused outright (RFC 5321 3.6.2, 4.1.1.3);
@@ -39,7 +39,7 @@ from gateway.pipeline.conversations import ConversationBook, ConversationChange,
 from gateway.pipeline.origin import Origin, TlsInfo
 from gateway.pipeline.parse import MessageFacts, parse_mailbox_list
 from gateway.mail import codes
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 from gateway.mail.paths import POSTMASTER, SmtpPath
 from gateway.queue.local_failures import ROUTE_REFUSALS
 
@@ -52,22 +52,22 @@ class AcceptedRecipient:
 def check_address_form(path: SmtpPath) -> None:
     """Refuse the classic relay tricks before any lookup (RFC 5321 3.6.2: no open relay)."""
     if path.source_route:
-        raise SmtpRefusal(codes.SOURCE_ROUTE_REFUSED)          # RFC 5321 4.1.1.3 / appendix C
+        raise MailRefusal(codes.SOURCE_ROUTE_REFUSED)          # RFC 5321 4.1.1.3 / appendix C
     if path.quoted:
-        raise SmtpRefusal(codes.QUOTED_LOCAL_PART_REFUSED)     # "a@b"@ours hides another address
+        raise MailRefusal(codes.QUOTED_LOCAL_PART_REFUSED)     # "a@b"@ours hides another address
     if path.has_percent_hack:
-        raise SmtpRefusal(codes.PERCENT_HACK_REFUSED)          # a%b@ours -> a@b
+        raise MailRefusal(codes.PERCENT_HACK_REFUSED)          # a%b@ours -> a@b
     if path.has_bang_path:
-        raise SmtpRefusal(codes.BANG_PATH_REFUSED)             # b!a@ours -> UUCP a at b
+        raise MailRefusal(codes.BANG_PATH_REFUSED)             # b!a@ours -> UUCP a at b
     if path.address_literal:
-        raise SmtpRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=path.domain))
+        raise MailRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=path.domain))
 
 
 def canonical(path: SmtpPath) -> str:
     try:
         return normalise_address(path.address)
     except UserError as exc:
-        raise SmtpRefusal(codes.MALFORMED_ADDRESS.format(detail=str(exc))) from None
+        raise MailRefusal(codes.MALFORMED_ADDRESS.format(detail=str(exc))) from None
 
 
 def certificate_speaks_for(tls: TlsInfo | None, domain: str) -> bool:
@@ -117,33 +117,33 @@ class Policy:
 
     def _check_submitter(self, origin: Origin, path: SmtpPath | None) -> str:
         if origin.account is None:
-            raise SmtpRefusal(codes.AUTH_REQUIRED)                 # RFC 6409 4.3, never unauthenticated
+            raise MailRefusal(codes.AUTH_REQUIRED)                 # RFC 6409 4.3, never unauthenticated
         if path is None:
-            raise SmtpRefusal(codes.NULL_SENDER_REFUSED)
+            raise MailRefusal(codes.NULL_SENDER_REFUSED)
         check_address_form(path)
         sender = canonical(path)
         if not origin.account.may_send_as(sender):
-            raise SmtpRefusal(codes.NOT_OWNER.format(address=sender, login=origin.account.address))
+            raise MailRefusal(codes.NOT_OWNER.format(address=sender, login=origin.account.address))
         return sender
 
     async def _check_relay_sender(self, origin: Origin, path: SmtpPath | None) -> str:
         if path is None:
             # A bounce (RFC 5321 4.5.5): the certificate must still belong to a trusted operator's mail server.
             if not server_names(origin.tls):
-                raise SmtpRefusal(codes.CERTIFICATE_NAMES_NO_SERVER.format(names=_names(origin.tls)))
+                raise MailRefusal(codes.CERTIFICATE_NAMES_NO_SERVER.format(names=_names(origin.tls)))
             if not await self._certificate_is_trusted_operator(origin.tls):
-                raise SmtpRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(
+                raise MailRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(
                     names=_names(origin.tls), domain="any trusted domain"))
             return ""
         check_address_form(path)
         sender = canonical(path)
         domain = sender.split("@", 1)[1]
         if await self.directory.is_local_domain(domain):
-            raise SmtpRefusal(codes.SENDER_DOMAIN_IS_LOCAL.format(domain=domain))
+            raise MailRefusal(codes.SENDER_DOMAIN_IS_LOCAL.format(domain=domain))
         if not await self.directory.is_trusted_domain(domain):
-            raise SmtpRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=domain))
+            raise MailRefusal(codes.DOMAIN_NOT_TRUSTED.format(domain=domain))
         if not certificate_speaks_for(origin.tls, domain):
-            raise SmtpRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(names=_names(origin.tls), domain=domain))
+            raise MailRefusal(codes.CERTIFICATE_DOMAIN_MISMATCH.format(names=_names(origin.tls), domain=domain))
         return sender
 
     async def _certificate_is_trusted_operator(self, tls: TlsInfo | None) -> bool:
@@ -166,7 +166,7 @@ class Policy:
         if isinstance(route, RefusedRoute):
             raise _refusal(route)
         if isinstance(route, RemoteRoute) and not origin.door.is_submission:
-            raise SmtpRefusal(codes.RELAY_DENIED.format(address=address))   # peers relay to us, not through us
+            raise MailRefusal(codes.RELAY_DENIED.format(address=address))   # peers relay to us, not through us
         if origin.is_patient and not postmaster:
             await self._check_patient_may_write(origin, route)
         return AcceptedRecipient(route.address, route)
@@ -180,11 +180,11 @@ class Policy:
     async def _postmaster_route(self, address: str) -> LocalRoute:
         """The configured postmaster mailbox, which must be hosted here and active."""
         if not self.postmaster:
-            raise SmtpRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
+            raise MailRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
                               detail="[smtp] postmaster is empty")
         route = await self.directory.route_recipient(self.postmaster)
         if not isinstance(route, LocalRoute):                   # a misconfiguration, told as such
-            raise SmtpRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
+            raise MailRefusal(codes.POSTMASTER_NOT_CONFIGURED.format(address=address),
                               detail=f"[smtp] postmaster {self.postmaster} is not an active mailbox here: "
                                      f"{getattr(route, 'text', 'hosted by another operator')}")
         return route
@@ -192,12 +192,12 @@ class Policy:
     async def _check_patient_may_write(self, origin: Origin, route: LocalRoute | RemoteRoute) -> None:
         assert origin.account is not None
         if isinstance(route, LocalRoute) and route.type == "PAT":
-            raise SmtpRefusal(codes.PATIENT_TO_PATIENT)
+            raise MailRefusal(codes.PATIENT_TO_PATIENT)
         address = route.address
         if address in self.first_contact or "@" + address.split("@", 1)[1] in self.first_contact:
             return                                                      # the pharmacy exception (mssante.md 2.1)
         if not await self.conversations.is_open(address, origin.account.mailbox_id):
-            raise SmtpRefusal(codes.PATIENT_CANNOT_INITIATE.format(address=address))
+            raise MailRefusal(codes.PATIENT_CANNOT_INITIATE.format(address=address))
 
     # ----------------------------------------------------------------- the author (header From)
 
@@ -221,14 +221,14 @@ class Policy:
         assert account is not None, "submission is authenticated before DATA"
         for address in authors:
             if not account.may_send_as(address):
-                raise SmtpRefusal(codes.FROM_NOT_OWNED.format(address=address, login=account.address))
+                raise MailRefusal(codes.FROM_NOT_OWNED.format(address=address, login=account.address))
         senders = facts.all("Sender")
         if len(senders) > 1:
-            raise SmtpRefusal(codes.SENDER_REPEATED.format(count=len(senders)))
+            raise MailRefusal(codes.SENDER_REPEATED.format(count=len(senders)))
         if senders:
             agent = _single_mailbox(senders[0], "Sender")
             if agent != account.address:
-                raise SmtpRefusal(codes.SENDER_NOT_LOGIN.format(address=agent, login=account.address))
+                raise MailRefusal(codes.SENDER_NOT_LOGIN.format(address=agent, login=account.address))
             return []
         if authors == [account.address]:
             return []
@@ -240,14 +240,14 @@ class Policy:
         for address in authors:
             domain = address.rpartition("@")[2]
             if await self.directory.is_local_domain(domain):
-                raise SmtpRefusal(codes.FROM_DOMAIN_IS_LOCAL.format(domain=domain))
+                raise MailRefusal(codes.FROM_DOMAIN_IS_LOCAL.format(domain=domain))
             organisation = await self._organisation_of(domain)
             if sender:
                 if organisation is None or organisation != envelope_organisation:
-                    raise SmtpRefusal(codes.FROM_NOT_ALIGNED.format(
+                    raise MailRefusal(codes.FROM_NOT_ALIGNED.format(
                         domain=domain, organisation=envelope_organisation or sender.rpartition("@")[2]))
             elif organisation is None or not certificate_speaks_for(origin.tls, organisation):
-                raise SmtpRefusal(codes.FROM_NOT_SPOKEN_FOR.format(domain=domain, names=_names(origin.tls)))
+                raise MailRefusal(codes.FROM_NOT_SPOKEN_FOR.format(domain=domain, names=_names(origin.tls)))
 
     async def _organisation_of(self, domain: str) -> str | None:
         """The trusted domain ``domain`` is or lies under (the trust list, not a public-suffix guess, says
@@ -271,9 +271,9 @@ class Policy:
                 if isinstance(r.route, LocalRoute) and r.route.type == "PAT"]
 
 
-def _refusal(route: RefusedRoute) -> SmtpRefusal:
+def _refusal(route: RefusedRoute) -> MailRefusal:
     reply = ROUTE_REFUSALS[route.reason]
-    return SmtpRefusal(reply.format(address=route.address, domain=route.address.rpartition("@")[2], detail=route.text),
+    return MailRefusal(reply.format(address=route.address, domain=route.address.rpartition("@")[2], detail=route.text),
                        detail=route.text)
 
 
@@ -281,21 +281,21 @@ def _authors(facts: MessageFacts) -> list[str]:
     """The one From field's mailboxes, canonical (RFC 5322 3.6: exactly one From, a mailbox-list)."""
     fields = facts.all("From")
     if not fields:
-        raise SmtpRefusal(codes.FROM_MISSING)
+        raise MailRefusal(codes.FROM_MISSING)
     if len(fields) > 1:
-        raise SmtpRefusal(codes.FROM_REPEATED.format(count=len(fields)))
+        raise MailRefusal(codes.FROM_REPEATED.format(count=len(fields)))
     authors = parse_mailbox_list(fields[0])
     if authors.group:
-        raise SmtpRefusal(codes.FROM_GROUP)
+        raise MailRefusal(codes.FROM_GROUP)
     if authors.problem is not None:
-        raise SmtpRefusal(codes.FROM_NO_MAILBOX.format(detail=authors.problem))
+        raise MailRefusal(codes.FROM_NO_MAILBOX.format(detail=authors.problem))
     return [_canonical_header_address(address, "From") for address in authors.addresses]
 
 
 def _single_mailbox(value: str, name: str) -> str:
     parsed = parse_mailbox_list(value)
     if parsed.group or parsed.problem is not None or len(parsed.addresses) != 1:
-        raise SmtpRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header must name one mailbox (RFC 5322 3.6.2)"))
+        raise MailRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header must name one mailbox (RFC 5322 3.6.2)"))
     return _canonical_header_address(parsed.addresses[0], name)
 
 
@@ -303,7 +303,7 @@ def _canonical_header_address(address: str, name: str) -> str:
     try:
         return normalise_address(address)
     except UserError as exc:
-        raise SmtpRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header address {address!r} is malformed: {exc}")) \
+        raise MailRefusal(codes.FROM_NO_MAILBOX.with_text(f"{name}: header address {address!r} is malformed: {exc}")) \
             from None
 
 

@@ -68,7 +68,7 @@ from gateway.security.smime_policy import (
     resolve,
     stricter,
 )
-from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.codes import Reply, MailRefusal
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Certificate, Mailbox, utcnow
@@ -471,7 +471,7 @@ class SmimeService:
             return
         usable, reason = await self.usable_certificates(recipient)
         if not usable:
-            raise SmtpRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
+            raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
 
     async def _encryption_requirement(self, sender: str, recipient: str) -> tuple[Requirement, str]:
         theirs = await self.policy_for(recipient)
@@ -510,7 +510,7 @@ class SmimeService:
             return None
         identity, reason = await self.signing_identity(sender)
         if identity is None and policy.sign is Requirement.ALWAYS:
-            raise SmtpRefusal(SIGNATURE_REQUIRED.format(address=sender, source=f"{policy.sign_source}", reason=reason))
+            raise MailRefusal(SIGNATURE_REQUIRED.format(address=sender, source=f"{policy.sign_source}", reason=reason))
         return identity
 
     async def _encryption_certificates(self, sender: str, recipient: str) -> list[x509.Certificate]:
@@ -519,7 +519,7 @@ class SmimeService:
             return []
         usable, reason = await self.usable_certificates(recipient)
         if not usable and requirement is Requirement.ALWAYS:      # a certificate revoked since RCPT
-            raise SmtpRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
+            raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
         return usable
 
     async def _sender_certificate(self, sender: str) -> x509.Certificate | None:

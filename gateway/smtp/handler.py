@@ -23,7 +23,7 @@ from gateway.queue.spool import SpoolFile
 from gateway.security.auth_limiter import AuthLimiter, AuthThrottled, LimiterPolicy
 from gateway.security.revocation import RevocationList
 from gateway.mail import codes
-from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.codes import Reply, MailRefusal
 from gateway.mail.parameters import MailParameters
 from gateway.mail.paths import SmtpPath
 from gateway.smtp.server import (
@@ -87,7 +87,7 @@ class GatewayHandler:
         address = _client_address(session)
         slot = self.limits.connections_per_ip.try_acquire(address)
         if slot is None:
-            raise SmtpRefusal(codes.TOO_MANY_CONNECTIONS.format(who=address, limit=self.limits.connections_per_ip.limit))
+            raise MailRefusal(codes.TOO_MANY_CONNECTIONS.format(who=address, limit=self.limits.connections_per_ip.limit))
         server.connection_data["ip_slot"] = slot
 
     def connection_closed(self, server: GatewaySMTP) -> None:
@@ -106,17 +106,17 @@ class GatewayHandler:
             await limiter.check("smtp", login, address)
         except AuthThrottled as throttled:
             # RFC 4954 6: 454 4.7.0, a temporary failure; the password was not looked at.
-            raise SmtpRefusal(codes.AUTH_LOCKED.format(seconds=throttled.retry_after),
+            raise MailRefusal(codes.AUTH_LOCKED.format(seconds=throttled.retry_after),
                               detail=f"throttled: {address} / {login}") from None
         account = await self._verify(server, credentials)
         if account is None:
             await limiter.failed("smtp", login, address)
-            raise SmtpRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
+            raise MailRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
         await limiter.succeeded("smtp", login, address)
         slot = self.limits.sessions_per_user.try_acquire(account.address)
         if slot is None:
             # A limit, said as a limit: clients must not conclude the password is wrong (stalwart#190).
-            raise SmtpRefusal(codes.TOO_MANY_SESSIONS.format(who=account.address, limit=self.limits.sessions_per_user.limit))
+            raise MailRefusal(codes.TOO_MANY_SESSIONS.format(who=account.address, limit=self.limits.sessions_per_user.limit))
         server.connection_data["user_slot"] = slot
         return account
 
@@ -137,7 +137,7 @@ class GatewayHandler:
                 return None
             account = await self.directory.account_for_certificate(credentials.fingerprint_sha256)
             if account is not None and credentials.authzid and not account.may_send_as(credentials.authzid):
-                raise SmtpRefusal(codes.AUTHZID_REFUSED)               # RFC 4422 A.1
+                raise MailRefusal(codes.AUTHZID_REFUSED)               # RFC 4422 A.1
             return account
         if isinstance(credentials, TokenCredentials) and self.token_verifier is not None and credentials.token:
             return await self.token_verifier.account_for_token(credentials.user, credentials.token)

@@ -7,7 +7,7 @@ instead of aiosmtpd:
 
 - the command loop, so every reply carries an enhanced code (RFC 2034/3463),
   TLS and AUTH requirements are one gate per listener kind (RFC 3207 4,
-  RFC 4954 6), and a ``SmtpRefusal`` raised anywhere becomes its reply;
+  RFC 4954 6), and a ``MailRefusal`` raised anywhere becomes its reply;
 - EHLO from the declared extension list (gateway.smtp.ehlo);
 - MAIL/RCPT parameters: SIZE, BODY, SMTPUTF8, AUTH and DSN (RFC 1870, 6152,
   6531, 4954 5, 3461 4);
@@ -39,7 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from gateway.ops.metrics import SMTP_VERBS, timed, verb_label
 from gateway.pipeline.origin import TlsInfo
 from gateway.mail import codes
-from gateway.mail.codes import Reply, SmtpRefusal
+from gateway.mail.codes import Reply, MailRefusal
 from gateway.smtp.ehlo import EhloContext, ehlo_keywords
 from gateway.mail.parameters import (
     MailParameters,
@@ -164,7 +164,7 @@ class MessageSink(Protocol):
 
 
 class SmtpHandler(Protocol):
-    """The hooks the protocol calls. Refuse by raising ``SmtpRefusal``."""
+    """The hooks the protocol calls. Refuse by raising ``MailRefusal``."""
 
     token_auth_available: bool
 
@@ -320,7 +320,7 @@ class GatewaySMTP(SMTP):
                 return
         try:
             await self.handler.connection_opened(self, self.gsession)
-        except SmtpRefusal as refusal:
+        except MailRefusal as refusal:
             await self._refuse_and_close(refusal.reply)
             return
         await self.reply(codes.GREETING.format(hostname=self.hostname))
@@ -330,7 +330,7 @@ class GatewaySMTP(SMTP):
                 return
             try:
                 await self._one_command()
-            except SmtpRefusal as refusal:
+            except MailRefusal as refusal:
                 await self._answer_refusal(refusal)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
@@ -349,7 +349,7 @@ class GatewaySMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
-    async def _answer_refusal(self, refusal: SmtpRefusal) -> None:
+    async def _answer_refusal(self, refusal: MailRefusal) -> None:
         if refusal.detail:
             log.info("%r refused: %s (%s)", self.gsession.peer, refusal.reply, refusal.detail)
         if refusal.reply.code == 421:   # RFC 5321 3.8: 421 closes the transmission channel
@@ -425,7 +425,7 @@ class GatewaySMTP(SMTP):
         try:
             command = verb.decode("ascii").upper()
         except UnicodeDecodeError:
-            raise SmtpRefusal(codes.NON_ASCII_COMMAND) from None
+            raise MailRefusal(codes.NON_ASCII_COMMAND) from None
         # RFC 6531 3.3: arguments may be UTF-8; keep undecodable bytes recoverable.
         arg = rest.strip().decode("utf-8", errors="surrogateescape") or None
         return command, arg
@@ -456,7 +456,7 @@ class GatewaySMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="EHLO needs a domain or address literal"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="EHLO needs a domain or address literal"))
         _refuse_control_characters("EHLO", hostname)
         self._set_rset_state()  # type: ignore[no-untyped-call]  # RFC 5321 4.1.4: EHLO resets
         self.gsession.host_name = hostname
@@ -472,7 +472,7 @@ class GatewaySMTP(SMTP):
 
     async def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="HELO needs a domain"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="HELO needs a domain"))
         _refuse_control_characters("HELO", hostname)
         self._set_rset_state()  # type: ignore[no-untyped-call]
         self.gsession.host_name = hostname
@@ -484,7 +484,7 @@ class GatewaySMTP(SMTP):
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="RSET takes no argument"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="RSET takes no argument"))
         self._set_rset_state()  # type: ignore[no-untyped-call]
         await self.reply(codes.OK)
 
@@ -504,13 +504,13 @@ class GatewaySMTP(SMTP):
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="STARTTLS takes no argument"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="STARTTLS takes no argument"))
         if self.tls_active:
-            raise SmtpRefusal(codes.TLS_ALREADY_ACTIVE)
+            raise MailRefusal(codes.TLS_ALREADY_ACTIVE)
         if self.tls_context is None:
-            raise SmtpRefusal(codes.TLS_UNAVAILABLE)
+            raise MailRefusal(codes.TLS_UNAVAILABLE)
         if not self.gsession.host_name:
-            raise SmtpRefusal(codes.SEND_HELO_FIRST)
+            raise MailRefusal(codes.SEND_HELO_FIRST)
         await self.reply(codes.READY_TLS)
         await self._start_tls_layer(self.tls_context)
 
@@ -549,24 +549,24 @@ class GatewaySMTP(SMTP):
     async def smtp_AUTH(self, arg: str | None) -> None:
         session = self.gsession
         if not self.kind.auth_offered:
-            raise SmtpRefusal(codes.NOT_IMPLEMENTED)
+            raise MailRefusal(codes.NOT_IMPLEMENTED)
         if not session.extended_smtp:
-            raise SmtpRefusal(codes.SEND_HELO_FIRST)
+            raise MailRefusal(codes.SEND_HELO_FIRST)
         if not self.tls_active:
-            raise SmtpRefusal(codes.ENCRYPTION_REQUIRED)
+            raise MailRefusal(codes.ENCRYPTION_REQUIRED)
         if session.authenticated:
-            raise SmtpRefusal(codes.ALREADY_AUTHENTICATED)
+            raise MailRefusal(codes.ALREADY_AUTHENTICATED)
         if self.genvelope.has_sender:
-            raise SmtpRefusal(codes.AUTH_NOT_IN_TRANSACTION)
+            raise MailRefusal(codes.AUTH_NOT_IN_TRANSACTION)
         mechanism, initial = self._split_auth_argument(arg)
         if mechanism not in self.auth_mechanisms_now():
-            raise SmtpRefusal(codes.UNKNOWN_MECHANISM)
+            raise MailRefusal(codes.UNKNOWN_MECHANISM)
         credentials = await self._read_credentials(mechanism, initial)
         if credentials is None:
             return
         try:
             identity = await self.handler.authenticate(self, session, credentials)
-        except SmtpRefusal as refusal:
+        except MailRefusal as refusal:
             await self._auth_failed(refusal, mechanism)
             return
         session.authenticated = True
@@ -575,7 +575,7 @@ class GatewaySMTP(SMTP):
         session.auth_mechanism = mechanism
         await self.reply(codes.AUTH_OK)
 
-    async def _auth_failed(self, refusal: SmtpRefusal, mechanism: str) -> None:
+    async def _auth_failed(self, refusal: MailRefusal, mechanism: str) -> None:
         if mechanism == "OAUTHBEARER" and refusal.reply.code == 535:
             # RFC 7628 3.2.2: an error challenge first; the client answers with a dummy ^A.
             status = self.handler.token_error_status()              # the verifier's, naming its issuer
@@ -584,14 +584,14 @@ class GatewaySMTP(SMTP):
         self.gsession.auth_failures += 1
         if self.gsession.auth_failures >= self.limits.max_auth_failures and refusal.reply.code != 421:
             await self.reply(refusal.reply)
-            raise SmtpRefusal(codes.TOO_MANY_AUTH_FAILURES)
+            raise MailRefusal(codes.TOO_MANY_AUTH_FAILURES)
         raise refusal
 
     @staticmethod
     def _split_auth_argument(arg: str | None) -> tuple[str, str | None]:
         parts = (arg or "").split()
         if not 1 <= len(parts) <= 2:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="AUTH mechanism [initial-response]"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="AUTH mechanism [initial-response]"))
         return parts[0].upper(), parts[1] if len(parts) == 2 else None
 
     async def _sasl_response(self, initial: str | None, challenge: bytes = b"") -> bytes | None:
@@ -625,9 +625,9 @@ class GatewaySMTP(SMTP):
         try:
             plain = sasl.decode_plain(response)                        # RFC 4616 2
         except sasl.SaslMalformed:
-            raise SmtpRefusal(codes.AUTH_BAD_RESPONSE) from None
+            raise MailRefusal(codes.AUTH_BAD_RESPONSE) from None
         if plain.authzid_differs():
-            raise SmtpRefusal(codes.AUTHZID_REFUSED)
+            raise MailRefusal(codes.AUTHZID_REFUSED)
         return PasswordCredentials("PLAIN", plain.authcid, plain.password)
 
     async def _read_login(self, initial: str | None) -> Credentials | None:
@@ -647,7 +647,7 @@ class GatewaySMTP(SMTP):
             return None
         tls = self.gsession.tls
         if tls is None or tls.peer_certificate_sha256 is None:
-            raise SmtpRefusal(codes.AUTH_NO_CERTIFICATE)
+            raise MailRefusal(codes.AUTH_NO_CERTIFICATE)
         return CertificateCredentials(tls.peer_certificate_sha256, sasl.decode_external(response))   # RFC 4422 A.1
 
     async def _read_oauthbearer(self, initial: str | None) -> Credentials | None:
@@ -669,19 +669,19 @@ class GatewaySMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         session, envelope = self.gsession, self.genvelope
         if not session.host_name:
-            raise SmtpRefusal(codes.SEND_HELO_FIRST)
+            raise MailRefusal(codes.SEND_HELO_FIRST)
         if envelope.has_sender:
-            raise SmtpRefusal(codes.BAD_SEQUENCE.format(detail="nested MAIL command"))
+            raise MailRefusal(codes.BAD_SEQUENCE.format(detail="nested MAIL command"))
         path_text, param_text = split_path_argument(_strip_keyword("FROM:", arg))
         if param_text and not session.extended_smtp:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="parameters need EHLO"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="parameters need EHLO"))
         params = parse_mail_parameters(param_text)
         path = parse_path(path_text, allow_null=True)
         too_big = reply_for_size(params.size, self.limits.max_message_size, codes.SIZE_EXCEEDED)
         if too_big is not None:
-            raise SmtpRefusal(too_big)                                 # RFC 1870 6.1
+            raise MailRefusal(too_big)                                 # RFC 1870 6.1
         if path is not None and not path.is_ascii and not params.smtputf8:
-            raise SmtpRefusal(codes.SMTPUTF8_NOT_ANNOUNCED)            # RFC 6531 3.7.4.1
+            raise MailRefusal(codes.SMTPUTF8_NOT_ANNOUNCED)            # RFC 6531 3.7.4.1
         reply = await self.handler.handle_MAIL(self, session, envelope, path, params)
         envelope.has_sender = True
         envelope.mail_path = path
@@ -693,15 +693,15 @@ class GatewaySMTP(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         session, envelope = self.gsession, self.genvelope
         if not envelope.has_sender:
-            raise SmtpRefusal(codes.BAD_SEQUENCE.format(detail="need MAIL before RCPT"))
+            raise MailRefusal(codes.BAD_SEQUENCE.format(detail="need MAIL before RCPT"))
         path_text, param_text = split_path_argument(_strip_keyword("TO:", arg))
         if param_text and not session.extended_smtp:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="parameters need EHLO"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="parameters need EHLO"))
         params = parse_rcpt_parameters(param_text)
         path = parse_path(path_text, allow_null=False, allow_postmaster=True)   # RFC 5321 4.5.1
         assert path is not None
         if not path.is_ascii and not envelope.mail_params.smtputf8:
-            raise SmtpRefusal(codes.SMTPUTF8_NOT_ANNOUNCED)
+            raise MailRefusal(codes.SMTPUTF8_NOT_ANNOUNCED)
         recipient = RecipientRequest(path, params)
         reply = await self.handler.handle_RCPT(self, session, envelope, recipient)
         envelope.recipients.append(recipient)
@@ -711,11 +711,11 @@ class GatewaySMTP(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         session, envelope = self.gsession, self.genvelope
         if arg:
-            raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail="DATA takes no argument"))
+            raise MailRefusal(codes.SYNTAX_PARAMS.format(detail="DATA takes no argument"))
         if not envelope.has_sender:
-            raise SmtpRefusal(codes.BAD_SEQUENCE.format(detail="need MAIL before DATA"))
+            raise MailRefusal(codes.BAD_SEQUENCE.format(detail="need MAIL before DATA"))
         if not envelope.recipients:
-            raise SmtpRefusal(codes.NO_VALID_RECIPIENTS)               # RFC 5321 3.3
+            raise MailRefusal(codes.NO_VALID_RECIPIENTS)               # RFC 5321 3.3
         envelope.sink = await self.handler.open_message(self, session, envelope)
         await self.reply(codes.START_DATA)
         try:
@@ -731,7 +731,7 @@ class GatewaySMTP(SMTP):
     async def _finish_data(self, session: GatewaySession, envelope: GatewayEnvelope) -> Reply:
         try:
             return await self.handler.handle_DATA(self, session, envelope)
-        except SmtpRefusal as refusal:
+        except MailRefusal as refusal:
             log.info("%r message from <%s> refused: %s%s", session.peer, envelope.mail_from, refusal.reply,
                      f" ({refusal.detail})" if refusal.detail else "")
             return refusal.reply
@@ -800,7 +800,7 @@ def _refuse_control_characters(command: str, argument: str) -> None:
     """RFC 5321 4.1.1.1: the EHLO/HELO argument is a domain or an address literal; it is copied into the
     Received field (RFC 5321 4.4), where a CR or another control character would forge header lines."""
     if any(ord(c) < 32 or ord(c) == 127 for c in argument):
-        raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail=f"{command} argument holds a control character"))
+        raise MailRefusal(codes.SYNTAX_PARAMS.format(detail=f"{command} argument holds a control character"))
 
 
 def _bare_line_ending(line: bytes) -> Reply | None:
@@ -814,6 +814,6 @@ def _bare_line_ending(line: bytes) -> Reply | None:
 
 def _strip_keyword(keyword: str, arg: str | None) -> str:
     if arg is None or arg[: len(keyword)].upper() != keyword:
-        raise SmtpRefusal(codes.SYNTAX_PARAMS.format(detail=f"expected {keyword}<address>"))
+        raise MailRefusal(codes.SYNTAX_PARAMS.format(detail=f"expected {keyword}<address>"))
     return arg[len(keyword):].strip()
 

@@ -27,7 +27,7 @@ from gateway.mailstore.errors import FolderNotFound, MessageNotFound
 from gateway.mailstore.interface import INBOX, SEEN, All, FolderRef, Header, MessageMeta, StoreMode, UidIn, UidSet
 from gateway.pipeline.tables import Conversation
 from gateway.pipeline.origin import Door, Origin, TlsInfo
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
 from gateway.storage.models import utcnow
@@ -192,7 +192,7 @@ async def reply(request: web.Request) -> web.StreamResponse:
     raw = compose_reply(patient, address, text, original, hostname=context(request).settings.hostname)
     try:
         await submit(request, patient, address, raw)
-    except SmtpRefusal as refusal:
+    except MailRefusal as refusal:
         return await _refused(request, patient, address, refusal)
     await _keep_in_sent(request, patient, raw)
     raise web.HTTPSeeOther(f"/conversations/{quote(address)}?envoye=1")
@@ -229,7 +229,7 @@ def compose_reply(patient: PatientIdentity, address: str, text: str, original: r
 
 
 async def submit(request: web.Request, patient: PatientIdentity, address: str, raw: bytes) -> str:
-    """Submit through the one pipeline, as an authenticated webmail origin; SmtpRefusal when policy says no."""
+    """Submit through the one pipeline, as an authenticated webmail origin; MailRefusal when policy says no."""
     ctx = context(request)
     pipeline = ctx.extras.get("pipeline")
     if pipeline is None:
@@ -261,7 +261,7 @@ async def _keep_in_sent(request: web.Request, patient: PatientIdentity, raw: byt
     await store.append(FolderRef(patient.mailbox_id, SENT), raw, flags=[SEEN], internaldate=dt.datetime.now(dt.timezone.utc))
 
 
-async def _refused(request: web.Request, patient: PatientIdentity, address: str, refusal: SmtpRefusal) -> web.Response:
+async def _refused(request: web.Request, patient: PatientIdentity, address: str, refusal: MailRefusal) -> web.Response:
     reason = {"never": N_("You cannot start a conversation: only a professional who wrote to you can receive your reply."),
               "ended": N_("This professional has ended the conversation: you can no longer reply to it."),
               }.get(await conversation_state(request, patient, address),

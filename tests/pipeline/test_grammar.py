@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gateway.pipeline.limits import ConcurrencyLimiter, RateLimiter
 from gateway.pipeline.parse import ParseLimits, scan_message
 from gateway.queue.local_delivery import without_forged_results
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import (
     decode_xtext,
     encode_xtext,
@@ -40,14 +40,14 @@ def test_paths(text: str, local: str, domain: str, route: tuple[str, ...], quote
 
 def test_null_path_only_where_allowed() -> None:
     assert parse_path("<>", allow_null=True) is None
-    with pytest.raises(SmtpRefusal) as refused:
+    with pytest.raises(MailRefusal) as refused:
         parse_path("<>", allow_null=False)
     assert refused.value.reply.enhanced == "5.1.3"
 
 
 @pytest.mark.parametrize("bad", ["<a@>", "<@x:>", "<a@b>", "<a..b@c.example>", '<"unterminated@c.example>', "<a@-c.example>"])
 def test_malformed_paths(bad: str) -> None:
-    with pytest.raises(SmtpRefusal) as refused:
+    with pytest.raises(MailRefusal) as refused:
         parse_path(bad, allow_null=False)
     assert refused.value.reply.code == 553
 
@@ -70,7 +70,7 @@ def test_mail_parameters() -> None:
     ("RET=NONE", 501), ("ENVID=" + "x" * 101, 501), ("ENVID=a+zz", 501), ("FOO=1", 555), ("=x", 501),
 ])
 def test_bad_mail_parameters(text: str, code: int) -> None:
-    with pytest.raises(SmtpRefusal) as refused:
+    with pytest.raises(MailRefusal) as refused:
         parse_mail_parameters(text)
     assert refused.value.reply.code == code
 
@@ -80,7 +80,7 @@ def test_rcpt_parameters() -> None:
     assert params.notify == frozenset({"FAILURE", "DELAY"}) and params.orcpt == "rfc822;a+b@c.example"
     assert parse_rcpt_parameters("NOTIFY=NEVER").notify == frozenset({"NEVER"})
     for bad in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=rfc822", "ORCPT=;a@b.example"):
-        with pytest.raises(SmtpRefusal):
+        with pytest.raises(MailRefusal):
             parse_rcpt_parameters(bad)
 
 
@@ -116,7 +116,7 @@ def test_mime_depth_follows_boundaries(tmp_path: Path) -> None:
 
 def test_header_section_bounds(tmp_path: Path) -> None:
     many = b"".join(b"X-%d: v\r\n" % n for n in range(51)) + b"\r\n"
-    with pytest.raises(SmtpRefusal) as refused:
+    with pytest.raises(MailRefusal) as refused:
         scan_message(_write(tmp_path, many), LIMITS)
     assert (refused.value.reply.code, refused.value.reply.enhanced) == (554, "5.6.0")
 
@@ -162,5 +162,5 @@ def test_paths_and_parameters_refuse_garbage_with_a_reply(text: str) -> None:
         parse_path(path_text, allow_null=True)
         parse_mail_parameters(params)
         parse_rcpt_parameters(params)
-    except SmtpRefusal as refusal:
+    except MailRefusal as refusal:
         assert 500 <= refusal.reply.code < 600

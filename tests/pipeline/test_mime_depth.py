@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.pipeline.parse import ParseLimits, scan_stream
-from gateway.mail.codes import SmtpRefusal
+from gateway.mail.codes import MailRefusal
 
 LIMIT = 6
 LIMITS = ParseLimits(max_header_count=50, max_header_bytes=64 * 1024, max_mime_depth=LIMIT)
@@ -39,8 +39,8 @@ def depth(data: bytes) -> int:
     return scan_stream(io.BytesIO(b"Subject: test\r\nMIME-Version: 1.0\r\n" + data), LIMITS).mime_depth
 
 
-def refused(data: bytes) -> SmtpRefusal:
-    with pytest.raises(SmtpRefusal) as caught:
+def refused(data: bytes) -> MailRefusal:
+    with pytest.raises(MailRefusal) as caught:
         depth(data)
     return caught.value
 
@@ -115,5 +115,5 @@ def test_arbitrary_bodies_never_crash(noise: bytes) -> None:
     for head in (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n", b"Content-Type: message/rfc822\r\n\r\n"):
         try:
             assert 1 <= depth(head + noise) <= LIMIT
-        except SmtpRefusal as exc:
+        except MailRefusal as exc:
             assert exc.reply.enhanced == "5.6.0"
