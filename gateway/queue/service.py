@@ -30,6 +30,7 @@ from gateway.security.dkim import DkimSigner
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
+
 class MailQueue:
     """The durable queue and its workers; ``start_*``/``stop`` from ``gateway serve``, the verbs from the CLI."""
 
