@@ -24,26 +24,26 @@ from gateway.dmp_bridge.fhir.server import start_http_listener
 from gateway.dmp_bridge.notify import AccessNoticeRecorder, AccessNoticeTask
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
+from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.ops.http import MetricsListener, Readiness
 from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
-from gateway.mailstore.delivery import LocalDelivery
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.outbound import outbound_tls_context
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
-from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.retention import ShreddingTask
 from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
+from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
-from gateway.security.revocation import ReloadingContexts, RevocationList
-from gateway.security.smime_service import SmimeService
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
+from gateway.security.revocation import ReloadingContexts, RevocationList
+from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database

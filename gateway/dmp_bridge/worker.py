@@ -51,7 +51,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
-from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
+from gateway.dmp_bridge.acknowledgement import (
+    Acknowledger,
+    DeliveredMessage,
+    QueuedNotice,
+)
 from gateway.dmp_bridge.depositor import depositor_of_queued_message
 from gateway.dmp_bridge.extract import ExtractionResult, extract_documents
 from gateway.dmp_bridge.filing import (
@@ -65,8 +69,17 @@ from gateway.dmp_bridge.filing import (
     committed,
     prepare_filing,
 )
-from gateway.dmp_bridge.record import JOB_SUBJECT_COLUMN, OUTCOME_ATTACHMENT_COLUMN, RecordSealer
-from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob, FilingOutcome, JobState
+from gateway.dmp_bridge.record import (
+    JOB_SUBJECT_COLUMN,
+    OUTCOME_ATTACHMENT_COLUMN,
+    RecordSealer,
+)
+from gateway.dmp_bridge.tables import (
+    OPEN_JOB_STATES,
+    FilingJob,
+    FilingOutcome,
+    JobState,
+)
 from gateway.errors import Conflict, NotFound
 from gateway.mailstore.errors import FolderNotFound, MessageNotFound, UidValidityChanged
 from gateway.mailstore.interface import FolderRef

@@ -36,8 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
-from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.queue.spool import Spool, SpoolFile
+from gateway.queue.tables import (
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    RouteKind,
+)
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

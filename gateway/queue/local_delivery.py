@@ -32,13 +32,18 @@ from typing import Any, BinaryIO, Protocol
 from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
 from gateway.ops.metrics import LOCAL_DELIVERIES
-from gateway.queue.generated import PreparedMail
-from gateway.queue.local_failures import LocalFailure, mailbox_gone, refused_route, store_error
-from gateway.queue.spool import Spool
-from gateway.queue.store import LocalWork, QueueStore
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.dsn import Action, RecipientReport, wants_report
+from gateway.queue.generated import PreparedMail
+from gateway.queue.local_failures import (
+    LocalFailure,
+    mailbox_gone,
+    refused_route,
+    store_error,
+)
 from gateway.queue.outbound_store import MessageWork
+from gateway.queue.spool import Spool
+from gateway.queue.store import LocalWork, QueueStore
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")

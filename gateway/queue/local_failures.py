@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from gateway.directory.service import RefusedRoute, RouteRefusal
 from gateway.errors import UserError
-from gateway.mailstore.errors import MailboxNotHosted, QuotaExceeded
 from gateway.mail import codes
 from gateway.mail.codes import Reply
+from gateway.mailstore.errors import MailboxNotHosted, QuotaExceeded
 
 STORE_ERROR = Reply(451, "4.3.0", "Local delivery failed: {detail}")            # RFC 3463 3.4 (X.3.0)
 LIFETIME_EXPIRED = "5.4.7"                                                       # RFC 3463 3.5: delivery time expired

@@ -21,8 +21,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.queue.generated import PreparedMail
-from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
+from gateway.queue.tables import (
+    MessageState,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    RouteKind,
+)
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

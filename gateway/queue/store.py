@@ -16,7 +16,13 @@ from typing import Protocol
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.tables import (
+    MessageState,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    RouteKind,
+)
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.queue.outbound import DotStuffer
+from gateway.queue.smtp_client import DotStuffer
 
 from tests.harness import GatewayProcess
 from tests.smtp.doors import DOORS, inbox, open_door, sender_on, start_transaction, wait_for_subject
@@ -133,7 +133,7 @@ def test_bdat_is_not_offered(gw: GatewayProcess, door: str) -> None:
 @given(st.binary(max_size=200).map(lambda b: b.replace(b"x", b"\r").replace(b"y", b"\n").replace(b"z", b".")),
        st.integers(min_value=0, max_value=200))
 def test_what_we_send_has_no_bare_cr_or_lf_and_one_end_of_data(body: bytes, cut: int) -> None:
-    """Outbound (gateway.queue.outbound.DotStuffer): whatever the spooled bytes and however they are
+    """Outbound (gateway.queue.smtp_client.DotStuffer): whatever the spooled bytes and however they are
     chunked, peers get CRLF line ends only and exactly one <CRLF>.<CRLF>, at the end."""
     def send(chunks: list[bytes]) -> bytes:
         stuffer = DotStuffer()
