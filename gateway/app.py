@@ -32,6 +32,7 @@ from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.local_delivery import LocalStore
 from gateway.queue.outbound import outbound_tls_context
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
@@ -105,9 +106,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         smime = SmimeService(db, settings, pki, blobs, fields)
         spool_cipher = await SpoolCipher.load(keys)
         spool = Spool(spool_root(settings), spool_cipher)
-        queue = MailQueue(settings, db, directory, spool, LocalDelivery(mailstore))
-        pipeline = Pipeline(settings, directory, queue.rows, spool, queue.local, ConversationBook(db), smime=smime)
-        pipeline.on_remote_queued(queue.wake_remote)
+        queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         yield Services(
             settings=settings,
             db=db,
@@ -134,6 +133,16 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         )
     finally:
         await db.dispose()
+
+
+def mail_path(settings: Settings, db: Database, directory: DirectoryService, spool: Spool, store: LocalStore | None,
+              *, smime: SmimeService | None = None) -> tuple[MailQueue, Pipeline]:
+    """The queue and the pipeline that hands it every accepted message (part of ``open_services``; the SMTP
+    test harness calls it with a mail store of its choosing)."""
+    queue = MailQueue(settings, db, directory, spool, store)
+    pipeline = Pipeline(settings, directory, queue.rows, spool, queue.local, ConversationBook(db), smime=smime)
+    pipeline.on_remote_queued(queue.wake_remote)      # remote recipients queued: the outbound worker looks now
+    return queue, pipeline
 
 
 class Gateway:

@@ -1,8 +1,8 @@
 """A real gateway SMTP side for tests: real database, directory, PKI, pipeline and listeners,
 run in a thread with its own event loop (as aiosmtpd's Controller does), on loopback
 ports chosen by the system. It builds the queue (``gateway.queue.service.MailQueue``, its spool
-sealed as ``gateway serve`` seals it) and the pipeline as ``gateway.app.open_services`` does, with
-the mail store a test chooses, opens the listeners with ``gateway.smtp.listeners`` as
+sealed as ``gateway serve`` seals it) and the pipeline with ``gateway.app.mail_path``, as
+``open_services`` does, with the mail store a test chooses, opens the listeners with ``gateway.smtp.listeners`` as
 ``gateway serve`` does, and lets tests inspect the queue and change the directory
 in-process; the crash and memory tests run the real ``gateway serve`` instead
 (test_durability.py).
@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.app import mail_path
 from gateway.config import Settings, load_settings
 from gateway.directory.demo import DemoAccount, seed_demo_directory
 from gateway.directory.identifiers import add_nir_key
 from gateway.directory.service import DirectoryService
-from gateway.pipeline.conversations import ConversationBook
-from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.local_delivery import LocalStore
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
@@ -134,9 +133,7 @@ class GatewayThread:
         tls = TlsMaterial(issued.chain_path, issued.key_path, self.pki.ca_bundle_path)
         self.mail_store = await self.store_factory(self.db, settings)
         spool = Spool(spool_root(settings), await SpoolCipher.load(KeyManager(self.db, settings.data_path / "keys")))
-        self.queue = MailQueue(settings, self.db, self.directory, spool, self.mail_store)
-        pipeline = Pipeline(settings, self.directory, self.queue.rows, spool, self.queue.local, ConversationBook(self.db))
-        pipeline.on_remote_queued(self.queue.wake_remote)
+        self.queue, pipeline = mail_path(settings, self.db, self.directory, spool, self.mail_store)
         await self.queue.start_local()
         self.listeners = await open_listeners(pipeline, self.directory, settings, tls)
         self.ports = {kind: port for kind, (_, port) in self.listeners.addresses.items()}
