@@ -1,15 +1,16 @@
 """Alembic environment: runs on the connection handed in by gateway.storage.db.
 
-Upgrades need no models. Autogenerate compares against the metadata handed in as
-``config.attributes["target_metadata"]`` (``gateway.schema.metadata``: every area's tables),
-so storage imports no area.
+The target metadata is ``Base.metadata``, storage's own: its naming convention names
+the constraints that migrations leave unnamed, as the models name them. Each area's
+tables extend it when their module is imported; ``gateway.schema`` imports them all
+(import it before autogenerating), so storage imports no area.
 """
 
 from typing import Any, Literal
 
 from alembic import context
 
-from gateway.storage.models import UTCDateTime
+from gateway.storage.models import Base, UTCDateTime
 
 
 def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
@@ -25,7 +26,7 @@ if connection is None:
 
 context.configure(
     connection=connection,
-    target_metadata=context.config.attributes.get("target_metadata"),
+    target_metadata=Base.metadata,
     render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copy
     compare_type=True,
     render_item=render_item,
