@@ -87,7 +87,7 @@ async def _queue(config: Settings) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob
-    from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState
+    from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState
     from gateway.storage.db import Database
 
     database = Database(config.database_url)

@@ -97,7 +97,7 @@ class LiveCollector(Collector):
 
     async def refresh(self) -> None:
         from gateway.dmp_bridge.tables import FilingJob, FilingOutcome
-        from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState
+        from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState
 
         waiting = QueuedRecipient.state.in_([RecipientState.PENDING.value, RecipientState.DEFERRED.value])
         async with self.db.session() as session:
