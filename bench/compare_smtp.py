@@ -22,9 +22,12 @@ DATA -> mailbox time (gateway: queue received_at -> delivered_at per
 recipient; Postfix: the ``delay=`` of each LMTP delivery in its log, from
 arrival in the queue to delivery), and memory and CPU (rss_watch.py over the
 process tree: for Postfix the postfix master tree plus the Dovecot tree,
-which does the delivery).
+which does the delivery). For the gateway also its CPU seconds per accepted
+message from /proc/PID/stat (utime + stime, every thread): during the load,
+and up to the last delivery (accepted + delivered); ``--profile FILE`` runs
+``py-spy record`` on it during the load.
 
-    .venv/bin/python bench/compare_smtp.py [--messages 3000] [--concurrency 20] [--size 4096] [--postfix-tls]
+    .venv/bin/python bench/compare_smtp.py [--messages 3000] [--concurrency 20] [--size 4096] [--postfix-tls] [--only gateway] [--profile gw.txt]
 
 Needs root for the Postfix log and Maildir; start the reference servers first
 (start-reference.sh). Prints one JSON object.
@@ -122,6 +125,30 @@ def run_load(port: int, args: argparse.Namespace, extra: list[str]) -> tuple[dic
     return summary, started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, every thread included (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Profiler:
+    """``py-spy record`` attached to the server for the length of the load (``--profile FILE``)."""
+
+    def __init__(self, pid: int, output: str | None) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        if output:
+            fmt = "speedscope" if output.endswith(".json") else "raw" if output.endswith(".txt") else "flamegraph"
+            self.process = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                                             "--rate", "200", "--format", fmt, "--output", output, "--nonblocking"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=60)
+
+
 def wait_until(count_fn: Any, expected: int, started: float, timeout: float) -> float | None:
     """Poll ``count_fn`` every 50 ms; the seconds from ``started`` to the moment it reached ``expected``."""
     deadline = time.monotonic() + timeout
@@ -136,24 +163,31 @@ def wait_until(count_fn: Any, expected: int, started: float, timeout: float) -> 
 
 def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="cmp-smtp-gw-"))
-    gateway = GatewayProcess(root / "data", extra_env={"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0",
-                                                       "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0"})
+    extra_env = {"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0", "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0"}
+    extra_env.update(item.split("=", 1) for item in args.gateway_env)
+    gateway = GatewayProcess(root / "data", extra_env=extra_env)
     gateway.start()
     try:
         sender = gateway.account("PER", 0)
         recipient = gateway.account("PER", 1)
         database = root / "data" / "gateway.db"
         assert gateway.process is not None
-        watch = Watch({"gateway": gateway.process.pid})
+        pid = gateway.process.pid
+        watch = Watch({"gateway": pid})
+        profiler = Profiler(pid, args.profile)
 
         def delivered() -> int:
             with sqlite3.connect(database, timeout=30) as conn:
                 return int(conn.execute("SELECT count(*) FROM queue_recipients WHERE state = 'delivered'").fetchone()[0])
 
+        cpu_before = cpu_seconds(pid)
         summary, started = run_load(gateway.ports["smtp_submission_port"], args, [
             "--starttls", "--insecure", "--auth-user", sender["address"], "--auth-pass", sender["password"],
             "--from", sender["address"], "--to", recipient["address"]])
+        cpu_accepted = cpu_seconds(pid) - cpu_before
+        profiler.stop()
         done_s = wait_until(delivered, int(summary.get("ok", 0)), started, 600)
+        cpu_delivered = cpu_seconds(pid) - cpu_before
         memory = watch.stop()
         with sqlite3.connect(database) as conn:
             rows = conn.execute("SELECT m.received_at, r.delivered_at FROM queue_recipients r JOIN queue_messages m "
@@ -163,7 +197,14 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
         gateway.stop()
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    return _figures("gateway", "submission, STARTTLS (TLS 1.3) + AUTH PLAIN", summary, done_s, latencies, memory)
+    figures = _figures("gateway", "submission, STARTTLS (TLS 1.3) + AUTH PLAIN", summary, done_s, latencies, memory)
+    ok = max(1, int(summary.get("ok", 0)))
+    # Server CPU per message: during the load (acceptance, plus whatever delivery ran meanwhile in the same
+    # process) and up to the last delivery (accepted + delivered).
+    figures["server_cpu_s"] = {"during_load": round(cpu_accepted, 2), "until_all_delivered": round(cpu_delivered, 2)}
+    figures["server_cpu_ms_per_msg"] = {"during_load": round(cpu_accepted * 1000 / ok, 2),
+                                        "accepted_and_delivered": round(cpu_delivered * 1000 / ok, 2)}
+    return figures
 
 
 def _time(value: str) -> dt.datetime:
@@ -293,6 +334,10 @@ def main() -> None:
     parser.add_argument("--postfix-tls", action="store_true", help="also run against a STARTTLS copy of Postfix")
     parser.add_argument("--only", choices=["gateway", "postfix"], help="run one side only")
     parser.add_argument("--keep", action="store_true", help="keep the gateway's data directory")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy record the gateway during the load into FILE "
+                        "(.svg flame graph, .json speedscope, .txt collapsed stacks)")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for gateway serve (repeatable)")
     args = parser.parse_args()
 
     results: list[dict[str, Any]] = []

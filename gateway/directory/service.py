@@ -682,26 +682,24 @@ class DirectoryService:
         except UserError as exc:
             return RefusedRoute(address, RouteRefusal.MALFORMED, str(exc))
         domain = canonical.split("@", 1)[1]
-        async with self.db.session() as s:
-            if await _is_local(s, domain):
-                return await self._route_local(s, canonical)
-            if await _is_trusted(s, domain):
-                return RemoteRoute(canonical, domain)
+        # One SQL Core statement on the acceptance hot path (every RCPT): the local domain, the mailbox and
+        # its patient's state; no ORM session. A row means the domain is ours.
+        mailbox, patient = Mailbox.__table__.c, Patient.__table__.c
+        local = (select(LocalDomain.__table__.c.id, mailbox.id.label("mailbox_id"), mailbox.type, mailbox.state,
+                        patient.state.label("patient_state"))
+                 .select_from(LocalDomain.__table__)
+                 .outerjoin(Mailbox.__table__, mailbox.address == canonical)
+                 .outerjoin(Patient.__table__, patient.id == mailbox.patient_id)
+                 .where(LocalDomain.__table__.c.name == domain).limit(1))
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(local)).first()
+            if row is not None:
+                return _local_route(canonical, row.mailbox_id, row.type, row.state, row.patient_state)
+            trusted = (await conn.execute(select(TrustedDomain.__table__.c.since, TrustedDomain.__table__.c.until)
+                                          .where(TrustedDomain.__table__.c.name == domain))).first()
+        if trusted is not None and _trusted_between(trusted.since, trusted.until, utcnow()):
+            return RemoteRoute(canonical, domain)
         return RefusedRoute(canonical, RouteRefusal.DOMAIN_NOT_TRUSTED, f"{domain} is not in the MSSanté trust space")
-
-    async def _route_local(self, s: AsyncSession, address: str) -> Route:
-        box = await s.scalar(select(Mailbox).where(Mailbox.address == address))
-        if box is None:
-            return RefusedRoute(address, RouteRefusal.UNKNOWN_MAILBOX, f"no mailbox {address} here")
-        if box.type == "PAT":
-            patient = await s.get(Patient, box.patient_id)
-            if patient is not None and patient.state == PatientState.OPPOSED.value:
-                return RefusedRoute(address, RouteRefusal.PATIENT_OPPOSED, "this patient has opposed their Mon espace santé space")
-            if patient is not None and patient.state == PatientState.CLOSED.value:
-                return RefusedRoute(address, RouteRefusal.PATIENT_CLOSED, "this patient has closed their Mon espace santé space")
-        if box.state != State.ACTIVE.value:
-            return RefusedRoute(address, RouteRefusal.MAILBOX_DISABLED, f"mailbox {address} is disabled")
-        return LocalRoute(box.id, box.address, box.type)
 
     # ----------------------------------------------------------------- internals
 
@@ -815,7 +813,25 @@ async def _is_local(s: AsyncSession, domain: str) -> bool:
 
 
 def _trusted_now(row: TrustedDomain, now: dt.datetime) -> bool:
-    return (row.since is None or row.since <= now) and (row.until is None or now < row.until)
+    return _trusted_between(row.since, row.until, now)
+
+
+def _trusted_between(since: dt.datetime | None, until: dt.datetime | None, now: dt.datetime) -> bool:
+    return (since is None or since <= now) and (until is None or now < until)
+
+
+def _local_route(address: str, mailbox_id: int | None, mailbox_type: str | None, state: str | None,
+                 patient_state: str | None) -> Route:
+    """The route to ``address`` in one of our domains, from its mailbox row and its patient's state."""
+    if mailbox_id is None or mailbox_type is None:
+        return RefusedRoute(address, RouteRefusal.UNKNOWN_MAILBOX, f"no mailbox {address} here")
+    if mailbox_type == "PAT" and patient_state == PatientState.OPPOSED.value:
+        return RefusedRoute(address, RouteRefusal.PATIENT_OPPOSED, "this patient has opposed their Mon espace santé space")
+    if mailbox_type == "PAT" and patient_state == PatientState.CLOSED.value:
+        return RefusedRoute(address, RouteRefusal.PATIENT_CLOSED, "this patient has closed their Mon espace santé space")
+    if state != State.ACTIVE.value:
+        return RefusedRoute(address, RouteRefusal.MAILBOX_DISABLED, f"mailbox {address} is disabled")
+    return LocalRoute(mailbox_id, address, mailbox_type)
 
 
 async def _is_trusted(s: AsyncSession, domain: str) -> bool:

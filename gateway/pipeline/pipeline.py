@@ -26,11 +26,12 @@ from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.conversations import ConversationBook
 from gateway.queue.local_delivery import LocalDeliveryWorker
 from gateway.pipeline.limits import RateLimiter
+from gateway.pipeline.acceptance import AcceptanceCommitter, AcceptCancelled
 from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.pipeline.origin import Origin
 from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
-from gateway.queue.store import QueueStore
+from gateway.queue.store import AcceptedRows, QueueStore
 from gateway.queue.spool import Spool, SpoolFile
 from gateway.pipeline.trace import trace_header_block
 from gateway.mail import codes
@@ -39,6 +40,7 @@ from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
 
 from gateway.security.dkim import DkimVerifier
+from gateway.security.smime_policy import LookupMemo
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
 
 log = logging.getLogger("gateway.pipeline")
@@ -54,6 +56,7 @@ class Transaction:
     recipients: list[tuple[AcceptedRecipient, RcptParameters]] = field(default_factory=list)
     added_fields: list[str] = field(default_factory=list)          # e.g. a delegate's Sender (policy.check_author)
     verified: list[str] = field(default_factory=list)              # RFC 8601 results found now (dkim=...)
+    lookups: LookupMemo = field(default_factory=LookupMemo)        # S/MIME policy answers, this transaction only
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Pipeline:
         self.smtp = settings.smtp
         self.queue = queue
         self.spool = spool
+        self.acceptance = AcceptanceCommitter(spool, queue)
         self._remote_listeners: list[Callable[[], None]] = []
         self.delivery = delivery
         self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact,
@@ -106,7 +110,7 @@ class Pipeline:
             raise MailRefusal(codes.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients))
         accepted = await self.policy.check_recipient(transaction.origin, transaction.sender, path)
         if self.smime is not None and transaction.origin.door.is_submission:
-            await self.smime.check_recipient(transaction.sender, accepted.address)   # S/MIME encrypt=always
+            await self.smime.check_recipient(transaction.sender, accepted.address, transaction.lookups)   # S/MIME encrypt=always
         if any(existing.address == accepted.address for existing, _ in transaction.recipients):
             return accepted                                           # RFC 5321 3.3: duplicates collapse
         transaction.recipients.append((accepted, params))
@@ -133,33 +137,47 @@ class Pipeline:
                       for copy in copies]
             changes = self.policy.conversation_changes(transaction.origin, transaction.sender,
                                                        [r for r, _ in transaction.recipients], facts)
-            for copy in copies:
-                await copy.spool_file.make_durable()
-            await self.queue.commit_all(queued, changes)
+            await self.acceptance.commit([copy.spool_file for copy in copies], queued, changes)
         except MailRefusal:
             _discard(copies, spool_file)
             raise
         except (DBAPIError, OSError) as exc:
             _discard(copies, spool_file)
             raise MailRefusal(codes.LOCAL_ERROR, detail=f"{type(exc).__name__}: {exc}") from exc
+        except AcceptCancelled as cancelled:
+            if not cancelled.committed:
+                _discard(copies, spool_file)
+                raise
+            log.warning("queued %s although its client left before the reply", spool_file.queue_id)
+            self._hand_over(copies, queued)                # the client left, but its message is queued
+            raise
         except BaseException:
             _discard(copies, spool_file)
             raise
+        await self._queued(transaction, copies, queued)
+        return spool_file.queue_id
+
+    async def _queued(self, transaction: Transaction, copies: list[_Copy], queued: list[AcceptedRows]) -> None:
+        """After the commit: the files belong to the queue, S/MIME verdicts are recorded, delivery starts."""
         for copy in copies:
             copy.spool_file.keep()
             await self._record_smime(copy)
-        for message, rows in queued:
-            self._dispatch(message.id, rows)
-        recipients = [row for _, rows in queued for row in rows]
-        log.info("queued %s from %s (%s) for %d recipient(s), %d octets", spool_file.queue_id, transaction.sender or "<>",
-                 transaction.origin.door.value, len(recipients), spool_file.size)
+        self._hand_over(copies, queued)
+        log.info("queued %s from %s (%s) for %d recipient(s), %d octets", copies[0].spool_file.queue_id,
+                 transaction.sender or "<>", transaction.origin.door.value,
+                 sum(len(rows.recipients) for rows in queued), copies[0].spool_file.size)
         MESSAGES_ACCEPTED.labels(transaction.origin.door.value).inc()
-        return spool_file.queue_id
 
-    def _dispatch(self, queue_id: str, recipients: list[QueuedRecipient]) -> None:
-        if any(r.route == RouteKind.LOCAL.value for r in recipients):
-            self.delivery.schedule(queue_id)
-        if any(r.route == RouteKind.REMOTE.value for r in recipients):
+    def _hand_over(self, copies: list[_Copy], queued: list[AcceptedRows]) -> None:
+        for copy in copies:
+            copy.spool_file.keep()
+        for rows in queued:
+            self._dispatch(rows)
+
+    def _dispatch(self, rows: AcceptedRows) -> None:
+        if rows.has_route(RouteKind.LOCAL):
+            self.delivery.schedule(rows.queue_id)
+        if rows.has_route(RouteKind.REMOTE):
             self.remote_queued()
 
     def remote_queued(self) -> None:
@@ -202,7 +220,7 @@ class Pipeline:
         assert self.smime is not None
         by_address = {accepted.address: (accepted, params) for accepted, params in transaction.recipients}
         variants = await self.smime.protect(lambda: _read_all(spool_file), facts.get("Content-Type"),
-                                            transaction.sender, list(by_address))
+                                            transaction.sender, list(by_address), transaction.lookups)
         copies: list[_Copy] = []
         try:
             for index, variant in enumerate(variants):
@@ -238,7 +256,7 @@ class Pipeline:
 
     def _queue_rows(self, transaction: Transaction, spool_file: SpoolFile, facts: MessageFacts,
                     accepted_recipients: list[tuple[AcceptedRecipient, RcptParameters]] | None = None,
-                    verdict: InboundVerdict | None = None) -> tuple[QueuedMessage, list[QueuedRecipient]]:
+                    verdict: InboundVerdict | None = None) -> AcceptedRows:
         origin = transaction.origin
         accepted_recipients = transaction.recipients if accepted_recipients is None else accepted_recipients
         addresses = [accepted.address for accepted, _ in accepted_recipients]
@@ -248,7 +266,7 @@ class Pipeline:
                                    verified=transaction.verified, added_fields=transaction.added_fields)
         if verdict is not None:
             trace += verdict.authentication_results + "\r\n"      # RFC 8601 + RFC 7281 smime method
-        message = QueuedMessage(
+        message: dict[str, object] = dict(
             id=spool_file.queue_id, door=origin.door.value, sender=transaction.sender,
             envid=transaction.params.envid, ret=transaction.params.ret, body_type=transaction.params.body,
             smtputf8=transaction.params.smtputf8, size=spool_file.size, message_id_header=facts.message_id,
@@ -256,7 +274,7 @@ class Pipeline:
             client_address=origin.client_address, client_helo=(origin.helo or "")[:255] or None,
             tls=origin.tls.describe()[:128] if origin.tls else None,
         )
-        return message, [_recipient_row(accepted, params) for accepted, params in accepted_recipients]
+        return AcceptedRows(message, [_recipient_row(accepted, params) for accepted, params in accepted_recipients])
 
 
 def _read_all(spool_file: SpoolFile) -> bytes:
@@ -270,9 +288,9 @@ def _discard(copies: list[_Copy], spool_file: SpoolFile) -> None:
         copy.spool_file.discard()
 
 
-def _recipient_row(accepted: AcceptedRecipient, params: RcptParameters) -> QueuedRecipient:
+def _recipient_row(accepted: AcceptedRecipient, params: RcptParameters) -> dict[str, object]:
     local = isinstance(accepted.route, LocalRoute)
-    return QueuedRecipient(
+    return dict(
         address=accepted.address, orcpt=params.orcpt, notify=",".join(sorted(params.notify)) or None,
         route=RouteKind.LOCAL.value if local else RouteKind.REMOTE.value,
         mailbox_id=accepted.route.mailbox_id if isinstance(accepted.route, LocalRoute) else None,

@@ -92,7 +92,15 @@ class SpoolFile:
 
     async def make_durable(self) -> Path:
         """Steps 1 and 2 above; the file is then at ``self.path``."""
-        assert self._fd is not None
+        await self.sync_data()
+        self.move_into_queue()
+        await asyncio.to_thread(fsync_directory, self.path.parent)
+        return self.path
+
+    async def sync_data(self) -> None:
+        """Step 1: the sealed bytes on disk (fsync), the file closed. Idempotent."""
+        if self._fd is None:
+            return
         if self._sealer is not None:
             self._sealer.finish()
         fd, self._fd = self._fd, None
@@ -100,10 +108,14 @@ class SpoolFile:
             await asyncio.to_thread(os.fsync, fd)
         finally:
             os.close(fd)
-        os.rename(self.incoming_path, self.path)
-        self._committed = True
-        await asyncio.to_thread(fsync_directory, self.path.parent)
-        return self.path
+
+    def move_into_queue(self) -> None:
+        """Step 2 without its directory fsync (the caller fsyncs ``queue/`` once for every file it moved,
+        see gateway.pipeline.acceptance). Idempotent."""
+        assert self._fd is None, "sync_data first"
+        if not self._committed:
+            os.rename(self.incoming_path, self.path)
+            self._committed = True
 
     def discard(self) -> None:
         """Forget this message (refused, aborted, or its queue rows failed to commit). Idempotent."""

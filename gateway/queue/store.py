@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.queue.tables import (
@@ -27,6 +27,8 @@ from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
 OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
+_MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]  # SQL Core on the accept path
+_RECIPIENTS: Table = QueuedRecipient.__table__      # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,22 @@ class LocalWork:
     address: str
     trace_headers: str
     received_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AcceptedRows:
+    """The rows of one queued copy of an accepted message, as plain column values (SQL Core inserts them:
+    no ORM unit of work on the acceptance path)."""
+
+    message: dict[str, object]               # queue_messages columns; "id" is the queue id
+    recipients: list[dict[str, object]]      # queue_recipients columns, without message_id
+
+    @property
+    def queue_id(self) -> str:
+        return str(self.message["id"])
+
+    def has_route(self, route: RouteKind) -> bool:
+        return any(r["route"] == route.value for r in self.recipients)
 
 
 class QueueRows(Protocol):
@@ -75,6 +93,17 @@ class QueueStore:
                 s.add(message)
             for change in conversation_changes:
                 await change.apply(s)
+
+    @staticmethod
+    async def insert_accepted(s: AsyncSession, copies: Sequence[AcceptedRows],
+                              conversation_changes: Sequence[CompanionChange]) -> None:
+        """The rows of accepted messages inside the caller's transaction (the acceptance group commit)."""
+        await s.execute(insert(_MESSAGES), [copy.message for copy in copies])
+        recipients = [{**row, "message_id": copy.queue_id} for copy in copies for row in copy.recipients]
+        if recipients:
+            await s.execute(insert(_RECIPIENTS), recipients)
+        for change in conversation_changes:
+            await change.apply(s)
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""

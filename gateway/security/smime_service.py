@@ -58,6 +58,7 @@ from gateway.security.smime import (
 )
 from gateway.security.smime_policy import (
     HeldKey,
+    LookupMemo,
     InboundResult,
     PartyPolicy,
     PolicyDefaults,
@@ -406,7 +407,9 @@ class SmimeService:
             rows = (await session.scalars(select(SmimePolicyRow).order_by(SmimePolicyRow.scope, SmimePolicyRow.target))).all()
         return [_describe_policy(row) for row in rows]
 
-    async def policy_for(self, address: str) -> PartyPolicy:
+    async def policy_for(self, address: str, memo: LookupMemo | None = None) -> PartyPolicy:
+        if memo is not None:
+            return await memo.get("policy", address.lower(), lambda: self.policy_for(address))
         address = address.lower()
         targets = (address, address.rpartition("@")[2])
         async with self.db.session() as session:
@@ -416,7 +419,8 @@ class SmimeService:
     # ================================================================== keys and certificates in use
 
     async def usable_certificates(self, address: str) -> tuple[list[x509.Certificate], str]:
-        """Published, valid certificates of ``address`` for encryption; else why none (for the refusal)."""
+        """Published, valid certificates of ``address`` for encryption; else why none (for the refusal).
+        Never memoised: DATA asks again what RCPT asked, a certificate may have been revoked since."""
         async with self.db.session() as session:
             rows = (await session.execute(
                 select(Certificate, SmimeCertificateState.published_at)
@@ -464,48 +468,50 @@ class SmimeService:
 
     # ================================================================== outgoing
 
-    async def check_recipient(self, sender: str, recipient: str) -> None:
+    async def check_recipient(self, sender: str, recipient: str, memo: LookupMemo | None = None) -> None:
         """RCPT time: refuse a recipient the policy says must be encrypted to but cannot be (RFC 3463 X.7.1)."""
-        requirement, source = await self._encryption_requirement(sender, recipient)
+        requirement, source = await self._encryption_requirement(sender, recipient, memo)
         if requirement is not Requirement.ALWAYS:
             return
         usable, reason = await self.usable_certificates(recipient)
         if not usable:
             raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
 
-    async def _encryption_requirement(self, sender: str, recipient: str) -> tuple[Requirement, str]:
-        theirs = await self.policy_for(recipient)
-        ours = (await self.policy_for(sender) if sender
+    async def _encryption_requirement(self, sender: str, recipient: str,
+                                      memo: LookupMemo | None = None) -> tuple[Requirement, str]:
+        theirs = await self.policy_for(recipient, memo)
+        ours = (await self.policy_for(sender, memo) if sender
                 else PartyPolicy(Requirement.NEVER, Requirement.NEVER, "default", "default"))
         requirement = stricter(ours.encrypt, theirs.encrypt)
         source = f"recipient's {theirs.encrypt_source}" if theirs.encrypt is requirement else f"sender's {ours.encrypt_source}"
         return requirement, source
 
     async def protect(self, read_message: Callable[[], bytes], content_type: str | None, sender: str,
-                      recipients: Sequence[str]) -> list[Variant]:
+                      recipients: Sequence[str], memo: LookupMemo | None = None) -> list[Variant]:
         """End of DATA: the copies to queue. One variant with ``content=None`` means "unchanged".
         ``read_message`` (blocking) is called only when the message has to be signed or encrypted."""
         if is_enveloped(content_type):
             return [Variant(tuple(recipients), None)]          # the client encrypted it already: as is
-        identity = await self._signer(sender, already_signed=is_smime_content_type(content_type))
+        identity = await self._signer(sender, already_signed=is_smime_content_type(content_type), memo=memo)
         encrypted: dict[str, list[x509.Certificate]] = {}
         clear: list[str] = []
         for recipient in recipients:
-            certificates = await self._encryption_certificates(sender, recipient)
+            certificates = await self._encryption_certificates(sender, recipient, memo)
             if certificates:
                 encrypted[recipient] = certificates
             else:
                 clear.append(recipient)
         if identity is None and not encrypted:
             return [Variant(tuple(recipients), None)]
-        sender_certificate = await self._sender_certificate(sender) if encrypted else None
+        sender_certificate = await self._sender_certificate(sender, memo) if encrypted else None
         return await asyncio.to_thread(lambda: self._variants(read_message(), identity, encrypted, clear,
                                                               sender_certificate))
 
-    async def _signer(self, sender: str, *, already_signed: bool) -> SigningIdentity | None:
+    async def _signer(self, sender: str, *, already_signed: bool,
+                      memo: LookupMemo | None = None) -> SigningIdentity | None:
         if not sender or already_signed:
             return None
-        policy = await self.policy_for(sender)
+        policy = await self.policy_for(sender, memo)
         if policy.sign is Requirement.NEVER:
             return None
         identity, reason = await self.signing_identity(sender)
@@ -513,8 +519,9 @@ class SmimeService:
             raise MailRefusal(SIGNATURE_REQUIRED.format(address=sender, source=f"{policy.sign_source}", reason=reason))
         return identity
 
-    async def _encryption_certificates(self, sender: str, recipient: str) -> list[x509.Certificate]:
-        requirement, source = await self._encryption_requirement(sender, recipient)
+    async def _encryption_certificates(self, sender: str, recipient: str,
+                                       memo: LookupMemo | None = None) -> list[x509.Certificate]:
+        requirement, source = await self._encryption_requirement(sender, recipient, memo)
         if requirement is Requirement.NEVER:
             return []
         usable, reason = await self.usable_certificates(recipient)
@@ -522,7 +529,7 @@ class SmimeService:
             raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
         return usable
 
-    async def _sender_certificate(self, sender: str) -> x509.Certificate | None:
+    async def _sender_certificate(self, sender: str, memo: LookupMemo | None = None) -> x509.Certificate | None:
         """RFC 8551 3.3 practice: also encrypt to the sender, so their Sent copy stays readable."""
         if not sender:
             return None
