@@ -19,6 +19,7 @@ from gateway.dmp_bridge import notice_tables as dmp_notice_tables  # noqa: F401 
 from gateway.security import smime_policy as smime_tables  # noqa: F401  (S/MIME policies, held keys, inbound results: revision 0008)
 from gateway.security import auth_limiter as auth_tables  # noqa: F401  (authentication limiter failures: revision 0010_auth)
 from gateway.webmail import tables as webmail_tables  # noqa: F401  (webmail sessions, TOTP, recovery codes: revision 0010_webmail)
+from gateway.directory import generation as directory_generation  # noqa: F401  (directory generation: revision 0020_smtpaccept)
 from gateway.storage.models import Base
 
 metadata = Base.metadata

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import DBAPIError
 
 from gateway.config import Settings
+from gateway.directory.generation import AnswerCache
 from gateway.directory.service import DirectoryService, LocalRoute
 from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.conversations import ConversationBook
@@ -40,7 +41,6 @@ from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
 
 from gateway.security.dkim import DkimVerifier
-from gateway.security.smime_policy import LookupMemo
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
 
 log = logging.getLogger("gateway.pipeline")
@@ -56,7 +56,6 @@ class Transaction:
     recipients: list[tuple[AcceptedRecipient, RcptParameters]] = field(default_factory=list)
     added_fields: list[str] = field(default_factory=list)          # e.g. a delegate's Sender (policy.check_author)
     verified: list[str] = field(default_factory=list)              # RFC 8601 results found now (dkim=...)
-    lookups: LookupMemo = field(default_factory=LookupMemo)        # S/MIME policy answers, this transaction only
 
 
 @dataclass
@@ -80,6 +79,9 @@ class Pipeline:
         self.queue = queue
         self.spool = spool
         self.acceptance = AcceptanceCommitter(spool, queue)
+        # Routes and S/MIME policy answers kept between transactions while the directory is unchanged;
+        # refreshed at MAIL FROM and at the end of DATA (gateway.directory.generation).
+        self.answers = AnswerCache(queue.db)
         self._remote_listeners: list[Callable[[], None]] = []
         self.delivery = delivery
         self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact,
@@ -94,6 +96,7 @@ class Pipeline:
 
     async def start_transaction(self, origin: Origin, path: SmtpPath | None, params: MailParameters) -> Transaction:
         self._check_rates(origin)
+        await self.answers.refresh()
         sender = await self.policy.check_sender(origin, path)
         return Transaction(origin, sender, params)
 
@@ -108,9 +111,10 @@ class Pipeline:
     async def add_recipient(self, transaction: Transaction, path: SmtpPath, params: RcptParameters) -> AcceptedRecipient:
         if len(transaction.recipients) >= self.smtp.max_recipients:
             raise MailRefusal(codes.TOO_MANY_RECIPIENTS.format(limit=self.smtp.max_recipients))
-        accepted = await self.policy.check_recipient(transaction.origin, transaction.sender, path)
+        accepted = await self.policy.check_recipient(transaction.origin, transaction.sender, path, self.answers)
         if self.smime is not None and transaction.origin.door.is_submission:
-            await self.smime.check_recipient(transaction.sender, accepted.address, transaction.lookups)   # S/MIME encrypt=always
+            # S/MIME encrypt=always: refuse at RCPT a recipient we could not encrypt to
+            await self.smime.check_recipient(transaction.sender, accepted.address, self.answers)
         if any(existing.address == accepted.address for existing, _ in transaction.recipients):
             return accepted                                           # RFC 5321 3.3: duplicates collapse
         transaction.recipients.append((accepted, params))
@@ -129,6 +133,7 @@ class Pipeline:
         """Parse, check, secure (S/MIME), make durable, queue; the queue id once the message is safe on disk."""
         copies = [_Copy(spool_file, list(transaction.recipients), MessageFacts())]
         try:
+            await self.answers.refresh()                          # what changed since RCPT counts now
             facts = await asyncio.to_thread(self._scan, spool_file)
             transaction.added_fields = await self.policy.check_author(transaction.origin, transaction.sender, facts)
             transaction.verified = await self._verify_dkim(transaction.origin, spool_file)
@@ -220,7 +225,7 @@ class Pipeline:
         assert self.smime is not None
         by_address = {accepted.address: (accepted, params) for accepted, params in transaction.recipients}
         variants = await self.smime.protect(lambda: _read_all(spool_file), facts.get("Content-Type"),
-                                            transaction.sender, list(by_address), transaction.lookups)
+                                            transaction.sender, list(by_address), self.answers)
         copies: list[_Copy] = []
         try:
             for index, variant in enumerate(variants):

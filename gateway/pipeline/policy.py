@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from email.utils import formataddr
 
 from gateway.directory.addresses import AddressError, normalise_address, normalise_domain
-from gateway.directory.service import DirectoryService, LocalRoute, RefusedRoute, RemoteRoute, RouteRefusal
+from gateway.directory.generation import AnswerCache
+from gateway.directory.service import DirectoryService, LocalRoute, RefusedRoute, RemoteRoute, Route, RouteRefusal
 from gateway.errors import UserError
 from gateway.pipeline.conversations import ConversationBook, ConversationChange, ends_conversation
 from gateway.pipeline.origin import Origin, TlsInfo
@@ -42,6 +43,13 @@ from gateway.mail import codes
 from gateway.mail.codes import MailRefusal
 from gateway.mail.paths import POSTMASTER, SmtpPath
 from gateway.queue.local_failures import ROUTE_REFUSALS
+from gateway.mail.codes import Reply
+
+# Routes that follow from the directory's rows alone (no clock): kept in the acceptance cache until the
+# directory's generation moves. Remote routes and untrusted domains depend on trust-list validity windows.
+GENERATION_BOUND_REFUSALS = frozenset({RouteRefusal.UNKNOWN_MAILBOX, RouteRefusal.MAILBOX_DISABLED,
+                                       RouteRefusal.PATIENT_OPPOSED, RouteRefusal.PATIENT_CLOSED})
+
 
 @dataclass(frozen=True)
 class AcceptedRecipient:
@@ -156,10 +164,11 @@ class Policy:
 
     # ----------------------------------------------------------------- RCPT TO
 
-    async def check_recipient(self, origin: Origin, sender: str, path: SmtpPath) -> AcceptedRecipient:
+    async def check_recipient(self, origin: Origin, sender: str, path: SmtpPath,
+                              answers: AnswerCache | None = None) -> AcceptedRecipient:
         check_address_form(path)
         address = f"{POSTMASTER}@{self.primary_domain}" if path.is_bare_postmaster else canonical(path)
-        route = await self.directory.route_recipient(address)
+        route = await self._route(address, answers)
         postmaster = False
         if isinstance(route, RefusedRoute) and await self._is_local_postmaster(route):
             route, postmaster = await self._postmaster_route(address), True
@@ -170,6 +179,24 @@ class Policy:
         if origin.is_patient and not postmaster:
             await self._check_patient_may_write(origin, route)
         return AcceptedRecipient(route.address, route)
+
+    async def _route(self, address: str, answers: AnswerCache | None) -> Route:
+        """The directory's route, from the acceptance cache when it holds one that the clock cannot change."""
+        if answers is None:
+            return await self.directory.route_recipient(address)
+        fresh: list[Route] = []
+
+        async def generation_bound() -> Route | None:
+            route = await self.directory.route_recipient(address)
+            fresh.append(route)
+            bound = isinstance(route, LocalRoute) or (isinstance(route, RefusedRoute)
+                                                      and route.reason in GENERATION_BOUND_REFUSALS)
+            return route if bound else None
+
+        cached = await answers.get("route", address, generation_bound)
+        if cached is not None:
+            return cached
+        return fresh[0] if fresh else await self.directory.route_recipient(address)
 
     async def _is_local_postmaster(self, route: RefusedRoute) -> bool:
         """``postmaster@`` one of our domains without a mailbox of its own (RFC 5321 4.5.1: it must exist)."""

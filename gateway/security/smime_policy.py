@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
@@ -154,22 +152,3 @@ def resolve(address: str, rows: dict[tuple[str, str], SmimePolicyRow], defaults:
 
 def stricter(first: Requirement, second: Requirement) -> Requirement:
     return first if first.strength >= second.strength else second
-
-
-T = TypeVar("T")
-
-
-@dataclass
-class LookupMemo:
-    """The policy answers of one mail transaction (MAIL FROM to the end of DATA), each asked of the database
-    once: RCPT and DATA ask the same questions (the sender's and each recipient's policy, several times).
-    It lives and dies with the transaction, so a policy changed is seen by the next transaction, never
-    served stale beyond this one. Certificates and held keys are not memoised (a revocation between RCPT
-    and DATA still counts)."""
-
-    _answers: dict[tuple[str, str], Any] = field(default_factory=dict)
-
-    async def get(self, kind: str, key: str, compute: Callable[[], Awaitable[T]]) -> T:
-        if (kind, key) not in self._answers:
-            self._answers[kind, key] = await compute()
-        return cast(T, self._answers[kind, key])

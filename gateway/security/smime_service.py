@@ -56,9 +56,9 @@ from gateway.security.smime import (
     process_incoming,
     process_outgoing,
 )
+from gateway.directory.generation import AnswerCache
 from gateway.security.smime_policy import (
     HeldKey,
-    LookupMemo,
     InboundResult,
     PartyPolicy,
     PolicyDefaults,
@@ -407,9 +407,9 @@ class SmimeService:
             rows = (await session.scalars(select(SmimePolicyRow).order_by(SmimePolicyRow.scope, SmimePolicyRow.target))).all()
         return [_describe_policy(row) for row in rows]
 
-    async def policy_for(self, address: str, memo: LookupMemo | None = None) -> PartyPolicy:
-        if memo is not None:
-            return await memo.get("policy", address.lower(), lambda: self.policy_for(address))
+    async def policy_for(self, address: str, answers: AnswerCache | None = None) -> PartyPolicy:
+        if answers is not None:       # the acceptance path: kept while the directory is unchanged
+            return await answers.get("smime-policy", address.lower(), lambda: self.policy_for(address))
         address = address.lower()
         targets = (address, address.rpartition("@")[2])
         async with self.db.session() as session:
@@ -418,19 +418,17 @@ class SmimeService:
 
     # ================================================================== keys and certificates in use
 
-    async def usable_certificates(self, address: str) -> tuple[list[x509.Certificate], str]:
+    async def usable_certificates(self, address: str,
+                                  answers: AnswerCache | None = None) -> tuple[list[x509.Certificate], str]:
         """Published, valid certificates of ``address`` for encryption; else why none (for the refusal).
-        Never memoised: DATA asks again what RCPT asked, a certificate may have been revoked since."""
-        async with self.db.session() as session:
-            rows = (await session.execute(
-                select(Certificate, SmimeCertificateState.published_at)
-                .join(Mailbox, Mailbox.id == Certificate.mailbox_id)
-                .outerjoin(SmimeCertificateState, SmimeCertificateState.certificate_id == Certificate.id)
-                .where(Mailbox.address == address.lower(), Certificate.usage == "smime"))).all()
+        ``answers`` caches the directory's rows only: validity and CRLs are judged now, every time."""
+        if answers is not None:
+            rows = await answers.get("smime-certificates", address.lower(), lambda: self._certificate_rows(address))
+        else:
+            rows = await self._certificate_rows(address)
         usable: list[x509.Certificate] = []
         reasons: list[str] = []
-        for row, published_at in rows:
-            certificate = x509.load_pem_x509_certificate(row.pem.encode())
+        for row, certificate, published_at in rows:
             state, reason = self.certificate_state(certificate, row)
             if not state.usable:
                 reasons.append(f"its certificate is {state.value} ({reason})")
@@ -439,6 +437,15 @@ class SmimeService:
             else:
                 usable.append(certificate)
         return usable, (reasons[0] if reasons else "the directory has no S/MIME certificate for it")
+
+    async def _certificate_rows(self, address: str) -> list[tuple[Certificate, x509.Certificate, dt.datetime | None]]:
+        async with self.db.session() as session:
+            rows = (await session.execute(
+                select(Certificate, SmimeCertificateState.published_at)
+                .join(Mailbox, Mailbox.id == Certificate.mailbox_id)
+                .outerjoin(SmimeCertificateState, SmimeCertificateState.certificate_id == Certificate.id)
+                .where(Mailbox.address == address.lower(), Certificate.usage == "smime"))).all()
+        return [(row, x509.load_pem_x509_certificate(row.pem.encode()), published_at) for row, published_at in rows]
 
     async def held_keys(self, mailbox_id: int) -> list[RecipientKey]:
         """The private keys held for a mailbox, unsealed (for decryption and signing)."""
@@ -454,86 +461,95 @@ class SmimeService:
             keys.append(RecipientKey(x509.load_pem_x509_certificate(row.pem.encode()), private_key))
         return keys
 
-    async def signing_identity(self, address: str) -> tuple[SigningIdentity | None, str]:
-        async with self.db.session() as session:
-            mailbox_id = await session.scalar(select(Mailbox.id).where(Mailbox.address == address.lower()))
-        if mailbox_id is None:
+    async def signing_identity(self, address: str,
+                               answers: AnswerCache | None = None) -> tuple[SigningIdentity | None, str]:
+        """``answers`` caches the held keys (as the directory has them); validity and CRLs are judged now."""
+        if answers is not None:
+            keys = await answers.get("smime-held-keys", address.lower(), lambda: self._held_keys_of(address))
+        else:
+            keys = await self._held_keys_of(address)
+        if keys is None:
             return None, "it is not a mailbox of ours"
-        for key in await self.held_keys(mailbox_id):
+        for key in keys:
             state, reason = self.certificate_state(key.certificate, purpose=Purpose.SIGNING)
             if state.usable:
                 return SigningIdentity(key.certificate, key.private_key, self.trust().intermediates), "ok"
             log.info("held key of %s not used for signing: %s", address, reason)
         return None, "the gateway holds no valid signing key for it"
 
+    async def _held_keys_of(self, address: str) -> list[RecipientKey] | None:
+        async with self.db.session() as session:
+            mailbox_id = await session.scalar(select(Mailbox.id).where(Mailbox.address == address.lower()))
+        return None if mailbox_id is None else await self.held_keys(mailbox_id)
+
     # ================================================================== outgoing
 
-    async def check_recipient(self, sender: str, recipient: str, memo: LookupMemo | None = None) -> None:
+    async def check_recipient(self, sender: str, recipient: str, answers: AnswerCache | None = None) -> None:
         """RCPT time: refuse a recipient the policy says must be encrypted to but cannot be (RFC 3463 X.7.1)."""
-        requirement, source = await self._encryption_requirement(sender, recipient, memo)
+        requirement, source = await self._encryption_requirement(sender, recipient, answers)
         if requirement is not Requirement.ALWAYS:
             return
-        usable, reason = await self.usable_certificates(recipient)
+        usable, reason = await self.usable_certificates(recipient, answers)
         if not usable:
             raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
 
     async def _encryption_requirement(self, sender: str, recipient: str,
-                                      memo: LookupMemo | None = None) -> tuple[Requirement, str]:
-        theirs = await self.policy_for(recipient, memo)
-        ours = (await self.policy_for(sender, memo) if sender
+                                      answers: AnswerCache | None = None) -> tuple[Requirement, str]:
+        theirs = await self.policy_for(recipient, answers)
+        ours = (await self.policy_for(sender, answers) if sender
                 else PartyPolicy(Requirement.NEVER, Requirement.NEVER, "default", "default"))
         requirement = stricter(ours.encrypt, theirs.encrypt)
         source = f"recipient's {theirs.encrypt_source}" if theirs.encrypt is requirement else f"sender's {ours.encrypt_source}"
         return requirement, source
 
     async def protect(self, read_message: Callable[[], bytes], content_type: str | None, sender: str,
-                      recipients: Sequence[str], memo: LookupMemo | None = None) -> list[Variant]:
+                      recipients: Sequence[str], answers: AnswerCache | None = None) -> list[Variant]:
         """End of DATA: the copies to queue. One variant with ``content=None`` means "unchanged".
         ``read_message`` (blocking) is called only when the message has to be signed or encrypted."""
         if is_enveloped(content_type):
             return [Variant(tuple(recipients), None)]          # the client encrypted it already: as is
-        identity = await self._signer(sender, already_signed=is_smime_content_type(content_type), memo=memo)
+        identity = await self._signer(sender, already_signed=is_smime_content_type(content_type), answers=answers)
         encrypted: dict[str, list[x509.Certificate]] = {}
         clear: list[str] = []
         for recipient in recipients:
-            certificates = await self._encryption_certificates(sender, recipient, memo)
+            certificates = await self._encryption_certificates(sender, recipient, answers)
             if certificates:
                 encrypted[recipient] = certificates
             else:
                 clear.append(recipient)
         if identity is None and not encrypted:
             return [Variant(tuple(recipients), None)]
-        sender_certificate = await self._sender_certificate(sender, memo) if encrypted else None
+        sender_certificate = await self._sender_certificate(sender, answers) if encrypted else None
         return await asyncio.to_thread(lambda: self._variants(read_message(), identity, encrypted, clear,
                                                               sender_certificate))
 
     async def _signer(self, sender: str, *, already_signed: bool,
-                      memo: LookupMemo | None = None) -> SigningIdentity | None:
+                      answers: AnswerCache | None = None) -> SigningIdentity | None:
         if not sender or already_signed:
             return None
-        policy = await self.policy_for(sender, memo)
+        policy = await self.policy_for(sender, answers)
         if policy.sign is Requirement.NEVER:
             return None
-        identity, reason = await self.signing_identity(sender)
+        identity, reason = await self.signing_identity(sender, answers)
         if identity is None and policy.sign is Requirement.ALWAYS:
             raise MailRefusal(SIGNATURE_REQUIRED.format(address=sender, source=f"{policy.sign_source}", reason=reason))
         return identity
 
     async def _encryption_certificates(self, sender: str, recipient: str,
-                                       memo: LookupMemo | None = None) -> list[x509.Certificate]:
-        requirement, source = await self._encryption_requirement(sender, recipient, memo)
+                                       answers: AnswerCache | None = None) -> list[x509.Certificate]:
+        requirement, source = await self._encryption_requirement(sender, recipient, answers)
         if requirement is Requirement.NEVER:
             return []
-        usable, reason = await self.usable_certificates(recipient)
+        usable, reason = await self.usable_certificates(recipient, answers)
         if not usable and requirement is Requirement.ALWAYS:      # a certificate revoked since RCPT
             raise MailRefusal(ENCRYPTION_REQUIRED.format(address=recipient, source=source, reason=reason))
         return usable
 
-    async def _sender_certificate(self, sender: str, memo: LookupMemo | None = None) -> x509.Certificate | None:
+    async def _sender_certificate(self, sender: str, answers: AnswerCache | None = None) -> x509.Certificate | None:
         """RFC 8551 3.3 practice: also encrypt to the sender, so their Sent copy stays readable."""
         if not sender:
             return None
-        usable, _reason = await self.usable_certificates(sender)
+        usable, _reason = await self.usable_certificates(sender, answers)
         return usable[0] if usable else None
 
     def _variants(self, raw: bytes, identity: SigningIdentity | None,

@@ -1,0 +1,85 @@
+"""The directory's generation: a counter every change to the directory bumps, so answers derived from it
+can be kept between mail transactions and dropped the moment it changes.
+
+``directory_generation`` holds one row. Database triggers (revision 0020_smtpaccept_dirgen)
+add one to it in the same transaction as any INSERT, UPDATE or DELETE on the tables that routes and
+S/MIME policy are derived from (``WATCHED_TABLES``), whoever writes: ``gateway serve``, the CLI in another
+process, an operator's SQL. A cached answer is therefore stale exactly when the generation moved.
+
+``AnswerCache`` keeps such answers for the acceptance path. Its owner calls ``refresh()`` at the
+boundaries where a fresh view is required (the pipeline: at MAIL FROM and again at the end of DATA), one
+small query instead of the lookups themselves; a deleted mailbox, a revoked certificate (in the directory)
+or a changed policy is seen by the next of these boundaries, never later than the end of the current
+transaction. Answers that depend on the clock (trusted-domain validity windows, certificate validity,
+CRLs) are not cached here: callers cache the rows and judge them against the time and the CRLs of now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import BigInteger, Integer, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.storage.db import Database
+from gateway.storage.models import Base
+
+T = TypeVar("T")
+
+WATCHED_TABLES = ("local_domains", "trusted_domains", "mailboxes", "patients", "delegations", "certificates",
+                  "smime_policies", "smime_certificates", "smime_held_keys")
+MAX_ANSWERS = 20_000   # a bound on memory under a stream of distinct addresses; cleared when reached
+
+
+class DirectoryGeneration(Base):
+    __tablename__ = "directory_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)           # always 1
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+async def current_generation(db: Database) -> int:
+    async with db.engine.connect() as conn:
+        value = (await conn.execute(select(DirectoryGeneration.__table__.c.value))).scalar()
+    return int(value or 0)
+
+
+class AnswerCache:
+    """Answers derived from the directory's tables, kept while its generation stays the same."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.generation: int | None = None
+        self._answers: dict[tuple[str, str], Any] = {}
+        self.hits = 0            # for tests and benchmarks
+        self.misses = 0
+
+    async def refresh(self) -> None:
+        """Read the generation; forget every answer if the directory changed since the last read."""
+        generation = await current_generation(self.db)
+        if generation != self.generation:
+            self._answers.clear()
+            self.generation = generation
+
+    def forget(self) -> None:
+        self._answers.clear()
+
+    async def get(self, kind: str, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        """The cached answer for (kind, key), else ``compute()``'s, kept if the generation did not move while
+        it was computed (a change committed meanwhile must not be kept under the old generation)."""
+        try:
+            answer = self._answers[kind, key]
+        except KeyError:
+            pass
+        else:
+            self.hits += 1
+            return cast(T, answer)
+        self.misses += 1
+        generation = self.generation
+        answer = await compute()
+        if generation is not None and generation == self.generation:
+            if len(self._answers) >= MAX_ANSWERS:
+                self._answers.clear()
+            self._answers[kind, key] = answer
+        return answer
