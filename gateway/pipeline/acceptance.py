@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from gateway.pipeline.conversations import ConversationChange
 from gateway.queue.store import AcceptedRows, QueueStore
-from gateway.queue.spool import Spool, SpoolFile, fsync_directory
+from gateway.queue.spool import Spool, SpoolFile, fsync_directory_in_thread
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -102,7 +102,7 @@ class AcceptanceCommitter:
         moved = [acceptance for acceptance in batch if self._move(acceptance)]
         if not moved:
             return
-        await asyncio.to_thread(fsync_directory, self.spool.queue)        # step 2: every name of the batch
+        await fsync_directory_in_thread(self.spool.queue)                 # step 2: every name of the batch
         if len(moved) == 1:
             await self._alone(moved[0])
             return
