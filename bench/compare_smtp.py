@@ -164,7 +164,9 @@ def wait_until(count_fn: Any, expected: int, started: float, timeout: float) -> 
 def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="cmp-smtp-gw-"))
     extra_env = {"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0", "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0"}
-    extra_env.update(item.split("=", 1) for item in args.gateway_env)
+    for item in args.gateway_env:
+        key, _, value = item.partition("=")
+        extra_env[key] = value
     gateway = GatewayProcess(root / "data", extra_env=extra_env)
     gateway.start()
     try:
