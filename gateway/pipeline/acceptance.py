@@ -77,7 +77,7 @@ class AcceptanceCommitter:
                 await asyncio.shield(acceptance.future)                   # in flight: learn the outcome
             except asyncio.CancelledError:
                 raise
-            except BaseException:  # noqa: BLE001  (not committed: the caller discards as usual)
+            except BaseException:                  # not committed: the caller discards as usual
                 raise AcceptCancelled(committed=False) from None
             raise AcceptCancelled(committed=True) from None
 
@@ -88,7 +88,7 @@ class AcceptanceCommitter:
                 acceptance.started = True
             try:
                 await self._commit(batch)
-            except BaseException as exc:  # noqa: BLE001  (never leave a caller waiting)
+            except BaseException as exc:              # never leave a caller waiting
                 for acceptance in batch:
                     if not acceptance.future.done():
                         acceptance.future.set_exception(exc)
@@ -110,7 +110,7 @@ class AcceptanceCommitter:
             async with self.queue.db.session() as s:                      # step 3: one transaction
                 await QueueStore.insert_accepted(s, [c for a in moved for c in a.copies],
                                                  [c for a in moved for c in a.changes])
-        except Exception as exc:  # noqa: BLE001  (each message alone gets its own outcome)
+        except Exception as exc:                      # each message alone gets its own outcome
             log.debug("acceptance group of %d failed (%s); committing one by one", len(moved), exc)
             for acceptance in moved:
                 await self._alone(acceptance)
@@ -134,7 +134,7 @@ class AcceptanceCommitter:
         try:
             async with self.queue.db.session() as s:
                 await QueueStore.insert_accepted(s, acceptance.copies, acceptance.changes)
-        except Exception as exc:  # noqa: BLE001  (handed to that caller)
+        except Exception as exc:                      # handed to that caller
             acceptance.future.set_exception(exc)
             return
         self.transactions += 1

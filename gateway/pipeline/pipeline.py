@@ -23,23 +23,22 @@ from sqlalchemy.exc import DBAPIError
 from gateway.config import Settings
 from gateway.directory.generation import AnswerCache
 from gateway.directory.service import DirectoryService, LocalRoute
-from gateway.ops.metrics import MESSAGES_ACCEPTED
-from gateway.pipeline.conversations import ConversationBook
-from gateway.queue.local_delivery import LocalDeliveryWorker
-from gateway.pipeline.limits import RateLimiter
-from gateway.pipeline.acceptance import AcceptanceCommitter, AcceptCancelled
-from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.pipeline.origin import Origin
-from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
-from gateway.pipeline.policy import AcceptedRecipient, Policy
-from gateway.queue.store import AcceptedRows, QueueStore
-from gateway.queue.spool import Spool, SpoolFile
-from gateway.pipeline.trace import trace_header_block
 from gateway.mail import codes
 from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
-
+from gateway.ops.metrics import MESSAGES_ACCEPTED
+from gateway.pipeline.acceptance import AcceptanceCommitter, AcceptCancelled
+from gateway.pipeline.conversations import ConversationBook
+from gateway.pipeline.limits import RateLimiter
+from gateway.pipeline.origin import Origin
+from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
+from gateway.pipeline.policy import AcceptedRecipient, Policy
+from gateway.pipeline.trace import trace_header_block
+from gateway.queue.local_delivery import LocalDeliveryWorker
+from gateway.queue.spool import Spool, SpoolFile
+from gateway.queue.store import AcceptedRows, QueueStore
+from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.security.dkim import DkimVerifier
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
 

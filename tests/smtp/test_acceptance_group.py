@@ -33,7 +33,7 @@ def _file(spool: Spool) -> SpoolFile:
     return spool_file
 
 
-async def _count(db: Database, model: type[QueuedMessage] | type[QueuedRecipient]) -> int:
+async def _count(db: Database, model: type[QueuedMessage | QueuedRecipient]) -> int:
     async with db.session() as s:
         return int(await s.scalar(select(func.count()).select_from(model)) or 0)
 

@@ -4,9 +4,8 @@ policy derive from (gateway.directory.generation), so the SMTP acceptance path m
 Revision ID: 0020_smtpaccept_dirgen
 Revises: 0008 (S/MIME tables, after the directory's 0001)
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0020_smtpaccept_dirgen'
 down_revision = '0008'
