@@ -44,6 +44,8 @@ from gateway.security.smime_service import InboundVerdict, SmimeService, is_smim
 
 log = logging.getLogger("gateway.pipeline")
 
+INLINE_SCAN_BYTES = 64 * 1024      # messages up to this size are parsed in the event loop (see _scan_message)
+
 
 @dataclass
 class Transaction:
@@ -133,7 +135,7 @@ class Pipeline:
         copies = [_Copy(spool_file, list(transaction.recipients), MessageFacts())]
         try:
             await self.answers.refresh()                          # what changed since RCPT counts now
-            facts = await asyncio.to_thread(self._scan, spool_file)
+            facts = await self._scan_message(spool_file)
             transaction.added_fields = await self.policy.check_author(transaction.origin, transaction.sender, facts)
             transaction.verified = await self._verify_dkim(transaction.origin, spool_file)
             copies = await self._secure(transaction, spool_file, facts)
@@ -203,6 +205,13 @@ class Pipeline:
                         type(exc).__name__, exc)
             return [f"dkim=temperror (verifier error: {type(exc).__name__})"]
 
+    async def _scan_message(self, spool_file: SpoolFile) -> MessageFacts:
+        """A small message is scanned at once (well under a millisecond of CPU: a trip to a worker thread
+        costs more, and waits behind the deliveries' work there); a large one in a worker thread."""
+        if spool_file.size <= INLINE_SCAN_BYTES:
+            return self._scan(spool_file)
+        return await asyncio.to_thread(self._scan, spool_file)
+
     def _scan(self, spool_file: SpoolFile) -> MessageFacts:
         with spool_file.open_incoming() as stream:              # the spool is sealed: read its plaintext
             return scan_stream(stream, self.parse_limits)
@@ -234,7 +243,7 @@ class Pipeline:
                 copies.append(copy)
                 if variant.content is not None:
                     target.replace_content(variant.content)
-                    copy.facts = await asyncio.to_thread(self._scan, target)
+                    copy.facts = await self._scan_message(target)
         except BaseException:
             _discard(copies, spool_file)
             raise
