@@ -15,6 +15,9 @@ depends_on = None
 WATCHED_TABLES = ("local_domains", "trusted_domains", "mailboxes", "patients", "delegations", "certificates",
                   "smime_policies", "smime_certificates", "smime_held_keys")
 OPERATIONS = ("INSERT", "UPDATE", "DELETE")
+# Updates that change nothing a route or a policy answer reads (a display name, a password, the ANS import's
+# digests) leave the generation alone: only these columns count on these two tables (every column elsewhere).
+UPDATED_COLUMNS = {"mailboxes": "address, state, type, patient_id, hosted", "patients": "state"}
 BUMP = "UPDATE directory_generation SET value = value + 1 WHERE id = 1"
 
 
@@ -29,13 +32,18 @@ def upgrade() -> None:
         op.execute("CREATE FUNCTION bump_directory_generation() RETURNS trigger AS $$ BEGIN "
                    f"{BUMP}; RETURN NULL; END; $$ LANGUAGE plpgsql")
         for table in WATCHED_TABLES:
-            op.execute(f"CREATE TRIGGER {table}_directory_generation AFTER INSERT OR UPDATE OR DELETE ON {table} "
-                       "FOR EACH STATEMENT EXECUTE FUNCTION bump_directory_generation()")
+            op.execute(f"CREATE TRIGGER {table}_directory_generation AFTER INSERT OR {_update(table)} OR DELETE "
+                       f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION bump_directory_generation()")
         return
     for table in WATCHED_TABLES:
         for operation in OPERATIONS:
-            op.execute(f"CREATE TRIGGER {table}_{operation.lower()}_directory_generation AFTER {operation} ON {table} "
+            event = _update(table) if operation == "UPDATE" else operation
+            op.execute(f"CREATE TRIGGER {table}_{operation.lower()}_directory_generation AFTER {event} ON {table} "
                        f"BEGIN {BUMP}; END")
+
+
+def _update(table: str) -> str:
+    return f"UPDATE OF {UPDATED_COLUMNS[table]}" if table in UPDATED_COLUMNS else "UPDATE"
 
 
 def downgrade() -> None:
