@@ -10,9 +10,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from gateway.pipeline.acceptance import AcceptanceCommitter
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient
-from gateway.pipeline.queue import AcceptedRows, QueueStore
-from gateway.pipeline.spool import Spool, SpoolFile
+from gateway.queue.tables import QueuedMessage, QueuedRecipient
+from gateway.queue.store import AcceptedRows, QueueStore
+from gateway.queue.spool import Spool, SpoolFile
 from gateway.storage.db import Database
 
 
