@@ -21,6 +21,7 @@ from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.fhir.server import start_http_listener
+from gateway.dmp_bridge.intake import FilingIntake
 from gateway.dmp_bridge.notify import AccessNoticeRecorder, AccessNoticeTask
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.imap.listeners import start_imap_listeners
@@ -107,6 +108,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         spool_cipher = await SpoolCipher.load(keys)
         spool = Spool(spool_root(settings), spool_cipher)
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
+        queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
         yield Services(
             settings=settings,
             db=db,

@@ -283,6 +283,15 @@ class SmtpSettings(_Section):
     spool_dir: str = Field("", description="where accepted messages wait for delivery. Empty: <data_dir>/spool")
     delivery_workers: int = Field(4, ge=1, le=64, description="concurrent local deliveries")
     local_retry_seconds: int = Field(60, ge=1, description="delay before a deferred local delivery is tried again")
+    local_backlog_limit: int = Field(
+        200, ge=0,
+        description="back-pressure: when this many accepted messages wait for local delivery, a session's DATA waits "
+        "for one to be delivered before its message is queued (acceptance then runs at the delivery rate and the time "
+        "from DATA to the mailbox stays bounded); 0: never wait")
+    local_backlog_wait_seconds: float = Field(
+        60.0, gt=0, le=300,
+        description="longest wait for room in the local delivery backlog before answering 451 4.3.2 (the client keeps "
+        "its copy and retries); well under the client's 10-minute DATA timeout (RFC 5321 4.5.3.2.6)")
     postmaster: str = Field(
         "",
         description="hosted mailbox that receives mail for <Postmaster> and for postmaster@ every local domain without "

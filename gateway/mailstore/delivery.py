@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.mailstore.errors import FolderExists, FolderNotFound
+from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import INBOX, FolderRef, MessageSource
-from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.sql import AfterInsert, SqlMailStore
 
 # RFC 6154 2 special-use folders every hosted mailbox gets (mox#66: clients that find
 # none invent "Sent Messages" and "Deleted Messages" beside ours).
@@ -40,6 +41,11 @@ class LocalDelivery:
     def __init__(self, store: SqlMailStore) -> None:
         self.store = store
 
+    @property
+    def shares_commits(self) -> bool:
+        """Concurrent deliveries share one transaction, run in arrival order (SQLite's group commit)."""
+        return self.store.group is not None
+
     async def provision(self, mailbox_id: int) -> None:
         """Create the standard folders with their special use, all subscribed (stalwart#1342); idempotent."""
         existing = {info.name for info in await self.store.list_folders(mailbox_id)}
@@ -55,18 +61,22 @@ class LocalDelivery:
 
     async def deliver(self, mailbox_id: int, raw_message: MessageSource, *, delivery_key: str,
                       folder: str = INBOX, flags: Iterable[str] = (),
-                      internaldate: dt.datetime | None = None) -> DeliveryResult:
+                      internaldate: dt.datetime | None = None, headers: CachedHeaders | None = None,
+                      after: AfterInsert | None = None) -> DeliveryResult:
         """File a message durably. Raises QuotaExceeded (552 5.2.2), StoreBusy (451 4.3.0), MailboxNotHosted.
 
         A missing target folder falls back to INBOX; a mailbox never provisioned is provisioned first.
+        ``headers`` (parsed already) and ``after`` (rows committed with the delivery): see ``add_message``.
         """
         target = folder
         try:
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
-                                                 internaldate=internaldate, delivery_key=delivery_key)
+                                                 internaldate=internaldate, delivery_key=delivery_key,
+                                                 headers=headers, after=after)
         except FolderNotFound:
             target = INBOX
             await self.provision(mailbox_id)
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
-                                                 internaldate=internaldate, delivery_key=delivery_key)
+                                                 internaldate=internaldate, delivery_key=delivery_key,
+                                                 headers=headers, after=after)
         return DeliveryResult(mailbox_id, target, added.result.uidvalidity, added.result.uid, added.duplicate)

@@ -113,6 +113,16 @@ class AddedMessage:
 
 
 @dataclass(frozen=True)
+class _Duplicate:
+    """The delivery key had already reached the mailbox (found inside the write transaction)."""
+
+    done: AppendResult
+
+
+AfterInsert = Callable[[AsyncSession, "int | None"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
 class _Prepared:
     headers: CachedHeaders
     source: MessageSource
@@ -692,35 +702,37 @@ class SqlMailStore(MailStore):
         return added.result
 
     async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
-                          internaldate: dt.datetime | None = None, delivery_key: str | None = None) -> AddedMessage:
-        """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key)."""
-        bits, keywords = flagcodec.encode(flags)
-        async with self.database.session() as session:  # one read transaction for both checks
-            if delivery_key is not None and (done := await self._delivered_in(session, folder.mailbox_id,
-                                                                              delivery_key)):
-                return AddedMessage(done, duplicate=True)
-            await self._find_folder(session, folder)  # before consuming a stream the caller may want to retry
-        prepared = await asyncio.to_thread(_prepare, message)
-        if prepared.known_size is not None:
-            await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
-        stored = await self.blobs.put(mailbox_owner(folder.mailbox_id), prepared.source)
-        when = internaldate or utcnow()
-        headers = prepared.headers
-        tokens = await self.index.tokens_for(folder.mailbox_id, headers) if self.index is not None else None
-        if self.headers is not None:
-            headers = await self.headers.seal(mailbox_owner(folder.mailbox_id), headers)
+                          internaldate: dt.datetime | None = None, delivery_key: str | None = None,
+                          headers: CachedHeaders | None = None, after: AfterInsert | None = None) -> AddedMessage:
+        """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key).
 
-        async def work(session: AsyncSession) -> AppendResult:
-            target = await self._lock_folder(session, folder)
-            await self._enforce_quota(session, folder.mailbox_id, stored.size)
-            result = self._insert_message(session, target, stored, headers, bits, keywords, when)
-            if delivery_key is not None:
-                session.add(Delivery(delivery_key=delivery_key, mailbox_id=folder.mailbox_id, folder_name=target.name,
-                                     uidvalidity=result.uidvalidity, uid=result.uid))
-            await session.flush()
-            if tokens is not None:
-                await self._index_message(session, target.id, result.uid, tokens)
-            return result
+        ``headers``: the message's header fields already parsed (``parse_headers``), saving a parse.
+        ``after(session, delivery_row_id)`` runs in the transaction that adds the message (not for a duplicate):
+        the caller's rows (the queue's outcome, the filing job) are committed with the delivery, or not at all.
+        """
+        bits, keywords = flagcodec.encode(flags)
+        replayable = isinstance(message, bytes | bytearray | memoryview | Path)
+        if not replayable:
+            # A stream cannot be read twice: refuse a duplicate, a missing folder or a full mailbox before
+            # consuming it (a retry of the caller then starts over). Bytes skip this read transaction: the
+            # write transaction checks the same things.
+            async with self.database.session() as session:
+                if delivery_key is not None and (done := await self._delivered_in(session, folder.mailbox_id,
+                                                                                  delivery_key)):
+                    return AddedMessage(done, duplicate=True)
+                await self._find_folder(session, folder)
+        prepared = await asyncio.to_thread(_prepare, message) if headers is None else _Prepared(headers, message, None)
+        if prepared.known_size is not None and not isinstance(message, bytes | bytearray | memoryview):
+            await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
+        owner = mailbox_owner(folder.mailbox_id)
+        stored = await self.blobs.put(owner, prepared.source)
+        when = internaldate or utcnow()
+        tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
+        sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers
+
+        async def work(session: AsyncSession) -> AppendResult | _Duplicate:
+            return await self._insert_delivery(session, folder, stored, sealed, bits, keywords, when, delivery_key, after,
+                                               tokens)
 
         try:
             result = await (self.group.run(work) if self.group is not None else self._transaction(work))
@@ -734,6 +746,9 @@ class SqlMailStore(MailStore):
             if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
                 await self.blobs.delete(stored.blob_id)
             raise
+        if isinstance(result, _Duplicate):
+            await self.blobs.delete(stored.blob_id)
+            return AddedMessage(result.done, duplicate=True)
         self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
         return AddedMessage(result, duplicate=False)
 
@@ -759,6 +774,54 @@ class SqlMailStore(MailStore):
             from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
             sent_date=headers.sent_date, envelope=headers.envelope,
         ))
+        return AppendResult(folder.uidvalidity, uid, modseq)
+
+    async def _insert_delivery(self, session: AsyncSession, ref: FolderRef, stored: StoredBlob, headers: CachedHeaders,
+                               bits: int, keywords: frozenset[str], when: dt.datetime, delivery_key: str | None,
+                               after: AfterInsert | None, tokens: set[int] | None = None) -> AppendResult | _Duplicate:
+        """The rows of one APPEND or delivery, in SQL Core (no ORM unit of work on the delivery path).
+
+        Every refusal (duplicate key, folder gone, UIDVALIDITY changed, over quota) is decided before the
+        first row is written, so a refused writer leaves a shared group-commit transaction untouched."""
+        await self._take_write_lock(session, ref.mailbox_id)  # SQLite: the reads below are the writer's
+        if delivery_key is not None and (done := await self._delivered_in(session, ref.mailbox_id, delivery_key)):
+            return _Duplicate(done)
+        query = select(Folder.id, Folder.name, Folder.uidvalidity, Folder.uidnext, Folder.highestmodseq,
+                       Folder.keywords).where(Folder.mailbox_id == ref.mailbox_id,
+                                              Folder.name == names.normalise(ref.name))
+        if not self.database.is_sqlite:
+            query = query.with_for_update()
+        folder = (await session.execute(query)).first()
+        if folder is None:
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        if ref.uidvalidity is not None and folder.uidvalidity != ref.uidvalidity:
+            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        await self._enforce_quota(session, ref.mailbox_id, stored.size)
+        uid, modseq = folder.uidnext, folder.highestmodseq + 1
+        changes: dict[str, Any] = {"uidnext": uid + 1, "highestmodseq": modseq,
+                                   "message_count": Folder.message_count + 1,
+                                   "total_bytes": Folder.total_bytes + stored.size}
+        known = flagcodec.keywords_of(folder.keywords)
+        if not known.issuperset(keywords):
+            changes["keywords"] = flagcodec.keywords_column(known | keywords)
+        await session.execute(update(Folder).where(Folder.id == folder.id).values(**changes)
+                              .execution_options(synchronize_session=False))
+        message_row = (await session.execute(insert(Message).values(
+            folder_id=folder.id, uid=uid, modseq=modseq, system_flags=bits,
+            keywords=flagcodec.keywords_column(keywords), internaldate=when, size=stored.size,
+            blob_id=stored.blob_id, message_id=headers.message_id, subject=headers.subject,
+            from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
+            sent_date=headers.sent_date, envelope=headers.envelope,
+        ).returning(Message.id))).scalar_one()
+        if tokens is not None:                         # the blind index rows, in the message's transaction
+            await BlindIndex.write(session, message_row, tokens)
+        delivery_id = None
+        if delivery_key is not None:
+            delivery_id = (await session.execute(insert(Delivery).values(
+                delivery_key=delivery_key, mailbox_id=ref.mailbox_id, folder_name=folder.name,
+                uidvalidity=folder.uidvalidity, uid=uid, delivered_at=utcnow()).returning(Delivery.id))).scalar_one()
+        if after is not None:
+            await after(session, delivery_id)
         return AppendResult(folder.uidvalidity, uid, modseq)
 
     async def _delivered(self, mailbox_id: int, delivery_key: str) -> AppendResult | None:

@@ -135,6 +135,8 @@ class Pipeline:
         copies = [_Copy(spool_file, list(transaction.recipients), MessageFacts())]
         try:
             await self.answers.refresh()                          # what changed since RCPT counts now
+            if any(isinstance(accepted.route, LocalRoute) for accepted, _ in transaction.recipients):
+                await self.delivery.wait_for_room()              # back-pressure from local delivery (queue/local_delivery.py)
             facts = await self._scan_message(spool_file)
             transaction.added_fields = await self.policy.check_author(transaction.origin, transaction.sender, facts)
             transaction.verified = await self._verify_dkim(transaction.origin, spool_file)

@@ -16,6 +16,23 @@ fails (gateway.queue.local_failures). A failed recipient is reported to the
 sender by an RFC 3464 DSN, as NOTIFY asks (RFC 3461 4.1) and never for a null
 reverse-path (RFC 3461 5.2.1), queued in the transaction that records the failure.
 
+One transaction per delivery (RFC 5321 4.5.4.1 aside, what makes it fast): the
+spooled message is read and decrypted once for all its local recipients, its
+header fields parsed once, and each recipient's mail store transaction also
+records the queue row ``delivered`` (and the message ``done`` with its last
+recipient) and the filing job of the delivery (``follow_up``); on SQLite the
+recipients of a message, and of messages delivered at the same time, share one
+commit (the mail store's group commit).
+
+Back-pressure (``wait_for_room``): when ``local_backlog_limit`` messages are
+waiting for or in local delivery, an accepting session waits, before its
+message is made durable, until one is delivered (as Postfix's ``in_flow_delay``
+slows smtpd down when its queue manager falls behind), so acceptance runs at
+the delivery rate and the time from DATA to the mailbox stays bounded instead
+of growing for the whole run. A session still waiting after
+``local_backlog_wait_seconds`` is answered 451 4.3.2 (RFC 3463 3.4: not
+accepting messages, excessive load) and keeps its copy: nothing was queued.
+
 Remote recipients stay ``pending`` for the outbound queue worker.
 """
 
@@ -25,17 +42,21 @@ import asyncio
 import datetime as dt
 import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
+from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.ops.metrics import LOCAL_DELIVERIES
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.dsn import Action, RecipientReport, wants_report
 from gateway.queue.generated import PreparedMail
 from gateway.queue.local_failures import (
+    BACKLOG_FULL,
     LocalFailure,
     mailbox_gone,
     refused_route,
@@ -44,16 +65,43 @@ from gateway.queue.local_failures import (
 from gateway.queue.outbound_store import MessageWork
 from gateway.queue.spool import Spool
 from gateway.queue.store import LocalWork, QueueStore
+from gateway.mail.codes import MailRefusal
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")
 CHUNK = 256 * 1024
+IN_MEMORY = 4 * 1024 * 1024          # messages up to this size are read once for all their recipients
+AfterDelivery = Callable[[AsyncSession, "int | None"], Awaitable[None]]
+
+
+class Delivered(Protocol):
+    @property
+    def duplicate(self) -> bool:
+        """The delivery key had already reached the mailbox: nothing was written."""
+        ...
 
 
 class LocalStore(Protocol):
-    """The mail store's delivery entry point (gateway.mailstore)."""
+    """The mail store's delivery entry point (gateway.mailstore.delivery.LocalDelivery)."""
 
-    async def deliver(self, mailbox_id: int, message: BinaryIO, *, delivery_key: str, folder: str = "INBOX") -> Any: ...
+    @property
+    def shares_commits(self) -> bool:
+        """Concurrent deliveries share one transaction (SQLite group commit), committed in arrival order."""
+        ...
+
+    async def deliver(self, mailbox_id: int, message: bytes | BinaryIO, *, delivery_key: str, folder: str = "INBOX",
+                      headers: CachedHeaders | None = None, after: AfterDelivery | None = None) -> Delivered: ...
+
+
+class FollowUpRows(Protocol):
+    async def add_in(self, session: AsyncSession, delivery_id: int) -> None: ...
+
+
+class DeliveryFollowUp(Protocol):
+    """Rows committed with each delivery: the filing job (gateway.dmp_bridge.intake.FilingIntake)."""
+
+    async def prepare(self, *, delivery_key: str, mailbox_id: int, mailbox_type: str | None, recipient: str,
+                      sender: str, headers: CachedHeaders | None) -> FollowUpRows: ...
 
 
 class RouteLookup(Protocol):
@@ -137,6 +185,14 @@ class DeliveryStream(io.RawIOBase):
         super().close()
 
 
+@dataclass(frozen=True)
+class _Content:
+    """A message as delivered (trace fields first), read once for all its local recipients."""
+
+    data: bytes
+    headers: CachedHeaders
+
+
 @dataclass
 class RecoveryReport:
     half_received_removed: int = 0
@@ -150,7 +206,9 @@ class LocalDeliveryWorker:
 
     def __init__(self, queue: QueueStore, spool: Spool, store: LocalStore | None, *, authserv_id: str,
                  workers: int = 4, retry_seconds: int = 60, lifetime_hours: float = 48.0,
-                 directory: RouteLookup | None = None, reports: FailureReports | None = None) -> None:
+                 directory: RouteLookup | None = None, reports: FailureReports | None = None,
+                 follow_up: DeliveryFollowUp | None = None, backlog_limit: int = 0,
+                 backlog_wait_seconds: float = 60.0) -> None:
         self.queue = queue
         self.spool = spool
         self.store = store
@@ -161,6 +219,11 @@ class LocalDeliveryWorker:
         self.lifetime = dt.timedelta(hours=lifetime_hours)
         self.directory = directory            # None: the route is not checked again before delivery
         self.reports = reports                # None: failures are recorded without a DSN
+        self.follow_up = follow_up            # None: the filing worker finds the delivery by itself
+        self.backlog_limit = backlog_limit    # 0: acceptance never waits for delivery
+        self.backlog_wait = backlog_wait_seconds
+        self._room = asyncio.Event()          # set while fewer than backlog_limit messages are scheduled
+        self._room.set()
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._scheduled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -190,7 +253,33 @@ class LocalDeliveryWorker:
         if self.store is not None and queue_id not in self._scheduled:
             self._scheduled.add(queue_id)
             self._idle.clear()
+            if self.backlog_limit and len(self._scheduled) >= self.backlog_limit:
+                self._room.clear()
             self._pending.put_nowait(queue_id)
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for, or in, local delivery."""
+        return len(self._scheduled)
+
+    async def wait_for_room(self) -> None:
+        """Back-pressure for acceptance (see the module docstring): return once fewer than
+        ``backlog_limit`` messages wait for local delivery; 451 4.3.2 after ``backlog_wait_seconds``."""
+        if self.store is None or not self.backlog_limit or self._room.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._room.wait(), self.backlog_wait)
+        except TimeoutError:
+            log.warning("local delivery backlog at %d messages for %gs: refusing a message for now",
+                        self.backlog, self.backlog_wait)
+            raise MailRefusal(BACKLOG_FULL) from None
+
+    def _done(self, queue_id: str) -> None:
+        self._scheduled.discard(queue_id)
+        if len(self._scheduled) < self.backlog_limit or not self.backlog_limit:
+            self._room.set()
+        if not self._scheduled and self._busy == 0:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Until nothing is scheduled or running (for tests and benchmarks)."""
@@ -226,10 +315,8 @@ class LocalDeliveryWorker:
             except Exception:
                 log.exception("local delivery of %s failed; it stays queued", queue_id)
             finally:
-                self._scheduled.discard(queue_id)
                 self._busy -= 1
-                if not self._scheduled and self._busy == 0:
-                    self._idle.set()
+                self._done(queue_id)
 
     async def _retry_loop(self) -> None:
         """Deferred recipients come back when their time is due."""
@@ -240,29 +327,73 @@ class LocalDeliveryWorker:
 
     async def deliver_message(self, queue_id: str) -> None:
         works = await self.queue.local_work(queue_id)
-        finished = [await self._deliver_one(work) for work in works]
-        if any(finished) or (not works and await self.queue.finish_if_done(queue_id)):
+        if not works:
+            if await self.queue.finish_if_done(queue_id):
+                self.spool.remove(queue_id)
+            return
+        content = await asyncio.to_thread(self._read, works[0]) if works[0].size <= IN_MEMORY else None
+        assert self.store is not None
+        if self.store.shares_commits and len(works) > 1:
+            # Every recipient's transaction joins the same group commit, run one after the other in order:
+            # the last one sees the others' rows and finishes the message.
+            outcomes = await asyncio.gather(*(self._deliver_one(work, content) for work in works),
+                                            return_exceptions=True)
+            errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            if errors:
+                raise errors[0]
+            finished = any(outcomes)
+        else:
+            finished = any([await self._deliver_one(work, content) for work in works])
+        if finished:
             self.spool.remove(queue_id)                         # the store holds its own copy now
 
-    async def _deliver_one(self, work: LocalWork) -> bool:
+    def _read(self, work: LocalWork) -> _Content:
+        """The message as delivered (decrypted from the spool), its header fields parsed once."""
+        with self._stream(work) as stream:
+            data = stream.read()
+        return _Content(data, parse_headers(header_section(data[:MAX_HEADER_BYTES])))
+
+    def _stream(self, work: LocalWork) -> io.BufferedReader:
+        return io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.open_read(work.queue_id),
+                                                self.authserv_id), CHUNK)
+
+    async def _deliver_one(self, work: LocalWork, content: _Content | None) -> bool:
         """Deliver to one recipient, or record why not; True when that finished the whole message."""
         assert self.store is not None
         refusal = await self._route_refusal(work)
         if refusal is not None:
             return await self._fail(work, refusal)
         assert work.mailbox_id is not None
-        stream = io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.open_read(work.queue_id),
-                                                  self.authserv_id), CHUNK)
+        key = f"{work.queue_id}:{work.recipient_id}"
+        headers = content.headers if content is not None else None
+        rows = None
+        if self.follow_up is not None:
+            rows = await self.follow_up.prepare(delivery_key=key, mailbox_id=work.mailbox_id,
+                                                mailbox_type=work.mailbox_type, recipient=work.address,
+                                                sender=work.sender, headers=headers)
+        finished = False
+
+        async def after(session: AsyncSession, delivery_id: int | None) -> None:
+            # Committed with the message, or not at all: a crash leaves both undone, and the retry delivers.
+            nonlocal finished
+            finished = await self.queue.delivered_in(session, work.recipient_id, work.queue_id)
+            if rows is not None and delivery_id is not None:
+                await rows.add_in(session, delivery_id)
+
+        stream = self._stream(work) if content is None else None
+        source: bytes | BinaryIO = content.data if content is not None else stream  # type: ignore[assignment]
         try:
-            await self.store.deliver(work.mailbox_id, stream, delivery_key=f"{work.queue_id}:{work.recipient_id}")
+            result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers, after=after)
         except Exception as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...
             if not isinstance(exc, UserError):
                 log.exception("delivery of %s to %s failed", work.queue_id, work.address)
             return await self._failed_attempt(work, store_error(work.address, exc))
         finally:
-            stream.close()
-        finished = await self.queue.mark_delivered(work.recipient_id, work.queue_id)
+            if stream is not None:
+                stream.close()
         LOCAL_DELIVERIES.labels("delivered").inc()
+        if result.duplicate:                                     # delivered before (by an older version, or a rerun)
+            return await self.queue.mark_delivered(work.recipient_id, work.queue_id)
         return finished
 
     async def _route_refusal(self, work: LocalWork) -> LocalFailure | None:

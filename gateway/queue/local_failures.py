@@ -26,6 +26,9 @@ from gateway.mail.codes import Reply
 from gateway.mailstore.errors import MailboxNotHosted, QuotaExceeded
 
 STORE_ERROR = Reply(451, "4.3.0", "Local delivery failed: {detail}")            # RFC 3463 3.4 (X.3.0)
+# RFC 3463 3.4 X.3.2 "System not accepting network messages" (excessive load): local delivery is behind by
+# smtp.local_backlog_limit messages; the client keeps its copy and tries again (RFC 5321 4.2.5, 451).
+BACKLOG_FULL = Reply(451, "4.3.2", "Local delivery is behind; message not accepted now, try again later")
 LIFETIME_EXPIRED = "5.4.7"                                                       # RFC 3463 3.5: delivery time expired
 
 # Why the directory refuses an address, as a reply: at RCPT time (gateway.pipeline.policy) and again before

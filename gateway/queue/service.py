@@ -43,7 +43,9 @@ class MailQueue:
         smtp = settings.smtp
         self.local = LocalDeliveryWorker(self.rows, spool, store, authserv_id=settings.hostname,
                                          workers=smtp.delivery_workers, retry_seconds=smtp.local_retry_seconds,
-                                         lifetime_hours=smtp.local_queue_lifetime_hours, directory=directory)
+                                         lifetime_hours=smtp.local_queue_lifetime_hours, directory=directory,
+                                         backlog_limit=smtp.local_backlog_limit,
+                                         backlog_wait_seconds=smtp.local_backlog_wait_seconds)
         # The one generated-mail queue: local recipients to local delivery, others wake the outbound worker.
         self.generated = GeneratedMailQueue(settings, directory, spool, schedule_local=self.local.schedule,
                                             wake_remote=self.wake_remote)

@@ -24,7 +24,7 @@ from gateway.queue.tables import (
     RouteKind,
 )
 from gateway.storage.db import Database
-from gateway.storage.models import utcnow
+from gateway.storage.models import Mailbox, utcnow
 
 OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
 _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]  # SQL Core on the accept path
@@ -41,6 +41,9 @@ class LocalWork:
     address: str
     trace_headers: str
     received_at: dt.datetime
+    sender: str = ""                  # the reverse-path ("" for <>)
+    size: int = 0                     # octets in the spool (before the trace fields)
+    mailbox_type: str | None = None   # PER, ORG, APP, CAB, PAT (directory), None when the mailbox is gone
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,10 @@ class QueueStore:
         """Local recipients that are pending, or deferred and due, oldest message first."""
         now = utcnow()
         stmt = (select(QueuedRecipient.id, QueuedRecipient.message_id, QueuedRecipient.mailbox_id,
-                       QueuedRecipient.address, QueuedMessage.trace_headers, QueuedMessage.received_at)
+                       QueuedRecipient.address, QueuedMessage.trace_headers, QueuedMessage.received_at,
+                       QueuedMessage.sender, QueuedMessage.size, Mailbox.type)
                 .join(QueuedMessage, QueuedMessage.id == QueuedRecipient.message_id)
+                .outerjoin(Mailbox, Mailbox.id == QueuedRecipient.mailbox_id)
                 .where(QueuedRecipient.route == RouteKind.LOCAL.value, QueuedRecipient.state.in_(OPEN_STATES),
                        (QueuedRecipient.next_attempt_at.is_(None)) | (QueuedRecipient.next_attempt_at <= now))
                 .order_by(QueuedRecipient.message_id, QueuedRecipient.id).limit(limit))
@@ -118,17 +123,23 @@ class QueueStore:
             stmt = stmt.where(QueuedRecipient.message_id == queue_id)
         async with self.db.session() as s:
             rows = (await s.execute(stmt)).all()
-        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at) for r in rows]
+        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at, r.sender,
+                          r.size, r.type) for r in rows]
 
     async def mark_delivered(self, recipient_id: int, queue_id: str) -> bool:
         """Record the delivery and, in the same transaction, finish the message when it was the
         last open recipient; True when the message is done (its spool file may go)."""
-        now = utcnow()
         async with self.db.session() as s:
-            await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
-                state=RecipientState.DELIVERED.value, attempts=QueuedRecipient.attempts + 1, updated_at=now,
-                delivered_at=now, last_error=None))
-            return await self._finish_if_done(s, queue_id)
+            return await self.delivered_in(s, recipient_id, queue_id)
+
+    @classmethod
+    async def delivered_in(cls, s: AsyncSession, recipient_id: int, queue_id: str) -> bool:
+        """``mark_delivered`` inside the caller's transaction (the mail store's, which adds the message)."""
+        now = utcnow()
+        await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
+            state=RecipientState.DELIVERED.value, attempts=QueuedRecipient.attempts + 1, updated_at=now,
+            delivered_at=now, last_error=None).execution_options(synchronize_session=False))
+        return await cls._finish_if_done(s, queue_id)
 
     async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
         await self._set_state(recipient_id, RecipientState.DEFERRED, last_error=error[:2000], next_attempt_at=retry_at)
@@ -165,7 +176,7 @@ class QueueStore:
         if open_count:
             return False
         await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id, QueuedMessage.state != MessageState.DONE.value)
-                        .values(state=MessageState.DONE.value, done_at=utcnow()))
+                        .values(state=MessageState.DONE.value, done_at=utcnow()).execution_options(synchronize_session=False))
         return True
 
     async def queued_message_ids(self) -> set[str]:
