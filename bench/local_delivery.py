@@ -122,6 +122,7 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
             profiler.dump_stats(profile)
         await filing.stop()
         await delivery.stop()
+        group = services.mailstore.group
         async with services.db.session() as s:
             delivered = await s.scalar(select(func.count()).select_from(QueuedRecipient).where(
                 QueuedRecipient.state == RecipientState.DELIVERED.value))
@@ -133,6 +134,8 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
         "cpu_ms_per_delivery_incl_concurrent_filing": round((cpu1 - cpu0) * 1000 / delivered, 2),
         "cpu_ms_per_message_total": round((cpu2 - cpu0) * 1000 / delivered, 2),
         "wall_s": round(wall2 - wall0, 2),
+        "deliveries_per_commit": round(group.grouped / group.batches, 2) if group and group.batches else None,
+        "workers": settings.smtp.delivery_workers,
     }
 
 

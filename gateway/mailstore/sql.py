@@ -112,13 +112,6 @@ class AddedMessage:
     duplicate: bool  # the delivery key had already reached this mailbox
 
 
-@dataclass(frozen=True)
-class _Duplicate:
-    """The delivery key had already reached the mailbox (found inside the write transaction)."""
-
-    done: AppendResult
-
-
 AfterInsert = Callable[[AsyncSession, "int | None"], Awaitable[None]]
 
 
@@ -730,7 +723,7 @@ class SqlMailStore(MailStore):
         tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
         sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers
 
-        async def work(session: AsyncSession) -> AppendResult | _Duplicate:
+        async def work(session: AsyncSession) -> AppendResult:
             return await self._insert_delivery(session, folder, stored, sealed, bits, keywords, when, delivery_key, after,
                                                tokens)
 
@@ -746,9 +739,6 @@ class SqlMailStore(MailStore):
             if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
                 await self.blobs.delete(stored.blob_id)
             raise
-        if isinstance(result, _Duplicate):
-            await self.blobs.delete(stored.blob_id)
-            return AddedMessage(result.done, duplicate=True)
         self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
         return AddedMessage(result, duplicate=False)
 
@@ -778,34 +768,37 @@ class SqlMailStore(MailStore):
 
     async def _insert_delivery(self, session: AsyncSession, ref: FolderRef, stored: StoredBlob, headers: CachedHeaders,
                                bits: int, keywords: frozenset[str], when: dt.datetime, delivery_key: str | None,
-                               after: AfterInsert | None, tokens: set[int] | None = None) -> AppendResult | _Duplicate:
+                               after: AfterInsert | None, tokens: set[int] | None = None) -> AppendResult:
         """The rows of one APPEND or delivery, in SQL Core (no ORM unit of work on the delivery path).
 
-        Every refusal (duplicate key, folder gone, UIDVALIDITY changed, over quota) is decided before the
-        first row is written, so a refused writer leaves a shared group-commit transaction untouched."""
-        await self._take_write_lock(session, ref.mailbox_id)  # SQLite: the reads below are the writer's
-        if delivery_key is not None and (done := await self._delivered_in(session, ref.mailbox_id, delivery_key)):
-            return _Duplicate(done)
-        query = select(Folder.id, Folder.name, Folder.uidvalidity, Folder.uidnext, Folder.highestmodseq,
-                       Folder.keywords).where(Folder.mailbox_id == ref.mailbox_id,
-                                              Folder.name == names.normalise(ref.name))
-        if not self.database.is_sqlite:
-            query = query.with_for_update()
-        folder = (await session.execute(query)).first()
-        if folder is None:
-            raise FolderNotFound(f"no folder {ref.name!r}")
-        if ref.uidvalidity is not None and folder.uidvalidity != ref.uidvalidity:
-            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        Every refusal (folder gone, UIDVALIDITY changed, over quota) is decided before the first row is
+        written, so a refused writer leaves a shared group-commit transaction untouched. A delivery key
+        already stored fails the unique constraint: the batch is replayed writer by writer (group_commit)
+        and ``add_message`` answers that one as a duplicate."""
+        if not session.info.get("write_locked"):  # once per transaction: group commit shares it
+            await self._take_write_lock(session, ref.mailbox_id)  # SQLite: the reads below are the writer's
+            session.info["write_locked"] = True
         await self._enforce_quota(session, ref.mailbox_id, stored.size)
-        uid, modseq = folder.uidnext, folder.highestmodseq + 1
-        changes: dict[str, Any] = {"uidnext": uid + 1, "highestmodseq": modseq,
-                                   "message_count": Folder.message_count + 1,
-                                   "total_bytes": Folder.total_bytes + stored.size}
+        # UIDNEXT and MODSEQ taken in one statement (the row is locked by it on PostgreSQL).
+        condition = [Folder.mailbox_id == ref.mailbox_id, Folder.name == names.normalise(ref.name)]
+        if ref.uidvalidity is not None:
+            condition.append(Folder.uidvalidity == ref.uidvalidity)
+        folder = (await session.execute(
+            update(Folder).where(*condition).values(
+                uidnext=Folder.uidnext + 1, highestmodseq=Folder.highestmodseq + 1,
+                message_count=Folder.message_count + 1, total_bytes=Folder.total_bytes + stored.size)
+            .returning(Folder.id, Folder.name, Folder.uidvalidity, Folder.uidnext, Folder.highestmodseq,
+                       Folder.keywords)
+            .execution_options(synchronize_session=False))).first()
+        if folder is None:  # nothing was written: the folder is gone, or was re-created
+            self._checked(await session.scalar(select(Folder).where(*condition[:2])), ref)
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        uid, modseq = folder.uidnext - 1, folder.highestmodseq
         known = flagcodec.keywords_of(folder.keywords)
         if not known.issuperset(keywords):
-            changes["keywords"] = flagcodec.keywords_column(known | keywords)
-        await session.execute(update(Folder).where(Folder.id == folder.id).values(**changes)
-                              .execution_options(synchronize_session=False))
+            await session.execute(update(Folder).where(Folder.id == folder.id)
+                                  .values(keywords=flagcodec.keywords_column(known | keywords))
+                                  .execution_options(synchronize_session=False))
         message_row = (await session.execute(insert(Message).values(
             folder_id=folder.id, uid=uid, modseq=modseq, system_flags=bits,
             keywords=flagcodec.keywords_column(keywords), internaldate=when, size=stored.size,

@@ -139,7 +139,14 @@ class QueueStore:
         await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
             state=RecipientState.DELIVERED.value, attempts=QueuedRecipient.attempts + 1, updated_at=now,
             delivered_at=now, last_error=None).execution_options(synchronize_session=False))
-        return await cls._finish_if_done(s, queue_id)
+        # The message is done with its last open recipient: one statement, no count round trip.
+        still_open = select(QueuedRecipient.id).where(QueuedRecipient.message_id == queue_id,
+                                                      QueuedRecipient.state.in_(OPEN_STATES)).exists()
+        done = await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id,
+                                                           QueuedMessage.state != MessageState.DONE.value, ~still_open)
+                               .values(state=MessageState.DONE.value, done_at=now)
+                               .execution_options(synchronize_session=False))
+        return bool(done.rowcount)  # type: ignore[attr-defined]
 
     async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
         await self._set_state(recipient_id, RecipientState.DEFERRED, last_error=error[:2000], next_attempt_at=retry_at)
