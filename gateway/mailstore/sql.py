@@ -839,12 +839,13 @@ class SqlMailStore(MailStore):
         return int(used), int(count), int(limit)
 
     async def _enforce_quota(self, session: AsyncSession, mailbox_id: int, adding: int) -> None:
-        limit = await session.scalar(select(Mailbox.quota_bytes).where(Mailbox.id == mailbox_id))
-        if limit is None:
+        # One statement: the quota and what the folders hold (every delivery asks).
+        used_now = (select(func.coalesce(func.sum(Folder.total_bytes), 0)).where(Folder.mailbox_id == mailbox_id)
+                    .scalar_subquery())
+        row = (await session.execute(select(Mailbox.quota_bytes, used_now).where(Mailbox.id == mailbox_id))).first()
+        if row is None or row[0] is None:
             raise MailboxNotHosted(f"mailbox {mailbox_id} does not exist")
-        if not limit:
-            return  # unlimited: no need to add up the folders
-        used, _, limit = await self._usage(session, mailbox_id)
+        limit, used = int(row[0]), int(row[1])
         if limit and used + adding > limit:
             # RFC 9208 4.3 / SMTP 552 5.2.2 (RFC 3463 3.3).
             raise QuotaExceeded(f"mailbox over quota ({used + adding} > {limit} octets)")

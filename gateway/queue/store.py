@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.queue.tables import (
@@ -110,19 +110,9 @@ class QueueStore:
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""
-        now = utcnow()
-        stmt = (select(QueuedRecipient.id, QueuedRecipient.message_id, QueuedRecipient.mailbox_id,
-                       QueuedRecipient.address, QueuedMessage.trace_headers, QueuedMessage.received_at,
-                       QueuedMessage.sender, QueuedMessage.size, Mailbox.type)
-                .join(QueuedMessage, QueuedMessage.id == QueuedRecipient.message_id)
-                .outerjoin(Mailbox, Mailbox.id == QueuedRecipient.mailbox_id)
-                .where(QueuedRecipient.route == RouteKind.LOCAL.value, QueuedRecipient.state.in_(OPEN_STATES),
-                       (QueuedRecipient.next_attempt_at.is_(None)) | (QueuedRecipient.next_attempt_at <= now))
-                .order_by(QueuedRecipient.message_id, QueuedRecipient.id).limit(limit))
-        if queue_id is not None:
-            stmt = stmt.where(QueuedRecipient.message_id == queue_id)
+        stmt = _LOCAL_WORK if queue_id is None else _LOCAL_WORK_OF
         async with self.db.session() as s:
-            rows = (await s.execute(stmt)).all()
+            rows = (await s.execute(stmt, {"now": utcnow(), "limit": limit, "queue_id": queue_id})).all()
         return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at, r.sender,
                           r.size, r.type) for r in rows]
 
@@ -215,3 +205,20 @@ class QueueStore:
     async def message(self, queue_id: str) -> QueuedMessage | None:
         async with self.db.session() as s:
             return await s.get(QueuedMessage, queue_id)
+
+
+def _local_work_statement(one_message: bool) -> Select[Any]:
+    """Built once, in SQL Core (tables, not mapped classes): every delivered message runs it."""
+    recipients, messages, mailboxes = QueuedRecipient.__table__.c, QueuedMessage.__table__.c, Mailbox.__table__.c
+    stmt = (select(recipients.id, recipients.message_id, recipients.mailbox_id, recipients.address,
+                   messages.trace_headers, messages.received_at, messages.sender, messages.size, mailboxes.type)
+            .join_from(QueuedRecipient.__table__, QueuedMessage.__table__, messages.id == recipients.message_id)
+            .outerjoin(Mailbox.__table__, mailboxes.id == recipients.mailbox_id)
+            .where(recipients.route == RouteKind.LOCAL.value, recipients.state.in_(OPEN_STATES),
+                   recipients.next_attempt_at.is_(None) | (recipients.next_attempt_at <= bindparam("now")))
+            .order_by(recipients.message_id, recipients.id).limit(bindparam("limit")))
+    return stmt.where(recipients.message_id == bindparam("queue_id")) if one_message else stmt
+
+
+_LOCAL_WORK = _local_work_statement(one_message=False)
+_LOCAL_WORK_OF = _local_work_statement(one_message=True)
