@@ -16,10 +16,10 @@ from gateway.dmp_bridge.record import JOB_SUBJECT_COLUMN, RecordSealer
 from gateway.dmp_bridge.tables import FilingJob, JobState
 from gateway.dmp_bridge.worker import FilingWorker
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
-from gateway.pipeline.delivery import LocalDelivery as QueueDelivery
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.pipeline.queue import QueueStore
-from gateway.pipeline.spool import Spool
+from gateway.queue.local_delivery import LocalDeliveryWorker as QueueDelivery
+from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.store import QueueStore
+from gateway.queue.spool import Spool
 from gateway.security.at_rest import FieldSealer, is_sealed
 from gateway.storage.db import Database
 from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, World, build_world, cda_message

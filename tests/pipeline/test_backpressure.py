@@ -1,4 +1,4 @@
-"""Back-pressure from local delivery to acceptance (gateway.pipeline.delivery.LocalDelivery.wait_for_room).
+"""Back-pressure from local delivery to acceptance (gateway.queue.local_delivery.LocalDeliveryWorker.wait_for_room).
 
 A mail store that holds every delivery until the test lets it go stands for a
 delivery side that has fallen behind: once ``backlog_limit`` messages wait, an
@@ -17,10 +17,10 @@ from typing import Any, BinaryIO
 import pytest
 
 from gateway.mailstore.headers import CachedHeaders
-from gateway.pipeline.delivery import AfterDelivery, LocalDelivery
-from gateway.pipeline.queue import LocalWork
-from gateway.pipeline.spool import Spool
-from gateway.smtp.codes import SmtpRefusal
+from gateway.queue.local_delivery import AfterDelivery, LocalDeliveryWorker as LocalDelivery
+from gateway.queue.store import LocalWork
+from gateway.queue.spool import Spool
+from gateway.mail.codes import MailRefusal
 from gateway.storage.models import utcnow
 
 
@@ -126,7 +126,7 @@ async def test_a_session_that_waits_too_long_is_answered_451_4_3_2(held: Any) ->
         delivery.schedule(await _spooled(spool))
     await store.started.get()
     await store.started.get()
-    with pytest.raises(SmtpRefusal) as refusal:
+    with pytest.raises(MailRefusal) as refusal:
         await delivery.wait_for_room()
     assert (refusal.value.reply.code, refusal.value.reply.enhanced) == (451, "4.3.2")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.pipeline.queue import QueueStore
+from gateway.queue.store import QueueStore
 from tests.smtp.conftest import logged_in, message
 from tests.smtp.gateway_thread import GatewayThread
 
