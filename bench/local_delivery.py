@@ -40,9 +40,7 @@ from gateway.app import open_services  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob  # noqa: E402
 from gateway.dmp_bridge.worker import build_filing_worker  # noqa: E402
-from gateway.mailstore.delivery import LocalDelivery as MailStoreDelivery  # noqa: E402
-from gateway.pipeline.models import QueuedMessage, QueuedRecipient, RecipientState, RouteKind  # noqa: E402
-from gateway.smtp.listeners import build_pipeline  # noqa: E402
+from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind  # noqa: E402
 from gateway.storage.models import Mailbox  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
@@ -65,7 +63,6 @@ def trace(queue_id: str, sender: str, recipient: str) -> str:
 async def fill(settings: Any, messages: int, recipients: int, mailboxes: int, size: int) -> int:
     """Queue ``messages`` as the pipeline does after the 250 (spool file durable, then the rows)."""
     async with open_services(settings) as services:
-        pipeline = build_pipeline(settings, services.db, services.directory, None, spool_cipher=services.spool_cipher)
         async with services.db.session() as s:
             rows = (await s.execute(select(Mailbox.id, Mailbox.address, Mailbox.type).where(Mailbox.hosted.is_(True))
                                     .order_by(Mailbox.type.desc(), Mailbox.id))).all()
@@ -77,7 +74,7 @@ async def fill(settings: Any, messages: int, recipients: int, mailboxes: int, si
                 chosen = targets[:recipients]
             else:
                 chosen = [targets[number % max(1, mailboxes) % len(targets)]]
-            spool_file = pipeline.spool.new_file()
+            spool_file = services.spool.new_file()
             spool_file.write(body(number, size, chosen[0][1]))
             await spool_file.make_durable()
             message = QueuedMessage(id=spool_file.queue_id, door="submission", sender=sender, body_type="7BIT",
@@ -88,23 +85,15 @@ async def fill(settings: Any, messages: int, recipients: int, mailboxes: int, si
             rcpts = [QueuedRecipient(address=address, route=RouteKind.LOCAL.value, mailbox_id=mailbox_id,
                                      domain=address.split("@", 1)[1], state=RecipientState.PENDING.value, attempts=0)
                      for mailbox_id, address in chosen]
-            await pipeline.queue.commit(message, rcpts, [])
+            await services.queue.rows.commit(message, rcpts, [])
             spool_file.keep()
         return messages * len(chosen)
 
 
 async def measure(settings: Any, expected: int, profile: str | None) -> dict[str, Any]:
     async with open_services(settings) as services:
-        store = MailStoreDelivery(services.mailstore)
-        pipeline = build_pipeline(settings, services.db, services.directory, store,
-                                  spool_cipher=services.spool_cipher, smime=services.smime)
-        delivery = pipeline.delivery
-        try:  # as start_smtp_listeners wires it (absent from older trees)
-            from gateway.dmp_bridge.intake import FilingIntake
-            delivery.follow_up = FilingIntake(services.fields)
-        except ImportError:
-            pass
-        filing = build_filing_worker(services, pipeline.spool, schedule_local=delivery.schedule)
+        delivery = services.queue.local       # as open_services() builds it (filing intake included)
+        filing = build_filing_worker(services)
         profiler = cProfile.Profile() if profile else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler:

@@ -37,8 +37,8 @@ def _submit(gw: GatewayThread, subject: str) -> tuple[int, bytes]:
 
 
 def test_a_full_backlog_answers_451_4_3_2_and_queues_nothing_until_delivery_catches_up(gw: GatewayThread) -> None:
-    assert gw.listeners is not None and gw.db is not None
-    delivery = gw.listeners.delivery
+    assert gw.queue is not None and gw.db is not None
+    delivery = gw.queue.local
     queue = QueueStore(gw.db)
 
     async def hold() -> None:
