@@ -119,6 +119,11 @@ class AuditLog:
             async with self.db.session() as own_session:
                 return await self._append_in(own_session, checked)
 
+    def batch(self) -> AuditBatch:
+        """Entries collected now and appended together by ``AuditBatch.write`` in the caller's transaction:
+        one claim of the head for all of them (the filing worker's batches)."""
+        return AuditBatch(self)
+
     async def head(self) -> ChainHead | None:
         """The newest entry's number and hash (None before the first append)."""
         head, _newest = await self._snapshot()
@@ -183,31 +188,43 @@ class AuditLog:
         return [_entry_from_row(row) for row in rows]
 
     async def _append_in(self, session: AsyncSession, checked: _Checked) -> AuditEntry:
-        seq, prev_hash = await self._claim_next_seq(session)
-        occurred_at = utcnow()
-        body = entry_body(seq, occurred_at, int(checked.event), checked.actor, checked.patient,
-                          checked.subject, checked.outcome, checked.source, checked.details)
-        entry_hash = chain_hash(prev_hash, body)
-        entry = AuditEntry(seq, occurred_at, int(checked.event), checked.actor, checked.patient, checked.subject,
-                           checked.outcome, checked.source, checked.details, prev_hash, entry_hash,
-                           self.key.seal_entry(entry_hash) if self.key else None)
+        [entry] = await self._append_many_in(session, [(utcnow(), checked)])
+        return entry
+
+    async def _append_many_in(self, session: AsyncSession, batch: Sequence[tuple[dt.datetime, _Checked]]) -> list[AuditEntry]:
+        """``batch`` chained one after the other: the head claimed once (``len(batch)`` numbers), the rows
+        inserted by one statement, the head's hash and seal stored once. The same chain as one append each."""
+        if not batch:
+            return []
+        last_seq, prev_hash = await self._claim_next_seq(session, len(batch))
+        entries: list[AuditEntry] = []
+        for seq, (occurred_at, checked) in enumerate(batch, start=last_seq - len(batch) + 1):
+            body = entry_body(seq, occurred_at, int(checked.event), checked.actor, checked.patient,
+                              checked.subject, checked.outcome, checked.source, checked.details)
+            entry_hash = chain_hash(prev_hash, body)
+            entries.append(AuditEntry(seq, occurred_at, int(checked.event), checked.actor, checked.patient,
+                                      checked.subject, checked.outcome, checked.source, checked.details, prev_hash,
+                                      entry_hash, self.key.seal_entry(entry_hash) if self.key else None))
+            prev_hash = entry_hash
         try:
-            await session.execute(insert(AuditEntryRow).values(**_row_values(entry)))
+            await session.execute(insert(AuditEntryRow), [_row_values(entry) for entry in entries])
         except IntegrityError:
-            raise AuditChainConflict(f"audit entry {seq} (or its hash) already exists: the log was written outside "
+            numbers = f"entry {last_seq}" if len(entries) == 1 else f"entries {entries[0].seq}-{last_seq}"
+            raise AuditChainConflict(f"audit {numbers} (or its hash) already exists: the log was written outside "
                                      "the gateway; run `gateway audit verify`", field="audit") from None
         await session.execute(
             update(AuditChainHead).where(AuditChainHead.id == HEAD_ID)
-            .values(entry_hash=entry_hash, seal=self._head_seal(seq, entry_hash))
+            .values(entry_hash=prev_hash, seal=self._head_seal(last_seq, prev_hash))
             .execution_options(synchronize_session=False)
         )
-        return entry
+        return entries
 
-    async def _claim_next_seq(self, session: AsyncSession) -> tuple[int, str]:
-        """Take the writer lock by bumping the head; returns (new seq, previous entry's hash)."""
+    async def _claim_next_seq(self, session: AsyncSession, count: int = 1) -> tuple[int, str]:
+        """Take the writer lock by bumping the head by ``count``; returns (the last number claimed, the hash
+        of the entry before the first one)."""
         claim = (
             update(AuditChainHead).where(AuditChainHead.id == HEAD_ID)
-            .values(seq=AuditChainHead.seq + 1)
+            .values(seq=AuditChainHead.seq + count)
             .returning(AuditChainHead.seq, AuditChainHead.entry_hash)
             .execution_options(synchronize_session=False)
         )
@@ -293,6 +310,43 @@ class AuditLog:
             temporary.unlink(missing_ok=True)
             raise
         return summary
+
+
+class AuditBatch:
+    """Entries checked as they are appended (a bad field is refused at once, naming it) and written, in
+    order, by ``write`` inside the caller's transaction: they commit with what they record, or not at all."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self._pending: list[tuple[dt.datetime, _Checked]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def append(
+        self,
+        event: AuditEvent,
+        *,
+        actor: Actor,
+        patient: str | None,
+        source: Source,
+        subject: Subject | None = None,
+        outcome: Outcome | None = None,
+        details: dict[str, Any] | None = None,
+        session: AsyncSession | None = None,
+    ) -> None:
+        """As ``AuditLog.append``, written later by ``write`` (``session`` is ignored: ``write`` gets it)."""
+        self._pending.append((utcnow(), _check_fields(event, actor, patient, subject, outcome or Outcome.success(),
+                                                      source, details or {})))
+
+    async def write(self, session: AsyncSession) -> list[AuditEntry]:
+        """Append every collected entry in ``session``'s transaction; the batch is then empty."""
+        pending, self._pending = self._pending, []
+        return await self.log._append_many_in(session, pending)
+
+    def clear(self) -> None:
+        """The transaction they belonged to was rolled back: forget them."""
+        self._pending.clear()
 
 
 def _check_fields(event: AuditEvent, actor: Actor, patient: str | None, subject: Subject | None,

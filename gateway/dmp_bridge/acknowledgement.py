@@ -33,6 +33,8 @@ The patient's notification carries no health content, not even a title
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -66,6 +68,7 @@ NOTIFICATION_TEXT = (
     "Connectez-vous à votre espace pour le consulter.\n\n"
     "Ce message est envoyé automatiquement : merci de ne pas y répondre.\n"
 )
+SPOOL_WRITERS = 4  # notices spooled at once: their fsyncs overlap (each looks its route up: a pooled connection)
 
 
 @dataclass(frozen=True)
@@ -124,24 +127,57 @@ class Acknowledger:
                        report: FilingReport) -> list[QueuedNotice]:
         """The notices ``report`` calls for and not sent yet, spooled durably and added to ``session``
         (queued once it commits: then ``dispatch``; ``discard`` if it does not)."""
-        wanted = []
-        acknowledgement = self._acknowledgement(delivered, report)
-        if acknowledgement is not None:
-            kind, recipient, message = acknowledgement
-            wanted.append((("ack", delivered.message_key, delivered.recipient), kind, recipient, message))
-        for mailbox in await self._patient_mailboxes(session, report):
-            wanted.append((("notify", delivered.message_key, mailbox), NoticeKind.PATIENT_NOTIFICATION, mailbox,
-                           patient_notification(mailbox, self.patient_domain, self.hostname)))
-        notices: list[QueuedNotice] = []
-        try:
-            for key_parts, kind, recipient, message in wanted:
-                notice = await self._queue_once(session, key_parts, kind, delivered.job_id, recipient, message)
-                if notice is not None:
-                    notices.append(notice)
-        except BaseException:
-            self.discard(notices)
-            raise
+        [notices] = await self.queue_many(session, [(delivered, report)])
         return notices
+
+    async def queue_many(self, session: AsyncSession,
+                         filings: Sequence[tuple[DeliveredMessage, FilingReport]]) -> list[list[QueuedNotice]]:
+        """``queue_in`` for several filings committed together, in their order: the notices of each. The
+        spool files are written side by side (their fsyncs overlap) and a notice key wanted twice in the
+        batch is queued once, for the first."""
+        mailboxes = await self._patient_mailboxes(session, {patient_id for _delivered, report in filings
+                                                            for patient_id in _filed_patients(report)})
+        wanted: list[_Wanted] = []
+        for index, (delivered, report) in enumerate(filings):
+            acknowledgement = self._acknowledgement(delivered, report)
+            if acknowledgement is not None:
+                kind, recipient, message = acknowledgement
+                wanted.append(_Wanted(index, _notice_key("ack", delivered.message_key, delivered.recipient), kind,
+                                      delivered.job_id, recipient, message))
+            for mailbox in sorted({address for patient_id in _filed_patients(report)
+                                   for address in mailboxes.get(patient_id, ())}):
+                wanted.append(_Wanted(index, _notice_key("notify", delivered.message_key, mailbox),
+                                      NoticeKind.PATIENT_NOTIFICATION, delivered.job_id, mailbox,
+                                      patient_notification(mailbox, self.patient_domain, self.hostname)))
+        sent = set((await session.scalars(select(FilingNotice.notice_key).where(
+            FilingNotice.notice_key.in_({w.key for w in wanted})))).all()) if wanted else set()
+        unique = [w for w in {w.key: w for w in reversed(wanted)}.values() if w.key not in sent]
+        unique.sort(key=wanted.index)
+        queued = await self._spool_side_by_side(unique)
+        notices: list[list[QueuedNotice]] = [[] for _ in filings]
+        for want, prepared in zip(unique, queued):
+            if prepared is None:
+                continue
+            session.add(FilingNotice(notice_key=want.key, kind=want.kind.value, job_id=want.job_id,
+                                     recipient=want.recipient, queue_id=prepared.queue_id))
+            prepared.add_to(session)
+            notices[want.filing].append(QueuedNotice(want.kind, prepared))
+        return notices
+
+    async def _spool_side_by_side(self, wanted: Sequence[_Wanted]) -> list[PreparedMail | None]:
+        """Each message durably in the spool (None: its recipient cannot receive mail), all or none."""
+        slots = asyncio.Semaphore(SPOOL_WRITERS)
+
+        async def spool(want: _Wanted) -> PreparedMail | None:
+            async with slots:
+                return await self.queue.prepare(want.message, want.recipient, message_id=_message_id_of(want.message))
+
+        results = await asyncio.gather(*(spool(want) for want in wanted), return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            self.discard([QueuedNotice(want.kind, r) for want, r in zip(wanted, results) if isinstance(r, PreparedMail)])
+            raise failure
+        return [r for r in results if not isinstance(r, BaseException)]
 
     def _acknowledgement(self, delivered: DeliveredMessage, report: FilingReport) -> tuple[NoticeKind, str, bytes] | None:
         sender = delivered.return_path
@@ -166,30 +202,41 @@ class Acknowledger:
         for notice in notices:
             self.queue.discard(notice.mail)
 
-    async def _queue_once(self, session: AsyncSession, key_parts: tuple[str, str, str], kind: NoticeKind, job_id: int,
-                          recipient: str, message: bytes) -> QueuedNotice | None:
-        """A unique notice key makes it once: a concurrent sender of the same notice makes the commit fail
-        (IntegrityError), and the caller's next run finds the notice sent."""
-        key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
-        if await session.scalar(select(FilingNotice.id).where(FilingNotice.notice_key == key)) is not None:
-            return None
-        prepared = await self.queue.prepare(message, recipient, message_id=_message_id_of(message))
-        if prepared is None:
-            return None
-        session.add(FilingNotice(notice_key=key, kind=kind.value, job_id=job_id, recipient=recipient,
-                                 queue_id=prepared.queue_id))
-        prepared.add_to(session)
-        return QueuedNotice(kind, prepared)
-
     @staticmethod
-    async def _patient_mailboxes(session: AsyncSession, report: FilingReport) -> list[str]:
-        patient_ids = {o.patient_id for o in report.filed if o.patient_id is not None}
+    async def _patient_mailboxes(session: AsyncSession, patient_ids: set[int]) -> dict[int, list[str]]:
+        """The active hosted mailboxes of each patient, by patient id."""
         if not patient_ids:
-            return []
-        return list((await session.scalars(
-            select(Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
-                                          Mailbox.hosted.is_(True), Mailbox.state == State.ACTIVE.value)
-            .order_by(Mailbox.address))).all())
+            return {}
+        rows = (await session.execute(
+            select(Mailbox.patient_id, Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
+                                                              Mailbox.hosted.is_(True),
+                                                              Mailbox.state == State.ACTIVE.value)
+            .order_by(Mailbox.address))).all()
+        found: dict[int, list[str]] = {}
+        for patient_id, address in rows:
+            if patient_id is not None:
+                found.setdefault(patient_id, []).append(address)
+        return found
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """A notice a filing calls for (``filing``: its index in the batch)."""
+
+    filing: int
+    key: str  # unique per (kind family, message, recipient): ``filing_notices.notice_key``
+    kind: NoticeKind
+    job_id: int
+    recipient: str
+    message: bytes
+
+
+def _notice_key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _filed_patients(report: FilingReport) -> set[int]:
+    return {o.patient_id for o in report.filed if o.patient_id is not None}
 
 
 # ------------------------------------------------------------------------------------ decisions
@@ -254,13 +301,27 @@ def build_failure_report(delivered: DeliveredMessage, failure: Failure, report: 
 
 def patient_notification(mailbox: str, patient_domain: str, hostname: str, *,
                          subject: str = NOTIFICATION_SUBJECT, text: str = NOTIFICATION_TEXT) -> bytes:
-    """A content-free notice to a patient's mailbox: no title, no author, nothing medical."""
+    """A content-free notice to a patient's mailbox: no title, no author, nothing medical.
+
+    The message is the same for every notice to a mailbox but for its Date and Message-ID (RFC 5322 3.6:
+    header fields in any order), so it is built once and those two fields are put in front."""
+    if not hostname.isascii():
+        return _patient_notification(mailbox, patient_domain, hostname, subject, text, stamped=True)
+    stamp = f"Date: {format_datetime(utcnow())}\r\nMessage-ID: {make_msgid(domain=hostname)}\r\n"
+    return stamp.encode("ascii") + _patient_notification(mailbox, patient_domain, hostname, subject, text,
+                                                         stamped=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _patient_notification(mailbox: str, patient_domain: str, hostname: str, subject: str, text: str, *,
+                          stamped: bool) -> bytes:
     message = EmailMessage(policy=SMTP)
+    if stamped:
+        message["Date"] = format_datetime(utcnow())
+        message["Message-ID"] = make_msgid(domain=hostname)
     message["From"] = Address("Mon espace santé", "ne-pas-repondre", patient_domain)
     message["To"] = mailbox
     message["Subject"] = subject
-    message["Date"] = format_datetime(utcnow())
-    message["Message-ID"] = make_msgid(domain=hostname)
     message["Auto-Submitted"] = "auto-generated"
     message.set_content(text)
     return message.as_bytes()

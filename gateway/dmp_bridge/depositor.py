@@ -70,7 +70,17 @@ class Depositor:
 
 async def depositor_of_queued_message(session: AsyncSession, queue_id: str) -> Depositor | None:
     """The depositor of the message accepted as ``queue_id``, from what its door recorded at acceptance."""
-    message = await session.get(QueuedMessage, queue_id)
+    return await depositor_of_message(session, await session.get(QueuedMessage, queue_id))
+
+
+def accepted_as(message: QueuedMessage | None) -> tuple[str | None, str, str | None] | None:
+    """What the depositor of ``message`` depends on, and only that: (door, sender, authenticated login).
+    Two messages with the same key have the same depositor (the filing worker resolves it once per batch)."""
+    return None if message is None else (message.door, message.sender, message.authenticated_as)
+
+
+async def depositor_of_message(session: AsyncSession, message: QueuedMessage | None) -> Depositor | None:
+    """The depositor of a queue row, from what its door recorded at acceptance (``accepted_as``)."""
     if message is None or not message.sender:
         return None
     if message.door in SUBMISSION_DOORS:

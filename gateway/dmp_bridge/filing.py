@@ -63,6 +63,7 @@ complete).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -71,13 +72,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import and_, case, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.chain import Actor, Door, Outcome, Source, Subject
 from gateway.audit.events import AuditEvent
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditBatch, AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
 from gateway.dmp_bridge.codes import derive_xds_codes
@@ -198,10 +199,18 @@ class LoggingJournal:
 
 
 class AuditJournal:
-    """Filing events in the hash-chained audit log, committed with the document (events 101-103)."""
+    """Filing events in the hash-chained audit log, committed with the document (events 101-103).
 
-    def __init__(self, audit: AuditLog) -> None:
+    With an ``AuditBatch`` the entries are collected and the batch's owner writes them in the same
+    transaction (the filing worker: one chain claim for every document of a batch)."""
+
+    def __init__(self, audit: AuditLog | AuditBatch) -> None:
         self.audit = audit
+
+    def batched(self) -> tuple[AuditJournal, AuditBatch]:
+        """A journal collecting this log's entries, and the batch to ``write`` before the commit."""
+        batch = self.audit if isinstance(self.audit, AuditBatch) else self.audit.batch()
+        return AuditJournal(batch), batch
 
     async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
         actor = _depositor_actor(document)
@@ -300,14 +309,48 @@ class PreparedFiling:
                 item.stored = None
 
 
+class PatientLookup:
+    """Patient rows by id and by (INS, OID), each read once: per session, or per batch in phase 1 (where the
+    answer only decides what to write ahead; the filing transaction decides again)."""
+
+    def __init__(self, session: AsyncSession | None = None, db: Database | None = None) -> None:
+        self.session = session
+        self.db = db
+        self._by_id: dict[int, Patient | None] = {}
+        self._by_ins: dict[tuple[str, str | None], Patient | None] = {}
+        self._reading = asyncio.Lock()  # jobs prepared side by side wait for the first reader of a patient
+
+    async def by_id(self, patient_id: int) -> Patient | None:
+        async with self._reading:
+            if patient_id not in self._by_id:
+                self._by_id[patient_id] = await self._read(lambda session: session.get(Patient, patient_id))
+            return self._by_id[patient_id]
+
+    async def by_ins(self, ins: str, oid: str | None) -> Patient | None:
+        async with self._reading:
+            if (ins, oid) not in self._by_ins:
+                self._by_ins[(ins, oid)] = await self._read(lambda session: session.scalar(
+                    select(Patient).where(Patient.ins == ins, Patient.ins_oid == oid)))
+            return self._by_ins[(ins, oid)]
+
+    async def _read(self, query: Callable[[AsyncSession], Awaitable[Patient | None]]) -> Patient | None:
+        if self.session is not None:
+            return await query(self.session)
+        assert self.db is not None
+        async with self.db.session() as session:
+            return await query(session)
+
+
 async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionResult, context: FilingContext,
-                         sealer: RecordSealer) -> PreparedFiling:
+                         sealer: RecordSealer, *, patients: PatientLookup | None = None) -> PreparedFiling:
     """Phase 1, no database write: decide what needs no transaction, write each new document's encrypted
     blob (fsync) and seal its metadata, so that the transaction that files them only writes rows."""
     if context.mailbox_patient_id is None:
         return PreparedFiling(context, sealer, _not_for_the_record(extraction), [])
     failures = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
-    pending = [await _prepare_document(db, blobs, document, context, sealer) for document in extraction.documents]
+    patients = patients or PatientLookup(db=db)
+    pending = [await _prepare_document(db, blobs, document, context, sealer, patients)
+               for document in extraction.documents]
     return PreparedFiling(context, sealer, failures, pending)
 
 
@@ -320,7 +363,7 @@ def _not_for_the_record(extraction: ExtractionResult) -> list[DocumentOutcome]:
 
 
 async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
-                            sealer: RecordSealer) -> _Pending:
+                            sealer: RecordSealer, patients: PatientLookup) -> _Pending:
     skipped = _skip_reason(document, context)
     if skipped is not None:
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED,
@@ -332,11 +375,11 @@ async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedD
     if isinstance(claim, IdentificationFailure):
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED,
                                                   claim.code, claim.reason))
+    patient = await _resolve_patient(patients, claim, context)
+    if isinstance(patient, IdentificationFailure):
+        return _Pending(document, claim=claim)  # decided (and journaled) in the transaction
+    fields = document_fields(document, patient.ins, context)
     async with db.session() as session:
-        patient = await _resolve_patient(session, claim, context)
-        if isinstance(patient, IdentificationFailure):
-            return _Pending(document, claim=claim)  # decided (and journaled) in the transaction
-        fields = document_fields(document, patient.ins, context)
         existing = await _existing(session, fields)
     pending = _Pending(document, claim=claim, fields=fields)
     if existing is None:
@@ -351,11 +394,13 @@ async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending
 
 
 async def apply_filing(session: AsyncSession, blobs: BlobStore, prepared: PreparedFiling,
-                       journal: FilingJournal) -> FilingReport:
-    """Phase 2, in the caller's transaction: the record rows, the replaced versions and the audit entries."""
+                       journal: FilingJournal, *, patients: PatientLookup | None = None) -> FilingReport:
+    """Phase 2, in the caller's transaction: the record rows, the replaced versions and the audit entries.
+    ``patients``: the transaction's own lookup, when several filings share it."""
     outcomes = list(prepared.failures)
+    patients = patients or PatientLookup(session)
     for item in prepared.pending:
-        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal)
+        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal, patients)
         if outcome.outcome == OutcomeKind.REFUSED:
             await journal.filing_refused(session, outcome)
         outcomes.append(outcome)
@@ -463,10 +508,10 @@ class _Plan:
 
 
 async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, prepared: PreparedFiling,
-                    journal: FilingJournal) -> DocumentOutcome:
+                    journal: FilingJournal, patients: PatientLookup) -> DocumentOutcome:
     document, context = item.document, prepared.context
     assert item.claim is not None
-    patient = await _resolve_patient(session, item.claim, context)
+    patient = await _resolve_patient(patients, item.claim, context)
     if isinstance(patient, IdentificationFailure):
         return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, patient.code,
                                patient.reason, patient_ins=item.claim.ins)
@@ -497,13 +542,13 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, pre
                                                           *fields.gaps))) or None)
 
 
-async def _resolve_patient(session: AsyncSession, claim: _PatientClaim, context: FilingContext) -> Patient | IdentificationFailure:
+async def _resolve_patient(patients: PatientLookup, claim: _PatientClaim, context: FilingContext) -> Patient | IdentificationFailure:
     if claim.ins is None:
-        mailbox_patient = await session.get(Patient, context.mailbox_patient_id) if context.mailbox_patient_id else None
+        mailbox_patient = await patients.by_id(context.mailbox_patient_id) if context.mailbox_patient_id else None
         if mailbox_patient is None:
             return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, "the patient of this mailbox is not in the directory")
         return _check_state(mailbox_patient)
-    patient = await session.scalar(select(Patient).where(Patient.ins == claim.ins, Patient.ins_oid == claim.oid))
+    patient = await patients.by_ins(claim.ins, claim.oid)
     if patient is None:
         return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, f"INS {claim.ins} ({claim.oid}, from the {claim.source}) "
                                      "is not a patient of this gateway")
@@ -532,11 +577,13 @@ def _check_state(patient: Patient) -> Patient | IdentificationFailure:
 
 
 async def _existing(session: AsyncSession, fields: DocumentFields) -> RecordDocument | None:
-    found = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id == fields.unique_id))
-    if found is None and fields.set_id is not None and fields.version is not None:
-        found = await session.scalar(select(RecordDocument).where(RecordDocument.set_id == fields.set_id,
-                                                                  RecordDocument.version_number == fields.version))
-    return found
+    """The record's document with this unique id, else the one with the same (setId, version): one query."""
+    query = select(RecordDocument).where(RecordDocument.unique_id == fields.unique_id)
+    if fields.set_id is not None and fields.version is not None:
+        same_version = and_(RecordDocument.set_id == fields.set_id, RecordDocument.version_number == fields.version)
+        query = (select(RecordDocument).where(or_(RecordDocument.unique_id == fields.unique_id, same_version))
+                 .order_by(case((RecordDocument.unique_id == fields.unique_id, 0), else_=1)).limit(1))
+    return await session.scalar(query)
 
 
 def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: Patient, context: FilingContext) -> DocumentOutcome:
@@ -562,7 +609,7 @@ async def _replacement_plan(session: AsyncSession, patient: Patient, fields: Doc
         target = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
                                                                    RecordDocument.patient_id == patient.id))
     if target is None and fields.set_id is not None and fields.version is not None:
-        newer = await _current_in_set(session, patient, fields.set_id, newer_than=fields.version)
+        newer, older = await _current_around(session, patient, fields.set_id, fields.version)
         if newer is not None:
             if not _may_amend(depositor, newer):
                 return _not_allowed(newer)
@@ -570,21 +617,25 @@ async def _replacement_plan(session: AsyncSession, patient: Patient, fields: Doc
                 return IdentificationFailure(IntegrationCode.WRONG_VERSION, f"version {fields.version} replaces a document, "
                                              f"but version {newer.version_number} ({newer.unique_id}) is already the current one")
             return _Plan(DocumentStatus.SUPERSEDED, superseded_by=newer.unique_id)
-        target = await _current_in_set(session, patient, fields.set_id, older_than=fields.version)
+        target = older
     if target is None:
         return _Plan(DocumentStatus.CURRENT, replaces_unique_id=fields.replaces[0] if fields.replaces else None)
     return _check_replaceable(target, depositor)
 
 
-async def _current_in_set(session: AsyncSession, patient: Patient, set_id: str, *, newer_than: int | None = None,
-                          older_than: int | None = None) -> RecordDocument | None:
-    query = select(RecordDocument).where(RecordDocument.patient_id == patient.id, RecordDocument.set_id == set_id,
-                                         RecordDocument.status == DocumentStatus.CURRENT.value)
-    if newer_than is not None:
-        query = query.where(RecordDocument.version_number > newer_than)
-    if older_than is not None:
-        query = query.where(RecordDocument.version_number < older_than)
-    return await session.scalar(query.order_by(RecordDocument.version_number.desc()).limit(1))
+async def _current_around(session: AsyncSession, patient: Patient, set_id: str,
+                          version: int) -> tuple[RecordDocument | None, RecordDocument | None]:
+    """The newest current version of the series above ``version``, and the newest below it (one query)."""
+    current = (await session.scalars(
+        select(RecordDocument).where(RecordDocument.patient_id == patient.id, RecordDocument.set_id == set_id,
+                                     RecordDocument.status == DocumentStatus.CURRENT.value,
+                                     RecordDocument.version_number.is_not(None),
+                                     RecordDocument.version_number != version)
+        .order_by(RecordDocument.version_number.desc()))).all()
+    versions = [(document.version_number or 0, document) for document in current]
+    newer = next((document for number, document in versions if number > version), None)
+    older = next((document for number, document in versions if number < version), None)
+    return newer, older
 
 
 def _check_replaceable(target: RecordDocument, depositor: Depositor) -> _Plan | IdentificationFailure:

@@ -41,9 +41,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Protocol
+from typing import Protocol, cast
 
-from sqlalchemy import delete, literal, or_, select, update
+from sqlalchemy import Table, bindparam, delete, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,19 +51,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
-from gateway.dmp_bridge.acknowledgement import (
-    Acknowledger,
-    DeliveredMessage,
-    QueuedNotice,
-)
-from gateway.dmp_bridge.depositor import depositor_of_queued_message
+from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
+from gateway.dmp_bridge.depositor import Depositor, accepted_as, depositor_of_message
 from gateway.dmp_bridge.extract import ExtractionResult, extract_documents
 from gateway.dmp_bridge.filing import (
     AuditJournal,
+    DocumentOutcome,
     FilingContext,
     FilingJournal,
     FilingReport,
     LoggingJournal,
+    PatientLookup,
     PreparedFiling,
     apply_filing,
     committed,
@@ -105,9 +103,9 @@ class WorkerPolicy:
     retry_delays: tuple[int, ...] = (10, 60, 300, 900)  # seconds after attempt 1, 2, 3, 4...
     lease_seconds: int = 300  # a job whose worker died is taken over after this
     poll_seconds: float = 10.0  # the safety net: deliveries made by other nodes, retries falling due
-    batch: int = 100
-    concurrency: int = 4  # jobs run side by side: one waits on an fsync while another parses
-    claim_chunk: int = 16  # jobs leased per commit (well within the lease at ``concurrency`` at a time)
+    batch: int = 256
+    concurrency: int = 4  # jobs prepared side by side (their blob fsyncs overlap), within SQLite's pool of 5
+    claim_chunk: int = 64  # jobs leased per commit, and filed in one transaction (group commit)
 
     def retry_delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
@@ -197,16 +195,11 @@ class FilingWorker:
         """Create the missing jobs and run every job that is due; how many jobs ran."""
         await self.enqueue_deliveries()
         ran = 0
-        slots = asyncio.Semaphore(self.policy.concurrency)
-
-        async def run_in_slot(job_id: int, lease: dt.datetime) -> int:
-            async with slots:
-                return await self._run_leased(job_id, lease)
-
         while job_ids := await self._due_jobs():
             for chunk in _chunks(job_ids, self.policy.claim_chunk):
                 claimed = await self._claim(chunk)
-                ran += sum(await asyncio.gather(*(run_in_slot(job_id, lease) for job_id, lease in claimed.items())))
+                if claimed:
+                    ran += await self._run_batch(claimed)
             if len(job_ids) < self.policy.batch:
                 break
         return ran
@@ -251,43 +244,162 @@ class FilingWorker:
                                                                         FilingJob.lease_until == lease))).all()
         return {job_id: lease for job_id in sorted(claimed)}
 
-    async def _run_leased(self, job_id: int, lease: dt.datetime) -> int:
+    # ----------------------------------------------------------------- a batch of jobs
+
+    async def _run_batch(self, claimed: dict[int, dt.datetime]) -> int:
+        """File the jobs of one claim together: each prepared on its own (side by side: blob fsyncs overlap),
+        then all committed by one transaction (one fsync of the database for the batch). If that transaction
+        fails, each job is committed again in a transaction of its own, so one bad job spoils nothing."""
+        loaded = await self._load_many(list(claimed))
+        lookups = _BatchLookups(self.db)
+        await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox in loaded.values()})
+        slots = asyncio.Semaphore(self.policy.concurrency)
+
+        async def prepare(job_id: int) -> _Ready | None:
+            async with slots:
+                return await self._prepare_leased(job_id, claimed[job_id], loaded.get(job_id), lookups)
+
+        ready = [job for job in await asyncio.gather(*(prepare(job_id) for job_id in claimed)) if job is not None]
+        if len(ready) > 1:
+            try:
+                await self._commit_batch(ready)
+                return len(claimed)
+            except Exception as error:
+                log.info("filing batch of %d jobs rolled back (%s): committing each job on its own",
+                         len(ready), error)
+        for job in ready:
+            await self._commit_leased(job)
+        return len(claimed)
+
+    async def _prepare_leased(self, job_id: int, lease: dt.datetime, row: _Loaded | None,
+                              lookups: _BatchLookups) -> _Ready | None:
+        """Phase 1 of a job (no database write); None when the job ended here (gone, or deferred)."""
         try:
-            await self._run(job_id, lease)
+            if row is None:
+                raise _Gone(f"delivery of job {job_id} no longer exists")
+            return await self._prepare(job_id, lease, row, lookups)
         except _Gone as gone:
             await self._finish(job_id, JobState.NOT_FILED, error=str(gone))
-        except _LeaseLost:
-            log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job_id)
         except Exception as error:
             log.warning("filing job %d failed: %s", job_id, error, exc_info=True)
             await self._defer(job_id, f"{type(error).__name__}: {error}")
-        return 1
+        return None
 
-    # ----------------------------------------------------------------- one job
-
-    async def _run(self, job_id: int, lease: dt.datetime) -> None:
-        job, delivery, mailbox = await self._load(job_id)
+    async def _prepare(self, job_id: int, lease: dt.datetime, row: _Loaded, lookups: _BatchLookups) -> _Ready:
+        job, delivery, mailbox = row
         examined = await self._examine(job, delivery, mailbox)
         delivered = examined.delivered
         patient_id = mailbox.patient_id if mailbox.type == "PAT" else None
         # Only a patient's own mailbox feeds the record: another copy is not even parsed.
         extraction = (await asyncio.to_thread(extract_documents, examined.documents_source) if patient_id is not None
                       else ExtractionResult((), ()))
-        queue_id = job.delivery_key.split(":", 1)[0]
-        async with self.db.session() as session:
-            depositor = await depositor_of_queued_message(session, queue_id)
-            sender = await session.scalar(select(QueuedMessage.sender).where(QueuedMessage.id == queue_id))
+        queued = await lookups.queued_message(_queue_id(job.delivery_key))
         context = FilingContext(delivery_key=job.delivery_key, message_id=_header(delivered.message, "Message-ID", 998),
-                                sender=sender or None, depositor=depositor, mailbox_patient_id=patient_id,
+                                sender=(queued.sender if queued else None) or None,
+                                depositor=await lookups.depositor(queued), mailbox_patient_id=patient_id,
                                 accept_production=self.policy.accept_production,
                                 signature_result=examined.signature_result)
-        prepared = await prepare_filing(self.db, self.blobs, extraction, context, self.sealer)
+        prepared = await prepare_filing(self.db, self.blobs, extraction, context, self.sealer,
+                                        patients=lookups.patients)
         try:
-            report = await self._commit_job(job_id, lease, mailbox.id, delivered, prepared)
+            sealed = await self._sealed_message_fields(mailbox.id, delivered, prepared)
         except BaseException:
             await prepared.release(self.blobs, kept=())
             raise
-        await prepared.release(self.blobs, kept=report.blob_ids)
+        return _Ready(job_id, lease, mailbox.id, delivered, prepared, sealed)
+
+    async def _commit_batch(self, ready: Sequence[_Ready]) -> None:
+        """Phase 2 of every job of ``ready`` in one transaction: the leases checked, the records, one
+        append of all their audit entries, the notices (spooled side by side), the outcomes, the jobs' end."""
+        journal, audit = self.journal.batched() if isinstance(self.journal, AuditJournal) else (self.journal, None)
+        notices: list[list[QueuedNotice]] = []
+
+        async def work(session: AsyncSession) -> tuple[list[_Ready], list[FilingReport]]:
+            nonlocal notices
+            self._discard_all(notices)  # spooled by an attempt whose commit failed: never queued
+            if audit is not None:
+                audit.clear()
+            ours = await self._check_leases(session, ready)  # also takes SQLite's write lock first
+            live = [job for job in ready if job.job_id in ours]
+            patients = PatientLookup(session)
+            reports = [await apply_filing(session, self.blobs, job.prepared, journal, patients=patients) for job in live]
+            if audit is not None:
+                await audit.write(session)
+            if self.acknowledger is not None:
+                notices = await self.acknowledger.queue_many(session, [(job.delivered, report)
+                                                                       for job, report in zip(live, reports)])
+            await self._record_outcomes_many(session, [(job, report) for job, report in zip(live, reports)])
+            await session.flush()
+            return live, reports
+
+        try:
+            live, reports = await committed(self.db, work)
+        except Exception:
+            self._discard_all(notices)
+            raise  # nothing of the batch committed: its blobs are still needed by the jobs' own commits
+        except BaseException:
+            self._discard_all(notices)  # cancelled: committed or not, the blobs stay (an orphan is harmless)
+            raise
+        for notices_of_job in notices:
+            if self.acknowledger is not None:
+                self.acknowledger.dispatch(notices_of_job)
+        filed = {job.job_id: report for job, report in zip(live, reports)}
+        for job in ready:
+            report = filed.get(job.job_id)
+            if report is None:
+                log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job.job_id)
+            await job.prepared.release(self.blobs, kept=report.blob_ids if report is not None else ())
+
+    async def _commit_leased(self, job: _Ready) -> None:
+        """Phase 2 of one job in a transaction of its own (a batch of one, or after a batch rolled back)."""
+        try:
+            try:
+                report = await self._commit_job(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared)
+            except Exception:
+                await job.prepared.release(self.blobs, kept=())
+                raise
+            await job.prepared.release(self.blobs, kept=report.blob_ids)
+        except _LeaseLost:
+            log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job.job_id)
+        except Exception as error:
+            log.warning("filing job %d failed: %s", job.job_id, error, exc_info=True)
+            await self._defer(job.job_id, f"{type(error).__name__}: {error}")
+
+    def _discard_all(self, notices: list[list[QueuedNotice]]) -> None:
+        for notices_of_job in notices:
+            self._discard(notices_of_job)
+        notices.clear()
+
+    @staticmethod
+    async def _check_leases(session: AsyncSession, ready: Sequence[_Ready]) -> set[int]:
+        """The jobs of ``ready`` still leased by this worker (each with the lease of its claim), touched."""
+        ours: set[int] = set()
+        for lease in {job.lease for job in ready}:
+            ids = [job.job_id for job in ready if job.lease == lease]
+            ours.update((await session.execute(
+                update(FilingJob).where(FilingJob.id.in_(ids), FilingJob.lease_until == lease,
+                                        FilingJob.state.in_(OPEN_JOB_STATES))
+                .values(updated_at=utcnow()).returning(FilingJob.id)
+                .execution_options(synchronize_session=False))).scalars())
+        return ours
+
+    async def _record_outcomes_many(self, session: AsyncSession, filed: Sequence[tuple[_Ready, FilingReport]]) -> None:
+        """``_record_outcomes`` for a batch: one delete, the outcome rows, one update statement for the jobs."""
+        if not filed:
+            return
+        await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id.in_([job.job_id for job, _ in filed])))
+        session.add_all(_outcome_row(job.job_id, outcome, job.sealed) for job, report in filed for outcome in report.outcomes)
+        now = utcnow()
+        table = cast(Table, FilingJob.__table__)
+        await session.execute(
+            update(table).where(table.c.id == bindparam("job_id")).values(
+                state=bindparam("state"), result_code=bindparam("result_code"),
+                documents_filed=bindparam("documents_filed"), patient_id=bindparam("patient_id"),
+                message_id=bindparam("message_id"), sender=bindparam("sender"), recipient=bindparam("recipient"),
+                subject=bindparam("subject"), lease_until=None, next_attempt_at=None, finished_at=now, updated_at=now),
+            [{"job_id": job.job_id, **_finished_values(report, job.delivered, job.sealed)} for job, report in filed])
+
+    # ----------------------------------------------------------------- one job
 
     async def _commit_job(self, job_id: int, lease: dt.datetime, mailbox_id: int, delivered: DeliveredMessage,
                           prepared: PreparedFiling) -> FilingReport:
@@ -324,14 +436,13 @@ class FilingWorker:
             self.acknowledger.discard(notices)
             notices.clear()
 
-    async def _load(self, job_id: int) -> tuple[FilingJob, Delivery, Mailbox]:
+    async def _load_many(self, job_ids: Sequence[int]) -> dict[int, _Loaded]:
+        """Each job with its delivery and mailbox, by one query (a job whose delivery is gone is missing)."""
         async with self.db.session() as session:
-            row = (await session.execute(
+            rows = (await session.execute(
                 select(FilingJob, Delivery, Mailbox).join(Delivery, Delivery.id == FilingJob.delivery_id)
-                .join(Mailbox, Mailbox.id == FilingJob.mailbox_id).where(FilingJob.id == job_id))).one_or_none()
-        if row is None:
-            raise _Gone(f"delivery of job {job_id} no longer exists")
-        return row[0], row[1], row[2]
+                .join(Mailbox, Mailbox.id == FilingJob.mailbox_id).where(FilingJob.id.in_(job_ids)))).all()
+        return {row[0].id: (row[0], row[1], row[2]) for row in rows}
 
     async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox) -> _Examined:
         raw = await self._read_delivered(delivery)
@@ -377,19 +488,10 @@ class FilingWorker:
 
     async def _record_outcomes(self, session: AsyncSession, job_id: int, report: FilingReport,
                                delivered: DeliveredMessage, sealed: dict[str | None, str | None]) -> None:
-        refusal = report.first_refusal
-        state = JobState.FILED if report.in_record else JobState.NOT_FILED
-        patients = sorted(report.patient_ids)
         await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
-        session.add_all(FilingOutcome(job_id=job_id, document_unique_id=o.unique_id,
-                                      attachment=sealed.get(o.attachment) if o.attachment else None,
-                                      outcome=o.outcome.value, code=int(o.code) if o.code else None, reason=o.reason,
-                                      record_document_id=o.record_document_id) for o in report.outcomes)
-        await self._set_finished(session, job_id, state, result_code=int(refusal.code) if refusal and refusal.code else None,
-                                 documents_filed=len(report.filed), patient_id=patients[0] if patients else None,
-                                 message_id=_header(delivered.message, "Message-ID", 998),
-                                 sender=(delivered.return_path or "")[:320] or None,
-                                 recipient=delivered.recipient[:320], subject=sealed[None])
+        session.add_all(_outcome_row(job_id, outcome, sealed) for outcome in report.outcomes)
+        values = _finished_values(report, delivered, sealed)
+        await self._set_finished(session, job_id, JobState(values.pop("state")), **values)
 
     async def _finish(self, job_id: int, state: JobState, *, error: str) -> None:
         async with self.db.session() as session:
@@ -427,12 +529,85 @@ class FilingWorker:
             job.state, job.attempts, job.next_attempt_at, job.lease_until = JobState.RECEIVED.value, 0, None, None
             job.finished_at, job.last_error = None, None
             job_id = job.id
-        for claimed_id, lease in (await self._claim([job_id])).items():
-            await self._run_leased(claimed_id, lease)
+        claimed = await self._claim([job_id])
+        if claimed:
+            await self._run_batch(claimed)
         async with self.db.session() as session:
             refreshed = await session.get(FilingJob, job_id)
         assert refreshed is not None
         return refreshed
+
+
+_Loaded = tuple[FilingJob, Delivery, Mailbox]
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A job after phase 1: what its transaction commits."""
+
+    job_id: int
+    lease: dt.datetime
+    mailbox_id: int
+    delivered: DeliveredMessage
+    prepared: PreparedFiling
+    sealed: dict[str | None, str | None]
+
+
+class _BatchLookups:
+    """What the jobs of one batch read alike, read once for the batch: queue rows, depositors, patients.
+
+    A depositor depends only on what the door recorded at acceptance (``depositor.accepted_as``): two
+    messages accepted alike have the same one. Everything read here only decides phase 1; the batch's
+    transaction checks the patient again, and the depositor is the door's, fixed at acceptance."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.patients = PatientLookup(db=db)
+        self._depositors: dict[tuple[str | None, str, str | None], Depositor | None] = {}
+        self._queued: dict[str, QueuedMessage | None] = {}
+        self._resolving = asyncio.Lock()
+
+    async def load_queued(self, queue_ids: set[str]) -> None:
+        """The queue rows of the batch's messages, by one query."""
+        async with self.db.session() as session:
+            rows = (await session.scalars(select(QueuedMessage).where(QueuedMessage.id.in_(queue_ids)))).all()
+        self._queued.update({row.id: row for row in rows})
+
+    async def queued_message(self, queue_id: str) -> QueuedMessage | None:
+        if queue_id not in self._queued:
+            async with self.db.session() as session:
+                self._queued[queue_id] = await session.get(QueuedMessage, queue_id)
+        return self._queued[queue_id]
+
+    async def depositor(self, message: QueuedMessage | None) -> Depositor | None:
+        key = accepted_as(message)
+        if key is None:
+            return None
+        async with self._resolving:  # jobs prepared side by side wait for the first resolution of a sender
+            if key not in self._depositors:
+                async with self.db.session() as session:
+                    self._depositors[key] = await depositor_of_message(session, message)
+            return self._depositors[key]
+
+
+def _outcome_row(job_id: int, outcome: DocumentOutcome, sealed: dict[str | None, str | None]) -> FilingOutcome:
+    return FilingOutcome(job_id=job_id, document_unique_id=outcome.unique_id,
+                         attachment=sealed.get(outcome.attachment) if outcome.attachment else None,
+                         outcome=outcome.outcome.value, code=int(outcome.code) if outcome.code else None,
+                         reason=outcome.reason, record_document_id=outcome.record_document_id)
+
+
+def _finished_values(report: FilingReport, delivered: DeliveredMessage,
+                     sealed: dict[str | None, str | None]) -> dict[str, object]:
+    """A finished job's columns: its state, first refusal, documents, patient and the examined message."""
+    refusal = report.first_refusal
+    patients = sorted(report.patient_ids)
+    return {"state": (JobState.FILED if report.in_record else JobState.NOT_FILED).value,
+            "result_code": int(refusal.code) if refusal and refusal.code else None,
+            "documents_filed": len(report.filed), "patient_id": patients[0] if patients else None,
+            "message_id": _header(delivered.message, "Message-ID", 998),
+            "sender": (delivered.return_path or "")[:320] or None,
+            "recipient": delivered.recipient[:320], "subject": sealed[None]}
 
 
 class FilingServices(Protocol):
@@ -458,6 +633,11 @@ def build_filing_worker(services: FilingServices) -> FilingWorker:
     return FilingWorker(services.db, services.mailstore, services.blobs, hub=services.hub, journal=journal,
                         acknowledger=Acknowledger(services.db, services.generated, settings), policy=policy,
                         smime=services.smime, fields=services.fields)
+
+
+def _queue_id(delivery_key: str) -> str:
+    """The queue id a delivery key starts with (``<queue id>:<recipient row>``)."""
+    return delivery_key.split(":", 1)[0]
 
 
 def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:

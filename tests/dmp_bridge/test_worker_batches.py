@@ -1,0 +1,157 @@
+"""The filing worker's batches: many jobs in one transaction, and a kill -9 between the claim and the
+commit: the next worker files every document exactly once, with one audit entry and one acknowledgement each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from gateway.audit.events import AuditEvent
+from gateway.audit.log import AuditLog
+from gateway.audit.tables import AuditEntryRow
+from gateway.config import Settings
+from gateway.dmp_bridge.acknowledgement import Acknowledger
+from gateway.dmp_bridge.filing import AuditJournal
+from gateway.dmp_bridge.record import RecordStore
+from gateway.dmp_bridge.tables import FilingJob, FilingNotice, RecordDocument
+from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
+from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
+from gateway.pipeline.generated import GeneratedMailQueue
+from gateway.pipeline.models import QueuedMessage
+from gateway.pipeline.spool import Spool
+from gateway.storage.db import Database
+from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, message_with, sample
+
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
+
+COUNT = 6
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def numbered_cda(number: int) -> bytes:
+    """The VAC-NOTE sample as a new document: its own id and setId."""
+    cda = sample("VAC-NOTE_2023.01.xml")
+    cda = cda.replace(b'<id root="1.2.250.1.213.1.1.1.46.2023.1.1"/>', f'<id root="1.2.250.1.999.{number}.1"/>'.encode())
+    return cda.replace(b'<setId root="1.2.250.1.213.1.1.1.46.2023.1"/>', f'<setId root="1.2.250.1.999.{number}"/>'.encode())
+
+
+async def deliver_batch(world: World, count: int) -> None:
+    """``count`` messages from the lab to the patient's mailbox, each asking for an MDN."""
+    delivery = StoreDelivery(world.mailstore)
+    for number in range(count):
+        message = message_with((f"CR{number}.xml", numbered_cda(number), "text/xml"), to=world.patient_address,
+                               subject=f"CR {number}", mdn_to=LAB_ADDRESS)
+        raw = message.as_bytes()
+        async with world.db.session() as session:
+            session.add(QueuedMessage(id=f"b{number}", door="submission", sender=LAB_ADDRESS, size=len(raw),
+                                      trace_headers="", client_address="127.0.0.1", authenticated_as=LAB_ADDRESS))
+        await delivery.deliver(world.patient_mailbox_id, raw, delivery_key=f"b{number}:1")
+
+
+def worker(world: World, spool: Spool) -> FilingWorker:
+    queue = GeneratedMailQueue(world.settings, world.directory, spool, schedule_local=None)
+    return FilingWorker(world.db, world.mailstore, world.blobs, hub=world.hub,
+                        journal=AuditJournal(AuditLog.for_data_dir(world.db, world.settings.data_path)),
+                        acknowledger=Acknowledger(world.db, queue, world.settings), policy=WorkerPolicy())
+
+
+async def count_rows(db: Database, statement: object) -> int:
+    async with db.session() as session:
+        return int(await session.scalar(statement) or 0)  # type: ignore[call-overload]
+
+
+async def assert_filed_once(world: World, count: int) -> None:
+    db = world.db
+    assert await count_rows(db, select(func.count()).select_from(RecordDocument)) == count
+    assert await count_rows(db, select(func.count()).select_from(AuditEntryRow)
+                            .where(AuditEntryRow.event == int(AuditEvent.DOCUMENT_FILED))) == count
+    # one MDN to the lab and one notice to the patient per message, never two
+    assert await count_rows(db, select(func.count()).select_from(FilingNotice)) == 2 * count
+    assert await count_rows(db, select(func.count()).select_from(QueuedMessage)
+                            .where(QueuedMessage.door == "generated")) == 2 * count
+    async with db.session() as session:
+        states = (await session.scalars(select(FilingJob.state))).all()
+    assert sorted(states) == ["filed"] * count
+    assert (await AuditLog.for_data_dir(db, world.settings.data_path).verify()).ok
+    assert len(await RecordStore(db, world.blobs).list_for_patient(TEST_INS)) == count
+
+
+async def test_a_batch_files_every_job_with_one_chain_of_audit_entries(database: Database, settings: Settings,
+                                                                      tmp_path: Path) -> None:
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    assert await worker(world, Spool(tmp_path / "spool")).run_once() == COUNT
+    await assert_filed_once(world, COUNT)
+    assert await worker(world, Spool(tmp_path / "spool")).run_once() == 0  # nothing left: nothing twice
+
+
+KILLER = textwrap.dedent('''
+    import asyncio, os, signal, sys
+    from pathlib import Path
+    from gateway.config import load_settings
+    from gateway.directory.service import DirectoryService
+    from gateway.dmp_bridge import worker as worker_module
+    from gateway.mailstore.notify import ChangeHub
+    from gateway.mailstore.sql import SqlMailStore
+    from gateway.pipeline.spool import Spool
+    from gateway.security.at_rest import FieldSealer
+    from gateway.security.keys import KeyManager
+    from gateway.security.passwords import PasswordHasher
+    from gateway.storage.blobs import BlobStore
+    from gateway.storage.db import Database
+
+    class Services:
+        def __init__(self, url, data_dir):
+            self.settings = load_settings(data_dir=data_dir, environ={})
+            self.db = Database(url)
+            self.directory = DirectoryService(self.db, self.settings, PasswordHasher(time_cost=1, memory_kib=8))
+            self.blobs = BlobStore(self.settings.data_path / "blobs", KeyManager(self.db, self.settings.data_path / "keys"))
+            self.fields = FieldSealer(self.blobs.keys)
+            self.hub = ChangeHub()
+            self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
+
+    async def die_before_commit(db, work, *, attempts=3):
+        """Everything of the batch written and flushed (blobs and spool files fsynced), then kill -9."""
+        async with db.sessions() as session:
+            await session.begin()
+            await work(session)
+            await session.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def main():
+        services = Services(sys.argv[1], Path(sys.argv[2]))
+        worker_module.committed = die_before_commit
+        worker = worker_module.build_filing_worker(services, Spool(Path(sys.argv[3])), schedule_local=lambda _q: None)
+        await worker.run_once()
+
+    asyncio.run(main())
+''')
+
+
+async def test_kill_9_between_claim_and_commit_files_each_document_exactly_once(database: Database, settings: Settings,
+                                                                                 tmp_path: Path) -> None:
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    spool_dir = tmp_path / "spool"
+    Spool(spool_dir)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLER, database.url, str(settings.data_path), str(spool_dir)],
+                            env=environment, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
+    # The dead worker's batch left nothing behind but its lease (and unreferenced blobs and spool files).
+    assert await count_rows(database, select(func.count()).select_from(RecordDocument)) == 0
+    assert await count_rows(database, select(func.count()).select_from(FilingNotice)) == 0
+    async with database.session() as session:
+        leased = (await session.scalars(select(FilingJob.attempts).where(FilingJob.lease_until.is_not(None)))).all()
+        assert list(leased) == [1] * COUNT
+        # the lease runs out (lease_seconds later): the jobs are free for the next worker
+        await session.execute(update(FilingJob).values(lease_until=FilingJob.updated_at))
+    assert await worker(world, Spool(spool_dir)).run_once() == COUNT
+    await assert_filed_once(world, COUNT)
