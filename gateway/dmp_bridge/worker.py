@@ -9,20 +9,26 @@ therefore loses nothing: the next pass finds the delivery without a finished
 job and files it.
 
 Jobs are claimed with a lease, a chunk at a time (one UPDATE that succeeds for
-one worker only, on any number of gateway nodes: one commit for the chunk).
-Then, per job, with no database write: open the delivered copy from the mail
-store (for a message S/MIME-encrypted to a key the gateway holds, the
-decrypted copy the pipeline kept: ``SmimeService.decrypted_copy``), extract
-(a copy delivered to a patient's mailbox only: nothing else feeds a record),
-find the depositor in the queue row its door wrote at acceptance (the
-authenticated submitter's mailbox, or the relay peer's sender:
-``depositor.py``; never a header), and ``prepare_filing`` (the documents'
-encrypted blobs and sealed metadata, fsynced). Then one transaction, which first checks that the lease is still
-this worker's: the record rows and their audit entries (``apply_filing``), the
-acknowledgements (notice rows and queue rows, their spool files fsynced before
-the commit), the outcome rows, and the job ``filed`` or ``not-filed`` with the
+one worker only, on any number of gateway nodes: one commit for the chunk), and
+a chunk is filed as a batch. Phase 1, per job, side by side, with no database
+write: open the delivered copy from the mail store (for a message
+S/MIME-encrypted to a key the gateway holds, the decrypted copy the pipeline
+kept: ``SmimeService.decrypted_copy``), extract (a copy delivered to a
+patient's mailbox only: nothing else feeds a record), find the depositor in the
+queue row its door wrote at acceptance (the authenticated submitter's mailbox,
+or the relay peer's sender: ``depositor.py``; never a header; resolved once per
+batch for messages accepted alike), and ``prepare_filing`` (the documents'
+encrypted blobs and sealed metadata, fsynced; their fsyncs overlap). Phase 2:
+one transaction for the whole batch (group commit: one fsync of the database),
+which first checks that the leases are still this worker's (a job whose lease
+was lost is left out): the record rows, all their audit entries appended by one
+claim of the chain head (``AuditLog.batch``), the acknowledgements (notice rows
+and queue rows, their spool files written side by side and fsynced before the
+commit), the outcome rows, and the jobs ``filed`` or ``not-filed`` with the
 examined message's Message-ID, sender, recipient and subject (sealed under the
-mailbox's key). Everything is decided again inside the transaction, so a job
+mailbox's key). If that transaction fails, each job of the batch is committed
+again in a transaction of its own, so one bad job delays nobody else's filing.
+Everything is decided again inside the transaction, so a job
 interrupted anywhere is simply run again. Unexpected errors (database or disk
 trouble) are retried with growing delays up to ``max_attempts``, then the job
 is ``failed`` and shows in ``gateway record quarantine``; ``gateway record
