@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.audit.tables import AuditEntryRow
 from gateway.config import Settings
 from gateway.dmp_bridge.acknowledgement import Acknowledger
-from gateway.dmp_bridge.filing import AuditJournal
+from gateway.dmp_bridge.filing import AuditJournal, LoggingJournal
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import FilingJob, FilingNotice, RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
@@ -155,3 +156,33 @@ async def test_kill_9_between_claim_and_commit_files_each_document_exactly_once(
         await session.execute(update(FilingJob).values(lease_until=FilingJob.updated_at))
     assert await worker(world, Spool(spool_dir)).run_once() == COUNT
     await assert_filed_once(world, COUNT)
+
+
+class FailingJournal(LoggingJournal):
+    """A journal that fails on one document, as a disk or database fault would."""
+
+    def __init__(self, failing_unique_id: str) -> None:
+        self.failing_unique_id = failing_unique_id
+
+    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+        if document.unique_id == self.failing_unique_id:
+            raise RuntimeError("the journal could not write")
+        await super().document_filed(session, document, replaced)
+
+
+async def test_one_failing_job_rolls_its_batch_back_and_the_others_are_filed_on_their_own(
+        database: Database, settings: Settings, tmp_path: Path) -> None:
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    queue = GeneratedMailQueue(world.settings, world.directory, Spool(tmp_path / "spool"), schedule_local=None)
+    failing = FilingWorker(world.db, world.mailstore, world.blobs, hub=world.hub,
+                           journal=FailingJournal("1.2.250.1.999.2.1"),
+                           acknowledger=Acknowledger(world.db, queue, world.settings), policy=WorkerPolicy())
+    assert await failing.run_once() == COUNT
+    async with database.session() as session:
+        jobs = {job.delivery_key: job for job in (await session.scalars(select(FilingJob))).all()}
+    bad = jobs.pop("b2:1")
+    assert bad.state == "received" and bad.next_attempt_at is not None and "could not write" in (bad.last_error or "")
+    assert {job.state for job in jobs.values()} == {"filed"}
+    assert await count_rows(database, select(func.count()).select_from(RecordDocument)) == COUNT - 1
+    assert await count_rows(database, select(func.count()).select_from(FilingNotice)) == 2 * (COUNT - 1)
