@@ -24,9 +24,9 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import FilingJob, FilingNotice, RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
-from gateway.pipeline.generated import GeneratedMailQueue
-from gateway.pipeline.models import QueuedMessage
-from gateway.pipeline.spool import Spool
+from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.tables import QueuedMessage
+from gateway.queue.spool import Spool
 from gateway.storage.db import Database
 from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, message_with, sample
 
@@ -101,15 +101,17 @@ KILLER = textwrap.dedent('''
     from gateway.dmp_bridge import worker as worker_module
     from gateway.mailstore.notify import ChangeHub
     from gateway.mailstore.sql import SqlMailStore
-    from gateway.pipeline.spool import Spool
+    from gateway.queue.spool import Spool
     from gateway.security.at_rest import FieldSealer
     from gateway.security.keys import KeyManager
     from gateway.security.passwords import PasswordHasher
     from gateway.storage.blobs import BlobStore
     from gateway.storage.db import Database
 
+    from gateway.queue.generated import GeneratedMailQueue
+
     class Services:
-        def __init__(self, url, data_dir):
+        def __init__(self, url, data_dir, spool_dir):
             self.settings = load_settings(data_dir=data_dir, environ={})
             self.db = Database(url)
             self.directory = DirectoryService(self.db, self.settings, PasswordHasher(time_cost=1, memory_kib=8))
@@ -117,6 +119,8 @@ KILLER = textwrap.dedent('''
             self.fields = FieldSealer(self.blobs.keys)
             self.hub = ChangeHub()
             self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
+            self.smime = None
+            self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(spool_dir), schedule_local=None)
 
     async def die_before_commit(db, work, *, attempts=3):
         """Everything of the batch written and flushed (blobs and spool files fsynced), then kill -9."""
@@ -127,9 +131,9 @@ KILLER = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
 
     async def main():
-        services = Services(sys.argv[1], Path(sys.argv[2]))
+        services = Services(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
         worker_module.committed = die_before_commit
-        worker = worker_module.build_filing_worker(services, Spool(Path(sys.argv[3])), schedule_local=lambda _q: None)
+        worker = worker_module.build_filing_worker(services)
         await worker.run_once()
 
     asyncio.run(main())
