@@ -37,6 +37,8 @@ from gateway.mailstore.sql import SqlMailStore
 from gateway.queue.tables import QueuedMessage
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager
+from gateway.queue.generated import GeneratedMailQueue
+from gateway.queue.spool import Spool
 from gateway.security.passwords import PasswordHasher
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
@@ -58,6 +60,9 @@ class BenchServices:
         self.fields = FieldSealer(self.blobs.keys)
         self.hub = ChangeHub()
         self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
+        self.smime = None  # the bench's documents are not S/MIME
+        # Acknowledgements are queued (spool file and rows), not delivered: the bench times the filing.
+        self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(data_dir / "spool"), schedule_local=None)
 
 
 def document(number: int) -> bytes:
