@@ -36,6 +36,8 @@ from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 
 log = logging.getLogger("gateway.imap")
 _connection_numbers = itertools.count(1)
+FLUSH_OCTETS = 64 * 1024         # queued responses handed to the transport at once beyond this
+DRAIN_ABOVE_OCTETS = 64 * 1024   # asyncio's default high-water mark: below it, drain() has nothing to wait for
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class ImapConnection:
         self.stopping = False       # the server is shutting down: BYE once the running command has its reply
         self.command_running = False
         self.said_bye = False
+        self._pending: list[bytes] = []             # responses written, not yet handed to the transport
+        self._pending_octets = 0
 
     @property
     def is_tls(self) -> bool:
@@ -112,10 +116,28 @@ class ImapConnection:
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     def write(self, data: bytes) -> None:
+        """Queue ``data``; it goes out at the next ``drain`` (or once ``FLUSH_OCTETS`` are waiting), so the
+        untagged lines and the tagged reply of a command leave in one TLS record and one send, not one each."""
+        self._pending.append(data)
+        self._pending_octets += len(data)
+        if self._pending_octets >= FLUSH_OCTETS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_octets = 0
         if not self.writer.is_closing():
             self.writer.write(data)
 
     async def drain(self) -> None:
+        """Send what is queued, then wait (at most ``write_timeout``) while the client is slow to read."""
+        self._flush()
+        transport = self.writer.transport
+        if not transport.is_closing() and transport.get_write_buffer_size() < DRAIN_ABOVE_OCTETS:
+            return      # nothing backed up: StreamWriter.drain would return at once (no timer, no task)
         await asyncio.wait_for(self.writer.drain(), self.config.write_timeout)
 
     async def read_command(self) -> RawCommand:
@@ -159,6 +181,7 @@ class ImapConnection:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            self._flush()
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +40,9 @@ from gateway.security.auth_limiter import AuthLimiter
 from gateway.security.revocation import RevocationList
 
 log = logging.getLogger("gateway.imap")
+# A command's untagged updates are looked up in the store at least this often even when no change was published.
+UPDATES_RECHECK_SECONDS = 1.0
+_PARSER_OPTIONS = {utf8: ParserOptions(utf8=utf8) for utf8 in (False, True)}
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -135,6 +139,8 @@ class Session:
         self.delegated_ids: dict[str, int] = {}
         self._holds_connection_slot = False
         self.log = SessionLog(log, {"connection": connection_id})
+        # The selected view, the change hub's version for its mailbox and the time of the last look for changes.
+        self._checked: tuple[SelectedMailbox | None, int, float] = (None, 0, 0.0)
 
     # --- facts the handlers use ----------------------------------------------------------
 
@@ -221,7 +227,7 @@ class Session:
     async def execute(self, raw: RawCommand) -> None:
         """Parse, check the state, dispatch, send untagged updates and the tagged reply."""
         try:
-            command = parse_command(raw, ParserOptions(utf8=self.utf8))
+            command = parse_command(raw, _PARSER_OPTIONS[self.utf8])
         except ImapError as error:
             self.write(error.response())
             return
@@ -269,15 +275,35 @@ class Session:
 
     async def _send_updates(self, command: c.Command) -> bool:
         """The untagged updates of the selected folder; False when the session must end (folder gone)."""
-        if self.selected is None or self.state is not State.SELECTED:
+        selected = self.selected
+        if selected is None or self.state is not State.SELECTED:
             return True
+        allow_expunge = expunge_allowed_after(command)
+        if not self._may_have_changed(selected, command, allow_expunge):
+            return True
+        version = self.context.hub.version(selected.ref.mailbox_id)   # before asking: a later change counts
         try:
-            lines = await self.selected.updates(self.store, allow_expunge=expunge_allowed_after(command))
+            lines = await selected.updates(self.store, allow_expunge=allow_expunge)
         except (FolderNotFound, UidValidityChanged):
             self._selected_folder_gone()
             return False
+        self._checked = (selected, version, time.monotonic())
         self.write_all(lines)
         return True
+
+    def _may_have_changed(self, selected: SelectedMailbox, command: c.Command, allow_expunge: bool) -> bool:
+        """Whether the store must be asked for changes after ``command``.  Not when this process's change
+        hub has published nothing for the mailbox since the last look, a moment ago: that look is still
+        current.  NOOP and CHECK always ask (RFC 3501 6.1.2: the client's poll), as does any command once
+        ``UPDATES_RECHECK_SECONDS`` have passed (a writer in another process, say ``gateway mailbox import``,
+        publishes nowhere here), or when changes of other nodes come through a bridge."""
+        if isinstance(command, c.Noop | c.Check) or not self.context.hub.sees_every_change:
+            return True
+        if allow_expunge and selected.pending_expunges:
+            return True     # expunges held back earlier (RFC 3501 7.4.1) may be sent now
+        view, version, when = self._checked
+        return (view is not selected or version != self.context.hub.version(selected.ref.mailbox_id)
+                or time.monotonic() - when >= UPDATES_RECHECK_SECONDS)
 
     def _selected_folder_gone(self) -> None:
         """The selected folder was deleted, renamed or re-created elsewhere: its numbers and UIDs

@@ -184,6 +184,8 @@ class StoreResult:
     # RFC 7162 3.1.3: UIDs whose MODSEQ was above UNCHANGEDSINCE, left untouched ([MODIFIED ...]).
     conflicts: tuple[int, ...]
     highestmodseq: int
+    # The other messages of the set, whose flags the command left as they were (RFC 3501 6.4.6: their FETCH too).
+    unchanged: tuple[FlagUpdate, ...] = ()
 
 
 @dataclass(frozen=True)

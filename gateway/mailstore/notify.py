@@ -94,6 +94,17 @@ class ChangeHub:
     def __init__(self) -> None:
         self._by_mailbox: dict[int, set[Subscription]] = {}
         self._forwarders: list[Callable[[ChangeEvent], None]] = []
+        self._versions: dict[int, int] = {}   # mailbox id -> events published for it so far
+
+    def version(self, mailbox_id: int) -> int:
+        """How many changes of ``mailbox_id`` this hub has seen: unchanged means nothing was published since."""
+        return self._versions.get(mailbox_id, 0)
+
+    @property
+    def sees_every_change(self) -> bool:
+        """True when every writer of the store publishes here (one node): with a bridge to other nodes,
+        their events may come late or be lost, so an unchanged ``version`` proves nothing."""
+        return not self._forwarders
 
     def subscribe(self, mailbox_id: int, folder: str | None = None) -> Subscription:
         subscription = Subscription(self, mailbox_id, folder)
@@ -118,6 +129,7 @@ class ChangeHub:
             forward(event)
 
     def publish_local(self, event: ChangeEvent) -> None:
+        self._versions[event.mailbox_id] = self._versions.get(event.mailbox_id, 0) + 1
         for subscription in list(self._by_mailbox.get(event.mailbox_id, ())):
             if subscription.wants(event):
                 subscription.deliver(event)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from sqlalchemy import ColumnElement, Text, delete, false, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import ColumnElement, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -247,6 +247,21 @@ def _sealed_token(text: str) -> str | None:
     return None
 
 
+MESSAGES = Message.__table__
+FOLDERS = Folder.__table__
+
+
+@dataclass(frozen=True)
+class _FolderRow:
+    """The folder columns the STORE and EXPUNGE paths read, without an ORM object."""
+
+    id: int
+    uidvalidity: int
+    highestmodseq: int
+    keywords: str
+    COLUMNS = (FOLDERS.c.id, FOLDERS.c.uidvalidity, FOLDERS.c.highestmodseq, FOLDERS.c.keywords)
+
+
 def _meta(row: Message | _MetaRow) -> MessageMeta:
     return MessageMeta(
         uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
@@ -265,9 +280,13 @@ def _next_modseq(folder: Folder) -> int:
 
 
 def _remember_keywords(folder: Folder, keywords: Iterable[str]) -> None:
-    known = flagcodec.keywords_of(folder.keywords)
-    if not known.issuperset(keywords):
-        folder.keywords = flagcodec.keywords_column(known | set(keywords))
+    folder.keywords = _with_keywords(folder.keywords, keywords)
+
+
+def _with_keywords(column: str, keywords: Iterable[str]) -> str:
+    """A folder's keywords column with ``keywords`` added (the keywords in use, for FLAGS)."""
+    known = flagcodec.keywords_of(column)
+    return column if known.issuperset(keywords) else flagcodec.keywords_column(known | set(keywords))
 
 
 class SqlMailStore(MailStore):
@@ -320,6 +339,23 @@ class SqlMailStore(MailStore):
         if not self.database.is_sqlite:
             query = query.with_for_update()
         return self._checked(await session.scalar(query.execution_options(populate_existing=True)), ref)
+
+    async def _lock_folder_row(self, session: AsyncSession, ref: FolderRef) -> _FolderRow:
+        """``_lock_folder`` in SQL Core, for the write paths that need only the folder's counters: one statement
+        (SQLite: a no-op UPDATE ... RETURNING takes the write lock and reads the row; PostgreSQL: FOR UPDATE)."""
+        where = (FOLDERS.c.mailbox_id == ref.mailbox_id, FOLDERS.c.name == names.normalise(ref.name))
+        if self.database.is_sqlite:
+            query: Any = (update(FOLDERS).where(*where).values(highestmodseq=FOLDERS.c.highestmodseq)
+                          .returning(*_FolderRow.COLUMNS))
+        else:
+            query = select(*_FolderRow.COLUMNS).where(*where).with_for_update()
+        found = (await session.execute(query)).first()
+        if found is None:
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        row = _FolderRow(*found)
+        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
+            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        return row
 
     async def _lock_folders(self, session: AsyncSession, refs: Sequence[FolderRef]) -> list[Folder]:
         """Lock several folders in id order, so two commands never wait on each other in a cycle."""
@@ -856,38 +892,50 @@ class SqlMailStore(MailStore):
 
     async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,
                           unchanged_since: int | None = None) -> StoreResult:
+        """One transaction in SQL Core: lock the folder row, read the flags of the set, write the changed rows
+        (one executemany) and the folder's MODSEQ; no ORM objects, no envelope or header column read."""
         bits, keywords = flagcodec.encode(flags)
 
         async def work(session: AsyncSession) -> StoreResult:
-            row = await self._lock_folder(session, folder)
-            messages = [message for message in await session.scalars(
-                select(Message).where(Message.folder_id == row.id, uid_clause(uids)).order_by(Message.uid))
-                if message.uid in uids]
-            conflicts = tuple(m.uid for m in messages if unchanged_since is not None and m.modseq > unchanged_since)
-            changed = [m for m in messages if m.uid not in conflicts and self._restore(m, mode, bits, keywords)]
-            if changed:
-                # RFC 7162 3.1.3: one new MODSEQ for the messages this command changed; unchanged ones keep theirs.
-                modseq = _next_modseq(row)
-                for message in changed:
-                    message.modseq = modseq
-                _remember_keywords(row, keywords)
-            return StoreResult(tuple(_flag_update(m) for m in changed), conflicts, row.highestmodseq)
+            row = await self._lock_folder_row(session, folder)
+            current = (await session.execute(
+                select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.modseq, MESSAGES.c.system_flags, MESSAGES.c.keywords)
+                .where(MESSAGES.c.folder_id == row.id, uid_clause(uids)).order_by(MESSAGES.c.uid))).all()
+            conflicts: list[int] = []
+            unchanged: list[FlagUpdate] = []
+            changed: list[tuple[int, int, int, str]] = []
+            for message_id, uid, modseq, old_bits, old_keywords in current:
+                if uid not in uids:
+                    continue
+                if unchanged_since is not None and modseq > unchanged_since:
+                    conflicts.append(uid)
+                    continue
+                new_bits, new_keywords = flagcodec.apply(mode, old_bits, flagcodec.keywords_of(old_keywords),
+                                                         bits, keywords)
+                column = flagcodec.keywords_column(new_keywords)
+                if new_bits == old_bits and column == old_keywords:
+                    unchanged.append(FlagUpdate(uid, flagcodec.decode(old_bits, old_keywords), modseq))
+                else:
+                    changed.append((message_id, uid, new_bits, column))
+            if not changed:
+                return StoreResult((), tuple(conflicts), row.highestmodseq, tuple(unchanged))
+            # RFC 7162 3.1.3: one new MODSEQ for the messages this command changed; unchanged ones keep theirs.
+            modseq = row.highestmodseq + 1
+            await session.execute(
+                update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id"))
+                .values(system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"), modseq=modseq),
+                [{"row_id": message_id, "new_bits": new_bits, "new_keywords": column}
+                 for message_id, _, new_bits, column in changed])
+            await session.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
+                highestmodseq=modseq, keywords=_with_keywords(row.keywords, keywords)))
+            updated = tuple(FlagUpdate(uid, flagcodec.decode(new_bits, column), modseq)
+                            for _, uid, new_bits, column in changed)
+            return StoreResult(updated, tuple(conflicts), modseq, tuple(unchanged))
 
         result = await self._transaction(work)
         if result.updated:
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.FLAGS, result.highestmodseq)
         return result
-
-    @staticmethod
-    def _restore(message: Message, mode: StoreMode, bits: int, keywords: frozenset[str]) -> bool:
-        """Apply the STORE to one row; True when its flags actually changed."""
-        new_bits, new_keywords = flagcodec.apply(mode, message.system_flags, flagcodec.keywords_of(message.keywords),
-                                                 bits, keywords)
-        new_column = flagcodec.keywords_column(new_keywords)
-        if new_bits == message.system_flags and new_column == message.keywords:
-            return False
-        message.system_flags, message.keywords = new_bits, new_column
-        return True
 
     async def copy(self, folder: FolderRef, uids: UidSet, destination: FolderRef) -> CopyResult:
         result = await self._transaction(lambda session: self._copy(session, folder, uids, destination, move=False))
@@ -965,14 +1013,27 @@ class SqlMailStore(MailStore):
                                   [{"folder_id": folder_id, "uid": uid, "modseq": modseq} for uid in uids])
 
     async def expunge(self, folder: FolderRef, uids: UidSet | None = None) -> ExpungeResult:
+        """One transaction in SQL Core: the \\Deleted messages (of ``uids``), their rows deleted, tombstones
+        written, the folder's counters and MODSEQ updated; their bodies dropped after the commit."""
         async def work(session: AsyncSession) -> tuple[ExpungeResult, list[str]]:
-            row = await self._lock_folder(session, folder)
-            query = select(Message).where(Message.folder_id == row.id,
-                                          Message.system_flags.op("&")(DELETED_BIT) != 0).order_by(Message.uid)
+            row = await self._lock_folder_row(session, folder)
+            query = (select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.size, MESSAGES.c.blob_id)
+                     .where(MESSAGES.c.folder_id == row.id, MESSAGES.c.system_flags.op("&")(DELETED_BIT) != 0)
+                     .order_by(MESSAGES.c.uid))
             if uids is not None:
                 query = query.where(uid_clause(uids))
-            doomed = [m for m in await session.scalars(query) if uids is None or m.uid in uids]
-            return await self._remove(session, row, doomed), [m.blob_id for m in doomed]
+            doomed = [found for found in (await session.execute(query))
+                      if uids is None or found[1] in uids]
+            if not doomed:
+                return ExpungeResult((), row.highestmodseq), []
+            modseq = row.highestmodseq + 1
+            gone = [uid for _, uid, _, _ in doomed]
+            await session.execute(delete(MESSAGES).where(MESSAGES.c.id.in_([found[0] for found in doomed])))
+            await self._add_tombstones(session, row.id, gone, modseq)
+            await session.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
+                highestmodseq=modseq, message_count=FOLDERS.c.message_count - len(doomed),
+                total_bytes=FOLDERS.c.total_bytes - sum(size for _, _, size, _ in doomed)))
+            return ExpungeResult(tuple(gone), modseq), [blob_id for _, _, _, blob_id in doomed]
 
         result, blob_ids = await self._transaction(work)
         await self._drop_unreferenced_blobs(blob_ids)

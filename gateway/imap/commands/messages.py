@@ -12,7 +12,7 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import MODIFIED, ImapNo
 from gateway.imap.selected import Message, SelectedMailbox
-from gateway.mailstore.interface import StoreMode, UidSet
+from gateway.mailstore.interface import FlagUpdate, StoreMode, UidSet
 
 if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
@@ -100,20 +100,21 @@ async def store(session: Session, command: c.Command) -> Completion:
         # RFC 3501 7.2.6: a keyword new to the mailbox is announced (* FLAGS) even when .SILENT.
         session.write_all(selected.announce(command.flags))
     if not command.silent:
-        await _report_flags(session, selected, messages, set(result.conflicts))
+        _report_flags(session, selected, messages, result.updated + result.unchanged)
     return Completion("STORE completed", _modified_code(selected, result.conflicts, uid=command.uid))
 
 
-async def _report_flags(session: Session, selected: SelectedMailbox, messages: list[Message],
-                        conflicts: set[int]) -> None:
-    """RFC 3501 6.4.6: the new flags of each message, UID first."""
-    metas = {meta.uid: meta for meta in await session.store.fetch(selected.ref, _uids(messages))}
+def _report_flags(session: Session, selected: SelectedMailbox, messages: list[Message],
+                  flags: tuple[FlagUpdate, ...]) -> None:
+    """RFC 3501 6.4.6: the flags of each message as the STORE left them (the store says; no second read),
+    UID first; a message expunged meanwhile, or left alone by UNCHANGEDSINCE, gets none."""
+    by_uid = {update.uid: update for update in flags}
     for message in messages:
-        meta = metas.get(message.uid)
-        if meta is None or message.uid in conflicts:
+        update = by_uid.get(message.uid)
+        if update is None:
             continue
-        selected.note_reported(meta.uid, meta.modseq)
-        session.write(selected.fetch_flags_line(message.number, meta.uid, meta.flags, meta.modseq))
+        selected.note_reported(update.uid, update.modseq)
+        session.write(selected.fetch_flags_line(message.number, update.uid, update.flags, update.modseq))
 
 
 def _modified_code(selected: SelectedMailbox, conflicts: tuple[int, ...], *, uid: bool) -> str | None:
