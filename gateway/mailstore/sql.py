@@ -30,9 +30,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import ColumnElement, Table, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -247,8 +247,8 @@ def _sealed_token(text: str) -> str | None:
     return None
 
 
-MESSAGES = Message.__table__
-FOLDERS = Folder.__table__
+MESSAGES = cast(Table, Message.__table__)   # the tables themselves, for SQL Core statements without the ORM
+FOLDERS = cast(Table, Folder.__table__)
 
 
 @dataclass(frozen=True)
@@ -416,17 +416,17 @@ class SqlMailStore(MailStore):
 
     async def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
         async with self.database.session() as session:
-            folders = (await session.scalars(
-                select(Folder).where(Folder.mailbox_id == mailbox_id).order_by(Folder.name)
-            )).all()
+            folders = (await session.execute(
+                select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvalidity)
+                .where(FOLDERS.c.mailbox_id == mailbox_id).order_by(FOLDERS.c.name))).all()
             subscribed = set(await session.scalars(
                 select(Subscription.name).where(Subscription.mailbox_id == mailbox_id)
             ))
-        all_names = [folder.name for folder in folders]
+        all_names = [name for name, _, _ in folders]
         return [
-            FolderInfo(folder.name, folder.special_use, folder.name in subscribed,
-                       any(names.is_inside(other, folder.name) for other in all_names), folder.uidvalidity)
-            for folder in folders
+            FolderInfo(name, special_use, name in subscribed, any(names.is_inside(other, name) for other in all_names),
+                       uidvalidity)
+            for name, special_use, uidvalidity in folders
         ]
 
     async def list_subscriptions(self, mailbox_id: int) -> list[str]:
@@ -570,14 +570,26 @@ class SqlMailStore(MailStore):
         self._publish(mailbox_id, None, ChangeKind.FOLDERS)
 
     async def status(self, folder: FolderRef) -> FolderStatus:
+        """One statement: the folder's counters and, counted beside them, its unseen and recent messages."""
+        unseen = (select(func.count()).select_from(MESSAGES)
+                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0)
+                  .scalar_subquery())
+        recent = (select(func.count()).select_from(MESSAGES)
+                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.uid > FOLDERS.c.recent_uid)
+                  .scalar_subquery())
         async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
-            unseen = await session.scalar(select(func.count()).select_from(Message).where(
-                Message.folder_id == row.id, Message.system_flags.op("&")(SEEN_BIT) == 0))
-            recent = await session.scalar(select(func.count()).select_from(Message).where(
-                Message.folder_id == row.id, Message.uid > row.recent_uid))
-        return FolderStatus(row.name, row.message_count, int(recent or 0), row.uidnext, row.uidvalidity,
-                            int(unseen or 0), row.highestmodseq, row.total_bytes)
+            found = (await session.execute(
+                select(FOLDERS.c.name, FOLDERS.c.message_count, recent, FOLDERS.c.uidnext, FOLDERS.c.uidvalidity,
+                       unseen, FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes)
+                .where(FOLDERS.c.mailbox_id == folder.mailbox_id, FOLDERS.c.name == names.normalise(folder.name))
+            )).first()
+        if found is None:
+            raise FolderNotFound(f"no folder {folder.name!r}")
+        if folder.uidvalidity is not None and found.uidvalidity != folder.uidvalidity:
+            raise UidValidityChanged(f"folder {folder.name!r} was re-created")
+        name, messages, recent_count, uidnext, uidvalidity, unseen_count, highestmodseq, size = found
+        return FolderStatus(name, messages, int(recent_count or 0), uidnext, uidvalidity, int(unseen_count or 0),
+                            highestmodseq, size)
 
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
         if not read_only:
