@@ -132,8 +132,8 @@ class MixClient:
     def live_uid(self) -> int:
         return self.rnd.randint(max(1, self.uidnext - self.messages), max(1, self.uidnext - 1))
 
-    def step(self) -> None:
-        kind = self.rnd.choices(KINDS, weights=[WEIGHTS[k] for k in KINDS])[0]
+    def step(self, kind: str | None = None) -> None:
+        kind = kind or self.rnd.choices(KINDS, weights=[WEIGHTS[k] for k in KINDS])[0]
         uid = self.live_uid()
         imap = self.client
         if kind == "select":
@@ -226,6 +226,23 @@ def run_mix(name: str, target: dict[str, Any], pid: int, args: argparse.Namespac
     return summarise(name, outcomes, elapsed, cpu, target)
 
 
+def solo(target: dict[str, Any], pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One client, --solo commands of each kind in turn: server CPU per command of that kind alone."""
+    client = MixClient(target, 0, args.clients, args.messages, args.size)
+    figures: dict[str, Any] = {}
+    for kind in KINDS:
+        client.step(kind)                         # warm
+        before, done = tree_cpu(pid), sum(len(v) for v in client.times.values())
+        started = time.monotonic()
+        for _ in range(args.solo):
+            client.step(kind)
+        commands = sum(len(v) for v in client.times.values()) - done
+        figures[kind] = {"commands": commands, "ms_per_command_wall": round(1000 * (time.monotonic() - started) / commands, 2),
+                         "server_cpu_ms_per_command": round(1000 * (tree_cpu(pid) - before) / commands, 3)}
+    client.client.logout()
+    return {"errors": client.errors, "first_errors": client.first_errors, "per_kind": figures}
+
+
 def summarise(name: str, outcomes: list[dict[str, Any]], elapsed: float, cpu: float,
               target: dict[str, Any]) -> dict[str, Any]:
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -261,7 +278,12 @@ def dovecot(args: argparse.Namespace) -> dict[str, Any]:
     populate_mailbox.populate_dovecot(args.dovecot_user, args.messages, args.size, fresh=True)
     target = {"host": "127.0.0.1", "port": DOVECOT_PORT, "user": args.dovecot_user, "password": "pass",
               "starttls": True}
-    return run_mix("dovecot", target, int(compare_imap.DOVECOT_PID.read_text().split()[0]), args)
+    pid = int(compare_imap.DOVECOT_PID.read_text().split()[0])
+    figures = solo(target, pid, args) if args.solo else None
+    result = run_mix("dovecot", target, pid, args)
+    if figures:
+        result["solo"] = figures
+    return result
 
 
 def populated_gateway(work: Path, args: argparse.Namespace) -> tuple[Path, str]:
@@ -314,9 +336,13 @@ def gateway(name: str, data_dir: Path, address: str, tree: Path, args: argparse.
         target = {"host": "127.0.0.1", "port": server.ports["imap_port"], "user": address, "password": password,
                   "starttls": True}
         assert server.process is not None
+        if args.solo:
+            solo_figures = solo(target, server.process.pid, args)
         with py_spy(server.process.pid, args.profile and f"{args.profile}-{name}.txt"):
             result = run_mix(name, target, server.process.pid, args)
         result["tree"] = str(tree)
+        if args.solo:
+            result["solo"] = solo_figures
         return result
     finally:
         server.stop()
@@ -332,6 +358,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["gateway", "dovecot"])
     parser.add_argument("--gateway-tree", action="append", default=[], metavar="NAME=PATH",
                         help="also run gateway serve from this worktree (e.g. base=/work/wt/x-base)")
+    parser.add_argument("--solo", type=int, default=0, metavar="N",
+                        help="first, one client runs N commands of each kind alone (server CPU per command kind)")
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy each gateway into PREFIX-NAME.txt")
     parser.add_argument("--keep", action="store_true", help="keep the gateway data directories")
     args = parser.parse_args()

@@ -36,12 +36,15 @@ from gateway.directory.demo import DemoAccount, seed_demo_directory
 from gateway.directory.identifiers import add_luhn_key
 from gateway.imap.listeners import ImapListeners, start_imap_listeners
 from gateway.mailstore.delivery import LocalDelivery
+from gateway.mailstore.memory import MemoryMailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.security.keys import KeyManager
 from gateway.storage.blobs import BlobStore
 
 T = TypeVar("T")
+# The protocol tests run against both implementations of the MailStore interface (pymap does the same).
+STORES = pytest.mark.parametrize("imap", ["sql", "memory"], indirect=True)
 HOST = "127.0.0.1"
 _keys = itertools.count(1)
 _account_numbers = itertools.count(int(time.time()) % 100000 * 1000)
@@ -60,8 +63,9 @@ def make_message(subject: str, *, sender: str = "Dr House <house@autre-operateur
 class RunningImap:
     """The server, its loop thread, and helpers to act on the store from the test."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, store_kind: str = "sql") -> None:
         self.data_dir = data_dir
+        self.store_kind = store_kind     # "sql": SqlMailStore (as served); "memory": MemoryMailStore
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="imap-test-loop", daemon=True)
         self.accounts: list[DemoAccount] = []
@@ -70,7 +74,7 @@ class RunningImap:
         self.starttls_port = 0
         self.imaps_port = 0
         self._stack = contextlib.AsyncExitStack()
-        self.store: SqlMailStore | None = None
+        self.store: SqlMailStore | MemoryMailStore | None = None
         self.delivery: LocalDelivery | None = None
         self.listeners: ImapListeners | None = None
         self.services: Services | None = None
@@ -108,8 +112,9 @@ class RunningImap:
         self.ca_file = str(services.pki.ca_bundle_path)
         hub = ChangeHub()
         blobs = BlobStore(settings.data_path / "blobs", KeyManager(services.db, settings.data_path / "keys"))
-        self.store = SqlMailStore(services.db, blobs, hub)
-        self.delivery = LocalDelivery(self.store)
+        self.store = SqlMailStore(services.db, blobs, hub) if self.store_kind == "sql" else MemoryMailStore(
+            hub, quota_bytes=settings.directory.default_quota_mb * 1024 * 1024)
+        self.delivery = LocalDelivery(self.store)  # type: ignore[arg-type]  # the memory store has add_message too
         for account in self.accounts:
             found = await services.directory.account(account.address)
             assert found is not None
@@ -188,8 +193,9 @@ class RunningImap:
 
 
 @pytest.fixture(scope="module")
-def imap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningImap]:
-    server = RunningImap(tmp_path_factory.mktemp("imap") / "data")
+def imap(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningImap]:
+    """The server on the SQL store; a module parametrised with ``STORES`` (indirect) runs on each store kind."""
+    server = RunningImap(tmp_path_factory.mktemp("imap") / "data", getattr(request, "param", "sql"))
     server.start()
     yield server
     server.stop()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+from tests.imap.imap_server import STORES, Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+
+pytestmark = STORES     # against SqlMailStore and MemoryMailStore
 
 
 def test_thunderbird_uid_first_in_fetch(imap: RunningImap) -> None:  # noqa: F811

@@ -7,7 +7,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+from tests.imap.imap_server import STORES, Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
+
+pytestmark = STORES     # against SqlMailStore and MemoryMailStore
 
 
 def test_expunge_by_another_session_waits_for_a_command_that_allows_it(imap: RunningImap) -> None:  # noqa: F811

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.imap.imap_server import HOST, RunningImap, imap  # noqa: F401 (fixture)
+from tests.imap.imap_server import HOST, STORES, RunningImap, imap  # noqa: F401 (fixture)
 from tests.imap.transcript import all_scripts, load, run_script
+
+pytestmark = STORES     # every transcript against SqlMailStore and MemoryMailStore
 
 
 @pytest.mark.parametrize("path", all_scripts(), ids=lambda path: path.stem)

@@ -1,4 +1,4 @@
-"""The mail store on SQLite and PostgreSQL: UIDs, UIDVALIDITY, MODSEQ, flags, COPY/MOVE, EXPUNGE, \\Recent, rename."""
+"""The mail store on SQLite and PostgreSQL, and in memory: UIDs, UIDVALIDITY, MODSEQ, flags, COPY/MOVE, EXPUNGE, \\Recent, rename."""
 
 from __future__ import annotations
 
@@ -16,7 +16,20 @@ from gateway.mailstore.errors import (
     UidValidityChanged,
 )
 from gateway.mailstore.interface import INBOX, FolderRef, StoreMode, UidSet
+from gateway.mailstore.memory import MemoryMailStore
+from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.storage.blobs import BlobStore
+from gateway.storage.db import Database
+
+
+@pytest.fixture(params=["sql", "memory"])
+def store(request: pytest.FixtureRequest, database: Database, blobs: BlobStore, hub: ChangeHub) -> SqlMailStore:
+    """Both implementations of the MailStore interface must keep its invariants (the memory one serves the
+    protocol tests); the memory store gets the quota ``make_mailbox`` gives by default."""
+    if request.param == "memory":
+        return MemoryMailStore(hub, quota_bytes=10 * 1024 * 1024)  # type: ignore[return-value]
+    return SqlMailStore(database, blobs, hub)
 
 
 def message(number: int, subject: str = "Compte rendu", body: str = "Bonjour") -> bytes:
