@@ -109,6 +109,8 @@ class MixClient:
         except imaplib.IMAP4.error as exc:   # BAD, or a NO where imaplib raises
             typ, data = "BAD", [str(exc).encode()]
         self.times[kind].append((time.perf_counter() - started) * 1000)
+        if kind == "select":
+            self.learn_uidnext(b" ".join(self.client.untagged_responses.get("UIDNEXT", [])))
         self.client.untagged_responses.clear()   # updates from other sessions: not kept
         if typ != "OK":
             self.errors[kind] += 1
@@ -118,16 +120,14 @@ class MixClient:
         return data
 
     def learn_uidnext(self, text: bytes) -> None:
-        match = UIDNEXT_RE.search(text)
+        """From ``UIDNEXT n`` (STATUS) or the bare ``n`` of SELECT's ``[UIDNEXT n]`` (imaplib keeps the code's
+        argument only)."""
+        match = UIDNEXT_RE.search(text) or re.fullmatch(rb"\s*(\d+).*", text, re.S)
         if match:
             self.uidnext = max(self.uidnext, int(match.group(1)))
 
     def select(self) -> None:
-        data = self.run("select", lambda: self.client.select("INBOX"))
-        if data is not None:
-            for value in self.client.response("UIDNEXT")[1] or []:
-                if value:
-                    self.uidnext = max(self.uidnext, int(value))
+        self.run("select", lambda: self.client.select("INBOX"))
 
     def live_uid(self) -> int:
         return self.rnd.randint(max(1, self.uidnext - self.messages), max(1, self.uidnext - 1))
@@ -228,7 +228,7 @@ def run_mix(name: str, target: dict[str, Any], pid: int, args: argparse.Namespac
 
 def solo(target: dict[str, Any], pid: int, args: argparse.Namespace) -> dict[str, Any]:
     """One client, --solo commands of each kind in turn: server CPU per command of that kind alone."""
-    client = MixClient(target, 0, args.clients, args.messages, args.size)
+    client = MixClient(target, 0, 1, args.messages, args.size)   # owns every message: expunges never run out
     figures: dict[str, Any] = {}
     for kind in KINDS:
         client.step(kind)                         # warm
@@ -236,7 +236,7 @@ def solo(target: dict[str, Any], pid: int, args: argparse.Namespace) -> dict[str
         started = time.monotonic()
         for _ in range(args.solo):
             client.step(kind)
-        commands = sum(len(v) for v in client.times.values()) - done
+        commands = max(1, sum(len(v) for v in client.times.values()) - done)
         figures[kind] = {"commands": commands, "ms_per_command_wall": round(1000 * (time.monotonic() - started) / commands, 2),
                          "server_cpu_ms_per_command": round(1000 * (tree_cpu(pid) - before) / commands, 3)}
     client.client.logout()
