@@ -262,6 +262,21 @@ class _FolderRow:
     COLUMNS = (FOLDERS.c.id, FOLDERS.c.uidvalidity, FOLDERS.c.highestmodseq, FOLDERS.c.keywords)
 
 
+_FOLDER_BY_NAME = (FOLDERS.c.mailbox_id == bindparam("mailbox"), FOLDERS.c.name == bindparam("name"))
+_LOCK_FOLDER_SQLITE = (update(FOLDERS).where(*_FOLDER_BY_NAME).values(highestmodseq=FOLDERS.c.highestmodseq)
+                       .returning(*_FolderRow.COLUMNS))
+_LOCK_FOLDER_FOR_UPDATE = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME).with_for_update()
+_STATUS = select(
+    FOLDERS.c.name, FOLDERS.c.message_count,
+    select(func.count()).select_from(MESSAGES)
+    .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.uid > FOLDERS.c.recent_uid).scalar_subquery(),
+    FOLDERS.c.uidnext, FOLDERS.c.uidvalidity,
+    select(func.count()).select_from(MESSAGES)
+    .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0).scalar_subquery(),
+    FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes,
+).where(*_FOLDER_BY_NAME)
+
+
 def _meta(row: Message | _MetaRow) -> MessageMeta:
     return MessageMeta(
         uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
@@ -324,6 +339,14 @@ class SqlMailStore(MailStore):
                 await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
         raise StoreBusy("the mail store is busy; try again shortly")
 
+    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """A short write transaction; on SQLite shared with the other writers of the moment (group commit: one
+        write lock, one fsync, no session sleeping in busy_timeout behind another's). ``work`` raises its
+        refusals (folder gone, UIDVALIDITY changed) before writing anything, as group commit requires."""
+        if self.group is None:
+            return await self._transaction(work)
+        return await self.group.run(work)  # type: ignore[no-any-return]
+
     async def _take_write_lock(self, session: AsyncSession, mailbox_id: int) -> None:
         """On SQLite, a no-op write first: later reads then belong to the write transaction."""
         if self.database.is_sqlite:
@@ -342,14 +365,10 @@ class SqlMailStore(MailStore):
 
     async def _lock_folder_row(self, session: AsyncSession, ref: FolderRef) -> _FolderRow:
         """``_lock_folder`` in SQL Core, for the write paths that need only the folder's counters: one statement
-        (SQLite: a no-op UPDATE ... RETURNING takes the write lock and reads the row; PostgreSQL: FOR UPDATE)."""
-        where = (FOLDERS.c.mailbox_id == ref.mailbox_id, FOLDERS.c.name == names.normalise(ref.name))
-        if self.database.is_sqlite:
-            query: Any = (update(FOLDERS).where(*where).values(highestmodseq=FOLDERS.c.highestmodseq)
-                          .returning(*_FolderRow.COLUMNS))
-        else:
-            query = select(*_FolderRow.COLUMNS).where(*where).with_for_update()
-        found = (await session.execute(query)).first()
+        (SQLite: a no-op UPDATE ... RETURNING takes the write lock and reads the row; PostgreSQL: FOR UPDATE),
+        built once (no expression building or cache key per call)."""
+        query = _LOCK_FOLDER_SQLITE if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
+        found = (await session.execute(query, {"mailbox": ref.mailbox_id, "name": names.normalise(ref.name)})).first()
         if found is None:
             raise FolderNotFound(f"no folder {ref.name!r}")
         row = _FolderRow(*found)
@@ -570,19 +589,11 @@ class SqlMailStore(MailStore):
         self._publish(mailbox_id, None, ChangeKind.FOLDERS)
 
     async def status(self, folder: FolderRef) -> FolderStatus:
-        """One statement: the folder's counters and, counted beside them, its unseen and recent messages."""
-        unseen = (select(func.count()).select_from(MESSAGES)
-                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0)
-                  .scalar_subquery())
-        recent = (select(func.count()).select_from(MESSAGES)
-                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.uid > FOLDERS.c.recent_uid)
-                  .scalar_subquery())
+        """One statement, built once: the folder's counters and, counted beside them, its unseen and recent
+        messages."""
         async with self.database.session() as session:
-            found = (await session.execute(
-                select(FOLDERS.c.name, FOLDERS.c.message_count, recent, FOLDERS.c.uidnext, FOLDERS.c.uidvalidity,
-                       unseen, FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes)
-                .where(FOLDERS.c.mailbox_id == folder.mailbox_id, FOLDERS.c.name == names.normalise(folder.name))
-            )).first()
+            found = (await session.execute(_STATUS, {"mailbox": folder.mailbox_id,
+                                                     "name": names.normalise(folder.name)})).first()
         if found is None:
             raise FolderNotFound(f"no folder {folder.name!r}")
         if folder.uidvalidity is not None and found.uidvalidity != folder.uidvalidity:
@@ -944,7 +955,7 @@ class SqlMailStore(MailStore):
                             for _, uid, new_bits, column in changed)
             return StoreResult(updated, tuple(conflicts), modseq, tuple(unchanged))
 
-        result = await self._transaction(work)
+        result = await self._write(work)
         if result.updated:
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.FLAGS, result.highestmodseq)
         return result
@@ -1047,7 +1058,7 @@ class SqlMailStore(MailStore):
                 total_bytes=FOLDERS.c.total_bytes - sum(size for _, _, size, _ in doomed)))
             return ExpungeResult(tuple(gone), modseq), [blob_id for _, _, _, blob_id in doomed]
 
-        result, blob_ids = await self._transaction(work)
+        result, blob_ids = await self._write(work)
         await self._drop_unreferenced_blobs(blob_ids)
         if result.uids:
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, result.highestmodseq)
