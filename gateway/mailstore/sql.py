@@ -262,7 +262,7 @@ class _FolderRow:
     COLUMNS = (FOLDERS.c.id, FOLDERS.c.uidvalidity, FOLDERS.c.highestmodseq, FOLDERS.c.keywords)
 
 
-_FOLDER_BY_NAME = (FOLDERS.c.mailbox_id == bindparam("mailbox"), FOLDERS.c.name == bindparam("name"))
+_FOLDER_BY_NAME = (FOLDERS.c.mailbox_id == bindparam("folder_mailbox"), FOLDERS.c.name == bindparam("folder_name"))
 _LOCK_FOLDER_SQLITE = (update(FOLDERS).where(*_FOLDER_BY_NAME).values(highestmodseq=FOLDERS.c.highestmodseq)
                        .returning(*_FolderRow.COLUMNS))
 _LOCK_FOLDER_FOR_UPDATE = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME).with_for_update()
@@ -368,7 +368,8 @@ class SqlMailStore(MailStore):
         (SQLite: a no-op UPDATE ... RETURNING takes the write lock and reads the row; PostgreSQL: FOR UPDATE),
         built once (no expression building or cache key per call)."""
         query = _LOCK_FOLDER_SQLITE if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
-        found = (await session.execute(query, {"mailbox": ref.mailbox_id, "name": names.normalise(ref.name)})).first()
+        wanted = {"folder_mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name)}
+        found = (await session.execute(query, wanted)).first()
         if found is None:
             raise FolderNotFound(f"no folder {ref.name!r}")
         row = _FolderRow(*found)
@@ -592,8 +593,8 @@ class SqlMailStore(MailStore):
         """One statement, built once: the folder's counters and, counted beside them, its unseen and recent
         messages."""
         async with self.database.session() as session:
-            found = (await session.execute(_STATUS, {"mailbox": folder.mailbox_id,
-                                                     "name": names.normalise(folder.name)})).first()
+            found = (await session.execute(_STATUS, {"folder_mailbox": folder.mailbox_id,
+                                                     "folder_name": names.normalise(folder.name)})).first()
         if found is None:
             raise FolderNotFound(f"no folder {folder.name!r}")
         if folder.uidvalidity is not None and found.uidvalidity != folder.uidvalidity:
