@@ -182,7 +182,14 @@ def matches(pattern: str, name: str) -> bool:
     no backtracking, so a pattern like "*a*a*a*...b" cannot pin the event loop.
     INBOX and its children also match in any case of "INBOX" (RFC 3501 5.1).
     """
+    if pattern == "*":
+        return True                           # LIST "" "*", what clients send most: no automaton needed
+    if pattern == "%":
+        return SEPARATOR not in name
     fold = name == INBOX or name.startswith(INBOX + SEPARATOR)
+    if "*" not in pattern and "%" not in pattern:
+        return name == pattern or (fold and len(name) == len(pattern) and all(
+            wanted == char or wanted.lower() == char.lower() for wanted, char in zip(pattern, name, strict=True)))
     states = _skip_wildcards({0}, pattern)
     for char in name:
         states = _skip_wildcards(_step(states, pattern, char, fold), pattern)
