@@ -292,7 +292,8 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
     while session.state is not State.LOGOUT:
         timeout = config.pre_auth_timeout if session.account is None else config.autologout_seconds
         try:
-            raw = await asyncio.wait_for(connection.read_command(), timeout)
+            async with asyncio.timeout(timeout):     # no task per command, unlike wait_for on Python 3.11
+                raw = await connection.read_command()
         except TimeoutError:
             # RFC 3501 5.4: the autologout timer; BYE says why before closing.
             connection.write(response.bye("Autologout; idle for too long"))

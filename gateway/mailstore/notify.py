@@ -95,6 +95,7 @@ class ChangeHub:
         self._by_mailbox: dict[int, set[Subscription]] = {}
         self._forwarders: list[Callable[[ChangeEvent], None]] = []
         self._versions: dict[int, int] = {}   # mailbox id -> events published for it so far
+        self.bridged = False                  # other nodes' events come through a PgNotifyBridge
 
     def version(self, mailbox_id: int) -> int:
         """How many changes of ``mailbox_id`` this hub has seen: unchanged means nothing was published since."""
@@ -104,7 +105,7 @@ class ChangeHub:
     def sees_every_change(self) -> bool:
         """True when every writer of the store publishes here (one node): with a bridge to other nodes,
         their events may come late or be lost, so an unchanged ``version`` proves nothing."""
-        return not self._forwarders
+        return not self.bridged
 
     def subscribe(self, mailbox_id: int, folder: str | None = None) -> Subscription:
         subscription = Subscription(self, mailbox_id, folder)
@@ -158,6 +159,7 @@ class PgNotifyBridge:
 
         self._connection = await asyncpg.connect(self.dsn)
         await self._connection.add_listener(CHANNEL, self._received)
+        self.hub.bridged = True
         self.hub.add_forwarder(self._outbox.put_nowait)
         self._sender = asyncio.create_task(self._send_loop())
 

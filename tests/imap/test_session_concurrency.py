@@ -136,3 +136,30 @@ def test_renaming_the_selected_folder_keeps_it_selected(imap: RunningImap) -> No
     assert session.command("UID FETCH 1 (UID)")[0] == "* 1 FETCH (UID 1)"
     assert session.command("STATUS Apres (MESSAGES)")[0] == "* STATUS Apres (MESSAGES 1)"
     session.close()
+
+
+def test_changes_no_hub_announced_are_still_reported(imap: RunningImap) -> None:  # noqa: F811
+    """A writer whose changes this process's hub never hears of (another process on the same database, say
+    ``gateway mailbox import``): NOOP always asks the store (RFC 3501 6.1.2), and any command does once
+    ``UPDATES_RECHECK_SECONDS`` have passed since the last look."""
+    import pytest
+
+    from gateway.imap.session import UPDATES_RECHECK_SECONDS
+    from gateway.mailstore.interface import INBOX, FolderRef
+    from gateway.mailstore.notify import ChangeHub
+    from gateway.mailstore.sql import SqlMailStore
+
+    if not isinstance(imap.store, SqlMailStore):
+        pytest.skip("another process's writes need a shared database")
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("first"))
+    session = Conversation(imap, account)
+    session.command("SELECT INBOX")
+    elsewhere = SqlMailStore(imap.store.database, imap.store.blobs, ChangeHub())   # publishes to nobody here
+    folder = FolderRef(imap.mailbox_ids[account.address], INBOX)
+    imap.run(elsewhere.append(folder, make_message("second")))
+    assert "* 2 EXISTS" in session.command("NOOP")
+    imap.run(elsewhere.append(folder, make_message("third")))
+    time.sleep(UPDATES_RECHECK_SECONDS + 0.1)
+    assert "* 3 EXISTS" in session.command("STATUS INBOX (MESSAGES)")
+    session.close()

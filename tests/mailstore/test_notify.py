@@ -24,3 +24,27 @@ async def test_an_event_on_one_node_wakes_a_session_on_another(database: Databas
     finally:
         await bridge_a.stop()
         await bridge_b.stop()
+
+
+def test_version_counts_the_changes_of_each_mailbox() -> None:
+    """What an IMAP session relies on to skip asking the store for changes after a command."""
+    hub = ChangeHub()
+    assert hub.version(7) == 0 and hub.sees_every_change
+    hub.publish(ChangeEvent(7, "INBOX", ChangeKind.FLAGS, 3))
+    hub.publish(ChangeEvent(7, None, ChangeKind.FOLDERS))
+    hub.publish(ChangeEvent(8, "INBOX", ChangeKind.EXISTS, 2))
+    assert (hub.version(7), hub.version(8), hub.version(9)) == (2, 1, 0)
+    hub.add_forwarder(lambda event: None)          # a local listener (the filing worker) is not another node
+    assert hub.sees_every_change
+
+
+async def test_a_bridged_hub_does_not_claim_to_see_every_change(database: Database) -> None:
+    if database.is_sqlite:
+        pytest.skip("SQLite is the single-process embedded case: no bridge")
+    hub = ChangeHub()
+    bridge = PgNotifyBridge(hub, database.url)
+    await bridge.start()
+    try:
+        assert not hub.sees_every_change
+    finally:
+        await bridge.stop()
