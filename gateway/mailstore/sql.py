@@ -421,6 +421,16 @@ class SqlMailStore(MailStore):
     def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0) -> None:
         self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq))
 
+    @staticmethod
+    async def _unreferenced(session: AsyncSession, blob_ids: set[str]) -> list[str]:
+        """Of ``blob_ids``, those no message row refers to any more (asked in the transaction that removed
+        rows, so no second transaction after it)."""
+        if not blob_ids:
+            return []
+        used = set(await session.scalars(select(MESSAGES.c.blob_id).where(MESSAGES.c.blob_id.in_(blob_ids))
+                                         .distinct()))
+        return sorted(blob_ids - used)
+
     async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
         candidates = set(blob_ids)
         if not candidates:
@@ -1057,10 +1067,12 @@ class SqlMailStore(MailStore):
             await session.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
                 highestmodseq=modseq, message_count=FOLDERS.c.message_count - len(doomed),
                 total_bytes=FOLDERS.c.total_bytes - sum(size for _, _, size, _ in doomed)))
-            return ExpungeResult(tuple(gone), modseq), [blob_id for _, _, _, blob_id in doomed]
+            return ExpungeResult(tuple(gone), modseq), await self._unreferenced(
+                session, {blob_id for _, _, _, blob_id in doomed})
 
         result, blob_ids = await self._write(work)
-        await self._drop_unreferenced_blobs(blob_ids)
+        for blob_id in blob_ids:
+            await self.blobs.delete(blob_id)   # after the commit: a rollback leaves every body in place
         if result.uids:
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, result.highestmodseq)
         return result
