@@ -141,6 +141,7 @@ class Session:
         self.log = SessionLog(log, {"connection": connection_id})
         # The selected view, the change hub's version for its mailbox and the time of the last look for changes.
         self._checked: tuple[SelectedMailbox | None, int, float] = (None, 0, 0.0)
+        self._version_before: int | None = None   # the hub's version for the selected mailbox as a command began
 
     # --- facts the handlers use ----------------------------------------------------------
 
@@ -239,6 +240,7 @@ class Session:
 
     async def _dispatch(self, command: c.Command) -> None:
         handler = COMMANDS[type(command)]
+        self._version_before = self._hub_version()
         try:
             completion = await handler(self, command)
         except ImapError as error:
@@ -265,20 +267,26 @@ class Session:
         if self.state is State.LOGOUT:
             self.write(response.ok(command.tag, completion.text, completion.code))
             return
-        if await self._send_updates(command):
+        if await self._send_updates(command, completion.own_events):
             self.write(response.ok(command.tag, completion.text, completion.code))
+
+    def _hub_version(self) -> int | None:
+        return None if self.selected is None else self.context.hub.version(self.selected.ref.mailbox_id)
 
     def _enforce_auth_failure_limit(self) -> None:
         if self.auth_failures >= self.context.settings.max_auth_failures:
             self.write(response.bye("Too many authentication failures"))
             self.state = State.LOGOUT
 
-    async def _send_updates(self, command: c.Command) -> bool:
+    async def _send_updates(self, command: c.Command, own_events: int = 0) -> bool:
         """The untagged updates of the selected folder; False when the session must end (folder gone)."""
         selected = self.selected
         if selected is None or self.state is not State.SELECTED:
             return True
         allow_expunge = expunge_allowed_after(command)
+        if own_events and not (allow_expunge and selected.pending_expunges) \
+                and self._only_own_changes(selected, own_events):
+            return True
         if not self._may_have_changed(selected, command, allow_expunge):
             return True
         version = self.context.hub.version(selected.ref.mailbox_id)   # before asking: a later change counts
@@ -289,6 +297,18 @@ class Session:
             return False
         self._checked = (selected, version, time.monotonic())
         self.write_all(lines)
+        return True
+
+    def _only_own_changes(self, selected: SelectedMailbox, own_events: int) -> bool:
+        """True when the last look was current as the command began and the only events since are the
+        command's own (its STORE's new flags or its EXPUNGEs, already sent): nothing else to report.  A later
+        look still finds those changes; the view knows it reported them (``note_reported``, ``remove``)."""
+        view, version, when = self._checked
+        now = self.context.hub.version(selected.ref.mailbox_id)
+        if (view is not selected or version != self._version_before or now != version + own_events
+                or not self.context.hub.sees_every_change or time.monotonic() - when >= UPDATES_RECHECK_SECONDS):
+            return False
+        self._checked = (view, now, when)   # the recheck interval still runs from the last real look
         return True
 
     def _may_have_changed(self, selected: SelectedMailbox, command: c.Command, allow_expunge: bool) -> bool:

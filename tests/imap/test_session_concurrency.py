@@ -163,3 +163,21 @@ def test_changes_no_hub_announced_are_still_reported(imap: RunningImap) -> None:
     time.sleep(UPDATES_RECHECK_SECONDS + 0.1)
     assert "* 3 EXISTS" in session.command("STATUS INBOX (MESSAGES)")
     session.close()
+
+
+def test_own_store_then_another_sessions_change_is_reported(imap: RunningImap) -> None:  # noqa: F811
+    """A session's own STORE needs no look for changes afterwards, but a change another session makes
+    meanwhile is still reported at the next command (RFC 3501 7.4.1: FETCH flags of other sessions)."""
+    account = imap.new_account()
+    for n in range(2):
+        imap.deliver(account.address, make_message(f"m{n}"))
+    mine, other = Conversation(imap, account), Conversation(imap, account)
+    mine.command("SELECT INBOX")
+    other.command("SELECT INBOX")
+    assert mine.command("STORE 1 +FLAGS (\\Flagged)")[0].startswith("* 1 FETCH (UID 1 FLAGS (\\Flagged")
+    other.command("STORE 2 +FLAGS.SILENT (\\Answered)")
+    lines = mine.command("STORE 1 -FLAGS.SILENT (\\Flagged)")
+    assert any(line.startswith("* 2 FETCH (UID 2 FLAGS (\\Answered") for line in lines), lines
+    assert not any(line.startswith("* 1 FETCH") for line in mine.command("NOOP"))   # its own: not repeated
+    mine.close()
+    other.close()

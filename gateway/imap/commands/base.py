@@ -32,6 +32,9 @@ class Completion:
 
     text: str
     code: str | None = None
+    # Change events the command's own writes published (a STORE that changed flags: 1): already shown to the
+    # client, so they alone need no look for changes afterwards (``Session._may_have_changed``).
+    own_events: int = 0
 
 
 @dataclass(frozen=True)

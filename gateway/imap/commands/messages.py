@@ -77,7 +77,7 @@ async def expunge(session: Session, command: c.Command) -> Completion:
         return Completion("EXPUNGE completed")
     result = await session.store.expunge(selected.ref, uids)
     session.write_all(selected.remove(result.uids))
-    return Completion("EXPUNGE completed")
+    return Completion("EXPUNGE completed", own_events=1 if result.uids else 0)
 
 
 # --- STORE ------------------------------------------------------------------------------------
@@ -101,7 +101,8 @@ async def store(session: Session, command: c.Command) -> Completion:
         session.write_all(selected.announce(command.flags))
     if not command.silent:
         _report_flags(session, selected, messages, result.updated + result.unchanged)
-    return Completion("STORE completed", _modified_code(selected, result.conflicts, uid=command.uid))
+    return Completion("STORE completed", _modified_code(selected, result.conflicts, uid=command.uid),
+                      own_events=1 if result.updated else 0)
 
 
 def _report_flags(session: Session, selected: SelectedMailbox, messages: list[Message],
