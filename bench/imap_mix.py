@@ -71,9 +71,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import compare_imap  # noqa: E402  (its clients, checks, percentiles, server start and /proc helpers)
-import populate_mailbox  # noqa: E402  (the same messages in both servers, and the gateway's bulk fill)
-from compare_imap import check, connect, pct, rss_watch  # noqa: E402
+import compare_imap
+import populate_mailbox
+from compare_imap import connect, pct, rss_watch
 
 DOVECOT_PORT = 10143   # STARTTLS (REF_TLS=1 in the reference setup)
 WEIGHTS = {"select": 5, "fetch_flags": 15, "fetch_envelope": 15, "fetch_body": 15, "store": 15, "expunge": 10,
@@ -122,7 +122,7 @@ class MixClient:
     def learn_uidnext(self, text: bytes) -> None:
         """From ``UIDNEXT n`` (STATUS) or the bare ``n`` of SELECT's ``[UIDNEXT n]`` (imaplib keeps the code's
         argument only)."""
-        match = UIDNEXT_RE.search(text) or re.fullmatch(rb"\s*(\d+).*", text, re.S)
+        match = UIDNEXT_RE.search(text) or re.fullmatch(rb"\s*(\d+).*", text, re.DOTALL)
         if match:
             self.uidnext = max(self.uidnext, int(match.group(1)))
 
@@ -288,7 +288,7 @@ def dovecot(args: argparse.Namespace) -> dict[str, Any]:
 
 def populated_gateway(work: Path, args: argparse.Namespace) -> tuple[Path, str]:
     """A fresh ``init --demo`` data directory whose first professional's INBOX holds the messages."""
-    import tests.harness as harness
+    from tests import harness
 
     data_dir = work / "gateway"
     harness.GatewayProcess(data_dir).init_demo()
@@ -303,7 +303,7 @@ def populated_gateway(work: Path, args: argparse.Namespace) -> tuple[Path, str]:
 @contextlib.contextmanager
 def tree_of(path: Path) -> Iterator[None]:
     """``gateway serve`` from another worktree: the harness runs ``python -m gateway`` in its REPO."""
-    import tests.harness as harness
+    from tests import harness
 
     saved, harness.REPO = harness.REPO, path
     try:

@@ -359,7 +359,7 @@ class MemoryMailStore(MailStore):
         modseq = target.next_modseq()
         target.keywords |= keywords
         target.messages[uid] = _Message(
-            uid, modseq, bits, flagcodec.keywords_column(keywords), internaldate or dt.datetime.now(dt.timezone.utc),
+            uid, modseq, bits, flagcodec.keywords_column(keywords), internaldate or dt.datetime.now(dt.UTC),
             data, headers.message_id, headers.subject, headers.from_addr, headers.to_addr, headers.cc_addr,
             headers.sent_date, headers.envelope)
         result = AppendResult(target.uidvalidity, uid, modseq)
