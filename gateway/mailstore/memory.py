@@ -31,7 +31,7 @@ from gateway.mailstore.errors import (
     QuotaExceeded,
     UidValidityChanged,
 )
-from gateway.mailstore.headers import MAX_HEADER_BYTES, header_section, parse_headers
+from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
     INBOX,
     PERMANENT_FLAGS,
@@ -59,7 +59,7 @@ from gateway.mailstore.interface import (
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.search import Evaluator
-from gateway.mailstore.sql import AddedMessage
+from gateway.mailstore.sql import AddedMessage, AfterInsert
 
 SEEN_BIT = flagcodec.SYSTEM_BITS["\\Seen"]
 DELETED_BIT = flagcodec.SYSTEM_BITS["\\Deleted"]
@@ -344,8 +344,15 @@ class MemoryMailStore(MailStore):
         return (await self.add_message(folder, message, flags=flags, internaldate=internaldate)).result
 
     async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
-                          internaldate: dt.datetime | None = None, delivery_key: str | None = None) -> AddedMessage:
-        """APPEND and local delivery (``LocalDelivery``), idempotent per delivery key as ``SqlMailStore``'s."""
+                          internaldate: dt.datetime | None = None, delivery_key: str | None = None,
+                          headers: CachedHeaders | None = None, after: AfterInsert | None = None) -> AddedMessage:
+        """APPEND and local delivery (``LocalDelivery``), idempotent per delivery key as ``SqlMailStore``'s.
+
+        ``headers`` (a parse the caller already made) is not needed here. ``after`` (rows committed in the
+        delivery's database transaction) cannot be honoured: there is no transaction, so it is refused.
+        """
+        if after is not None:
+            raise TypeError("MemoryMailStore has no database transaction to commit `after` rows with")
         mailbox = self._mailbox(folder.mailbox_id)
         if delivery_key is not None and delivery_key in mailbox.deliveries:
             return AddedMessage(mailbox.deliveries[delivery_key], duplicate=True)
