@@ -231,7 +231,8 @@ class Gateway:
         running.push_async_callback(http.aclose)
         shredding = ShreddingTask(services.db, services.keys, services.fields,
                                   retention_days=settings.retention.closed_patient_days,
-                                  interval_seconds=settings.retention.shred_interval_minutes * 60)
+                                  interval_seconds=settings.retention.shred_interval_minutes * 60,
+                                  index=services.mailstore.index)
         await shredding.start()
         running.push_async_callback(shredding.stop)
         imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from gateway.dmp_bridge.record import patient_owner
+from gateway.mailstore.blind_index import BlindIndex
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.db import Database
@@ -52,6 +53,9 @@ async def shred_expired_patients(db: Database, keys: KeyManager, retention_days:
     for _patient_id, ins, closed_at, mailbox_id in rows:
         assert closed_at is not None  # the WHERE clause compared it with the cutoff
         owners = (patient_owner(ins), *((mailbox_owner(mailbox_id),) if mailbox_id is not None else ()))
+        if mailbox_id is not None:
+            async with db.session() as session:
+                await BlindIndex.delete_mailbox_tokens(session, mailbox_id)
         destroyed = 0
         for owner in owners:
             destroyed += await keys.destroy_owner_key(owner)
@@ -72,10 +76,11 @@ class ShreddingTask:
     """``gateway serve``'s periodic crypto-shredding of closed patient spaces past their retention."""
 
     def __init__(self, db: Database, keys: KeyManager, fields: FieldSealer, *, retention_days: int,
-                 interval_seconds: float) -> None:
+                 interval_seconds: float, index: BlindIndex | None = None) -> None:
         self.db = db
         self.keys = keys
         self.fields = fields
+        self.index = index   # the mail store's search index keys, derived from the data keys destroyed here
         self.retention_days = retention_days
         self.interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
@@ -90,11 +95,16 @@ class ShreddingTask:
             self._task = None
 
     async def run_once(self) -> list[ShreddedSpace]:
-        shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self.fields.forget)
+        shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self._forget)
         for space in shredded:
             log.warning("crypto-shredded the space of patient %s (closed %s): %d data keys destroyed",
                         space.ins, space.closed_at.date(), space.keys_destroyed)
         return shredded
+
+    def _forget(self, owner: str) -> None:
+        self.fields.forget(owner)
+        if self.index is not None:
+            self.index.forget(owner)
 
     async def _loop(self) -> None:
         while True:

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, Table, exists, func, insert, literal, select
+from sqlalchemy import Select, Table, delete, exists, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -193,6 +193,18 @@ class BlindIndex:
     async def tokens_for(self, mailbox_id: int, headers: CachedHeaders) -> set[int]:
         """Tokens of a message about to be inserted (computed before its transaction)."""
         return (await self.key_for(mailbox_id)).message_tokens(headers_values(headers))
+
+    def forget(self, owner: str) -> None:
+        """Drop an owner's index key from memory (crypto-shredding destroyed the data key it came from)."""
+        self._keys.pop(owner, None)
+
+    @staticmethod
+    async def delete_mailbox_tokens(session: AsyncSession, mailbox_id: int) -> int:
+        """Every token of a mailbox's messages (crypto-shredding: the sealed rows become unreadable, and
+        the tokens' equalities and frequencies must not outlive them)."""
+        messages = select(Message.id).join(Folder, Folder.id == Message.folder_id).where(Folder.mailbox_id == mailbox_id)
+        result = await session.execute(delete(SearchToken).where(SearchToken.message_id.in_(messages)))
+        return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
     async def write(session: AsyncSession, message_id: int, tokens: Iterable[int]) -> None:

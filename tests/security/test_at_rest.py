@@ -161,3 +161,28 @@ async def test_crypto_shredding_makes_backups_unreadable(db: Database, keys: Key
                 await old.read(owner, blob.blob_id)
     finally:
         await restored.dispose()
+
+
+async def test_crypto_shredding_removes_the_search_index_of_the_patients_mailbox(db: Database, keys: KeyManager,
+                                                                                  settings: Settings, tmp_path: Path) -> None:
+    """The blind index's tokens (equalities and frequencies of a patient's headers) do not outlive the keys."""
+    from gateway.mailstore.blind_index import BlindIndex
+    from gateway.mailstore.interface import FolderRef
+    from gateway.mailstore.notify import ChangeHub
+    from gateway.mailstore.sql import SqlMailStore
+    from gateway.mailstore.tables import SearchToken
+    from sqlalchemy import func
+
+    from gateway.security.at_rest import FieldSealer, HeaderSealer
+
+    ins, mailbox_id = await _closed_patient(db, settings, days_ago=400)
+    store = SqlMailStore(db, BlobStore(tmp_path / "blobs", keys), ChangeHub(), headers=HeaderSealer(FieldSealer(keys)))
+    await store.create_folder(mailbox_id, "INBOX")
+    await store.add_message(FolderRef(mailbox_id, "INBOX"),
+                            b"From: Dr Martin <martin@x.test>\r\nSubject: Resultats de biologie\r\n\r\ncorps\r\n")
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(SearchToken)) > 0
+    assert [space.ins for space in await shred_expired_patients(db, keys, retention_days=365)] == [ins]
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(SearchToken)) == 0
+    assert isinstance(store.index, BlindIndex)
