@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from gateway.imap.protocol import response
 from gateway.imap.protocol.errors import BadCommand
 from gateway.imap.protocol.sequence import SequenceSet
+from gateway.mailstore.index import merged_ranges
 from gateway.mailstore.interface import (
     PERMANENT_FLAGS, RECENT, SYSTEM_FLAGS, Changes, FlagUpdate, FolderRef, FolderSnapshot, MailStore, flags_sequence,
 )
@@ -133,7 +134,7 @@ class SelectedMailbox:
                 low, high = max(low, 1), min(high, self.exists)
                 if low <= high:
                     ranges.append((self.uids[low - 1], self.uids[high - 1]))
-        ranges = _merged(ranges)
+        ranges = merged_ranges(ranges)
         count = sum(bisect.bisect_right(self.uids, high) - bisect.bisect_left(self.uids, low) for low, high in ranges)
         return ranges, count
 
@@ -257,15 +258,3 @@ class SelectedMailbox:
         if not self.read_only:
             self.recent.update(uid for uid in await store.claim_recent(self.ref) if uid in set(fresh))
         return [response.exists(self.exists), response.recent(len(self.recent))]
-
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Ascending, non-overlapping ranges."""
-    merged: list[tuple[int, int]] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
-        else:
-            merged.append((low, high))
-    return merged

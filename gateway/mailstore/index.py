@@ -163,7 +163,7 @@ class FolderIndex:
     def listing(self, uids: UidSet, changed_since: int | None = None) -> FlagListing:
         """The messages of ``uids`` (ranges resolved by bisection), those changed after ``changed_since`` only."""
         picked_uids, picked_modseqs, picked_ids = array("I"), array("Q"), array("I")
-        for low, high in _merged(uids.ranges):
+        for low, high in merged_ranges(uids.ranges):
             start, stop = bisect.bisect_left(self.uids, low), bisect.bisect_right(self.uids, high)
             if changed_since is None:
                 picked_uids.extend(self.uids[start:stop])
@@ -178,7 +178,7 @@ class FolderIndex:
         return FlagListing(picked_uids, picked_modseqs, picked_ids, self.sets.flags)
 
 
-def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+def merged_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Ascending, non-overlapping ranges (a UidSet may be written with overlaps, e.g. ``1:5,3:9``)."""
     merged: list[tuple[int, int]] = []
     for low, high in sorted(ranges):
