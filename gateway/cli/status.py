@@ -87,28 +87,21 @@ async def _queue(config: Settings) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob
-    from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState
+    from gateway.queue.store import QueueStore
     from gateway.storage.db import Database
 
     database = Database(config.database_url)
-    waiting = QueuedRecipient.state.in_([RecipientState.PENDING.value, RecipientState.DEFERRED.value])
     try:
+        backlog = await QueueStore(database).backlog()
         async with database.session() as session:
-            rows = (await session.execute(select(QueuedRecipient.route, QueuedRecipient.state, func.count())
-                                          .where(waiting).group_by(QueuedRecipient.route, QueuedRecipient.state))).all()
-            oldest = (await session.execute(select(func.min(QueuedMessage.received_at)).join(QueuedRecipient)
-                                            .where(waiting))).scalar()
             filing_open = (await session.execute(select(func.count()).select_from(FilingJob)
                                                  .where(FilingJob.state.in_(OPEN_JOB_STATES)))).scalar()
     finally:
         await database.dispose()
     by_route: dict[str, dict[str, int]] = {}
-    for route, state, count in rows:
-        by_route.setdefault(str(route), {})[str(state)] = int(count)
-    age = None
-    if oldest is not None:
-        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
-        age = round((dt.datetime.now(dt.timezone.utc) - oldest).total_seconds())
+    for (route, state), count in backlog.counts.items():
+        by_route.setdefault(route, {})[state] = count
+    age = None if backlog.oldest_seconds is None else round(backlog.oldest_seconds)
     return {"waiting": by_route, "waiting_total": sum(sum(states.values()) for states in by_route.values()),
             "oldest_waiting_seconds": age, "filing_jobs_open": int(filing_open or 0)}
 

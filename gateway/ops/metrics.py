@@ -97,22 +97,15 @@ class LiveCollector(Collector):
 
     async def refresh(self) -> None:
         from gateway.dmp_bridge.tables import FilingJob, FilingOutcome
-        from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState
+        from gateway.queue.store import QueueStore
 
-        waiting = QueuedRecipient.state.in_([RecipientState.PENDING.value, RecipientState.DEFERRED.value])
+        backlog = await QueueStore(self.db).backlog()
         async with self.db.session() as session:
-            depth = dict((await session.execute(
-                select(QueuedRecipient.route, func.count()).where(waiting).group_by(QueuedRecipient.route))).all())
-            oldest = (await session.execute(
-                select(func.min(QueuedMessage.received_at)).join(QueuedRecipient).where(waiting))).scalar()
             filings = dict((await session.execute(
                 select(FilingOutcome.outcome, func.count()).group_by(FilingOutcome.outcome))).all())
             jobs = dict((await session.execute(
                 select(FilingJob.state, func.count()).group_by(FilingJob.state))).all())
-        age = 0.0
-        if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
-            age = max(0.0, (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds())
+        depth, age = backlog.by_route(), backlog.oldest_seconds or 0.0
         self.values = LiveValues({str(k): int(v) for k, v in depth.items()}, age,
                                  {str(k): int(v) for k, v in filings.items()}, {str(k): int(v) for k, v in jobs.items()})
 

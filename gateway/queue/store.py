@@ -75,7 +75,35 @@ class CompanionChange(Protocol):
     async def apply(self, session: AsyncSession) -> None: ...
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Recipients waiting for delivery (pending or deferred): counts by (route, state), and the oldest one's age."""
+
+    counts: dict[tuple[str, str], int]
+    oldest_seconds: float | None
+
+    def by_route(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for (route, _state), count in self.counts.items():
+            totals[route] = totals.get(route, 0) + count
+        return totals
+
+
 class QueueStore:
+    async def backlog(self) -> Backlog:
+        """What `gateway status` and the metrics report of the queue, read in one transaction."""
+        waiting = QueuedRecipient.state.in_([RecipientState.PENDING.value, RecipientState.DEFERRED.value])
+        async with self.db.session() as session:
+            rows = (await session.execute(select(QueuedRecipient.route, QueuedRecipient.state, func.count())
+                                          .where(waiting).group_by(QueuedRecipient.route, QueuedRecipient.state))).all()
+            oldest = (await session.execute(select(func.min(QueuedMessage.received_at)).join(QueuedRecipient)
+                                            .where(waiting))).scalar()
+        age = None
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
+            age = max(0.0, (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds())
+        return Backlog({(str(route), str(state)): int(count) for route, state, count in rows}, age)
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
