@@ -158,9 +158,25 @@ def read_manifest(backup: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads((backup / "manifest.json").read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{backup}: no readable manifest.json ({error})", field="backup") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{backup}: not a gateway backup (format {manifest.get('format')!r})", field="backup")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{backup}: not a gateway backup (format {found!r})", field="backup")
+    files, database = manifest.get("files"), manifest.get("database")
+    if not isinstance(files, dict) or not all(_inside(name) and isinstance(entry, dict)
+                                              and isinstance(entry.get("sha256"), str)
+                                              for name, entry in files.items()):
+        raise UserError(f"{backup}: manifest.json lists files badly (names inside the backup, each with its sha256)",
+                        field="manifest.files")
+    if not isinstance(database, dict) or database.get("kind") not in ("sqlite", "postgresql") \
+            or not _inside(database.get("file")):
+        raise UserError(f"{backup}: manifest.json names no database (kind sqlite or postgresql, a file inside)",
+                        field="manifest.database")
     return manifest
+
+
+def _inside(name: object) -> bool:
+    """A relative path that stays inside the backup folder (a manifest is read from a folder we did not write)."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def verify(backup: Path, keys_dir: Path | None = None) -> dict[str, Any]:

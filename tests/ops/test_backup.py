@@ -164,3 +164,25 @@ async def test_postgresql_backup_restores_into_a_fresh_database(tmp_path: Path, 
         restored.stop()
         await pg_cluster.drop_database(source_url)              # type: ignore[attr-defined]
         await pg_cluster.drop_database(fresh_url)               # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("manifest", "field"), [
+    ("[1, 2]", "backup"),
+    ('{"format": "other/1"}', "backup"),
+    ('{"format": "mss-gateway-backup/1", "files": [], "database": {}}', "manifest.files"),
+    ('{"format": "mss-gateway-backup/1", "files": {"../../etc/passwd": {"sha256": "0"}}, "database": {}}',
+     "manifest.files"),
+    ('{"format": "mss-gateway-backup/1", "files": {"/etc/passwd": {"sha256": "0"}}, "database": {}}', "manifest.files"),
+    ('{"format": "mss-gateway-backup/1", "files": {}, "database": {"kind": "sqlite", "file": "../gateway.db"}}',
+     "manifest.database"),
+    ('{"format": "mss-gateway-backup/1", "files": {}, "database": {"kind": "oracle", "file": "x"}}',
+     "manifest.database"),
+])
+def test_a_hostile_manifest_is_refused_naming_the_field(tmp_path: Path, manifest: str, field: str) -> None:
+    from gateway.errors import UserError
+    from gateway.ops.backup import read_manifest
+
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(UserError) as refused:
+        read_manifest(tmp_path)
+    assert refused.value.field == field
