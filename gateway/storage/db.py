@@ -10,22 +10,26 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from gateway.storage.private import create_private_file, private_dir
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -38,6 +42,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_sync_connect(dbapi_connection: Any, record: Any) -> None:
+    # pysqlite's own implicit BEGIN is turned off: the "begin" listener below
+    # says BEGIN or BEGIN IMMEDIATE itself, so a writer takes the write lock
+    # first and waits on busy_timeout instead of failing with SQLITE_BUSY when
+    # it upgrades a read snapshot another writer has moved past.
+    dbapi_connection.isolation_level = None
+    _sqlite_pragmas(dbapi_connection, record)
+
+
+def _sqlite_sync_begin(connection: Connection) -> None:
+    mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+    connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 class SqliteConnection(aiosqlite.Connection):
@@ -76,8 +94,8 @@ class Database:
     def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        path = url.split("///", 1)[1] if self.is_sqlite and "///" in url else ""
         if self.is_sqlite:
-            path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 # The database file 0600 before SQLite opens it: its -wal and -shm take the file's mode.
                 private_dir(Path(path).parent)
@@ -88,6 +106,17 @@ class Database:
         else:
             self.engine = create_async_engine(url, echo=echo, pool_size=pool_size, pool_pre_ping=True)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite on a file: a synchronous engine beside the async one, whose
+        # transactions run whole in one hop to a worker thread (run_in_transaction).
+        self._sync_engine: Engine | None = None
+        self._sync_threads: ThreadPoolExecutor | None = None
+        if self.is_sqlite and path and path != ":memory:":
+            self._sync_engine = create_engine(
+                f"sqlite:///{path}", echo=echo, poolclass=QueuePool, pool_size=_SQLITE_THREADS,
+                max_overflow=0, connect_args={"check_same_thread": False})
+            event.listen(self._sync_engine, "connect", _sqlite_sync_connect)
+            event.listen(self._sync_engine, "begin", _sqlite_sync_begin)
+            self._sync_threads = ThreadPoolExecutor(_SQLITE_THREADS, thread_name_prefix="sqlite")
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -95,6 +124,28 @@ class Database:
         async with self.sessions() as session:
             async with session.begin():
                 yield session
+
+    async def run_in_transaction(self, work: Callable[[Connection], T], *, write: bool = False) -> T:
+        """Run ``work`` as one transaction: committed if it returns, rolled back if it raises.
+
+        On a SQLite file the whole of ``work`` runs in one hop to a database
+        thread over a synchronous connection, instead of one thread hop (and
+        event-loop wake-up) per statement through aiosqlite; ``write=True``
+        starts it with BEGIN IMMEDIATE, so it queues for SQLite's one write
+        lock up front. ``work`` must not touch the event loop: build its inputs
+        before, publish its results after. On PostgreSQL (and in-memory
+        SQLite) it runs through ``AsyncConnection.run_sync`` on the async
+        engine, with the same synchronous ``Connection`` interface.
+
+        A cancelled caller does not cancel the thread: the transaction still
+        commits or rolls back as a whole, as a client that went away after its
+        DATA was sent would leave it.
+        """
+        if self._sync_engine is None or self._sync_threads is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(work)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._sync_threads, _run_sync_transaction, self._sync_engine, work, write)
 
     async def migrate(self, revision: str = "heads") -> None:
         """Bring the schema to ``revision`` (default: the newest of every branch).
@@ -113,6 +164,22 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._sync_threads is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._sync_threads.shutdown, True)
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+
+
+# Threads (and pooled connections) for SQLite's one-hop transactions: one writer
+# at a time holds the lock; the others read beside it in WAL.
+_SQLITE_THREADS = 4
+
+
+def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write: bool) -> T:
+    with engine.connect() as connection:
+        connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
+        with connection.begin():
+            return work(connection)
 
 
 def alembic_config() -> AlembicConfig:
