@@ -11,9 +11,13 @@ The rules (mssante.md §2.3-2.5), applied in this order for a professional:
    the record (the author keeps the document in their own software). The
    médecin traitant cannot be blocked, so a block row naming them is ignored.
 3. The médecin traitant sees everything, masked and hidden documents included.
-4. The author sees their own documents.
+4. The professional who deposited a document sees it: the depositor the
+   gateway established from the authenticated session that sent it
+   (``depositor.py``), never the author the document names, which is a claim
+   anyone can write (naming someone as author must not open a masked document
+   to them).
 5. A document the patient hid, or that carries MASQUE_PS, is visible only to
-   the author and the médecin traitant (handled above): for everyone else it
+   its depositor and the médecin traitant (handled above): for everyone else it
    does not exist (``concealed``: absent from searches, 404 on direct read).
 6. Emergency access bypasses the matrix, and only the matrix. It does not lift
    a block, a patient's hiding or MASQUE_PS: the law reserves emergency access
@@ -58,7 +62,7 @@ class Reason(enum.StrEnum):
 
     PATIENT_SELF = "patient-self"
     TREATING_DOCTOR = "treating-doctor"
-    AUTHOR = "author"
+    DEPOSITOR = "depositor"
     MATRIX = "matrix"
     EMERGENCY = "emergency-access"
     NOT_IN_MATRIX = "not-in-matrix"
@@ -95,9 +99,14 @@ class DocumentFacts:
     patient_ins: str
     type_code: str | None
     class_code: str | None
-    author_idnps: str | None
+    depositor_idnps: str | None      # the professional who deposited it (depositor.py), not the claimed author
     masked_to_professionals: bool = False
     invisible_to_patient: bool = False
+
+
+def professional_depositor(kind: str | None, depositor_id: str | None) -> str | None:
+    """The IDNPS of a record row's depositor when a professional deposited it (an organisation's IDNST never matches a person)."""
+    return depositor_id if kind == "professional" else None
 
 
 @dataclass(frozen=True)
@@ -243,8 +252,8 @@ class AccessPolicy:
                                         emergency: Emergency | None) -> Decision:
         if _is_treating_doctor(requester, choices):
             return Decision.allow(Reason.TREATING_DOCTOR)
-        if document.author_idnps is not None and requester.id == document.author_idnps:
-            return Decision.allow(Reason.AUTHOR)
+        if document.depositor_idnps is not None and requester.id == document.depositor_idnps:
+            return Decision.allow(Reason.DEPOSITOR)
         if document.unique_id in choices.hidden_documents:
             return Decision.deny(Reason.HIDDEN_BY_PATIENT, concealed=True)
         if document.masked_to_professionals:

@@ -34,7 +34,7 @@ from gateway.audit.events import AuditEvent
 from gateway.audit.tables import AuditEntryRow
 from gateway.directory.addresses import normalise_address
 from gateway.directory.service import DirectoryService, LocalRoute, RemoteRoute
-from gateway.dmp_bridge.access import DocumentFacts, Requester, RequesterKind
+from gateway.dmp_bridge.access import DocumentFacts, Requester, RequesterKind, professional_depositor
 from gateway.dmp_bridge.access_history import Person, profession_label, professional_name
 from gateway.dmp_bridge.fhir.service import (
     MAX_LISTED_IDS,
@@ -127,7 +127,8 @@ class Listed:
     patient_ins: str
     type_code: str | None
     class_code: str | None
-    author_idnps: str | None
+    depositor_kind: str | None
+    depositor_id: str | None
     masked_to_professionals: bool
     invisible_to_patient: bool
     status: str
@@ -136,7 +137,8 @@ class Listed:
 
     @property
     def facts(self) -> DocumentFacts:
-        return DocumentFacts(self.unique_id, self.patient_ins, self.type_code, self.class_code, self.author_idnps,
+        return DocumentFacts(self.unique_id, self.patient_ins, self.type_code, self.class_code,
+                             professional_depositor(self.depositor_kind, self.depositor_id),
                              self.masked_to_professionals, self.invisible_to_patient)
 
 

@@ -11,7 +11,9 @@ test is an attack that worked before the record was bound to its depositor:
 2. a professional mails an IHE_XDM.ZIP to his own mailbox and it is filed into
    the record of the patient its METADATA names;
 3. an XDM whose METADATA gives a patientId without the identity traits is filed;
-4. an HTML page or a zip inside an XDM is filed as a document.
+4. an HTML page or a zip inside an XDM is filed as a document;
+5. a professional named as author in a document someone else deposited reads it
+   though the patient or its depositor masked it (the author is a claim).
 """
 
 from __future__ import annotations
@@ -276,3 +278,42 @@ async def test_an_html_page_or_a_zip_inside_an_xdm_is_refused_906_with_its_reaso
     assert await in_record(services, "1.2.250.1.999.99.1") is None and await in_record(services, "1.2.250.1.999.99.2") is None
     assert await report_arrives(served, lab, f"{KO_PREFIX}[906]")
 
+
+def naming_as_author(author_idnps: str, marker: int) -> tuple[bytes, str]:
+    """The imaging report as a new document of its own (first version, no RPLC) naming ``author_idnps`` as author."""
+    text = sample(IMAGING).decode("utf-8")
+    unique_id = f"1.2.250.1.999.88.{marker}"
+    text = text.replace(f'<id root="{IMAGING_ID}"/>', f'<id root="{unique_id}"/>', 1)
+    text = text.replace('<setId root="1.2.250.1.213.1.1.1.45.2024.2"/>', f'<setId root="1.2.250.1.999.89.{marker}"/>', 1)
+    text = text.replace('<versionNumber value="2"/>', '<versionNumber value="1"/>', 1)
+    related = text.index('<relatedDocument typeCode="RPLC">')
+    text = text[:related] + text[text.index("</relatedDocument>", related) + len("</relatedDocument>"):]
+    text = text.replace(f'extension="{RADIOLOGIST_IDNPS}"', f'extension="{author_idnps}"', 1)
+    return text.encode("utf-8"), unique_id
+
+
+async def test_a_professional_named_as_author_by_someone_else_does_not_read_a_masked_document(
+        served: GatewayProcess, services: Services) -> None:
+    """The claimed author opens nothing: only who deposited it (the gateway's own fact) keeps sight of a masked one."""
+    patient, named, owner = served.account("PAT"), pharmacist(served), radiologist(served)
+    cda, unique_id = naming_as_author(named["owner"], marker=1)
+    message = message_with(("cr-imagerie.xml", cda, "text/xml"), sender=owner["address"], to=patient["address"],
+                           subject="XDM/1.0/DDM+CR d'imagerie PAT-TROIS DOMINIQUE 28/03/1979")
+    [job] = await filed_jobs(services, submit(served, owner, message, [patient["address"]]))
+    filed = await in_record(services, unique_id)
+    assert job.state == "filed" and filed is not None
+    assert (filed.author_idnps, filed.depositor_id) == (named["owner"], RADIOLOGIST_IDNPS)
+
+    document_id = str(filed.id)
+    with fhir(served, owner) as client:
+        current = client.get(f"/DocumentReference/{document_id}")
+        assert current.status_code == 200, current.text
+        masked = client.put(f"/DocumentReference/{document_id}", json=security_label_change(current.json(), "MASQUE_PS"))
+        assert masked.status_code == 200, masked.text
+        assert client.get(f"/DocumentReference/{document_id}").status_code == 200   # the depositor still sees it
+    with fhir(served, named) as client:
+        direct = client.get(f"/DocumentReference/{document_id}")
+        content = client.get(f"/Binary/{document_id}")
+        listed = client.get("/DocumentReference", params={"patient.identifier": f"urn:oid:1.2.250.1.213.1.4.8|{TEST_INS}"})
+    assert (direct.status_code, content.status_code) == (404, 404), (direct.text, content.text)
+    assert unique_id not in listed.text

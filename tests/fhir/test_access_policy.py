@@ -25,9 +25,9 @@ PATIENT = Requester(RequesterKind.PATIENT, INS, "Patient")
 POLICY = AccessPolicy(AccessMatrix.default())
 
 
-def document(type_code: str = "11502-2", *, author: str = "899999999999", masked: bool = False,
+def document(type_code: str = "11502-2", *, depositor: str | None = "899999999999", masked: bool = False,
              invisible: bool = False, unique_id: str = "1.2.3") -> DocumentFacts:
-    return DocumentFacts(unique_id, INS, type_code, None, author, masked, invisible)
+    return DocumentFacts(unique_id, INS, type_code, None, depositor, masked, invisible)
 
 
 @pytest.mark.parametrize(("who", "type_code", "allowed"), [
@@ -51,9 +51,12 @@ def test_a_malformed_matrix_is_refused_with_its_row() -> None:
         AccessMatrix.parse("profession,axis,code,effect\n10,type,,maybe\n")
 
 
-def test_the_author_sees_their_document_outside_the_matrix_and_when_masked() -> None:
-    mine = document("68599-0", author=DENTIST.id, masked=True)
-    assert POLICY.check_document(DENTIST, mine, PatientChoices(INS)).reason == Reason.AUTHOR
+def test_the_depositor_sees_their_document_outside_the_matrix_and_when_masked() -> None:
+    mine = document("68599-0", depositor=DENTIST.id, masked=True)
+    assert POLICY.check_document(DENTIST, mine, PatientChoices(INS)).reason == Reason.DEPOSITOR
+    # An organisation's deposit (no professional depositor) opens nothing to a person.
+    theirs = document("68599-0", depositor=None, masked=True)
+    assert POLICY.check_document(DENTIST, theirs, PatientChoices(INS)).reason == Reason.MASKED_TO_PROFESSIONALS
 
 
 def test_masked_and_hidden_documents_are_concealed_but_not_from_the_treating_doctor() -> None:

@@ -27,6 +27,7 @@ from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, well_formed_nir
 from gateway.dmp_bridge.access import (
     AccessPolicy,
+    professional_depositor,
     Decision,
     DocumentFacts,
     Emergency,
@@ -156,7 +157,8 @@ class MetadataChange:
 
 def facts(document: RecordDocument) -> DocumentFacts:
     return DocumentFacts(unique_id=document.unique_id, patient_ins=document.patient_ins, type_code=document.type_code,
-                         class_code=document.class_code, author_idnps=document.author_idnps,
+                         class_code=document.class_code,
+                         depositor_idnps=professional_depositor(document.depositor_kind, document.depositor_id),
                          masked_to_professionals=document.masked_to_professionals,
                          invisible_to_patient=document.invisible_to_patient)
 
