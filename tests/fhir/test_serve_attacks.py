@@ -348,8 +348,11 @@ def test_fuzzed_requests_never_get_a_500_and_are_always_audited(served: GatewayP
     if probe.authenticated:
         headers.pop(b"Authorization", None)  # a well-formed wrong password is the limiter's business, not fuzzed here
     with client(served, "PER" if probe.authenticated else None) as caller:
-        response = caller.request(probe.method, f"/{path}" + (f"?{query}" if query else ""), headers=headers,
-                                  content=probe.body)
+        # An absolute URL: a fuzzed path starting with "/" would make "//x/y" a network-path reference that
+        # httpx resolves against the base URL as host "x", path "/y" (so "//DocumentReference/metadata"
+        # was sent as /fhir/metadata).
+        url = f"{str(caller.base_url).rstrip('/')}/{path}" + (f"?{query}" if query else "")
+        response = caller.request(probe.method, url, headers=headers, content=probe.body)
     event(f"status {response.status_code}")
     assert response.status_code < 500, response.text
     if response.status_code >= 400 and probe.method != "HEAD":
