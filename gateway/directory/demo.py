@@ -46,7 +46,9 @@ class DemoAccount:
 
 
 def _password() -> str:
-    return secrets.token_urlsafe(12)
+    # Never a leading "-": pasted after a command-line option (swaks --auth-password, curl -u) it reads as one.
+    password = secrets.token_urlsafe(12)
+    return password if not password.startswith("-") else "x" + password[1:]
 
 
 async def seed_demo_directory(directory: DirectoryService, pki: TestPKI, professional_domain: str) -> list[DemoAccount]:

@@ -47,7 +47,7 @@ def test_swaks(gw: GatewayThread, tls_flag: str, port_kind: str) -> None:
     marker = f"swaks-{uuid.uuid4().hex[:8]}"
     result = _run([swaks, "--server", "127.0.0.1", "--port", str(gw.ports[port_kind]), tls_flag,
                    "--tls-verify", "--tls-ca-path", gw.ca_file, "--tls-sni", "localhost",
-                   "--auth", "PLAIN", "--auth-user", doctor.address, "--auth-password", doctor.password,
+                   "--auth", "PLAIN", f"--auth-user={doctor.address}", f"--auth-password={doctor.password}",
                    "--from", doctor.address, "--to", pharmacist.address, "--header", f"Subject: {marker}",
                    "--body", "Bonjour depuis swaks."])
     assert b"<~  250 2.0.0 OK queued as" in result.stdout
@@ -58,7 +58,7 @@ def test_swaks_is_refused_before_tls(gw: GatewayThread) -> None:
     swaks = _need("swaks")
     doctor = gw.account("PER")
     result = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(gw.ports["submission"]),
-                             "--auth", "PLAIN", "--auth-user", doctor.address, "--auth-password", doctor.password,
+                             "--auth", "PLAIN", f"--auth-user={doctor.address}", f"--auth-password={doctor.password}",
                              "--from", doctor.address, "--to", doctor.address], capture_output=True, timeout=60)
     assert result.returncode != 0
     assert b"Host did not advertise authentication" in result.stdout + result.stderr
