@@ -40,6 +40,7 @@ from gateway.queue.spool import Spool, spool_root
 from gateway.retention import ShreddingTask
 from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
+from gateway.security.door_audit import DoorAudit
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
 from gateway.security.passwords import PasswordHasher
@@ -71,6 +72,7 @@ class Services:
     smime: SmimeService
     audit: AuditLog
     auth_limiter: AuthLimiter    # one limiter for every door's sign-ins (SMTP, IMAP, FHIR, webmail)
+    door_audit: DoorAudit        # the other refusals and faults at the doors, into the audit log
     revocation: RevocationList   # the CRLs as they are now, for every certificate login
     tls_contexts: ReloadingContexts  # listeners' TLS contexts, rebuilt when their files (CRLs, trust) change
     trust_anchors: list[Path]        # pki.trust_anchors as files: one live list, replaced in place on SIGHUP
@@ -124,6 +126,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             smime=smime,
             audit=audit,
             auth_limiter=auth_limiter,
+            door_audit=DoorAudit(audit),
             revocation=revocation,
             tls_contexts=ReloadingContexts(),
             trust_anchors=anchors,

@@ -53,6 +53,7 @@ class ActorKind(enum.StrEnum):
     SYSTEM = "system"
     APPLICATION = "application"
     UNAUTHENTICATED = "unauthenticated"   # someone who tried to sign in and failed: the id is the login tried
+    MAILBOX = "mailbox"                   # a signed-in mail account at a door (SMTP, IMAP): the id is its login
 
 
 class Door(enum.StrEnum):

@@ -62,6 +62,9 @@ class AuditEvent(enum.IntEnum):
 
     # 41x: signing in (every door: SMTP, IMAP, FHIR, webmail)
     AUTHENTICATION_FAILED = 410
+    # 42x: other refusals and faults at a door (security/door_audit.py)
+    DOOR_REFUSED = 420
+    COMMAND_FAILED = 421
     # 5xx: the patient's webmail account (sign-in, second factor, sign-out)
     WEBMAIL_SIGNED_IN = 501
     WEBMAIL_SIGN_IN_REFUSED = 502
@@ -132,6 +135,8 @@ EVENT_INFO: dict[AuditEvent, EventInfo] = {
     AuditEvent.DELEGATION_GRANTED: EventInfo("Délégation d'accès à une messagerie accordée"),
     AuditEvent.DELEGATION_REVOKED: EventInfo("Délégation d'accès à une messagerie retirée"),
     AuditEvent.AUTHENTICATION_FAILED: EventInfo("Échec de connexion"),
+    AuditEvent.DOOR_REFUSED: EventInfo("Demande refusée par la messagerie"),
+    AuditEvent.COMMAND_FAILED: EventInfo("Erreur interne de la messagerie"),
     AuditEvent.WEBMAIL_SIGNED_IN: EventInfo("Connexion à votre espace"),
     AuditEvent.WEBMAIL_SIGN_IN_REFUSED: EventInfo("Tentative de connexion refusée"),
     AuditEvent.WEBMAIL_SIGNED_OUT: EventInfo("Déconnexion de votre espace"),

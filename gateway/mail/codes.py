@@ -188,3 +188,32 @@ MIME_TOO_DEEP = Reply(554, "5.6.0", "MIME structure nested deeper than {limit} l
 HEADER_TOO_LARGE = Reply(554, "5.6.0", "Message header section larger than {limit} octets")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")                            # RFC 5321 3.3
 EIGHT_BIT_NOT_DECLARED = Reply(554, "5.6.1", "8-bit data needs BODY=8BITMIME")              # RFC 6152 3
+
+
+# --------------------------------------------------------------------------- what the audit log records
+
+# Sign-in outcomes are audited by the authentication limiter, once per attempt; these are its replies.
+_SIGN_IN_REPLIES = frozenset({(r.code, r.enhanced, r.text) for r in (AUTH_ABORTED, TOO_MANY_AUTH_FAILURES)})
+_SMUGGLING_REPLIES = frozenset({(r.code, r.enhanced, r.text) for r in (BARE_LF, BARE_CR)})
+
+
+def is_policy_refusal(reply: Reply) -> bool:
+    """Whether a refusal is a policy decision the audit log keeps (``security/door_audit.py``).
+
+    RFC 3463 3: the enhanced code's subject says what was refused: addressing
+    (X.1: an unknown or malformed recipient, a relay attempt), the mailbox
+    (X.2), the content (X.6) or security and policy (X.7: a spoofed sender, a
+    domain outside the trust space, a rate limit). Syntax and sequence errors
+    (X.5) and the system's own state (X.3, X.4) are the log's, except a bare CR
+    or LF in DATA, which is how SMTP smuggling is tried. Sign-in replies
+    (X.7.8, a lock-out, too many failures) are left to the limiter.
+    """
+    key = (reply.code, reply.enhanced, reply.text)
+    if reply.is_success or not reply.enhanced or key in _SIGN_IN_REPLIES:
+        return False
+    if key in _SMUGGLING_REPLIES:
+        return True
+    subject, detail = reply.enhanced.split(".")[1:3]
+    if subject == "7" and (detail == "8" or (reply.code, reply.enhanced) == (454, "4.7.0")):
+        return False
+    return subject in {"1", "2", "6", "7"}

@@ -22,6 +22,7 @@ from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.pipeline import Pipeline, Transaction
 from gateway.queue.spool import SpoolFile
 from gateway.security.auth_limiter import AuthLimiter, AuthThrottled, LimiterPolicy
+from gateway.security.door_audit import DoorAudit
 from gateway.security.revocation import RevocationList
 from gateway.mail import codes
 from gateway.mail.codes import Reply, MailRefusal
@@ -73,8 +74,10 @@ class GatewayHandler:
     """One per listener; ``door`` says which."""
 
     def __init__(self, door: Door, pipeline: Pipeline, directory: DirectoryService, limits: SessionLimits,
-                 token_verifier: TokenVerifier | None = None, revocation: RevocationList | None = None) -> None:
+                 token_verifier: TokenVerifier | None = None, revocation: RevocationList | None = None,
+                 door_audit: DoorAudit | None = None) -> None:
         self.door = door
+        self.door_audit = door_audit
         self.revocation = revocation
         self.pipeline = pipeline
         self.directory = directory
@@ -96,6 +99,18 @@ class GatewayHandler:
             slot: Slot | None = server.connection_data.pop(key, None)
             if slot is not None:
                 slot.release()
+
+    # ----------------------------------------------------------------- outcomes answered at the boundary
+
+    async def command_refused(self, session: GatewaySession, reply: Reply, detail: str | None) -> None:
+        """Every policy refusal goes to the audit log (a relay attempt, a spoofed sender, a smuggled message)."""
+        if self.door_audit is not None and codes.is_policy_refusal(reply):
+            await self.door_audit.refused("smtp", _client_address(session), _signed_in(session), str(reply), detail)
+
+    async def command_failed(self, session: GatewaySession, command: str, error: BaseException) -> None:
+        if self.door_audit is not None:
+            await self.door_audit.failed("smtp", _client_address(session), _signed_in(session), command,
+                                         f"{error.__class__.__name__}")
 
     # ----------------------------------------------------------------- AUTH
 
@@ -196,6 +211,12 @@ def _transaction(envelope: GatewayEnvelope) -> Transaction:
 
 def _client_address(session: GatewaySession) -> str:
     return str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer)
+
+
+def _signed_in(session: GatewaySession) -> str | None:
+    """The authenticated login of the session, if any (``authenticate`` put its account in ``identity``)."""
+    address = getattr(session.identity, "address", None)
+    return str(address) if address else None
 
 
 def _login_of(credentials: Credentials) -> str:

@@ -29,6 +29,7 @@ from gateway.directory.service import DirectoryService
 from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
+from gateway.security.door_audit import DoorAudit
 from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.tls import server_context
@@ -99,6 +100,7 @@ class SmtpServices(Protocol):
     def token_verifier(self) -> TokenVerifier | None: ...
     auth_limiter: AuthLimiter
     revocation: RevocationList
+    door_audit: DoorAudit
 
 
 def tls_material_from_pki(services: SmtpServices, settings: Settings) -> TlsMaterial:
@@ -114,13 +116,14 @@ async def start_smtp_listeners(services: SmtpServices, settings: Settings) -> Sm
     """Open the three listeners in front of ``services.pipeline``."""
     return await open_listeners(services.pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=services.token_verifier, auth_limiter=services.auth_limiter,
-                                revocation=services.revocation)
+                                revocation=services.revocation, door_audit=services.door_audit)
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
                          *, token_verifier: TokenVerifier | None = None,
                          auth_limiter: AuthLimiter | None = None,
-                         revocation: RevocationList | None = None) -> SmtpListeners:
+                         revocation: RevocationList | None = None,
+                         door_audit: DoorAudit | None = None) -> SmtpListeners:
     limits = SessionLimits.from_settings(
         settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
     listeners = SmtpListeners(pipeline, limits)
@@ -133,7 +136,8 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
     )
     try:
         for kind, port, context in plan:
-            handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier, revocation)
+            handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier, revocation,
+                                     door_audit)
             server = await _listen(kind, handler, settings, port, context, listeners.connections)
             listeners.append(server)
             host, bound_port = server.sockets[0].getsockname()[:2]

@@ -184,6 +184,12 @@ class SmtpHandler(Protocol):
 
     async def open_message(self, server: "GatewaySMTP", session: GatewaySession, envelope: GatewayEnvelope) -> MessageSink: ...
 
+    async def command_refused(self, session: GatewaySession, reply: Reply, detail: str | None) -> None:
+        """After a refusal (any 4xx or 5xx reply) was sent: the handler audits what it must."""
+
+    async def command_failed(self, session: GatewaySession, command: str, error: BaseException) -> None:
+        """After a command failed inside the server and was answered 451."""
+
     async def handle_DATA(self, server: "GatewaySMTP", session: GatewaySession, envelope: GatewayEnvelope) -> Reply: ...
 
     def abandon_transaction(self, server: "GatewaySMTP", envelope: GatewayEnvelope) -> None: ...
@@ -224,6 +230,7 @@ class GatewaySMTP(SMTP):
         self._closed_notified = False
         self._stopping = False        # SIGTERM: no further command once the running one has its reply
         self._command_running = False
+        self._current_verb = "other"     # the verb of the command running (audit of a fault names it)
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "EHLO": self.smtp_EHLO, "HELO": self.smtp_HELO, "STARTTLS": self.smtp_STARTTLS,
             "AUTH": self.smtp_AUTH, "MAIL": self.smtp_MAIL, "RCPT": self.smtp_RCPT, "DATA": self.smtp_DATA,
@@ -300,8 +307,10 @@ class GatewaySMTP(SMTP):
             transport.write(f"{codes.SERVICE_SHUTTING_DOWN}\r\n".encode())
             transport.close()
 
-    async def reply(self, reply: Reply) -> None:
+    async def reply(self, reply: Reply, *, detail: str | None = None) -> None:
         await self.push(str(reply))
+        if reply.code >= 400:   # every refusal, however the command reached it, is the handler's to record
+            await self._after(self.handler.command_refused(self.gsession, reply, detail))
 
     @property
     def tls_active(self) -> bool:
@@ -338,9 +347,10 @@ class GatewaySMTP(SMTP):
             except TLSSetupException as refused:
                 self._handshake_refused(refused)
                 return
-            except Exception:
+            except Exception as error:
                 log.exception("%r error in SMTP command", self.gsession.peer)
                 await self.reply(codes.LOCAL_ERROR)
+                await self._after(self.handler.command_failed(self.gsession, self._current_verb, error))
 
     def _handshake_refused(self, refused: TLSSetupException) -> None:
         """One log line naming the peer, the door and the reason; no traceback (a refusal is not a fault)."""
@@ -353,13 +363,20 @@ class GatewaySMTP(SMTP):
         if refusal.detail:
             log.info("%r refused: %s (%s)", self.gsession.peer, refusal.reply, refusal.detail)
         if refusal.reply.code == 421:   # RFC 5321 3.8: 421 closes the transmission channel
-            await self._refuse_and_close(refusal.reply)
+            await self._refuse_and_close(refusal.reply, detail=refusal.detail)
         else:
-            await self.reply(refusal.reply)
+            await self.reply(refusal.reply, detail=refusal.detail)
 
-    async def _refuse_and_close(self, reply: Reply) -> None:
+    async def _after(self, hook: Awaitable[None]) -> None:
+        """An outcome hook of the handler, once the reply is sent: its failure never ends the session."""
         try:
-            await self.reply(reply)
+            await hook
+        except Exception:
+            log.exception("%r the handler's outcome hook failed", self.gsession.peer)
+
+    async def _refuse_and_close(self, reply: Reply, *, detail: str | None = None) -> None:
+        try:
+            await self.reply(reply, detail=detail)
         finally:
             if self.transport is not None:
                 self.transport.close()
@@ -369,8 +386,9 @@ class GatewaySMTP(SMTP):
         if line is None:
             return
         self._command_running = True     # SIGTERM lets it finish (shut_down)
+        self._current_verb = verb_label(line.split(b" ", 1)[0].decode("ascii", "replace"), SMTP_VERBS)
         try:
-            with timed("smtp", verb_label(line.split(b" ", 1)[0].decode("ascii", "replace"), SMTP_VERBS)):
+            with timed("smtp", self._current_verb):
                 await self._run_command(line)
         finally:
             self._command_running = False

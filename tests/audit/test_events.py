@@ -18,6 +18,8 @@ PINNED = {
     310: "notification_preferences_changed",
     401: "admin_mailbox_access", 402: "delegation_granted", 403: "delegation_revoked",
     410: "authentication_failed",
+    420: "door_refused",
+    421: "command_failed",
     501: "webmail_signed_in", 502: "webmail_sign_in_refused", 503: "webmail_signed_out",
     504: "webmail_signed_out_everywhere", 505: "webmail_second_factor_enrolled", 506: "webmail_recovery_code_used",
     901: "audit_exported", 902: "audit_verified", 903: "audit_consulted",
