@@ -30,6 +30,7 @@ from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.ops.http import MetricsListener, Readiness
 from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
+from gateway.ops.sdnotify import SystemdNotifier
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
@@ -158,6 +159,7 @@ class Gateway:
         self._reread_settings = reread_settings      # SIGHUP: the configuration as its file says now
         self._stop = asyncio.Event()
         self.workers: dict[str, int] = {}   # background worker -> jobs it runs at once (ready.json, `gateway status`)
+        self.systemd = SystemdNotifier.from_environment()   # Type=notify: READY, RELOADING, STOPPING, WATCHDOG
 
     def listeners(self) -> dict[str, dict[str, object]]:
         """Every listener the gateway opens, with its host and port (published in demo.json)."""
@@ -190,8 +192,12 @@ class Gateway:
             self._write_ready_file(endpoints, self.workers)
             readiness.listening = True
             log.info("gateway ready: %s", ", ".join(f"{name} {host}:{port}" for name, host, port in endpoints))
+            self.systemd.ready(f"serving: {len(endpoints)} listeners")
+            self.systemd.start_watchdog()
+            running.push_async_callback(self.systemd.stop_watchdog)   # first to stop: then TimeoutStopSec bounds it
             await self._stop.wait()
             readiness.stopping = True
+            self.systemd.stopping()
             log.info("gateway stopping")
         clear_ready_file(self.settings.data_path)
 
@@ -257,10 +263,14 @@ class Gateway:
         """SIGHUP: re-read the configuration, then the CRLs, the trust list and the listeners' certificates now.
         Open connections are kept: only new handshakes and logins see what changed."""
         log.info("SIGHUP: reloading configuration, CRLs, trust anchors and TLS certificates")
-        if self._reread_settings is not None:
-            self._apply_settings(services)
-        services.revocation.reload()
-        services.tls_contexts.reload()
+        self.systemd.reloading()
+        try:
+            if self._reread_settings is not None:
+                self._apply_settings(services)
+            services.revocation.reload()
+            services.tls_contexts.reload()
+        finally:
+            self.systemd.ready("serving: reloaded")   # systemctl reload returns; the service goes on either way
         log.info("SIGHUP: reloaded")
 
     def _apply_settings(self, services: Services) -> None:
