@@ -1,0 +1,14 @@
+-- The gateway's role and database, run once as the postgres superuser:
+--   sudo -u postgres psql -v gateway_password="'...'" -f create-role.sql
+-- The gateway needs no superuser: it owns its database and schema, and its migrations only create tables,
+-- indexes, sequences, PL/pgSQL trigger functions (plpgsql is installed in every database) and triggers.
+-- No extension is used.
+CREATE ROLE gateway LOGIN PASSWORD :gateway_password
+    NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 90;
+CREATE DATABASE gateway OWNER gateway ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0;
+REVOKE ALL ON DATABASE gateway FROM PUBLIC;
+GRANT CONNECT, TEMPORARY ON DATABASE gateway TO gateway;
+\connect gateway
+-- PostgreSQL 15: public belongs to pg_database_owner (the gateway); older versions: make it so.
+ALTER SCHEMA public OWNER TO gateway;
+REVOKE ALL ON SCHEMA public FROM PUBLIC;
