@@ -87,6 +87,13 @@ async def _pg_snapshot(env: dict[str, str], vacuum: bool) -> dict[str, dict[str,
             result[table] = {"rows": int(rows), "bytes": int(size)}
         result["(database)"] = {"rows": 0, "bytes": int(await connection.fetchval(
             "SELECT pg_database_size(current_database())"))}
+        # Commits (every transaction of every connection to this database) and WAL written so far: the server
+        # itself counts them; the snapshot's own VACUUM and queries are a few, against hundreds per run.
+        await connection.execute("SELECT pg_stat_clear_snapshot()")
+        result["(commits)"] = {"rows": int(await connection.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")), "bytes": 0}
+        result["(wal)"] = {"rows": 0, "bytes": int(await connection.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))}
         return result
     finally:
         await connection.close()
