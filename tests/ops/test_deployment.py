@@ -1,11 +1,12 @@
 """deploy/: the systemd unit, its sysusers.d / tmpfiles.d snippets and the example configuration agree with each
 other and with the gateway, systemd itself accepts the unit, and ``gateway serve`` works under the confinement the
-unit asks for (NoNewPrivileges, MemoryDenyWriteExecute, SystemCallFilter), applied here by the kernel without
+unit asks for (NoNewPrivileges, MemoryDenyWriteExecute, SystemCallFilter, RestrictAddressFamilies), applied here by the kernel without
 systemd (tests/ops/confined_exec.py): mail submitted over SMTP is read back over IMAP, HTTPS answers, SIGHUP and
 SIGTERM behave."""
 
 from __future__ import annotations
 
+import errno
 import imaplib
 import re
 import shlex
@@ -171,7 +172,8 @@ def confined(allowed: Path, *command: str) -> list[str]:
 
 @needs_systemd_analyze
 def test_the_confinement_is_real(tmp_path: Path) -> None:
-    """The launcher does confine: W+X memory and a @privileged call (chroot) are refused, as systemd would."""
+    """The launcher does confine: W+X memory, a @privileged call (chroot) and a netlink or packet socket are
+    refused, as systemd would refuse them."""
     allowed = tmp_path / "allowed"
     allowed.write_text("\n".join(sorted(allowed_syscalls())))
     wx = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"
@@ -180,6 +182,12 @@ def test_the_confinement_is_real(tmp_path: Path) -> None:
     privileged = "import os\ntry:\n    os.chroot('/')\nexcept PermissionError:\n    print('EPERM')"
     result = subprocess.run(confined(allowed, sys.executable, "-c", privileged), capture_output=True, text=True)
     assert result.stdout.strip() == "EPERM", result.stdout + result.stderr
+    families = ("import socket\nfor family in (socket.AF_NETLINK, socket.AF_PACKET, socket.AF_INET6):\n"
+                "    try:\n        socket.socket(family, socket.SOCK_RAW if family != socket.AF_INET6 else "
+                "socket.SOCK_STREAM).close()\n        print('allowed')\n"
+                "    except OSError as error:\n        print(error.errno)")
+    result = subprocess.run(confined(allowed, sys.executable, "-c", families), capture_output=True, text=True)
+    assert result.stdout.split() == [str(errno.EAFNOSUPPORT), str(errno.EAFNOSUPPORT), "allowed"], result.stderr
     status = subprocess.run(confined(allowed, "cat", "/proc/self/status"), capture_output=True, text=True).stdout
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.MULTILINE) and re.search(r"^Seccomp:\s+2$", status, re.MULTILINE)
 
