@@ -269,9 +269,9 @@ class Gateway:
                 self._apply_settings(services)
             services.revocation.reload()
             services.tls_contexts.reload()
+            log.info("SIGHUP: reloaded")
         finally:
             self.systemd.ready("serving: reloaded")   # systemctl reload returns; the service goes on either way
-        log.info("SIGHUP: reloaded")
 
     def _apply_settings(self, services: Services) -> None:
         """What can change while serving changes now (log level, trust anchors); the rest is named as waiting
