@@ -11,7 +11,9 @@
   messages of --size octets to one mailbox); then: server CPU seconds per message accepted + delivered
   (/proc/PID/stat utime + stime, every thread), and what stays per message: rows and bytes per table (PostgreSQL:
   pg_total_relation_size, tables + indexes + TOAST, after VACUUM; SQLite: the database file), blob bytes under
-  data_dir/blobs, spool bytes left.
+  data_dir/blobs, spool bytes left. Then (--readers, 5) every message is read and deleted over IMAPS as a client
+  does (STATUS, UID FETCH FLAGS / ENVELOPE / BODY.PEEK[], STORE \\Seen, STORE \\Deleted, UID EXPUNGE): server
+  CPU per message read and per command.
 - ``connections``: --count IMAPS connections logged in with INBOX selected, then --count SMTP submission sessions
   after STARTTLS + AUTH, all left open: the server's RSS growth per connection, and its CPU per connection set up
   (TLS handshake + one argon2id verification + SELECT / EHLO).
@@ -180,6 +182,7 @@ def measure_messages(args: argparse.Namespace) -> dict[str, Any]:
         cpu = cpu_seconds(pid) - cpu_before
         rss_after = rss_kib(pid)
         after = snapshot(gateway, env)
+        reading = read_everything(gateway, recipient, args.readers) if args.readers else None
     finally:
         gateway.stop()
         if cluster is not None:
@@ -191,7 +194,55 @@ def measure_messages(args: argparse.Namespace) -> dict[str, Any]:
             "rss_mb": {"before": round(rss_before / 1024, 1), "after": round(rss_after / 1024, 1)},
             "per_message": per_message(before, after, max(1, accepted)),
             "database_bytes": {"before": before["tables"]["(database)"]["bytes"],
-                               "after": after["tables"]["(database)"]["bytes"]}}
+                               "after": after["tables"]["(database)"]["bytes"]},
+            "reading": reading}
+
+
+READ_STEPS = 7   # per message, as a client reads and then deletes it (the capacity model's "read once")
+
+
+def read_everything(gateway: GatewayProcess, account: dict[str, Any], readers: int) -> dict[str, Any]:
+    """``readers`` IMAPS clients, logged in with INBOX selected, share the INBOX's messages; for each one:
+    STATUS INBOX (the new-mail check), UID FETCH (FLAGS), (ENVELOPE), (BODY.PEEK[]), UID STORE +FLAGS (\\Seen),
+    UID STORE +FLAGS.SILENT (\\Deleted), UID EXPUNGE. Server CPU from the first command to the last (the logins
+    and SELECTs before are not in it)."""
+    import threading
+    assert gateway.process is not None
+    pid = gateway.process.pid
+    context = ssl.create_default_context(cafile=gateway.ca_file)
+    clients = []
+    for _ in range(readers):
+        client = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps_port"], ssl_context=context)
+        client.login(account["address"], account["password"])
+        client.select("INBOX")
+        clients.append(client)
+    _, found = clients[0].uid("SEARCH", "ALL")
+    uids = found[0].decode().split()
+    errors: list[str] = []
+
+    def read(client: imaplib.IMAP4_SSL, mine: list[str]) -> None:
+        for uid in mine:
+            replies = [client.status("INBOX", "(MESSAGES UNSEEN UIDNEXT)"),
+                       client.uid("FETCH", uid, "(FLAGS)"), client.uid("FETCH", uid, "(ENVELOPE)"),
+                       client.uid("FETCH", uid, "(BODY.PEEK[])"), client.uid("STORE", uid, "+FLAGS", "(\\Seen)"),
+                       client.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)"), client.uid("EXPUNGE", uid)]
+            errors.extend(f"{uid}: {typ} {data!r}"[:200] for typ, data in replies if typ != "OK")
+
+    cpu, wall = cpu_seconds(pid), time.monotonic()
+    threads = [threading.Thread(target=read, args=(client, uids[n::readers])) for n, client in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    cpu, wall = cpu_seconds(pid) - cpu, time.monotonic() - wall
+    for client in clients:
+        client.logout()
+    commands = READ_STEPS * len(uids)
+    return {"readers": readers, "messages_read": len(uids), "commands": commands, "errors": len(errors),
+            "first_errors": errors[:3], "server_cpu_s": round(cpu, 2),
+            "server_cpu_ms_per_message_read": round(cpu * 1000 / max(1, len(uids)), 2),
+            "server_cpu_ms_per_command": round(cpu * 1000 / max(1, commands), 2),
+            "commands_per_s": round(commands / wall, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ connections
@@ -288,6 +339,8 @@ def main() -> None:
     messages.add_argument("--concurrency", type=int, default=20)
     messages.add_argument("--size", type=int, default=4096)
     messages.add_argument("--max-seconds", type=int, default=600)
+    messages.add_argument("--readers", type=int, default=5,
+                          help="then read every message over IMAPS with this many clients (0: do not)")
     connections = commands.add_parser("connections")
     connections.add_argument("--count", type=int, default=200)
     argon = commands.add_parser("argon2")
