@@ -1,5 +1,6 @@
 -- The gateway's role and database, run once as the postgres superuser:
---   sudo -u postgres psql -v gateway_password="'...'" -f create-role.sql
+--   sudo -u postgres psql -v ON_ERROR_STOP=1 -v gateway_password="'$(openssl rand -hex 24)'" < create-role.sql
+-- (the password then goes into GATEWAY_DATABASE_URL in /etc/gateway/gateway.env)
 -- The gateway needs no superuser: it owns its database and schema, and its migrations only create tables,
 -- indexes, sequences, PL/pgSQL trigger functions (plpgsql is installed in every database) and triggers.
 -- No extension is used.
