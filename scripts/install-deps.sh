@@ -32,6 +32,7 @@ if [ "$mode" = test ]; then
   want /usr/bin/chromium chromium  # the webmail's browser tests (Playwright drives Debian's chromium)
   want node nodejs                 # axe-core, injected by the browser tests
   want npm npm
+  want systemd-analyze systemd   # tests/ops/test_deployment.py verifies the unit (systemd is not started)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
