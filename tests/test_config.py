@@ -109,3 +109,12 @@ def test_describe_fits_the_terminal_and_names_the_variables() -> None:
     assert described and all(len(line) <= 60 for line in described)
     assert "    env: GATEWAY_SMTP_MAX_MESSAGE_SIZE" in text
     assert "--toml" in text and "--json" in text
+
+
+def test_config_check_masks_the_database_password_and_the_client_secret(tmp_path: Path) -> None:
+    from tests.harness import run_cli
+    env = {**os.environ, "GATEWAY_DATABASE_URL": "postgresql+asyncpg://gateway:s3cr3t-pw@db.example:5432/gateway",
+           "GATEWAY_WEBMAIL_OIDC_CLIENT_SECRET": "client-s3cr3t"}
+    for args in (("config", "check"), ("config", "check", "--json")):
+        shown = run_cli(*args, data_dir=tmp_path, env=env, check=True).stdout
+        assert "s3cr3t" not in shown and "db.example:5432/gateway" in shown and "***" in shown

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.engine import make_url
 
 from gateway.cli.common import data_dir_option, emit_json, emit_rows, json_option, run, settings, state, user_errors
 from gateway.config import ENV_PREFIX, Settings, describe_settings, load_settings, render_documented_toml
@@ -168,13 +169,24 @@ def _toml_scalar(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _masked(effective: dict[str, Any]) -> dict[str, Any]:
+    """The settings as printed: the database password and the OpenID client secret never reach a terminal or a log."""
+    database = effective.get("database", {})
+    if database.get("url"):
+        database["url"] = make_url(database["url"]).render_as_string(hide_password=True)
+    webmail = effective.get("webmail", {})
+    if webmail.get("oidc_client_secret"):
+        webmail["oidc_client_secret"] = "***"
+    return effective
+
+
 @config.command()
 @data_dir_option
 @json_option
 @user_errors
 def check(as_json: bool) -> None:
-    """Validate the configuration (file + environment) and print the effective values."""
-    effective = settings().model_dump()
+    """Validate the configuration (file + environment) and print the effective values (secrets masked)."""
+    effective = _masked(settings().model_dump())
     if as_json:
         emit_json(effective)
     else:

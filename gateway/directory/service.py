@@ -644,15 +644,25 @@ class DirectoryService:
             return None
         async with self.db.session() as s:
             box = await s.scalar(select(Mailbox).where(Mailbox.address == address))
-            # argon2id takes ~30 ms of CPU and releases the GIL: verified in a worker thread so that
-            # every other session of the event loop keeps being served meanwhile.
-            if box is None or box.password_hash is None or not box.hosted or box.state != State.ACTIVE.value:
-                await asyncio.to_thread(self.hasher.verify, None, password)  # same cost either way: no enumeration
+            stored = box.password_hash if box is not None else None
+            usable = box is not None and stored is not None and box.hosted and box.state == State.ACTIVE.value
+        # argon2id takes ~30 ms of CPU and releases the GIL: verified in a worker thread, outside any
+        # database session (on PostgreSQL a pooled connection would be held for the whole verification),
+        # so that every other session of the event loop keeps being served meanwhile.
+        if not usable or stored is None:
+            await asyncio.to_thread(self.hasher.verify, None, password)  # same cost either way: no enumeration
+            return None
+        if not await asyncio.to_thread(self.hasher.verify, stored, password):
+            return None
+        rehashed = await asyncio.to_thread(self.hasher.hash, password) if self.hasher.needs_rehash(stored) else None
+        async with self.db.session() as s:
+            box = await s.scalar(select(Mailbox).where(Mailbox.address == address))
+            # What was verified must still be the mailbox's password and state (changed meanwhile: refused).
+            if (box is None or box.password_hash != stored or not box.hosted
+                    or box.state != State.ACTIVE.value):
                 return None
-            if not await asyncio.to_thread(self.hasher.verify, box.password_hash, password):
-                return None
-            if self.hasher.needs_rehash(box.password_hash):
-                box.password_hash = await asyncio.to_thread(self.hasher.hash, password)
+            if rehashed is not None:
+                box.password_hash = rehashed
             if box.type == "PAT" and not await self._patient_active(s, box):
                 return None
             return await self._account(s, box)
