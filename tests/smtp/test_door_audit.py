@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import smtplib
 import ssl
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,12 +22,10 @@ SPOOFER = "127.0.0.6"
 STRANGER = "127.0.0.7"
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(tmp_path_factory.mktemp("door-audit") / "data")
-    process.start()
-    yield process
-    process.stop()
+@pytest.fixture
+def gateway(shared_gateway: GatewayProcess) -> GatewayProcess:
+    """One ``gateway serve`` for the module: the tests read what the ones before them left in the audit log."""
+    return shared_gateway
 
 
 def submission(gateway: GatewayProcess, source: str, account: dict[str, Any] | None) -> smtplib.SMTP_SSL:
