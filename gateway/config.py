@@ -52,7 +52,7 @@ class DatabaseSettings(_Section):
         description="SQLAlchemy async URL. Empty: SQLite file <data_dir>/gateway.db. "
         "PostgreSQL: postgresql+asyncpg://user:pass@host:port/db",
     )
-    pool_size: int = Field(10, ge=1, le=200, description="connections kept open (PostgreSQL)")
+    pool_size: int = Field(10, ge=1, le=200, description="connections kept open by the async engine (PostgreSQL; SQLite on a file: as many again may open beyond it under load)")
     echo: bool = Field(False, description="log every SQL statement (debugging only)")
 
     @field_validator("url")
