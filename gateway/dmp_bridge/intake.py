@@ -19,10 +19,10 @@ delivery, gets a ``received`` job the worker runs as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Table, insert
+from sqlalchemy.engine import Connection
 
 from gateway.dmp_bridge.record import JOB_SUBJECT_COLUMN, RecordSealer
 from gateway.dmp_bridge.tables import FilingJob, JobState
@@ -31,6 +31,7 @@ from gateway.security.at_rest import FieldSealer
 from gateway.storage.models import utcnow
 
 PATIENT_MAILBOX = "PAT"
+_INSERT_JOB = insert(cast(Table, FilingJob.__table__))
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class PreparedJob:
 
     values: dict[str, Any]
 
-    async def add_in(self, session: AsyncSession, delivery_id: int) -> None:
-        await session.execute(insert(FilingJob).values(delivery_id=delivery_id, **self.values))
+    def add_in(self, connection: Connection, delivery_id: int) -> None:
+        """The job row, in the delivery's transaction (synchronous: the mail store's database thread)."""
+        connection.execute(_INSERT_JOB, {"delivery_id": delivery_id, **self.values})
 
     @property
     def examined(self) -> bool:

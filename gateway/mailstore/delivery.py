@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from gateway.mailstore.errors import FolderExists, FolderNotFound
 from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import INBOX, FolderRef, MessageSource
-from gateway.mailstore.sql import AfterInsert, SqlMailStore
+from gateway.mailstore.append_rows import AfterInsert
+from gateway.mailstore.sql import SqlMailStore
 
 # RFC 6154 2 special-use folders every hosted mailbox gets (mox#66: clients that find
 # none invent "Sent Messages" and "Deleted Messages" beside ours).

@@ -23,6 +23,12 @@ the other, in arrival order, as it would have run alone:
 A writer cancelled while its batch is committing waits for the outcome; if its
 rows were committed the ``CancelledError`` it then raises has ``committed =
 True``, so the caller keeps the blob the committed row points at.
+
+Two kinds of writers: ``GroupCommit`` runs async works on an ``AsyncSession``
+(the mail store's IMAP writes), ``SyncGroupCommit`` synchronous works on a
+``Connection`` (deliveries and APPEND): the whole batch is then one function run
+in one hop to a database thread (``Database.run_in_transaction``), instead of a
+thread hop and an event-loop wake-up per statement.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore.errors import MailStoreError
@@ -41,11 +48,14 @@ log = logging.getLogger(__name__)
 
 Work = Callable[[AsyncSession], Awaitable[Any]]
 Transaction = Callable[[Work], Awaitable[Any]]
+SyncWork = Callable[[Connection], Any]
+SyncTransaction = Callable[[SyncWork], Awaitable[Any]]
+W = TypeVar("W")
 
 
 @dataclass
-class _Writer:
-    work: Work
+class _Writer(Generic[W]):
+    work: W
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: bool = False
 
@@ -55,16 +65,22 @@ class _Refused:
         self.error = error
 
 
-class GroupCommit:
-    def __init__(self, transaction: Transaction, *, max_batch: int = 64) -> None:
+class _Batcher(Generic[W]):
+    """The committer task, the batches and the outcomes, whatever the writers' kind (see the subclasses)."""
+
+    def __init__(self, transaction: Callable[[W], Awaitable[Any]], *, max_batch: int = 64) -> None:
         self._transaction = transaction  # runs one work function in one retried transaction
         self.max_batch = max_batch
-        self._pending: list[_Writer] = []
+        self._pending: list[_Writer[W]] = []
         self._committer: asyncio.Task[None] | None = None
         self.batches = 0  # for tests and benchmarks: transactions committed, writers grouped
         self.grouped = 0
 
-    async def run(self, work: Work) -> Any:
+    def _together(self, works: list[W]) -> W:
+        """One work running ``works`` in order; a writer's ``MailStoreError`` becomes its ``_Refused`` outcome."""
+        raise NotImplementedError
+
+    async def run(self, work: W) -> Any:
         writer = _Writer(work)
         self._pending.append(writer)
         if self._committer is None or self._committer.done():
@@ -102,22 +118,13 @@ class GroupCommit:
                     self._pending = []
                     raise
 
-    async def _commit(self, batch: list[_Writer]) -> None:
+    async def _commit(self, batch: list[_Writer[W]]) -> None:
         if len(batch) == 1:
             await self._alone(batch[0])
             return
 
-        async def together(session: AsyncSession) -> list[Any]:
-            outcomes: list[Any] = []
-            for writer in batch:
-                try:
-                    outcomes.append(await writer.work(session))
-                except MailStoreError as refusal:
-                    outcomes.append(_Refused(refusal))
-            return outcomes
-
         try:
-            outcomes = await self._transaction(together)
+            outcomes = await self._transaction(self._together([writer.work for writer in batch]))
         except Exception as exc:  # noqa: BLE001  (each writer alone gets its own outcome)
             log.debug("group commit of %d writers failed (%s); committing them one by one", len(batch), exc)
             for writer in batch:
@@ -131,10 +138,40 @@ class GroupCommit:
             else:
                 writer.future.set_result(outcome)
 
-    async def _alone(self, writer: _Writer) -> None:
+    async def _alone(self, writer: _Writer[W]) -> None:
         try:
             writer.future.set_result(await self._transaction(writer.work))
             self.batches += 1
             self.grouped += 1
         except Exception as exc:  # noqa: BLE001  (handed to that writer)
             writer.future.set_exception(exc)
+
+
+class GroupCommit(_Batcher[Work]):
+    """Writers as async functions of an ``AsyncSession``."""
+
+    def _together(self, works: list[Work]) -> Work:
+        async def together(session: AsyncSession) -> list[Any]:
+            outcomes: list[Any] = []
+            for work in works:
+                try:
+                    outcomes.append(await work(session))
+                except MailStoreError as refusal:
+                    outcomes.append(_Refused(refusal))
+            return outcomes
+        return together
+
+
+class SyncGroupCommit(_Batcher[SyncWork]):
+    """Writers as synchronous functions of a ``Connection``: the batch runs whole in one database thread hop."""
+
+    def _together(self, works: list[SyncWork]) -> SyncWork:
+        def together(connection: Connection) -> list[Any]:
+            outcomes: list[Any] = []
+            for work in works:
+                try:
+                    outcomes.append(work(connection))
+                except MailStoreError as refusal:
+                    outcomes.append(_Refused(refusal))
+            return outcomes
+        return together

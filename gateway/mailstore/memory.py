@@ -59,7 +59,8 @@ from gateway.mailstore.interface import (
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.search import Evaluator
-from gateway.mailstore.sql import AddedMessage, AfterInsert
+from gateway.mailstore.append_rows import AfterInsert
+from gateway.mailstore.sql import AddedMessage
 
 SEEN_BIT = flagcodec.SYSTEM_BITS["\\Seen"]
 DELETED_BIT = flagcodec.SYSTEM_BITS["\\Deleted"]

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 from sqlalchemy import ColumnElement, Table, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
@@ -53,7 +54,8 @@ from gateway.mailstore.errors import (
     StoreBusy,
     UidValidityChanged,
 )
-from gateway.mailstore.group_commit import GroupCommit
+from gateway.mailstore.append_rows import AfterInsert, AppendRows, insert_append
+from gateway.mailstore.group_commit import GroupCommit, SyncGroupCommit
 from gateway.mailstore.index import FolderIndex, IndexCache
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
@@ -110,9 +112,6 @@ LOCK_TIMEOUT = "5s"
 class AddedMessage:
     result: AppendResult
     duplicate: bool  # the delivery key had already reached this mailbox
-
-
-AfterInsert = Callable[[AsyncSession, "int | None"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -318,6 +317,8 @@ class SqlMailStore(MailStore):
         self.max_attempts = max_attempts
         # SQLite: concurrent deliveries/APPENDs share one transaction and one fsync (see group_commit).
         self.group = GroupCommit(self._transaction) if database.is_sqlite else None
+        # Deliveries and APPENDs: each batch one synchronous transaction in one database thread hop.
+        self.append_group = SyncGroupCommit(self._sync_transaction) if database.is_sqlite else None
         # UIDs, MODSEQs and flags of the folders in use, shared by their sessions (gateway.mailstore.index).
         self.indexes = IndexCache()
 
@@ -332,6 +333,25 @@ class SqlMailStore(MailStore):
                         # Never hang on a lock: fail fast and let the retry loop decide.
                         await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
                     return await work(session)
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError) or not _is_contention(exc):
+                    raise
+                log.info("mail store contention (attempt %d/%d): %s", attempt + 1, self.max_attempts, exc.orig)
+                await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
+        raise StoreBusy("the mail store is busy; try again shortly")
+
+    async def _sync_transaction(self, work: Callable[[Connection], T]) -> T:
+        """``_transaction`` for a synchronous ``work``: one ``run_in_transaction`` (write: BEGIN IMMEDIATE on
+        SQLite), the same bounded retries of lock contention."""
+        def guarded(connection: Connection) -> T:
+            if not self.database.is_sqlite:
+                # Never hang on a lock: fail fast and let the retry loop decide.
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            return work(connection)
+
+        for attempt in range(self.max_attempts):
+            try:
+                return await self.database.run_in_transaction(guarded, write=True)
             except DBAPIError as exc:
                 if isinstance(exc, IntegrityError) or not _is_contention(exc):
                     raise
@@ -770,8 +790,9 @@ class SqlMailStore(MailStore):
         """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key).
 
         ``headers``: the message's header fields already parsed (``parse_headers``), saving a parse.
-        ``after(session, delivery_row_id)`` runs in the transaction that adds the message (not for a duplicate):
-        the caller's rows (the queue's outcome, the filing job) are committed with the delivery, or not at all.
+        ``after(connection, delivery_row_id)`` runs in the transaction that adds the message (not for a duplicate),
+        synchronously in the database thread (append_rows): the caller's rows (the queue's outcome, the filing
+        job) are committed with the delivery, or not at all.
         """
         bits, keywords = flagcodec.encode(flags)
         replayable = isinstance(message, bytes | bytearray | memoryview | Path)
@@ -793,12 +814,14 @@ class SqlMailStore(MailStore):
         tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
         sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers
 
-        async def work(session: AsyncSession) -> AppendResult:
-            return await self._insert_delivery(session, folder, stored, sealed, bits, keywords, when, delivery_key, after,
-                                               tokens)
+        rows = AppendRows(folder, stored, sealed, bits, keywords, when, delivery_key, tokens, after)
+
+        def work(connection: Connection) -> AppendResult:
+            return insert_append(connection, rows)
 
         try:
-            result = await (self.group.run(work) if self.group is not None else self._transaction(work))
+            result = await (self.append_group.run(work) if self.append_group is not None
+                            else self._sync_transaction(work))
         except IntegrityError:
             await self.blobs.delete(stored.blob_id)
             done = await self._delivered(folder.mailbox_id, delivery_key) if delivery_key else None
@@ -811,13 +834,6 @@ class SqlMailStore(MailStore):
             raise
         self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
         return AddedMessage(result, duplicate=False)
-
-    @staticmethod
-    async def _index_message(session: AsyncSession, folder_id: int, uid: int, tokens: set[int]) -> None:
-        """The blind index rows of a message just inserted, in its transaction (blind_index.py)."""
-        message_id = await session.scalar(select(Message.id).where(Message.folder_id == folder_id, Message.uid == uid))
-        assert message_id is not None
-        await BlindIndex.write(session, message_id, tokens)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
                         bits: int, keywords: frozenset[str], internaldate: dt.datetime) -> AppendResult:
@@ -834,57 +850,6 @@ class SqlMailStore(MailStore):
             from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
             sent_date=headers.sent_date, envelope=headers.envelope,
         ))
-        return AppendResult(folder.uidvalidity, uid, modseq)
-
-    async def _insert_delivery(self, session: AsyncSession, ref: FolderRef, stored: StoredBlob, headers: CachedHeaders,
-                               bits: int, keywords: frozenset[str], when: dt.datetime, delivery_key: str | None,
-                               after: AfterInsert | None, tokens: set[int] | None = None) -> AppendResult:
-        """The rows of one APPEND or delivery, in SQL Core (no ORM unit of work on the delivery path).
-
-        Every refusal (folder gone, UIDVALIDITY changed, over quota) is decided before the first row is
-        written, so a refused writer leaves a shared group-commit transaction untouched. A delivery key
-        already stored fails the unique constraint: the batch is replayed writer by writer (group_commit)
-        and ``add_message`` answers that one as a duplicate."""
-        if not session.info.get("write_locked"):  # once per transaction: group commit shares it
-            await self._take_write_lock(session, ref.mailbox_id)  # SQLite: the reads below are the writer's
-            session.info["write_locked"] = True
-        await self._enforce_quota(session, ref.mailbox_id, stored.size)
-        # UIDNEXT and MODSEQ taken in one statement (the row is locked by it on PostgreSQL).
-        condition = [Folder.mailbox_id == ref.mailbox_id, Folder.name == names.normalise(ref.name)]
-        if ref.uidvalidity is not None:
-            condition.append(Folder.uidvalidity == ref.uidvalidity)
-        folder = (await session.execute(
-            update(Folder).where(*condition).values(
-                uidnext=Folder.uidnext + 1, highestmodseq=Folder.highestmodseq + 1,
-                message_count=Folder.message_count + 1, total_bytes=Folder.total_bytes + stored.size)
-            .returning(Folder.id, Folder.name, Folder.uidvalidity, Folder.uidnext, Folder.highestmodseq,
-                       Folder.keywords)
-            .execution_options(synchronize_session=False))).first()
-        if folder is None:  # nothing was written: the folder is gone, or was re-created
-            self._checked(await session.scalar(select(Folder).where(*condition[:2])), ref)
-            raise FolderNotFound(f"no folder {ref.name!r}")
-        uid, modseq = folder.uidnext - 1, folder.highestmodseq
-        known = flagcodec.keywords_of(folder.keywords)
-        if not known.issuperset(keywords):
-            await session.execute(update(Folder).where(Folder.id == folder.id)
-                                  .values(keywords=flagcodec.keywords_column(known | keywords))
-                                  .execution_options(synchronize_session=False))
-        message_row = (await session.execute(insert(Message).values(
-            folder_id=folder.id, uid=uid, modseq=modseq, system_flags=bits,
-            keywords=flagcodec.keywords_column(keywords), internaldate=when, size=stored.size,
-            blob_id=stored.blob_id, message_id=headers.message_id, subject=headers.subject,
-            from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
-            sent_date=headers.sent_date, envelope=headers.envelope,
-        ).returning(Message.id))).scalar_one()
-        if tokens is not None:                         # the blind index rows, in the message's transaction
-            await BlindIndex.write(session, message_row, tokens)
-        delivery_id = None
-        if delivery_key is not None:
-            delivery_id = (await session.execute(insert(Delivery).values(
-                delivery_key=delivery_key, mailbox_id=ref.mailbox_id, folder_name=folder.name,
-                uidvalidity=folder.uidvalidity, uid=uid, delivered_at=utcnow()).returning(Delivery.id))).scalar_one()
-        if after is not None:
-            await after(session, delivery_id)
         return AppendResult(folder.uidvalidity, uid, modseq)
 
     async def _delivered(self, mailbox_id: int, delivery_key: str) -> AppendResult | None:

@@ -6,7 +6,8 @@ Each message is made durable in the order of gateway.queue.spool (mox does the s
 1. its spool file's bytes are fsynced, by the message's own task (concurrent fsyncs overlap);
 2. its file is renamed into ``queue/``; then ``queue/`` is fsynced once for every file of the batch;
 3. the queue rows of the whole batch are committed in one transaction (SQLite synchronous=FULL and
-   PostgreSQL make a committed transaction durable).
+   PostgreSQL make a committed transaction durable), written by one synchronous function in one hop to a
+   database thread (``Database.run_in_transaction``; BEGIN IMMEDIATE on SQLite).
 
 ``commit`` returns only once the transaction holding that message's rows has committed, so the 250 that
 follows still means "fsynced and committed", exactly as with a transaction of its own. The first caller
@@ -106,10 +107,11 @@ class AcceptanceCommitter:
         if len(moved) == 1:
             await self._alone(moved[0])
             return
-        try:
-            async with self.queue.db.session() as s:                      # step 3: one transaction
-                await QueueStore.insert_accepted(s, [c for a in moved for c in a.copies],
-                                                 [c for a in moved for c in a.changes])
+        copies = [c for a in moved for c in a.copies]
+        changes = [c for a in moved for c in a.changes]
+        try:                                                              # step 3: one transaction, one hop
+            await self.queue.db.run_in_transaction(lambda c: QueueStore.insert_accepted(c, copies, changes),
+                                                   write=True)
         except Exception as exc:                      # each message alone gets its own outcome
             log.debug("acceptance group of %d failed (%s); committing one by one", len(moved), exc)
             for acceptance in moved:
@@ -132,8 +134,8 @@ class AcceptanceCommitter:
 
     async def _alone(self, acceptance: _Acceptance) -> None:
         try:
-            async with self.queue.db.session() as s:
-                await QueueStore.insert_accepted(s, acceptance.copies, acceptance.changes)
+            await self.queue.db.run_in_transaction(
+                lambda c: QueueStore.insert_accepted(c, acceptance.copies, acceptance.changes), write=True)
         except Exception as exc:                      # handed to that caller
             acceptance.future.set_exception(exc)
             return

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from typing import cast
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.pipeline.tables import Conversation
 from gateway.pipeline.parse import MessageFacts
@@ -34,9 +36,10 @@ class ConversationChange:
     patient_mailbox_id: int
     ending: bool
 
-    async def apply(self, session: AsyncSession) -> None:
-        """Committed with the queue rows of the message that made it (gateway.queue.store.CompanionChange)."""
-        await ConversationBook.apply(session, self)
+    def apply_in(self, connection: Connection) -> None:
+        """Committed with the queue rows of the message that made it (gateway.queue.store.CompanionChange),
+        synchronously in the acceptance transaction's database thread."""
+        ConversationBook.apply(connection, self)
 
 
 class ConversationBook:
@@ -51,24 +54,30 @@ class ConversationBook:
             return row is not None and row.closed_at is None
 
     @staticmethod
-    async def apply(s: AsyncSession, change: ConversationChange) -> None:
+    def apply(connection: Connection, change: ConversationChange) -> None:
         """Open, refresh or close, inside the caller's transaction (the queue commit)."""
         now = utcnow()
-        row = await s.scalar(select(Conversation).where(
-            Conversation.professional_address == change.professional_address,
-            Conversation.patient_mailbox_id == change.patient_mailbox_id))
+        pair = {"professional": change.professional_address, "patient": change.patient_mailbox_id}
+        row = connection.execute(_FIND, pair).first()
         if row is None:
             try:
-                async with s.begin_nested():   # a concurrent first message may insert the same pair
-                    row = Conversation(professional_address=change.professional_address,
-                                       patient_mailbox_id=change.patient_mailbox_id, opened_at=now)
-                    s.add(row)
+                with connection.begin_nested():   # a concurrent first message may insert the same pair
+                    connection.execute(_OPEN, {"professional_address": change.professional_address,
+                                               "patient_mailbox_id": change.patient_mailbox_id, "opened_at": now,
+                                               "last_message_at": now, "closed_at": now if change.ending else None})
+                return
             except IntegrityError:
-                row = await s.scalar(select(Conversation).where(
-                    Conversation.professional_address == change.professional_address,
-                    Conversation.patient_mailbox_id == change.patient_mailbox_id))
+                row = connection.execute(_FIND, pair).first()
                 assert row is not None
-        if row.closed_at is not None and not change.ending:
-            row.opened_at = now
-        row.last_message_at = now
-        row.closed_at = now if change.ending else None
+        row_id, closed_at = row
+        values = {"last_message_at": now, "closed_at": now if change.ending else None}
+        if closed_at is not None and not change.ending:
+            values["opened_at"] = now
+        connection.execute(update(_CONVERSATIONS).where(_CONVERSATIONS.c.id == row_id).values(**values))
+
+
+_CONVERSATIONS = cast(Table, Conversation.__table__)
+_FIND = select(_CONVERSATIONS.c.id, _CONVERSATIONS.c.closed_at).where(
+    _CONVERSATIONS.c.professional_address == bindparam("professional"),
+    _CONVERSATIONS.c.patient_mailbox_id == bindparam("patient"))
+_OPEN = insert(_CONVERSATIONS)

@@ -42,11 +42,11 @@ import asyncio
 import datetime as dt
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 
 from gateway.directory.service import RefusedRoute, Route
 from gateway.errors import UserError
@@ -71,7 +71,8 @@ from gateway.storage.models import utcnow
 log = logging.getLogger("gateway.delivery")
 CHUNK = 256 * 1024
 IN_MEMORY = 4 * 1024 * 1024          # messages up to this size are read once for all their recipients
-AfterDelivery = Callable[[AsyncSession, "int | None"], Awaitable[None]]
+# Rows committed with a delivery, in its transaction: synchronous, in the mail store's database thread.
+AfterDelivery = Callable[[Connection, "int | None"], None]
 
 
 class Delivered(Protocol):
@@ -94,7 +95,7 @@ class LocalStore(Protocol):
 
 
 class FollowUpRows(Protocol):
-    async def add_in(self, session: AsyncSession, delivery_id: int) -> None: ...
+    def add_in(self, connection: Connection, delivery_id: int) -> None: ...
 
 
 class DeliveryFollowUp(Protocol):
@@ -373,12 +374,12 @@ class LocalDeliveryWorker:
                                                 sender=work.sender, headers=headers)
         finished = False
 
-        async def after(session: AsyncSession, delivery_id: int | None) -> None:
+        def after(connection: Connection, delivery_id: int | None) -> None:
             # Committed with the message, or not at all: a crash leaves both undone, and the retry delivers.
             nonlocal finished
-            finished = await self.queue.delivered_in(session, work.recipient_id, work.queue_id)
+            finished = self.queue.delivered_in(connection, work.recipient_id, work.queue_id)
             if rows is not None and delivery_id is not None:
-                await rows.add_in(session, delivery_id)
+                rows.add_in(connection, delivery_id)
 
         stream = self._stream(work) if content is None else None
         source: bytes | BinaryIO = content.data if content is not None else stream  # type: ignore[assignment]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import Select, Table, bindparam, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.queue.tables import (
@@ -70,9 +71,10 @@ class QueueRows(Protocol):
 
 class CompanionChange(Protocol):
     """A change the pipeline commits with the queue rows of a message it accepted (a conversation opened or
-    closed: ``gateway.pipeline.conversations.ConversationChange``), in the same transaction."""
+    closed: ``gateway.pipeline.conversations.ConversationChange``), in the same transaction: synchronous,
+    in the database thread of ``Database.run_in_transaction``."""
 
-    async def apply(self, session: AsyncSession) -> None: ...
+    def apply_in(self, connection: Connection) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,64 +109,42 @@ class QueueStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def commit(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
-                     conversation_changes: Sequence[CompanionChange]) -> None:
-        async with self.db.session() as s:
-            message.recipients = list(recipients)
-            s.add(message)
-            for change in conversation_changes:
-                await change.apply(s)
-
-    async def commit_all(self, messages: Sequence[tuple[QueuedMessage, Sequence[QueuedRecipient]]],
-                         conversation_changes: Sequence[CompanionChange]) -> None:
-        """``commit`` for the copies of one accepted message (S/MIME split it), in one transaction."""
-        async with self.db.session() as s:
-            for message, recipients in messages:
-                message.recipients = list(recipients)
-                s.add(message)
-            for change in conversation_changes:
-                await change.apply(s)
-
     @staticmethod
-    async def insert_accepted(s: AsyncSession, copies: Sequence[AcceptedRows],
-                              conversation_changes: Sequence[CompanionChange]) -> None:
-        """The rows of accepted messages inside the caller's transaction (the acceptance group commit)."""
-        await s.execute(insert(_MESSAGES), [copy.message for copy in copies])
+    def insert_accepted(connection: Connection, copies: Sequence[AcceptedRows],
+                        conversation_changes: Sequence[CompanionChange]) -> None:
+        """The rows of accepted messages inside the caller's transaction (the acceptance group commit: one
+        synchronous function in one database thread hop, ``Database.run_in_transaction``)."""
+        connection.execute(_INSERT_MESSAGES, [copy.message for copy in copies])
         recipients = [{**row, "message_id": copy.queue_id} for copy in copies for row in copy.recipients]
         if recipients:
-            await s.execute(insert(_RECIPIENTS), recipients)
+            connection.execute(_INSERT_RECIPIENTS, recipients)
         for change in conversation_changes:
-            await change.apply(s)
+            change.apply_in(connection)
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""
         stmt = _LOCAL_WORK if queue_id is None else _LOCAL_WORK_OF
-        async with self.db.session() as s:
-            rows = (await s.execute(stmt, {"now": utcnow(), "limit": limit, "queue_id": queue_id})).all()
-        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at, r.sender,
-                          r.size, r.type) for r in rows]
+        wanted = {"now": utcnow(), "limit": limit, "queue_id": queue_id}
+
+        def read(connection: Connection) -> list[LocalWork]:
+            return [LocalWork(*row) for row in connection.execute(stmt, wanted)]
+
+        return await self.db.run_in_transaction(read)
 
     async def mark_delivered(self, recipient_id: int, queue_id: str) -> bool:
         """Record the delivery and, in the same transaction, finish the message when it was the
         last open recipient; True when the message is done (its spool file may go)."""
-        async with self.db.session() as s:
-            return await self.delivered_in(s, recipient_id, queue_id)
+        return await self.db.run_in_transaction(lambda c: self.delivered_in(c, recipient_id, queue_id), write=True)
 
-    @classmethod
-    async def delivered_in(cls, s: AsyncSession, recipient_id: int, queue_id: str) -> bool:
-        """``mark_delivered`` inside the caller's transaction (the mail store's, which adds the message)."""
+    @staticmethod
+    def delivered_in(connection: Connection, recipient_id: int, queue_id: str) -> bool:
+        """``mark_delivered`` inside the caller's transaction (the mail store's, which adds the message:
+        synchronous, in its database thread)."""
         now = utcnow()
-        await s.execute(update(QueuedRecipient).where(QueuedRecipient.id == recipient_id).values(
-            state=RecipientState.DELIVERED.value, attempts=QueuedRecipient.attempts + 1, updated_at=now,
-            delivered_at=now, last_error=None).execution_options(synchronize_session=False))
+        connection.execute(_DELIVERED, {"recipient": recipient_id, "now": now})
         # The message is done with its last open recipient: one statement, no count round trip.
-        still_open = select(QueuedRecipient.id).where(QueuedRecipient.message_id == queue_id,
-                                                      QueuedRecipient.state.in_(OPEN_STATES)).exists()
-        done = await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id,
-                                                           QueuedMessage.state != MessageState.DONE.value, ~still_open)
-                               .values(state=MessageState.DONE.value, done_at=now)
-                               .execution_options(synchronize_session=False))
-        return bool(done.rowcount)  # type: ignore[attr-defined]
+        done = connection.execute(_FINISH_IF_NONE_OPEN, {"queue_id": queue_id, "now": now})
+        return bool(done.rowcount)
 
     async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
         await self._set_state(recipient_id, RecipientState.DEFERRED, last_error=error[:2000], next_attempt_at=retry_at)
@@ -248,5 +228,15 @@ def _local_work_statement(one_message: bool) -> Select[Any]:
     return stmt.where(recipients.message_id == bindparam("queue_id")) if one_message else stmt
 
 
+_INSERT_MESSAGES = insert(_MESSAGES)
+_INSERT_RECIPIENTS = insert(_RECIPIENTS)
+_DELIVERED = (update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("recipient"))
+              .values(state=RecipientState.DELIVERED.value, attempts=_RECIPIENTS.c.attempts + 1,
+                      updated_at=bindparam("now"), delivered_at=bindparam("now"), last_error=None))
+_FINISH_IF_NONE_OPEN = (update(_MESSAGES).where(
+    _MESSAGES.c.id == bindparam("queue_id"), _MESSAGES.c.state != MessageState.DONE.value,
+    ~select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id == bindparam("queue_id"),
+                                    _RECIPIENTS.c.state.in_(OPEN_STATES)).exists())
+    .values(state=MessageState.DONE.value, done_at=bindparam("now")))
 _LOCAL_WORK = _local_work_statement(one_message=False)
 _LOCAL_WORK_OF = _local_work_statement(one_message=True)

@@ -16,7 +16,7 @@ from tests.mailstore.test_store import message
 
 
 def _grouping(store: SqlMailStore) -> None:
-    if store.group is None:
+    if store.append_group is None:
         pytest.skip("group commit is for SQLite; PostgreSQL commits concurrently")
 
 
@@ -27,7 +27,7 @@ async def test_concurrent_deliveries_share_transactions_and_get_distinct_uids(
                                      for n in range(30)))
     assert sorted(r.uid for r in results) == list(range(1, 31))
     assert not any(r.duplicate for r in results)
-    assert store.group is not None and store.group.grouped >= 30 and store.group.batches < 30
+    assert store.append_group is not None and store.append_group.grouped >= 30 and store.append_group.batches < 30
     metas = await store.fetch(FolderRef(mailbox_id, INBOX), UidSet.of((1, 30)))
     assert len(metas) == 30 and len({m.modseq for m in metas}) == 30  # each message its own MODSEQ
     for result in results:

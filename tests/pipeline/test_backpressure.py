@@ -43,7 +43,7 @@ class HeldStore:
         self.started.put_nowait(queue_id)
         await self.released.setdefault(queue_id, asyncio.Event()).wait()
         if after is not None:
-            await after(None, 1)  # type: ignore[arg-type]  (the fake queue ignores the session)
+            after(None, 1)  # type: ignore[arg-type]  (the fake queue ignores the connection)
         self.delivered.append(queue_id)
         return type("Result", (), {"duplicate": False})()
 
@@ -62,7 +62,7 @@ class FakeQueue:
         return [LocalWork(1, queue_id, 7, "claire@example.test", "Return-Path: <a@example.test>\r\n",
                           utcnow() - dt.timedelta(seconds=1), "a@example.test", size, "PER")]
 
-    async def delivered_in(self, session: Any, recipient_id: int, queue_id: str) -> bool:
+    def delivered_in(self, connection: Any, recipient_id: int, queue_id: str) -> bool:
         self.done.add(queue_id)
         return True
 
