@@ -40,7 +40,8 @@ from gateway.app import open_services  # noqa: E402
 from gateway.config import load_settings  # noqa: E402
 from gateway.dmp_bridge.tables import OPEN_JOB_STATES, FilingJob  # noqa: E402
 from gateway.dmp_bridge.worker import build_filing_worker  # noqa: E402
-from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind  # noqa: E402
+from gateway.queue.store import AcceptedRows, QueueStore  # noqa: E402
+from gateway.queue.tables import QueuedRecipient, RecipientState, RouteKind  # noqa: E402
 from gateway.storage.models import Mailbox  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
@@ -77,15 +78,17 @@ async def fill(settings: Any, messages: int, recipients: int, mailboxes: int, si
             spool_file = services.spool.new_file()
             spool_file.write(body(number, size, chosen[0][1]))
             await spool_file.make_durable()
-            message = QueuedMessage(id=spool_file.queue_id, door="submission", sender=sender, body_type="7BIT",
-                                    smtputf8=False, size=spool_file.size,
-                                    message_id_header=f"<bench-{number}@demo.mssante.localhost>",
-                                    trace_headers=trace(spool_file.queue_id, sender, chosen[0][1]),
-                                    authenticated_as=sender, client_address="127.0.0.1", client_helo="bench")
-            rcpts = [QueuedRecipient(address=address, route=RouteKind.LOCAL.value, mailbox_id=mailbox_id,
-                                     domain=address.split("@", 1)[1], state=RecipientState.PENDING.value, attempts=0)
-                     for mailbox_id, address in chosen]
-            await services.queue.rows.commit(message, rcpts, [])
+            message = dict(id=spool_file.queue_id, door="submission", sender=sender, body_type="7BIT",
+                           smtputf8=False, size=spool_file.size,
+                           message_id_header=f"<bench-{number}@demo.mssante.localhost>",
+                           trace_headers=trace(spool_file.queue_id, sender, chosen[0][1]),
+                           authenticated_as=sender, client_address="127.0.0.1", client_helo="bench")
+            rcpts: list[dict[str, object]] = [
+                dict(address=address, route=RouteKind.LOCAL.value, mailbox_id=mailbox_id,
+                     domain=address.split("@", 1)[1], state=RecipientState.PENDING.value, attempts=0)
+                for mailbox_id, address in chosen]
+            copy = AcceptedRows(message, rcpts)
+            await services.db.run_in_transaction(lambda c: QueueStore.insert_accepted(c, [copy], []), write=True)
             spool_file.keep()
         return messages * len(chosen)
 
@@ -111,7 +114,7 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
             profiler.dump_stats(profile)
         await filing.stop()
         await delivery.stop()
-        group = services.mailstore.group
+        group = services.mailstore.append_group
         async with services.db.session() as s:
             delivered = await s.scalar(select(func.count()).select_from(QueuedRecipient).where(
                 QueuedRecipient.state == RecipientState.DELIVERED.value))

@@ -53,6 +53,7 @@ if _OUT:
         return connection
 
     sqlite3.connect = _connect  # type: ignore[assignment]
+    sqlite3.dbapi2.connect = _connect  # type: ignore[assignment]  # what SQLAlchemy's pysqlite dialect calls
     atexit.register(_dump)
 
 if _OUT and os.environ.get("BENCH_SQL_CONNECT_STACKS"):

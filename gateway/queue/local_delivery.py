@@ -48,7 +48,8 @@ from typing import Any, BinaryIO, Protocol
 
 from sqlalchemy.engine import Connection
 
-from gateway.directory.service import RefusedRoute, Route
+from gateway.directory.generation import AnswerCache
+from gateway.directory.service import LocalRoute, RefusedRoute, Route
 from gateway.errors import UserError
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.ops.metrics import LOCAL_DELIVERIES
@@ -209,7 +210,7 @@ class LocalDeliveryWorker:
                  workers: int = 4, retry_seconds: int = 60, lifetime_hours: float = 48.0,
                  directory: RouteLookup | None = None, reports: FailureReports | None = None,
                  follow_up: DeliveryFollowUp | None = None, backlog_limit: int = 0,
-                 backlog_wait_seconds: float = 60.0) -> None:
+                 backlog_wait_seconds: float = 60.0, answers: AnswerCache | None = None) -> None:
         self.queue = queue
         self.spool = spool
         self.store = store
@@ -219,6 +220,7 @@ class LocalDeliveryWorker:
         self.lifetime_hours = lifetime_hours
         self.lifetime = dt.timedelta(hours=lifetime_hours)
         self.directory = directory            # None: the route is not checked again before delivery
+        self.answers = answers                # None: every delivery asks the directory
         self.reports = reports                # None: failures are recorded without a DSN
         self.follow_up = follow_up            # None: the filing worker finds the delivery by itself
         self.backlog_limit = backlog_limit    # 0: acceptance never waits for delivery
@@ -327,6 +329,8 @@ class LocalDeliveryWorker:
                 self.schedule(work.queue_id)
 
     async def deliver_message(self, queue_id: str) -> None:
+        if self.answers is not None:
+            await self.answers.refresh()      # routes checked against the directory as it is now
         works = await self.queue.local_work(queue_id)
         if not works:
             if await self.queue.finish_if_done(queue_id):
@@ -403,8 +407,27 @@ class LocalDeliveryWorker:
             return mailbox_gone(work.address)
         if self.directory is None:
             return None
-        route = await self.directory.route_recipient(work.address)
+        route = await self._route(work.address)
         return refused_route(route) if isinstance(route, RefusedRoute) else None
+
+    async def _route(self, address: str) -> Route:
+        """The directory's route; a hosted mailbox's kept while the directory's generation stays the same
+        (``answers``, refreshed before each message: a mailbox deleted, disabled or closed, or its patient's
+        record closed, bumps it), any other answer asked afresh (trust windows depend on the clock)."""
+        assert self.directory is not None
+        if self.answers is None:
+            return await self.directory.route_recipient(address)
+        directory, fresh = self.directory, []
+
+        async def hosted_only() -> Route | None:
+            route = await directory.route_recipient(address)
+            fresh.append(route)
+            return route if isinstance(route, LocalRoute) else None
+
+        cached = await self.answers.get("delivery-route", address, hosted_only)
+        if cached is not None:
+            return cached
+        return fresh[0] if fresh else await self.directory.route_recipient(address)
 
     async def _failed_attempt(self, work: LocalWork, failure: LocalFailure) -> bool:
         """Defer a temporary failure until the queue lifetime, then fail it (RFC 5321 4.5.4.1)."""

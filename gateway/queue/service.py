@@ -16,6 +16,7 @@ import ssl
 from typing import Any
 
 from gateway.config import Settings
+from gateway.directory.generation import AnswerCache
 from gateway.directory.service import DirectoryService
 from gateway.errors import NotFound
 from gateway.queue.dsn import Action, RecipientReport
@@ -45,7 +46,8 @@ class MailQueue:
                                          workers=smtp.delivery_workers, retry_seconds=smtp.local_retry_seconds,
                                          lifetime_hours=smtp.local_queue_lifetime_hours, directory=directory,
                                          backlog_limit=smtp.local_backlog_limit,
-                                         backlog_wait_seconds=smtp.local_backlog_wait_seconds)
+                                         backlog_wait_seconds=smtp.local_backlog_wait_seconds,
+                                         answers=AnswerCache(db))
         # The one generated-mail queue: local recipients to local delivery, others wake the outbound worker.
         self.generated = GeneratedMailQueue(settings, directory, spool, schedule_local=self.local.schedule,
                                             wake_remote=self.wake_remote)
