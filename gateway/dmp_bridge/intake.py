@@ -29,9 +29,10 @@ from gateway.dmp_bridge.tables import FilingJob, JobState
 from gateway.mailstore.headers import CachedHeaders
 from gateway.security.at_rest import FieldSealer
 from gateway.storage.models import utcnow
+from gateway.storage.prepared import Prepared
 
 PATIENT_MAILBOX = "PAT"
-_INSERT_JOB = insert(cast(Table, FilingJob.__table__))
+_INSERT_JOB = Prepared(insert(cast(Table, FilingJob.__table__)))      # on SQLite's driver directly
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class PreparedJob:
 
     def add_in(self, connection: Connection, delivery_id: int) -> None:
         """The job row, in the delivery's transaction (synchronous: the mail store's database thread)."""
-        connection.execute(_INSERT_JOB, {"delivery_id": delivery_id, **self.values})
+        _INSERT_JOB.run(connection, {"delivery_id": delivery_id, **self.values})
 
     @property
     def examined(self) -> bool:

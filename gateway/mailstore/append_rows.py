@@ -3,8 +3,8 @@
 ``SqlMailStore.add_message`` runs ``insert_append`` through ``Database.run_in_transaction`` (on SQLite
 inside the mail store's group commit, several deliveries per transaction): the whole transaction is one
 hop to a database thread, where it used to be a thread hop and an event-loop wake-up per statement.
-The statements are SQL Core built once at import (no expression building or cache key per message); the
-blind index rows are one executemany of plain tuples.
+The statements are SQL Core built once at import and run on SQLite's driver directly
+(``gateway.storage.prepared``); the blind index rows are one executemany.
 
 Per message: the quota (one SELECT), UIDNEXT and MODSEQ (one UPDATE ... RETURNING, which on PostgreSQL
 also locks the folder row), the message row, its index tokens, the delivery row, then the caller's rows
@@ -38,6 +38,7 @@ from gateway.mailstore.interface import AppendResult, FolderRef
 from gateway.mailstore.tables import Delivery, Folder, Message, SearchToken
 from gateway.storage.blobs import StoredBlob
 from gateway.storage.models import Mailbox, utcnow
+from gateway.storage.prepared import Prepared
 
 # Rows committed with a delivery, in its transaction: ``after(connection, delivery row id)``.
 AfterInsert = Callable[[Connection, "int | None"], None]
@@ -49,11 +50,11 @@ TOKENS = cast(Table, SearchToken.__table__)
 MAILBOXES = cast(Table, Mailbox.__table__)
 
 # RFC 9208 4.3: the quota and what the folders hold, in one statement (every delivery asks).
-_QUOTA = select(
+_QUOTA = Prepared(select(
     MAILBOXES.c.quota_bytes,
     select(func.coalesce(func.sum(FOLDERS.c.total_bytes), 0))
     .where(FOLDERS.c.mailbox_id == bindparam("mailbox")).scalar_subquery(),
-).where(MAILBOXES.c.id == bindparam("mailbox"))
+).where(MAILBOXES.c.id == bindparam("mailbox")))
 
 _BY_NAME = (FOLDERS.c.mailbox_id == bindparam("mailbox"), FOLDERS.c.name == bindparam("folder_name"))
 # RFC 3501 2.3.1.1 / RFC 7162 3.1: the next UID and MODSEQ, taken in the statement that counts the message.
@@ -63,12 +64,14 @@ _TAKE_UID = (update(FOLDERS).where(*_BY_NAME)
                      total_bytes=FOLDERS.c.total_bytes + bindparam("added_size"))
              .returning(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDERS.c.uidnext,
                         FOLDERS.c.highestmodseq, FOLDERS.c.keywords))
-_TAKE_UID_OF = _TAKE_UID.where(FOLDERS.c.uidvalidity == bindparam("uidvalidity"))
-_FOLDER_VALIDITY = select(FOLDERS.c.uidvalidity).where(*_BY_NAME)
-_SET_KEYWORDS = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder")).values(keywords=bindparam("keywords"))
-_INSERT_MESSAGE = insert(MESSAGES).returning(MESSAGES.c.id)
-_INSERT_DELIVERY = insert(DELIVERIES).returning(DELIVERIES.c.id)
-_INSERT_TOKENS_SQLITE = "INSERT INTO mail_search_tokens (message_id, token) VALUES (?, ?)"
+_TAKE_UID_OF = Prepared(_TAKE_UID.where(FOLDERS.c.uidvalidity == bindparam("uidvalidity")))
+_TAKE_UID_ANY = Prepared(_TAKE_UID)
+_FOLDER_VALIDITY = Prepared(select(FOLDERS.c.uidvalidity).where(*_BY_NAME))
+_SET_KEYWORDS = Prepared(update(FOLDERS).where(FOLDERS.c.id == bindparam("folder"))
+                         .values(keywords=bindparam("keywords")))
+_INSERT_MESSAGE = Prepared(insert(MESSAGES).returning(MESSAGES.c.id))
+_INSERT_DELIVERY = Prepared(insert(DELIVERIES).returning(DELIVERIES.c.id))
+_INSERT_TOKENS = Prepared(insert(TOKENS))
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class AppendRows:
 
 
 def enforce_quota(connection: Connection, mailbox_id: int, adding: int) -> None:
-    row = connection.execute(_QUOTA, {"mailbox": mailbox_id}).first()
+    row = _QUOTA.run(connection, {"mailbox": mailbox_id}).fetchone()
     if row is None or row[0] is None:
         raise MailboxNotHosted(f"mailbox {mailbox_id} does not exist")
     limit, used = int(row[0]), int(row[1])
@@ -102,43 +105,39 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
     enforce_quota(connection, ref.mailbox_id, stored.size)
     wanted = {"mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name), "added_size": stored.size}
     if ref.uidvalidity is None:
-        folder = connection.execute(_TAKE_UID, wanted).first()
+        folder = _TAKE_UID_ANY.run(connection, wanted).fetchone()
     else:
-        folder = connection.execute(_TAKE_UID_OF, {**wanted, "uidvalidity": ref.uidvalidity}).first()
+        folder = _TAKE_UID_OF.run(connection, {**wanted, "uidvalidity": ref.uidvalidity}).fetchone()
     if folder is None:                   # nothing was written: the folder is gone, or was re-created
-        if connection.execute(_FOLDER_VALIDITY, wanted).first() is not None:
+        if _FOLDER_VALIDITY.run(connection, wanted).fetchone() is not None:
             raise UidValidityChanged(f"folder {ref.name!r} was re-created")
         raise FolderNotFound(f"no folder {ref.name!r}")
     folder_id, folder_name, uidvalidity, uidnext, modseq, folder_keywords = folder
     uid = uidnext - 1
     known = flagcodec.keywords_of(folder_keywords)
     if not known.issuperset(rows.keywords):
-        connection.execute(_SET_KEYWORDS, {"folder": folder_id,
-                                           "keywords": flagcodec.keywords_column(known | rows.keywords)})
+        _SET_KEYWORDS.run(connection, {"folder": folder_id,
+                                       "keywords": flagcodec.keywords_column(known | rows.keywords)})
     headers = rows.headers
-    message_id = connection.execute(_INSERT_MESSAGE, {
+    message_id = _INSERT_MESSAGE.run(connection, {
         "folder_id": folder_id, "uid": uid, "modseq": modseq, "system_flags": rows.bits,
         "keywords": flagcodec.keywords_column(rows.keywords), "internaldate": rows.internaldate,
         "size": stored.size, "blob_id": stored.blob_id, "message_id": headers.message_id,
         "subject": headers.subject, "from_addr": headers.from_addr, "to_addr": headers.to_addr,
         "cc_addr": headers.cc_addr, "sent_date": headers.sent_date, "envelope": headers.envelope,
-    }).scalar_one()
+    }).fetchone()[0]
     if rows.tokens:                      # the blind index rows, in the message's transaction
         write_tokens(connection, message_id, rows.tokens)
     delivery_id = None
     if rows.delivery_key is not None:
-        delivery_id = connection.execute(_INSERT_DELIVERY, {
+        delivery_id = _INSERT_DELIVERY.run(connection, {
             "delivery_key": rows.delivery_key, "mailbox_id": ref.mailbox_id, "folder_name": folder_name,
-            "uidvalidity": uidvalidity, "uid": uid, "delivered_at": utcnow()}).scalar_one()
+            "uidvalidity": uidvalidity, "uid": uid, "delivered_at": utcnow()}).fetchone()[0]
     if rows.after is not None:
         rows.after(connection, delivery_id)
     return AppendResult(uidvalidity, uid, modseq)
 
 
 def write_tokens(connection: Connection, message_id: int, tokens: set[int]) -> None:
-    """One executemany of (message, token) tuples: on SQLite straight to the driver (no parameter
-    processing per row: a message has about 140 tokens), elsewhere through SQL Core."""
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql(_INSERT_TOKENS_SQLITE, [(message_id, token) for token in tokens])
-    else:
-        connection.execute(insert(TOKENS), [{"message_id": message_id, "token": token} for token in tokens])
+    """One executemany (a message has about 140 tokens): on SQLite straight to the driver."""
+    _INSERT_TOKENS.run_many(connection, [{"message_id": message_id, "token": token} for token in tokens])

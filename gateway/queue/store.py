@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Select, Table, bindparam, func, insert, select, update
+from sqlalchemy import Select, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +26,7 @@ from gateway.queue.tables import (
 )
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
+from gateway.storage.prepared import Prepared
 
 OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
 _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]  # SQL Core on the accept path
@@ -114,10 +115,9 @@ class QueueStore:
                         conversation_changes: Sequence[CompanionChange]) -> None:
         """The rows of accepted messages inside the caller's transaction (the acceptance group commit: one
         synchronous function in one database thread hop, ``Database.run_in_transaction``)."""
-        connection.execute(_INSERT_MESSAGES, [copy.message for copy in copies])
-        recipients = [{**row, "message_id": copy.queue_id} for copy in copies for row in copy.recipients]
-        if recipients:
-            connection.execute(_INSERT_RECIPIENTS, recipients)
+        _INSERT_MESSAGES.run_many(connection, [copy.message for copy in copies])
+        _INSERT_RECIPIENTS.run_many(connection, [{**row, "message_id": copy.queue_id}
+                                                 for copy in copies for row in copy.recipients])
         for change in conversation_changes:
             change.apply_in(connection)
 
@@ -141,9 +141,9 @@ class QueueStore:
         """``mark_delivered`` inside the caller's transaction (the mail store's, which adds the message:
         synchronous, in its database thread)."""
         now = utcnow()
-        connection.execute(_DELIVERED, {"recipient": recipient_id, "now": now})
+        _DELIVERED.run(connection, {"recipient": recipient_id, "now": now})
         # The message is done with its last open recipient: one statement, no count round trip.
-        done = connection.execute(_FINISH_IF_NONE_OPEN, {"queue_id": queue_id, "now": now})
+        done = _FINISH_IF_NONE_OPEN.run(connection, {"queue_id": queue_id, "now": now})
         return bool(done.rowcount)
 
     async def mark_deferred(self, recipient_id: int, error: str, retry_at: dt.datetime) -> None:
@@ -228,15 +228,16 @@ def _local_work_statement(one_message: bool) -> Select[Any]:
     return stmt.where(recipients.message_id == bindparam("queue_id")) if one_message else stmt
 
 
-_INSERT_MESSAGES = insert(_MESSAGES)
-_INSERT_RECIPIENTS = insert(_RECIPIENTS)
-_DELIVERED = (update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("recipient"))
+# The accept and delivery statements run on SQLite's driver directly (gateway.storage.prepared).
+_INSERT_MESSAGES = Prepared(insert(_MESSAGES))
+_INSERT_RECIPIENTS = Prepared(insert(_RECIPIENTS))
+_DELIVERED = Prepared(update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("recipient"))
               .values(state=RecipientState.DELIVERED.value, attempts=_RECIPIENTS.c.attempts + 1,
                       updated_at=bindparam("now"), delivered_at=bindparam("now"), last_error=None))
-_FINISH_IF_NONE_OPEN = (update(_MESSAGES).where(
+_FINISH_IF_NONE_OPEN = Prepared(update(_MESSAGES).where(
     _MESSAGES.c.id == bindparam("queue_id"), _MESSAGES.c.state != MessageState.DONE.value,
     ~select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id == bindparam("queue_id"),
-                                    _RECIPIENTS.c.state.in_(OPEN_STATES)).exists())
+                                    or_(*(_RECIPIENTS.c.state == state for state in OPEN_STATES))).exists())
     .values(state=MessageState.DONE.value, done_at=bindparam("now")))
 _LOCAL_WORK = _local_work_statement(one_message=False)
 _LOCAL_WORK_OF = _local_work_statement(one_message=True)
