@@ -350,7 +350,10 @@ class LocalDeliveryWorker:
         else:
             finished = any([await self._deliver_one(work, content) for work in works])
         if finished:
-            self.spool.remove(queue_id)                         # the store holds its own copy now
+            # The store holds its own copy now. The unlink in a worker thread: on the event loop it was a
+            # sixth of the loop's busy samples under load (py-spy). Recovery never depends on it: a file
+            # whose message is done is removed, never delivered, by ``recover``.
+            await asyncio.to_thread(self.spool.remove, queue_id)
 
     def _read(self, work: LocalWork) -> _Content:
         """The message as delivered (decrypted from the spool), its header fields parsed once."""
