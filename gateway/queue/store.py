@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy import Select, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from gateway.queue.tables import (
     MessageState,
@@ -109,6 +110,25 @@ class QueueStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def commit(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
+                     conversation_changes: Sequence[CompanionChange]) -> None:
+        """One message's rows in a transaction of their own (tests, tools; acceptance uses ``insert_accepted``)."""
+        await self.commit_all([(message, recipients)], conversation_changes)
+
+    async def commit_all(self, messages: Sequence[tuple[QueuedMessage, Sequence[QueuedRecipient]]],
+                         conversation_changes: Sequence[CompanionChange]) -> None:
+        """``commit`` for the copies of one accepted message (S/MIME split it), in one transaction."""
+        async with self.db.session() as s:
+            for message, recipients in messages:
+                message.recipients = list(recipients)
+                s.add(message)
+            await s.flush()
+            if conversation_changes:
+                def apply(session: Session) -> None:
+                    for change in conversation_changes:
+                        change.apply_in(session.connection())
+                await s.run_sync(apply)
 
     @staticmethod
     def insert_accepted(connection: Connection, copies: Sequence[AcceptedRows],
