@@ -24,6 +24,7 @@ from gateway.dmp_bridge.fhir.server import start_http_listener
 from gateway.dmp_bridge.intake import FilingIntake
 from gateway.dmp_bridge.notify import AccessNoticeRecorder, AccessNoticeTask
 from gateway.dmp_bridge.worker import build_filing_worker
+from gateway.errors import UserError
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
@@ -35,7 +36,7 @@ from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.local_delivery import LocalStore
-from gateway.queue.outbound import outbound_tls_context
+from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
 from gateway.retention import ShreddingTask
@@ -151,11 +152,34 @@ def mail_path(settings: Settings, db: Database, directory: DirectoryService, spo
     return queue, pipeline
 
 
-class Gateway:
-    """``gateway serve``: start every listener, report readiness, stop cleanly on SIGTERM/SIGINT."""
+ROLES = ("smtp", "imap", "https", "workers")   # what ``gateway serve --only`` may name
 
-    def __init__(self, settings: Settings, *, reread_settings: Callable[[], Settings] | None = None) -> None:
+
+def parse_roles(text: str | None) -> frozenset[str]:
+    """``--only smtp,imap``: the roles this node serves (every one when None); UserError names a bad one."""
+    if text is None:
+        return frozenset(ROLES)
+    names = [name.strip().lower() for name in text.split(",")]
+    unknown = [name for name in names if name not in ROLES]
+    if unknown or not any(names):
+        shown = ", ".join(repr(name) for name in unknown) if unknown else "nothing"
+        raise UserError(f"unknown role {shown}: --only takes a comma-separated subset of {', '.join(ROLES)}",
+                        field="--only")
+    return frozenset(names)
+
+
+class Gateway:
+    """``gateway serve``: start every listener, report readiness, stop cleanly on SIGTERM/SIGINT.
+
+    ``roles`` (``gateway serve --only``) splits the work between nodes sharing one PostgreSQL database:
+    ``smtp``, ``imap`` and ``https`` are the listeners, ``workers`` the background work (local delivery,
+    outbound, filing, access notices, crypto-shredding). A node without ``workers`` still accepts mail: its
+    queue rows wait for a node that delivers (claimed with row locks, gateway.queue)."""
+
+    def __init__(self, settings: Settings, *, reread_settings: Callable[[], Settings] | None = None,
+                 roles: frozenset[str] = frozenset(ROLES)) -> None:
         self.settings = settings
+        self.roles = roles
         self._reread_settings = reread_settings      # SIGHUP: the configuration as its file says now
         self._stop = asyncio.Event()
         self.workers: dict[str, int] = {}   # background worker -> jobs it runs at once (ready.json, `gateway status`)
@@ -214,9 +238,46 @@ class Gateway:
 
     async def _start(self, services: Services, running: AsyncExitStack,
                      readiness: Readiness | None = None) -> list[tuple[str, str, int]]:
-        """Start the workers and open every listener; each is stopped by ``running`` in reverse order."""
+        """Start the workers and open the listeners of this node's roles; each is stopped by ``running`` in
+        reverse order."""
         settings = self.settings
         grace = settings.listen.shutdown_grace_seconds
+        notices = AccessNoticeTask(services.db, settings, services.generated)
+        services.queue.local.delivers_here = "workers" in self.roles
+        outbound = await self._start_workers(services, running, notices) if "workers" in self.roles else None
+        endpoints: list[tuple[str, str, int]] = []
+        connections: dict[str, Callable[[], int]] = {}
+        if "smtp" in self.roles:
+            # Stopped first on SIGTERM (callbacks run in reverse): no new mail, transactions in flight finish.
+            smtp = await start_smtp_listeners(services, settings)
+            running.push_async_callback(smtp.aclose, grace)
+            connections["smtp"] = lambda: len(smtp.connections)
+            endpoints += [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
+        if "https" in self.roles:
+            # The HTTPS listener: the patient webmail at its root, the FHIR API mounted under fhir.base_path.
+            webmail = build_webmail_app(services, settings, pipeline=services.pipeline) if settings.webmail.enabled else None
+            http = await start_http_listener(services, settings, root=webmail,
+                                             notifier=AccessNoticeRecorder(services.db, wake=notices.wake))
+            running.push_async_callback(http.aclose)
+            endpoints += [("https", host, port) for host, port in http.addresses()[:1]]
+        if "imap" in self.roles:
+            imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
+            running.push_async_callback(imap.aclose, grace)
+            connections["imap"] = lambda: len(imap.server.connections)
+            endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
+        collector = LiveCollector(services.db, open_connections=connections,
+                                  outbound_totals=None if outbound is None else outbound_totals(outbound))
+        REGISTRY.register(collector)
+        running.callback(REGISTRY.unregister, collector)
+        if readiness is not None:
+            readiness.collector = collector
+        return endpoints
+
+    async def _start_workers(self, services: Services, running: AsyncExitStack,
+                             notices: AccessNoticeTask) -> OutboundWorker:
+        """The ``workers`` role: local delivery (after its recovery pass), outbound, filing, access notices,
+        crypto-shredding."""
+        settings = self.settings
         recovered = await services.queue.start_local()      # recovery pass, then local delivery
         log.info("queue recovery: %s", recovered)
         outbound = await services.queue.start_outbound(outbound_tls_context(services.pki, settings))
@@ -227,37 +288,15 @@ class Gateway:
         self.workers = {"local_delivery": settings.smtp.delivery_workers,
                         "outbound": settings.outbound.max_concurrent_deliveries,
                         "filing": filing.policy.concurrency, "access_notices": 1, "shredding": 1}
-        # Stopped first on SIGTERM (callbacks run in reverse): no new mail, transactions in flight finish.
-        smtp = await start_smtp_listeners(services, settings)
-        running.push_async_callback(smtp.aclose, grace)
-        notices = AccessNoticeTask(services.db, settings, services.generated)
         await notices.start()
         running.push_async_callback(notices.stop)
-        # The HTTPS listener: the patient webmail at its root, the FHIR API mounted under fhir.base_path.
-        webmail = build_webmail_app(services, settings, pipeline=services.pipeline) if settings.webmail.enabled else None
-        http = await start_http_listener(services, settings, root=webmail,
-                                         notifier=AccessNoticeRecorder(services.db, wake=notices.wake))
-        running.push_async_callback(http.aclose)
         shredding = ShreddingTask(services.db, services.keys, services.fields,
                                   retention_days=settings.retention.closed_patient_days,
                                   interval_seconds=settings.retention.shred_interval_minutes * 60,
                                   index=services.mailstore.index)
         await shredding.start()
         running.push_async_callback(shredding.stop)
-        imap = await start_imap_listeners(services, settings, mailstore=services.mailstore, hub=services.hub)
-        running.push_async_callback(imap.aclose, grace)
-        collector = LiveCollector(services.db, open_connections={
-            "smtp": lambda: len(smtp.connections), "imap": lambda: len(imap.server.connections)},
-            outbound_totals=lambda: {"delivered": outbound.stats.delivered, "deferred": outbound.stats.deferred,
-                                     "bounced": outbound.stats.failed})
-        REGISTRY.register(collector)
-        running.callback(REGISTRY.unregister, collector)
-        if readiness is not None:
-            readiness.collector = collector
-        endpoints = [(f"smtp_{door}", host, port) for door, (host, port) in smtp.addresses.items()]
-        endpoints += [(name, host, port) for name, (host, port) in zip(("imap", "imaps"), imap.addresses())]
-        endpoints += [("https", host, port) for host, port in http.addresses()[:1]]
-        return endpoints
+        return outbound
 
     def _reload_trust(self, services: Services) -> None:
         """SIGHUP: re-read the configuration, then the CRLs, the trust list and the listeners' certificates now.
@@ -301,6 +340,12 @@ class Gateway:
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(payload, indent=2))
         tmp.replace(run_dir / "ready.json")
+
+
+def outbound_totals(outbound: OutboundWorker) -> Callable[[], dict[str, int]]:
+    """The outbound worker's totals, as the metrics collector reads them."""
+    return lambda: {"delivered": outbound.stats.delivered, "deferred": outbound.stats.deferred,
+                    "bounced": outbound.stats.failed}
 
 
 LIVE_SETTINGS = frozenset({"log_level", "pki.trust_anchors"})   # applied by SIGHUP without a restart

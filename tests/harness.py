@@ -60,6 +60,7 @@ class GatewayProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    serve_args: list[str] = field(default_factory=list)   # e.g. ["--only", "imap"]
 
     @property
     def env(self) -> dict[str, str]:
@@ -79,7 +80,7 @@ class GatewayProcess:
         ready = self.data_dir / "run" / "ready.json"
         ready.unlink(missing_ok=True)
         log = open(self.data_dir / "serve.log", "ab")
-        self.process = subprocess.Popen(GATEWAY + ["--data-dir", str(self.data_dir), "serve"], env=self.env,
+        self.process = subprocess.Popen(GATEWAY + ["--data-dir", str(self.data_dir), "serve", *self.serve_args], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while not ready.exists():

@@ -71,17 +71,22 @@ def _write_demo_file(config: Settings, accounts: list[dict[str, Any]], listeners
 
 @click.command()
 @data_dir_option
+@click.option("--only", "only", metavar="ROLES", default=None,
+              help="serve only these roles, comma-separated: smtp, imap, https, workers (default: all); "
+              "nodes sharing one PostgreSQL database may split them")
 @user_errors
-def serve() -> None:
+def serve(only: str | None) -> None:
     """Run the gateway's listeners until SIGTERM or Ctrl-C."""
-    from gateway.app import Gateway
+    from gateway.app import Gateway, parse_roles
     from gateway.ops.logs import configure_logging
 
+    roles = parse_roles(only)
     config = settings()
     configure_logging(config.log_level, config.log_format)
     cli = state()
     try:
-        asyncio.run(Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir)).run())
+        asyncio.run(Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir),
+                            roles=roles).run())
     except OSError as exc:
         raise UserError(f"cannot start: {exc}") from None
 

@@ -233,6 +233,7 @@ class LocalDeliveryWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = 0
+        self.delivers_here = True             # False: another node delivers (``gateway serve --only`` without workers)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -253,7 +254,8 @@ class LocalDeliveryWorker:
         self._tasks = []
 
     def schedule(self, queue_id: str) -> None:
-        if self.store is not None and queue_id not in self._scheduled:
+        """Deliver ``queue_id`` here soon; a node whose workers do not run leaves it to one whose do."""
+        if self.store is not None and self.delivers_here and queue_id not in self._scheduled:
             self._scheduled.add(queue_id)
             self._idle.clear()
             if self.backlog_limit and len(self._scheduled) >= self.backlog_limit:
