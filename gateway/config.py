@@ -522,6 +522,22 @@ class MetricsSettings(_Section):
         return _check_port(value)
 
 
+class ClusterSettings(_Section):
+    """Several nodes on one PostgreSQL database (docs/DEPLOYMENT.md, "Several nodes"): every node shares the
+    database, the spool (``smtp.spool_dir``) and the blob store; each names itself."""
+
+    node_name: str = Field(
+        "", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$|^$",
+        description="this node's name, distinct on every node sharing a spool (its half-received messages live in "
+        "<spool>/incoming/<node_name>, so no other node's start removes them). Empty: one node")
+    claim_lease_seconds: int = Field(
+        120, ge=5, le=3600, description="how long a node's claim on queued work (a local delivery) lasts: the "
+        "work of a node that died is taken over by another once its claim is this old")
+    blob_dir: str = Field(
+        "", description="where message bodies and record documents are stored (encrypted): a directory every node "
+        "shares. Empty: <data_dir>/blobs")
+
+
 class Settings(_Section):
     data_dir: str = Field("./data", description="directory holding everything the gateway writes")
     hostname: str = Field("localhost", description="this gateway's host name: banners, Received headers, TLS certificate")
@@ -545,11 +561,16 @@ class Settings(_Section):
     webmail: WebmailSettings = Field(default_factory=WebmailSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     # Derived paths: one place decides where each thing lives under data_dir.
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def blob_path(self) -> Path:
+        return Path(self.cluster.blob_dir).expanduser().resolve() if self.cluster.blob_dir else self.data_path / "blobs"
 
     @property
     def pki_path(self) -> Path:

@@ -51,16 +51,17 @@ class Sources:
     spool: Path
     pki: Path
     dkim: Path
+    blobs: Path | None = None   # cluster.blob_dir (shared by several nodes); None: <data>/blobs
 
     @classmethod
     def of(cls, settings: Settings) -> Sources:
         data = settings.data_path
         spool = Path(settings.smtp.spool_dir).expanduser().resolve() if settings.smtp.spool_dir else data / "spool"
         dkim = Path(settings.dkim.key_dir).expanduser().resolve() if settings.dkim.key_dir else data / "dkim"
-        return cls(data, spool, settings.pki_path, dkim)
+        return cls(data, spool, settings.pki_path, dkim, settings.blob_path)
 
     def trees(self) -> dict[str, Path]:
-        return {"blobs": self.data / "blobs", "spool": self.spool, "pki": self.pki, "dkim": self.dkim}
+        return {"blobs": self.blobs or self.data / "blobs", "spool": self.spool, "pki": self.pki, "dkim": self.dkim}
 
 
 def _sha256(path: Path) -> str:

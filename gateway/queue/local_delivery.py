@@ -210,7 +210,8 @@ class LocalDeliveryWorker:
                  workers: int = 4, retry_seconds: int = 60, lifetime_hours: float = 48.0,
                  directory: RouteLookup | None = None, reports: FailureReports | None = None,
                  follow_up: DeliveryFollowUp | None = None, backlog_limit: int = 0,
-                 backlog_wait_seconds: float = 60.0, answers: AnswerCache | None = None) -> None:
+                 backlog_wait_seconds: float = 60.0, answers: AnswerCache | None = None,
+                 claim_lease_seconds: int = 120) -> None:
         self.queue = queue
         self.spool = spool
         self.store = store
@@ -225,6 +226,7 @@ class LocalDeliveryWorker:
         self.follow_up = follow_up            # None: the filing worker finds the delivery by itself
         self.backlog_limit = backlog_limit    # 0: acceptance never waits for delivery
         self.backlog_wait = backlog_wait_seconds
+        self.claim_lease = dt.timedelta(seconds=claim_lease_seconds)   # another node takes over after it
         self._room = asyncio.Event()          # set while fewer than backlog_limit messages are scheduled
         self._room.set()
         self._pending: asyncio.Queue[str] = asyncio.Queue()
@@ -296,6 +298,8 @@ class LocalDeliveryWorker:
         on_disk = sorted(self.spool.queued_ids())
         known = await self.queue.known_ids(on_disk)
         for queue_id in set(on_disk) - known:                  # durable file, rows never committed: no 250 was sent
+            if self.spool.may_be_in_flight(queue_id):          # ... or not yet: another node's, being committed
+                continue
             self.spool.remove(queue_id)
             report.unacknowledged_removed += 1
         for queue_id in await self.queue.done_ids(sorted(known)):
@@ -333,7 +337,7 @@ class LocalDeliveryWorker:
     async def deliver_message(self, queue_id: str) -> None:
         if self.answers is not None:
             await self.answers.refresh()      # routes checked against the directory as it is now
-        works = await self.queue.local_work(queue_id)
+        works = await self.queue.claim_local_work(queue_id, self.claim_lease)
         if not works:
             if await self.queue.finish_if_done(queue_id):
                 self.spool.remove(queue_id)

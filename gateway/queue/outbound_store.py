@@ -114,7 +114,10 @@ class OutboundStore:
                 .join(QueuedMessage, QueuedMessage.id == QueuedRecipient.message_id)
                 .where(QueuedRecipient.route == RouteKind.REMOTE.value, QueuedRecipient.state.in_(OPEN_STATES),
                        QueuedMessage.state == MessageState.QUEUED.value, _due(now), _not_held())
-                .order_by(QueuedRecipient.message_id, QueuedRecipient.id).limit(limit))).all()
+                .order_by(QueuedRecipient.message_id, QueuedRecipient.id).limit(limit)
+                # Several nodes: rows another node is claiming now are skipped, not waited for (the claim
+                # below re-checks each row under its lock, so a recipient is never claimed twice).
+                .with_for_update(of=QueuedRecipient, skip_locked=True))).all()
             claimed = [(r, m) for r, m in rows if await self._claim(s, r.id, now, now + lease)]
         batches: dict[tuple[str, str], DomainBatch] = {}
         for recipient, message in claimed:

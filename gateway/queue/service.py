@@ -47,7 +47,8 @@ class MailQueue:
                                          lifetime_hours=smtp.local_queue_lifetime_hours, directory=directory,
                                          backlog_limit=smtp.local_backlog_limit,
                                          backlog_wait_seconds=smtp.local_backlog_wait_seconds,
-                                         answers=AnswerCache(db))
+                                         answers=AnswerCache(db),
+                                         claim_lease_seconds=settings.cluster.claim_lease_seconds)
         # The one generated-mail queue: local recipients to local delivery, others wake the outbound worker.
         self.generated = GeneratedMailQueue(settings, directory, spool, schedule_local=self.local.schedule,
                                             wake_remote=self.wake_remote)

@@ -12,6 +12,15 @@ Anything left in ``incoming/`` at start was never acknowledged and is removed;
 a file in ``queue/`` without queue rows is an acknowledgement that never
 happened (crash between 2 and 3) and is removed by the recovery pass.
 
+Several nodes sharing one database share one spool directory (``smtp.spool_dir``
+on a shared file system), so that any node can deliver what another accepted,
+and a node killed with messages acknowledged but not delivered leaves them to
+the others. Each node then names itself (``cluster.node_name``) and receives into
+``incoming/<node_name>/`` (only its own half-received files are removed when it
+starts), and a file of ``queue/`` without rows is removed only once it is older
+than ``ORPHAN_GRACE``: younger, it may be another node's message between steps 2
+and 3, whose 250 is still to come.
+
 With a ``SpoolCipher`` (the gateway always gives one) the files are sealed as
 they are written (gateway.security.at_rest): no plaintext of a message ever
 reaches the spool directory. Readers go through ``open_read``/``open_incoming``.
@@ -30,6 +39,9 @@ from typing import BinaryIO
 from gateway.config import Settings
 from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
 from gateway.storage.private import private_dir
+
+
+ORPHAN_GRACE = 3600.0   # seconds: a shared spool's file without rows is that old before it is taken for an orphan
 
 
 def spool_root(settings: Settings) -> Path:
@@ -149,12 +161,14 @@ class SpoolFile:
 
 
 class Spool:
-    def __init__(self, root: Path, cipher: SpoolCipher | None = None) -> None:
+    def __init__(self, root: Path, cipher: SpoolCipher | None = None, *, node: str = "") -> None:
+        """``node``: this node's name when several nodes share ``root`` (see the module docstring)."""
         self.root = root
         self.cipher = cipher
-        self.incoming = root / "incoming"
+        self.shared = bool(node)
+        self.incoming = root / "incoming" / node if node else root / "incoming"
         self.queue = root / "queue"
-        for directory in (self.root, self.incoming, self.queue):
+        for directory in (self.root, root / "incoming", self.incoming, self.queue):
             private_dir(directory)
 
     def path_of(self, queue_id: str) -> Path:
@@ -180,6 +194,16 @@ class Spool:
 
     def queued_ids(self) -> set[str]:
         return {path.stem for path in self.queue.glob("*.eml")}
+
+    def may_be_in_flight(self, queue_id: str) -> bool:
+        """A file without rows that another node may still be committing (a shared spool, a young file)."""
+        if not self.shared:
+            return False
+        try:
+            age = time.time() - self.path_of(queue_id).stat().st_mtime
+        except FileNotFoundError:
+            return True
+        return age < ORPHAN_GRACE
 
     def remove(self, queue_id: str) -> None:
         self.path_of(queue_id).unlink(missing_ok=True)

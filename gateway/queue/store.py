@@ -151,6 +151,25 @@ class QueueStore:
 
         return await self.db.run_in_transaction(read)
 
+    async def claim_local_work(self, queue_id: str, lease: dt.timedelta) -> list[LocalWork]:
+        """``local_work(queue_id)``, claimed for ``lease`` when several nodes share the database.
+
+        PostgreSQL: the due recipients are locked (``FOR UPDATE SKIP LOCKED``: rows another node is claiming
+        at this moment are skipped, not waited for) and their ``next_attempt_at`` moved to the lease's end, so
+        no other node takes them until their delivery is recorded (delivered, deferred or failed, each of which
+        sets the column again) or, if this node dies, until the lease ends. SQLite has one process, whose
+        scheduler never runs a message twice at once: no claim, no extra transaction."""
+        if self.db.is_sqlite:
+            return await self.local_work(queue_id)
+        now = utcnow()
+        async with self.db.session() as s:
+            rows = (await s.execute(_CLAIM_LOCAL_WORK_OF, {"now": now, "limit": 500, "queue_id": queue_id})).all()
+            if rows:
+                await s.execute(update(QueuedRecipient).where(QueuedRecipient.id.in_([r.id for r in rows]))
+                                .values(next_attempt_at=now + lease).execution_options(synchronize_session=False))
+        return [LocalWork(r.id, r.message_id, r.mailbox_id, r.address, r.trace_headers, r.received_at, r.sender,
+                          r.size, r.type) for r in rows]
+
     async def mark_delivered(self, recipient_id: int, queue_id: str) -> bool:
         """Record the delivery and, in the same transaction, finish the message when it was the
         last open recipient; True when the message is done (its spool file may go)."""
@@ -261,3 +280,5 @@ _FINISH_IF_NONE_OPEN = Prepared(update(_MESSAGES).where(
     .values(state=MessageState.DONE.value, done_at=bindparam("now")))
 _LOCAL_WORK = _local_work_statement(one_message=False)
 _LOCAL_WORK_OF = _local_work_statement(one_message=True)
+# PostgreSQL only (see claim_local_work): the recipient rows locked, those another node holds skipped.
+_CLAIM_LOCAL_WORK_OF = _LOCAL_WORK_OF.with_for_update(of=QueuedRecipient.__table__, skip_locked=True)
