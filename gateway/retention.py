@@ -23,10 +23,12 @@ from gateway.dmp_bridge.record import patient_owner
 from gateway.mailstore.blind_index import BlindIndex
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager, mailbox_owner
+from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, Patient, PatientState
 
 log = logging.getLogger("gateway.retention")
+CLOCK_SKEW = dt.timedelta(minutes=5)   # between nodes' clocks: keys destroyed this long before a pass are forgotten again
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class ShreddingTask:
         self.retention_days = retention_days
         self.interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
+        self._forgotten_until = dt.datetime.now(dt.timezone.utc)   # keys destroyed before: never unwrapped here
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="crypto-shredding")
@@ -95,11 +98,27 @@ class ShreddingTask:
             self._task = None
 
     async def run_once(self) -> list[ShreddedSpace]:
-        shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self._forget)
+        """One pass, on one node at a time (several nodes share the database: the others skip this turn)."""
+        shredded: list[ShreddedSpace] = []
+        async with run_alone(self.db, "crypto-shredding") as alone:
+            if alone:
+                shredded = await shred_expired_patients(self.db, self.keys, self.retention_days, forget=self._forget)
+        await self.forget_shredded_elsewhere()
         for space in shredded:
             log.warning("crypto-shredded the space of patient %s (closed %s): %d data keys destroyed",
                         space.ins, space.closed_at.date(), space.keys_destroyed)
         return shredded
+
+    async def forget_shredded_elsewhere(self) -> set[str]:
+        """Drop from this process the keys another node (or `gateway keys shred-expired`) destroyed since the
+        last pass: its caches must not keep decrypting a shredded space."""
+        now = dt.datetime.now(dt.timezone.utc)
+        owners = await self.keys.destroyed_since(self._forgotten_until - CLOCK_SKEW)
+        self._forgotten_until = now
+        for owner in owners:
+            self.keys.forget_cached(owner)
+            self._forget(owner)
+        return owners
 
     def _forget(self, owner: str) -> None:
         self.fields.forget(owner)

@@ -19,6 +19,7 @@ wrapped key: every blob of that owner is unreadable for good (crypto-shredding).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import re
 import secrets
@@ -247,6 +248,15 @@ class KeyManager:
             return unwrap_key(self.keks.key(row.kek_id), row.owner, row.wrapped_key)
         except InvalidTag:
             raise KekMissing(f"data key {row.id} does not unwrap under KEK {row.kek_id} (wrong or damaged key file)") from None
+
+    def forget_cached(self, owner: str) -> None:
+        """Drop ``owner``'s unwrapped keys from this process (another process or node destroyed them)."""
+        self._forget(owner)
+
+    async def destroyed_since(self, since: dt.datetime) -> set[str]:
+        """Owners whose data keys were destroyed at or after ``since`` (by any process or node)."""
+        async with self.database.session() as session:
+            return set((await session.scalars(select(DataKey.owner).where(DataKey.destroyed_at >= since))).all())
 
     def _forget(self, owner: str) -> None:
         self._current.pop(owner, None)

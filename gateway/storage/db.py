@@ -199,6 +199,9 @@ def head_revision() -> str | None:
 
 
 def _upgrade(connection: Connection, revision: str) -> None:
+    from gateway.storage.advisory import migration_lock
+
+    migration_lock(connection)          # several nodes starting together migrate one after the other
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
