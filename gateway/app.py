@@ -27,7 +27,7 @@ from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.errors import UserError
 from gateway.imap.listeners import start_imap_listeners
 from gateway.mailstore.delivery import LocalDelivery
-from gateway.mailstore.notify import ChangeHub
+from gateway.mailstore.notify import ChangeHub, PgNotifyBridge
 from gateway.mailstore.sql import SqlMailStore
 from gateway.ops.http import MetricsListener, Readiness
 from gateway.ops.metrics import REGISTRY, CountedFailures, LiveCollector
@@ -96,7 +96,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         hasher = PasswordHasher.from_settings(settings.auth)
         # Key-encryption keys live in files beside, never inside, the database (encryption at rest).
         keys = KeyManager(db, settings.data_path / "keys")
-        blobs = BlobStore(settings.data_path / "blobs", keys)
+        blobs = BlobStore(settings.blob_path, keys)   # cluster.blob_dir: one store shared by every node
         hub = ChangeHub()
         fields = FieldSealer(keys)
         pki = TestPKI.from_settings(settings)
@@ -110,7 +110,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         mailstore = SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields))
         smime = SmimeService(db, settings, pki, blobs, fields)
         spool_cipher = await SpoolCipher.load(keys)
-        spool = Spool(spool_root(settings), spool_cipher)
+        spool = Spool(spool_root(settings), spool_cipher, node=settings.cluster.node_name)
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
         yield Services(
@@ -209,6 +209,7 @@ class Gateway:
         async with open_services(self.settings) as services, AsyncExitStack() as running:
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
+            await self._bridge_nodes(services, running)
             readiness = Readiness()
             metrics = await self._start_metrics(services, running, readiness)
             endpoints = await self._start(services, running, readiness) + metrics
@@ -224,6 +225,16 @@ class Gateway:
             self.systemd.stopping()
             log.info("gateway stopping")
         clear_ready_file(self.settings.data_path)
+
+    @staticmethod
+    async def _bridge_nodes(services: Services, running: AsyncExitStack) -> None:
+        """PostgreSQL: other nodes may share the database; their mail store changes reach this node's IDLE
+        sessions (and this node's theirs) through LISTEN/NOTIFY. SQLite is one process: nothing to bridge."""
+        if services.db.is_sqlite:
+            return
+        bridge = PgNotifyBridge(services.hub, services.settings.database_url)
+        await bridge.start()
+        running.push_async_callback(bridge.stop)
 
     async def _start_metrics(self, services: Services, running: AsyncExitStack,
                              readiness: Readiness) -> list[tuple[str, str, int]]:

@@ -153,21 +153,53 @@ class PgNotifyBridge:
         self._connection: Any = None
         self._outbox: asyncio.Queue[ChangeEvent] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.connections = 0          # LISTEN connections opened so far (1 + reconnections)
 
     async def start(self) -> None:
-        import asyncpg
-
-        self._connection = await asyncpg.connect(self.dsn)
-        await self._connection.add_listener(CHANNEL, self._received)
+        await self._connect()
         self.hub.bridged = True
         self.hub.add_forwarder(self._outbox.put_nowait)
-        self._sender = asyncio.create_task(self._send_loop())
+        self._sender = asyncio.create_task(self._send_loop(), name="mailstore-notify-send")
+
+    async def _connect(self) -> None:
+        import asyncpg
+
+        connection = await asyncpg.connect(self.dsn)
+        await connection.add_listener(CHANNEL, self._received)
+        connection.add_termination_listener(self._lost)
+        self._connection = connection
+        self.connections += 1
+
+    def _lost(self, _connection: object) -> None:
+        """The LISTEN connection ended (PostgreSQL restarted, the network dropped): open another. Meanwhile
+        sessions find other nodes' changes by looking (IDLE every ``idle_poll_seconds``)."""
+        if self._stopping or (self._reconnecting is not None and not self._reconnecting.done()):
+            return
+        log.warning("mail store notifications: connection to PostgreSQL lost; reconnecting")
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="mailstore-notify-reconnect")
+
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self._connect()
+            except Exception as error:  # noqa: BLE001  (any failure: wait and try again)
+                log.warning("mail store notifications: reconnection failed (%s); next try in %.0f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                log.info("mail store notifications: reconnected")
+                return
 
     async def stop(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+        self._stopping = True
+        for task in (self._sender, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._connection is not None:
             await self._connection.close()
 

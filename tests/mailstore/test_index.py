@@ -3,11 +3,13 @@ must always equal what the database holds, whoever changed it (this store, anoth
 
 from __future__ import annotations
 
+import asyncio
 from array import array
 
 from gateway.mailstore.index import FolderIndex
 from gateway.mailstore.interface import INBOX, FolderRef, StoreMode, UidSet
 from gateway.mailstore.sql import SqlMailStore
+from gateway.security.keys import KeyManager
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from tests.mailstore.test_store import fill, message
@@ -80,3 +82,46 @@ def test_applying_the_same_changes_twice_changes_nothing() -> None:
     assert list(index.modseqs) == [2, 5, 6]
     assert [index.sets.flags[flag_id] for flag_id in index.flag_ids] == [frozenset(), frozenset(), {"\\Seen"}]
     assert index.unseen() == (2, 1)
+
+
+async def test_two_nodes_appending_and_delivering_into_one_folder_at_once(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """Two gateway nodes (their own engines, stores and indexes) writing one folder concurrently: every UID
+    and MODSEQ given once, UIDs in the order of their MODSEQs (the folder row's lock orders them), and each
+    node's index equal to the database afterwards."""
+    from gateway.mailstore.delivery import LocalDelivery
+
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 1)
+    other_db = Database(database.url)
+    try:
+        other = SqlMailStore(other_db, BlobStore(blobs.root, KeyManager(other_db, blobs.keys.keks.directory)))
+        await store.select(inbox)
+        await other.select(inbox)                              # both indexes loaded before the writes
+
+        async def writes(node: SqlMailStore, name: str) -> list[tuple[int, int]]:
+            results = []
+            for n in range(15):
+                if n % 3 == 0:
+                    added = await LocalDelivery(node).deliver(mailbox_id, message(1000 + n), delivery_key=f"{name}:{n}")
+                    results.append((added.uid, -1))
+                else:
+                    appended = await node.append(inbox, message(n))
+                    results.append((appended.uid, appended.modseq))
+            return results
+
+        both = await asyncio.gather(writes(store, "a"), writes(other, "b"))
+        uids = sorted(uid for results in both for uid, _ in results)
+        assert uids == list(range(2, 32))                      # 30 distinct UIDs after the first message
+        for results in both:                                   # each node saw its own UIDs and MODSEQs ascend
+            assert [uid for uid, _ in results] == sorted(uid for uid, _ in results)
+            modseqs = [modseq for _, modseq in results if modseq >= 0]
+            assert modseqs == sorted(set(modseqs))
+        truth = await _from_database(store, inbox)
+        assert [meta[1] for meta in truth] == sorted({meta[1] for meta in truth})   # MODSEQ ascends with UID
+        assert await _from_index(store, inbox) == truth
+        assert await _from_index(other, inbox) == truth
+        await other.store_flags(inbox, UidSet.of(5), StoreMode.ADD, ["\\Flagged"])   # B changes, A sees it
+        assert await _from_index(store, inbox) == await _from_database(other, inbox)
+    finally:
+        await other_db.dispose()

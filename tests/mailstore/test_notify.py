@@ -48,3 +48,32 @@ async def test_a_bridged_hub_does_not_claim_to_see_every_change(database: Databa
         assert not hub.sees_every_change
     finally:
         await bridge.stop()
+
+
+async def test_the_bridge_reconnects_after_losing_its_connection(database: Database) -> None:
+    if database.is_sqlite:
+        pytest.skip("SQLite is the single-process embedded case: no bridge")
+    import asyncio
+
+    import asyncpg
+
+    node_a, node_b = ChangeHub(), ChangeHub()
+    bridge_a, bridge_b = PgNotifyBridge(node_a, database.url), PgNotifyBridge(node_b, database.url)
+    await bridge_a.start()
+    await bridge_b.start()
+    admin = await asyncpg.connect(database.url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        pid = bridge_b._connection.get_server_pid()
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)      # as a PostgreSQL restart would
+        for _ in range(100):
+            if bridge_b.connections == 2 and not bridge_b._connection.is_closed():
+                break
+            await asyncio.sleep(0.1)
+        assert bridge_b.connections == 2
+        with node_b.subscribe(7, "INBOX") as remote:
+            node_a.publish(ChangeEvent(7, "INBOX", ChangeKind.EXISTS, 13))
+            assert await remote.wait(timeout=10) == [ChangeEvent(7, "INBOX", ChangeKind.EXISTS, 13)]
+    finally:
+        await admin.close()
+        await bridge_a.stop()
+        await bridge_b.stop()
