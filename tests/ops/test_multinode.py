@@ -3,12 +3,26 @@ work claimed with row locks, one spool and one blob store shared by the nodes.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import imaplib
 import json
+import re
+import shutil
+import smtplib
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness import GatewayProcess, run_cli
+from tests.harness import PORT_KEYS, GatewayProcess, free_ports, run_cli, wait_until
+from tests.pg import PgCluster
 
 
 def test_serve_only_names_the_unknown_role(tmp_path: Path) -> None:
@@ -33,3 +47,208 @@ def test_serve_only_imap_opens_imap_and_runs_no_worker(tmp_path: Path) -> None:
         assert ready["workers"] == {}
     finally:
         node.stop()
+
+
+# ------------------------------------------------------------------ two nodes on one PostgreSQL
+#
+# The clients' addresses are parameters (``Doors``): here each node's own listeners; behind a TCP proxy
+# (HAProxy) the same checks run with the proxy's addresses for every door.
+
+UNLIMITED = {"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0", "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0"}
+Address = tuple[str, int]
+
+
+@dataclass
+class Doors:
+    """Where clients connect: SMTP submissions (implicit TLS) and IMAPS, one address per node or proxy."""
+
+    smtp: list[Address]
+    imaps: list[Address]
+
+
+@dataclass
+class Cluster:
+    a: GatewayProcess
+    b: GatewayProcess
+    shared: Path
+
+    def doors(self, node: GatewayProcess) -> Doors:
+        return Doors(smtp=[("localhost", node.ports["smtp_submissions_port"])],
+                     imaps=[("localhost", node.ports["imaps_port"])])
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.a.ca_file)      # one PKI: the same CA on both nodes
+
+
+def _node_env(url: str, shared: Path, name: str) -> dict[str, str]:
+    return {**UNLIMITED, "GATEWAY_DATABASE_URL": url, "GATEWAY_CLUSTER_NODE_NAME": name,
+            "GATEWAY_CLUSTER_BLOB_DIR": str(shared / "blobs"), "GATEWAY_SMTP_SPOOL_DIR": str(shared / "spool"),
+            # short enough for a test: a dead node's claims are taken over after 5 s, looked for every second
+            "GATEWAY_CLUSTER_CLAIM_LEASE_SECONDS": "5", "GATEWAY_SMTP_LOCAL_RETRY_SECONDS": "1"}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_cluster: PgCluster) -> Iterator[Cluster]:
+    """Node A initialised on a fresh PostgreSQL database; node B's data directory a copy of A's (its key files,
+    test PKI and demo accounts: docs/DEPLOYMENT.md "Several nodes"), both sharing the spool and the blobs."""
+    url = asyncio.run(pg_cluster.create_database())
+    shared = tmp_path / "shared"
+    a = GatewayProcess(tmp_path / "a", extra_env=_node_env(url, shared, "a"))
+    a.init_demo()
+    shutil.copytree(a.data_dir, tmp_path / "b", ignore=shutil.ignore_patterns("run", "serve.log"))
+    b = GatewayProcess(tmp_path / "b", extra_env=_node_env(url, shared, "b"))
+    b.ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    a.start()
+    b.start()
+    try:
+        yield Cluster(a, b, shared)
+    finally:
+        b.stop()
+        a.stop()
+        asyncio.run(pg_cluster.drop_database(url))
+
+
+def _submit(door: Address, tls: ssl.SSLContext, sender: dict[str, Any], recipient: str, subject: str,
+            body: str = "Bonjour.\r\n") -> None:
+    message = (f"From: {sender['address']}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
+               f"Message-ID: <{subject}@multinode.test>\r\n\r\n{body}").encode()
+    with smtplib.SMTP_SSL(*door, context=tls, timeout=60) as client:
+        client.login(sender["address"], sender["password"])
+        client.sendmail(sender["address"], [recipient], message)
+
+
+def _idle_wakes_on_mail_from_another_node(doors_in: Doors, doors_out: Doors, tls: ssl.SSLContext,
+                                          sender: dict[str, Any], reader_account: dict[str, Any]) -> float:
+    """Submit through ``doors_in`` while an IMAP session through ``doors_out`` IDLEs; the seconds it waited."""
+    reader = imaplib.IMAP4_SSL(*doors_out.imaps[0], ssl_context=tls, timeout=30)
+    try:
+        reader.login(reader_account["address"], reader_account["password"])
+        _submit(doors_in.smtp[0], tls, sender, reader_account["address"], "first-contact")   # provisions the INBOX
+        count = wait_until(lambda: _selected_count(reader), timeout=60,
+                           what="the first message readable through the other node")
+        tag = reader._new_tag().decode()
+        reader.send(f"{tag} IDLE\r\n".encode())
+        assert reader.readline().startswith(b"+ ")
+        started = time.monotonic()
+        _submit(doors_in.smtp[0], tls, sender, reader_account["address"], "while-idle")
+        line = reader.readline()                                # bounded by the socket's 30 s timeout
+        waited = time.monotonic() - started
+        assert line.rstrip() == f"* {count + 1} EXISTS".encode(), line
+        reader.send(b"DONE\r\n")
+        while not reader.readline().startswith(tag.encode()):
+            pass
+        _, data = reader.fetch(str(count + 1), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert isinstance(data[0], tuple) and b"while-idle" in data[0][1]
+        return waited
+    finally:
+        with contextlib.suppress(Exception):
+            reader.logout()
+
+
+def _selected_count(imap: imaplib.IMAP4) -> int | None:
+    """SELECT INBOX: its message count, None while it does not exist or is empty."""
+    typ, data = imap.select("INBOX")
+    count = int(data[0] or 0) if typ == "OK" else 0
+    return count or None
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_mail_submitted_to_one_node_wakes_idle_on_the_other(cluster: Cluster) -> None:
+    doctor, pharmacist = cluster.a.account("PER", 0), cluster.a.account("PER", 1)
+    waited = _idle_wakes_on_mail_from_another_node(cluster.doors(cluster.a), cluster.doors(cluster.b), cluster.tls(),
+                                                   doctor, pharmacist)
+    print(f"submitted to node A, IDLE on node B woken after {waited * 1000:.0f} ms")
+    waited = _idle_wakes_on_mail_from_another_node(cluster.doors(cluster.b), cluster.doors(cluster.a), cluster.tls(),
+                                                   pharmacist, doctor)
+    print(f"submitted to node B, IDLE on node A woken after {waited * 1000:.0f} ms")
+
+
+def _load(doors: list[Address], tls: ssl.SSLContext, senders: list[dict[str, Any]], recipients: list[str],
+          total: int, threads: int, acknowledged: set[str], failed_over: list[str]) -> list[threading.Thread]:
+    """``total`` submissions from ``threads`` clients spread over ``doors``; a client whose door fails goes on
+    through the next one, without sending again the message whose 250 it did not get."""
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        door = number % len(doors)
+        for index in range(number, total, threads):
+            marker = f"load-{index:04d}"
+            for _attempt in range(len(doors)):
+                try:
+                    _submit(doors[door], tls, senders[index % len(senders)], recipients[index % len(recipients)],
+                            marker, _body(marker))
+                except (smtplib.SMTPException, OSError):
+                    door = (door + 1) % len(doors)             # this node is gone: the next one
+                    with lock:
+                        failed_over.append(marker)
+                    break                                      # unacknowledged: not sent again (no duplicate)
+                with lock:
+                    acknowledged.add(marker)
+                break
+
+    workers = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def _body(marker: str) -> str:
+    return "".join(f"{marker} line {n}: compte rendu de consultation.\r\n" for n in range(40))
+
+
+def _delivered(door: Address, tls: ssl.SSLContext, accounts: list[dict[str, Any]]) -> Counter[str]:
+    """marker -> whole copies in the accounts' INBOXes (a torn copy counts as ``torn:<marker>``)."""
+    counts: Counter[str] = Counter()
+    for account in accounts:
+        with imaplib.IMAP4_SSL(*door, ssl_context=tls, timeout=60) as imap:
+            imap.login(account["address"], account["password"])
+            if imap.select("INBOX", readonly=True)[0] != "OK":
+                continue
+            _, found = imap.uid("SEARCH", "ALL")
+            for uid in found[0].split():
+                _, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)] BODY.PEEK[TEXT])")
+                parts = [part[1] for part in data if isinstance(part, tuple)]
+                match = re.search(rb"<(load-\d{4})@multinode\.test>", parts[0])
+                if match:
+                    marker = match.group(1).decode()
+                    whole = parts[1].rstrip(b"\r\n") == _body(marker).encode().rstrip(b"\r\n")
+                    counts[marker if whole else f"torn:{marker}"] += 1
+    return counts
+
+
+def _load_survives_a_killed_node(cluster: Cluster, doors: Doors, read_through: Address, total: int = 200) -> None:
+    """A load spread over ``doors``; node A SIGKILLed halfway, then restarted: every acknowledged message
+    delivered exactly once, whole, read through ``read_through``."""
+    tls = cluster.tls()
+    senders = [cluster.a.account("PER", n) for n in range(3)]
+    readers = [cluster.a.account("PER", (n + 1) % 3) for n in range(3)]     # each writes to the next
+    acknowledged: set[str] = set()
+    failed_over: list[str] = []
+    workers = _load(doors.smtp, tls, senders, [r["address"] for r in readers], total, 8, acknowledged, failed_over)
+    wait_until(lambda: True if len(acknowledged) >= total // 2 else None, timeout=600, what="half the load accepted")
+    cluster.a.kill()                                          # SIGKILL: no cleanup, mid-delivery
+    for worker in workers:
+        worker.join(600)
+    assert len(acknowledged) + len(failed_over) == total
+    cluster.a.start()                                         # restarted: its recovery pass joins node B's work
+
+    def everything_delivered() -> Counter[str] | None:
+        counts = _delivered(read_through, tls, readers)
+        return counts if all(counts[marker] for marker in acknowledged) else None
+
+    counts = wait_until(everything_delivered, timeout=300, what="every acknowledged message delivered", interval=2)
+    assert not [m for m in counts if m.startswith("torn:")], "a delivered message is not whole"
+    assert {m: n for m, n in counts.items() if n > 1} == {}, "a message was delivered twice"
+    assert set(counts) - acknowledged <= set(failed_over)     # nothing appears that was never sent
+    assert list((cluster.shared / "spool" / "incoming" / "a").iterdir()) == []   # A's half-received files gone
+    print(f"{len(acknowledged)} acknowledged, {len(failed_over)} cut by the kill "
+          f"({len(set(counts) & set(failed_over))} of those delivered: committed before the 250 was lost)")
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_load_over_two_nodes_is_delivered_once_while_one_is_killed(cluster: Cluster) -> None:
+    doors = Doors(smtp=[*cluster.doors(cluster.a).smtp, *cluster.doors(cluster.b).smtp],
+                  imaps=[*cluster.doors(cluster.a).imaps, *cluster.doors(cluster.b).imaps])
+    _load_survives_a_killed_node(cluster, doors, read_through=cluster.doors(cluster.b).imaps[0])
