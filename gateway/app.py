@@ -39,6 +39,7 @@ from gateway.queue.local_delivery import LocalStore
 from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
+from gateway.queue.wake import QueueAnnouncer, QueueListener
 from gateway.retention import ShreddingTask
 from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
@@ -254,7 +255,7 @@ class Gateway:
         settings = self.settings
         grace = settings.listen.shutdown_grace_seconds
         notices = AccessNoticeTask(services.db, settings, services.generated)
-        services.queue.local.delivers_here = "workers" in self.roles
+        await self._announce_queued_work(services, running)
         outbound = await self._start_workers(services, running, notices) if "workers" in self.roles else None
         endpoints: list[tuple[str, str, int]] = []
         connections: dict[str, Callable[[], int]] = {}
@@ -283,6 +284,23 @@ class Gateway:
         if readiness is not None:
             readiness.collector = collector
         return endpoints
+
+    async def _announce_queued_work(self, services: Services, running: AsyncExitStack) -> None:
+        """Several nodes (PostgreSQL): a node without workers announces what it queued, the nodes with workers
+        listen and deliver it at once (gateway.queue.wake). SQLite is one process, which has every role."""
+        local = services.queue.local
+        local.delivers_here = "workers" in self.roles
+        if services.db.is_sqlite:
+            return
+        if local.delivers_here:
+            listener = QueueListener(self.settings.database_url, local.schedule)
+            await listener.start()
+            running.push_async_callback(listener.stop)
+        else:
+            announcer = QueueAnnouncer(self.settings.database_url)
+            await announcer.start()
+            running.push_async_callback(announcer.stop)
+            local.elsewhere = announcer.announce
 
     async def _start_workers(self, services: Services, running: AsyncExitStack,
                              notices: AccessNoticeTask) -> OutboundWorker:

@@ -236,6 +236,7 @@ class LocalDeliveryWorker:
         self._idle.set()
         self._busy = 0
         self.delivers_here = True             # False: another node delivers (``gateway serve --only`` without workers)
+        self.elsewhere: Callable[[str], None] | None = None   # then: tell the delivering nodes (queue/wake.py)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -257,7 +258,11 @@ class LocalDeliveryWorker:
 
     def schedule(self, queue_id: str) -> None:
         """Deliver ``queue_id`` here soon; a node whose workers do not run leaves it to one whose do."""
-        if self.store is not None and self.delivers_here and queue_id not in self._scheduled:
+        if not self.delivers_here:
+            if self.elsewhere is not None:
+                self.elsewhere(queue_id)
+            return
+        if self.store is not None and queue_id not in self._scheduled:
             self._scheduled.add(queue_id)
             self._idle.clear()
             if self.backlog_limit and len(self._scheduled) >= self.backlog_limit:

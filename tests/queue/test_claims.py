@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 
+from gateway.queue.local_delivery import LocalDeliveryWorker
 from gateway.queue.outbound_store import OutboundStore
+from gateway.queue.spool import Spool
 from gateway.queue.store import QueueStore
 from gateway.queue.tables import QueuedMessage, QueuedRecipient, RouteKind
+from gateway.queue.wake import QueueAnnouncer, QueueListener
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
@@ -69,3 +73,27 @@ async def test_outbound_recipients_are_claimed_once_across_nodes(database: Datab
         assert len(claimed) == 20 and len(set(claimed)) == 20
     finally:
         await other_node.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_node_without_workers_announces_what_it_queued(database: Database, tmp_path: Path) -> None:
+    """``gateway serve --only smtp``: its local delivery schedules nothing itself, and the queue id reaches
+    the listening (delivering) node at once instead of at its next look."""
+    received: list[str] = []
+    listener, announcer = QueueListener(database.url, received.append), QueueAnnouncer(database.url)
+    await listener.start()
+    await announcer.start()
+    try:
+        accepting = LocalDeliveryWorker(QueueStore(database), Spool(tmp_path / "spool"), None, authserv_id="localhost")
+        accepting.delivers_here = False
+        accepting.elsewhere = announcer.announce
+        accepting.schedule("0193f2a4c1d2e3f4a5b6c7d8")
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.1)
+        assert received == ["0193f2a4c1d2e3f4a5b6c7d8"] and accepting.backlog == 0
+    finally:
+        await announcer.stop()
+        await listener.stop()
