@@ -87,16 +87,18 @@ def _node_env(url: str, shared: Path, name: str) -> dict[str, str]:
             "GATEWAY_CLUSTER_CLAIM_LEASE_SECONDS": "5", "GATEWAY_SMTP_LOCAL_RETRY_SECONDS": "1"}
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, pg_cluster: PgCluster) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def _two_nodes(tmp_path: Path, pg_cluster: PgCluster, *, a_roles: list[str] | None = None,
+               env: dict[str, str] | None = None) -> Iterator[Cluster]:
     """Node A initialised on a fresh PostgreSQL database; node B's data directory a copy of A's (its key files,
     test PKI and demo accounts: docs/DEPLOYMENT.md "Several nodes"), both sharing the spool and the blobs."""
     url = asyncio.run(pg_cluster.create_database())
     shared = tmp_path / "shared"
-    a = GatewayProcess(tmp_path / "a", extra_env=_node_env(url, shared, "a"))
+    a = GatewayProcess(tmp_path / "a", extra_env={**_node_env(url, shared, "a"), **(env or {})},
+                       serve_args=["--only", ",".join(a_roles)] if a_roles else [])
     a.init_demo()
     shutil.copytree(a.data_dir, tmp_path / "b", ignore=shutil.ignore_patterns("run", "serve.log"))
-    b = GatewayProcess(tmp_path / "b", extra_env=_node_env(url, shared, "b"))
+    b = GatewayProcess(tmp_path / "b", extra_env={**_node_env(url, shared, "b"), **(env or {})})
     b.ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
     a.start()
     b.start()
@@ -106,6 +108,12 @@ def cluster(tmp_path: Path, pg_cluster: PgCluster) -> Iterator[Cluster]:
         b.stop()
         a.stop()
         asyncio.run(pg_cluster.drop_database(url))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_cluster: PgCluster) -> Iterator[Cluster]:
+    with _two_nodes(tmp_path, pg_cluster) as nodes:
+        yield nodes
 
 
 def _submit(door: Address, tls: ssl.SSLContext, sender: dict[str, Any], recipient: str, subject: str,
@@ -118,20 +126,22 @@ def _submit(door: Address, tls: ssl.SSLContext, sender: dict[str, Any], recipien
 
 
 def _idle_wakes_on_mail_from_another_node(doors_in: Doors, doors_out: Doors, tls: ssl.SSLContext,
-                                          sender: dict[str, Any], reader_account: dict[str, Any]) -> float:
-    """Submit through ``doors_in`` while an IMAP session through ``doors_out`` IDLEs; the seconds it waited."""
-    reader = imaplib.IMAP4_SSL(*doors_out.imaps[0], ssl_context=tls, timeout=30)
+                                          sender: dict[str, Any], reader_account: dict[str, Any],
+                                          timeout: float = 30) -> float:
+    """Submit through ``doors_in`` while an IMAP session through ``doors_out`` IDLEs; the seconds it waited
+    (at most ``timeout``: the session's socket gives up then)."""
+    reader = imaplib.IMAP4_SSL(*doors_out.imaps[0], ssl_context=tls, timeout=timeout)
     try:
         reader.login(reader_account["address"], reader_account["password"])
         _submit(doors_in.smtp[0], tls, sender, reader_account["address"], "first-contact")   # provisions the INBOX
-        count = wait_until(lambda: _selected_count(reader), timeout=60,
+        count = wait_until(lambda: _selected_count(reader), timeout=90,
                            what="the first message readable through the other node")
         tag = reader._new_tag().decode()
         reader.send(f"{tag} IDLE\r\n".encode())
         assert reader.readline().startswith(b"+ ")
         started = time.monotonic()
         _submit(doors_in.smtp[0], tls, sender, reader_account["address"], "while-idle")
-        line = reader.readline()                                # bounded by the socket's 30 s timeout
+        line = reader.readline()                                # bounded by the socket's timeout
         waited = time.monotonic() - started
         assert line.rstrip() == f"* {count + 1} EXISTS".encode(), line
         reader.send(b"DONE\r\n")
@@ -162,6 +172,22 @@ def test_mail_submitted_to_one_node_wakes_idle_on_the_other(cluster: Cluster) ->
     waited = _idle_wakes_on_mail_from_another_node(cluster.doors(cluster.b), cluster.doors(cluster.a), cluster.tls(),
                                                    pharmacist, doctor)
     print(f"submitted to node B, IDLE on node A woken after {waited * 1000:.0f} ms")
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_node_without_workers_has_its_mail_delivered_by_the_other_at_once(tmp_path: Path,
+                                                                          pg_cluster: PgCluster) -> None:
+    """``--only smtp,imap,https`` on node A: node B delivers what A accepted, told at once (NOTIFY), not at its
+    next look for due work (here 30 s away: smtp.local_retry_seconds 60), while A's IDLE session waits 20 s."""
+    with _two_nodes(tmp_path, pg_cluster, a_roles=["smtp", "imap", "https"],
+                    env={"GATEWAY_SMTP_LOCAL_RETRY_SECONDS": "60"}) as nodes:
+        assert json.loads((nodes.a.data_dir / "run" / "ready.json").read_text())["workers"] == {}
+        doctor, pharmacist = nodes.a.account("PER", 0), nodes.a.account("PER", 1)
+        doors_a = nodes.doors(nodes.a)
+        waited = _idle_wakes_on_mail_from_another_node(doors_a, doors_a, nodes.tls(), doctor, pharmacist,
+                                                       timeout=20)
+        print(f"accepted by node A (no workers), delivered by node B, IDLE on A woken after {waited * 1000:.0f} ms")
 
 
 def _load(doors: list[Address], tls: ssl.SSLContext, senders: list[dict[str, Any]], recipients: list[str],
