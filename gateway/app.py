@@ -174,8 +174,8 @@ class Gateway:
 
     ``roles`` (``gateway serve --only``) splits the work between nodes sharing one PostgreSQL database:
     ``smtp``, ``imap`` and ``https`` are the listeners, ``workers`` the background work (local delivery,
-    outbound, filing, access notices, crypto-shredding). A node without ``workers`` still accepts mail: its
-    queue rows wait for a node that delivers (claimed with row locks, gateway.queue)."""
+    outbound, filing, access notices, crypto-shredding). A node without ``workers`` still accepts mail and
+    announces it to the nodes that deliver (gateway.queue.wake), which claim it with row locks."""
 
     def __init__(self, settings: Settings, *, reread_settings: Callable[[], Settings] | None = None,
                  roles: frozenset[str] = frozenset(ROLES)) -> None:
