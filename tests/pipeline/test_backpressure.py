@@ -62,6 +62,9 @@ class FakeQueue:
         return [LocalWork(1, queue_id, 7, "claire@example.test", "Return-Path: <a@example.test>\r\n",
                           utcnow() - dt.timedelta(seconds=1), "a@example.test", size, "PER")]
 
+    async def claim_local_work(self, queue_id: str, lease: dt.timedelta) -> list[LocalWork]:
+        return await self.local_work(queue_id)          # one process: nothing to claim (as on SQLite)
+
     def delivered_in(self, connection: Any, recipient_id: int, queue_id: str) -> bool:
         self.done.add(queue_id)
         return True
