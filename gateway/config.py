@@ -92,6 +92,26 @@ class ListenerSettings(_Section):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=600, description="on SIGTERM, time SMTP commands in flight (a DATA) and IMAP commands "
         "running are given to finish and get their reply before the connection is closed (421 / BYE)")
+    proxy_protocol_from: list[str] = Field(
+        default_factory=list,
+        description="load balancers (HAProxy in TCP mode with send-proxy / send-proxy-v2) whose PROXY protocol "
+        "header (v1 or v2) is believed, as addresses or networks (\"10.0.0.5\", \"10.0.1.0/24\"); on every SMTP, "
+        "IMAP and HTTPS listener, limits, logs, audit entries and Received: then see the client the proxy saw. A "
+        "connection from one of them without a valid header is closed and audited; from any other address the "
+        "connection is its own client and a PROXY header is never believed. Empty: off")
+    proxy_protocol_timeout_seconds: float = Field(
+        5.0, ge=3, le=120, description="time a trusted proxy has to send the whole PROXY header before the "
+        "connection is closed (HAProxy's spec: at least 3 seconds, one TCP retransmit)")
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an IP address or network (CIDR)") from None
+        return value
 
     @field_validator(
         "smtp_relay_port", "smtp_submission_port", "smtp_submissions_port",

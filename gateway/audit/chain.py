@@ -64,6 +64,7 @@ class Door(enum.StrEnum):
     CLI = "cli"
     SMTP = "smtp"
     IMAP = "imap"
+    HTTPS = "https"      # the HTTPS listener before any request names webmail or FHIR (a refused PROXY header)
     SYSTEM = "system"
 
 

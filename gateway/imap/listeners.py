@@ -21,6 +21,7 @@ from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimi
 from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
+from gateway.ops.proxied import proxy_guard
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.revocation import optional_client_certificate_context
 
@@ -83,7 +84,8 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
                               pre_auth_timeout=float(imap.login_timeout_seconds),
                               autologout_seconds=imap.autologout_minutes * 60.0,
                               pre_auth_reader_limits=pre_auth_limits(imap.max_literal_before_login),
-                              max_unauthenticated_per_ip=imap.max_unauthenticated_connections_per_ip)
+                              max_unauthenticated_per_ip=imap.max_unauthenticated_connections_per_ip,
+                              proxy=proxy_guard(services, settings))
     server = ImapServer(config, context)
     await server.start()
     return ImapListeners(server)

@@ -32,6 +32,7 @@ from gateway.imap.protocol.reader import (
 )
 from gateway.imap.session import Session, SessionContext, State
 from gateway.ops.metrics import CONNECTIONS, IMAP_VERBS, timed, verb_label
+from gateway.ops.proxied import ImplicitTls, ProxyGuard, open_listener, peer_address, stream_factory
 from gateway.pipeline.limits import ConcurrencyLimiter, Slot
 
 log = logging.getLogger("gateway.imap")
@@ -56,6 +57,7 @@ class ImapServerConfig:
     reader_limits: ReaderLimits = field(default_factory=ReaderLimits)          # once logged in
     pre_auth_reader_limits: ReaderLimits = field(default_factory=pre_auth_limits)  # before: small literals only
     max_unauthenticated_per_ip: int = 20     # connections of one address not (yet) logged in
+    proxy: ProxyGuard | None = None          # listen.proxy_protocol_from: HAProxy's PROXY header believed from them
 
 
 class UserConnectionLimiter:
@@ -107,13 +109,13 @@ class ImapConnection:
 
     @property
     def peer_ip(self) -> str:
-        peer = self.writer.get_extra_info("peername")
-        return str(peer[0]) if isinstance(peer, tuple) else "?"
+        peer = peer_address(self.writer)      # behind a trusted proxy: the client its PROXY header named
+        return peer[0] if peer is not None else "?"
 
     @property
     def peer(self) -> str:
-        peer = self.writer.get_extra_info("peername")
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        peer = peer_address(self.writer)
+        return f"{peer[0]}:{peer[1]}" if peer is not None else "?"
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; it goes out at the next ``drain`` (or once ``FLUSH_OCTETS`` are waiting), so the
@@ -200,12 +202,13 @@ class ImapServer:
         self.unauthenticated_per_ip = ConcurrencyLimiter(config.max_unauthenticated_per_ip)
 
     async def start(self) -> list[asyncio.Server]:
-        plain = await asyncio.start_server(self._serve, self.config.host, self.config.starttls_port,
-                                           reuse_address=True)
+        connections = stream_factory(self._serve)
+        plain = await open_listener(connections, self.config.host, self.config.starttls_port,
+                                    guard=self.config.proxy, door="imap")
         self.servers.append(plain)
-        implicit = await asyncio.start_server(self._serve, self.config.host, self.config.implicit_tls_port,
-                                              ssl=self.config.tls_context, reuse_address=True,
-                                              ssl_handshake_timeout=self.config.tls_handshake_timeout)
+        implicit = await open_listener(connections, self.config.host, self.config.implicit_tls_port,
+                                       guard=self.config.proxy, door="imaps",
+                                       tls=ImplicitTls(self.config.tls_context, self.config.tls_handshake_timeout))
         self.servers.append(implicit)
         for server in self.servers:
             log.info("IMAP listening on %s", ", ".join(str(s.getsockname()[:2]) for s in server.sockets))

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.ops.metrics import CONNECTIONS
+from gateway.ops.proxied import ProxyGuard, open_listener, proxy_guard
 from gateway.directory.service import DirectoryService
 from gateway.pipeline.origin import Door
 from gateway.pipeline.pipeline import Pipeline
@@ -116,14 +117,16 @@ async def start_smtp_listeners(services: SmtpServices, settings: Settings) -> Sm
     """Open the three listeners in front of ``services.pipeline``."""
     return await open_listeners(services.pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=services.token_verifier, auth_limiter=services.auth_limiter,
-                                revocation=services.revocation, door_audit=services.door_audit)
+                                revocation=services.revocation, door_audit=services.door_audit,
+                                proxy=proxy_guard(services, settings))
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
                          *, token_verifier: TokenVerifier | None = None,
                          auth_limiter: AuthLimiter | None = None,
                          revocation: RevocationList | None = None,
-                         door_audit: DoorAudit | None = None) -> SmtpListeners:
+                         door_audit: DoorAudit | None = None,
+                         proxy: ProxyGuard | None = None) -> SmtpListeners:
     limits = SessionLimits.from_settings(
         settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
     listeners = SmtpListeners(pipeline, limits)
@@ -138,7 +141,7 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
         for kind, port, context in plan:
             handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier, revocation,
                                      door_audit)
-            server = await _listen(kind, handler, settings, port, context, listeners.connections)
+            server = await _listen(kind, handler, settings, port, context, listeners.connections, proxy)
             listeners.append(server)
             host, bound_port = server.sockets[0].getsockname()[:2]
             listeners.addresses[kind.value] = (host, bound_port)
@@ -149,7 +152,8 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
 
 
 async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Settings, port: int,
-                  context: ssl.SSLContext, connections: "weakref.WeakSet[GatewaySMTP]") -> asyncio.Server:
+                  context: ssl.SSLContext, connections: "weakref.WeakSet[GatewaySMTP]",
+                  proxy: ProxyGuard | None) -> asyncio.Server:
     smtp = settings.smtp
     limits = ProtocolLimits(max_message_size=smtp.max_message_size, max_line_length=smtp.max_line_length,
                             max_auth_failures=smtp.auth_failures_per_connection, timeout_seconds=smtp.timeout_seconds)
@@ -162,6 +166,6 @@ async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Setting
         CONNECTIONS.labels(f"smtp_{kind.value}").inc()
         return connection
 
-    loop = asyncio.get_running_loop()
-    # Implicit TLS (submissions) is handshaken by GatewaySMTP itself, so refusals are logged like STARTTLS ones.
-    return await loop.create_server(factory, host=settings.listen.host, port=port, reuse_address=True)
+    # Implicit TLS (submissions) is handshaken by GatewaySMTP itself, so refusals are logged like STARTTLS ones;
+    # behind HAProxy the PROXY header is read before (gateway.ops.proxied).
+    return await open_listener(factory, settings.listen.host, port, guard=proxy, door=f"smtp_{kind.value}")

@@ -37,6 +37,7 @@ from typing import Any, Protocol, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from gateway.ops.metrics import SMTP_VERBS, timed, verb_label
+from gateway.ops.proxied import peer_address
 from gateway.pipeline.origin import TlsInfo
 from gateway.mail import codes
 from gateway.mail.codes import Reply, MailRefusal
@@ -264,6 +265,10 @@ class GatewaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # The client's address: behind a trusted proxy, the one its PROXY header gave (gateway.ops.proxied).
+        peer = peer_address(transport)
+        if peer is not None:
+            self.gsession.peer = peer  # type: ignore[assignment]  # aiosmtpd says str; it holds the peername tuple
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:   # implicit TLS, or the TLS layer after STARTTLS
             self.gsession.tls = TlsInfo.from_ssl_object(ssl_object)

@@ -27,6 +27,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from gateway.config import Settings
+from gateway.ops.proxied import peer_host
 from gateway.webmail.catalogue import DEFAULT_LOCALE, translations
 from gateway.webmail.keys import WebmailKey
 from gateway.webmail.sessions import SessionStore
@@ -161,8 +162,8 @@ def render(request: web.Request, template: str, values: dict[str, Any] | None = 
 
 
 def client_ip(request: web.Request) -> str | None:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return str(peer[0]) if peer else None
+    """The client's address (behind a trusted proxy: the one its PROXY header named)."""
+    return peer_host(request.transport)
 
 
 # ------------------------------------------------------------------ middlewares

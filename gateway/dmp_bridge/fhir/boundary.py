@@ -32,6 +32,7 @@ from gateway.audit.chain import Actor, AuditEntry, Door, Outcome, Source, Subjec
 from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.dmp_bridge.fhir.resources import FHIR_JSON, operation_outcome
+from gateway.ops.proxied import peer_host
 from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger("gateway.fhir")
@@ -170,6 +171,6 @@ async def _audit_request(audit: AuditLog, request: web.Request, status: int, tra
 
 def _ip(request: web.Request) -> str | None:
     try:
-        return str(ipaddress.ip_address(request.remote or ""))
+        return str(ipaddress.ip_address(peer_host(request.transport) or ""))
     except ValueError:  # a Unix socket, or no peer
         return None

@@ -60,6 +60,7 @@ from gateway.dmp_bridge.fhir.service import (
     SearchQuery,
 )
 from gateway.audit.chain import Door, Source
+from gateway.ops.proxied import peer_host
 from gateway.security.auth_limiter import AuthThrottled
 
 log = logging.getLogger("gateway.fhir")
@@ -149,8 +150,9 @@ class FhirRoutes:
 
     async def _call(self, request: web.Request) -> CallContext:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        requester = await self.resolver.resolve(ssl_object, _header(request, "Authorization"), request.remote or "?")
-        source = Source(Door.FHIR, request.remote)
+        client = peer_host(request.transport)   # behind a trusted proxy: the client its PROXY header named
+        requester = await self.resolver.resolve(ssl_object, _header(request, "Authorization"), client or "?")
+        source = Source(Door.FHIR, client)
         call = CallContext(requester, source)
         note_caller(call.actor)  # from here on, whatever fails is audited under the caller's name
         _check_id(request)

@@ -26,6 +26,7 @@ from gateway.dmp_bridge.fhir.boundary import TrackedAuditLog
 from gateway.dmp_bridge.fhir.routes import FhirConfig, FhirRoutes
 from gateway.dmp_bridge.fhir.service import RecordAccessService
 from gateway.dmp_bridge.patient_choices import LoggingNotifier, PatientChoicesService, PatientNotifier
+from gateway.ops.proxied import ProxiedSite, proxy_guard
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.revocation import optional_client_certificate_context
 
@@ -35,7 +36,7 @@ class HttpListener:
     """The running HTTPS listener: where it listens, and how to stop it."""
 
     runner: web.AppRunner
-    sites: list[web.TCPSite] = field(default_factory=list)
+    sites: list[ProxiedSite] = field(default_factory=list)
 
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) of every bound socket (the real port when ``http_port`` is 0)."""
@@ -94,7 +95,7 @@ async def start_http_listener(services: Any, settings: Settings, *, audit: Audit
         root.add_subapp(prefix, app)
     runner = web.AppRunner(root, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.http_port,
-                       ssl_context=tls_context or https_context(services, settings))
+    site = ProxiedSite(runner, settings.listen.host, settings.listen.http_port,
+                       ssl_context=tls_context or https_context(services, settings), guard=proxy_guard(services, settings))
     await site.start()
     return HttpListener(runner, [site])
