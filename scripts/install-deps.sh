@@ -29,6 +29,7 @@ if [ "$mode" = test ]; then
   want offlineimap offlineimap3
   want dnsmasq dnsmasq-base
   want /usr/sbin/postfix postfix  # a third operator in tests/interop (a standalone instance, never on port 25)
+  want /usr/sbin/haproxy haproxy  # TCP load balancer with the PROXY protocol in front of the nodes (tests/haproxy.py)
   want /usr/bin/chromium chromium  # the webmail's browser tests (Playwright drives Debian's chromium)
   want node nodejs                 # axe-core, injected by the browser tests
   want npm npm
