@@ -242,6 +242,22 @@ def test_a_forged_v2_header_from_an_untrusted_address_is_garbage(behind: Gateway
     assert FORGED not in behind.log_text()
 
 
+def test_a_forged_header_on_imap_is_a_bad_command(behind: GatewayProcess) -> None:
+    login = "imap-forger@demo.mssante.localhost"
+    with socket.create_connection(("127.0.0.1", behind.ports["imap_port"]), timeout=30,
+                                  source_address=(UNTRUSTED, 0)) as sock:
+        sock.sendall(encode_v1((FORGED, 4444), ("127.0.0.1", 143)))
+        assert _read_line(sock).startswith(b"* OK")            # greeted: no header was waited for
+        assert _read_line(sock).startswith(b"PROXY BAD"), "the line is a command with the tag PROXY"
+        sock.sendall(b"a1 STARTTLS\r\n")
+        assert _read_line(sock).startswith(b"a1 OK")
+        with _tls(behind).wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(f"a2 LOGIN {login} wrong-password-123\r\n".encode())
+            assert _read_line(tls).startswith(b"a2 NO")
+    entries = [entry for entry in _audit(behind, "authentication_failed") if entry["actor"]["id"] == login]
+    assert [entry["source"]["ip"] for entry in entries] == [UNTRUSTED]
+
+
 def test_the_proxy_address_without_a_header_is_closed_and_audited(behind: GatewayProcess) -> None:
     """From the trusted address: nothing sent (a timeout), a malformed v1 line, plain SMTP: each closed without
     a greeting, each audited with its reason; the listener keeps serving a proper proxied connection."""
