@@ -16,7 +16,12 @@ loopback address (127.0.0.2) is then seen by the gateway as 127.0.0.2.
 
 from __future__ import annotations
 
+import imaplib
+import json
 import shutil
+import smtplib
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +36,40 @@ Server = tuple[str, int]
 PROTOCOL_PORTS = {"smtp_relay": "smtp_relay_port", "smtp_submission": "smtp_submission_port",
                   "smtp_submissions": "smtp_submissions_port", "imap": "imap_port", "imaps": "imaps_port",
                   "https": "http_port"}
+
+
+def trusting(source: str = "127.0.0.1") -> dict[str, str]:
+    """The environment a GatewayProcess node needs behind this HAProxy: believe headers from ``source``.
+    Then a direct connection to the node from ``source`` without a header is refused: connect directly
+    from another loopback address (``SourcedIMAP``, ``smtp_from``), or through HAProxy."""
+    return {"GATEWAY_LISTEN_PROXY_PROTOCOL_FROM": json.dumps([f"{source}/32"])}
+
+
+def smtp_from(address: Server, source: str, timeout: float = 30) -> smtplib.SMTP:
+    """An SMTP client connecting from ``source`` (say EHLO client.example, not smtplib's guess)."""
+    return smtplib.SMTP(*address, timeout=timeout, source_address=(source, 0), local_hostname="client.example")
+
+
+class SourcedIMAP(imaplib.IMAP4):
+    """imaplib's client connecting from ``source`` (imaplib has no source_address)."""
+
+    def __init__(self, address: Server, source: str, timeout: float = 30) -> None:
+        self._source = source
+        super().__init__(*address, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
+class SourcedIMAPS(imaplib.IMAP4_SSL):
+    def __init__(self, address: Server, source: str, context: ssl.SSLContext, timeout: float = 30) -> None:
+        self._source = source
+        super().__init__(*address, ssl_context=context, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+        context: ssl.SSLContext = self.ssl_context
+        return context.wrap_socket(sock, server_hostname=self.host)
 
 
 def frontends_for(nodes: Sequence[GatewayProcess], protocols: Iterable[str] = PROTOCOL_PORTS,

@@ -287,6 +287,8 @@ class ProxiedTransport(asyncio.Transport):
 
     def __getattr__(self, name: str) -> Any:
         # Private parts asyncio's TLS layer reaches for (_force_close on a fatal error).
+        if name == "_real":   # not set yet (copy, repr during __init__): no recursion
+            raise AttributeError(name)
         return getattr(self._real, name)
 
     def is_closing(self) -> bool:

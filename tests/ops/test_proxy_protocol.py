@@ -28,7 +28,7 @@ import pytest
 
 from gateway.ops.proxy_protocol import encode_v1, encode_v2
 from tests.harness import GatewayProcess, wait_until
-from tests.haproxy import HAPROXY, HAProxy, frontends_for
+from tests.haproxy import HAPROXY, HAProxy, SourcedIMAP, SourcedIMAPS, frontends_for, smtp_from, trusting
 
 pytestmark = pytest.mark.skipif(shutil.which(HAPROXY) is None and not Path(HAPROXY).exists(),
                                 reason="haproxy is not installed (scripts/install-deps.sh)")
@@ -42,11 +42,12 @@ FORGED = "203.0.113.66"                         # the address it claims
 @pytest.fixture(scope="module")
 def behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     process = GatewayProcess(tmp_path_factory.mktemp("proxied") / "data", extra_env={
-        "GATEWAY_LISTEN_PROXY_PROTOCOL_FROM": json.dumps([f"{PROXY_HOST}/32"]),
+        **trusting(PROXY_HOST),
         "GATEWAY_LISTEN_PROXY_PROTOCOL_TIMEOUT_SECONDS": "3",
         "GATEWAY_AUTH_FAILURES_BEFORE_DELAY": "2",
         "GATEWAY_AUTH_FIRST_DELAY_SECONDS": "600",
         "GATEWAY_AUTH_MAX_DELAY_SECONDS": "3600",
+        "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "2",
     })
     process.start()
     yield process
@@ -68,26 +69,7 @@ def _tls(gateway: GatewayProcess) -> ssl.SSLContext:
 
 
 def _smtp(address: tuple[str, int], source: str) -> smtplib.SMTP:
-    return smtplib.SMTP(*address, timeout=30, source_address=(source, 0), local_hostname="client.example")
-
-
-class _SourcedIMAP(imaplib.IMAP4):
-    def __init__(self, address: tuple[str, int], source: str) -> None:
-        self._source = source
-        super().__init__(*address, timeout=30)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-
-
-class _SourcedIMAPS(imaplib.IMAP4_SSL):
-    def __init__(self, address: tuple[str, int], source: str, context: ssl.SSLContext) -> None:
-        self._source = source
-        super().__init__(*address, ssl_context=context, timeout=30)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+    return smtp_from(address, source)
 
 
 def _audit(gateway: GatewayProcess, event: str) -> list[dict[str, Any]]:
@@ -107,7 +89,9 @@ def _inbox_message(gateway: GatewayProcess, imap: imaplib.IMAP4, account: dict[s
         return None
     typ, parts = imap.uid("FETCH", uids[-1].decode(), "(BODY.PEEK[])")
     raw = next(part[1] for part in parts if isinstance(part, tuple))
-    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    return message
 
 
 # ------------------------------------------------------------------ the client HAProxy saw, everywhere
@@ -121,7 +105,7 @@ def test_smtp_submission_and_imap_see_the_client_haproxy_saw(behind: GatewayProc
         smtp.login(doctor["address"], doctor["password"])
         smtp.sendmail(doctor["address"], [pharmacist["address"]],
                       f"From: {doctor['address']}\r\nTo: {pharmacist['address']}\r\nSubject: {subject}\r\n\r\nhi\r\n")
-    with _SourcedIMAPS(haproxy.address("imaps"), client, _tls(behind)) as imap:
+    with SourcedIMAPS(haproxy.address("imaps"), client, _tls(behind)) as imap:
         imap.login(pharmacist["address"], pharmacist["password"])
         message = wait_until(lambda: _inbox_message(behind, imap, pharmacist, subject), timeout=30,
                              what="the proxied message in the pharmacist's INBOX")
@@ -135,7 +119,7 @@ def test_smtp_submission_and_imap_see_the_client_haproxy_saw(behind: GatewayProc
 def test_imap_starttls_and_smtps_through_haproxy(behind: GatewayProcess, haproxy: HAProxy) -> None:
     client = CLIENT[haproxy.proxy_protocol or ""]
     account = behind.account("PER", 2)
-    with _SourcedIMAP(haproxy.address("imap"), client) as imap:
+    with SourcedIMAP(haproxy.address("imap"), client) as imap:
         imap.starttls(ssl_context=_tls(behind))
         imap.login(account["address"], account["password"])
         assert imap.noop()[0] == "OK"
@@ -169,21 +153,41 @@ def test_the_sign_in_limiter_holds_back_the_client_not_the_proxy(behind: Gateway
     colleague = {"v2": "127.0.0.5", "v1": "127.0.0.15"}[haproxy.proxy_protocol or ""]
     account = behind.account("PER", 2)      # its (login, address) records: each run uses its own addresses
     for _ in range(2):
-        with _SourcedIMAP(haproxy.address("imap"), guesser) as imap:
+        with SourcedIMAP(haproxy.address("imap"), guesser) as imap:
             imap.starttls(ssl_context=_tls(behind))
             with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
                 imap.login(account["address"], "not-the-password")
-    with _SourcedIMAP(haproxy.address("imap"), guesser) as imap:
+    with SourcedIMAP(haproxy.address("imap"), guesser) as imap:
         imap.starttls(ssl_context=_tls(behind))
         with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE|try again"):
             imap.login(account["address"], account["password"])      # the right password, but it must wait
-    with _SourcedIMAP(haproxy.address("imap"), colleague) as imap:
+    with SourcedIMAP(haproxy.address("imap"), colleague) as imap:
         imap.starttls(ssl_context=_tls(behind))
         assert imap.login(account["address"], account["password"])[0] == "OK"
     failures = [entry for entry in _audit(behind, "authentication_failed") if entry["actor"]["id"] == account["address"]]
     mine = [entry["outcome"]["reason"] for entry in failures if entry["source"]["ip"] == guesser]
     assert mine.count("wrong credentials") == 2 and any("throttled" in reason for reason in mine), mine
     assert PROXY_HOST not in {entry["source"]["ip"] for entry in failures}
+
+
+def test_the_smtp_per_address_rate_counts_the_client_not_the_proxy(behind: GatewayProcess, haproxy: HAProxy) -> None:
+    """smtp.messages_per_minute_per_ip = 2: a third MAIL from one client through HAProxy waits (450 4.7.1 naming
+    that client); another client through the same proxy is not held back."""
+    busy = {"v2": "127.0.0.6", "v1": "127.0.0.16"}[haproxy.proxy_protocol or ""]
+    other = {"v2": "127.0.0.7", "v1": "127.0.0.17"}[haproxy.proxy_protocol or ""]
+    doctor = behind.account("PER", 0)
+    with _smtp(haproxy.address("smtp_submission"), busy) as smtp:
+        smtp.starttls(context=_tls(behind))
+        smtp.login(doctor["address"], doctor["password"])
+        for _ in range(2):
+            assert smtp.mail(doctor["address"])[0] == 250
+            smtp.rset()
+        code, text = smtp.mail(doctor["address"])
+        assert (code, text.split(b" ")[0]) == (450, b"4.7.1") and busy.encode() in text, text
+    with _smtp(haproxy.address("smtp_submission"), other) as smtp:
+        smtp.starttls(context=_tls(behind))
+        smtp.login(doctor["address"], doctor["password"])
+        assert smtp.mail(doctor["address"])[0] == 250
 
 
 def test_relay_door_greets_through_haproxy(behind: GatewayProcess, haproxy: HAProxy) -> None:
