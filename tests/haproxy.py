@@ -146,6 +146,27 @@ class HAProxy:
             self.process.kill()
             self.process.wait(timeout)
 
+    def server_states(self) -> dict[str, str]:
+        """``backend/server`` -> UP, DOWN, MAINT... from the stats socket (``stats_socket=True``)."""
+        assert self.stats_socket is not None, "HAProxy(..., stats_socket=True)"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.stats_socket))
+            sock.sendall(b"show stat\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        lines = answer.decode().splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return {}
+        columns = lines[0][2:].split(",")
+        states = {}
+        for line in lines[1:]:
+            row = dict(zip(columns, line.split(",")))
+            if row.get("svname") not in (None, "FRONTEND", "BACKEND"):
+                states[f"{row['pxname']}/{row['svname']}"] = row.get("status", "")
+        return states
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 

@@ -72,6 +72,11 @@ def _smtp(address: tuple[str, int], source: str) -> smtplib.SMTP:
     return smtp_from(address, source)
 
 
+def _log(gateway: GatewayProcess) -> str:
+    """The whole serve.log (GatewayProcess.log_text keeps only its end)."""
+    return (gateway.data_dir / "serve.log").read_text(errors="replace")
+
+
 def _audit(gateway: GatewayProcess, event: str) -> list[dict[str, Any]]:
     listed = gateway.cli("audit", "list", "--event", event, "--limit", "200", "--json", check=True)
     entries: list[dict[str, Any]] = json.loads(listed.stdout)
@@ -112,7 +117,7 @@ def test_smtp_submission_and_imap_see_the_client_haproxy_saw(behind: GatewayProc
     received = message.get_all("Received")
     assert received and f"[{client}]" in received[0], received       # RFC 5321 4.4: the real client
     assert f"[{PROXY_HOST}]" not in received[0]
-    log = behind.log_text()
+    log = _log(behind)
     assert f"connection from {client}:" in log                          # IMAPS session log line
 
 
@@ -197,6 +202,20 @@ def test_relay_door_greets_through_haproxy(behind: GatewayProcess, haproxy: HAPr
         assert code == 250 and relay.has_extn("starttls")
 
 
+def test_haproxy_health_checks_are_accepted(behind: GatewayProcess, tmp_path: Path) -> None:
+    """``check`` with send-proxy-v2: HAProxy's health checks carry a LOCAL header (the proxy's own connection),
+    so every node is seen up on every protocol and nothing is refused."""
+    refused_before = _log(behind).count("PROXY header refused")
+    with HAProxy(frontends_for([behind]), directory=tmp_path, proxy_protocol="v2", source=PROXY_HOST,
+                 check=True, stats_socket=True) as proxy:
+        def all_up() -> list[str] | None:
+            states = proxy.server_states()
+            return states if states and all(state == "UP" for state in states.values()) else None
+        wait_until(all_up, timeout=30, what="every server up in HAProxy's health checks")
+        assert len(all_up() or {}) == 6
+    assert _log(behind).count("PROXY header refused") == refused_before
+
+
 # ------------------------------------------------------------------ from the attacker's side
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -230,7 +249,7 @@ def test_a_forged_v1_header_from_an_untrusted_address_is_not_believed(behind: Ga
             assert _read_line(tls).startswith(b"535 ")
     entries = [entry for entry in _audit(behind, "authentication_failed") if entry["actor"]["id"] == login]
     assert [entry["source"]["ip"] for entry in entries] == [UNTRUSTED]
-    assert FORGED not in behind.log_text()
+    assert FORGED not in _log(behind)
 
 
 def test_a_forged_v2_header_from_an_untrusted_address_is_garbage(behind: GatewayProcess) -> None:
@@ -243,7 +262,7 @@ def test_a_forged_v2_header_from_an_untrusted_address_is_garbage(behind: Gateway
         while line := _read_line(sock):
             replies.append(line[:4])
     assert replies[0] == b"220 " and replies[-1] == b"221 " and set(replies[1:-1]) <= {b"500 ", b"501 "}, replies
-    assert FORGED not in behind.log_text()
+    assert FORGED not in _log(behind)
 
 
 def test_a_forged_header_on_imap_is_a_bad_command(behind: GatewayProcess) -> None:
@@ -289,7 +308,7 @@ def test_the_proxy_address_without_a_header_is_closed_and_audited(behind: Gatewa
         assert any(reason in text for text in reasons), (reason, reasons)
     assert all(entry["source"] == {"door": "smtp", "ip": PROXY_HOST} for entry in entries)
     assert all(entry["details"]["listener"] == "smtp_submission" for entry in entries)
-    assert "PROXY header refused: v1: a lone LF" in behind.log_text()
+    assert "PROXY header refused: v1: a lone LF" in _log(behind)
     with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(PROXY_HOST, 0)) as sock:
         sock.sendall(encode_v2(("192.0.2.9", 5000), ("127.0.0.1", port)))
         assert _read_line(sock).startswith(b"220 ")                 # still serving
@@ -351,5 +370,5 @@ def test_header_and_client_hello_in_one_segment(behind: GatewayProcess, listener
             greeting = tls.read()
             assert greeting.startswith(b"220 ") or greeting.startswith(b"* OK"), greeting
     if listener == "imaps_port":
-        wait_until(lambda: True if "connection from 192.0.2.33:5000" in behind.log_text() else None, timeout=10,
+        wait_until(lambda: True if "connection from 192.0.2.33:5000" in _log(behind) else None, timeout=10,
                    what="the IMAPS log line naming the client of the header")
