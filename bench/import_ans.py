@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import resource
@@ -37,6 +38,8 @@ class Run:
     report: ImportReport
     seconds: float
     cpu_seconds: float  # user + system CPU of this process: what the import cost, whatever the machine's load
+    rss_before_mib: float  # the process's RSS when the import started (the generator's leftovers included)
+    peak_rss_mib: float  # the process's peak RSS during the import alone (Linux; else the process's peak)
 
     @property
     def rows_per_second(self) -> float:
@@ -56,10 +59,33 @@ async def prepare(db: Database) -> None:
         session.add(TrustedDomain(name=TRUSTED_DOMAIN, source="manual"))
 
 
+def _status_mib(field: str) -> float | None:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM) in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux: writing 5 to clear_refs), so a peak is one import's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 async def timed_import(db: Database, path: Path, batch_size: int) -> Run:
+    gc.collect()
+    _reset_peak_rss()
+    rss_before = _status_mib("VmRSS") or 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
     report = await import_ans_extraction(db, path, batch_size=batch_size)
-    return Run(report, time.perf_counter() - started, time.process_time() - cpu_started)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return Run(report, seconds, cpu_seconds, rss_before, _status_mib("VmHWM") or peak_rss_mib())
 
 
 async def bench(rows: int, database_url: str | None, batch_size: int, workdir: Path) -> tuple[Run, Run, float]:
@@ -80,7 +106,8 @@ async def bench(rows: int, database_url: str | None, batch_size: int, workdir: P
 def describe(run: Run) -> str:
     r = run.report
     return (f"{run.seconds:.2f} s, CPU {run.cpu_seconds:.2f} s ({run.rows_per_second:,.0f} rows/s; created {r.created}, updated {r.updated}, "
-            f"unchanged {r.unchanged}, rejected {r.rejected})")
+            f"unchanged {r.unchanged}, rejected {r.rejected}; longest batch {r.longest_batch_seconds:.2f} s; "
+            f"RSS {run.rss_before_mib:.0f} MiB at the start, peak {run.peak_rss_mib:.0f} MiB during the import)")
 
 
 def main() -> None:

@@ -111,7 +111,8 @@ def _show_ans_report(report: ImportReport, rejects_file: Path | None) -> None:
 @click.option("--rejects-file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="write every rejected row to this CSV file (line, address, column, reason)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
-              help="rows written per transaction")
+              help="rows written per transaction (a running gateway waits for the database while one is written: "
+                   "a smaller batch shortens that wait, a larger one makes the import faster)")
 @json_option
 def import_ans_command(file: Path, rejects_file: Path | None, batch_size: int, as_json: bool) -> None:
     """Import an ANS MSSanté directory extraction (31 columns separated by '|').

@@ -44,7 +44,8 @@ _LUHN_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # 2 * d, less 9 when above 9
 def luhn_valid(digits: str) -> bool:
     """Luhn (mod 10) check over a string of digits, key included as the last digit."""
     # From the right: the key and every other digit as they are, the digits between them doubled.
-    total = sum(map(int, digits[::-1][::2])) + sum(_LUHN_DOUBLED[int(char)] for char in digits[::-1][1::2])
+    backwards = digits[::-1]
+    total = sum(map(int, backwards[::2])) + sum(map(_LUHN_DOUBLED.__getitem__, map(int, backwards[1::2])))
     return total % 10 == 0
 
 
