@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gc
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from gateway.cli.main import cli
-from gateway.directory.ans_import import HEADER, ExtractionFormatError, RowValidator, import_ans_extraction
+from gateway.directory.ans_import import HEADER, ExtractionFormatError, RowValidator, _import_settings, import_ans_extraction
 from gateway.directory.identifiers import add_luhn_key
 from gateway.directory.search import fold
 from gateway.directory.professions import CATEGORIES, category_label, profession_label
@@ -511,3 +512,75 @@ async def test_unchanged_lines_follow_the_trust_list_and_the_local_domains(direc
     refused = await import_rows(directory, tmp_path, *rows)
     assert (refused.unchanged, refused.rejected) == (0, 2)
     assert all("neither ours nor on the trust list" in r.reason for r in refused.rejects)
+
+
+# ----------------------------------------------------------------------------- bulk writing through the driver
+
+
+async def test_bulk_inserted_rows_read_back_as_the_orm_writes_them(directory: Database, tmp_path: Path) -> None:
+    """The INSERTs run by the driver on tuples fill every column Core or the ORM would: defaults, timestamps,
+    JSON, search columns."""
+    street = {"L4NUMEROVOIE structure BAL": "12", "L4LIBELLEVOIE structure BAL": "RUE DES ÉCOLES"}
+    organisation = org_row(f"secretariat@{LOCAL}", service="Cardiologie")
+    person = per_row(f"claire.martin@{TRUSTED}", structure="1" + FINESS, family="LEFÈVRE", demat="true")
+    for column, value in street.items():
+        organisation[COL[column]] = person[COL[column]] = value
+    organisation[COL["Raison Sociale structure BAL"]] = person[COL["Raison Sociale structure BAL"]] = "CH DE TEST"
+    report = await import_rows(directory, tmp_path, organisation, person)
+    assert (report.created, report.rejected, report.activities_created) == (2, 0, 1)
+    async with directory.session() as session:
+        pro = (await session.scalars(select(Professional))).one()
+        org = (await session.scalars(select(Organisation))).one()
+        boxes = {box.address: box for box in (await session.scalars(select(Mailbox))).all()}
+        session.add(reference := Mailbox(address=f"orm@{LOCAL}", domain=LOCAL, type="ORG", organisation_id=org.id))
+        await session.flush()
+        await session.refresh(reference)
+        assert (await session.execute(select(ProfessionalOrganisation.professional_id,
+                                             ProfessionalOrganisation.organisation_id))).one() == (pro.id, org.id)
+    assert (pro.idnps, pro.family_name, pro.given_name, pro.search_name) == ("8" + RPPS, "LEFÈVRE", "Claire", "lefevre claire")
+    assert pro.state == "active" and pro.created_at is not None and pro.updated_at is not None
+    assert org.address == {"numero_voie": "12", "libelle_voie": "RUE DES ÉCOLES"}
+    assert (org.idnst, org.name, org.search_name) == ("1" + FINESS, "CH DE TEST", "ch de test")
+    secretariat, claire = boxes[f"secretariat@{LOCAL}"], boxes[f"claire.martin@{TRUSTED}"]
+    assert (secretariat.type, secretariat.hosted, secretariat.organisation_id, secretariat.display_name,
+            secretariat.service) == ("ORG", True, org.id, "CH DE TEST - Cardiologie", "Cardiologie")
+    assert (claire.type, claire.hosted, claire.professional_id, claire.dematerialisation) == ("PER", False, pro.id, True)
+    for box in (secretariat, claire):  # the columns the import leaves to their defaults: as the ORM sets them
+        assert (box.liste_rouge, box.preferred, box.quota_bytes, box.state, box.password_hash) == \
+            (reference.liste_rouge, reference.preferred, reference.quota_bytes, reference.state, None)
+        assert box.created_at is not None and box.updated_at is not None and box.source_digest is not None
+
+
+async def test_the_import_puts_the_garbage_collector_back_as_it_was(directory: Database, tmp_path: Path) -> None:
+    assert gc.isenabled()
+    await import_rows(directory, tmp_path, per_row(f"a@{LOCAL}"))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        await import_rows(directory, tmp_path, per_row(f"b@{LOCAL}"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+async def test_the_sqlite_import_settings_are_put_back_even_after_a_failed_batch(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'settings.db'}")
+    await db.migrate()
+
+    async def pragmas(connection: Any) -> tuple[int, int]:
+        return ((await connection.exec_driver_sql("PRAGMA temp_store")).scalar_one(),
+                (await connection.exec_driver_sql("PRAGMA cache_size")).scalar_one())
+
+    try:
+        async with db.engine.connect() as connection:
+            before = await pragmas(connection)
+            with pytest.raises(RuntimeError, match="batch failed"):
+                async with _import_settings(connection):
+                    assert await pragmas(connection) == (2, -65536)  # MEMORY, 64 MiB
+                    await connection.execute(insert(LocalDomain).values(name=LOCAL))
+                    raise RuntimeError("batch failed")
+            assert not connection.in_transaction()  # the failed batch's transaction was rolled back
+            assert await pragmas(connection) == before
+            assert (await connection.execute(select(func.count()).select_from(LocalDomain))).scalar_one() == 0
+    finally:
+        await db.dispose()
