@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.policy
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from email.message import EmailMessage
@@ -106,15 +112,34 @@ async def prepare(services: BenchServices, count: int) -> None:
         await delivery.deliver(account.mailbox_id, raw, delivery_key=f"bench{number}:1")
 
 
-async def main(count: int, database_url: str | None) -> None:
+@contextlib.contextmanager
+def sampled(output: str | None):  # type: ignore[no-untyped-def]
+    """py-spy sampling this very process (every thread) while the filing pass runs, when asked."""
+    if output is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [spy, "record", "--pid", str(os.getpid()), "--threads", "--gil", "--rate", "100", "--format",
+               "raw" if not output.endswith(".svg") else "flamegraph", "--output", output]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+async def main(count: int, database_url: str | None, profile: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
         services = BenchServices(Path(directory), database_url)
         try:
             await prepare(services, count)
             worker = build_filing_worker(services)
-            started, cpu_started = time.perf_counter(), time.process_time()
-            jobs = await worker.run_once()
-            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            with sampled(profile):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                jobs = await worker.run_once()
+                elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             filed = len(await RecordStore(services.db, services.blobs).list_for_patient(INS))
         finally:
             await services.db.dispose()
@@ -127,5 +152,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--database", help="database URL (default: SQLite in a temporary directory)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="sample the filing pass with py-spy into FILE (.svg: a flame graph; else collapsed stacks)")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.count, arguments.database))
+    asyncio.run(main(arguments.count, arguments.database, arguments.profile))

@@ -135,12 +135,25 @@ class _BoundedTreeBuilder:
         return name.rsplit(":", 1)[-1]
 
     def _attributes(self, attributes: dict[str, str]) -> dict[str, str]:
+        if not attributes:
+            return {}
         if self._namespace_aware:
             return {_clark(key): value for key, value in attributes.items()}
         return {key.rsplit(":", 1)[-1]: value for key, value in attributes.items() if key != "xmlns" and not key.startswith("xmlns:")}
 
 
+_CLARK_NAMES: dict[str, str] = {}  # a CDA names a few dozen distinct elements hundreds of times
+_CLARK_NAMES_MAX = 4096  # names come from strangers: forgotten all at once beyond this
+
+
 def _clark(expat_name: str) -> str:
     """expat's ``uri local`` (separator " ") -> ElementTree's ``{uri}local``."""
+    known = _CLARK_NAMES.get(expat_name)
+    if known is not None:
+        return known
     uri, _, local = expat_name.rpartition(" ")
-    return f"{{{uri}}}{local}" if uri else local
+    clark = f"{{{uri}}}{local}" if uri else local
+    if len(_CLARK_NAMES) >= _CLARK_NAMES_MAX:
+        _CLARK_NAMES.clear()
+    _CLARK_NAMES[expat_name] = clark
+    return clark

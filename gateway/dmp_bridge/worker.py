@@ -41,15 +41,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import email
-import email.policy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Protocol, cast
 
-from sqlalchemy import Table, bindparam, delete, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -59,7 +57,7 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
 from gateway.dmp_bridge.depositor import Depositor, accepted_as, depositor_of_message
-from gateway.dmp_bridge.extract import ExtractionResult, extract_documents
+from gateway.dmp_bridge.extract import ExtractionResult, extract_documents, parse_message
 from gateway.dmp_bridge.filing import (
     AuditJournal,
     DocumentOutcome,
@@ -85,14 +83,13 @@ from gateway.dmp_bridge.tables import (
     JobState,
 )
 from gateway.errors import Conflict, NotFound
-from gateway.mailstore.errors import FolderNotFound, MessageNotFound, UidValidityChanged
-from gateway.mailstore.interface import FolderRef
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.sql import SqlMailStore
-from gateway.mailstore.tables import Delivery
+from gateway.mailstore.tables import Delivery, Folder, Message
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
 from gateway.security.at_rest import FieldSealer
+from gateway.security.keys import mailbox_owner
 from gateway.security.smime_policy import InboundResult
 from gateway.security.smime_service import DecryptedCopy, SmimeService
 from gateway.storage.blobs import BlobStore
@@ -258,7 +255,7 @@ class FilingWorker:
         fails, each job is committed again in a transaction of its own, so one bad job spoils nothing."""
         loaded = await self._load_many(list(claimed))
         lookups = _BatchLookups(self.db)
-        await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox in loaded.values()})
+        await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox, _blob in loaded.values()})
         slots = asyncio.Semaphore(self.policy.concurrency)
 
         async def prepare(job_id: int) -> _Ready | None:
@@ -292,8 +289,8 @@ class FilingWorker:
         return None
 
     async def _prepare(self, job_id: int, lease: dt.datetime, row: _Loaded, lookups: _BatchLookups) -> _Ready:
-        job, delivery, mailbox = row
-        examined = await self._examine(job, delivery, mailbox)
+        job, delivery, mailbox, blob_id = row
+        examined = await self._examine(job, delivery, mailbox, blob_id)
         delivered = examined.delivered
         patient_id = mailbox.patient_id if mailbox.type == "PAT" else None
         # Only a patient's own mailbox feeds the record: another copy is not even parsed.
@@ -443,15 +440,21 @@ class FilingWorker:
             notices.clear()
 
     async def _load_many(self, job_ids: Sequence[int]) -> dict[int, _Loaded]:
-        """Each job with its delivery and mailbox, by one query (a job whose delivery is gone is missing)."""
+        """Each job with its delivery, mailbox and the delivered copy's blob (None when the copy left its
+        folder, or the folder was re-created), by one query (a job whose delivery is gone is missing)."""
+        folder_of = and_(Folder.mailbox_id == Delivery.mailbox_id, Folder.name == Delivery.folder_name,
+                         Folder.uidvalidity == Delivery.uidvalidity)
         async with self.db.session() as session:
             rows = (await session.execute(
-                select(FilingJob, Delivery, Mailbox).join(Delivery, Delivery.id == FilingJob.delivery_id)
-                .join(Mailbox, Mailbox.id == FilingJob.mailbox_id).where(FilingJob.id.in_(job_ids)))).all()
-        return {row[0].id: (row[0], row[1], row[2]) for row in rows}
+                select(FilingJob, Delivery, Mailbox, Message.blob_id).join(Delivery, Delivery.id == FilingJob.delivery_id)
+                .join(Mailbox, Mailbox.id == FilingJob.mailbox_id)
+                .outerjoin(Folder, folder_of)
+                .outerjoin(Message, and_(Message.folder_id == Folder.id, Message.uid == Delivery.uid))
+                .where(FilingJob.id.in_(job_ids)))).all()
+        return {row[0].id: (row[0], row[1], row[2], row[3]) for row in rows}
 
-    async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox) -> _Examined:
-        raw = await self._read_delivered(delivery)
+    async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox, blob_id: str | None) -> _Examined:
+        raw = await self._read_delivered(delivery, blob_id)
         delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, _parse(raw), raw)
         if self.smime is None:
             return _Examined(delivered, delivered.message, None)
@@ -463,14 +466,15 @@ class FilingWorker:
         signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
         return _Examined(delivered, delivered.message, signature)
 
-    async def _read_delivered(self, delivery: Delivery) -> bytes:
-        folder = FolderRef(delivery.mailbox_id, delivery.folder_name, delivery.uidvalidity)
+    async def _read_delivered(self, delivery: Delivery, blob_id: str | None) -> bytes:
+        gone = f"the delivered message left {delivery.folder_name} (UID {delivery.uid}) before filing"
+        if blob_id is None:
+            raise _Gone(gone)
         try:
-            body = await self.mailstore.open_message(folder, delivery.uid)
-        except (MessageNotFound, FolderNotFound, UidValidityChanged) as error:
-            raise _Gone(f"the delivered message left {delivery.folder_name} (UID {delivery.uid}) before filing: {error}") from error
-        async with body:
-            return await body.read()
+            return await self.blobs.read(mailbox_owner(delivery.mailbox_id), blob_id)
+        except FileNotFoundError:
+            # Expunged between the query and the read (its blob is deleted after the expunge commits).
+            raise _Gone(gone) from None
 
     async def _sealed_message_fields(self, mailbox_id: int, delivered: DeliveredMessage,
                                      prepared: PreparedFiling) -> dict[str | None, str | None]:
@@ -544,7 +548,7 @@ class FilingWorker:
         return refreshed
 
 
-_Loaded = tuple[FilingJob, Delivery, Mailbox]
+_Loaded = tuple[FilingJob, Delivery, Mailbox, str | None]
 
 
 @dataclass(frozen=True)
@@ -651,9 +655,7 @@ def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
 
 
 def _parse(raw: bytes) -> EmailMessage:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
+    return parse_message(raw)
 
 
 def _signature_result(status: str, summary: str, signer: str | None) -> str | None:
