@@ -41,12 +41,13 @@ import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, getaddresses, make_msgid
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
@@ -155,13 +156,16 @@ class Acknowledger:
         unique.sort(key=wanted.index)
         queued = await self._spool_side_by_side(unique)
         notices: list[list[QueuedNotice]] = [[] for _ in filings]
+        rows: list[dict[str, object]] = []
         for want, prepared in zip(unique, queued):
             if prepared is None:
                 continue
-            session.add(FilingNotice(notice_key=want.key, kind=want.kind.value, job_id=want.job_id,
-                                     recipient=want.recipient, queue_id=prepared.queue_id))
+            rows.append({"notice_key": want.key, "kind": want.kind.value, "job_id": want.job_id,
+                         "recipient": want.recipient, "queue_id": prepared.queue_id, "created_at": utcnow()})
             prepared.add_to(session)
             notices[want.filing].append(QueuedNotice(want.kind, prepared))
+        if rows:  # one statement for the batch's notice rows (nothing is read back)
+            await session.execute(insert(cast(Table, FilingNotice.__table__)), rows)
         return notices
 
     async def _spool_side_by_side(self, wanted: Sequence[_Wanted]) -> list[PreparedMail | None]:

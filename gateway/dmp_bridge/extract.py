@@ -74,7 +74,7 @@ class _RememberingHeaderRegistry(HeaderRegistry):
 
     def __call__(self, name: str, value: str) -> BaseHeader:
         if len(value) > self.MAX_VALUE:
-            return super().__call__(name, value)  # type: ignore[no-any-return]
+            return super().__call__(name, value)
         key = (name, value)
         header = self._parsed.get(key)
         if header is None:

@@ -290,6 +290,7 @@ class _Pending:
     fields: DocumentFields | None = None
     sealed_columns: dict[str, Any] | None = None
     stored: StoredBlob | None = None
+    patient_ins: str | None = None  # the patient phase 1 found (the transaction finds them again)
 
 
 @dataclass
@@ -345,13 +346,33 @@ async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionR
                          sealer: RecordSealer, *, patients: PatientLookup | None = None) -> PreparedFiling:
     """Phase 1, no database write: decide what needs no transaction, write each new document's encrypted
     blob (fsync) and seal its metadata, so that the transaction that files them only writes rows."""
+    prepared = await plan_filing(db, extraction, context, sealer, patients=patients)
+    async with db.session() as session:
+        records = await RecordIndex.load(session, [prepared])
+    await write_ahead(blobs, prepared, records)
+    return prepared
+
+
+async def plan_filing(db: Database, extraction: ExtractionResult, context: FilingContext, sealer: RecordSealer, *,
+                      patients: PatientLookup | None = None) -> PreparedFiling:
+    """Phase 1 without its writes: what is decided already (skipped, refused) and each document's record
+    fields; ``write_ahead`` then stores the documents the record does not hold (for a batch: after one
+    ``RecordIndex`` read for all its filings)."""
     if context.mailbox_patient_id is None:
         return PreparedFiling(context, sealer, _not_for_the_record(extraction), [])
     failures = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
     patients = patients or PatientLookup(db=db)
-    pending = [await _prepare_document(db, blobs, document, context, sealer, patients)
-               for document in extraction.documents]
+    pending = [await _plan_document(document, context, patients) for document in extraction.documents]
     return PreparedFiling(context, sealer, failures, pending)
+
+
+async def write_ahead(blobs: BlobStore, prepared: PreparedFiling, records: RecordIndex) -> None:
+    """Each planned document that ``records`` (read before) does not hold: its blob (fsync), its sealed
+    metadata. The filing transaction decides again: a blob written for nothing is released after it."""
+    for item in prepared.pending:
+        if item.fields is not None and item.claim is not None and item.outcome is None and item.patient_ins:
+            if records.existing(item.fields) is None:
+                await _write_ahead(blobs, prepared.sealer, item, item.patient_ins)
 
 
 def _not_for_the_record(extraction: ExtractionResult) -> list[DocumentOutcome]:
@@ -362,8 +383,7 @@ def _not_for_the_record(extraction: ExtractionResult) -> list[DocumentOutcome]:
                for d in extraction.documents])
 
 
-async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedDocument, context: FilingContext,
-                            sealer: RecordSealer, patients: PatientLookup) -> _Pending:
+async def _plan_document(document: ExtractedDocument, context: FilingContext, patients: PatientLookup) -> _Pending:
     skipped = _skip_reason(document, context)
     if skipped is not None:
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.SKIPPED,
@@ -378,13 +398,8 @@ async def _prepare_document(db: Database, blobs: BlobStore, document: ExtractedD
     patient = await _resolve_patient(patients, claim, context)
     if isinstance(patient, IdentificationFailure):
         return _Pending(document, claim=claim)  # decided (and journaled) in the transaction
-    fields = document_fields(document, patient.ins, context)
-    async with db.session() as session:
-        existing = await _existing(session, fields)
-    pending = _Pending(document, claim=claim, fields=fields)
-    if existing is None:
-        await _write_ahead(blobs, sealer, pending, patient.ins)
-    return pending
+    return _Pending(document, claim=claim, fields=document_fields(document, patient.ins, context),
+                    patient_ins=patient.ins)
 
 
 async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending, ins: str) -> None:
@@ -393,14 +408,78 @@ async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending
     pending.sealed_columns = await sealer.seal_document_columns(ins, pending.fields.columns)
 
 
+class RecordIndex:
+    """The record rows a batch of filings can meet, read by one query inside the filing transaction (or
+    before it, in phase 1): the documents named by a unique id, by a replaced id, or of a series (setId)
+    of the batch. The transaction's own new rows are added as they are written, and a replaced row is the
+    session's own object, so every later decision of the batch sees them; a question about a document
+    outside what was read goes to the database (``covers``)."""
+
+    def __init__(self, rows: Sequence[RecordDocument], unique_ids: set[str], set_ids: set[str]) -> None:
+        self._unique_ids, self._set_ids = unique_ids, set_ids
+        self._by_unique_id: dict[str, RecordDocument] = {}
+        self._by_series: dict[str, list[RecordDocument]] = {}
+        for row in sorted(rows, key=lambda row: row.id):
+            self.add(row)
+
+    @classmethod
+    async def load(cls, session: AsyncSession, filings: Sequence[PreparedFiling]) -> RecordIndex:
+        fields = [item.fields for prepared in filings for item in prepared.pending if item.fields is not None]
+        unique_ids = {f.unique_id for f in fields} | {parent for f in fields for parent in f.replaces}
+        set_ids = {f.set_id for f in fields if f.set_id is not None}
+        if not unique_ids and not set_ids:
+            return cls([], unique_ids, set_ids)
+        rows = (await session.scalars(select(RecordDocument).where(
+            or_(RecordDocument.unique_id.in_(unique_ids), RecordDocument.set_id.in_(set_ids))))).all()
+        return cls(rows, unique_ids, set_ids)
+
+    def add(self, row: RecordDocument) -> None:
+        """A row read, or written by this transaction."""
+        self._by_unique_id.setdefault(row.unique_id, row)
+        self._unique_ids.add(row.unique_id)
+        if row.set_id is not None:
+            self._by_series.setdefault(row.set_id, []).append(row)
+
+    def covers(self, fields: DocumentFields) -> bool:
+        return (fields.unique_id in self._unique_ids and all(parent in self._unique_ids for parent in fields.replaces)
+                and (fields.set_id is None or fields.set_id in self._set_ids))
+
+    def existing(self, fields: DocumentFields) -> RecordDocument | None:
+        """As ``_existing``: the document with this unique id, else the one with the same (setId, version)."""
+        found = self._by_unique_id.get(fields.unique_id)
+        if found is None and fields.set_id is not None and fields.version is not None:
+            found = next((row for row in self._by_series.get(fields.set_id, ())
+                          if row.version_number == fields.version), None)
+        return found
+
+    def replaced(self, patient: Patient, replaces: Sequence[str]) -> RecordDocument | None:
+        return next((row for row in sorted((self._by_unique_id[parent] for parent in replaces
+                                            if parent in self._by_unique_id), key=lambda row: row.id)
+                     if row.patient_id == patient.id), None)
+
+    def current_around(self, patient: Patient, set_id: str,
+                       version: int) -> tuple[RecordDocument | None, RecordDocument | None]:
+        """As ``_current_around``: the newest current version above ``version``, and the newest below."""
+        current = sorted((row for row in self._by_series.get(set_id, ())
+                          if row.patient_id == patient.id and row.status == DocumentStatus.CURRENT.value
+                          and row.version_number is not None and row.version_number != version),
+                         key=lambda row: row.version_number or 0, reverse=True)
+        newer = next((row for row in current if (row.version_number or 0) > version), None)
+        older = next((row for row in current if (row.version_number or 0) < version), None)
+        return newer, older
+
+
 async def apply_filing(session: AsyncSession, blobs: BlobStore, prepared: PreparedFiling,
-                       journal: FilingJournal, *, patients: PatientLookup | None = None) -> FilingReport:
+                       journal: FilingJournal, *, patients: PatientLookup | None = None,
+                       records: RecordIndex | None = None) -> FilingReport:
     """Phase 2, in the caller's transaction: the record rows, the replaced versions and the audit entries.
-    ``patients``: the transaction's own lookup, when several filings share it."""
+    ``patients`` and ``records``: the transaction's own lookups, when several filings share it (``records``
+    read in this transaction, for all of them)."""
     outcomes = list(prepared.failures)
     patients = patients or PatientLookup(session)
+    records = records or await RecordIndex.load(session, [prepared])
     for item in prepared.pending:
-        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal, patients)
+        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal, patients, records)
         if outcome.outcome == OutcomeKind.REFUSED:
             await journal.filing_refused(session, outcome)
         outcomes.append(outcome)
@@ -508,7 +587,7 @@ class _Plan:
 
 
 async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, prepared: PreparedFiling,
-                    journal: FilingJournal, patients: PatientLookup) -> DocumentOutcome:
+                    journal: FilingJournal, patients: PatientLookup, records: RecordIndex) -> DocumentOutcome:
     document, context = item.document, prepared.context
     assert item.claim is not None
     patient = await _resolve_patient(patients, item.claim, context)
@@ -516,11 +595,12 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, pre
         return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, patient.code,
                                patient.reason, patient_ins=item.claim.ins)
     fields = item.fields or document_fields(document, patient.ins, context)
-    existing = await _existing(session, fields)
+    known = records if records.covers(fields) else None
+    existing = known.existing(fields) if known is not None else await _existing(session, fields)
     if existing is not None:
         return _duplicate(document, existing, patient, context)
     assert context.depositor is not None
-    plan = await _replacement_plan(session, patient, fields, context.depositor)
+    plan = await _replacement_plan(session, patient, fields, context.depositor, known)
     if isinstance(plan, IdentificationFailure):
         return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.REFUSED, plan.code, plan.reason,
                                patient_id=patient.id, patient_ins=patient.ins)
@@ -535,6 +615,7 @@ async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, pre
         plan.replaced.superseded_by_unique_id = fields.unique_id
         plan.replaced.superseded_at = utcnow()
     await session.flush()
+    records.add(row)
     await journal.document_filed(session, row, plan.replaced)
     return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED, record_document_id=row.id,
                            patient_id=patient.id, patient_ins=patient.ins, blob_id=item.stored.blob_id,
@@ -601,15 +682,18 @@ def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: P
 
 
 async def _replacement_plan(session: AsyncSession, patient: Patient, fields: DocumentFields,
-                            depositor: Depositor) -> _Plan | IdentificationFailure:
+                            depositor: Depositor, known: RecordIndex | None) -> _Plan | IdentificationFailure:
     """Where a new document goes in its version series; only the depositor of the series (or their
-    organisation) may add to it, whether as the new current version or as a late older one."""
+    organisation) may add to it, whether as the new current version or as a late older one. ``known``:
+    the rows read for the batch, when they cover these fields (else the database is asked)."""
     target = None
     if fields.replaces:
-        target = await session.scalar(select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
-                                                                   RecordDocument.patient_id == patient.id))
+        target = (known.replaced(patient, fields.replaces) if known is not None else await session.scalar(
+            select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
+                                         RecordDocument.patient_id == patient.id).order_by(RecordDocument.id)))
     if target is None and fields.set_id is not None and fields.version is not None:
-        newer, older = await _current_around(session, patient, fields.set_id, fields.version)
+        newer, older = (known.current_around(patient, fields.set_id, fields.version) if known is not None
+                        else await _current_around(session, patient, fields.set_id, fields.version))
         if newer is not None:
             if not _may_amend(depositor, newer):
                 return _not_allowed(newer)

@@ -42,12 +42,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, insert, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -67,9 +67,11 @@ from gateway.dmp_bridge.filing import (
     LoggingJournal,
     PatientLookup,
     PreparedFiling,
+    RecordIndex,
     apply_filing,
     committed,
-    prepare_filing,
+    plan_filing,
+    write_ahead,
 )
 from gateway.dmp_bridge.record import (
     JOB_SUBJECT_COLUMN,
@@ -97,6 +99,7 @@ from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
 
 log = logging.getLogger("gateway.dmp.worker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -250,19 +253,29 @@ class FilingWorker:
     # ----------------------------------------------------------------- a batch of jobs
 
     async def _run_batch(self, claimed: dict[int, dt.datetime]) -> int:
-        """File the jobs of one claim together: each prepared on its own (side by side: blob fsyncs overlap),
-        then all committed by one transaction (one fsync of the database for the batch). If that transaction
-        fails, each job is committed again in a transaction of its own, so one bad job spoils nothing."""
+        """File the jobs of one claim together: each planned on its own (side by side), the record rows they
+        can meet read once, each document the record does not hold written ahead (side by side: blob fsyncs
+        overlap), then all committed by one transaction (one fsync of the database for the batch). If that
+        transaction fails, each job is committed again in a transaction of its own, so one bad job spoils
+        nothing."""
         loaded = await self._load_many(list(claimed))
         lookups = _BatchLookups(self.db)
         await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox, _blob in loaded.values()})
         slots = asyncio.Semaphore(self.policy.concurrency)
 
-        async def prepare(job_id: int) -> _Ready | None:
+        async def plan(job_id: int) -> _Planned | None:
             async with slots:
-                return await self._prepare_leased(job_id, claimed[job_id], loaded.get(job_id), lookups)
+                return await self._guarded(job_id, self._plan(job_id, claimed[job_id], loaded.get(job_id), lookups))
 
-        ready = [job for job in await asyncio.gather(*(prepare(job_id) for job_id in claimed)) if job is not None]
+        planned = [job for job in await asyncio.gather(*(plan(job_id) for job_id in claimed)) if job is not None]
+        async with self.db.session() as session:
+            records = await RecordIndex.load(session, [job.prepared for job in planned])
+
+        async def write(job: _Planned) -> _Ready | None:
+            async with slots:
+                return await self._guarded(job.job_id, self._write_ahead(job, records))
+
+        ready = [job for job in await asyncio.gather(*(write(job) for job in planned)) if job is not None]
         if len(ready) > 1:
             try:
                 await self._commit_batch(ready)
@@ -274,13 +287,10 @@ class FilingWorker:
             await self._commit_leased(job)
         return len(claimed)
 
-    async def _prepare_leased(self, job_id: int, lease: dt.datetime, row: _Loaded | None,
-                              lookups: _BatchLookups) -> _Ready | None:
-        """Phase 1 of a job (no database write); None when the job ended here (gone, or deferred)."""
+    async def _guarded(self, job_id: int, step: Awaitable[T]) -> T | None:
+        """A step of phase 1 (no database write); None when the job ended there (gone, or deferred)."""
         try:
-            if row is None:
-                raise _Gone(f"delivery of job {job_id} no longer exists")
-            return await self._prepare(job_id, lease, row, lookups)
+            return await step
         except _Gone as gone:
             await self._finish(job_id, JobState.NOT_FILED, error=str(gone))
         except Exception as error:
@@ -288,7 +298,10 @@ class FilingWorker:
             await self._defer(job_id, f"{type(error).__name__}: {error}")
         return None
 
-    async def _prepare(self, job_id: int, lease: dt.datetime, row: _Loaded, lookups: _BatchLookups) -> _Ready:
+    async def _plan(self, job_id: int, lease: dt.datetime, row: _Loaded | None, lookups: _BatchLookups) -> _Planned:
+        """Read the delivered copy, extract, find the depositor and plan each document (``plan_filing``)."""
+        if row is None:
+            raise _Gone(f"delivery of job {job_id} no longer exists")
         job, delivery, mailbox, blob_id = row
         examined = await self._examine(job, delivery, mailbox, blob_id)
         delivered = examined.delivered
@@ -302,14 +315,19 @@ class FilingWorker:
                                 depositor=await lookups.depositor(queued), mailbox_patient_id=patient_id,
                                 accept_production=self.policy.accept_production,
                                 signature_result=examined.signature_result)
-        prepared = await prepare_filing(self.db, self.blobs, extraction, context, self.sealer,
-                                        patients=lookups.patients)
+        prepared = await plan_filing(self.db, extraction, context, self.sealer, patients=lookups.patients)
+        return _Planned(job_id, lease, mailbox.id, delivered, prepared)
+
+    async def _write_ahead(self, job: _Planned, records: RecordIndex) -> _Ready:
+        """The documents ``records`` does not hold, written ahead (blobs fsynced, metadata sealed), and the
+        message's fields sealed: what the transaction needs, ready."""
         try:
-            sealed = await self._sealed_message_fields(mailbox.id, delivered, prepared)
+            await write_ahead(self.blobs, job.prepared, records)
+            sealed = await self._sealed_message_fields(job.mailbox_id, job.delivered, job.prepared)
         except BaseException:
-            await prepared.release(self.blobs, kept=())
+            await job.prepared.release(self.blobs, kept=())
             raise
-        return _Ready(job_id, lease, mailbox.id, delivered, prepared, sealed)
+        return _Ready(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared, sealed)
 
     async def _commit_batch(self, ready: Sequence[_Ready]) -> None:
         """Phase 2 of every job of ``ready`` in one transaction: the leases checked, the records, one
@@ -325,7 +343,9 @@ class FilingWorker:
             ours = await self._check_leases(session, ready)  # also takes SQLite's write lock first
             live = [job for job in ready if job.job_id in ours]
             patients = PatientLookup(session)
-            reports = [await apply_filing(session, self.blobs, job.prepared, journal, patients=patients) for job in live]
+            records = await RecordIndex.load(session, [job.prepared for job in live])
+            reports = [await apply_filing(session, self.blobs, job.prepared, journal, patients=patients,
+                                          records=records) for job in live]
             if audit is not None:
                 await audit.write(session)
             if self.acknowledger is not None:
@@ -391,7 +411,8 @@ class FilingWorker:
         if not filed:
             return
         await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id.in_([job.job_id for job, _ in filed])))
-        session.add_all(_outcome_row(job.job_id, outcome, job.sealed) for job, report in filed for outcome in report.outcomes)
+        await _insert_outcomes(session, [_outcome_row(job.job_id, outcome, job.sealed)
+                                         for job, report in filed for outcome in report.outcomes])
         now = utcnow()
         table = cast(Table, FilingJob.__table__)
         await session.execute(
@@ -499,7 +520,7 @@ class FilingWorker:
     async def _record_outcomes(self, session: AsyncSession, job_id: int, report: FilingReport,
                                delivered: DeliveredMessage, sealed: dict[str | None, str | None]) -> None:
         await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
-        session.add_all(_outcome_row(job_id, outcome, sealed) for outcome in report.outcomes)
+        await _insert_outcomes(session, [_outcome_row(job_id, outcome, sealed) for outcome in report.outcomes])
         values = _finished_values(report, delivered, sealed)
         await self._set_finished(session, job_id, JobState(values.pop("state")), **values)
 
@@ -552,6 +573,17 @@ _Loaded = tuple[FilingJob, Delivery, Mailbox, str | None]
 
 
 @dataclass(frozen=True)
+class _Planned:
+    """A job after reading and planning: its documents decided or with their record fields, nothing written."""
+
+    job_id: int
+    lease: dt.datetime
+    mailbox_id: int
+    delivered: DeliveredMessage
+    prepared: PreparedFiling
+
+
+@dataclass(frozen=True)
 class _Ready:
     """A job after phase 1: what its transaction commits."""
 
@@ -600,11 +632,17 @@ class _BatchLookups:
             return self._depositors[key]
 
 
-def _outcome_row(job_id: int, outcome: DocumentOutcome, sealed: dict[str | None, str | None]) -> FilingOutcome:
-    return FilingOutcome(job_id=job_id, document_unique_id=outcome.unique_id,
-                         attachment=sealed.get(outcome.attachment) if outcome.attachment else None,
-                         outcome=outcome.outcome.value, code=int(outcome.code) if outcome.code else None,
-                         reason=outcome.reason, record_document_id=outcome.record_document_id)
+def _outcome_row(job_id: int, outcome: DocumentOutcome, sealed: dict[str | None, str | None]) -> dict[str, object]:
+    return {"job_id": job_id, "document_unique_id": outcome.unique_id,
+            "attachment": sealed.get(outcome.attachment) if outcome.attachment else None,
+            "outcome": outcome.outcome.value, "code": int(outcome.code) if outcome.code else None,
+            "reason": outcome.reason, "record_document_id": outcome.record_document_id, "created_at": utcnow()}
+
+
+async def _insert_outcomes(session: AsyncSession, rows: list[dict[str, object]]) -> None:
+    """The outcome rows by one statement (executemany: nothing is read back)."""
+    if rows:
+        await session.execute(insert(cast(Table, FilingOutcome.__table__)), rows)
 
 
 def _finished_values(report: FilingReport, delivered: DeliveredMessage,
