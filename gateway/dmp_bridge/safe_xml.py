@@ -17,6 +17,7 @@ only their local part.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from xml.parsers import expat
 
@@ -67,9 +68,6 @@ class _BoundedTreeBuilder:
         self._limits = limits
         self._namespace_aware = namespace_aware
         self._tree = ET.TreeBuilder()
-        self._depth = 0
-        self._elements = 0
-        self._text_run = 0
         self._parser = self._make_parser()
 
     def parse(self, data: bytes) -> ET.Element:
@@ -88,10 +86,47 @@ class _BoundedTreeBuilder:
         parser.EntityDeclHandler = self._refuse_entity
         parser.UnparsedEntityDeclHandler = self._refuse_unparsed_entity
         parser.ExternalEntityRefHandler = self._refuse_external_entity
-        parser.StartElementHandler = self._start
-        parser.EndElementHandler = self._end
-        parser.CharacterDataHandler = self._data
+        parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = self._handlers()
         return parser
+
+    def _handlers(self) -> tuple[Callable[[str, dict[str, str]], None], Callable[[str], None], Callable[[str], None]]:
+        """The element and text handlers, as closures over the limits and the counters: they run once per
+        element and text run of every document, so they avoid attribute look-ups and method calls."""
+        max_depth, max_elements = self._limits.max_depth, self._limits.max_elements
+        max_attributes, max_text_chars = self._limits.max_attributes, self._limits.max_text_chars
+        tree_start, tree_end, tree_data = self._tree.start, self._tree.end, self._tree.data
+        element_name: Callable[[str], str] = _clark if self._namespace_aware else self._element_name
+        attributes_of = self._attributes
+        depth = elements = text_run = 0
+
+        def start(name: str, attributes: dict[str, str]) -> None:
+            nonlocal depth, elements, text_run
+            depth += 1
+            elements += 1
+            text_run = 0
+            if depth > max_depth:
+                raise XmlSecurityError(f"XML nested deeper than {max_depth} elements refused")
+            if elements > max_elements:
+                raise XmlSecurityError(f"XML with more than {max_elements} elements refused")
+            if len(attributes) > max_attributes:
+                raise XmlSecurityError(f"XML element <{name}> with {len(attributes)} attributes refused (limit {max_attributes})")
+            tree_start(element_name(name), attributes_of(attributes))
+
+        def end(name: str) -> None:
+            nonlocal depth, text_run
+            depth -= 1
+            text_run = 0
+            tree_end(element_name(name))
+
+        def data(text: str) -> None:
+            # expat may deliver one text node in several pieces: count the whole run.
+            nonlocal text_run
+            text_run += len(text)
+            if text_run > max_text_chars:
+                raise XmlSecurityError(f"XML text node longer than {max_text_chars} characters refused")
+            tree_data(text)
+
+        return start, end, data
 
     def _refuse_doctype(self, name: str, *_: object) -> None:
         raise XmlSecurityError(f"XML with a DTD (<!DOCTYPE {name}>) refused: DTDs and entities are not allowed")
@@ -104,30 +139,6 @@ class _BoundedTreeBuilder:
 
     def _refuse_external_entity(self, context: str | None, base: str | None, system_id: str | None, public_id: str | None) -> int:
         raise XmlSecurityError(f"XML external entity {system_id or public_id!r} refused: nothing is fetched")
-
-    def _start(self, name: str, attributes: dict[str, str]) -> None:
-        self._depth += 1
-        self._elements += 1
-        self._text_run = 0
-        if self._depth > self._limits.max_depth:
-            raise XmlSecurityError(f"XML nested deeper than {self._limits.max_depth} elements refused")
-        if self._elements > self._limits.max_elements:
-            raise XmlSecurityError(f"XML with more than {self._limits.max_elements} elements refused")
-        if len(attributes) > self._limits.max_attributes:
-            raise XmlSecurityError(f"XML element <{name}> with {len(attributes)} attributes refused (limit {self._limits.max_attributes})")
-        self._tree.start(self._element_name(name), self._attributes(attributes))
-
-    def _end(self, name: str) -> None:
-        self._depth -= 1
-        self._text_run = 0
-        self._tree.end(self._element_name(name))
-
-    def _data(self, text: str) -> None:
-        # expat may deliver one text node in several pieces: count the whole run.
-        self._text_run += len(text)
-        if self._text_run > self._limits.max_text_chars:
-            raise XmlSecurityError(f"XML text node longer than {self._limits.max_text_chars} characters refused")
-        self._tree.data(text)
 
     def _element_name(self, name: str) -> str:
         if self._namespace_aware:
