@@ -33,7 +33,6 @@ The patient's notification carries no health content, not even a title
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import logging
@@ -69,7 +68,6 @@ NOTIFICATION_TEXT = (
     "Connectez-vous à votre espace pour le consulter.\n\n"
     "Ce message est envoyé automatiquement : merci de ne pas y répondre.\n"
 )
-SPOOL_WRITERS = 4  # notices spooled at once: their fsyncs overlap (each looks its route up: a pooled connection)
 
 
 @dataclass(frozen=True)
@@ -164,24 +162,19 @@ class Acknowledger:
                          "recipient": want.recipient, "queue_id": prepared.queue_id, "created_at": utcnow()})
             prepared.add_to(session)
             notices[want.filing].append(QueuedNotice(want.kind, prepared))
-        if rows:  # one statement for the batch's notice rows (nothing is read back)
-            await session.execute(insert(cast(Table, FilingNotice.__table__)), rows)
+        try:
+            if rows:  # one statement for the batch's notice rows (nothing is read back)
+                await session.execute(insert(cast(Table, FilingNotice.__table__)), rows)
+        except BaseException:
+            self.discard([notice for of_filing in notices for notice in of_filing])  # never returned: never queued
+            raise
         return notices
 
     async def _spool_side_by_side(self, wanted: Sequence[_Wanted]) -> list[PreparedMail | None]:
-        """Each message durably in the spool (None: its recipient cannot receive mail), all or none."""
-        slots = asyncio.Semaphore(SPOOL_WRITERS)
-
-        async def spool(want: _Wanted) -> PreparedMail | None:
-            async with slots:
-                return await self.queue.prepare(want.message, want.recipient, message_id=_message_id_of(want.message))
-
-        results = await asyncio.gather(*(spool(want) for want in wanted), return_exceptions=True)
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
-            self.discard([QueuedNotice(want.kind, r) for want, r in zip(wanted, results) if isinstance(r, PreparedMail)])
-            raise failure
-        return [r for r in results if not isinstance(r, BaseException)]
+        """Each message durably in the spool (None: its recipient cannot receive mail), all or none: one
+        route look-up per distinct recipient, the files' fsyncs side by side, one fsync of the queue folder."""
+        return await self.queue.prepare_many([(want.message, want.recipient, _message_id_of(want.message))
+                                              for want in wanted])
 
     def _acknowledgement(self, delivered: DeliveredMessage, report: FilingReport) -> tuple[NoticeKind, str, bytes] | None:
         sender = delivered.return_path

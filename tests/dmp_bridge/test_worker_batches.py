@@ -21,14 +21,15 @@ from gateway.config import Settings
 from gateway.dmp_bridge.acknowledgement import Acknowledger
 from gateway.dmp_bridge.filing import AuditJournal, LoggingJournal
 from gateway.dmp_bridge.record import RecordStore
-from gateway.dmp_bridge.tables import FilingJob, FilingNotice, RecordDocument
+from gateway.dmp_bridge.tables import FilingJob, FilingNotice, FilingOutcome, RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.spool import Spool
 from gateway.storage.db import Database
-from tests.dmp_bridge.filing_world import LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world, message_with, sample
+from tests.dmp_bridge.filing_world import (BIO_V1, BIO_V2, LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world,
+                                           message_with, sample)
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample documents not found in {SAMPLES}")
 
@@ -190,3 +191,38 @@ async def test_one_failing_job_rolls_its_batch_back_and_the_others_are_filed_on_
     assert {job.state for job in jobs.values()} == {"filed"}
     assert await count_rows(database, select(func.count()).select_from(RecordDocument)) == COUNT - 1
     assert await count_rows(database, select(func.count()).select_from(FilingNotice)) == 2 * (COUNT - 1)
+
+
+V1_ID, V2_ID = "1.2.250.1.213.1.1.1.55.2021.6.1", "1.2.250.1.213.1.1.1.55.2021.6.2"
+
+
+@pytest.mark.parametrize("order", [(BIO_V1, BIO_V2, BIO_V1), (BIO_V2, BIO_V1, BIO_V1)], ids=["v1-v2-v1", "v2-v1-v1"])
+async def test_versions_and_copies_of_one_series_in_one_batch_are_decided_as_one_after_the_other(
+        database: Database, settings: Settings, tmp_path: Path, order: tuple[str, str, str]) -> None:
+    """The batch's transaction decides each document on the rows it read once and on the rows it wrote
+    itself before: a version filed earlier in the batch is superseded (or supersedes a late older one), and
+    a second copy of a document filed earlier in the batch is a duplicate, exactly as one job after another."""
+    world = await build_world(database, settings)
+    delivery = StoreDelivery(world.mailstore)
+    for number, name in enumerate(order):
+        raw = message_with((f"bio{number}.xml", sample(name), "text/xml"), to=world.patient_address).as_bytes()
+        async with world.db.session() as session:
+            session.add(QueuedMessage(id=f"s{number}", door="submission", sender=LAB_ADDRESS, size=len(raw),
+                                      trace_headers="", client_address="127.0.0.1", authenticated_as=LAB_ADDRESS))
+        await delivery.deliver(world.patient_mailbox_id, raw, delivery_key=f"s{number}:1")
+    assert await worker(world, Spool(tmp_path / "spool")).run_once() == 3
+    store = RecordStore(world.db, world.blobs)
+    v1, v2 = await store.get(V1_ID), await store.get(V2_ID)
+    assert (v1.status, v1.superseded_by_unique_id) == ("superseded", V2_ID)
+    assert v2.status == "current"
+    assert len(await store.list_for_patient(TEST_INS)) == 2
+    async with world.db.session() as session:
+        outcomes = (await session.execute(select(FilingJob.delivery_key, FilingOutcome.outcome, FilingOutcome.document_unique_id)
+                                          .join(FilingOutcome, FilingOutcome.job_id == FilingJob.id)
+                                          .order_by(FilingJob.delivery_key))).all()
+    ids = {BIO_V1: V1_ID, BIO_V2: V2_ID}
+    assert [tuple(row) for row in outcomes] == [("s0:1", "filed", ids[order[0]]), ("s1:1", "filed", ids[order[1]]),
+                                                ("s2:1", "duplicate", V1_ID)]
+    assert await count_rows(world.db, select(func.count()).select_from(AuditEntryRow)
+                            .where(AuditEntryRow.event == int(AuditEvent.DOCUMENT_FILED))) == 2
+    assert (await AuditLog.for_data_dir(world.db, world.settings.data_path).verify()).ok
