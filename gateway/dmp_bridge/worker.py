@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Protocol, TypeVar, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -112,6 +112,7 @@ class WorkerPolicy:
     batch: int = 256
     concurrency: int = 4  # jobs prepared side by side (their blob fsyncs overlap), within SQLite's pool of 5
     claim_chunk: int = 64  # jobs leased per commit, and filed in one transaction (group commit)
+    full_scan_seconds: int = 600  # the safety net's pass over every delivery (others look at new ones only)
 
     def retry_delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
@@ -159,6 +160,8 @@ class FilingWorker:
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listening = False
+        self._scanned_up_to: int | None = None  # every delivery up to this id had a job at the last pass
+        self._next_full_scan = utcnow()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -210,17 +213,39 @@ class FilingWorker:
                 break
         return ran
 
-    async def enqueue_deliveries(self) -> int:
-        """One ``received`` job per delivery that has none (idempotent, safe on concurrent nodes)."""
+    async def enqueue_deliveries(self, *, full: bool | None = None) -> int:
+        """One ``received`` job per delivery that has none (idempotent, safe on concurrent nodes).
+
+        Local delivery creates the job with the delivery (``intake.py``): this is the safety net. A full
+        pass (a LEFT JOIN over every delivery, which grows with the table) runs at the first pass and then
+        every ``full_scan_seconds``; the passes in between look only at the deliveries above the highest
+        one the previous pass saw (by primary key). On SQLite, whose one writer commits deliveries in id
+        order, that misses none; on PostgreSQL a delivery committed late under a lower id is caught by the
+        next full pass."""
         now = utcnow()
+        if full is None:
+            full = self._scanned_up_to is None or now >= self._next_full_scan
+        since = None if full else self._scanned_up_to
         missing = (select(Delivery.id, Delivery.delivery_key, Delivery.mailbox_id, literal(JobState.RECEIVED.value),
                           literal(0), literal(0))
                    .outerjoin(FilingJob, FilingJob.delivery_id == Delivery.id).where(FilingJob.id.is_(None)))
+        if since is not None:
+            missing = missing.where(Delivery.id > since)
         insert = pg_insert(FilingJob) if not self.db.is_sqlite else sqlite_insert(FilingJob)
         statement = insert.from_select(["delivery_id", "delivery_key", "mailbox_id", "state", "attempts", "documents_filed"],
                                        missing)
+        newest_query = select(func.max(Delivery.id))
         async with self.db.session() as session:
+            # SQLite: read under the write lock the insert takes (no delivery commits in between; a read
+            # first would make the insert an upgrade that fails if one did). PostgreSQL: read before (a
+            # delivery committed after it is above it or, committed late under a lower id, left to a full pass).
+            newest = None if self.db.is_sqlite else await session.scalar(newest_query)
             result = await session.execute(statement.on_conflict_do_nothing(index_elements=["delivery_id"]))
+            if self.db.is_sqlite:
+                newest = await session.scalar(newest_query)
+        self._scanned_up_to = max(newest or 0, self._scanned_up_to or 0)
+        if full:
+            self._next_full_scan = now + dt.timedelta(seconds=self.policy.full_scan_seconds)
         created = max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
         if created:
             log.debug("%d new filing job(s) at %s", created, now.isoformat())

@@ -202,6 +202,25 @@ async def test_a_job_left_received_or_examined_by_a_crash_is_finished_by_the_nex
 SAMPLE_BIO = "BIO-CR-BIO_2021.01_Microbiologie_V1.xml"
 
 
+async def test_the_safety_net_looks_at_new_deliveries_and_at_every_one_on_its_full_passes(bench: Bench) -> None:
+    """Deliveries without a job (made by a path that does not create it) get one: those above the highest
+    delivery the previous pass saw at every pass, any other at the first pass and the periodic full ones."""
+    worker = bench.worker()
+    await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
+    assert await worker.enqueue_deliveries() == 1  # the first pass is a full one
+    async with bench.world.db.session() as session:  # as if delivery 1 had committed late, under a lower id
+        await session.execute(FilingJob.__table__.delete().where(FilingJob.delivery_key == "q1:1"))
+    await bench.deliver(cda_message("LDL-SES_2022.01.xml"), bench.world.patient_mailbox_id, "q2:1")
+    assert await worker.enqueue_deliveries() == 1  # only the new delivery: no scan of the whole table
+    assert (await bench.job("q2:1")).state == "received"
+    async with bench.world.db.session() as session:
+        assert await session.scalar(select(FilingJob.id).where(FilingJob.delivery_key == "q1:1")) is None
+    assert await worker.enqueue_deliveries(full=True) == 1  # the full pass finds it
+    assert (await bench.job("q1:1")).state == "received"
+    assert await worker.run_once() == 2
+    assert (await bench.job("q1:1")).state == (await bench.job("q2:1")).state == "filed"
+
+
 async def test_transient_failures_are_retried_then_failed_and_refile_recovers(bench: Bench) -> None:
     await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
     async with bench.world.db.session() as session:
