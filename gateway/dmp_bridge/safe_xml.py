@@ -146,10 +146,11 @@ class _BoundedTreeBuilder:
         return name.rsplit(":", 1)[-1]
 
     def _attributes(self, attributes: dict[str, str]) -> dict[str, str]:
-        if not attributes:
-            return {}
         if self._namespace_aware:
-            return {_clark(key): value for key, value in attributes.items()}
+            for key in attributes:
+                if " " in key:  # a namespaced attribute (``xsi:type``): expat's ``uri local``
+                    return {_clark(key): value for key, value in attributes.items()}
+            return attributes  # no namespace (``root``, ``code``...): the names are already ElementTree's
         return {key.rsplit(":", 1)[-1]: value for key, value in attributes.items() if key != "xmlns" and not key.startswith("xmlns:")}
 
 
