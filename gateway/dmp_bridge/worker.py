@@ -2,29 +2,33 @@
 
 Durability comes from the database, not from memory. Each mail store delivery
 (``mail_deliveries``: one row per message x recipient mailbox, committed with
-the message) gets a ``filing_jobs`` row, created by one idempotent
-``INSERT ... SELECT`` over the deliveries that have none (a LEFT JOIN), at start,
-on every wake-up and on every poll. A crash between delivery and filing
-therefore loses nothing: the next pass finds the delivery without a finished
-job and files it.
+the message) gets a ``filing_jobs`` row, created in the delivery's transaction
+(``intake.py``) and, as the safety net, by one idempotent ``INSERT ... SELECT``
+over the deliveries that have none (a LEFT JOIN): over all of them at the first
+pass and every ``full_scan_seconds``, over those above the highest one already
+seen at the other passes. A crash between delivery and filing therefore loses
+nothing: the next pass finds the delivery without a finished job and files it.
 
 Jobs are claimed with a lease, a chunk at a time (one UPDATE that succeeds for
 one worker only, on any number of gateway nodes: one commit for the chunk), and
 a chunk is filed as a batch. Phase 1, per job, side by side, with no database
-write: open the delivered copy from the mail store (for a message
+write: read the delivered copy (its blob found by the batch's load query; for a message
 S/MIME-encrypted to a key the gateway holds, the decrypted copy the pipeline
 kept: ``SmimeService.decrypted_copy``), extract (a copy delivered to a
 patient's mailbox only: nothing else feeds a record), find the depositor in the
 queue row its door wrote at acceptance (the authenticated submitter's mailbox,
 or the relay peer's sender: ``depositor.py``; never a header; resolved once per
-batch for messages accepted alike), and ``prepare_filing`` (the documents'
-encrypted blobs and sealed metadata, fsynced; their fsyncs overlap). Phase 2:
+batch for messages accepted alike) and ``plan_filing``; then the record rows the
+batch's documents can meet are read by one query (``RecordIndex``) and each
+document the record does not hold is written ahead (``write_ahead``: its encrypted
+blob and sealed metadata, fsynced; their fsyncs overlap). Phase 2:
 one transaction for the whole batch (group commit: one fsync of the database),
 which first checks that the leases are still this worker's (a job whose lease
 was lost is left out): the record rows, all their audit entries appended by one
-claim of the chain head (``AuditLog.batch``), the acknowledgements (notice rows
-and queue rows, their spool files written side by side and fsynced before the
-commit), the outcome rows, and the jobs ``filed`` or ``not-filed`` with the
+claim of the chain head (``AuditLog.batch``), decided on the record rows read
+once more in the transaction (``RecordIndex``, which also holds the rows the batch
+writes), the acknowledgements (notice rows and queue rows, their spool files
+written as one group and fsynced before the commit), the outcome rows, and the jobs ``filed`` or ``not-filed`` with the
 examined message's Message-ID, sender, recipient and subject (sealed under the
 mailbox's key). If that transaction fails, each job of the batch is committed
 again in a transaction of its own, so one bad job delays nobody else's filing.
