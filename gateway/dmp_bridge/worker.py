@@ -297,8 +297,7 @@ class FilingWorker:
                 return await self._guarded(job_id, self._plan(job_id, claimed[job_id], loaded.get(job_id), lookups))
 
         planned = [job for job in await asyncio.gather(*(plan(job_id) for job_id in claimed)) if job is not None]
-        async with self.db.session() as session:
-            records = await RecordIndex.load(session, [job.prepared for job in planned])
+        records = await self._known_records(planned)
 
         async def write(job: _Planned) -> _Ready | None:
             async with slots:
@@ -315,6 +314,17 @@ class FilingWorker:
         for job in ready:
             await self._commit_leased(job)
         return len(claimed)
+
+    async def _known_records(self, planned: Sequence[_Planned]) -> RecordIndex:
+        """The record rows the planned documents can meet, by one query. Should it fail, none: every
+        document is written ahead, and the transaction (which decides again) releases what it did not need."""
+        try:
+            async with self.db.session() as session:
+                return await RecordIndex.load(session, [job.prepared for job in planned])
+        except Exception as error:
+            log.warning("filing batch: the record rows could not be read ahead (%s): every document is written ahead",
+                        error)
+            return RecordIndex([], set(), set())
 
     async def _guarded(self, job_id: int, step: Awaitable[T]) -> T | None:
         """A step of phase 1 (no database write); None when the job ended there (gone, or deferred)."""
