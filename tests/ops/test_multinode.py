@@ -278,3 +278,63 @@ def test_a_load_over_two_nodes_is_delivered_once_while_one_is_killed(cluster: Cl
     doors = Doors(smtp=[*cluster.doors(cluster.a).smtp, *cluster.doors(cluster.b).smtp],
                   imaps=[*cluster.doors(cluster.a).imaps, *cluster.doors(cluster.b).imaps])
     _load_survives_a_killed_node(cluster, doors, read_through=cluster.doors(cluster.b).imaps[0])
+
+
+# ------------------------------------------------------------------ the same, behind HAProxy (PROXY protocol v2)
+
+def _queued_on(node: GatewayProcess) -> int:
+    """How many messages this node has accepted (its log's "queued <id> from" lines)."""
+    return len(re.findall(r"\bqueued \S+ from ", (node.data_dir / "serve.log").read_text(errors="replace")))
+
+
+def _node_of_login(cluster: Cluster, address: str) -> GatewayProcess:
+    for node in (cluster.a, cluster.b):
+        if f"user {address} logged in" in (node.data_dir / "serve.log").read_text(errors="replace"):
+            return node
+    raise AssertionError(f"no node logged {address} in")
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_behind_haproxy_mail_crosses_nodes_to_idle_and_a_killed_node_loses_nothing(tmp_path: Path,
+                                                                                    pg_cluster: PgCluster) -> None:
+    """Issue 13's test: two nodes on one PostgreSQL behind HAProxy (TCP, send-proxy-v2, health checks,
+    round robin). A message submitted through the proxy that lands on the node the IDLE session is NOT on
+    wakes it; then a load through the proxy is delivered exactly once while node A is SIGKILLed halfway."""
+    from tests.haproxy import HAProxy, frontends_for, trusting
+    with _two_nodes(tmp_path, pg_cluster, env=trusting("127.0.0.1")) as nodes:
+        frontends = frontends_for([nodes.a, nodes.b], protocols=("smtp_submissions", "imaps"))
+        with HAProxy(frontends, directory=tmp_path, proxy_protocol="v2", check=True) as proxy:
+            doors = Doors(smtp=[proxy.address("smtp_submissions")], imaps=[proxy.address("imaps")])
+            tls, doctor, pharmacist = nodes.tls(), nodes.a.account("PER", 0), nodes.a.account("PER", 1)
+            reader = imaplib.IMAP4_SSL(*doors.imaps[0], ssl_context=tls, timeout=30)
+            try:
+                reader.login(pharmacist["address"], pharmacist["password"])
+                reading_node = _node_of_login(nodes, pharmacist["address"])
+                _submit(doors.smtp[0], tls, doctor, pharmacist["address"], "proxied-first")
+                count = wait_until(lambda: _selected_count(reader), timeout=90, what="the first message readable")
+                tag = reader._new_tag().decode()
+                reader.send(f"{tag} IDLE\r\n".encode())
+                assert reader.readline().startswith(b"+ ")
+                crossed = None
+                for attempt in range(4):          # round robin: within two submissions one lands on the other node
+                    before = {node.data_dir: _queued_on(node) for node in (nodes.a, nodes.b)}
+                    started = time.monotonic()
+                    _submit(doors.smtp[0], tls, doctor, pharmacist["address"], f"proxied-idle-{attempt}")
+                    line = reader.readline()                 # bounded by the socket's timeout
+                    waited = time.monotonic() - started
+                    count += 1
+                    assert line.rstrip() == f"* {count} EXISTS".encode(), line
+                    accepting = [n for n in (nodes.a, nodes.b) if _queued_on(n) > before[n.data_dir]]
+                    if accepting and accepting[0] is not reading_node:
+                        crossed = waited
+                        break
+                assert crossed is not None, "no submission through HAProxy reached the other node"
+                print(f"through HAProxy: accepted by one node, IDLE on the other woken after {crossed * 1000:.0f} ms")
+                reader.send(b"DONE\r\n")
+                while not reader.readline().startswith(tag.encode()):
+                    pass
+            finally:
+                with contextlib.suppress(Exception):
+                    reader.logout()
+            _load_survives_a_killed_node(nodes, doors, read_through=doors.imaps[0])
