@@ -313,13 +313,14 @@ def tree_of(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def py_spy(pid: int, output: str | None) -> Iterator[None]:
-    """Record the server with py-spy (raw collapsed stacks in ``output``) while the block runs."""
+def py_spy(pid: int, output: str | None, gil: bool = False) -> Iterator[None]:
+    """Record the server with py-spy (raw collapsed stacks in ``output``) while the block runs; ``gil``: only
+    the thread holding the GIL (Python CPU time, without idle worker threads and suspended greenlets)."""
     if not output:
         yield
         return
     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "100",
-                            "--format", "raw", "--output", output, "--nonblocking"],
+                            "--format", "raw", "--output", output, "--nonblocking", *(["--gil"] if gil else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -338,7 +339,7 @@ def gateway(name: str, data_dir: Path, address: str, tree: Path, args: argparse.
         assert server.process is not None
         if args.solo:
             solo_figures = solo(target, server.process.pid, args)
-        with py_spy(server.process.pid, args.profile and f"{args.profile}-{name}.txt"):
+        with py_spy(server.process.pid, args.profile and f"{args.profile}-{name}.txt", args.profile_gil):
             result = run_mix(name, target, server.process.pid, args)
         result["tree"] = str(tree)
         if args.solo:
@@ -361,6 +362,7 @@ def main() -> None:
     parser.add_argument("--solo", type=int, default=0, metavar="N",
                         help="first, one client runs N commands of each kind alone (server CPU per command kind)")
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy each gateway into PREFIX-NAME.txt")
+    parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the GIL holder's stacks")
     parser.add_argument("--keep", action="store_true", help="keep the gateway data directories")
     args = parser.parse_args()
 

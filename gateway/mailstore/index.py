@@ -28,6 +28,7 @@ import bisect
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore.interface import SEEN, FlagListing, UidSet
@@ -58,6 +59,38 @@ class FlagSets:
 Row = tuple[int, int, int, str]   # uid, modseq, system_flags, keywords column
 
 
+@dataclass(frozen=True)
+class Columns:
+    """A whole folder's rows as arrays, built by ``columns_of`` where the rows were read (a database thread),
+    so the event loop only installs them: ``flag_keys`` are the distinct (system bits, keywords column) pairs,
+    ``key_ids`` the position of each message's pair in it."""
+
+    uids: array[int]
+    modseqs: array[int]
+    flag_keys: list[tuple[int, str]]
+    key_ids: array[int]
+
+
+def columns_of(rows: Sequence[Row]) -> Columns:
+    """Rows in UID order -> ``Columns``; column-wise (C loops, not Python ones); touches no shared state."""
+    if not rows:
+        return Columns(array("I"), array("Q"), [], array("I"))
+    uid_column, modseq_column, bits_column, keywords_column = zip(*rows, strict=True)
+    keywords = set(keywords_column)
+    if len(keywords) == 1:              # the usual folder: no message has a keyword, flags differ by bits only
+        only = next(iter(keywords))
+        distinct = sorted(set(bits_column))
+        by_bits = {bits: at for at, bits in enumerate(distinct)}
+        flag_keys = [(bits, only) for bits in distinct]
+        key_ids = array("I", map(by_bits.__getitem__, bits_column))
+    else:
+        pairs = list(zip(bits_column, keywords_column, strict=True))
+        flag_keys = sorted(set(pairs))
+        by_pair = {pair: at for at, pair in enumerate(flag_keys)}
+        key_ids = array("I", map(by_pair.__getitem__, pairs))
+    return Columns(array("I", uid_column), array("Q", modseq_column), flag_keys, key_ids)
+
+
 class FolderIndex:
     """One folder's UIDs, MODSEQs and flags; see the module docstring."""
 
@@ -76,16 +109,18 @@ class FolderIndex:
         return self.modseq >= 0
 
     def load(self, rows: Sequence[Row], modseq: int) -> None:
-        """Every message of the folder, in UID order, as of ``modseq`` (column-wise: C loops, not Python ones)."""
-        if rows:
-            uid_column, modseq_column, bits_column, keywords_column = zip(*rows, strict=True)
-            flag_keys = list(zip(bits_column, keywords_column, strict=True))
-            ids = {key: self.sets.intern(*key) for key in set(flag_keys)}
-            self.uids = array("I", uid_column)
-            self.modseqs = array("Q", modseq_column)
-            self.flag_ids = array("I", map(ids.__getitem__, flag_keys))
+        """Every message of the folder, in UID order, as of ``modseq``."""
+        self.install(columns_of(rows), modseq)
+
+    def install(self, columns: Columns, modseq: int) -> None:
+        """Every message of the folder as ``columns_of`` built them, as of ``modseq`` (replacing what was held:
+        a whole newer picture). Only the handful of distinct flag sets is interned here."""
+        ids = [self.sets.intern(*key) for key in columns.flag_keys]
+        if ids == list(range(len(ids))):    # a new index: interned in the same order, ids unchanged
+            flag_ids = columns.key_ids
         else:
-            self.uids, self.modseqs, self.flag_ids = array("I"), array("Q"), array("I")
+            flag_ids = array("I", map(ids.__getitem__, columns.key_ids))
+        self.uids, self.modseqs, self.flag_ids = columns.uids, columns.modseqs, flag_ids
         self.modseq = modseq
 
     def apply(self, changed: Sequence[Row], expunged: Iterable[int], modseq: int) -> None:

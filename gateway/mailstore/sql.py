@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -32,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Table, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
+from sqlalchemy import ColumnElement, Select, Table, Text, bindparam, delete, false, func, insert, or_, select, text, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -56,7 +59,7 @@ from gateway.mailstore.errors import (
 )
 from gateway.mailstore.append_rows import AfterInsert, AppendRows, insert_append
 from gateway.mailstore.group_commit import GroupCommit, SyncGroupCommit
-from gateway.mailstore.index import FolderIndex, IndexCache
+from gateway.mailstore.index import Columns, FolderIndex, IndexCache, Row, columns_of
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
     INBOX,
@@ -248,6 +251,7 @@ def _sealed_token(text: str) -> str | None:
 
 MESSAGES = cast(Table, Message.__table__)   # the tables themselves, for SQL Core statements without the ORM
 FOLDERS = cast(Table, Folder.__table__)
+EXPUNGED = cast(Table, ExpungedMessage.__table__)
 
 
 @dataclass(frozen=True)
@@ -262,8 +266,6 @@ class _FolderRow:
 
 
 _FOLDER_BY_NAME = (FOLDERS.c.mailbox_id == bindparam("folder_mailbox"), FOLDERS.c.name == bindparam("folder_name"))
-_LOCK_FOLDER_SQLITE = (update(FOLDERS).where(*_FOLDER_BY_NAME).values(highestmodseq=FOLDERS.c.highestmodseq)
-                       .returning(*_FolderRow.COLUMNS))
 _LOCK_FOLDER_FOR_UPDATE = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME).with_for_update()
 _STATUS = select(
     FOLDERS.c.name, FOLDERS.c.message_count,
@@ -274,6 +276,79 @@ _STATUS = select(
     .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0).scalar_subquery(),
     FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes,
 ).where(*_FOLDER_BY_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class _FolderCore:
+    """The folder columns SELECT and the read paths need, read in SQL Core (no ORM object)."""
+
+    id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    recent_uid: int
+    special_use: str | None
+    keywords: str
+
+
+_FOLDER_CORE = select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDERS.c.uidnext, FOLDERS.c.highestmodseq,
+                      FOLDERS.c.recent_uid, FOLDERS.c.special_use, FOLDERS.c.keywords).where(*_FOLDER_BY_NAME)
+_FOLDER_CORE_FOR_UPDATE = _FOLDER_CORE.with_for_update()
+_FOLDER_ROW = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME)
+_HIGHESTMODSEQ = select(FOLDERS.c.highestmodseq).where(FOLDERS.c.id == bindparam("folder_id"))
+_ALL_INDEX_ROWS = select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id")).order_by(_MESSAGES.c.uid)
+_CHANGED_INDEX_ROWS = (select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
+                                                     _MESSAGES.c.modseq > bindparam("since"))
+                       .order_by(_MESSAGES.c.uid))
+_EXPUNGED_SINCE = (select(EXPUNGED.c.uid).where(EXPUNGED.c.folder_id == bindparam("folder_id"),
+                                                 EXPUNGED.c.modseq > bindparam("since")).order_by(EXPUNGED.c.uid))
+_UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
+                                            _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
+_SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
+_BLOB_OF = select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
+                                             _MESSAGES.c.uid == bindparam("uid"))
+
+
+@dataclass(frozen=True, slots=True)
+class _IndexRead:
+    """What a transaction read to bring a folder's shared index up to date (installed on the event loop: the
+    arrays sessions read are only ever replaced there). ``since``: the index's MODSEQ the changes are relative
+    to; ``columns``: the whole folder instead, when the index held nothing."""
+
+    since: int
+    highest: int
+    changed: Sequence[Row] = ()
+    expunged: Sequence[int] = ()
+    columns: Columns | None = None
+
+
+_SET_FLAGS = update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id")).values(
+    system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"))
+
+
+def _unreferenced(connection: Connection, blob_ids: set[str]) -> list[str]:
+    """Of ``blob_ids``, those no message row refers to any more (asked in the transaction that removed rows, so
+    no second transaction after it)."""
+    if not blob_ids:
+        return []
+    used = set(connection.execute(select(MESSAGES.c.blob_id).where(MESSAGES.c.blob_id.in_(blob_ids)).distinct())
+               .scalars())
+    return sorted(blob_ids - used)
+
+
+@functools.cache
+def _sqlite_text(statement: Select[Any]) -> str:
+    """A Core statement as SQLite's SQL text (qmark parameters), for the driver's own cursor."""
+    return str(statement.compile(dialect=sqlite_dialect()))
+
+
+class _NeedsLoad(Exception):
+    """The folder's index holds nothing yet: it is loaded first, one load at a time (``_load_index``)."""
+
+    def __init__(self, folder_id: int, uidvalidity: int) -> None:
+        self.folder_id = folder_id
+        self.uidvalidity = uidvalidity
 
 
 def _meta(row: Message | _MetaRow) -> MessageMeta:
@@ -326,18 +401,37 @@ class SqlMailStore(MailStore):
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run ``work`` in one transaction, retrying lock contention a bounded number of times."""
-        for attempt in range(self.max_attempts):
+        async def attempt() -> T:
+            async with self.database.session() as session:
+                if not self.database.is_sqlite:
+                    # Never hang on a lock: fail fast and let the retry loop decide.
+                    await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                return await work(session)
+
+        return await self._retried(attempt)
+
+    async def _run(self, work: Callable[[Connection], T], *, write: bool = False) -> T:
+        """``work`` as one transaction in one hop to a database thread (``Database.run_in_transaction``: on SQLite
+        a synchronous connection, ``write`` beginning with BEGIN IMMEDIATE), instead of a thread hop and an
+        event-loop wake-up per statement; lock contention retried as in ``_transaction``. ``work`` runs off the
+        event loop: it may look at the shared indexes (``IndexCache.peek``) but never changes them."""
+        def transaction(connection: Connection) -> T:
+            if write and not self.database.is_sqlite:
+                # Never hang on a lock: fail fast and let the retry loop decide.
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            return work(connection)
+
+        return await self._retried(lambda: self.database.run_in_transaction(transaction, write=write))
+
+    async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        for number in range(self.max_attempts):
             try:
-                async with self.database.session() as session:
-                    if not self.database.is_sqlite:
-                        # Never hang on a lock: fail fast and let the retry loop decide.
-                        await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                    return await work(session)
+                return await attempt()
             except DBAPIError as exc:
                 if isinstance(exc, IntegrityError) or not _is_contention(exc):
                     raise
-                log.info("mail store contention (attempt %d/%d): %s", attempt + 1, self.max_attempts, exc.orig)
-                await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
+                log.info("mail store contention (attempt %d/%d): %s", number + 1, self.max_attempts, exc.orig)
+                await asyncio.sleep(0.02 * 2 ** number * (0.5 + random.random()))
         raise StoreBusy("the mail store is busy; try again shortly")
 
     async def _sync_transaction(self, work: Callable[[Connection], T]) -> T:
@@ -359,13 +453,109 @@ class SqlMailStore(MailStore):
                 await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
         raise StoreBusy("the mail store is busy; try again shortly")
 
-    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """A short write transaction; on SQLite shared with the other writers of the moment (group commit: one
-        write lock, one fsync, no session sleeping in busy_timeout behind another's). ``work`` raises its
-        refusals (folder gone, UIDVALIDITY changed) before writing anything, as group commit requires."""
-        if self.group is None:
-            return await self._transaction(work)
-        return await self.group.run(work)  # type: ignore[no-any-return]
+    # --- in a database thread (``_run``): synchronous, no event loop, no shared state changed
+
+    def _folder_core(self, connection: Connection, ref: FolderRef, *, lock: bool = False) -> _FolderCore:
+        """The folder's row (``lock``: for update on PostgreSQL; a SQLite writer holds the lock from BEGIN)."""
+        query = _FOLDER_CORE_FOR_UPDATE if lock and not self.database.is_sqlite else _FOLDER_CORE
+        found = connection.execute(query, {"folder_mailbox": ref.mailbox_id,
+                                           "folder_name": names.normalise(ref.name)}).first()
+        if found is None:
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        row = _FolderCore(*found)
+        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
+            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        return row
+
+    def _folder_row_locked(self, connection: Connection, ref: FolderRef) -> _FolderRow:
+        """The counters STORE and EXPUNGE need, the folder locked (SQLite: BEGIN IMMEDIATE already holds it)."""
+        query = _FOLDER_ROW if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
+        found = connection.execute(query, {"folder_mailbox": ref.mailbox_id,
+                                           "folder_name": names.normalise(ref.name)}).first()
+        if found is None:
+            raise FolderNotFound(f"no folder {ref.name!r}")
+        row = _FolderRow(*found)
+        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
+            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+        return row
+
+    def _index_read(self, connection: Connection, row: _FolderCore, *, load: bool = True,
+                    known: tuple[int, Sequence[Row], Sequence[int]] | None = None) -> _IndexRead | None:
+        """What brings the folder's shared index to ``row.highestmodseq``: None when it is there already, or
+        holds nothing and ``load`` is False; ``_NeedsLoad`` when it holds nothing (loaded apart, once).
+        ``known``: changes since some MODSEQ this transaction already read (reused when it is the index's)."""
+        index = self.indexes.peek(row.id, row.uidvalidity)
+        since = index.modseq if index is not None else -1
+        if since >= row.highestmodseq:
+            return None
+        if since < 0:
+            if load:
+                raise _NeedsLoad(row.id, row.uidvalidity)
+            return None
+        if known is not None and known[0] == since:
+            return _IndexRead(since, row.highestmodseq, known[1], known[2])
+        params = {"folder_id": row.id, "since": since}
+        changed = cast(Sequence[Row], connection.execute(_CHANGED_INDEX_ROWS, params).all())
+        expunged = connection.execute(_EXPUNGED_SINCE, params).scalars().all()
+        return _IndexRead(since, row.highestmodseq, changed, expunged)
+
+    def _all_index_rows(self, connection: Connection, folder_id: int) -> Sequence[Row]:
+        """Every (uid, modseq, system_flags, keywords) of a folder in UID order; on SQLite straight from the
+        driver's cursor (plain tuples: no result-row objects for 100,000 messages)."""
+        if self.database.is_sqlite:
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            return cast(Sequence[Row], driver.execute(_sqlite_text(_ALL_INDEX_ROWS), (folder_id,)).fetchall())
+        return cast(Sequence[Row], connection.execute(_ALL_INDEX_ROWS, {"folder_id": folder_id}).all())
+
+    # --- on the event loop: the shared indexes
+
+    def _install(self, row: _FolderCore, read: _IndexRead | None) -> FolderIndex:
+        """Bring the folder's index up with what a transaction read (unless another session's newer read
+        already did: the index only moves forward)."""
+        index = self.indexes.get(row.id, row.uidvalidity)
+        if read is None:
+            return index
+        if read.columns is not None:
+            if index.modseq < read.highest:
+                index.install(read.columns, read.highest)
+        elif read.since <= index.modseq <= read.highest:   # the changes cover the gap and are not older than it
+            index.apply(read.changed, read.expunged, read.highest)
+        return index
+
+    async def _load_index(self, need: _NeedsLoad) -> None:
+        """A folder's index, read whole once (concurrent first SELECTs wait for the one load); the arrays are
+        built in the database thread, the event loop only installs them."""
+        index = self.indexes.get(need.folder_id, need.uidvalidity)
+        async with index.lock:
+            if index.loaded:
+                return
+
+            def work(connection: Connection) -> tuple[int | None, Columns]:
+                highest = connection.execute(_HIGHESTMODSEQ, {"folder_id": need.folder_id}).scalar()
+                return highest, columns_of(self._all_index_rows(connection, need.folder_id))
+
+            highest, columns = await self._run(work)
+            if highest is not None and index.modseq < highest:
+                index.install(columns, int(highest))
+
+    async def _read_with_index(self, ref: FolderRef) -> tuple[_FolderCore, FolderIndex]:
+        """The folder's row and its index brought up to that row's HIGHESTMODSEQ, in one read transaction
+        (two on the first use of the folder: the load)."""
+        for _ in range(8):
+            try:
+                row, read = await self._run(lambda connection: self._row_and_index(connection, ref))
+            except _NeedsLoad as need:
+                await self._load_index(need)
+                continue
+            index = self._install(row, read)
+            if index.modseq >= row.highestmodseq:
+                return row, index
+        raise StoreBusy("the folder changed too fast to be read; try again shortly")
+
+    def _row_and_index(self, connection: Connection, ref: FolderRef) -> tuple[_FolderCore, _IndexRead | None]:
+        row = self._folder_core(connection, ref)
+        return row, self._index_read(connection, row)
 
     async def _take_write_lock(self, session: AsyncSession, mailbox_id: int) -> None:
         """On SQLite, a no-op write first: later reads then belong to the write transaction."""
@@ -382,20 +572,6 @@ class SqlMailStore(MailStore):
         if not self.database.is_sqlite:
             query = query.with_for_update()
         return self._checked(await session.scalar(query.execution_options(populate_existing=True)), ref)
-
-    async def _lock_folder_row(self, session: AsyncSession, ref: FolderRef) -> _FolderRow:
-        """``_lock_folder`` in SQL Core, for the write paths that need only the folder's counters: one statement
-        (SQLite: a no-op UPDATE ... RETURNING takes the write lock and reads the row; PostgreSQL: FOR UPDATE),
-        built once (no expression building or cache key per call)."""
-        query = _LOCK_FOLDER_SQLITE if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
-        wanted = {"folder_mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name)}
-        found = (await session.execute(query, wanted)).first()
-        if found is None:
-            raise FolderNotFound(f"no folder {ref.name!r}")
-        row = _FolderRow(*found)
-        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
-            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
-        return row
 
     async def _lock_folders(self, session: AsyncSession, refs: Sequence[FolderRef]) -> list[Folder]:
         """Lock several folders in id order, so two commands never wait on each other in a cycle."""
@@ -440,16 +616,6 @@ class SqlMailStore(MailStore):
 
     def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0) -> None:
         self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq))
-
-    @staticmethod
-    async def _unreferenced(session: AsyncSession, blob_ids: set[str]) -> list[str]:
-        """Of ``blob_ids``, those no message row refers to any more (asked in the transaction that removed
-        rows, so no second transaction after it)."""
-        if not blob_ids:
-            return []
-        used = set(await session.scalars(select(MESSAGES.c.blob_id).where(MESSAGES.c.blob_id.in_(blob_ids))
-                                         .distinct()))
-        return sorted(blob_ids - used)
 
     async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
         candidates = set(blob_ids)
@@ -622,9 +788,8 @@ class SqlMailStore(MailStore):
     async def status(self, folder: FolderRef) -> FolderStatus:
         """One statement, built once: the folder's counters and, counted beside them, its unseen and recent
         messages."""
-        async with self.database.session() as session:
-            found = (await session.execute(_STATUS, {"folder_mailbox": folder.mailbox_id,
-                                                     "folder_name": names.normalise(folder.name)})).first()
+        wanted = {"folder_mailbox": folder.mailbox_id, "folder_name": names.normalise(folder.name)}
+        found = await self._run(lambda connection: connection.execute(_STATUS, wanted).first())
         if found is None:
             raise FolderNotFound(f"no folder {folder.name!r}")
         if folder.uidvalidity is not None and found.uidvalidity != folder.uidvalidity:
@@ -634,54 +799,32 @@ class SqlMailStore(MailStore):
                             highestmodseq, size)
 
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
-        if not read_only:
-            # Nothing arrived since \Recent was last claimed: a read transaction answers (no write, no fsync).
-            async with self.database.session() as session:
-                row = await self._find_folder(session, folder)
-                index = await self._current_index(session, row)
-                if row.recent_uid >= row.uidnext - 1 and (not index.uids or index.uids[-1] <= row.recent_uid):
-                    return self._snapshot(folder, row, index, frozenset(), read_only)
+        """A read transaction (the folder row and its shared index brought up to date, one thread hop); a write
+        only when there is ``\\Recent`` to claim."""
+        row, index = await self._read_with_index(folder)
+        uids = index.uids          # the index's array itself: sessions share it until theirs diverges
+        fresh = uids[bisect.bisect_right(uids, row.recent_uid):]
+        if read_only:
+            return self._snapshot(folder, row, index, frozenset(fresh), read_only)
+        if row.recent_uid >= row.uidnext - 1 and not fresh:
+            return self._snapshot(folder, row, index, frozenset(), read_only)   # nothing arrived since the claim
+        claimed_row, recent = await self._run(lambda connection: self._claim(connection, folder), write=True)
+        if index.modseq < claimed_row.highestmodseq:     # messages came in between the two transactions
+            row, index = await self._read_with_index(folder)
+        return self._snapshot(folder, row, index, recent, read_only)
 
-        async def work(session: AsyncSession) -> FolderSnapshot:
-            row = await (self._find_folder(session, folder) if read_only else self._lock_folder(session, folder))
-            index = await self._current_index(session, row)
-            uids = index.uids          # the index's array itself: sessions share it until theirs diverges
-            if read_only:
-                recent = frozenset(uids[bisect.bisect_right(uids, row.recent_uid):])
-            else:
-                recent = self._claim(row, uids[bisect.bisect_right(uids, row.recent_uid):])
-            return self._snapshot(folder, row, index, recent, read_only)
+    def _claim(self, connection: Connection, folder: FolderRef) -> tuple[_FolderCore, frozenset[int]]:
+        """RFC 3501 2.3.2: \\Recent belongs to the first session that sees a message, and to no other (the folder
+        row locked: two sessions never claim the same UID)."""
+        row = self._folder_core(connection, folder, lock=True)
+        mark = row.uidnext - 1
+        if row.recent_uid >= mark:
+            return row, frozenset()
+        claimed = connection.execute(_UIDS_ABOVE, {"folder_id": row.id, "above": row.recent_uid}).scalars().all()
+        connection.execute(_SET_RECENT, {"folder_id": row.id, "recent": mark})
+        return dataclasses.replace(row, recent_uid=mark), frozenset(claimed)
 
-        return await self._transaction(work)
-
-    async def _current_index(self, session: AsyncSession, row: Folder) -> FolderIndex:
-        """The folder's shared index, brought up to the folder row's HIGHESTMODSEQ (see gateway.mailstore.index):
-        the whole folder read once, then only the messages and tombstones whose MODSEQ is above the index's."""
-        index = self.indexes.get(row.id, row.uidvalidity)
-        if index.modseq >= row.highestmodseq:
-            return index
-        async with index.lock:
-            if not index.loaded:
-                rows = await session.execute(select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == row.id)
-                                             .order_by(_MESSAGES.c.uid))
-                index.load(rows.all(), row.highestmodseq)
-            elif index.modseq < row.highestmodseq:
-                since = index.modseq
-                changed = (await session.execute(select(*_INDEX_COLUMNS).where(
-                    _MESSAGES.c.folder_id == row.id, _MESSAGES.c.modseq > since))).all()
-                expunged = (await session.scalars(select(ExpungedMessage.uid).where(
-                    ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > since))).all()
-                index.apply(changed, expunged, row.highestmodseq)
-        return index
-
-    @staticmethod
-    def _claim(folder: Folder, uids: Iterable[int]) -> frozenset[int]:
-        """RFC 3501 2.3.2: \\Recent belongs to the first session that sees a message, and to no other."""
-        mark = folder.recent_uid
-        folder.recent_uid = folder.uidnext - 1
-        return frozenset(uid for uid in uids if uid > mark)
-
-    def _snapshot(self, ref: FolderRef, row: Folder, index: FolderIndex, recent: frozenset[int],
+    def _snapshot(self, ref: FolderRef, row: _FolderCore, index: FolderIndex, recent: frozenset[int],
                   read_only: bool) -> FolderSnapshot:
         unseen, first_unseen = index.unseen()
         keywords = sorted(flagcodec.keywords_of(row.keywords))
@@ -697,13 +840,12 @@ class SqlMailStore(MailStore):
         )
 
     async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
-        async def work(session: AsyncSession) -> frozenset[int]:
-            row = await self._lock_folder(session, folder)
-            new_uids = await session.scalars(select(Message.uid).where(
-                Message.folder_id == row.id, Message.uid > row.recent_uid))
-            return self._claim(row, list(new_uids))
-
-        return await self._transaction(work)
+        """A read first: when every message was claimed already (another session saw them first), no write."""
+        row = await self._run(lambda connection: self._folder_core(connection, folder))
+        if row.recent_uid >= row.uidnext - 1:
+            return frozenset()
+        _, claimed = await self._run(lambda connection: self._claim(connection, folder), write=True)
+        return claimed
 
     # ------------------------------------------------------------------ messages
 
@@ -719,13 +861,15 @@ class SqlMailStore(MailStore):
             names = tuple(name for name in names if name != "envelope")
         columns = [type_coerce(_MESSAGES.c.envelope, Text) if name == "envelope" else _MESSAGES.c[name]
                    for name in names]
-        async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
+        def work(connection: Connection) -> list[_MetaRow]:
+            row = self._folder_core(connection, folder)
             query = (select(*columns).where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
                      .order_by(_MESSAGES.c.uid))
             if changed_since is not None:
                 query = query.where(_MESSAGES.c.modseq > changed_since)  # RFC 7162 3.1.4.1 CHANGEDSINCE
-            rows = [_MetaRow.of(names, values) for values in (await session.execute(query)).all()]
+            return [_MetaRow.of(names, values) for values in connection.execute(query).all()]
+
+        rows = await self._run(work)
         if envelope:
             await self._open_envelopes(folder.mailbox_id, rows)
         if headers:
@@ -736,10 +880,8 @@ class SqlMailStore(MailStore):
 
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:
-        async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
-            index = await self._current_index(session, row)
-            return index.listing(uids, changed_since)
+        _, index = await self._read_with_index(folder)
+        return index.listing(uids, changed_since)
 
     async def _unseal(self, mailbox_id: int, rows: Sequence[Message] | Sequence[_MetaRow]) -> None:
         if self.headers is not None:
@@ -767,10 +909,11 @@ class SqlMailStore(MailStore):
             row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", token) or "{}")
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
-        async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
-            blob_id = await session.scalar(select(Message.blob_id).where(Message.folder_id == row.id,
-                                                                         Message.uid == uid))
+        def work(connection: Connection) -> str | None:
+            row = self._folder_core(connection, folder)
+            return cast("str | None", connection.execute(_BLOB_OF, {"folder_id": row.id, "uid": uid}).scalar())
+
+        blob_id = await self._run(work)
         if blob_id is None:
             raise MessageNotFound(f"no message with UID {uid}")
         try:
@@ -891,15 +1034,15 @@ class SqlMailStore(MailStore):
 
     async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,
                           unchanged_since: int | None = None) -> StoreResult:
-        """One transaction in SQL Core: lock the folder row, read the flags of the set, write the changed rows
-        (one executemany) and the folder's MODSEQ; no ORM objects, no envelope or header column read."""
+        """One transaction in SQL Core, in one thread hop: lock the folder row, read the flags of the set, write the
+        changed rows (one executemany) and the folder's MODSEQ; no ORM objects, no envelope or header column read."""
         bits, keywords = flagcodec.encode(flags)
 
-        async def work(session: AsyncSession) -> StoreResult:
-            row = await self._lock_folder_row(session, folder)
-            current = (await session.execute(
+        def work(connection: Connection) -> StoreResult:
+            row = self._folder_row_locked(connection, folder)
+            current = connection.execute(
                 select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.modseq, MESSAGES.c.system_flags, MESSAGES.c.keywords)
-                .where(MESSAGES.c.folder_id == row.id, uid_clause(uids)).order_by(MESSAGES.c.uid))).all()
+                .where(MESSAGES.c.folder_id == row.id, _core_uid_clause(uids)).order_by(MESSAGES.c.uid)).all()
             conflicts: list[int] = []
             unchanged: list[FlagUpdate] = []
             changed: list[tuple[int, int, int, str]] = []
@@ -920,18 +1063,17 @@ class SqlMailStore(MailStore):
                 return StoreResult((), tuple(conflicts), row.highestmodseq, tuple(unchanged))
             # RFC 7162 3.1.3: one new MODSEQ for the messages this command changed; unchanged ones keep theirs.
             modseq = row.highestmodseq + 1
-            await session.execute(
-                update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id"))
-                .values(system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"), modseq=modseq),
+            connection.execute(
+                _SET_FLAGS.values(modseq=modseq),
                 [{"row_id": message_id, "new_bits": new_bits, "new_keywords": column}
                  for message_id, _, new_bits, column in changed])
-            await session.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
                 highestmodseq=modseq, keywords=_with_keywords(row.keywords, keywords)))
             updated = tuple(FlagUpdate(uid, flagcodec.decode(new_bits, column), modseq)
                             for _, uid, new_bits, column in changed)
             return StoreResult(updated, tuple(conflicts), modseq, tuple(unchanged))
 
-        result = await self._write(work)
+        result = await self._run(work, write=True)
         if result.updated:
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.FLAGS, result.highestmodseq)
         return result
@@ -1012,30 +1154,28 @@ class SqlMailStore(MailStore):
                                   [{"folder_id": folder_id, "uid": uid, "modseq": modseq} for uid in uids])
 
     async def expunge(self, folder: FolderRef, uids: UidSet | None = None) -> ExpungeResult:
-        """One transaction in SQL Core: the \\Deleted messages (of ``uids``), their rows deleted, tombstones
-        written, the folder's counters and MODSEQ updated; their bodies dropped after the commit."""
-        async def work(session: AsyncSession) -> tuple[ExpungeResult, list[str]]:
-            row = await self._lock_folder_row(session, folder)
+        """One transaction in SQL Core, in one thread hop: the \\Deleted messages (of ``uids``), their rows deleted,
+        tombstones written, the folder's counters and MODSEQ updated; their bodies dropped after the commit."""
+        def work(connection: Connection) -> tuple[ExpungeResult, list[str]]:
+            row = self._folder_row_locked(connection, folder)
             query = (select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.size, MESSAGES.c.blob_id)
                      .where(MESSAGES.c.folder_id == row.id, MESSAGES.c.system_flags.op("&")(DELETED_BIT) != 0)
                      .order_by(MESSAGES.c.uid))
             if uids is not None:
-                query = query.where(uid_clause(uids))
-            doomed = [found for found in (await session.execute(query))
-                      if uids is None or found[1] in uids]
+                query = query.where(_core_uid_clause(uids))
+            doomed = [found for found in connection.execute(query) if uids is None or found[1] in uids]
             if not doomed:
                 return ExpungeResult((), row.highestmodseq), []
             modseq = row.highestmodseq + 1
             gone = [uid for _, uid, _, _ in doomed]
-            await session.execute(delete(MESSAGES).where(MESSAGES.c.id.in_([found[0] for found in doomed])))
-            await self._add_tombstones(session, row.id, gone, modseq)
-            await session.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
+            connection.execute(delete(MESSAGES).where(MESSAGES.c.id.in_([found[0] for found in doomed])))
+            connection.execute(insert(EXPUNGED), [{"folder_id": row.id, "uid": uid, "modseq": modseq} for uid in gone])
+            connection.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
                 highestmodseq=modseq, message_count=FOLDERS.c.message_count - len(doomed),
                 total_bytes=FOLDERS.c.total_bytes - sum(size for _, _, size, _ in doomed)))
-            return ExpungeResult(tuple(gone), modseq), await self._unreferenced(
-                session, {blob_id for _, _, _, blob_id in doomed})
+            return ExpungeResult(tuple(gone), modseq), _unreferenced(connection, {blob_id for *_, blob_id in doomed})
 
-        result, blob_ids = await self._write(work)
+        result, blob_ids = await self._run(work, write=True)
         for blob_id in blob_ids:
             await self.blobs.delete(blob_id)   # after the commit: a rollback leaves every body in place
         if result.uids:
@@ -1043,27 +1183,32 @@ class SqlMailStore(MailStore):
         return result
 
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
-        async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
-            if row.highestmodseq <= modseq:                 # the usual answer after a command: one query
-                index = self.indexes.peek(row.id, row.uidvalidity)
-                current = index is not None and index.modseq == row.highestmodseq
-                return Changes(row.highestmodseq, (), (), uids=index.uids if index is not None and current else None)
-            updated = (await session.execute(select(*_INDEX_COLUMNS).where(
-                _MESSAGES.c.folder_id == row.id, _MESSAGES.c.modseq > modseq).order_by(_MESSAGES.c.uid))).all()
-            expunged = (await session.scalars(select(ExpungedMessage.uid).where(
-                ExpungedMessage.folder_id == row.id, ExpungedMessage.modseq > modseq).order_by(ExpungedMessage.uid))).all()
-            highest = await session.scalar(select(Folder.highestmodseq).where(Folder.id == row.id))
-            index = await self._current_index(session, row)
-        highest = int(highest or row.highestmodseq)
+        """One read transaction: the folder row (the usual answer after a command: nothing newer), else the
+        messages and tombstones above ``modseq``, which also bring the shared index up when it was there."""
+        def work(connection: Connection) -> tuple[_FolderCore, int, Sequence[Row], Sequence[int], _IndexRead | None]:
+            row = self._folder_core(connection, folder)
+            if row.highestmodseq <= modseq:
+                return row, row.highestmodseq, (), (), None
+            params = {"folder_id": row.id, "since": modseq}
+            updated = cast(Sequence[Row], connection.execute(_CHANGED_INDEX_ROWS, params).all())
+            expunged = connection.execute(_EXPUNGED_SINCE, params).scalars().all()
+            highest = row.highestmodseq
+            if not self.database.is_sqlite:    # READ COMMITTED: the rows may be newer than the folder row read
+                highest = int(connection.execute(_HIGHESTMODSEQ, {"folder_id": row.id}).scalar() or highest)
+            return row, highest, updated, expunged, self._index_read(connection, row, load=False,
+                                                                     known=(modseq, updated, expunged))
+
+        row, highest, updated, expunged, read = await self._run(work)
+        if read is not None:
+            self._install(row, read)
+        index = self.indexes.peek(row.id, row.uidvalidity)
         return Changes(highest, tuple(FlagUpdate(uid, flagcodec.decode(bits, keywords), message_modseq)
                                       for uid, message_modseq, bits, keywords in updated), tuple(expunged),
-                       uids=index.uids if index.modseq == highest else None)
+                       uids=index.uids if index is not None and index.modseq == highest else None)
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:
-        async with self.database.session() as session:
-            row = await self._find_folder(session, folder)
+        row = await self._run(lambda connection: self._folder_core(connection, folder))
         owner = mailbox_owner(folder.mailbox_id)
         return await search_folder(
             self.database.session, row.id, folder.mailbox_id, owner, key, recent_uids,
