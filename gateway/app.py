@@ -53,7 +53,7 @@ from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
-from gateway.storage.private import private_dir, secure_tree
+from gateway.storage.private import private_dir, secure_data_dir, secure_tree
 from gateway.webmail.app import build_webmail_app
 
 log = logging.getLogger("gateway")
@@ -202,7 +202,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        fixed = secure_tree(self.settings.data_path)     # left by an older version or a looser umask
+        fixed = secure_data_dir(self.settings.data_path)     # left by an older version or a looser umask
         if self.settings.smtp.spool_dir:
             fixed += secure_tree(Path(self.settings.smtp.spool_dir).expanduser())
         if fixed:

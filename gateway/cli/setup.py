@@ -99,8 +99,10 @@ def db() -> None:
 @db.command()
 @data_dir_option
 def upgrade() -> None:
-    """Apply pending migrations (serve and init do it too)."""
+    """Apply pending migrations (serve and init do it too), and check the modes of the whole data directory
+    (every blob included: ``gateway serve`` walks the mail's trees whole only once per data directory)."""
     from gateway.storage.db import Database
+    from gateway.storage.private import secure_data_dir
 
     async def go() -> str | None:
         database = Database(settings().database_url)
@@ -111,6 +113,8 @@ def upgrade() -> None:
             await database.dispose()
 
     click.echo(f"schema at revision {run(go())}")
+    fixed = secure_data_dir(settings().data_path, whole=True)
+    click.echo(f"data directory: {fixed} file and folder modes made private (0600 / 0700)")
 
 
 @db.command()

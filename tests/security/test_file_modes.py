@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.storage.db import Database
-from gateway.storage.private import secure_tree
+from gateway.storage.private import MODES_CHECKED, secure_data_dir, secure_tree
 from tests.harness import GatewayProcess
 
 
@@ -103,3 +103,45 @@ def test_secure_tree_fixes_modes_and_leaves_links_alone(tmp_path: Path) -> None:
     assert secure_tree(tmp_path / "a") >= 3
     assert loose_modes(tmp_path / "a") == []
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644
+
+
+def _loose_data_dir(root: Path) -> Path:
+    """A data directory as an older version or an operator's ``cp -r`` under umask 022 would leave it."""
+    blob = root / "blobs" / "ab" / "cd" / "blob"
+    blob.parent.mkdir(parents=True)
+    (root / "pki" / "ca").mkdir(parents=True)
+    for path, mode in ((blob, 0o644), (root / "pki" / "ca" / "ca.key", 0o644), (root / "gateway.db", 0o644)):
+        path.write_text("x")
+        path.chmod(mode)
+    for directory in (root, root / "blobs", root / "blobs" / "ab", root / "blobs" / "ab" / "cd", root / "pki" / "ca"):
+        directory.chmod(0o755)
+    return blob
+
+
+def test_the_first_start_walks_the_data_directory_whole_and_later_starts_skip_the_blobs(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    blob = _loose_data_dir(root)
+    assert secure_data_dir(root) == 9                 # no marker yet: every blob checked (and pki/)
+    assert loose_modes(root) == []
+    assert stat.S_IMODE((root / MODES_CHECKED).stat().st_mode) == 0o600
+
+    for directory in (root, root / "blobs", root / "blobs" / "ab", root / "blobs" / "ab" / "cd", root / "pki" / "ca"):
+        directory.chmod(0o755)
+    for path in (blob, root / "pki" / "ca" / "ca.key", root / "gateway.db"):
+        path.chmod(0o644)
+    secure_data_dir(root)                             # a later start: the blob trees below two levels are not walked
+    assert loose_modes(root) == ["blobs/ab/cd 0o755", "blobs/ab/cd/blob 0o644"]
+    # ...but nothing below the data directory can be reached by another user: it is 0700 again.
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    secure_data_dir(root, whole=True)                 # gateway db upgrade
+    assert loose_modes(root) == []
+
+
+def test_removing_the_marker_asks_for_a_whole_walk(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    blob = _loose_data_dir(root)
+    secure_data_dir(root)
+    blob.chmod(0o644)
+    (root / MODES_CHECKED).unlink()
+    assert secure_data_dir(root) == 1
+    assert loose_modes(root) == []
