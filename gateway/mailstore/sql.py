@@ -323,6 +323,11 @@ class _IndexRead:
     columns: Columns | None = None
 
 
+_LIST_FOLDERS = (select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvalidity)
+                 .where(FOLDERS.c.mailbox_id == bindparam("folder_mailbox")).order_by(FOLDERS.c.name))
+_SUBSCRIPTIONS = (select(Subscription.__table__.c.name)
+                  .where(Subscription.__table__.c.mailbox_id == bindparam("folder_mailbox"))
+                  .order_by(Subscription.__table__.c.name))
 _SET_FLAGS = update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id")).values(
     system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"))
 
@@ -631,13 +636,11 @@ class SqlMailStore(MailStore):
     # ------------------------------------------------------------------ folders
 
     async def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
-        async with self.database.session() as session:
-            folders = (await session.execute(
-                select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvalidity)
-                .where(FOLDERS.c.mailbox_id == mailbox_id).order_by(FOLDERS.c.name))).all()
-            subscribed = set(await session.scalars(
-                select(Subscription.name).where(Subscription.mailbox_id == mailbox_id)
-            ))
+        def work(connection: Connection) -> tuple[Sequence[Any], set[str]]:
+            folders = connection.execute(_LIST_FOLDERS, {"folder_mailbox": mailbox_id}).all()
+            return folders, set(connection.execute(_SUBSCRIPTIONS, {"folder_mailbox": mailbox_id}).scalars())
+
+        folders, subscribed = await self._run(work)
         all_names = [name for name, _, _ in folders]
         return [
             FolderInfo(name, special_use, name in subscribed, any(names.is_inside(other, name) for other in all_names),
@@ -646,10 +649,8 @@ class SqlMailStore(MailStore):
         ]
 
     async def list_subscriptions(self, mailbox_id: int) -> list[str]:
-        async with self.database.session() as session:
-            return list(await session.scalars(
-                select(Subscription.name).where(Subscription.mailbox_id == mailbox_id).order_by(Subscription.name)
-            ))
+        return await self._run(lambda connection: list(
+            connection.execute(_SUBSCRIPTIONS, {"folder_mailbox": mailbox_id}).scalars()))
 
     async def create_folder(self, mailbox_id: int, name: str, *, special_use: str | None = None,
                             subscribe: bool = False) -> FolderInfo:
