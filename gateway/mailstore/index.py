@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import operator
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore.interface import SEEN, FlagListing, UidSet
@@ -57,6 +59,7 @@ class FlagSets:
 
 
 Row = tuple[int, int, int, str]   # uid, modseq, system_flags, keywords column
+NO_KEYWORDS = flagcodec.keywords_column(())
 
 
 @dataclass(frozen=True)
@@ -72,13 +75,35 @@ class Columns:
 
 
 def columns_of(rows: Sequence[Row]) -> Columns:
-    """Rows in UID order -> ``Columns``; column-wise (C loops, not Python ones); touches no shared state."""
-    if not rows:
-        return Columns(array("I"), array("Q"), [], array("I"))
-    uid_column, modseq_column, bits_column, keywords_column = zip(*rows, strict=True)
+    """Rows in UID order -> ``Columns``; touches no shared state."""
+    return _columns(rows, list(map(_FOURTH, rows)))
+
+
+def columns_from(rows: Sequence[tuple[int, int, int]], keyworded: Sequence[tuple[int, str]]) -> Columns:
+    """(uid, modseq, system_flags) rows in UID order and the (uid, keywords column) of the few messages that
+    have keywords (read from two covering indexes) -> ``Columns``; touches no shared state."""
+    keywords_column: Sequence[str] = (NO_KEYWORDS,)
+    if keyworded:
+        uids = array("I", map(_FIRST, rows))
+        column = [NO_KEYWORDS] * len(uids)
+        for uid, keywords in keyworded:
+            at = bisect.bisect_left(uids, uid)
+            if at < len(uids) and uids[at] == uid:    # (PostgreSQL: a message that came between the two reads)
+                column[at] = keywords
+        keywords_column = column
+    return _columns(rows, keywords_column)
+
+
+_FIRST, _SECOND, _THIRD, _FOURTH = (operator.itemgetter(at) for at in range(4))
+
+
+def _columns(rows: Sequence[Sequence[Any]], keywords_column: Sequence[str]) -> Columns:
+    """Column by column, in C loops (``map`` of item getters: no tuple per row). ``keywords_column`` of one
+    item: the same for every message."""
+    bits_column = array("Q", map(_THIRD, rows))
     keywords = set(keywords_column)
-    if len(keywords) == 1:              # the usual folder: no message has a keyword, flags differ by bits only
-        only = next(iter(keywords))
+    if len(keywords) <= 1:              # the usual folder: no message has a keyword, flags differ by bits only
+        only = next(iter(keywords), NO_KEYWORDS)
         distinct = sorted(set(bits_column))
         by_bits = {bits: at for at, bits in enumerate(distinct)}
         flag_keys = [(bits, only) for bits in distinct]
@@ -88,7 +113,7 @@ def columns_of(rows: Sequence[Row]) -> Columns:
         flag_keys = sorted(set(pairs))
         by_pair = {pair: at for at, pair in enumerate(flag_keys)}
         key_ids = array("I", map(by_pair.__getitem__, pairs))
-    return Columns(array("I", uid_column), array("Q", modseq_column), flag_keys, key_ids)
+    return Columns(array("I", map(_FIRST, rows)), array("Q", map(_SECOND, rows)), flag_keys, key_ids)
 
 
 class FolderIndex:

@@ -59,7 +59,7 @@ from gateway.mailstore.errors import (
 )
 from gateway.mailstore.append_rows import AfterInsert, AppendRows, insert_append
 from gateway.mailstore.group_commit import GroupCommit, SyncGroupCommit
-from gateway.mailstore.index import Columns, FolderIndex, IndexCache, Row, columns_of
+from gateway.mailstore.index import Columns, FolderIndex, IndexCache, Row, columns_from
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.mailstore.interface import (
     INBOX,
@@ -94,7 +94,7 @@ from gateway.mailstore.interface import (
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.blind_index import BlindIndex
 from gateway.mailstore.search import MAX_SQL_RANGES, SearchRow, search_folder, uid_clause
-from gateway.mailstore.tables import Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
+from gateway.mailstore.tables import KEYWORDED, Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.security.at_rest import HeaderSealer
 from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
@@ -297,7 +297,10 @@ _FOLDER_CORE = select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDE
 _FOLDER_CORE_FOR_UPDATE = _FOLDER_CORE.with_for_update()
 _FOLDER_ROW = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME)
 _HIGHESTMODSEQ = select(FOLDERS.c.highestmodseq).where(FOLDERS.c.id == bindparam("folder_id"))
-_ALL_INDEX_ROWS = select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id")).order_by(_MESSAGES.c.uid)
+_WHOLE_INDEX = (select(_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags)
+                .where(_MESSAGES.c.folder_id == bindparam("folder_id")).order_by(_MESSAGES.c.uid))
+_KEYWORDED = (select(_MESSAGES.c.uid, _MESSAGES.c.keywords)
+              .where(_MESSAGES.c.folder_id == bindparam("folder_id"), text(KEYWORDED)).order_by(_MESSAGES.c.uid))
 _CHANGED_INDEX_ROWS = (select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                                      _MESSAGES.c.modseq > bindparam("since"))
                        .order_by(_MESSAGES.c.uid))
@@ -504,14 +507,18 @@ class SqlMailStore(MailStore):
         expunged = connection.execute(_EXPUNGED_SINCE, params).scalars().all()
         return _IndexRead(since, row.highestmodseq, changed, expunged)
 
-    def _all_index_rows(self, connection: Connection, folder_id: int) -> Sequence[Row]:
-        """Every (uid, modseq, system_flags, keywords) of a folder in UID order; on SQLite straight from the
-        driver's cursor (plain tuples: no result-row objects for 100,000 messages)."""
+    def _whole_index(self, connection: Connection, folder_id: int) -> Columns:
+        """A folder's UIDs, MODSEQs and flags from two covering indexes (revision 0021), never from the wide
+        message rows; on SQLite straight from the driver's cursor (plain tuples, no result-row objects)."""
         if self.database.is_sqlite:
             driver = connection.connection.driver_connection
             assert driver is not None
-            return cast(Sequence[Row], driver.execute(_sqlite_text(_ALL_INDEX_ROWS), (folder_id,)).fetchall())
-        return cast(Sequence[Row], connection.execute(_ALL_INDEX_ROWS, {"folder_id": folder_id}).all())
+            rows = driver.execute(_sqlite_text(_WHOLE_INDEX), (folder_id,)).fetchall()
+            keyworded = driver.execute(_sqlite_text(_KEYWORDED), (folder_id,)).fetchall()
+        else:
+            rows = connection.execute(_WHOLE_INDEX, {"folder_id": folder_id}).all()
+            keyworded = connection.execute(_KEYWORDED, {"folder_id": folder_id}).all()
+        return columns_from(rows, keyworded)
 
     # --- on the event loop: the shared indexes
 
@@ -538,7 +545,7 @@ class SqlMailStore(MailStore):
 
             def work(connection: Connection) -> tuple[int | None, Columns]:
                 highest = connection.execute(_HIGHESTMODSEQ, {"folder_id": need.folder_id}).scalar()
-                return highest, columns_of(self._all_index_rows(connection, need.folder_id))
+                return highest, self._whole_index(connection, need.folder_id)
 
             highest, columns = await self._run(work)
             if highest is not None and index.modseq < highest:

@@ -30,10 +30,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.storage.models import Base, UTCDateTime, utcnow
+
+KEYWORDED = "keywords != ' '"    # flags.keywords_column of no keyword is a single space
 
 
 class MailAccount(Base):
@@ -97,6 +100,11 @@ class Message(Base):
         Index("ix_mail_messages_folder_modseq", "folder_id", "modseq"),  # CONDSTORE CHANGEDSINCE
         Index("ix_mail_messages_blob", "blob_id"),  # is this blob still referenced?
         Index("ix_mail_messages_message_id", "message_id"),  # webmail threads, duplicates
+        # A folder's shared index (mailstore/index.py) read whole from these two alone, never from the wide
+        # rows: UIDs, MODSEQs and system flags of every message, and the few messages that have keywords.
+        Index("ix_mail_messages_folder_uid_flags", "folder_id", "uid", "modseq", "system_flags"),
+        Index("ix_mail_messages_folder_keyworded", "folder_id", "uid", sqlite_where=text(KEYWORDED),
+              postgresql_where=text(KEYWORDED)),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

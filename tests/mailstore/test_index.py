@@ -125,3 +125,22 @@ async def test_two_nodes_appending_and_delivering_into_one_folder_at_once(
         assert await _from_index(store, inbox) == await _from_database(other, inbox)
     finally:
         await other_db.dispose()
+
+
+async def test_a_whole_load_from_the_covering_indexes_equals_the_rows_keywords_included(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """The first use of a folder after a start reads it whole from two indexes (UID/MODSEQ/system flags, and the
+    messages with keywords): a fresh store (as after a restart) must see exactly what the rows hold."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 8)
+    await store.store_flags(inbox, UidSet.of((2, 3)), StoreMode.ADD, ["Urgent", "$Label1"])
+    await store.store_flags(inbox, UidSet.of(3), StoreMode.ADD, ["\\Seen"])
+    await store.store_flags(inbox, UidSet.of(5), StoreMode.ADD, ["\\Flagged", "Suivi"])
+    await store.store_flags(inbox, UidSet.of(7), StoreMode.ADD, ["\\Deleted"])
+    await store.expunge(inbox)
+    restarted = SqlMailStore(database, blobs)
+    snapshot = await restarted.select(inbox, read_only=True)
+    assert list(snapshot.uids) == [1, 2, 3, 4, 5, 6, 8]
+    assert await _from_index(restarted, inbox) == await _from_database(restarted, inbox)
+    assert {"$Label1", "Suivi", "Urgent"} <= set(snapshot.flags)
+    assert (snapshot.unseen, snapshot.first_unseen) == (6, 1)
