@@ -404,6 +404,7 @@ class SqlMailStore(MailStore):
         self.append_group = SyncGroupCommit(self._sync_transaction) if database.is_sqlite else None
         # UIDs, MODSEQs and flags of the folders in use, shared by their sessions (gateway.mailstore.index).
         self.indexes = IndexCache()
+        self._writer_turn = asyncio.Lock()     # SQLite: this store's one-hop writers, one at a time (``_run``)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -429,6 +430,11 @@ class SqlMailStore(MailStore):
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             return work(connection)
 
+        if write and self.database.is_sqlite:
+            # One writer at a time holds SQLite's lock: the others wait here, on the event loop, not in a
+            # database thread sleeping in busy_timeout, so the reads keep the threads.
+            async with self._writer_turn:
+                return await self._retried(lambda: self.database.run_in_transaction(transaction, write=True))
         return await self._retried(lambda: self.database.run_in_transaction(transaction, write=write))
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
