@@ -472,26 +472,12 @@ class SqlMailStore(MailStore):
     def _folder_core(self, connection: Connection, ref: FolderRef, *, lock: bool = False) -> _FolderCore:
         """The folder's row (``lock``: for update on PostgreSQL; a SQLite writer holds the lock from BEGIN)."""
         query = _FOLDER_CORE_FOR_UPDATE if lock and not self.database.is_sqlite else _FOLDER_CORE
-        found = connection.execute(query, {"folder_mailbox": ref.mailbox_id,
-                                           "folder_name": names.normalise(ref.name)}).first()
-        if found is None:
-            raise FolderNotFound(f"no folder {ref.name!r}")
-        row = _FolderCore(*found)
-        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
-            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
-        return row
+        return _FolderCore(*_folder_found(connection, query, ref))
 
     def _folder_row_locked(self, connection: Connection, ref: FolderRef) -> _FolderRow:
         """The counters STORE and EXPUNGE need, the folder locked (SQLite: BEGIN IMMEDIATE already holds it)."""
         query = _FOLDER_ROW if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
-        found = connection.execute(query, {"folder_mailbox": ref.mailbox_id,
-                                           "folder_name": names.normalise(ref.name)}).first()
-        if found is None:
-            raise FolderNotFound(f"no folder {ref.name!r}")
-        row = _FolderRow(*found)
-        if ref.uidvalidity is not None and row.uidvalidity != ref.uidvalidity:
-            raise UidValidityChanged(f"folder {ref.name!r} was re-created")
-        return row
+        return _FolderRow(*_folder_found(connection, query, ref))
 
     def _index_read(self, connection: Connection, row: _FolderCore, *, load: bool = True,
                     known: tuple[int, Sequence[Row], Sequence[int]] | None = None) -> _IndexRead | None:
@@ -1255,3 +1241,13 @@ class SqlMailStore(MailStore):
             used, count, limit = await self._usage(session, mailbox_id)
         kib = -(-used // 1024)  # RFC 9208 5.1: STORAGE in units of 1024 octets, rounded up
         return QuotaUsage(kib, limit // 1024 if limit else None, count, None)
+
+
+def _folder_found(connection: Connection, query: Any, ref: FolderRef) -> Any:
+    """The folder row ``query`` selects for ``ref`` (its uidvalidity column checked against the ref's)."""
+    found = connection.execute(query, {"folder_mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name)}).first()
+    if found is None:
+        raise FolderNotFound(f"no folder {ref.name!r}")
+    if ref.uidvalidity is not None and found.uidvalidity != ref.uidvalidity:
+        raise UidValidityChanged(f"folder {ref.name!r} was re-created")
+    return found
