@@ -109,7 +109,11 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
     else:
         folder = _TAKE_UID_OF.run(connection, {**wanted, "uidvalidity": ref.uidvalidity}).fetchone()
     if folder is None:                   # nothing was written: the folder is gone, or was re-created
-        if _FOLDER_VALIDITY.run(connection, wanted).fetchone() is not None:
+        # Only a ref that names a UIDVALIDITY can find it changed. Without one, the folder was absent when the
+        # UPDATE ran; on PostgreSQL (READ COMMITTED) a concurrent first delivery may have created it since, and
+        # the next statement would see it: still "not found", so that the caller provisions (idempotently) and
+        # retries, rather than "re-created".
+        if ref.uidvalidity is not None and _FOLDER_VALIDITY.run(connection, wanted).fetchone() is not None:
             raise UidValidityChanged(f"folder {ref.name!r} was re-created")
         raise FolderNotFound(f"no folder {ref.name!r}")
     folder_id, folder_name, uidvalidity, uidnext, modseq, folder_keywords = folder
