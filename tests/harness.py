@@ -8,6 +8,8 @@ CA from ``demo.json`` through it, exactly as a person trying the gateway would.
 
 from __future__ import annotations
 
+import asyncio
+
 import email
 import email.policy
 import imaplib
@@ -152,4 +154,15 @@ def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str, 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: still not so after {timeout} s")
         time.sleep(interval)
+    return result
+
+
+async def wait_until_async(condition: Callable[[], T | None], *, timeout: float, what: str,
+                           interval: float = 0.05) -> T:
+    """``wait_until`` inside an event loop: polls without blocking it (background tasks keep running)."""
+    deadline = time.monotonic() + timeout
+    while (result := condition()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {timeout} s")
+        await asyncio.sleep(interval)
     return result

@@ -939,6 +939,11 @@ def _bulk_insert(table: Table) -> Any:
 _Arrange = tuple[Callable[[tuple[Any, ...]], tuple[Any, ...]], tuple[Any, ...]]
 
 
+
+class BulkInsertUnsupported(RuntimeError):
+    """A driver or a model the bulk insert path does not serve (a programming error: the import tests run it
+    on SQLite and PostgreSQL, whose drivers bind by position and whose models' defaults are constants)."""
+
 class _DriverInserts:
     """Bulk INSERTs compiled once for the dialect, run by the DB-API driver's ``executemany`` on tuples.
 
@@ -966,7 +971,7 @@ class _DriverInserts:
 
     def _compile(self, statement: Any, columns: tuple[str, ...]) -> tuple[str, _Arrange | None]:
         if not self.dialect.positional:
-            raise NotImplementedError(f"bulk import through {self.dialect.driver}: a driver binding by position is needed")
+            raise BulkInsertUnsupported(f"bulk import through {self.dialect.driver}: a driver binding by position is needed")
         compiled = statement.values({name: bindparam(name) for name in columns}).compile(
             dialect=self.dialect, for_executemany=True)
         # Columns left out take their Python default, a constant here (what Core would bind for each row).
@@ -975,7 +980,7 @@ class _DriverInserts:
             if column.key in columns:
                 continue
             if column.default is None or not column.default.is_scalar:
-                raise NotImplementedError(f"{column} has a computed default: give it among the bulk insert's columns")
+                raise BulkInsertUnsupported(f"{column} has a computed default: give it among the bulk insert's columns")
             defaults[column.key] = column.default.arg
         names = list(compiled.positiontup or ())
         source = (*columns, *defaults)

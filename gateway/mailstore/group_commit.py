@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -65,7 +66,7 @@ class _Refused:
         self.error = error
 
 
-class _Batcher(Generic[W]):
+class _Batcher(ABC, Generic[W]):
     """The committer task, the batches and the outcomes, whatever the writers' kind (see the subclasses)."""
 
     def __init__(self, transaction: Callable[[W], Awaitable[Any]], *, max_batch: int = 64) -> None:
@@ -76,9 +77,9 @@ class _Batcher(Generic[W]):
         self.batches = 0  # for tests and benchmarks: transactions committed, writers grouped
         self.grouped = 0
 
+    @abstractmethod
     def _together(self, works: list[W]) -> W:
         """One work running ``works`` in order; a writer's ``MailStoreError`` becomes its ``_Refused`` outcome."""
-        raise NotImplementedError
 
     async def run(self, work: W) -> Any:
         writer = _Writer(work)

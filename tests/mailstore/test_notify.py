@@ -6,6 +6,7 @@ import pytest
 
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind, PgNotifyBridge
 from gateway.storage.db import Database
+from tests.harness import wait_until_async
 
 
 async def test_an_event_on_one_node_wakes_a_session_on_another(database: Database) -> None:
@@ -53,8 +54,6 @@ async def test_a_bridged_hub_does_not_claim_to_see_every_change(database: Databa
 async def test_the_bridge_reconnects_after_losing_its_connection(database: Database) -> None:
     if database.is_sqlite:
         pytest.skip("SQLite is the single-process embedded case: no bridge")
-    import asyncio
-
     import asyncpg
 
     node_a, node_b = ChangeHub(), ChangeHub()
@@ -65,11 +64,8 @@ async def test_the_bridge_reconnects_after_losing_its_connection(database: Datab
     try:
         pid = bridge_b._connection.get_server_pid()
         await admin.execute("SELECT pg_terminate_backend($1)", pid)      # as a PostgreSQL restart would
-        for _ in range(100):
-            if bridge_b.connections == 2 and not bridge_b._connection.is_closed():
-                break
-            await asyncio.sleep(0.1)
-        assert bridge_b.connections == 2
+        await wait_until_async(lambda: True if bridge_b.connections == 2 and not bridge_b._connection.is_closed()
+                               else None, timeout=10, what="the bridge reconnected")
         with node_b.subscribe(7, "INBOX") as remote:
             node_a.publish(ChangeEvent(7, "INBOX", ChangeKind.EXISTS, 13))
             assert await remote.wait(timeout=10) == [ChangeEvent(7, "INBOX", ChangeKind.EXISTS, 13)]

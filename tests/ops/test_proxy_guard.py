@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from tests.harness import wait_until_async
 
 from gateway.config import ConfigError, load_settings
 from gateway.ops.proxied import ProxyGuard, open_listener, peer_address
@@ -89,10 +90,8 @@ async def test_header_believed_from_the_proxy_only_and_refusals_recorded() -> No
         assert await _exchange(port, "127.0.0.2", forged) == b"ok\n"
         # The proxy with garbage: closed, nothing reaches the protocol.
         assert await _exchange(port, "127.0.0.1", b"A4 NOOP\r\n") == b""
-        for _ in range(100):       # the audit write runs in the background
-            if refusals.reasons:
-                break
-            await asyncio.sleep(0.05)
+        # the audit write runs in the background
+        await wait_until_async(lambda: True if refusals.reasons else None, timeout=5, what="the refusal recorded")
     finally:
         server.close()
         await server.wait_closed()

@@ -8,6 +8,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from tests.harness import wait_until_async
 from sqlalchemy import update
 
 from gateway.queue.local_delivery import LocalDeliveryWorker
@@ -89,10 +90,7 @@ async def test_a_node_without_workers_announces_what_it_queued(database: Databas
         accepting.delivers_here = False
         accepting.elsewhere = announcer.announce
         accepting.schedule("0193f2a4c1d2e3f4a5b6c7d8")
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: True if received else None, timeout=10, what="the announcement received")
         assert received == ["0193f2a4c1d2e3f4a5b6c7d8"] and accepting.backlog == 0
     finally:
         await announcer.stop()
