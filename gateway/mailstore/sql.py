@@ -457,15 +457,7 @@ class SqlMailStore(MailStore):
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             return work(connection)
 
-        for attempt in range(self.max_attempts):
-            try:
-                return await self.database.run_in_transaction(guarded, write=True)
-            except DBAPIError as exc:
-                if isinstance(exc, IntegrityError) or not _is_contention(exc):
-                    raise
-                log.info("mail store contention (attempt %d/%d): %s", attempt + 1, self.max_attempts, exc.orig)
-                await asyncio.sleep(0.02 * 2 ** attempt * (0.5 + random.random()))
-        raise StoreBusy("the mail store is busy; try again shortly")
+        return await self._retried(lambda: self.database.run_in_transaction(guarded, write=True))
 
     # --- in a database thread (``_run``): synchronous, no event loop, no shared state changed
 
