@@ -153,6 +153,24 @@ def mail_path(settings: Settings, db: Database, directory: DirectoryService, spo
     return queue, pipeline
 
 
+_LEFTOVER_TASKS_SECONDS = 5.0
+
+
+async def _let_leftover_tasks_finish(timeout: float) -> None:
+    """After the listeners and workers have stopped, and before the database closes: wait (bounded) for
+    the tasks still running. A client that hangs up mid-command has its command task cancelled; SQLAlchemy
+    then returns that task's connection in a shielded task of its own, and asyncio.run, cancelling whatever
+    is left at exit, cut that rollback short ("Exception during reset" with a traceback in the log)."""
+    current = asyncio.current_task()
+    leftover = {task for task in asyncio.all_tasks() if task is not current and not task.done()}
+    if not leftover:
+        return
+    _done, pending = await asyncio.wait(leftover, timeout=timeout)
+    if pending:
+        log.warning("stopping: %d task(s) still running after %.0f s are cancelled: %s", len(pending), timeout,
+                    ", ".join(sorted({task.get_coro().__qualname__ for task in pending})))  # type: ignore[union-attr]
+
+
 ROLES = ("smtp", "imap", "https", "workers")   # what ``gateway serve --only`` may name
 
 
@@ -208,6 +226,7 @@ class Gateway:
         if fixed:
             log.warning("data directory: %d file and folder modes made private (0600 / 0700)", fixed)
         async with open_services(self.settings) as services, AsyncExitStack() as running:
+            running.push_async_callback(_let_leftover_tasks_finish, _LEFTOVER_TASKS_SECONDS)  # runs last
             services.pki.ensure_gateway_server_cert(
                 self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
             await self._bridge_nodes(services, running)
