@@ -43,6 +43,7 @@ from gateway.queue.wake import QueueAnnouncer, QueueListener
 from gateway.retention import ShreddingTask
 from gateway.security.at_rest import FieldSealer, HeaderSealer, SpoolCipher
 from gateway.security.auth_limiter import AuditedFailures, AuthLimiter, LimiterPolicy
+from gateway.security.failure_counts import PurgeTask
 from gateway.security.door_audit import DoorAudit
 from gateway.security.keys import KeyManager
 from gateway.security.oidc import OidcTokenVerifier
@@ -105,7 +106,6 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         audit = AuditLog.for_data_dir(db, settings.data_path)
         auth_limiter = AuthLimiter(LimiterPolicy.from_settings(settings.auth), db=db,
                                    audit=CountedFailures(AuditedFailures(audit)))
-        await auth_limiter.load()
         anchors = [Path(path).expanduser() for path in settings.pki.trust_anchors]
         revocation = RevocationList(lambda: [*pki.crl_paths, *anchors])   # anchor files carry other CAs' CRLs
         mailstore = SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields))
@@ -172,6 +172,7 @@ async def _let_leftover_tasks_finish(timeout: float) -> None:
 
 
 ROLES = ("smtp", "imap", "https", "workers")   # what ``gateway serve --only`` may name
+LIMITER_PURGE_SECONDS = 600.0                     # expired sign-in failure windows deleted this often (one node)
 
 
 def parse_roles(text: str | None) -> frozenset[str]:
@@ -324,7 +325,7 @@ class Gateway:
     async def _start_workers(self, services: Services, running: AsyncExitStack,
                              notices: AccessNoticeTask) -> OutboundWorker:
         """The ``workers`` role: local delivery (after its recovery pass), outbound, filing, access notices,
-        crypto-shredding."""
+        crypto-shredding, the sign-in limiter's purge."""
         settings = self.settings
         recovered = await services.queue.start_local()      # recovery pass, then local delivery
         log.info("queue recovery: %s", recovered)
@@ -344,6 +345,9 @@ class Gateway:
                                   index=services.mailstore.index)
         await shredding.start()
         running.push_async_callback(shredding.stop)
+        limiter_purge = PurgeTask(services.db, services.auth_limiter.purge, interval_seconds=LIMITER_PURGE_SECONDS)
+        await limiter_purge.start()
+        running.push_async_callback(limiter_purge.stop)
         return outbound
 
     def _reload_trust(self, services: Services) -> None:

@@ -16,43 +16,43 @@ Designed so that guessing is slow and a stranger cannot lock anyone out:
   recently is not held back by that source's budget, so colleagues behind one hospital NAT are not
   slowed by someone else's guesses there;
 - failures are forgotten ``forget_after`` seconds after the last one;
-- state survives a restart: every failure is written to ``auth_failures`` (revision 0010_auth) and
-  loaded at start; checks read memory only, and a success writes only when it clears a record;
+- the counts are the database's (``auth_failures``, gateway/security/failure_counts.py), shared by every
+  node and kept across a restart: each attempt reads its two rows once, each failure is one upsert that
+  increments them in the database, and a node that knows a (login, source) waits until T refuses it
+  without reading until T. A clean success writes nothing; a success writes only to clear failures or to
+  remember itself where its source has failures on record (the NAT exemption, for every node);
 - every failed attempt is audited with the login it tried, the door and the source; a throttled
-  attempt is audited once per waiting period (not for every retry a client makes while it waits).
+  attempt is audited once per waiting period, whichever node refuses it (not for every retry a client
+  makes while it waits).
 
 Attempts in flight count too: a burst of parallel guesses from one source cannot all pass
-``check`` before the first ``failed`` is recorded.
+``check`` before the first ``failed`` is recorded (counted per node: the nodes share what has landed).
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
-from sqlalchemy import Integer, String, delete, select, update
-from sqlalchemy.orm import Mapped, mapped_column
-
-from gateway.storage.models import Base, UTCDateTime
+from gateway.security.failure_counts import MAX_LOGIN_LENGTH, AuthFailureRow, FailureCounts, Key, Stored
 
 if TYPE_CHECKING:
     from gateway.audit import AuditLog
     from gateway.config import AuthSettings
     from gateway.storage.db import Database
 
+__all__ = ["AuditedFailures", "AuthFailureRow", "AuthLimiter", "AuthThrottled", "LimiterPolicy", "source_key"]
+
 log = logging.getLogger("gateway.auth")
 
 Clock = Callable[[], float]
 SOURCE_WIDE = ""                # the login column of a source's own record (its budget across logins)
 IN_FLIGHT_EXPIRY = 60.0         # an attempt that never reported back stops counting after this
-MAX_LOGIN_LENGTH = 320
 MAX_RECORDS_BEFORE_SWEEP = 10_000
 
 
@@ -62,17 +62,6 @@ class AuthThrottled(Exception):
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"too many failed sign-ins; try again in {retry_after} seconds")
         self.retry_after = retry_after
-
-
-class AuthFailureRow(Base):
-    """Failures of one login from one source (``login`` empty: the source's budget across logins)."""
-
-    __tablename__ = "auth_failures"
-
-    login: Mapped[str] = mapped_column(String(MAX_LOGIN_LENGTH), primary_key=True)
-    source: Mapped[str] = mapped_column(String(64), primary_key=True)
-    failures: Mapped[int] = mapped_column(Integer)
-    last_failure_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 @dataclass(frozen=True)
@@ -97,11 +86,14 @@ class LimiterPolicy:
 
 @dataclass
 class _Record:
+    """What this node knows of one key: with a database, a copy of its row as last read or written."""
+
     failures: int = 0
-    last_failure: float = 0.0                       # wall clock (survives restarts)
+    last_failure: float = 0.0                       # wall clock (the nodes' clocks agree: NTP)
     in_flight: list[float] = field(default_factory=list)
-    last_success: float = 0.0                       # memory only: a success writes nothing unless it clears failures
+    last_success: float = 0.0
     throttle_audited: bool = False                  # one audit entry per waiting period
+    locked_until: float = 0.0                       # known to wait until then: refused without a read
 
 
 class FailureAudit(Protocol):
@@ -124,16 +116,19 @@ class AuditedFailures:
 
 
 class AuthLimiter:
-    """Built once by ``app.open_services`` (``services.auth_limiter``) and shared by every door."""
+    """Built once by ``app.open_services`` (``services.auth_limiter``) and shared by every door.
+
+    With ``db`` the counts are the database's, shared by every node (``FailureCounts``); without it (a door
+    built alone, in tests) they live in this process only.
+    """
 
     def __init__(self, policy: LimiterPolicy | None = None, *, db: Database | None = None,
                  audit: FailureAudit | None = None, clock: Clock = time.time) -> None:
         self.policy = policy or LimiterPolicy()
-        self.db = db
+        self.counts = FailureCounts(db) if db is not None else None
         self.audit = audit
         self._clock = clock
-        self._records: dict[tuple[str, str], _Record] = {}
-        self._write_lock = asyncio.Lock()
+        self._records: dict[Key, _Record] = {}
 
     # ------------------------------------------------------------------ the API of every door
 
@@ -141,81 +136,107 @@ class AuthLimiter:
         """Raise ``AuthThrottled`` when this attempt must wait; otherwise count it as in flight."""
         now = self._clock()
         keys = _keys(login, source)
+        known = self._records.get(keys[0])
+        if known is not None and known.locked_until > now:
+            await self._refuse(door, login, source, keys, known.locked_until - now)
+        if self.counts is not None:
+            self._copy_stored(keys, await self.counts.read(keys))
         retry_after = self._wait(keys[0], now)
         if not self._recently_succeeded(keys[0], now):
             retry_after = max(retry_after, self._wait(keys[1], now))
         if retry_after > 0:
-            await self._report_throttled(door, login, source, keys, retry_after)
-            raise AuthThrottled(math.ceil(retry_after))
+            await self._refuse(door, login, source, keys, retry_after)
         for key in keys:
             self._records.setdefault(key, _Record()).in_flight.append(now)
 
     async def failed(self, door: str, login: str, source: str) -> None:
-        """A wrong credential: count it for (login, source) and for the source, persist it, audit it."""
+        """A wrong credential: count it for (login, source) and for the source, in the database, audit it."""
         now = self._clock()
         keys = _keys(login, source)
+        stored = await self.counts.add_failure(keys, now, now - self.policy.forget_after) if self.counts else None
         for key in keys:
             record = self._records.setdefault(key, _Record())
-            self._forget_if_old(record, now)
             _land_one(record)
-            record.failures += 1
-            record.last_failure = now
+            if stored is not None:
+                record.failures, record.last_failure = stored[key].failures, stored[key].last_failure
+            else:
+                self._forget_if_old(record, now)
+                record.failures, record.last_failure = record.failures + 1, now
             record.throttle_audited = False
+            record.locked_until = record.last_failure + self.policy.delay(record.failures, self._free(key))
         log.warning("%s: failed sign-in for %r from %s", door, login[:100], source)
-        await self._persist(keys)
         if self.audit is not None:
             await self.audit.failed(door, _clean_login(login), source, "wrong credentials")
         self._sweep(now)
 
     async def succeeded(self, door: str, login: str, source: str) -> None:
-        """A good credential: the (login, source) record is cleared; the source's budget is not."""
+        """A good credential: the (login, source) record is cleared; the source's budget is not.
+
+        Written only when there is something to clear, or when the source has failures on record and this
+        success is not yet remembered (so every node exempts the login from that source's budget)."""
+        now = self._clock()
         account_key, source_wide = _keys(login, source)
         _land_one(self._records.get(source_wide))
         record = self._records.setdefault(account_key, _Record())
         _land_one(record)
-        had_failures = record.failures > 0
-        record.failures, record.throttle_audited, record.last_success = 0, False, self._clock()
-        if had_failures and self.db is not None:
-            async with self._write_lock, self.db.session() as session:
-                await session.execute(delete(AuthFailureRow).where(
-                    AuthFailureRow.login == account_key[0], AuthFailureRow.source == account_key[1]))
+        write = record.failures > 0 or (self._has_failures(source_wide, now)
+                                        and now - record.last_success > self.policy.forget_after / 2)
+        record.failures, record.throttle_audited, record.last_success, record.locked_until = 0, False, now, 0.0
+        if write and self.counts is not None:
+            await self.counts.record_success(account_key, now)
 
-    # ------------------------------------------------------------------ restart
+    # ------------------------------------------------------------------ housekeeping
 
-    async def load(self) -> int:
-        """Read the failures still remembered (older ones are deleted); the count of records loaded."""
-        if self.db is None:
+    async def purge(self) -> int:
+        """Delete the stored windows that have expired (``PurgeTask`` runs it); how many rows."""
+        if self.counts is None:
             return 0
-        now = self._clock()
-        horizon = dt.datetime.fromtimestamp(now - self.policy.forget_after, dt.UTC)
-        async with self.db.session() as session:
-            await session.execute(delete(AuthFailureRow).where(AuthFailureRow.last_failure_at < horizon))
-            rows = (await session.scalars(select(AuthFailureRow))).all()
-        for row in rows:
-            self._records[(row.login, row.source)] = _Record(row.failures, row.last_failure_at.timestamp())
-        return len(rows)
+        return await self.counts.purge(self._clock() - self.policy.forget_after)
 
-    def snapshot(self) -> dict[tuple[str, str], int]:
-        """Failures per (login, source) (login empty: the source's budget); for tests and metrics."""
+    def snapshot(self) -> dict[Key, int]:
+        """Failures per (login, source) as this node last saw them (login empty: the source's budget)."""
         return {key: record.failures for key, record in self._records.items() if record.failures}
 
     # ------------------------------------------------------------------ internals
 
-    def _wait(self, key: tuple[str, str], now: float) -> float:
+    def _copy_stored(self, keys: Sequence[Key], stored: dict[Key, Stored]) -> None:
+        """The database's rows are the truth: a key without a row has no failures (cleared or purged)."""
+        for key in keys:
+            row = stored.get(key)
+            record = self._records.get(key)
+            if row is None:
+                if record is not None:
+                    record.failures, record.locked_until = 0, 0.0
+                continue
+            if record is None:
+                record = self._records[key] = _Record()
+            record.failures, record.last_failure = row.failures, row.last_failure
+            record.last_success = max(record.last_success, row.last_success)
+            record.throttle_audited = row.failures > 0 and row.reported_for == row.last_failure
+
+    def _free(self, key: Key) -> int:
+        return self.policy.source_failures_before_delay if key[0] == SOURCE_WIDE else self.policy.failures_before_delay
+
+    def _wait(self, key: Key, now: float) -> float:
         record = self._records.get(key)
         if record is None:
             return 0.0
         self._forget_if_old(record, now)
         record.in_flight = [t for t in record.in_flight if now - t < IN_FLIGHT_EXPIRY]
-        free = self.policy.source_failures_before_delay if key[0] == SOURCE_WIDE else self.policy.failures_before_delay
+        free = self._free(key)
         if not record.failures:
             return 0.0                                  # parallel sign-ins of a client with no failure all go ahead
-        wait = record.last_failure + self.policy.delay(record.failures, free) - now
+        record.locked_until = record.last_failure + self.policy.delay(record.failures, free)
+        wait = record.locked_until - now
         if wait <= 0 and record.in_flight and record.failures + len(record.in_flight) >= free:
             wait = self.policy.first_delay              # the earlier attempts have not reported back yet
         return max(wait, 0.0)
 
-    def _recently_succeeded(self, key: tuple[str, str], now: float) -> bool:
+    def _has_failures(self, key: Key, now: float) -> bool:
+        record = self._records.get(key)
+        return record is not None and record.failures > 0 and now - record.last_failure <= self.policy.forget_after
+
+    def _recently_succeeded(self, key: Key, now: float) -> bool:
         record = self._records.get(key)
         return record is not None and record.last_success > 0 and now - record.last_success < self.policy.forget_after
 
@@ -224,31 +245,25 @@ class AuthLimiter:
             record.failures = 0
             record.throttle_audited = False
 
-    async def _report_throttled(self, door: str, login: str, source: str, keys: tuple[tuple[str, str], ...],
-                                retry_after: float) -> None:
+    async def _refuse(self, door: str, login: str, source: str, keys: Sequence[Key], retry_after: float) -> NoReturn:
+        if await self._first_refusal_of_period(keys):
+            log.warning("%s: sign-in for %r from %s throttled for %d s", door, login[:100], source,
+                        math.ceil(retry_after))
+            if self.audit is not None:
+                await self.audit.failed(door, _clean_login(login), source,
+                                        f"throttled: too many failed sign-ins, retry after {math.ceil(retry_after)} s")
+        raise AuthThrottled(math.ceil(retry_after))
+
+    async def _first_refusal_of_period(self, keys: Sequence[Key]) -> bool:
+        """True for the first refusal of this waiting period: on this node, then (shared) on any node."""
         records = [self._records[key] for key in keys if key in self._records]
         if all(record.throttle_audited for record in records):
-            return
+            return False
         for record in records:
             record.throttle_audited = True
-        log.warning("%s: sign-in for %r from %s throttled for %d s", door, login[:100], source, math.ceil(retry_after))
-        if self.audit is not None:
-            await self.audit.failed(door, _clean_login(login), source,
-                                    f"throttled: too many failed sign-ins, retry after {math.ceil(retry_after)} s")
-
-    async def _persist(self, keys: tuple[tuple[str, str], ...]) -> None:
-        if self.db is None:
-            return
-        async with self._write_lock, self.db.session() as session:
-            for key in keys:
-                record = self._records[key]
-                at = dt.datetime.fromtimestamp(record.last_failure, dt.UTC)
-                changed = await session.execute(
-                    update(AuthFailureRow).where(AuthFailureRow.login == key[0], AuthFailureRow.source == key[1])
-                    .values(failures=record.failures, last_failure_at=at))
-                if not getattr(changed, "rowcount", 0):
-                    session.add(AuthFailureRow(login=key[0], source=key[1], failures=record.failures,
-                                               last_failure_at=at))
+        if self.counts is None or self.audit is None:
+            return True
+        return await self.counts.claim_throttle_report(keys)
 
     def _sweep(self, now: float) -> None:
         """Bound memory under many sources: drop records with nothing left to remember."""
@@ -282,7 +297,7 @@ def source_key(source: str) -> str:
     return str(address)
 
 
-def _keys(login: str, source: str) -> tuple[tuple[str, str], tuple[str, str]]:
+def _keys(login: str, source: str) -> tuple[Key, Key]:
     where = source_key(source)
     return (_clean_login(login) or "?", where), (SOURCE_WIDE, where)
 

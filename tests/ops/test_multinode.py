@@ -338,3 +338,36 @@ def test_behind_haproxy_mail_crosses_nodes_to_idle_and_a_killed_node_loses_nothi
                 with contextlib.suppress(Exception):
                     reader.logout()
             _load_survives_a_killed_node(nodes, doors, read_through=doors.imaps[0])
+
+
+# ------------------------------------------------------------------ one sign-in limiter for every node
+
+LIMITED = {"GATEWAY_AUTH_FAILURES_BEFORE_DELAY": "3", "GATEWAY_AUTH_FIRST_DELAY_SECONDS": "600",
+           "GATEWAY_AUTH_MAX_DELAY_SECONDS": "600"}
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_guesser_alternating_between_nodes_is_locked_out_as_against_one(tmp_path: Path,
+                                                                        pg_cluster: PgCluster) -> None:
+    """Three free failures per login and source, then ten minutes: the guesser's attempts go to node A, B, A, B...
+    The fourth waits, on either node, by every door, right password or not; the clinician elsewhere signs in on
+    both; each failure and the one waiting period are audited once."""
+    from tests.security.test_auth_doors import imap_login, smtp_auth
+
+    guesser, hospital = "127.0.0.4", "127.0.0.3"
+    with _two_nodes(tmp_path, pg_cluster, env=LIMITED) as nodes:
+        doctor = nodes.a.account("PER", 0)
+        answers = [imap_login(node, guesser, doctor["address"], f"guess-{attempt}")
+                   for attempt, node in enumerate([nodes.a, nodes.b, nodes.a])]
+        assert all("[AUTHENTICATIONFAILED]" in answer for answer in answers), answers
+        assert "[UNAVAILABLE]" in imap_login(nodes.b, guesser, doctor["address"], "guess-3")
+        assert "[UNAVAILABLE]" in imap_login(nodes.a, guesser, doctor["address"], doctor["password"])
+        code, text = smtp_auth(nodes.b, guesser, doctor["address"], doctor["password"])
+        assert code == 454 and text.startswith(b"4.7.0 Too many failed authentication attempts; try again in")
+        assert imap_login(nodes.a, hospital, doctor["address"], doctor["password"]) == "OK"
+        assert imap_login(nodes.b, hospital, doctor["address"], doctor["password"]) == "OK"
+        listed = nodes.a.cli("audit", "list", "--event", "authentication_failed", "--actor", doctor["address"],
+                             "--json", check=True)
+        reasons = sorted(entry["outcome"]["reason"] for entry in json.loads(listed.stdout))
+        assert len(reasons) == 4 and sum(reason.startswith("throttled") for reason in reasons) == 1, reasons
