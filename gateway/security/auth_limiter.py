@@ -39,7 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
-from gateway.security.failure_counts import MAX_LOGIN_LENGTH, AuthFailureRow, FailureCounts, Key, Stored
+from gateway.security.failure_counts import (MAX_LOGIN_LENGTH, SOURCE_WIDE, AuthFailureRow, FailureCounts, Key,
+                                             Stored)
 
 if TYPE_CHECKING:
     from gateway.audit import AuditLog
@@ -51,7 +52,6 @@ __all__ = ["AuditedFailures", "AuthFailureRow", "AuthLimiter", "AuthThrottled", 
 log = logging.getLogger("gateway.auth")
 
 Clock = Callable[[], float]
-SOURCE_WIDE = ""                # the login column of a source's own record (its budget across logins)
 IN_FLIGHT_EXPIRY = 60.0         # an attempt that never reported back stops counting after this
 MAX_RECORDS_BEFORE_SWEEP = 10_000
 
@@ -140,7 +140,7 @@ class AuthLimiter:
         if known is not None and known.locked_until > now:
             await self._refuse(door, login, source, keys, known.locked_until - now)
         if self.counts is not None:
-            self._copy_stored(keys, await self.counts.read(keys))
+            self._copy_stored(keys, await self.counts.read(*keys[0]))
         retry_after = self._wait(keys[0], now)
         if not self._recently_succeeded(keys[0], now):
             retry_after = max(retry_after, self._wait(keys[1], now))

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, and_, case, delete, or_, select, update
+from sqlalchemy import Integer, String, and_, bindparam, case, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -40,11 +40,13 @@ from sqlalchemy.sql.elements import ColumnElement
 from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
 from gateway.storage.models import Base, UTCDateTime
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger("gateway.auth")
 
 MAX_LOGIN_LENGTH = 320
-Key = tuple[str, str]           # (login, source); login empty: the source's budget across logins
+SOURCE_WIDE = ""                # the login column of a source's own record (its budget across logins)
+Key = tuple[str, str]           # (login, source); login SOURCE_WIDE: the source's budget across logins
 
 
 class AuthFailureRow(Base):
@@ -83,10 +85,16 @@ class FailureCounts:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def read(self, keys: Sequence[Key]) -> dict[Key, Stored]:
-        """The stored rows of ``keys`` (missing ones absent): one SELECT."""
-        statement = select(*_RETURNED).where(_any_of(keys))
-        return await self.db.run_in_transaction(lambda conn: _stored(conn.execute(statement)))
+    async def read(self, login: str, source: str) -> dict[Key, Stored]:
+        """The stored rows of (login, source) and of the source's budget (missing ones absent): one SELECT,
+        on SQLite's driver directly (``Prepared``: every sign-in attempt runs it)."""
+        values = {"login": login, "source": source}
+        if self.db.is_sqlite:
+            return await self.db.run_in_transaction(lambda conn: _stored(_READ.run(conn, values).fetchall()))
+        # PostgreSQL: one statement needs no transaction around it (no BEGIN and COMMIT round trips).
+        async with self.db.engine.connect() as conn:
+            alone = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return _stored((await alone.execute(_READ.statement, values)).all())
 
     async def add_failure(self, keys: Sequence[Key], now: float, window_start: float) -> dict[Key, Stored]:
         """One more failure for every key, counted from one again where the last was before ``window_start``."""
@@ -170,6 +178,8 @@ class PurgeTask:
 
 _RETURNED = (_COLUMNS.login, _COLUMNS.source, _COLUMNS.failures, _COLUMNS.last_failure_at, _COLUMNS.last_success_at,
              _COLUMNS.throttle_reported_for)
+_READ = Prepared(select(*_RETURNED).where(_COLUMNS.source == bindparam("source"),
+                                          or_(_COLUMNS.login == bindparam("login"), _COLUMNS.login == SOURCE_WIDE)))
 
 
 def _any_of(keys: Sequence[Key]) -> ColumnElement[bool]:
@@ -181,14 +191,20 @@ def _insert(conn: Connection) -> Any:
 
 
 def _stored(rows: Any) -> dict[Key, Stored]:
-    return {(row.login, row.source): Stored(row.failures, _epoch(row.last_failure_at), _epoch(row.last_success_at),
-                                            _epoch(row.throttle_reported_for))
-            for row in rows}
+    """Rows of ``_RETURNED``, by position (``Prepared`` on SQLite hands back the driver's plain tuples)."""
+    return {(login, source): Stored(failures, _epoch(last_failure), _epoch(last_success), _epoch(reported_for))
+            for login, source, failures, last_failure, last_success, reported_for in rows}
 
 
 def _datetime(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.UTC)
 
 
-def _epoch(value: dt.datetime | None) -> float:
-    return value.timestamp() if value is not None else 0.0
+def _epoch(value: dt.datetime | str | None) -> float:
+    """A timestamp as epoch seconds: a datetime from Core, or SQLite's stored text as ``Prepared`` reads it
+    (UTCDateTime writes UTC without a zone: "2026-12-04 20:10:00.123456")."""
+    if value is None:
+        return 0.0
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)).timestamp()

@@ -56,21 +56,34 @@ async def _stored(database: Database) -> dict[tuple[str, str], int]:
 
 @contextmanager
 def _statements(database: Database) -> Iterator[list[str]]:
-    """Every SQL statement the database runs meanwhile, on the async engine and SQLite's one-hop engine."""
+    """Every SQL statement the database runs meanwhile: through the async engine (SQLAlchemy's events) and,
+    on a SQLite file, on the one-hop engine's driver connections (SQLite's trace callback: ``Prepared`` runs
+    statements there without SQLAlchemy)."""
     seen: list[str] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def record(statement: str) -> None:
         if statement.split(None, 1)[0].upper() not in {"BEGIN", "COMMIT", "ROLLBACK", "PRAGMA"}:
             seen.append(statement)
 
-    engines = [database.engine.sync_engine, *([database._sync_engine] if database._sync_engine is not None else [])]
-    for engine in engines:
-        event.listen(engine, "before_cursor_execute", record)
+    def cursor_execute(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        record(statement)
+
+    def checkout(driver: Any, *_: Any) -> None:
+        driver.set_trace_callback(record)
+
+    def checkin(driver: Any, *_: Any) -> None:
+        driver.set_trace_callback(None)
+
+    hooks: list[tuple[Any, str, Any]] = [(database.engine.sync_engine, "before_cursor_execute", cursor_execute)]
+    if database._sync_engine is not None:
+        hooks += [(database._sync_engine.pool, "checkout", checkout), (database._sync_engine.pool, "checkin", checkin)]
+    for target, name, hook in hooks:
+        event.listen(target, name, hook)
     try:
         yield seen
     finally:
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", record)
+        for target, name, hook in hooks:
+            event.remove(target, name, hook)
 
 
 def _writes(statements: list[str]) -> list[str]:
