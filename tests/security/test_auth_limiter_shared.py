@@ -18,6 +18,8 @@ from sqlalchemy import event, select
 
 from gateway.audit import AuditEvent, AuditLog
 from gateway.security.auth_limiter import AuditedFailures, AuthFailureRow, AuthLimiter, AuthThrottled, LimiterPolicy
+from gateway.security.failure_counts import PurgeTask
+from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
 
 POLICY = LimiterPolicy(failures_before_delay=3, source_failures_before_delay=10, first_delay=1, max_delay=60,
@@ -204,3 +206,18 @@ async def test_expired_windows_are_purged_and_forgotten(database: Database) -> N
     assert await _stored(database) == {("new@x", "192.0.2.2"): 1, ("", "192.0.2.2"): 1}
     await _fail(a, "old@x", "192.0.2.1")
     assert (await _stored(database))[("old@x", "192.0.2.1")] == 1   # a new window starts from one
+
+
+async def test_the_purge_task_deletes_expired_windows_on_one_node_at_a_time(database: Database) -> None:
+    clock = Clock()
+    a, b = _nodes(database, clock)
+    await _fail(a, "old@x", "192.0.2.1")
+    clock.now += POLICY.forget_after + 1
+    purges = [PurgeTask(database, node.purge, interval_seconds=600) for node in (a, b)]
+    async with run_alone(database, "auth-failures-purge") as held:     # another node's pass, in progress
+        assert held
+        during = await purges[1].run_once()
+    after = await purges[0].run_once()
+    # PostgreSQL: skipped while the other node held the lock, done after; SQLite (one process): done at once.
+    assert (during, after) == ((2, 0) if database.is_sqlite else (0, 2))
+    assert await _stored(database) == {}
