@@ -17,7 +17,8 @@ attempts over N nodes, or waits for a deploy, must not get N budgets or a fresh 
 - expired windows are deleted by ``purge``, run by ``PurgeTask`` on one node at a time.
 
 Statements are SQL Core, each a transaction of its own through ``Database.run_in_transaction`` (on SQLite one
-hop to a database thread). Times are the nodes' wall clocks (kept in step by NTP, as TLS and the audit chain
+hop to a database thread); the read, run on every attempt, goes to SQLite's driver directly (``Prepared``) and,
+on PostgreSQL, runs without BEGIN/COMMIT around it. Times are the nodes' wall clocks (kept in step by NTP, as TLS and the audit chain
 already require).
 """
 
