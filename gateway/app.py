@@ -23,6 +23,7 @@ from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.fhir.server import start_http_listener
 from gateway.dmp_bridge.intake import FilingIntake
 from gateway.dmp_bridge.notify import AccessNoticeRecorder, AccessNoticeTask
+from gateway.dmp_bridge.purge import FilingPurge
 from gateway.dmp_bridge.worker import build_filing_worker
 from gateway.errors import UserError
 from gateway.imap.listeners import start_imap_listeners
@@ -37,6 +38,7 @@ from gateway.pipeline.pipeline import Pipeline
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.local_delivery import LocalStore
 from gateway.queue.outbound import OutboundWorker, outbound_tls_context
+from gateway.queue.purge import PurgeTask as QueuePurgeTask
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
 from gateway.queue.wake import QueueAnnouncer, QueueListener
@@ -114,6 +116,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         spool = Spool(spool_root(settings), spool_cipher, node=settings.cluster.node_name)
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
+        queue.purge_with(FilingPurge(db, kept_hours=settings.retention.filing_jobs_kept_hours))
         yield Services(
             settings=settings,
             db=db,
@@ -325,7 +328,7 @@ class Gateway:
     async def _start_workers(self, services: Services, running: AsyncExitStack,
                              notices: AccessNoticeTask) -> OutboundWorker:
         """The ``workers`` role: local delivery (after its recovery pass), outbound, filing, access notices,
-        crypto-shredding, the sign-in limiter's purge."""
+        crypto-shredding, the sign-in limiter's purge, the purge of finished work."""
         settings = self.settings
         recovered = await services.queue.start_local()      # recovery pass, then local delivery
         log.info("queue recovery: %s", recovered)
@@ -336,7 +339,7 @@ class Gateway:
         running.push_async_callback(filing.stop)
         self.workers = {"local_delivery": settings.smtp.delivery_workers,
                         "outbound": settings.outbound.max_concurrent_deliveries,
-                        "filing": filing.policy.concurrency, "access_notices": 1, "shredding": 1}
+                        "filing": filing.policy.concurrency, "access_notices": 1, "shredding": 1, "purge": 1}
         await notices.start()
         running.push_async_callback(notices.stop)
         shredding = ShreddingTask(services.db, services.keys, services.fields,
@@ -348,6 +351,9 @@ class Gateway:
         limiter_purge = PurgeTask(services.db, services.auth_limiter.purge, interval_seconds=LIMITER_PURGE_SECONDS)
         await limiter_purge.start()
         running.push_async_callback(limiter_purge.stop)
+        purge = QueuePurgeTask(services.db, services.queue.purge, interval_seconds=settings.retention.purge_interval_minutes * 60)
+        await purge.start()
+        running.push_async_callback(purge.stop)
         return outbound
 
     def _reload_trust(self, services: Services) -> None:

@@ -365,7 +365,8 @@ class OutboundSettings(_Section):
         48.0, gt=0, description="a recipient still undelivered this long after arrival fails (5.4.7), whatever the table says")
     finished_listed_hours: float = Field(
         72.0, ge=0, description="`gateway queue list` keeps showing a message this long after its last recipient was delivered "
-        "or failed (and its DSN sent), so `--state failed` finds it; 0: only messages still queued")
+        "or failed (and its DSN sent), so `--state failed` finds it; 0: only messages still queued. Past it the purge "
+        "(retention.purge_interval_minutes) deletes its rows")
 
     @field_validator("transport_map")
     @classmethod
@@ -475,6 +476,18 @@ class RetentionSettings(_Section):
         365, ge=0, description="days after a patient closes their space before their data keys are destroyed "
         "(mailbox and record): everything of theirs, backups included, becomes unreadable")
     shred_interval_minutes: int = Field(60, ge=1, description="how often `gateway serve` looks for spaces due for shredding")
+    purge_interval_minutes: float = Field(
+        15.0, gt=0, description="how often `gateway serve` purges finished work (one node at a time): queue rows of messages "
+        "finished more than outbound.finished_listed_hours ago, filing jobs finished more than "
+        "retention.filing_jobs_kept_hours ago (`gateway queue purge` runs the same pass by hand)")
+    purge_batch_size: int = Field(
+        1000, ge=1, le=100000, description="rows of one kind deleted per transaction by the purge (short write "
+        "transactions: other writers go in between)")
+    filing_jobs_kept_hours: float = Field(
+        168.0, ge=0, description="a filing job filed or not filed (refused documents, shown by `gateway record "
+        "quarantine`, `gateway record refile` possible) is kept this long after it finished, then purged with its "
+        "delivery row; a failed job (waiting for a refile) and one still running are never purged. The queued message "
+        "stays as long as its filing jobs (the refile reads who deposited it)")
 
 
 class NoticeSettings(_Section):

@@ -4,7 +4,7 @@
 attempt (time, MX host, IP, reply, TLS version, next try). ``retry`` makes
 open recipients due now, ``hold``/``release`` stop and resume delivery,
 ``delete`` removes a message (``--bounce`` first tells the sender with a
-failure DSN, RFC 3464). Each command calls one method of the queue
+failure DSN, RFC 3464), ``purge`` removes finished work past its window. Each command calls one method of the queue
 (``services.queue``, gateway.queue.service.MailQueue) and prints its answer.
 Exit codes: 0 done, 1 no such message or refused, 2 usage.
 """
@@ -22,7 +22,7 @@ STATES = ("pending", "deferred", "in-flight", "failed", "delivered", "held")
 
 @click.group()
 def queue() -> None:
-    """The delivery queue: list, show, retry, hold, release, delete."""
+    """The delivery queue: list, show, retry, hold, release, delete, purge."""
 
 
 @queue.command("list")
@@ -111,3 +111,24 @@ def delete(queue_id: str, bounce: bool) -> None:
     """Remove a message from the queue (by default silently)."""
     reported = with_services(lambda s: s.queue.delete(queue_id, bounce=bounce))
     click.echo(f"{queue_id} deleted" + (", sender notified" if reported else ""))
+
+
+@queue.command("purge")
+@click.option("--dry-run", is_flag=True, help="count what would be removed, remove nothing")
+@json_option
+def purge(dry_run: bool, as_json: bool) -> None:
+    """Remove finished work now, as `gateway serve` does every retention.purge_interval_minutes: the rows of
+    messages finished more than outbound.finished_listed_hours ago, and filing jobs finished more than
+    retention.filing_jobs_kept_hours ago. Messages still queued (pending, deferred, in flight, held) stay."""
+    from gateway.queue.purge import describe_rows
+
+    report = with_services(lambda s: s.queue.purge(dry_run=dry_run))
+    if as_json:
+        emit_json({"dry_run": report.dry_run, "cutoff": report.cutoff, "removed": report.count.removed,
+                   "kept": report.count.kept})
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb}: {describe_rows(report.count.removed)} "
+               f"(messages finished before {report.cutoff.isoformat(timespec='seconds')})")
+    for reason, count in sorted(report.count.kept.items()):
+        click.echo(f"kept {count} finished message(s): {reason}")

@@ -65,7 +65,7 @@ from gateway.queue.local_failures import (
 )
 from gateway.queue.outbound_store import MessageWork
 from gateway.queue.spool import Spool
-from gateway.queue.store import LocalWork, QueueStore
+from gateway.queue.store import LocalWork, QueueStore, delivery_key
 from gateway.mail.codes import MailRefusal
 from gateway.storage.models import utcnow
 
@@ -383,7 +383,7 @@ class LocalDeliveryWorker:
         if refusal is not None:
             return await self._fail(work, refusal)
         assert work.mailbox_id is not None
-        key = f"{work.queue_id}:{work.recipient_id}"
+        key = delivery_key(work.queue_id, work.recipient_id)
         headers = content.headers if content is not None else None
         rows = None
         if self.follow_up is not None:

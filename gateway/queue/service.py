@@ -6,7 +6,7 @@ mail store, the one generated-mail queue (DSNs, MDNs, notices) and, once
 builds it once; the pipeline hands accepted messages to it, the DMP bridge and
 the FHIR notices write through its generated-mail queue, and ``gateway queue``
 only calls its methods (mox's queue package: ``list``, ``show``, ``retry``,
-``hold``, ``release``, ``delete``).
+``hold``, ``release``, ``delete``, ``purge``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gateway.queue.local_delivery import LocalDeliveryWorker, LocalStore, Recove
 from gateway.queue.mx import MxResolver
 from gateway.queue.outbound import DsnReports, OutboundWorker
 from gateway.queue.outbound_store import MessageWork, OutboundStore
+from gateway.queue.purge import PurgeCompanion, PurgeReport, QueuePurge
 from gateway.queue.spool import Spool
 from gateway.queue.store import QueueStore
 from gateway.security.dkim import DkimSigner
@@ -55,6 +56,7 @@ class MailQueue:
         self.reports = DsnReports(settings, self.generated, spool)
         self.local.reports = self.reports          # RFC 3464 failure DSNs of local delivery
         self.outbound: OutboundWorker | None = None
+        self.purger = QueuePurge(db, spool, batch_size=settings.retention.purge_batch_size)
 
     # ----------------------------------------------------------------- workers (gateway serve)
 
@@ -140,3 +142,16 @@ class MailQueue:
             self.reports.dispatch(prepared)
         self.spool.remove(queue_id)
         return prepared is not None
+
+    def purge_with(self, companion: PurgeCompanion) -> None:
+        """Another area's per-message rows (the DMP bridge's filing jobs) purged in the same pass, and asked
+        before a message is deleted whether it still needs it."""
+        self.purger.companions.append(companion)
+
+    async def purge(self, *, dry_run: bool = False, now: dt.datetime | None = None) -> PurgeReport:
+        """Delete the rows of messages finished more than ``outbound.finished_listed_hours`` before ``now``
+        (and the companions' finished rows), in batches; ``dry_run`` counts what would go and deletes nothing.
+        Messages still queued, and those a companion still needs, stay (gateway.queue.purge)."""
+        now = now or utcnow()
+        cutoff = now - dt.timedelta(hours=self.settings.outbound.finished_listed_hours)
+        return await self.purger.run(cutoff, now=now, dry_run=dry_run)

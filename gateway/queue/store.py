@@ -34,6 +34,11 @@ _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]  
 _RECIPIENTS: Table = QueuedRecipient.__table__      # type: ignore[assignment]
 
 
+def delivery_key(queue_id: str, recipient_id: int) -> str:
+    """The key of one local delivery (``<queue id>:<recipient row>``): a redelivery after a crash is a no-op."""
+    return f"{queue_id}:{recipient_id}"
+
+
 @dataclass(frozen=True)
 class LocalWork:
     """One local recipient due for delivery (``mailbox_id`` None: its mailbox was deleted since)."""

@@ -1,0 +1,253 @@
+"""Finished work is purged: the queue's rows of messages finished longer ago than they stay listed.
+
+A queued message grows rows that outlive its delivery: the message, one row per recipient, the outbound
+worker's attempts and its hold/DKIM row (about 4 KB a message). ``gateway queue list`` keeps showing a
+finished message for ``outbound.finished_listed_hours`` (issue 11: ``--state failed`` finds it); past that
+window nobody needs them, and ``QueuePurge`` deletes them:
+
+- only messages whose state is ``done``: every recipient delivered or failed, the failure DSNs queued in
+  the transaction that settled them (RFC 3464: the DSN is a queued message of its own), the spool file no
+  longer read. A message still queued (pending, deferred, in flight, held) is never touched: the WHERE
+  clause that deletes says so again, and a message with an open recipient is skipped whatever its state;
+- not while a companion still needs the message: the DMP bridge reads the queued message (who deposited
+  it) while the filing of one of its deliveries may still run or be run again (``gateway record refile``);
+  ``PurgeCompanion.needed`` names those, and they wait for a later pass;
+- in bounded batches (``retention.purge_batch_size`` messages per transaction, each a short write
+  transaction, the event loop given back between them), so SQLite's one writer is never held for long;
+- the audit log is not the queue's: it is append-only and never purged.
+
+Companions (the DMP bridge's filing jobs) purge their own finished rows first, in the same pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from sqlalchemy import Select, Table, delete, func, or_, select
+from sqlalchemy.engine import Connection
+
+from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
+from gateway.queue.spool import Spool
+from gateway.queue.store import delivery_key
+from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.storage.advisory import run_alone
+from gateway.storage.db import Database
+
+log = logging.getLogger("gateway.queue.purge")
+
+OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
+_MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]
+_RECIPIENTS: Table = QueuedRecipient.__table__      # type: ignore[assignment]
+_ATTEMPTS: Table = OutboundAttempt.__table__        # type: ignore[assignment]
+_OUTBOUND: Table = OutboundMessage.__table__        # type: ignore[assignment]
+
+
+@dataclass
+class PurgeCount:
+    """What a purge removed (or, in a dry run, would remove): rows per table, and what it kept."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)      # finished but still needed, per reason
+
+    def add(self, table: str, rows: int) -> None:
+        self.removed[table] = self.removed.get(table, 0) + rows
+
+    def keep(self, reason: str, count: int) -> None:
+        if count:
+            self.kept[reason] = self.kept.get(reason, 0) + count
+
+    def merge(self, other: "PurgeCount") -> None:
+        for table, rows in other.removed.items():
+            self.add(table, rows)
+        for reason, count in other.kept.items():
+            self.keep(reason, count)
+
+
+@dataclass
+class PurgeReport:
+    """One pass of ``MailQueue.purge``: the cutoffs, whether rows were deleted, and what (per table)."""
+
+    dry_run: bool
+    cutoff: dt.datetime
+    count: PurgeCount = field(default_factory=PurgeCount)
+
+    @property
+    def messages(self) -> int:
+        return self.count.removed.get("queue_messages", 0)
+
+
+class PurgeCompanion(Protocol):
+    """Another area's rows that grow with each message (the DMP bridge's filing jobs)."""
+
+    name: str
+
+    async def purge(self, now: dt.datetime, *, dry_run: bool, batch_size: int) -> PurgeCount:
+        """Delete (or count, ``dry_run``) its own finished rows past its window, in batches."""
+        ...
+
+    def needed(self, connection: Connection, keys: dict[str, str], now: dt.datetime) -> set[str]:
+        """Of ``keys`` (delivery key -> queue id), the queue ids it still needs once its own purge at ``now``
+        has run (the same answer in a dry run, before that purge)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Batch:
+    scanned: int               # candidates read (fewer than the batch size: the last batch)
+    last_id: str | None        # the cursor for the next batch
+    purged: list[str]          # queue ids deleted (or that would be)
+    count: PurgeCount
+
+
+class QueuePurge:
+    """Deletes the rows of messages finished before a cutoff, in batches; companions first."""
+
+    def __init__(self, db: Database, spool: Spool, *, batch_size: int = 1000) -> None:
+        self.db = db
+        self.spool = spool
+        self.batch_size = batch_size
+        self.companions: list[PurgeCompanion] = []
+
+    async def run(self, cutoff: dt.datetime, *, now: dt.datetime, dry_run: bool = False) -> PurgeReport:
+        report = PurgeReport(dry_run=dry_run, cutoff=cutoff)
+        for companion in self.companions:
+            report.count.merge(await companion.purge(now, dry_run=dry_run, batch_size=self.batch_size))
+        after: str | None = None
+        while True:
+            batch = await self.db.run_in_transaction(partial(self._batch, cutoff=cutoff, now=now, after=after,
+                                                             dry_run=dry_run), write=not dry_run)
+            report.count.merge(batch.count)
+            if not dry_run:
+                for queue_id in batch.purged:
+                    self.spool.remove(queue_id)   # normally gone when the message finished; a crash may leave it
+            if batch.scanned < self.batch_size or batch.last_id is None:
+                return report
+            after = batch.last_id
+            await asyncio.sleep(0)                # the next batch is a new transaction: others write in between
+
+    def _batch(self, connection: Connection, cutoff: dt.datetime, now: dt.datetime, after: str | None,
+               dry_run: bool) -> _Batch:
+        count = PurgeCount()
+        candidates = self._finished(connection, cutoff, after)
+        if not candidates:
+            return _Batch(0, None, [], count)
+        still_open = self._with_open_recipients(connection, candidates)
+        count.keep("a recipient still open", len(still_open))
+        purgeable = [queue_id for queue_id in candidates if queue_id not in still_open]
+        keys = self._local_delivery_keys(connection, purgeable)
+        for companion in self.companions:
+            needed = companion.needed(connection, keys, now) & set(purgeable)
+            count.keep(f"needed by {companion.name}", len(needed))
+            purgeable = [queue_id for queue_id in purgeable if queue_id not in needed]
+        if purgeable:
+            for table, rows in self._delete(connection, purgeable, cutoff, dry_run).items():
+                count.add(table, rows)
+        return _Batch(len(candidates), candidates[-1], purgeable, count)
+
+    def _finished(self, connection: Connection, cutoff: dt.datetime, after: str | None) -> list[str]:
+        query = (select(_MESSAGES.c.id).where(_MESSAGES.c.state == MessageState.DONE.value,
+                                              _MESSAGES.c.done_at < cutoff)
+                 .order_by(_MESSAGES.c.id).limit(self.batch_size))
+        if after is not None:
+            query = query.where(_MESSAGES.c.id > after)
+        return [row[0] for row in connection.execute(query)]
+
+    @staticmethod
+    def _with_open_recipients(connection: Connection, ids: Sequence[str]) -> set[str]:
+        return {row[0] for row in connection.execute(
+            select(_RECIPIENTS.c.message_id).distinct().where(_RECIPIENTS.c.message_id.in_(ids),
+                                                              _RECIPIENTS.c.state.in_(OPEN_STATES)))}
+
+    @staticmethod
+    def _local_delivery_keys(connection: Connection, ids: Sequence[str]) -> dict[str, str]:
+        if not ids:
+            return {}
+        rows = connection.execute(select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id).where(
+            _RECIPIENTS.c.message_id.in_(ids), _RECIPIENTS.c.route == RouteKind.LOCAL.value))
+        return {delivery_key(queue_id, recipient_id): queue_id for recipient_id, queue_id in rows}
+
+    @staticmethod
+    def _delete(connection: Connection, ids: Sequence[str], cutoff: dt.datetime, dry_run: bool) -> dict[str, int]:
+        """Children first (explicitly, not by ON DELETE CASCADE alone), then the messages, still finished."""
+        recipients = select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id.in_(ids))
+        if dry_run:
+            return {
+                "outbound_attempts": _count(connection, select(_ATTEMPTS.c.id).where(_ATTEMPTS.c.recipient_id.in_(recipients))),
+                "outbound_messages": _count(connection, select(_OUTBOUND.c.message_id).where(_OUTBOUND.c.message_id.in_(ids))),
+                "queue_recipients": _count(connection, recipients),
+                "queue_messages": len(ids),
+            }
+        # The same conditions as the candidates': a message that is not finished is never deleted here.
+        finished = select(_MESSAGES.c.id).where(_MESSAGES.c.id.in_(ids), _MESSAGES.c.state == MessageState.DONE.value,
+                                                _MESSAGES.c.done_at < cutoff)
+        open_recipient = select(_RECIPIENTS.c.message_id).where(_RECIPIENTS.c.message_id.in_(ids),
+                                                                or_(*(_RECIPIENTS.c.state == s for s in OPEN_STATES)))
+        doomed = finished.where(_MESSAGES.c.id.not_in(open_recipient))
+        doomed_recipients = select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id.in_(doomed))
+        removed = {
+            "outbound_attempts": connection.execute(
+                delete(_ATTEMPTS).where(_ATTEMPTS.c.recipient_id.in_(doomed_recipients))).rowcount,
+            "outbound_messages": connection.execute(
+                delete(_OUTBOUND).where(_OUTBOUND.c.message_id.in_(doomed))).rowcount,
+            "queue_recipients": connection.execute(
+                delete(_RECIPIENTS).where(_RECIPIENTS.c.message_id.in_(doomed))).rowcount,
+        }
+        removed["queue_messages"] = connection.execute(
+            delete(_MESSAGES).where(_MESSAGES.c.id.in_(ids), _MESSAGES.c.state == MessageState.DONE.value,
+                                    _MESSAGES.c.done_at < cutoff, _MESSAGES.c.id.not_in(open_recipient))).rowcount
+        return removed
+
+
+def _count(connection: Connection, query: Select[Any]) -> int:
+    subquery = query.subquery()
+    return int(connection.execute(select(func.count()).select_from(subquery)).scalar() or 0)
+
+
+class PurgeTask:
+    """``gateway serve``'s periodic purge, on one node at a time (the others skip this turn)."""
+
+    def __init__(self, db: Database, purge: Callable[[], Awaitable[PurgeReport]], *, interval_seconds: float) -> None:
+        self.db = db
+        self.purge = purge
+        self.interval = interval_seconds
+        self.passes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="queue-purge")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_once(self) -> PurgeReport | None:
+        """One pass, or None when another node runs it now."""
+        async with run_alone(self.db, "queue-purge") as alone:
+            if not alone:
+                return None
+            report = await self.purge()
+        self.passes += 1
+        if report.count.removed:
+            log.info("queue purge: removed %s (finished before %s)", describe_rows(report.count.removed),
+                     report.cutoff.isoformat(timespec="seconds"))
+        return report
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("queue purge failed; next pass in %s s", self.interval)
+            await asyncio.sleep(self.interval)
+
+
+def describe_rows(rows: dict[str, int]) -> str:
+    return ", ".join(f"{count} {table}" for table, count in sorted(rows.items()) if count) or "nothing"
