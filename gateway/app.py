@@ -52,6 +52,7 @@ from gateway.security.oidc import OidcTokenVerifier
 from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
+from gateway.security.server_identity import ServerCertificate
 from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blobs import BlobStore
@@ -81,6 +82,7 @@ class Services:
     door_audit: DoorAudit        # the other refusals and faults at the doors, into the audit log
     revocation: RevocationList   # the CRLs as they are now, for every certificate login
     tls_contexts: ReloadingContexts  # listeners' TLS contexts, rebuilt when their files (CRLs, trust) change
+    server_certificate: ServerCertificate  # what every listener presents: the tls.* files (IGC-Santé) or the test PKI's
     trust_anchors: list[Path]        # pki.trust_anchors as files: one live list, replaced in place on SIGHUP
     spool: Spool                 # the one spool, sealed with ``spool_cipher`` (serve and the CLI alike)
     queue: MailQueue             # after the 250: rows, local delivery, outbound worker, DSNs, the admin verbs
@@ -135,6 +137,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             door_audit=DoorAudit(audit),
             revocation=revocation,
             tls_contexts=ReloadingContexts(),
+            server_certificate=ServerCertificate(settings, pki),
             trust_anchors=anchors,
             spool=spool,
             queue=queue,
@@ -231,8 +234,7 @@ class Gateway:
             log.warning("data directory: %d file and folder modes made private (0600 / 0700)", fixed)
         async with open_services(self.settings) as services, AsyncExitStack() as running:
             running.push_async_callback(_let_leftover_tasks_finish, _LEFTOVER_TASKS_SECONDS)  # runs last
-            services.pki.ensure_gateway_server_cert(
-                self.settings.hostname, self.settings.pki.server_names, self.settings.pki.server_ips)
+            services.server_certificate.paths()   # the tls.* files checked (UserError naming the key), or the PKI's
             await self._bridge_nodes(services, running)
             readiness = Readiness()
             metrics = await self._start_metrics(services, running, readiness)
@@ -332,7 +334,8 @@ class Gateway:
         settings = self.settings
         recovered = await services.queue.start_local()      # recovery pass, then local delivery
         log.info("queue recovery: %s", recovered)
-        outbound = await services.queue.start_outbound(outbound_tls_context(services.pki, settings))
+        outbound = await services.queue.start_outbound(
+            outbound_tls_context(services.pki, settings, identity=services.server_certificate.paths()))
         running.push_async_callback(services.queue.stop)
         filing = build_filing_worker(services)
         await filing.start()
@@ -371,8 +374,8 @@ class Gateway:
             self.systemd.ready("serving: reloaded")   # systemctl reload returns; the service goes on either way
 
     def _apply_settings(self, services: Services) -> None:
-        """What can change while serving changes now (log level, trust anchors); the rest is named as waiting
-        for a restart. A configuration that does not load keeps the running one."""
+        """What can change while serving changes now (log level, trust anchors, the tls.* certificate files); the
+        rest is named as waiting for a restart. A configuration that does not load keeps the running one."""
         assert self._reread_settings is not None
         try:
             fresh = self._reread_settings()
@@ -381,11 +384,14 @@ class Gateway:
             return
         logging.getLogger().setLevel(fresh.log_level)
         services.trust_anchors[:] = [Path(path).expanduser() for path in fresh.pki.trust_anchors]
+        # The listeners' certificate files (tls.*): the contexts rebuilt next (``_reload_trust``) check and use them.
+        services.server_certificate.configure(services.server_certificate.settings.model_copy(update={"tls": fresh.tls}))
         waiting = sorted(changed_settings(self.settings, fresh) - LIVE_SETTINGS)
         if waiting:
             log.warning("SIGHUP: changed settings that apply at the next restart: %s", ", ".join(waiting))
-        self.settings = self.settings.model_copy(update={"log_level": fresh.log_level, "pki": self.settings.pki.model_copy(
-            update={"trust_anchors": fresh.pki.trust_anchors})})
+        self.settings = self.settings.model_copy(update={"log_level": fresh.log_level, "tls": fresh.tls,
+                                                         "pki": self.settings.pki.model_copy(
+                                                             update={"trust_anchors": fresh.pki.trust_anchors})})
 
     def _write_ready_file(self, servers: list[tuple[str, str, int]], workers: dict[str, int]) -> None:
         """``<data_dir>/run/ready.json``: written once every listener accepts connections."""
@@ -406,7 +412,9 @@ def outbound_totals(outbound: OutboundWorker) -> Callable[[], dict[str, int]]:
                     "bounced": outbound.stats.failed}
 
 
-LIVE_SETTINGS = frozenset({"log_level", "pki.trust_anchors"})   # applied by SIGHUP without a restart
+# Applied by SIGHUP without a restart (the outbound client certificate, built at start, waits for one).
+LIVE_SETTINGS = frozenset({"log_level", "pki.trust_anchors", "tls.server_certificate_file", "tls.server_key_file",
+                           "tls.server_chain_file"})
 
 
 def changed_settings(old: Settings, new: Settings) -> set[str]:

@@ -159,6 +159,31 @@ class PkiSettings(_Section):
         return values
 
 
+class TlsSettings(_Section):
+    """The listeners' server certificate when it is not the test PKI's: one issued by the IGC-Santé (or any CA)."""
+
+    server_certificate_file: str = Field(
+        "", description="PEM file of the gateway's TLS server certificate issued by the IGC-Santé (or any CA), leaf first "
+        "(its intermediates may follow). Used by every listener (SMTP, IMAP, HTTPS) and as the client certificate of "
+        "outbound SMTP instead of the test PKI's; it must be valid now and name `hostname`. Checked at start, by "
+        "`gateway config check` and again on SIGHUP (a renewed file is served to new handshakes). Empty: the test PKI's")
+    server_key_file: str = Field(
+        "", description="PEM file of that certificate's private key, unencrypted; refused when others may read it "
+        "(as sshd does): mode 0600, or 0640 with a group of the gateway's user")
+    server_chain_file: str = Field(
+        "", description="optional PEM file of the intermediate CA certificates sent after the leaf (e.g. the IGC-Santé's "
+        "intermediate), when tls.server_certificate_file holds the leaf alone")
+
+    @model_validator(mode="after")
+    def _together(self) -> "TlsSettings":
+        if bool(self.server_certificate_file) != bool(self.server_key_file):
+            missing = "server_key_file" if self.server_certificate_file else "server_certificate_file"
+            raise ValueError(f"tls.server_certificate_file and tls.server_key_file go together: tls.{missing} is empty")
+        if self.server_chain_file and not self.server_certificate_file:
+            raise ValueError("tls.server_chain_file without tls.server_certificate_file")
+        return self
+
+
 class AuthSettings(_Section):
     argon2_time_cost: int = Field(2, ge=1, le=10, description="argon2id iterations")
     argon2_memory_kib: int = Field(19456, ge=8192, description="argon2id memory per hash, KiB (OWASP: 19 MiB)")
@@ -582,6 +607,7 @@ class Settings(_Section):
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
     listen: ListenerSettings = Field(default_factory=ListenerSettings)
     pki: PkiSettings = Field(default_factory=PkiSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     oidc: OidcSettings = Field(default_factory=OidcSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)

@@ -194,8 +194,14 @@ def _masked(effective: dict[str, Any]) -> dict[str, Any]:
 @json_option
 @user_errors
 def check(as_json: bool) -> None:
-    """Validate the configuration (file + environment) and print the effective values (secrets masked)."""
-    effective = _masked(settings().model_dump())
+    """Validate the configuration (file + environment) and print the effective values (secrets masked); the
+    tls.* server certificate files, when set, are checked as `gateway serve` checks them."""
+    from gateway.security.server_identity import load_external_identity
+
+    config = settings()
+    if config.tls.server_certificate_file:
+        load_external_identity(config.tls, config.hostname, work_dir=None)
+    effective = _masked(config.model_dump())
     if as_json:
         emit_json(effective)
     else:

@@ -110,7 +110,9 @@ def _certificates(config: Settings) -> list[dict[str, Any]]:
     from gateway.security.pki import GATEWAY_CERT_NAME, TestPKI
 
     pki = TestPKI.from_settings(config)
-    files = [("gateway server", pki.root / "issued" / f"{GATEWAY_CERT_NAME}.pem"),
+    served = (Path(config.tls.server_certificate_file).expanduser() if config.tls.server_certificate_file
+              else pki.root / "issued" / f"{GATEWAY_CERT_NAME}.pem")      # tls.*: the operator's (IGC-Santé) one
+    files = [("gateway server", served),
              ("intermediate CA", pki.intermediate_cert_path), ("root CA", pki.root_cert_path)]
     now = dt.datetime.now(dt.timezone.utc)
     found: list[dict[str, Any]] = []

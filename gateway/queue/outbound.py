@@ -33,6 +33,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from gateway.config import Settings
@@ -206,12 +207,15 @@ class DsnReports:
 
 # =========================================================================== the worker
 
-def outbound_tls_context(pki: TestPKI, settings: Settings) -> ssl.SSLContext:
+def outbound_tls_context(pki: TestPKI, settings: Settings, *, identity: tuple[Path, Path] | None = None) -> ssl.SSLContext:
     """Verify peers against the trust anchors (this PKI's CAs and ``pki.trust_anchors``, never the system
-    store), present our certificate (the gateway's own, issued under the same PKI), check revocation."""
-    issued = pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
+    store), present our certificate (``identity``: chain and key, the operator's tls.* files as
+    ``gateway serve`` passes them; by default the gateway's own, issued under the same PKI), check revocation."""
+    if identity is None:
+        issued = pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
+        identity = (issued.chain_path, issued.key_path)
     crls = [path for path in pki.crl_paths if path.is_file()]
-    return client_context(pki.ca_bundle_path, cert_chain=issued.chain_path, key=issued.key_path, crls=crls,
+    return client_context(pki.ca_bundle_path, cert_chain=identity[0], key=identity[1], crls=crls,
                           extra_anchors=settings.pki.trust_anchors)
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway.errors import UserError
+from gateway.security.server_identity import ServerCertificate
 from gateway.security.tls import server_context
 
 log = logging.getLogger("gateway.security")
@@ -126,7 +128,7 @@ class _ReloadingContext:
             try:
                 self._current = self._build()
                 log.info("TLS context rebuilt: certificate, trust or CRL files changed")
-            except (ssl.SSLError, OSError, ValueError) as error:
+            except (ssl.SSLError, OSError, ValueError, UserError) as error:
                 log.error("TLS files changed but cannot be loaded, keeping the previous context: %s", error)
                 self._files.forget()
         return self._current
@@ -163,16 +165,24 @@ class ReloadingContexts:
 
 def optional_client_certificate_context(services: Any, hostname: str, server_names: Sequence[str],
                                         server_ips: Sequence[str]) -> ssl.SSLContext:
-    """The IMAP and HTTPS listeners' context: the gateway's certificate; a client certificate optional,
-    verified against the CA bundle and the CRLs as they are at each handshake (``services.tls_contexts``;
-    without it, as they are now)."""
-    issued = services.pki.ensure_gateway_server_cert(hostname, server_names, server_ips)
+    """The IMAP and HTTPS listeners' context: the gateway's certificate (``services.server_certificate``: the
+    operator's ``tls.*`` files or the test PKI's); a client certificate optional, verified against the CA
+    bundle and the CRLs as they are at each handshake (``services.tls_contexts``; without it, as they are now)."""
+    identity: ServerCertificate | None = getattr(services, "server_certificate", None)
+    if identity is None:   # a test's services without one: the test PKI's certificate
+        issued = services.pki.ensure_gateway_server_cert(hostname, server_names, server_ips)
+        fixed = (issued.chain_path, issued.key_path)
+        paths: Callable[[], tuple[Path, Path]] = lambda: fixed
+        watched: Callable[[], tuple[Path, ...]] = lambda: fixed
+    else:
+        paths, watched = identity.paths, identity.watched
     all_crls = tuple(getattr(services.pki, "crl_paths", ()))
 
     def build() -> ssl.SSLContext:
-        return server_context(issued.chain_path, issued.key_path, client_ca=services.pki.ca_bundle_path,
+        chain, key = paths()
+        return server_context(chain, key, client_ca=services.pki.ca_bundle_path,
                               require_client_cert=False, crls=[path for path in all_crls if path.is_file()])
     reloading: ReloadingContexts | None = getattr(services, "tls_contexts", None)
     if reloading is None:
         return build()
-    return reloading.server(build, (issued.chain_path, issued.key_path, services.pki.ca_bundle_path, *all_crls))
+    return reloading.server(build, lambda: (*watched(), services.pki.ca_bundle_path, *all_crls))

@@ -33,6 +33,7 @@ from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.door_audit import DoorAudit
 from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
+from gateway.security.server_identity import ServerCertificate
 from gateway.security.tls import server_context
 from gateway.smtp.handler import GatewayHandler, SessionLimits, TokenVerifier
 from gateway.smtp.server import GatewaySMTP, ListenerKind, ProtocolLimits
@@ -50,16 +51,24 @@ class TlsMaterial:
     crls: tuple[Path, ...] = ()                 # those missing now are used once they appear
     extra_anchors: Sequence[Path] = ()          # pki.trust_anchors: other operators' CAs and CRLs (live on SIGHUP)
     reloading: ReloadingContexts | None = None  # re-read the files when they change (revocation at once)
+    identity: ServerCertificate | None = None   # when set, our chain and key as it gives them now (tls.* or the PKI)
+
+    def _identity(self) -> tuple[Path, Path]:
+        return self.identity.paths() if self.identity is not None else (self.cert_chain, self.key)
+
+    def _identity_files(self) -> tuple[Path, ...]:
+        return self.identity.watched() if self.identity is not None else (self.cert_chain, self.key)
 
     def context(self, *, require_client_cert: bool) -> ssl.SSLContext:
         def build() -> ssl.SSLContext:
-            return server_context(self.cert_chain, self.key, client_ca=self.client_ca,
+            cert_chain, key = self._identity()
+            return server_context(cert_chain, key, client_ca=self.client_ca,
                                   require_client_cert=require_client_cert,
                                   crls=[path for path in self.crls if path.is_file()],
                                   extra_anchors=tuple(self.extra_anchors))
         if self.reloading is None:
             return build()
-        return self.reloading.server(build, lambda: (self.cert_chain, self.key, self.client_ca, *self.crls,
+        return self.reloading.server(build, lambda: (*self._identity_files(), self.client_ca, *self.crls,
                                                      *self.extra_anchors))
 
 
@@ -97,6 +106,7 @@ class SmtpServices(Protocol):
     directory: DirectoryService
     pki: TestPKI
     tls_contexts: ReloadingContexts
+    server_certificate: ServerCertificate
     @property
     def token_verifier(self) -> TokenVerifier | None: ...
     auth_limiter: AuthLimiter
@@ -105,12 +115,14 @@ class SmtpServices(Protocol):
 
 
 def tls_material_from_pki(services: SmtpServices, settings: Settings) -> TlsMaterial:
-    issued = services.pki.ensure_gateway_server_cert(settings.hostname, settings.pki.server_names, settings.pki.server_ips)
+    """Our certificate as ``services.server_certificate`` gives it (the operator's ``tls.*`` files, or the
+    test PKI's), client certificates verified against the PKI's CAs, the trust anchors and the CRLs."""
+    chain, key = services.server_certificate.paths()
     anchors = getattr(services, "trust_anchors", None)
     if anchors is None:
         anchors = tuple(Path(path).expanduser() for path in settings.pki.trust_anchors)
-    return TlsMaterial(issued.chain_path, issued.key_path, services.pki.ca_bundle_path, tuple(services.pki.crl_paths),
-                       anchors, services.tls_contexts)
+    return TlsMaterial(chain, key, services.pki.ca_bundle_path, tuple(services.pki.crl_paths),
+                       anchors, services.tls_contexts, services.server_certificate)
 
 
 async def start_smtp_listeners(services: SmtpServices, settings: Settings) -> SmtpListeners:
