@@ -5,12 +5,14 @@ does not load keeps the running one, and an IMAP session opened before all of it
 
 from __future__ import annotations
 
+import datetime as dt
 import imaplib
 import json
 import signal
 import smtplib
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,80 @@ def test_sighup_reloads_certificates_crls_and_trust_list_keeping_sessions(tmp_pa
             f"[pki]\ntrust_anchors = {json.dumps(anchors)}\n[imap]\nmax_connections = 10\n")
         _sighup(gateway)
         assert "apply at the next restart: imap.max_connections" in gateway.log_text()
+        assert session.noop()[0] == "OK"
+        session.logout()
+    finally:
+        gateway.stop()
+
+
+def _served_certificate(gateway: GatewayProcess, door: str, cafile: Path) -> x509.Certificate:
+    """The certificate a new handshake on ``door`` shows, verified against ``cafile`` only (the external root)
+    for the name ``localhost``: the listener sends the intermediate with it."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    port = gateway.ports[door]
+    if door in ("imaps_port", "http_port", "smtp_submissions_port"):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+    elif door == "imap_port":
+        with imaplib.IMAP4("127.0.0.1", port, timeout=30) as client:
+            client.starttls(ssl_context=context)
+            der = client.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+    else:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+            client._host = "localhost"        # smtplib verifies the name it connected to: the certificate's
+            client.starttls(context=context)
+            der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+DOORS = ("smtp_submission_port", "smtp_submissions_port", "smtp_relay_port", "imap_port", "imaps_port", "http_port")
+
+
+def test_an_external_server_certificate_is_served_everywhere_and_renewed_by_sighup(tmp_path: Path) -> None:
+    """tls.server_certificate_file (IGC-Santé in production, here a CA made in the test): every listener shows
+    it with its chain; a renewed file is shown after SIGHUP with existing sessions kept; a renewal that does
+    not pass the checks (expired) keeps the certificate being served, and the log names the key."""
+    from tests.security.external_ca import NOW, ExternalCA
+
+    ca = ExternalCA(tmp_path / "igc-sante")
+    cert, key, first = ca.issue("gateway")
+    gateway = GatewayProcess(tmp_path / "gw")
+    gateway.init_demo()
+    (gateway.data_dir / "gateway.toml").write_text(
+        f'[tls]\nserver_certificate_file = "{cert}"\nserver_key_file = "{key}"\n'
+        f'server_chain_file = "{ca.intermediate_file}"\n')
+    gateway.start()
+    try:
+        for door in DOORS:
+            assert _served_certificate(gateway, door, ca.root_file) == first, door
+        # openssl s_client sees it too, verified to the external root through the intermediate the server sends.
+        shown = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{gateway.ports['smtp_submission_port']}",
+                                "-starttls", "smtp", "-CAfile", str(ca.root_file), "-verify_hostname", "localhost",
+                                "-verify_return_error", "-showcerts"],
+                               input="QUIT\n", capture_output=True, text=True, timeout=60)
+        assert "Verify return code: 0 (ok)" in shown.stdout, shown.stdout + shown.stderr
+        assert "AC IGC-SANTE ELEMENTAIRE SERVEURS TEST" in shown.stdout
+
+        doctor = gateway.account("PER")
+        session = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps_port"],
+                                    ssl_context=ssl.create_default_context(cafile=str(ca.root_file)), timeout=30)
+        assert session.login(doctor["address"], doctor["password"])[0] == "OK"
+
+        # The operator installs the renewed certificate and key (new serial, new key) and reloads.
+        _cert, _key, renewed = ca.issue("gateway")
+        assert renewed.serial_number != first.serial_number
+        _sighup(gateway)
+        for door in DOORS:
+            assert _served_certificate(gateway, door, ca.root_file) == renewed, door
+        assert session.noop()[0] == "OK"
+
+        # A renewal that does not pass the checks is not served: the running certificate stays.
+        ca.issue("gateway", not_before=NOW - dt.timedelta(days=400), not_after=NOW - dt.timedelta(days=1))
+        _sighup(gateway)
+        assert _served_certificate(gateway, "imaps_port", ca.root_file) == renewed
+        assert "tls.server_certificate_file: " in gateway.log_text() and "expired on" in gateway.log_text()
         assert session.noop()[0] == "OK"
         session.logout()
     finally:
