@@ -354,7 +354,7 @@ class Gateway:
         limiter_purge = PurgeTask(services.db, services.auth_limiter.purge, interval_seconds=LIMITER_PURGE_SECONDS)
         await limiter_purge.start()
         running.push_async_callback(limiter_purge.stop)
-        purge = QueuePurgeTask(services.db, services.queue.purge, interval_seconds=settings.retention.purge_interval_minutes * 60)
+        purge = QueuePurgeTask(services.queue.purge, interval_seconds=settings.retention.purge_interval_minutes * 60)
         await purge.start()
         running.push_async_callback(purge.stop)
         return outbound

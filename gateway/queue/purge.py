@@ -36,12 +36,13 @@ from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.queue.spool import Spool
 from gateway.queue.store import delivery_key
 from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.storage.advisory import run_alone
+from gateway.errors import Conflict
 from gateway.storage.db import Database
 
 log = logging.getLogger("gateway.queue.purge")
 
 OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
+PURGE_LOCK = "queue-purge"     # gateway.storage.advisory: one node purges at a time
 _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]
 _RECIPIENTS: Table = QueuedRecipient.__table__      # type: ignore[assignment]
 _ATTEMPTS: Table = OutboundAttempt.__table__        # type: ignore[assignment]
@@ -212,8 +213,7 @@ def _count(connection: Connection, query: Select[Any]) -> int:
 class PurgeTask:
     """``gateway serve``'s periodic purge, on one node at a time (the others skip this turn)."""
 
-    def __init__(self, db: Database, purge: Callable[[], Awaitable[PurgeReport]], *, interval_seconds: float) -> None:
-        self.db = db
+    def __init__(self, purge: Callable[[], Awaitable[PurgeReport]], *, interval_seconds: float) -> None:
         self.purge = purge
         self.interval = interval_seconds
         self.passes = 0
@@ -229,11 +229,11 @@ class PurgeTask:
             self._task = None
 
     async def run_once(self) -> PurgeReport | None:
-        """One pass, or None when another node runs it now."""
-        async with run_alone(self.db, "queue-purge") as alone:
-            if not alone:
-                return None
+        """One pass, or None when another node runs it now (``MailQueue.purge`` takes the lock)."""
+        try:
             report = await self.purge()
+        except Conflict:
+            return None
         self.passes += 1
         if report.count.removed:
             log.info("queue purge: removed %s (finished before %s)", describe_rows(report.count.removed),

@@ -18,17 +18,18 @@ from typing import Any
 from gateway.config import Settings
 from gateway.directory.generation import AnswerCache
 from gateway.directory.service import DirectoryService
-from gateway.errors import NotFound
+from gateway.errors import Conflict, NotFound
 from gateway.queue.dsn import Action, RecipientReport
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.local_delivery import LocalDeliveryWorker, LocalStore, RecoveryReport
 from gateway.queue.mx import MxResolver
 from gateway.queue.outbound import DsnReports, OutboundWorker
 from gateway.queue.outbound_store import MessageWork, OutboundStore
-from gateway.queue.purge import PurgeCompanion, PurgeReport, QueuePurge
+from gateway.queue.purge import PURGE_LOCK, PurgeCompanion, PurgeReport, QueuePurge
 from gateway.queue.spool import Spool
 from gateway.queue.store import QueueStore
 from gateway.security.dkim import DkimSigner
+from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 
@@ -151,7 +152,12 @@ class MailQueue:
     async def purge(self, *, dry_run: bool = False, now: dt.datetime | None = None) -> PurgeReport:
         """Delete the rows of messages finished more than ``outbound.finished_listed_hours`` before ``now``
         (and the companions' finished rows), in batches; ``dry_run`` counts what would go and deletes nothing.
-        Messages still queued, and those a companion still needs, stay (gateway.queue.purge)."""
+        Messages still queued, and those a companion still needs, stay (gateway.queue.purge). One node at a
+        time: Conflict when another one purges now."""
         now = now or utcnow()
         cutoff = now - dt.timedelta(hours=self.settings.outbound.finished_listed_hours)
-        return await self.purger.run(cutoff, now=now, dry_run=dry_run)
+        async with run_alone(self.rows.db, PURGE_LOCK) as alone:
+            if not alone:
+                raise Conflict("another node (or `gateway queue purge`) is purging now; its pass covers this one",
+                               field="purge")
+            return await self.purger.run(cutoff, now=now, dry_run=dry_run)

@@ -218,3 +218,21 @@ def _queue_for(gateway: GatewayProcess, account: dict[str, str], *, count: int) 
                 assert queue_id is not None
 
     asyncio.run(go())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_one_node_purges_at_a_time(services: Services, database: Database) -> None:
+    """Several nodes on one PostgreSQL: while one holds the purge's advisory lock, another's pass is skipped
+    (the periodic job) or refused with the reason (`gateway queue purge`)."""
+    from gateway.errors import Conflict
+    from gateway.queue.purge import PURGE_LOCK, PurgeTask
+    from gateway.storage.advisory import run_alone
+
+    task = PurgeTask(services.queue.purge, interval_seconds=60)
+    async with run_alone(database, PURGE_LOCK) as alone:     # another node, purging now
+        assert alone
+        with pytest.raises(Conflict, match="another node"):
+            await services.queue.purge()
+        assert await task.run_once() is None and task.passes == 0
+    assert await task.run_once() is not None and task.passes == 1
