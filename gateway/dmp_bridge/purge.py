@@ -60,8 +60,12 @@ class FilingPurge:
     def _batch(self, connection: Connection, *, cutoff: dt.datetime, after: int, limit: int,
                dry_run: bool) -> tuple[int, int, PurgeCount]:
         count = PurgeCount()
-        rows = connection.execute(select(_JOBS.c.id, _JOBS.c.delivery_id).where(_purgeable(cutoff), _JOBS.c.id > after)
-                                  .order_by(_JOBS.c.id).limit(limit)).all()
+        query = select(_JOBS.c.id, _JOBS.c.delivery_id).where(_purgeable(cutoff), _JOBS.c.id > after)
+        if not dry_run:
+            # PostgreSQL: the jobs locked until the deletes commit (a refile waits); SQLite's BEGIN IMMEDIATE
+            # already keeps every other writer out.
+            query = query.with_for_update()
+        rows = connection.execute(query.order_by(_JOBS.c.id).limit(limit)).all()
         if not rows:
             return 0, after, count
         jobs = [job_id for job_id, _delivery in rows]
@@ -72,15 +76,12 @@ class FilingPurge:
             count.add("filing_jobs", len(jobs))
             count.add("mail_deliveries", len(deliveries))
             return len(rows), jobs[-1], count
-        # Still finished and past the window under this transaction (a refile may have reopened one since).
-        doomed = select(_JOBS.c.id).where(_JOBS.c.id.in_(jobs), _purgeable(cutoff))
-        count.add("filing_notices", connection.execute(delete(_NOTICES).where(_NOTICES.c.job_id.in_(doomed))).rowcount)
-        count.add("filing_outcomes", connection.execute(delete(_OUTCOMES).where(_OUTCOMES.c.job_id.in_(doomed))).rowcount)
-        count.add("filing_jobs", connection.execute(delete(_JOBS).where(_JOBS.c.id.in_(jobs), _purgeable(cutoff))).rowcount)
-        # A delivery goes with its job only: one whose job is still there stays, so it is never filed twice.
+        count.add("filing_notices", connection.execute(delete(_NOTICES).where(_NOTICES.c.job_id.in_(jobs))).rowcount)
+        count.add("filing_outcomes", connection.execute(delete(_OUTCOMES).where(_OUTCOMES.c.job_id.in_(jobs))).rowcount)
+        count.add("filing_jobs", connection.execute(delete(_JOBS).where(_JOBS.c.id.in_(jobs))).rowcount)
+        # The delivery goes with its job: without it, the safety net would make a new job and file it again.
         count.add("mail_deliveries", connection.execute(delete(_DELIVERIES).where(
-            _DELIVERIES.c.id.in_(deliveries), _DELIVERIES.c.id.not_in(select(_JOBS.c.delivery_id).where(
-                _JOBS.c.delivery_id.in_(deliveries))))).rowcount)
+            _DELIVERIES.c.id.in_(deliveries))).rowcount)
         return len(rows), jobs[-1], count
 
     def needed(self, connection: Connection, keys: dict[str, str], now: dt.datetime) -> set[str]:

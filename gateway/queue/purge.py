@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import Select, Table, delete, func, or_, select
+from sqlalchemy import Select, Table, delete, func, select
 from sqlalchemy.engine import Connection
 
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
@@ -43,6 +43,7 @@ log = logging.getLogger("gateway.queue.purge")
 
 OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
 PURGE_LOCK = "queue-purge"     # gateway.storage.advisory: one node purges at a time
+_IDS_PER_STATEMENT = 1000      # bound parameters per IN list (SQLite allows 32,766)
 _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]
 _RECIPIENTS: Table = QueuedRecipient.__table__      # type: ignore[assignment]
 _ATTEMPTS: Table = OutboundAttempt.__table__        # type: ignore[assignment]
@@ -134,75 +135,64 @@ class QueuePurge:
 
     def _batch(self, connection: Connection, cutoff: dt.datetime, now: dt.datetime, after: str | None,
                dry_run: bool) -> _Batch:
+        """One transaction: SQLite's BEGIN IMMEDIATE (``write``) holds the write lock from the first read, and
+        on PostgreSQL the candidate rows are locked, so what is checked here is what is deleted."""
         count = PurgeCount()
-        candidates = self._finished(connection, cutoff, after)
+        candidates = self._finished(connection, cutoff, after, lock=not dry_run)
         if not candidates:
             return _Batch(0, None, [], count)
-        still_open = self._with_open_recipients(connection, candidates)
+        recipients = connection.execute(select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.route,
+                                               _RECIPIENTS.c.state).where(_RECIPIENTS.c.message_id.in_(candidates))).all()
+        # A finished message has no open recipient; one that does (whatever its state says) is left alone.
+        still_open = {queue_id for _id, queue_id, _route, state in recipients if state in OPEN_STATES}
         count.keep("a recipient still open", len(still_open))
-        purgeable = [queue_id for queue_id in candidates if queue_id not in still_open]
-        keys = self._local_delivery_keys(connection, purgeable)
+        purgeable = {queue_id for queue_id in candidates if queue_id not in still_open}
+        keys = {delivery_key(queue_id, recipient_id): queue_id for recipient_id, queue_id, route, _state in recipients
+                if route == RouteKind.LOCAL.value and queue_id in purgeable}
         for companion in self.companions:
-            needed = companion.needed(connection, keys, now) & set(purgeable)
+            needed = companion.needed(connection, keys, now) & purgeable
             count.keep(f"needed by {companion.name}", len(needed))
-            purgeable = [queue_id for queue_id in purgeable if queue_id not in needed]
-        if purgeable:
-            for table, rows in self._delete(connection, purgeable, cutoff, dry_run).items():
+            purgeable -= needed
+        ids = sorted(purgeable)
+        recipient_ids = [recipient_id for recipient_id, queue_id, _route, _state in recipients if queue_id in purgeable]
+        if ids:
+            for table, rows in self._delete(connection, ids, recipient_ids, dry_run).items():
                 count.add(table, rows)
-        return _Batch(len(candidates), candidates[-1], purgeable, count)
+        return _Batch(len(candidates), candidates[-1], ids, count)
 
-    def _finished(self, connection: Connection, cutoff: dt.datetime, after: str | None) -> list[str]:
+    def _finished(self, connection: Connection, cutoff: dt.datetime, after: str | None, *, lock: bool) -> list[str]:
         query = (select(_MESSAGES.c.id).where(_MESSAGES.c.state == MessageState.DONE.value,
                                               _MESSAGES.c.done_at < cutoff)
                  .order_by(_MESSAGES.c.id).limit(self.batch_size))
         if after is not None:
             query = query.where(_MESSAGES.c.id > after)
+        if lock:
+            query = query.with_for_update()        # PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes writers
         return [row[0] for row in connection.execute(query)]
 
     @staticmethod
-    def _with_open_recipients(connection: Connection, ids: Sequence[str]) -> set[str]:
-        return {row[0] for row in connection.execute(
-            select(_RECIPIENTS.c.message_id).distinct().where(_RECIPIENTS.c.message_id.in_(ids),
-                                                              _RECIPIENTS.c.state.in_(OPEN_STATES)))}
-
-    @staticmethod
-    def _local_delivery_keys(connection: Connection, ids: Sequence[str]) -> dict[str, str]:
-        if not ids:
-            return {}
-        rows = connection.execute(select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id).where(
-            _RECIPIENTS.c.message_id.in_(ids), _RECIPIENTS.c.route == RouteKind.LOCAL.value))
-        return {delivery_key(queue_id, recipient_id): queue_id for recipient_id, queue_id in rows}
-
-    @staticmethod
-    def _delete(connection: Connection, ids: Sequence[str], cutoff: dt.datetime, dry_run: bool) -> dict[str, int]:
+    def _delete(connection: Connection, ids: Sequence[str], recipient_ids: Sequence[int],
+                dry_run: bool) -> dict[str, int]:
         """Children first (explicitly, not by ON DELETE CASCADE alone), then the messages, still finished."""
-        recipients = select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id.in_(ids))
+        chunks = [recipient_ids[start:start + _IDS_PER_STATEMENT]
+                  for start in range(0, len(recipient_ids), _IDS_PER_STATEMENT)]
         if dry_run:
             return {
-                "outbound_attempts": _count(connection, select(_ATTEMPTS.c.id).where(_ATTEMPTS.c.recipient_id.in_(recipients))),
+                "outbound_attempts": sum(_count(connection, select(_ATTEMPTS.c.id).where(_ATTEMPTS.c.recipient_id.in_(chunk)))
+                                         for chunk in chunks),
                 "outbound_messages": _count(connection, select(_OUTBOUND.c.message_id).where(_OUTBOUND.c.message_id.in_(ids))),
-                "queue_recipients": _count(connection, recipients),
+                "queue_recipients": len(recipient_ids),
                 "queue_messages": len(ids),
             }
-        # The same conditions as the candidates': a message that is not finished is never deleted here.
-        finished = select(_MESSAGES.c.id).where(_MESSAGES.c.id.in_(ids), _MESSAGES.c.state == MessageState.DONE.value,
-                                                _MESSAGES.c.done_at < cutoff)
-        open_recipient = select(_RECIPIENTS.c.message_id).where(_RECIPIENTS.c.message_id.in_(ids),
-                                                                or_(*(_RECIPIENTS.c.state == s for s in OPEN_STATES)))
-        doomed = finished.where(_MESSAGES.c.id.not_in(open_recipient))
-        doomed_recipients = select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id.in_(doomed))
-        removed = {
-            "outbound_attempts": connection.execute(
-                delete(_ATTEMPTS).where(_ATTEMPTS.c.recipient_id.in_(doomed_recipients))).rowcount,
-            "outbound_messages": connection.execute(
-                delete(_OUTBOUND).where(_OUTBOUND.c.message_id.in_(doomed))).rowcount,
-            "queue_recipients": connection.execute(
-                delete(_RECIPIENTS).where(_RECIPIENTS.c.message_id.in_(doomed))).rowcount,
+        return {
+            "outbound_attempts": sum(connection.execute(delete(_ATTEMPTS).where(_ATTEMPTS.c.recipient_id.in_(chunk))).rowcount
+                                     for chunk in chunks),
+            "outbound_messages": connection.execute(delete(_OUTBOUND).where(_OUTBOUND.c.message_id.in_(ids))).rowcount,
+            "queue_recipients": sum(connection.execute(delete(_RECIPIENTS).where(_RECIPIENTS.c.id.in_(chunk))).rowcount
+                                    for chunk in chunks),
+            "queue_messages": connection.execute(delete(_MESSAGES).where(
+                _MESSAGES.c.id.in_(ids), _MESSAGES.c.state == MessageState.DONE.value)).rowcount,
         }
-        removed["queue_messages"] = connection.execute(
-            delete(_MESSAGES).where(_MESSAGES.c.id.in_(ids), _MESSAGES.c.state == MessageState.DONE.value,
-                                    _MESSAGES.c.done_at < cutoff, _MESSAGES.c.id.not_in(open_recipient))).rowcount
-        return removed
 
 
 def _count(connection: Connection, query: Select[Any]) -> int:
