@@ -181,6 +181,17 @@ def test_an_external_server_certificate_is_served_everywhere_and_renewed_by_sigh
         assert _served_certificate(gateway, "imaps_port", ca.root_file) == renewed
         assert "tls.server_certificate_file: " in gateway.log_text() and "expired on" in gateway.log_text()
         assert session.noop()[0] == "OK"
+
+        # New paths in the configuration file (the chain now inside the certificate file) are taken by SIGHUP.
+        other_cert, other_key, other = ca.issue("gateway-2026")
+        other_cert.write_bytes(other_cert.read_bytes() + ca.intermediate_file.read_bytes())
+        (gateway.data_dir / "gateway.toml").write_text(
+            f'[tls]\nserver_certificate_file = "{other_cert}"\nserver_key_file = "{other_key}"\n')
+        _sighup(gateway)
+        for door in DOORS:
+            assert _served_certificate(gateway, door, ca.root_file) == other, door
+        assert "apply at the next restart" not in gateway.log_text()
+        assert session.noop()[0] == "OK"
         session.logout()
     finally:
         gateway.stop()
