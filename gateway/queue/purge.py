@@ -32,11 +32,17 @@ from typing import Any, Protocol
 from sqlalchemy import Select, Table, delete, func, select
 from sqlalchemy.engine import Connection
 
+from gateway.errors import Conflict
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.queue.spool import Spool
 from gateway.queue.store import delivery_key
-from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState, RouteKind
-from gateway.errors import Conflict
+from gateway.queue.tables import (
+    MessageState,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    RouteKind,
+)
 from gateway.storage.db import Database
 
 log = logging.getLogger("gateway.queue.purge")

@@ -24,7 +24,12 @@ from gateway.errors import NotFound
 from gateway.mailstore.tables import Delivery, Message
 from gateway.queue.outbound_store import AttemptRecord
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
-from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RecipientState
+from gateway.queue.tables import (
+    MessageState,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+)
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
 from tests.harness import GatewayProcess, run_cli, wait_until
