@@ -35,19 +35,12 @@ from sqlalchemy.engine import Connection
 from gateway.errors import Conflict
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.queue.spool import Spool
-from gateway.queue.store import delivery_key
-from gateway.queue.tables import (
-    MessageState,
-    QueuedMessage,
-    QueuedRecipient,
-    RecipientState,
-    RouteKind,
-)
+from gateway.queue.store import OPEN_STATES, delivery_key
+from gateway.queue.tables import MessageState, QueuedMessage, QueuedRecipient, RouteKind
 from gateway.storage.db import Database
 
 log = logging.getLogger("gateway.queue.purge")
 
-OPEN_STATES = (RecipientState.PENDING.value, RecipientState.DEFERRED.value)
 PURGE_LOCK = "queue-purge"     # gateway.storage.advisory: one node purges at a time
 _IDS_PER_STATEMENT = 1000      # bound parameters per IN list (SQLite allows 32,766)
 _MESSAGES: Table = QueuedMessage.__table__          # type: ignore[assignment]
