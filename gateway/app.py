@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -369,9 +370,22 @@ class Gateway:
                 self._apply_settings(services)
             services.revocation.reload()
             services.tls_contexts.reload()
+            self._reload_outbound_identity(services)
             log.info("SIGHUP: reloaded")
         finally:
             self.systemd.ready("serving: reloaded")   # systemctl reload returns; the service goes on either way
+
+    def _reload_outbound_identity(self, services: Services) -> None:
+        """Outbound SMTP's context (our client certificate, the trust anchors, the CRLs) built again from the
+        files as they are now; one that does not load keeps the running context."""
+        outbound = services.queue.outbound
+        if outbound is None:
+            return
+        try:
+            outbound.tls_context = outbound_tls_context(services.pki, self.settings,
+                                                        identity=services.server_certificate.paths())
+        except (UserError, ssl.SSLError, OSError) as error:
+            log.error("SIGHUP: outbound TLS context not reloaded, keeping the running one: %s", error)
 
     def _apply_settings(self, services: Services) -> None:
         """What can change while serving changes now (log level, trust anchors, the tls.* certificate files); the
@@ -412,7 +426,7 @@ def outbound_totals(outbound: OutboundWorker) -> Callable[[], dict[str, int]]:
                     "bounced": outbound.stats.failed}
 
 
-# Applied by SIGHUP without a restart (the outbound client certificate, built at start, waits for one).
+# Applied by SIGHUP without a restart.
 LIVE_SETTINGS = frozenset({"log_level", "pki.trust_anchors", "tls.server_certificate_file", "tls.server_key_file",
                            "tls.server_chain_file"})
 

@@ -3,11 +3,14 @@ every fault is refused by `gateway config check` and by `gateway serve` at start
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import ssl
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from gateway.config import ConfigError, load_settings
 from gateway.errors import UserError
@@ -139,3 +142,56 @@ def test_serve_refuses_to_start_with_a_bad_certificate(ca: ExternalCA, tmp_path:
     with pytest.raises(AssertionError, match=r"exited 1") as refused:
         gateway.start()
     assert "tls.server_certificate_file: " in str(refused.value) and "expired on" in str(refused.value)
+
+
+async def _client_certificate_seen(client: ssl.SSLContext, peer_chain: Path, peer_key: Path, trusted: Path) -> x509.Certificate:
+    """The certificate ``client`` presents to an MX that requires one (verified to ``trusted``)."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(peer_chain, peer_key)
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_verify_locations(cafile=str(trusted))
+    seen: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handle(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.set_result(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+        der = await asyncio.wait_for(seen, 30)
+        writer.close()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_outbound_smtp_presents_the_external_certificate_and_its_renewal_after_sighup(ca: ExternalCA,
+                                                                                              tmp_path: Path) -> None:
+    """Outbound SMTP's client certificate is the operator's too, and `_reload_trust` (SIGHUP) gives the
+    outbound worker the renewed one; a renewal that fails its checks keeps the running context."""
+    from gateway.app import Gateway, open_services
+    from gateway.queue.outbound import OutboundWorker, outbound_tls_context
+
+    data = tmp_path / "data"
+    cert, key, first = ca.issue("outbound")
+    _config(data, cert, key, ca.intermediate_file)
+    settings = load_settings(data_dir=data, environ={})
+    gateway = Gateway(settings, reread_settings=lambda: load_settings(data_dir=data, environ={}))
+    async with open_services(settings) as services:
+        # The other operator's MX: a certificate of the test PKI (which outbound trusts) for "localhost".
+        peer = services.pki.ensure_gateway_server_cert("localhost", [], ["127.0.0.1"])
+        worker = OutboundWorker(services.db, settings, services.generated, tls_context=outbound_tls_context(
+            services.pki, settings, identity=services.server_certificate.paths()))
+        services.queue.outbound = worker
+        assert await _client_certificate_seen(worker.tls_context, peer.chain_path, peer.key_path, ca.root_file) == first
+
+        _cert, _key, renewed = ca.issue("outbound")
+        gateway._reload_trust(services)
+        assert await _client_certificate_seen(worker.tls_context, peer.chain_path, peer.key_path, ca.root_file) == renewed
+
+        ca.issue("outbound", not_before=NOW - dt.timedelta(days=400), not_after=NOW - dt.timedelta(days=1))
+        gateway._reload_trust(services)
+        assert await _client_certificate_seen(worker.tls_context, peer.chain_path, peer.key_path, ca.root_file) == renewed
