@@ -11,7 +11,6 @@ joins: neither imports the other for it.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from sqlalchemy import select
 
 from gateway.dmp_bridge.record import patient_owner
 from gateway.mailstore.blind_index import BlindIndex
+from gateway.ops.periodic import PeriodicTask
 from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.advisory import run_alone
@@ -74,28 +74,20 @@ async def shred_expired_patients(db: Database, keys: KeyManager, retention_days:
     return shredded
 
 
-class ShreddingTask:
+class ShreddingTask(PeriodicTask):
     """``gateway serve``'s periodic crypto-shredding of closed patient spaces past their retention."""
+
+    name = "crypto-shredding"
 
     def __init__(self, db: Database, keys: KeyManager, fields: FieldSealer, *, retention_days: int,
                  interval_seconds: float, index: BlindIndex | None = None) -> None:
+        super().__init__(interval_seconds=interval_seconds)
         self.db = db
         self.keys = keys
         self.fields = fields
         self.index = index   # the mail store's search index keys, derived from the data keys destroyed here
         self.retention_days = retention_days
-        self.interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
         self._forgotten_until = dt.datetime.now(dt.timezone.utc)   # keys destroyed before: never unwrapped here
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="crypto-shredding")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def run_once(self) -> list[ShreddedSpace]:
         """One pass, on one node at a time (several nodes share the database: the others skip this turn)."""
@@ -124,11 +116,3 @@ class ShreddingTask:
         self.fields.forget(owner)
         if self.index is not None:
             self.index.forget(owner)
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("crypto-shredding pass failed; next pass in %s s", self.interval)
-            await asyncio.sleep(self.interval)

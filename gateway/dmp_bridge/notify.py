@@ -21,8 +21,6 @@ once (the counters are cleared in the transaction that queues it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from gateway.config import Settings
 from gateway.dmp_bridge.access_history import french_moment
 from gateway.dmp_bridge.acknowledgement import patient_notification
 from gateway.dmp_bridge.notice_tables import NoticeFrequency, PatientNoticeState, PatientNotificationPreferences
+from gateway.ops.periodic import PeriodicTask
 from gateway.queue.generated import GeneratedMailQueue, PreparedMail
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, Patient, PatientState, State, utcnow
@@ -93,42 +92,19 @@ class DueNotice:
     generation: int
 
 
-class AccessNoticeTask:
+class AccessNoticeTask(PeriodicTask):
     """Sends the grouped access notices that are due; woken at each read, and every ``notices.poll_seconds``."""
 
+    name = "patient-access-notices"
+
     def __init__(self, db: Database, settings: Settings, queue: GeneratedMailQueue) -> None:
+        super().__init__(interval_seconds=settings.notices.poll_seconds)
         self.db = db
         self.queue = queue
         self.period = dt.timedelta(hours=settings.notices.access_period_hours)
-        self.poll_seconds = settings.notices.poll_seconds
         self.patient_domain = settings.directory.patient_domain
         self.hostname = settings.hostname
         self.history_url = settings.https_base_url + HISTORY_PATH
-        self._woken = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._woken.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="patient-access-notices")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            self._woken.clear()
-            try:
-                await self.run_once()
-            except Exception:  # a database hiccup must not end the task: the counters wait for the next pass
-                log.exception("access notices pass failed; next pass in %s s", self.poll_seconds)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), timeout=self.poll_seconds)
 
     async def run_once(self, *, now: dt.datetime | None = None) -> int:
         """Send every notice due at ``now``; the number sent."""

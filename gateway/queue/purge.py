@@ -33,6 +33,7 @@ from sqlalchemy import Select, Table, delete, func, select
 from sqlalchemy.engine import Connection
 
 from gateway.errors import Conflict
+from gateway.ops.periodic import PeriodicTask
 from gateway.queue.outbound_tables import OutboundAttempt, OutboundMessage
 from gateway.queue.spool import Spool
 from gateway.queue.store import OPEN_STATES, delivery_key
@@ -199,23 +200,15 @@ def _count(connection: Connection, query: Select[Any]) -> int:
     return int(connection.execute(select(func.count()).select_from(subquery)).scalar() or 0)
 
 
-class PurgeTask:
+class PurgeTask(PeriodicTask):
     """``gateway serve``'s periodic purge, on one node at a time (the others skip this turn)."""
 
+    name = "queue-purge"
+
     def __init__(self, purge: Callable[[], Awaitable[PurgeReport]], *, interval_seconds: float) -> None:
+        super().__init__(interval_seconds=interval_seconds)
         self.purge = purge
-        self.interval = interval_seconds
         self.passes = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="queue-purge")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def run_once(self) -> PurgeReport | None:
         """One pass, or None when another node runs it now (``MailQueue.purge`` takes the lock)."""
@@ -228,14 +221,6 @@ class PurgeTask:
             log.info("queue purge: removed %s (finished before %s)", describe_rows(report.count.removed),
                      report.cutoff.isoformat(timespec="seconds"))
         return report
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("queue purge failed; next pass in %s s", self.interval)
-            await asyncio.sleep(self.interval)
 
 
 def describe_rows(rows: dict[str, int]) -> str:

@@ -24,7 +24,6 @@ already require).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
+from gateway.ops.periodic import PeriodicTask
 from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
 from gateway.storage.models import Base, UTCDateTime
@@ -144,37 +144,22 @@ class FailureCounts:
         return int(deleted)
 
 
-class PurgeTask:
+class PurgeTask(PeriodicTask):
     """``gateway serve``'s periodic purge of expired windows, on one node at a time (advisory lock)."""
 
+    name = "auth-failures-purge"
+
     def __init__(self, db: Database, purge: Callable[[], Awaitable[int]], *, interval_seconds: float) -> None:
+        super().__init__(interval_seconds=interval_seconds)
         self.db = db
         self.purge = purge
-        self.interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="auth-failures-purge")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def run_once(self) -> int:
-        async with run_alone(self.db, "auth-failures-purge") as alone:
-            return await self.purge() if alone else 0
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                deleted = await self.run_once()
-                if deleted:
-                    log.info("sign-in limiter: %d expired failure records purged", deleted)
-            except Exception:
-                log.exception("sign-in limiter purge failed; next pass in %s s", self.interval)
-            await asyncio.sleep(self.interval)
+        async with run_alone(self.db, self.name) as alone:
+            deleted = await self.purge() if alone else 0
+        if deleted:
+            log.info("sign-in limiter: %d expired failure records purged", deleted)
+        return deleted
 
 
 _RETURNED = (_COLUMNS.login, _COLUMNS.source, _COLUMNS.failures, _COLUMNS.last_failure_at, _COLUMNS.last_success_at,
