@@ -154,22 +154,25 @@ class MailboxExport:
 @json_option
 @user_errors
 def reindex(address: str | None, every: bool, batch: int, as_json: bool) -> None:
-    """Fill the SEARCH blind index of messages stored before it existed (resumable: run it again to go on).
+    """Fill the SEARCH blind index of messages stored before it existed, and keep rendered the ENVELOPE of
+    messages stored before that (resumable: run it again to go on).
 
-    Until a message is indexed, SEARCH unseals its header columns instead: answers are the same, only slower.
+    Until a message is indexed, SEARCH unseals its header columns instead; until its ENVELOPE is rendered,
+    FETCH renders it each time: answers are the same, only slower.
     """
     if (address is None) == (not every):
         raise click.UsageError("give an ADDRESS or --all")
-    done: list[tuple[str, int]] = with_services(lambda services: _reindex(services, address, batch))
+    done: list[tuple[str, int, int]] = with_services(lambda services: _reindex(services, address, batch))
     if as_json:
-        emit_json([{"address": name, "indexed": count} for name, count in done])
+        emit_json([{"address": name, "indexed": count, "envelopes": rendered} for name, count, rendered in done])
         return
-    for name, count in done:
-        click.echo(f"{name}: {count} messages indexed")
+    for name, count, rendered in done:
+        click.echo(f"{name}: {count} messages indexed, {rendered} ENVELOPEs rendered")
 
 
-async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int]]:
+async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int, int]]:
     from gateway.mailstore.blind_index import backfill, hosted_mailboxes
+    from gateway.mailstore.envelopes import upgrade_envelopes
 
     store = services.mailstore
     if store.index is None or store.headers is None:
@@ -181,7 +184,8 @@ async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple
     done = []
     for mailbox_id, name in targets:
         report = await backfill(store.database, store.index, store.headers.fields, mailbox_id, batch=batch)
-        done.append((name, report.indexed))
+        rendered = await upgrade_envelopes(store.database, store.headers.fields, mailbox_id, batch=batch)
+        done.append((name, report.indexed, rendered))
     return done
 
 

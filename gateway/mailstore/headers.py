@@ -17,7 +17,9 @@ from typing import Any
 
 # The RFC 5322 address parser IMAP's ENVELOPE uses (pure, no I/O): the cached ENVELOPE and the SEARCH
 # columns must read addresses exactly as a FETCH of the header would.
+from gateway.imap.protocol.envelope import render_envelope
 from gateway.imap.protocol.headers import parse_address_list, unfold
+from gateway.imap.protocol.mime import header_value
 
 MAX_HEADER_BYTES = 256 * 1024
 _ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
@@ -34,6 +36,10 @@ class CachedHeaders:
     cc_addr: str | None
     sent_date: dt.datetime | None
     envelope: dict[str, Any]
+
+    def envelope_wire(self) -> bytes:
+        """The ENVELOPE as IMAP sends it (what a sealed store keeps: one decryption per FETCH, no rendering)."""
+        return render_envelope(self.envelope)
 
 
 def header_section(prefix: bytes) -> bytes:
@@ -113,13 +119,17 @@ def parse_headers(section: bytes) -> CachedHeaders:
         value = message.get(name)
         return None if value is None else unfold(str(value)).strip(" \t")
 
-    addresses = {name: _address_list(raw(name)) for name in _ADDRESS_FIELDS}
+    def exact(name: str) -> str | None:
+        """As a FETCH of the header reads it: 8-bit octets (RFC 6532 UTF-8) kept, not replaced by U+FFFD."""
+        return header_value(message, name)
+
+    addresses = {name: _address_list(exact(name)) for name in _ADDRESS_FIELDS}
     # RFC 3501 7.4.2: sender and reply-to default to from when absent.
     addresses["sender"] = addresses["sender"] or addresses["from"]
     addresses["reply-to"] = addresses["reply-to"] or addresses["from"]
     envelope: dict[str, Any] = {
-        "date": raw("date"), "subject": raw("subject"), **addresses,
-        "in-reply-to": raw("in-reply-to"), "message-id": raw("message-id"),
+        "date": exact("date"), "subject": exact("subject"), **addresses,
+        "in-reply-to": exact("in-reply-to"), "message-id": exact("message-id"),
     }
     message_id = raw("message-id")
     return CachedHeaders(

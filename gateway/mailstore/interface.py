@@ -136,6 +136,9 @@ class MessageMeta:
     from_addr: str | None
     to_addr: str | None
     sent_date: dt.datetime | None
+    # The ENVELOPE as rendered at delivery (RFC 3501 7.4.2, without UTF8=ACCEPT), when the store keeps it:
+    # then ``envelope`` is empty.
+    envelope_wire: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.blind_index import BlindIndex
 from gateway.mailstore.search import MAX_SQL_RANGES, SearchRow, search_folder, uid_clause
 from gateway.mailstore.tables import KEYWORDED, Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
-from gateway.security.at_rest import HeaderSealer
+from gateway.imap.protocol.envelope import WIRE_VERSION
+from gateway.mailstore.envelopes import envelope_form
+from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer
 from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
 from gateway.storage.db import Database
@@ -192,8 +194,9 @@ class _MetaRow:
     """The columns FETCH needs, as plain attributes: no ORM identity map or instance state per row
     (that bookkeeping was a third of the store's time for UID FETCH 1:* on 100,000 messages)."""
 
-    __slots__ = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "message_id",
-                 "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
+    NAMES = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "message_id",
+             "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
+    __slots__ = (*NAMES, "envelope_wire")   # envelope_wire: no column, the ENVELOPE column once opened
     uid: int
     modseq: int
     system_flags: int
@@ -207,13 +210,9 @@ class _MetaRow:
     to_addr: str | None
     cc_addr: str | None
     sent_date: dt.datetime | None
-    COLUMNS = tuple(getattr(Message, name) for name in __slots__)
+    envelope_wire: bytes | None
     # Without the five sealed header columns (FETCH asks for none of them).
-    CLEAR = tuple(name for name in __slots__ if name not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
-
-    def __init__(self, values: Sequence[Any]) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
-            setattr(self, name, value)
+    CLEAR = tuple(name for name in NAMES if name not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
 
     @classmethod
     def of(cls, names: Sequence[str], values: Sequence[Any]) -> _MetaRow:
@@ -227,7 +226,6 @@ class _MetaRow:
 
 _MESSAGES = Message.__table__     # SQL Core on the hot paths: rows as tuples, no ORM loading
 _INDEX_COLUMNS = (_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags, _MESSAGES.c.keywords)
-_SEALED_JSON = ('{"sealed": "', '"}')   # how json.dumps writes HeaderSealer's {"sealed": token}
 
 
 def _core_uid_clause(uids: UidSet) -> ColumnElement[bool]:
@@ -238,15 +236,6 @@ def _core_uid_clause(uids: UidSet) -> ColumnElement[bool]:
     if len(uids.ranges) > MAX_SQL_RANGES:
         return column.between(min(low for low, _ in uids.ranges), max(high for _, high in uids.ranges))
     return or_(*(column == low if low == high else column.between(low, high) for low, high in uids.ranges))
-
-
-def _sealed_token(text: str) -> str | None:
-    """The token of a sealed ENVELOPE column without a JSON parse (base64url: no quote or escape in it)."""
-    head, tail = _SEALED_JSON
-    if text.startswith(head) and text.endswith(tail) and '"' not in text[len(head):-len(tail)] \
-            and "\\" not in text:
-        return text[len(head):-len(tail)]
-    return None
 
 
 MESSAGES = cast(Table, Message.__table__)   # the tables themselves, for SQL Core statements without the ORM
@@ -364,6 +353,7 @@ def _meta(row: Message | _MetaRow) -> MessageMeta:
         uid=row.uid, modseq=row.modseq, flags=flagcodec.decode(row.system_flags, row.keywords),
         internaldate=row.internaldate, size=row.size, envelope=row.envelope, message_id=row.message_id,
         subject=row.subject, from_addr=row.from_addr, to_addr=row.to_addr, sent_date=row.sent_date,
+        envelope_wire=getattr(row, "envelope_wire", None),
     )
 
 
@@ -848,7 +838,7 @@ class SqlMailStore(MailStore):
                          envelope: bool = True, headers: bool = True) -> list[MessageMeta]:
         """Only the sealed columns asked for are read and unsealed (an ENVELOPE: one decryption per message).
         SQL Core columns (no ORM loading); the ENVELOPE column as its raw JSON text, decoded once here."""
-        names = _MetaRow.__slots__ if headers else _MetaRow.CLEAR
+        names = _MetaRow.NAMES if headers else _MetaRow.CLEAR
         if not envelope:
             names = tuple(name for name in names if name != "envelope")
         columns = [type_coerce(_MESSAGES.c.envelope, Text) if name == "envelope" else _MESSAGES.c[name]
@@ -880,25 +870,29 @@ class SqlMailStore(MailStore):
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
     async def _open_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
-        """The ENVELOPE column's JSON text -> its dict, unsealed first when sealed at rest
-        (``{"sealed": token}``, see gateway.security.at_rest.HeaderSealer)."""
+        """The ENVELOPE column, opened: sealed at rest as its rendering (``{"imap1": token}``, see
+        gateway.security.at_rest.HeaderSealer), all of them decrypted in one loop into ``envelope_wire``;
+        else its JSON (text on SQLite, decoded by PostgreSQL's driver) -> its dict, unsealed first when
+        sealed in the earlier form (``{"sealed": token}``).  Without the key (a store opened without
+        its sealer) the envelope stays empty: the IMAP side parses the message's header."""
         owner = mailbox_owner(mailbox_id)
+        rendered: list[tuple[_MetaRow, str]] = []
         for row in rows:
-            text = row.envelope
-            if not isinstance(text, str):
-                row.envelope = text or {}
+            form, value = envelope_form(row.envelope)
+            row.envelope = {}
+            if form == "clear":
+                row.envelope = value
+            elif self.headers is None:
                 continue
-            token = _sealed_token(text)
-            if token is None:
-                decoded = json.loads(text)
-                token = decoded.get("sealed") if isinstance(decoded, dict) and set(decoded) == {"sealed"} else None
-                if token is None:
-                    row.envelope = decoded if isinstance(decoded, dict) else {}
-                    continue
-            if self.headers is None:
-                row.envelope = {}        # no key here: the IMAP side builds it from the message's header
-                continue
-            row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", token) or "{}")
+            elif form == WIRE_VERSION:
+                rendered.append((row, value))
+            elif form == "sealed":
+                row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", value) or "{}")
+        if rendered and self.headers is not None:
+            opened = await self.headers.fields.open_many_bytes(owner, ENVELOPE_WIRE_COLUMN,
+                                                               [token for _, token in rendered])
+            for (row, _), wire in zip(rendered, opened, strict=True):
+                row.envelope_wire = wire
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
         def work(connection: Connection) -> str | None:

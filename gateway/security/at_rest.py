@@ -36,6 +36,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -45,6 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sqlalchemy import func, select
 
+from gateway.imap.protocol.envelope import WIRE_VERSION
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.segments import SegmentAead
 from gateway.storage.db import Database
@@ -103,7 +105,26 @@ class FieldSealer:
     async def seal(self, owner: str, column: str, value: str | None) -> str | None:
         return None if value is None else await self.seal_bytes(owner, column, value.encode("utf-8"))
 
-    async def open_bytes(self, owner: str, column: str, token: str) -> bytes:
+    async def open_many_bytes(self, owner: str, column: str, tokens: Sequence[str]) -> list[bytes]:
+        """``open_bytes`` of many values of one owner's column: the ciphers looked up once per key, then one
+        loop of decryptions (FETCH of many ENVELOPEs)."""
+        aad = _field_aad(owner, column)
+        ciphers: dict[int, AESGCM] = {}
+        opened: list[bytes] = []
+        for token in tokens:
+            key_id, nonce, sealed = self._parts(owner, column, token)
+            cipher = ciphers.get(key_id)
+            if cipher is None:
+                cipher = ciphers[key_id] = await self._known_cipher(owner, column, key_id)
+            try:
+                opened.append(cipher.decrypt(nonce, sealed, aad))
+            except InvalidTag:
+                raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
+        return opened
+
+    @staticmethod
+    def _parts(owner: str, column: str, token: str) -> tuple[int, bytes, bytes]:
+        """(data key id, nonce, ciphertext and tag) of a sealed value."""
         try:
             raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX):])
         except (binascii.Error, ValueError):
@@ -111,15 +132,16 @@ class FieldSealer:
         if len(raw) < KEY_ID.size + FIELD_NONCE_BYTES + TAG_BYTES:
             raise SealedDataError(f"sealed {column} of {owner} is truncated")
         (key_id,) = KEY_ID.unpack_from(raw)
-        nonce, sealed = raw[KEY_ID.size:KEY_ID.size + FIELD_NONCE_BYTES], raw[KEY_ID.size + FIELD_NONCE_BYTES:]
+        return key_id, raw[KEY_ID.size:KEY_ID.size + FIELD_NONCE_BYTES], raw[KEY_ID.size + FIELD_NONCE_BYTES:]
+
+    async def _known_cipher(self, owner: str, column: str, key_id: int) -> AESGCM:
         try:
-            cipher = await self._cipher(owner, key_id)
+            return await self._cipher(owner, key_id)
         except UnknownDataKey:
             raise SealedDataError(f"sealed {column} was not sealed for {owner}") from None
-        try:
-            return cipher.decrypt(nonce, sealed, _field_aad(owner, column))
-        except InvalidTag:
-            raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
+
+    async def open_bytes(self, owner: str, column: str, token: str) -> bytes:
+        return (await self.open_many_bytes(owner, column, (token,)))[0]
 
     async def open(self, owner: str, column: str, value: str | None) -> str | None:
         """The plaintext of a sealed value; an unsealed (legacy) value is returned unchanged."""
@@ -279,6 +301,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 MESSAGE_ID_PLAINTEXT_LIMIT = 700      # sealed, it still fits the 998-character column (RFC 5322 2.1.1 line limit)
 _SEALED_TEXT_COLUMNS = ("subject", "from_addr", "to_addr", "cc_addr", "message_id")
+# The sealed rendering's associated data names its version: a value is only ever opened as what it is.
+ENVELOPE_WIRE_COLUMN = f"envelope-{WIRE_VERSION}"
 
 
 class HeaderSealer:
@@ -301,8 +325,10 @@ class HeaderSealer:
             if column == "message_id" and plain is not None:
                 plain = plain[:MESSAGE_ID_PLAINTEXT_LIMIT]
             values[column] = await self.fields.seal(owner, column, plain)
-        envelope = json.dumps(headers.envelope, ensure_ascii=False)
-        values["envelope"] = {"sealed": await self.fields.seal(owner, "envelope", envelope)}
+        # The ENVELOPE as IMAP renders it (gateway.imap.protocol.envelope), not its structure: a FETCH
+        # decrypts it and sends it as is.
+        values["envelope"] = {WIRE_VERSION: await self.fields.seal_bytes(
+            owner, ENVELOPE_WIRE_COLUMN, headers.envelope_wire())}
         return dataclasses.replace(headers, **values)
 
     async def open_rows(self, owner: str, rows: Any) -> None:

@@ -39,12 +39,15 @@ from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.memory import MemoryMailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.security.at_rest import FieldSealer, HeaderSealer
 from gateway.security.keys import KeyManager
 from gateway.storage.blobs import BlobStore
 
 T = TypeVar("T")
 # The protocol tests run against both implementations of the MailStore interface (pymap does the same).
-STORES = pytest.mark.parametrize("imap", ["sql", "memory"], indirect=True)
+# "sealed": the SQL store with its header columns sealed at rest, as `gateway serve` runs it (blind index,
+# ENVELOPEs kept rendered and sealed).
+STORES = pytest.mark.parametrize("imap", ["sql", "sealed", "memory"], indirect=True)
 HOST = "127.0.0.1"
 _keys = itertools.count(1)
 _account_numbers = itertools.count(int(time.time()) % 100000 * 1000)
@@ -112,8 +115,7 @@ class RunningImap:
         self.ca_file = str(services.pki.ca_bundle_path)
         hub = ChangeHub()
         blobs = BlobStore(settings.data_path / "blobs", KeyManager(services.db, settings.data_path / "keys"))
-        self.store = SqlMailStore(services.db, blobs, hub) if self.store_kind == "sql" else MemoryMailStore(
-            hub, quota_bytes=settings.directory.default_quota_mb * 1024 * 1024)
+        self.store = self._make_store(services, blobs, hub, settings.directory.default_quota_mb)
         self.delivery = LocalDelivery(self.store)  # type: ignore[arg-type]  # the memory store has add_message too
         for account in self.accounts:
             found = await services.directory.account(account.address)
@@ -122,6 +124,14 @@ class RunningImap:
             await self.delivery.provision(found.mailbox_id)
         self.listeners = await start_imap_listeners(services, settings, mailstore=self.store, hub=hub)
         (_, self.starttls_port), (_, self.imaps_port) = self.listeners.addresses()
+
+    def _make_store(self, services: Services, blobs: BlobStore, hub: ChangeHub,
+                    quota_mb: int) -> SqlMailStore | MemoryMailStore:
+        if self.store_kind == "memory":
+            return MemoryMailStore(hub, quota_bytes=quota_mb * 1024 * 1024)
+        if self.store_kind == "sealed":
+            return SqlMailStore(services.db, blobs, hub, headers=HeaderSealer(FieldSealer(blobs.keys)))
+        return SqlMailStore(services.db, blobs, hub)
 
     async def _stop(self) -> None:
         if self.listeners is not None:

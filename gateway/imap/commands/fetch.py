@@ -10,29 +10,35 @@ response is built, and the new FLAGS are returned with them (RFC 3501 6.4.5).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import datetime as dt
-import bisect
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.imap.commands.base import Completion
 from gateway.imap.commands.content import MessageContent, binary_octets, find_part
 from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
+from gateway.imap.protocol.envelope import EnvelopeWriter, usable_wire
+from gateway.imap.protocol.errors import EXPUNGEISSUED
 from gateway.imap.protocol.fetch import FetchAttribute
 from gateway.imap.protocol.structure import format_bodystructure, format_envelope
 from gateway.imap.selected import Message, SelectedMailbox
-from gateway.imap.protocol.errors import EXPUNGEISSUED
 from gateway.mailstore.errors import MessageNotFound
-from gateway.mailstore.interface import SEEN, FlagListing, MessageMeta, StoreMode, UidSet
+from gateway.mailstore.interface import (
+    SEEN,
+    FlagListing,
+    MessageMeta,
+    StoreMode,
+    UidSet,
+)
 
 if TYPE_CHECKING:
     from gateway.imap.session import Handler, Session
 
-_ENVELOPE_ADDRESSES = ("from", "sender", "reply-to", "to", "cc", "bcc")
 BODY_ITEMS = frozenset({"BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 RENDER_BATCH = 16   # messages whose bodies are read at the same time
 FLAG_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})   # answered from the store's index alone
@@ -330,7 +336,7 @@ def _simple_value(selected: SelectedMailbox, meta: MessageMeta, name: str) -> by
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 async def _section_value(content: MessageContent, attribute: FetchAttribute) -> bytes:
@@ -364,7 +370,9 @@ async def _envelope(session: Session, selected: SelectedMailbox, meta: MessageMe
     rendered = RENDERED_ENVELOPES.get(key)
     if rendered is None:
         cached = meta.envelope
-        if cached:
+        if meta.envelope_wire is not None and usable_wire(meta.envelope_wire, utf8=session.utf8):
+            rendered = meta.envelope_wire       # rendered at delivery: sent as stored
+        elif cached:
             rendered = writer.envelope(cached)
         else:
             rendered = format_envelope(await content.head_message(), utf8=session.utf8)
@@ -409,50 +417,6 @@ class RenderedEnvelopes:
 
 
 RENDERED_ENVELOPES = RenderedEnvelopes(8 * 1024 * 1024)   # ~20,000 envelopes of a few hundred octets
-
-
-class EnvelopeWriter:
-    """Renders cached ENVELOPEs; the addresses and strings of one mailbox repeat (the same correspondents,
-    the same subjects), so each distinct one is rendered once and remembered, within bounds."""
-
-    MAX_REMEMBERED = 4096
-
-    def __init__(self, *, utf8: bool) -> None:
-        self.utf8 = utf8
-        self._strings: dict[str, bytes] = {}
-        self._addresses: dict[tuple[Any, ...], bytes] = {}
-
-    def envelope(self, cached: dict[str, Any]) -> bytes:
-        string = self.nstring
-        fields = [string(cached.get("date")), string(cached.get("subject"))]
-        fields += [self.address_list(cached.get(name)) for name in _ENVELOPE_ADDRESSES]
-        fields += [string(cached.get("in-reply-to")), string(cached.get("message-id"))]
-        return b"(" + b" ".join(fields) + b")"
-
-    def nstring(self, value: Any) -> bytes:
-        if value is None:
-            return response.NIL
-        rendered = self._strings.get(value)
-        if rendered is None:
-            rendered = response.nstring(value, utf8=self.utf8)
-            if len(self._strings) < self.MAX_REMEMBERED:
-                self._strings[value] = rendered
-        return rendered
-
-    def address_list(self, addresses: Any) -> bytes:
-        """RFC 3501 9 address = "(" addr-name SP addr-adl SP addr-mailbox SP addr-host ")"; none is NIL."""
-        if not addresses:
-            return response.NIL
-        return b"(" + b"".join(self._address(address) for address in addresses) + b")"
-
-    def _address(self, address: Any) -> bytes:
-        key = tuple(address)
-        rendered = self._addresses.get(key)
-        if rendered is None:
-            rendered = response.paren_list(response.nstring(part, utf8=self.utf8) for part in address)
-            if len(self._addresses) < self.MAX_REMEMBERED:
-                self._addresses[key] = rendered
-        return rendered
 
 
 HANDLERS: dict[type[c.Command], Handler] = {c.Fetch: fetch}
