@@ -397,6 +397,12 @@ class MailStore(ABC):
         cached header fields (message_id, subject, from_addr, to_addr) are None; flags, dates, size always."""
         return await self.fetch(folder, uids, changed_since=changed_since)
 
+    async def fetch_envelopes(self, folder: FolderRef, uids: UidSet) -> dict[int, bytes | dict[str, Any]]:
+        """The ENVELOPE of each of these messages that exists, by UID: as rendered at delivery (RFC 3501 7.4.2,
+        without UTF8=ACCEPT) when the store keeps it so, else the cached structure (empty: not cached)."""
+        metas = await self.fetch_meta(folder, uids, headers=False)
+        return {meta.uid: meta.envelope if meta.envelope_wire is None else meta.envelope_wire for meta in metas}
+
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:
         """UID, MODSEQ and flags only (FETCH (UID FLAGS MODSEQ)), as compact columns."""

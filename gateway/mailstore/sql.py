@@ -298,6 +298,7 @@ _EXPUNGED_SINCE = (select(EXPUNGED.c.uid).where(EXPUNGED.c.folder_id == bindpara
 _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
+_ENVELOPES = select(_MESSAGES.c.uid, type_coerce(_MESSAGES.c.envelope, Text))
 _BLOB_OF = select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                              _MESSAGES.c.uid == bindparam("uid"))
 
@@ -860,6 +861,20 @@ class SqlMailStore(MailStore):
             rows = [message for message in rows if message.uid in uids]
         return [_meta(message) for message in rows]
 
+    async def fetch_envelopes(self, folder: FolderRef, uids: UidSet) -> dict[int, bytes | dict[str, Any]]:
+        """Two columns of the listed messages in one SQL Core statement (one transaction), then every sealed
+        rendering opened in one loop: no row object, no structure decoded or rendered."""
+        def work(connection: Connection) -> list[tuple[int, Any]]:
+            row = self._folder_core(connection, folder)
+            query = _ENVELOPES.where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
+            return [(uid, stored) for uid, stored in connection.execute(query)]
+
+        rows = await self._run(work)
+        if len(uids.ranges) > 1:               # the clause may be a coarser range (search.MAX_SQL_RANGES)
+            rows = [(uid, stored) for uid, stored in rows if uid in uids]
+        opened = await self._opened_envelopes(folder.mailbox_id, [stored for _, stored in rows])
+        return {uid: envelope for (uid, _), envelope in zip(rows, opened, strict=True)}
+
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:
         _, index = await self._read_with_index(folder)
@@ -870,29 +885,41 @@ class SqlMailStore(MailStore):
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
     async def _open_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
-        """The ENVELOPE column, opened: sealed at rest as its rendering (``{"imap1": token}``, see
-        gateway.security.at_rest.HeaderSealer), all of them decrypted in one loop into ``envelope_wire``;
-        else its JSON (text on SQLite, decoded by PostgreSQL's driver) -> its dict, unsealed first when
-        sealed in the earlier form (``{"sealed": token}``).  Without the key (a store opened without
-        its sealer) the envelope stays empty: the IMAP side parses the message's header."""
+        """The ENVELOPE column of each row, opened (``_opened_envelopes``): a rendering into ``envelope_wire``
+        (the structure then empty), else the structure."""
+        opened = await self._opened_envelopes(mailbox_id, [row.envelope for row in rows])
+        for row, envelope in zip(rows, opened, strict=True):
+            if isinstance(envelope, bytes):
+                row.envelope, row.envelope_wire = {}, envelope
+            else:
+                row.envelope = envelope
+
+    async def _opened_envelopes(self, mailbox_id: int, stored: Sequence[Any]) -> list[bytes | dict[str, Any]]:
+        """ENVELOPE columns opened: sealed at rest as the rendering (``{"imap1": token}``, see
+        gateway.security.at_rest.HeaderSealer), all decrypted in one loop, as bytes; else the structure (JSON
+        text on SQLite, decoded by PostgreSQL's driver), unsealed first when sealed in the earlier form
+        (``{"sealed": token}``). Without the key (a store opened without its sealer), or another version's
+        rendering: an empty structure, and the IMAP side parses the message's header."""
         owner = mailbox_owner(mailbox_id)
-        rendered: list[tuple[_MetaRow, str]] = []
-        for row in rows:
-            form, value = envelope_form(row.envelope)
-            row.envelope = {}
+        opened: list[bytes | dict[str, Any]] = []
+        rendered: list[tuple[int, str]] = []
+        for position, value in enumerate(stored):
+            form, content = envelope_form(value)
+            opened.append({})
             if form == "clear":
-                row.envelope = value
+                opened[position] = content
             elif self.headers is None:
                 continue
             elif form == WIRE_VERSION:
-                rendered.append((row, value))
+                rendered.append((position, content))
             elif form == "sealed":
-                row.envelope = json.loads(await self.headers.fields.open(owner, "envelope", value) or "{}")
+                opened[position] = json.loads(await self.headers.fields.open(owner, "envelope", content) or "{}")
         if rendered and self.headers is not None:
-            opened = await self.headers.fields.open_many_bytes(owner, ENVELOPE_WIRE_COLUMN,
-                                                               [token for _, token in rendered])
-            for (row, _), wire in zip(rendered, opened, strict=True):
-                row.envelope_wire = wire
+            wires = await self.headers.fields.open_many_bytes(owner, ENVELOPE_WIRE_COLUMN,
+                                                              [token for _, token in rendered])
+            for (position, _), wire in zip(rendered, wires, strict=True):
+                opened[position] = wire
+        return opened
 
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
         def work(connection: Connection) -> str | None:

@@ -16,7 +16,7 @@ import datetime as dt
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.imap.commands.base import Completion
 from gateway.imap.commands.content import MessageContent, binary_octets, find_part
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 BODY_ITEMS = frozenset({"BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 RENDER_BATCH = 16   # messages whose bodies are read at the same time
 FLAG_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})   # answered from the store's index alone
+ENVELOPE_ITEMS = FLAG_ITEMS | {"ENVELOPE"}            # and the ENVELOPEs, without a MessageMeta per message
 WRITE_BATCH = 2000  # FETCH responses joined per write
 
 
@@ -53,6 +54,8 @@ async def fetch(session: Session, command: c.Command) -> Completion:
     attributes = _with_implied(command, selected)
     if all(item.section is None and item.name in FLAG_ITEMS for item in attributes):
         return await _fetch_flags(session, selected, command, attributes)
+    if all(item.section is None and item.name in ENVELOPE_ITEMS for item in attributes):
+        return await _fetch_envelopes(session, selected, command, attributes)
     messages = selected.resolve(command.sequence_set, uid=command.uid)
     if not messages:
         return Completion("FETCH completed")
@@ -97,6 +100,63 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
         session.write(b"".join(pending))
     await session.connection.drain()
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command: c.Fetch,
+                           attributes: tuple[FetchAttribute, ...]) -> Completion:
+    """FETCH of ENVELOPE with UID, FLAGS or MODSEQ (a client listing a folder): flags from the store's flag
+    listing, ENVELOPEs as sent before or as the store keeps them (rendered at delivery: sent as stored)."""
+    ranges, wanted = selected.uid_ranges(command.sequence_set, uid=command.uid)
+    if not ranges:
+        return Completion("FETCH completed")
+    listing = await session.store.fetch_flags(selected.ref, UidSet(tuple(ranges)),
+                                              changed_since=command.changed_since)
+    keys = (selected.ref.mailbox_id, selected.uidvalidity, session.utf8)
+    missing = [uid for uid in listing.uids if (keys[0], keys[1], uid, keys[2]) not in RENDERED_ENVELOPES]
+    stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing)) if missing else {}
+    render = _FlagLineRenderer(selected, attributes)
+    writer = EnvelopeWriter(utf8=session.utf8)
+    pending: list[bytes] = []
+    answered = 0
+    for number, uid, modseq, flag_id in _present(selected, listing):
+        envelope = await _stored_envelope(session, selected, uid, stored, writer)
+        if envelope is None:
+            continue                                    # expunged meanwhile: RFC 3501 6.4.8, as the others
+        pending.append(render.line(number, uid, modseq, flag_id, listing.flag_sets, envelope))
+        answered += 1
+        if len(pending) >= WRITE_BATCH:
+            session.write(b"".join(pending))
+            pending.clear()
+            await session.connection.drain()
+    if pending:
+        session.write(b"".join(pending))
+    await session.connection.drain()
+    return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+async def _stored_envelope(session: Session, selected: SelectedMailbox, uid: int,
+                           stored: dict[int, bytes | dict[str, Any]], writer: EnvelopeWriter) -> bytes | None:
+    """RFC 3501 7.4.2 ENVELOPE of one message: as sent before, as stored, or parsed from its header; None
+    when the message no longer exists."""
+    key = _envelope_key(session, selected, uid)
+    rendered = RENDERED_ENVELOPES.get(key)
+    if rendered is not None:
+        return rendered
+    if uid not in stored:
+        return None
+    envelope = stored[uid]
+    if isinstance(envelope, bytes) and usable_wire(envelope, utf8=session.utf8):
+        rendered = envelope
+    elif isinstance(envelope, dict) and envelope:
+        rendered = writer.envelope(envelope)
+    else:
+        try:
+            head = await MessageContent(session.store, selected.ref, uid).head_message()
+        except MessageNotFound:
+            return None
+        rendered = format_envelope(head, utf8=session.utf8)
+    RENDERED_ENVELOPES.put(key, rendered)
+    return rendered
 
 
 async def _write_bulk(session: Session, command: c.Fetch, render: _FlagLineRenderer, listing: FlagListing,
@@ -173,7 +233,8 @@ class _FlagLineRenderer:
             return b"".join([b"* %d FETCH (UID %d %s)\r\n" % line for line in zip(numbers, uids, pieces, strict=True)])
         return b"".join([b"* %d FETCH (%s)\r\n" % line for line in zip(numbers, pieces, strict=True)])
 
-    def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]]) -> bytes:
+    def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]],
+             envelope: bytes = b"") -> bytes:
         selected = self.selected
         prefix = b""
         if self.flags:
@@ -185,6 +246,8 @@ class _FlagLineRenderer:
         for name in self.names:
             if name == "FLAGS":
                 parts.append(self._flag_list(uid, flag_id, flag_sets))
+            elif name == "ENVELOPE":
+                parts.append(b"ENVELOPE " + envelope)
             else:
                 parts.append(b"MODSEQ (%d)" % modseq)                   # RFC 7162 3.1.4
         return prefix + b"* %d FETCH (%s)\r\n" % (number, b" ".join(parts))
