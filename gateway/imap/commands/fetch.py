@@ -184,7 +184,8 @@ def _aligned(selected: SelectedMailbox, listing: FlagListing) -> int | None:
 def _present(selected: SelectedMailbox, listing: FlagListing) -> Iterator[tuple[int, int, int, int]]:
     """(sequence number, UID, MODSEQ, flag set id) of the listed messages this view holds, in order."""
     mine = selected.uids
-    position, size = 0, len(mine)
+    size = len(mine)
+    position = bisect.bisect_left(mine, listing.uids[0]) if len(listing.uids) else 0   # not a walk from 1
     for uid, modseq, flag_id in zip(listing.uids, listing.modseqs, listing.flag_ids, strict=True):
         while position < size and mine[position] < uid:
             position += 1
