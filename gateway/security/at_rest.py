@@ -72,6 +72,9 @@ def _derive(data_key: bytes, purpose: bytes, owner: str, salt: bytes | None = No
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=purpose + b"\x00" + owner.encode()).derive(data_key)
 
 
+_FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")   # "+" and "/" turned into what strict base64 refuses
+
+
 def is_sealed(value: str | None) -> bool:
     return value is not None and value.startswith(SEALED_PREFIX)
 
@@ -125,9 +128,10 @@ class FieldSealer:
     @staticmethod
     def _parts(owner: str, column: str, token: str) -> tuple[int, bytes, bytes]:
         """(data key id, nonce, ciphertext and tag) of a sealed value."""
-        try:
-            raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX):])
-        except (binascii.Error, ValueError):
+        try:   # base64url (RFC 4648 5) straight to binascii: base64.urlsafe_b64decode's checks cost as much
+            raw = binascii.a2b_base64(token.encode("ascii")[len(SEALED_PREFIX):].translate(_FROM_URLSAFE),
+                                      strict_mode=True)
+        except (binascii.Error, ValueError):   # UnicodeEncodeError is a ValueError
             raise SealedDataError(f"sealed {column} of {owner} is not base64") from None
         if len(raw) < KEY_ID.size + FIELD_NONCE_BYTES + TAG_BYTES:
             raise SealedDataError(f"sealed {column} of {owner} is truncated")
@@ -142,6 +146,12 @@ class FieldSealer:
 
     async def open_bytes(self, owner: str, column: str, token: str) -> bytes:
         return (await self.open_many_bytes(owner, column, (token,)))[0]
+
+    async def open_many(self, owner: str, column: str, values: Sequence[str | None]) -> list[str | None]:
+        """``open`` of many values of one owner's column (SEARCH's candidates), decrypted in one loop."""
+        sealed = [value for value in values if is_sealed(value)]
+        opened = iter(await self.open_many_bytes(owner, column, sealed))   # type: ignore[arg-type]
+        return [next(opened).decode("utf-8") if is_sealed(value) else value for value in values]
 
     async def open(self, owner: str, column: str, value: str | None) -> str | None:
         """The plaintext of a sealed value; an unsealed (legacy) value is returned unchanged."""
