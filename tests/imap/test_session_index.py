@@ -4,7 +4,10 @@ was last told (RFC 3501 7.4.1, 7.3.1), however far the shared index has moved on
 from __future__ import annotations
 
 import asyncio
+import re
 from array import array
+
+import pytest
 
 from gateway.imap.selected import SelectedMailbox
 from gateway.mailstore.interface import Changes, FlagUpdate, FolderRef
@@ -83,6 +86,32 @@ def test_envelopes_rendered_once_stay_those_of_their_own_folder(imap: RunningIma
     session.command("SELECT Dossiers")
     assert '"Nouveau dossier"' in session.command("FETCH 1 (ENVELOPE)")[0]
     session.close()
+
+
+@pytest.mark.parametrize("imap", ["sealed", "memory"], indirect=True)
+def test_envelope_listing_answers_as_the_general_fetch(imap: RunningImap) -> None:  # noqa: F811
+    """FETCH (FLAGS ENVELOPE), answered from the flag listing and the stored ENVELOPEs, gives the octets the
+    general FETCH path gives (RFC 3501 7.4.2), flags included, with and without UTF8=ACCEPT (RFC 6855 3: a raw UTF-8 subject is a literal without it, a quoted string with it)."""
+    account = imap.new_account()
+    imap.deliver(account.address, make_message("Compte rendu"))
+    imap.deliver(account.address, make_message("Échographie rénale"))
+    imap.deliver(account.address, make_message("x", sender="soins: a@x.org, b@y.org;"))
+    writer = Conversation(imap, account)
+    writer.command("SELECT INBOX")
+    writer.command("STORE 2 +FLAGS.SILENT (Urgent)")
+    for enable in ("", "ENABLE UTF8=ACCEPT"):
+        session = Conversation(imap, account)
+        if enable:
+            session.command(enable)
+        session.command("SELECT INBOX")
+        listing = session.command("FETCH 1:3 (FLAGS ENVELOPE)")
+        general = session.command("FETCH 1:3 (FLAGS ENVELOPE RFC822.SIZE)")
+        fetched = "\n".join(listing[:-1])
+        assert fetched == re.sub(r" RFC822\.SIZE \d+\)", ")", "\n".join(general[:-1]))
+        assert "FLAGS (Urgent" in fetched and '(NIL NIL "soins" NIL)' in fetched
+        assert ('"Échographie rénale"' in fetched) == bool(enable)
+        session.close()
+    writer.close()
 
 
 class _Store:

@@ -41,6 +41,8 @@ async def test_envelope_is_kept_rendered_and_sealed(database: Database, blobs: B
     (meta,) = await store.fetch_meta(FolderRef(box, INBOX), UidSet.from_uids([1]), headers=False)
     assert meta.envelope_wire == render_envelope(parse_headers(header_section(RAW)).envelope)
     assert b'(NIL NIL "soins" NIL)' in meta.envelope_wire and b"=?UTF-8?Q?Compte_rendu_=C3=A9cho?=" in meta.envelope_wire
+    # FETCH's listing: two columns, the renderings opened in one loop; UIDs that do not exist are absent.
+    assert await store.fetch_envelopes(FolderRef(box, INBOX), UidSet.from_uids([1, 7])) == {1: meta.envelope_wire}
 
 
 async def test_earlier_sealed_structure_answers_and_is_upgraded(database: Database, blobs: BlobStore,
@@ -59,6 +61,8 @@ async def test_earlier_sealed_structure_answers_and_is_upgraded(database: Databa
     metas = await store.fetch_meta(FolderRef(box, INBOX), UidSet.from_uids([1, 2, 3]), headers=False)
     assert [meta.envelope_wire for meta in metas[:2]] == [None, None] and metas[0].envelope == structure
     assert metas[2].envelope_wire == render_envelope(structure)
+    assert await store.fetch_envelopes(FolderRef(box, INBOX), UidSet.from_uids([1, 2, 3])) == {
+        1: structure, 2: structure, 3: render_envelope(structure)}
 
     assert await upgrade_envelopes(database, fields, box, batch=1) == 2
     assert await upgrade_envelopes(database, fields, box, batch=1) == 0      # resumable: nothing left
