@@ -111,8 +111,8 @@ async def _highest_modseq(session: Session, selected: SelectedMailbox, uids: lis
     """RFC 7162 3.1.5: the highest MODSEQ of the matching messages (none when nothing matched)."""
     if not uids:
         return None
-    metas = await session.store.fetch(selected.ref, UidSet.from_uids(uids))
-    return max((meta.modseq for meta in metas), default=None)
+    listing = await session.store.fetch_flags(selected.ref, UidSet.from_uids(uids))   # not every sealed column
+    return max(listing.modseqs, default=None)
 
 
 def _esearch(command: c.Search, results: list[int], highest: int | None) -> bytes:
