@@ -360,7 +360,7 @@ class IndexNarrowing:
 def _row_type(names: tuple[str, ...]) -> Any:
     """A named tuple of these columns: SQLAlchemy's Row resolved ``row.id`` by name at about 10 µs a row the
     first time a statement ran in the process (112 ms over 10,000 candidates), a named tuple's field is an index."""
-    return collections.namedtuple("SearchRow", names)  # noqa: PYI024 (the names are only known at run time)
+    return collections.namedtuple("SearchRow", names)   # the names are only known at run time
 
 
 async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recent_uids: frozenset[int], *,
