@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import functools
 import email.parser
 import email.policy
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
