@@ -127,8 +127,26 @@ def run_load(port: int, args: argparse.Namespace, extra: list[str]) -> tuple[dic
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far, every thread included (/proc/PID/stat fields 14 and 15)."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every live thread of a process (each a thread hop or a wait)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+    return total
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, every thread included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 class Profiler:
@@ -183,6 +201,8 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
                 return int(conn.execute("SELECT count(*) FROM queue_recipients WHERE state = 'delivered'").fetchone()[0])
 
         cpu_before = cpu_seconds(pid)
+        split_before = cpu_split(pid)
+        switches_before = context_switches(pid)
         summary, started = run_load(gateway.ports["smtp_submission_port"], args, [
             "--starttls", "--insecure", "--auth-user", sender["address"], "--auth-pass", sender["password"],
             "--from", sender["address"], "--to", recipient["address"]])
@@ -190,6 +210,8 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
         profiler.stop()
         done_s = wait_until(delivered, int(summary.get("ok", 0)), started, 600)
         cpu_delivered = cpu_seconds(pid) - cpu_before
+        split_after = cpu_split(pid)
+        switches = context_switches(pid) - switches_before
         memory = watch.stop()
         with sqlite3.connect(database) as conn:
             rows = conn.execute("SELECT m.received_at, r.delivered_at FROM queue_recipients r JOIN queue_messages m "
@@ -206,6 +228,9 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     figures["server_cpu_s"] = {"during_load": round(cpu_accepted, 2), "until_all_delivered": round(cpu_delivered, 2)}
     figures["server_cpu_ms_per_msg"] = {"during_load": round(cpu_accepted * 1000 / ok, 2),
                                         "accepted_and_delivered": round(cpu_delivered * 1000 / ok, 2)}
+    figures["server_context_switches_per_msg"] = round(switches / ok, 1)
+    figures["server_cpu_ms_per_msg_user_system"] = [round((after - before) * 1000 / ok, 2)
+                                                    for before, after in zip(split_before, split_after)]
     return figures
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from gateway.mailstore.blind_index import MAX_GRAMS_PER_FIELD, backfill
+from gateway.mailstore.blind_index import FIELD_TAGS, MAX_GRAMS_PER_FIELD, IndexKey, backfill, trigrams
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.interface import INBOX, All, AnyOf, FolderRef, Header, Not, SearchKey, StoreMode, UidSet
 from gateway.mailstore.notify import ChangeHub
@@ -185,3 +185,22 @@ async def _token_count(database: Database) -> int:
     async with database.session() as session:
         return int(await session.scalar(select(func.count()).select_from(SearchToken)) or 0)
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(FIELD_TAGS)), st.none() | st.text(max_size=40)),
+       st.binary(min_size=32, max_size=32))
+def test_message_tokens_are_the_reference_tokens(values: dict[str, str | None], key: bytes) -> None:
+    """``message_tokens`` computes a trigram's token from a keyed state fed the field's prefix already: the
+    same tokens as ``IndexKey.token``, the definition SEARCH's needles use (a drift would hide matches)."""
+    index_key = IndexKey(key)
+    expected = {index_key.token("", b"i")}
+    for column, value in values.items():
+        if value is not None:
+            expected.add(index_key.token(column, b"p"))
+            expected.update(index_key.token(column, b"g", gram) for gram in trigrams(value.casefold()))
+    assert index_key.message_tokens(values) == expected
+    for column, value in values.items():
+        for needle in ([value[1:4], value] if value else []):
+            needle_tokens = index_key.needle_tokens(column, needle)
+            assert needle_tokens is None or set(needle_tokens) <= index_key.message_tokens(values)
