@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, bindparam, insert, select, update
+from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -25,7 +25,10 @@ ITEMS = Table("prepared_items", _meta,
               Column("seen_at", UTCDateTime(), nullable=True),
               Column("created_at", DateTime(timezone=True), nullable=False,
                      default=lambda: dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)))
+PAIRS = Table("prepared_pairs", _meta, Column("left", Integer, primary_key=True, autoincrement=False),
+              Column("right", BigInteger, primary_key=True, autoincrement=False))
 INSERT = Prepared(insert(ITEMS).returning(ITEMS.c.id))
+INSERT_PAIRS = Prepared(insert(PAIRS))
 INSERT_MANY = Prepared(insert(ITEMS))
 SEEN = Prepared(update(ITEMS).where(ITEMS.c.name == bindparam("who"), ITEMS.c.state != "gone")
                 .values(seen_at=bindparam("when"), state="seen"))
@@ -71,3 +74,26 @@ async def test_a_constraint_failure_is_sqlalchemys_integrity_error_and_rolls_bac
     with pytest.raises(IntegrityError):
         await database.run_in_transaction(duplicate, write=True)
     assert [row[0] for row in await database.run_in_transaction(_rows)] == ["x"]
+
+
+async def test_rows_given_as_tuples_write_what_run_many_writes(database: Database) -> None:
+    """``run_many_rows``: tuples straight to the driver when no column converts or defaults (the pairs, in
+    either column order), else through ``run_many`` (created_at's default, seen_at's timestamp processor)."""
+    await _create(database)
+
+    def write(conn: Connection) -> None:
+        INSERT_PAIRS.run_many_rows(conn, ("left", "right"), [(1, -2**63), (1, 2**63 - 1)])
+        INSERT_PAIRS.run_many_rows(conn, ("right", "left"), [(7, 2), (8, 2)])
+        INSERT_MANY.run_many_rows(conn, ("name", "seen_at"), [("r", WHEN), ("s", None)])  # converted, defaulted
+        INSERT_MANY.run_many(conn, [{"name": "t", "seen_at": WHEN}])
+
+    await database.run_in_transaction(write, write=True)
+    pairs = await database.run_in_transaction(
+        lambda conn: [tuple(row) for row in conn.execute(select(PAIRS).order_by(PAIRS.c.left, PAIRS.c.right))])
+    assert pairs == [(1, -2**63), (1, 2**63 - 1), (2, 7), (2, 8)]
+    by_name = {row[0]: row[1:] for row in await database.run_in_transaction(_rows)}
+    assert by_name["r"] == by_name["t"] and by_name["r"][1] == WHEN and by_name["s"][:2] == ("new", None)
+    with pytest.raises(IntegrityError):
+        await database.run_in_transaction(
+            lambda conn: INSERT_PAIRS.run_many_rows(conn, ("left", "right"), [(3, 3), (3, 3)]), write=True)
+    assert (3, 3) not in await database.run_in_transaction(lambda conn: [tuple(r) for r in conn.execute(select(PAIRS))])
