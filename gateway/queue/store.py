@@ -152,7 +152,7 @@ class QueueStore:
         wanted = {"now": utcnow(), "limit": limit, "queue_id": queue_id}
 
         def read(connection: Connection) -> list[LocalWork]:
-            return [LocalWork(*row) for row in connection.execute(stmt, wanted)]
+            return [LocalWork(*row) for row in stmt.rows(connection, wanted)]
 
         return await self.db.run_in_transaction(read)
 
@@ -266,7 +266,7 @@ def _local_work_statement(one_message: bool) -> Select[Any]:
                    messages.trace_headers, messages.received_at, messages.sender, messages.size, mailboxes.type)
             .join_from(QueuedRecipient.__table__, QueuedMessage.__table__, messages.id == recipients.message_id)
             .outerjoin(Mailbox.__table__, mailboxes.id == recipients.mailbox_id)
-            .where(recipients.route == RouteKind.LOCAL.value, recipients.state.in_(OPEN_STATES),
+            .where(recipients.route == RouteKind.LOCAL.value, or_(*(recipients.state == state for state in OPEN_STATES)),
                    recipients.next_attempt_at.is_(None) | (recipients.next_attempt_at <= bindparam("now")))
             .order_by(recipients.message_id, recipients.id).limit(bindparam("limit")))
     return stmt.where(recipients.message_id == bindparam("queue_id")) if one_message else stmt
@@ -283,7 +283,8 @@ _FINISH_IF_NONE_OPEN = Prepared(update(_MESSAGES).where(
     ~select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id == bindparam("queue_id"),
                                     or_(*(_RECIPIENTS.c.state == state for state in OPEN_STATES))).exists())
     .values(state=MessageState.DONE.value, done_at=bindparam("now")))
-_LOCAL_WORK = _local_work_statement(one_message=False)
-_LOCAL_WORK_OF = _local_work_statement(one_message=True)
+_LOCAL_WORK = Prepared(_local_work_statement(one_message=False))
+_LOCAL_WORK_OF = Prepared(_local_work_statement(one_message=True))    # every delivered message reads it
 # PostgreSQL only (see claim_local_work): the recipient rows locked, those another node holds skipped.
-_CLAIM_LOCAL_WORK_OF = _LOCAL_WORK_OF.with_for_update(of=QueuedRecipient.__table__, skip_locked=True)
+_CLAIM_LOCAL_WORK_OF = _local_work_statement(one_message=True).with_for_update(of=QueuedRecipient.__table__,
+                                                                               skip_locked=True)

@@ -8,9 +8,9 @@ cache lookup, execution context, parameter dictionaries, result wrapping): about
 benchmark machine against 10-20 for the driver, and a delivery runs ten. Elsewhere (PostgreSQL,
 in-memory SQLite through the async engine) ``run`` is ``Connection.execute``.
 
-What comes back is every row, read at once (``fetchone``, ``fetchall``, ``rowcount``): column values as
-the driver returns them, so a ``Prepared`` reads back plain integers and strings only (ids, counters), never a
-column whose type converts on the way out (timestamps). Driver errors are raised as SQLAlchemy's own
+What ``run`` returns is every row, read at once (``fetchone``, ``fetchall``, ``rowcount``): column values as
+the driver returns them, plain integers and strings (ids, counters); ``rows`` converts each selected column
+with its type's result processor as Core does (timestamps back as aware datetimes). Driver errors are raised as SQLAlchemy's own
 (``IntegrityError``, ``OperationalError``...), as ``Connection.execute`` raises them.
 """
 
@@ -60,6 +60,7 @@ class _Plan:
     fixed: dict[str, Any]                         # values compiled into the statement (literals)
     defaults: dict[str, Callable[[], Any]]        # Python-side column defaults the caller did not give
     processors: dict[str, Callable[[Any], Any]]   # the columns' bind processors (timestamps...)
+    results: tuple[Callable[[Any], Any] | None, ...] = ()   # the selected columns' result processors
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
         out = []
@@ -97,6 +98,19 @@ class Prepared:
             return fetched
         except sqlite3.Error as exc:
             raise _wrapped(plan.sql, parameters, exc) from exc
+
+    def rows(self, connection: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """A SELECT's rows as tuples, each value converted as Core converts it (its column type's result
+        processor: timestamps back as datetimes), which ``run`` does not do."""
+        raw = _sqlite_driver(connection)
+        if raw is None:
+            return [tuple(row) for row in connection.execute(self.statement, dict(values))]
+        plan = self._plan(connection.dialect, values)
+        rows = self.run(connection, values).fetchall()
+        if not any(plan.results):
+            return [tuple(row) for row in rows]
+        return [tuple(value if convert is None else convert(value) for convert, value in zip(plan.results, row))
+                for row in rows]
 
     def run_many(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """One executemany per set of parameter names (one for rows that all name the same columns)."""
@@ -162,7 +176,8 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
     processors = {name: processor for name, processor in compiled._bind_processors.items()
                   if name in compiled.positiontup}
     fixed = compiled.construct_params(_check=False)         # literals compiled in; None for the caller's
-    return _Plan(compiled.string, tuple(compiled.positiontup), dict(fixed), defaults, processors)
+    results = tuple(entry[3].dialect_impl(dialect).result_processor(dialect, None) for entry in compiled._result_columns)
+    return _Plan(compiled.string, tuple(compiled.positiontup), dict(fixed), defaults, processors, results)
 
 
 def _default_of(arg: Any, is_callable: bool) -> Callable[[], Any]:

@@ -12,9 +12,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from gateway.mailstore.blind_index import FIELD_TAGS, MAX_GRAMS_PER_FIELD, IndexKey, backfill, trigrams
+from gateway.mailstore.blind_index import (
+    FIELD_TAGS,
+    MAX_GRAMS_PER_FIELD,
+    IndexKey,
+    backfill,
+    trigrams,
+)
 from gateway.mailstore.delivery import LocalDelivery
-from gateway.mailstore.interface import INBOX, All, AnyOf, FolderRef, Header, Not, SearchKey, StoreMode, UidSet
+from gateway.mailstore.interface import (
+    INBOX,
+    All,
+    AnyOf,
+    FolderRef,
+    Header,
+    Not,
+    SearchKey,
+    StoreMode,
+    UidSet,
+)
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Message, SearchToken

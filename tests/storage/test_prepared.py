@@ -7,7 +7,19 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, bindparam, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -97,3 +109,17 @@ async def test_rows_given_as_tuples_write_what_run_many_writes(database: Databas
         await database.run_in_transaction(
             lambda conn: INSERT_PAIRS.run_many_rows(conn, ("left", "right"), [(3, 3), (3, 3)]), write=True)
     assert (3, 3) not in await database.run_in_transaction(lambda conn: [tuple(r) for r in conn.execute(select(PAIRS))])
+
+
+async def test_rows_read_back_converted_as_core_reads_them(database: Database) -> None:
+    """``Prepared.rows``: the selected columns through their types' result processors on the driver path too
+    (an aware UTC datetime, not SQLite's text), equal to what ``Connection.execute`` returns."""
+    await _create(database)
+    await database.run_in_transaction(lambda conn: INSERT.run(conn, {"name": "w", "seen_at": WHEN}), write=True)
+    query = Prepared(select(ITEMS.c.name, ITEMS.c.seen_at, ITEMS.c.id).where(ITEMS.c.name == bindparam("who")))
+
+    def read(conn: Connection) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        return query.rows(conn, {"who": "w"}), [tuple(row) for row in conn.execute(query.statement, {"who": "w"})]
+
+    prepared, core = await database.run_in_transaction(read)
+    assert prepared == core and prepared[0][1] == WHEN and isinstance(prepared[0][2], int)
