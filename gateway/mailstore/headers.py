@@ -13,12 +13,13 @@ import re
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any
 
 # The RFC 5322 address parser IMAP's ENVELOPE uses (pure, no I/O): the cached ENVELOPE and the SEARCH
 # columns must read addresses exactly as a FETCH of the header would.
 from gateway.imap.protocol.envelope import render_envelope
-from gateway.imap.protocol.headers import parse_address_list, unfold
+from gateway.imap.protocol.headers import ImapAddress, parse_address_list, unfold
 from gateway.imap.protocol.mime import header_value
 
 MAX_HEADER_BYTES = 256 * 1024
@@ -66,7 +67,7 @@ def _address_list(raw: str | None) -> list[list[str | None]] | None:
     (NIL NIL "group" NIL) before a group's members and (NIL NIL NIL NIL) after them (RFC 5322 3.4)."""
     if not raw:
         return None
-    addresses = [[a.name, a.adl, a.mailbox, a.host] for a in parse_address_list(raw)]
+    addresses = [[a.name, a.adl, a.mailbox, a.host] for a in _addresses(raw)]
     return addresses or None
 
 
@@ -75,6 +76,18 @@ def _unquoted(local_part: str) -> str:
     return _QUOTED_PART.sub(lambda match: re.sub(r"\\(.)", r"\1", match.group(1)), local_part)
 
 
+# Address fields parsed lately, by their exact text: a mailbox's mail comes from and goes to the same few
+# correspondents, and the email grammar is most of what parsing a header section costs (py-spy, delivery).
+ADDRESS_CACHE = 2048
+
+
+@lru_cache(maxsize=ADDRESS_CACHE)
+def _addresses(raw: str) -> tuple[ImapAddress, ...]:
+    """``parse_address_list``, kept (immutable) for the fields seen last."""
+    return tuple(parse_address_list(raw))
+
+
+@lru_cache(maxsize=ADDRESS_CACHE)
 def address_search_text(raw: str | None) -> str | None:
     """What SEARCH FROM / TO / CC / BCC compare (RFC 3501 6.4.4): the field as the user sees it (RFC 2047
     encoded words decoded), then each address it holds in one plain form, ``Name <local@domain>`` (local
@@ -84,7 +97,7 @@ def address_search_text(raw: str | None) -> str | None:
         return None
     seen = decode_text(unfold(raw)) or ""
     forms = [seen]
-    for address in parse_address_list(raw):
+    for address in _addresses(raw):
         if address.mailbox is None:
             continue                                   # a group's end marker
         if address.host is None:

@@ -14,6 +14,7 @@ import email.errors
 import email.policy
 from dataclasses import dataclass, field
 from email.message import Message
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,8 +66,11 @@ class MailboxList:
     problem: str | None = None
 
 
+@lru_cache(maxsize=2048)
 def parse_mailbox_list(value: str) -> MailboxList:
-    """``From:``/``Sender:`` value -> its addr-specs (RFC 5322 3.4, 3.6.2; RFC 6532 UTF-8 allowed)."""
+    """``From:``/``Sender:`` value -> its addr-specs (RFC 5322 3.4, 3.6.2; RFC 6532 UTF-8 allowed). Kept for
+    the values seen last (a frozen answer, a function of the text alone): a sender's From repeats, and the
+    email package's header grammar costs more than the rest of the author check."""
     try:
         parsed = email.policy.default.header_factory("From", value)
         groups = parsed.groups
