@@ -34,6 +34,8 @@ import logging
 import os
 import secrets
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
@@ -43,7 +45,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from sqlalchemy import func, select
 
 from gateway.imap.protocol.envelope import WIRE_VERSION
@@ -192,11 +193,20 @@ def _spool_segments(data_key: bytes, header: _SpoolHeader, binding: str) -> Segm
 
 
 class SpoolCipher:
-    """The spool's data key (owner ``spool``), loaded once so that writes stay synchronous."""
+    """The spool's data key (owner ``spool``), loaded once so that writes stay synchronous.
+
+    A spool file is opened three times on its way (written, scanned at DATA, read by delivery): the
+    segment cipher of the files opened last is kept, so that the HKDF and the AES key schedule run once a
+    file (a twentieth of a delivery's CPU, py-spy). Those keys are derived from the spool key this object
+    holds anyway; they go with it."""
+
+    RECENT_FILES = 1024
 
     def __init__(self, key_id: int, data_key: bytes) -> None:
         self.key_id = key_id
         self._data_key = data_key
+        self._recent: OrderedDict[tuple[bytes, bytes, str], SegmentAead] = OrderedDict()
+        self._recent_lock = threading.Lock()           # writers and readers run in worker threads too
 
     @classmethod
     async def load(cls, keys: KeyManager) -> SpoolCipher:
@@ -218,7 +228,19 @@ class SpoolCipher:
     def _aead(self, header: _SpoolHeader, binding: str) -> SegmentAead:
         if header.key_id != self.key_id:
             raise SealedDataError(f"spool file sealed under data key {header.key_id}, the spool key is {self.key_id}")
-        return _spool_segments(self._data_key, header, binding)
+        # The whole header and the binding name the file: its salt and nonce prefix are random per file.
+        file = (header.salt, header.nonce_prefix, binding)
+        with self._recent_lock:
+            known = self._recent.get(file)
+            if known is not None:
+                self._recent.move_to_end(file)
+                return known
+        aead = _spool_segments(self._data_key, header, binding)
+        with self._recent_lock:
+            self._recent[file] = aead
+            if len(self._recent) > self.RECENT_FILES:
+                self._recent.popitem(last=False)
+        return aead
 
 
 class SealedSpoolWriter:
