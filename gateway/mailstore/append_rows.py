@@ -144,4 +144,4 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
 
 def write_tokens(connection: Connection, message_id: int, tokens: set[int]) -> None:
     """One executemany (a message has about 140 tokens): on SQLite straight to the driver."""
-    _INSERT_TOKENS.run_many_rows(connection, ("message_id", "token"), [(message_id, token) for token in tokens])
+    _INSERT_TOKENS.run_many_rows(connection, ("token", "message_id"), [(token, message_id) for token in tokens])
