@@ -33,9 +33,9 @@ from sqlalchemy import create_engine, event
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.mailstore.append_rows import write_tokens  # noqa: E402
-from gateway.mailstore.blind_index import IndexKey  # noqa: E402
-from gateway.mailstore.tables import SearchToken  # noqa: E402
+from gateway.mailstore.append_rows import write_tokens
+from gateway.mailstore.blind_index import IndexKey
+from gateway.mailstore.tables import SearchToken
 
 
 def values(number: int) -> dict[str, str | None]:
