@@ -235,6 +235,7 @@ class Gateway:
             log.warning("data directory: %d file and folder modes made private (0600 / 0700)", fixed)
         async with open_services(self.settings) as services, AsyncExitStack() as running:
             running.push_async_callback(_let_leftover_tasks_finish, _LEFTOVER_TASKS_SECONDS)  # runs last
+            running.push_async_callback(services.door_audit.flush)   # once every door is closed: the folded counts
             services.server_certificate.paths()   # the tls.* files checked (UserError naming the key), or the PKI's
             await self._bridge_nodes(services, running)
             readiness = Readiness()

@@ -76,7 +76,8 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
     auth_limiter = getattr(services, "auth_limiter", None) or AuthLimiter(LimiterPolicy.from_settings(settings.auth))
     context = SessionContext(mailstore=mailstore, hub=change_hub, directory=services.directory,
                              limiter=limiter, settings=session_settings(settings), auth_limiter=auth_limiter,
-                             revocation=getattr(services, "revocation", None))
+                             revocation=getattr(services, "revocation", None),
+                             door_audit=getattr(services, "door_audit", None))
     config = ImapServerConfig(host=settings.listen.host, starttls_port=settings.listen.imap_port,
                               implicit_tls_port=settings.listen.imaps_port,
                               tls_context=tls_context_from_pki(services, settings),

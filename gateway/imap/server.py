@@ -250,16 +250,26 @@ class ImapServer:
                 # RFC 3501 7.1.5: BYE as the greeting, with the reason, then close.
                 connection.write(response.bye(refusal))
                 await connection.drain()
+                await self._audit_refused_connection(connection, refusal)
                 return
             await connection_loop(connection, self.context, self.config)
-        except Exception:
+        except Exception as error:
             log.exception("IMAP connection from %s failed", connection.peer)
+            if self.context.door_audit is not None:
+                await self.context.door_audit.failed("imap", connection.peer_ip, None, "connection",
+                                                     error.__class__.__name__)
         finally:
             if connection.pre_auth_slot is not None:
                 connection.pre_auth_slot.release()
             self.connections.discard(task)
             self._open.pop(task, None)
             await connection.close()
+
+    async def _audit_refused_connection(self, connection: ImapConnection, refusal: str) -> None:
+        """A connection refused by a cap is a policy refusal (as SMTP's 421 4.7.0): folded per address."""
+        if self.context.door_audit is not None:
+            await self.context.door_audit.refused("imap", connection.peer_ip, None, f"BYE {refusal}",
+                                                  reason="connection-limit", command="connect")
 
     def _over_limit(self, connection: ImapConnection) -> str | None:
         if len(self.connections) > self.config.max_connections:
@@ -304,6 +314,7 @@ async def _command_loop(connection: ImapConnection, session: Session, config: Im
             return
         except ImapError as error:
             connection.write(error.response())
+            await session.audit_refusal(error, error.verb or "?")
             if error.fatal:
                 connection.write(response.bye("Protocol error, closing"))
                 await connection.drain()

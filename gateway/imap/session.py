@@ -7,7 +7,10 @@ checked before dispatch, as in mox's ``commandsState*`` and pymap's
 ``do_command``.  Handlers raise ``ImapError`` (wire form included) or a mail
 store error carrying its response code; the boundary here turns either into
 the tagged reply, and anything else into ``NO [SERVERBUG]`` with the details
-in the log only.
+in the log only. There too, a policy refusal (``errors.refusal_reason``, or a
+mailbox name reaching for another mailbox: ``base.reaching_reason``) goes to
+the audit log as ``door_refused`` and a SERVERBUG as ``command_failed``
+(``SessionContext.door_audit``, the gateway's one ``DoorAudit``).
 
 After each command in the selected state the session sends the untagged
 updates the selected view computes (``SelectedMailbox.updates``), with
@@ -25,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.directory.service import Account, DirectoryService
-from gateway.imap.commands.base import Completion
+from gateway.imap.commands.base import Completion, reaching_reason
 from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.capabilities import ConnectionState, compute_capabilities
-from gateway.imap.protocol.errors import LIMIT, NONEXISTENT, SERVERBUG, TRYCREATE, BadCommand, ImapError, ImapNo
+from gateway.imap.protocol.errors import (
+    LIMIT, NONEXISTENT, SERVERBUG, TRYCREATE, BadCommand, ImapError, ImapNo, refusal_reason,
+)
 from gateway.imap.protocol.parser import ParserOptions, parse_command
 from gateway.imap.protocol.reader import ClientDisconnected, RawCommand
 from gateway.imap.selected import SelectedMailbox
@@ -37,6 +42,7 @@ from gateway.mailstore.errors import FolderNotFound, MailStoreError, UidValidity
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
 from gateway.security.auth_limiter import AuthLimiter
+from gateway.security.door_audit import DoorAudit
 from gateway.security.revocation import RevocationList
 
 log = logging.getLogger("gateway.imap")
@@ -119,6 +125,7 @@ class SessionContext:
     settings: SessionSettings = field(default_factory=SessionSettings)
     auth_limiter: AuthLimiter | None = None  # the gateway's one sign-in limiter (services.auth_limiter)
     revocation: RevocationList | None = None  # the CRLs as they are now (AUTHENTICATE EXTERNAL)
+    door_audit: DoorAudit | None = None       # policy refusals and SERVERBUGs into the audit log (services.door_audit)
 
 
 Handler = Callable[["Session", c.Command], Awaitable[Completion]]
@@ -231,12 +238,32 @@ class Session:
             command = parse_command(raw, _PARSER_OPTIONS[self.utf8])
         except ImapError as error:
             self.write(error.response())
+            await self.audit_refusal(error, raw_verb(raw))
             return
         self.log.debug("command %s %s", command.tag, command.name)
         if command.name not in ALLOWED[self.state]:
-            self.write(response.bad(command.tag, f"{command.name} not allowed now ({self.state.value})"))
+            # A command that needs a login, sent before one, is refused for lack of authentication (audited);
+            # one sent in the wrong authenticated state (FETCH with nothing selected) is the client's error.
+            needs_login = self.state is State.NOT_AUTHENTICATED and command.name in ALLOWED[State.AUTHENTICATED] | ALLOWED[State.SELECTED]
+            refusal = BadCommand(f"{command.name} not allowed now ({self.state.value})",
+                                 policy="not-authenticated" if needs_login else None)
+            self.write(refusal.response(command.tag))
+            await self.audit_refusal(refusal, command.name)
             return
         await self._dispatch(command)
+
+    async def audit_refusal(self, error: ImapError, verb: str, command: c.Command | None = None) -> None:
+        """``door_refused`` for a policy refusal just answered; nothing for an ordinary client error."""
+        audit = self.context.door_audit
+        reason = refusal_reason(error.policy, error.code)
+        names = mailbox_names(command) if command is not None else []
+        if reason is None and error.code in (NONEXISTENT, TRYCREATE) and self.account is not None:
+            reason = next(filter(None, (reaching_reason(name, self.account.address) for name in names)), None)
+        if audit is None or reason is None:
+            return
+        detail = " ".join([verb, *(f'"{name[:200]}"' for name in names)])
+        await audit.refused("imap", self.connection.peer_ip, self.account.address if self.account else None,
+                            error.reply, detail, reason=reason, command=verb)
 
     async def _dispatch(self, command: c.Command) -> None:
         handler = COMMANDS[type(command)]
@@ -247,6 +274,7 @@ class Session:
             if await self._send_updates(command):
                 self.write(error.response(command.tag))
                 self._enforce_auth_failure_limit()
+            await self.audit_refusal(error, command.name, command)
             return
         except (ClientDisconnected, ConnectionError):
             raise       # the client went away mid-command: nothing to answer, the server closes
@@ -255,12 +283,15 @@ class Session:
             return
         except MailStoreError as error:
             self.log.info("%s refused: %s", command.name, error)
+            refusal = ImapNo(str(error), response_code_for(error, command))
             if await self._send_updates(command):
-                self.write(response.no(command.tag, str(error), response_code_for(error, command)))
+                self.write(refusal.response(command.tag))
+            await self.audit_refusal(refusal, command.name, command)
             return
-        except Exception:
+        except Exception as error:
             self.log.exception("%s failed", command.name)
             self.write(response.no(command.tag, "Internal server error", SERVERBUG))
+            await self._audit_failure(command.name, error)
             return
         if type(command) in NO_REPLY:
             return
@@ -269,6 +300,12 @@ class Session:
             return
         if await self._send_updates(command, completion.own_events):
             self.write(response.ok(command.tag, completion.text, completion.code))
+
+    async def _audit_failure(self, verb: str, error: BaseException) -> None:
+        if self.context.door_audit is not None:
+            await self.context.door_audit.failed("imap", self.connection.peer_ip,
+                                                 self.account.address if self.account else None,
+                                                 verb, error.__class__.__name__)
 
     def _hub_version(self) -> int | None:
         return None if self.selected is None else self.context.hub.version(self.selected.ref.mailbox_id)
@@ -340,6 +377,21 @@ def response_code_for(error: MailStoreError, command: c.Command) -> str | None:
     if error.imap_code == TRYCREATE and not isinstance(command, c.Append | c.Copy | c.Move):
         return NONEXISTENT
     return error.imap_code
+
+
+def mailbox_names(command: c.Command) -> list[str]:
+    """The mailbox names a command carries, as the client wrote them."""
+    if isinstance(command, c.Rename):
+        return [command.source, command.destination]
+    name = getattr(command, "mailbox", None)
+    return [name] if isinstance(name, str) and name else []
+
+
+def raw_verb(raw: RawCommand) -> str:
+    """The command word of a command that could not be parsed (for the audit; "?" when there is none)."""
+    words = raw.data.split(None, 2)
+    verb = words[1].decode("ascii", "replace").upper() if len(words) >= 2 else "?"
+    return verb[:32] if verb.isalpha() else "?"
 
 
 def expunge_allowed_after(command: c.Command) -> bool:

@@ -7,6 +7,13 @@ set, read right only) appear in the shared namespace as
 goes through ``resolve``: a name can only ever reach the user's own mailbox
 or one delegated to them, and a mailbox that is not delegated is answered
 exactly like a folder that does not exist (no way to probe addresses).
+
+A name that reaches for another mailbox is answered like any missing folder,
+but the audit log keeps it (``reaching_reason``, used at the session's
+command boundary): the shared namespace without a delegation, a ``.`` or
+``..`` segment, another address as a segment, and the other-users namespaces
+of other servers (``~user``, ``#shared``, ``user/...``, ``Other Users``). A
+folder of one's own that is simply not there is an ordinary client error.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ if TYPE_CHECKING:
 
 SHARED_PREFIX = "Shared"
 SHARED_ROOT = SHARED_PREFIX + SEPARATOR
+# Other servers' other-users and shared namespaces (RFC 2342 5: Cyrus "user", Exchange "Other Users" /
+# "Public Folders"); "~" and "#" prefixes are Dovecot's and UW's.
+FOREIGN_ROOTS = frozenset({"user", "users", "other users", "public folders", "shared folders"})
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,24 @@ class Target:
         return not self.shared
 
 
-def no_such_mailbox() -> ImapNo:
-    return ImapNo("No such mailbox", NONEXISTENT)
+def no_such_mailbox(policy: str | None = None) -> ImapNo:
+    return ImapNo("No such mailbox", NONEXISTENT, policy=policy)
+
+
+def reaching_reason(name: str, own_address: str) -> str | None:
+    """Why ``name``, refused as missing, reached for another mailbox (the audit's reason), or None.
+    Shared-namespace names are judged by ``resolve`` (``policy="shared"`` unless delegated): a folder
+    missing from a mailbox delegated to the user is an ordinary error."""
+    segments = name.split(SEPARATOR)
+    if is_shared_path(name):
+        return None
+    if any(segment in (".", "..") for segment in segments):
+        return "traversal"
+    if segments[0][:1] in ("~", "#") or segments[0].lower() in FOREIGN_ROOTS:
+        return "namespace"
+    if any("@" in segment and segment.lower() != own_address for segment in segments):
+        return "address"
+    return None
 
 
 def normalise_folder(name: str) -> str:
@@ -98,12 +124,12 @@ async def resolve(session: Session, name: str) -> Target:
         return Target(FolderRef(account.mailbox_id, folder), folder, shared=False)
     parts = name.split(SEPARATOR, 2)
     if len(parts) < 3 or not parts[2]:
-        raise no_such_mailbox()
+        raise no_such_mailbox(policy="shared")
     address, folder = parts[1].lower(), normalise_folder(parts[2])
     mailbox_id = await delegated_mailbox_id(session, address)
     if mailbox_id is None:
         session.log.warning("refused access to shared path %r (not delegated)", name)
-        raise no_such_mailbox()
+        raise no_such_mailbox(policy="shared")
     return Target(FolderRef(mailbox_id, folder), shared_name(address, folder), shared=True)
 
 
@@ -118,7 +144,7 @@ async def resolve_writable(session: Session, name: str) -> Target:
 def refuse_shared_name(name: str) -> None:
     """The shared prefix is ours: a personal folder may not take it (RFC 2342 6)."""
     if is_shared_path(name):
-        raise ImapNo("Names under Shared/ are reserved", CANNOT)
+        raise ImapNo("Names under Shared/ are reserved", CANNOT, policy="shared")
 
 
 def uid_sequence(uids: Sequence[int]) -> SequenceSet:

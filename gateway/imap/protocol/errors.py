@@ -11,6 +11,18 @@ details belong in the log.
 - ``ImapNo``: RFC 3501 7.1.2 NO with an optional response code (RFC 5530 codes).
 - ``LiteralTooLarge``: RFC 7888 4 / RFC 4469 5 ``[TOOBIG]``.
 - ``ServerFault``: NO [SERVERBUG] (RFC 5530 3) for our own bugs.
+
+Which refusals the audit log keeps (``door_refused``, security/door_audit.py)
+is decided here too, by ``refusal_reason``: a refusal is a *policy* refusal
+when the server said no to protect someone, not because the client erred. An
+error raised with ``policy=`` names its rule (a mailbox name reaching for
+another user's mailbox, a command before login); otherwise the response code
+decides (``POLICY_CODES``: no TLS, no permission, over a size limit or a
+quota, a per-user limit, acting as another user). Syntax errors, bad sequence
+sets, a folder of one's own that does not exist and the server's own state
+([UNAVAILABLE], [SERVERBUG]) are the log's only, and sign-in failures
+([AUTHENTICATIONFAILED], throttled logins) are the sign-in limiter's, audited
+there once.
 """
 
 from __future__ import annotations
@@ -42,6 +54,16 @@ USEATTR: Final = "USEATTR"                  # RFC 6154 3: CREATE (USE ...) canno
 
 _MAX_TEXT = 200
 
+# RFC 5530 3 codes that always mean a policy refusal, and the word the audit entry gives as its reason.
+POLICY_CODES: Final = {
+    PRIVACYREQUIRED: "cleartext",       # LOGIN / AUTHENTICATE before STARTTLS (RFC 3501 6.2.3 LOGINDISABLED)
+    NOPERM: "no-permission",            # writing into a delegated (read-only) mailbox, setting a quota
+    TOOBIG: "too-big",                  # a literal over the limit (RFC 7888 4), 8 KiB before login
+    OVERQUOTA: "over-quota",            # as SMTP's 552 5.2.2
+    LIMIT: "limit",                     # the per-user connection limit
+    AUTHORIZATIONFAILED: "authorization",   # SASL authzid of another user (RFC 4422 3.4.1)
+}
+
 
 def _clean_text(text: str) -> str:
     """RFC 3501 9 ``text = 1*TEXT-CHAR``: 7-bit, no CR, LF or NUL, never empty, kept short."""
@@ -67,16 +89,28 @@ class ImapError(Exception):
     status: str = "BAD"
 
     def __init__(self, text: str, code: str | None = None, *, tag: str | None = None,
-                 fatal: bool = False) -> None:
+                 fatal: bool = False, policy: str | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.code = code
         self.tag = tag
         self.fatal = fatal
+        self.policy = policy        # the rule refused by, when the audit log keeps it (``refusal_reason``)
+        self.verb: str | None = None   # the command word, when the reader refused the command before parsing
 
     def response(self, tag: str | None = None) -> bytes:
         """The full response line, tagged with ``tag`` (or the tag read with the command)."""
         return status_line(tag if tag is not None else self.tag, self.status, self.text, self.code)
+
+    @property
+    def reply(self) -> str:
+        """The response without its tag (``NO [NOPERM] text``), as the audit log records it."""
+        return self.response("*").decode("ascii", "replace")[2:].rstrip()
+
+
+def refusal_reason(policy: str | None, code: str | None) -> str | None:
+    """Why a refusal is a policy refusal the audit log keeps, or None for an ordinary client error."""
+    return policy or (POLICY_CODES.get(code) if code else None)
 
 
 class BadCommand(ImapError):

@@ -215,7 +215,7 @@ class CommandAssembler:
     def _refuse_overlong_line(self) -> NoReturn:
         tag = self._tag if self._parts else read_tag(bytes(self._buffer[:256]))
         self._start_skipping(b"")
-        raise BadCommand("Command line too long", tag=tag)
+        raise BadCommand("Command line too long", tag=tag, policy="too-long")
 
     def _after_line(self, line: bytes) -> ReaderEvent | None:
         if not self._parts:
@@ -240,7 +240,7 @@ class CommandAssembler:
     def _append(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self.limits.max_command_size:
-            self._refuse(BadCommand("Command too large", tag=self._tag), data)
+            self._refuse(BadCommand("Command too large", tag=self._tag, policy="too-big"), data)
         self._parts.append(data)
 
     # -- literals ---------------------------------------------------------
@@ -253,7 +253,7 @@ class CommandAssembler:
     def _check_literal(self, marker: _Marker) -> None:
         line = self._parts[-1]
         if self._literals >= self.limits.max_literals:
-            self._refuse(BadCommand("Too many literals", tag=self._tag), line)
+            self._refuse(BadCommand("Too many literals", tag=self._tag, policy="too-many-literals"), line)
         limit = self._literal_limit()
         if marker.size is None or marker.size > limit:
             fatal = not marker.synchronising and (
@@ -264,7 +264,7 @@ class CommandAssembler:
                 error.text += " before login"
             self._refuse(error, line)
         if self._size + marker.size + 2 > self.limits.max_command_size:
-            self._refuse(BadCommand("Command too large", tag=self._tag), line)
+            self._refuse(BadCommand("Command too large", tag=self._tag, policy="too-big"), line)
 
     def _take_literal_bytes(self) -> bool:
         count = min(self._literal_remaining, len(self._buffer))
@@ -279,6 +279,9 @@ class CommandAssembler:
     # -- refusing and skipping ----------------------------------------------
     def _refuse(self, error: ImapError, last_line: bytes) -> NoReturn:
         """Abandon the command after ``last_line``; skip what the client will still send."""
+        match = _COMMAND_NAME.match(self._parts[0] if self._parts else last_line)
+        if match is not None:
+            error.verb = match.group(2).decode("ascii", "replace").upper()[:32]
         marker = _literal_marker(last_line)
         self._reset()
         if marker is not None and not marker.synchronising and not error.fatal:
@@ -316,7 +319,7 @@ class CommandAssembler:
         if marker is not None and not marker.synchronising:
             if marker.size is None or marker.size > self.limits.max_skip_size:
                 self._skipping = False
-                raise BadCommand("Literal too large to skip", fatal=True)
+                raise BadCommand("Literal too large to skip", fatal=True, policy="too-big")
             self._skip_remaining = marker.size
             return True
         self._skipping = False
