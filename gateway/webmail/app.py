@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.webmail import account, controls, documents, export, history, messages, oidc_signin, second_factor, signin
+from gateway.webmail.boundary import door_boundary
 from gateway.webmail.keys import WebmailKey, webmail_key_path
 from gateway.webmail.sessions import SessionStore
 from gateway.webmail.throttle import limiter_for
@@ -25,7 +26,8 @@ PAGES: list[ModuleType] = [signin, second_factor, oidc_signin, messages, documen
 
 def build_webmail_app(services: Any, settings: Settings, *, pipeline: Any = None) -> web.Application:
     """The webmail as the HTTPS listener's root application (the FHIR API is mounted under it by the listener)."""
-    app = web.Application(middlewares=[security_headers, error_pages, csrf_protection], client_max_size=MAX_FORM_BYTES)
+    app = web.Application(middlewares=[security_headers, error_pages, door_boundary, csrf_protection],
+                          client_max_size=MAX_FORM_BYTES)
     ctx = WebmailContext(
         services=services, settings=settings, sessions=SessionStore(services.db, settings.webmail),
         key=WebmailKey.load_or_create(webmail_key_path(settings.data_path)), limiter=limiter_for(services, settings),

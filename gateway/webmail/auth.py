@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from gateway.storage.models import Mailbox, Patient, PatientState, State
 from gateway.webmail.sessions import ActiveSession, Stage
-from gateway.webmail.web import SESSION_COOKIE, context
+from gateway.webmail.web import SESSION_COOKIE, context, refusal
 
 SIGN_IN_PATH = "/connexion"
 
@@ -56,16 +56,24 @@ async def identity_for(request: web.Request, session: ActiveSession) -> PatientI
 
 
 async def require_patient(request: web.Request) -> PatientIdentity:
-    """The signed-in patient, or a redirect (303) to the sign-in page."""
+    """The signed-in patient, or a redirect (303) to the sign-in page.
+
+    No session cookie at all is the ordinary way in (a bookmark, a new browser): only redirected. A cookie
+    naming no live session (made up, signed out, expired), a sign-in still waiting for its second factor, or
+    a mailbox or space closed since sign-in are refusals the door audits."""
     cached = request.get("patient")
     if isinstance(cached, PatientIdentity):
         return cached
     session = await current_session(request)
-    if session is None or session.stage is not Stage.SIGNED_IN:
+    if session is None:
+        if request.cookies.get(SESSION_COOKIE):
+            raise refusal(request, web.HTTPSeeOther(SIGN_IN_PATH), "invalid-session")
         raise web.HTTPSeeOther(SIGN_IN_PATH)
+    if session.stage is not Stage.SIGNED_IN:
+        raise refusal(request, web.HTTPSeeOther(SIGN_IN_PATH), "second-factor-missing")
     identity = await identity_for(request, session)
     if identity is None:
         await context(request).sessions.close(session)
-        raise web.HTTPSeeOther(SIGN_IN_PATH)
+        raise refusal(request, web.HTTPSeeOther(SIGN_IN_PATH), "account-closed")
     request["patient"] = identity
     return identity

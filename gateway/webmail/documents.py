@@ -44,7 +44,7 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import RecordDocument
 from gateway.errors import NotFound, UserError
 from gateway.webmail.auth import PatientIdentity, require_patient
-from gateway.webmail.web import N_, add_nav, client_ip, context, render, translate
+from gateway.webmail.web import N_, add_nav, client_ip, context, refusal, render, translate
 
 PAGE_SIZE = 50
 PDF_CSP = "sandbox; default-src 'none'; frame-ancestors 'self'"
@@ -220,7 +220,9 @@ async def _set_hidden(request: web.Request, *, hidden: bool) -> web.StreamRespon
         else:
             await pages.controls.unhide(caller, document.unique_id)
     except NotFound:
-        raise web.HTTPNotFound() from None
+        # Reading another patient's document is refused (and audited) by the record's access policy; this
+        # control refuses without an entry of its own, so the door writes one.
+        raise refusal(request, web.HTTPNotFound(), "not-yours") from None
     except UserError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     raise web.HTTPSeeOther(f"/documents/{document.id}?fait={'masque' if hidden else 'visible'}")

@@ -27,13 +27,14 @@ from gateway.mailstore.errors import FolderNotFound, MessageNotFound
 from gateway.mailstore.interface import INBOX, SEEN, All, FolderRef, Header, MessageMeta, StoreMode, UidIn, UidSet
 from gateway.pipeline.tables import Conversation
 from gateway.pipeline.origin import Door, Origin, TlsInfo
+from gateway.mail import codes
 from gateway.mail.codes import MailRefusal
 from gateway.mail.parameters import MailParameters, RcptParameters
 from gateway.mail.paths import SmtpPath
 from gateway.storage.models import utcnow
 from gateway.webmail import reading
 from gateway.webmail.auth import PatientIdentity, require_patient
-from gateway.webmail.web import N_, add_nav, client_ip, context, render, translate
+from gateway.webmail.web import N_, add_nav, client_ip, context, refusal, refused, render, translate
 
 PAGE_SIZE = 50
 CONVERSATION_WINDOW = 200   # newest messages of a folder a conversation page looks through
@@ -88,20 +89,30 @@ async def inbox(request: web.Request) -> web.StreamResponse:
                                           "more": page * PAGE_SIZE < len(uids), "quote": quote})
 
 
-async def _raw(request: web.Request, folder: FolderRef, uid: int) -> bytes:
+async def _raw(request: web.Request, folder: FolderRef, uid: int) -> bytes | None:
+    """The message's bytes, or None when it is not in this patient's own ``folder``."""
     try:
         async with await context(request).services.mailstore.open_message(folder, uid) as body:
             data: bytes = await body.read()
             return data
     except (MessageNotFound, FolderNotFound):
-        raise web.HTTPNotFound() from None
+        return None
+
+
+async def _own_raw(request: web.Request, folder: FolderRef, uid: int) -> bytes:
+    """The message asked for by its id; 404 when it is not in the patient's own mailbox (the pages only link to
+    its messages: another patient's id, or a probe), a refusal the door audits."""
+    raw = await _raw(request, folder, uid)
+    if raw is None:
+        raise refusal(request, web.HTTPNotFound(), "not-yours")
+    return raw
 
 
 async def read_message(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
     uid = int(request.match_info["uid"])
     ctx = context(request)
-    raw = await _raw(request, _inbox(patient), uid)
+    raw = await _own_raw(request, _inbox(patient), uid)
     # RFC 3501 6.4.5: reading the body sets \Seen; the same store, so IMAP clients see it too.
     await ctx.services.mailstore.store_flags(_inbox(patient), UidSet.of(uid), StoreMode.ADD, [SEEN])
     message = reading.read(raw, authserv_id=ctx.settings.hostname)
@@ -113,7 +124,7 @@ async def read_message(request: web.Request) -> web.StreamResponse:
 
 async def download_attachment(request: web.Request) -> web.StreamResponse:
     patient = await require_patient(request)
-    raw = await _raw(request, _inbox(patient), int(request.match_info["uid"]))
+    raw = await _own_raw(request, _inbox(patient), int(request.match_info["uid"]))
     part = reading.attachment_part(raw, int(request.match_info["index"]))
     if part is None:
         raise web.HTTPNotFound()
@@ -192,8 +203,8 @@ async def reply(request: web.Request) -> web.StreamResponse:
     raw = compose_reply(patient, address, text, original, hostname=context(request).settings.hostname)
     try:
         await submit(request, patient, address, raw)
-    except MailRefusal as refusal:
-        return await _refused(request, patient, address, refusal)
+    except MailRefusal as mail_refusal:
+        return await _refused(request, patient, address, mail_refusal)
     await _keep_in_sent(request, patient, raw)
     raise web.HTTPSeeOther(f"/conversations/{quote(address)}?envoye=1")
 
@@ -203,11 +214,10 @@ async def _original(request: web.Request, patient: PatientIdentity, address: str
     """The message replied to: one of the patient's own, from this professional (else none)."""
     if not (uid_text.isascii() and uid_text.isdigit()):
         return None
-    try:
-        message = reading.read(await _raw(request, _inbox(patient), int(uid_text)),
-                               authserv_id=context(request).settings.hostname)
-    except web.HTTPNotFound:
+    raw = await _raw(request, _inbox(patient), int(uid_text))
+    if raw is None:
         return None
+    message = reading.read(raw, authserv_id=context(request).settings.hostname)
     return message if message.from_address == address else None
 
 
@@ -236,7 +246,7 @@ async def submit(request: web.Request, patient: PatientIdentity, address: str, r
         raise web.HTTPServiceUnavailable(text=translate(request, N_("Sending is not available at the moment.")))
     account = await ctx.services.directory.account(patient.address)
     if account is None:
-        raise web.HTTPForbidden()
+        raise refusal(request, web.HTTPForbidden(), "no-account")
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     origin = Origin(door=Door.WEBMAIL, client_address=client_ip(request) or "127.0.0.1", account=account,
                     auth_mechanism="webmail", tls=TlsInfo.from_ssl_object(ssl_object) if ssl_object else None)
@@ -261,11 +271,14 @@ async def _keep_in_sent(request: web.Request, patient: PatientIdentity, raw: byt
     await store.append(FolderRef(patient.mailbox_id, SENT), raw, flags=[SEEN], internaldate=dt.datetime.now(dt.timezone.utc))
 
 
-async def _refused(request: web.Request, patient: PatientIdentity, address: str, refusal: MailRefusal) -> web.Response:
+async def _refused(request: web.Request, patient: PatientIdentity, address: str, mail_refusal: MailRefusal) -> web.Response:
+    if codes.is_policy_refusal(mail_refusal.reply):      # as the SMTP doors audit the same refusal
+        refused(request, "mail-policy", str(mail_refusal.reply))
     reason = {"never": N_("You cannot start a conversation: only a professional who wrote to you can receive your reply."),
               "ended": N_("This professional has ended the conversation: you can no longer reply to it."),
               }.get(await conversation_state(request, patient, address),
                     N_("Your message could not be sent."))
     return render(request, "refused.html", {
         "title": translate(request, N_("Message not sent")), "reason": translate(request, reason),
-        "detail": f"{refusal.reply.code} {refusal.reply.enhanced}", "address": address, "quote": quote}, status=403)
+        "detail": f"{mail_refusal.reply.code} {mail_refusal.reply.enhanced}", "address": address, "quote": quote},
+        status=403)

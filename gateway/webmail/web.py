@@ -9,6 +9,11 @@ API's responses, which share the listener.
 CSRF: every POST carries a ``csrf`` field equal to HMAC(webmail key, the
 session cookie), or of a pre-session cookie before sign-in (login CSRF);
 anything else gets 403. SameSite=Strict cookies are the second layer.
+
+Refusals: a handler that refuses for access control marks the request with
+``refused`` (the reason, a stable word) before answering; the door's boundary
+(``boundary.door_boundary``) writes the marked ones to the audit log as
+``door_refused`` and any exception that becomes a 500 as ``command_failed``.
 """
 
 from __future__ import annotations
@@ -113,6 +118,23 @@ def translate(request: web.Request | None, message: str, **params: Any) -> str:
     return text % params if params else text
 
 
+# ------------------------------------------------------------------ refusals the audit log keeps
+
+REFUSAL_KEY: web.RequestKey[tuple[str, str | None]] = web.RequestKey("door_refusal", tuple)
+
+
+def refused(request: web.Request, reason: str, reply: str | None = None) -> None:
+    """Mark this request's answer as an access-control refusal (``reason``; ``reply`` when the answer carries
+    one of its own, such as a mail policy's SMTP reply): the boundary audits it as ``door_refused``."""
+    request[REFUSAL_KEY] = (reason, reply)
+
+
+def refusal(request: web.Request, error: web.HTTPException, reason: str) -> web.HTTPException:
+    """``error``, its request marked as refused for ``reason`` (``raise refusal(request, HTTPNotFound(), ...)``)."""
+    refused(request, reason)
+    return error
+
+
 # ------------------------------------------------------------------ cookies and CSRF
 
 def set_session_cookie(response: web.StreamResponse, token: str) -> None:
@@ -198,7 +220,7 @@ async def csrf_protection(request: web.Request, handler: Handler) -> web.StreamR
             supplied = value if isinstance(value, str) else None
         if not csrf_valid(request, supplied):
             log.info("webmail: %s %s refused: missing or wrong CSRF token", request.method, request.path)
-            raise web.HTTPForbidden(reason="CSRF token missing or invalid")
+            raise refusal(request, web.HTTPForbidden(reason="CSRF token missing or invalid"), "csrf")
     return await handler(request)
 
 
