@@ -244,7 +244,7 @@ class Session:
         if command.name not in ALLOWED[self.state]:
             # A command that needs a login, sent before one, is refused for lack of authentication (audited);
             # one sent in the wrong authenticated state (FETCH with nothing selected) is the client's error.
-            needs_login = self.state is State.NOT_AUTHENTICATED and command.name in ALLOWED[State.AUTHENTICATED] | ALLOWED[State.SELECTED]
+            needs_login = self.state is State.NOT_AUTHENTICATED and command.name in _AFTER_LOGIN
             refusal = BadCommand(f"{command.name} not allowed now ({self.state.value})",
                                  policy="not-authenticated" if needs_login else None)
             self.write(refusal.response(command.tag))
@@ -430,5 +430,6 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.LOGOUT: frozenset(),
 }
 
+_AFTER_LOGIN = (_AUTHENTICATED | _SELECTED) - _ANY
 COMMANDS: dict[type[c.Command], Handler] = _build_commands()
 NO_REPLY: frozenset[type[c.Command]] = frozenset({c.StartTls})   # answered before the TLS handshake

@@ -30,7 +30,7 @@ from gateway.audit.chain import Actor, ActorKind, Outcome, Source
 
 log = logging.getLogger(__name__)
 
-MAX_TRACKED = 10_000   # distinct (door, address, reply) kept for folding; beyond, the oldest are forgotten
+MAX_TRACKED = 10_000   # distinct refusals kept for folding; beyond, the oldest is written out and forgotten
 
 
 @dataclass
@@ -54,6 +54,7 @@ class DoorAudit:
         self.window = window
         self._clock = clock
         self._folded: dict[tuple[str, ...], _Folded] = {}
+        self._evicted: list[_Folded] = []     # forgotten to make room, their counts still to write
         self._swept = clock()
 
     async def refused(self, door: str, client_ip: str | None, login: str | None, reply: str,
@@ -80,8 +81,9 @@ class DoorAudit:
 
     async def flush(self) -> None:
         """Write the counts still folded (the gateway is stopping): nothing an attacker did goes uncounted."""
-        pending = [entry for entry in self._folded.values() if entry.repeated]
+        pending = self._evicted + [entry for entry in self._folded.values() if entry.repeated]
         self._folded.clear()
+        self._evicted = []
         for entry in pending:
             await self._write_summary(entry)
 
@@ -109,12 +111,18 @@ class DoorAudit:
         repeated = folded.repeated if folded is not None else 0
         self._folded.pop(key, None)
         if len(self._folded) >= MAX_TRACKED:
-            self._folded.pop(next(iter(self._folded)))
+            oldest = self._folded.pop(next(iter(self._folded)))
+            if oldest.repeated:
+                self._evicted.append(oldest)
         self._folded[key] = fresh
         return repeated
 
     async def _write_expired(self) -> None:
-        """Once per window: the refusals whose window is over write what they folded, and are forgotten."""
+        """Once per window: the refusals whose window is over write what they folded, and are forgotten
+        (and at once, those forgotten to make room)."""
+        evicted, self._evicted = self._evicted, []
+        for entry in evicted:
+            await self._write_summary(entry)
         now = self._clock()
         if now - self._swept < self.window:
             return

@@ -26,6 +26,7 @@ from gateway.imap.server import UserConnectionLimiter
 from gateway.imap.session import Session, SessionContext
 from gateway.mailstore.interface import FolderRef, FolderSnapshot
 from gateway.mailstore.memory import MemoryMailStore
+from gateway.security import door_audit
 from gateway.security.door_audit import DoorAudit
 from gateway.storage.db import Database
 from gateway.webmail.boundary import door_boundary
@@ -102,6 +103,18 @@ async def test_a_count_left_folded_is_written_once_its_window_is_over_or_at_flus
     assert [(d.get("repeated"), d.get("folded")) for d in details][3:] == [(3, "summary")]
     assert (await log.verify()).ok
 
+
+
+async def test_a_refusal_forgotten_to_make_room_writes_its_count(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(door_audit, "MAX_TRACKED", 2)
+    audit = DoorAudit(log, clock=Clock())
+    for _ in range(3):
+        await refuse(audit, ip="192.0.2.1")
+    await refuse(audit, ip="192.0.2.2")
+    await refuse(audit, ip="192.0.2.3")                 # room for two: the first is forgotten, its count written
+    details = await refusals(log)
+    assert [(d.get("repeated"), d.get("folded")) for d in details] == [(None, None), (None, None), (2, "summary"),
+                                                                        (None, None)]
 
 # --------------------------------------------------------------------------- faults at the IMAP and webmail doors
 # A fault cannot be caused from outside on purpose (that would be a bug to fix), so a component is made to fail
