@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.directory.service import Account, DirectoryService
 from gateway.dmp_bridge.access import Requester, RequesterKind
+from gateway.dmp_bridge.fhir.boundary import note_audited_by_the_limiter
 from gateway.errors import UserError
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.revocation import RevocationList
@@ -94,6 +95,7 @@ class CallerResolver:
         account = await self.directory.authenticate(login, password)
         if account is None:
             await self.auth_limiter.failed("fhir", login, source)
+            note_audited_by_the_limiter()
         else:
             await self.auth_limiter.succeeded("fhir", login, source)
         return account

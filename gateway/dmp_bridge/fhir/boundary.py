@@ -9,7 +9,9 @@ whatever happened (its answer, an ``HTTPException``, any other exception
 turned into a 500 OperationOutcome), a request that wrote no entry of its own
 gets one: ACCESS_REFUSED with the caller (or ``fhir-unauthenticated``), the
 method, the path and the status. Only a successful ``GET /metadata`` (the
-CapabilityStatement, which names nobody and no record) is not written.
+CapabilityStatement, which names nobody and no record) is not written, and
+sign-in failures are the sign-in limiter's (``note_audited_by_the_limiter``):
+not doubled, and not one entry per throttled retry.
 
 The text of a request (path, parameters, headers) is attacker-controlled:
 ``printable`` makes it safe to log, store in the audit log (no NUL, valid
@@ -64,6 +66,14 @@ _TRAIL: contextvars.ContextVar[RequestTrail | None] = contextvars.ContextVar("fh
 
 def current_trail() -> RequestTrail | None:
     return _TRAIL.get()
+
+
+def note_audited_by_the_limiter() -> None:
+    """The request's refusal is a sign-in failure or a throttled attempt, which the sign-in limiter audits
+    (``authentication_failed``, a throttled login once per waiting period): the boundary adds no entry."""
+    trail = _TRAIL.get()
+    if trail is not None:
+        trail.audited = True
 
 
 def note_caller(actor: Actor) -> None:

@@ -41,6 +41,7 @@ from gateway.dmp_bridge.fhir.auth import CallerResolver, Unauthenticated
 from gateway.dmp_bridge.fhir.boundary import (
     audit_boundary,
     fhir_response,
+    note_audited_by_the_limiter,
     note_caller,
     outcome_response,
 )
@@ -135,6 +136,7 @@ class FhirRoutes:
                 return outcome_response(401, "login", str(exc), headers={"WWW-Authenticate": challenge})
             except AuthThrottled as exc:
                 # RFC 6585 4: 429 with Retry-After; the limiter has audited the throttled attempt.
+                note_audited_by_the_limiter()
                 return outcome_response(429, "throttled", str(exc), headers={"Retry-After": str(exc.retry_after)})
             except AccessRefused as exc:
                 return refusal_response(exc)
