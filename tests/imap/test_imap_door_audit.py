@@ -37,6 +37,8 @@ PROBER = "127.0.0.21"
 CLEARTEXT = "127.0.0.22"
 OWN_ERRORS = "127.0.0.23"
 FLOODER = "127.0.0.24"
+CROWD = "127.0.0.25"
+PER_IP = 20     # imap.max_unauthenticated_connections_per_ip's default
 
 
 class SourcedImap(imaplib.IMAP4_SSL):
@@ -134,6 +136,21 @@ def test_ordinary_client_errors_and_wrong_passwords_are_not_door_refusals(gatewa
     assert door_refusals(gateway, OWN_ERRORS) == []
     listed = gateway.cli("audit", "list", "--event", "authentication_failed", "--json", "--limit", "1000", check=True)
     assert [e for e in json.loads(listed.stdout) if e["source"]["ip"] == OWN_ERRORS], "the limiter audits sign-ins"
+
+
+def test_connections_over_the_per_address_cap_are_audited_once_folded(gateway: GatewayProcess) -> None:
+    held: list[socket.socket] = []
+    try:
+        for _ in range(PER_IP + 5):
+            sock = socket.create_connection(("127.0.0.1", gateway.ports["imap_port"]), 30, source_address=(CROWD, 0))
+            held.append(sock)
+            assert sock.makefile("rb").readline().startswith(b"* OK" if len(held) <= PER_IP else b"* BYE Too many")
+    finally:
+        for sock in held:
+            sock.close()
+    [entry] = door_refusals(gateway, CROWD)                               # five refused, folded into one
+    assert (entry["details"]["reason"], entry["details"]["command"]) == ("connection-limit", "connect")
+    assert entry["actor"]["kind"] == "unauthenticated" and entry["details"]["reply"].startswith("BYE Too many")
 
 
 def test_the_chain_verifies_after_the_refusals(gateway: GatewayProcess) -> None:
