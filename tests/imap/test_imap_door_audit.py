@@ -51,7 +51,8 @@ class SourcedImap(imaplib.IMAP4_SSL):
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         raw = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
-        return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
+        wrapped: socket.socket = self.ssl_context.wrap_socket(raw, server_hostname=self.host)
+        return wrapped
 
 
 class SourcedPlainImap(imaplib.IMAP4):
