@@ -119,7 +119,7 @@ def sampled(output: str | None):  # type: ignore[no-untyped-def]
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    command = [spy, "record", "--pid", str(os.getpid()), "--threads", "--gil", "--rate", "100", "--format",
+    command = [spy, "record", "--pid", str(os.getpid()), "--threads", "--gil", "--rate", "250", "--format",
                "raw" if not output.endswith(".svg") else "flamegraph", "--output", output]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches

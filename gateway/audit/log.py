@@ -24,9 +24,10 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from sqlalchemy import ColumnElement, Select, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, bindparam, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -59,6 +60,7 @@ from gateway.audit.tables import AuditChainHead, AuditEntryRow
 from gateway.directory.identifiers import validate_nir
 from gateway.errors import UserError
 from gateway.storage.db import Database
+from gateway.storage.prepared import Prepared
 from gateway.storage.models import utcnow
 
 HEAD_ID = 1
@@ -66,6 +68,15 @@ READ_BATCH = 500
 MAX_PAGE = 1000
 MAX_DETAILS_BYTES = 16 * 1024
 SUBJECT_KIND = re.compile(r"^[a-z][a-z_]{0,31}$")
+
+
+_HEADS = cast(Table, AuditChainHead.__table__)
+# The chain's statements, on SQLite's driver directly inside a synchronous transaction (storage/prepared.py).
+_CLAIM_HEAD = Prepared(update(_HEADS).where(_HEADS.c.id == bindparam("head"))
+                       .values(seq=_HEADS.c.seq + bindparam("count")).returning(_HEADS.c.seq, _HEADS.c.entry_hash))
+_STORE_HEAD = Prepared(update(_HEADS).where(_HEADS.c.id == bindparam("head"))
+                       .values(entry_hash=bindparam("entry_hash"), seal=bindparam("seal")))
+_INSERT_ENTRIES = Prepared(insert(cast(Table, AuditEntryRow.__table__)))
 
 
 class AuditChainConflict(UserError):
@@ -192,11 +203,19 @@ class AuditLog:
         return entry
 
     async def _append_many_in(self, session: AsyncSession, batch: Sequence[tuple[dt.datetime, _Checked]]) -> list[AuditEntry]:
-        """``batch`` chained one after the other: the head claimed once (``len(batch)`` numbers), the rows
-        inserted by one statement, the head's hash and seal stored once. The same chain as one append each."""
+        """``append_many`` in an async session's transaction (the same statements, run by ``run_sync``)."""
         if not batch:
             return []
-        last_seq, prev_hash = await self._claim_next_seq(session, len(batch))
+        return await session.run_sync(lambda sync_session: self.append_many(sync_session.connection(), batch))
+
+    def append_many(self, connection: Connection, batch: Sequence[tuple[dt.datetime, _Checked]]) -> list[AuditEntry]:
+        """``batch`` chained one after the other, in ``connection``'s transaction (synchronous: a whole
+        transaction run by ``Database.run_in_transaction``): the head claimed once (``len(batch)`` numbers),
+        the rows inserted by one executemany, the head's hash and seal stored once. The same chain as one
+        append each; the one implementation of the chain, whichever way the transaction runs."""
+        if not batch:
+            return []
+        last_seq, prev_hash = self._claim_next_seq(connection, len(batch))
         entries: list[AuditEntry] = []
         for seq, (occurred_at, checked) in enumerate(batch, start=last_seq - len(batch) + 1):
             body = entry_body(seq, occurred_at, int(checked.event), checked.actor, checked.patient,
@@ -207,32 +226,23 @@ class AuditLog:
                                       entry_hash, self.key.seal_entry(entry_hash) if self.key else None))
             prev_hash = entry_hash
         try:
-            await session.execute(insert(AuditEntryRow), [_row_values(entry) for entry in entries])
+            _INSERT_ENTRIES.run_many(connection, [_row_values(entry) for entry in entries])
         except IntegrityError:
             numbers = f"entry {last_seq}" if len(entries) == 1 else f"entries {entries[0].seq}-{last_seq}"
             raise AuditChainConflict(f"audit {numbers} (or its hash) already exists: the log was written outside "
                                      "the gateway; run `gateway audit verify`", field="audit") from None
-        await session.execute(
-            update(AuditChainHead).where(AuditChainHead.id == HEAD_ID)
-            .values(entry_hash=prev_hash, seal=self._head_seal(last_seq, prev_hash))
-            .execution_options(synchronize_session=False)
-        )
+        _STORE_HEAD.run(connection, {"head": HEAD_ID, "entry_hash": prev_hash,
+                                     "seal": self._head_seal(last_seq, prev_hash)})
         return entries
 
-    async def _claim_next_seq(self, session: AsyncSession, count: int = 1) -> tuple[int, str]:
+    def _claim_next_seq(self, connection: Connection, count: int = 1) -> tuple[int, str]:
         """Take the writer lock by bumping the head by ``count``; returns (the last number claimed, the hash
         of the entry before the first one)."""
-        claim = (
-            update(AuditChainHead).where(AuditChainHead.id == HEAD_ID)
-            .values(seq=AuditChainHead.seq + count)
-            .returning(AuditChainHead.seq, AuditChainHead.entry_hash)
-            .execution_options(synchronize_session=False)
-        )
-        row = (await session.execute(claim)).one_or_none()
+        row = _CLAIM_HEAD.run(connection, {"head": HEAD_ID, "count": count}).fetchone()
         if row is None:  # first append ever: create the genesis head (a concurrent creator is harmless)
-            await session.execute(self._genesis_head())
-            row = (await session.execute(claim)).one()
-        return int(row.seq), str(row.entry_hash)
+            connection.execute(self._genesis_head())
+            row = _CLAIM_HEAD.run(connection, {"head": HEAD_ID, "count": count}).fetchone()
+        return int(row[0]), str(row[1])
 
     def _genesis_head(self) -> Any:
         values = {"id": HEAD_ID, "seq": 0, "entry_hash": GENESIS_HASH, "seal": self._head_seal(0, GENESIS_HASH)}
@@ -336,6 +346,12 @@ class AuditBatch:
         session: AsyncSession | None = None,
     ) -> None:
         """As ``AuditLog.append``, written later by ``write`` (``session`` is ignored: ``write`` gets it)."""
+        self.add(event, actor=actor, patient=patient, source=source, subject=subject, outcome=outcome, details=details)
+
+    def add(self, event: AuditEvent, *, actor: Actor, patient: str | None, source: Source,
+            subject: Subject | None = None, outcome: Outcome | None = None,
+            details: dict[str, Any] | None = None) -> None:
+        """``append`` from synchronous code (a transaction run by ``Database.run_in_transaction``)."""
         self._pending.append((utcnow(), _check_fields(event, actor, patient, subject, outcome or Outcome.success(),
                                                       source, details or {})))
 
@@ -343,6 +359,11 @@ class AuditBatch:
         """Append every collected entry in ``session``'s transaction; the batch is then empty."""
         pending, self._pending = self._pending, []
         return await self.log._append_many_in(session, pending)
+
+    def write_in(self, connection: Connection) -> list[AuditEntry]:
+        """``write`` in a synchronous transaction (``Database.run_in_transaction``): the same chain."""
+        pending, self._pending = self._pending, []
+        return self.log.append_many(connection, pending)
 
     def clear(self) -> None:
         """The transaction they belonged to was rolled back: forget them."""
