@@ -39,7 +39,7 @@ import logging
 import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -47,7 +47,7 @@ from email.policy import SMTP
 from email.utils import format_datetime, getaddresses, make_msgid
 
 from sqlalchemy import Table, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 
 from gateway.config import Settings
 from gateway.dmp_bridge.errors import IntegrationCode
@@ -56,9 +56,13 @@ from gateway.dmp_bridge.tables import FilingNotice, NoticeKind
 from gateway.queue.generated import GeneratedMailQueue, PreparedMail
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, State, utcnow
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger("gateway.dmp.ack")
 
+NOTICES = cast(Table, FilingNotice.__table__)
+MAILBOXES = cast(Table, Mailbox.__table__)
+_INSERT_NOTICE = Prepared(insert(NOTICES))
 KO_PREFIX = "[KO Intégration système !]"
 REPORTING_UA = "MSSante gateway DMP bridge"
 NOTIFICATION_SUBJECT = "Un nouveau document a été ajouté à votre dossier"
@@ -95,14 +99,6 @@ class DeliveredMessage:
 
 
 @dataclass(frozen=True)
-class QueuedNotice:
-    """A notice spooled and added to a transaction, to dispatch once that commits."""
-
-    kind: NoticeKind
-    mail: PreparedMail
-
-
-@dataclass(frozen=True)
 class Failure:
     code: IntegrationCode
     reason: str
@@ -115,117 +111,112 @@ class Acknowledger:
         self.hostname = settings.hostname
         self.patient_domain = settings.directory.patient_domain
 
-    async def after_filing(self, delivered: DeliveredMessage, report: FilingReport) -> list[NoticeKind]:
-        """Send what ``report`` calls for in a transaction of its own; the kinds of notice queued now."""
-        async with self.db.session() as session:
-            notices = await self.queue_in(session, delivered, report)
-        self.dispatch(notices)
-        return [notice.kind for notice in notices]
-
-    async def queue_in(self, session: AsyncSession, delivered: DeliveredMessage,
-                       report: FilingReport) -> list[QueuedNotice]:
-        """The notices ``report`` calls for and not sent yet, spooled durably and added to ``session``
-        (queued once it commits: then ``dispatch``; ``discard`` if it does not)."""
-        [notices] = await self.queue_many(session, [(delivered, report)])
-        return notices
-
-    async def queue_many(self, session: AsyncSession,
-                         filings: Sequence[tuple[DeliveredMessage, FilingReport]]) -> list[list[QueuedNotice]]:
-        """``queue_in`` for several filings committed together, in their order: the notices of each. The
-        spool files are written side by side (their fsyncs overlap) and a notice key wanted twice in the
-        batch is queued once, for the first."""
-        mailboxes = await self._patient_mailboxes(session, {patient_id for _delivered, report in filings
-                                                            for patient_id in _filed_patients(report)})
-        wanted: list[_Wanted] = []
+    def wanted_in(self, connection: Connection,
+                  filings: Sequence[tuple[DeliveredMessage, FilingReport]]) -> list[WantedNotice]:
+        """The notices the filings call for and not sent yet, in their order, read in ``connection``'s
+        transaction (synchronous): a notice key wanted twice in the batch is wanted once, for the first.
+        Their messages are built later, outside the transaction (``WantedNotice.message``)."""
+        mailboxes = _patient_mailboxes(connection, {patient_id for _delivered, report in filings
+                                                    for patient_id in _filed_patients(report)})
+        wanted: list[WantedNotice] = []
         for index, (delivered, report) in enumerate(filings):
             acknowledgement = self._acknowledgement(delivered, report)
             if acknowledgement is not None:
-                kind, recipient, message = acknowledgement
-                wanted.append(_Wanted(index, _notice_key("ack", delivered.message_key, delivered.recipient), kind,
-                                      delivered.job_id, recipient, message))
+                kind, recipient, build = acknowledgement
+                wanted.append(WantedNotice(index, _notice_key("ack", delivered.message_key, delivered.recipient), kind,
+                                           delivered.job_id, recipient, build))
             for mailbox in sorted({address for patient_id in _filed_patients(report)
                                    for address in mailboxes.get(patient_id, ())}):
-                wanted.append(_Wanted(index, _notice_key("notify", delivered.message_key, mailbox),
-                                      NoticeKind.PATIENT_NOTIFICATION, delivered.job_id, mailbox,
-                                      patient_notification(mailbox, self.patient_domain, self.hostname)))
-        sent = set((await session.scalars(select(FilingNotice.notice_key).where(
-            FilingNotice.notice_key.in_({w.key for w in wanted})))).all()) if wanted else set()
+                wanted.append(WantedNotice(index, _notice_key("notify", delivered.message_key, mailbox),
+                                           NoticeKind.PATIENT_NOTIFICATION, delivered.job_id, mailbox,
+                                           functools.partial(patient_notification, mailbox, self.patient_domain,
+                                                             self.hostname)))
+        sent = set(connection.execute(select(NOTICES.c.notice_key).where(
+            NOTICES.c.notice_key.in_({w.key for w in wanted}))).scalars()) if wanted else set()
         unique = [w for w in {w.key: w for w in reversed(wanted)}.values() if w.key not in sent]
         unique.sort(key=wanted.index)
-        queued = await self._spool_side_by_side(unique)
-        notices: list[list[QueuedNotice]] = [[] for _ in filings]
-        rows: list[dict[str, object]] = []
-        for want, prepared in zip(unique, queued):
-            if prepared is None:
-                continue
-            rows.append({"notice_key": want.key, "kind": want.kind.value, "job_id": want.job_id,
-                         "recipient": want.recipient, "queue_id": prepared.queue_id, "created_at": utcnow()})
-            prepared.add_to(session)
-            notices[want.filing].append(QueuedNotice(want.kind, prepared))
-        try:
-            if rows:  # one statement for the batch's notice rows (nothing is read back)
-                await session.execute(insert(cast(Table, FilingNotice.__table__)), rows)
-        except BaseException:
-            self.discard([notice for of_filing in notices for notice in of_filing])  # never returned: never queued
-            raise
-        return notices
+        return unique
 
-    async def _spool_side_by_side(self, wanted: Sequence[_Wanted]) -> list[PreparedMail | None]:
-        """Each message durably in the spool (None: its recipient cannot receive mail), all or none: one
-        route look-up per distinct recipient, the files' fsyncs side by side, one fsync of the queue folder."""
-        return await self.queue.prepare_many([(want.message, want.recipient, _message_id_of(want.message))
-                                              for want in wanted])
+    async def spool(self, wanted: Sequence[WantedNotice]) -> list[SpooledNotice]:
+        """Each wanted notice built and durably in the spool (all or none: one route look-up per distinct
+        recipient, the files' fsyncs side by side, one fsync of the queue folder), to queue in the transaction
+        (``queue_in``). A notice whose recipient cannot receive mail is left out."""
+        messages = [want.message() for want in wanted]
+        prepared = await self.queue.prepare_many([(message, want.recipient, _message_id_of(message))
+                                                  for want, message in zip(wanted, messages)])
+        return [SpooledNotice(want, mail) for want, mail in zip(wanted, prepared) if mail is not None]
 
-    def _acknowledgement(self, delivered: DeliveredMessage, report: FilingReport) -> tuple[NoticeKind, str, bytes] | None:
+    @staticmethod
+    def queue_in(connection: Connection, spooled: Sequence[SpooledNotice]) -> None:
+        """The notice rows (one executemany) and the queue rows of ``spooled``, in the filing transaction."""
+        _INSERT_NOTICE.run_many(connection, [
+            {"notice_key": notice.wanted.key, "kind": notice.wanted.kind.value, "job_id": notice.wanted.job_id,
+             "recipient": notice.wanted.recipient, "queue_id": notice.mail.queue_id, "created_at": utcnow()}
+            for notice in spooled])
+        for notice in spooled:
+            notice.mail.insert_in(connection)
+
+    def _acknowledgement(self, delivered: DeliveredMessage,
+                         report: FilingReport) -> tuple[NoticeKind, str, Callable[[], bytes]] | None:
         sender = delivered.return_path
         if sender is None or not _may_answer(delivered.message):
             return None
         failure = first_failure(report)
         if _mdn_requested(delivered.message, sender) and (failure is not None or report.in_record):
             kind = NoticeKind.MDN_ERROR if failure else NoticeKind.MDN_PROCESSED
-            return kind, sender, build_mdn(delivered, failure, report, self.hostname)
+            return kind, sender, functools.partial(build_mdn, delivered, failure, report, self.hostname)
         if failure is not None:
-            return NoticeKind.FAILURE_REPORT, sender, build_failure_report(delivered, failure, report, self.hostname)
+            return NoticeKind.FAILURE_REPORT, sender, functools.partial(build_failure_report, delivered, failure,
+                                                                        report, self.hostname)
         return None
 
-    def dispatch(self, notices: Sequence[QueuedNotice]) -> None:
+    def dispatch(self, notices: Sequence[SpooledNotice]) -> None:
         """Their transaction committed: deliver them."""
         for notice in notices:
             self.queue.dispatch(notice.mail)
-            log.info("%s queued as %s for %s", notice.kind.value, notice.mail.queue_id, notice.mail.recipient.address)
+            log.info("%s queued as %s for %s", notice.wanted.kind.value, notice.mail.queue_id,
+                     notice.mail.recipient.address)
 
-    def discard(self, notices: Sequence[QueuedNotice]) -> None:
+    def discard(self, notices: Sequence[SpooledNotice]) -> None:
         """Their transaction did not commit: they were never queued."""
         for notice in notices:
             self.queue.discard(notice.mail)
 
-    @staticmethod
-    async def _patient_mailboxes(session: AsyncSession, patient_ids: set[int]) -> dict[int, list[str]]:
-        """The active hosted mailboxes of each patient, by patient id."""
-        if not patient_ids:
-            return {}
-        rows = (await session.execute(
-            select(Mailbox.patient_id, Mailbox.address).where(Mailbox.patient_id.in_(patient_ids), Mailbox.type == "PAT",
-                                                              Mailbox.hosted.is_(True),
-                                                              Mailbox.state == State.ACTIVE.value)
-            .order_by(Mailbox.address))).all()
-        found: dict[int, list[str]] = {}
-        for patient_id, address in rows:
-            if patient_id is not None:
-                found.setdefault(patient_id, []).append(address)
-        return found
+
+
+def _patient_mailboxes(connection: Connection, patient_ids: set[int]) -> dict[int, list[str]]:
+    """The active hosted mailboxes of each patient, by patient id."""
+    if not patient_ids:
+        return {}
+    rows = connection.execute(
+        select(MAILBOXES.c.patient_id, MAILBOXES.c.address).where(
+            MAILBOXES.c.patient_id.in_(patient_ids), MAILBOXES.c.type == "PAT", MAILBOXES.c.hosted.is_(True),
+            MAILBOXES.c.state == State.ACTIVE.value).order_by(MAILBOXES.c.address)).all()
+    found: dict[int, list[str]] = {}
+    for patient_id, address in rows:
+        if patient_id is not None:
+            found.setdefault(patient_id, []).append(address)
+    return found
 
 
 @dataclass(frozen=True)
-class _Wanted:
-    """A notice a filing calls for (``filing``: its index in the batch)."""
+class WantedNotice:
+    """A notice a filing calls for (``filing``: its index in the batch); its message built on demand."""
 
     filing: int
     key: str  # unique per (kind family, message, recipient): ``filing_notices.notice_key``
     kind: NoticeKind
     job_id: int
     recipient: str
-    message: bytes
+    message: Callable[[], bytes] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class SpooledNotice:
+    """A wanted notice durably in the spool, to queue in the filing transaction, then dispatch (or discard)."""
+
+    wanted: WantedNotice
+    mail: PreparedMail
 
 
 def _notice_key(*parts: str) -> str:

@@ -68,17 +68,17 @@ import datetime as dt
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import and_, case, or_, select
+from sqlalchemy import Select, Table, and_, bindparam, case, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.chain import Actor, Door, Outcome, Source, Subject
 from gateway.audit.events import AuditEvent
-from gateway.audit.log import AuditBatch, AuditLog
+from gateway.audit.log import AuditLog
 from gateway.directory.identifiers import INS_OIDS, PRODUCTION_INS_OIDS, IdentifierError, validate_nir
 from gateway.dmp_bridge.cda import CdaAuthor, CdaDocument, Code, PersonName
 from gateway.dmp_bridge.codes import derive_xds_codes
@@ -108,6 +108,7 @@ from gateway.security.at_rest import FieldSealer
 from gateway.storage.blobs import BlobStore, StoredBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Patient, PatientState, utcnow
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger("gateway.dmp.filing")
 
@@ -116,6 +117,9 @@ NOT_A_PATIENT_MAILBOX = ("delivered to a professional's mailbox: only what is de
 NO_DEPOSITOR = ("the sender is not a mailbox of the directory that can deposit documents (a professional or an "
                 "organisation, authenticated on submission or the peer's sender on relay): not filed")
 UUID_OID_ARC = "2.25"
+RECORDS = cast(Table, RecordDocument.__table__)
+FORECAST_IDS = 1 << 62  # the ids a forecast gives the rows it would write (after every real one, as they would be)
+PATIENTS = cast(Table, Patient.__table__)
 T = TypeVar("T")  # ITU-T X.667: an OID made of a UUID, for documents that bring no id of their own
 
 
@@ -179,58 +183,86 @@ class FilingReport:
 
 
 class FilingJournal(Protocol):
-    """Where filing events go (the audit log), written in the filing's own transaction."""
+    """Where filing events go (the audit log), written in the filing's own transaction.
 
-    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None: ...
+    ``for_transaction`` gives the journal of one transaction (attempt): its events are collected as the
+    documents are decided and written by ``write``, in that transaction, before it commits."""
 
-    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None: ...
+    def for_transaction(self) -> FilingJournal: ...
+
+    def document_filed(self, document: RecordDocument, replaced: RecordDocument | None) -> None: ...
+
+    def filing_refused(self, outcome: DocumentOutcome) -> None: ...
+
+    def write(self, connection: Connection) -> None: ...
 
 
 class LoggingJournal:
     """The journal when no audit log is wired: one log line per event."""
 
-    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+    def for_transaction(self) -> FilingJournal:
+        return self
+
+    def document_filed(self, document: RecordDocument, replaced: RecordDocument | None) -> None:
         log.info("document filed: %s for patient %s%s", document.unique_id, document.patient_ins,
                  f", replacing {replaced.unique_id}" if replaced else "")
 
-    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None:
+    def filing_refused(self, outcome: DocumentOutcome) -> None:
         log.info("filing refused: %s (%s) %s: %s", outcome.unique_id or outcome.attachment,
                  outcome.patient_ins or "no patient", outcome.code, outcome.reason)
 
+    def write(self, connection: Connection) -> None:
+        del connection
+
 
 class AuditJournal:
-    """Filing events in the hash-chained audit log, committed with the document (events 101-103).
+    """Filing events in the hash-chained audit log, committed with the document (events 101-103): the
+    entries of a transaction are collected (``AuditBatch``) and appended by one claim of the chain head."""
 
-    With an ``AuditBatch`` the entries are collected and the batch's owner writes them in the same
-    transaction (the filing worker: one chain claim for every document of a batch)."""
-
-    def __init__(self, audit: AuditLog | AuditBatch) -> None:
+    def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
+        self.batch = audit.batch()
 
-    def batched(self) -> tuple[AuditJournal, AuditBatch]:
-        """A journal collecting this log's entries, and the batch to ``write`` before the commit."""
-        batch = self.audit if isinstance(self.audit, AuditBatch) else self.audit.batch()
-        return AuditJournal(batch), batch
+    def for_transaction(self) -> FilingJournal:
+        return AuditJournal(self.audit)
 
-    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+    def document_filed(self, document: RecordDocument, replaced: RecordDocument | None) -> None:
         actor = _depositor_actor(document)
         details = {"type": document.type_code, "version": document.version_number, "sender": document.source_sender,
                    "author": document.author_idnps, "submitted_by": document.submitted_by}
-        await self.audit.append(AuditEvent.DOCUMENT_FILED, actor=actor, patient=document.patient_ins,
-                                subject=Subject.document(document.unique_id), source=Source(Door.SMTP),
-                                details=details, session=session)
+        self.batch.add(AuditEvent.DOCUMENT_FILED, actor=actor, patient=document.patient_ins,
+                       subject=Subject.document(document.unique_id), source=Source(Door.SMTP), details=details)
         if replaced is not None:
-            await self.audit.append(AuditEvent.DOCUMENT_REPLACED, actor=actor, patient=document.patient_ins,
-                                    subject=Subject.document(replaced.unique_id), source=Source(Door.SMTP),
-                                    details={"replaced_by": document.unique_id}, session=session)
+            self.batch.add(AuditEvent.DOCUMENT_REPLACED, actor=actor, patient=document.patient_ins,
+                           subject=Subject.document(replaced.unique_id), source=Source(Door.SMTP),
+                           details={"replaced_by": document.unique_id})
 
-    async def filing_refused(self, session: AsyncSession, outcome: DocumentOutcome) -> None:
+    def filing_refused(self, outcome: DocumentOutcome) -> None:
         subject = Subject.document(outcome.unique_id) if outcome.unique_id else None
         reason = f"{int(outcome.code)}^{outcome.code.label}: {outcome.reason}" if outcome.code else outcome.reason or ""
-        await self.audit.append(AuditEvent.DOCUMENT_FILING_REFUSED, actor=Actor.system("dmp-bridge"),
-                                patient=outcome.patient_ins, subject=subject, source=Source(Door.SMTP),
-                                outcome=Outcome.refused(reason[:1000]),
-                                details={"attachment_sha256": _name_digest(outcome.attachment)}, session=session)
+        self.batch.add(AuditEvent.DOCUMENT_FILING_REFUSED, actor=Actor.system("dmp-bridge"),
+                       patient=outcome.patient_ins, subject=subject, source=Source(Door.SMTP),
+                       outcome=Outcome.refused(reason[:1000]),
+                       details={"attachment_sha256": _name_digest(outcome.attachment)})
+
+    def write(self, connection: Connection) -> None:
+        self.batch.write_in(connection)
+
+
+class _Unjournaled:
+    """The journal of a forecast (nothing is committed, so nothing is recorded)."""
+
+    def for_transaction(self) -> FilingJournal:
+        return self
+
+    def document_filed(self, document: RecordDocument, replaced: RecordDocument | None) -> None:
+        del document, replaced
+
+    def filing_refused(self, outcome: DocumentOutcome) -> None:
+        del outcome
+
+    def write(self, connection: Connection) -> None:
+        del connection
 
 
 def _name_digest(name: str | None) -> str | None:
@@ -257,8 +289,24 @@ async def file_into_record(db: Database, blobs: BlobStore, extraction: Extractio
     """File every document of ``extraction`` in one transaction; the outcome of each, and of each
     attachment that failed. (The worker runs the same two phases inside its own job transaction.)"""
     prepared = await prepare_filing(db, blobs, extraction, context, sealer or RecordSealer(FieldSealer(blobs.keys)))
+    journal = journal or LoggingJournal()
+
+    def work(connection: Connection) -> FilingReport:
+        journaled = journal.for_transaction()
+        report = apply_filing(connection, prepared, journaled, patients=TransactionPatients(connection),
+                              records=RecordIndex.read(connection, [prepared]))
+        journaled.write(connection)
+        return report
+
     try:
-        report = await committed(db, lambda session: apply_filing(session, blobs, prepared, journal or LoggingJournal()))
+        for _attempt in range(3):
+            try:
+                report = await committed(db, work)
+                break
+            except NotWrittenAhead as missing:  # in the record at phase 1, gone since: stored now, then again
+                await missing.write_ahead(blobs, prepared.sealer)
+        else:
+            raise RuntimeError("the record kept changing while the document was filed: try again")
     except BaseException:
         await prepared.release(blobs, kept=())
         raise
@@ -266,18 +314,42 @@ async def file_into_record(db: Database, blobs: BlobStore, extraction: Extractio
     return report
 
 
-async def committed(db: Database, work: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 3) -> T:
-    """Run ``work`` in one transaction; again (from scratch) when a concurrent filer of the same document
-    or notice committed first (a unique constraint fails): the next run finds it filed."""
+async def committed(db: Database, work: Callable[[Connection], T], *, attempts: int = 3) -> T:
+    """Run ``work`` as one write transaction (``Database.run_in_transaction``: on SQLite one hop to a
+    database thread); again (from scratch) when a concurrent filer of the same document or notice committed
+    first (a unique constraint fails): the next run finds it filed."""
     for attempt in range(1, attempts + 1):
         try:
-            async with db.session() as session:
-                return await work(session)
+            return await db.run_in_transaction(work, write=True)
         except IntegrityError:
             if attempt == attempts:
                 raise
             log.info("concurrent filing of the same document: filing again (attempt %d)", attempt + 1)
     raise AssertionError("unreachable")
+
+
+class NotWrittenAhead(Exception):
+    """A document to file whose blob phase 1 did not write (the record held it then, or its patient was not
+    found then): nothing is committed; the caller writes it ahead (``write_ahead``) and runs again."""
+
+    def __init__(self, missing: list[ToStore]) -> None:
+        super().__init__(f"{len(missing)} document(s) to write ahead first")
+        self.missing = missing
+
+    async def write_ahead(self, blobs: BlobStore, sealer: RecordSealer) -> None:
+        for document in self.missing:
+            await store_ahead(blobs, sealer, document)
+
+
+ToStore = tuple["_Pending", "DocumentFields", str]  # a document to file, its record fields, its patient's INS
+
+
+async def store_ahead(blobs: BlobStore, sealer: RecordSealer, document: ToStore) -> None:
+    """A document a transaction (or its forecast) files, written ahead: its blob (fsync), its sealed metadata."""
+    item, fields, ins = document
+    item.fields, item.patient_ins = fields, ins
+    if item.stored is None or item.sealed_columns is None:
+        await _write_ahead(blobs, sealer, item, ins)
 
 
 @dataclass
@@ -311,35 +383,55 @@ class PreparedFiling:
 
 
 class PatientLookup:
-    """Patient rows by id and by (INS, OID), each read once: per session, or per batch in phase 1 (where the
-    answer only decides what to write ahead; the filing transaction decides again)."""
+    """Patient rows by id and by (INS, OID), each read once per batch in phase 1 (where the answer only
+    decides what to write ahead: the filing transaction decides again, with ``TransactionPatients``)."""
 
-    def __init__(self, session: AsyncSession | None = None, db: Database | None = None) -> None:
-        self.session = session
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self._by_id: dict[int, Patient | None] = {}
-        self._by_ins: dict[tuple[str, str | None], Patient | None] = {}
+        self._found: dict[tuple[Any, ...], Patient | None] = {}
         self._reading = asyncio.Lock()  # jobs prepared side by side wait for the first reader of a patient
 
     async def by_id(self, patient_id: int) -> Patient | None:
-        async with self._reading:
-            if patient_id not in self._by_id:
-                self._by_id[patient_id] = await self._read(lambda session: session.get(Patient, patient_id))
-            return self._by_id[patient_id]
+        return await self._get(("id", patient_id), lambda: _patient_by_id(patient_id))
 
     async def by_ins(self, ins: str, oid: str | None) -> Patient | None:
-        async with self._reading:
-            if (ins, oid) not in self._by_ins:
-                self._by_ins[(ins, oid)] = await self._read(lambda session: session.scalar(
-                    select(Patient).where(Patient.ins == ins, Patient.ins_oid == oid)))
-            return self._by_ins[(ins, oid)]
+        return await self._get(("ins", ins, oid), lambda: _patient_by_ins(ins, oid))
 
-    async def _read(self, query: Callable[[AsyncSession], Awaitable[Patient | None]]) -> Patient | None:
-        if self.session is not None:
-            return await query(self.session)
-        assert self.db is not None
-        async with self.db.session() as session:
-            return await query(session)
+    async def _get(self, key: tuple[Any, ...], query: Callable[[], Select[Any]]) -> Patient | None:
+        async with self._reading:
+            if key not in self._found:
+                async with self.db.session() as session:
+                    row = (await session.execute(query())).mappings().first()
+                self._found[key] = Patient(**row) if row is not None else None
+            return self._found[key]
+
+
+class TransactionPatients:
+    """``PatientLookup`` inside the filing transaction (synchronous), each patient read once."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._found: dict[tuple[Any, ...], Patient | None] = {}
+
+    def by_id(self, patient_id: int) -> Patient | None:
+        return self._get(("id", patient_id), lambda: _patient_by_id(patient_id))
+
+    def by_ins(self, ins: str, oid: str | None) -> Patient | None:
+        return self._get(("ins", ins, oid), lambda: _patient_by_ins(ins, oid))
+
+    def _get(self, key: tuple[Any, ...], query: Callable[[], Select[Any]]) -> Patient | None:
+        if key not in self._found:
+            row = self.connection.execute(query()).mappings().first()
+            self._found[key] = Patient(**row) if row is not None else None
+        return self._found[key]
+
+
+def _patient_by_id(patient_id: int) -> Select[Any]:
+    return select(PATIENTS).where(PATIENTS.c.id == patient_id)
+
+
+def _patient_by_ins(ins: str, oid: str | None) -> Select[Any]:
+    return select(PATIENTS).where(PATIENTS.c.ins == ins, PATIENTS.c.ins_oid == oid).order_by(PATIENTS.c.id).limit(1)
 
 
 async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionResult, context: FilingContext,
@@ -347,8 +439,7 @@ async def prepare_filing(db: Database, blobs: BlobStore, extraction: ExtractionR
     """Phase 1, no database write: decide what needs no transaction, write each new document's encrypted
     blob (fsync) and seal its metadata, so that the transaction that files them only writes rows."""
     prepared = await plan_filing(db, extraction, context, sealer, patients=patients)
-    async with db.session() as session:
-        records = await RecordIndex.load(session, [prepared])
+    records = await db.run_in_transaction(lambda connection: RecordIndex.read(connection, [prepared]))
     await write_ahead(blobs, prepared, records)
     return prepared
 
@@ -361,7 +452,7 @@ async def plan_filing(db: Database, extraction: ExtractionResult, context: Filin
     if context.mailbox_patient_id is None:
         return PreparedFiling(context, sealer, _not_for_the_record(extraction), [])
     failures = [DocumentOutcome(f.attachment, None, OutcomeKind.REFUSED, f.code, f.reason) for f in extraction.failures]
-    patients = patients or PatientLookup(db=db)
+    patients = patients or PatientLookup(db)
     pending = [await _plan_document(document, context, patients) for document in extraction.documents]
     return PreparedFiling(context, sealer, failures, pending)
 
@@ -395,7 +486,8 @@ async def _plan_document(document: ExtractedDocument, context: FilingContext, pa
     if isinstance(claim, IdentificationFailure):
         return _Pending(document, DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED,
                                                   claim.code, claim.reason))
-    patient = await _resolve_patient(patients, claim, context)
+    patient = _claimed_patient(claim, context, await (patients.by_ins(claim.ins, claim.oid) if claim.ins is not None
+                                                      else patients.by_id(context.mailbox_patient_id or 0)))
     if isinstance(patient, IdentificationFailure):
         return _Pending(document, claim=claim)  # decided (and journaled) in the transaction
     return _Pending(document, claim=claim, fields=document_fields(document, patient.ins, context),
@@ -423,15 +515,14 @@ class RecordIndex:
             self.add(row)
 
     @classmethod
-    async def load(cls, session: AsyncSession, filings: Sequence[PreparedFiling]) -> RecordIndex:
+    def read(cls, connection: Connection, filings: Sequence[PreparedFiling]) -> RecordIndex:
         fields = [item.fields for prepared in filings for item in prepared.pending if item.fields is not None]
         unique_ids = {f.unique_id for f in fields} | {parent for f in fields for parent in f.replaces}
         set_ids = {f.set_id for f in fields if f.set_id is not None}
         if not unique_ids and not set_ids:
             return cls([], unique_ids, set_ids)
-        rows = (await session.scalars(select(RecordDocument).where(
-            or_(RecordDocument.unique_id.in_(unique_ids), RecordDocument.set_id.in_(set_ids))))).all()
-        return cls(rows, unique_ids, set_ids)
+        return cls(_documents(connection, select(RECORDS).where(
+            or_(RECORDS.c.unique_id.in_(unique_ids), RECORDS.c.set_id.in_(set_ids)))), unique_ids, set_ids)
 
     def add(self, row: RecordDocument) -> None:
         """A row read, or written by this transaction."""
@@ -469,21 +560,84 @@ class RecordIndex:
         return newer, older
 
 
-async def apply_filing(session: AsyncSession, blobs: BlobStore, prepared: PreparedFiling,
-                       journal: FilingJournal, *, patients: PatientLookup | None = None,
-                       records: RecordIndex | None = None) -> FilingReport:
-    """Phase 2, in the caller's transaction: the record rows, the replaced versions and the audit entries.
-    ``patients`` and ``records``: the transaction's own lookups, when several filings share it (``records``
-    read in this transaction, for all of them)."""
+class RecordRows(Protocol):
+    """Where the filing transaction's new and replaced record rows go."""
+
+    def insert(self, item: _Pending, fields: DocumentFields, values: dict[str, Any]) -> int: ...
+
+    def supersede(self, row: RecordDocument) -> None: ...
+
+
+_INSERT_DOCUMENT = Prepared(insert(RECORDS).returning(RECORDS.c.id))
+_SUPERSEDE = Prepared(update(RECORDS).where(RECORDS.c.id == bindparam("document")).values(
+    status=bindparam("status"), superseded_by_unique_id=bindparam("superseded_by"),
+    superseded_at=bindparam("superseded_at")))
+
+
+class WrittenRows:
+    """The rows written in the transaction (SQL Core, on SQLite's driver directly)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def insert(self, item: _Pending, fields: DocumentFields, values: dict[str, Any]) -> int:
+        del fields
+        if item.stored is None or item.sealed_columns is None:
+            raise AssertionError("apply_filing checks the blob was written ahead")
+        return int(_INSERT_DOCUMENT.run(self.connection, values).fetchone()[0])
+
+    def supersede(self, row: RecordDocument) -> None:
+        _SUPERSEDE.run(self.connection, {"document": row.id, "status": row.status,
+                                         "superseded_by": row.superseded_by_unique_id,
+                                         "superseded_at": row.superseded_at})
+
+
+class ForecastRows:
+    """A forecast of the transaction (``forecast_filing``): nothing written; the documents that would be
+    filed are listed (``to_store``: their blobs are written ahead next), numbered above every real row."""
+
+    def __init__(self) -> None:
+        self.to_store: list[ToStore] = []
+
+    def insert(self, item: _Pending, fields: DocumentFields, values: dict[str, Any]) -> int:
+        if item.stored is None or item.sealed_columns is None:
+            self.to_store.append((item, fields, str(values["patient_ins"])))
+        return FORECAST_IDS + len(self.to_store) + 1
+
+    def supersede(self, row: RecordDocument) -> None:
+        del row
+
+
+def apply_filing(connection: Connection, prepared: PreparedFiling, journal: FilingJournal, *,
+                 patients: TransactionPatients, records: RecordIndex, rows: RecordRows | None = None) -> FilingReport:
+    """Phase 2, synchronous, in the caller's transaction (``Database.run_in_transaction``): the record rows,
+    the replaced versions and the journal's events (which the caller writes before the commit). ``patients``
+    and ``records``: the transaction's own lookups, shared by the filings of a batch (``records`` read in
+    this transaction for all of them). ``rows``: where rows go (``WrittenRows`` by default; ``ForecastRows``
+    decides without writing). A document to file whose blob was not written ahead raises ``NotWrittenAhead``
+    before anything is committed."""
     outcomes = list(prepared.failures)
-    patients = patients or PatientLookup(session)
-    records = records or await RecordIndex.load(session, [prepared])
+    rows = rows or WrittenRows(connection)
+    forecast = isinstance(rows, ForecastRows)
+    missing: list[ToStore] = []
     for item in prepared.pending:
-        outcome = item.outcome or await _store_in(session, blobs, item, prepared, journal, patients, records)
+        outcome = item.outcome or _store_in(connection, item, prepared, journal, patients, records, rows,
+                                            forecast, missing)
         if outcome.outcome == OutcomeKind.REFUSED:
-            await journal.filing_refused(session, outcome)
+            journal.filing_refused(outcome)
         outcomes.append(outcome)
+    if missing:
+        raise NotWrittenAhead(missing)
     return FilingReport(tuple(outcomes))
+
+
+def forecast_filing(connection: Connection, prepared: PreparedFiling, *, patients: TransactionPatients,
+                    records: RecordIndex) -> tuple[FilingReport, list[ToStore]]:
+    """What ``apply_filing`` would decide now, written nowhere, and the documents it would file (to write
+    ahead). ``records`` then holds the rows it would have written, as the transaction's would."""
+    rows = ForecastRows()
+    report = apply_filing(connection, prepared, _Unjournaled(), patients=patients, records=records, rows=rows)
+    return report, rows.to_store
 
 
 # ------------------------------------------------------------------------------------ what to file, for whom
@@ -586,50 +740,58 @@ class _Plan:
     superseded_by: str | None = None
 
 
-async def _store_in(session: AsyncSession, blobs: BlobStore, item: _Pending, prepared: PreparedFiling,
-                    journal: FilingJournal, patients: PatientLookup, records: RecordIndex) -> DocumentOutcome:
+def _store_in(connection: Connection, item: _Pending, prepared: PreparedFiling, journal: FilingJournal,
+              patients: TransactionPatients, records: RecordIndex, rows: RecordRows, forecast: bool,
+              missing: list[ToStore]) -> DocumentOutcome:
     document, context = item.document, prepared.context
     assert item.claim is not None
-    patient = await _resolve_patient(patients, item.claim, context)
+    claim = item.claim
+    patient = _claimed_patient(claim, context, patients.by_ins(claim.ins, claim.oid) if claim.ins is not None
+                               else patients.by_id(context.mailbox_patient_id or 0))
     if isinstance(patient, IdentificationFailure):
         return DocumentOutcome(document.attachment, _declared_id(document), OutcomeKind.REFUSED, patient.code,
                                patient.reason, patient_ins=item.claim.ins)
     fields = item.fields or document_fields(document, patient.ins, context)
     known = records if records.covers(fields) else None
-    existing = known.existing(fields) if known is not None else await _existing(session, fields)
+    existing = known.existing(fields) if known is not None else (records.existing(fields)
+                                                                 or _existing(connection, fields))
     if existing is not None:
         return _duplicate(document, existing, patient, context)
     assert context.depositor is not None
-    plan = await _replacement_plan(session, patient, fields, context.depositor, known)
+    plan = _replacement_plan(connection, patient, fields, context.depositor, known)
     if isinstance(plan, IdentificationFailure):
         return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.REFUSED, plan.code, plan.reason,
                                patient_id=patient.id, patient_ins=patient.ins)
-    if item.stored is None or item.sealed_columns is None:  # it was in the record at phase 1 and is no longer
-        item.fields = fields
-        await _write_ahead(blobs, prepared.sealer, item, patient.ins)
-    assert item.stored is not None and item.sealed_columns is not None
-    row = _record_row(fields, item.sealed_columns, patient, plan, item.stored)
-    session.add(row)
+    stored = item.stored
+    if not forecast and (stored is None or item.sealed_columns is None or item.fields is None):
+        missing.append((item, fields, patient.ins))  # not in phase 1's plan: raised once all are decided
+        stored = StoredBlob("", 0)
+    values = _record_values(fields, item.sealed_columns if item.sealed_columns is not None else fields.columns,
+                            patient, plan, stored or StoredBlob("", 0))
+    row = RecordDocument(**values)
+    row.id = rows.insert(item, fields, values) if stored is item.stored else -1
     if plan.replaced is not None:
         plan.replaced.status = DocumentStatus.SUPERSEDED.value
         plan.replaced.superseded_by_unique_id = fields.unique_id
         plan.replaced.superseded_at = utcnow()
-    await session.flush()
+        rows.supersede(plan.replaced)
     records.add(row)
-    await journal.document_filed(session, row, plan.replaced)
-    return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED, record_document_id=row.id,
-                           patient_id=patient.id, patient_ins=patient.ins, blob_id=item.stored.blob_id,
+    journal.document_filed(row, plan.replaced)
+    return DocumentOutcome(document.attachment, fields.unique_id, OutcomeKind.FILED,
+                           record_document_id=None if forecast or row.id < 0 else row.id, patient_id=patient.id,
+                           patient_ins=patient.ins, blob_id=item.stored.blob_id if item.stored else None,
                            reason="; ".join(filter(None, (f"replaces {plan.replaced.unique_id}" if plan.replaced else None,
                                                           *fields.gaps))) or None)
 
 
-async def _resolve_patient(patients: PatientLookup, claim: _PatientClaim, context: FilingContext) -> Patient | IdentificationFailure:
+def _claimed_patient(claim: _PatientClaim, context: FilingContext,
+                     found: Patient | None) -> Patient | IdentificationFailure:
+    """The patient a claim names, ``found`` by INS (or, without one, the mailbox's patient), checked."""
     if claim.ins is None:
-        mailbox_patient = await patients.by_id(context.mailbox_patient_id) if context.mailbox_patient_id else None
-        if mailbox_patient is None:
+        if found is None or not context.mailbox_patient_id:
             return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, "the patient of this mailbox is not in the directory")
-        return _check_state(mailbox_patient)
-    patient = await patients.by_ins(claim.ins, claim.oid)
+        return _check_state(found)
+    patient = found
     if patient is None:
         return IdentificationFailure(IntegrationCode.UNKNOWN_PATIENT, f"INS {claim.ins} ({claim.oid}, from the {claim.source}) "
                                      "is not a patient of this gateway")
@@ -657,14 +819,20 @@ def _check_state(patient: Patient) -> Patient | IdentificationFailure:
     return patient
 
 
-async def _existing(session: AsyncSession, fields: DocumentFields) -> RecordDocument | None:
+def _existing(connection: Connection, fields: DocumentFields) -> RecordDocument | None:
     """The record's document with this unique id, else the one with the same (setId, version): one query."""
-    query = select(RecordDocument).where(RecordDocument.unique_id == fields.unique_id)
+    query = select(RECORDS).where(RECORDS.c.unique_id == fields.unique_id)
     if fields.set_id is not None and fields.version is not None:
-        same_version = and_(RecordDocument.set_id == fields.set_id, RecordDocument.version_number == fields.version)
-        query = (select(RecordDocument).where(or_(RecordDocument.unique_id == fields.unique_id, same_version))
-                 .order_by(case((RecordDocument.unique_id == fields.unique_id, 0), else_=1)).limit(1))
-    return await session.scalar(query)
+        same_version = and_(RECORDS.c.set_id == fields.set_id, RECORDS.c.version_number == fields.version)
+        query = (select(RECORDS).where(or_(RECORDS.c.unique_id == fields.unique_id, same_version))
+                 .order_by(case((RECORDS.c.unique_id == fields.unique_id, 0), else_=1)).limit(1))
+    found = _documents(connection, query)
+    return found[0] if found else None
+
+
+def _documents(connection: Connection, query: Select[Any]) -> list[RecordDocument]:
+    """Record rows read by a Core query, as (unattached) ``RecordDocument`` objects."""
+    return [RecordDocument(**row) for row in connection.execute(query).mappings()]
 
 
 def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: Patient, context: FilingContext) -> DocumentOutcome:
@@ -681,19 +849,19 @@ def _duplicate(document: ExtractedDocument, existing: RecordDocument, patient: P
                            record_document_id=existing.id, patient_id=patient.id, patient_ins=patient.ins)
 
 
-async def _replacement_plan(session: AsyncSession, patient: Patient, fields: DocumentFields,
+def _replacement_plan(connection: Connection, patient: Patient, fields: DocumentFields,
                             depositor: Depositor, known: RecordIndex | None) -> _Plan | IdentificationFailure:
     """Where a new document goes in its version series; only the depositor of the series (or their
     organisation) may add to it, whether as the new current version or as a late older one. ``known``:
     the rows read for the batch, when they cover these fields (else the database is asked)."""
     target = None
     if fields.replaces:
-        target = (known.replaced(patient, fields.replaces) if known is not None else await session.scalar(
-            select(RecordDocument).where(RecordDocument.unique_id.in_(fields.replaces),
-                                         RecordDocument.patient_id == patient.id).order_by(RecordDocument.id)))
+        target = known.replaced(patient, fields.replaces) if known is not None else next(iter(_documents(
+            connection, select(RECORDS).where(RECORDS.c.unique_id.in_(fields.replaces),
+                                              RECORDS.c.patient_id == patient.id).order_by(RECORDS.c.id).limit(1))), None)
     if target is None and fields.set_id is not None and fields.version is not None:
         newer, older = (known.current_around(patient, fields.set_id, fields.version) if known is not None
-                        else await _current_around(session, patient, fields.set_id, fields.version))
+                        else _current_around(connection, patient, fields.set_id, fields.version))
         if newer is not None:
             if not _may_amend(depositor, newer):
                 return _not_allowed(newer)
@@ -707,15 +875,13 @@ async def _replacement_plan(session: AsyncSession, patient: Patient, fields: Doc
     return _check_replaceable(target, depositor)
 
 
-async def _current_around(session: AsyncSession, patient: Patient, set_id: str,
-                          version: int) -> tuple[RecordDocument | None, RecordDocument | None]:
+def _current_around(connection: Connection, patient: Patient, set_id: str,
+                    version: int) -> tuple[RecordDocument | None, RecordDocument | None]:
     """The newest current version of the series above ``version``, and the newest below it (one query)."""
-    current = (await session.scalars(
-        select(RecordDocument).where(RecordDocument.patient_id == patient.id, RecordDocument.set_id == set_id,
-                                     RecordDocument.status == DocumentStatus.CURRENT.value,
-                                     RecordDocument.version_number.is_not(None),
-                                     RecordDocument.version_number != version)
-        .order_by(RecordDocument.version_number.desc()))).all()
+    current = _documents(connection, select(RECORDS).where(
+        RECORDS.c.patient_id == patient.id, RECORDS.c.set_id == set_id,
+        RECORDS.c.status == DocumentStatus.CURRENT.value, RECORDS.c.version_number.is_not(None),
+        RECORDS.c.version_number != version).order_by(RECORDS.c.version_number.desc()))
     versions = [(document.version_number or 0, document) for document in current]
     newer = next((document for number, document in versions if number > version), None)
     older = next((document for number, document in versions if number < version), None)
@@ -742,15 +908,17 @@ def _not_allowed(target: RecordDocument) -> IdentificationFailure:
                                  "it (the author a document names proves nothing)")
 
 
-def _record_row(fields: DocumentFields, sealed_columns: dict[str, Any], patient: Patient, plan: _Plan,
-                stored: StoredBlob) -> RecordDocument:
-    return RecordDocument(
-        **sealed_columns, unique_id=fields.unique_id, set_id=fields.set_id, version_number=fields.version,
-        patient_id=patient.id, patient_ins=patient.ins, patient_ins_oid=patient.ins_oid, status=plan.status.value,
-        replaces_unique_id=plan.replaces_unique_id, superseded_by_unique_id=plan.superseded_by,
-        superseded_at=utcnow() if plan.status == DocumentStatus.SUPERSEDED else None,
-        blob_id=stored.blob_id, size=stored.size, filed_at=utcnow(),
-    )
+def _record_values(fields: DocumentFields, sealed_columns: dict[str, Any], patient: Patient, plan: _Plan,
+                   stored: StoredBlob) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        **sealed_columns, "unique_id": fields.unique_id, "set_id": fields.set_id, "version_number": fields.version,
+        "patient_id": patient.id, "patient_ins": patient.ins, "patient_ins_oid": patient.ins_oid,
+        "status": plan.status.value, "replaces_unique_id": plan.replaces_unique_id,
+        "superseded_by_unique_id": plan.superseded_by,
+        "superseded_at": now if plan.status == DocumentStatus.SUPERSEDED else None,
+        "blob_id": stored.blob_id, "size": stored.size, "filed_at": now,
+    }
 
 
 # ------------------------------------------------------------------------------------ metadata

@@ -54,12 +54,13 @@ from typing import Protocol, TypeVar, cast
 from sqlalchemy import Table, and_, bindparam, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.log import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
-from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, QueuedNotice
+from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, SpooledNotice, WantedNotice
 from gateway.dmp_bridge.depositor import Depositor, accepted_as, depositor_of_message
 from gateway.dmp_bridge.extract import ExtractionResult, extract_documents, parse_message
 from gateway.dmp_bridge.filing import (
@@ -69,13 +70,17 @@ from gateway.dmp_bridge.filing import (
     FilingJournal,
     FilingReport,
     LoggingJournal,
+    NotWrittenAhead,
     PatientLookup,
     PreparedFiling,
     RecordIndex,
+    ToStore,
+    TransactionPatients,
     apply_filing,
     committed,
+    forecast_filing,
     plan_filing,
-    write_ahead,
+    store_ahead,
 )
 from gateway.dmp_bridge.record import (
     JOB_SUBJECT_COLUMN,
@@ -101,6 +106,7 @@ from gateway.security.smime_service import DecryptedCopy, SmimeService
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger("gateway.dmp.worker")
 T = TypeVar("T")
@@ -124,10 +130,6 @@ class WorkerPolicy:
 
 class _Gone(Exception):
     """The delivered copy is no longer where it was delivered (moved or expunged before filing)."""
-
-
-class _LeaseLost(Exception):
-    """The job's lease expired and another worker took the job over: this run's work is rolled back."""
 
 
 class InboundSecurity(Protocol):
@@ -282,11 +284,9 @@ class FilingWorker:
     # ----------------------------------------------------------------- a batch of jobs
 
     async def _run_batch(self, claimed: dict[int, dt.datetime]) -> int:
-        """File the jobs of one claim together: each planned on its own (side by side), the record rows they
-        can meet read once, each document the record does not hold written ahead (side by side: blob fsyncs
-        overlap), then all committed by one transaction (one fsync of the database for the batch). If that
-        transaction fails, each job is committed again in a transaction of its own, so one bad job spoils
-        nothing."""
+        """File the jobs of one claim together: each planned on its own (side by side), then filed by one
+        transaction for all (``_file``: one fsync of the database for the batch). If that fails, each job is
+        filed again in a transaction of its own, so one bad job spoils nothing."""
         loaded = await self._load_many(list(claimed))
         lookups = _BatchLookups(self.db)
         await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox, _blob in loaded.values()})
@@ -297,34 +297,16 @@ class FilingWorker:
                 return await self._guarded(job_id, self._plan(job_id, claimed[job_id], loaded.get(job_id), lookups))
 
         planned = [job for job in await asyncio.gather(*(plan(job_id) for job_id in claimed)) if job is not None]
-        records = await self._known_records(planned)
-
-        async def write(job: _Planned) -> _Ready | None:
-            async with slots:
-                return await self._guarded(job.job_id, self._write_ahead(job, records))
-
-        ready = [job for job in await asyncio.gather(*(write(job) for job in planned)) if job is not None]
-        if len(ready) > 1:
+        if len(planned) > 1:
             try:
-                await self._commit_batch(ready)
+                await self._file(planned, attempts=2)
                 return len(claimed)
             except Exception as error:
                 log.info("filing batch of %d jobs rolled back (%s): committing each job on its own",
-                         len(ready), error)
-        for job in ready:
-            await self._commit_leased(job)
+                         len(planned), error)
+        for job in planned:
+            await self._file_alone(job)
         return len(claimed)
-
-    async def _known_records(self, planned: Sequence[_Planned]) -> RecordIndex:
-        """The record rows the planned documents can meet, by one query. Should it fail, none: every
-        document is written ahead, and the transaction (which decides again) releases what it did not need."""
-        try:
-            async with self.db.session() as session:
-                return await RecordIndex.load(session, [job.prepared for job in planned])
-        except Exception as error:
-            log.warning("filing batch: the record rows could not be read ahead (%s): every document is written ahead",
-                        error)
-            return RecordIndex([], set(), set())
 
     async def _guarded(self, job_id: int, step: Awaitable[T]) -> T | None:
         """A step of phase 1 (no database write); None when the job ended there (gone, or deferred)."""
@@ -357,147 +339,109 @@ class FilingWorker:
         prepared = await plan_filing(self.db, extraction, context, self.sealer, patients=lookups.patients)
         return _Planned(job_id, lease, mailbox.id, delivered, prepared)
 
-    async def _write_ahead(self, job: _Planned, records: RecordIndex) -> _Ready:
-        """The documents ``records`` does not hold, written ahead (blobs fsynced, metadata sealed), and the
-        message's fields sealed: what the transaction needs, ready."""
-        try:
-            await write_ahead(self.blobs, job.prepared, records)
-            sealed = await self._sealed_message_fields(job.mailbox_id, job.delivered, job.prepared)
-        except BaseException:
-            await job.prepared.release(self.blobs, kept=())
-            raise
-        return _Ready(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared, sealed)
-
-    async def _commit_batch(self, ready: Sequence[_Ready]) -> None:
-        """Phase 2 of every job of ``ready`` in one transaction: the leases checked, the records, one
-        append of all their audit entries, the notices (spooled side by side), the outcomes, the jobs' end."""
-        journal, audit = self.journal.batched() if isinstance(self.journal, AuditJournal) else (self.journal, None)
-        notices: list[list[QueuedNotice]] = []
-
-        async def work(session: AsyncSession) -> tuple[list[_Ready], list[FilingReport]]:
-            nonlocal notices
-            self._discard_all(notices)  # spooled by an attempt whose commit failed: never queued
-            if audit is not None:
-                audit.clear()
-            ours = await self._check_leases(session, ready)  # also takes SQLite's write lock first
-            live = [job for job in ready if job.job_id in ours]
-            patients = PatientLookup(session)
-            records = await RecordIndex.load(session, [job.prepared for job in live])
-            reports = [await apply_filing(session, self.blobs, job.prepared, journal, patients=patients,
-                                          records=records) for job in live]
-            if audit is not None:
-                await audit.write(session)
+    async def _file(self, jobs: Sequence[_Planned], *, attempts: int) -> None:
+        """Phase 2 of ``jobs``: what their transaction will decide, forecast by one read transaction
+        (``_forecast``); the documents it files written ahead and the message fields sealed (side by side:
+        blob fsyncs overlap); the notices it sends built and spooled (fsyncs side by side); then the
+        transaction itself, one synchronous function in one hop to the database thread (``_commit``). It
+        decides everything again and commits only if it decided as forecast (else nothing is committed and
+        this runs again, on what changed in between, up to ``attempts`` times)."""
+        for attempt in range(1, attempts + 1):
+            forecast = await self.db.run_in_transaction(lambda connection: self._forecast(connection, jobs))
+            spooled: list[SpooledNotice] = []
+            try:
+                ready = await self._ready(jobs, forecast)
+                spooled = ready.notices
+                committed_jobs = await committed(self.db, lambda connection: self._commit(connection, ready))
+            except (_Changed, NotWrittenAhead) as changed:
+                self._discard(spooled)
+                if isinstance(changed, _Changed):
+                    jobs = [job for job in jobs if job.job_id in changed.ours]
+                log.info("filing of %d job(s) decided otherwise than forecast (attempt %d): again", len(jobs), attempt)
+                continue
+            except BaseException:
+                self._discard(spooled)  # nothing committed: the blobs written ahead stay for the next attempt
+                raise
             if self.acknowledger is not None:
-                notices = await self.acknowledger.queue_many(session, [(job.delivered, report)
-                                                                       for job, report in zip(live, reports)])
-            await self._record_outcomes_many(session, [(job, report) for job, report in zip(live, reports)])
-            await session.flush()
-            return live, reports
+                self.acknowledger.dispatch(committed_jobs.notices)
+            for job in ready.jobs:
+                report = committed_jobs.reports.get(job.job_id)
+                if report is None:
+                    log.warning("filing job %d: lease lost to another worker; its result is left to that worker",
+                                job.job_id)
+                await job.prepared.release(self.blobs, kept=report.blob_ids if report is not None else ())
+            return
+        raise RuntimeError(f"the record kept changing while {len(jobs)} job(s) were filed: filed again later")
 
-        try:
-            live, reports = await committed(self.db, work)
-        except Exception:
-            self._discard_all(notices)
-            raise  # nothing of the batch committed: its blobs are still needed by the jobs' own commits
-        except BaseException:
-            self._discard_all(notices)  # cancelled: committed or not, the blobs stay (an orphan is harmless)
-            raise
-        for notices_of_job in notices:
-            if self.acknowledger is not None:
-                self.acknowledger.dispatch(notices_of_job)
-        filed = {job.job_id: report for job, report in zip(live, reports)}
-        for job in ready:
-            report = filed.get(job.job_id)
-            if report is None:
-                log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job.job_id)
-            await job.prepared.release(self.blobs, kept=report.blob_ids if report is not None else ())
-
-    async def _commit_leased(self, job: _Ready) -> None:
+    async def _file_alone(self, job: _Planned) -> None:
         """Phase 2 of one job in a transaction of its own (a batch of one, or after a batch rolled back)."""
         try:
-            try:
-                report = await self._commit_job(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared)
-            except Exception:
-                await job.prepared.release(self.blobs, kept=())
-                raise
-            await job.prepared.release(self.blobs, kept=report.blob_ids)
-        except _LeaseLost:
-            log.warning("filing job %d: lease lost to another worker; its result is left to that worker", job.job_id)
+            await self._file([job], attempts=3)
         except Exception as error:
+            await job.prepared.release(self.blobs, kept=())
             log.warning("filing job %d failed: %s", job.job_id, error, exc_info=True)
             await self._defer(job.job_id, f"{type(error).__name__}: {error}")
 
-    def _discard_all(self, notices: list[list[QueuedNotice]]) -> None:
-        for notices_of_job in notices:
-            self._discard(notices_of_job)
-        notices.clear()
+    def _forecast(self, connection: Connection, jobs: Sequence[_Planned]) -> _Forecast:
+        """What the transaction would decide now (a read transaction: nothing written), and the notices."""
+        patients = TransactionPatients(connection)
+        records = RecordIndex.read(connection, [job.prepared for job in jobs])
+        reports: dict[int, FilingReport] = {}
+        to_store: list[ToStore] = []
+        for job in jobs:
+            reports[job.job_id], documents = forecast_filing(connection, job.prepared, patients=patients,
+                                                             records=records)
+            to_store += documents
+        wanted = self._wanted(connection, [(job.delivered, reports[job.job_id]) for job in jobs])
+        return _Forecast(reports, to_store, wanted)
 
-    @staticmethod
-    async def _check_leases(session: AsyncSession, ready: Sequence[_Ready]) -> set[int]:
-        """The jobs of ``ready`` still leased by this worker (each with the lease of its claim), touched."""
-        ours: set[int] = set()
-        for lease in {job.lease for job in ready}:
-            ids = [job.job_id for job in ready if job.lease == lease]
-            ours.update((await session.execute(
-                update(FilingJob).where(FilingJob.id.in_(ids), FilingJob.lease_until == lease,
-                                        FilingJob.state.in_(OPEN_JOB_STATES))
-                .values(updated_at=utcnow()).returning(FilingJob.id)
-                .execution_options(synchronize_session=False))).scalars())
-        return ours
+    def _wanted(self, connection: Connection,
+                filings: Sequence[tuple[DeliveredMessage, FilingReport]]) -> list[WantedNotice]:
+        return self.acknowledger.wanted_in(connection, filings) if self.acknowledger is not None else []
 
-    async def _record_outcomes_many(self, session: AsyncSession, filed: Sequence[tuple[_Ready, FilingReport]]) -> None:
-        """``_record_outcomes`` for a batch: one delete, the outcome rows, one update statement for the jobs."""
-        if not filed:
-            return
-        await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id.in_([job.job_id for job, _ in filed])))
-        await _insert_outcomes(session, [_outcome_row(job.job_id, outcome, job.sealed)
-                                         for job, report in filed for outcome in report.outcomes])
-        now = utcnow()
-        table = cast(Table, FilingJob.__table__)
-        await session.execute(
-            update(table).where(table.c.id == bindparam("job_id")).values(
-                state=bindparam("state"), result_code=bindparam("result_code"),
-                documents_filed=bindparam("documents_filed"), patient_id=bindparam("patient_id"),
-                message_id=bindparam("message_id"), sender=bindparam("sender"), recipient=bindparam("recipient"),
-                subject=bindparam("subject"), lease_until=None, next_attempt_at=None, finished_at=now, updated_at=now),
-            [{"job_id": job.job_id, **_finished_values(report, job.delivered, job.sealed)} for job, report in filed])
+    async def _ready(self, jobs: Sequence[_Planned], forecast: _Forecast) -> _ReadyBatch:
+        """Everything the transaction needs that is not a row: the documents it files written ahead (blobs
+        fsynced, metadata sealed), the message fields sealed, the notices spooled; CPU work, out of it."""
+        slots = asyncio.Semaphore(self.policy.concurrency)
 
-    # ----------------------------------------------------------------- one job
+        async def store(document: ToStore) -> None:
+            async with slots:
+                await store_ahead(self.blobs, self.sealer, document)
 
-    async def _commit_job(self, job_id: int, lease: dt.datetime, mailbox_id: int, delivered: DeliveredMessage,
-                          prepared: PreparedFiling) -> FilingReport:
-        """The one transaction of a job: records, audit entries, notices, outcomes, the job's end."""
-        sealed = await self._sealed_message_fields(mailbox_id, delivered, prepared)
-        notices: list[QueuedNotice] = []
+        await asyncio.gather(*(store(document) for document in forecast.to_store))
+        sealed = [await self._sealed_message_fields(job.mailbox_id, job.delivered, job.prepared) for job in jobs]
+        notices = await self.acknowledger.spool(forecast.wanted) if self.acknowledger is not None else []
+        return _ReadyBatch([_Ready(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared, fields,
+                                   _shape(forecast.reports[job.job_id])) for job, fields in zip(jobs, sealed)],
+                           forecast.wanted, notices)
 
-        async def work(session: AsyncSession) -> FilingReport:
-            nonlocal notices
-            self._discard(notices)  # spooled by an attempt whose commit failed: never queued
-            await self._check_lease(session, job_id, lease)  # also takes SQLite's write lock first
-            report = await apply_filing(session, self.blobs, prepared, self.journal)
-            if self.acknowledger is not None:
-                notices = await self.acknowledger.queue_in(session, delivered, report)
-            try:
-                await self._record_outcomes(session, job_id, report, delivered, sealed)
-                await session.flush()
-            except BaseException:
-                self._discard(notices)
-                raise
-            return report
+    def _commit(self, connection: Connection, ready: _ReadyBatch) -> _Committed:
+        """The batch's transaction (synchronous, in one hop to the database thread): the leases checked
+        (which also takes SQLite's write lock first), the records decided on rows read once
+        (``RecordIndex``), their audit entries appended by one claim of the chain head, the notices queued,
+        the outcome rows and the jobs' end. ``_Changed`` (nothing committed) when it decided otherwise than
+        the forecast its blobs and notices were prepared for."""
+        ours = _check_leases(connection, ready.jobs)
+        live = [job for job in ready.jobs if job.job_id in ours]
+        patients = TransactionPatients(connection)
+        records = RecordIndex.read(connection, [job.prepared for job in live])
+        journal = self.journal.for_transaction()
+        reports = {job.job_id: apply_filing(connection, job.prepared, journal, patients=patients, records=records)
+                   for job in live}
+        wanted = self._wanted(connection, [(job.delivered, reports[job.job_id]) for job in live])
+        if (any(_shape(reports[job.job_id]) != job.shape for job in live)
+                or wanted != [want for want in ready.wanted if want.job_id in ours]):
+            raise _Changed(ours)
+        journal.write(connection)
+        notices = [notice for notice in ready.notices if notice.wanted.job_id in ours]
+        if notices:
+            Acknowledger.queue_in(connection, notices)
+        _record_outcomes(connection, [(job, reports[job.job_id]) for job in live])
+        return _Committed(reports, notices)
 
-        try:
-            report = await committed(self.db, work)
-        except BaseException:
-            self._discard(notices)
-            raise
-        if self.acknowledger is not None:
-            self.acknowledger.dispatch(notices)
-        return report
-
-    def _discard(self, notices: list[QueuedNotice]) -> None:
+    def _discard(self, notices: Sequence[SpooledNotice]) -> None:
         if self.acknowledger is not None and notices:
             self.acknowledger.discard(notices)
-            notices.clear()
 
     async def _load_many(self, job_ids: Sequence[int]) -> dict[int, _Loaded]:
         """Each job with its delivery, mailbox and the delivered copy's blob (None when the copy left its
@@ -546,22 +490,6 @@ class FilingWorker:
             for name in names if name}
         sealed[None] = await self.sealer.seal_for_mailbox(mailbox_id, JOB_SUBJECT_COLUMN, delivered.subject or None)
         return sealed
-
-    @staticmethod
-    async def _check_lease(session: AsyncSession, job_id: int, lease: dt.datetime) -> None:
-        result = await session.execute(
-            update(FilingJob).where(FilingJob.id == job_id, FilingJob.lease_until == lease,
-                                    FilingJob.state.in_(OPEN_JOB_STATES))
-            .values(updated_at=utcnow()).execution_options(synchronize_session=False))
-        if not result.rowcount:  # type: ignore[attr-defined]
-            raise _LeaseLost(job_id)
-
-    async def _record_outcomes(self, session: AsyncSession, job_id: int, report: FilingReport,
-                               delivered: DeliveredMessage, sealed: dict[str | None, str | None]) -> None:
-        await session.execute(delete(FilingOutcome).where(FilingOutcome.job_id == job_id))
-        await _insert_outcomes(session, [_outcome_row(job_id, outcome, sealed) for outcome in report.outcomes])
-        values = _finished_values(report, delivered, sealed)
-        await self._set_finished(session, job_id, JobState(values.pop("state")), **values)
 
     async def _finish(self, job_id: int, state: JobState, *, error: str) -> None:
         async with self.db.session() as session:
@@ -624,7 +552,7 @@ class _Planned:
 
 @dataclass(frozen=True)
 class _Ready:
-    """A job after phase 1: what its transaction commits."""
+    """A job ready for its transaction: planned, its documents written ahead, its message fields sealed."""
 
     job_id: int
     lease: dt.datetime
@@ -632,6 +560,42 @@ class _Ready:
     delivered: DeliveredMessage
     prepared: PreparedFiling
     sealed: dict[str | None, str | None]
+    shape: tuple[tuple[object, ...], ...]  # the forecast's outcomes: what the notices were written for
+
+
+@dataclass(frozen=True)
+class _Forecast:
+    reports: dict[int, FilingReport]
+    to_store: list[ToStore]
+    wanted: list[WantedNotice]
+
+
+@dataclass(frozen=True)
+class _ReadyBatch:
+    jobs: list[_Ready]
+    wanted: list[WantedNotice]
+    notices: list[SpooledNotice]
+
+
+@dataclass(frozen=True)
+class _Committed:
+    reports: dict[int, FilingReport]  # by job id, for the jobs still this worker's
+    notices: list[SpooledNotice]
+
+
+class _Changed(Exception):
+    """The transaction decided otherwise than its forecast (a concurrent filer, a patient changed, a lease
+    lost): rolled back; ``ours`` are the jobs still this worker's."""
+
+    def __init__(self, ours: set[int]) -> None:
+        super().__init__("decided otherwise than forecast")
+        self.ours = ours
+
+
+def _shape(report: FilingReport) -> tuple[tuple[object, ...], ...]:
+    """What a report says (and its notices tell), without the row and blob ids only the commit knows."""
+    return tuple((o.attachment, o.unique_id, o.outcome, o.code, o.reason, o.patient_id, o.patient_ins)
+                 for o in report.outcomes)
 
 
 class _BatchLookups:
@@ -678,10 +642,41 @@ def _outcome_row(job_id: int, outcome: DocumentOutcome, sealed: dict[str | None,
             "reason": outcome.reason, "record_document_id": outcome.record_document_id, "created_at": utcnow()}
 
 
-async def _insert_outcomes(session: AsyncSession, rows: list[dict[str, object]]) -> None:
-    """The outcome rows by one statement (executemany: nothing is read back)."""
-    if rows:
-        await session.execute(insert(cast(Table, FilingOutcome.__table__)), rows)
+JOBS = cast(Table, FilingJob.__table__)
+OUTCOMES = cast(Table, FilingOutcome.__table__)
+_DELETE_OUTCOMES = Prepared(delete(OUTCOMES).where(OUTCOMES.c.job_id == bindparam("job")))
+_INSERT_OUTCOMES = Prepared(insert(OUTCOMES))
+_FINISH_JOB = Prepared(update(JOBS).where(JOBS.c.id == bindparam("job")).values(
+    state=bindparam("to_state"), result_code=bindparam("to_result_code"),
+    documents_filed=bindparam("to_documents_filed"), patient_id=bindparam("to_patient_id"),
+    message_id=bindparam("to_message_id"), sender=bindparam("to_sender"), recipient=bindparam("to_recipient"),
+    subject=bindparam("to_subject"), lease_until=None, next_attempt_at=None, finished_at=bindparam("now"),
+    updated_at=bindparam("now")))
+
+
+def _check_leases(connection: Connection, ready: Sequence[_Ready]) -> set[int]:
+    """The jobs of ``ready`` still leased by this worker (each with the lease of its claim), touched."""
+    ours: set[int] = set()
+    for lease in {job.lease for job in ready}:
+        ids = [job.job_id for job in ready if job.lease == lease]
+        ours.update(connection.execute(
+            update(JOBS).where(JOBS.c.id.in_(ids), JOBS.c.lease_until == lease, JOBS.c.state.in_(OPEN_JOB_STATES))
+            .values(updated_at=utcnow()).returning(JOBS.c.id)).scalars())
+    return ours
+
+
+def _record_outcomes(connection: Connection, filed: Sequence[tuple[_Ready, FilingReport]]) -> None:
+    """The jobs' outcome rows (replacing an interrupted run's) and their end, by three executemany."""
+    if not filed:
+        return
+    _DELETE_OUTCOMES.run_many(connection, [{"job": job.job_id} for job, _report in filed])
+    _INSERT_OUTCOMES.run_many(connection, [_outcome_row(job.job_id, outcome, job.sealed)
+                                           for job, report in filed for outcome in report.outcomes])
+    now = utcnow()
+    _FINISH_JOB.run_many(connection, [
+        {"job": job.job_id, "now": now,
+         **{f"to_{key}": value for key, value in _finished_values(report, job.delivered, job.sealed).items()}}
+        for job, report in filed])
 
 
 def _finished_values(report: FilingReport, delivered: DeliveredMessage,

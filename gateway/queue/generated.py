@@ -33,6 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
 
+from typing import cast
+
+from sqlalchemy import Table, insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.config import Settings
@@ -46,8 +50,13 @@ from gateway.queue.tables import (
 )
 from gateway.storage.db import Database
 from gateway.storage.models import utcnow
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger("gateway.generated")
+_MESSAGES = cast(Table, QueuedMessage.__table__)
+_RECIPIENTS = cast(Table, QueuedRecipient.__table__)
+_INSERT_MESSAGE = Prepared(insert(_MESSAGES))
+_INSERT_RECIPIENT = Prepared(insert(_RECIPIENTS))
 GENERATED_DOOR = "generated"
 DSN_DOOR = "dsn"
 
@@ -80,6 +89,16 @@ class PreparedMail:
         """Queue the message in the caller's transaction (it is queued once that commits)."""
         self.message.recipients = [self.recipient]
         session.add(self.message)
+
+    def insert_in(self, connection: Connection) -> None:
+        """``add_to`` in a synchronous transaction (``Database.run_in_transaction``): the same two rows, by
+        SQL Core (the columns left unset take their defaults)."""
+        message = {column.key: getattr(self.message, column.key) for column in _MESSAGES.columns}
+        _INSERT_MESSAGE.run(connection, {key: value for key, value in message.items() if value is not None})
+        recipient = {column.key: getattr(self.recipient, column.key) for column in _RECIPIENTS.columns
+                     if column.key != "id"}
+        recipient["message_id"] = self.message.id
+        _INSERT_RECIPIENT.run(connection, {key: value for key, value in recipient.items() if value is not None})
 
 
 class GeneratedMailQueue:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit.events import AuditEvent
 from gateway.audit.log import AuditLog
@@ -124,12 +123,12 @@ KILLER = textwrap.dedent('''
             self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(spool_dir), schedule_local=None)
 
     async def die_before_commit(db, work, *, attempts=3):
-        """Everything of the batch written and flushed (blobs and spool files fsynced), then kill -9."""
-        async with db.sessions() as session:
-            await session.begin()
-            await work(session)
-            await session.flush()
+        """Everything of the batch written (blobs and spool files fsynced, every row in the open
+        transaction, on the database thread that would commit it), then kill -9 before the commit."""
+        def work_then_die(connection):
+            work(connection)
             os.kill(os.getpid(), signal.SIGKILL)
+        await db.run_in_transaction(work_then_die, write=True)
 
     async def main():
         services = Services(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
@@ -169,10 +168,10 @@ class FailingJournal(LoggingJournal):
     def __init__(self, failing_unique_id: str) -> None:
         self.failing_unique_id = failing_unique_id
 
-    async def document_filed(self, session: AsyncSession, document: RecordDocument, replaced: RecordDocument | None) -> None:
+    def document_filed(self, document: RecordDocument, replaced: RecordDocument | None) -> None:
         if document.unique_id == self.failing_unique_id:
             raise RuntimeError("the journal could not write")
-        await super().document_filed(session, document, replaced)
+        super().document_filed(document, replaced)
 
 
 async def test_one_failing_job_rolls_its_batch_back_and_the_others_are_filed_on_their_own(
