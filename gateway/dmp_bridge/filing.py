@@ -9,8 +9,10 @@ Two phases, so that filing costs one commit: ``prepare_filing`` (no database
 write) identifies the patient, writes each new document's encrypted blob
 (fsync) and seals its free-text metadata (``record.RecordSealer``);
 ``apply_filing`` then runs inside one transaction (the worker's, with the
-job's outcomes and the acknowledgements) and only writes rows: the documents,
-the versions they replace and their audit entries. Blobs that no committed row
+job's outcomes and the acknowledgements), a synchronous function over a
+``Connection`` (``Database.run_in_transaction``: one hop to a database thread),
+and only writes rows, by SQL Core: the documents, the versions they replace and
+their audit entries (``forecast_filing`` decides the same without writing). Blobs that no committed row
 references are deleted afterwards (``PreparedFiling.release``); a crash in
 between leaves an unreferenced blob, never a row without its blob.
 
@@ -502,9 +504,9 @@ async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending
 
 class RecordIndex:
     """The record rows a batch of filings can meet, read by one query inside the filing transaction (or
-    before it, in phase 1): the documents named by a unique id, by a replaced id, or of a series (setId)
-    of the batch. The transaction's own new rows are added as they are written, and a replaced row is the
-    session's own object, so every later decision of the batch sees them; a question about a document
+    its forecast): the documents named by a unique id, by a replaced id, or of a series (setId) of the
+    batch. The transaction's own new rows are added as they are written, and a replaced row is changed in
+    place as it is written, so every later decision of the batch sees them; a question about a document
     outside what was read goes to the database (``covers``)."""
 
     def __init__(self, rows: Sequence[RecordDocument], unique_ids: set[str], set_ids: set[str]) -> None:

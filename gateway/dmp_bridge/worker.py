@@ -18,20 +18,24 @@ kept: ``SmimeService.decrypted_copy``), extract (a copy delivered to a
 patient's mailbox only: nothing else feeds a record), find the depositor in the
 queue row its door wrote at acceptance (the authenticated submitter's mailbox,
 or the relay peer's sender: ``depositor.py``; never a header; resolved once per
-batch for messages accepted alike) and ``plan_filing``; then the record rows the
-batch's documents can meet are read by one query (``RecordIndex``) and each
-document the record does not hold is written ahead (``write_ahead``: its encrypted
-blob and sealed metadata, fsynced; their fsyncs overlap). Phase 2:
-one transaction for the whole batch (group commit: one fsync of the database),
-which first checks that the leases are still this worker's (a job whose lease
-was lost is left out): the record rows, all their audit entries appended by one
-claim of the chain head (``AuditLog.batch``), decided on the record rows read
-once more in the transaction (``RecordIndex``, which also holds the rows the batch
-writes), the acknowledgements (notice rows and queue rows, their spool files
-written as one group and fsynced before the commit), the outcome rows, and the jobs ``filed`` or ``not-filed`` with the
-examined message's Message-ID, sender, recipient and subject (sealed under the
-mailbox's key). If that transaction fails, each job of the batch is committed
-again in a transaction of its own, so one bad job delays nobody else's filing.
+batch for messages accepted alike) and ``plan_filing``. Phase 2 (``_file``): a
+read-only transaction forecasts what the batch's transaction will decide
+(``forecast_filing``: the record rows the batch's documents can meet read by one
+query, ``RecordIndex``; the notices called for); outside any transaction, each
+document it files is written ahead (``store_ahead``: its encrypted blob and
+sealed metadata, fsynced; their fsyncs overlap), the message fields sealed, the
+acknowledgements built and spooled (fsyncs side by side). Then one transaction
+for the whole batch (group commit: one fsync of the database), one synchronous
+function run in one hop to a database thread (``Database.run_in_transaction``,
+SQL Core on SQLite's driver: ``storage/prepared.py``): it checks that the leases
+are still this worker's (a job whose lease was lost is left out), decides every
+document again on the rows it reads (``apply_filing``), and commits only if it
+decided as forecast (else nothing is committed and phase 2 runs again): the
+record rows, all their audit entries appended by one claim of the chain head
+(``AuditLog.append_many``), the notice and queue rows, the outcome rows, and the
+jobs ``filed`` or ``not-filed`` with the examined message's Message-ID, sender,
+recipient and subject (sealed under the mailbox's key). If that transaction
+fails, each job of the batch is filed again in a transaction of its own, so one bad job delays nobody else's filing.
 Everything is decided again inside the transaction, so a job
 interrupted anywhere is simply run again. Unexpected errors (database or disk
 trouble) are retried with growing delays up to ``max_attempts``, then the job
@@ -356,6 +360,10 @@ class FilingWorker:
             except (_Changed, NotWrittenAhead) as changed:
                 self._discard(spooled)
                 if isinstance(changed, _Changed):
+                    for lost in [job for job in jobs if job.job_id not in changed.ours]:
+                        log.warning("filing job %d: lease lost to another worker; its result is left to that worker",
+                                    lost.job_id)
+                        await lost.prepared.release(self.blobs, kept=())
                     jobs = [job for job in jobs if job.job_id in changed.ours]
                 log.info("filing of %d job(s) decided otherwise than forecast (attempt %d): again", len(jobs), attempt)
                 continue
