@@ -203,7 +203,7 @@ def _patient_mailboxes(connection: Connection, patient_ids: set[int]) -> dict[in
 class WantedNotice:
     """A notice a filing calls for (``filing``: its index in the batch); its message built on demand."""
 
-    filing: int
+    filing: int = field(compare=False)
     key: str  # unique per (kind family, message, recipient): ``filing_notices.notice_key``
     kind: NoticeKind
     job_id: int

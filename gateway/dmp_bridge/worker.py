@@ -367,9 +367,11 @@ class FilingWorker:
                     jobs = [job for job in jobs if job.job_id in changed.ours]
                 log.info("filing of %d job(s) decided otherwise than forecast (attempt %d): again", len(jobs), attempt)
                 continue
-            except BaseException:
+            except Exception:
                 self._discard(spooled)  # nothing committed: the blobs written ahead stay for the next attempt
                 raise
+            # Cancelled: the database thread still commits or rolls back; the spool files stay either way (files
+            # without queue rows are removed by local delivery's recovery pass; removing them could lose notices).
             if self.acknowledger is not None:
                 self.acknowledger.dispatch(committed_jobs.notices)
             for job in ready.jobs:
