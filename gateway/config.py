@@ -492,6 +492,10 @@ class ImapSettings(_Section):
     max_auth_failures: int = Field(3, ge=1, description="failed logins on one connection before BYE")
     disabled_capabilities: list[str] = Field(
         default_factory=list, description="capabilities not to announce, to work around a client quirk (e.g. [\"CONDSTORE\"])")
+    index_preload_messages: int = Field(
+        2_000_000, ge=0, description="at start, the in-memory indexes (UIDs, flags) of the folders that were in use "
+        "before the restart are loaded in the background, up to this many messages in all (about 16 octets each), "
+        "so that their first SELECT finds them ready; 0: each folder is loaded at its first SELECT")
 
 
 class RetentionSettings(_Section):

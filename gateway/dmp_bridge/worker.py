@@ -195,7 +195,8 @@ class FilingWorker:
         self._woken.set()
 
     def _on_change(self, event: ChangeEvent) -> None:
-        if self._listening and event.kind == ChangeKind.EXISTS:
+        # Only a delivery has a filing job to run; an IMAP APPEND (most EXISTS on a busy INBOX) has none.
+        if self._listening and event.kind == ChangeKind.EXISTS and event.delivered:
             self.wake()
 
     async def _loop(self) -> None:

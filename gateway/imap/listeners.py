@@ -21,6 +21,7 @@ from gateway.imap.server import ImapServer, ImapServerConfig, UserConnectionLimi
 from gateway.imap.session import SessionContext, SessionSettings
 from gateway.mailstore.interface import MailStore
 from gateway.mailstore.notify import ChangeHub
+from gateway.mailstore.warmup import HINT_NAME, IndexWarmup
 from gateway.ops.proxied import proxy_guard
 from gateway.security.auth_limiter import AuthLimiter, LimiterPolicy
 from gateway.security.revocation import optional_client_certificate_context
@@ -32,15 +33,18 @@ log = logging.getLogger("gateway.imap")
 class ImapListeners(list[asyncio.Server]):
     """The open listeners (a list, as ``gateway serve`` expects) and the server behind them."""
 
-    def __init__(self, server: ImapServer) -> None:
+    def __init__(self, server: ImapServer, warmup: IndexWarmup | None = None) -> None:
         super().__init__(server.servers)
         self.server = server
+        self.warmup = warmup
 
     def addresses(self) -> list[tuple[str, int]]:
         return self.server.addresses()
 
     async def aclose(self, grace_seconds: float = 0.0) -> None:
         await self.server.close(grace_seconds)
+        if self.warmup is not None:
+            await self.warmup.stop()      # after the sessions: the folders they had open are remembered
 
 
 def tls_context_from_pki(services: Any, settings: Settings) -> ssl.SSLContext:
@@ -89,4 +93,7 @@ async def start_imap_listeners(services: Any, settings: Settings, *, mailstore: 
                               proxy=proxy_guard(services, settings))
     server = ImapServer(config, context)
     await server.start()
-    return ImapListeners(server)
+    # The folders in use before the restart: their indexes loaded while the clients reconnect.
+    warmup = IndexWarmup(mailstore, settings.data_path / "run" / HINT_NAME, imap.index_preload_messages)
+    warmup.start()
+    return ImapListeners(server, warmup)

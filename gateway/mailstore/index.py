@@ -272,3 +272,7 @@ class IndexCache:
 
     def drop(self, folder_id: int) -> None:
         self._indexes.pop(folder_id, None)
+
+    def recently_used(self) -> list[int]:
+        """Ids of the folders whose index is loaded, most recently used first."""
+        return [folder_id for folder_id, index in reversed(self._indexes.items()) if index.loaded]

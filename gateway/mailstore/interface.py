@@ -443,6 +443,16 @@ class MailStore(ABC):
     @abstractmethod
     async def quota(self, mailbox_id: int) -> QuotaUsage: ...
 
+    # -- in-memory folder indexes (a store without them has nothing to warm)
+    def indexed_folders(self) -> list[int]:
+        """Ids of the folders whose index is held in memory, most recently used first."""
+        return []
+
+    async def warm_indexes(self, folder_ids: Sequence[int], max_messages: int) -> tuple[int, int]:
+        """Load the indexes of ``folder_ids`` (most wanted first) before anyone asks, ``max_messages`` in all at
+        most; (folders, messages) loaded."""
+        return 0, 0
+
 
 def flags_sequence(flags: Iterable[str]) -> Sequence[str]:
     """Flags in the order IMAP clients expect: system flags first, then keywords sorted."""

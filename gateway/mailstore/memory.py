@@ -188,8 +188,9 @@ class MemoryMailStore(MailStore):
             raise UidValidityChanged(f"folder {ref.name!r} was re-created")
         return folder
 
-    def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0) -> None:
-        self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq))
+    def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0, *,
+                 delivered: bool = False) -> None:
+        self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq, delivered))
 
     def _check_quota(self, mailbox_id: int, adding: int) -> None:
         used = self._mailbox(mailbox_id).used()
@@ -373,7 +374,7 @@ class MemoryMailStore(MailStore):
         result = AppendResult(target.uidvalidity, uid, modseq)
         if delivery_key is not None:
             mailbox.deliveries[delivery_key] = result
-        self._publish(folder.mailbox_id, target.name, ChangeKind.EXISTS, modseq)
+        self._publish(folder.mailbox_id, target.name, ChangeKind.EXISTS, modseq, delivered=delivery_key is not None)
         return AddedMessage(result, duplicate=False)
 
     async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,

@@ -41,13 +41,15 @@ class ChangeEvent:
     folder: str | None  # None for mailbox-wide changes
     kind: ChangeKind
     modseq: int = 0
+    delivered: bool = False   # EXISTS of a delivery (a delivery key: its filing job is due), not of an APPEND
 
     def to_json(self) -> dict[str, Any]:
-        return {"m": self.mailbox_id, "f": self.folder, "k": self.kind.value, "s": self.modseq}
+        return {"m": self.mailbox_id, "f": self.folder, "k": self.kind.value, "s": self.modseq,
+                **({"d": 1} if self.delivered else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChangeEvent:
-        return cls(int(data["m"]), data["f"], ChangeKind(data["k"]), int(data["s"]))
+        return cls(int(data["m"]), data["f"], ChangeKind(data["k"]), int(data["s"]), bool(data.get("d")))
 
 
 @dataclass(eq=False)

@@ -288,6 +288,8 @@ _FOLDER_ROW = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME)
 _HIGHESTMODSEQ = select(FOLDERS.c.highestmodseq).where(FOLDERS.c.id == bindparam("folder_id"))
 _WHOLE_INDEX = (select(_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags)
                 .where(_MESSAGES.c.folder_id == bindparam("folder_id")).order_by(_MESSAGES.c.uid))
+_FOLDERS_TO_WARM = (select(FOLDERS.c.id, FOLDERS.c.uidvalidity, FOLDERS.c.message_count)
+                    .where(FOLDERS.c.id.in_(bindparam("folder_ids", expanding=True))))
 _KEYWORDED = (select(_MESSAGES.c.uid, _MESSAGES.c.keywords)
               .where(_MESSAGES.c.folder_id == bindparam("folder_id"), text(KEYWORDED)).order_by(_MESSAGES.c.uid))
 _CHANGED_INDEX_ROWS = (select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
@@ -526,6 +528,34 @@ class SqlMailStore(MailStore):
             if highest is not None and index.modseq < highest:
                 index.install(columns, int(highest))
 
+    def indexed_folders(self) -> list[int]:
+        return self.indexes.recently_used()
+
+    async def warm_indexes(self, folder_ids: Sequence[int], max_messages: int) -> tuple[int, int]:
+        """Each folder's index loaded as its first SELECT would (``_load_index``: one load at a time, a SELECT
+        arriving meanwhile waits for that load instead of starting another), in the order given, while the
+        messages loaded stay within ``max_messages``; folders gone since are skipped. Correctness is the
+        index's own: every later use catches up from the folder's HIGHESTMODSEQ."""
+        wanted = list(dict.fromkeys(folder_ids))[:self.indexes.limit]
+        if not wanted or max_messages <= 0:
+            return 0, 0
+        rows = await self._run(lambda connection: connection.execute(
+            _FOLDERS_TO_WARM, {"folder_ids": wanted}).all())
+        found = {folder_id: (uidvalidity, count) for folder_id, uidvalidity, count in rows}
+        loaded: list[tuple[int, int]] = []
+        messages = 0
+        for folder_id in wanted:
+            if folder_id not in found or messages + found[folder_id][1] > max_messages:
+                continue
+            uidvalidity, count = found[folder_id]
+            await self._load_index(_NeedsLoad(folder_id, uidvalidity))
+            loaded.append((folder_id, uidvalidity))
+            messages += count
+        for folder_id, uidvalidity in reversed(loaded):      # the most wanted ends the most recently used
+            if self.indexes.peek(folder_id, uidvalidity) is not None:
+                self.indexes.get(folder_id, uidvalidity)
+        return len(loaded), messages
+
     async def _read_with_index(self, ref: FolderRef) -> tuple[_FolderCore, FolderIndex]:
         """The folder's row and its index brought up to that row's HIGHESTMODSEQ, in one read transaction
         (two on the first use of the folder: the load)."""
@@ -601,8 +631,9 @@ class SqlMailStore(MailStore):
         assert account is not None
         return account
 
-    def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0) -> None:
-        self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq))
+    def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0, *,
+                 delivered: bool = False) -> None:
+        self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq, delivered))
 
     async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
         candidates = set(blob_ids)
@@ -988,7 +1019,8 @@ class SqlMailStore(MailStore):
             if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
                 await self.blobs.delete(stored.blob_id)
             raise
-        self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq)
+        self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq,
+                      delivered=delivery_key is not None)
         return AddedMessage(result, duplicate=False)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
