@@ -86,9 +86,14 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.0, help="seconds between ready and the first SELECT")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy each start into PREFIX-NAME-ROUND.txt")
+    parser.add_argument("--prime", action="store_true",
+                        help="first one unreported start + SELECT of each tree (a previous run that used the INBOX)")
     args = parser.parse_args()
     trees = [("gateway", REPO)] + [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1]).resolve())
                                     for spec in args.gateway_tree]
+    if args.prime:
+        for _name, tree in trees:
+            one_start(tree, args.gateway_data_dir, args.gateway_user, 0.0, None)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
     for round_number in range(args.rounds):
         for name, tree in trees:

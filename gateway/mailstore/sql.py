@@ -393,11 +393,12 @@ class SqlMailStore(MailStore):
         self.max_attempts = max_attempts
         # SQLite: concurrent deliveries/APPENDs share one transaction and one fsync (see group_commit).
         self.group = GroupCommit(self._transaction) if database.is_sqlite else None
-        # Deliveries and APPENDs: each batch one synchronous transaction in one database thread hop.
+        # SQLite: every one-hop writer (deliveries, APPEND, STORE, EXPUNGE, the \Recent claim) queues here, on the
+        # event loop: writers arriving while a batch commits share the next transaction, one thread hop and one
+        # fsync, and none waits for SQLite's lock in a database thread that the reads need.
         self.append_group = SyncGroupCommit(self._sync_transaction) if database.is_sqlite else None
         # UIDs, MODSEQs and flags of the folders in use, shared by their sessions (gateway.mailstore.index).
         self.indexes = IndexCache()
-        self._writer_turn = asyncio.Lock()     # SQLite: this store's one-hop writers, one at a time (``_run``)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -423,11 +424,10 @@ class SqlMailStore(MailStore):
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             return work(connection)
 
-        if write and self.database.is_sqlite:
-            # One writer at a time holds SQLite's lock: the others wait here, on the event loop, not in a
-            # database thread sleeping in busy_timeout, so the reads keep the threads.
-            async with self._writer_turn:
-                return await self._retried(lambda: self.database.run_in_transaction(transaction, write=True))
+        if write and self.append_group is not None:
+            # SQLite: the writers of this store take turns in the group commit (see ``__init__``); a writer's
+            # refusal (``MailStoreError``) is raised before it writes anything, so it never spoils its batch.
+            return cast(T, await self.append_group.run(transaction))
         return await self._retried(lambda: self.database.run_in_transaction(transaction, write=write))
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:

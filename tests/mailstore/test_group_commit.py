@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.mailstore.delivery import LocalDelivery
-from gateway.mailstore.errors import QuotaExceeded
-from gateway.mailstore.interface import INBOX, FolderRef, UidSet
+from gateway.mailstore.errors import FolderNotFound, QuotaExceeded
+from gateway.mailstore.interface import INBOX, ExpungeResult, FolderRef, StoreMode, StoreResult, UidSet
 from gateway.mailstore.sql import SqlMailStore
 from tests.mailstore.conftest import MakeMailbox
 from tests.mailstore.test_store import message
@@ -63,3 +63,33 @@ async def test_a_refusal_inside_a_group_goes_to_its_writer_alone(
     assert all(not isinstance(o, BaseException) for i, o in enumerate(outcomes) if i != 4)
     assert (await store.status(FolderRef(roomy, INBOX))).messages == 8
     assert (await store.status(FolderRef(small, INBOX))).messages == 1
+
+
+async def test_concurrent_stores_expunges_and_appends_share_transactions_each_with_its_own_outcome(
+        store: SqlMailStore, mailbox_id: int) -> None:
+    """STORE, EXPUNGE and APPEND queue in the one group commit: grouped, yet each STORE gets its own new MODSEQ,
+    a STORE on a folder gone is refused alone, and the shared index equals the rows afterwards."""
+    _grouping(store)
+    from tests.mailstore.test_index import _from_database, _from_index
+    from tests.mailstore.test_store import fill
+
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 20)
+    await store.select(inbox)
+    await store.store_flags(inbox, UidSet.of((1, 4)), StoreMode.ADD, ["\\Deleted"])
+    assert store.append_group is not None
+    batches, grouped = store.append_group.batches, store.append_group.grouped
+    stores = [store.store_flags(inbox, UidSet.of(uid), StoreMode.ADD, ["\\Seen"]) for uid in range(5, 21)]
+    gone = store.store_flags(FolderRef(mailbox_id, "No such folder"), UidSet.of(1), StoreMode.ADD, ["\\Seen"])
+    outcomes = await asyncio.gather(*stores, store.expunge(inbox, UidSet.of((1, 2))), gone,
+                                    *(store.append(inbox, message(n)) for n in range(30, 35)),
+                                    return_exceptions=True)
+    stored = outcomes[:16]
+    assert all(isinstance(result, StoreResult) and len(result.updated) == 1 for result in stored)
+    assert len({result.highestmodseq for result in stored if isinstance(result, StoreResult)}) == 16
+    assert isinstance(outcomes[16], ExpungeResult) and outcomes[16].uids == (1, 2)
+    assert isinstance(outcomes[17], FolderNotFound)
+    # Every writer went through the group (the refused one may have been alone), fewer transactions than writers.
+    assert store.append_group.grouped - grouped >= 22 and store.append_group.batches - batches < 22
+    assert await _from_index(store, inbox) == await _from_database(store, inbox)
+    assert [uid for uid, _, flags in await _from_database(store, inbox) if "\\Seen" in flags] == list(range(5, 21))
