@@ -102,6 +102,7 @@ from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +282,14 @@ class _FolderCore:
     keywords: str
 
 
-_FOLDER_CORE = select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDERS.c.uidnext, FOLDERS.c.highestmodseq,
-                      FOLDERS.c.recent_uid, FOLDERS.c.special_use, FOLDERS.c.keywords).where(*_FOLDER_BY_NAME)
-_FOLDER_CORE_FOR_UPDATE = _FOLDER_CORE.with_for_update()
-_FOLDER_ROW = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME)
+_FOLDER_CORE_SELECT = select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDERS.c.uidnext,
+                             FOLDERS.c.highestmodseq, FOLDERS.c.recent_uid, FOLDERS.c.special_use,
+                             FOLDERS.c.keywords).where(*_FOLDER_BY_NAME)
+# Every command's first statement (the folder row): on SQLite run on the driver directly (storage/prepared.py).
+_FOLDER_CORE = Prepared(_FOLDER_CORE_SELECT)
+_FOLDER_CORE_FOR_UPDATE = Prepared(_FOLDER_CORE_SELECT.with_for_update())
+_FOLDER_ROW = Prepared(select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME))
+_LOCK_FOLDER_ROW = Prepared(_LOCK_FOLDER_FOR_UPDATE)
 _HIGHESTMODSEQ = select(FOLDERS.c.highestmodseq).where(FOLDERS.c.id == bindparam("folder_id"))
 _WHOLE_INDEX = (select(_MESSAGES.c.uid, _MESSAGES.c.modseq, _MESSAGES.c.system_flags)
                 .where(_MESSAGES.c.folder_id == bindparam("folder_id")).order_by(_MESSAGES.c.uid))
@@ -292,11 +297,31 @@ _FOLDERS_TO_WARM = (select(FOLDERS.c.id, FOLDERS.c.uidvalidity, FOLDERS.c.messag
                     .where(FOLDERS.c.id.in_(bindparam("folder_ids", expanding=True))))
 _KEYWORDED = (select(_MESSAGES.c.uid, _MESSAGES.c.keywords)
               .where(_MESSAGES.c.folder_id == bindparam("folder_id"), text(KEYWORDED)).order_by(_MESSAGES.c.uid))
-_CHANGED_INDEX_ROWS = (select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
-                                                     _MESSAGES.c.modseq > bindparam("since"))
-                       .order_by(_MESSAGES.c.uid))
-_EXPUNGED_SINCE = (select(EXPUNGED.c.uid).where(EXPUNGED.c.folder_id == bindparam("folder_id"),
-                                                 EXPUNGED.c.modseq > bindparam("since")).order_by(EXPUNGED.c.uid))
+_CHANGED_INDEX_ROWS = Prepared(select(*_INDEX_COLUMNS).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
+                                                              _MESSAGES.c.modseq > bindparam("since"))
+                               .order_by(_MESSAGES.c.uid))
+_EXPUNGED_SINCE = Prepared(select(EXPUNGED.c.uid).where(EXPUNGED.c.folder_id == bindparam("folder_id"),
+                                                        EXPUNGED.c.modseq > bindparam("since"))
+                           .order_by(EXPUNGED.c.uid))
+# STORE and EXPUNGE of one UID range (the usual command), prepared: the rows between its ends, filtered by the
+# UidSet in Python; a set of several ranges builds its statement (``_core_uid_clause``).
+_IN_RANGE = (_MESSAGES.c.folder_id == bindparam("folder_id"), _MESSAGES.c.uid.between(bindparam("low"), bindparam("high")))
+_STORE_CURRENT_COLUMNS = (MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.modseq, MESSAGES.c.system_flags,
+                          MESSAGES.c.keywords)
+_STORE_CURRENT = Prepared(select(*_STORE_CURRENT_COLUMNS).where(*_IN_RANGE).order_by(MESSAGES.c.uid))
+_SET_FLAGS_AT = Prepared(update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id")).values(
+    system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"), modseq=bindparam("new_modseq")))
+_FOLDER_FLAGS_CHANGED = Prepared(update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(
+    highestmodseq=bindparam("new_modseq"), keywords=bindparam("new_keywords")))
+_DOOMED_COLUMNS = (MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.size, MESSAGES.c.blob_id)
+_DELETED = MESSAGES.c.system_flags.op("&")(DELETED_BIT) != 0
+_DOOMED_IN_RANGE = Prepared(select(*_DOOMED_COLUMNS).where(*_IN_RANGE, _DELETED).order_by(MESSAGES.c.uid))
+_DELETE_MESSAGE = Prepared(delete(MESSAGES).where(MESSAGES.c.id == bindparam("row_id")))
+_INSERT_TOMBSTONE = Prepared(insert(EXPUNGED))
+_FOLDER_EXPUNGED = Prepared(update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(
+    highestmodseq=bindparam("new_modseq"), message_count=FOLDERS.c.message_count - bindparam("gone_count"),
+    total_bytes=FOLDERS.c.total_bytes - bindparam("gone_bytes")))
+_BLOB_USED = Prepared(select(MESSAGES.c.id).where(MESSAGES.c.blob_id == bindparam("blob")).limit(1))
 _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
@@ -323,8 +348,9 @@ _LIST_FOLDERS = (select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvali
 _SUBSCRIPTIONS = (select(Subscription.__table__.c.name)
                   .where(Subscription.__table__.c.mailbox_id == bindparam("folder_mailbox"))
                   .order_by(Subscription.__table__.c.name))
-_SET_FLAGS = update(MESSAGES).where(MESSAGES.c.id == bindparam("row_id")).values(
-    system_flags=bindparam("new_bits"), keywords=bindparam("new_keywords"))
+
+
+FEW_BLOBS = 8
 
 
 def _unreferenced(connection: Connection, blob_ids: set[str]) -> list[str]:
@@ -332,6 +358,8 @@ def _unreferenced(connection: Connection, blob_ids: set[str]) -> list[str]:
     no second transaction after it)."""
     if not blob_ids:
         return []
+    if len(blob_ids) <= FEW_BLOBS:        # the usual EXPUNGE: one statement prepared, one index probe each
+        return sorted(blob_id for blob_id in blob_ids if _BLOB_USED.run(connection, {"blob": blob_id}).fetchone() is None)
     used = set(connection.execute(select(MESSAGES.c.blob_id).where(MESSAGES.c.blob_id.in_(blob_ids)).distinct())
                .scalars())
     return sorted(blob_ids - used)
@@ -457,12 +485,12 @@ class SqlMailStore(MailStore):
     def _folder_core(self, connection: Connection, ref: FolderRef, *, lock: bool = False) -> _FolderCore:
         """The folder's row (``lock``: for update on PostgreSQL; a SQLite writer holds the lock from BEGIN)."""
         query = _FOLDER_CORE_FOR_UPDATE if lock and not self.database.is_sqlite else _FOLDER_CORE
-        return _FolderCore(*_folder_found(connection, query, ref))
+        return _FolderCore(*_folder_found(connection, query, ref, uidvalidity_at=2))
 
     def _folder_row_locked(self, connection: Connection, ref: FolderRef) -> _FolderRow:
         """The counters STORE and EXPUNGE need, the folder locked (SQLite: BEGIN IMMEDIATE already holds it)."""
-        query = _FOLDER_ROW if self.database.is_sqlite else _LOCK_FOLDER_FOR_UPDATE
-        return _FolderRow(*_folder_found(connection, query, ref))
+        query = _FOLDER_ROW if self.database.is_sqlite else _LOCK_FOLDER_ROW
+        return _FolderRow(*_folder_found(connection, query, ref, uidvalidity_at=1))
 
     def _index_read(self, connection: Connection, row: _FolderCore, *, load: bool = True,
                     known: tuple[int, Sequence[Row], Sequence[int]] | None = None) -> _IndexRead | None:
@@ -479,9 +507,7 @@ class SqlMailStore(MailStore):
             return None
         if known is not None and known[0] == since:
             return _IndexRead(since, row.highestmodseq, known[1], known[2])
-        params = {"folder_id": row.id, "since": since}
-        changed = cast(Sequence[Row], connection.execute(_CHANGED_INDEX_ROWS, params).all())
-        expunged = connection.execute(_EXPUNGED_SINCE, params).scalars().all()
+        changed, expunged = _changed_since(connection, row.id, since)
         return _IndexRead(since, row.highestmodseq, changed, expunged)
 
     def _whole_index(self, connection: Connection, folder_id: int) -> Columns:
@@ -1085,9 +1111,12 @@ class SqlMailStore(MailStore):
 
         def work(connection: Connection) -> StoreResult:
             row = self._folder_row_locked(connection, folder)
-            current = connection.execute(
-                select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.modseq, MESSAGES.c.system_flags, MESSAGES.c.keywords)
-                .where(MESSAGES.c.folder_id == row.id, _core_uid_clause(uids)).order_by(MESSAGES.c.uid)).all()
+            if len(uids.ranges) == 1:
+                low, high = uids.ranges[0]
+                current = _STORE_CURRENT.run(connection, {"folder_id": row.id, "low": low, "high": high}).fetchall()
+            else:
+                current = connection.execute(select(*_STORE_CURRENT_COLUMNS).where(
+                    MESSAGES.c.folder_id == row.id, _core_uid_clause(uids)).order_by(MESSAGES.c.uid)).all()
             conflicts: list[int] = []
             unchanged: list[FlagUpdate] = []
             changed: list[tuple[int, int, int, str]] = []
@@ -1108,12 +1137,11 @@ class SqlMailStore(MailStore):
                 return StoreResult((), tuple(conflicts), row.highestmodseq, tuple(unchanged))
             # RFC 7162 3.1.3: one new MODSEQ for the messages this command changed; unchanged ones keep theirs.
             modseq = row.highestmodseq + 1
-            connection.execute(
-                _SET_FLAGS.values(modseq=modseq),
-                [{"row_id": message_id, "new_bits": new_bits, "new_keywords": column}
-                 for message_id, _, new_bits, column in changed])
-            connection.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
-                highestmodseq=modseq, keywords=_with_keywords(row.keywords, keywords)))
+            _SET_FLAGS_AT.run_many(connection, [
+                {"row_id": message_id, "new_bits": new_bits, "new_keywords": column, "new_modseq": modseq}
+                for message_id, _, new_bits, column in changed])
+            _FOLDER_FLAGS_CHANGED.run(connection, {"folder_id": row.id, "new_modseq": modseq,
+                                                   "new_keywords": _with_keywords(row.keywords, keywords)})
             updated = tuple(FlagUpdate(uid, flagcodec.decode(new_bits, column), modseq)
                             for _, uid, new_bits, column in changed)
             return StoreResult(updated, tuple(conflicts), modseq, tuple(unchanged))
@@ -1203,21 +1231,21 @@ class SqlMailStore(MailStore):
         tombstones written, the folder's counters and MODSEQ updated; their bodies dropped after the commit."""
         def work(connection: Connection) -> tuple[ExpungeResult, list[str]]:
             row = self._folder_row_locked(connection, folder)
-            query = (select(MESSAGES.c.id, MESSAGES.c.uid, MESSAGES.c.size, MESSAGES.c.blob_id)
-                     .where(MESSAGES.c.folder_id == row.id, MESSAGES.c.system_flags.op("&")(DELETED_BIT) != 0)
-                     .order_by(MESSAGES.c.uid))
-            if uids is not None:
-                query = query.where(_core_uid_clause(uids))
-            doomed = [found for found in connection.execute(query) if uids is None or found[1] in uids]
+            if uids is None or len(uids.ranges) == 1:
+                low, high = uids.ranges[0] if uids is not None else (0, 2**32)
+                found = _DOOMED_IN_RANGE.run(connection, {"folder_id": row.id, "low": low, "high": high}).fetchall()
+            else:
+                found = connection.execute(select(*_DOOMED_COLUMNS).where(
+                    MESSAGES.c.folder_id == row.id, _DELETED, _core_uid_clause(uids)).order_by(MESSAGES.c.uid)).all()
+            doomed = [message for message in found if uids is None or message[1] in uids]
             if not doomed:
                 return ExpungeResult((), row.highestmodseq), []
             modseq = row.highestmodseq + 1
             gone = [uid for _, uid, _, _ in doomed]
-            connection.execute(delete(MESSAGES).where(MESSAGES.c.id.in_([found[0] for found in doomed])))
-            connection.execute(insert(EXPUNGED), [{"folder_id": row.id, "uid": uid, "modseq": modseq} for uid in gone])
-            connection.execute(update(FOLDERS).where(FOLDERS.c.id == row.id).values(
-                highestmodseq=modseq, message_count=FOLDERS.c.message_count - len(doomed),
-                total_bytes=FOLDERS.c.total_bytes - sum(size for _, _, size, _ in doomed)))
+            _DELETE_MESSAGE.run_many(connection, [{"row_id": message[0]} for message in doomed])
+            _INSERT_TOMBSTONE.run_many(connection, [{"folder_id": row.id, "uid": uid, "modseq": modseq} for uid in gone])
+            _FOLDER_EXPUNGED.run(connection, {"folder_id": row.id, "new_modseq": modseq, "gone_count": len(doomed),
+                                              "gone_bytes": sum(size for _, _, size, _ in doomed)})
             return ExpungeResult(tuple(gone), modseq), _unreferenced(connection, {blob_id for *_, blob_id in doomed})
 
         result, blob_ids = await self._run(work, write=True)
@@ -1234,9 +1262,7 @@ class SqlMailStore(MailStore):
             row = self._folder_core(connection, folder)
             if row.highestmodseq <= modseq:
                 return row, row.highestmodseq, (), (), None
-            params = {"folder_id": row.id, "since": modseq}
-            updated = cast(Sequence[Row], connection.execute(_CHANGED_INDEX_ROWS, params).all())
-            expunged = connection.execute(_EXPUNGED_SINCE, params).scalars().all()
+            updated, expunged = _changed_since(connection, row.id, modseq)
             highest = row.highestmodseq
             if not self.database.is_sqlite:    # READ COMMITTED: the rows may be newer than the folder row read
                 highest = int(connection.execute(_HIGHESTMODSEQ, {"folder_id": row.id}).scalar() or highest)
@@ -1288,11 +1314,19 @@ class SqlMailStore(MailStore):
         return QuotaUsage(kib, limit // 1024 if limit else None, count, None)
 
 
-def _folder_found(connection: Connection, query: Any, ref: FolderRef) -> Any:
-    """The folder row ``query`` selects for ``ref`` (its uidvalidity column checked against the ref's)."""
-    found = connection.execute(query, {"folder_mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name)}).first()
+def _changed_since(connection: Connection, folder_id: int, since: int) -> tuple[Sequence[Row], list[int]]:
+    """The messages whose MODSEQ is above ``since`` (index rows) and the UIDs expunged above it."""
+    params = {"folder_id": folder_id, "since": since}
+    changed = cast(Sequence[Row], _CHANGED_INDEX_ROWS.run(connection, params).fetchall())
+    return changed, [uid for uid, in _EXPUNGED_SINCE.run(connection, params).fetchall()]
+
+
+def _folder_found(connection: Connection, query: Prepared, ref: FolderRef, *, uidvalidity_at: int) -> Any:
+    """The folder row ``query`` selects for ``ref`` (its uidvalidity column, at ``uidvalidity_at``, checked
+    against the ref's)."""
+    found = query.run(connection, {"folder_mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name)}).fetchone()
     if found is None:
         raise FolderNotFound(f"no folder {ref.name!r}")
-    if ref.uidvalidity is not None and found.uidvalidity != ref.uidvalidity:
+    if ref.uidvalidity is not None and found[uidvalidity_at] != ref.uidvalidity:
         raise UidValidityChanged(f"folder {ref.name!r} was re-created")
     return found
