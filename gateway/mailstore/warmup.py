@@ -81,9 +81,10 @@ class IndexWarmup:
         self.save()
 
     def save(self) -> None:
-        """Write the hint when the folders in memory changed since the last write."""
+        """Write the hint when the folders in memory changed since the last write; none in memory (a start
+        stopped before any was loaded, a store without indexes) leaves the file as it was."""
         folders = self.store.indexed_folders()
-        if folders == self._saved:
+        if not folders or folders == self._saved:
             return
         try:
             write_hint(self.hint, folders)

@@ -98,3 +98,12 @@ async def test_an_append_is_published_as_no_delivery_and_a_delivery_as_one(
     assert [(event.kind, event.delivered) for event in seen] == [(ChangeKind.EXISTS, False), (ChangeKind.EXISTS, True)]
     for event in seen:
         assert ChangeEvent.from_json(json.loads(json.dumps(event.to_json()))) == event
+
+
+async def test_a_stop_with_no_index_in_memory_keeps_the_hint(
+        database: Database, blobs: BlobStore, tmp_path: Path) -> None:
+    """Stopped before anything was loaded: the previous run's hint stays for the next start."""
+    hint = tmp_path / "run" / "hint.json"
+    write_hint(hint, [5, 6])
+    await IndexWarmup(SqlMailStore(database, blobs), hint, max_messages=0).stop()
+    assert read_hint(hint) == [5, 6]
