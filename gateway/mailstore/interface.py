@@ -448,6 +448,11 @@ class MailStore(ABC):
         """Ids of the folders whose index is held in memory, most recently used first."""
         return []
 
+    async def largest_folders(self, limit: int) -> list[int]:
+        """Ids of the ``limit`` folders holding the most messages, the largest first (whose index costs the most
+        to load at a first SELECT)."""
+        return []
+
     async def warm_indexes(self, folder_ids: Sequence[int], max_messages: int) -> tuple[int, int]:
         """Load the indexes of ``folder_ids`` (most wanted first) before anyone asks, ``max_messages`` in all at
         most; (folders, messages) loaded."""

@@ -557,6 +557,11 @@ class SqlMailStore(MailStore):
     def indexed_folders(self) -> list[int]:
         return self.indexes.recently_used()
 
+    async def largest_folders(self, limit: int) -> list[int]:
+        query = select(FOLDERS.c.id).where(FOLDERS.c.message_count > 0).order_by(
+            FOLDERS.c.message_count.desc(), FOLDERS.c.id).limit(limit)
+        return await self._run(lambda connection: list(connection.execute(query).scalars()))
+
     async def warm_indexes(self, folder_ids: Sequence[int], max_messages: int) -> tuple[int, int]:
         """Each folder's index loaded as its first SELECT would (``_load_index``: one load at a time, a SELECT
         arriving meanwhile waits for that load instead of starting another), in the order given, while the

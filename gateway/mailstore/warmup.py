@@ -6,8 +6,10 @@ after a start paid for it. Clients reconnect at once after a restart and SELECT 
 so the folders whose index was in memory before are the ones to load again: their ids, most recently used
 first, are remembered in a small file (``run/imap-index-folders.json`` of the data directory: folder ids
 only, nothing of the mail) when IMAP stops and every few minutes (a kill -9 loses at most that much), and
-loaded in the background after the listeners open, within a budget of messages (``imap.index_preload_messages``;
-an index costs some 16 octets per message). A SELECT arriving while its folder loads waits for that one load.
+loaded in the background after the listeners open, within a budget of messages
+(``imap.index_preload_messages``; an index costs some 16 octets per message). Without a file (the first
+start of a data directory) the largest folders, the slowest to load, are preloaded instead. A SELECT
+arriving while its folder loads waits for that one load.
 
 The file is a hint and nothing more: a missing, unreadable or stale one (folders deleted, re-created with a new
 UIDVALIDITY) only means less is preloaded, and a preloaded index is caught up from its folder's HIGHESTMODSEQ
@@ -23,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from gateway.mailstore.index import MAX_INDEXES
 from gateway.mailstore.interface import MailStore
 
 log = logging.getLogger("gateway.mailstore")
@@ -31,12 +34,13 @@ HINT_NAME = "imap-index-folders.json"
 SAVE_SECONDS = 300.0
 
 
-def read_hint(path: Path) -> list[int]:
-    """The folder ids remembered, most recently used first; [] for a missing or damaged file."""
+def read_hint(path: Path) -> list[int] | None:
+    """The folder ids remembered, most recently used first; None when there is no file (the first start of
+    this data directory, or of a version that kept none); [] for a damaged one."""
     try:
         ids = json.loads(path.read_text())["folders"]
     except FileNotFoundError:
-        return []
+        return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("index preload: %s ignored (%s)", path, exc)
         return []
@@ -96,9 +100,11 @@ class IndexWarmup:
     async def _run(self) -> None:
         remembered = read_hint(self.hint)
         self._saved = remembered
-        if remembered and self.max_messages > 0:
+        if self.max_messages > 0 and remembered != []:
             started = time.monotonic()
             try:
+                if remembered is None:      # nothing known of the last run: the folders slowest to load first
+                    remembered = await self.store.largest_folders(MAX_INDEXES)
                 folders, messages = await self.store.warm_indexes(remembered, self.max_messages)
             except Exception:   # noqa: BLE001  (a hint: the SELECTs load what they need themselves)
                 log.exception("index preload failed; folders are loaded at their first SELECT")

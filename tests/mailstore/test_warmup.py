@@ -75,9 +75,9 @@ async def test_the_budget_and_folders_gone_since_limit_what_is_preloaded(
     assert await SqlMailStore(database, blobs).warm_indexes([inbox_id], max_messages=0) == (0, 0)
 
 
-def test_a_missing_or_damaged_hint_preloads_nothing(tmp_path: Path) -> None:
+def test_a_damaged_hint_preloads_nothing(tmp_path: Path) -> None:
     hint = tmp_path / "hint.json"
-    assert read_hint(hint) == []
+    assert read_hint(hint) is None                  # no file: the largest folders (next test)
     for damaged in ("{", "[1, 2]", json.dumps({"folders": "12"}), json.dumps({"other": [1]})):
         hint.write_text(damaged)
         assert read_hint(hint) == []
@@ -107,3 +107,19 @@ async def test_a_stop_with_no_index_in_memory_keeps_the_hint(
     write_hint(hint, [5, 6])
     await IndexWarmup(SqlMailStore(database, blobs), hint, max_messages=0).stop()
     assert read_hint(hint) == [5, 6]
+
+
+async def test_without_a_hint_the_largest_folders_are_preloaded_within_the_budget(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int, tmp_path: Path) -> None:
+    inbox, sent, drafts = FolderRef(mailbox_id, INBOX), FolderRef(mailbox_id, "Sent"), FolderRef(mailbox_id, "Drafts")
+    await fill(store, inbox, 2)
+    await fill(store, sent, 5)
+    await fill(store, drafts, 3)
+    sent_id, drafts_id = await _folder_id(store, sent), await _folder_id(store, drafts)
+    restarted = SqlMailStore(database, blobs)
+    warmup = IndexWarmup(restarted, tmp_path / "run" / "none.json", max_messages=9)
+    warmup.start()
+    await warmup.preloaded.wait()
+    await warmup.stop()
+    assert restarted.indexed_folders() == [sent_id, drafts_id]      # 5 + 3 fit in 9; the INBOX's 2 would not
+    assert read_hint(tmp_path / "run" / "none.json") == [sent_id, drafts_id]
