@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import compare_imap  # noqa: E402  (same directory: the shared client helpers)
-from imap_search import tree_cpu  # noqa: E402
+from imap_search import gateway_from_spec, tree_cpu  # noqa: E402
 
 FIRST = 50001
 COUNT = 1000
@@ -71,31 +71,20 @@ def run_fetches(target: dict[str, Any], pid: int, rounds: int) -> dict[str, Any]
 
 
 def measure_gateway(spec: str, user: str, rounds: int, profile: str | None) -> dict[str, Any]:
-    import tests.harness as harness
-
-    data_dir, _, repo = spec.partition("=")
-    tree = Path(repo).resolve() if repo else REPO
-    harness.REPO = tree  # ``gateway serve`` runs from that tree (its cwd comes first on sys.path)
-    gateway = harness.GatewayProcess(Path(data_dir), extra_env={"PYTHONPATH": str(tree)})
-    gateway.start(timeout=300)
-    spy: subprocess.Popen[bytes] | None = None
-    try:
-        password = next(a["password"] for a in gateway.demo["accounts"] if a["address"] == user)
-        target = {"host": "127.0.0.1", "port": gateway.ports["imap_port"], "user": user, "password": password,
-                  "starttls": True}
-        assert gateway.process is not None
+    with gateway_from_spec(spec, user) as (gateway, target, tree):
+        spy: subprocess.Popen[bytes] | None = None
         if profile:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-r", "200", "-o", profile,
                                     "--pid", str(gateway.process.pid)], stdout=subprocess.DEVNULL)
             time.sleep(1)
-        return {"target": f"gateway {tree}", "data_dir": data_dir,
-                **run_fetches(target, gateway.process.pid, rounds)}
-    finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(timeout=60)
-        gateway.stop()
+        try:
+            return {"target": f"gateway {tree}", "data_dir": spec.partition("=")[0],
+                    **run_fetches(target, gateway.process.pid, rounds)}
+        finally:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(timeout=60)
 
 
 def main() -> None:

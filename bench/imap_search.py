@@ -20,10 +20,12 @@ own copy). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,10 @@ def run_searches(target: dict[str, Any], pid: int, repeat: int) -> dict[str, Any
     return out
 
 
-def measure_gateway(spec: str, user: str, repeat: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def gateway_from_spec(spec: str, user: str) -> Iterator[tuple[Any, dict[str, Any], Path]]:
+    """``DATA_DIR[=REPO]``: ``gateway serve`` of that tree on that data directory; yields the process, the IMAP
+    target of ``user`` (STARTTLS) and the tree, and stops the gateway at the end."""
     import tests.harness as harness
 
     data_dir, _, repo = spec.partition("=")
@@ -76,9 +81,15 @@ def measure_gateway(spec: str, user: str, repeat: int) -> dict[str, Any]:
         target = {"host": "127.0.0.1", "port": gateway.ports["imap_port"], "user": user, "password": password,
                   "starttls": True}
         assert gateway.process is not None
-        return {"target": f"gateway {tree}", "data_dir": data_dir, **run_searches(target, gateway.process.pid, repeat)}
+        yield gateway, target, tree
     finally:
         gateway.stop()
+
+
+def measure_gateway(spec: str, user: str, repeat: int) -> dict[str, Any]:
+    with gateway_from_spec(spec, user) as (gateway, target, tree):
+        return {"target": f"gateway {tree}", "data_dir": spec.partition("=")[0],
+                **run_searches(target, gateway.process.pid, repeat)}
 
 
 def main() -> None:

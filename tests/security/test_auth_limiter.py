@@ -11,17 +11,8 @@ from gateway.audit import AuditEvent, AuditLog
 from gateway.config import ConfigError, load_settings
 from gateway.security.auth_limiter import AuditedFailures, AuthFailureRow, AuthLimiter, AuthThrottled, LimiterPolicy, source_key
 from gateway.storage.db import Database
+from tests.security.limiter_clock import POLICY, Clock
 
-POLICY = LimiterPolicy(failures_before_delay=3, source_failures_before_delay=10, first_delay=1, max_delay=60,
-                       forget_after=3600)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _fail(limiter: AuthLimiter, login: str, source: str, door: str = "imap") -> None:

@@ -17,21 +17,12 @@ import pytest
 from sqlalchemy import event, select
 
 from gateway.audit import AuditEvent, AuditLog
-from gateway.security.auth_limiter import AuditedFailures, AuthFailureRow, AuthLimiter, AuthThrottled, LimiterPolicy
+from gateway.security.auth_limiter import AuditedFailures, AuthFailureRow, AuthLimiter, AuthThrottled
 from gateway.security.failure_counts import PurgeTask
 from gateway.storage.advisory import run_alone
 from gateway.storage.db import Database
+from tests.security.limiter_clock import POLICY, Clock
 
-POLICY = LimiterPolicy(failures_before_delay=3, source_failures_before_delay=10, first_delay=1, max_delay=60,
-                       forget_after=3600)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _nodes(database: Database, clock: Clock, audit: AuditLog | None = None) -> tuple[AuthLimiter, AuthLimiter]:

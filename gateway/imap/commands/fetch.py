@@ -87,18 +87,10 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
     start = _aligned(selected, listing)
     if start is not None and render.bulk_ready():
         return await _write_bulk(session, command, render, listing, start, wanted)
-    pending: list[bytes] = []
-    answered = 0
+    out = _Batched(session)
     for number, uid, modseq, flag_id in _present(selected, listing):
-        pending.append(render.line(number, uid, modseq, flag_id, listing.flag_sets))
-        answered += 1
-        if len(pending) >= WRITE_BATCH:
-            session.write(b"".join(pending))
-            pending.clear()
-            await session.connection.drain()
-    if pending:
-        session.write(b"".join(pending))
-    await session.connection.drain()
+        await out.add(render.line(number, uid, modseq, flag_id, listing.flag_sets))
+    answered = await out.finish()
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
 
 
@@ -116,22 +108,40 @@ async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command:
     stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing)) if missing else {}
     render = _FlagLineRenderer(selected, attributes)
     writer = EnvelopeWriter(utf8=session.utf8)
-    pending: list[bytes] = []
-    answered = 0
+    out = _Batched(session)
     for number, uid, modseq, flag_id in _present(selected, listing):
         envelope = await _stored_envelope(session, selected, uid, stored, writer)
         if envelope is None:
             continue                                    # expunged meanwhile: RFC 3501 6.4.8, as the others
-        pending.append(render.line(number, uid, modseq, flag_id, listing.flag_sets, envelope))
-        answered += 1
-        if len(pending) >= WRITE_BATCH:
-            session.write(b"".join(pending))
-            pending.clear()
-            await session.connection.drain()
-    if pending:
-        session.write(b"".join(pending))
-    await session.connection.drain()
+        await out.add(render.line(number, uid, modseq, flag_id, listing.flag_sets, envelope))
+    answered = await out.finish()
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+class _Batched:
+    """FETCH responses joined ``WRITE_BATCH`` at a time into one write, the transport drained between: a
+    listing of 100,000 messages neither makes 100,000 writes nor holds them all in memory."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.pending: list[bytes] = []
+        self.count = 0
+
+    async def add(self, line: bytes) -> None:
+        self.pending.append(line)
+        self.count += 1
+        if len(self.pending) >= WRITE_BATCH:
+            self.session.write(b"".join(self.pending))
+            self.pending.clear()
+            await self.session.connection.drain()
+
+    async def finish(self) -> int:
+        """Write what is left; how many responses were added."""
+        if self.pending:
+            self.session.write(b"".join(self.pending))
+            self.pending.clear()
+        await self.session.connection.drain()
+        return self.count
 
 
 async def _stored_envelope(session: Session, selected: SelectedMailbox, uid: int,
