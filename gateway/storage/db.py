@@ -8,8 +8,9 @@ is used by URL. Both run the same Alembic migrations and the same tests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +31,8 @@ from gateway.storage.private import create_private_file, private_dir
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -88,6 +91,32 @@ def sqlite_connector(path: Path) -> Callable[[], SqliteConnection]:
     return connect
 
 
+async def _end_session(session: AsyncSession, *, commit: bool) -> None:
+    try:
+        if commit:
+            await session.commit()
+        else:
+            await session.rollback()
+    finally:
+        await session.close()
+
+
+async def _run_to_its_end(step: Awaitable[None]) -> None:
+    """Await ``step`` in a task of its own: if the caller is cancelled meanwhile, the caller sees the
+    cancellation and the step still runs to its end (``gateway serve`` waits for such tasks at exit)."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_failure_of_abandoned)
+        raise
+
+
+def _log_failure_of_abandoned(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("ending the database session of a cancelled task failed: %r", task.exception())
+
+
 class Database:
     """Owns the engine; hands out sessions; runs migrations."""
 
@@ -125,10 +154,21 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose transaction commits on success and rolls back on error."""
-        async with self.sessions() as session:
-            async with session.begin():
-                yield session
+        """A session whose transaction commits on success and rolls back on error.
+
+        The commit or rollback, and the return of the connection, run in a task of their own that a
+        cancellation of the caller does not interrupt (as ``run_in_transaction``'s thread): a task cancelled
+        mid-transaction (an SMTP client hanging up is cancelled twice, at its EOF and at the connection's
+        loss) had its rollback cut short, which logged a traceback and, on SQLite, could leave the write lock
+        held by a connection back in the pool."""
+        session = self.sessions()
+        succeeded = False
+        try:
+            await session.begin()
+            yield session
+            succeeded = True
+        finally:
+            await _run_to_its_end(_end_session(session, commit=succeeded))
 
     async def run_in_transaction(self, work: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``work`` as one transaction: committed if it returns, rolled back if it raises.
