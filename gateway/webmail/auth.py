@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from gateway.storage.models import Mailbox, Patient, PatientState, State
 from gateway.webmail.sessions import ActiveSession, Stage
-from gateway.webmail.web import SESSION_COOKIE, context, refusal
+from gateway.webmail.web import PATIENT_KEY, SESSION_COOKIE, SESSION_KEY, context, refusal
 
 SIGN_IN_PATH = "/connexion"
 
@@ -33,11 +33,10 @@ class PatientIdentity:
 
 async def current_session(request: web.Request) -> ActiveSession | None:
     """The session named by the cookie, whatever its stage (None: no live session)."""
-    if "session" not in request:
+    if SESSION_KEY not in request:
         token = request.cookies.get(SESSION_COOKIE)
-        request["session"] = await context(request).sessions.lookup(token) if token else None
-    session: ActiveSession | None = request["session"]
-    return session
+        request[SESSION_KEY] = await context(request).sessions.lookup(token) if token else None
+    return request[SESSION_KEY]
 
 
 async def identity_for(request: web.Request, session: ActiveSession) -> PatientIdentity | None:
@@ -61,7 +60,7 @@ async def require_patient(request: web.Request) -> PatientIdentity:
     No session cookie at all is the ordinary way in (a bookmark, a new browser): only redirected. A cookie
     naming no live session (made up, signed out, expired), a sign-in still waiting for its second factor, or
     a mailbox or space closed since sign-in are refusals the door audits."""
-    cached = request.get("patient")
+    cached = request.get(PATIENT_KEY)
     if isinstance(cached, PatientIdentity):
         return cached
     session = await current_session(request)
@@ -75,5 +74,5 @@ async def require_patient(request: web.Request) -> PatientIdentity:
     if identity is None:
         await context(request).sessions.close(session)
         raise refusal(request, web.HTTPSeeOther(SIGN_IN_PATH), "account-closed")
-    request["patient"] = identity
+    request[PATIENT_KEY] = identity
     return identity

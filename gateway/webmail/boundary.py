@@ -29,7 +29,7 @@ from aiohttp import web
 from gateway.dmp_bridge.fhir.boundary import printable
 from gateway.webmail.auth import PatientIdentity, current_session, identity_for
 from gateway.webmail.sessions import Stage
-from gateway.webmail.web import REFUSAL_KEY, Handler, client_ip, context, is_webmail_path
+from gateway.webmail.web import PATIENT_KEY, REFUSAL_KEY, Handler, client_ip, context, is_webmail_path
 
 log = logging.getLogger("gateway.webmail")
 DOOR = "webmail"
@@ -70,7 +70,7 @@ async def _audit_failure(request: web.Request, error: Exception) -> None:
 
 async def _signed_in(request: web.Request) -> str | None:
     """The address of the patient signed in on this request's session, if any (the audit's actor)."""
-    identity = request.get("patient")
+    identity = request.get(PATIENT_KEY)
     if isinstance(identity, PatientIdentity):
         return identity.address
     try:

@@ -20,7 +20,7 @@ from gateway.dmp_bridge.notice_tables import NoticeFrequency
 from gateway.errors import NotFound, UserError
 from gateway.webmail.auth import require_patient
 from gateway.webmail.documents import caller_of, record_pages
-from gateway.webmail.web import N_, add_nav, clear_session_cookie, context, render, translate
+from gateway.webmail.web import N_, PATIENT_KEY, add_nav, clear_session_cookie, context, render, translate
 
 CONTROLS_PATH = "/reglages"
 DONE = {
@@ -132,7 +132,7 @@ async def close_space(request: web.Request) -> web.StreamResponse:
             request, "Tick the box to confirm that you understand what closing your space means.")}, status=400)
     shred_at = await record_pages(request).controls.close_space(caller_of(request, patient))
     await context(request).sessions.close_all(patient.mailbox_id)
-    del request["patient"]  # signed out: the page shows no menu
+    del request[PATIENT_KEY]  # signed out: the page shows no menu
     response = render(request, "closed.html", _closed_values(shred_at))
     clear_session_cookie(response)
     return response

@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from aiohttp import web
@@ -35,7 +35,10 @@ from gateway.config import Settings
 from gateway.ops.proxied import peer_host
 from gateway.webmail.catalogue import DEFAULT_LOCALE, translations
 from gateway.webmail.keys import WebmailKey
-from gateway.webmail.sessions import SessionStore
+from gateway.webmail.sessions import ActiveSession, SessionStore
+
+if TYPE_CHECKING:
+    from gateway.webmail.auth import PatientIdentity
 
 log = logging.getLogger("gateway.webmail")
 
@@ -122,6 +125,11 @@ def translate(request: web.Request | None, message: str, **params: Any) -> str:
 
 REFUSAL_KEY: web.RequestKey[tuple[str, str | None]] = web.RequestKey("door_refusal", tuple)
 
+# What one request learns once and several of its steps read (aiohttp's typed request storage).
+SESSION_KEY: web.RequestKey[ActiveSession | None] = web.RequestKey("session")     # the cookie's live session
+PATIENT_KEY: web.RequestKey[PatientIdentity] = web.RequestKey("patient")         # the signed-in patient
+NEW_PRE_COOKIE_KEY: web.RequestKey[str] = web.RequestKey("new_pre_cookie", str)  # set on this response
+
 
 def refused(request: web.Request, reason: str, reply: str | None = None) -> None:
     """Mark this request's answer as an access-control refusal (``reason``; ``reply`` when the answer carries
@@ -153,10 +161,10 @@ def _binding_cookie(request: web.Request) -> str | None:
 
 def csrf_token(request: web.Request) -> str:
     """The token forms of this page must carry; creates the pre-session cookie for an anonymous visitor."""
-    bound = _binding_cookie(request) or request.get("new_pre_cookie")
+    bound = _binding_cookie(request) or request.get(NEW_PRE_COOKIE_KEY)
     if bound is None:
         bound = secrets.token_urlsafe(32)
-        request["new_pre_cookie"] = bound
+        request[NEW_PRE_COOKIE_KEY] = bound
     return context(request).key.mac("csrf", bound)
 
 
@@ -173,11 +181,11 @@ def render(request: web.Request, template: str, values: dict[str, Any] | None = 
     ctx = context(request)
     token = csrf_token(request)
     page = ctx.templates.get_template(template).render(
-        request_path=request.path, nav=ctx.nav, patient=request.get("patient"),
+        request_path=request.path, nav=ctx.nav, patient=request.get(PATIENT_KEY),
         csrf_field=lambda: Markup(f'<input type="hidden" name="{CSRF_FIELD}" value="{token}">'),
         **(values or {}))
     response = web.Response(text=page, status=status, content_type="text/html", charset="utf-8")
-    pre = request.get("new_pre_cookie")
+    pre = request.get(NEW_PRE_COOKIE_KEY)
     if pre:
         response.set_cookie(PRE_COOKIE, pre, path="/", secure=True, httponly=True, samesite="Strict")
     return response
