@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import gnupg  # python-gnupg ships no type information (see [tool.mypy] overrides)
 
-from gateway.errors import UserError
+from gateway.errors import UserError, read_named_file
 
 FIELD = "--encrypt-to"
 MAX_KEY_FILE_BYTES = 1024 * 1024  # an armoured public key is a few KB; a keyring dump is not what we want
@@ -70,7 +70,7 @@ def encrypted_output(key_file: Path, target: Path, *, field: str = FIELD,
 def load_recipient(gpg: gnupg.GPG, key_file: Path, *, field: str = FIELD,
                    now: dt.datetime | None = None) -> OpenPgpRecipient:
     """Import the one public key of ``key_file`` into ``gpg``'s home and check it can encrypt now."""
-    result = gpg.import_keys(_read_key_file(key_file, field))
+    result = gpg.import_keys(read_named_file(key_file, field, "a single OpenPGP public key", max_bytes=MAX_KEY_FILE_BYTES))
     fingerprints = sorted(set(result.fingerprints or ()))
     if not fingerprints:
         raise UserError(f"{key_file} holds no OpenPGP public key ({_import_problem(result)})", field=field)
@@ -79,20 +79,6 @@ def load_recipient(gpg: gnupg.GPG, key_file: Path, *, field: str = FIELD,
         raise UserError(f"{key_file} holds {len(keys)} OpenPGP keys; give a file with the recipient's key only",
                         field=field)
     return _usable(keys[0], now or dt.datetime.now(dt.timezone.utc), field)
-
-
-def _read_key_file(key_file: Path, field: str) -> bytes:
-    try:
-        if key_file.stat().st_size > MAX_KEY_FILE_BYTES:
-            raise UserError(f"{key_file} is larger than {MAX_KEY_FILE_BYTES} bytes: not a single public key",
-                            field=field)
-        return key_file.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{key_file} does not exist", field=field) from None
-    except IsADirectoryError:
-        raise UserError(f"{key_file} is a directory, not a key file", field=field) from None
-    except PermissionError:
-        raise UserError(f"{key_file} cannot be read (permission denied)", field=field) from None
 
 
 def _import_problem(result: Any) -> str:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from gateway.config import Settings, TlsSettings
-from gateway.errors import UserError
+from gateway.errors import UserError, read_named_file
 
 CERTIFICATE_KEY = "tls.server_certificate_file"
 KEY_KEY = "tls.server_key_file"
@@ -64,20 +64,6 @@ class ExternalIdentity:
     chain_path: Path
     key_path: Path
     certificate: x509.Certificate
-
-
-def _read(path: Path, key: str, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist ({what})", field=key) from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not a PEM file ({what})", field=key) from None
-    except PermissionError:
-        raise UserError(f"{path} cannot be read by the gateway's user (uid {os.getuid()}): give it read access "
-                        f"({what})", field=key) from None
-    except OSError as error:
-        raise UserError(f"{path} cannot be read: {error.strerror or error}", field=key) from None
 
 
 def _check_key_mode(path: Path) -> None:
@@ -154,10 +140,11 @@ def load_external_identity(tls: TlsSettings, hostname: str, *, work_dir: Path | 
     (``work_dir`` None: checked only, nothing written)."""
     cert_path = Path(tls.server_certificate_file).expanduser()
     key_path = Path(tls.server_key_file).expanduser()
-    certificates = _certificates(_read(cert_path, CERTIFICATE_KEY, "the server certificate"), cert_path, CERTIFICATE_KEY)
+    certificates = _certificates(read_named_file(cert_path, CERTIFICATE_KEY, "a PEM server certificate"),
+                                 cert_path, CERTIFICATE_KEY)
     leaf = certificates[0]
     _check_key_mode(key_path)
-    key = _private_key(_read(key_path, KEY_KEY, "the private key"), key_path)
+    key = _private_key(read_named_file(key_path, KEY_KEY, "a PEM private key"), key_path)
     if _public(key) != _public(leaf):
         raise UserError(f"{key_path} is not the key of the certificate in {cert_path} "
                         f"({leaf.subject.rfc4514_string()}): the public keys differ", field=KEY_KEY)
@@ -174,7 +161,8 @@ def load_external_identity(tls: TlsSettings, hostname: str, *, work_dir: Path | 
     if not tls.server_chain_file:
         return ExternalIdentity(cert_path, key_path, leaf)
     chain_path = Path(tls.server_chain_file).expanduser()
-    chain = _certificates(_read(chain_path, CHAIN_KEY, "the intermediate certificates"), chain_path, CHAIN_KEY)
+    chain = _certificates(read_named_file(chain_path, CHAIN_KEY, "PEM intermediate certificates"), chain_path,
+                          CHAIN_KEY)
     try:
         leaf.verify_directly_issued_by(chain[0])
     except (ValueError, TypeError, InvalidSignature):
