@@ -60,8 +60,10 @@ class _SqliteGenerationReader:
         if self._conn is None:
             self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0, isolation_level=None,
                                          check_same_thread=False)
-        row = self._conn.execute("SELECT value FROM directory_generation WHERE id = 1").fetchone()
-        return int(row[0]) if row else 0
+        # fetchall, not fetchone: a statement left unfinished keeps its read snapshot open, and a
+        # snapshot held for ever stops SQLite's checkpoints from emptying the WAL.
+        rows = self._conn.execute("SELECT value FROM directory_generation WHERE id = 1").fetchall()
+        return int(rows[0][0]) if rows else 0
 
 
 def _sqlite_path(db: Database) -> str | None:

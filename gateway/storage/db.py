@@ -61,6 +61,26 @@ def _sqlite_sync_begin(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+class RollbackOnClose(sqlite3.Connection):
+    """SQLite's driver connection, rolling back an open transaction before it closes.
+
+    ``sqlite3_close_v2`` leaves a connection that still has an unfinalized statement as a "zombie" that keeps
+    its transaction, and with it SQLite's write lock, until the last statement is finalized: in Python, until
+    the cursor holding it is garbage-collected. A statement cancelled between its execute and its fetch (an
+    SMTP client hanging up) leaves such a cursor in the cancelled task's traceback, a reference cycle that
+    only the cycle collector frees; SQLAlchemy closes that invalidated connection, and every writer after it
+    then waited out busy_timeout, over and over, until some allocation ran the collector: ``gateway serve``
+    did not end within 60 s of SIGTERM. A rollback first ends the transaction whatever is left pending.
+    """
+
+    def close(self) -> None:
+        try:
+            if self.in_transaction:
+                self.rollback()
+        finally:
+            super().close()
+
+
 class SqliteConnection(aiosqlite.Connection):
     """aiosqlite's connection with a ``stop()`` that queues its worker thread's exit once.
 
@@ -85,7 +105,8 @@ class SqliteConnection(aiosqlite.Connection):
 def sqlite_connector(path: Path) -> Callable[[], SqliteConnection]:
     """What SQLAlchemy's ``async_creator`` calls: our connection, as ``aiosqlite.connect`` would build it."""
     def connect() -> SqliteConnection:
-        connection = SqliteConnection(lambda: sqlite3.connect(str(path), check_same_thread=False), iter_chunk_size=64)
+        connection = SqliteConnection(
+            lambda: sqlite3.connect(str(path), check_same_thread=False, factory=RollbackOnClose), iter_chunk_size=64)
         connection._thread.daemon = True    # as SQLAlchemy's dialect sets it: an unclosed one never holds exit
         return connection
     return connect
@@ -147,7 +168,7 @@ class Database:
         if self.is_sqlite and path and path != ":memory:":
             self._sync_engine = create_engine(
                 f"sqlite:///{path}", echo=echo, poolclass=QueuePool, pool_size=_SQLITE_THREADS,
-                max_overflow=0, connect_args={"check_same_thread": False})
+                max_overflow=0, connect_args={"check_same_thread": False, "factory": RollbackOnClose})
             event.listen(self._sync_engine, "connect", _sqlite_sync_connect)
             event.listen(self._sync_engine, "begin", _sqlite_sync_begin)
             self._sync_threads = ThreadPoolExecutor(_SQLITE_THREADS, thread_name_prefix="sqlite")

@@ -10,12 +10,14 @@ resolved and the task, its one cancellation spent, waited for ever (asyncio.run 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
+import pytest
 from sqlalchemy import text
 
-from gateway.storage.db import Database, SqliteConnection, sqlite_connector
+from gateway.storage.db import Database, RollbackOnClose, SqliteConnection, sqlite_connector
 
 
 async def _close_cancelled_after_terminate(connection: aiosqlite.Connection, wait: float) -> asyncio.Task[None]:
@@ -65,3 +67,67 @@ async def test_database_uses_it_and_still_works(tmp_path: Path) -> None:
             assert isinstance(driver, SqliteConnection)
     finally:
         await database.dispose()
+
+
+# A write transaction whose SELECT was executed but not fetched: what a statement cancelled between
+# aiosqlite's execute and its fetch leaves behind (SQLAlchemy then invalidates and closes the connection).
+# sqlite3_close_v2 made such a connection a zombie that kept the transaction, and the write lock, until the
+# cursor was garbage-collected: after SIGTERM every writer waited out busy_timeout until the collector ran.
+
+def _write_lock_is_free(path: Path) -> bool:
+    other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
+async def _open_write_with_pending_select(path: Path) -> tuple[aiosqlite.Connection, aiosqlite.Cursor]:
+    connection = await sqlite_connector(path)()
+    await connection.execute("PRAGMA journal_mode=WAL")
+    await connection.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    await connection.commit()
+    await connection.execute("INSERT INTO t VALUES (1), (2)")      # the driver's implicit BEGIN: a write
+    pending = await connection.execute("SELECT x FROM t")             # stepped once, never fetched
+    assert not _write_lock_is_free(path)
+    return connection, pending
+
+
+@pytest.mark.parametrize("how", ["close", "stop"])
+async def test_closing_a_connection_with_a_pending_statement_frees_the_write_lock(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "zombie.db"
+    connection, pending = await _open_write_with_pending_select(path)
+    if how == "close":
+        await connection.close()                   # SQLAlchemy's graceful close of an invalidated connection
+    else:
+        stopped = connection.stop()                # its force close (terminate) when that close is cancelled
+        assert stopped is not None
+        await stopped
+    assert _write_lock_is_free(path), "the closed connection still holds SQLite's write lock"
+    assert pending is not None                    # still referenced, as in a cancelled task's traceback
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM t").fetchone() == (0,)   # rolled back, not committed
+    check.close()
+
+
+def test_the_one_hop_engine_connection_frees_the_write_lock_when_closed(tmp_path: Path) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    try:
+        assert database._sync_engine is not None
+        raw = database._sync_engine.raw_connection()
+        driver = raw.driver_connection
+        assert isinstance(driver, RollbackOnClose)
+        driver.execute("CREATE TABLE t (x INTEGER)")
+        driver.execute("BEGIN IMMEDIATE")
+        driver.execute("INSERT INTO t VALUES (1), (2)")
+        pending = driver.execute("SELECT x FROM t")       # stepped once, never fetched
+        driver.close()
+        assert pending is not None
+        assert _write_lock_is_free(tmp_path / "gateway.db")
+        raw.invalidate()
+    finally:
+        asyncio.run(database.dispose())
