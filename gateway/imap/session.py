@@ -33,7 +33,7 @@ from gateway.imap.protocol import commands as c
 from gateway.imap.protocol import response
 from gateway.imap.protocol.capabilities import ConnectionState, compute_capabilities
 from gateway.imap.protocol.errors import (
-    LIMIT, NONEXISTENT, SERVERBUG, TRYCREATE, BadCommand, ImapError, ImapNo, refusal_reason,
+    CANNOT, LIMIT, NONEXISTENT, SERVERBUG, TRYCREATE, BadCommand, ImapError, ImapNo, refusal_reason,
 )
 from gateway.imap.protocol.parser import ParserOptions, parse_command
 from gateway.imap.protocol.reader import ClientDisconnected, RawCommand
@@ -257,7 +257,7 @@ class Session:
         audit = self.context.door_audit
         reason = refusal_reason(error.policy, error.code)
         names = mailbox_names(command) if command is not None else []
-        if reason is None and error.code in (NONEXISTENT, TRYCREATE) and self.account is not None:
+        if reason is None and error.code in (NONEXISTENT, TRYCREATE, CANNOT) and self.account is not None:
             reason = next(filter(None, (reaching_reason(name, self.account.address) for name in names)), None)
         if audit is None or reason is None:
             return

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from gateway.errors import UserError
+from gateway.mailstore import names
 from gateway.mailstore.interface import (
     ANSWERED,
     DELETED,
@@ -69,7 +70,7 @@ async def _chosen_folders(store: MailStore, mailbox_id: int, wanted: Sequence[st
 
 
 def _folder_key(name: str) -> str:
-    return "INBOX" if name.upper() == "INBOX" else name  # RFC 3501 5.1: INBOX is case-insensitive
+    return names.fold_inbox(name)  # RFC 3501 5.1: INBOX is case-insensitive
 
 
 class _MboxWriter:

@@ -217,7 +217,7 @@ class MemoryMailStore(MailStore):
 
     async def create_folder(self, mailbox_id: int, name: str, *, special_use: str | None = None,
                             subscribe: bool = False) -> FolderInfo:
-        name = names.normalise(name)
+        name = names.new_folder_name(name)
         if special_use is not None and special_use not in SPECIAL_USES:
             raise InvalidFolderName(f"unknown special use {special_use}")  # RFC 6154 3: NO [USEATTR]
         mailbox = self._mailbox(mailbox_id)
@@ -243,7 +243,7 @@ class MemoryMailStore(MailStore):
 
     async def rename_folder(self, mailbox_id: int, old: str, new: str) -> None:
         """RFC 3501 6.3.5, as ``SqlMailStore.rename_folder``."""
-        old, new = names.normalise(old), names.normalise(new)
+        old, new = names.normalise(old), names.new_folder_name(new)
         if new == INBOX or names.is_inside(new, old) or old == new:
             raise InvalidFolderName(f"cannot rename {old!r} to {new!r}")
         mailbox = self._mailbox(mailbox_id)

@@ -184,6 +184,19 @@ async def test_rename_carries_children_and_delete_rules(store: SqlMailStore, mai
         await store.select(FolderRef(mailbox_id, "Patients"))
 
 
+@pytest.mark.parametrize("name", ["..", "a/.", "a/../b", "~x", "~", "/a", "a/", "a//b", "ınbox", "ＩＮＢＯＸ/x"])
+async def test_names_a_file_store_would_read_as_paths_are_refused(store: SqlMailStore, mailbox_id: int,
+                                                                   name: str) -> None:
+    """Every door's rule, not only IMAP's (``mailstore.names.new_folder_name``): for CREATE and RENAME's target."""
+    before = {info.name for info in await store.list_folders(mailbox_id)}
+    with pytest.raises(InvalidFolderName, match="Invalid mailbox name"):
+        await store.create_folder(mailbox_id, name)
+    await store.create_folder(mailbox_id, "Source")
+    with pytest.raises(InvalidFolderName, match="Invalid mailbox name"):
+        await store.rename_folder(mailbox_id, "Source", name)
+    assert {info.name for info in await store.list_folders(mailbox_id)} == before | {"Source"}
+
+
 async def test_subscriptions_survive_their_folder(store: SqlMailStore, mailbox_id: int) -> None:
     await store.create_folder(mailbox_id, "Temporaire", subscribe=True)
     await store.delete_folder(mailbox_id, "Temporaire")

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from gateway.imap.protocol.errors import NONEXISTENT, NOPERM, CANNOT, ImapNo
 from gateway.imap.protocol.sequence import SequenceSet
-from gateway.mailstore.interface import INBOX, SEPARATOR, FolderRef
+from gateway.mailstore.interface import SEPARATOR, FolderRef
+from gateway.mailstore.names import fold_inbox
 
 if TYPE_CHECKING:
     from gateway.imap.session import Session
@@ -81,12 +82,8 @@ def reaching_reason(name: str, own_address: str) -> str | None:
 
 
 def normalise_folder(name: str) -> str:
-    """RFC 3501 5.1: INBOX is case-insensitive, and so is the INBOX of a hierarchy path."""
-    if name.upper() == INBOX:
-        return INBOX
-    if name[: len(INBOX) + 1].upper() == INBOX + SEPARATOR:
-        return INBOX + name[len(INBOX):]
-    return name
+    """RFC 3501 5.1: INBOX is case-insensitive, and so is the INBOX of a hierarchy path (the mail store's rule)."""
+    return fold_inbox(name)
 
 
 def is_shared_path(name: str) -> bool:

@@ -73,9 +73,10 @@ def _select_responses(mailbox: SelectedMailbox, first_unseen: int | None, uidnex
 # --- CREATE / DELETE / RENAME / (UN)SUBSCRIBE -------------------------------------------
 
 async def create(session: Session, command: c.Command) -> Completion:
-    """RFC 3501 6.3.3 (a trailing separator only announces children); RFC 6154 3 USE (...)."""
+    """RFC 3501 6.3.3 (one trailing separator only announces children); RFC 6154 3 USE (...). The mail store
+    refuses, NO [CANNOT] with the reason, a name a file store could read as a path (``mailstore.names``)."""
     assert isinstance(command, c.Create)
-    name = normalise_folder(command.mailbox.rstrip(SEPARATOR))
+    name = normalise_folder(command.mailbox.removesuffix(SEPARATOR))
     refuse_shared_name(name)
     if len(command.special_use) > 1 or any(use not in SPECIAL_USES for use in command.special_use):
         raise ImapNo("One known special use per mailbox", USEATTR)
@@ -96,10 +97,10 @@ async def delete(session: Session, command: c.Command) -> Completion:
 
 
 async def rename(session: Session, command: c.Command) -> Completion:
-    """RFC 3501 6.3.5: children follow; subscriptions follow too."""
+    """RFC 3501 6.3.5: children follow; subscriptions follow too. The destination's name follows CREATE's rules."""
     assert isinstance(command, c.Rename)
     source = await resolve_writable(session, command.source)
-    destination = normalise_folder(command.destination.rstrip(SEPARATOR))
+    destination = normalise_folder(command.destination.removesuffix(SEPARATOR))
     refuse_shared_name(destination)
     mailbox_id = source.ref.mailbox_id
     subscribed = set(await session.store.list_subscriptions(mailbox_id))

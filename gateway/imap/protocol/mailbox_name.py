@@ -18,16 +18,17 @@ from gateway.imap.protocol.errors import CANNOT, ImapNo, ParseError
 from gateway.imap.protocol.primitives import (
     LIST_ATOM, Buffer, decode_utf8, parse_astring, parse_atom, parse_string, peek,
 )
+from gateway.mailstore.names import fold_inbox
 
-INBOX = "INBOX"
 MAX_NAME_LENGTH = 1024
 _PRINTABLE = re.compile(r"[\x20-\x7e]")
 _SHIFTED = re.compile(r"&([^-]*)-")
 
 
 def normalise_inbox(name: str) -> str:
-    """RFC 3501 5.1: "INBOX" is case-insensitive; any spelling becomes ``INBOX``."""
-    return INBOX if name.upper() == INBOX else name
+    """RFC 3501 5.1: "INBOX" is case-insensitive; any ASCII spelling becomes ``INBOX``, as does the first level
+    of a hierarchy path (the mail store's rule, ``fold_inbox``)."""
+    return fold_inbox(name)
 
 
 _B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
