@@ -70,7 +70,8 @@ class Door(enum.StrEnum):
 
 class OutcomeStatus(enum.StrEnum):
     SUCCESS = "success"
-    REFUSED = "refused"
+    REFUSED = "refused"    # the request was refused: a decision (policy, bad input, missing right)
+    ERROR = "error"        # the request failed inside the server (a 500, a SERVERBUG): a fault, not a decision
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ class Outcome:
     @classmethod
     def refused(cls, reason: str) -> Outcome:
         return cls(OutcomeStatus.REFUSED, reason)
+
+    @classmethod
+    def error(cls, reason: str) -> Outcome:
+        return cls(OutcomeStatus.ERROR, reason)
 
     @property
     def is_refused(self) -> bool:

@@ -405,8 +405,8 @@ def _check_subject(subject: Subject | None) -> Subject | None:
 def _check_outcome(outcome: Outcome) -> Outcome:
     status = _enum_value(OutcomeStatus, outcome.status, "outcome.status")
     reason = _text(outcome.reason, "outcome.reason", 2000)
-    if status == OutcomeStatus.REFUSED and reason is None:
-        raise UserError("a refusal must say why", field="outcome.reason")
+    if status != OutcomeStatus.SUCCESS and reason is None:
+        raise UserError(f"an outcome {status.value!r} must say why", field="outcome.reason")
     return Outcome(status.value, reason)
 
 

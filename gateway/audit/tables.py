@@ -28,7 +28,7 @@ class AuditEntryRow(Base):
         Index("ix_audit_entries_patient_seq", "patient_ins", "seq"),
         Index("ix_audit_entries_event_seq", "event", "seq"),
         Index("ix_audit_entries_occurred_at", "occurred_at"),
-        CheckConstraint("outcome IN ('success', 'refused')", name="outcome_known"),
+        CheckConstraint("outcome IN ('success', 'refused', 'error')", name="outcome_known"),
     )
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)

@@ -88,7 +88,8 @@ class DoorAudit:
             await self._write_summary(entry)
 
     async def failed(self, door: str, client_ip: str | None, login: str | None, command: str, error: str) -> None:
-        """A command that failed inside the server (answered with a local-error reply)."""
+        """A command that failed inside the server (answered with a local-error reply): an ``error`` outcome,
+        not a refusal, so an auditor tells the server's faults from its decisions."""
         await self._write(AuditEvent.COMMAND_FAILED, door, client_ip, login, f"internal error in {command}",
                           {"command": command[:64], "error": error[:256]})
 
@@ -96,9 +97,12 @@ class DoorAudit:
                      details: dict[str, str | int]) -> None:
         actor = (Actor(ActorKind.MAILBOX, login[:128], login[:256]) if login
                  else Actor.unauthenticated(client_ip or "?"))
+        # A failure inside the server is an error, not a refusal: an auditor tells faults from decisions.
+        outcome = (Outcome.error(reason[:2000]) if event is AuditEvent.COMMAND_FAILED
+                   else Outcome.refused(reason[:2000]))
         try:
             await self.audit.append(event, actor=actor, patient=None, source=Source(door, client_ip),
-                                    outcome=Outcome.refused(reason[:2000]), details=details)
+                                    outcome=outcome, details=details)
         except Exception:   # the audit must not take the session down with it; the log keeps the fact
             log.exception("could not audit %s at the %s door from %s: %s", event.event_name, door, client_ip, reason)
 

@@ -207,9 +207,23 @@ async def test_admin_search_filters(log: AuditLog) -> None:
         await log.search(door="telnet")
 
 
+async def test_an_error_is_its_own_outcome(log: AuditLog) -> None:
+    """A failure inside the server (a 500, a SERVERBUG) is ``error``, stored and searched apart from refusals
+    (the database's CHECK constraint admits it: migration 0023)."""
+    await refused_entry(log)
+    failed = await log.append(AuditEvent.COMMAND_FAILED, actor=DOCTOR, patient=None, source=Source(Door.FHIR),
+                              outcome=Outcome.error("server-error"), details={"status": 500})
+    [found] = await log.search(outcome="error")
+    assert (found.seq, found.outcome) == (failed.seq, Outcome("error", "server-error"))
+    assert [entry.event for entry in await log.search(outcome="refused")] == [AuditEvent.ACCESS_REFUSED]
+    assert (await log.verify()).ok
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"event": AuditEvent.EMERGENCY_ACCESS}, "details.justification"),
     ({"outcome": Outcome("refused")}, "outcome.reason"),
+    ({"outcome": Outcome("error")}, "outcome.reason"),
+    ({"outcome": Outcome("failed", "x")}, "outcome.status"),
     ({"patient": "185077512345699"}, "patient"),
     ({"source": Source("telnet")}, "source.door"),
     ({"source": Source(Door.FHIR, "not-an-ip")}, "source.ip"),

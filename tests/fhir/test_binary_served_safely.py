@@ -102,7 +102,7 @@ async def test_an_unexpected_error_is_a_500_operation_outcome_and_audited(fhir: 
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "exception"
     assert "secret" not in response.text
-    entries = [e for e in await fhir.audit.search(events=[AuditEvent.ACCESS_REFUSED], limit=10)
-               if e.seq > before]
-    assert [(e.actor.id, e.outcome.reason, e.details["status"]) for e in entries] == [
-        (fhir.people.idnps["doctor"], "server-error", 500)]
+    entries = [e for e in await fhir.audit.search(events=[AuditEvent.ACCESS_REFUSED, AuditEvent.COMMAND_FAILED],
+                                                  limit=10) if e.seq > before]
+    assert [(e.event_code, e.actor.id, e.outcome.status, e.outcome.reason, e.details["status"]) for e in entries] == [
+        (AuditEvent.COMMAND_FAILED, fhir.people.idnps["doctor"], "error", "server-error", 500)]

@@ -276,6 +276,43 @@ def test_unsupported_methods_and_unknown_paths_are_audited(served: GatewayProces
     assert [(e.outcome, e.reason) for e in audit.fhir_since(before)] == [("refused", reason)]
 
 
+def test_a_server_error_is_audited_as_an_error_not_a_refusal(served: GatewayProcess) -> None:
+    """A real failure inside the server (the document's encrypted blob damaged on disk: AES-GCM refuses it):
+    a 500 OperationOutcome that tells nothing of the internals, and one ``command_failed`` entry whose outcome
+    is ``error``, so an auditor tells it from the refusals (``refused``); the chain still verifies."""
+    cda, unique_id = hostile_cda()
+    patient = served.account("PAT")
+    submit(served, message_with(("note.xml", cda, "text/xml"), sender=served.account("APP")["address"],
+                                to=patient["address"], subject="XDM/1.0/DDM+Note PAT-TROIS DOMINIQUE 28/03/1979"),
+           patient["address"])
+    damaged_id = filed(served, unique_id)[0]
+    with sqlite3.connect(f"file:{served.data_dir / 'gateway.db'}?mode=ro", uri=True) as connection:
+        [blob_id] = connection.execute("SELECT blob_id FROM record_documents WHERE id = ?", (damaged_id,)).fetchone()
+    blob = served.data_dir / "blobs" / blob_id[:2] / blob_id[2:4] / blob_id
+    stored = bytearray(blob.read_bytes())
+    stored[len(stored) // 2] ^= 0xFF
+    blob.write_bytes(bytes(stored))
+
+    audit = AuditTail(served)
+    before = audit.head()
+    with client(served) as doctor:
+        response = doctor.get(f"/Binary/{damaged_id}")
+        served_still = doctor.get("/metadata")
+    assert response.status_code == 500, response.text
+    assert outcome_of(response)["issue"][0]["code"] == "exception"
+    assert blob_id not in response.text and "Invalid" not in response.text
+    assert served_still.status_code == 200
+    [entry] = audit.fhir_since(before)
+    assert (entry.event, entry.outcome, entry.reason) == (AuditEvent.COMMAND_FAILED, "error", "server-error")
+    assert (entry.details["operation"], entry.details["status"]) == ("GET", 500)
+    assert entry.details["path"] == f"/fhir/Binary/{damaged_id}"
+    assert entry.actor == professional(served, "medecin")["owner"]
+    listed = served.cli("audit", "list", "--event", "command_failed", "--json", "--limit", "1000", check=True)
+    assert any(item["seq"] == entry.seq and item["outcome"]["status"] == "error"
+               for item in json.loads(listed.stdout))
+    served.cli("audit", "verify", check=True)
+
+
 def test_an_unauthenticated_error_is_audited_once(served: GatewayProcess) -> None:
     audit = AuditTail(served)
     before = audit.head()

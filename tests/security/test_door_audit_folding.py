@@ -164,6 +164,7 @@ async def test_an_imap_command_failing_inside_is_serverbug_and_audited(log: Audi
     [entry] = await log.search(events=[AuditEvent.COMMAND_FAILED])
     assert (entry.actor.id, entry.source.door, entry.source.ip) == ("a@demo.test", "imap", "192.0.2.50")
     assert entry.details == {"command": "SELECT", "error": "RuntimeError"}
+    assert (entry.outcome.status, entry.outcome.reason) == ("error", "internal error in SELECT")  # not a refusal
 
 
 async def test_a_webmail_page_failing_inside_is_a_500_and_audited(log: AuditLog, database: Database,
@@ -183,3 +184,4 @@ async def test_a_webmail_page_failing_inside_is_a_500_and_audited(log: AuditLog,
     [entry] = await log.search(events=[AuditEvent.COMMAND_FAILED])
     assert (entry.actor.kind, entry.source.door) == ("unauthenticated", "webmail")
     assert entry.details == {"command": "GET /cassé", "error": "RuntimeError"}
+    assert entry.outcome.status == "error"

@@ -7,8 +7,9 @@ it whenever an entry is written, ``guarded`` names the authenticated caller
 in it, ``outcome_response`` notes the diagnostics. When the handler is done,
 whatever happened (its answer, an ``HTTPException``, any other exception
 turned into a 500 OperationOutcome), a request that wrote no entry of its own
-gets one: ACCESS_REFUSED with the caller (or ``fhir-unauthenticated``), the
-method, the path and the status. Only a successful ``GET /metadata`` (the
+gets one: ACCESS_REFUSED (outcome ``refused``) for a 4xx, COMMAND_FAILED
+(outcome ``error``: a fault, not a decision) for a 5xx, with the caller (or
+``fhir-unauthenticated``), the method, the path and the status. Only a successful ``GET /metadata`` (the
 CapabilityStatement, which names nobody and no record) is not written, and
 sign-in failures are the sign-in limiter's (``note_audited_by_the_limiter``):
 not doubled, and not one entry per throttled retry.
@@ -167,14 +168,17 @@ def _is_metadata(request: web.Request, metadata_path: str) -> bool:
 
 
 async def _audit_request(audit: AuditLog, request: web.Request, status: int, trail: RequestTrail) -> None:
-    reason = REASONS.get(status, "server-error" if status >= 500 else f"http-{status}")
+    """A 4xx is a refusal (ACCESS_REFUSED, outcome ``refused``); a 5xx a failure inside the server
+    (COMMAND_FAILED, outcome ``error``), as the other doors record theirs: an auditor tells them apart."""
+    event, outcome = ((AuditEvent.COMMAND_FAILED, Outcome.error("server-error")) if status >= 500
+                      else (AuditEvent.ACCESS_REFUSED, Outcome.refused(REASONS.get(status, f"http-{status}"))))
     details: dict[str, Any] = {"operation": printable(request.method, 16),
                                "path": printable(request.path, MAX_AUDITED_PATH), "status": status}
     if trail.diagnostics:
         details["diagnostics"] = trail.diagnostics[:500]
     try:
-        await audit.append(AuditEvent.ACCESS_REFUSED, actor=trail.actor or UNAUTHENTICATED, patient=None,
-                           source=Source(Door.FHIR, _ip(request)), outcome=Outcome.refused(reason), details=details)
+        await audit.append(event, actor=trail.actor or UNAUTHENTICATED, patient=None,
+                           source=Source(Door.FHIR, _ip(request)), outcome=outcome, details=details)
     except Exception:  # the answer is an error already: say loudly that its trace is missing
         log.exception("FHIR %s %s answered %d but could not be audited", details["operation"], details["path"], status)
 
