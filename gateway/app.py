@@ -54,6 +54,7 @@ from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.server_identity import ServerCertificate
+from gateway.security.smime_results import InboundResultsPurge
 from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blobs import BlobStore
@@ -120,6 +121,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
         queue.purge_with(FilingPurge(db, kept_hours=settings.retention.filing_jobs_kept_hours))
+        queue.purge_along(InboundResultsPurge(blobs))   # a message's S/MIME verdicts and decrypted copies go with it
         yield Services(
             settings=settings,
             db=db,

@@ -16,7 +16,9 @@ window nobody needs them, and ``QueuePurge`` deletes them:
   transaction, the event loop given back between them), so SQLite's one writer is never held for long;
 - the audit log is not the queue's: it is append-only and never purged.
 
-Companions (the DMP bridge's filing jobs) purge their own finished rows first, in the same pass.
+Companions (the DMP bridge's filing jobs) purge their own finished rows first, in the same pass. Followers
+(the S/MIME verdicts and decrypted copies of a message's deliveries: ``PurgeFollower``) belong to one message
+and go with it: their rows in the transaction that deletes it, the files they name once it has committed.
 """
 
 from __future__ import annotations
@@ -99,12 +101,27 @@ class PurgeCompanion(Protocol):
         ...
 
 
+class PurgeFollower(Protocol):
+    """Another area's rows that belong to one queued message (the S/MIME verdicts of its deliveries)."""
+
+    def delete_with(self, connection: Connection, queue_ids: Sequence[str], *,
+                    dry_run: bool) -> tuple[dict[str, int], list[str]]:
+        """In the transaction deleting the messages ``queue_ids``: delete (or count, ``dry_run``) their rows;
+        the rows per table and the files those rows named."""
+        ...
+
+    async def remove_files(self, files: Sequence[str]) -> None:
+        """Once that transaction has committed: remove the files ``delete_with`` named."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Batch:
     scanned: int               # candidates read (fewer than the batch size: the last batch)
     last_id: str | None        # the cursor for the next batch
     purged: list[str]          # queue ids deleted (or that would be)
     count: PurgeCount
+    files: dict[int, list[str]] = field(default_factory=dict)    # per follower: its files to remove after commit
 
 
 class QueuePurge:
@@ -115,6 +132,7 @@ class QueuePurge:
         self.spool = spool
         self.batch_size = batch_size
         self.companions: list[PurgeCompanion] = []
+        self.followers: list[PurgeFollower] = []
 
     async def run(self, cutoff: dt.datetime, *, now: dt.datetime, dry_run: bool = False) -> PurgeReport:
         report = PurgeReport(dry_run=dry_run, cutoff=cutoff)
@@ -128,6 +146,8 @@ class QueuePurge:
             if not dry_run:
                 for queue_id in batch.purged:
                     self.spool.remove(queue_id)   # normally gone when the message finished; a crash may leave it
+                for index, files in batch.files.items():
+                    await self.followers[index].remove_files(files)
             if batch.scanned < self.batch_size or batch.last_id is None:
                 return report
             after = batch.last_id
@@ -155,10 +175,15 @@ class QueuePurge:
             purgeable -= needed
         ids = sorted(purgeable)
         recipient_ids = [recipient_id for recipient_id, queue_id, _route, _state in recipients if queue_id in purgeable]
+        files: dict[int, list[str]] = {}
         if ids:
+            for index, follower in enumerate(self.followers):
+                rows_per_table, files[index] = follower.delete_with(connection, ids, dry_run=dry_run)
+                for table, rows in rows_per_table.items():
+                    count.add(table, rows)
             for table, rows in self._delete(connection, ids, recipient_ids, dry_run).items():
                 count.add(table, rows)
-        return _Batch(len(candidates), candidates[-1], ids, count)
+        return _Batch(len(candidates), candidates[-1], ids, count, files)
 
     def _finished(self, connection: Connection, cutoff: dt.datetime, after: str | None, *, lock: bool) -> list[str]:
         query = (select(_MESSAGES.c.id).where(_MESSAGES.c.state == MessageState.DONE.value,

@@ -25,7 +25,7 @@ from gateway.queue.local_delivery import LocalDeliveryWorker, LocalStore, Recove
 from gateway.queue.mx import MxResolver
 from gateway.queue.outbound import DsnReports, OutboundWorker
 from gateway.queue.outbound_store import MessageWork, OutboundStore
-from gateway.queue.purge import PURGE_LOCK, PurgeCompanion, PurgeReport, QueuePurge
+from gateway.queue.purge import PURGE_LOCK, PurgeCompanion, PurgeFollower, PurgeReport, QueuePurge
 from gateway.queue.spool import Spool
 from gateway.queue.store import QueueStore
 from gateway.security.dkim import DkimSigner
@@ -148,6 +148,11 @@ class MailQueue:
         """Another area's per-message rows (the DMP bridge's filing jobs) purged in the same pass, and asked
         before a message is deleted whether it still needs it."""
         self.purger.companions.append(companion)
+
+    def purge_along(self, follower: PurgeFollower) -> None:
+        """Another area's rows that belong to a message (the S/MIME verdicts of its deliveries), deleted with
+        it in the same transaction; their files removed once it has committed."""
+        self.purger.followers.append(follower)
 
     async def purge(self, *, dry_run: bool = False, now: dt.datetime | None = None) -> PurgeReport:
         """Delete the rows of messages finished more than ``outbound.finished_listed_hours`` before ``now``

@@ -30,8 +30,10 @@ from gateway.queue.tables import (
     QueuedRecipient,
     RecipientState,
 )
+from gateway.security.keys import mailbox_owner
+from gateway.security.smime_policy import InboundResult
 from gateway.storage.db import Database
-from gateway.storage.models import utcnow
+from gateway.storage.models import Mailbox, utcnow
 from tests.harness import GatewayProcess, run_cli, wait_until
 
 DOMAIN = "purge.mssante.localhost"
@@ -99,7 +101,8 @@ async def test_purge_removes_exactly_the_finished_messages(services: Services) -
     later = utcnow() + 73 * HOUR
     dry = await queue.purge(now=later, dry_run=True)
     assert dry.dry_run and dry.count.removed == {"outbound_attempts": 1, "outbound_messages": 1,
-                                                 "queue_recipients": 1, "queue_messages": 1}
+                                                 "queue_recipients": 1, "queue_messages": 1,
+                                                 "smime_inbound_results": 0}
     assert dry.count.kept == {"needed by filing jobs": 1}
     assert await _rows(services.db, QueuedMessage) == 3   # a dry run deletes nothing
     done = await queue.purge(now=later)
@@ -115,7 +118,7 @@ async def test_purge_removes_exactly_the_finished_messages(services: Services) -
     dry = await queue.purge(now=much_later, dry_run=True)
     assert dry.count.removed == {"filing_notices": 0, "filing_outcomes": 0, "filing_jobs": 1, "mail_deliveries": 1,
                                  "outbound_attempts": 0, "outbound_messages": 0, "queue_recipients": 1,
-                                 "queue_messages": 1}
+                                 "queue_messages": 1, "smime_inbound_results": 0}
     done = await queue.purge(now=much_later)
     assert done.count.removed == dry.count.removed and not done.count.kept
     assert await _rows(services.db, FilingJob) == 0 and await _rows(services.db, Delivery) == 0
@@ -134,6 +137,31 @@ async def test_purge_removes_exactly_the_finished_messages(services: Services) -
     assert await _rows(services.db, Message) == 2
     assert (await queue.purge(now=utcnow() + 169 * HOUR)).messages == 1
     assert await _rows(services.db, QueuedMessage) == 0
+
+
+async def test_a_messages_smime_verdicts_and_decrypted_copies_go_with_it(services: Services) -> None:
+    """The S/MIME verdict of each recipient mailbox and its decrypted copy (``SmimeService.record``) belong to
+    the message: kept while it is, counted by a dry run, then deleted in its transaction, the blob after it."""
+    failed = await _failed_remote(services)
+    kept = await services.generated.send(services.db, _mail("kept"), f"claire@{DOMAIN}")   # pending: never purged
+    async with services.db.session() as s:
+        mailbox_id = await s.scalar(select(Mailbox.id).where(Mailbox.address == f"claire@{DOMAIN}"))
+    assert mailbox_id is not None and kept is not None
+    copies = {}
+    for queue_id in (failed, kept):
+        copies[queue_id] = await services.blobs.put(mailbox_owner(mailbox_id), b"plaintext of " + queue_id.encode())
+        async with services.db.session() as s:
+            s.add(InboundResult(queue_id=queue_id, mailbox_id=mailbox_id, status="pass", summary="smime=pass",
+                                encrypted=True, decrypted_blob_id=copies[queue_id].blob_id, decrypted_size=20))
+    later = utcnow() + 73 * HOUR
+    dry = await services.queue.purge(now=later, dry_run=True)
+    assert dry.count.removed["smime_inbound_results"] == 1 and await _rows(services.db, InboundResult) == 2
+    done = await services.queue.purge(now=later)
+    assert done.count.removed["smime_inbound_results"] == 1
+    async with services.db.session() as s:
+        assert list(await s.scalars(select(InboundResult.queue_id))) == [kept]
+    assert not services.blobs.path(copies[failed].blob_id).exists()
+    assert await services.blobs.read(mailbox_owner(mailbox_id), copies[kept].blob_id) == b"plaintext of " + kept.encode()
 
 
 async def test_running_and_failed_filing_jobs_keep_their_message(services: Services) -> None:

@@ -29,7 +29,7 @@ from gateway.config import load_settings
 from gateway.security.pki import TestPKI
 from gateway.security.smime_policy import InboundResult
 from gateway.storage.models import Mailbox
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, run_cli, wait_until
 from tests.security.smime_pki import NOW, Issued, make_ca, make_leaf
 
 PATIENCE = 60.0  # a bound on a hang, not a timing assertion
@@ -296,3 +296,45 @@ def test_encrypt_always_with_revoked_certificate_is_refused(world: World) -> Non
         assert b"revoked" in refused.value.recipients[target][1]
     finally:
         world.cli("smime", "policy", "set", target, "encrypt=inherit")
+
+
+# --------------------------------------------------------------------------- retention (last: it purges every finished message)
+
+
+def test_the_queue_purge_removes_the_verdict_and_the_decrypted_copy_with_the_message(world: World) -> None:
+    """An encrypted message decrypted for the patient leaves a verdict row and a plaintext blob (for the DMP
+    bridge). Once the message is purged (`gateway queue purge`, windows at 0 h: past filing), both go with it,
+    and the purge's summary counts the row."""
+    marker = "PURGE" + secrets.token_hex(6)
+    sender, patient = world.sophie["address"], world.patient["address"]
+    cert, key = world.issued.get(sender) or world.issue(sender)
+    signed = openssl("-sign", "-signer", cert, "-inkey", key, "-certfile", world.pki.intermediate_cert_path,
+                     *headers(sender, patient, f"Compte rendu {marker}"), data=entity(marker))
+    sealed = openssl("-encrypt", "-aes256", *headers(sender, patient, f"Compte rendu {marker}"),
+                     "-recip", world.issued[patient][0], data=signed)
+    submit(world, world.sophie, sealed, [patient])
+    arrived(world, world.patient, marker)
+    row = decrypted_copy(world, patient, marker.encode())
+    assert row.decrypted_blob_id is not None
+    blob = world.gateway.data_dir / "blobs" / row.decrypted_blob_id[:2] / row.decrypted_blob_id[2:4] / row.decrypted_blob_id
+    assert blob.exists()
+
+    env = world.gateway.env | {"GATEWAY_OUTBOUND_FINISHED_LISTED_HOURS": "0",
+                               "GATEWAY_RETENTION_FILING_JOBS_KEPT_HOURS": "0"}
+    passes: list[str] = []
+
+    def purged() -> bool | None:
+        """The message is gone once its filing job has finished and a purge pass has run."""
+        passes.append(run_cli("queue", "purge", data_dir=world.gateway.data_dir, env=env, check=True).stdout)
+        return True if world.gateway.cli("queue", "show", row.queue_id).returncode != 0 else None
+
+    wait_until(purged, timeout=PATIENCE, what=f"the queue purge removed {row.queue_id}")
+    assert any("smime_inbound_results" in summary for summary in passes), passes
+
+    async def remaining() -> int:
+        settings = load_settings(data_dir=world.gateway.data_dir, environ=world.gateway.env)
+        async with open_services(settings, migrate=False) as services, services.db.session() as session:
+            return len((await session.scalars(select(InboundResult).where(InboundResult.queue_id == row.queue_id))).all())
+
+    assert asyncio.run(remaining()) == 0
+    assert not blob.exists()
