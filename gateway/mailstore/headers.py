@@ -2,16 +2,24 @@
 
 Only the header section is parsed (it is bounded and small), never the body:
 caching costs the same for a 1 KB note and a 50 MB imaging report.
+
+Raw 8-bit octets in a field (RFC 6532 UTF-8, or legacy bytes that are no valid UTF-8): the ENVELOPE keeps
+them exactly, as Dovecot sends them (a literal; the client chooses how to show them). What SEARCH compares
+is text (``octets_text``): UTF-8 where valid, each other octet read as ISO-8859-1, never U+FFFD (the email
+package's ``str()`` of such a field replaced every 8-bit octet, valid UTF-8 included, so an RFC 6532
+subject "Café" could not be found; Dovecot keeps valid UTF-8 but turns the rest into U+FFFD).
 """
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import email.parser
 import email.policy
 import re
 from dataclasses import dataclass
 from email.header import decode_header, make_header
+from email.message import Message
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any
@@ -52,14 +60,57 @@ def header_section(prefix: bytes) -> bytes:
     return prefix[:MAX_HEADER_BYTES]
 
 
+def _latin1_octets(error: UnicodeError) -> tuple[str, int]:
+    """The ``codecs`` error handler of ``octets_text``: an octet that is not part of valid UTF-8 is ISO-8859-1."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return error.object[error.start:error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("gateway-latin-1-octets", _latin1_octets)
+
+
+def octets_text(value: str) -> str:
+    """A field as the email package parses bytes (8-bit octets kept as lone surrogates, surrogateescape) as
+    text: RFC 6532 3.2 UTF-8 where the octets are valid UTF-8, each other octet ISO-8859-1 (the legacy charset
+    of 8-bit French mail): nothing is lost and nothing becomes U+FFFD."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "gateway-latin-1-octets")
+
+
+def field_texts(message: Message, name: str) -> list[str]:
+    """Every ``name`` field of a parsed header section, unfolded, as text (``octets_text``)."""
+    wanted = name.lower()
+    return [octets_text(unfold(str(value)).strip(" \t")) for key, value in message.raw_items() if key.lower() == wanted]
+
+
 def decode_text(raw: str | None) -> str | None:
     """RFC 2047 encoded words decoded, for case-insensitive SEARCH on what the user sees."""
     if raw is None:
         return None
     try:
-        return str(make_header(decode_header(raw)))
+        parts = decode_header(raw)
+        if any(charset is None and isinstance(chunk, bytes) and not chunk.isascii() for chunk, charset in parts):
+            return _joined(parts)
+        return str(make_header(parts))
     except (ValueError, LookupError, UnicodeError):
         return raw
+
+
+def _joined(parts: list[tuple[str | bytes, str | None]]) -> str:
+    """``make_header`` for a field whose text between encoded words holds 8-bit characters (RFC 6532), which
+    it would read as ASCII and refuse: that text (raw-unicode-escape bytes from ``decode_header``) decoded as
+    itself, the encoded words by their charset; RFC 2047 6.2: no blank shown between two encoded words, one
+    between an encoded word and text."""
+    joined, after_word = "", False
+    for chunk, charset in parts:
+        octets = chunk if isinstance(chunk, bytes) else chunk.encode("raw-unicode-escape")
+        text = octets.decode("raw-unicode-escape").strip() if charset is None else octets.decode(charset)
+        if joined and not (after_word and charset is not None):
+            joined += " "
+        joined, after_word = joined + text, charset is not None
+    return joined
 
 
 def _address_list(raw: str | None) -> list[list[str | None]] | None:
@@ -127,14 +178,14 @@ def _sent_date(raw: str | None) -> dt.datetime | None:
 def parse_headers(section: bytes) -> CachedHeaders:
     message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
 
-    def raw(name: str) -> str | None:
-        """The first ``name`` field unfolded, as ENVELOPE serves it (RFC 5322 2.2.3)."""
-        value = message.get(name)
-        return None if value is None else unfold(str(value)).strip(" \t")
-
     def exact(name: str) -> str | None:
         """As a FETCH of the header reads it: 8-bit octets (RFC 6532 UTF-8) kept, not replaced by U+FFFD."""
         return header_value(message, name)
+
+    def raw(name: str) -> str | None:
+        """The first ``name`` field unfolded (RFC 5322 2.2.3), its 8-bit octets as text (``octets_text``)."""
+        value = exact(name)
+        return None if value is None else octets_text(value)
 
     addresses = {name: _address_list(exact(name)) for name in _ADDRESS_FIELDS}
     # RFC 3501 7.4.2: sender and reply-to default to from when absent.

@@ -26,7 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore.blind_index import BlindIndex, chunked, unindexed_ids
-from gateway.mailstore.headers import ADDRESS_HEADERS, address_search_text, decode_text, header_section
+from gateway.mailstore.headers import (
+    ADDRESS_HEADERS, address_search_text, decode_text, field_texts, header_section,
+)
 from gateway.mailstore.interface import (
     All,
     AnyOf,
@@ -262,7 +264,7 @@ class Evaluator:
         raw = await self._read_headers(row)
         section = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_section(raw))
         searchable = address_search_text if name.lower() in ADDRESS_HEADERS else decode_text
-        values = [searchable(str(item)) for item in section.get_all(name, [])]
+        values = [searchable(text) for text in field_texts(section, name)]
         return bool(values) if value == "" else any(_contains(item, value) for item in values)
 
 
