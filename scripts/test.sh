@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh test
 scripts/venv.sh test
-# mypy --strict over gateway/ ([tool.mypy] in pyproject.toml) gates the run, as the tests do.
+# mypy --strict over gateway/ and tests/harness.py ([tool.mypy] in pyproject.toml) gates the run, as the tests do.
 .venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

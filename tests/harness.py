@@ -112,17 +112,20 @@ class GatewayProcess:
 
     @property
     def demo(self) -> dict[str, Any]:
-        return json.loads((self.data_dir / "demo.json").read_text())
+        demo: dict[str, Any] = json.loads((self.data_dir / "demo.json").read_text())
+        return demo
 
     def account(self, type_: str, index: int = 0) -> dict[str, Any]:
-        return [a for a in self.demo["accounts"] if a["type"] == type_][index]
+        accounts: list[dict[str, Any]] = [a for a in self.demo["accounts"] if a["type"] == type_]
+        return accounts[index]
 
     @property
     def ca_file(self) -> str:
-        return self.demo["ca_certificate"]
+        return str(self.demo["ca_certificate"])
 
-    def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, data_dir=self.data_dir, env=self.env, **kwargs)
+    def cli(self, *args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """``gateway ARGS`` on this data directory with the gateway's environment, ``env`` set on top of it."""
+        return run_cli(*args, data_dir=self.data_dir, env=self.env | (env or {}), **kwargs)
 
 
 def read_inbox(imap: imaplib.IMAP4, account: dict[str, Any]) -> list[EmailMessage]:
@@ -139,7 +142,7 @@ def read_inbox(imap: imaplib.IMAP4, account: dict[str, Any]) -> list[EmailMessag
         typ, parts = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
         assert typ == "OK", parts
         raw = next(part[1] for part in parts if isinstance(part, tuple))
-        messages.append(email.message_from_bytes(raw, policy=email.policy.default))  # type: ignore[arg-type]
+        messages.append(email.message_from_bytes(raw, policy=email.policy.default))
     return messages
 
 

@@ -97,7 +97,6 @@ from gateway.dmp_bridge.patient import (
     identify_document,
 )
 from gateway.dmp_bridge.record import (
-    CONFIDENTIALITY_LEVELS,
     INVISIBLE_TO_LEGAL_REPRESENTATIVES,
     INVISIBLE_TO_PATIENT,
     MASKED_TO_PROFESSIONALS,

@@ -41,7 +41,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore import names
@@ -66,8 +65,6 @@ from gateway.mailstore.interface import (
     PERMANENT_FLAGS,
     SPECIAL_USES,
     SYSTEM_FLAGS,
-    All,
-    AnyOf,
     AppendResult,
     Changes,
     CopyResult,
@@ -78,13 +75,11 @@ from gateway.mailstore.interface import (
     FolderRef,
     FolderSnapshot,
     FolderStatus,
-    Header,
     MailStore,
     MessageBody,
     MessageMeta,
     MessageSource,
     MoveResult,
-    Not,
     QuotaUsage,
     SearchKey,
     StoreMode,

@@ -9,7 +9,6 @@ command verb, an outcome): never an address, a subject or anything from a messag
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator

@@ -38,7 +38,7 @@ from gateway.pipeline.trace import trace_header_block
 from gateway.queue.local_delivery import LocalDeliveryWorker
 from gateway.queue.spool import Spool, SpoolFile
 from gateway.queue.store import AcceptedRows, QueueStore
-from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
+from gateway.queue.tables import RecipientState, RouteKind
 from gateway.security.dkim import DkimVerifier
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
 

@@ -43,7 +43,6 @@ from gateway.mail import codes
 from gateway.mail.codes import MailRefusal
 from gateway.mail.paths import POSTMASTER, SmtpPath
 from gateway.queue.local_failures import ROUTE_REFUSALS
-from gateway.mail.codes import Reply
 
 # Routes that follow from the directory's rows alone (no clock): kept in the acceptance cache until the
 # directory's generation moves. Remote routes and untrusted domains depend on trust-list validity windows.

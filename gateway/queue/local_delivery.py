@@ -53,7 +53,6 @@ from gateway.directory.service import LocalRoute, RefusedRoute, Route
 from gateway.errors import UserError
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.ops.metrics import LOCAL_DELIVERIES
-from gateway.queue.tables import QueuedMessage
 from gateway.queue.dsn import Action, RecipientReport, wants_report
 from gateway.queue.generated import PreparedMail
 from gateway.queue.local_failures import (

@@ -281,7 +281,7 @@ class _SealedSpoolReader(io.RawIOBase):
         if len(raw) != SPOOL_HEADER.size:
             handle.close()
             raise SealedDataError("spool file shorter than its header")
-        magic, version, key_id, salt, prefix = SPOOL_HEADER.unpack(raw)
+        _magic, version, key_id, salt, prefix = SPOOL_HEADER.unpack(raw)   # the magic: checked by SpoolCipher.reader
         if version != SPOOL_VERSION:
             handle.close()
             raise SealedDataError(f"unsupported spool format version {version}")

@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from gateway.config import Settings
 from gateway.ops.metrics import CONNECTIONS

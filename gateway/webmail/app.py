@@ -14,7 +14,7 @@ from gateway.webmail.boundary import door_boundary
 from gateway.webmail.keys import WebmailKey, webmail_key_path
 from gateway.webmail.sessions import SessionStore
 from gateway.webmail.throttle import limiter_for
-from gateway.webmail.web import (CONTEXT, NavItem, WebmailContext, csrf_protection, error_pages, security_headers,
+from gateway.webmail.web import (CONTEXT, WebmailContext, csrf_protection, error_pages, security_headers,
                                  template_environment)
 
 STATIC = Path(__file__).resolve().parent / "static"

@@ -16,7 +16,6 @@ import base64
 import datetime as dt
 from typing import Any
 
-from gateway.directory.identifiers import INS_OIDS
 from gateway.dmp_bridge.content_types import served_type
 from gateway.dmp_bridge.record import security_labels
 from gateway.dmp_bridge.tables import RecordDocument

@@ -58,7 +58,6 @@ from gateway.dmp_bridge.fhir.service import (
     DocumentMissing,
     InvalidRequest,
     RecordAccessService,
-    SearchQuery,
 )
 from gateway.audit.chain import Door, Source
 from gateway.ops.proxied import peer_host

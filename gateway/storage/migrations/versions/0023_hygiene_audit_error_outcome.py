@@ -10,7 +10,6 @@ swaps the constraint in place. SQLite cannot alter a constraint, so the table is
 new constraint (rows, byte for byte, in ``seq`` order) and its indexes and append-only triggers re-created.
 """
 from alembic import op
-import sqlalchemy as sa
 
 
 revision = '0023_hygiene_audit_error_outcome'
