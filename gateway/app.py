@@ -40,6 +40,7 @@ from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.local_delivery import LocalStore
 from gateway.queue.outbound import OutboundWorker, outbound_tls_context
 from gateway.queue.purge import PurgeTask as QueuePurgeTask
+from gateway.queue.smime_purge import InboundResultsPurge
 from gateway.queue.service import MailQueue
 from gateway.queue.spool import Spool, spool_root
 from gateway.queue.wake import QueueAnnouncer, QueueListener
@@ -54,7 +55,6 @@ from gateway.security.passwords import PasswordHasher
 from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.server_identity import ServerCertificate
-from gateway.security.smime_results import InboundResultsPurge
 from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blobs import BlobStore
@@ -121,7 +121,10 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
         queue.purge_with(FilingPurge(db, kept_hours=settings.retention.filing_jobs_kept_hours))
-        queue.purge_along(InboundResultsPurge(blobs))   # a message's S/MIME verdicts and decrypted copies go with it
+        # A message's S/MIME verdicts and decrypted copies go with it; those whose message is already gone too.
+        verdicts = InboundResultsPurge(db, blobs, kept_hours=settings.outbound.finished_listed_hours)
+        queue.purge_along(verdicts)
+        queue.purge_with(verdicts)
         yield Services(
             settings=settings,
             db=db,

@@ -154,13 +154,23 @@ async def test_a_messages_smime_verdicts_and_decrypted_copies_go_with_it(service
             s.add(InboundResult(queue_id=queue_id, mailbox_id=mailbox_id, status="pass", summary="smime=pass",
                                 encrypted=True, decrypted_blob_id=copies[queue_id].blob_id, decrypted_size=20))
     later = utcnow() + 73 * HOUR
+    # Verdicts whose message was purged before they followed it: swept once past the queue's window.
+    for queue_id, created in (("purgedlong", utcnow()), ("justnow", later - HOUR)):
+        copies[queue_id] = await services.blobs.put(mailbox_owner(mailbox_id), b"orphan")
+        async with services.db.session() as s:
+            s.add(InboundResult(queue_id=queue_id, mailbox_id=mailbox_id, status="pass", summary="smime=pass",
+                                encrypted=True, decrypted_blob_id=copies[queue_id].blob_id, decrypted_size=6,
+                                created_at=created))
     dry = await services.queue.purge(now=later, dry_run=True)
-    assert dry.count.removed["smime_inbound_results"] == 1 and await _rows(services.db, InboundResult) == 2
+    assert dry.count.removed["smime_inbound_results"] == 1 and await _rows(services.db, InboundResult) == 4
+    assert dry.count.removed["smime_inbound_results (message already gone)"] == 1
     done = await services.queue.purge(now=later)
-    assert done.count.removed["smime_inbound_results"] == 1
+    assert done.count.removed == dry.count.removed
     async with services.db.session() as s:
-        assert list(await s.scalars(select(InboundResult.queue_id))) == [kept]
+        assert sorted(await s.scalars(select(InboundResult.queue_id))) == sorted([kept, "justnow"])
     assert not services.blobs.path(copies[failed].blob_id).exists()
+    assert not services.blobs.path(copies["purgedlong"].blob_id).exists()
+    assert services.blobs.path(copies["justnow"].blob_id).exists()
     assert await services.blobs.read(mailbox_owner(mailbox_id), copies[kept].blob_id) == b"plaintext of " + kept.encode()
 
 
@@ -207,7 +217,8 @@ async def test_purge_works_in_batches(services: Services, monkeypatch: pytest.Mo
     queue.purger.batch_size = 2
     report = await queue.purge(now=utcnow() + 169 * HOUR)
     assert report.messages == 5 and report.count.removed["filing_jobs"] == 5
-    assert len(transactions) == 6 and all(transactions)    # 5 jobs in 2+2+1, 5 messages in 2+2+1
+    # 5 jobs in 2+2+1, the S/MIME verdicts of messages already gone (none) in 1, 5 messages in 2+2+1
+    assert len(transactions) == 7 and all(transactions)
     assert await _rows(services.db, QueuedMessage) == 0
 
 
