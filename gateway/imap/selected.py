@@ -198,9 +198,10 @@ class SelectedMailbox:
 
     # --- changes made elsewhere ------------------------------------------------------
 
-    async def updates(self, store: MailStore, *, allow_expunge: bool) -> list[bytes]:
-        """Untagged responses for everything that changed since the last call (see module docstring)."""
-        changes = await store.changes_since(self.ref, self.modseq)
+    async def updates(self, store: MailStore, *, allow_expunge: bool, known: Changes | None = None) -> list[bytes]:
+        """Untagged responses for everything that changed since the last call (see module docstring); ``known``:
+        those changes as the store answered them from memory (``MailStore.changes_known``), else it is asked."""
+        changes = known if known is not None else await store.changes_since(self.ref, self.modseq)
         lines: list[bytes] = []
         expunged = set(changes.expunged)
         self.pending_expunges.update(uid for uid in expunged if self.number_of(uid) is not None)
@@ -256,5 +257,6 @@ class SelectedMailbox:
         """RFC 3501 7.3.1 EXISTS and 7.3.2 RECENT for messages new to this session."""
         self._own_uids().extend(fresh)
         if not self.read_only:
-            self.recent.update(uid for uid in await store.claim_recent(self.ref) if uid in set(fresh))
+            wanted = set(fresh)
+            self.recent.update(uid for uid in await store.claim_recent(self.ref, among=wanted) if uid in wanted)
         return [response.exists(self.exists), response.recent(len(self.recent))]

@@ -327,14 +327,26 @@ class Session:
         if not self._may_have_changed(selected, command, allow_expunge):
             return True
         version = self.context.hub.version(selected.ref.mailbox_id)   # before asking: a later change counts
+        known = self.store.changes_known(selected.ref, selected.modseq) \
+            if self._may_trust_memory(selected, command) else None
         try:
-            lines = await selected.updates(self.store, allow_expunge=allow_expunge)
+            lines = await selected.updates(self.store, allow_expunge=allow_expunge, known=known)
         except (FolderNotFound, UidValidityChanged):
             self._selected_folder_gone()
             return False
-        self._checked = (selected, version, time.monotonic())
+        # An answer from memory is not a look: the recheck interval still runs from the last real one.
+        self._checked = (selected, version, time.monotonic() if known is None else self._checked[2])
         self.write_all(lines)
         return True
+
+    def _may_trust_memory(self, selected: SelectedMailbox, command: c.Command) -> bool:
+        """Whether the store may answer the changes from its shared index (``MailStore.changes_known``) rather
+        than the database: only while this process's hub sees every change, not for NOOP or CHECK (RFC 3501
+        6.1.2: the client's poll) and within ``UPDATES_RECHECK_SECONDS`` of this view's last real look (a writer in
+        another process publishes nowhere here), as ``_may_have_changed`` trusts the hub."""
+        view, _, when = self._checked
+        return (view is selected and self.context.hub.sees_every_change and not isinstance(command, c.Noop | c.Check)
+                and time.monotonic() - when < UPDATES_RECHECK_SECONDS)
 
     def _only_own_changes(self, selected: SelectedMailbox, own_events: int) -> bool:
         """True when the last look was current as the command began and the only events since are the

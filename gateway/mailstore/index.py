@@ -38,6 +38,7 @@ from gateway.mailstore.interface import SEEN, FlagListing, UidSet
 SEEN_BIT = flagcodec.SYSTEM_BITS[SEEN]
 MAX_INDEXES = 256   # folders kept in memory (least recently used dropped first)
 FEW = 64            # up to this many expunged at once, removed one by one from a copy of the arrays
+CHANGE_LOG = 4096   # changes remembered for ``changes_after`` (the oldest half dropped beyond it)
 
 
 class FlagSets:
@@ -128,6 +129,15 @@ class FolderIndex:
         self.flag_ids = array("I")
         self.sets = FlagSets()
         self.lock = asyncio.Lock()
+        # The UIDs changed (new, re-flagged, expunged) since ``log_floor``, by ascending MODSEQ: what
+        # ``changes_after`` needs to answer "what changed since m" for any m >= ``log_floor`` without the database.
+        self.log_modseqs = array("Q")
+        self.log_uids = array("I")
+        self.log_floor = -1
+        # The store's epochs (``sql.py``) when a look at the folder row last found this index holding the row's
+        # state: with nothing published since but changes already applied here, the index equals the database.
+        self.verified: tuple[int, int] | None = None
+        self.recent_mark = 0                   # RFC 3501 2.3.2: \Recent claimed up to this UID (committed)
 
     @property
     def loaded(self) -> bool:
@@ -147,12 +157,14 @@ class FolderIndex:
             flag_ids = array("I", map(ids.__getitem__, columns.key_ids))
         self.uids, self.modseqs, self.flag_ids = columns.uids, columns.modseqs, flag_ids
         self.modseq = modseq
+        self.log_modseqs, self.log_uids, self.log_floor = array("Q"), array("I"), modseq
 
     def apply(self, changed: Sequence[Row], expunged: Iterable[int], modseq: int) -> None:
         """Changes since ``self.modseq``: rows whose MODSEQ is higher (new or re-flagged), expunged UIDs.
 
         Idempotent: the same changes applied twice (a refresh that saw a few newer ones) leave the same state."""
         gone = {uid for uid in expunged}
+        self._log(changed, gone, modseq)
         fresh: list[Row] = []
         for row in changed:
             position = self.position(row[0])
@@ -166,6 +178,38 @@ class FolderIndex:
         if present_gone or fresh:
             self._rebuild(set(present_gone), fresh)
         self.modseq = max(self.modseq, modseq)
+
+    def _log(self, changed: Sequence[Row], gone: Iterable[int], modseq: int) -> None:
+        """Remember the UIDs of these changes (applied on top of ``self.modseq``, so the log stays complete
+        above ``log_floor``). Tombstones carry no MODSEQ here: ``modseq``, the highest of the batch, stands for
+        them (a session told of an expunge already ignores a repeat of it)."""
+        entries = sorted([(row[1], row[0]) for row in changed] + [(modseq, uid) for uid in gone])
+        floor = max(self.modseq, self.log_modseqs[-1] if self.log_modseqs else 0)
+        for entry_modseq, uid in entries:
+            self.log_modseqs.append(max(entry_modseq, floor))   # ascending, for the bisection
+            self.log_uids.append(uid)
+        if len(self.log_uids) > CHANGE_LOG:
+            cut = len(self.log_uids) // 2
+            # Complete above the last MODSEQ dropped (entries of that MODSEQ kept beyond the cut do no harm).
+            self.log_floor = max(self.log_floor, self.log_modseqs[cut - 1])
+            del self.log_modseqs[:cut], self.log_uids[:cut]
+
+    def changes_after(self, since: int) -> tuple[list[tuple[int, int, frozenset[str]]], list[int]] | None:
+        """(uid, MODSEQ, flags) of the messages changed or added after ``since`` and the UIDs expunged after it,
+        as ``changes_since`` would read them from the database at ``self.modseq``; None when the log does not go
+        back that far."""
+        if since < self.log_floor or self.modseq < 0:
+            return None
+        start = bisect.bisect_right(self.log_modseqs, since)
+        updated: list[tuple[int, int, frozenset[str]]] = []
+        expunged: list[int] = []
+        for uid in sorted(set(self.log_uids[start:])):
+            position = self.position(uid)
+            if position is None:
+                expunged.append(uid)
+            elif self.modseqs[position] > since:
+                updated.append((uid, self.modseqs[position], self.sets.flags[self.flag_ids[position]]))
+        return updated, expunged
 
     def _rebuild(self, gone: set[int], fresh: list[Row]) -> None:
         """New arrays (sessions may hold the old UID array): without ``gone``, with ``fresh`` in UID order."""
@@ -265,10 +309,10 @@ class IndexCache:
             self._indexes.popitem(last=False)
         return index
 
-    def peek(self, folder_id: int, uidvalidity: int) -> FolderIndex | None:
-        """The folder's index if there is one, without making one."""
+    def peek(self, folder_id: int, uidvalidity: int | None) -> FolderIndex | None:
+        """The folder's index if there is one, without making one (``uidvalidity`` None: whichever it has)."""
         index = self._indexes.get(folder_id)
-        return index if index is not None and index.uidvalidity == uidvalidity else None
+        return index if index is not None and uidvalidity in (None, index.uidvalidity) else None
 
     def drop(self, folder_id: int) -> None:
         self._indexes.pop(folder_id, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -384,8 +384,9 @@ class MailStore(ABC):
         """SELECT/EXAMINE. SELECT claims the \\Recent messages for this session only (RFC 3501 2.3.2)."""
 
     @abstractmethod
-    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
-        """Claim \\Recent on messages that arrived since: call when new messages are announced."""
+    async def claim_recent(self, folder: FolderRef, *, among: Collection[int] = ()) -> frozenset[int]:
+        """Claim \\Recent on messages that arrived since: call when new messages are announced. ``among``: the
+        new UIDs the caller will keep (a store that knows them all claimed already may claim nothing)."""
 
     # -- messages
     @abstractmethod
@@ -434,6 +435,13 @@ class MailStore(ABC):
 
     @abstractmethod
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes: ...
+
+    def changes_known(self, folder: FolderRef, modseq: int) -> Changes | None:
+        """``changes_since`` answered from memory, without asking the database, when this process's change
+        notifications account for every change made since the store last looked (``ChangeHub.sees_every_change``:
+        one node); None when only ``changes_since`` can tell. The caller bounds how long it trusts this (a writer
+        in another process publishes nothing here): NOOP and a periodic look still call ``changes_since``."""
+        return None
 
     @abstractmethod
     async def search(self, folder: FolderRef, key: SearchKey, *,

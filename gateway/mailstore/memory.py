@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,7 +322,7 @@ class MemoryMailStore(MailStore):
         folder.recent_uid = folder.uidnext - 1
         return frozenset(uid for uid in folder.messages if uid > mark)
 
-    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
+    async def claim_recent(self, folder: FolderRef, *, among: Collection[int] = ()) -> frozenset[int]:
         return self._claim(self._folder(folder))
 
     # ------------------------------------------------------------------ messages

@@ -96,6 +96,7 @@ class ChangeHub:
     def __init__(self) -> None:
         self._by_mailbox: dict[int, set[Subscription]] = {}
         self._forwarders: list[Callable[[ChangeEvent], None]] = []
+        self._observers: list[Callable[[ChangeEvent], None]] = []
         self._versions: dict[int, int] = {}   # mailbox id -> events published for it so far
         self.bridged = False                  # other nodes' events come through a PgNotifyBridge
 
@@ -125,6 +126,11 @@ class ChangeHub:
         """Also hand every local event to ``forward`` (the PostgreSQL bridge)."""
         self._forwarders.append(forward)
 
+    def observe(self, observer: Callable[[ChangeEvent], None]) -> None:
+        """Also hand every event published here (local or bridged) to ``observer``, synchronously, before any
+        subscriber is woken (the mail store's record of what it must not answer from memory)."""
+        self._observers.append(observer)
+
     def publish(self, event: ChangeEvent) -> None:
         """Called by the store after a commit."""
         self.publish_local(event)
@@ -133,6 +139,8 @@ class ChangeHub:
 
     def publish_local(self, event: ChangeEvent) -> None:
         self._versions[event.mailbox_id] = self._versions.get(event.mailbox_id, 0) + 1
+        for observer in self._observers:
+            observer(event)
         for subscription in list(self._by_mailbox.get(event.mailbox_id, ())):
             if subscription.wants(event):
                 subscription.deliver(event)

@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
@@ -326,6 +326,19 @@ _BLOB_OF = select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam(
 
 
 @dataclass(frozen=True, slots=True)
+class _Written:
+    """One change a writer of this process committed to a folder: its MODSEQ ``base`` -> ``modseq``, the rows
+    it changed or added (index rows) and the UIDs it expunged."""
+
+    folder_id: int
+    uidvalidity: int
+    base: int
+    modseq: int
+    changed: Sequence[Row] = ()
+    expunged: Sequence[int] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class _IndexRead:
     """What a transaction read to bring a folder's shared index up to date (installed on the event loop: the
     arrays sessions read are only ever replaced there). ``since``: the index's MODSEQ the changes are relative
@@ -422,6 +435,17 @@ class SqlMailStore(MailStore):
         self.append_group = SyncGroupCommit(self._sync_transaction) if database.is_sqlite else None
         # UIDs, MODSEQs and flags of the folders in use, shared by their sessions (gateway.mailstore.index).
         self.indexes = IndexCache()
+        # (mailbox id, normalised name) -> folder id, as last read (forgotten at any change of the mailbox's
+        # folders): how ``changes_known`` and the writers find a folder's index without reading its row.
+        self._folder_ids: dict[tuple[int, str], int] = {}
+        # What the hub published, so that an index is trusted only while it holds every change announced: the
+        # highest MODSEQ per (mailbox id, folder name); per mailbox, an epoch bumped by an event that names no
+        # MODSEQ or no folder (COPY, folders created, renamed, deleted); a global epoch bumped when the first
+        # table is emptied (bounded). ``changes_known`` compares, ``_looked`` records.
+        self._published: dict[tuple[int, str], int] = {}
+        self._mailbox_epochs: dict[int, int] = {}
+        self._epoch = 0
+        self.hub.observe(self._observed)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -533,6 +557,40 @@ class SqlMailStore(MailStore):
             index.apply(read.changed, read.expunged, read.highest)
         return index
 
+    def _looked(self, ref: FolderRef, row: _FolderCore, epochs: tuple[int, int]) -> None:
+        """After a read of the folder row (the index brought up to it) that began at ``epochs`` (``_epochs``): the
+        folder's id and \\Recent mark remembered, and the index verified when it holds at least that row's state
+        (``changes_known`` still checks it against the MODSEQs published since)."""
+        if len(self._folder_ids) >= 4 * self.indexes.limit:
+            self._folder_ids.clear()
+        self._folder_ids[(ref.mailbox_id, names.normalise(ref.name))] = row.id
+        index = self.indexes.peek(row.id, row.uidvalidity)
+        if index is None:
+            return
+        index.recent_mark = max(index.recent_mark, row.recent_uid)
+        if index.modseq >= row.highestmodseq:
+            index.verified = epochs
+
+    def _known_index(self, ref: FolderRef) -> FolderIndex | None:
+        """The index of the folder ``ref`` names, found without reading its row (None: not known here)."""
+        folder_id = self._folder_ids.get((ref.mailbox_id, names.normalise(ref.name)))
+        return None if folder_id is None else self.indexes.peek(folder_id, ref.uidvalidity)
+
+    def _committed(self, ref: FolderRef, written: _Written, kind: ChangeKind, *, delivered: bool = False) -> None:
+        """After this process committed one change of a folder (MODSEQ ``base`` -> ``modseq``, under the folder
+        row's lock: no other commit between the two): the change applied to the folder's index when the index
+        holds exactly ``base``, then published (an index left behind is read up by the next look)."""
+        index = self.indexes.peek(written.folder_id, written.uidvalidity)
+        if index is not None and index.modseq == written.base:
+            index.apply(written.changed, written.expunged, written.modseq)
+        self._publish(ref.mailbox_id, names.normalise(ref.name), kind, written.modseq, delivered=delivered)
+
+    def _claimed(self, row: _FolderCore) -> None:
+        """A \\Recent claim committed up to ``row.recent_uid``."""
+        index = self.indexes.peek(row.id, row.uidvalidity)
+        if index is not None:
+            index.recent_mark = max(index.recent_mark, row.recent_uid)
+
     async def _load_index(self, need: _NeedsLoad) -> None:
         """A folder's index, read whole once (concurrent first SELECTs wait for the one load); the arrays are
         built in the database thread, the event loop only installs them."""
@@ -586,12 +644,14 @@ class SqlMailStore(MailStore):
         """The folder's row and its index brought up to that row's HIGHESTMODSEQ, in one read transaction
         (two on the first use of the folder: the load)."""
         for _ in range(8):
+            epochs = self._epochs(ref.mailbox_id)          # before the read: a later event counts
             try:
                 row, read = await self._run(lambda connection: self._row_and_index(connection, ref))
             except _NeedsLoad as need:
                 await self._load_index(need)
                 continue
             index = self._install(row, read)
+            self._looked(ref, row, epochs)
             if index.modseq >= row.highestmodseq:
                 return row, index
         raise StoreBusy("the folder changed too fast to be read; try again shortly")
@@ -660,6 +720,23 @@ class SqlMailStore(MailStore):
     def _publish(self, mailbox_id: int, folder: str | None, kind: ChangeKind, modseq: int = 0, *,
                  delivered: bool = False) -> None:
         self.hub.publish(ChangeEvent(mailbox_id, folder, kind, modseq, delivered))
+
+    def _observed(self, event: ChangeEvent) -> None:
+        """Every event of the hub (this store's and any other writer's of this process): see ``__init__``."""
+        if event.kind is ChangeKind.FOLDERS or event.folder is None or event.modseq <= 0:
+            self._mailbox_epochs[event.mailbox_id] = self._mailbox_epochs.get(event.mailbox_id, 0) + 1
+            if event.kind is ChangeKind.FOLDERS or event.folder is None:   # names may mean other folders now
+                for key in [key for key in self._folder_ids if key[0] == event.mailbox_id]:
+                    del self._folder_ids[key]
+            return
+        key = (event.mailbox_id, event.folder)
+        if key not in self._published and len(self._published) >= 16 * self.indexes.limit:
+            self._published.clear()
+            self._epoch += 1
+        self._published[key] = max(self._published.get(key, 0), event.modseq)
+
+    def _epochs(self, mailbox_id: int) -> tuple[int, int]:
+        return self._epoch, self._mailbox_epochs.get(mailbox_id, 0)
 
     async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
         candidates = set(blob_ids)
@@ -849,6 +926,7 @@ class SqlMailStore(MailStore):
         if row.recent_uid >= row.uidnext - 1 and not fresh:
             return self._snapshot(folder, row, index, frozenset(), read_only)   # nothing arrived since the claim
         claimed_row, recent = await self._run(lambda connection: self._claim(connection, folder), write=True)
+        self._claimed(claimed_row)
         if index.modseq < claimed_row.highestmodseq:     # messages came in between the two transactions
             row, index = await self._read_with_index(folder)
         return self._snapshot(folder, row, index, recent, read_only)
@@ -879,12 +957,19 @@ class SqlMailStore(MailStore):
             read_only=read_only,
         )
 
-    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
-        """A read first: when every message was claimed already (another session saw them first), no write."""
+    async def claim_recent(self, folder: FolderRef, *, among: Collection[int] = ()) -> frozenset[int]:
+        """Nothing to do when this process saw a claim past ``among`` committed (another session saw them
+        first); else a read first: when every message was claimed already, no write."""
+        index = self._known_index(folder)
+        if among and index is not None and index.recent_mark >= max(among):
+            return frozenset()
+        epochs = self._epochs(folder.mailbox_id)
         row = await self._run(lambda connection: self._folder_core(connection, folder))
+        self._looked(folder, row, epochs)
         if row.recent_uid >= row.uidnext - 1:
             return frozenset()
-        _, claimed = await self._run(lambda connection: self._claim(connection, folder), write=True)
+        claimed_row, claimed = await self._run(lambda connection: self._claim(connection, folder), write=True)
+        self._claimed(claimed_row)
         return claimed
 
     # ------------------------------------------------------------------ messages
@@ -1045,8 +1130,11 @@ class SqlMailStore(MailStore):
             if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
                 await self.blobs.delete(stored.blob_id)
             raise
-        self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXISTS, result.modseq,
-                      delivered=delivery_key is not None)
+        folder_id = self._folder_ids.get((folder.mailbox_id, names.normalise(folder.name)))
+        self._committed(folder, _Written(-1 if folder_id is None else folder_id, result.uidvalidity, result.modseq - 1,
+                                         result.modseq, [(result.uid, result.modseq, bits,
+                                                          flagcodec.keywords_column(keywords))]),
+                        ChangeKind.EXISTS, delivered=delivery_key is not None)
         return AddedMessage(result, duplicate=False)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
@@ -1108,8 +1196,10 @@ class SqlMailStore(MailStore):
         """One transaction in SQL Core, in one thread hop: lock the folder row, read the flags of the set, write the
         changed rows (one executemany) and the folder's MODSEQ; no ORM objects, no envelope or header column read."""
         bits, keywords = flagcodec.encode(flags)
+        written: list[_Written] = []
 
         def work(connection: Connection) -> StoreResult:
+            written.clear()
             row = self._folder_row_locked(connection, folder)
             if len(uids.ranges) == 1:
                 low, high = uids.ranges[0]
@@ -1144,11 +1234,13 @@ class SqlMailStore(MailStore):
                                                    "new_keywords": _with_keywords(row.keywords, keywords)})
             updated = tuple(FlagUpdate(uid, flagcodec.decode(new_bits, column), modseq)
                             for _, uid, new_bits, column in changed)
+            written.append(_Written(row.id, row.uidvalidity, row.highestmodseq, modseq,
+                                    [(uid, modseq, new_bits, column) for _, uid, new_bits, column in changed]))
             return StoreResult(updated, tuple(conflicts), modseq, tuple(unchanged))
 
         result = await self._run(work, write=True)
         if result.updated:
-            self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.FLAGS, result.highestmodseq)
+            self._committed(folder, written[-1], ChangeKind.FLAGS)
         return result
 
     async def copy(self, folder: FolderRef, uids: UidSet, destination: FolderRef) -> CopyResult:
@@ -1229,7 +1321,10 @@ class SqlMailStore(MailStore):
     async def expunge(self, folder: FolderRef, uids: UidSet | None = None) -> ExpungeResult:
         """One transaction in SQL Core, in one thread hop: the \\Deleted messages (of ``uids``), their rows deleted,
         tombstones written, the folder's counters and MODSEQ updated; their bodies dropped after the commit."""
+        written: list[_Written] = []
+
         def work(connection: Connection) -> tuple[ExpungeResult, list[str]]:
+            written.clear()
             row = self._folder_row_locked(connection, folder)
             if uids is None or len(uids.ranges) == 1:
                 low, high = uids.ranges[0] if uids is not None else (0, 2**32)
@@ -1246,13 +1341,14 @@ class SqlMailStore(MailStore):
             _INSERT_TOMBSTONE.run_many(connection, [{"folder_id": row.id, "uid": uid, "modseq": modseq} for uid in gone])
             _FOLDER_EXPUNGED.run(connection, {"folder_id": row.id, "new_modseq": modseq, "gone_count": len(doomed),
                                               "gone_bytes": sum(size for _, _, size, _ in doomed)})
+            written.append(_Written(row.id, row.uidvalidity, row.highestmodseq, modseq, expunged=gone))
             return ExpungeResult(tuple(gone), modseq), _unreferenced(connection, {blob_id for *_, blob_id in doomed})
 
         result, blob_ids = await self._run(work, write=True)
+        if result.uids:
+            self._committed(folder, written[-1], ChangeKind.EXPUNGE)
         for blob_id in blob_ids:
             await self.blobs.delete(blob_id)   # after the commit: a rollback leaves every body in place
-        if result.uids:
-            self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, result.highestmodseq)
         return result
 
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
@@ -1269,13 +1365,35 @@ class SqlMailStore(MailStore):
             return row, highest, updated, expunged, self._index_read(connection, row, load=False,
                                                                      known=(modseq, updated, expunged))
 
+        epochs = self._epochs(folder.mailbox_id)
         row, highest, updated, expunged, read = await self._run(work)
         if read is not None:
             self._install(row, read)
+        self._looked(folder, row, epochs)
         index = self.indexes.peek(row.id, row.uidvalidity)
         return Changes(highest, tuple(FlagUpdate(uid, flagcodec.decode(bits, keywords), message_modseq)
                                       for uid, message_modseq, bits, keywords in updated), tuple(expunged),
                        uids=index.uids if index is not None and index.modseq == highest else None)
+
+    def changes_known(self, folder: FolderRef, modseq: int) -> Changes | None:
+        """From the folder's shared index alone, when it holds every change: verified by a look at the folder row
+        (``_looked``) with no event since that names no MODSEQ, and at or above every MODSEQ published for the
+        folder since (this process's writers apply their own change there first, ``_committed``); and when its
+        log of changed UIDs reaches back to ``modseq``. A commit not published yet is a command still running:
+        answering without it is answering just before it."""
+        if not self.hub.sees_every_change:
+            return None
+        index = self._known_index(folder)
+        if (index is None or index.verified != self._epochs(folder.mailbox_id) or modseq > index.modseq
+                or index.modseq < self._published.get((folder.mailbox_id, names.normalise(folder.name)), 0)):
+            return None
+        found = index.changes_after(modseq)
+        if found is None:
+            return None
+        updated, expunged = found
+        return Changes(index.modseq, tuple(FlagUpdate(uid, flags, message_modseq)
+                                           for uid, message_modseq, flags in updated),
+                       tuple(expunged), uids=index.uids)
 
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:

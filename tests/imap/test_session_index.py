@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Collection
 from array import array
 
 import pytest
@@ -123,7 +124,7 @@ class _Store:
     async def changes_since(self, folder: FolderRef, modseq: int) -> Changes:
         return self.changes
 
-    async def claim_recent(self, folder: FolderRef) -> frozenset[int]:
+    async def claim_recent(self, folder: FolderRef, *, among: Collection[int] = ()) -> frozenset[int]:
         return frozenset()
 
 
