@@ -64,7 +64,7 @@ _TAKE_UID = (update(FOLDERS).where(*_BY_NAME)
                      total_bytes=FOLDERS.c.total_bytes + bindparam("added_size"))
              .returning(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.uidvalidity, FOLDERS.c.uidnext,
                         FOLDERS.c.highestmodseq, FOLDERS.c.keywords))
-_TAKE_UID_OF = Prepared(_TAKE_UID.where(FOLDERS.c.uidvalidity == bindparam("uidvalidity")))
+_TAKE_UID_OF = Prepared(_TAKE_UID.where(FOLDERS.c.uidvalidity == bindparam("folder_uidvalidity")))
 _TAKE_UID_ANY = Prepared(_TAKE_UID)
 _FOLDER_VALIDITY = Prepared(select(FOLDERS.c.uidvalidity).where(*_BY_NAME))
 _SET_KEYWORDS = Prepared(update(FOLDERS).where(FOLDERS.c.id == bindparam("folder"))
@@ -107,7 +107,7 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
     if ref.uidvalidity is None:
         folder = _TAKE_UID_ANY.run(connection, wanted).fetchone()
     else:
-        folder = _TAKE_UID_OF.run(connection, {**wanted, "uidvalidity": ref.uidvalidity}).fetchone()
+        folder = _TAKE_UID_OF.run(connection, {**wanted, "folder_uidvalidity": ref.uidvalidity}).fetchone()
     if folder is None:                   # nothing was written: the folder is gone, or was re-created
         # Only a ref that names a UIDVALIDITY can find it changed. Without one, the folder was absent when the
         # UPDATE ran; on PostgreSQL (READ COMMITTED) a concurrent first delivery may have created it since, and

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from array import array
 
-from gateway.mailstore.index import FolderIndex
-from gateway.mailstore.interface import INBOX, FolderRef, StoreMode, UidSet
+from gateway.mailstore.index import CHANGE_LOG, FolderIndex
+from gateway.mailstore.interface import INBOX, Changes, FolderRef, StoreMode, UidSet
 from gateway.mailstore.sql import SqlMailStore
 from gateway.security.keys import KeyManager
 from gateway.storage.blobs import BlobStore
@@ -144,3 +144,81 @@ async def test_a_whole_load_from_the_covering_indexes_equals_the_rows_keywords_i
     assert await _from_index(restarted, inbox) == await _from_database(restarted, inbox)
     assert {"$Label1", "Suivi", "Urgent"} <= set(snapshot.flags)
     assert (snapshot.unseen, snapshot.first_unseen) == (6, 1)
+
+
+def _as_sets(changes: Changes | None) -> tuple[set[tuple[int, int, frozenset[str]]], set[int]]:
+    assert changes is not None
+    return {(update.uid, update.modseq, update.flags) for update in changes.updated}, set(changes.expunged)
+
+
+async def test_changes_known_from_memory_equal_the_databases_after_this_processes_writes(
+        store: SqlMailStore, mailbox_id: int) -> None:
+    """The update check after a command (RFC 3501 7.4.1 EXISTS / EXPUNGE / FETCH) answered from the shared index:
+    for every MODSEQ a session may hold, the same changes as the database gives, writers running concurrently."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 12)
+    start = (await store.select(inbox)).highestmodseq
+    inbox = FolderRef(mailbox_id, INBOX, (await store.select(inbox)).uidvalidity)
+    await store.changes_since(inbox, start)                    # a look: the index is verified from here
+
+    async def flags(uids: UidSet, mode: StoreMode, names: list[str]) -> None:
+        await store.store_flags(inbox, uids, mode, names)
+
+    for round_ in range(3):
+        await asyncio.gather(
+            flags(UidSet.of(1 + round_), StoreMode.ADD, ["\\Seen", f"Tag{round_}"]),
+            flags(UidSet.of((4, 6)), StoreMode.ADD, ["\\Deleted"] if round_ == 1 else ["\\Flagged"]),
+            store.append(inbox, message(100 + round_), flags=["\\Answered"]),
+            store.append(inbox, message(200 + round_)),
+            flags(UidSet.of(8), StoreMode.REPLACE, [f"Other{round_}"]),
+        )
+        await store.expunge(inbox, UidSet.of((4, 6)))
+    await store.fetch_flags(inbox, UidSet.of(1))              # a look brings the index up if a write left it behind
+    top = (await store.changes_since(inbox, 0)).highestmodseq
+    for mark in range(start, top + 1):
+        known = store.changes_known(inbox, mark)
+        assert _as_sets(known) == _as_sets(await store.changes_since(inbox, mark)), mark
+        assert known is not None and known.highestmodseq == top
+    assert store.changes_known(inbox, top + 1) is None         # a mark above the index's: only the database knows
+
+
+async def test_changes_known_only_while_the_hub_accounts_for_every_change(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """No answer from memory once an event names no MODSEQ (COPY into the folder), the folders changed, another
+    node is bridged in, or the index's log does not reach back to the session's MODSEQ; a look trusts it again."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 3)
+    inbox = FolderRef(mailbox_id, INBOX, (await store.select(inbox)).uidvalidity)
+    mark = (await store.changes_since(inbox, 0)).highestmodseq
+    assert store.changes_known(inbox, mark) is not None
+    await store.create_folder(mailbox_id, "Archives")
+    assert store.changes_known(inbox, mark) is None            # folders changed: names may mean other folders
+    await store.changes_since(inbox, mark)
+    assert store.changes_known(inbox, mark) is not None
+    await store.copy(FolderRef(mailbox_id, "Archives"), UidSet.of((1, 9)), inbox)   # nothing to copy, still
+    archives = await store.select(FolderRef(mailbox_id, "Archives"))
+    await store.append(FolderRef(mailbox_id, "Archives", archives.uidvalidity), message(50))
+    await store.copy(FolderRef(mailbox_id, "Archives", archives.uidvalidity), UidSet.of(1), inbox)
+    assert store.changes_known(inbox, mark) is None            # an EXISTS without MODSEQ
+    fresh = await store.changes_since(inbox, mark)
+    assert _as_sets(store.changes_known(inbox, mark)) == _as_sets(fresh)
+    other = SqlMailStore(database, blobs)                      # another node, whose events never come here
+    await other.store_flags(inbox, UidSet.of(2), StoreMode.ADD, ["\\Flagged"])
+    assert _as_sets(store.changes_known(inbox, mark)) == _as_sets(fresh)   # unseen: the session's recheck bounds it
+    later = await store.changes_since(inbox, mark)             # the look finds it
+    assert (2, later.highestmodseq, frozenset({"\\Flagged"})) in _as_sets(store.changes_known(inbox, mark))[0]
+    store.hub.bridged = True
+    assert store.changes_known(inbox, mark) is None
+
+
+def test_the_change_log_answers_only_as_far_back_as_it_reaches() -> None:
+    index = FolderIndex(1, 1)
+    index.load([(uid, uid, 0, " ") for uid in range(1, 11)], 10)
+    assert index.changes_after(10) == ([], [])
+    index.apply([(3, 11, 2, " ")], [5], 11)
+    assert index.changes_after(10) == ([(3, 11, frozenset({"\\Answered"}))], [5])
+    assert index.changes_after(9) is None                      # before the load: the log does not know
+    for modseq in range(12, 12 + CHANGE_LOG):
+        index.apply([(1, modseq, 0, " ")], [], modseq)
+    assert index.changes_after(11) is None                     # the oldest half was dropped
+    assert index.changes_after(index.modseq - 1) == ([(1, index.modseq, frozenset())], [])
