@@ -344,8 +344,14 @@ class Session:
         than the database: only while this process's hub sees every change, not for NOOP or CHECK (RFC 3501
         6.1.2: the client's poll) and within ``UPDATES_RECHECK_SECONDS`` of this view's last real look (a writer in
         another process publishes nowhere here), as ``_may_have_changed`` trusts the hub."""
+        return not isinstance(command, c.Noop | c.Check) and self.trusts_memory(selected)
+
+    def trusts_memory(self, selected: SelectedMailbox) -> bool:
+        """Whether answers from the store's shared index (``changes_known``, ``flags_known``) may stand for the
+        database's now: this process's hub sees every change and this view looked less than
+        ``UPDATES_RECHECK_SECONDS`` ago (what another process wrote since is seen at the next look)."""
         view, _, when = self._checked
-        return (view is selected and self.context.hub.sees_every_change and not isinstance(command, c.Noop | c.Check)
+        return (view is selected and self.context.hub.sees_every_change
                 and time.monotonic() - when < UPDATES_RECHECK_SECONDS)
 
     def _only_own_changes(self, selected: SelectedMailbox, own_events: int) -> bool:

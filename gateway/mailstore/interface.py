@@ -443,6 +443,10 @@ class MailStore(ABC):
         in another process publishes nothing here): NOOP and a periodic look still call ``changes_since``."""
         return None
 
+    def flags_known(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> FlagListing | None:
+        """``fetch_flags`` answered from memory, on the same terms as ``changes_known``; None: ask the store."""
+        return None
+
     @abstractmethod
     async def search(self, folder: FolderRef, key: SearchKey, *,
                      recent_uids: frozenset[int] = frozenset()) -> list[int]:

@@ -1375,17 +1375,28 @@ class SqlMailStore(MailStore):
                                       for uid, message_modseq, bits, keywords in updated), tuple(expunged),
                        uids=index.uids if index is not None and index.modseq == highest else None)
 
+    def _current_index(self, folder: FolderRef) -> FolderIndex | None:
+        """The folder's index when it holds every change this process's hub accounts for (see ``changes_known``)."""
+        if not self.hub.sees_every_change:
+            return None
+        index = self._known_index(folder)
+        if (index is None or index.verified != self._epochs(folder.mailbox_id)
+                or index.modseq < self._published.get((folder.mailbox_id, names.normalise(folder.name)), 0)):
+            return None
+        return index
+
+    def flags_known(self, folder: FolderRef, uids: UidSet, *, changed_since: int | None = None) -> FlagListing | None:
+        index = self._current_index(folder)
+        return None if index is None else index.listing(uids, changed_since)
+
     def changes_known(self, folder: FolderRef, modseq: int) -> Changes | None:
         """From the folder's shared index alone, when it holds every change: verified by a look at the folder row
         (``_looked``) with no event since that names no MODSEQ, and at or above every MODSEQ published for the
         folder since (this process's writers apply their own change there first, ``_committed``); and when its
         log of changed UIDs reaches back to ``modseq``. A commit not published yet is a command still running:
         answering without it is answering just before it."""
-        if not self.hub.sees_every_change:
-            return None
-        index = self._known_index(folder)
-        if (index is None or index.verified != self._epochs(folder.mailbox_id) or modseq > index.modseq
-                or index.modseq < self._published.get((folder.mailbox_id, names.normalise(folder.name)), 0)):
+        index = self._current_index(folder)
+        if index is None or modseq > index.modseq:
             return None
         found = index.changes_after(modseq)
         if found is None:

@@ -81,8 +81,7 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
     ranges, wanted = selected.uid_ranges(command.sequence_set, uid=command.uid)
     if not ranges:
         return Completion("FETCH completed")
-    listing = await session.store.fetch_flags(selected.ref, UidSet(tuple(ranges)),
-                                              changed_since=command.changed_since)
+    listing = await _flag_listing(session, selected, UidSet(tuple(ranges)), command.changed_since)
     render = _FlagLineRenderer(selected, attributes)
     start = _aligned(selected, listing)
     if start is not None and render.bulk_ready():
@@ -101,8 +100,7 @@ async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command:
     ranges, wanted = selected.uid_ranges(command.sequence_set, uid=command.uid)
     if not ranges:
         return Completion("FETCH completed")
-    listing = await session.store.fetch_flags(selected.ref, UidSet(tuple(ranges)),
-                                              changed_since=command.changed_since)
+    listing = await _flag_listing(session, selected, UidSet(tuple(ranges)), command.changed_since)
     keys = (selected.ref.mailbox_id, selected.uidvalidity, session.utf8)
     missing = [uid for uid in listing.uids if (keys[0], keys[1], uid, keys[2]) not in RENDERED_ENVELOPES]
     stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing)) if missing else {}
@@ -116,6 +114,16 @@ async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command:
         await out.add(render.line(number, uid, modseq, flag_id, listing.flag_sets, envelope))
     answered = await out.finish()
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+async def _flag_listing(session: Session, selected: SelectedMailbox, uids: UidSet,
+                        changed_since: int | None) -> FlagListing:
+    """UID, MODSEQ and flags of ``uids``: from the store's shared index while the session trusts it, else read."""
+    known = session.store.flags_known(selected.ref, uids, changed_since=changed_since) \
+        if session.trusts_memory(selected) else None
+    if known is not None:
+        return known
+    return await session.store.fetch_flags(selected.ref, uids, changed_since=changed_since)
 
 
 class _Batched:
