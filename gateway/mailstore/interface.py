@@ -415,6 +415,11 @@ class MailStore(ABC):
     @abstractmethod
     async def open_message(self, folder: FolderRef, uid: int) -> MessageBody: ...
 
+    async def message_bytes(self, folder: FolderRef, uid: int) -> bytes:
+        """A message's whole stored octets (BODY[], RFC 3501 6.4.5); MessageNotFound as ``open_message``."""
+        async with await self.open_message(folder, uid) as body:
+            return await body.read()
+
     @abstractmethod
     async def append(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                      internaldate: dt.datetime | None = None) -> AppendResult: ...

@@ -94,7 +94,7 @@ from gateway.imap.protocol.envelope import WIRE_VERSION
 from gateway.mailstore.envelopes import envelope_form
 from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer
 from gateway.security.keys import mailbox_owner
-from gateway.storage.blobs import BlobReader, BlobStore, StoredBlob
+from gateway.storage.blobs import BlobNotFound, BlobReader, BlobStore, StoredBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
@@ -321,8 +321,8 @@ _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
 _ENVELOPES = select(_MESSAGES.c.uid, type_coerce(_MESSAGES.c.envelope, Text))
-_BLOB_OF = select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
-                                             _MESSAGES.c.uid == bindparam("uid"))
+_BLOB_OF = Prepared(select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
+                                                      _MESSAGES.c.uid == bindparam("uid")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1063,18 +1063,31 @@ class SqlMailStore(MailStore):
                 opened[position] = wire
         return opened
 
-    async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
+    async def _blob_of(self, folder: FolderRef, uid: int) -> str:
         def work(connection: Connection) -> str | None:
             row = self._folder_core(connection, folder)
-            return cast("str | None", connection.execute(_BLOB_OF, {"folder_id": row.id, "uid": uid}).scalar())
+            found = _BLOB_OF.run(connection, {"folder_id": row.id, "uid": uid}).fetchone()
+            return None if found is None else cast(str, found[0])
 
         blob_id = await self._run(work)
         if blob_id is None:
             raise MessageNotFound(f"no message with UID {uid}")
+        return blob_id
+
+    async def open_message(self, folder: FolderRef, uid: int) -> MessageBody:
+        blob_id = await self._blob_of(folder, uid)
         try:
             return _BlobBody(await self.blobs.open(mailbox_owner(folder.mailbox_id), blob_id))
-        except FileNotFoundError:
+        except (FileNotFoundError, BlobNotFound):
             # Expunged by another session between the query and the open (its blob deleted after the commit).
+            raise MessageNotFound(f"no message with UID {uid}") from None
+
+    async def message_bytes(self, folder: FolderRef, uid: int) -> bytes:
+        """Two hops: the blob id read, then the blob opened and read in one worker-thread hop."""
+        blob_id = await self._blob_of(folder, uid)
+        try:
+            return await self.blobs.read_whole(mailbox_owner(folder.mailbox_id), blob_id)
+        except (FileNotFoundError, BlobNotFound):
             raise MessageNotFound(f"no message with UID {uid}") from None
 
     async def append(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),

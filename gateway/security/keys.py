@@ -165,6 +165,10 @@ class KeyManager:
                 self._current[owner] = key_id
         return DataKeyMaterial(key_id, await self.key(owner, key_id))
 
+    def cached_key(self, owner: str, key_id: int) -> bytes | None:
+        """The data key ``key_id`` of ``owner`` if it is unwrapped in memory already (no database read), else None."""
+        return self._unwrapped.get((owner, key_id))
+
     async def key(self, owner: str, key_id: int) -> bytes:
         """The data key ``key_id`` of ``owner``; KeyDestroyed once shredded."""
         cached = self._unwrapped.get((owner, key_id))

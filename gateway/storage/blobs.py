@@ -260,7 +260,10 @@ class BlobStore:
     async def open(self, owner: str, blob_id: str) -> BlobReader:
         """A reader of ``owner``'s blob; BlobCorrupt when it is not theirs or was tampered with."""
         path = self.path(blob_id)
-        file, header, file_size = await asyncio.to_thread(_open_with_header, path)
+        opened = await asyncio.to_thread(self._open_known, path, owner, blob_id)
+        if isinstance(opened, BlobReader):
+            return opened
+        file, header, file_size = opened
         try:
             data_key = await self._data_key(owner, header.key_id)
             cipher = _segment_cipher(data_key, header, owner, blob_id)
@@ -268,6 +271,38 @@ class BlobStore:
         except BaseException:
             file.close()
             raise
+
+    def _open_known(self, path: Path, owner: str, blob_id: str) -> BlobReader | tuple[BinaryIO, _Header, int]:
+        """In one worker-thread hop: the reader when the owner's data key named by the header is in memory
+        already (the usual case), else the open file and its header (the key is fetched on the event loop)."""
+        file, header, file_size = _open_with_header(path)
+        data_key = self.keys.cached_key(owner, header.key_id)
+        if data_key is None:
+            return file, header, file_size
+        try:
+            return BlobReader(file, header, _segment_cipher(data_key, header, owner, blob_id), file_size)
+        except BaseException:
+            file.close()
+            raise
+
+    async def read_whole(self, owner: str, blob_id: str) -> bytes:
+        """A blob's whole plaintext; one worker-thread hop when the owner's data key is in memory."""
+        path = self.path(blob_id)
+
+        def read() -> bytes | tuple[BinaryIO, _Header, int]:
+            opened = self._open_known(path, owner, blob_id)
+            if not isinstance(opened, BlobReader):
+                return opened
+            try:
+                return opened.read()
+            finally:
+                opened.close()
+
+        done = await asyncio.to_thread(read)
+        if isinstance(done, bytes):
+            return done
+        done[0].close()
+        return await self.read(owner, blob_id)
 
     async def _data_key(self, owner: str, key_id: int) -> bytes:
         try:

@@ -140,3 +140,26 @@ async def test_crypto_shredding_makes_blobs_unreadable_forever(blobs: BlobStore,
     assert await fresh.read("mailbox:8", kept.blob_id) == SECRET
     again = await blobs.put("mailbox:7", b"new mail after shredding")  # a new key, old blobs stay dead
     assert await blobs.read("mailbox:7", again.blob_id) == b"new mail after shredding"
+
+
+async def test_whole_reads_in_one_hop_keep_every_check(blobs: BlobStore, keys: KeyManager, data_dir: Path) -> None:
+    """``read_whole`` (FETCH BODY[]: opened and read in one worker-thread hop when the data key is in memory)
+    returns what ``read`` returns, key cached or not, and refuses a swapped, missing or shredded blob alike."""
+    payload = SECRET * 3000                                    # several segments
+    stored = await blobs.put("mailbox:1", payload)
+    assert await blobs.read_whole("mailbox:1", stored.blob_id) == payload      # the key is cached by put
+    cold = BlobStore(blobs.root, KeyManager(keys.database, data_dir / "keys"))
+    assert await cold.read_whole("mailbox:1", stored.blob_id) == payload        # unwrapped on the event loop
+    other = await blobs.put("mailbox:2", b"harmless")
+    await blobs.read("mailbox:2", other.blob_id)               # mailbox:2's key in memory too
+    with pytest.raises(BlobCorrupt):
+        await blobs.read_whole("mailbox:2", stored.blob_id)    # another owner's blob: never its key
+    mine = await blobs.put("mailbox:1", b"mine")
+    blobs.path(mine.blob_id).write_bytes(blobs.path(stored.blob_id).read_bytes())
+    with pytest.raises(BlobCorrupt):
+        await blobs.read_whole("mailbox:1", mine.blob_id)      # same key, other blob id
+    with pytest.raises(BlobNotFound):
+        await blobs.read_whole("mailbox:1", "0" * 32)
+    await keys.destroy_owner_key("mailbox:2")
+    with pytest.raises(KeyDestroyed):
+        await blobs.read_whole("mailbox:2", other.blob_id)

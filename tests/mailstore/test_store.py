@@ -13,6 +13,7 @@ from gateway.mailstore.errors import (
     FolderHasChildren,
     FolderNotFound,
     InvalidFolderName,
+    MessageNotFound,
     UidValidityChanged,
 )
 from gateway.mailstore.interface import INBOX, FolderRef, StoreMode, UidSet
@@ -217,3 +218,22 @@ async def test_partial_body_reads(store: SqlMailStore, mailbox_id: int) -> None:
     async with body:
         assert await body.read(150_000, 10) == raw[150_000:150_010]
         assert b"".join([chunk async for chunk in body.chunks(10, 100_000)]) == raw[10:100_010]
+
+
+async def test_a_message_whose_body_vanished_meanwhile_is_not_found(store: SqlMailStore, mailbox_id: int) -> None:
+    """Expunged by another session between the row read and the blob open (its blob deleted after the commit):
+    MessageNotFound, which FETCH skips (RFC 3501 6.4.8), not a server error; both ways of reading a body."""
+    if not isinstance(store, SqlMailStore):
+        pytest.skip("bodies are blobs in the SQL store")
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 2)
+    async with await store.open_message(inbox, 1) as body:
+        assert await store.message_bytes(inbox, 1) == await body.read()
+    blob_id = await store._blob_of(inbox, 2)
+    store.blobs.path(blob_id).unlink()
+    with pytest.raises(MessageNotFound):
+        await store.message_bytes(inbox, 2)
+    with pytest.raises(MessageNotFound):
+        await store.open_message(inbox, 2)
+    with pytest.raises(MessageNotFound):
+        await store.message_bytes(inbox, 9)

@@ -70,8 +70,7 @@ class MessageContent:
 
     async def raw(self) -> bytes:
         if self._raw is None:
-            async with await self.store.open_message(self.folder, self.uid) as body:
-                self._raw = await body.read()
+            self._raw = await self.store.message_bytes(self.folder, self.uid)
         return self._raw
 
     async def head(self) -> bytes:
