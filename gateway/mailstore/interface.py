@@ -379,6 +379,10 @@ class MailStore(ABC):
     @abstractmethod
     async def status(self, folder: FolderRef) -> FolderStatus: ...
 
+    async def folders_and_subscriptions(self, mailbox_id: int) -> tuple[list[FolderInfo], list[str]]:
+        """``list_folders`` and ``list_subscriptions`` together (LIST: one read where the store can)."""
+        return await self.list_folders(mailbox_id), await self.list_subscriptions(mailbox_id)
+
     @abstractmethod
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
         """SELECT/EXAMINE. SELECT claims the \\Recent messages for this session only (RFC 3501 2.3.2)."""

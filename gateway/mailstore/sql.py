@@ -252,15 +252,17 @@ class _FolderRow:
 
 _FOLDER_BY_NAME = (FOLDERS.c.mailbox_id == bindparam("folder_mailbox"), FOLDERS.c.name == bindparam("folder_name"))
 _LOCK_FOLDER_FOR_UPDATE = select(*_FolderRow.COLUMNS).where(*_FOLDER_BY_NAME).with_for_update()
-_STATUS = select(
-    FOLDERS.c.name, FOLDERS.c.message_count,
+_STATUS_ROW = Prepared(select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.message_count, FOLDERS.c.uidnext,
+                              FOLDERS.c.uidvalidity, FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes,
+                              FOLDERS.c.recent_uid).where(*_FOLDER_BY_NAME))
+# A folder's unseen and recent messages (RFC 3501 6.3.10), when its index in memory cannot tell.
+_STATUS_COUNTS = select(
     select(func.count()).select_from(MESSAGES)
-    .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.uid > FOLDERS.c.recent_uid).scalar_subquery(),
-    FOLDERS.c.uidnext, FOLDERS.c.uidvalidity,
+    .where(MESSAGES.c.folder_id == bindparam("folder_id"), MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0)
+    .scalar_subquery(),
     select(func.count()).select_from(MESSAGES)
-    .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0).scalar_subquery(),
-    FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes,
-).where(*_FOLDER_BY_NAME)
+    .where(MESSAGES.c.folder_id == bindparam("folder_id"), MESSAGES.c.uid > bindparam("recent")).scalar_subquery(),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,11 +353,11 @@ class _IndexRead:
     columns: Columns | None = None
 
 
-_LIST_FOLDERS = (select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvalidity)
-                 .where(FOLDERS.c.mailbox_id == bindparam("folder_mailbox")).order_by(FOLDERS.c.name))
-_SUBSCRIPTIONS = (select(Subscription.__table__.c.name)
-                  .where(Subscription.__table__.c.mailbox_id == bindparam("folder_mailbox"))
-                  .order_by(Subscription.__table__.c.name))
+_LIST_FOLDERS = Prepared(select(FOLDERS.c.name, FOLDERS.c.special_use, FOLDERS.c.uidvalidity)
+                         .where(FOLDERS.c.mailbox_id == bindparam("folder_mailbox")).order_by(FOLDERS.c.name))
+_SUBSCRIPTIONS = Prepared(select(Subscription.__table__.c.name)
+                          .where(Subscription.__table__.c.mailbox_id == bindparam("folder_mailbox"))
+                          .order_by(Subscription.__table__.c.name))
 
 
 FEW_BLOBS = 8
@@ -752,21 +754,27 @@ class SqlMailStore(MailStore):
     # ------------------------------------------------------------------ folders
 
     async def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
-        def work(connection: Connection) -> tuple[Sequence[Any], set[str]]:
-            folders = connection.execute(_LIST_FOLDERS, {"folder_mailbox": mailbox_id}).all()
-            return folders, set(connection.execute(_SUBSCRIPTIONS, {"folder_mailbox": mailbox_id}).scalars())
+        return (await self.folders_and_subscriptions(mailbox_id))[0]
 
-        folders, subscribed = await self._run(work)
+    async def folders_and_subscriptions(self, mailbox_id: int) -> tuple[list[FolderInfo], list[str]]:
+        """Both in one read transaction, prepared statements on the driver."""
+        def work(connection: Connection) -> tuple[Sequence[Any], list[str]]:
+            wanted = {"folder_mailbox": mailbox_id}
+            folders = _LIST_FOLDERS.run(connection, wanted).fetchall()
+            return folders, [name for name, in _SUBSCRIPTIONS.run(connection, wanted).fetchall()]
+
+        folders, subscriptions = await self._run(work)
+        subscribed = set(subscriptions)
         all_names = [name for name, _, _ in folders]
         return [
             FolderInfo(name, special_use, name in subscribed, any(names.is_inside(other, name) for other in all_names),
                        uidvalidity)
             for name, special_use, uidvalidity in folders
-        ]
+        ], subscriptions
 
     async def list_subscriptions(self, mailbox_id: int) -> list[str]:
-        return await self._run(lambda connection: list(
-            connection.execute(_SUBSCRIPTIONS, {"folder_mailbox": mailbox_id}).scalars()))
+        return await self._run(lambda connection: [
+            name for name, in _SUBSCRIPTIONS.run(connection, {"folder_mailbox": mailbox_id}).fetchall()])
 
     async def create_folder(self, mailbox_id: int, name: str, *, special_use: str | None = None,
                             subscribe: bool = False) -> FolderInfo:
@@ -903,17 +911,37 @@ class SqlMailStore(MailStore):
         self._publish(mailbox_id, None, ChangeKind.FOLDERS)
 
     async def status(self, folder: FolderRef) -> FolderStatus:
-        """One statement, built once: the folder's counters and, counted beside them, its unseen and recent
-        messages."""
+        """The folder row (prepared); its unseen and recent messages counted from the folder's shared index when
+        that holds exactly the row's state (same HIGHESTMODSEQ: the same messages and flags), else counted by
+        the database in the same transaction (one statement, built once)."""
         wanted = {"folder_mailbox": folder.mailbox_id, "folder_name": names.normalise(folder.name)}
-        found = await self._run(lambda connection: connection.execute(_STATUS, wanted).first())
-        if found is None:
-            raise FolderNotFound(f"no folder {folder.name!r}")
-        if folder.uidvalidity is not None and found.uidvalidity != folder.uidvalidity:
-            raise UidValidityChanged(f"folder {folder.name!r} was re-created")
-        name, messages, recent_count, uidnext, uidvalidity, unseen_count, highestmodseq, size = found
-        return FolderStatus(name, messages, int(recent_count or 0), uidnext, uidvalidity, int(unseen_count or 0),
-                            highestmodseq, size)
+        for _ in range(2):
+            row, counted = await self._run(lambda connection: self._status_read(connection, wanted))
+            if row is None:
+                raise FolderNotFound(f"no folder {folder.name!r}")
+            folder_id, name, messages, uidnext, uidvalidity, highestmodseq, size, recent_uid = row
+            if folder.uidvalidity is not None and uidvalidity != folder.uidvalidity:
+                raise UidValidityChanged(f"folder {folder.name!r} was re-created")
+            if counted is not None:
+                return FolderStatus(name, messages, counted[1], uidnext, uidvalidity, counted[0], highestmodseq, size)
+            index = self.indexes.peek(folder_id, uidvalidity)
+            if index is not None and index.modseq == highestmodseq and len(index.uids) == messages:
+                recent = len(index.uids) - bisect.bisect_right(index.uids, recent_uid)
+                return FolderStatus(name, messages, recent, uidnext, uidvalidity, index.unseen()[0], highestmodseq,
+                                    size)
+            wanted["count"] = True          # the index moved on during the read (rare): count in the database
+        raise StoreBusy("the folder changed too fast to be read; try again shortly")
+
+    def _status_read(self, connection: Connection, wanted: dict[str, Any]) -> tuple[Any, tuple[int, int] | None]:
+        """(the folder row, None) when its shared index holds the row's state, else (the row, (unseen, recent))."""
+        row = _STATUS_ROW.run(connection, wanted).fetchone()
+        if row is None:
+            return None, None
+        index = self.indexes.peek(row[0], row[4])
+        if not wanted.get("count") and index is not None and index.modseq == row[5]:
+            return row, None
+        counted = connection.execute(_STATUS_COUNTS, {"folder_id": row[0], "recent": row[7]}).one()
+        return row, (int(counted[0] or 0), int(counted[1] or 0))
 
     async def select(self, folder: FolderRef, *, read_only: bool = False) -> FolderSnapshot:
         """A read transaction (the folder row and its shared index brought up to date, one thread hop); a write

@@ -222,3 +222,21 @@ def test_the_change_log_answers_only_as_far_back_as_it_reaches() -> None:
         index.apply([(1, modseq, 0, " ")], [], modseq)
     assert index.changes_after(11) is None                     # the oldest half was dropped
     assert index.changes_after(index.modseq - 1) == ([(1, index.modseq, frozenset())], [])
+
+
+async def test_status_counted_from_the_index_equals_the_databases_count(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """STATUS (RFC 3501 6.3.10) UNSEEN and RECENT from the shared index when it holds the folder row's state,
+    from the database otherwise (a store without the index, or one left behind by another node's write)."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 7)
+    await store.store_flags(inbox, UidSet.of((2, 4)), StoreMode.ADD, ["\\Seen"])
+    await store.select(inbox)                                  # index loaded, \\Recent claimed
+    await store.append(inbox, message(8))                      # one recent message, unseen
+    await store.fetch_flags(inbox, UidSet.of(1))
+    other = SqlMailStore(database, blobs)                      # no index: the database counts
+    counted = await other.status(inbox)
+    assert (counted.unseen, counted.recent, counted.messages) == (5, 1, 8)
+    assert await store.status(inbox) == counted
+    await other.store_flags(inbox, UidSet.of(1), StoreMode.ADD, ["\\Seen"])   # our index is behind now
+    assert (await store.status(inbox)).unseen == 4 == (await other.status(inbox)).unseen

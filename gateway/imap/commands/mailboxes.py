@@ -227,10 +227,11 @@ def _skip_wildcards(states: set[int], pattern: str) -> set[int]:
 async def visible_mailboxes(session: Session) -> list[Listed]:
     """Own folders, then the shared namespace (roots are \\Noselect), subscriptions marked."""
     account = session.require_account()
-    subscriptions = set(await session.store.list_subscriptions(account.mailbox_id))
+    folders, subscribed = await session.store.folders_and_subscriptions(account.mailbox_id)
+    subscriptions = set(subscribed)
     listed = [Listed(info.name, info.special_use, has_children=info.has_children,
                      subscribed=info.name in subscriptions)
-              for info in await session.store.list_folders(account.mailbox_id)]
+              for info in folders]
     listed += await _shared_mailboxes(session, subscriptions)
     known = {item.name for item in listed}
     listed += [Listed(name, subscribed=True, exists=False, selectable=False)
