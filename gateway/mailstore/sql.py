@@ -94,7 +94,7 @@ from gateway.imap.protocol.envelope import WIRE_VERSION
 from gateway.mailstore.envelopes import envelope_form
 from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer
 from gateway.security.keys import mailbox_owner
-from gateway.storage.blobs import BlobNotFound, BlobReader, BlobStore, StoredBlob
+from gateway.storage.blobs import BlobNotFound, BlobReader, BlobSource, BlobStore, StoredBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
@@ -171,6 +171,10 @@ def _prepare(source: MessageSource) -> _Prepared:
     else:
         stream = io.BufferedReader(_ChainedStream(prefix, source))
     return _Prepared(parse_headers(header_section(prefix)), stream, None)
+
+
+def _with_source(prepared: _Prepared) -> tuple[_Prepared, BlobSource]:
+    return prepared, prepared.source
 
 
 def _is_contention(exc: DBAPIError) -> bool:
@@ -987,15 +991,17 @@ class SqlMailStore(MailStore):
 
     async def claim_recent(self, folder: FolderRef, *, among: Collection[int] = ()) -> frozenset[int]:
         """Nothing to do when this process saw a claim past ``among`` committed (another session saw them
-        first); else a read first: when every message was claimed already, no write."""
+        first); else a read first (when every message was claimed already, no write), unless the folder's index
+        is known current: then this process's claims are all in its mark and the claim's own read decides."""
         index = self._known_index(folder)
         if among and index is not None and index.recent_mark >= max(among):
             return frozenset()
-        epochs = self._epochs(folder.mailbox_id)
-        row = await self._run(lambda connection: self._folder_core(connection, folder))
-        self._looked(folder, row, epochs)
-        if row.recent_uid >= row.uidnext - 1:
-            return frozenset()
+        if self._current_index(folder) is None:      # else every claim of this process is in ``recent_mark``
+            epochs = self._epochs(folder.mailbox_id)
+            row = await self._run(lambda connection: self._folder_core(connection, folder))
+            self._looked(folder, row, epochs)
+            if row.recent_uid >= row.uidnext - 1:
+                return frozenset()
         claimed_row, claimed = await self._run(lambda connection: self._claim(connection, folder), write=True)
         self._claimed(claimed_row)
         return claimed
@@ -1144,11 +1150,16 @@ class SqlMailStore(MailStore):
                                                                                   delivery_key)):
                     return AddedMessage(done, duplicate=True)
                 await self._find_folder(session, folder)
-        prepared = await asyncio.to_thread(_prepare, message) if headers is None else _Prepared(headers, message, None)
-        if prepared.known_size is not None and not isinstance(message, bytes | bytearray | memoryview):
-            await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
         owner = mailbox_owner(folder.mailbox_id)
-        stored = await self.blobs.put(owner, prepared.source)
+        if headers is None and isinstance(message, bytes | bytearray | memoryview):
+            # Parsed and written in one worker-thread hop (the quota is checked by the write transaction).
+            prepared, stored = await self.blobs.put_prepared(owner, lambda: _with_source(_prepare(message)))
+        else:
+            prepared = await asyncio.to_thread(_prepare, message) if headers is None \
+                else _Prepared(headers, message, None)
+            if prepared.known_size is not None and not isinstance(message, bytes | bytearray | memoryview):
+                await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
+            stored = await self.blobs.put(owner, prepared.source)
         when = internaldate or utcnow()
         tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
         sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers

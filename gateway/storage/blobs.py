@@ -29,10 +29,10 @@ import io
 import os
 import secrets
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -51,6 +51,7 @@ SEGMENT_SIZE = 64 * 1024
 COPY_CHUNK = 1024 * 1024
 
 BlobSource = bytes | Path | BinaryIO
+T = TypeVar("T")
 
 
 class BlobError(Exception):
@@ -247,6 +248,17 @@ class BlobStore:
         material = await self.keys.current_key(owner)
         # One worker-thread hop for create + encrypt + fsync (three hops cost more than a 4 KB body's encryption).
         return await asyncio.to_thread(self._put_blocking, owner, material.key_id, material.key, source)
+
+    async def put_prepared(self, owner: str, prepare: Callable[[], tuple[T, BlobSource]]) -> tuple[T, StoredBlob]:
+        """``put`` of the source ``prepare()`` returns beside its other result, both in the same worker-thread hop
+        (an APPEND's header parse and its blob write)."""
+        material = await self.keys.current_key(owner)
+
+        def work() -> tuple[T, StoredBlob]:
+            result, source = prepare()
+            return result, self._put_blocking(owner, material.key_id, material.key, source)
+
+        return await asyncio.to_thread(work)
 
     def _put_blocking(self, owner: str, key_id: int, key: bytes, source: BlobSource) -> StoredBlob:
         writer = BlobWriter(self, owner, key_id, key)
