@@ -327,6 +327,24 @@ _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
 _ENVELOPES = select(_MESSAGES.c.uid, type_coerce(_MESSAGES.c.envelope, Text))
+_ENVELOPES_IN_RANGE = Prepared(_ENVELOPES.where(*_IN_RANGE))
+_META_IN_RANGE: dict[tuple[str, ...], Prepared] = {}
+
+
+def _meta_columns(names: tuple[str, ...]) -> list[Any]:
+    """The message columns of ``_MetaRow`` ``names``: the ENVELOPE as its raw JSON text (decoded once, later)."""
+    return [type_coerce(_MESSAGES.c.envelope, Text) if name == "envelope" else _MESSAGES.c[name] for name in names]
+
+
+def _meta_in_range(names: tuple[str, ...]) -> Prepared:
+    """FETCH's metadata of one UID range, prepared once per set of columns (a handful)."""
+    found = _META_IN_RANGE.get(names)
+    if found is None:
+        found = _META_IN_RANGE[names] = Prepared(select(*_meta_columns(names)).where(*_IN_RANGE)
+                                                 .order_by(_MESSAGES.c.uid))
+    return found
+
+
 _BLOB_OF = Prepared(select(_MESSAGES.c.blob_id).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                                       _MESSAGES.c.uid == bindparam("uid")))
 
@@ -1018,10 +1036,14 @@ class SqlMailStore(MailStore):
         names = _MetaRow.NAMES if headers else _MetaRow.CLEAR
         if not envelope:
             names = tuple(name for name in names if name != "envelope")
-        columns = [type_coerce(_MESSAGES.c.envelope, Text) if name == "envelope" else _MESSAGES.c[name]
-                   for name in names]
+        columns = _meta_columns(names)
+
         def work(connection: Connection) -> list[_MetaRow]:
             row = self._folder_core(connection, folder)
+            if changed_since is None and len(uids.ranges) == 1:     # the usual FETCH: one range, prepared
+                low, high = uids.ranges[0]
+                found = _meta_in_range(names).rows(connection, {"folder_id": row.id, "low": low, "high": high})
+                return [_MetaRow.of(names, values) for values in found]
             query = (select(*columns).where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
                      .order_by(_MESSAGES.c.uid))
             if changed_since is not None:
@@ -1042,6 +1064,10 @@ class SqlMailStore(MailStore):
         rendering opened in one loop: no row object, no structure decoded or rendered."""
         def work(connection: Connection) -> list[tuple[int, Any]]:
             row = self._folder_core(connection, folder)
+            if len(uids.ranges) == 1:
+                low, high = uids.ranges[0]
+                return [(uid, stored) for uid, stored in _ENVELOPES_IN_RANGE.run(
+                    connection, {"folder_id": row.id, "low": low, "high": high}).fetchall()]
             query = _ENVELOPES.where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
             return [(uid, stored) for uid, stored in connection.execute(query)]
 
