@@ -196,7 +196,8 @@ class _MetaRow:
 
     NAMES = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "message_id",
              "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
-    __slots__ = (*NAMES, "envelope_wire")   # envelope_wire: no column, the ENVELOPE column once opened
+    # envelope_wire: no column, the ENVELOPE column once opened; blob_id: read beside them (``_blob_ids``).
+    __slots__ = (*NAMES, "envelope_wire", "blob_id")
     uid: int
     modseq: int
     system_flags: int
@@ -211,6 +212,7 @@ class _MetaRow:
     cc_addr: str | None
     sent_date: dt.datetime | None
     envelope_wire: bytes | None
+    blob_id: str | None
     # Without the five sealed header columns (FETCH asks for none of them).
     CLEAR = tuple(name for name in NAMES if name not in ("message_id", "subject", "from_addr", "to_addr", "cc_addr"))
 
@@ -383,6 +385,7 @@ _SUBSCRIPTIONS = Prepared(select(Subscription.__table__.c.name)
 
 
 FEW_BLOBS = 8
+BLOB_IDS_KEPT = 4096
 
 
 def _unreferenced(connection: Connection, blob_ids: set[str]) -> list[str]:
@@ -462,6 +465,8 @@ class SqlMailStore(MailStore):
         # (mailbox id, normalised name) -> folder id, as last read (forgotten at any change of the mailbox's
         # folders): how ``changes_known`` and the writers find a folder's index without reading its row.
         self._folder_ids: dict[tuple[int, str], int] = {}
+        # (mailbox id, normalised name, UIDVALIDITY, UID) -> blob id of messages FETCH just listed (bounded).
+        self._blob_ids: dict[tuple[int, str, int, int], str] = {}
         # What the hub published, so that an index is trusted only while it holds every change announced: the
         # highest MODSEQ per (mailbox id, folder name); per mailbox, an epoch bumped by an event that names no
         # MODSEQ or no folder (COPY, folders created, renamed, deleted); a global epoch bumped when the first
@@ -1036,6 +1041,7 @@ class SqlMailStore(MailStore):
         names = _MetaRow.NAMES if headers else _MetaRow.CLEAR
         if not envelope:
             names = tuple(name for name in names if name != "envelope")
+        names = (*names, "blob_id")
         columns = _meta_columns(names)
 
         def work(connection: Connection) -> list[_MetaRow]:
@@ -1051,6 +1057,7 @@ class SqlMailStore(MailStore):
             return [_MetaRow.of(names, values) for values in connection.execute(query).all()]
 
         rows = await self._run(work)
+        self._remember_blobs(folder, rows)
         if envelope:
             await self._open_envelopes(folder.mailbox_id, rows)
         if headers:
@@ -1123,7 +1130,24 @@ class SqlMailStore(MailStore):
                 opened[position] = wire
         return opened
 
+    def _remember_blobs(self, folder: FolderRef, rows: Sequence[_MetaRow]) -> None:
+        """The blob ids of messages just listed, so that the FETCH of their bodies that follows needs no read:
+        a message of a folder name and UIDVALIDITY never changes body (RFC 3501 2.3.1.1: UIDs are not reused)."""
+        if folder.uidvalidity is None:
+            return
+        if len(self._blob_ids) + len(rows) > BLOB_IDS_KEPT:
+            self._blob_ids.clear()
+        name = names.normalise(folder.name)
+        for row in rows[:BLOB_IDS_KEPT]:
+            if row.blob_id is not None:
+                self._blob_ids[(folder.mailbox_id, name, folder.uidvalidity, row.uid)] = row.blob_id
+
     async def _blob_of(self, folder: FolderRef, uid: int) -> str:
+        if folder.uidvalidity is not None:
+            known = self._blob_ids.get((folder.mailbox_id, names.normalise(folder.name), folder.uidvalidity, uid))
+            if known is not None:
+                return known
+
         def work(connection: Connection) -> str | None:
             row = self._folder_core(connection, folder)
             found = _BLOB_OF.run(connection, {"folder_id": row.id, "uid": uid}).fetchone()

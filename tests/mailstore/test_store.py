@@ -237,3 +237,12 @@ async def test_a_message_whose_body_vanished_meanwhile_is_not_found(store: SqlMa
         await store.open_message(inbox, 2)
     with pytest.raises(MessageNotFound):
         await store.message_bytes(inbox, 9)
+    # Listed first (FETCH's metadata), the body's blob id is known without another read: same answers.
+    selected = FolderRef(mailbox_id, INBOX, (await store.select(inbox)).uidvalidity)
+    await fill(store, inbox, 1)
+    assert [meta.uid for meta in await store.fetch_meta(selected, UidSet.of((1, 3)))] == [1, 2, 3]
+    async with await store.open_message(selected, 3) as body:
+        assert await store.message_bytes(selected, 3) == await body.read()
+    store.blobs.path(await store._blob_of(selected, 3)).unlink()
+    with pytest.raises(MessageNotFound):
+        await store.message_bytes(selected, 3)
