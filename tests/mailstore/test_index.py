@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from array import array
 
+import pytest
+
 from gateway.mailstore.index import CHANGE_LOG, FolderIndex
 from gateway.mailstore.interface import INBOX, Changes, FolderRef, StoreMode, UidSet
 from gateway.mailstore.sql import SqlMailStore
@@ -160,6 +162,7 @@ async def test_changes_known_from_memory_equal_the_databases_after_this_processe
     start = (await store.select(inbox)).highestmodseq
     inbox = FolderRef(mailbox_id, INBOX, (await store.select(inbox)).uidvalidity)
     await store.changes_since(inbox, start)                    # a look: the index is verified from here
+    serialized = store.database.is_sqlite                      # PostgreSQL commits MODSEQs out of order: never
 
     async def flags(uids: UidSet, mode: StoreMode, names: list[str]) -> None:
         await store.store_flags(inbox, uids, mode, names)
@@ -177,6 +180,9 @@ async def test_changes_known_from_memory_equal_the_databases_after_this_processe
     top = (await store.changes_since(inbox, 0)).highestmodseq
     for mark in range(start, top + 1):
         known = store.changes_known(inbox, mark)
+        if not serialized:
+            assert known is None, mark
+            continue
         assert _as_sets(known) == _as_sets(await store.changes_since(inbox, mark)), mark
         assert known is not None and known.highestmodseq == top
     assert store.changes_known(inbox, top + 1) is None         # a mark above the index's: only the database knows
@@ -186,6 +192,8 @@ async def test_changes_known_only_while_the_hub_accounts_for_every_change(
         store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
     """No answer from memory once an event names no MODSEQ (COPY into the folder), the folders changed, another
     node is bridged in, or the index's log does not reach back to the session's MODSEQ; a look trusts it again."""
+    if not store.database.is_sqlite:
+        pytest.skip("memory answers only where writers are serialized (SQLite); PostgreSQL always reads")
     inbox = FolderRef(mailbox_id, INBOX)
     await fill(store, inbox, 3)
     inbox = FolderRef(mailbox_id, INBOX, (await store.select(inbox)).uidvalidity)
