@@ -42,6 +42,8 @@ from gateway.storage.prepared import Prepared
 
 # Rows committed with a delivery, in its transaction: ``after(connection, delivery row id)``.
 AfterInsert = Callable[[Connection, "int | None"], None]
+# The caller's check, first in the transaction (before any row): raises a MailStoreError to refuse.
+BeforeInsert = Callable[[Connection], None]
 
 MESSAGES = cast(Table, Message.__table__)
 FOLDERS = cast(Table, Folder.__table__)
@@ -87,6 +89,7 @@ class AppendRows:
     delivery_key: str | None
     tokens: set[int] | None              # the blind index tokens (None: the store has no index)
     after: AfterInsert | None = None
+    before: BeforeInsert | None = None
 
 
 def enforce_quota(connection: Connection, mailbox_id: int, adding: int) -> None:
@@ -102,6 +105,8 @@ def enforce_quota(connection: Connection, mailbox_id: int, adding: int) -> None:
 def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
     """The rows of one message, inside the caller's transaction; refusals before the first write."""
     ref, stored = rows.ref, rows.stored
+    if rows.before is not None:
+        rows.before(connection)
     enforce_quota(connection, ref.mailbox_id, stored.size)
     wanted = {"mailbox": ref.mailbox_id, "folder_name": names.normalise(ref.name), "added_size": stored.size}
     if ref.uidvalidity is None:

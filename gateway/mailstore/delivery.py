@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gateway.mailstore.errors import FolderExists, FolderNotFound
 from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import INBOX, FolderRef, MessageSource
-from gateway.mailstore.append_rows import AfterInsert
+from gateway.mailstore.append_rows import AfterInsert, BeforeInsert
 from gateway.mailstore.sql import SqlMailStore
 
 # RFC 6154 2 special-use folders every hosted mailbox gets (mox#66: clients that find
@@ -63,21 +63,22 @@ class LocalDelivery:
     async def deliver(self, mailbox_id: int, raw_message: MessageSource, *, delivery_key: str,
                       folder: str = INBOX, flags: Iterable[str] = (),
                       internaldate: dt.datetime | None = None, headers: CachedHeaders | None = None,
-                      after: AfterInsert | None = None) -> DeliveryResult:
+                      after: AfterInsert | None = None, before: BeforeInsert | None = None) -> DeliveryResult:
         """File a message durably. Raises QuotaExceeded (552 5.2.2), StoreBusy (451 4.3.0), MailboxNotHosted.
 
         A missing target folder falls back to INBOX; a mailbox never provisioned is provisioned first.
-        ``headers`` (parsed already) and ``after`` (rows committed with the delivery): see ``add_message``.
+        ``headers`` (parsed already), ``after`` (rows committed with the delivery) and ``before`` (the caller's
+        check first in that transaction): see ``add_message``.
         """
         target = folder
         try:
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
                                                  internaldate=internaldate, delivery_key=delivery_key,
-                                                 headers=headers, after=after)
+                                                 headers=headers, after=after, before=before)
         except FolderNotFound:
             target = INBOX
             await self.provision(mailbox_id)
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
                                                  internaldate=internaldate, delivery_key=delivery_key,
-                                                 headers=headers, after=after)
+                                                 headers=headers, after=after, before=before)
         return DeliveryResult(mailbox_id, target, added.result.uidvalidity, added.result.uid, added.duplicate)

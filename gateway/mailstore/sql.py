@@ -56,7 +56,7 @@ from gateway.mailstore.errors import (
     StoreBusy,
     UidValidityChanged,
 )
-from gateway.mailstore.append_rows import AfterInsert, AppendRows, insert_append
+from gateway.mailstore.append_rows import AfterInsert, AppendRows, BeforeInsert, insert_append
 from gateway.mailstore.group_commit import GroupCommit, SyncGroupCommit
 from gateway.mailstore.index import Columns, FolderIndex, IndexCache, Row, columns_from
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
@@ -1181,13 +1181,15 @@ class SqlMailStore(MailStore):
 
     async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                           internaldate: dt.datetime | None = None, delivery_key: str | None = None,
-                          headers: CachedHeaders | None = None, after: AfterInsert | None = None) -> AddedMessage:
+                          headers: CachedHeaders | None = None, after: AfterInsert | None = None,
+                          before: BeforeInsert | None = None) -> AddedMessage:
         """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key).
 
         ``headers``: the message's header fields already parsed (``parse_headers``), saving a parse.
         ``after(connection, delivery_row_id)`` runs in the transaction that adds the message (not for a duplicate),
         synchronously in the database thread (append_rows): the caller's rows (the queue's outcome, the filing
-        job) are committed with the delivery, or not at all.
+        job) are committed with the delivery, or not at all. ``before(connection)`` runs first in that
+        transaction, before any row: the caller's last check (raising a ``MailStoreError`` refuses).
         """
         bits, keywords = flagcodec.encode(flags)
         replayable = isinstance(message, bytes | bytearray | memoryview | Path)
@@ -1214,7 +1216,7 @@ class SqlMailStore(MailStore):
         tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
         sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers
 
-        rows = AppendRows(folder, stored, sealed, bits, keywords, when, delivery_key, tokens, after)
+        rows = AppendRows(folder, stored, sealed, bits, keywords, when, delivery_key, tokens, after, before)
 
         def work(connection: Connection) -> AppendResult:
             return insert_append(connection, rows)

@@ -35,12 +35,13 @@ from gateway.pipeline.origin import Origin
 from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
 from gateway.pipeline.trace import trace_header_block
-from gateway.queue.local_delivery import LocalDeliveryWorker
+from gateway.queue.local_delivery import LocalDeliveryWorker, ReadyMessage
 from gateway.queue.spool import Spool, SpoolFile
 from gateway.queue.store import AcceptedRows, QueueStore
 from gateway.queue.tables import RecipientState, RouteKind
 from gateway.security.dkim import DkimVerifier
 from gateway.security.smime_service import InboundVerdict, SmimeService, is_smime_content_type
+from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -179,12 +180,17 @@ class Pipeline:
     def _hand_over(self, copies: list[_Copy], queued: list[AcceptedRows]) -> None:
         for copy in copies:
             copy.spool_file.keep()
-        for rows in queued:
-            self._dispatch(rows)
+        for copy, rows in zip(copies, queued, strict=True):
+            self._dispatch(rows, copy)
 
-    def _dispatch(self, rows: AcceptedRows) -> None:
+    def _dispatch(self, rows: AcceptedRows, copy: _Copy) -> None:
         if rows.has_route(RouteKind.LOCAL):
-            self.delivery.schedule(rows.queue_id)
+            # Local delivery gets the rows as committed and the plaintext still in memory (SQLite; see
+            # gateway.queue.local_delivery): it need not read either back.
+            types = {a.route.mailbox_id: a.route.type for a, _ in copy.recipients if isinstance(a.route, LocalRoute)}
+            ready = ReadyMessage(QueueStore.local_works(rows, types), copy.spool_file.plaintext()) \
+                if rows.recipient_ids else None
+            self.delivery.schedule(rows.queue_id, ready)
         if rows.has_route(RouteKind.REMOTE):
             self.remote_queued()
 
@@ -285,6 +291,7 @@ class Pipeline:
             id=spool_file.queue_id, door=origin.door.value, sender=transaction.sender,
             envid=transaction.params.envid, ret=transaction.params.ret, body_type=transaction.params.body,
             smtputf8=transaction.params.smtputf8, size=spool_file.size, message_id_header=facts.message_id,
+            received_at=utcnow(),
             trace_headers=trace, authenticated_as=origin.account.address if origin.account else None,
             client_address=origin.client_address, client_helo=(origin.helo or "")[:255] or None,
             tls=origin.tls.describe()[:128] if origin.tls else None,

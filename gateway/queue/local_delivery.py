@@ -22,7 +22,15 @@ header fields parsed once, and each recipient's mail store transaction also
 records the queue row ``delivered`` (and the message ``done`` with its last
 recipient) and the filing job of the delivery (``follow_up``); on SQLite the
 recipients of a message, and of messages delivered at the same time, share one
-commit (the mail store's group commit).
+commit (the mail store's group commit). The spool file of a finished message is unlinked in the
+database thread right after that commit (``Database.after_commit``): no thread hop of its own.
+
+Hand-over from acceptance (``schedule(queue_id, ready=...)``, SQLite): a message just committed comes
+with its recipient rows as committed and its plaintext, still in memory, so its delivery neither reads
+the queue rows nor reads and decrypts its spool file again. The spool file and the rows stay the truth
+(a restart, a retry or another node reads them); each delivery transaction checks first that its
+recipient is still pending (``RecipientClosed``: the queue's admin commands may have ended it meanwhile)
+before it writes anything.
 
 Back-pressure (``wait_for_room``): when ``local_backlog_limit`` messages are
 waiting for or in local delivery, an accepting session waits, before its
@@ -51,6 +59,7 @@ from sqlalchemy.engine import Connection
 from gateway.directory.generation import AnswerCache
 from gateway.directory.service import LocalRoute, RefusedRoute, Route
 from gateway.errors import UserError
+from gateway.mailstore.errors import MailStoreError
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.ops.metrics import LOCAL_DELIVERIES
 from gateway.queue.dsn import Action, RecipientReport, wants_report
@@ -66,6 +75,7 @@ from gateway.queue.outbound_store import MessageWork
 from gateway.queue.spool import Spool
 from gateway.queue.store import LocalWork, QueueStore, delivery_key
 from gateway.mail.codes import MailRefusal
+from gateway.storage.db import after_commit
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")
@@ -73,6 +83,23 @@ CHUNK = 256 * 1024
 IN_MEMORY = 4 * 1024 * 1024          # messages up to this size are read once for all their recipients
 # Rows committed with a delivery, in its transaction: synchronous, in the mail store's database thread.
 AfterDelivery = Callable[[Connection, "int | None"], None]
+# A check run first in the delivery's transaction, before any row; raises a MailStoreError to refuse.
+BeforeDelivery = Callable[[Connection], None]
+READY_PLAINTEXT_BYTES = 64 * 1024 * 1024   # at most this much handed-over plaintext held (the rest: from the spool)
+INLINE_CONTENT_BYTES = 64 * 1024     # a handed-over message up to this size is prepared in the event loop
+
+
+class RecipientClosed(MailStoreError):
+    """Raised in the delivery transaction, before any row: the recipient is no longer pending or deferred
+    (an administrator deleted or failed it since the hand-over): nothing to deliver."""
+
+
+@dataclass(frozen=True)
+class ReadyMessage:
+    """A message handed over by acceptance right after its commit (see the module docstring)."""
+
+    works: list[LocalWork]            # its local recipients, as committed (pending)
+    plaintext: bytes | None           # the spooled message's plaintext; None: read it from the spool
 
 
 class Delivered(Protocol):
@@ -91,7 +118,8 @@ class LocalStore(Protocol):
         ...
 
     async def deliver(self, mailbox_id: int, message: bytes | BinaryIO, *, delivery_key: str, folder: str = "INBOX",
-                      headers: CachedHeaders | None = None, after: AfterDelivery | None = None) -> Delivered: ...
+                      headers: CachedHeaders | None = None, after: AfterDelivery | None = None,
+                      before: BeforeDelivery | None = None) -> Delivered: ...
 
 
 class FollowUpRows(Protocol):
@@ -194,6 +222,26 @@ class _Content:
     headers: CachedHeaders
 
 
+class _Ending:
+    """A message's spool file, unlinked after the commit that finished the message (``after_commit``)."""
+
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.unlinked = False
+
+    def unlink_with(self, spool: Spool) -> Callable[[], None]:
+        def unlink() -> None:
+            spool.remove(self.queue_id)
+            self.unlinked = True
+        return unlink
+
+
+def _still_open(connection: Connection, work: LocalWork) -> None:
+    """First in a handed-over delivery's transaction (before any row): the recipient is still to deliver."""
+    if not QueueStore.is_open_in(connection, work.recipient_id):
+        raise RecipientClosed(f"recipient {work.recipient_id} of {work.queue_id} is no longer pending")
+
+
 @dataclass
 class RecoveryReport:
     half_received_removed: int = 0
@@ -230,6 +278,8 @@ class LocalDeliveryWorker:
         self._room.set()
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._scheduled: set[str] = set()
+        self._ready: dict[str, ReadyMessage] = {}     # handed over by acceptance, until delivered
+        self._ready_bytes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -255,14 +305,17 @@ class LocalDeliveryWorker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def schedule(self, queue_id: str) -> None:
-        """Deliver ``queue_id`` here soon; a node whose workers do not run leaves it to one whose do."""
+    def schedule(self, queue_id: str, ready: ReadyMessage | None = None) -> None:
+        """Deliver ``queue_id`` here soon; a node whose workers do not run leaves it to one whose do.
+        ``ready``: acceptance's hand-over of the message it just committed (see the module docstring)."""
         if not self.delivers_here:
             if self.elsewhere is not None:
                 self.elsewhere(queue_id)
             return
         if self.store is not None and queue_id not in self._scheduled:
             self._scheduled.add(queue_id)
+            if ready is not None and self.queue.db.is_sqlite:
+                self._hold(queue_id, ready)
             self._idle.clear()
             if self.backlog_limit and len(self._scheduled) >= self.backlog_limit:
                 self._room.clear()
@@ -285,8 +338,23 @@ class LocalDeliveryWorker:
                         self.backlog, self.backlog_wait)
             raise MailRefusal(BACKLOG_FULL) from None
 
+    def _hold(self, queue_id: str, ready: ReadyMessage) -> None:
+        size = len(ready.plaintext) if ready.plaintext is not None else 0
+        if self._ready_bytes + size > READY_PLAINTEXT_BYTES:
+            ready = ReadyMessage(ready.works, None)        # delivery reads this one from the spool
+        else:
+            self._ready_bytes += size
+        self._ready[queue_id] = ready
+
+    def _take_ready(self, queue_id: str) -> ReadyMessage | None:
+        ready = self._ready.pop(queue_id, None)
+        if ready is not None and ready.plaintext is not None:
+            self._ready_bytes -= len(ready.plaintext)
+        return ready
+
     def _done(self, queue_id: str) -> None:
         self._scheduled.discard(queue_id)
+        self._take_ready(queue_id)
         if len(self._scheduled) < self.backlog_limit or not self.backlog_limit:
             self._room.set()
         if not self._scheduled and self._busy == 0:
@@ -341,42 +409,60 @@ class LocalDeliveryWorker:
     async def deliver_message(self, queue_id: str) -> None:
         if self.answers is not None:
             await self.answers.refresh()      # routes checked against the directory as it is now
-        works = await self.queue.claim_local_work(queue_id, self.claim_lease)
+        ready = self._take_ready(queue_id)
+        # Handed over (SQLite, one process): the rows just committed, each checked again in its delivery
+        # transaction (``_still_open``); otherwise read (and on PostgreSQL claimed) from the queue.
+        works = ready.works if ready is not None else await self.queue.claim_local_work(queue_id, self.claim_lease)
         if not works:
             if await self.queue.finish_if_done(queue_id):
                 self.spool.remove(queue_id)
             return
-        content = await asyncio.to_thread(self._read, works[0]) if works[0].size <= IN_MEMORY else None
+        content = await self._content(works[0], ready.plaintext if ready is not None else None)
         assert self.store is not None
+        ending = _Ending(queue_id)
+        check = _still_open if ready is not None else None
         if self.store.shares_commits and len(works) > 1:
             # Every recipient's transaction joins the same group commit, run one after the other in order:
             # the last one sees the others' rows and finishes the message.
-            outcomes = await asyncio.gather(*(self._deliver_one(work, content) for work in works),
+            outcomes = await asyncio.gather(*(self._deliver_one(work, content, ending, check) for work in works),
                                             return_exceptions=True)
             errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
             if errors:
                 raise errors[0]
             finished = any(outcomes)
         else:
-            finished = any([await self._deliver_one(work, content) for work in works])
-        if finished:
-            # The store holds its own copy now. The unlink in a worker thread: on the event loop it was a
-            # sixth of the loop's busy samples under load (py-spy). Recovery never depends on it: a file
-            # whose message is done is removed, never delivered, by ``recover``.
+            finished = any([await self._deliver_one(work, content, ending, check) for work in works])
+        if finished and not ending.unlinked:
+            # The store holds its own copy now (a failure or a duplicate finished it: no commit hook ran).
+            # Recovery never depends on it: a file whose message is done is removed, never delivered, by
+            # ``recover``.
             await asyncio.to_thread(self.spool.remove, queue_id)
 
-    def _read(self, work: LocalWork) -> _Content:
-        """The message as delivered (decrypted from the spool), its header fields parsed once."""
-        with self._stream(work) as stream:
+    async def _content(self, work: LocalWork, plaintext: bytes | None) -> _Content | None:
+        """The message as delivered, read once for all its recipients: from the handed-over plaintext (a
+        small one right here: a thread hop costs more), else decrypted from the spool; None for a message
+        too large to hold (each recipient then streams it)."""
+        if work.size > IN_MEMORY:
+            return None
+        if plaintext is not None and len(plaintext) <= INLINE_CONTENT_BYTES:
+            return self._read(work, plaintext)
+        return await asyncio.to_thread(self._read, work, plaintext)
+
+    def _read(self, work: LocalWork, plaintext: bytes | None = None) -> _Content:
+        """The message as delivered (``plaintext``, or decrypted from the spool), its header fields parsed once."""
+        with self._stream(work, plaintext) as stream:
             data = stream.read()
         return _Content(data, parse_headers(header_section(data[:MAX_HEADER_BYTES])))
 
-    def _stream(self, work: LocalWork) -> io.BufferedReader:
-        return io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), self.spool.open_read(work.queue_id),
-                                                self.authserv_id), CHUNK)
+    def _stream(self, work: LocalWork, plaintext: bytes | None = None) -> io.BufferedReader:
+        source = io.BytesIO(plaintext) if plaintext is not None else self.spool.open_read(work.queue_id)
+        return io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), source, self.authserv_id), CHUNK)
 
-    async def _deliver_one(self, work: LocalWork, content: _Content | None) -> bool:
-        """Deliver to one recipient, or record why not; True when that finished the whole message."""
+    async def _deliver_one(self, work: LocalWork, content: _Content | None, ending: _Ending | None = None,
+                           check: Callable[[Connection, LocalWork], None] | None = None) -> bool:
+        """Deliver to one recipient, or record why not; True when that finished the whole message.
+        ``ending``: the spool file is unlinked right after the commit that finished the message; ``check``:
+        run first in the delivery transaction (``_still_open``)."""
         assert self.store is not None
         refusal = await self._route_refusal(work)
         if refusal is not None:
@@ -397,11 +483,21 @@ class LocalDeliveryWorker:
             finished = self.queue.delivered_in(connection, work.recipient_id, work.queue_id)
             if rows is not None and delivery_id is not None:
                 rows.add_in(connection, delivery_id)
+            if finished and ending is not None:
+                after_commit(connection, ending.unlink_with(self.spool))   # else (False): deliver_message unlinks
 
         stream = self._stream(work) if content is None else None
         source: bytes | BinaryIO = content.data if content is not None else stream  # type: ignore[assignment]
         try:
-            result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers, after=after)
+            if check is None:
+                result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers,
+                                                  after=after)
+            else:
+                result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers,
+                                                  after=after, before=lambda connection: check(connection, work))
+        except RecipientClosed:
+            log.info("not delivering %s to %s: the recipient was closed meanwhile", work.queue_id, work.address)
+            return False
         except Exception as exc:                                 # the store's refusals: QuotaExceeded, StoreBusy...
             if not isinstance(exc, UserError):
                 log.exception("delivery of %s to %s failed", work.queue_id, work.address)

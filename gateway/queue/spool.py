@@ -29,6 +29,7 @@ reaches the spool directory. Readers go through ``open_read``/``open_incoming``.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import secrets
 import time
@@ -41,6 +42,9 @@ from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
 from gateway.storage.private import private_dir
 
 
+# A message up to this size keeps its plaintext in memory while it is received: the pipeline's scan and
+# local delivery (acceptance's hand-over) then read it there instead of decrypting the spool file again.
+KEEP_PLAINTEXT_BYTES = 256 * 1024
 ORPHAN_GRACE = 3600.0   # seconds: a shared spool's file without rows is that old before it is taken for an orphan
 
 
@@ -88,12 +92,18 @@ class SpoolFile:
         self.size = 0
         self._fd: int | None = os.open(self.incoming_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._sealer: SealedSpoolWriter | None = spool.cipher.writer(self._fd, queue_id) if spool.cipher else None
+        self._plain: bytearray | None = bytearray()     # None once larger than KEEP_PLAINTEXT_BYTES
         self._committed = False
         self._discarded = False
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None, "spool file already closed"
         self.size += len(data)
+        if self._plain is not None:
+            if self.size <= KEEP_PLAINTEXT_BYTES:
+                self._plain += data
+            else:
+                self._plain = None
         if self._sealer is not None:
             self._sealer.write(data)
             return
@@ -106,7 +116,13 @@ class SpoolFile:
         """The plaintext of the complete message (call after the last ``write``: sealing is finished here)."""
         if self._sealer is not None:
             self._sealer.finish()
+        if self._plain is not None:
+            return io.BytesIO(self._plain)          # the same bytes as the sealed file's, not decrypted again
         return self.spool.reader(self.incoming_path, self.queue_id)
+
+    def plaintext(self) -> bytes | None:
+        """The complete message's plaintext when it was small enough to keep (``KEEP_PLAINTEXT_BYTES``)."""
+        return bytes(self._plain) if self._plain is not None else None
 
     def replace_content(self, data: bytes) -> None:
         """Start over with ``data`` (the pipeline signed or encrypted the message); before ``make_durable``."""
@@ -114,6 +130,7 @@ class SpoolFile:
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         self.size = 0
+        self._plain = bytearray()
         self._sealer = self.spool.cipher.writer(self._fd, self.queue_id) if self.spool.cipher else None
         self.write(data)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import Select, Table, bindparam, func, insert, or_, select, update
@@ -61,6 +61,7 @@ class AcceptedRows:
 
     message: dict[str, object]               # queue_messages columns; "id" is the queue id
     recipients: list[dict[str, object]]      # queue_recipients columns, without message_id
+    recipient_ids: list[int] = field(default_factory=list)   # set by ``insert_accepted``, in ``recipients``' order
 
     @property
     def queue_id(self) -> str:
@@ -141,10 +142,37 @@ class QueueStore:
         """The rows of accepted messages inside the caller's transaction (the acceptance group commit: one
         synchronous function in one database thread hop, ``Database.run_in_transaction``)."""
         _INSERT_MESSAGES.run_many(connection, [copy.message for copy in copies])
-        _INSERT_RECIPIENTS.run_many(connection, [{**row, "message_id": copy.queue_id}
-                                                 for copy in copies for row in copy.recipients])
+        for copy in copies:
+            # Each row's id comes back (RETURNING): local delivery keys are made of them, and acceptance hands
+            # the rows over to local delivery without reading them back.
+            copy.recipient_ids[:] = [_INSERT_RECIPIENT.run(connection, {**row, "message_id": copy.queue_id}).fetchone()[0]
+                                     for row in copy.recipients]
         for change in conversation_changes:
             change.apply_in(connection)
+
+    @staticmethod
+    def local_works(copy: AcceptedRows, mailbox_types: dict[int, str]) -> list[LocalWork]:
+        """The local recipients of a copy ``insert_accepted`` committed, as ``local_work`` would read them now."""
+        message = copy.message
+        received_at = message["received_at"]
+        assert isinstance(received_at, dt.datetime), "received_at is set by the pipeline"
+        works: list[LocalWork] = []
+        for recipient_id, row in zip(copy.recipient_ids, copy.recipients, strict=True):
+            if row["route"] != RouteKind.LOCAL.value:
+                continue
+            mailbox_id = row["mailbox_id"]
+            assert mailbox_id is None or isinstance(mailbox_id, int)
+            works.append(LocalWork(recipient_id, copy.queue_id, mailbox_id, str(row["address"]),
+                                   str(message["trace_headers"]), received_at, str(message["sender"] or ""),
+                                   int(str(message["size"])),
+                                   mailbox_types.get(mailbox_id) if mailbox_id is not None else None))
+        return works
+
+    @staticmethod
+    def is_open_in(connection: Connection, recipient_id: int) -> bool:
+        """Whether a recipient is still pending or deferred, inside the caller's transaction."""
+        row = _RECIPIENT_STATE.run(connection, {"recipient": recipient_id}).fetchone()
+        return row is not None and row[0] in OPEN_STATES
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""
@@ -274,7 +302,8 @@ def _local_work_statement(one_message: bool) -> Select[Any]:
 
 # The accept and delivery statements run on SQLite's driver directly (gateway.storage.prepared).
 _INSERT_MESSAGES = Prepared(insert(_MESSAGES))
-_INSERT_RECIPIENTS = Prepared(insert(_RECIPIENTS))
+_INSERT_RECIPIENT = Prepared(insert(_RECIPIENTS).returning(_RECIPIENTS.c.id))
+_RECIPIENT_STATE = Prepared(select(_RECIPIENTS.c.state).where(_RECIPIENTS.c.id == bindparam("recipient")))
 _DELIVERED = Prepared(update(_RECIPIENTS).where(_RECIPIENTS.c.id == bindparam("recipient"))
               .values(state=RecipientState.DELIVERED.value, attempts=_RECIPIENTS.c.attempts + 1,
                       updated_at=bindparam("now"), delivered_at=bindparam("now"), last_error=None))

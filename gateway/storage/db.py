@@ -208,8 +208,11 @@ class Database:
         DATA was sent would leave it.
         """
         if self._sync_engine is None or self._sync_threads is None:
+            actions: list[Callable[[], None]] = []
             async with self.engine.begin() as conn:
-                return await conn.run_sync(work)
+                result = await conn.run_sync(_collecting(work, actions))
+            _run_after_commit(actions)
+            return result
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._sync_threads, _run_sync_transaction, self._sync_engine, work, write)
 
@@ -242,10 +245,51 @@ _SQLITE_THREADS = 4
 
 
 def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write: bool) -> T:
+    actions: list[Callable[[], None]] = []
     with engine.connect() as connection:
         connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
         with connection.begin():
+            result = _collecting(work, actions)(connection)
+    _run_after_commit(actions)                 # same thread hop: no extra trip for the caller's clean-up
+    return result
+
+
+_AFTER_COMMIT = "gateway.after_commit"
+
+
+def after_commit(connection: Connection, action: Callable[[], None]) -> bool:
+    """Run ``action`` once the transaction ``connection`` is in has committed; never if it rolls back.
+
+    For ``run_in_transaction`` work only (it collects them): on a SQLite file the actions run in the
+    same database thread right after the commit, so a clean-up that must follow the commit (unlinking a
+    spool file whose message is done) costs no thread hop of its own; on PostgreSQL, on the event loop
+    after the commit. Keep them short and synchronous; an action's error is logged, never raised (the
+    transaction is committed whatever it does). False, and nothing done, outside ``run_in_transaction``
+    (the caller then acts itself once it knows the commit happened)."""
+    info = getattr(connection, "info", None)
+    actions = info.get(_AFTER_COMMIT) if info is not None else None
+    if actions is None:
+        return False
+    actions.append(action)
+    return True
+
+
+def _collecting(work: Callable[[Connection], T], actions: list[Callable[[], None]]) -> Callable[[Connection], T]:
+    def collecting(connection: Connection) -> T:
+        connection.info[_AFTER_COMMIT] = actions
+        try:
             return work(connection)
+        finally:
+            connection.info.pop(_AFTER_COMMIT, None)
+    return collecting
+
+
+def _run_after_commit(actions: list[Callable[[], None]]) -> None:
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            log.exception("an action after a committed transaction failed")
 
 
 def alembic_config() -> AlembicConfig:
