@@ -223,17 +223,32 @@ class _Content:
 
 
 class _Ending:
-    """A message's spool file, unlinked after the commit that finished the message (``after_commit``)."""
+    """A message's spool file, unlinked in the database thread after the commit that finished the message
+    (``after_commit``); ``wait`` returns once it is gone."""
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
-        self.unlinked = False
+        self.registered = False          # the finishing transaction will unlink it once committed
+        self._gone = asyncio.get_running_loop().create_future()
 
-    def unlink_with(self, spool: Spool) -> Callable[[], None]:
+    def register(self, connection: Connection, spool: Spool) -> bool:
+        """False outside ``run_in_transaction`` (a test's store): the caller unlinks."""
+        loop = self._gone.get_loop()
+
         def unlink() -> None:
-            spool.remove(self.queue_id)
-            self.unlinked = True
-        return unlink
+            try:
+                spool.remove(self.queue_id)
+            finally:
+                loop.call_soon_threadsafe(_settle_once, self._gone)
+        return after_commit(connection, unlink)
+
+    async def wait(self) -> None:
+        await self._gone
+
+
+def _settle_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _still_open(connection: Connection, work: LocalWork) -> None:
@@ -419,20 +434,22 @@ class LocalDeliveryWorker:
             return
         content = await self._content(works[0], ready.plaintext if ready is not None else None)
         assert self.store is not None
-        ending = _Ending(queue_id)
+        endings: list[_Ending] = []
         check = _still_open if ready is not None else None
         if self.store.shares_commits and len(works) > 1:
             # Every recipient's transaction joins the same group commit, run one after the other in order:
             # the last one sees the others' rows and finishes the message.
-            outcomes = await asyncio.gather(*(self._deliver_one(work, content, ending, check) for work in works),
+            outcomes = await asyncio.gather(*(self._deliver_one(work, content, endings, check) for work in works),
                                             return_exceptions=True)
             errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
             if errors:
                 raise errors[0]
             finished = any(outcomes)
         else:
-            finished = any([await self._deliver_one(work, content, ending, check) for work in works])
-        if finished and not ending.unlinked:
+            finished = any([await self._deliver_one(work, content, endings, check) for work in works])
+        if finished and endings:
+            await endings[-1].wait()          # unlinked by the database thread after the finishing commit
+        elif finished:
             # The store holds its own copy now (a failure or a duplicate finished it: no commit hook ran).
             # Recovery never depends on it: a file whose message is done is removed, never delivered, by
             # ``recover``.
@@ -458,11 +475,12 @@ class LocalDeliveryWorker:
         source = io.BytesIO(plaintext) if plaintext is not None else self.spool.open_read(work.queue_id)
         return io.BufferedReader(DeliveryStream(work.trace_headers.encode("utf-8"), source, self.authserv_id), CHUNK)
 
-    async def _deliver_one(self, work: LocalWork, content: _Content | None, ending: _Ending | None = None,
+    async def _deliver_one(self, work: LocalWork, content: _Content | None, endings: list[_Ending] | None = None,
                            check: Callable[[Connection, LocalWork], None] | None = None) -> bool:
         """Deliver to one recipient, or record why not; True when that finished the whole message.
-        ``ending``: the spool file is unlinked right after the commit that finished the message; ``check``:
-        run first in the delivery transaction (``_still_open``)."""
+        ``endings``: when this delivery's commit finished the message, the spool file is unlinked right after
+        it, in the database thread, and its ``_Ending`` appended here; ``check``: run first in the delivery
+        transaction (``_still_open``)."""
         assert self.store is not None
         refusal = await self._route_refusal(work)
         if refusal is not None:
@@ -476,6 +494,7 @@ class LocalDeliveryWorker:
                                                 mailbox_type=work.mailbox_type, recipient=work.address,
                                                 sender=work.sender, headers=headers)
         finished = False
+        ending = _Ending(work.queue_id) if endings is not None else None
 
         def after(connection: Connection, delivery_id: int | None) -> None:
             # Committed with the message, or not at all: a crash leaves both undone, and the retry delivers.
@@ -483,8 +502,8 @@ class LocalDeliveryWorker:
             finished = self.queue.delivered_in(connection, work.recipient_id, work.queue_id)
             if rows is not None and delivery_id is not None:
                 rows.add_in(connection, delivery_id)
-            if finished and ending is not None:
-                after_commit(connection, ending.unlink_with(self.spool))   # else (False): deliver_message unlinks
+            if ending is not None:            # this attempt's transaction (a retried one registers again)
+                ending.registered = finished and ending.register(connection, self.spool)
 
         stream = self._stream(work) if content is None else None
         source: bytes | BinaryIO = content.data if content is not None else stream  # type: ignore[assignment]
@@ -508,6 +527,8 @@ class LocalDeliveryWorker:
         LOCAL_DELIVERIES.labels("delivered").inc()
         if result.duplicate:                                     # delivered before (by an older version, or a rerun)
             return await self.queue.mark_delivered(work.recipient_id, work.queue_id)
+        if finished and ending is not None and endings is not None and ending.registered:
+            endings.append(ending)
         return finished
 
     async def _route_refusal(self, work: LocalWork) -> LocalFailure | None:

@@ -214,7 +214,10 @@ class Database:
             _run_after_commit(actions)
             return result
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._sync_threads, _run_sync_transaction, self._sync_engine, work, write)
+        outcome: asyncio.Future[T] = loop.create_future()
+        self._sync_threads.submit(_run_sync_transaction, self._sync_engine, work, write,
+                                  lambda result, error: loop.call_soon_threadsafe(_settle, outcome, result, error))
+        return await outcome
 
     async def migrate(self, revision: str = "heads") -> None:
         """Bring the schema to ``revision`` (default: the newest of every branch).
@@ -244,14 +247,31 @@ class Database:
 _SQLITE_THREADS = 4
 
 
-def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write: bool) -> T:
+def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write: bool,
+                          report: Callable[[T | None, BaseException | None], object]) -> None:
+    """In a database thread: the transaction, its outcome reported to the event loop, then (committed) the
+    ``after_commit`` actions, in the same hop but after the caller has its answer (an unlink can wait on the
+    file system's journal: it must not delay the group commit behind it)."""
     actions: list[Callable[[], None]] = []
-    with engine.connect() as connection:
-        connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
-        with connection.begin():
-            result = _collecting(work, actions)(connection)
-    _run_after_commit(actions)                 # same thread hop: no extra trip for the caller's clean-up
-    return result
+    try:
+        with engine.connect() as connection:
+            connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
+            with connection.begin():
+                result = _collecting(work, actions)(connection)
+    except BaseException as exc:
+        report(None, exc)
+        return
+    report(result, None)
+    _run_after_commit(actions)
+
+
+def _settle(outcome: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if outcome.done():                         # the caller was cancelled: the transaction ended all the same
+        return
+    if error is not None:
+        outcome.set_exception(error)
+    else:
+        outcome.set_result(result)  # type: ignore[arg-type]
 
 
 _AFTER_COMMIT = "gateway.after_commit"
