@@ -67,6 +67,23 @@ async def fsync_directory_in_thread(path: Path) -> None:
     await asyncio.get_running_loop().run_in_executor(_FSYNC_THREADS, fsync_directory, path)
 
 
+def _create_synced(path: Path, data: bytes) -> None:
+    """A new file holding ``data``, fsynced and closed (in a worker thread: one hop for the three)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def new_queue_id() -> str:
     """Sortable by arrival (milliseconds, hex) and unique (48 random bits)."""
     return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(6)}"
@@ -82,7 +99,11 @@ def fsync_directory(path: Path) -> None:
 
 
 class SpoolFile:
-    """One message being received; a ``MessageSink`` for the SMTP protocol."""
+    """One message being received; a ``MessageSink`` for the SMTP protocol.
+
+    A message kept in memory (up to ``KEEP_PLAINTEXT_BYTES``) creates its file only in ``sync_data``: the
+    file is created, written, fsynced and closed in one worker-thread hop (it used to be one hop to create
+    it, on the event loop's behalf, and another to fsync it). A larger one spills to its file as it comes."""
 
     def __init__(self, spool: "Spool", queue_id: str) -> None:
         self.spool = spool
@@ -90,27 +111,37 @@ class SpoolFile:
         self.incoming_path = spool.incoming / f"{queue_id}.eml"
         self.path = spool.path_of(queue_id)
         self.size = 0
-        self._fd: int | None = os.open(self.incoming_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._sealer: SealedSpoolWriter | None = spool.cipher.writer(self._fd, queue_id) if spool.cipher else None
+        self._fd: int | None = None                      # created at the spill, or in sync_data
+        self._held: bytearray = bytearray()              # the file's octets while it is not created
+        self._closed = False                             # sync_data (or discard) ran: no more writes
         self._plain: bytearray | None = bytearray()     # None once larger than KEEP_PLAINTEXT_BYTES
+        self._sealer: SealedSpoolWriter | None = spool.cipher.writer(self._output, queue_id) if spool.cipher else None
         self._committed = False
         self._discarded = False
 
     def write(self, data: bytes) -> None:
-        assert self._fd is not None, "spool file already closed"
+        assert not self._closed, "spool file already closed"
         self.size += len(data)
         if self._plain is not None:
             if self.size <= KEEP_PLAINTEXT_BYTES:
                 self._plain += data
             else:
-                self._plain = None
+                self._plain = None                       # too large to keep: it spills to its file
         if self._sealer is not None:
             self._sealer.write(data)
+        else:
+            self._output(data)
+
+    def _output(self, data: bytes) -> None:
+        """The file's octets (sealed when the spool seals): held while the message is kept in memory."""
+        if self._fd is None and self._plain is not None:
+            self._held += data
             return
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        if self._fd is None:
+            self._fd = os.open(self.incoming_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            _write_all(self._fd, self._held)
+            self._held = bytearray()
+        _write_all(self._fd, data)
 
     def open_incoming(self) -> BinaryIO:
         """The plaintext of the complete message (call after the last ``write``: sealing is finished here)."""
@@ -126,12 +157,14 @@ class SpoolFile:
 
     def replace_content(self, data: bytes) -> None:
         """Start over with ``data`` (the pipeline signed or encrypted the message); before ``make_durable``."""
-        assert self._fd is not None, "spool file already durable"
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
+        assert not self._closed, "spool file already durable"
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
         self.size = 0
+        self._held = bytearray()
         self._plain = bytearray()
-        self._sealer = self.spool.cipher.writer(self._fd, self.queue_id) if self.spool.cipher else None
+        self._sealer = self.spool.cipher.writer(self._output, self.queue_id) if self.spool.cipher else None
         self.write(data)
 
     async def make_durable(self) -> Path:
@@ -143,20 +176,35 @@ class SpoolFile:
 
     async def sync_data(self) -> None:
         """Step 1: the sealed bytes on disk (fsync), the file closed. Idempotent."""
-        if self._fd is None:
+        if self._closed:
             return
         if self._sealer is not None:
             self._sealer.finish()
+        self._closed = True
         fd, self._fd = self._fd, None
+        if fd is None:
+            held, self._held = bytes(self._held), bytearray()
+            creating = asyncio.get_running_loop().run_in_executor(_FSYNC_THREADS, _create_synced,
+                                                                  self.incoming_path, held)
+            try:
+                await asyncio.shield(creating)
+            except asyncio.CancelledError:          # the file may appear after a discard: it goes then
+                creating.add_done_callback(self._unlink_if_discarded)
+                raise
+            return
         try:
             await fsync_in_thread(fd)
         finally:
             os.close(fd)
 
+    def _unlink_if_discarded(self, _created: object) -> None:
+        if self._discarded:
+            self.incoming_path.unlink(missing_ok=True)
+
     def move_into_queue(self) -> None:
         """Step 2 without its directory fsync (the caller fsyncs ``queue/`` once for every file it moved,
         see gateway.pipeline.acceptance). Idempotent."""
-        assert self._fd is None, "sync_data first"
+        assert self._closed, "sync_data first"
         if not self._committed:
             os.rename(self.incoming_path, self.path)
             self._committed = True
@@ -166,6 +214,8 @@ class SpoolFile:
         if self._discarded:
             return
         self._discarded = True
+        self._closed = True
+        self._held = bytearray()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

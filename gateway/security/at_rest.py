@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -38,7 +39,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -213,8 +214,9 @@ class SpoolCipher:
         current = await keys.current_key(SPOOL_OWNER)
         return cls(current.key_id, current.key)
 
-    def writer(self, fd: int, binding: str) -> SealedSpoolWriter:
-        return SealedSpoolWriter(fd, self, binding)
+    def writer(self, output: int | Callable[[bytes], None], binding: str) -> SealedSpoolWriter:
+        """Seals what is written into ``output``: a file descriptor, or a function given the sealed octets."""
+        return SealedSpoolWriter(output, self, binding)
 
     def reader(self, path: Path, binding: str) -> BinaryIO:
         """A buffered, sequential reader of the plaintext; plaintext files (written before sealing) pass through."""
@@ -244,16 +246,17 @@ class SpoolCipher:
 
 
 class SealedSpoolWriter:
-    """Encrypts what is written to ``fd`` segment by segment; ``finish`` seals the last segment."""
+    """Encrypts what is written to ``output`` (a file descriptor, or a function given the sealed octets)
+    segment by segment; ``finish`` seals the last segment."""
 
-    def __init__(self, fd: int, cipher: SpoolCipher, binding: str) -> None:
+    def __init__(self, output: int | Callable[[bytes], None], cipher: SpoolCipher, binding: str) -> None:
         header = _SpoolHeader(cipher.key_id, secrets.token_bytes(16), secrets.token_bytes(7))
-        self._fd = fd
+        self._emit: Callable[[bytes], None] = output if callable(output) else functools.partial(_write_all, output)
         self._aead = cipher._aead(header, binding)
         self._buffer = bytearray()
         self._index = 0
         self._finished = False
-        _write_all(fd, header.pack())
+        self._emit(header.pack())
 
     def write(self, data: bytes) -> None:
         if self._finished:
@@ -262,14 +265,14 @@ class SealedSpoolWriter:
         while len(self._buffer) > SPOOL_SEGMENT:         # keep at least one octet back for the last segment
             segment = bytes(self._buffer[:SPOOL_SEGMENT])
             del self._buffer[:SPOOL_SEGMENT]
-            _write_all(self._fd, self._aead.seal(self._index, segment, last=False))
+            self._emit(self._aead.seal(self._index, segment, last=False))
             self._index += 1
 
     def finish(self) -> None:
         """Seal the last segment (idempotent): the file is then complete and readable."""
         if self._finished:
             return
-        _write_all(self._fd, self._aead.seal(self._index, bytes(self._buffer), last=True))
+        self._emit(self._aead.seal(self._index, bytes(self._buffer), last=True))
         self._buffer.clear()
         self._finished = True
 

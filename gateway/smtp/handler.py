@@ -9,7 +9,6 @@ ends, whatever the path (maddy#348).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -178,14 +177,8 @@ class GatewayHandler:
         return codes.RECIPIENT_OK
 
     async def open_message(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope) -> MessageSink:
-        # Creating a file waits on the directory while other messages' renames and fsyncs hold it: in a
-        # worker thread, so the other connections are served meanwhile.
-        opening = asyncio.ensure_future(asyncio.to_thread(self.pipeline.open_spool))
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:                  # the client left: the file, once made, goes too
-            opening.add_done_callback(_discard_opened)
-            raise
+        # No file yet: a message kept in memory creates it when it is made durable (gateway.queue.spool).
+        return self.pipeline.open_spool()
 
     async def handle_DATA(self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope) -> Reply:
         sink = envelope.sink
@@ -196,11 +189,6 @@ class GatewayHandler:
     def abandon_transaction(self, server: GatewaySMTP, envelope: GatewayEnvelope) -> None:
         if envelope.sink is not None:
             envelope.sink.discard()
-
-
-def _discard_opened(opening: asyncio.Future[SpoolFile]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().discard()
 
 
 def _transaction(envelope: GatewayEnvelope) -> Transaction:

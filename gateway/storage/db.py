@@ -258,7 +258,7 @@ def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write
             connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
             with connection.begin():
                 result = _collecting(work, actions)(connection)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001  (handed to the caller as it is)
         report(None, exc)
         return
     report(result, None)
