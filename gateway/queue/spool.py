@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import BinaryIO
 
 from gateway.config import Settings
 from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
+from gateway.security.nonces import nonce_hex
 from gateway.storage.private import private_dir
 
 
@@ -86,7 +86,7 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 
 def new_queue_id() -> str:
     """Sortable by arrival (milliseconds, hex) and unique (48 random bits)."""
-    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(6)}"
+    return f"{time.time_ns() // 1_000_000:011x}{nonce_hex(6)}"
 
 
 def fsync_directory(path: Path) -> None:

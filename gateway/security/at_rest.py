@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import struct
 import threading
 from collections import OrderedDict
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import func, select
 
 from gateway.imap.protocol.envelope import WIRE_VERSION
+from gateway.security.nonces import nonce_bytes
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.segments import SegmentAead
 from gateway.storage.db import Database
@@ -103,7 +103,7 @@ class FieldSealer:
     async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
         current = await self.keys.current_key(owner)
         cipher = await self._cipher(owner, current.key_id)
-        nonce = secrets.token_bytes(FIELD_NONCE_BYTES)
+        nonce = nonce_bytes(FIELD_NONCE_BYTES)
         sealed = cipher.encrypt(nonce, value, _field_aad(owner, column))
         return SEALED_PREFIX + base64.urlsafe_b64encode(KEY_ID.pack(current.key_id) + nonce + sealed).decode("ascii")
 
@@ -250,7 +250,7 @@ class SealedSpoolWriter:
     segment by segment; ``finish`` seals the last segment."""
 
     def __init__(self, output: int | Callable[[bytes], None], cipher: SpoolCipher, binding: str) -> None:
-        header = _SpoolHeader(cipher.key_id, secrets.token_bytes(16), secrets.token_bytes(7))
+        header = _SpoolHeader(cipher.key_id, nonce_bytes(16), nonce_bytes(7))
         self._emit: Callable[[bytes], None] = output if callable(output) else functools.partial(_write_all, output)
         self._aead = cipher._aead(header, binding)
         self._buffer = bytearray()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import secrets
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.security.keys import KeyManager, UnknownDataKey
+from gateway.security.nonces import nonce_bytes, nonce_hex
 from gateway.security.segments import SegmentAead
 from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
 
@@ -121,9 +121,9 @@ class BlobWriter:
     """
 
     def __init__(self, store: BlobStore, owner: str, key_id: int, data_key: bytes) -> None:
-        self.blob_id = secrets.token_hex(16)
+        self.blob_id = nonce_hex(16)
         self._store = store
-        self._header = _Header(key_id, secrets.token_bytes(SALT_BYTES), secrets.token_bytes(NONCE_PREFIX_BYTES),
+        self._header = _Header(key_id, nonce_bytes(SALT_BYTES), nonce_bytes(NONCE_PREFIX_BYTES),
                                SEGMENT_SIZE)
         self._cipher = _segment_cipher(data_key, self._header, owner, self.blob_id)
         self._pending = bytearray()
@@ -226,6 +226,7 @@ class BlobStore:
         self.root = root
         self.keys = keys
         self.temp_dir = root / "tmp"
+        self._shards: set[str] = set()      # "abcd" of the shard directories known to exist (at most 65,536)
         private_dir(self.root)
         private_dir(self.temp_dir)
 
@@ -235,12 +236,17 @@ class BlobStore:
         return self.root / blob_id[:2] / blob_id[2:4] / blob_id
 
     def ensure_shard(self, shard: Path) -> list[Path]:
-        """Create the shard directories; returns the parents whose entries changed (to fsync)."""
+        """Create the shard directories; returns the parents whose entries changed (to fsync). A shard seen
+        once is not looked at again (two ``stat`` calls a blob, each a GIL release in a worker thread)."""
+        known = shard.parent.name + shard.name
+        if known in self._shards:
+            return []
         changed: list[Path] = []
         for directory in (shard.parent, shard):
             if not directory.is_dir():
                 directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
                 changed.append(directory.parent)
+        self._shards.add(known)
         return changed
 
     async def put(self, owner: str, source: BlobSource) -> StoredBlob:
