@@ -16,6 +16,7 @@ CRLs) are not cached here: callers cache the rows and judge them against the tim
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -84,9 +85,21 @@ class AnswerCache:
         self.misses = 0
         path = _sqlite_path(db)
         self._reader = _SqliteGenerationReader(path) if path is not None else None
+        self._read_serves = False
+        self.reads = 0           # for tests and benchmarks: generations read
 
     async def refresh(self) -> None:
-        """Read the generation; forget every answer if the directory changed since the last read."""
+        """Read the generation; forget every answer if the directory changed since the last read.
+
+        On SQLite, one read serves the refreshes that follow it until every callback made ready before it
+        has run: the end of that stretch is a callback queued just before the read (asyncio runs its ready
+        callbacks in order). A callback queued before the read was made ready by something that had
+        happened already (a directory change committed, a message accepted), so the read saw it; one queued
+        after the read runs after the end of the stretch and reads again. The read releases the GIL, so
+        each one is a thread switch of the event loop while worker threads wait for it: the deliveries and
+        DATA completions woken together (a group commit's callers) now share one."""
+        if self._read_serves:
+            return
         generation = await self._read()
         if generation != self.generation:
             self._answers.clear()
@@ -94,11 +107,20 @@ class AnswerCache:
 
     async def _read(self) -> int:
         if self._reader is not None:
+            asyncio.get_running_loop().call_soon(self._stretch_over)     # queued before the read: see refresh
             try:
-                return self._reader.read()
+                generation = self._reader.read()
             except sqlite3.Error:                  # busy or not migrated yet: the engine's way, which waits
                 pass
+            else:
+                self.reads += 1
+                self._read_serves = True
+                return generation
+        self.reads += 1
         return await current_generation(self.db)
+
+    def _stretch_over(self) -> None:
+        self._read_serves = False
 
     def forget(self) -> None:
         self._answers.clear()
