@@ -63,22 +63,26 @@ class LocalDelivery:
     async def deliver(self, mailbox_id: int, raw_message: MessageSource, *, delivery_key: str,
                       folder: str = INBOX, flags: Iterable[str] = (),
                       internaldate: dt.datetime | None = None, headers: CachedHeaders | None = None,
-                      after: AfterInsert | None = None, before: BeforeInsert | None = None) -> DeliveryResult:
+                      after: AfterInsert | None = None, before: BeforeInsert | None = None,
+                      filing_due: bool = True) -> DeliveryResult:
         """File a message durably. Raises QuotaExceeded (552 5.2.2), StoreBusy (451 4.3.0), MailboxNotHosted.
 
         A missing target folder falls back to INBOX; a mailbox never provisioned is provisioned first.
         ``headers`` (parsed already), ``after`` (rows committed with the delivery) and ``before`` (the caller's
-        check first in that transaction): see ``add_message``.
+        check first in that transaction), ``filing_due`` (False: the delivery's filing job ended at
+        delivery, the filing worker is not woken): see ``add_message``.
         """
         target = folder
         try:
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
                                                  internaldate=internaldate, delivery_key=delivery_key,
-                                                 headers=headers, after=after, before=before)
+                                                 headers=headers, after=after, before=before,
+                                                 filing_due=filing_due)
         except FolderNotFound:
             target = INBOX
             await self.provision(mailbox_id)
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
                                                  internaldate=internaldate, delivery_key=delivery_key,
-                                                 headers=headers, after=after, before=before)
+                                                 headers=headers, after=after, before=before,
+                                                 filing_due=filing_due)
         return DeliveryResult(mailbox_id, target, added.result.uidvalidity, added.result.uid, added.duplicate)

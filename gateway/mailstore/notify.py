@@ -41,7 +41,8 @@ class ChangeEvent:
     folder: str | None  # None for mailbox-wide changes
     kind: ChangeKind
     modseq: int = 0
-    delivered: bool = False   # EXISTS of a delivery (a delivery key: its filing job is due), not of an APPEND
+    delivered: bool = False   # EXISTS of a delivery whose filing job is still due (not of an APPEND, nor of one
+                              # whose job ended at delivery: gateway.dmp_bridge.intake)
 
     def to_json(self) -> dict[str, Any]:
         return {"m": self.mailbox_id, "f": self.folder, "k": self.kind.value, "s": self.modseq,

@@ -1182,7 +1182,7 @@ class SqlMailStore(MailStore):
     async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                           internaldate: dt.datetime | None = None, delivery_key: str | None = None,
                           headers: CachedHeaders | None = None, after: AfterInsert | None = None,
-                          before: BeforeInsert | None = None) -> AddedMessage:
+                          before: BeforeInsert | None = None, filing_due: bool = True) -> AddedMessage:
         """APPEND and local delivery: write the blob durably, then commit the row (idempotent per delivery key).
 
         ``headers``: the message's header fields already parsed (``parse_headers``), saving a parse.
@@ -1190,6 +1190,8 @@ class SqlMailStore(MailStore):
         synchronously in the database thread (append_rows): the caller's rows (the queue's outcome, the filing
         job) are committed with the delivery, or not at all. ``before(connection)`` runs first in that
         transaction, before any row: the caller's last check (raising a ``MailStoreError`` refuses).
+        ``filing_due``: the delivery's filing job is still to run (the change event wakes the filing worker);
+        False when it ended at delivery.
         """
         bits, keywords = flagcodec.encode(flags)
         replayable = isinstance(message, bytes | bytearray | memoryview | Path)
@@ -1238,7 +1240,7 @@ class SqlMailStore(MailStore):
         self._committed(folder, _Written(-1 if folder_id is None else folder_id, result.uidvalidity, result.modseq - 1,
                                          result.modseq, [(result.uid, result.modseq, bits,
                                                           flagcodec.keywords_column(keywords))]),
-                        ChangeKind.EXISTS, delivered=delivery_key is not None)
+                        ChangeKind.EXISTS, delivered=delivery_key is not None and filing_due)
         return AddedMessage(result, duplicate=False)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,

@@ -119,11 +119,16 @@ class LocalStore(Protocol):
 
     async def deliver(self, mailbox_id: int, message: bytes | BinaryIO, *, delivery_key: str, folder: str = "INBOX",
                       headers: CachedHeaders | None = None, after: AfterDelivery | None = None,
-                      before: BeforeDelivery | None = None) -> Delivered: ...
+                      before: BeforeDelivery | None = None, filing_due: bool = True) -> Delivered: ...
 
 
 class FollowUpRows(Protocol):
     def add_in(self, connection: Connection, delivery_id: int) -> None: ...
+
+    @property
+    def examined(self) -> bool:
+        """Ended at delivery (not for filing): nothing for the filing worker to do, no need to wake it."""
+        ...
 
 
 class DeliveryFollowUp(Protocol):
@@ -507,13 +512,14 @@ class LocalDeliveryWorker:
 
         stream = self._stream(work) if content is None else None
         source: bytes | BinaryIO = content.data if content is not None else stream  # type: ignore[assignment]
+        options: dict[str, Any] = {}                             # only what applies (a test's store takes neither)
+        if check is not None:
+            options["before"] = lambda connection: check(connection, work)
+        if rows is not None and rows.examined:
+            options["filing_due"] = False                        # the filing worker is not woken for it
         try:
-            if check is None:
-                result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers,
-                                                  after=after)
-            else:
-                result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers,
-                                                  after=after, before=lambda connection: check(connection, work))
+            result = await self.store.deliver(work.mailbox_id, source, delivery_key=key, headers=headers, after=after,
+                                              **options)
         except RecipientClosed:
             log.info("not delivering %s to %s: the recipient was closed meanwhile", work.queue_id, work.address)
             return False

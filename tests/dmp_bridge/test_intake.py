@@ -16,6 +16,7 @@ from gateway.dmp_bridge.record import JOB_SUBJECT_COLUMN, RecordSealer
 from gateway.dmp_bridge.tables import FilingJob, JobState
 from gateway.dmp_bridge.worker import FilingWorker
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
+from gateway.mailstore.notify import ChangeEvent, ChangeKind
 from gateway.queue.local_delivery import LocalDeliveryWorker as QueueDelivery
 from gateway.queue.tables import QueuedMessage, QueuedRecipient, RecipientState, RouteKind
 from gateway.queue.store import QueueStore
@@ -77,3 +78,23 @@ async def test_jobs_are_committed_with_their_delivery(database: Database, settin
     assert await worker.run_once() == 1                    # only the patient's copy is left to examine
     assert (await _job(world, to_patient)).state == JobState.FILED.value
     assert not spool.path_of(to_doctor).exists() and not spool.path_of(to_patient).exists()
+
+
+async def test_only_a_delivery_whose_job_is_due_wakes_the_filing_worker(database: Database, settings: Settings,
+                                                                        tmp_path: Path) -> None:
+    """The professional's plain copy (job ended at delivery) publishes no "delivered" change: the filing worker,
+    which listens for those, is not woken for nothing; the patient's copy does."""
+    world = await build_world(database, settings)
+    spool = Spool(tmp_path / "spool")
+    delivery = QueueDelivery(QueueStore(world.db), spool, StoreDelivery(world.mailstore), authserv_id="localhost",
+                             follow_up=FilingIntake(FieldSealer(world.keys)))
+    events: list[ChangeEvent] = []
+    world.hub.add_forwarder(events.append)
+    plain = EmailMessage()
+    plain["From"], plain["To"], plain["Subject"] = LAB_ADDRESS, world.doctor_address, "Rien"
+    plain.set_content("Bonjour, rien de joint.")
+    await delivery.deliver_message(await _queue(world, spool, plain, world.doctor_mailbox_id, world.doctor_address))
+    await delivery.deliver_message(await _queue(world, spool, cda_message("VAC-NOTE_2023.01.xml"),
+                                                world.patient_mailbox_id, world.patient_address))
+    exists = [(event.mailbox_id, event.delivered) for event in events if event.kind == ChangeKind.EXISTS]
+    assert exists == [(world.doctor_mailbox_id, False), (world.patient_mailbox_id, True)]
