@@ -7,6 +7,7 @@ the commit, or after a commit whose 250 was lost, never files the message twice.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ class DeliveryResult:
 class LocalDelivery:
     def __init__(self, store: SqlMailStore) -> None:
         self.store = store
+        # The first deliveries to a mailbox never provisioned arrive together (every delivery worker): one of
+        # them provisions, the others wait and find the folders made (instead of racing to create them all).
+        self._provisioning: dict[int, asyncio.Lock] = {}
 
     @property
     def shares_commits(self) -> bool:
@@ -59,6 +63,15 @@ class LocalDelivery:
                     pass  # a concurrent provision made it first
             elif name not in subscribed:
                 await self.store.subscribe(mailbox_id, name)
+
+    async def _provision_once(self, mailbox_id: int) -> None:
+        lock = self._provisioning.setdefault(mailbox_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self.provision(mailbox_id)
+        finally:
+            if not lock.locked() and self._provisioning.get(mailbox_id) is lock:
+                del self._provisioning[mailbox_id]
 
     async def deliver(self, mailbox_id: int, raw_message: MessageSource, *, delivery_key: str,
                       folder: str = INBOX, flags: Iterable[str] = (),
@@ -80,7 +93,7 @@ class LocalDelivery:
                                                  filing_due=filing_due)
         except FolderNotFound:
             target = INBOX
-            await self.provision(mailbox_id)
+            await self._provision_once(mailbox_id)
             added = await self.store.add_message(FolderRef(mailbox_id, target), raw_message, flags=flags,
                                                  internaldate=internaldate, delivery_key=delivery_key,
                                                  headers=headers, after=after, before=before,
