@@ -17,7 +17,7 @@ from gateway.directory.demo import TEST_INS_OID
 from gateway.directory.identifiers import add_nir_key
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.record import patient_owner
-from gateway.queue.spool import Spool
+from gateway.queue.spool import KEEP_PLAINTEXT_BYTES, Spool
 from gateway.security.at_rest import (
     SPOOL_SEGMENT,
     FieldSealer,
@@ -64,6 +64,31 @@ async def test_spool_files_are_sealed_and_read_back(keys: KeyManager, tmp_path: 
     assert b"SECRET" not in on_disk and len(on_disk) > len(message)
     with spool.open_read(spool_file.queue_id) as stream:
         assert stream.readline() == b"Subject: SECRET-SUBJECT\r\n" and stream.read() == message[25:]
+
+
+async def test_a_small_message_is_kept_in_memory_and_its_file_created_sealed_when_made_durable(
+        keys: KeyManager, tmp_path: Path) -> None:
+    """Up to KEEP_PLAINTEXT_BYTES no file exists while DATA streams (created, written and fsynced in one
+    worker-thread hop by sync_data); a larger message spills to its incoming file as it comes."""
+    spool = await _spool(keys, tmp_path / "spool")
+    small = b"Subject: SECRET-SMALL\r\n\r\nSECRET-BODY\r\n"
+    spool_file = spool.new_file()
+    spool_file.write(small)
+    assert not spool_file.incoming_path.exists()
+    assert spool_file.plaintext() == small
+    with spool_file.open_incoming() as stream:
+        assert stream.read() == small
+    await spool_file.make_durable()
+    on_disk = spool.path_of(spool_file.queue_id).read_bytes()
+    assert b"SECRET" not in on_disk
+    with spool.open_read(spool_file.queue_id) as stream:
+        assert stream.read() == small
+
+    large = spool.new_file()
+    large.write(b"x" * (KEEP_PLAINTEXT_BYTES + 1))
+    assert large.incoming_path.exists() and large.plaintext() is None
+    large.discard()
+    assert not large.incoming_path.exists()
 
 
 # flip-salt / flip-prefix: the header changed after the cipher of the file was kept (SpoolCipher's recent

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text, update
 from sqlalchemy.engine import Connection
 
-from gateway.storage.db import Database
+from gateway.storage.db import Database, after_commit
 
 pytestmark = pytest.mark.asyncio
 
@@ -92,3 +92,33 @@ async def test_a_cancelled_caller_leaves_its_transaction_whole(database: Databas
         assert value == 0
         await asyncio.sleep(0.01)
     assert value in (0, 2)
+
+
+async def test_after_commit_actions_run_once_committed_and_never_after_a_rollback(database: Database) -> None:
+    """``after_commit``: an action registered in a transaction runs after its commit (the committed rows are
+    there to see); one registered in a transaction that raises never runs; outside a transaction: False."""
+    await _with_counter(database)
+    seen: list[str] = []
+    committed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def note_committed() -> None:
+        seen.append("committed")
+        loop.call_soon_threadsafe(committed.set)
+
+    def bump_then_note(conn: Connection) -> None:
+        conn.execute(update(COUNTERS).where(COUNTERS.c.name == "c").values(n=COUNTERS.c.n + 1))
+        assert after_commit(conn, note_committed)
+
+    def note_then_fail(conn: Connection) -> None:
+        conn.execute(update(COUNTERS).where(COUNTERS.c.name == "c").values(n=COUNTERS.c.n + 1))
+        assert after_commit(conn, lambda: seen.append("rolled back"))
+        raise RuntimeError("refused")
+
+    await database.run_in_transaction(bump_then_note, write=True)
+    await asyncio.wait_for(committed.wait(), 10)     # SQLite: right after the caller's answer, in its thread
+    with pytest.raises(RuntimeError):
+        await database.run_in_transaction(note_then_fail, write=True)
+    assert await database.run_in_transaction(_read) == 1
+    assert seen == ["committed"]
+    assert after_commit(None, lambda: seen.append("nowhere")) is False  # type: ignore[arg-type]
