@@ -4,7 +4,7 @@
 inside the mail store's group commit, several deliveries per transaction): the whole transaction is one
 hop to a database thread, where it used to be a thread hop and an event-loop wake-up per statement.
 The statements are SQL Core built once at import and run on SQLite's driver directly
-(``gateway.storage.prepared``); the blind index rows are one executemany.
+(``gateway.storage.prepared``); the blind index tokens are one packed row (``blind_index.pack``).
 
 Per message: the quota (one SELECT), UIDNEXT and MODSEQ (one UPDATE ... RETURNING, which on PostgreSQL
 also locks the folder row), the message row, its index tokens, the delivery row, then the caller's rows
@@ -35,7 +35,8 @@ from gateway.mailstore.errors import (
 )
 from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import AppendResult, FolderRef
-from gateway.mailstore.tables import Delivery, Folder, Message, SearchToken
+from gateway.mailstore.blind_index import message_tokens_row
+from gateway.mailstore.tables import Delivery, Folder, Message, MessageTokens
 from gateway.storage.blobs import StoredBlob
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
@@ -48,7 +49,7 @@ BeforeInsert = Callable[[Connection], None]
 MESSAGES = cast(Table, Message.__table__)
 FOLDERS = cast(Table, Folder.__table__)
 DELIVERIES = cast(Table, Delivery.__table__)
-TOKENS = cast(Table, SearchToken.__table__)
+MESSAGE_TOKENS = cast(Table, MessageTokens.__table__)
 MAILBOXES = cast(Table, Mailbox.__table__)
 
 # RFC 9208 4.3: the quota and what the folders hold, in one statement (every delivery asks).
@@ -73,7 +74,7 @@ _SET_KEYWORDS = Prepared(update(FOLDERS).where(FOLDERS.c.id == bindparam("folder
                          .values(keywords=bindparam("keywords")))
 _INSERT_MESSAGE = Prepared(insert(MESSAGES).returning(MESSAGES.c.id))
 _INSERT_DELIVERY = Prepared(insert(DELIVERIES).returning(DELIVERIES.c.id))
-_INSERT_TOKENS = Prepared(insert(TOKENS))
+_INSERT_TOKENS = Prepared(insert(MESSAGE_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
         "subject": headers.subject, "from_addr": headers.from_addr, "to_addr": headers.to_addr,
         "cc_addr": headers.cc_addr, "sent_date": headers.sent_date, "envelope": headers.envelope,
     }).fetchone()[0]
-    if rows.tokens:                      # the blind index rows, in the message's transaction
-        write_tokens(connection, message_id, rows.tokens)
+    if rows.tokens:                      # the blind index row, in the message's transaction
+        write_tokens(connection, ref.mailbox_id, message_id, rows.tokens)
     delivery_id = None
     if rows.delivery_key is not None:
         delivery_id = _INSERT_DELIVERY.run(connection, {
@@ -147,6 +148,7 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
     return AppendResult(uidvalidity, uid, modseq)
 
 
-def write_tokens(connection: Connection, message_id: int, tokens: set[int]) -> None:
-    """One executemany (a message has about 140 tokens): on SQLite straight to the driver."""
-    _INSERT_TOKENS.run_many_rows(connection, ("token", "message_id"), [(token, message_id) for token in tokens])
+def write_tokens(connection: Connection, mailbox_id: int, message_id: int, tokens: set[int]) -> None:
+    """One row, its about 140 tokens packed and not posted yet (a fold adds them to the mailbox's posting
+    lists later, in batches; SEARCH reads the unposted rows until then)."""
+    _INSERT_TOKENS.run(connection, message_tokens_row(message_id, mailbox_id, tokens))

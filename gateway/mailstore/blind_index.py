@@ -30,6 +30,14 @@ row, as before. Other tokens per message:
   as not indexed: SEARCH unseals it (the index never hides a match), and
   ``backfill`` (``gateway mailbox reindex``) indexes it in resumable batches.
 
+Storage (``MessageTokens``, ``TokenPostings``): a delivery writes its message's tokens as one packed row
+(``pack``: 8 octets a token), never one row per token at a random place of a B-tree (that cost 0.7-1.35 ms
+and 160-380 KB of pages written per message). ``fold`` later turns the unposted rows of a mailbox into
+posting lists, one new segment per token for the whole batch (message ids packed the same way), and
+``compact`` merges a token's segments when they grow many. SEARCH intersects the needle's posting lists
+(a few rows each, decoded in C) and adds the mailbox's unposted messages whose own tokens hold the
+needle's, so a message is found whether or not it was folded yet.
+
 What the index reveals to someone holding the database but not the key files: which
 messages of one owner share a trigram in the same field, and how often each (unknown)
 trigram occurs in that owner's mailbox (frequency analysis over a large mailbox could
@@ -41,35 +49,60 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, Table, delete, exists, func, insert, literal, select
+from sqlalchemy import Table, delete, exists, false, func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from gateway.mailstore.headers import CachedHeaders
-from gateway.mailstore.tables import Folder, Message, SearchToken
+from gateway.mailstore.tables import Folder, Message, MessageTokens, TokenPostings
 from gateway.security.at_rest import MESSAGE_ID_PLAINTEXT_LIMIT, FieldSealer, _derive
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox
 
 log = logging.getLogger(__name__)
-TOKENS: Table = SearchToken.__table__  # type: ignore[assignment]  # Core inserts: the ORM's bulk path cost more than the rows themselves
+MESSAGE_TOKENS = cast(Table, MessageTokens.__table__)
+POSTINGS = cast(Table, TokenPostings.__table__)
 
 INDEX_PURPOSE = b"gateway-search-index-v1"
 GRAM = 3
 MAX_GRAMS_PER_FIELD = 2048
 TOKEN_BYTES = 8
 BACKFILL_BATCH = 500
-PROBE_CAP = 4096  # posting list lengths are counted up to this, to pick the one to walk
+FOLD_AT = 256            # unposted messages of a mailbox that make the store fold them into the posting lists
+FOLD_BATCH = 4096        # messages posted per fold transaction
+COMPACT_EVERY = 16       # folds of a mailbox (in this process) between two compactions
+MAX_SEGMENTS = 8         # a token with more segments than this in a mailbox gets them merged
+SEGMENT_IDS = 65536      # message ids per merged segment at most (512 KB)
+MAX_IDS_PER_QUERY = 5000  # ids bound per statement (SQLite's and drivers' parameter limits)
 # The cached columns the index covers, each with its own tag (a token of one field never matches another's).
 FIELD_TAGS = {"from_addr": b"f", "to_addr": b"t", "cc_addr": b"c", "subject": b"s", "message_id": b"m"}
 _GRAM, _PRESENT, _OVERFLOW, _INDEXED = b"g", b"p", b"o", b"i"
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+def pack(values: Iterable[int]) -> bytes:
+    """Signed 64-bit integers (tokens, message ids) as little-endian octets, 8 each."""
+    packed = array("q", values)
+    if _BIG_ENDIAN_HOST:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack(blob: bytes) -> array[int]:
+    values = array("q")
+    values.frombytes(blob)
+    if _BIG_ENDIAN_HOST:
+        values.byteswap()
+    return values
 
 
 def trigrams(text: str) -> set[str]:
@@ -136,70 +169,182 @@ class IndexKey:
         grams = trigrams(needle.casefold())
         return sorted(self.token(column, _GRAM, gram) for gram in grams) or None
 
-    async def candidates(self, session: AsyncSession, column: str, needle: str) -> frozenset[int] | None:
-        """Ids of the indexed messages that may match (in any of this owner's folders), or None (no narrowing).
-
-        The intersection is driven from the shortest posting list (lengths counted up to ``PROBE_CAP``, so
-        a common trigram costs a bounded scan), the other tokens probed per message on the primary key:
-        SEARCH HEADER Message-ID "<load-77777@" walks the few messages holding "777", not 100,000 "<lo"."""
-        tokens = self.needle_tokens(column, needle)
-        if tokens is None:
-            return None
-        lengths = (await session.execute(select(*(
-            select(func.count()).select_from(
-                select(SearchToken.message_id).where(SearchToken.token == token).limit(PROBE_CAP).subquery())
-            .scalar_subquery() for token in tokens)))).one()
-        driver = tokens[min(range(len(tokens)), key=lambda position: lengths[position])]
-        found: set[int] = set()
-        if min(lengths):
-            walked = aliased(SearchToken)
-            probes = []
-            for token in tokens:
-                if token != driver:
-                    probed = aliased(SearchToken)
-                    probes.append(exists().where(probed.token == token, probed.message_id == walked.message_id))
-            found.update(await session.scalars(select(walked.message_id).where(walked.token == driver, *probes)))
-        if needle != "":
-            found.update(await session.scalars(
-                select(SearchToken.message_id).where(SearchToken.token == self.token(column, _OVERFLOW))))
-        return frozenset(found)
+    def overflow_token(self, column: str) -> int:
+        return self.token(column, _OVERFLOW)
 
 
 def headers_values(headers: CachedHeaders) -> dict[str, str | None]:
     return {column: indexed_value(column, getattr(headers, column)) for column in FIELD_TAGS}
 
 
-def token_rows(message_id: int, tokens: Iterable[int]) -> list[dict[str, int]]:
-    return [{"message_id": message_id, "token": token} for token in tokens]
+@dataclass
+class MailboxPostings:
+    """What one SEARCH read of a mailbox's index, in one transaction: the posting segments of the tokens it
+    asked for and the tokens of the messages not posted yet."""
+
+    segments: dict[int, list[bytes]]                       # token -> its packed segments
+    unposted: list[tuple[int, frozenset[int]]]             # (message id, its tokens)
+
+    @classmethod
+    def read(cls, connection: Connection, mailbox_id: int, tokens: Iterable[int]) -> MailboxPostings:
+        # The unposted rows first: a fold committing between the two reads (PostgreSQL's READ COMMITTED takes a
+        # snapshot per statement) then leaves its messages in both answers, never in neither.
+        unposted = [(message_id, frozenset(unpack(blob))) for message_id, blob in connection.execute(
+            select(MESSAGE_TOKENS.c.message_id, MESSAGE_TOKENS.c.tokens).where(
+                MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == false()))]
+        segments: dict[int, list[bytes]] = {}
+        for chunk in chunked(sorted(set(tokens)), MAX_IDS_PER_QUERY):
+            for token, ids in connection.execute(select(POSTINGS.c.token, POSTINGS.c.ids).where(
+                    POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk))):
+                segments.setdefault(token, []).append(bytes(ids))
+        return cls(segments, unposted)
+
+    def holding_all(self, tokens: Sequence[int]) -> set[int]:
+        """Ids of the messages holding every one of ``tokens``: the posting lists intersected from the
+        shortest (stopping when nothing is left), and the unposted messages that hold them."""
+        found: set[int] = set()
+        if tokens and all(token in self.segments for token in tokens):
+            by_length = sorted(tokens, key=lambda token: sum(map(len, self.segments[token])))
+            for segment in self.segments[by_length[0]]:
+                found.update(unpack(segment))
+            for token in by_length[1:]:
+                if not found:
+                    break
+                holding: set[int] = set()
+                for segment in self.segments[token]:
+                    holding.update(unpack(segment))
+                found.intersection_update(holding)
+        wanted = frozenset(tokens)
+        found.update(message_id for message_id, held in self.unposted if wanted <= held)
+        return found
 
 
-def unindexed(folder_id: int) -> Select[int]:
-    """Ids of the folder's messages that have no index rows yet."""
-    return select(Message.id).where(Message.folder_id == folder_id,
-                                    ~exists().where(SearchToken.message_id == Message.id))
+def candidates(key: IndexKey, postings: MailboxPostings, column: str, needle: str) -> frozenset[int] | None:
+    """Ids of the indexed messages of the mailbox that may match (any folder), or None (no narrowing): those
+    holding every token of the needle, and, for a non-empty needle, those whose field overflowed."""
+    tokens = key.needle_tokens(column, needle)
+    if tokens is None:
+        return None
+    found = postings.holding_all(tokens)
+    if needle != "":
+        found |= postings.holding_all([key.overflow_token(column)])
+    return frozenset(found)
 
 
-async def unindexed_ids(session: AsyncSession, key: IndexKey, mailbox_id: int, folder_id: int) -> frozenset[int]:
-    """The folder's messages not indexed yet. Every indexed message holds the owner's *indexed* token, and
-    only this owner's messages hold it: when that posting list is as long as the owner's message count,
-    nothing is missing and the per-message test (one probe per message) is skipped. Both counts come
-    from one statement, hence one snapshot (PostgreSQL's READ COMMITTED takes one per statement)."""
-    indexed = (select(func.count()).select_from(SearchToken)
-               .where(SearchToken.token == key.token("", _INDEXED)).scalar_subquery())
+def wanted_tokens(key: IndexKey, leaves: Iterable[tuple[str, str]]) -> set[int]:
+    """Every token SEARCH reads the posting lists of, for these (column, needle) keys."""
+    tokens: set[int] = set()
+    for column, needle in leaves:
+        tokens.update(key.needle_tokens(column, needle) or ())
+        if needle != "":
+            tokens.add(key.overflow_token(column))
+    return tokens
+
+
+_COUNT_INDEXED = select(func.count()).select_from(MESSAGE_TOKENS)
+
+
+def unindexed_in(connection: Connection, mailbox_id: int, folder_id: int) -> frozenset[int]:
+    """The folder's messages not indexed yet (no ``MessageTokens`` row: stored before the index existed, or
+    while the store kept no index). Rows exist only for messages of their mailbox and go with them, so
+    when the mailbox's row count equals its message count nothing is missing and the per-message test is
+    skipped. Both counts come from one statement, hence one snapshot."""
+    indexed = _COUNT_INDEXED.where(MESSAGE_TOKENS.c.mailbox_id == mailbox_id).scalar_subquery()
     stored = (select(func.count()).select_from(Message).join(Folder, Folder.id == Message.folder_id)
               .where(Folder.mailbox_id == mailbox_id).scalar_subquery())
-    counted, total = (await session.execute(select(indexed, stored))).one()
+    counted, total = connection.execute(select(indexed, stored)).one()
     if counted == total:
         return frozenset()
-    return frozenset(await session.scalars(unindexed(folder_id)))
+    return frozenset(connection.execute(unindexed(folder_id)).scalars())
+
+
+def unindexed(folder_id: int) -> Any:
+    """Ids of the folder's messages that have no index row yet."""
+    return select(Message.id).where(Message.folder_id == folder_id,
+                                    ~exists().where(MessageTokens.message_id == Message.id))
+
+
+def message_tokens_row(message_id: int, mailbox_id: int, tokens: Iterable[int]) -> dict[str, Any]:
+    return {"message_id": message_id, "mailbox_id": mailbox_id, "posted": False, "tokens": pack(tokens)}
+
+
+def unposted_count(connection: Connection, mailbox_id: int) -> int:
+    return int(connection.execute(_COUNT_INDEXED.where(
+        MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == false())).scalar() or 0)
+
+
+def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH) -> int:
+    """Post up to ``limit`` unposted messages of a mailbox, in the caller's write transaction: one new
+    segment per token of theirs (its message ids), and the messages marked posted. Returns how many."""
+    _lock_mailbox(connection, mailbox_id)
+    pending = connection.execute(
+        select(MESSAGE_TOKENS.c.message_id, MESSAGE_TOKENS.c.tokens)
+        .where(MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == false())
+        .order_by(MESSAGE_TOKENS.c.message_id).limit(limit)).all()
+    if not pending:
+        return 0
+    lists: dict[int, list[int]] = {}
+    for message_id, blob in pending:
+        for token in unpack(blob):
+            held = lists.get(token)
+            if held is None:
+                lists[token] = [message_id]
+            else:
+                held.append(message_id)
+    connection.execute(insert(POSTINGS), [{"mailbox_id": mailbox_id, "token": token, "ids": pack(ids)}
+                                          for token, ids in lists.items()])
+    ids = [message_id for message_id, _ in pending]
+    for chunk in chunked(ids, MAX_IDS_PER_QUERY):
+        connection.execute(update(MESSAGE_TOKENS).where(MESSAGE_TOKENS.c.message_id.in_(chunk)).values(posted=True))
+    return len(pending)
+
+
+def _lock_mailbox(connection: Connection, mailbox_id: int) -> None:
+    """One fold or compaction of a mailbox at a time (PostgreSQL; SQLite's writer is alone already): a
+    compaction that read the posted messages before a fold committed would drop the fold's new ids."""
+    if connection.dialect.name != "sqlite":
+        connection.execute(select(Mailbox.id).where(Mailbox.id == mailbox_id).with_for_update())
+
+
+def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS) -> int:
+    """Merge the segments of every token of a mailbox that has more than ``max_segments`` of them (in the
+    caller's write transaction), dropping the ids of messages that are gone. Returns the tokens merged."""
+    crowded = list(connection.execute(
+        select(POSTINGS.c.token).where(POSTINGS.c.mailbox_id == mailbox_id)
+        .group_by(POSTINGS.c.token).having(func.count() > max_segments)).scalars())
+    if not crowded:
+        return 0
+    _lock_mailbox(connection, mailbox_id)
+    live = set(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
+        MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())).scalars())
+    for chunk in chunked(crowded, MAX_IDS_PER_QUERY // 2):
+        merged: dict[int, set[int]] = {}
+        row_ids = []
+        for row_id, token, ids in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.ids).where(
+                POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk))):
+            row_ids.append(row_id)
+            merged.setdefault(token, set()).update(unpack(ids))
+        for ids_chunk in chunked(row_ids, MAX_IDS_PER_QUERY):
+            connection.execute(delete(POSTINGS).where(POSTINGS.c.id.in_(ids_chunk)))
+        rows: list[dict[str, Any]] = []
+        for token, ids in merged.items():
+            kept = sorted(ids & live)
+            rows.extend({"mailbox_id": mailbox_id, "token": token, "ids": pack(part)}
+                        for part in chunked(kept, SEGMENT_IDS))
+        if rows:
+            connection.execute(insert(POSTINGS), rows)
+    return len(crowded)
 
 
 class BlindIndex:
-    """Index keys per owner (derived once per process from the key manager) and the index's writes."""
+    """Index keys per owner (derived once per process from the key manager), the index's writes, and when a
+    mailbox's unposted messages are due for a fold (counted in this process)."""
 
     def __init__(self, keys: KeyManager) -> None:
         self.keys = keys
         self._keys: dict[str, IndexKey] = {}
+        self._unposted: dict[int, int] = {}     # mailbox id -> messages indexed since its last fold here
+        self._folds: dict[int, int] = {}        # mailbox id -> folds since its last compaction here
 
     async def key_for(self, mailbox_id: int) -> IndexKey:
         owner = mailbox_owner(mailbox_id)
@@ -220,27 +365,50 @@ class BlindIndex:
         """Drop an owner's index key from memory (crypto-shredding destroyed the data key it came from)."""
         self._keys.pop(owner, None)
 
+    def note_unposted(self, mailbox_id: int, count: int = 1) -> bool:
+        """``count`` messages of the mailbox were indexed unposted (committed); True when a fold is due."""
+        pending = self._unposted.get(mailbox_id, 0) + count
+        self._unposted[mailbox_id] = pending
+        return pending >= FOLD_AT
+
+    def fold_all(self, connection: Connection, mailbox_id: int) -> int:
+        """Every unposted message of the mailbox folded (``FOLD_BATCH`` at a time, in the caller's write
+        transaction), then a compaction every ``COMPACT_EVERY`` folds. Returns the messages posted."""
+        self._unposted[mailbox_id] = 0
+        posted = 0
+        while (done := fold(connection, mailbox_id)) > 0:
+            posted += done
+        folds = self._folds.get(mailbox_id, 0) + 1
+        if folds >= COMPACT_EVERY:
+            compact(connection, mailbox_id, max_segments=MAX_SEGMENTS)
+            folds = 0
+        self._folds[mailbox_id] = folds
+        return posted
+
     @staticmethod
     async def delete_mailbox_tokens(session: AsyncSession, mailbox_id: int) -> int:
         """Every token of a mailbox's messages (crypto-shredding: the sealed rows become unreadable, and
-        the tokens' equalities and frequencies must not outlive them)."""
-        messages = select(Message.id).join(Folder, Folder.id == Message.folder_id).where(Folder.mailbox_id == mailbox_id)
-        result = await session.execute(delete(SearchToken).where(SearchToken.message_id.in_(messages)))
-        return int(getattr(result, "rowcount", 0) or 0)
-
-    @staticmethod
-    async def write(session: AsyncSession, message_id: int, tokens: Iterable[int]) -> None:
-        rows = token_rows(message_id, tokens)
-        if rows:
-            await session.execute(insert(TOKENS), rows)
+        the tokens' equalities and frequencies must not outlive them). Returns the rows deleted."""
+        deleted = 0
+        for table in (MESSAGE_TOKENS, POSTINGS):
+            result = await session.execute(delete(table).where(table.c.mailbox_id == mailbox_id))
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
 
     @staticmethod
     async def copy(session: AsyncSession, pairs: Sequence[tuple[int, int]]) -> None:
-        """The tokens of each (source id, copy id): a COPY within one mailbox keeps the owner, hence the key."""
-        for source, target in pairs:
-            await session.execute(insert(TOKENS).from_select(
-                ["message_id", "token"],
-                select(literal(target), SearchToken.token).where(SearchToken.message_id == source)))
+        """The tokens of each (source id, copy id), unposted: a COPY within one mailbox keeps the owner, hence
+        the key."""
+        by_source = dict(pairs)
+        rows = []
+        for chunk in chunked(sorted(by_source), MAX_IDS_PER_QUERY):
+            for source, mailbox_id, tokens in (await session.execute(
+                    select(MessageTokens.message_id, MessageTokens.mailbox_id, MessageTokens.tokens)
+                    .where(MessageTokens.message_id.in_(chunk)))).all():
+                rows.append({"message_id": by_source[source], "mailbox_id": mailbox_id, "posted": False,
+                             "tokens": tokens})
+        if rows:
+            await session.execute(insert(MESSAGE_TOKENS), rows)
 
 
 @dataclass
@@ -252,7 +420,9 @@ class BackfillReport:
 async def backfill(database: Database, index: BlindIndex, fields: FieldSealer, mailbox_id: int, *,
                    batch: int = BACKFILL_BATCH) -> BackfillReport:
     """Index every not yet indexed message of a mailbox, ``batch`` per transaction (resumable: progress is
-    the index itself; a message expunged meanwhile is simply skipped on the next round)."""
+    the index itself; a message expunged meanwhile is simply skipped on the next round); then fold every
+    unposted message into the posting lists and merge each token's segments into one (at most
+    ``SEGMENT_IDS`` ids a segment): the compact form SEARCH reads fastest."""
     key = await index.key_for(mailbox_id)
     owner = mailbox_owner(mailbox_id)
     report = BackfillReport()
@@ -261,25 +431,31 @@ async def backfill(database: Database, index: BlindIndex, fields: FieldSealer, m
         async with database.session() as session:
             rows = (await session.execute(
                 select(Message.id, *columns).join(Folder, Folder.id == Message.folder_id)
-                .where(Folder.mailbox_id == mailbox_id, ~exists().where(SearchToken.message_id == Message.id))
+                .where(Folder.mailbox_id == mailbox_id, ~exists().where(MessageTokens.message_id == Message.id))
                 .order_by(Message.id).limit(batch))).all()
         if not rows:
+            await database.run_in_transaction(lambda connection: _repack(connection, index, mailbox_id), write=True)
             return report
         prepared = [(row[0], key.message_tokens(await _opened(fields, owner, row[1:]))) for row in rows]
         try:
             async with database.session() as session:
                 still_there = set(await session.scalars(select(Message.id).where(
                     Message.id.in_([message_id for message_id, _ in prepared]),
-                    ~exists().where(SearchToken.message_id == Message.id))))
-                entries = [entry for message_id, tokens in prepared if message_id in still_there
-                           for entry in token_rows(message_id, tokens)]
+                    ~exists().where(MessageTokens.message_id == Message.id))))
+                entries = [message_tokens_row(message_id, mailbox_id, tokens) for message_id, tokens in prepared
+                           if message_id in still_there]
                 if entries:
-                    await session.execute(insert(TOKENS), entries)
+                    await session.execute(insert(MESSAGE_TOKENS), entries)
         except IntegrityError:
             log.info("search index backfill of mailbox %d raced another writer; retrying the batch", mailbox_id)
             continue
         report.indexed += len(still_there)
         report.batches += 1
+
+
+def _repack(connection: Connection, index: BlindIndex, mailbox_id: int) -> None:
+    index.fold_all(connection, mailbox_id)
+    compact(connection, mailbox_id, max_segments=1)
 
 
 async def _opened(fields: FieldSealer, owner: str, sealed: Sequence[Any]) -> dict[str, str | None]:

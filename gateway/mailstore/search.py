@@ -22,10 +22,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, bindparam, false, func, not_, or_, select, true
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 
 from gateway.mailstore import flags as flagcodec
-from gateway.mailstore.blind_index import BlindIndex, chunked, unindexed_ids
+from gateway.mailstore.blind_index import (
+    BlindIndex,
+    IndexKey,
+    MailboxPostings,
+    candidates,
+    chunked,
+    unindexed_in,
+    wanted_tokens,
+)
 from gateway.mailstore.headers import (
     ADDRESS_HEADERS, address_search_text, decode_text, field_texts, header_section,
 )
@@ -84,6 +92,7 @@ HeaderReader = Callable[[SearchRow], Awaitable[bytes]]
 ChunkScanner = Callable[[SearchRow, str, bool], Awaitable[bool]]
 ColumnReader = Callable[[SearchRow, str], Awaitable[str | None]]
 RuledOut = Callable[[SearchRow, str, str], bool]
+ReadTransaction = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
 
 
 async def _as_stored(row: SearchRow, column: str) -> str | None:
@@ -324,18 +333,20 @@ class IndexNarrowing:
         self.not_indexed = not_indexed    # the folder's messages without index rows: never ruled out
 
     @classmethod
-    async def load(cls, session: AsyncSession, index: BlindIndex, mailbox_id: int, folder_id: int,
-                   key: SearchKey) -> IndexNarrowing:
+    def read(cls, connection: Connection, index_key: IndexKey, mailbox_id: int, folder_id: int,
+             key: SearchKey) -> IndexNarrowing:
+        """In the SEARCH's read transaction: the posting lists of every token the key's header strings need
+        and the mailbox's unposted messages, read once for all of them."""
         leaves = _cached_leaves(key)
         possible: dict[tuple[str, str], frozenset[int]] = {}
         if not leaves:
             return cls(possible, frozenset())
-        index_key = await index.key_for(mailbox_id)
+        postings = MailboxPostings.read(connection, mailbox_id, wanted_tokens(index_key, leaves))
         for column, value in sorted(leaves):
-            candidates = await index_key.candidates(session, column, value)
-            if candidates is not None:
-                possible[(column, value)] = candidates
-        not_indexed = await unindexed_ids(session, index_key, mailbox_id, folder_id) if possible else frozenset()
+            found = candidates(index_key, postings, column, value)
+            if found is not None:
+                possible[(column, value)] = found
+        not_indexed = unindexed_in(connection, mailbox_id, folder_id) if possible else frozenset()
         return cls(possible, not_indexed)
 
     def ruled_out(self, row: SearchRow, column: str, value: str) -> bool:
@@ -365,8 +376,8 @@ def _row_type(names: tuple[str, ...]) -> Any:
     return collections.namedtuple("SearchRow", names)   # the names are only known at run time
 
 
-async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recent_uids: frozenset[int], *,
-                    header_columns: bool, bound: frozenset[int] | None) -> list[SearchRow]:
+def load_rows(connection: Connection, folder_id: int, key: SearchKey, recent_uids: frozenset[int], *,
+              header_columns: bool, bound: frozenset[int] | None) -> list[SearchRow]:
     """The folder's rows the SQL prefilter keeps (and, with a bound, only those ids), in UID order."""
     names = ["id", "uid", "folder_id", *sorted(_row_columns(key))]
     query = select(*(getattr(Message, name) for name in names)).where(
@@ -374,7 +385,7 @@ async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recen
     rows: list[Any] = []  # attribute access by column name, as SearchRow describes
     as_row = _row_type(tuple(names))._make
     if bound is None:
-        rows.extend(map(as_row, (await session.execute(query.where(Message.folder_id == folder_id))).all()))
+        rows.extend(map(as_row, connection.execute(query.where(Message.folder_id == folder_id)).all()))
     else:
         # The ids by their primary key, one expanding parameter (compiled once, not thousands of literals).
         # The folder is checked here, not in SQL: with it, SQLite walks the folder's index over every row of
@@ -382,7 +393,7 @@ async def load_rows(session: AsyncSession, folder_id: int, key: SearchKey, recen
         # other folders are read and dropped (a lookup by primary key each).
         query = query.where(Message.id.in_(bindparam("ids", expanding=True)))
         for ids in chunked(sorted(bound), MAX_IDS_PER_QUERY):
-            rows.extend(row for row in map(as_row, (await session.execute(query, {"ids": list(ids)})).all())
+            rows.extend(row for row in map(as_row, connection.execute(query, {"ids": list(ids)}).all())
                         if row.folder_id == folder_id)
     rows.sort(key=lambda row: row.uid)
     return rows
@@ -404,22 +415,28 @@ async def _open_candidates(fields: FieldSealer, owner: str, key: SearchKey, rows
     return opened
 
 
-async def search_folder(session_factory: Callable[[], Any], folder_id: int, mailbox_id: int, owner: str,
+async def search_folder(run: ReadTransaction, folder_id: int, mailbox_id: int, owner: str,
                         key: SearchKey, recent_uids: frozenset[int], *, fields: FieldSealer | None,
                         index: BlindIndex | None, read_headers: HeaderReader, scan_body: ChunkScanner) -> list[int]:
     """SEARCH in one folder: SQL where the columns answer; else the blind index narrows, SQL prefilters,
-    and the evaluator checks each remaining row exactly, unsealing only the columns it must."""
+    and the evaluator checks each remaining row exactly, unsealing only the columns it must. ``run``: one
+    read transaction in one hop to the database (``SqlMailStore._run``)."""
     header_columns = fields is None                 # sealed columns cannot answer a SQL LIKE
     compiled = to_sql(key, recent_uids, header_columns=header_columns)
-    async with session_factory() as session:
-        if compiled is not None:
-            return list(await session.scalars(
-                select(Message.uid).where(Message.folder_id == folder_id, compiled).order_by(Message.uid)))
-        narrowing = (await IndexNarrowing.load(session, index, mailbox_id, folder_id, key)
-                     if index is not None and fields is not None else IndexNarrowing({}, frozenset()))
-        rows = await load_rows(session, folder_id, key, recent_uids, header_columns=header_columns,
-                               bound=narrowing.bound(key))
+    if compiled is not None:
+        query = select(Message.uid).where(Message.folder_id == folder_id, compiled).order_by(Message.uid)
+        uids: list[int] = await run(lambda connection: list(connection.execute(query).scalars()))
+        return uids
+    index_key = await index.key_for(mailbox_id) if index is not None and fields is not None else None
 
+    def read(connection: Connection) -> tuple[IndexNarrowing, list[SearchRow]]:
+        # One transaction: the index and the rows it bounds are of the same snapshot (SQLite).
+        narrowing = (IndexNarrowing.read(connection, index_key, mailbox_id, folder_id, key)
+                     if index_key is not None else IndexNarrowing({}, frozenset()))
+        return narrowing, load_rows(connection, folder_id, key, recent_uids, header_columns=header_columns,
+                                    bound=narrowing.bound(key))
+
+    narrowing, rows = await run(read)
     opened = await _open_candidates(fields, owner, key, rows, narrowing) if fields is not None else {}
     if fields is not None and isinstance(key, Header) and key.name.lower() in CACHED_HEADERS:
         # One string on one cached column (SEARCH SUBJECT x): every row the index left possible is open, the

@@ -475,6 +475,8 @@ class SqlMailStore(MailStore):
         self._mailbox_epochs: dict[int, int] = {}
         self._epoch = 0
         self.hub.observe(self._observed)
+        self._folding: set[int] = set()              # mailboxes whose blind index is being folded
+        self._fold_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -1241,7 +1243,30 @@ class SqlMailStore(MailStore):
                                          result.modseq, [(result.uid, result.modseq, bits,
                                                           flagcodec.keywords_column(keywords))]),
                         ChangeKind.EXISTS, delivered=delivery_key is not None and filing_due)
+        if tokens:
+            self._indexed(folder.mailbox_id)
         return AddedMessage(result, duplicate=False)
+
+    def _indexed(self, mailbox_id: int, count: int = 1) -> None:
+        """``count`` messages of the mailbox were committed with unposted index tokens: once enough wait,
+        fold them into the posting lists in the background (``blind_index.fold``). SEARCH reads unposted
+        messages too, so a fold late or failed only makes it slower, never incomplete."""
+        if self.index is None or not self.index.note_unposted(mailbox_id, count) or mailbox_id in self._folding:
+            return
+        self._folding.add(mailbox_id)
+        task = asyncio.get_running_loop().create_task(self._fold(mailbox_id), name="mailstore-index-fold")
+        self._fold_tasks.add(task)
+        task.add_done_callback(self._fold_tasks.discard)
+
+    async def _fold(self, mailbox_id: int) -> None:
+        index = self.index
+        assert index is not None
+        try:
+            await self._sync_transaction(lambda connection: index.fold_all(connection, mailbox_id))
+        except Exception:   # noqa: BLE001 - the messages stay unposted, SEARCH still finds them; next fold retries
+            log.exception("folding the search index of mailbox %d failed", mailbox_id)
+        finally:
+            self._folding.discard(mailbox_id)
 
     def _insert_message(self, session: AsyncSession, folder: Folder, stored: StoredBlob, headers: CachedHeaders,
                         bits: int, keywords: frozenset[str], internaldate: dt.datetime) -> AppendResult:
@@ -1354,6 +1379,7 @@ class SqlMailStore(MailStore):
         copied, _ = result
         if copied.dest_uids:
             self._publish(destination.mailbox_id, names.normalise(destination.name), ChangeKind.EXISTS)
+            self._indexed(destination.mailbox_id, len(copied.dest_uids))
         return copied
 
     async def move(self, folder: FolderRef, uids: UidSet, destination: FolderRef) -> MoveResult:
@@ -1364,6 +1390,7 @@ class SqlMailStore(MailStore):
         if copied.dest_uids:
             self._publish(destination.mailbox_id, names.normalise(destination.name), ChangeKind.EXISTS)
             self._publish(folder.mailbox_id, names.normalise(folder.name), ChangeKind.EXPUNGE, expunged.highestmodseq)
+            self._indexed(destination.mailbox_id, len(copied.dest_uids))
         return MoveResult(copied, expunged)
 
     async def _copy(self, session: AsyncSession, ref: FolderRef, uids: UidSet, destination: FolderRef, *,
@@ -1520,7 +1547,7 @@ class SqlMailStore(MailStore):
         row = await self._run(lambda connection: self._folder_core(connection, folder))
         owner = mailbox_owner(folder.mailbox_id)
         return await search_folder(
-            self.database.session, row.id, folder.mailbox_id, owner, key, recent_uids,
+            self._run, row.id, folder.mailbox_id, owner, key, recent_uids,
             fields=self.headers.fields if self.headers is not None else None, index=self.index,
             read_headers=lambda m: self._read_head(owner, m),
             scan_body=lambda m, text, headers: self._body_contains(owner, m, text, headers))

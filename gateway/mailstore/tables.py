@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -128,20 +129,40 @@ class Message(Base):
     saved_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
 
 
-class SearchToken(Base):
-    """One token of the keyed blind index of a message's sealed header columns (``mailstore/blind_index.py``).
+class MessageTokens(Base):
+    """The keyed blind index tokens of one message's sealed header columns (``mailstore/blind_index.py``), packed.
 
-    The primary key (token, message) is the posting list SEARCH reads; the second index serves the
-    cascade when a message goes and the "is this message indexed?" test. No rowid on SQLite: each entry
-    is stored once in each of the two orders, nothing else.
+    Written with the message (one row, appended: message ids grow), so that a delivery writes one row
+    instead of one per token. ``posted``: its tokens are in the mailbox's posting lists too
+    (``TokenPostings``); until a fold puts them there, SEARCH reads the mailbox's few unposted rows
+    themselves. A row says the message is indexed; it goes with its message (ON DELETE CASCADE).
     """
 
-    __tablename__ = "mail_search_tokens"
-    __table_args__ = (Index("ix_mail_search_tokens_message", "message_id"), {"sqlite_with_rowid": False})
+    __tablename__ = "mail_message_tokens"
+    __table_args__ = (Index("ix_mail_message_tokens_mailbox", "mailbox_id", "posted", "message_id"),)
 
-    token: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     message_id: Mapped[int] = mapped_column(ForeignKey("mail_messages.id", ondelete="CASCADE"), primary_key=True,
                                             autoincrement=False)
+    mailbox_id: Mapped[int] = mapped_column(Integer)
+    posted: Mapped[bool] = mapped_column(Boolean, default=False)
+    tokens: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TokenPostings(Base):
+    """One segment of a token's posting list in one mailbox: message ids packed (``blind_index.pack``).
+
+    A fold appends one segment per token of the messages it posts (new rows, no rewrite); a compaction
+    merges a token's segments. Ids of expunged messages may linger until then: SEARCH loads candidates by
+    primary key, so an id that is gone (or taken again by another message) only costs a lookup.
+    """
+
+    __tablename__ = "mail_token_postings"
+    __table_args__ = (Index("ix_mail_token_postings_token", "mailbox_id", "token"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    token: Mapped[int] = mapped_column(BigInteger)
+    ids: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ExpungedMessage(Base):

@@ -38,7 +38,7 @@ async def test_reindex_indexes_what_has_no_rows_then_nothing(tmp_path: Path) -> 
     assert again.returncode == 0 and f"{ADDRESS}: 0 messages indexed" in again.stdout
     with sqlite3.connect(data_dir / "gateway.db") as db:
         unindexed = db.execute("SELECT count(*) FROM mail_messages m WHERE NOT EXISTS "
-                               "(SELECT 1 FROM mail_search_tokens t WHERE t.message_id = m.id)").fetchone()[0]
+                               "(SELECT 1 FROM mail_message_tokens t WHERE t.message_id = m.id)").fetchone()[0]
     assert unindexed == 0
 
 

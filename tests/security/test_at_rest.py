@@ -201,7 +201,8 @@ async def test_crypto_shredding_removes_the_search_index_of_the_patients_mailbox
     from gateway.mailstore.interface import FolderRef
     from gateway.mailstore.notify import ChangeHub
     from gateway.mailstore.sql import SqlMailStore
-    from gateway.mailstore.tables import SearchToken
+    from gateway.mailstore.blind_index import fold
+    from gateway.mailstore.tables import MessageTokens, TokenPostings
     from sqlalchemy import func
 
     from gateway.security.at_rest import FieldSealer, HeaderSealer
@@ -211,9 +212,13 @@ async def test_crypto_shredding_removes_the_search_index_of_the_patients_mailbox
     await store.create_folder(mailbox_id, "INBOX")
     await store.add_message(FolderRef(mailbox_id, "INBOX"),
                             b"From: Dr Martin <martin@x.test>\r\nSubject: Resultats de biologie\r\n\r\ncorps\r\n")
+    await store.add_message(FolderRef(mailbox_id, "INBOX"),
+                            b"From: Dr Martin <martin@x.test>\r\nSubject: Compte rendu\r\n\r\ncorps\r\n")
+    assert await db.run_in_transaction(lambda connection: fold(connection, mailbox_id, limit=1), write=True) == 1
+    tables = (MessageTokens, TokenPostings)     # one message posted, the other not yet
     async with db.session() as session:
-        assert await session.scalar(select(func.count()).select_from(SearchToken)) > 0
+        assert all([await session.scalar(select(func.count()).select_from(table)) for table in tables])
     assert [space.ins for space in await shred_expired_patients(db, keys, retention_days=365)] == [ins]
     async with db.session() as session:
-        assert await session.scalar(select(func.count()).select_from(SearchToken)) == 0
+        assert [await session.scalar(select(func.count()).select_from(table)) for table in tables] == [0, 0]
     assert isinstance(store.index, BlindIndex)
