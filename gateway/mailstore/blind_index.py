@@ -47,6 +47,7 @@ the value). Nothing links two owners' tokens.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import sys
@@ -82,6 +83,8 @@ FOLD_BATCH = 4096        # messages posted per fold transaction
 COMPACT_EVERY = 16       # folds of a mailbox (in this process) between two compactions
 MAX_SEGMENTS = 8         # a token with more segments than this in a mailbox gets them merged
 SEGMENT_IDS = 65536      # message ids per merged segment at most (512 KB)
+COMMON_SHARE = 0.9       # a token in this share of a mailbox's messages narrows too little to be read
+LOOKUP_RATIO = 16        # candidates this many times fewer than a list's ids: bisect the list, no set of it
 MAX_IDS_PER_QUERY = 5000  # ids bound per statement (SQLite's and drivers' parameter limits)
 # The cached columns the index covers, each with its own tag (a token of one field never matches another's).
 FIELD_TAGS = {"from_addr": b"f", "to_addr": b"t", "cc_addr": b"c", "subject": b"s", "message_id": b"m"}
@@ -179,44 +182,72 @@ def headers_values(headers: CachedHeaders) -> dict[str, str | None]:
 
 @dataclass
 class MailboxPostings:
-    """What one SEARCH read of a mailbox's index, in one transaction: the posting segments of the tokens it
-    asked for and the tokens of the messages not posted yet."""
+    """What one SEARCH read of a mailbox's index, in one transaction: the posting lists' lengths of the
+    tokens it asked for, the segments of those worth intersecting, and the tokens of the messages not
+    posted yet."""
 
-    segments: dict[int, list[bytes]]                       # token -> its packed segments
+    segments: dict[int, list[bytes]]                       # token -> its packed segments (tokens read)
+    lengths: dict[int, int]                                # token -> ids in its list (every token that has one)
+    common: frozenset[int]                                 # held by nearly every message: neither read nor used
     unposted: list[tuple[int, frozenset[int]]]             # (message id, its tokens)
 
     @classmethod
-    def read(cls, connection: Connection, mailbox_id: int, tokens: Iterable[int]) -> MailboxPostings:
-        # The unposted rows first: a fold committing between the two reads (PostgreSQL's READ COMMITTED takes a
+    def read(cls, connection: Connection, mailbox_id: int, tokens: Iterable[int], indexed: int) -> MailboxPostings:
+        """``indexed``: the mailbox's indexed messages. A token whose list holds ``COMMON_SHARE`` of them
+        ("<lo" of every Message-ID, "sen" of every sender@) would rule out almost nothing: its list (800 KB
+        at 100,000 messages) is not read; the exact check after unsealing removes what it would have."""
+        # The unposted rows first: a fold committing between the reads (PostgreSQL's READ COMMITTED takes a
         # snapshot per statement) then leaves its messages in both answers, never in neither.
         unposted = [(message_id, frozenset(unpack(blob))) for message_id, blob in connection.execute(
             select(MESSAGE_TOKENS.c.message_id, MESSAGE_TOKENS.c.tokens).where(
                 MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == false()))]
+        wanted = sorted(set(tokens))
+        lengths: dict[int, int] = {}
+        for chunk in chunked(wanted, MAX_IDS_PER_QUERY):   # from the index alone (it holds each segment's size)
+            lengths.update((token, int(size)) for token, size in connection.execute(
+                select(POSTINGS.c.token, func.sum(POSTINGS.c.size)).where(
+                    POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk)).group_by(POSTINGS.c.token)))
+        common = frozenset(token for token, size in lengths.items() if indexed and size >= COMMON_SHARE * indexed)
         segments: dict[int, list[bytes]] = {}
-        for chunk in chunked(sorted(set(tokens)), MAX_IDS_PER_QUERY):
+        for chunk in chunked([token for token in lengths if token not in common], MAX_IDS_PER_QUERY):
             for token, ids in connection.execute(select(POSTINGS.c.token, POSTINGS.c.ids).where(
                     POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk))):
                 segments.setdefault(token, []).append(bytes(ids))
-        return cls(segments, unposted)
+        return cls(segments, lengths, common, unposted)
 
-    def holding_all(self, tokens: Sequence[int]) -> set[int]:
-        """Ids of the messages holding every one of ``tokens``: the posting lists intersected from the
-        shortest (stopping when nothing is left), and the unposted messages that hold them."""
+    def holding_all(self, tokens: Sequence[int]) -> set[int] | None:
+        """A superset of the ids of the messages holding every one of ``tokens`` (None: all of them are
+        common, no narrowing): the posting lists intersected from the shortest (until nothing is left), and
+        the unposted messages holding them."""
+        telling = [token for token in tokens if token not in self.common]
+        if not telling:
+            return None
         found: set[int] = set()
-        if tokens and all(token in self.segments for token in tokens):
-            by_length = sorted(tokens, key=lambda token: sum(map(len, self.segments[token])))
+        if all(token in self.lengths for token in telling):
+            by_length = sorted(telling, key=self.lengths.__getitem__)
             for segment in self.segments[by_length[0]]:
                 found.update(unpack(segment))
             for token in by_length[1:]:
                 if not found:
                     break
+                segments = [unpack(packed) for packed in self.segments[token]]
+                if len(found) * LOOKUP_RATIO < self.lengths[token]:
+                    # Few candidates left, a long list: each candidate looked up by bisection (a segment's ids
+                    # ascend) instead of a set of the whole list.
+                    found = {message_id for message_id in found if any(_holds(ids, message_id) for ids in segments)}
+                    continue
                 holding: set[int] = set()
-                for segment in self.segments[token]:
-                    holding.update(unpack(segment))
+                for ids in segments:
+                    holding.update(ids)
                 found.intersection_update(holding)
         wanted = frozenset(tokens)
         found.update(message_id for message_id, held in self.unposted if wanted <= held)
         return found
+
+
+def _holds(segment: array[int], message_id: int) -> bool:
+    at = bisect.bisect_left(segment, message_id)
+    return at < len(segment) and segment[at] == message_id
 
 
 def candidates(key: IndexKey, postings: MailboxPostings, column: str, needle: str) -> frozenset[int] | None:
@@ -226,8 +257,13 @@ def candidates(key: IndexKey, postings: MailboxPostings, column: str, needle: st
     if tokens is None:
         return None
     found = postings.holding_all(tokens)
+    if found is None:
+        return None
     if needle != "":
-        found |= postings.holding_all([key.overflow_token(column)])
+        overflowed = postings.holding_all([key.overflow_token(column)])
+        if overflowed is None:
+            return None
+        found |= overflowed
     return frozenset(found)
 
 
@@ -244,16 +280,22 @@ def wanted_tokens(key: IndexKey, leaves: Iterable[tuple[str, str]]) -> set[int]:
 _COUNT_INDEXED = select(func.count()).select_from(MESSAGE_TOKENS)
 
 
-def unindexed_in(connection: Connection, mailbox_id: int, folder_id: int) -> frozenset[int]:
-    """The folder's messages not indexed yet (no ``MessageTokens`` row: stored before the index existed, or
-    while the store kept no index). Rows exist only for messages of their mailbox and go with them, so
-    when the mailbox's row count equals its message count nothing is missing and the per-message test is
-    skipped. Both counts come from one statement, hence one snapshot."""
+def indexed_counts(connection: Connection, mailbox_id: int) -> tuple[int, int]:
+    """(messages of the mailbox with an index row, messages of the mailbox), from one statement, hence one
+    snapshot (PostgreSQL's READ COMMITTED takes one per statement)."""
     indexed = _COUNT_INDEXED.where(MESSAGE_TOKENS.c.mailbox_id == mailbox_id).scalar_subquery()
     stored = (select(func.count()).select_from(Message).join(Folder, Folder.id == Message.folder_id)
               .where(Folder.mailbox_id == mailbox_id).scalar_subquery())
     counted, total = connection.execute(select(indexed, stored)).one()
-    if counted == total:
+    return int(counted), int(total)
+
+
+def unindexed_in(connection: Connection, folder_id: int, counts: tuple[int, int]) -> frozenset[int]:
+    """The folder's messages not indexed yet (no ``MessageTokens`` row: stored before the index existed, or
+    while the store kept no index). Rows exist only for messages of their mailbox and go with them, so
+    when the mailbox's row count (``indexed_counts``) equals its message count nothing is missing and the
+    per-message test is skipped."""
+    if counts[0] == counts[1]:
         return frozenset()
     return frozenset(connection.execute(unindexed(folder_id)).scalars())
 
@@ -291,8 +333,8 @@ def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH) ->
                 lists[token] = [message_id]
             else:
                 held.append(message_id)
-    connection.execute(insert(POSTINGS), [{"mailbox_id": mailbox_id, "token": token, "ids": pack(ids)}
-                                          for token, ids in lists.items()])
+    connection.execute(insert(POSTINGS), [{"mailbox_id": mailbox_id, "token": token, "size": len(ids),
+                                           "ids": pack(ids)} for token, ids in lists.items()])
     ids = [message_id for message_id, _ in pending]
     for chunk in chunked(ids, MAX_IDS_PER_QUERY):
         connection.execute(update(MESSAGE_TOKENS).where(MESSAGE_TOKENS.c.message_id.in_(chunk)).values(posted=True))
@@ -329,7 +371,7 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
         rows: list[dict[str, Any]] = []
         for token, ids in merged.items():
             kept = sorted(ids & live)
-            rows.extend({"mailbox_id": mailbox_id, "token": token, "ids": pack(part)}
+            rows.extend({"mailbox_id": mailbox_id, "token": token, "size": len(part), "ids": pack(part)}
                         for part in chunked(kept, SEGMENT_IDS))
         if rows:
             connection.execute(insert(POSTINGS), rows)

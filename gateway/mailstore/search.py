@@ -31,6 +31,7 @@ from gateway.mailstore.blind_index import (
     MailboxPostings,
     candidates,
     chunked,
+    indexed_counts,
     unindexed_in,
     wanted_tokens,
 )
@@ -341,12 +342,13 @@ class IndexNarrowing:
         possible: dict[tuple[str, str], frozenset[int]] = {}
         if not leaves:
             return cls(possible, frozenset())
-        postings = MailboxPostings.read(connection, mailbox_id, wanted_tokens(index_key, leaves))
+        counts = indexed_counts(connection, mailbox_id)
+        postings = MailboxPostings.read(connection, mailbox_id, wanted_tokens(index_key, leaves), counts[0])
         for column, value in sorted(leaves):
             found = candidates(index_key, postings, column, value)
             if found is not None:
                 possible[(column, value)] = found
-        not_indexed = unindexed_in(connection, mailbox_id, folder_id) if possible else frozenset()
+        not_indexed = unindexed_in(connection, folder_id, counts) if possible else frozenset()
         return cls(possible, not_indexed)
 
     def ruled_out(self, row: SearchRow, column: str, value: str) -> bool:

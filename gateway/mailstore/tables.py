@@ -149,7 +149,8 @@ class MessageTokens(Base):
 
 
 class TokenPostings(Base):
-    """One segment of a token's posting list in one mailbox: message ids packed (``blind_index.pack``).
+    """One segment of a token's posting list in one mailbox: message ids packed (``blind_index.pack``),
+    ascending within the segment (SEARCH bisects them).
 
     A fold appends one segment per token of the messages it posts (new rows, no rewrite); a compaction
     merges a token's segments. Ids of expunged messages may linger until then: SEARCH loads candidates by
@@ -157,11 +158,13 @@ class TokenPostings(Base):
     """
 
     __tablename__ = "mail_token_postings"
-    __table_args__ = (Index("ix_mail_token_postings_token", "mailbox_id", "token"),)
+    # The index holds each segment's size: a list's length is read without its ids.
+    __table_args__ = (Index("ix_mail_token_postings_token", "mailbox_id", "token", "size"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
     token: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(Integer)          # ids in the segment
     ids: Mapped[bytes] = mapped_column(LargeBinary)
 
 

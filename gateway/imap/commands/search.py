@@ -97,9 +97,9 @@ async def search(session: Session, command: c.Command) -> Completion:
         session.enable_condstore()                # RFC 7162 3.1: SEARCH MODSEQ enables CONDSTORE
     key = translate(command.criteria, selected)
     uids = await session.store.search(selected.ref, key, recent_uids=frozenset(selected.recent))
-    matches = selected.visible(uids)
-    results = [message.uid if command.uid else message.number for message in matches]
-    highest = await _highest_modseq(session, selected, [m.uid for m in matches]) if with_modseq else None
+    numbers, shown = selected.visible_numbers(uids)
+    results = shown if command.uid else numbers
+    highest = await _highest_modseq(session, selected, shown) if with_modseq else None
     if command.return_options is None:
         session.write(response.search(results, highest_modseq=highest))
     else:

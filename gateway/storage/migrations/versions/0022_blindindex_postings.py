@@ -34,7 +34,7 @@ old_tokens = sa.table('mail_search_tokens', sa.column('token', sa.BigInteger), s
 message_tokens = sa.table('mail_message_tokens', sa.column('message_id', sa.Integer), sa.column('mailbox_id', sa.Integer),
                           sa.column('posted', sa.Boolean), sa.column('tokens', sa.LargeBinary))
 postings = sa.table('mail_token_postings', sa.column('mailbox_id', sa.Integer), sa.column('token', sa.BigInteger),
-                    sa.column('ids', sa.LargeBinary))
+                    sa.column('size', sa.Integer), sa.column('ids', sa.LargeBinary))
 messages = sa.table('mail_messages', sa.column('id', sa.Integer), sa.column('folder_id', sa.Integer))
 folders = sa.table('mail_folders', sa.column('id', sa.Integer), sa.column('mailbox_id', sa.Integer))
 
@@ -69,11 +69,12 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('mailbox_id', sa.Integer(), nullable=False),
     sa.Column('token', sa.BigInteger(), nullable=False),
+    sa.Column('size', sa.Integer(), nullable=False),
     sa.Column('ids', sa.LargeBinary(), nullable=False),
     sa.ForeignKeyConstraint(['mailbox_id'], ['mailboxes.id'], name=op.f('fk_mail_token_postings_mailbox_id_mailboxes'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_mail_token_postings'))
     )
-    op.create_index('ix_mail_token_postings_token', 'mail_token_postings', ['mailbox_id', 'token'], unique=False)
+    op.create_index('ix_mail_token_postings_token', 'mail_token_postings', ['mailbox_id', 'token', 'size'], unique=False)
     _convert(op.get_bind())
     op.drop_index('ix_mail_search_tokens_message', table_name='mail_search_tokens')
     op.drop_table('mail_search_tokens')
@@ -122,7 +123,8 @@ def _convert(connection: sa.Connection) -> None:
     def emit(token: int, by_mailbox: dict[int, list[int]]) -> None:
         for mailbox_id, ids in by_mailbox.items():
             for start in range(0, len(ids), SEGMENT_IDS):
-                rows.append({'mailbox_id': mailbox_id, 'token': token, 'ids': pack(ids[start:start + SEGMENT_IDS])})
+                part = ids[start:start + SEGMENT_IDS]
+                rows.append({'mailbox_id': mailbox_id, 'token': token, 'size': len(part), 'ids': pack(part)})
                 flush(postings)
 
     current_token, by_mailbox = None, {}
