@@ -68,6 +68,7 @@ from gateway.security.at_rest import MESSAGE_ID_PLAINTEXT_LIMIT, FieldSealer, _d
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox
+from gateway.storage.prepared import Prepared
 
 log = logging.getLogger(__name__)
 MESSAGE_TOKENS = cast(Table, MessageTokens.__table__)
@@ -78,10 +79,11 @@ GRAM = 3
 MAX_GRAMS_PER_FIELD = 2048
 TOKEN_BYTES = 8
 BACKFILL_BATCH = 500
-FOLD_AT = 256            # unposted messages of a mailbox that make the store fold them into the posting lists
+FOLD_AT = 512            # unposted messages of a mailbox that make the store fold them into the posting lists
 FOLD_BATCH = 4096        # messages posted per fold transaction
 COMPACT_EVERY = 16       # folds of a mailbox (in this process) between two compactions
-MAX_SEGMENTS = 8         # a token with more segments than this in a mailbox gets them merged
+MAX_SEGMENTS = 16        # a token with more segments than this in a mailbox gets its small ones merged
+LARGE_SEGMENT = 4096     # ids from which a segment is left alone by the usual compaction
 SEGMENT_IDS = 65536      # message ids per merged segment at most (512 KB)
 COMMON_SHARE = 0.9       # a token in this share of a mailbox's messages narrows too little to be read
 LOOKUP_RATIO = 16        # candidates this many times fewer than a list's ids: bisect the list, no set of it
@@ -278,6 +280,7 @@ def wanted_tokens(key: IndexKey, leaves: Iterable[tuple[str, str]]) -> set[int]:
 
 
 _COUNT_INDEXED = select(func.count()).select_from(MESSAGE_TOKENS)
+_INSERT_POSTINGS = Prepared(insert(POSTINGS))   # a fold writes thousands of rows: on SQLite, to the driver
 
 
 def indexed_counts(connection: Connection, mailbox_id: int) -> tuple[int, int]:
@@ -333,8 +336,8 @@ def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH) ->
                 lists[token] = [message_id]
             else:
                 held.append(message_id)
-    connection.execute(insert(POSTINGS), [{"mailbox_id": mailbox_id, "token": token, "size": len(ids),
-                                           "ids": pack(ids)} for token, ids in lists.items()])
+    _INSERT_POSTINGS.run_many(connection, [{"mailbox_id": mailbox_id, "token": token, "size": len(ids),
+                                            "ids": pack(ids)} for token, ids in lists.items()])
     ids = [message_id for message_id, _ in pending]
     for chunk in chunked(ids, MAX_IDS_PER_QUERY):
         connection.execute(update(MESSAGE_TOKENS).where(MESSAGE_TOKENS.c.message_id.in_(chunk)).values(posted=True))
@@ -348,9 +351,12 @@ def _lock_mailbox(connection: Connection, mailbox_id: int) -> None:
         connection.execute(select(Mailbox.id).where(Mailbox.id == mailbox_id).with_for_update())
 
 
-def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS) -> int:
-    """Merge the segments of every token of a mailbox that has more than ``max_segments`` of them (in the
-    caller's write transaction), dropping the ids of messages that are gone. Returns the tokens merged."""
+def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS, whole: bool = False) -> int:
+    """Merge segments of every token of a mailbox that has more than ``max_segments`` of them (in the
+    caller's write transaction), dropping the ids of messages that are gone. Size-tiered, so that a big
+    mailbox does not rewrite its longest lists every time: a token's small segments (under
+    ``LARGE_SEGMENT`` ids, the recent folds) merge into one; all of them only when the large ones alone are
+    too many, or ``whole`` (``gateway mailbox reindex``). Returns the tokens merged."""
     crowded = list(connection.execute(
         select(POSTINGS.c.token).where(POSTINGS.c.mailbox_id == mailbox_id)
         .group_by(POSTINGS.c.token).having(func.count() > max_segments)).scalars())
@@ -360,22 +366,32 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
     live = set(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
         MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())).scalars())
     for chunk in chunked(crowded, MAX_IDS_PER_QUERY // 2):
-        merged: dict[int, set[int]] = {}
-        row_ids = []
-        for row_id, token, ids in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.ids).where(
+        sizes: dict[int, list[tuple[int, int]]] = {}      # token -> (row id, size) of its segments
+        for row_id, token, size in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.size).where(
                 POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk))):
-            row_ids.append(row_id)
-            merged.setdefault(token, set()).update(unpack(ids))
-        for ids_chunk in chunked(row_ids, MAX_IDS_PER_QUERY):
+            sizes.setdefault(token, []).append((row_id, size))
+        chosen = [row_id for segments in sizes.values() for row_id in _to_merge(segments, max_segments, whole)]
+        merged: dict[int, set[int]] = {}
+        for ids_chunk in chunked(chosen, MAX_IDS_PER_QUERY):
+            for token, ids in connection.execute(select(POSTINGS.c.token, POSTINGS.c.ids).where(
+                    POSTINGS.c.id.in_(ids_chunk))):
+                merged.setdefault(token, set()).update(unpack(ids))
             connection.execute(delete(POSTINGS).where(POSTINGS.c.id.in_(ids_chunk)))
         rows: list[dict[str, Any]] = []
         for token, ids in merged.items():
             kept = sorted(ids & live)
             rows.extend({"mailbox_id": mailbox_id, "token": token, "size": len(part), "ids": pack(part)}
                         for part in chunked(kept, SEGMENT_IDS))
-        if rows:
-            connection.execute(insert(POSTINGS), rows)
+        _INSERT_POSTINGS.run_many(connection, rows)
     return len(crowded)
+
+
+def _to_merge(segments: list[tuple[int, int]], max_segments: int, whole: bool) -> list[int]:
+    """Row ids of the segments (row id, size) of one crowded token to merge."""
+    small = [row_id for row_id, size in segments if size < LARGE_SEGMENT]
+    if whole or len(segments) - len(small) > max_segments or len(small) < 2:
+        return [row_id for row_id, _ in segments]
+    return small
 
 
 class BlindIndex:
@@ -497,7 +513,7 @@ async def backfill(database: Database, index: BlindIndex, fields: FieldSealer, m
 
 def _repack(connection: Connection, index: BlindIndex, mailbox_id: int) -> None:
     index.fold_all(connection, mailbox_id)
-    compact(connection, mailbox_id, max_segments=1)
+    compact(connection, mailbox_id, max_segments=1, whole=True)
 
 
 async def _opened(fields: FieldSealer, owner: str, sealed: Sequence[Any]) -> dict[str, str | None]:
