@@ -434,8 +434,10 @@ class BlindIndex:
         transaction), then a compaction every ``COMPACT_EVERY`` folds. Returns the messages posted."""
         self._unposted[mailbox_id] = 0
         posted = 0
-        while (done := fold(connection, mailbox_id)) > 0:
+        while (done := fold(connection, mailbox_id, limit=FOLD_BATCH)) > 0:
             posted += done
+            if done < FOLD_BATCH:     # all there were (on PostgreSQL, deliveries committing meanwhile wait)
+                break
         folds = self._folds.get(mailbox_id, 0) + 1
         if folds >= COMPACT_EVERY:
             compact(connection, mailbox_id, max_segments=MAX_SEGMENTS)
