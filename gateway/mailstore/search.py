@@ -18,10 +18,11 @@ import datetime as dt
 import email.parser
 import email.policy
 import functools
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import ColumnElement, and_, bindparam, false, func, not_, or_, select, true
+from sqlalchemy import ColumnElement, Table, and_, bindparam, false, func, not_, or_, select, true
 from sqlalchemy.engine import Connection
 
 from gateway.mailstore import flags as flagcodec
@@ -386,6 +387,9 @@ def load_rows(connection: Connection, folder_id: int, key: SearchKey, recent_uid
         prefilter(key, recent_uids, header_columns=header_columns))
     rows: list[Any] = []  # attribute access by column name, as SearchRow describes
     as_row = _row_type(tuple(names))._make
+    driver = _sqlite_driver(connection)
+    if bound is not None and driver is not None and _cached_headers_only(key):
+        return _rows_by_id(driver, folder_id, tuple(names), bound, as_row)
     if bound is None:
         rows.extend(map(as_row, connection.execute(query.where(Message.folder_id == folder_id)).all()))
     else:
@@ -397,6 +401,52 @@ def load_rows(connection: Connection, folder_id: int, key: SearchKey, recent_uid
         for ids in chunked(sorted(bound), MAX_IDS_PER_QUERY):
             rows.extend(row for row in map(as_row, connection.execute(query, {"ids": list(ids)}).all())
                         if row.folder_id == folder_id)
+    rows.sort(key=lambda row: row.uid)
+    return rows
+
+
+ID_BUCKETS = (16, 256, 1024, MAX_IDS_PER_QUERY)  # placeholders per statement: a few statements, each compiled once
+
+
+def _sqlite_driver(connection: Connection) -> sqlite3.Connection | None:
+    driver = connection.connection.driver_connection if connection.dialect.name == "sqlite" else None
+    return driver if isinstance(driver, sqlite3.Connection) else None   # not aiosqlite's (async engine)
+
+
+def _cached_headers_only(key: SearchKey) -> bool:
+    """Every leaf of ``key`` compares a cached (sealed) header column: no SQL condition, plain columns."""
+    match key:
+        case All(keys) | AnyOf(keys):
+            return all(_cached_headers_only(part) for part in keys)
+        case Not(inner):
+            return _cached_headers_only(inner)
+        case Header(name, _):
+            return name.lower() in CACHED_HEADERS
+    return False
+
+
+@functools.cache
+def _by_id_sql(names: tuple[str, ...], count: int) -> str:
+    """The SELECT of these columns of ``count`` messages by primary key (one placeholder each)."""
+    table = cast(Table, Message.__table__)
+    columns = ", ".join(table.c[name].name for name in names)
+    return f"SELECT {columns} FROM {table.name} WHERE {table.c.id.name} IN ({', '.join('?' * count)})"
+
+
+def _rows_by_id(driver: sqlite3.Connection, folder_id: int, names: tuple[str, ...], bound: frozenset[int],
+                as_row: Callable[[Any], Any]) -> list[SearchRow]:
+    """``load_rows`` for a key on cached header columns alone (SEARCH SUBJECT x) on SQLite: the bound's rows
+    on the driver, without SQLAlchemy's rendering of thousands of parameters and its row objects (a third
+    of the time of 10,000 rows). The columns are integers and text, which need no conversion. Each chunk is
+    padded to one of ``ID_BUCKETS`` with its last id (IN ignores the repeats)."""
+    folder_at = names.index("folder_id")
+    rows: list[Any] = []
+    for ids in chunked(sorted(bound), MAX_IDS_PER_QUERY):
+        size = next(bucket for bucket in ID_BUCKETS if bucket >= len(ids))
+        padded = [*ids, *([ids[-1]] * (size - len(ids)))]
+        cursor = driver.execute(_by_id_sql(names, size), padded)
+        rows.extend(as_row(row) for row in cursor.fetchall() if row[folder_at] == folder_id)
+        cursor.close()
     rows.sort(key=lambda row: row.uid)
     return rows
 
