@@ -25,10 +25,11 @@ row, as before. Other tokens per message:
 - *overflow* (field, kind ``o``): the field has more than ``MAX_GRAMS_PER_FIELD``
   trigrams, which are then not stored (a hostile 200 KB Subject must not write 200,000
   rows): such a message is a candidate for every needle on that field;
-- *indexed* (kind ``i``): written for every indexed message, so that a message without
-  any row (stored before the index existed, or by a copy made by older code) is known
-  as not indexed: SEARCH unseals it (the index never hides a match), and
-  ``backfill`` (``gateway mailbox reindex``) indexes it in resumable batches.
+- *indexed* (kind ``i``): in every indexed message's tokens. Whether a message is indexed
+  is whether it has its ``MessageTokens`` row: one without (stored before the index
+  existed, or while the store kept none) is not indexed: SEARCH unseals it (the index
+  never hides a match), and ``backfill`` (``gateway mailbox reindex``) indexes it in
+  resumable batches.
 
 Storage (``MessageTokens``, ``TokenPostings``): a delivery writes its message's tokens as one packed row
 (``pack``: 8 octets a token), never one row per token at a random place of a B-tree (that cost 0.7-1.35 ms
@@ -42,7 +43,8 @@ What the index reveals to someone holding the database but not the key files: wh
 messages of one owner share a trigram in the same field, and how often each (unknown)
 trigram occurs in that owner's mailbox (frequency analysis over a large mailbox could
 guess common trigrams); the number of distinct trigrams per field (about the length of
-the value). Nothing links two owners' tokens.
+the value). Nothing links two owners' tokens. The packed rows and posting lists hold the
+same (token, message) pairs the row-per-token table did, grouped.
 """
 
 from __future__ import annotations
