@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 
 from gateway.mailstore import flags as flagcodec
 from gateway.mailstore import names
+from gateway.mailstore.blind_index import message_tokens_row
 from gateway.mailstore.errors import (
     FolderNotFound,
     MailboxNotHosted,
@@ -35,7 +36,6 @@ from gateway.mailstore.errors import (
 )
 from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import AppendResult, FolderRef
-from gateway.mailstore.blind_index import message_tokens_row
 from gateway.mailstore.tables import Delivery, Folder, Message, MessageTokens
 from gateway.storage.blobs import StoredBlob
 from gateway.storage.models import Mailbox, utcnow

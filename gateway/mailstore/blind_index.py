@@ -60,8 +60,8 @@ from functools import cached_property
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, exists, false, func, insert, select, true, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.mailstore.headers import CachedHeaders

@@ -11,7 +11,6 @@ import email.header
 from typing import Any
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -260,7 +259,7 @@ async def test_posted_unposted_compacted_and_expunged_answer_alike(
 async def test_deliveries_fold_in_the_background_and_stay_found(
         database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.mailstore.blind_index as blind_index
+    from gateway.mailstore import blind_index
     monkeypatch.setattr(blind_index, "FOLD_AT", 3)
     monkeypatch.setattr(blind_index, "COMPACT_EVERY", 2)
     monkeypatch.setattr(blind_index, "MAX_SEGMENTS", 1)
@@ -287,6 +286,7 @@ async def test_the_old_rows_convert_to_packed_rows_and_postings(
     """Revision 0022 turns the row-per-token table into the packed rows and posting lists, without keys:
     down to the old table and up again, every message keeps its tokens and SEARCH its answers."""
     from alembic import command
+
     from gateway.storage.db import alembic_config
 
     indexed, unsealing = sealed_pair(database, blobs, keys)

@@ -197,14 +197,13 @@ async def test_crypto_shredding_makes_backups_unreadable(db: Database, keys: Key
 async def test_crypto_shredding_removes_the_search_index_of_the_patients_mailbox(db: Database, keys: KeyManager,
                                                                                   settings: Settings, tmp_path: Path) -> None:
     """The blind index's tokens (equalities and frequencies of a patient's headers) do not outlive the keys."""
-    from gateway.mailstore.blind_index import BlindIndex
+    from sqlalchemy import func
+
+    from gateway.mailstore.blind_index import BlindIndex, fold
     from gateway.mailstore.interface import FolderRef
     from gateway.mailstore.notify import ChangeHub
     from gateway.mailstore.sql import SqlMailStore
-    from gateway.mailstore.blind_index import fold
     from gateway.mailstore.tables import MessageTokens, TokenPostings
-    from sqlalchemy import func
-
     from gateway.security.at_rest import FieldSealer, HeaderSealer
 
     ins, mailbox_id = await _closed_patient(db, settings, days_ago=400)
