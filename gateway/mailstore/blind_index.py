@@ -83,8 +83,9 @@ TOKEN_BYTES = 8
 BACKFILL_BATCH = 500
 FOLD_AT = 512            # unposted messages of a mailbox that make the store fold them into the posting lists
 FOLD_BATCH = 4096        # messages posted per fold transaction
-COMPACT_EVERY = 16       # folds of a mailbox (in this process) between two compactions
-MAX_SEGMENTS = 16        # a token with more segments than this in a mailbox gets its small ones merged
+COMPACT_EVERY = 8        # folds of a mailbox (in this process) between two compactions
+MAX_SEGMENTS = 32        # a token with more segments than this in a mailbox gets its small ones merged
+COMPACT_TOKENS = 256     # tokens merged per compaction at most: about 0.4 s of CPU in the write lock at worst
 LARGE_SEGMENT = 4096     # ids from which a segment is left alone by the usual compaction
 SEGMENT_IDS = 65536      # message ids per merged segment at most (512 KB)
 COMMON_SHARE = 0.9       # a token in this share of a mailbox's messages narrows too little to be read
@@ -320,9 +321,10 @@ def unposted_count(connection: Connection, mailbox_id: int) -> int:
         MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == false())).scalar() or 0)
 
 
-def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH) -> int:
+def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH, written: set[int] | None = None) -> int:
     """Post up to ``limit`` unposted messages of a mailbox, in the caller's write transaction: one new
-    segment per token of theirs (its message ids), and the messages marked posted. Returns how many."""
+    segment per token of theirs (its message ids), and the messages marked posted. Returns how many;
+    ``written`` gets the tokens that received a segment."""
     _lock_mailbox(connection, mailbox_id)
     pending = connection.execute(
         select(MESSAGE_TOKENS.c.message_id, MESSAGE_TOKENS.c.tokens)
@@ -340,6 +342,8 @@ def fold(connection: Connection, mailbox_id: int, *, limit: int = FOLD_BATCH) ->
                 held.append(message_id)
     _INSERT_POSTINGS.run_many(connection, [{"mailbox_id": mailbox_id, "token": token, "size": len(ids),
                                             "ids": pack(ids)} for token, ids in lists.items()])
+    if written is not None:
+        written.update(lists)
     ids = [message_id for message_id, _ in pending]
     for chunk in chunked(ids, MAX_IDS_PER_QUERY):
         connection.execute(update(MESSAGE_TOKENS).where(MESSAGE_TOKENS.c.message_id.in_(chunk)).values(posted=True))
@@ -353,20 +357,33 @@ def _lock_mailbox(connection: Connection, mailbox_id: int) -> None:
         connection.execute(select(Mailbox.id).where(Mailbox.id == mailbox_id).with_for_update())
 
 
-def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS, whole: bool = False) -> int:
+def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS, whole: bool = False,
+            among: Iterable[int] | None = None, limit: int | None = None) -> int:
     """Merge segments of every token of a mailbox that has more than ``max_segments`` of them (in the
-    caller's write transaction), dropping the ids of messages that are gone. Size-tiered, so that a big
-    mailbox does not rewrite its longest lists every time: a token's small segments (under
-    ``LARGE_SEGMENT`` ids, the recent folds) merge into one; all of them only when the large ones alone are
-    too many, or ``whole`` (``gateway mailbox reindex``). Returns the tokens merged."""
-    crowded = list(connection.execute(
-        select(POSTINGS.c.token).where(POSTINGS.c.mailbox_id == mailbox_id)
-        .group_by(POSTINGS.c.token).having(func.count() > max_segments)).scalars())
+    caller's write transaction). Size-tiered, so that a big mailbox does not rewrite its longest lists
+    every time: a token's small segments (under ``LARGE_SEGMENT`` ids, the recent folds) merge into one;
+    ``whole`` (``gateway mailbox reindex``) merges all of them and drops the ids of messages that are gone. ``among``: only these tokens are considered (the
+    last fold's: a token that gets crowded is in most folds), not every list of the mailbox (a scan that
+    grows with it). ``limit``: at most that many tokens, the most crowded first (a compaction holds SQLite's
+    write lock: its length is bounded, later ones do the rest). Returns the tokens merged."""
+    query = (select(POSTINGS.c.token, func.count()).where(POSTINGS.c.mailbox_id == mailbox_id)
+             .group_by(POSTINGS.c.token).having(func.count() > max_segments))
+    counted: list[tuple[int, int]] = []
+    if among is None:
+        counted.extend((int(token), int(count)) for token, count in connection.execute(query))
+    else:
+        for chunk in chunked(sorted(set(among)), MAX_IDS_PER_QUERY):
+            counted.extend((int(token), int(count))
+                           for token, count in connection.execute(query.where(POSTINGS.c.token.in_(chunk))))
+    counted.sort(key=lambda pair: (-pair[1], pair[0]))
+    crowded = [token for token, _ in (counted if limit is None else counted[:limit])]
     if not crowded:
         return 0
     _lock_mailbox(connection, mailbox_id)
-    live = set(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
-        MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())).scalars())
+    live: set[int] | None = None      # the whole rewrite drops the ids of messages gone; the usual merge keeps them
+    if whole:
+        live = set(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
+            MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())).scalars())
     for chunk in chunked(crowded, MAX_IDS_PER_QUERY // 2):
         sizes: dict[int, list[tuple[int, int]]] = {}      # token -> (row id, size) of its segments
         for row_id, token, size in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.size).where(
@@ -381,7 +398,7 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
             connection.execute(delete(POSTINGS).where(POSTINGS.c.id.in_(ids_chunk)))
         rows: list[dict[str, Any]] = []
         for token, ids in merged.items():
-            kept = sorted(ids & live)
+            kept = sorted(ids if live is None else ids & live)
             rows.extend({"mailbox_id": mailbox_id, "token": token, "size": len(part), "ids": pack(part)}
                         for part in chunked(kept, SEGMENT_IDS))
         _INSERT_POSTINGS.run_many(connection, rows)
@@ -390,10 +407,10 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
 
 def _to_merge(segments: list[tuple[int, int]], max_segments: int, whole: bool) -> list[int]:
     """Row ids of the segments (row id, size) of one crowded token to merge."""
-    small = [row_id for row_id, size in segments if size < LARGE_SEGMENT]
-    if whole or len(segments) - len(small) > max_segments or len(small) < 2:
+    if whole:
         return [row_id for row_id, _ in segments]
-    return small
+    small = [row_id for row_id, size in segments if size < LARGE_SEGMENT]
+    return small if len(small) > 1 else []
 
 
 class BlindIndex:
@@ -436,13 +453,14 @@ class BlindIndex:
         transaction), then a compaction every ``COMPACT_EVERY`` folds. Returns the messages posted."""
         self._unposted[mailbox_id] = 0
         posted = 0
-        while (done := fold(connection, mailbox_id, limit=FOLD_BATCH)) > 0:
+        written: set[int] = set()
+        while (done := fold(connection, mailbox_id, limit=FOLD_BATCH, written=written)) > 0:
             posted += done
             if done < FOLD_BATCH:     # all there were (on PostgreSQL, deliveries committing meanwhile wait)
                 break
         folds = self._folds.get(mailbox_id, 0) + 1
         if folds >= COMPACT_EVERY:
-            compact(connection, mailbox_id, max_segments=MAX_SEGMENTS)
+            compact(connection, mailbox_id, max_segments=MAX_SEGMENTS, among=written, limit=COMPACT_TOKENS)
             folds = 0
         self._folds[mailbox_id] = folds
         return posted
