@@ -47,7 +47,7 @@ def pack(values: Iterable[int]) -> bytes:
     return packed.tobytes()
 
 
-def unpack(blob: bytes) -> array:
+def unpack(blob: bytes) -> array[int]:
     values = array('q')
     values.frombytes(blob)
     if sys.byteorder == 'big':
@@ -127,7 +127,8 @@ def _convert(connection: sa.Connection) -> None:
                 rows.append({'mailbox_id': mailbox_id, 'token': token, 'size': len(part), 'ids': pack(part)})
                 flush(postings)
 
-    current_token, by_mailbox = None, {}
+    current_token: int | None = None
+    by_mailbox: dict[int, list[int]] = {}
     for token, message_id in _sliced(connection, old_tokens.c.token, old_tokens.c.message_id, -2 ** 63, 2 ** 63,
                                      count):
         if token != current_token:
