@@ -47,7 +47,7 @@ def pack(values: Iterable[int]) -> bytes:
     return packed.tobytes()
 
 
-def unpack(blob: bytes) -> array[int]:
+def unpack(blob: bytes) -> "array[int]":
     values = array('q')
     values.frombytes(blob)
     if sys.byteorder == 'big':
