@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Protocol, TypeVar, cast
@@ -107,7 +107,7 @@ from gateway.security.at_rest import FieldSealer
 from gateway.security.keys import mailbox_owner
 from gateway.security.smime_policy import InboundResult
 from gateway.security.smime_service import DecryptedCopy, SmimeService
-from gateway.storage.blobs import BlobStore
+from gateway.storage.blobs import BlobNotFound, BlobStore
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
@@ -329,12 +329,9 @@ class FilingWorker:
         if row is None:
             raise _Gone(f"delivery of job {job_id} no longer exists")
         job, delivery, mailbox, blob_id = row
-        examined = await self._examine(job, delivery, mailbox, blob_id)
-        delivered = examined.delivered
         patient_id = mailbox.patient_id if mailbox.type == "PAT" else None
-        # Only a patient's own mailbox feeds the record: another copy is not even parsed.
-        extraction = (await asyncio.to_thread(extract_documents, examined.documents_source) if patient_id is not None
-                      else ExtractionResult((), ()))
+        examined, extraction = await self._examine(job, delivery, mailbox, blob_id, extract=patient_id is not None)
+        delivered = examined.delivered
         queued = await lookups.queued_message(_queue_id(job.delivery_key))
         context = FilingContext(delivery_key=job.delivery_key, message_id=_header(delivered.message, "Message-ID", 998),
                                 sender=(queued.sender if queued else None) or None,
@@ -468,26 +465,38 @@ class FilingWorker:
                 .where(FilingJob.id.in_(job_ids)))).all()
         return {row[0].id: (row[0], row[1], row[2], row[3]) for row in rows}
 
-    async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox, blob_id: str | None) -> _Examined:
-        raw = await self._read_delivered(delivery, blob_id)
-        delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, _parse(raw), raw)
-        if self.smime is None:
-            return _Examined(delivered, delivered.message, None)
-        decrypted = await self.smime.decrypted_copy(job.delivery_key, mailbox.id)
-        if decrypted is not None:
-            return _Examined(delivered, _parse(decrypted.content),
-                             _signature_result(decrypted.status, decrypted.summary, decrypted.signer))
-        result = await self.smime.inbound_result(job.delivery_key.split(":", 1)[0], mailbox.id)
-        signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
-        return _Examined(delivered, delivered.message, signature)
+    async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox, blob_id: str | None, *,
+                       extract: bool) -> tuple[_Examined, ExtractionResult]:
+        """The delivered copy read, parsed (once) and, when ``extract``, its documents extracted: the S/MIME
+        verdict first (the database), then the CPU work in one worker-thread hop (``BlobStore.read_then``)."""
+        decrypted: DecryptedCopy | None = None
+        signature: str | None = None
+        if self.smime is not None:
+            decrypted = await self.smime.decrypted_copy(job.delivery_key, mailbox.id)
+            if decrypted is not None:
+                signature = _signature_result(decrypted.status, decrypted.summary, decrypted.signer)
+            else:
+                result = await self.smime.inbound_result(_queue_id(job.delivery_key), mailbox.id)
+                signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
+        decrypted_content = decrypted.content if decrypted is not None else None
 
-    async def _read_delivered(self, delivery: Delivery, blob_id: str | None) -> bytes:
+        def examine(raw: bytes) -> tuple[_Examined, ExtractionResult]:
+            delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, _parse(raw), raw)
+            source = _parse(decrypted_content) if decrypted_content is not None else delivered.message
+            # Only a patient's own mailbox feeds the record: another copy is not even parsed for documents.
+            extraction = extract_documents(source) if extract else ExtractionResult((), ())
+            return _Examined(delivered, source, signature), extraction
+
+        return await self._read_delivered(delivery, blob_id, examine)
+
+    async def _read_delivered(self, delivery: Delivery, blob_id: str | None,
+                              work: Callable[[bytes], T]) -> T:
         gone = f"the delivered message left {delivery.folder_name} (UID {delivery.uid}) before filing"
         if blob_id is None:
             raise _Gone(gone)
         try:
-            return await self.blobs.read(mailbox_owner(delivery.mailbox_id), blob_id)
-        except FileNotFoundError:
+            return await self.blobs.read_then(mailbox_owner(delivery.mailbox_id), blob_id, work)
+        except (BlobNotFound, FileNotFoundError):
             # Expunged between the query and the read (its blob is deleted after the expunge commits).
             raise _Gone(gone) from None
 

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -40,6 +40,8 @@ from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.nonces import nonce_bytes, nonce_hex
 from gateway.security.segments import SegmentAead
 from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
+
+T = TypeVar("T")
 
 MAGIC = b"GWBL"
 VERSION = 1
@@ -305,22 +307,7 @@ class BlobStore:
 
     async def read_whole(self, owner: str, blob_id: str) -> bytes:
         """A blob's whole plaintext; one worker-thread hop when the owner's data key is in memory."""
-        path = self.path(blob_id)
-
-        def read() -> bytes | tuple[BinaryIO, _Header, int]:
-            opened = self._open_known(path, owner, blob_id)
-            if not isinstance(opened, BlobReader):
-                return opened
-            try:
-                return opened.read()
-            finally:
-                opened.close()
-
-        done = await asyncio.to_thread(read)
-        if isinstance(done, bytes):
-            return done
-        done[0].close()
-        return await self.read(owner, blob_id)
+        return await self.read_then(owner, blob_id, _as_is)
 
     async def _data_key(self, owner: str, key_id: int) -> bytes:
         try:
@@ -335,8 +322,32 @@ class BlobStore:
         finally:
             reader.close()
 
+    async def read_then(self, owner: str, blob_id: str, work: Callable[[bytes], T]) -> T:
+        """``work(await read(owner, blob_id))`` with the file's reading, its decryption and ``work`` in one
+        worker-thread hop when ``owner``'s data key is already in memory (the usual case: ``read`` takes
+        three hops); else by ``read``, then one hop for ``work``. Same errors as ``read``."""
+        path = self.path(blob_id)
+        done, result = await asyncio.to_thread(self._read_then_blocking, owner, blob_id, path, work)
+        if done:
+            return cast(T, result)
+        return await asyncio.to_thread(work, await self.read(owner, blob_id))
+
+    def _read_then_blocking(self, owner: str, blob_id: str, path: Path, work: Callable[[bytes], T]) -> tuple[bool, T | None]:
+        """(True, work(plaintext)), or (False, None) when the blob's data key is not in memory."""
+        opened = self._open_known(path, owner, blob_id)
+        if not isinstance(opened, BlobReader):
+            opened[0].close()
+            return False, None
+        with opened:
+            plaintext = opened.read()
+        return True, work(plaintext)
+
     async def delete(self, blob_id: str) -> None:
         await asyncio.to_thread(self.path(blob_id).unlink, True)
+
+
+def _as_is(plaintext: bytes) -> bytes:
+    return plaintext
 
 
 def _copy_into(source: BlobSource, writer: BlobWriter) -> None:
