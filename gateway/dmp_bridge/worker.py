@@ -11,7 +11,8 @@ nothing: the next pass finds the delivery without a finished job and files it.
 
 Jobs are claimed with a lease, a chunk at a time (one UPDATE that succeeds for
 one worker only, on any number of gateway nodes: one commit for the chunk), and
-a chunk is filed as a batch. Phase 1, per job, side by side, with no database
+a chunk is filed as a batch; the next chunk's phase 1 runs while a chunk is in
+phase 2 (``run_once``), phase 2 one chunk at a time. Phase 1, per job, side by side, with no database
 write: read the delivered copy (its blob found by the batch's load query; for a message
 S/MIME-encrypted to a key the gateway holds, the decrypted copy the pipeline
 kept: ``SmimeService.decrypted_copy``), extract (a copy delivered to a
@@ -212,16 +213,32 @@ class FilingWorker:
     # ----------------------------------------------------------------- passes
 
     async def run_once(self) -> int:
-        """Create the missing jobs and run every job that is due; how many jobs ran."""
+        """Create the missing jobs and run every job that is due; how many jobs ran.
+
+        Chunks are pipelined: a chunk's phase 1 (reading, parsing, extracting: CPU) runs while the chunk
+        before it is in phase 2 (its blobs', notices' and transaction's fsyncs: waiting on the disk).
+        Phase 2 runs one chunk at a time, in order, and decides everything again on what the chunk before
+        it committed; phase 1 only prepares (its patient look-ups are checked again in the transaction)."""
         await self.enqueue_deliveries()
         ran = 0
-        while job_ids := await self._due_jobs():
-            for chunk in _chunks(job_ids, self.policy.claim_chunk):
-                claimed = await self._claim(chunk)
-                if claimed:
-                    ran += await self._run_batch(claimed)
-            if len(job_ids) < self.policy.batch:
-                break
+        filing: asyncio.Task[int] | None = None  # the previous chunk's phase 2
+        try:
+            while job_ids := await self._due_jobs():
+                for chunk in _chunks(job_ids, self.policy.claim_chunk):
+                    claimed = await self._claim(chunk)
+                    if not claimed:
+                        continue
+                    planned = await self._plan_batch(claimed)
+                    if filing is not None:
+                        ran += await filing
+                    filing = asyncio.create_task(self._file_batch(claimed, planned), name="dmp-filing-batch")
+                if len(job_ids) < self.policy.batch:
+                    break
+            if filing is not None:
+                ran, filing = ran + await filing, None
+        except BaseException as error:
+            await _settle(filing, cancel=isinstance(error, asyncio.CancelledError))
+            raise
         return ran
 
     async def enqueue_deliveries(self, *, full: bool | None = None) -> int:
@@ -289,9 +306,12 @@ class FilingWorker:
     # ----------------------------------------------------------------- a batch of jobs
 
     async def _run_batch(self, claimed: dict[int, dt.datetime]) -> int:
-        """File the jobs of one claim together: each planned on its own (side by side), then filed by one
-        transaction for all (``_file``: one fsync of the database for the batch). If that fails, each job is
-        filed again in a transaction of its own, so one bad job spoils nothing."""
+        """File the jobs of one claim together: phase 1 then phase 2 (``_plan_batch``, ``_file_batch``)."""
+        return await self._file_batch(claimed, await self._plan_batch(claimed))
+
+    async def _plan_batch(self, claimed: dict[int, dt.datetime]) -> list[_Planned]:
+        """Phase 1 of one claim: each job read and planned on its own, side by side (no database write but
+        the end of a job that stops here: gone, or deferred)."""
         loaded = await self._load_many(list(claimed))
         lookups = _BatchLookups(self.db)
         await lookups.load_queued({_queue_id(job.delivery_key) for job, _delivery, _mailbox, _blob in loaded.values()})
@@ -301,7 +321,12 @@ class FilingWorker:
             async with slots:
                 return await self._guarded(job_id, self._plan(job_id, claimed[job_id], loaded.get(job_id), lookups))
 
-        planned = [job for job in await asyncio.gather(*(plan(job_id) for job_id in claimed)) if job is not None]
+        return [job for job in await asyncio.gather(*(plan(job_id) for job_id in claimed)) if job is not None]
+
+    async def _file_batch(self, claimed: dict[int, dt.datetime], planned: list[_Planned]) -> int:
+        """Phase 2 of one claim: one transaction for all (``_file``: one fsync of the database for the
+        batch). If that fails, each job is filed again in a transaction of its own, so one bad job spoils
+        nothing. How many jobs the claim held."""
         if len(planned) > 1:
             try:
                 await self._file(planned, attempts=2)
@@ -740,6 +765,21 @@ def build_filing_worker(services: FilingServices) -> FilingWorker:
 def _queue_id(delivery_key: str) -> str:
     """The queue id a delivery key starts with (``<queue id>:<recipient row>``)."""
     return delivery_key.split(":", 1)[0]
+
+
+async def _settle(task: asyncio.Task[int] | None, *, cancel: bool) -> None:
+    """Wait for a chunk's phase 2 left running when the pass stops (cancelled with it when ``cancel``):
+    its jobs end as any interrupted job does (run again once their lease expires)."""
+    if task is None:
+        return
+    if cancel:
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("filing batch failed while its pass stopped; its jobs are run again")
 
 
 def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:

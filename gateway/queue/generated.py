@@ -220,4 +220,4 @@ def _recipient_row(route: LocalRoute | RemoteRoute) -> QueuedRecipient:
 
 
 def _has_8bit(message: bytes) -> bool:
-    return any(byte > 0x7F for byte in message)
+    return not message.isascii()  # any octet above 0x7F (one C loop: the generator was 0.3 ms per notice)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
@@ -56,11 +57,11 @@ async def deliver_batch(world: World, count: int) -> None:
         await delivery.deliver(world.patient_mailbox_id, raw, delivery_key=f"b{number}:1")
 
 
-def worker(world: World, spool: Spool) -> FilingWorker:
+def worker(world: World, spool: Spool, policy: WorkerPolicy = WorkerPolicy()) -> FilingWorker:
     queue = GeneratedMailQueue(world.settings, world.directory, spool, schedule_local=None)
     return FilingWorker(world.db, world.mailstore, world.blobs, hub=world.hub,
                         journal=AuditJournal(AuditLog.for_data_dir(world.db, world.settings.data_path)),
-                        acknowledger=Acknowledger(world.db, queue, world.settings), policy=WorkerPolicy())
+                        acknowledger=Acknowledger(world.db, queue, world.settings), policy=policy)
 
 
 async def count_rows(db: Database, statement: object) -> int:
@@ -91,6 +92,39 @@ async def test_a_batch_files_every_job_with_one_chain_of_audit_entries(database:
     assert await worker(world, Spool(tmp_path / "spool")).run_once() == COUNT
     await assert_filed_once(world, COUNT)
     assert await worker(world, Spool(tmp_path / "spool")).run_once() == 0  # nothing left: nothing twice
+
+
+async def test_chunks_are_pipelined_and_each_job_is_filed_once(database: Database, settings: Settings,
+                                                                tmp_path: Path) -> None:
+    """A chunk's phase 1 (reading, extracting) runs while the chunk before it is in phase 2; phase 2 runs
+    one chunk at a time, in order; every job is filed once, as with one chunk."""
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    filing = worker(world, Spool(tmp_path / "spool"), WorkerPolicy(claim_chunk=2))
+    events: list[tuple[str, int, str]] = []
+    plan_batch, file_batch = filing._plan_batch, filing._file_batch
+
+    async def planning(claimed: dict[int, Any]) -> Any:
+        events.append(("plan", min(claimed), "start"))
+        planned = await plan_batch(claimed)
+        events.append(("plan", min(claimed), "end"))
+        return planned
+
+    async def filing_batch(claimed: dict[int, Any], planned: Any) -> int:
+        events.append(("file", min(claimed), "start"))
+        ran = await file_batch(claimed, planned)
+        events.append(("file", min(claimed), "end"))
+        return ran
+
+    filing._plan_batch, filing._file_batch = planning, filing_batch  # type: ignore[method-assign]
+    assert await filing.run_once() == COUNT
+    await assert_filed_once(world, COUNT)
+    chunks = sorted({chunk for _step, chunk, _moment in events})
+    assert len(chunks) == COUNT // 2
+    for earlier, later in zip(chunks, chunks[1:]):
+        # the later chunk was planned while the earlier one was being filed, and filed only after it
+        assert events.index(("plan", later, "start")) < events.index(("file", earlier, "end"))
+        assert events.index(("file", earlier, "end")) < events.index(("file", later, "start"))
 
 
 KILLER = textwrap.dedent('''
@@ -195,9 +229,10 @@ async def test_one_failing_job_rolls_its_batch_back_and_the_others_are_filed_on_
 V1_ID, V2_ID = "1.2.250.1.213.1.1.1.55.2021.6.1", "1.2.250.1.213.1.1.1.55.2021.6.2"
 
 
+@pytest.mark.parametrize("chunk", [64, 1], ids=["one-batch", "pipelined-chunks-of-one"])
 @pytest.mark.parametrize("order", [(BIO_V1, BIO_V2, BIO_V1), (BIO_V2, BIO_V1, BIO_V1)], ids=["v1-v2-v1", "v2-v1-v1"])
 async def test_versions_and_copies_of_one_series_in_one_batch_are_decided_as_one_after_the_other(
-        database: Database, settings: Settings, tmp_path: Path, order: tuple[str, str, str]) -> None:
+        database: Database, settings: Settings, tmp_path: Path, order: tuple[str, str, str], chunk: int) -> None:
     """The batch's transaction decides each document on the rows it read once and on the rows it wrote
     itself before: a version filed earlier in the batch is superseded (or supersedes a late older one), and
     a second copy of a document filed earlier in the batch is a duplicate, exactly as one job after another."""
@@ -209,7 +244,7 @@ async def test_versions_and_copies_of_one_series_in_one_batch_are_decided_as_one
             session.add(QueuedMessage(id=f"s{number}", door="submission", sender=LAB_ADDRESS, size=len(raw),
                                       trace_headers="", client_address="127.0.0.1", authenticated_as=LAB_ADDRESS))
         await delivery.deliver(world.patient_mailbox_id, raw, delivery_key=f"s{number}:1")
-    assert await worker(world, Spool(tmp_path / "spool")).run_once() == 3
+    assert await worker(world, Spool(tmp_path / "spool"), WorkerPolicy(claim_chunk=chunk)).run_once() == 3
     store = RecordStore(world.db, world.blobs)
     v1, v2 = await store.get(V1_ID), await store.get(V2_ID)
     assert (v1.status, v1.superseded_by_unique_id) == ("superseded", V2_ID)
