@@ -8,7 +8,8 @@ against the directory, writes the encrypted document (fsync) and its row, its
 audit entry and its outcome, and queues the patient's notification. Only the
 filing pass is timed: wall clock, and the CPU time of the whole process (every thread:
 the event loop, SQLite's connection threads, the blob and spool writers) per document,
-which is what to compare on a machine that others keep busy. Run:
+which is what to compare on a machine that others keep busy, plus that of the extraction processes
+(``filing.extract_processes``, started before the timing as ``gateway serve`` starts them). Run:
 
     .venv/bin/python bench/dmp_filing.py [--count N] [--database URL]
 
@@ -163,17 +164,33 @@ class DatabaseThreadClock:
             db_module._run_sync_transaction = original
 
 
+def _helper_cpu(worker: object) -> float:
+    """The CPU seconds used so far by the filing's extraction processes (``filing.extract_processes``)."""
+    pool = getattr(getattr(worker, "examiner", None), "_pool", None)
+    total = 0.0
+    for process in (getattr(pool, "_processes", None) or {}).values():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def main(count: int, database_url: str | None, profile: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
         services = BenchServices(Path(directory), database_url)
         try:
             await prepare(services, count)
             worker = build_filing_worker(services)
+            await worker.examiner.start()  # as `gateway serve` does before its first pass
             clock = DatabaseThreadClock()
             with sampled(profile), clock.watching():
                 started, cpu_started = time.perf_counter(), time.process_time()
+                helpers_started = _helper_cpu(worker)
                 jobs = await worker.run_once()
                 elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+                helpers = _helper_cpu(worker) - helpers_started
+                cpu += helpers
+            await worker.stop()
             filed = len(await RecordStore(services.db, services.blobs).list_for_patient(INS))
             chain = await AuditLog.for_data_dir(services.db, services.settings.data_path).verify()
             if not chain.ok:
@@ -182,6 +199,7 @@ async def main(count: int, database_url: str | None, profile: str | None = None)
             await services.db.dispose()
     print(f"{jobs} messages, {filed} documents filed in {elapsed:.2f} s: {filed / elapsed:.1f} documents/s, "
           f"{1000 * cpu / max(filed, 1):.1f} ms CPU/document "
+          f"(of which {1000 * helpers / max(filed, 1):.1f} in {worker.examiner.processes} extraction process(es)) "
           f"({'SQLite, synchronous=FULL' if database_url is None else database_url.split(':', 1)[0]}); "
           f"audit chain {chain.summary()}")
     if clock.transactions:

@@ -529,6 +529,15 @@ class NoticeSettings(_Section):
     poll_seconds: float = Field(60.0, gt=0, le=3600, description="how often `gateway serve` looks for notices falling due")
 
 
+class FilingSettings(_Section):
+    """The DMP bridge's filing worker (gateway/dmp_bridge/worker.py)."""
+
+    extract_processes: int = Field(
+        1, ge=0, le=16, description="processes of their own that parse the delivered messages and extract their "
+        "documents (a third of a filing's CPU), beside the server's process instead of under its one interpreter "
+        "lock; 0: worker threads of the server's process")
+
+
 class WebmailSettings(_Section):
     """The patient webmail on the HTTPS listener: sessions, second factor, sign-in with OpenID Connect."""
 
@@ -623,6 +632,7 @@ class Settings(_Section):
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     webmail: WebmailSettings = Field(default_factory=WebmailSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
+    filing: FilingSettings = Field(default_factory=FilingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import email
 import email.policy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
-from typing import Literal
+from typing import Literal, cast
 
 from gateway.dmp_bridge.cda import CdaDocument, cda_from_element, is_cda_root
 from gateway.dmp_bridge.errors import DocumentError, IntegrationCode, NotACdaError
@@ -72,6 +72,11 @@ class _RememberingHeaderRegistry(HeaderRegistry):
         self._parsed: dict[tuple[str, str], BaseHeader] = {}
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Callable[[], HeaderRegistry], tuple[()]]:
+        # A parsed message sent to another process (the filing's extraction processes) names the registry
+        # of the process that receives it (its lock and memory are not sent).
+        return _filing_header_factory, ()
+
     def __call__(self, name: str, value: str) -> BaseHeader:
         if len(value) > self.MAX_VALUE:
             return super().__call__(name, value)
@@ -87,6 +92,10 @@ class _RememberingHeaderRegistry(HeaderRegistry):
 
 
 FILING_POLICY = email.policy.default.clone(header_factory=_RememberingHeaderRegistry())
+
+
+def _filing_header_factory() -> HeaderRegistry:
+    return cast(HeaderRegistry, FILING_POLICY.header_factory)
 
 
 def parse_message(raw: bytes) -> EmailMessage:

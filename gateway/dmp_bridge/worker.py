@@ -67,7 +67,8 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, SpooledNotice, WantedNotice
 from gateway.dmp_bridge.depositor import Depositor, accepted_as, depositor_of_message
-from gateway.dmp_bridge.extract import ExtractionResult, extract_documents, parse_message
+from gateway.dmp_bridge.examine import Examiner, examine_message
+from gateway.dmp_bridge.extract import ExtractionResult
 from gateway.dmp_bridge.filing import (
     AuditJournal,
     DocumentOutcome,
@@ -128,6 +129,7 @@ class WorkerPolicy:
     concurrency: int = 4  # jobs prepared side by side (their blob fsyncs overlap), within SQLite's pool of 5
     claim_chunk: int = 64  # jobs leased per commit, and filed in one transaction (group commit)
     full_scan_seconds: int = 600  # the safety net's pass over every delivery (others look at new ones only)
+    extract_processes: int = 0  # parsing and extraction in processes of their own (``examine.py``); 0: threads
 
     def retry_delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delays[min(attempts, len(self.retry_delays)) - 1])
@@ -168,6 +170,7 @@ class FilingWorker:
         self.policy = policy
         self.smime = smime
         self.sealer = RecordSealer(fields or FieldSealer(blobs.keys))
+        self.examiner = Examiner(policy.extract_processes)
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listening = False
@@ -181,6 +184,7 @@ class FilingWorker:
         if self.hub is not None and not self._listening:
             self.hub.add_forwarder(self._on_change)
             self._listening = True
+        await self.examiner.start()
         await self.run_once()
         self._task = asyncio.create_task(self._loop(), name="dmp-filing")
 
@@ -191,6 +195,7 @@ class FilingWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await asyncio.to_thread(self.examiner.close)
 
     def wake(self) -> None:
         self._woken.set()
@@ -493,7 +498,8 @@ class FilingWorker:
     async def _examine(self, job: FilingJob, delivery: Delivery, mailbox: Mailbox, blob_id: str | None, *,
                        extract: bool) -> tuple[_Examined, ExtractionResult]:
         """The delivered copy read, parsed (once) and, when ``extract``, its documents extracted: the S/MIME
-        verdict first (the database), then the CPU work in one worker-thread hop (``BlobStore.read_then``)."""
+        verdict first (the database), then the CPU work (``examine.py``): in the extraction processes, or in
+        the same worker-thread hop as the reading and decryption (``BlobStore.read_then``)."""
         decrypted: DecryptedCopy | None = None
         signature: str | None = None
         if self.smime is not None:
@@ -504,15 +510,14 @@ class FilingWorker:
                 result = await self.smime.inbound_result(_queue_id(job.delivery_key), mailbox.id)
                 signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
         decrypted_content = decrypted.content if decrypted is not None else None
-
-        def examine(raw: bytes) -> tuple[_Examined, ExtractionResult]:
-            delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, _parse(raw), raw)
-            source = _parse(decrypted_content) if decrypted_content is not None else delivered.message
-            # Only a patient's own mailbox feeds the record: another copy is not even parsed for documents.
-            extraction = extract_documents(source) if extract else ExtractionResult((), ())
-            return _Examined(delivered, source, signature), extraction
-
-        return await self._read_delivered(delivery, blob_id, examine)
+        if self.examiner.processes:
+            raw = await self._read_delivered(delivery, blob_id, bytes)
+            message, source, extraction = await self.examiner.examine(raw, decrypted_content, extract)
+        else:  # one worker-thread hop: read, decrypt, parse, extract
+            raw, (message, source, extraction) = await self._read_delivered(
+                delivery, blob_id, lambda raw: (raw, examine_message(raw, decrypted_content, extract)))
+        delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, message, raw)
+        return _Examined(delivered, source, signature), extraction
 
     async def _read_delivered(self, delivery: Delivery, blob_id: str | None,
                               work: Callable[[bytes], T]) -> T:
@@ -756,7 +761,8 @@ def build_filing_worker(services: FilingServices) -> FilingWorker:
     (``services.generated``: local delivery or the outbound worker takes them), events in the audit log."""
     settings = services.settings
     journal = AuditJournal(AuditLog.for_data_dir(services.db, settings.data_path))
-    policy = WorkerPolicy(accept_production=settings.directory.accept_production_ins)
+    policy = WorkerPolicy(accept_production=settings.directory.accept_production_ins,
+                          extract_processes=settings.filing.extract_processes)
     return FilingWorker(services.db, services.mailstore, services.blobs, hub=services.hub, journal=journal,
                         acknowledger=Acknowledger(services.db, services.generated, settings), policy=policy,
                         smime=services.smime, fields=services.fields)
@@ -784,10 +790,6 @@ async def _settle(task: asyncio.Task[int] | None, *, cancel: bool) -> None:
 
 def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
     return [items[start:start + size] for start in range(0, len(items), max(size, 1))]
-
-
-def _parse(raw: bytes) -> EmailMessage:
-    return parse_message(raw)
 
 
 def _signature_result(status: str, summary: str, signer: str | None) -> str | None:

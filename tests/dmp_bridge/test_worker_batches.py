@@ -85,11 +85,16 @@ async def assert_filed_once(world: World, count: int) -> None:
     assert len(await RecordStore(db, world.blobs).list_for_patient(TEST_INS)) == count
 
 
+@pytest.mark.parametrize("processes", [0, 1], ids=["extracting-in-threads", "extracting-in-a-process"])
 async def test_a_batch_files_every_job_with_one_chain_of_audit_entries(database: Database, settings: Settings,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, processes: int) -> None:
     world = await build_world(database, settings)
     await deliver_batch(world, COUNT)
-    assert await worker(world, Spool(tmp_path / "spool")).run_once() == COUNT
+    filing = worker(world, Spool(tmp_path / "spool"), WorkerPolicy(extract_processes=processes))
+    try:
+        assert await filing.run_once() == COUNT
+    finally:
+        await filing.stop()
     await assert_filed_once(world, COUNT)
     assert await worker(world, Spool(tmp_path / "spool")).run_once() == 0  # nothing left: nothing twice
 

@@ -1,0 +1,97 @@
+"""A delivered message's CPU work for filing: parsed once, its documents extracted, in a thread or in processes.
+
+Parsing the MIME tree and extracting the documents (XML, ZIP, PDF) is about a third of a filing's CPU and
+pure computation on bytes: ``examine_message`` takes the delivered copy (and the content the gateway
+decrypted from it, if any) and returns the parsed messages and the extraction, nothing read or written.
+``Examiner`` runs it in a worker thread of the server's process, or (``filing.extract_processes``) in
+processes of their own, so that it runs beside the event loop and the database thread instead of taking
+turns with them under the one interpreter lock. The limits against hostile input (``ExtractionLimits``:
+XML without DTD, bounded depth and sizes; ZIP ratios; MIME depth) are the same in either place; in a
+process of its own, a document that still exhausts memory takes that process down, not the server (the
+pool is then started again and the job retried in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from email.message import EmailMessage
+
+from gateway.dmp_bridge.extract import ExtractionResult, extract_documents, parse_message
+
+log = logging.getLogger("gateway.dmp.examine")
+
+Examined = tuple[EmailMessage, EmailMessage, ExtractionResult]
+
+
+def examine_message(raw: bytes, decrypted: bytes | None, extract: bool) -> Examined:
+    """(the delivered message, the message its documents come from, the extraction): the source is the
+    decrypted content when there is one, else the message itself; nothing extracted unless ``extract``."""
+    message = parse_message(raw)
+    source = parse_message(decrypted) if decrypted is not None else message
+    return message, source, extract_documents(source) if extract else ExtractionResult((), ())
+
+
+def _ready() -> bool:
+    return True
+
+
+def _exit_with(parent: int) -> None:
+    """In an extraction process: exit as soon as the server's process is gone (after a kill -9 too), rather
+    than wait forever for messages as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="filing-parent-watch", daemon=True).start()
+
+
+class Examiner:
+    """Runs ``examine_message`` in ``processes`` processes of their own (started on first use, or by
+    ``start``), or in a worker thread when ``processes`` is 0."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start the processes now (each imports the gateway's modules once) rather than at the first filing."""
+        if self.processes:
+            loop = asyncio.get_running_loop()
+            pool = self._processes()
+            await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.processes)))
+
+    async def examine(self, raw: bytes, decrypted: bytes | None, extract: bool) -> Examined:
+        if not self.processes:
+            return await asyncio.to_thread(examine_message, raw, decrypted, extract)
+        pool = self._processes()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, examine_message, raw, decrypted, extract)
+        except BrokenProcessPool:
+            # An extraction process died (killed, or out of memory): a new pool for the next jobs, this one here.
+            log.warning("a filing extraction process died: its pool is started again; this message is examined "
+                        "in a thread")
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+            return await asyncio.to_thread(examine_message, raw, decrypted, extract)
+
+    def close(self) -> None:
+        """Stop the processes (those busy finish their message, which nobody waits for any more)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _processes(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: a fresh interpreter (forking a process that runs threads could copy a held lock).
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with, initargs=(os.getpid(),))
+        return self._pool
