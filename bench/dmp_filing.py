@@ -64,8 +64,10 @@ LAB = "resultats.labo@demo.mssante.localhost"
 class BenchServices:
     """The subset of gateway.app.Services the filing worker needs, over a throwaway data directory."""
 
-    def __init__(self, data_dir: Path, database_url: str | None) -> None:
+    def __init__(self, data_dir: Path, database_url: str | None, extract_processes: int | None = None) -> None:
         self.settings = load_settings(data_dir=data_dir, environ={})
+        if extract_processes is not None:
+            self.settings.filing.extract_processes = extract_processes
         self.db = Database(database_url or f"sqlite+aiosqlite:///{data_dir / 'bench.db'}")
         self.directory = DirectoryService(self.db, self.settings, PasswordHasher(time_cost=1, memory_kib=8))
         self.blobs = BlobStore(data_dir / "blobs", KeyManager(self.db, data_dir / "keys"))
@@ -175,9 +177,10 @@ def _helper_cpu(worker: object) -> float:
     return total
 
 
-async def main(count: int, database_url: str | None, profile: str | None = None) -> None:
+async def main(count: int, database_url: str | None, profile: str | None = None,
+               extract_processes: int | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
-        services = BenchServices(Path(directory), database_url)
+        services = BenchServices(Path(directory), database_url, extract_processes)
         try:
             await prepare(services, count)
             worker = build_filing_worker(services)
@@ -213,5 +216,7 @@ if __name__ == "__main__":
     parser.add_argument("--database", help="database URL (default: SQLite in a temporary directory)")
     parser.add_argument("--profile", metavar="FILE",
                         help="sample the filing pass with py-spy into FILE (.svg: a flame graph; else collapsed stacks)")
+    parser.add_argument("--extract-processes", type=int, metavar="N",
+                        help="filing.extract_processes (default: the configuration's default; 0: worker threads)")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.count, arguments.database, arguments.profile))
+    asyncio.run(main(arguments.count, arguments.database, arguments.profile, arguments.extract_processes))

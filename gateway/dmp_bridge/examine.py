@@ -66,7 +66,12 @@ class Examiner:
         if self.processes:
             loop = asyncio.get_running_loop()
             pool = self._processes()
-            await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.processes)))
+            try:
+                await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.processes)))
+            except BrokenProcessPool:
+                log.warning("the filing extraction processes did not start: messages are examined in threads "
+                            "until a new pool starts")
+                self._discard(pool)
 
     async def examine(self, raw: bytes, decrypted: bytes | None, extract: bool) -> Examined:
         if not self.processes:
@@ -78,9 +83,7 @@ class Examiner:
             # An extraction process died (killed, or out of memory): a new pool for the next jobs, this one here.
             log.warning("a filing extraction process died: its pool is started again; this message is examined "
                         "in a thread")
-            if self._pool is pool:
-                self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
+            self._discard(pool)
             return await asyncio.to_thread(examine_message, raw, decrypted, extract)
 
     def close(self) -> None:
@@ -88,6 +91,11 @@ class Examiner:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
