@@ -171,6 +171,7 @@ class FilingWorker:
         self.smime = smime
         self.sealer = RecordSealer(fields or FieldSealer(blobs.keys))
         self.examiner = Examiner(policy.extract_processes)
+        self._warming: asyncio.Task[None] | None = None
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listening = False
@@ -184,7 +185,8 @@ class FilingWorker:
         if self.hub is not None and not self._listening:
             self.hub.add_forwarder(self._on_change)
             self._listening = True
-        await self.examiner.start()
+        # The extraction processes start beside the first pass (its first messages wait for them in their queue).
+        self._warming = asyncio.create_task(self.examiner.start(), name="dmp-filing-processes")
         await self.run_once()
         self._task = asyncio.create_task(self._loop(), name="dmp-filing")
 
@@ -195,6 +197,11 @@ class FilingWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
+            self._warming = None
         await asyncio.to_thread(self.examiner.close)
 
     def wake(self) -> None:
