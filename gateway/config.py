@@ -533,9 +533,10 @@ class FilingSettings(_Section):
     """The DMP bridge's filing worker (gateway/dmp_bridge/worker.py)."""
 
     extract_processes: int = Field(
-        1, ge=0, le=16, description="processes of their own that parse the delivered messages and extract their "
+        0, ge=0, le=16, description="processes of their own that parse the delivered messages and extract their "
         "documents (a third of a filing's CPU), beside the server's process instead of under its one interpreter "
-        "lock; 0: worker threads of the server's process")
+        "lock; 0 (the default): worker threads of the server's process. A process costs more CPU in all (the "
+        "message goes over a pipe) and pays only where a core is free; measure before turning it on")
 
 
 class WebmailSettings(_Section):

@@ -53,7 +53,6 @@ SEGMENT_SIZE = 64 * 1024
 COPY_CHUNK = 1024 * 1024
 
 BlobSource = bytes | Path | BinaryIO
-T = TypeVar("T")
 
 
 class BlobError(Exception):
