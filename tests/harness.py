@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -122,6 +123,14 @@ class GatewayProcess:
     @property
     def ca_file(self) -> str:
         return str(self.demo["ca_certificate"])
+
+    def imaps_login(self, kind: str = "PER", index: int = 0) -> imaplib.IMAP4_SSL:
+        """An IMAPS connection to this gateway, trusting its test CA, logged in as a demo account."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        client = imaplib.IMAP4_SSL("localhost", self.ports["imaps_port"], ssl_context=context, timeout=30)
+        account = self.account(kind, index)
+        client.login(account["address"], account["password"])
+        return client
 
     def cli(self, *args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """``gateway ARGS`` on this data directory with the gateway's environment, ``env`` set on top of it."""

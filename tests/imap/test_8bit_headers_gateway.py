@@ -5,7 +5,6 @@ alike (tests/mailstore/test_8bit_headers.py says why)."""
 from __future__ import annotations
 
 import imaplib
-import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -19,10 +18,7 @@ MESSAGE = (b"From: Jos\xe9 Mart\xedn <jose@example.org>\r\nTo: Ren\xc3\xa9e <ren
 
 @pytest.fixture(scope="module")
 def imap(shared_gateway: GatewayProcess) -> Iterator[imaplib.IMAP4_SSL]:
-    context = ssl.create_default_context(cafile=shared_gateway.ca_file)
-    client = imaplib.IMAP4_SSL("localhost", shared_gateway.ports["imaps_port"], ssl_context=context, timeout=30)
-    doctor = shared_gateway.account("PER", 0)
-    client.login(doctor["address"], doctor["password"])
+    client = shared_gateway.imaps_login("PER", 0)
     typ, data = client.append("INBOX", None, None, MESSAGE)
     assert typ == "OK", data
     client.select("INBOX")

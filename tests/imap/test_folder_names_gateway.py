@@ -16,7 +16,6 @@ from __future__ import annotations
 import imaplib
 import json
 import re
-import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -47,10 +46,7 @@ ALLOWED = ("x~y", "a/~b", ".hidden", "b.", "a..b", "Patients/2024")
 
 @pytest.fixture(scope="module")
 def imap(shared_gateway: GatewayProcess) -> Iterator[imaplib.IMAP4_SSL]:
-    context = ssl.create_default_context(cafile=shared_gateway.ca_file)
-    client = imaplib.IMAP4_SSL("localhost", shared_gateway.ports["imaps_port"], ssl_context=context, timeout=30)
-    doctor = shared_gateway.account("PER", 0)
-    client.login(doctor["address"], doctor["password"])
+    client = shared_gateway.imaps_login("PER", 0)
     yield client
     client.logout()
 

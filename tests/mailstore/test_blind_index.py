@@ -59,6 +59,15 @@ def sealed_pair(database: Database, blobs: BlobStore, keys: KeyManager) -> tuple
     return indexed, unsealing
 
 
+async def sealed_inbox(database: Database, blobs: BlobStore, keys: KeyManager,
+                       make_mailbox: MakeMailbox) -> tuple[SqlMailStore, SqlMailStore, int, FolderRef]:
+    """``sealed_pair``'s two stores and a new mailbox's provisioned INBOX."""
+    indexed, unsealing = sealed_pair(database, blobs, keys)
+    box = await make_mailbox()
+    await LocalDelivery(indexed).provision(box)
+    return indexed, unsealing, box, FolderRef(box, INBOX)
+
+
 def encoded(text: str) -> str:
     return text if text.isascii() else email.header.Header(text, "utf-8").encode()
 
@@ -104,10 +113,7 @@ def search_keys(draw: st.DrawFn, values: list[str]) -> SearchKey:
 async def test_index_answers_as_unsealing_every_row(database: Database, blobs: BlobStore, keys: KeyManager,
                                                     make_mailbox: MakeMailbox, data: st.DataObject,
                                                     mails: list[tuple[str, str, str, str | None, str]]) -> None:
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for subject, name, local, cc, message_id in mails:
         await indexed.append(inbox, raw_message(subject, name, local, cc, message_id))
     values = [value for mail in mails for value in mail if value]
@@ -118,10 +124,7 @@ async def test_index_answers_as_unsealing_every_row(database: Database, blobs: B
 
 async def test_messages_without_index_rows_are_still_found_then_backfilled(
         database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for number in range(4):      # stored before the index existed
         await unsealing.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"m{number}"))
     await indexed.append(inbox, raw_message("Vaccination 9", "Dr Ève", "eve", "Jean", "m9"))
@@ -164,10 +167,7 @@ async def test_index_rows_follow_copy_move_and_expunge(database: Database, blobs
 
 async def test_an_oversized_field_stays_searchable_without_its_trigrams(
         database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     long_subject = "".join(chr(0x4E00 + n) for n in range(MAX_GRAMS_PER_FIELD + 10))  # distinct trigrams
     await indexed.append(inbox, raw_message(long_subject, "A", "a", None, "long"))
     await indexed.append(inbox, raw_message("court", "A", "a", None, "short"))
@@ -236,10 +236,7 @@ async def test_posted_unposted_compacted_and_expunged_answer_alike(
         mails: list[tuple[str, str, str, str | None, str]]) -> None:
     """Whatever mix of posted segments (several per token), unposted rows, compacted lists and stale ids of
     expunged messages (whose ids SQLite gives out again) the index holds, SEARCH answers as unsealing does."""
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for subject, name, local, cc, message_id in mails:
         await indexed.append(inbox, raw_message(subject, name, local, cc, message_id))
         if data.draw(st.booleans(), label="fold"):
@@ -263,10 +260,7 @@ async def test_deliveries_fold_in_the_background_and_stay_found(
     monkeypatch.setattr(blind_index, "FOLD_AT", 3)
     monkeypatch.setattr(blind_index, "COMPACT_EVERY", 2)
     monkeypatch.setattr(blind_index, "MAX_SEGMENTS", 1)
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for number in range(7):
         await indexed.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"v{number}"))
         await asyncio.gather(*indexed._fold_tasks)
@@ -289,10 +283,7 @@ async def test_the_old_rows_convert_to_packed_rows_and_postings(
 
     from gateway.storage.db import alembic_config
 
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for number in range(5):
         await indexed.append(inbox, raw_message(f"Résultats {number}", "Dr Ève", "eve", "Jean" if number % 2 else None,
                                                 f"r{number}"))
@@ -327,10 +318,7 @@ async def test_long_lists_bisected_and_common_tokens_skipped_answer_alike(
         database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
     """Posted lists long enough for each shortcut of the intersection: a token in every message (not read,
     the exact check decides), a few candidates looked up by bisection in a list sixteen times longer."""
-    indexed, unsealing = sealed_pair(database, blobs, keys)
-    box = await make_mailbox()
-    await LocalDelivery(indexed).provision(box)
-    inbox = FolderRef(box, INBOX)
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
     for number in range(60):
         subject = f"Vaccination rappel {number}" if number % 2 == 0 else f"Compte rendu {number}"
         await indexed.append(inbox, raw_message(subject, "Dr Ève", "eve", None, f"n{number}"))
