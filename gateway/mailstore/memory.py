@@ -59,7 +59,7 @@ from gateway.mailstore.interface import (
 )
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.search import Evaluator
-from gateway.mailstore.append_rows import AfterInsert
+from gateway.mailstore.append_rows import AfterInsert, BeforeInsert
 from gateway.mailstore.sql import AddedMessage
 
 SEEN_BIT = flagcodec.SYSTEM_BITS["\\Seen"]
@@ -347,14 +347,16 @@ class MemoryMailStore(MailStore):
 
     async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                           internaldate: dt.datetime | None = None, delivery_key: str | None = None,
-                          headers: CachedHeaders | None = None, after: AfterInsert | None = None) -> AddedMessage:
+                          headers: CachedHeaders | None = None, after: AfterInsert | None = None,
+                          before: BeforeInsert | None = None, filing_due: bool = True) -> AddedMessage:
         """APPEND and local delivery (``LocalDelivery``), idempotent per delivery key as ``SqlMailStore``'s.
 
-        ``headers`` (a parse the caller already made) is not needed here. ``after`` (rows committed in the
-        delivery's database transaction) cannot be honoured: there is no transaction, so it is refused.
+        ``headers`` (a parse the caller already made) is not needed here. ``after`` and ``before`` (the
+        caller's rows and check in the delivery's database transaction) cannot be honoured: there is no
+        transaction, so they are refused. ``filing_due`` as ``SqlMailStore``'s.
         """
-        if after is not None:
-            raise TypeError("MemoryMailStore has no database transaction to commit `after` rows with")
+        if after is not None or before is not None:
+            raise TypeError("MemoryMailStore has no database transaction to run `after` or `before` in")
         mailbox = self._mailbox(folder.mailbox_id)
         if delivery_key is not None and delivery_key in mailbox.deliveries:
             return AddedMessage(mailbox.deliveries[delivery_key], duplicate=True)
@@ -374,7 +376,8 @@ class MemoryMailStore(MailStore):
         result = AppendResult(target.uidvalidity, uid, modseq)
         if delivery_key is not None:
             mailbox.deliveries[delivery_key] = result
-        self._publish(folder.mailbox_id, target.name, ChangeKind.EXISTS, modseq, delivered=delivery_key is not None)
+        self._publish(folder.mailbox_id, target.name, ChangeKind.EXISTS, modseq,
+                      delivered=delivery_key is not None and filing_due)
         return AddedMessage(result, duplicate=False)
 
     async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,

@@ -300,7 +300,11 @@ def _collecting(work: Callable[[Connection], T], actions: list[Callable[[], None
         try:
             return work(connection)
         finally:
-            connection.info.pop(_AFTER_COMMIT, None)
+            # (the info dict is the pooled connection's: kept across checkouts. An invalidated one, as a
+            # cancellation leaves it on PostgreSQL, is thrown away, and touching it would raise over the
+            # cancellation.)
+            if not connection.invalidated:
+                connection.info.pop(_AFTER_COMMIT, None)
     return collecting
 
 
