@@ -150,10 +150,10 @@ class DatabaseThreadClock:
     def watching(self):  # type: ignore[no-untyped-def]
         original = db_module._run_sync_transaction
 
-        def timed(engine, work, write):  # type: ignore[no-untyped-def]
+        def timed(*args):  # type: ignore[no-untyped-def]
             cpu, wall = time.thread_time(), time.perf_counter()
             try:
-                return original(engine, work, write)
+                return original(*args)
             finally:
                 self.cpu += time.thread_time() - cpu
                 self.wall += time.perf_counter() - wall

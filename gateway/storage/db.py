@@ -8,11 +8,13 @@ is used by URL. Both run the same Alembic migrations and the same tests.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,8 +217,10 @@ class Database:
             return result
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[T] = loop.create_future()
-        self._sync_threads.submit(_run_sync_transaction, self._sync_engine, work, write,
-                                  lambda result, error: loop.call_soon_threadsafe(_settle, outcome, result, error))
+        submitted = self._sync_threads.submit(
+            _run_sync_transaction, self._sync_engine, work, write,
+            lambda result, error: loop.call_soon_threadsafe(_settle, outcome, result, error))
+        submitted.add_done_callback(partial(_settle_if_it_failed, loop, outcome))
         return await outcome
 
     async def migrate(self, revision: str = "heads") -> None:
@@ -263,6 +267,14 @@ def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write
         return
     report(result, None)
     _run_after_commit(actions)
+
+
+def _settle_if_it_failed(loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[T],
+                         submitted: concurrent.futures.Future[None]) -> None:
+    """A failure before ``_run_sync_transaction`` could report (a wrong call) reaches the caller too, instead
+    of leaving it waiting for ever (a benchmark's outdated wrapper hung the filing worker so)."""
+    if not submitted.cancelled() and submitted.exception() is not None:
+        loop.call_soon_threadsafe(_settle, outcome, None, submitted.exception())
 
 
 def _settle(outcome: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text, update
 from sqlalchemy.engine import Connection
 
+from gateway.storage import db as db_module
 from gateway.storage.db import Database, after_commit
 
 pytestmark = pytest.mark.asyncio
@@ -122,3 +123,18 @@ async def test_after_commit_actions_run_once_committed_and_never_after_a_rollbac
     assert await database.run_in_transaction(_read) == 1
     assert seen == ["committed"]
     assert after_commit(None, lambda: seen.append("nowhere")) is False  # type: ignore[arg-type]
+
+
+async def test_a_failure_before_the_transaction_reaches_the_caller(database: Database,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fails in the database thread before the transaction could report (here a wrapper of the
+    wrong shape, as an outdated benchmark had) is raised to the caller, never a wait for ever."""
+    if database._sync_threads is None:
+        pytest.skip("PostgreSQL runs the work through run_sync: no database thread of ours")
+
+    def wrong_shape(engine: object, work: object, write: bool) -> None:   # one argument short
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(db_module, "_run_sync_transaction", wrong_shape)
+    with pytest.raises(TypeError):
+        await asyncio.wait_for(database.run_in_transaction(_read), timeout=30)
