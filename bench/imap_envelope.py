@@ -70,12 +70,12 @@ def run_fetches(target: dict[str, Any], pid: int, rounds: int) -> dict[str, Any]
     return out
 
 
-def measure_gateway(spec: str, user: str, rounds: int, profile: str | None) -> dict[str, Any]:
+def measure_gateway(spec: str, user: str, rounds: int, profile: str | None, rate: int = 200) -> dict[str, Any]:
     with gateway_from_spec(spec, user) as (gateway, target, tree):
         spy: subprocess.Popen[bytes] | None = None
         if profile:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-r", "200", "-o", profile,
+            spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-r", str(rate), "-o", profile,
                                     "--pid", str(gateway.process.pid)], stdout=subprocess.DEVNULL)
             time.sleep(1)
         try:
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--dovecot-port", type=int, default=10143)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     args = parser.parse_args()
 
     results = []
@@ -106,7 +107,7 @@ def main() -> None:
     for position, spec in enumerate(args.gateway):
         print(f"== gateway {spec}", file=sys.stderr)
         profile = f"{args.profile}.{position}" if args.profile else None
-        results.append(measure_gateway(spec, args.gateway_user, args.rounds, profile))
+        results.append(measure_gateway(spec, args.gateway_user, args.rounds, profile, args.profile_rate))
     ratios = {result["target"]: {phase: {"wall": round(result[phase]["median_ms"] / results[0][phase]["median_ms"], 2),
                                          "cpu": round(result[phase]["cpu_ms_mean"]
                                                       / max(results[0][phase]["cpu_ms_mean"], 0.1), 2)}

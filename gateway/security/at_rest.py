@@ -75,6 +75,7 @@ def _derive(data_key: bytes, purpose: bytes, owner: str, salt: bytes | None = No
 
 
 _FROM_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")   # "+" and "/" turned into what strict base64 refuses
+_RAW_MINIMUM = KEY_ID.size + FIELD_NONCE_BYTES + TAG_BYTES
 
 
 def is_sealed(value: str | None) -> bool:
@@ -100,45 +101,54 @@ class FieldSealer:
             self._ciphers[(owner, key_id)] = cipher
         return cipher
 
-    async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
+    async def seal_raw(self, owner: str, column: str, value: bytes) -> bytes:
+        """``value`` sealed as raw octets: ``key id | nonce | ciphertext || tag`` (a binary column)."""
         current = await self.keys.current_key(owner)
         cipher = await self._cipher(owner, current.key_id)
         nonce = nonce_bytes(FIELD_NONCE_BYTES)
-        sealed = cipher.encrypt(nonce, value, _field_aad(owner, column))
-        return SEALED_PREFIX + base64.urlsafe_b64encode(KEY_ID.pack(current.key_id) + nonce + sealed).decode("ascii")
+        return KEY_ID.pack(current.key_id) + nonce + cipher.encrypt(nonce, value, _field_aad(owner, column))
+
+    async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
+        """``value`` sealed as a token (a text column): ``"gw1:" base64url(seal_raw)``."""
+        return SEALED_PREFIX + base64.urlsafe_b64encode(await self.seal_raw(owner, column, value)).decode("ascii")
 
     async def seal(self, owner: str, column: str, value: str | None) -> str | None:
         return None if value is None else await self.seal_bytes(owner, column, value.encode("utf-8"))
 
     async def open_many_bytes(self, owner: str, column: str, tokens: Sequence[str]) -> list[bytes]:
-        """``open_bytes`` of many values of one owner's column: the ciphers looked up once per key, then one
-        loop of decryptions (FETCH of many ENVELOPEs)."""
+        """``open_bytes`` of many values of one owner's column (FETCH of many ENVELOPEs, SEARCH's candidates)."""
+        return await self.open_many_raw(owner, column, [self._raw(owner, column, token) for token in tokens])
+
+    async def open_many_raw(self, owner: str, column: str, sealed: Sequence[bytes]) -> list[bytes]:
+        """Many values of one owner's column sealed as raw octets (``key id | nonce | ciphertext || tag``, the
+        token without its prefix and base64): the ciphers looked up once per key, then one loop of
+        decryptions."""
         aad = _field_aad(owner, column)
-        ciphers: dict[int, AESGCM] = {}
+        ciphers: dict[int, Callable[[bytes, bytes, bytes], bytes]] = {}
+        unpack, head, minimum = KEY_ID.unpack_from, KEY_ID.size + FIELD_NONCE_BYTES, _RAW_MINIMUM
         opened: list[bytes] = []
-        for token in tokens:
-            key_id, nonce, sealed = self._parts(owner, column, token)
-            cipher = ciphers.get(key_id)
-            if cipher is None:
-                cipher = ciphers[key_id] = await self._known_cipher(owner, column, key_id)
+        append = opened.append
+        for raw in sealed:
+            if len(raw) < minimum:
+                raise SealedDataError(f"sealed {column} of {owner} is truncated")
+            (key_id,) = unpack(raw)
+            decrypt = ciphers.get(key_id)
+            if decrypt is None:
+                decrypt = ciphers[key_id] = (await self._known_cipher(owner, column, key_id)).decrypt
             try:
-                opened.append(cipher.decrypt(nonce, sealed, aad))
+                append(decrypt(raw[KEY_ID.size:head], raw[head:], aad))
             except InvalidTag:
                 raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
         return opened
 
     @staticmethod
-    def _parts(owner: str, column: str, token: str) -> tuple[int, bytes, bytes]:
-        """(data key id, nonce, ciphertext and tag) of a sealed value."""
+    def _raw(owner: str, column: str, token: str) -> bytes:
+        """The raw octets of a sealed token (``key id | nonce | ciphertext || tag``)."""
         try:   # base64url (RFC 4648 5) straight to binascii: base64.urlsafe_b64decode's checks cost as much
-            raw = binascii.a2b_base64(token.encode("ascii")[len(SEALED_PREFIX):].translate(_FROM_URLSAFE),
-                                      strict_mode=True)
+            return binascii.a2b_base64(token.encode("ascii")[len(SEALED_PREFIX):].translate(_FROM_URLSAFE),
+                                       strict_mode=True)
         except (binascii.Error, ValueError):   # UnicodeEncodeError is a ValueError
             raise SealedDataError(f"sealed {column} of {owner} is not base64") from None
-        if len(raw) < KEY_ID.size + FIELD_NONCE_BYTES + TAG_BYTES:
-            raise SealedDataError(f"sealed {column} of {owner} is truncated")
-        (key_id,) = KEY_ID.unpack_from(raw)
-        return key_id, raw[KEY_ID.size:KEY_ID.size + FIELD_NONCE_BYTES], raw[KEY_ID.size + FIELD_NONCE_BYTES:]
 
     async def _known_cipher(self, owner: str, column: str, key_id: int) -> AESGCM:
         try:

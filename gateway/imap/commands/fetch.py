@@ -96,24 +96,76 @@ async def _fetch_flags(session: Session, selected: SelectedMailbox, command: c.F
 async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command: c.Fetch,
                            attributes: tuple[FetchAttribute, ...]) -> Completion:
     """FETCH of ENVELOPE with UID, FLAGS or MODSEQ (a client listing a folder): flags from the store's flag
-    listing, ENVELOPEs as sent before or as the store keeps them (rendered at delivery: sent as stored)."""
+    listing, ENVELOPEs as sent before or as the store keeps them (rendered at delivery: sent as stored), the
+    response lines of the whole range built from columns, ``WRITE_BATCH`` lines a write; no object per message."""
     ranges, wanted = selected.uid_ranges(command.sequence_set, uid=command.uid)
     if not ranges:
         return Completion("FETCH completed")
     listing = await _flag_listing(session, selected, UidSet(tuple(ranges)), command.changed_since)
-    keys = (selected.ref.mailbox_id, selected.uidvalidity, session.utf8)
-    missing = [uid for uid in listing.uids if (keys[0], keys[1], uid, keys[2]) not in RENDERED_ENVELOPES]
-    stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing)) if missing else {}
+    numbers, uids, modseqs, flag_ids = _listed(selected, listing)
+    envelopes = await _envelopes_of(session, selected, uids)
+    if len(envelopes) < len(uids):              # expunged meanwhile: RFC 3501 6.4.8, as the others
+        kept = [position for position, uid in enumerate(uids) if uid in envelopes]
+        numbers, uids = [numbers[i] for i in kept], [uids[i] for i in kept]
+        modseqs, flag_ids = [modseqs[i] for i in kept], [flag_ids[i] for i in kept]
     render = _FlagLineRenderer(selected, attributes)
-    writer = EnvelopeWriter(utf8=session.utf8)
-    out = _Batched(session)
-    for number, uid, modseq, flag_id in _present(selected, listing):
-        envelope = await _stored_envelope(session, selected, uid, stored, writer)
-        if envelope is None:
-            continue                                    # expunged meanwhile: RFC 3501 6.4.8, as the others
-        await out.add(render.line(number, uid, modseq, flag_id, listing.flag_sets, envelope))
-    answered = await out.finish()
+    session.write(render.prepare(listing))
+    for offset in range(0, len(uids), WRITE_BATCH):
+        window = slice(offset, offset + WRITE_BATCH)
+        session.write(render.lines(numbers[window], uids[window], modseqs[window], flag_ids[window],
+                                   listing.flag_sets, envelopes))
+        await session.connection.drain()
+    answered = len(uids)
     return _completion(command, answered, answered if command.changed_since is not None else wanted)
+
+
+def _listed(selected: SelectedMailbox, listing: FlagListing) -> tuple[Sequence[int], Sequence[int], Sequence[int],
+                                                                       Sequence[int]]:
+    """Sequence numbers, UIDs, MODSEQs and flag set ids of the listed messages this view holds, as columns:
+    counted when they are a contiguous run of the view's messages (the usual case), else walked."""
+    start = _aligned(selected, listing)
+    if start is not None:
+        return range(start + 1, start + 1 + len(listing)), listing.uids, listing.modseqs, listing.flag_ids
+    present = list(_present(selected, listing))
+    return ([row[0] for row in present], [row[1] for row in present], [row[2] for row in present],
+            [row[3] for row in present])
+
+
+async def _envelopes_of(session: Session, selected: SelectedMailbox, uids: Sequence[int]) -> dict[int, bytes]:
+    """RFC 3501 7.4.2 ENVELOPEs of ``uids`` (listed by the store for this session's folder just now): as sent
+    before, else read from the store in one call (rendered at delivery: sent as stored); a message that no
+    longer exists is left out."""
+    view = (selected.ref.mailbox_id, selected.uidvalidity, session.utf8)
+    known = RENDERED_ENVELOPES.found(view, uids)
+    missing = [uid for uid in uids if uid not in known]
+    if missing:
+        stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing))
+        fresh = await _rendered(session, selected, stored)
+        RENDERED_ENVELOPES.put_many(view, fresh)
+        known.update(fresh)
+    return known
+
+
+async def _rendered(session: Session, selected: SelectedMailbox,
+                    stored: dict[int, bytes | dict[str, Any]]) -> dict[int, bytes]:
+    """The ENVELOPEs the store answered, ready to send: a sealed rendering as it is (when the session can
+    take it: ``usable_wire``), else rendered from the cached structure, else from the message's header."""
+    utf8 = session.utf8
+    rendered: dict[int, bytes] = {}
+    writer: EnvelopeWriter | None = None
+    for uid, envelope in stored.items():
+        if isinstance(envelope, bytes) and (not utf8 or usable_wire(envelope, utf8=True)):
+            rendered[uid] = envelope
+        elif isinstance(envelope, dict) and envelope:
+            writer = writer or EnvelopeWriter(utf8=utf8)
+            rendered[uid] = writer.envelope(envelope)
+        else:
+            try:
+                head = await MessageContent(session.store, selected.ref, uid).head_message()
+            except MessageNotFound:
+                continue
+            rendered[uid] = format_envelope(head, utf8=utf8)
+    return rendered
 
 
 async def _flag_listing(session: Session, selected: SelectedMailbox, uids: UidSet,
@@ -150,31 +202,6 @@ class _Batched:
             self.pending.clear()
         await self.session.connection.drain()
         return self.count
-
-
-async def _stored_envelope(session: Session, selected: SelectedMailbox, uid: int,
-                           stored: dict[int, bytes | dict[str, Any]], writer: EnvelopeWriter) -> bytes | None:
-    """RFC 3501 7.4.2 ENVELOPE of one message: as sent before, as stored, or parsed from its header; None
-    when the message no longer exists."""
-    key = _envelope_key(session, selected, uid)
-    rendered = RENDERED_ENVELOPES.get(key)
-    if rendered is not None:
-        return rendered
-    if uid not in stored:
-        return None
-    envelope = stored[uid]
-    if isinstance(envelope, bytes) and usable_wire(envelope, utf8=session.utf8):
-        rendered = envelope
-    elif isinstance(envelope, dict) and envelope:
-        rendered = writer.envelope(envelope)
-    else:
-        try:
-            head = await MessageContent(session.store, selected.ref, uid).head_message()
-        except MessageNotFound:
-            return None
-        rendered = format_envelope(head, utf8=session.utf8)
-    RENDERED_ENVELOPES.put(key, rendered)
-    return rendered
 
 
 async def _write_bulk(session: Session, command: c.Fetch, render: _FlagLineRenderer, listing: FlagListing,
@@ -252,8 +279,31 @@ class _FlagLineRenderer:
             return b"".join([b"* %d FETCH (UID %d %s)\r\n" % line for line in zip(numbers, uids, pieces, strict=True)])
         return b"".join([b"* %d FETCH (%s)\r\n" % line for line in zip(numbers, pieces, strict=True)])
 
-    def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]],
-             envelope: bytes = b"") -> bytes:
+    def lines(self, numbers: Sequence[int], uids: Sequence[int], modseqs: Sequence[int], flag_ids: Sequence[int],
+              flag_sets: Sequence[frozenset[str]], envelopes: dict[int, bytes]) -> bytes:
+        """The ``* n FETCH (...)`` lines of these messages, one format per line over columns of values, in the
+        order the items were asked (UID first); ``prepare`` has announced their keywords."""
+        columns: list[Sequence[Any]] = [numbers]
+        pieces = []
+        if self.with_uid:
+            columns.append(uids)
+            pieces.append(b"UID %d")
+        for name in self.names:
+            if name == "FLAGS":
+                recent = self.selected.recent
+                columns.append([self._flag_list(uid if recent else 0, flag_id, flag_sets)
+                                for uid, flag_id in zip(uids, flag_ids, strict=True)])
+                pieces.append(b"%s")
+            elif name == "ENVELOPE":
+                columns.append([envelopes[uid] for uid in uids])
+                pieces.append(b"ENVELOPE %s")
+            else:
+                columns.append(modseqs)
+                pieces.append(b"MODSEQ (%d)")                               # RFC 7162 3.1.4
+        line = b"* %d FETCH (" + b" ".join(pieces) + b")\r\n"
+        return b"".join([line % values for values in zip(*columns, strict=True)])
+
+    def line(self, number: int, uid: int, modseq: int, flag_id: int, flag_sets: Sequence[frozenset[str]]) -> bytes:
         selected = self.selected
         prefix = b""
         if self.flags:
@@ -265,8 +315,6 @@ class _FlagLineRenderer:
         for name in self.names:
             if name == "FLAGS":
                 parts.append(self._flag_list(uid, flag_id, flag_sets))
-            elif name == "ENVELOPE":
-                parts.append(b"ENVELOPE " + envelope)
             else:
                 parts.append(b"MODSEQ (%d)" % modseq)                   # RFC 7162 3.1.4
         return prefix + b"* %d FETCH (%s)\r\n" % (number, b" ".join(parts))
@@ -469,33 +517,81 @@ def _envelope_key(session: Session, selected: SelectedMailbox, uid: int) -> Enve
     return selected.ref.mailbox_id, selected.uidvalidity, uid, session.utf8
 
 
+EnvelopeView = tuple[int, int, bool]   # mailbox id, UIDVALIDITY, UTF8=ACCEPT
+_Block = tuple[int, int, bool, int]    # a view and a block number
+
+
 class RenderedEnvelopes:
-    """ENVELOPEs as last sent, by (mailbox id, UIDVALIDITY, UID, UTF8=ACCEPT), least recently used dropped
-    beyond ``max_octets``.  Such a key always names the same message: UIDVALIDITY values are never reused
-    within a mailbox and UIDs never within a UIDVALIDITY (RFC 3501 2.3.1.1), and the ENVELOPE of a message
-    never changes.  It is only read for a message the store has just listed for the session's own folder,
-    so the store still decides, on every FETCH, what exists and what the session may see."""
+    """ENVELOPEs as last sent, by (mailbox id, UIDVALIDITY, UTF8=ACCEPT) and UID, kept in blocks of
+    ``BLOCK_UIDS`` consecutive UIDs (a FETCH of 1,000 ENVELOPEs looks up one or two blocks, not 1,000 keys),
+    the least recently used blocks dropped beyond ``max_octets``.  Such a key always names the same message:
+    UIDVALIDITY values are never reused within a mailbox and UIDs never within a UIDVALIDITY (RFC 3501
+    2.3.1.1), and the ENVELOPE of a message never changes.  It is only read for messages the store has just
+    listed for the session's own folder, so the store still decides, on every FETCH, what exists and what
+    the session may see."""
+
+    BLOCK_BITS = 10
+    BLOCK_UIDS = 1 << BLOCK_BITS
 
     def __init__(self, max_octets: int) -> None:
         self.max_octets = max_octets
         self.octets = 0
-        self._entries: OrderedDict[EnvelopeKey, bytes] = OrderedDict()
+        self._blocks: OrderedDict[_Block, dict[int, bytes]] = OrderedDict()
+        self._block_octets: dict[_Block, int] = {}
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        if not isinstance(key, tuple) or len(key) != 4:
+            return False
+        mailbox_id, uidvalidity, uid, utf8 = key
+        block = self._blocks.get((mailbox_id, uidvalidity, utf8, uid >> self.BLOCK_BITS))
+        return block is not None and uid in block
 
     def get(self, key: EnvelopeKey) -> bytes | None:
-        rendered = self._entries.get(key)
-        if rendered is not None:
-            self._entries.move_to_end(key)
-        return rendered
+        mailbox_id, uidvalidity, uid, utf8 = key
+        return self.found((mailbox_id, uidvalidity, utf8), (uid,)).get(uid)
 
     def put(self, key: EnvelopeKey, rendered: bytes) -> None:
-        old = self._entries.pop(key, None)
-        self.octets += len(rendered) - (len(old) if old is not None else 0)
-        self._entries[key] = rendered
-        while self.octets > self.max_octets and self._entries:
-            self.octets -= len(self._entries.popitem(last=False)[1])
+        mailbox_id, uidvalidity, uid, utf8 = key
+        self.put_many((mailbox_id, uidvalidity, utf8), {uid: rendered})
+
+    def found(self, view: EnvelopeView, uids: Sequence[int]) -> dict[int, bytes]:
+        """The ENVELOPEs kept of the blocks ``uids`` (ascending) fall in: a new dictionary, which may hold
+        UIDs beyond ``uids`` (look them up by UID); the blocks become the most recently used."""
+        found: dict[int, bytes] = {}
+        if not uids or not self._blocks:
+            return found
+        for number in range(uids[0] >> self.BLOCK_BITS, (uids[-1] >> self.BLOCK_BITS) + 1):
+            key = (*view, number)
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+                found.update(block)
+        return found
+
+    def put_many(self, view: EnvelopeView, rendered: dict[int, bytes]) -> None:
+        block_key: _Block | None = None
+        block: dict[int, bytes] = {}
+        added = 0
+        for uid, value in rendered.items():
+            number = uid >> self.BLOCK_BITS
+            if block_key is None or block_key[3] != number:
+                if block_key is not None:
+                    self._grown(block_key, added)
+                block_key, added = (*view, number), 0
+                block = self._blocks.setdefault(block_key, {})
+                self._blocks.move_to_end(block_key)
+            old = block.get(uid)
+            block[uid] = value
+            added += len(value) - (len(old) if old is not None else 0)
+        if block_key is not None:
+            self._grown(block_key, added)
+        while self.octets > self.max_octets and self._blocks:
+            dropped, _ = self._blocks.popitem(last=False)
+            self.octets -= self._block_octets.pop(dropped, 0)
+
+    def _grown(self, key: _Block, octets: int) -> None:
+        self._block_octets[key] = self._block_octets.get(key, 0) + octets
+        self.octets += octets
 
 
 RENDERED_ENVELOPES = RenderedEnvelopes(8 * 1024 * 1024)   # ~20,000 envelopes of a few hundred octets
