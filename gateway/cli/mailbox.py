@@ -154,11 +154,11 @@ class MailboxExport:
 @json_option
 @user_errors
 def reindex(address: str | None, every: bool, batch: int, as_json: bool) -> None:
-    """Fill the SEARCH blind index of messages stored before it existed, and keep rendered the ENVELOPE of
-    messages stored before that (resumable: run it again to go on).
+    """Fill the SEARCH blind index of messages stored before it existed, and store the ENVELOPE of messages
+    stored before in its current form: rendered, sealed as raw octets (resumable: run it again to go on).
 
-    Until a message is indexed, SEARCH unseals its header columns instead; until its ENVELOPE is rendered,
-    FETCH renders it each time: answers are the same, only slower.
+    Until a message is indexed, SEARCH unseals its header columns instead; until its ENVELOPE is moved,
+    FETCH reads the earlier form (a structure: rendered each time): answers are the same, only slower.
     """
     if (address is None) == (not every):
         raise click.UsageError("give an ADDRESS or --all")
@@ -167,7 +167,7 @@ def reindex(address: str | None, every: bool, batch: int, as_json: bool) -> None
         emit_json([{"address": name, "indexed": count, "envelopes": rendered} for name, count, rendered in done])
         return
     for name, count, rendered in done:
-        click.echo(f"{name}: {count} messages indexed, {rendered} ENVELOPEs rendered")
+        click.echo(f"{name}: {count} messages indexed, {rendered} ENVELOPEs stored in their current form")
 
 
 async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int, int]]:

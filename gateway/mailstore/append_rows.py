@@ -135,6 +135,7 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
         "size": stored.size, "blob_id": stored.blob_id, "message_id": headers.message_id,
         "subject": headers.subject, "from_addr": headers.from_addr, "to_addr": headers.to_addr,
         "cc_addr": headers.cc_addr, "sent_date": headers.sent_date, "envelope": headers.envelope,
+        "envelope_sealed": headers.envelope_sealed,
     }).fetchone()[0]
     if rows.tokens:                      # the blind index row, in the message's transaction
         write_tokens(connection, ref.mailbox_id, message_id, rows.tokens)

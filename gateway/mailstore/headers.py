@@ -45,6 +45,8 @@ class CachedHeaders:
     cc_addr: str | None
     sent_date: dt.datetime | None
     envelope: dict[str, Any]
+    # Sealed stores: the ENVELOPE sealed as IMAP sends it (``HeaderSealer.seal``), ``envelope`` then empty.
+    envelope_sealed: bytes | None = None
 
     def envelope_wire(self) -> bytes:
         """The ENVELOPE as IMAP sends it (what a sealed store keeps: one decryption per FETCH, no rendering)."""

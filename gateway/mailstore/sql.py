@@ -91,8 +91,8 @@ from gateway.mailstore.blind_index import BlindIndex
 from gateway.mailstore.search import MAX_SQL_RANGES, SearchRow, search_folder, uid_clause
 from gateway.mailstore.tables import KEYWORDED, Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.imap.protocol.envelope import WIRE_VERSION
-from gateway.mailstore.envelopes import envelope_form
-from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer
+from gateway.mailstore.envelopes import envelope_form, sealed_envelope_octets
+from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer, sealed_octets
 from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobNotFound, BlobReader, BlobSource, BlobStore, StoredBlob
 from gateway.storage.db import Database
@@ -194,8 +194,8 @@ class _MetaRow:
     """The columns FETCH needs, as plain attributes: no ORM identity map or instance state per row
     (that bookkeeping was a third of the store's time for UID FETCH 1:* on 100,000 messages)."""
 
-    NAMES = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "message_id",
-             "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
+    NAMES = ("uid", "modseq", "system_flags", "keywords", "internaldate", "size", "envelope", "envelope_sealed",
+             "message_id", "subject", "from_addr", "to_addr", "cc_addr", "sent_date")
     # envelope_wire: no column, the ENVELOPE column once opened; blob_id: read beside them (``_blob_ids``).
     __slots__ = (*NAMES, "envelope_wire", "blob_id")
     uid: int
@@ -205,6 +205,7 @@ class _MetaRow:
     internaldate: dt.datetime
     size: int
     envelope: dict[str, Any]
+    envelope_sealed: bytes | None
     message_id: str | None
     subject: str | None
     from_addr: str | None
@@ -328,7 +329,7 @@ _BLOB_USED = Prepared(select(MESSAGES.c.id).where(MESSAGES.c.blob_id == bindpara
 _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
-_ENVELOPES = select(_MESSAGES.c.uid, type_coerce(_MESSAGES.c.envelope, Text))
+_ENVELOPES = select(_MESSAGES.c.uid, _MESSAGES.c.envelope_sealed, type_coerce(_MESSAGES.c.envelope, Text))
 _ENVELOPES_IN_RANGE = Prepared(_ENVELOPES.where(*_IN_RANGE))
 _META_IN_RANGE: dict[tuple[str, ...], Prepared] = {}
 
@@ -1042,7 +1043,7 @@ class SqlMailStore(MailStore):
         SQL Core columns (no ORM loading); the ENVELOPE column as its raw JSON text, decoded once here."""
         names = _MetaRow.NAMES if headers else _MetaRow.CLEAR
         if not envelope:
-            names = tuple(name for name in names if name != "envelope")
+            names = tuple(name for name in names if name not in ("envelope", "envelope_sealed"))
         names = (*names, "blob_id")
         columns = _meta_columns(names)
 
@@ -1069,22 +1070,22 @@ class SqlMailStore(MailStore):
         return [_meta(message) for message in rows]
 
     async def fetch_envelopes(self, folder: FolderRef, uids: UidSet) -> dict[int, bytes | dict[str, Any]]:
-        """Two columns of the listed messages in one SQL Core statement (one transaction), then every sealed
-        rendering opened in one loop: no row object, no structure decoded or rendered."""
-        def work(connection: Connection) -> list[tuple[int, Any]]:
+        """The ENVELOPE columns of the listed messages in one SQL Core statement (one transaction), then every
+        sealed rendering opened in one loop: no row object, no structure decoded or rendered."""
+        def work(connection: Connection) -> list[tuple[int, Any, Any]]:
             row = self._folder_core(connection, folder)
             if len(uids.ranges) == 1:
                 low, high = uids.ranges[0]
-                return [(uid, stored) for uid, stored in _ENVELOPES_IN_RANGE.run(
-                    connection, {"folder_id": row.id, "low": low, "high": high}).fetchall()]
+                return list(_ENVELOPES_IN_RANGE.run(connection, {"folder_id": row.id, "low": low,
+                                                                 "high": high}).fetchall())
             query = _ENVELOPES.where(_MESSAGES.c.folder_id == row.id, _core_uid_clause(uids))
-            return [(uid, stored) for uid, stored in connection.execute(query)]
+            return list(connection.execute(query))
 
         rows = await self._run(work)
         if len(uids.ranges) > 1:               # the clause may be a coarser range (search.MAX_SQL_RANGES)
-            rows = [(uid, stored) for uid, stored in rows if uid in uids]
-        opened = await self._opened_envelopes(folder.mailbox_id, [stored for _, stored in rows])
-        return {uid: envelope for (uid, _), envelope in zip(rows, opened, strict=True)}
+            rows = [row for row in rows if row[0] in uids]
+        opened = await self._opened_envelopes(folder.mailbox_id, [row[1] for row in rows], [row[2] for row in rows])
+        return {row[0]: envelope for row, envelope in zip(rows, opened, strict=True)}
 
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:
@@ -1096,41 +1097,54 @@ class SqlMailStore(MailStore):
             await self.headers.open_rows(mailbox_owner(mailbox_id), rows)
 
     async def _open_envelopes(self, mailbox_id: int, rows: Sequence[_MetaRow]) -> None:
-        """The ENVELOPE column of each row, opened (``_opened_envelopes``): a rendering into ``envelope_wire``
+        """The ENVELOPE columns of each row, opened (``_opened_envelopes``): a rendering into ``envelope_wire``
         (the structure then empty), else the structure."""
-        opened = await self._opened_envelopes(mailbox_id, [row.envelope for row in rows])
+        opened = await self._opened_envelopes(mailbox_id, [row.envelope_sealed for row in rows],
+                                              [row.envelope for row in rows])
         for row, envelope in zip(rows, opened, strict=True):
             if isinstance(envelope, bytes):
                 row.envelope, row.envelope_wire = {}, envelope
             else:
                 row.envelope = envelope
 
-    async def _opened_envelopes(self, mailbox_id: int, stored: Sequence[Any]) -> list[bytes | dict[str, Any]]:
-        """ENVELOPE columns opened: sealed at rest as the rendering (``{"imap1": token}``, see
-        gateway.security.at_rest.HeaderSealer), all decrypted in one loop, as bytes; else the structure (JSON
-        text on SQLite, decoded by PostgreSQL's driver), unsealed first when sealed in the earlier form
-        (``{"sealed": token}``). Without the key (a store opened without its sealer), or another version's
-        rendering: an empty structure, and the IMAP side parses the message's header."""
+    async def _opened_envelopes(self, mailbox_id: int, sealed: Sequence[bytes | None],
+                                stored: Sequence[Any]) -> list[bytes | dict[str, Any]]:
+        """ENVELOPE columns opened. The rendering sealed as raw octets (``envelope_sealed``, see
+        gateway.mailstore.envelopes) or, in rows stored before, as a token in JSON (``{"imap1": token}``): all
+        decrypted in one loop, as bytes. Else the structure (JSON text on SQLite, decoded by PostgreSQL's
+        driver), unsealed first when sealed in the earliest form (``{"sealed": token}``). Without the key (a
+        store opened without its sealer), or another version's rendering: an empty structure, and the IMAP
+        side parses the message's header."""
         owner = mailbox_owner(mailbox_id)
-        opened: list[bytes | dict[str, Any]] = []
-        rendered: list[tuple[int, str]] = []
-        for position, value in enumerate(stored):
-            form, content = envelope_form(value)
-            opened.append({})
-            if form == "clear":
-                opened[position] = content
-            elif self.headers is None:
-                continue
-            elif form == WIRE_VERSION:
-                rendered.append((position, content))
-            elif form == "sealed":
-                opened[position] = json.loads(await self.headers.fields.open(owner, "envelope", content) or "{}")
-        if rendered and self.headers is not None:
-            wires = await self.headers.fields.open_many_bytes(owner, ENVELOPE_WIRE_COLUMN,
-                                                              [token for _, token in rendered])
-            for (position, _), wire in zip(rendered, wires, strict=True):
+        opened: list[bytes | dict[str, Any]] = [{} for _ in stored]
+        raws, raw_positions = [], []
+        for position, value in enumerate(sealed):
+            raw = None if value is None else sealed_envelope_octets(value)
+            if raw is not None:
+                raws.append(raw)
+                raw_positions.append(position)
+            elif value is None:
+                await self._open_envelope_json(owner, stored[position], opened, position, raws, raw_positions)
+        if raws and self.headers is not None:
+            wires = await self.headers.fields.open_many_raw(owner, ENVELOPE_WIRE_COLUMN, raws)
+            for position, wire in zip(raw_positions, wires, strict=True):
                 opened[position] = wire
         return opened
+
+    async def _open_envelope_json(self, owner: str, value: Any, opened: list[bytes | dict[str, Any]],
+                                  position: int, raws: list[bytes], raw_positions: list[int]) -> None:
+        """An ENVELOPE column in an earlier form: its structure into ``opened``, or its sealed rendering's
+        octets added to those to decrypt."""
+        form, content = envelope_form(value)
+        if form == "clear":
+            opened[position] = content
+        elif self.headers is None:
+            return
+        elif form == WIRE_VERSION:
+            raws.append(sealed_octets(owner, ENVELOPE_WIRE_COLUMN, content))
+            raw_positions.append(position)
+        elif form == "sealed":
+            opened[position] = json.loads(await self.headers.fields.open(owner, "envelope", content) or "{}")
 
     def _remember_blobs(self, folder: FolderRef, rows: Sequence[_MetaRow]) -> None:
         """The blob ids of messages just listed, so that the FETCH of their bodies that follows needs no read:
@@ -1281,7 +1295,7 @@ class SqlMailStore(MailStore):
             keywords=flagcodec.keywords_column(keywords), internaldate=internaldate, size=stored.size,
             blob_id=stored.blob_id, message_id=headers.message_id, subject=headers.subject,
             from_addr=headers.from_addr, to_addr=headers.to_addr, cc_addr=headers.cc_addr,
-            sent_date=headers.sent_date, envelope=headers.envelope,
+            sent_date=headers.sent_date, envelope=headers.envelope, envelope_sealed=headers.envelope_sealed,
         ))
         return AppendResult(folder.uidvalidity, uid, modseq)
 
@@ -1419,6 +1433,7 @@ class SqlMailStore(MailStore):
             folder_id=target.id, uid=first + index, modseq=modseq, system_flags=m.system_flags, keywords=m.keywords,
             internaldate=m.internaldate, size=m.size, blob_id=m.blob_id, message_id=m.message_id, subject=m.subject,
             from_addr=m.from_addr, to_addr=m.to_addr, cc_addr=m.cc_addr, sent_date=m.sent_date, envelope=m.envelope,
+            envelope_sealed=m.envelope_sealed,
         ) for index, m in enumerate(messages))
         target.uidnext = first + len(messages)
         target.message_count += len(messages)

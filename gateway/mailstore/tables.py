@@ -126,6 +126,8 @@ class Message(Base):
     sent_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())  # Date: wall clock, own zone dropped
     # RFC 3501 7.4.2 ENVELOPE, parsed once at delivery (header-only, cheap).
     envelope: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The same ENVELOPE sealed as IMAP sends it, raw octets (``mailstore/envelopes.py``); ``envelope`` is then {}.
+    envelope_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     saved_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
 
 

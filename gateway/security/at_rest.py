@@ -117,7 +117,7 @@ class FieldSealer:
 
     async def open_many_bytes(self, owner: str, column: str, tokens: Sequence[str]) -> list[bytes]:
         """``open_bytes`` of many values of one owner's column (FETCH of many ENVELOPEs, SEARCH's candidates)."""
-        return await self.open_many_raw(owner, column, [self._raw(owner, column, token) for token in tokens])
+        return await self.open_many_raw(owner, column, [sealed_octets(owner, column, token) for token in tokens])
 
     async def open_many_raw(self, owner: str, column: str, sealed: Sequence[bytes]) -> list[bytes]:
         """Many values of one owner's column sealed as raw octets (``key id | nonce | ciphertext || tag``, the
@@ -140,15 +140,6 @@ class FieldSealer:
             except InvalidTag:
                 raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
         return opened
-
-    @staticmethod
-    def _raw(owner: str, column: str, token: str) -> bytes:
-        """The raw octets of a sealed token (``key id | nonce | ciphertext || tag``)."""
-        try:   # base64url (RFC 4648 5) straight to binascii: base64.urlsafe_b64decode's checks cost as much
-            return binascii.a2b_base64(token.encode("ascii")[len(SEALED_PREFIX):].translate(_FROM_URLSAFE),
-                                       strict_mode=True)
-        except (binascii.Error, ValueError):   # UnicodeEncodeError is a ValueError
-            raise SealedDataError(f"sealed {column} of {owner} is not base64") from None
 
     async def _known_cipher(self, owner: str, column: str, key_id: int) -> AESGCM:
         try:
@@ -176,6 +167,15 @@ class FieldSealer:
         """Drop cached ciphers of ``owner`` (after crypto-shredding)."""
         for cached in [entry for entry in self._ciphers if entry[0] == owner]:
             del self._ciphers[cached]
+
+
+def sealed_octets(owner: str, column: str, token: str) -> bytes:
+    """The raw octets of a sealed token (``key id | nonce | ciphertext || tag``), for ``open_many_raw``."""
+    try:   # base64url (RFC 4648 5) straight to binascii: base64.urlsafe_b64decode's checks cost as much
+        return binascii.a2b_base64(token.encode("ascii")[len(SEALED_PREFIX):].translate(_FROM_URLSAFE),
+                                   strict_mode=True)
+    except (binascii.Error, ValueError):   # UnicodeEncodeError is a ValueError
+        raise SealedDataError(f"sealed {column} of {owner} is not base64") from None
 
 
 def _field_aad(owner: str, column: str) -> bytes:
@@ -348,6 +348,8 @@ MESSAGE_ID_PLAINTEXT_LIMIT = 700      # sealed, it still fits the 998-character 
 _SEALED_TEXT_COLUMNS = ("subject", "from_addr", "to_addr", "cc_addr", "message_id")
 # The sealed rendering's associated data names its version: a value is only ever opened as what it is.
 ENVELOPE_WIRE_COLUMN = f"envelope-{WIRE_VERSION}"
+# The binary ENVELOPE column (``envelope_sealed``) starts with the rendering's version, then the sealed octets.
+ENVELOPE_SEALED_TAG = WIRE_VERSION.encode("ascii") + b"\x00"
 
 
 class HeaderSealer:
@@ -370,10 +372,11 @@ class HeaderSealer:
             if column == "message_id" and plain is not None:
                 plain = plain[:MESSAGE_ID_PLAINTEXT_LIMIT]
             values[column] = await self.fields.seal(owner, column, plain)
-        # The ENVELOPE as IMAP renders it (gateway.imap.protocol.envelope), not its structure: a FETCH
-        # decrypts it and sends it as is.
-        values["envelope"] = {WIRE_VERSION: await self.fields.seal_bytes(
-            owner, ENVELOPE_WIRE_COLUMN, headers.envelope_wire())}
+        # The ENVELOPE as IMAP renders it (gateway.imap.protocol.envelope), not its structure, as raw octets
+        # (no JSON, no base64): a FETCH decrypts it and sends it as is.
+        values["envelope"] = {}
+        values["envelope_sealed"] = ENVELOPE_SEALED_TAG + await self.fields.seal_raw(
+            owner, ENVELOPE_WIRE_COLUMN, headers.envelope_wire())
         return dataclasses.replace(headers, **values)
 
     async def open_rows(self, owner: str, rows: Any) -> None:
