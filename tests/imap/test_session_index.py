@@ -10,6 +10,8 @@ from array import array
 
 import pytest
 
+from gateway.imap.commands.fetch import RenderedEnvelopes
+from gateway.imap.protocol.structure import format_envelope, parse_message
 from gateway.imap.selected import SelectedMailbox
 from gateway.mailstore.interface import Changes, FlagUpdate, FolderRef
 from tests.imap.imap_server import Conversation, RunningImap, imap, make_message  # noqa: F401 (fixture)
@@ -113,6 +115,64 @@ def test_envelope_listing_answers_as_the_general_fetch(imap: RunningImap) -> Non
         assert ('"Échographie rénale"' in fetched) == bool(enable)
         session.close()
     writer.close()
+
+
+@pytest.mark.parametrize("imap", ["sealed", "sql", "memory"], indirect=True)
+def test_envelope_range_is_the_per_message_rendering_while_another_session_expunges(
+        imap: RunningImap) -> None:  # noqa: F811
+    """The lines of a FETCH of a range of ENVELOPEs, built for the whole range at once, are octet for octet
+    the per-message rendering from each message's header (RFC 3501 7.4.2); messages another session expunged
+    and this one was not told of keep their numbers and are left out, the others answered (RFC 3501 7.4.1,
+    RFC 2180 4.1.2); the same octets once remembered, and from the general FETCH path."""
+    account = imap.new_account()
+    raws = [make_message("Compte rendu"), make_message("Échographie rénale"),
+            make_message("x", sender="soins: a@x.org, b@y.org;"), make_message('Sujet "cité" \\ fin'),
+            make_message("y" * 200), make_message("dernier", sender='"Martin, Dr" <"j doe"@x.org>')]
+    for raw in raws:
+        imap.deliver(account.address, raw)
+    reader, writer = Conversation(imap, account), Conversation(imap, account)
+    reader.command("SELECT INBOX")
+    writer.command("SELECT INBOX")
+    writer.command("STORE 2,5 +FLAGS.SILENT (\\Deleted)")
+    writer.command("EXPUNGE")
+    imap.deliver(account.address, make_message("arrivé après"))
+    kept = (1, 3, 4, 6)
+    expected = b"".join(b"* %d FETCH (UID %d ENVELOPE %s FLAGS (\\Recent))\r\n" % (
+        number, number, format_envelope(parse_message(raws[number - 1]), utf8=False)) for number in kept)
+    expected_text = expected.decode("utf-8").replace("\r\n", "")   # the lines as read (literals on lines of their own)
+
+    def fetched(command: str) -> str:
+        lines = reader.command(command)
+        assert lines[-1].endswith("OK [EXPUNGEISSUED] Some messages were already expunged")
+        return "".join(line for line in lines[:-1] if not re.fullmatch(r"\* \d+ (EXISTS|RECENT)", line))
+
+    assert "{" in expected_text                 # the raw UTF-8 subject is a literal (RFC 6855 3: no UTF8=ACCEPT)
+    assert fetched("FETCH 1:6 (UID ENVELOPE FLAGS)") == expected_text        # read from the store
+    assert fetched("FETCH 1:6 (UID ENVELOPE FLAGS)") == expected_text        # as remembered
+    general = fetched("FETCH 1:6 (UID ENVELOPE FLAGS RFC822.SIZE)")
+    assert re.sub(r" RFC822\.SIZE \d+\)", ")", general) == expected_text
+    reader.close()
+    writer.close()
+
+
+def test_rendered_envelopes_are_kept_in_blocks_of_uids_and_dropped_least_recent_first() -> None:
+    kept = RenderedEnvelopes(max_octets=3 * 1000)
+    view, other = (1, 7, False), (1, 7, True)
+    block = RenderedEnvelopes.BLOCK_UIDS
+    across = {uid: b"e%d" % uid for uid in range(block - 2, block + 2)}        # two blocks
+    kept.put_many(view, across)
+    found = kept.found(view, [block - 1, block])
+    assert found[block - 1] == b"e%d" % (block - 1) and found[block] == b"e%d" % block
+    assert kept.found(other, [block]) == {}                                   # UTF8=ACCEPT: another view
+    assert (1, 7, block, False) in kept and (1, 7, block, True) not in kept and (1, 8, block, False) not in kept
+    assert kept.get((1, 7, block + 1, False)) == b"e%d" % (block + 1)
+    kept.put((1, 7, block + 1, False), b"new")                                # replaced, octets recounted
+    assert kept.get((1, 7, block + 1, False)) == b"new"
+    assert kept.octets == sum(map(len, across.values())) - len(b"e%d" % (block + 1)) + 3
+    kept.put_many(view, {3 * block: b"x" * 1000, 4 * block: b"y" * 1000})      # the first two blocks: least recent
+    kept.put_many(view, {5 * block: b"z" * 1000})
+    assert kept.octets <= 3 * 1000 and kept.found(view, [block - 2, block]) == {}
+    assert kept.found(view, [5 * block]) == {5 * block: b"z" * 1000}
 
 
 class _Store:
