@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Table, Text, bindparam, select, type_coerce, update
+from sqlalchemy import ColumnElement, LargeBinary, Table, Text, bindparam, case, func, literal, select, type_coerce, update
 
 from gateway.imap.protocol.envelope import WIRE_VERSION, render_envelope
 from gateway.mailstore.tables import Folder, Message
-from gateway.security.at_rest import ENVELOPE_SEALED_TAG, ENVELOPE_WIRE_COLUMN, FieldSealer, sealed_octets
+from gateway.security.at_rest import (
+    ENVELOPE_SEALED_TAG, ENVELOPE_WIRE_COLUMN, FIELD_NONCE_BYTES, KEY_ID, FieldSealer, sealed_octets,
+)
 from gateway.security.keys import mailbox_owner
 from gateway.storage.db import Database
 
@@ -27,6 +29,18 @@ MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 SEALED_JSON = ('{"sealed": "', '"}')             # how json.dumps writes {"sealed": token}
 SEALED_WIRE = (f'{{"{WIRE_VERSION}": "', '"}')  # and {"imap1": token}
 UPGRADE_BATCH = 500
+
+
+def sealed_envelope_parts() -> tuple[ColumnElement[bytes], ColumnElement[bytes], ColumnElement[bytes]]:
+    """``envelope_sealed`` cut by the database into what ``FieldSealer.open_many_parts`` takes (key id, nonce,
+    ciphertext || tag): no slicing per message in Python. The key id is NULL when the column is (an earlier
+    form in ``envelope``) or holds another version's rendering (the header is parsed instead)."""
+    column = MESSAGES.c.envelope_sealed
+    tag, key, nonce = len(ENVELOPE_SEALED_TAG), KEY_ID.size, FIELD_NONCE_BYTES
+    current = func.substr(column, 1, tag, type_=LargeBinary) == literal(ENVELOPE_SEALED_TAG, LargeBinary)
+    return (case((current, func.substr(column, tag + 1, key, type_=LargeBinary)), else_=None),
+            func.substr(column, tag + key + 1, nonce, type_=LargeBinary),
+            func.substr(column, tag + key + nonce + 1, type_=LargeBinary))
 
 
 def sealed_envelope_octets(value: bytes | memoryview) -> bytes | None:

@@ -91,7 +91,7 @@ from gateway.mailstore.blind_index import BlindIndex
 from gateway.mailstore.search import MAX_SQL_RANGES, SearchRow, search_folder, uid_clause
 from gateway.mailstore.tables import KEYWORDED, Delivery, ExpungedMessage, Folder, MailAccount, Message, Subscription
 from gateway.imap.protocol.envelope import WIRE_VERSION
-from gateway.mailstore.envelopes import envelope_form, sealed_envelope_octets
+from gateway.mailstore.envelopes import envelope_form, sealed_envelope_octets, sealed_envelope_parts
 from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer, sealed_octets
 from gateway.security.keys import mailbox_owner
 from gateway.storage.blobs import BlobNotFound, BlobReader, BlobSource, BlobStore, StoredBlob
@@ -329,7 +329,8 @@ _BLOB_USED = Prepared(select(MESSAGES.c.id).where(MESSAGES.c.blob_id == bindpara
 _UIDS_ABOVE = select(_MESSAGES.c.uid).where(_MESSAGES.c.folder_id == bindparam("folder_id"),
                                             _MESSAGES.c.uid > bindparam("above")).order_by(_MESSAGES.c.uid)
 _SET_RECENT = update(FOLDERS).where(FOLDERS.c.id == bindparam("folder_id")).values(recent_uid=bindparam("recent"))
-_ENVELOPES = select(_MESSAGES.c.uid, _MESSAGES.c.envelope_sealed, type_coerce(_MESSAGES.c.envelope, Text))
+# uid, envelope_sealed cut in three (key id, nonce, ciphertext || tag: ``sealed_envelope_parts``), the JSON column
+_ENVELOPES = select(_MESSAGES.c.uid, *sealed_envelope_parts(), type_coerce(_MESSAGES.c.envelope, Text))
 _ENVELOPES_IN_RANGE = Prepared(_ENVELOPES.where(*_IN_RANGE))
 _META_IN_RANGE: dict[tuple[str, ...], Prepared] = {}
 
@@ -1070,9 +1071,10 @@ class SqlMailStore(MailStore):
         return [_meta(message) for message in rows]
 
     async def fetch_envelopes(self, folder: FolderRef, uids: UidSet) -> dict[int, bytes | dict[str, Any]]:
-        """The ENVELOPE columns of the listed messages in one SQL Core statement (one transaction), then every
-        sealed rendering opened in one loop: no row object, no structure decoded or rendered."""
-        def work(connection: Connection) -> list[tuple[int, Any, Any]]:
+        """The ENVELOPE columns of the listed messages in one SQL Core statement (one transaction), the sealed
+        octets cut in their parts by the database, then every sealed rendering opened in one loop: no row
+        object, no structure decoded or rendered."""
+        def work(connection: Connection) -> list[tuple[int, Any, Any, Any, Any]]:
             row = self._folder_core(connection, folder)
             if len(uids.ranges) == 1:
                 low, high = uids.ranges[0]
@@ -1084,8 +1086,28 @@ class SqlMailStore(MailStore):
         rows = await self._run(work)
         if len(uids.ranges) > 1:               # the clause may be a coarser range (search.MAX_SQL_RANGES)
             rows = [row for row in rows if row[0] in uids]
-        opened = await self._opened_envelopes(folder.mailbox_id, [row[1] for row in rows], [row[2] for row in rows])
-        return {row[0]: envelope for row, envelope in zip(rows, opened, strict=True)}
+        opened = await self._opened_envelope_parts(folder.mailbox_id, rows)
+        return dict(zip([row[0] for row in rows], opened, strict=True))
+
+    async def _opened_envelope_parts(self, mailbox_id: int,
+                                     rows: Sequence[tuple[int, Any, Any, Any, Any]]) -> list[bytes | dict[str, Any]]:
+        """``fetch_envelopes``' rows (uid, key id, nonce, ciphertext, JSON column) opened: the usual case, every
+        row in the binary form, in one call; rows of earlier forms as ``_opened_envelopes`` opens them."""
+        if self.headers is None:
+            return await self._opened_envelopes(mailbox_id, [None] * len(rows), [row[4] for row in rows])
+        owner = mailbox_owner(mailbox_id)
+        current = [position for position, row in enumerate(rows) if row[1] is not None]
+        if len(current) == len(rows):
+            return list(await self.headers.fields.open_many_parts(
+                owner, ENVELOPE_WIRE_COLUMN, [row[1] for row in rows], [row[2] for row in rows],
+                [row[3] for row in rows]))
+        opened = await self._opened_envelopes(mailbox_id, [None] * len(rows), [row[4] for row in rows])
+        wires = await self.headers.fields.open_many_parts(
+            owner, ENVELOPE_WIRE_COLUMN, [rows[i][1] for i in current], [rows[i][2] for i in current],
+            [rows[i][3] for i in current])
+        for position, wire in zip(current, wires, strict=True):
+            opened[position] = wire
+        return opened
 
     async def fetch_flags(self, folder: FolderRef, uids: UidSet, *,
                           changed_since: int | None = None) -> FlagListing:

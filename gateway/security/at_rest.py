@@ -121,24 +121,36 @@ class FieldSealer:
 
     async def open_many_raw(self, owner: str, column: str, sealed: Sequence[bytes]) -> list[bytes]:
         """Many values of one owner's column sealed as raw octets (``key id | nonce | ciphertext || tag``, the
-        token without its prefix and base64): the ciphers looked up once per key, then one loop of
-        decryptions."""
+        token without its prefix and base64), opened by ``open_many_parts``."""
+        if any(len(raw) < _RAW_MINIMUM for raw in sealed):
+            raise SealedDataError(f"sealed {column} of {owner} is truncated")
+        nonce_end = KEY_ID.size + FIELD_NONCE_BYTES
+        return await self.open_many_parts(owner, column, [raw[:KEY_ID.size] for raw in sealed],
+                                          [raw[KEY_ID.size:nonce_end] for raw in sealed],
+                                          [raw[nonce_end:] for raw in sealed])
+
+    async def open_many_parts(self, owner: str, column: str, key_ids: Sequence[bytes], nonces: Sequence[bytes],
+                              bodies: Sequence[bytes]) -> list[bytes]:
+        """Many raw sealed values of one owner's column given in their three parts (the database can cut them:
+        FETCH of many ENVELOPEs), the packed key id, the nonce, ciphertext || tag: the ciphers looked up once
+        per key, then one loop of decryptions and nothing else per value."""
         aad = _field_aad(owner, column)
-        ciphers: dict[int, Callable[[bytes, bytes, bytes], bytes]] = {}
-        unpack, head, minimum = KEY_ID.unpack_from, KEY_ID.size + FIELD_NONCE_BYTES, _RAW_MINIMUM
+        ciphers: dict[bytes, Callable[[bytes, bytes, bytes], bytes]] = {}
         opened: list[bytes] = []
         append = opened.append
-        for raw in sealed:
-            if len(raw) < minimum:
-                raise SealedDataError(f"sealed {column} of {owner} is truncated")
-            (key_id,) = unpack(raw)
-            decrypt = ciphers.get(key_id)
-            if decrypt is None:
-                decrypt = ciphers[key_id] = (await self._known_cipher(owner, column, key_id)).decrypt
-            try:
-                append(decrypt(raw[KEY_ID.size:head], raw[head:], aad))
-            except InvalidTag:
-                raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
+        try:
+            for key, nonce, body in zip(key_ids, nonces, bodies, strict=True):
+                decrypt = ciphers.get(key)
+                if decrypt is None:
+                    if len(key) != KEY_ID.size:
+                        raise SealedDataError(f"sealed {column} of {owner} is truncated")
+                    cipher = await self._known_cipher(owner, column, KEY_ID.unpack(key)[0])
+                    decrypt = ciphers[key] = cipher.decrypt
+                append(decrypt(nonce, body, aad))
+        except InvalidTag:
+            raise SealedDataError(f"sealed {column} of {owner} fails authentication") from None
+        except ValueError:                        # a nonce of another length: cut short
+            raise SealedDataError(f"sealed {column} of {owner} is truncated") from None
         return opened
 
     async def _known_cipher(self, owner: str, column: str, key_id: int) -> AESGCM:

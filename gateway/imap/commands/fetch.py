@@ -109,7 +109,9 @@ async def _fetch_envelopes(session: Session, selected: SelectedMailbox, command:
         numbers, uids = [numbers[i] for i in kept], [uids[i] for i in kept]
         modseqs, flag_ids = [modseqs[i] for i in kept], [flag_ids[i] for i in kept]
     render = _FlagLineRenderer(selected, attributes)
-    session.write(render.prepare(listing))
+    announcements = render.prepare(listing)
+    if announcements:
+        session.write(announcements)
     for offset in range(0, len(uids), WRITE_BATCH):
         window = slice(offset, offset + WRITE_BATCH)
         session.write(render.lines(numbers[window], uids[window], modseqs[window], flag_ids[window],
@@ -139,7 +141,9 @@ async def _envelopes_of(session: Session, selected: SelectedMailbox, uids: Seque
     known = RENDERED_ENVELOPES.found(view, uids)
     missing = [uid for uid in uids if uid not in known]
     if missing:
-        stored = await session.store.fetch_envelopes(selected.ref, UidSet.from_uids(missing))
+        contiguous = missing[-1] - missing[0] + 1 == len(missing)     # ascending, distinct: one range
+        wanted = UidSet(((missing[0], missing[-1]),)) if contiguous else UidSet.from_uids(missing)
+        stored = await session.store.fetch_envelopes(selected.ref, wanted)
         fresh = await _rendered(session, selected, stored)
         RENDERED_ENVELOPES.put_many(view, fresh)
         known.update(fresh)
