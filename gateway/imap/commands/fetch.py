@@ -552,7 +552,12 @@ class RenderedEnvelopes:
 
     def get(self, key: EnvelopeKey) -> bytes | None:
         mailbox_id, uidvalidity, uid, utf8 = key
-        return self.found((mailbox_id, uidvalidity, utf8), (uid,)).get(uid)
+        block_key = (mailbox_id, uidvalidity, utf8, uid >> self.BLOCK_BITS)
+        block = self._blocks.get(block_key)
+        if block is None or uid not in block:
+            return None
+        self._blocks.move_to_end(block_key)
+        return block[uid]
 
     def put(self, key: EnvelopeKey, rendered: bytes) -> None:
         mailbox_id, uidvalidity, uid, utf8 = key
