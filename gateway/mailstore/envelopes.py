@@ -15,12 +15,29 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import ColumnElement, LargeBinary, Table, Text, bindparam, case, func, literal, select, type_coerce, update
+from sqlalchemy import (
+    ColumnElement,
+    LargeBinary,
+    Table,
+    Text,
+    bindparam,
+    case,
+    func,
+    literal,
+    select,
+    type_coerce,
+    update,
+)
 
 from gateway.imap.protocol.envelope import WIRE_VERSION, render_envelope
 from gateway.mailstore.tables import Folder, Message
 from gateway.security.at_rest import (
-    ENVELOPE_SEALED_TAG, ENVELOPE_WIRE_COLUMN, FIELD_NONCE_BYTES, KEY_ID, FieldSealer, sealed_octets,
+    ENVELOPE_SEALED_TAG,
+    ENVELOPE_WIRE_COLUMN,
+    FIELD_NONCE_BYTES,
+    KEY_ID,
+    FieldSealer,
+    sealed_octets,
 )
 from gateway.security.keys import mailbox_owner
 from gateway.storage.db import Database

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Collection
 from array import array
+from collections.abc import Collection
 
 import pytest
 

@@ -18,7 +18,12 @@ from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Message
 from gateway.security.at_rest import (
-    ENVELOPE_SEALED_TAG, ENVELOPE_WIRE_COLUMN, FieldSealer, HeaderSealer, SealedDataError, sealed_octets,
+    ENVELOPE_SEALED_TAG,
+    ENVELOPE_WIRE_COLUMN,
+    FieldSealer,
+    HeaderSealer,
+    SealedDataError,
+    sealed_octets,
 )
 from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.blobs import BlobStore
