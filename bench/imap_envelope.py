@@ -44,10 +44,10 @@ FIRST = 50001
 COUNT = 1000
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of the threads of a process tree so far, from their schedstat (nanoseconds)."""
+def tree_cpu(pid: int) -> dict[str, int]:
+    """CPU nanoseconds so far of each thread of a process tree, from their schedstat."""
     stats = rss_watch.all_stats()
-    total = 0
+    threads_cpu: dict[str, int] = {}
     for process in rss_watch.tree(pid, stats):
         try:
             threads = os.listdir(f"/proc/{process}/task")
@@ -56,10 +56,16 @@ def tree_cpu(pid: int) -> float:
         for thread in threads:
             try:
                 with open(f"/proc/{process}/task/{thread}/schedstat") as schedstat:
-                    total += int(schedstat.read().split()[0])
+                    threads_cpu[f"{process}/{thread}"] = int(schedstat.read().split()[0])
             except (OSError, ValueError, IndexError):
                 continue
-    return total / 1e9
+    return threads_cpu
+
+
+def cpu_between(before: dict[str, int], after: dict[str, int]) -> float:
+    """CPU seconds the tree's threads used between two samples: a thread gone meanwhile (another client's
+    Dovecot process ending) is not counted as negative time; one started meanwhile counts from zero."""
+    return sum(used - before.get(thread, 0) for thread, used in after.items()) / 1e9
 
 
 def _summary(times: list[float], cpus: list[float]) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def run_fetches(target: dict[str, Any], pid: int, rounds: int) -> dict[str, Any]
             started = time.perf_counter()
             data = compare_imap.check(client.fetch(f"{start}:{start + COUNT - 1}", "(ENVELOPE)"), "FETCH ENVELOPE")
             times.append((time.perf_counter() - started) * 1000)
-            cpus.append(tree_cpu(pid) - cpu_before)
+            cpus.append(cpu_between(cpu_before, tree_cpu(pid)))
             answered = sum(1 for item in data if item and b"ENVELOPE" in (item[0] if isinstance(item, tuple) else item))
             if answered != COUNT:
                 raise SystemExit(f"FETCH {start}: {answered} ENVELOPEs, not {COUNT}")
