@@ -118,7 +118,7 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         mailstore = SqlMailStore(db, blobs, hub, headers=HeaderSealer(fields))
         smime = SmimeService(db, settings, pki, blobs, fields)
         spool_cipher = await SpoolCipher.load(keys)
-        spool = Spool(spool_root(settings), spool_cipher, node=settings.cluster.node_name)
+        spool = Spool(spool_root(settings), spool_cipher, node=settings.cluster.node_name, db=db)   # small ones in their rows
         queue, pipeline = mail_path(settings, db, directory, spool, LocalDelivery(mailstore), smime=smime)
         queue.local.follow_up = FilingIntake(fields)   # each delivery commits its filing job with it
         queue.purge_with(FilingPurge(db, kept_hours=settings.retention.filing_jobs_kept_hours))

@@ -3,11 +3,14 @@ and one queue transaction.
 
 Each message is made durable in the order of gateway.queue.spool (mox does the same):
 
-1. its spool file's bytes are fsynced, by the message's own task (concurrent fsyncs overlap);
-2. its file is renamed into ``queue/``; then ``queue/`` is fsynced once for every file of the batch;
-3. the queue rows of the whole batch are committed in one transaction (SQLite synchronous=FULL and
-   PostgreSQL make a committed transaction durable), written by one synchronous function in one hop to a
-   database thread (``Database.run_in_transaction``; BEGIN IMMEDIATE on SQLite).
+1. its spool file's bytes are fsynced, by the message's own task (concurrent fsyncs overlap); a small
+   message has no file: its sealed octets go into its queue row (gateway.queue.spool, "in its row");
+2. its file is renamed into ``queue/``; then ``queue/`` is fsynced once for every file of the batch (none
+   when every message of the batch is in its row);
+3. the queue rows of the whole batch, with the contents kept in them, are committed in one transaction
+   (SQLite synchronous=FULL and PostgreSQL make a committed transaction durable), written by one
+   synchronous function in one hop to a database thread (``Database.run_in_transaction``; BEGIN IMMEDIATE
+   on SQLite).
 
 ``commit`` returns only once the transaction holding that message's rows has committed, so the 250 that
 follows still means "fsynced and committed", exactly as with a transaction of its own. The first caller
@@ -63,7 +66,11 @@ class AcceptanceCommitter:
                      changes: Sequence[ConversationChange]) -> None:
         """Make ``files`` durable and commit ``copies`` (one accepted message); returns once both are done."""
         for spool_file in files:
-            await spool_file.sync_data()                                  # step 1, this message's own
+            await spool_file.sync_data(into_row=True)                     # step 1, this message's own
+        # A small message has no file: its sealed octets are committed with its rows (step 3's fsync).
+        contents = {spool_file.queue_id: spool_file.row_content for spool_file in files}
+        for copy in copies:
+            copy.message["content"] = contents.get(copy.queue_id)
         acceptance = _Acceptance(files, copies, changes)
         self._pending.append(acceptance)
         if self._committer is None or self._committer.done():
@@ -103,7 +110,8 @@ class AcceptanceCommitter:
         moved = [acceptance for acceptance in batch if self._move(acceptance)]
         if not moved:
             return
-        await fsync_directory_in_thread(self.spool.queue)                 # step 2: every name of the batch
+        if any(spool_file.in_queue_directory for acceptance in moved for spool_file in acceptance.files):
+            await fsync_directory_in_thread(self.spool.queue)             # step 2: every name of the batch
         if len(moved) == 1:
             await self._alone(moved[0])
             return

@@ -437,7 +437,10 @@ class LocalDeliveryWorker:
             if await self.queue.finish_if_done(queue_id):
                 self.spool.remove(queue_id)
             return
-        content = await self._content(works[0], ready.plaintext if ready is not None else None)
+        plaintext = ready.plaintext if ready is not None else None
+        if plaintext is None:                 # not handed over: a small message is in its queue row, not a file
+            plaintext = await self.spool.plaintext_in_row(queue_id, size=works[0].size)
+        content = await self._content(works[0], plaintext)
         assert self.store is not None
         endings: list[_Ending] = []
         check = _still_open if ready is not None else None

@@ -178,16 +178,18 @@ class DsnReports:
         """Write the DSN durably to the spool; the rows to commit with the outcome (None: nobody to tell)."""
         if not message.sender or not reports:
             return None                                  # RFC 3461 5.2.1: never bounce a bounce
-        original = self._original(message, await asyncio.to_thread(self._original_content, message))
+        open_message = await self.spool.opener(message.id)      # its file, or its row's sealed content
+        original = self._original(message, await asyncio.to_thread(self._original_content, message, open_message))
 
         def write(spool_file: SpoolFile) -> WrittenMail:
             dsn = write_dsn(spool_file, reporting_mta=self.hostname, original=original, recipients=reports)
             return WrittenMail(dsn.message_id, dsn.size, dsn.eight_bit)
         return await self.queue.prepare_written(message.sender, write, door=DSN_DOOR, smtputf8=message.smtputf8)
 
-    def _original_content(self, message: MessageWork) -> bytes:
+    @staticmethod
+    def _original_content(message: MessageWork, open_message: Callable[[], BinaryIO]) -> bytes:
         """The returned message (RET=HDRS: its header section only), read through the sealed spool."""
-        with self.spool.open_read(message.id) as handle:
+        with open_message() as handle:
             return _header_lines(handle) if message.ret == "HDRS" else handle.read()
 
     def _original(self, message: MessageWork, content: bytes) -> OriginalMessage:
@@ -475,14 +477,14 @@ class OutboundWorker:
         reply = await client.command("DATA")
         if reply.code != 354:
             return [_from_reply(r, reply, hop, tls, has_dsn, "DATA") for r in accepted]
-        reply = await client.send_data(message_chunks(prefix, lambda: self.spool.open_read(message.id)))
+        reply = await client.send_data(message_chunks(prefix, await self.spool.opener(message.id)))
         return [_from_reply(r, reply, hop, tls, has_dsn, "end of data") for r in accepted]
 
     async def _prefix(self, message: MessageWork) -> bytes:
         """DKIM-Signature (computed once, stored), then our trace fields."""
         signature = await self.store.dkim_signature(message.id)
         if signature is None:
-            signature = await self.signer.signature_for_stream(lambda: self.spool.open_read(message.id))
+            signature = await self.signer.signature_for_stream(await self.spool.opener(message.id))
             if signature is not None:
                 await self.store.save_dkim_signature(message.id, signature)
         return (signature or "").encode("ascii") + remote_trace_headers(message.trace_headers)

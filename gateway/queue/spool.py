@@ -23,7 +23,17 @@ and 3, whose 250 is still to come.
 
 With a ``SpoolCipher`` (the gateway always gives one) the files are sealed as
 they are written (gateway.security.at_rest): no plaintext of a message ever
-reaches the spool directory. Readers go through ``open_read``/``open_incoming``.
+reaches the spool directory. Readers go through ``opener``/``open_incoming``.
+
+**In its row.** A message accepted over SMTP whose sealed octets fit in ``in_row_bytes`` (64 KiB; the
+spool given the database) gets no file at all: the same sealed octets go into its queue row
+(``queue_messages.content``), committed in the acceptance group commit (gateway.pipeline.acceptance), whose
+one WAL fsync (PostgreSQL: commit) makes the message durable before its 250: no file created, written,
+fsynced, renamed, its directory fsynced, and later unlinked, and no worker-thread hop, per message. The
+content stays sealed under the spool key; the statement that finishes the message clears it
+(gateway.queue.store), as the unlink would have removed the file, and the purge or ``delete`` removes the row.
+Readers of a queued message (local delivery after a restart, the outbound worker, DSNs, ``gateway queue
+delete --bounce``) ask ``opener``, which reads the row's content when there is some and the file otherwise.
 """
 
 from __future__ import annotations
@@ -34,17 +44,26 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
+
 from gateway.config import Settings
+from gateway.queue.tables import QueuedMessage
 from gateway.security.at_rest import SealedSpoolWriter, SpoolCipher
 from gateway.security.nonces import nonce_hex
+from gateway.storage.db import Database
+from gateway.storage.prepared import Prepared
 from gateway.storage.private import private_dir
 
 
 # A message up to this size keeps its plaintext in memory while it is received: the pipeline's scan and
 # local delivery (acceptance's hand-over) then read it there instead of decrypting the spool file again.
 KEEP_PLAINTEXT_BYTES = 256 * 1024
+# A message whose sealed octets are at most this long is kept in its queue row, not in a file (see above).
+IN_ROW_BYTES = 64 * 1024
 ORPHAN_GRACE = 3600.0   # seconds: a shared spool's file without rows is that old before it is taken for an orphan
 
 
@@ -118,6 +137,7 @@ class SpoolFile:
         self._sealer: SealedSpoolWriter | None = spool.cipher.writer(self._output, queue_id) if spool.cipher else None
         self._committed = False
         self._discarded = False
+        self._row_content: bytes | None = None           # set by sync_data: the message goes in its row
 
     def write(self, data: bytes) -> None:
         assert not self._closed, "spool file already closed"
@@ -151,6 +171,11 @@ class SpoolFile:
             return io.BytesIO(self._plain)          # the same bytes as the sealed file's, not decrypted again
         return self.spool.reader(self.incoming_path, self.queue_id)
 
+    @property
+    def row_content(self) -> bytes | None:
+        """The sealed octets to commit with the queue rows when the message has no file (``sync_data`` ran)."""
+        return self._row_content
+
     def plaintext(self) -> bytes | None:
         """The complete message's plaintext when it was small enough to keep (``KEEP_PLAINTEXT_BYTES``)."""
         return bytes(self._plain) if self._plain is not None else None
@@ -174,14 +199,19 @@ class SpoolFile:
         await fsync_directory_in_thread(self.path.parent)
         return self.path
 
-    async def sync_data(self) -> None:
-        """Step 1: the sealed bytes on disk (fsync), the file closed. Idempotent."""
+    async def sync_data(self, *, into_row: bool = False) -> None:
+        """Step 1: the sealed bytes on disk (fsync), the file closed. Idempotent. ``into_row``: the caller
+        commits ``row_content`` with the queue rows (the acceptance group commit), so a message small enough
+        for ``Spool.keeps_in_row`` gets no file: its sealed octets are kept for that commit instead."""
         if self._closed:
             return
         if self._sealer is not None:
             self._sealer.finish()
         self._closed = True
         fd, self._fd = self._fd, None
+        if fd is None and into_row and self.spool.keeps_in_row(len(self._held)):
+            self._row_content, self._held = bytes(self._held), bytearray()   # durable with its rows' commit
+            return
         if fd is None:
             held, self._held = bytes(self._held), bytearray()
             creating = asyncio.get_running_loop().run_in_executor(_FSYNC_THREADS, _create_synced,
@@ -205,9 +235,14 @@ class SpoolFile:
         """Step 2 without its directory fsync (the caller fsyncs ``queue/`` once for every file it moved,
         see gateway.pipeline.acceptance). Idempotent."""
         assert self._closed, "sync_data first"
-        if not self._committed:
+        if not self._committed and self._row_content is None:
             os.rename(self.incoming_path, self.path)
-            self._committed = True
+        self._committed = True
+
+    @property
+    def in_queue_directory(self) -> bool:
+        """Moved into ``queue/`` as a file (its directory's fsync is due), not kept in its row."""
+        return self._committed and self._row_content is None
 
     def discard(self) -> None:
         """Forget this message (refused, aborted, or its queue rows failed to commit). Idempotent."""
@@ -219,6 +254,9 @@ class SpoolFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._row_content is not None:
+            self._row_content = None                     # never had a file
+            return
         for path in (self.incoming_path, self.path):
             path.unlink(missing_ok=True)
 
@@ -228,10 +266,14 @@ class SpoolFile:
 
 
 class Spool:
-    def __init__(self, root: Path, cipher: SpoolCipher | None = None, *, node: str = "") -> None:
-        """``node``: this node's name when several nodes share ``root`` (see the module docstring)."""
+    def __init__(self, root: Path, cipher: SpoolCipher | None = None, *, node: str = "", db: Database | None = None,
+                 in_row_bytes: int = IN_ROW_BYTES) -> None:
+        """``node``: this node's name when several nodes share ``root`` (see the module docstring); ``db``: the
+        queue's database, where small messages are kept in their rows (``in_row_bytes``; 0: always a file)."""
         self.root = root
         self.cipher = cipher
+        self.db = db
+        self.in_row_bytes = in_row_bytes if db is not None else 0
         self.shared = bool(node)
         self.incoming = root / "incoming" / node if node else root / "incoming"
         self.queue = root / "queue"
@@ -241,12 +283,47 @@ class Spool:
     def path_of(self, queue_id: str) -> Path:
         return self.queue / f"{queue_id}.eml"
 
+    def keeps_in_row(self, sealed_size: int) -> bool:
+        """Whether a message of ``sealed_size`` spool octets goes in its queue row rather than a file."""
+        return sealed_size <= self.in_row_bytes
+
     def reader(self, path: Path, queue_id: str) -> BinaryIO:
         return self.cipher.reader(path, queue_id) if self.cipher else path.open("rb")
 
     def open_read(self, queue_id: str) -> BinaryIO:
-        """The plaintext of a durable message, as a buffered stream (decrypted segment by segment)."""
+        """The plaintext of a durable message held in a file, as a buffered stream (decrypted segment by
+        segment). A queued message may be in its row instead: readers of queued messages use ``opener``."""
         return self.reader(self.path_of(queue_id), queue_id)
+
+    async def opener(self, queue_id: str) -> Callable[[], BinaryIO]:
+        """How to read a queued message's plaintext, wherever it is: its row's sealed content (read here,
+        once), else its file. The function returned opens a new stream at each call (synchronous, for
+        worker threads and the outbound worker's retries)."""
+        content = await self.row_content(queue_id)
+        if content is None:
+            return lambda: self.open_read(queue_id)
+        return lambda: self._content_reader(content, queue_id)
+
+    async def plaintext_in_row(self, queue_id: str, *, size: int = 0) -> bytes | None:
+        """The whole plaintext of a message kept in its row (small by construction); None when it is a file.
+        ``size``: the message's plaintext size when known; larger than a row holds, the row is not read."""
+        if size > self.in_row_bytes:
+            return None
+        content = await self.row_content(queue_id)
+        if content is None:
+            return None
+        with self._content_reader(content, queue_id) as stream:
+            return stream.read()
+
+    async def row_content(self, queue_id: str) -> bytes | None:
+        """The sealed octets in a message's queue row (None: in a file, or no such message)."""
+        if self.db is None:
+            return None
+        return await self.db.run_in_transaction(lambda c: _row_content_in(c, queue_id))
+
+    def _content_reader(self, content: bytes, queue_id: str) -> BinaryIO:
+        stream = io.BytesIO(content)
+        return self.cipher.stream_reader(stream, queue_id) if self.cipher else stream
 
     def new_file(self) -> SpoolFile:
         return SpoolFile(self, new_queue_id())
@@ -274,3 +351,11 @@ class Spool:
 
     def remove(self, queue_id: str) -> None:
         self.path_of(queue_id).unlink(missing_ok=True)
+
+
+_ROW_CONTENT = Prepared(select(QueuedMessage.__table__.c.content).where(QueuedMessage.__table__.c.id == bindparam("queue_id")))
+
+
+def _row_content_in(connection: Connection, queue_id: str) -> bytes | None:
+    row = _ROW_CONTENT.run(connection, {"queue_id": queue_id}).fetchone()
+    return bytes(row[0]) if row is not None and row[0] is not None else None

@@ -253,7 +253,8 @@ class QueueStore:
         if open_count:
             return False
         await s.execute(update(QueuedMessage).where(QueuedMessage.id == queue_id, QueuedMessage.state != MessageState.DONE.value)
-                        .values(state=MessageState.DONE.value, done_at=utcnow()).execution_options(synchronize_session=False))
+                        .values(state=MessageState.DONE.value, done_at=utcnow(), content=None)
+                        .execution_options(synchronize_session=False))
         return True
 
     async def queued_message_ids(self) -> set[str]:
@@ -311,7 +312,7 @@ _FINISH_IF_NONE_OPEN = Prepared(update(_MESSAGES).where(
     _MESSAGES.c.id == bindparam("queue_id"), _MESSAGES.c.state != MessageState.DONE.value,
     ~select(_RECIPIENTS.c.id).where(_RECIPIENTS.c.message_id == bindparam("queue_id"),
                                     or_(*(_RECIPIENTS.c.state == state for state in OPEN_STATES))).exists())
-    .values(state=MessageState.DONE.value, done_at=bindparam("now")))
+    .values(state=MessageState.DONE.value, done_at=bindparam("now"), content=None))   # as its spool file goes
 _LOCAL_WORK = Prepared(_local_work_statement(one_message=False))
 _LOCAL_WORK_OF = Prepared(_local_work_statement(one_message=True))    # every delivered message reads it
 # PostgreSQL only (see claim_local_work): the recipient rows locked, those another node holds skipped.

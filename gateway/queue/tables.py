@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from gateway.storage.models import Base, UTCDateTime, utcnow
@@ -18,7 +18,7 @@ from gateway.storage.models import Base, UTCDateTime, utcnow
 
 class MessageState(str, enum.Enum):
     QUEUED = "queued"       # some recipient still pending or deferred
-    DONE = "done"           # every recipient delivered or failed; spool file removed
+    DONE = "done"           # every recipient delivered or failed; spool file removed (or its row's content)
 
 
 class RecipientState(str, enum.Enum):
@@ -54,6 +54,10 @@ class QueuedMessage(Base):
     state: Mapped[str] = mapped_column(String(16), default=MessageState.QUEUED.value)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
     done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # A small message's sealed spool octets, committed with these rows instead of a spool file of its own
+    # (gateway.queue.spool: "in its row"); NULL when the message is in a file, and once it is done.
+    # Deferred: only the spool reads it (Spool.opener), never a listing.
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
 
     recipients: Mapped[list["QueuedRecipient"]] = relationship(back_populates="message", cascade="all, delete-orphan")
 

@@ -242,7 +242,10 @@ class SpoolCipher:
 
     def reader(self, path: Path, binding: str) -> BinaryIO:
         """A buffered, sequential reader of the plaintext; plaintext files (written before sealing) pass through."""
-        handle = path.open("rb")
+        return self.stream_reader(path.open("rb"), binding)
+
+    def stream_reader(self, handle: BinaryIO, binding: str) -> BinaryIO:
+        """``reader`` of a seekable stream of spool octets (a file, or a queue row's content in memory)."""
         magic = handle.read(len(SPOOL_MAGIC))
         handle.seek(0)
         if magic != SPOOL_MAGIC:
@@ -312,7 +315,8 @@ class _SealedSpoolReader(io.RawIOBase):
             raise SealedDataError(f"unsupported spool format version {version}")
         self._handle = handle
         self._aead = cipher._aead(_SpoolHeader(key_id, salt, prefix), binding)
-        self._remaining = os.fstat(handle.fileno()).st_size - SPOOL_HEADER.size
+        self._remaining = handle.seek(0, os.SEEK_END) - SPOOL_HEADER.size   # a file or octets in memory
+        handle.seek(SPOOL_HEADER.size)
         self._index = 0
         self._plain = b""
         self._done = False

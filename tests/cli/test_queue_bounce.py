@@ -1,5 +1,7 @@
 """`gateway queue delete --bounce` on a sealed message, through the real CLI beside a real `gateway serve`.
 
+The message is small: it is kept, sealed, in its queue row rather than a spool file of its own.
+
 The CLI must use the same sealed spool as ``serve``: the failure DSN (RFC 3464) quotes the original's
 header section in clear (read through the spool cipher, not the sealed file's ciphertext), and the DSN's
 own spool file is sealed like every other (no plaintext of either message on disk). Once ``serve`` runs
@@ -14,10 +16,13 @@ import imaplib
 import json
 import re
 import smtplib
+import sqlite3
 import ssl
+from contextlib import closing
 from email.message import EmailMessage
 from pathlib import Path
 
+from gateway.security.at_rest import SPOOL_MAGIC
 from tests.harness import GatewayProcess, free_ports, read_inbox, wait_until
 
 REMOTE = "dr.martin@autre-operateur.mssante.localhost"     # the demo's trusted other operator
@@ -55,6 +60,12 @@ def _returned_subject(part: EmailMessage) -> str:
     return str(email.message_from_string(part.get_content(), policy=email.policy.default)["Subject"])
 
 
+def _row_content(gateway: GatewayProcess, queue_id: str) -> bytes | None:
+    with closing(sqlite3.connect(gateway.data_dir / "gateway.db")) as db:
+        row = db.execute("SELECT content FROM queue_messages WHERE id = ?", (queue_id,)).fetchone()
+    return bytes(row[0]) if row is not None and row[0] is not None else None
+
+
 def _spool_files(gateway: GatewayProcess) -> list[Path]:
     return sorted((gateway.data_dir / "spool" / "queue").glob("*.eml"))
 
@@ -71,16 +82,20 @@ def test_bounce_of_a_sealed_message_quotes_its_headers_and_stays_sealed(tmp_path
         assert held.returncode == 0, held.stderr
     finally:
         gateway.stop()
-    original = _spool_files(gateway)
-    assert [path.stem for path in original] == [queue_id]
-    assert SUBJECT.encode() not in original[0].read_bytes()          # sealed at acceptance
+    # A small message is kept in its queue row (gateway.queue.spool, "in its row"), sealed as its file would be.
+    assert _spool_files(gateway) == []
+    sealed = _row_content(gateway, queue_id)
+    assert sealed is not None and sealed.startswith(SPOOL_MAGIC)
+    for plaintext in (SUBJECT.encode(), BODY_MARKER.encode(), b"Subject:", REMOTE.encode()):
+        assert plaintext not in sealed, f"{plaintext!r} in clear in the queue row"
 
     deleted = gateway.cli("queue", "delete", "--bounce", queue_id)
     assert deleted.returncode == 0, deleted.stderr
     assert deleted.stdout.strip() == f"{queue_id} deleted, sender notified"
 
     dsn_files = _spool_files(gateway)
-    assert len(dsn_files) == 1 and dsn_files[0].stem != queue_id     # the original is gone, the DSN waits
+    assert len(dsn_files) == 1 and dsn_files[0].stem != queue_id     # the DSN waits in its own sealed file
+    assert _row_content(gateway, queue_id) is None                   # the original's row is gone
     on_disk = dsn_files[0].read_bytes()
     for plaintext in (SUBJECT.encode(), b"Subject:", b"delivery-status", sender["address"].encode(),
                       REMOTE.encode(), b"Final-Recipient"):
