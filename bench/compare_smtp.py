@@ -6,8 +6,9 @@ whole run, one recipient per message, all to one mailbox):
 
 - gateway: ``gateway serve`` (``gateway init --demo`` in a fresh data
   directory, SQLite synchronous=FULL, encrypted mail store), submission port,
-  STARTTLS + AUTH PLAIN; a 250 means spool file + directory fsynced and queue
-  rows committed. Per-user/per-IP message rate limits set to 0 (unlimited) for
+  STARTTLS + AUTH PLAIN; a 250 means the queue rows committed (SQLite
+  synchronous=FULL) with the message's sealed octets in its row (up to 64 KiB
+  sealed; larger: its spool file + directory fsynced first). Per-user/per-IP message rate limits set to 0 (unlimited) for
   the run through GATEWAY_SMTP_* variables; nothing else changed.
 - postfix: the reference instance of setup-reference.sh (127.0.0.1:10025,
   no TLS, no AUTH, delivering over LMTP into Dovecot's Maildir of user1).
