@@ -7,11 +7,13 @@ from __future__ import annotations
 import imaplib
 import re
 import smtplib
+import sqlite3
 import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,9 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
         thread.join(120)
     gateway.kill()
     assert len(acknowledged) >= kill_at
+    # Every message here is small: each was made durable in its queue row (sealed content committed with
+    # the rows before its 250), none in a spool file; the restart below delivers them from the rows alone.
+    assert list((tmp_path / "gw" / "spool" / "queue").glob("*.eml")) == []
 
     gateway.start()                                      # restart: the recovery pass runs before the listeners open
     try:
@@ -154,3 +159,6 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
         assert list((tmp_path / "gw" / "spool" / "incoming").iterdir()) == []
     finally:
         gateway.stop()
+    with closing(sqlite3.connect(tmp_path / "gw" / "gateway.db")) as db:   # finished: no content left in a row
+        assert db.execute("SELECT count(*) FROM queue_messages WHERE state = 'done' AND content IS NOT NULL"
+                          ).fetchone()[0] == 0
