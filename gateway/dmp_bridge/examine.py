@@ -2,10 +2,12 @@
 
 Parsing the MIME tree and extracting the documents (XML, ZIP, PDF) is about a third of a filing's CPU and
 pure computation on bytes: ``examine_message`` takes the delivered copy (and the content the gateway
-decrypted from it, if any) and returns the parsed messages and the extraction, nothing read or written.
-``Examiner`` runs it in a worker thread of the server's process, or (``filing.extract_processes``) in
-processes of their own, so that it runs beside the event loop and the database thread instead of taking
-turns with them under the one interpreter lock. The limits against hostile input (``ExtractionLimits``:
+decrypted from it, if any) and returns the parsed message and the extraction, nothing read or written.
+``Examiner`` runs the extraction (``extract_from``) in a worker thread of the server's process, or
+(``filing.extract_processes``) in processes of their own, so that it runs beside the event loop and the
+database thread instead of taking turns with them under the one interpreter lock. Only the extraction comes
+back from a process: the server reads the delivered message's headers itself (``parse_headers``, the header
+block alone: all filing and its notices read of it), which costs less than sending the parsed MIME tree back. The limits against hostile input (``ExtractionLimits``:
 XML without DTD, bounded depth and sizes; ZIP ratios; MIME depth) are the same in either place; in a
 process of its own, a document that still exhausts memory takes that process down, not the server (the
 pool is then started again and the job retried in a thread).
@@ -22,20 +24,38 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from email.message import EmailMessage
+from email.parser import BytesParser
 
-from gateway.dmp_bridge.extract import ExtractionResult, extract_documents, parse_message
+from gateway.dmp_bridge.extract import FILING_POLICY, ExtractionResult, extract_documents, parse_message
 
 log = logging.getLogger("gateway.dmp.examine")
 
-Examined = tuple[EmailMessage, EmailMessage, ExtractionResult]
+Examined = tuple[EmailMessage, ExtractionResult]
+_NOTHING = ExtractionResult((), ())
 
 
 def examine_message(raw: bytes, decrypted: bytes | None, extract: bool) -> Examined:
-    """(the delivered message, the message its documents come from, the extraction): the source is the
-    decrypted content when there is one, else the message itself; nothing extracted unless ``extract``."""
+    """(the delivered message, the extraction): the documents come from the decrypted content when there is
+    one, else from the message itself (parsed once for both); nothing extracted unless ``extract``."""
     message = parse_message(raw)
-    source = parse_message(decrypted) if decrypted is not None else message
-    return message, source, extract_documents(source) if extract else ExtractionResult((), ())
+    if not extract:
+        return message, _NOTHING
+    return message, extract_documents(parse_message(decrypted) if decrypted is not None else message)
+
+
+def extract_from(raw: bytes, decrypted: bytes | None, extract: bool) -> ExtractionResult:
+    """``examine_message``'s extraction alone (what an extraction process sends back)."""
+    if not extract:
+        return _NOTHING
+    return extract_documents(parse_message(decrypted if decrypted is not None else raw))
+
+
+def parse_headers(raw: bytes) -> EmailMessage:
+    """The delivered message's header section (RFC 5322 2.1: up to the first empty line), parsed as
+    ``parse_message`` parses it; its body is left unparsed (a string), its content type read from its headers."""
+    message = BytesParser(policy=FILING_POLICY).parsebytes(raw, headersonly=True)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def _ready() -> bool:
@@ -54,7 +74,7 @@ def _exit_with(parent: int) -> None:
 
 
 class Examiner:
-    """Runs ``examine_message`` in ``processes`` processes of their own (started on first use, or by
+    """Runs ``extract_from`` in ``processes`` processes of their own (started on first use, or by
     ``start``), or in a worker thread when ``processes`` is 0."""
 
     def __init__(self, processes: int) -> None:
@@ -73,18 +93,21 @@ class Examiner:
                             "until a new pool starts")
                 self._discard(pool)
 
-    async def examine(self, raw: bytes, decrypted: bytes | None, extract: bool) -> Examined:
+    async def extract(self, raw: bytes, decrypted: bytes | None, extract: bool) -> ExtractionResult:
+        """``extract_from`` in an extraction process (in a worker thread when there are none)."""
+        if not extract:
+            return _NOTHING
         if not self.processes:
-            return await asyncio.to_thread(examine_message, raw, decrypted, extract)
+            return await asyncio.to_thread(extract_from, raw, decrypted, extract)
         pool = self._processes()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, examine_message, raw, decrypted, extract)
+            return await asyncio.get_running_loop().run_in_executor(pool, extract_from, raw, decrypted, extract)
         except BrokenProcessPool:
             # An extraction process died (killed, or out of memory): a new pool for the next jobs, this one here.
             log.warning("a filing extraction process died: its pool is started again; this message is examined "
                         "in a thread")
             self._discard(pool)
-            return await asyncio.to_thread(examine_message, raw, decrypted, extract)
+            return await asyncio.to_thread(extract_from, raw, decrypted, extract)
 
     def close(self) -> None:
         """Stop the processes (those busy finish their message, which nobody waits for any more)."""

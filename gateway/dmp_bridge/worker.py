@@ -67,7 +67,7 @@ from gateway.config import Settings
 from gateway.directory.service import DirectoryService
 from gateway.dmp_bridge.acknowledgement import Acknowledger, DeliveredMessage, SpooledNotice, WantedNotice
 from gateway.dmp_bridge.depositor import Depositor, accepted_as, depositor_of_message
-from gateway.dmp_bridge.examine import Examiner, examine_message
+from gateway.dmp_bridge.examine import Examiner, examine_message, parse_headers
 from gateway.dmp_bridge.extract import ExtractionResult
 from gateway.dmp_bridge.filing import (
     AuditJournal,
@@ -152,7 +152,6 @@ class _Examined:
     """The delivered message as filing sees it."""
 
     delivered: DeliveredMessage
-    documents_source: EmailMessage     # the decrypted content when the gateway decrypted it, else the message
     signature_result: str | None
 
 
@@ -517,14 +516,14 @@ class FilingWorker:
                 result = await self.smime.inbound_result(_queue_id(job.delivery_key), mailbox.id)
                 signature = _signature_result(result.status, result.summary, result.signer) if result is not None else None
         decrypted_content = decrypted.content if decrypted is not None else None
-        if self.examiner.processes:
-            raw = await self._read_delivered(delivery, blob_id, bytes)
-            message, source, extraction = await self.examiner.examine(raw, decrypted_content, extract)
+        if self.examiner.processes:  # read, decrypt, the headers parsed here; the extraction in a process
+            raw, message = await self._read_delivered(delivery, blob_id, lambda raw: (raw, parse_headers(raw)))
+            extraction = await self.examiner.extract(raw, decrypted_content, extract)
         else:  # one worker-thread hop: read, decrypt, parse, extract
-            raw, (message, source, extraction) = await self._read_delivered(
+            raw, (message, extraction) = await self._read_delivered(
                 delivery, blob_id, lambda raw: (raw, examine_message(raw, decrypted_content, extract)))
         delivered = DeliveredMessage(job.id, job.delivery_key, mailbox.address, message, raw)
-        return _Examined(delivered, source, signature), extraction
+        return _Examined(delivered, signature), extraction
 
     async def _read_delivered(self, delivery: Delivery, blob_id: str | None,
                               work: Callable[[bytes], T]) -> T:
