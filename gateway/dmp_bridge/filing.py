@@ -353,6 +353,27 @@ async def store_ahead(blobs: BlobStore, sealer: RecordSealer, document: ToStore)
         await _write_ahead(blobs, sealer, item, ins)
 
 
+async def store_ahead_many(blobs: BlobStore, sealer: RecordSealer, documents: Sequence[ToStore]) -> None:
+    """``store_ahead`` of several documents: each one's sealed metadata, then their blobs in one worker-thread
+    hop (``BlobStore.put_many``: each fsynced). A blob that failed raises its error once the others are kept
+    on their items (released as any blob written ahead is)."""
+    missing: list[_Pending] = []
+    for item, fields, ins in documents:
+        item.fields, item.patient_ins = fields, ins
+        if item.sealed_columns is None:
+            item.sealed_columns = await sealer.seal_document_columns(ins, fields.columns)
+        if item.stored is None:
+            missing.append(item)
+    results = await blobs.put_many([(patient_owner(item.patient_ins or ""), item.document.content)
+                                    for item in missing])
+    errors = [result for result in results if isinstance(result, Exception)]
+    for item, result in zip(missing, results):
+        if not isinstance(result, Exception):
+            item.stored = result
+    if errors:
+        raise errors[0]
+
+
 @dataclass
 class _Pending:
     """One document between the two phases: decided already (skipped, refused) or to store."""

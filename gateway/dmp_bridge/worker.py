@@ -86,7 +86,7 @@ from gateway.dmp_bridge.filing import (
     committed,
     forecast_filing,
     plan_filing,
-    store_ahead,
+    store_ahead_many,
 )
 from gateway.dmp_bridge.record import (
     JOB_SUBJECT_COLUMN,
@@ -446,13 +446,16 @@ class FilingWorker:
     async def _ready(self, jobs: Sequence[_Planned], forecast: _Forecast) -> _ReadyBatch:
         """Everything the transaction needs that is not a row: the documents it files written ahead (blobs
         fsynced, metadata sealed), the message fields sealed, the notices spooled; CPU work, out of it."""
-        slots = asyncio.Semaphore(self.policy.concurrency)
-
-        async def store(document: ToStore) -> None:
-            async with slots:
-                await store_ahead(self.blobs, self.sealer, document)
-
-        await asyncio.gather(*(store(document) for document in forecast.to_store))
+        # ``concurrency`` groups side by side, each one worker-thread hop for its blobs (their fsyncs overlap).
+        groups = [forecast.to_store[start::max(self.policy.concurrency, 1)]
+                  for start in range(max(self.policy.concurrency, 1))]
+        # Every group ends before an error is raised: a blob still being written must be on its item before
+        # the job is filed again alone (else it would be written twice and the first copy left behind).
+        outcomes = await asyncio.gather(*(store_ahead_many(self.blobs, self.sealer, group) for group in groups if group),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         sealed = [await self._sealed_message_fields(job.mailbox_id, job.delivered, job.prepared) for job in jobs]
         notices = await self.acknowledger.spool(forecast.wanted) if self.acknowledger is not None else []
         return _ReadyBatch([_Ready(job.job_id, job.lease, job.mailbox_id, job.delivered, job.prepared, fields,

@@ -28,7 +28,7 @@ import asyncio
 import io
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar, cast
@@ -255,6 +255,24 @@ class BlobStore:
         material = await self.keys.current_key(owner)
         # One worker-thread hop for create + encrypt + fsync (three hops cost more than a 4 KB body's encryption).
         return await asyncio.to_thread(self._put_blocking, owner, material.key_id, material.key, source)
+
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredBlob | Exception]:
+        """``put`` of several (owner, body) in one worker-thread hop, one after the other, each fsynced with its
+        directory before this returns (a filing batch's documents: a hop per group of blobs rather than per
+        blob). Each item's blob, or the error that stopped it: the others are written regardless, so that the
+        caller knows every blob it has to release."""
+        keys = {owner: await self.keys.current_key(owner) for owner in {owner for owner, _body in items}}
+
+        def work() -> list[StoredBlob | Exception]:
+            results: list[StoredBlob | Exception] = []
+            for owner, body in items:
+                try:
+                    results.append(self._put_blocking(owner, keys[owner].key_id, keys[owner].key, body))
+                except Exception as error:  # noqa: BLE001 - reported to the caller with its item
+                    results.append(error)
+            return results
+
+        return await asyncio.to_thread(work) if items else []
 
     async def put_prepared(self, owner: str, prepare: Callable[[], tuple[T, BlobSource]]) -> tuple[T, StoredBlob]:
         """``put`` of the source ``prepare()`` returns beside its other result, both in the same worker-thread hop

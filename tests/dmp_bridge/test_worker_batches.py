@@ -265,3 +265,43 @@ async def test_versions_and_copies_of_one_series_in_one_batch_are_decided_as_one
     assert await count_rows(world.db, select(func.count()).select_from(AuditEntryRow)
                             .where(AuditEntryRow.event == int(AuditEvent.DOCUMENT_FILED))) == 2
     assert (await AuditLog.for_data_dir(world.db, world.settings.data_path).verify()).ok
+
+
+async def test_a_document_whose_blob_cannot_be_written_delays_only_its_job_and_leaves_no_stray_blob(
+        database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's documents are written ahead a group per worker-thread hop (``BlobStore.put_many``): one
+    that fails (disk full) fails its batch, which is filed again job by job; the others are filed once, the
+    failing job waits for its retry, and no blob is left behind that no row references."""
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    refused = numbered_cda(2)
+    original = world.blobs._put_blocking
+
+    def disk_full_for_one(owner: str, key_id: int, key: bytes, source: Any) -> Any:
+        if source == refused:
+            raise OSError(28, "No space left on device")
+        return original(owner, key_id, key, source)
+
+    monkeypatch.setattr(world.blobs, "_put_blocking", disk_full_for_one)
+    assert await worker(world, Spool(tmp_path / "spool")).run_once() == COUNT
+    async with database.session() as session:
+        jobs = {job.delivery_key: job for job in (await session.scalars(select(FilingJob))).all()}
+    bad = jobs.pop("b2:1")
+    assert bad.state == "received" and bad.next_attempt_at is not None and "No space" in (bad.last_error or "")
+    assert {job.state for job in jobs.values()} == {"filed"}
+    async with database.session() as session:
+        referenced = set((await session.scalars(select(RecordDocument.blob_id))).all())
+    assert len(referenced) == COUNT - 1
+    document_blobs = {path.name for path in world.blobs.root.rglob("*") if path.is_file()} - await _message_blobs(world)
+    assert document_blobs == referenced
+    monkeypatch.setattr(world.blobs, "_put_blocking", original)
+    async with database.session() as session:
+        await session.execute(update(FilingJob).where(FilingJob.id == bad.id).values(next_attempt_at=None))
+    assert await worker(world, Spool(tmp_path / "spool")).run_once() == 1
+    await assert_filed_once(world, COUNT)
+
+
+async def _message_blobs(world: World) -> set[str]:
+    from gateway.mailstore.tables import Message
+    async with world.db.session() as session:
+        return set((await session.scalars(select(Message.blob_id))).all())

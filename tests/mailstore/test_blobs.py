@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.security.keys import KeyDestroyed, KeyManager
-from gateway.storage.blobs import SEGMENT_SIZE, BlobCorrupt, BlobNotFound, BlobStore
+from gateway.storage.blobs import SEGMENT_SIZE, BlobCorrupt, BlobNotFound, BlobStore, StoredBlob
 
 SECRET = b"Compte rendu: carcinome canalaire infiltrant, patient DUPONT Jean, INS 180017512345678"
 
@@ -163,3 +163,33 @@ async def test_whole_reads_in_one_hop_keep_every_check(blobs: BlobStore, keys: K
     await keys.destroy_owner_key("mailbox:2")
     with pytest.raises(KeyDestroyed):
         await blobs.read_whole("mailbox:2", other.blob_id)
+
+
+async def test_many_blobs_in_one_hop_each_under_its_owner_and_a_failure_keeps_the_others(
+        blobs: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``put_many`` (a filing batch's documents): every blob written and readable by its owner only; an item
+    that fails is reported in its place while the others are written (so their writer can release them)."""
+    stored = await blobs.put_many([("patient:1", SECRET), ("patient:2", b"second"), ("patient:1", SECRET * 3000)])
+    assert all(not isinstance(blob, Exception) for blob in stored)
+    first, second, large = stored
+    assert isinstance(first, StoredBlob) and isinstance(second, StoredBlob) and isinstance(large, StoredBlob)
+    assert await blobs.read("patient:1", first.blob_id) == SECRET
+    assert await blobs.read("patient:1", large.blob_id) == SECRET * 3000
+    assert await blobs.read("patient:2", second.blob_id) == b"second"
+    with pytest.raises(BlobCorrupt):
+        await blobs.read("patient:1", second.blob_id)
+    original = blobs._put_blocking
+
+    def failing(owner: str, key_id: int, key: bytes, source: object) -> StoredBlob:
+        if source == b"disk full":
+            raise OSError(28, "No space left on device")
+        return original(owner, key_id, key, source)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blobs, "_put_blocking", failing)
+    before, failed, after = await blobs.put_many([("patient:1", b"before"), ("patient:1", b"disk full"),
+                                                  ("patient:1", b"after")])
+    assert isinstance(failed, OSError)
+    assert isinstance(before, StoredBlob) and isinstance(after, StoredBlob)
+    assert await blobs.read("patient:1", before.blob_id) == b"before"
+    assert await blobs.read("patient:1", after.blob_id) == b"after"
+    assert await blobs.put_many([]) == []
