@@ -24,6 +24,7 @@ from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import FilingJob, FilingNotice, FilingOutcome, RecordDocument
 from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
+from gateway.mailstore.tables import Message
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.spool import Spool
@@ -302,6 +303,5 @@ async def test_a_document_whose_blob_cannot_be_written_delays_only_its_job_and_l
 
 
 async def _message_blobs(world: World) -> set[str]:
-    from gateway.mailstore.tables import Message
     async with world.db.session() as session:
         return set((await session.scalars(select(Message.blob_id))).all())
