@@ -270,6 +270,18 @@ _STATUS_COUNTS = select(
     select(func.count()).select_from(MESSAGES)
     .where(MESSAGES.c.folder_id == bindparam("folder_id"), MESSAGES.c.uid > bindparam("recent")).scalar_subquery(),
 )
+# PostgreSQL: the folder row and its counts in one statement, so one snapshot (READ COMMITTED gives each statement
+# its own: a change committed between two statements was in the counts and not in the row's HIGHESTMODSEQ).
+_UNSEEN_IN_ROW = (select(func.count()).select_from(MESSAGES)
+                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.system_flags.op("&")(SEEN_BIT) == 0)
+                  .correlate(FOLDERS).scalar_subquery())
+_RECENT_IN_ROW = (select(func.count()).select_from(MESSAGES)
+                  .where(MESSAGES.c.folder_id == FOLDERS.c.id, MESSAGES.c.uid > FOLDERS.c.recent_uid)
+                  .correlate(FOLDERS).scalar_subquery())
+_STATUS_ROW_COUNTED = Prepared(select(FOLDERS.c.id, FOLDERS.c.name, FOLDERS.c.message_count, FOLDERS.c.uidnext,
+                                      FOLDERS.c.uidvalidity, FOLDERS.c.highestmodseq, FOLDERS.c.total_bytes,
+                                      FOLDERS.c.recent_uid, _UNSEEN_IN_ROW, _RECENT_IN_ROW)
+                               .where(*_FOLDER_BY_NAME))
 
 
 @dataclass(frozen=True, slots=True)
@@ -944,7 +956,14 @@ class SqlMailStore(MailStore):
     async def status(self, folder: FolderRef) -> FolderStatus:
         """The folder row (prepared); its unseen and recent messages counted from the folder's shared index when
         that holds exactly the row's state (same HIGHESTMODSEQ: the same messages and flags), else counted by
-        the database in the same transaction (one statement, built once)."""
+        the database in the same transaction (one statement, built once).
+
+        PostgreSQL: always the database, row and counts in one statement. Its READ COMMITTED gives each
+        statement a snapshot of its own, so an index read there may hold changes newer than the HIGHESTMODSEQ it
+        is filed under (read a moment after the folder row), and a count apart from the row may hold a change
+        the row's HIGHESTMODSEQ does not: either gave UNSEEN of one state with HIGHESTMODSEQ of an older one."""
+        if not self.database.is_sqlite:
+            return await self._status_in_one_statement(folder)
         wanted = {"folder_mailbox": folder.mailbox_id, "folder_name": names.normalise(folder.name)}
         for _ in range(2):
             row, counted = await self._run(lambda connection: self._status_read(connection, wanted))
@@ -962,6 +981,17 @@ class SqlMailStore(MailStore):
                                     size)
             wanted["count"] = True          # the index moved on during the read (rare): count in the database
         raise StoreBusy("the folder changed too fast to be read; try again shortly")
+
+    async def _status_in_one_statement(self, folder: FolderRef) -> FolderStatus:
+        wanted = {"folder_mailbox": folder.mailbox_id, "folder_name": names.normalise(folder.name)}
+        row = await self._run(lambda connection: _STATUS_ROW_COUNTED.run(connection, wanted).fetchone())
+        if row is None:
+            raise FolderNotFound(f"no folder {folder.name!r}")
+        _, name, messages, uidnext, uidvalidity, highestmodseq, size, _, unseen, recent = row
+        if folder.uidvalidity is not None and uidvalidity != folder.uidvalidity:
+            raise UidValidityChanged(f"folder {folder.name!r} was re-created")
+        return FolderStatus(name, messages, int(recent or 0), uidnext, uidvalidity, int(unseen or 0), highestmodseq,
+                            size)
 
     def _status_read(self, connection: Connection, wanted: dict[str, Any]) -> tuple[Any, tuple[int, int] | None]:
         """(the folder row, None) when its shared index holds the row's state, else (the row, (unseen, recent))."""
@@ -1529,9 +1559,11 @@ class SqlMailStore(MailStore):
             if row.highestmodseq <= modseq:
                 return row, row.highestmodseq, (), (), None
             updated, expunged = _changed_since(connection, row.id, modseq)
-            highest = row.highestmodseq
-            if not self.database.is_sqlite:    # READ COMMITTED: the rows may be newer than the folder row read
-                highest = int(connection.execute(_HIGHESTMODSEQ, {"folder_id": row.id}).scalar() or highest)
+            # PostgreSQL's READ COMMITTED: the rows (a later snapshot) may be newer than the folder row read. Every
+            # change up to the highest MODSEQ among them was committed before they were read (a folder's MODSEQs
+            # are taken under its row's lock, so they commit in order): that is the MODSEQ this answer holds. Not
+            # the folder's MODSEQ read again after them: a change committed in between would be below it, unseen.
+            highest = max(row.highestmodseq, max((changed[1] for changed in updated), default=0))
             return row, highest, updated, expunged, self._index_read(connection, row, load=False,
                                                                      known=(modseq, updated, expunged))
 
@@ -1547,9 +1579,10 @@ class SqlMailStore(MailStore):
 
     def _current_index(self, folder: FolderRef) -> FolderIndex | None:
         """The folder's index when it holds every change this process's hub accounts for (see ``changes_known``)."""
-        # Only where writers are serialized (SQLite's one write lock), so that MODSEQs are committed in their
-        # order: on PostgreSQL two transactions may commit out of MODSEQ order, and an index at or above every
-        # published MODSEQ no longer proves it holds each change below (a test saw EXPUNGEs misplaced).
+        # SQLite only, where a read transaction is one snapshot. A folder's MODSEQs commit in order on both (taken
+        # under its row's lock), but PostgreSQL's READ COMMITTED gives each statement its own snapshot: an index
+        # read there may hold changes newer than the MODSEQ it is filed under, and its log then files a tombstone
+        # read ahead under that older MODSEQ (``FolderIndex._log``), so ``changes_after`` would miss the expunge.
         if not self.hub.sees_every_change or not self.database.is_sqlite:
             return None
         index = self._known_index(folder)

@@ -4,9 +4,12 @@ must always equal what the database holds, whoever changed it (this store, anoth
 from __future__ import annotations
 
 import asyncio
+import threading
 from array import array
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from gateway.mailstore.index import CHANGE_LOG, FolderIndex
 from gateway.mailstore.interface import INBOX, Changes, FolderRef, StoreMode, UidSet
@@ -248,3 +251,105 @@ async def test_status_counted_from_the_index_equals_the_databases_count(
     assert await store.status(inbox) == counted
     await other.store_flags(inbox, UidSet.of(1), StoreMode.ADD, ["\\Seen"])   # our index is behind now
     assert (await store.status(inbox)).unseen == 4 == (await other.status(inbox)).unseen
+
+
+def _on_postgresql(database: Database) -> None:
+    if database.is_sqlite:    # its statements run on the driver, past SQLAlchemy's events; and a read
+        pytest.skip("SQLite: one snapshot per read transaction, no interleaving to show")   # is one snapshot
+
+
+class _AnotherNodeBetweenStatements:
+    """Another gateway node's STORE committed in the middle of one of this store's read transactions: right after
+    the first statement whose SQL holds every one of ``marks`` (once). The other node runs in a thread of its own,
+    on its own connections, while this store's transaction waits: what PostgreSQL's READ COMMITTED shows a
+    transaction whose statements each take a new snapshot, and SQLite's snapshot hides."""
+
+    def __init__(self, database: Database, blobs: BlobStore, folder: FolderRef, uids: UidSet, flag: str,
+                 *marks: str) -> None:
+        self.database, self.blobs, self.folder, self.uids, self.flag, self.marks = (
+            database, blobs, folder, uids, flag, marks)
+        self.done = False
+        self.engines = [database.engine.sync_engine]
+
+    def __enter__(self) -> _AnotherNodeBetweenStatements:
+        for engine in self.engines:
+            event.listen(engine, "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for engine in self.engines:
+            event.remove(engine, "after_cursor_execute", self._after)
+
+    def _after(self, _conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        if self.done or not all(mark in statement for mark in self.marks):
+            return
+        self.done = True
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._other_node, args=(failure,))
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def _other_node(self, failure: list[BaseException]) -> None:
+        async def write() -> None:
+            other_database = Database(self.database.url)
+            try:
+                other = SqlMailStore(other_database, self.blobs)
+                await other.store_flags(self.folder, self.uids, StoreMode.ADD, [self.flag])
+            finally:
+                await other_database.dispose()
+        try:
+            asyncio.run(write())
+        except BaseException as exc:   # handed to the waiting transaction's thread
+            failure.append(exc)
+
+
+async def test_status_is_one_state_of_the_folder_while_another_node_writes(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """STATUS (RFC 3501 6.3.10, RFC 7162 3.1.2) answers MESSAGES, UNSEEN and HIGHESTMODSEQ of one state: a
+    \\Seen committed by another node between the read of the folder row and the count is either in all of them
+    or in none (PostgreSQL's READ COMMITTED gave the new UNSEEN with the old HIGHESTMODSEQ)."""
+    _on_postgresql(database)
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 5)
+    reader = SqlMailStore(database, blobs)                     # no index: the database counts
+    before = await reader.status(inbox)
+    with _AnotherNodeBetweenStatements(database, blobs, inbox, UidSet.of((1, 2)), "\\Seen",
+                                       "total_bytes", "recent_uid") as other:
+        status = await reader.status(inbox)
+    assert other.done
+    after = await reader.status(inbox)
+    assert (before.unseen, after.unseen, after.highestmodseq) == (5, 3, before.highestmodseq + 1)
+    assert (status.unseen, status.highestmodseq) in {(before.unseen, before.highestmodseq),
+                                                     (after.unseen, after.highestmodseq)}
+    # The same with the shared index loaded (it may hold changes newer than the row it was read with).
+    await store.select(inbox)
+    with _AnotherNodeBetweenStatements(database, blobs, inbox, UidSet.of(3), "\\Seen",
+                                       "total_bytes", "recent_uid") as other:
+        status = await store.status(inbox)
+    assert other.done
+    final = await reader.status(inbox)
+    assert (status.unseen, status.highestmodseq) in {(after.unseen, after.highestmodseq),
+                                                     (final.unseen, final.highestmodseq)}
+
+
+async def test_a_change_committed_during_changes_since_is_reported_then_or_next_time(
+        store: SqlMailStore, database: Database, blobs: BlobStore, mailbox_id: int) -> None:
+    """The update check (RFC 7162 3.1.4: a session keeps the HIGHESTMODSEQ it was told and asks for what is
+    above it): a flag change another node commits while ``changes_since`` reads is in its answer, or above the
+    HIGHESTMODSEQ it answers, never below it unseen (PostgreSQL read the MODSEQ again after the rows)."""
+    _on_postgresql(database)
+    inbox = FolderRef(mailbox_id, INBOX)
+    await fill(store, inbox, 4)
+    mark = (await store.select(inbox)).highestmodseq
+    await store.store_flags(inbox, UidSet.of(1), StoreMode.ADD, ["\\Answered"])
+    with _AnotherNodeBetweenStatements(database, blobs, inbox, UidSet.of(2), "\\Flagged",
+                                       "messages.modseq >") as other:
+        first = await store.changes_since(inbox, mark)
+    assert other.done
+    second = await store.changes_since(inbox, first.highestmodseq)
+    reported = {update.uid: update.flags for update in (*first.updated, *second.updated)}
+    assert "\\Flagged" in reported.get(2, frozenset())
+    assert "\\Answered" in reported[1]
+    assert max(first.highestmodseq, second.highestmodseq) == (await store.status(inbox)).highestmodseq
