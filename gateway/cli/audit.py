@@ -197,7 +197,9 @@ def operator_actor() -> Actor:
 async def _verify(services: Any, from_seq: int | None) -> VerifyReport:
     log = _open_log(services)
     report = await log.verify(from_seq=from_seq)
-    outcome = Outcome.success() if report.ok else Outcome.refused(report.summary())
+    # A broken chain is the log's integrity failing, not a decision on the operator's request (revision 0023:
+    # ``refused`` is a decision, ``error`` a failure inside the server).
+    outcome = Outcome.success() if report.ok else Outcome.error(report.summary())
     try:
         await log.append(AuditEvent.AUDIT_VERIFIED, actor=operator_actor(), patient=None, source=Source(Door.CLI),
                          outcome=outcome, details={"checked": report.checked, "from_seq": from_seq or 1})

@@ -61,6 +61,17 @@ async def test_verify_catches_a_modified_entry(setup: AuditSetup) -> None:
     assert (report["ok"], report["broken_seq"], report["kind"]) == (False, 4, "modified")
 
 
+async def test_a_broken_chain_is_recorded_as_an_error_not_a_refusal(setup: AuditSetup) -> None:
+    """Since revision 0023 ``refused`` is a decision on a request and ``error`` a failure inside the server: a
+    log found tampered with is the server's integrity failing, nothing the operator asked was refused."""
+    await raw(setup.db, "UPDATE audit_entries SET patient_ins = :other WHERE seq = 4", other=PATIENT_A)
+    assert_broken(setup.cli("audit", "verify"), 4, "modified")
+    [newest] = await setup.log.search(limit=1)
+    assert newest.event is AuditEvent.AUDIT_VERIFIED
+    assert (newest.outcome.status, newest.outcome.is_refused) == ("error", False)
+    assert "broken at entry 4: modified" in (newest.outcome.reason or "")
+
+
 async def test_verify_catches_a_deleted_entry(setup: AuditSetup) -> None:
     await raw(setup.db, "DELETE FROM audit_entries WHERE seq = 6")
     assert_broken(setup.cli("audit", "verify"), 6, "deleted")
