@@ -54,12 +54,12 @@ import hashlib
 import logging
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, exists, false, func, insert, select, true, update
+from sqlalchemy import Table, and_, delete, exists, false, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -85,7 +85,15 @@ FOLD_AT = 512            # unposted messages of a mailbox that make the store fo
 FOLD_BATCH = 4096        # messages posted per fold transaction
 COMPACT_EVERY = 8        # folds of a mailbox (in this process) between two compactions
 MAX_SEGMENTS = 32        # a token with more segments than this in a mailbox gets its small ones merged
-COMPACT_TOKENS = 256     # tokens merged per compaction at most: about 0.4 s of CPU in the write lock at worst
+COMPACT_TOKENS = 256     # tokens merged per compaction transaction at most
+# Octets of posting lists (8 per id) one compaction or sweep transaction reads and rewrites at most: it holds the
+# write lock (SQLite's, or the mailbox row's on PostgreSQL), so a delivery or an IMAP write waiting behind it
+# waits for about this much unpacking, merging and writing (32,768 ids), not for a whole mailbox's lists.
+COMPACT_BYTES = 256 * 1024
+SWEEP_ROWS = 4096        # segments looked at per sweep statement (their sizes first, their ids within the budget)
+SWEEP_SHARE = 0.25       # stale ids (of messages gone) in this share of the posted messages make a sweep due
+SWEEP_MIN = 1024         # and at least this many
+MAX_PASSES = 4096        # bounded transactions one background compaction or sweep runs at most
 LARGE_SEGMENT = 4096     # ids from which a segment is left alone by the usual compaction
 SEGMENT_IDS = 65536      # message ids per merged segment at most (512 KB)
 COMMON_SHARE = 0.9       # a token in this share of a mailbox's messages narrows too little to be read
@@ -283,6 +291,8 @@ def wanted_tokens(key: IndexKey, leaves: Iterable[tuple[str, str]]) -> set[int]:
 
 
 _COUNT_INDEXED = select(func.count()).select_from(MESSAGE_TOKENS)
+# Runs a synchronous step as one transaction (the store's ``_sync_transaction`` to write, ``_run`` to read).
+Transaction = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
 _INSERT_POSTINGS = Prepared(insert(POSTINGS))   # a fold writes thousands of rows: on SQLite, to the driver
 
 
@@ -358,14 +368,16 @@ def _lock_mailbox(connection: Connection, mailbox_id: int) -> None:
 
 
 def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_SEGMENTS, whole: bool = False,
-            among: Iterable[int] | None = None, limit: int | None = None) -> int:
+            among: Iterable[int] | None = None, limit: int | None = None, max_bytes: int | None = None) -> int:
     """Merge segments of every token of a mailbox that has more than ``max_segments`` of them (in the
     caller's write transaction). Size-tiered, so that a big mailbox does not rewrite its longest lists
     every time: a token's small segments (under ``LARGE_SEGMENT`` ids, the recent folds) merge into one;
     ``whole`` (``gateway mailbox reindex``) merges all of them and drops the ids of messages that are gone. ``among``: only these tokens are considered (the
     last fold's: a token that gets crowded is in most folds), not every list of the mailbox (a scan that
-    grows with it). ``limit``: at most that many tokens, the most crowded first (a compaction holds SQLite's
-    write lock: its length is bounded, later ones do the rest). Returns the tokens merged."""
+    grows with it). ``limit``: at most that many tokens, the most crowded first; ``max_bytes``: at most
+    that many octets of segments read and rewritten, a token's smallest segments first, or the first token's two
+    smallest when even they exceed it (each is under ``LARGE_SEGMENT`` ids: ``COMPACT_BYTES`` holds two); a
+    compaction holds the write lock: its length is bounded, later ones do the rest. Returns the tokens merged."""
     query = (select(POSTINGS.c.token, func.count()).where(POSTINGS.c.mailbox_id == mailbox_id)
              .group_by(POSTINGS.c.token).having(func.count() > max_segments))
     counted: list[tuple[int, int]] = []
@@ -384,12 +396,18 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
     if whole:
         live = set(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
             MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())).scalars())
+    budget = _Budget(max_bytes)
+    merged_tokens = 0
     for chunk in chunked(crowded, MAX_IDS_PER_QUERY // 2):
         sizes: dict[int, list[tuple[int, int]]] = {}      # token -> (row id, size) of its segments
         for row_id, token, size in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.size).where(
-                POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk))):
+                POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token.in_(chunk)).order_by(POSTINGS.c.id)):
             sizes.setdefault(token, []).append((row_id, size))
-        chosen = [row_id for segments in sizes.values() for row_id in _to_merge(segments, max_segments, whole)]
+        chosen: list[int] = []
+        for token in chunk:
+            picked = budget.take(_to_merge(sizes.get(token, []), max_segments, whole))
+            chosen.extend(picked)
+            merged_tokens += bool(picked)
         merged: dict[int, set[int]] = {}
         for ids_chunk in chunked(chosen, MAX_IDS_PER_QUERY):
             for token, ids in connection.execute(select(POSTINGS.c.token, POSTINGS.c.ids).where(
@@ -402,15 +420,132 @@ def compact(connection: Connection, mailbox_id: int, *, max_segments: int = MAX_
             rows.extend({"mailbox_id": mailbox_id, "token": token, "size": len(part), "ids": pack(part)}
                         for part in chunked(kept, SEGMENT_IDS))
         _INSERT_POSTINGS.run_many(connection, rows)
-    return len(crowded)
+        if budget.spent:
+            break
+    return merged_tokens
 
 
-def _to_merge(segments: list[tuple[int, int]], max_segments: int, whole: bool) -> list[int]:
-    """Row ids of the segments (row id, size) of one crowded token to merge."""
+def _to_merge(segments: list[tuple[int, int]], max_segments: int, whole: bool) -> list[tuple[int, int]]:
+    """The segments (row id, size) of one crowded token to merge, smallest first (a bounded compaction then
+    merges the most segments its budget allows)."""
     if whole:
-        return [row_id for row_id, _ in segments]
-    small = [row_id for row_id, size in segments if size < LARGE_SEGMENT]
+        return segments
+    small = sorted(((row_id, size) for row_id, size in segments if size < LARGE_SEGMENT), key=lambda pair: pair[1])
     return small if len(small) > 1 else []
+
+
+class _Budget:
+    """The octets of segments one compaction may still read and rewrite (None: no bound)."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.left = max_bytes
+        self.spent = False
+        self.first = True
+
+    def take(self, segments: list[tuple[int, int]]) -> list[int]:
+        """Row ids of the first of ``segments`` that fit (two at least, or none: one segment merges into
+        nothing new); the first token's first two always do, so every compaction moves on."""
+        if self.left is None:
+            return [row_id for row_id, _ in segments]
+        taken: list[int] = []
+        for row_id, size in segments:
+            cost = size * TOKEN_BYTES
+            if cost > self.left and not (self.first and len(taken) < 2):
+                self.spent = True
+                break
+            taken.append(row_id)
+            self.left -= cost
+        if len(taken) < 2:
+            return []
+        self.first = False
+        return taken
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep of a mailbox's posting lists starts from: the highest segment row id (``upto``: the sweep
+    stops there, so it ends) and the ids of its messages that had an index row just after (``live``: those are
+    kept without a look; any other is looked up in the sweep's own transaction before it is dropped)."""
+
+    upto: int
+    live: frozenset[int]
+
+
+def stale_ids(connection: Connection, mailbox_id: int, indexed_token: int) -> tuple[int, int]:
+    """(ids in the posting list of the token every indexed message holds, the mailbox's posted messages), in
+    one statement: the first exceeds the second by the ids of messages expunged since they were posted."""
+    listed = (select(func.coalesce(func.sum(POSTINGS.c.size), 0))
+              .where(POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.token == indexed_token).scalar_subquery())
+    posted = (_COUNT_INDEXED.where(MESSAGE_TOKENS.c.mailbox_id == mailbox_id, MESSAGE_TOKENS.c.posted == true())
+              .scalar_subquery())
+    counted_listed, counted_posted = connection.execute(select(listed, posted)).one()
+    return int(counted_listed), int(counted_posted)
+
+
+def sweep_due(listed: int, posted: int) -> bool:
+    stale = listed - posted
+    return stale >= SWEEP_MIN and stale >= SWEEP_SHARE * posted
+
+
+def sweep_plan(connection: Connection, mailbox_id: int) -> SweepPlan:
+    """Read in this order: the highest segment row id, then the live ids (PostgreSQL's READ COMMITTED: the
+    second statement's snapshot is the later one)."""
+    upto = connection.execute(select(func.max(POSTINGS.c.id)).where(POSTINGS.c.mailbox_id == mailbox_id)).scalar()
+    live = frozenset(connection.execute(select(MESSAGE_TOKENS.c.message_id)
+                                        .where(MESSAGE_TOKENS.c.mailbox_id == mailbox_id)).scalars())
+    return SweepPlan(int(upto or 0), live)
+
+
+def sweep(connection: Connection, mailbox_id: int, plan: SweepPlan, after: tuple[int, int] | None, *,
+          max_bytes: int = COMPACT_BYTES) -> tuple[tuple[int, int] | None, int]:
+    """One bounded step of a sweep, in the caller's write transaction: the segments after ``after`` (token,
+    row id), up to ``plan.upto``, within ``max_bytes`` of ids (one segment at least), rewritten without the
+    ids of messages gone (a segment left empty deleted). Returns where the next step starts (None: done) and
+    the ids dropped. A segment written by a fold or compaction since the plan is above ``plan.upto``:
+    left to the next sweep."""
+    _lock_mailbox(connection, mailbox_id)
+    query = (select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.size)
+             .where(POSTINGS.c.mailbox_id == mailbox_id, POSTINGS.c.id <= plan.upto)
+             .order_by(POSTINGS.c.token, POSTINGS.c.id).limit(SWEEP_ROWS))
+    if after is not None:
+        query = query.where(or_(POSTINGS.c.token > after[0], and_(POSTINGS.c.token == after[0],
+                                                                  POSTINGS.c.id > after[1])))
+    picked: list[tuple[int, int]] = []
+    left = max_bytes
+    for row_id, token, size in connection.execute(query):
+        if picked and size * TOKEN_BYTES > left:
+            break
+        picked.append((int(token), int(row_id)))
+        left -= size * TOKEN_BYTES
+    if not picked:
+        return None, 0
+    segments: list[tuple[int, int, array[int]]] = []
+    doubtful: set[int] = set()
+    for ids_chunk in chunked([row_id for _, row_id in picked], MAX_IDS_PER_QUERY):
+        for row_id, token, ids in connection.execute(select(POSTINGS.c.id, POSTINGS.c.token, POSTINGS.c.ids).where(
+                POSTINGS.c.id.in_(ids_chunk))):
+            held = unpack(ids)
+            segments.append((row_id, token, held))
+            doubtful.update(message_id for message_id in held if message_id not in plan.live)
+    # Dropped only when gone now, in this transaction: an id the plan did not know may have an index row since
+    # (a backfilled message; on SQLite, an id given out again), and must not leave a segment that holds it.
+    alive = set(plan.live)
+    for ids_chunk in chunked(sorted(doubtful), MAX_IDS_PER_QUERY):
+        alive.update(connection.execute(select(MESSAGE_TOKENS.c.message_id).where(
+            MESSAGE_TOKENS.c.message_id.in_(ids_chunk))).scalars())
+    dropped = 0
+    rows: list[dict[str, Any]] = []
+    for row_id, token, held in segments:
+        kept = [message_id for message_id in held if message_id in alive]
+        if len(kept) == len(held):
+            continue
+        dropped += len(held) - len(kept)
+        connection.execute(delete(POSTINGS).where(POSTINGS.c.id == row_id))
+        if kept:
+            rows.append({"mailbox_id": mailbox_id, "token": token, "size": len(kept), "ids": pack(kept)})
+    if rows:
+        _INSERT_POSTINGS.run_many(connection, rows)
+    return picked[-1], dropped
 
 
 class BlindIndex:
@@ -450,20 +585,57 @@ class BlindIndex:
 
     def fold_all(self, connection: Connection, mailbox_id: int) -> int:
         """Every unposted message of the mailbox folded (``FOLD_BATCH`` at a time, in the caller's write
-        transaction), then a compaction every ``COMPACT_EVERY`` folds. Returns the messages posted."""
+        transaction). Returns the messages posted."""
+        return self._fold_pending(connection, mailbox_id, set())
+
+    def _fold_pending(self, connection: Connection, mailbox_id: int, written: set[int]) -> int:
         self._unposted[mailbox_id] = 0
         posted = 0
-        written: set[int] = set()
         while (done := fold(connection, mailbox_id, limit=FOLD_BATCH, written=written)) > 0:
             posted += done
             if done < FOLD_BATCH:     # all there were (on PostgreSQL, deliveries committing meanwhile wait)
                 break
-        folds = self._folds.get(mailbox_id, 0) + 1
-        if folds >= COMPACT_EVERY:
-            compact(connection, mailbox_id, max_segments=MAX_SEGMENTS, among=written, limit=COMPACT_TOKENS)
-            folds = 0
-        self._folds[mailbox_id] = folds
         return posted
+
+    async def maintain(self, mailbox_id: int, write: Transaction, read: Transaction) -> None:
+        """The background work after deliveries (``SqlMailStore._fold``), each step a transaction of its own:
+        the unposted messages folded; every ``COMPACT_EVERY`` folds, the crowded tokens of this fold compacted
+        in transactions of at most ``COMPACT_BYTES`` of ids each; then, when the ids of messages expunged since
+        they were posted reach ``SWEEP_SHARE`` of the posted ones, a sweep that drops them (same bound per
+        transaction), so a mailbox that churns keeps an index the size of what it holds."""
+        written: set[int] = set()
+        await write(lambda connection: self._fold_pending(connection, mailbox_id, written))
+        folds = self._folds.get(mailbox_id, 0) + 1
+        self._folds[mailbox_id] = 0 if folds >= COMPACT_EVERY else folds
+        if folds >= COMPACT_EVERY and written:
+            await self.compact_bounded(mailbox_id, write, among=written)
+        indexed = (await self.key_for(mailbox_id)).token("", _INDEXED)
+        if sweep_due(*await read(lambda connection: stale_ids(connection, mailbox_id, indexed))):
+            await self.sweep_bounded(mailbox_id, write, read)
+
+    @staticmethod
+    async def compact_bounded(mailbox_id: int, write: Transaction, *, among: Iterable[int] | None = None) -> None:
+        tokens = None if among is None else sorted(among)
+        for _ in range(MAX_PASSES):
+            merged = await write(lambda connection: compact(connection, mailbox_id, max_segments=MAX_SEGMENTS,
+                                                             among=tokens, limit=COMPACT_TOKENS,
+                                                             max_bytes=COMPACT_BYTES))
+            if not merged:
+                return
+
+    @staticmethod
+    async def sweep_bounded(mailbox_id: int, write: Transaction, read: Transaction) -> int:
+        """A whole sweep (see ``sweep``) in bounded transactions. Returns the ids dropped."""
+        plan = await read(lambda connection: sweep_plan(connection, mailbox_id))
+        after: tuple[int, int] | None = None
+        dropped = 0
+        for _ in range(MAX_PASSES):
+            start = after
+            after, count = await write(lambda connection: sweep(connection, mailbox_id, plan, start))
+            dropped += count
+            if after is None:
+                break
+        return dropped
 
     @staticmethod
     async def delete_mailbox_tokens(session: AsyncSession, mailbox_id: int) -> int:

@@ -1328,7 +1328,7 @@ class SqlMailStore(MailStore):
         index = self.index
         assert index is not None
         try:
-            await self._sync_transaction(lambda connection: index.fold_all(connection, mailbox_id))
+            await index.maintain(mailbox_id, self._sync_transaction, self._run)
         except Exception:   # noqa: BLE001 - the messages stay unposted, SEARCH still finds them; next fold retries
             log.exception("folding the search index of mailbox %d failed", mailbox_id)
         finally:

@@ -327,3 +327,114 @@ async def test_long_lists_bisected_and_common_tokens_skipped_answer_alike(
         for key in (Header("SUBJECT", needle), Header("FROM", needle)):
             assert await indexed.search(inbox, key) == await unsealing.search(inbox, key), key
     assert await indexed.search(inbox, Header("SUBJECT", "rappel 42")) == [43]
+
+
+async def _postings(database: Database, mailbox_id: int) -> dict[int, tuple[int, int, list[int]]]:
+    """Row id -> (token, size, ids) of every segment of the mailbox."""
+    async with database.session() as session:
+        rows = (await session.execute(select(TokenPostings.id, TokenPostings.token, TokenPostings.size,
+                                             TokenPostings.ids).where(TokenPostings.mailbox_id == mailbox_id))).all()
+    return {row_id: (token, size, list(unpack(ids))) for row_id, token, size, ids in rows}
+
+
+async def _message_ids(database: Database, mailbox_id: int) -> set[int]:
+    async with database.session() as session:
+        return set(await session.scalars(select(MessageTokens.message_id).where(MessageTokens.mailbox_id == mailbox_id)))
+
+
+async def test_the_background_sweep_drops_the_ids_of_expunged_messages(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mailbox that churns (deliveries, expunges) keeps posting lists of the messages it holds: once the ids
+    of messages gone reach ``SWEEP_SHARE`` of the posted ones, the background work after a fold drops them;
+    SEARCH answers as unsealing every row before and after."""
+    from gateway.mailstore import blind_index
+    monkeypatch.setattr(blind_index, "FOLD_AT", 4)
+    monkeypatch.setattr(blind_index, "SWEEP_MIN", 4)
+    monkeypatch.setattr(blind_index, "COMPACT_BYTES", 64)       # several bounded sweep transactions
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
+    searches = [Header("SUBJECT", "vaccination"), Header("SUBJECT", "ation 1"), Header("FROM", "ève"),
+                Not(Header("SUBJECT", "rappel"))]
+    for number in range(12):
+        subject = f"Vaccination {number}" if number % 3 else f"Rappel {number}"
+        await indexed.append(inbox, raw_message(subject, "Dr Ève", "eve", None, f"v{number}"))
+        await asyncio.gather(*indexed._fold_tasks)
+    expunged = await _message_ids(database, box)
+    await indexed.store_flags(inbox, UidSet.of((1, 8)), StoreMode.ADD, ["\\Deleted"])
+    await indexed.expunge(inbox)
+    expunged -= await _message_ids(database, box)
+    assert len(expunged) == 8
+    stale = {message_id for _, _, ids in (await _postings(database, box)).values() for message_id in ids}
+    assert expunged <= stale                                     # folded, then expunged: still listed
+    for key in searches:
+        assert await indexed.search(inbox, key) == await unsealing.search(inbox, key), key
+    for number in range(12, 16):                                 # the next fold finds a sweep due
+        await indexed.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"v{number}"))
+        await asyncio.gather(*indexed._fold_tasks)
+    listed = {message_id for _, _, ids in (await _postings(database, box)).values() for message_id in ids}
+    assert not listed & expunged
+    assert listed == await _message_ids(database, box)           # every message posted, none gone
+    key = await indexed.index.key_for(box) if indexed.index is not None else None
+    assert key is not None
+    counted = await database.run_in_transaction(
+        lambda connection: blind_index.stale_ids(connection, box, key.token("", b"i")))
+    assert counted == (8, 8)
+    for key_ in searches:
+        assert await indexed.search(inbox, key_) == await unsealing.search(inbox, key_), key_
+    assert await indexed.search(inbox, Header("SUBJECT", "vaccination 1")) == [11, 12, 13, 14, 15, 16]
+
+
+async def test_a_sweep_keeps_an_id_given_an_index_row_after_its_plan(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
+    """The sweep drops an id only when its message has no index row in the sweep's own transaction: one the
+    plan did not know (backfilled since, or an id SQLite gave out again) stays in its segments."""
+    from gateway.mailstore import blind_index
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
+    for number in range(3):
+        await indexed.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"v{number}"))
+    await _fold(database, box, 10)
+    ids = sorted(await _message_ids(database, box))
+    plan = blind_index.SweepPlan(max(await _postings(database, box)), frozenset(ids[1:]))  # ids[0] unknown to it
+    after, dropped = await database.run_in_transaction(
+        lambda connection: blind_index.sweep(connection, box, plan, None, max_bytes=1 << 20), write=True)
+    assert dropped == 0
+    listed = {message_id for _, _, held in (await _postings(database, box)).values() for message_id in held}
+    assert listed == set(ids)
+    assert await indexed.search(inbox, Header("SUBJECT", "vaccination 0")) == [1]
+
+
+async def test_each_compaction_transaction_rewrites_at_most_its_bytes_of_postings(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
+    """The write lock a compaction holds is bounded by what it rewrites, not by how crowded the mailbox is:
+    each call reads and replaces segments of at most ``max_bytes`` octets of ids (8 a message), or two segments
+    when even two do not fit, the usual compaction repeated until no token is crowded; SEARCH answers as
+    unsealing between the steps."""
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
+    for number in range(24):                                     # one segment per message and token
+        await indexed.append(inbox, raw_message(f"Vaccination {number}", "Dr Ève", "eve", None, f"v{number}"))
+        await _fold(database, box, 1)
+    budget = 80                                                  # ten ids
+    before = await _postings(database, box)
+    assert max(size for _, size, _ in before.values()) == 1 and len(before) > 24 * 20
+    steps = 0
+    while True:
+        merged = await database.run_in_transaction(
+            lambda connection: compact(connection, box, max_segments=1, max_bytes=budget), write=True)
+        after = await _postings(database, box)
+        removed = [size for row_id, (_, size, _) in before.items() if row_id not in after]
+        assert sum(removed) * 8 <= budget or len(removed) == 2     # two segments always: each call moves on
+        assert sum(len(ids) for _, _, ids in after.values()) == sum(len(ids) for _, _, ids in before.values())
+        before = after
+        steps += 1
+        if not merged:
+            break
+        if steps % 25 == 0:
+            key = Header("SUBJECT", f"ion {steps % 24}")
+            assert await indexed.search(inbox, key) == await unsealing.search(inbox, key)
+    assert steps > 10
+    segments: dict[int, int] = {}
+    for token, _, _ in before.values():
+        segments[token] = segments.get(token, 0) + 1
+    assert max(segments.values()) == 1
+    for key in (Header("SUBJECT", "vaccination"), Header("SUBJECT", "tion 2"), Header("FROM", "ève")):
+        assert await indexed.search(inbox, key) == await unsealing.search(inbox, key)
