@@ -154,25 +154,29 @@ class MailboxExport:
 @json_option
 @user_errors
 def reindex(address: str | None, every: bool, batch: int, as_json: bool) -> None:
-    """Fill the SEARCH blind index of messages stored before it existed, and store the ENVELOPE of messages
-    stored before in its current form: rendered, sealed as raw octets (resumable: run it again to go on).
+    """Recompute the header columns SEARCH compares of messages stored before 8-bit header octets were read
+    as text, fill the SEARCH blind index of messages stored before it existed (or whose columns changed), and
+    store the ENVELOPE of messages stored before in its current form: rendered, sealed as raw octets
+    (resumable: run it again to go on).
 
     Until a message is indexed, SEARCH unseals its header columns instead; until its ENVELOPE is moved,
     FETCH reads the earlier form (a structure: rendered each time): answers are the same, only slower.
     """
     if (address is None) == (not every):
         raise click.UsageError("give an ADDRESS or --all")
-    done: list[tuple[str, int, int]] = with_services(lambda services: _reindex(services, address, batch))
+    done: list[tuple[str, int, int, int]] = with_services(lambda services: _reindex(services, address, batch))
     if as_json:
-        emit_json([{"address": name, "indexed": count, "envelopes": rendered} for name, count, rendered in done])
+        emit_json([{"address": name, "indexed": count, "envelopes": rendered, "headers_recomputed": recomputed}
+                   for name, count, rendered, recomputed in done])
         return
-    for name, count, rendered in done:
-        click.echo(f"{name}: {count} messages indexed, {rendered} ENVELOPEs stored in their current form")
+    for name, count, rendered, recomputed in done:
+        click.echo(f"{name}: {count} messages indexed, {rendered} ENVELOPEs stored in their current form, "
+                   f"{recomputed} messages' header columns recomputed")
 
 
-async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int, int]]:
-    from gateway.mailstore.blind_index import backfill, hosted_mailboxes
-    from gateway.mailstore.envelopes import upgrade_envelopes
+async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple[str, int, int, int]]:
+    from gateway.mailstore.blind_index import hosted_mailboxes
+    from gateway.mailstore.search_columns import reindex_mailbox
 
     store = services.mailstore
     if store.index is None or store.headers is None:
@@ -183,9 +187,9 @@ async def _reindex(services: Any, address: str | None, batch: int) -> list[tuple
         raise NotFound(f"no mailbox {address} hosted here", field="address")
     done = []
     for mailbox_id, name in targets:
-        report = await backfill(store.database, store.index, store.headers.fields, mailbox_id, batch=batch)
-        rendered = await upgrade_envelopes(store.database, store.headers.fields, mailbox_id, batch=batch)
-        done.append((name, report.indexed, rendered))
+        report = await reindex_mailbox(store.database, store.blobs, store.headers, store.index, mailbox_id,
+                                       batch=batch)
+        done.append((name, report.indexed, report.envelopes, report.recomputed))
     return done
 
 

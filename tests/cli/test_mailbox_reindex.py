@@ -33,7 +33,8 @@ async def test_reindex_indexes_what_has_no_rows_then_nothing(tmp_path: Path) -> 
     messages = 3
     first = run_cli("mailbox", "reindex", ADDRESS, "--json", data_dir=data_dir)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout) == [{"address": ADDRESS, "indexed": messages, "envelopes": 0}]
+    assert json.loads(first.stdout) == [{"address": ADDRESS, "indexed": messages, "envelopes": 0,
+                                         "headers_recomputed": 0}]
     again = run_cli("mailbox", "reindex", "--all", data_dir=data_dir)
     assert again.returncode == 0 and f"{ADDRESS}: 0 messages indexed" in again.stdout
     with sqlite3.connect(data_dir / "gateway.db") as db:

@@ -41,7 +41,7 @@ from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.mailstore.tables import Message, MessageTokens, TokenPostings
 from gateway.security.at_rest import FieldSealer, HeaderSealer
-from gateway.security.keys import KeyManager
+from gateway.security.keys import KeyManager, mailbox_owner
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from tests.mailstore.conftest import MakeMailbox
@@ -438,3 +438,40 @@ async def test_each_compaction_transaction_rewrites_at_most_its_bytes_of_posting
     assert max(segments.values()) == 1
     for key in (Header("SUBJECT", "vaccination"), Header("SUBJECT", "tion 2"), Header("FROM", "ève")):
         assert await indexed.search(inbox, key) == await unsealing.search(inbox, key)
+
+
+async def test_reindex_recomputes_the_header_columns_stored_with_replacement_characters(
+        database: Database, blobs: BlobStore, keys: KeyManager, make_mailbox: MakeMailbox) -> None:
+    """A message stored before 8-bit header octets were read as text kept U+FFFD in its sealed search columns
+    (and its index tokens were of that text): SEARCH SUBJECT "Café" missed it. ``gateway mailbox reindex``
+    parses its header again from the sealed message and re-indexes it; a second run changes nothing."""
+    from gateway.mailstore.search_columns import reindex_mailbox
+    indexed, unsealing, box, inbox = await sealed_inbox(database, blobs, keys, make_mailbox)
+    raw = (b"From: Jos\xe9 Martin <jose@example.org>\r\nTo: patient@example.org\r\n"
+           b"Subject: Caf\xe9 au lait, r\xc3\xa9sultats\r\nMessage-ID: <m1@example.org>\r\n\r\nBonjour\r\n")
+    await indexed.append(inbox, raw)
+    await indexed.append(inbox, raw_message("Compte rendu", "Dr Ève", "eve", None, "m2"))
+    sealer = indexed.headers
+    assert sealer is not None and indexed.index is not None
+    owner = mailbox_owner(box)
+    old = {"subject": "Caf\ufffd au lait, r\ufffd\ufffdsultats", "from_addr": "Jos\ufffd Martin <jose@example.org>"}
+    async with database.session() as session:
+        message = (await session.execute(select(Message).where(Message.uid == 1))).scalar_one()
+        for column, value in old.items():
+            setattr(message, column, await sealer.fields.seal(owner, column, value))
+        await session.flush()
+        await session.execute(MessageTokens.__table__.delete().where(MessageTokens.message_id == message.id))
+        await session.commit()
+    await backfill(database, indexed.index, sealer.fields, box)     # its tokens as they were: of the old text
+    for store in (indexed, unsealing):
+        assert await store.search(inbox, Header("SUBJECT", "café")) == []
+        assert await store.search(inbox, Header("SUBJECT", "caf\ufffd")) == [1]
+    report = await reindex_mailbox(database, blobs, sealer, indexed.index, box, batch=1)
+    assert (report.recomputed, report.indexed) == (1, 1)
+    for store in (indexed, unsealing):
+        assert await store.search(inbox, Header("SUBJECT", "café")) == [1]
+        assert await store.search(inbox, Header("SUBJECT", "résultats")) == [1]
+        assert await store.search(inbox, Header("FROM", "josé")) == [1]
+        assert await store.search(inbox, Header("SUBJECT", "\ufffd")) == []
+    again = await reindex_mailbox(database, blobs, sealer, indexed.index, box)
+    assert (again.recomputed, again.indexed, again.envelopes) == (0, 0, 0)
