@@ -155,8 +155,9 @@ class TokenPostings(Base):
     ascending within the segment (SEARCH bisects them).
 
     A fold appends one segment per token of the messages it posts (new rows, no rewrite); a compaction
-    merges a token's segments. Ids of expunged messages may linger until then: SEARCH loads candidates by
-    primary key, so an id that is gone (or taken again by another message) only costs a lookup.
+    merges a token's segments. Ids of expunged messages linger until a sweep (``blind_index.sweep``, due once
+    they are a quarter of the posted ones): SEARCH loads candidates by primary key, so an id that is gone (or
+    taken again by another message) only costs a lookup meanwhile.
     """
 
     __tablename__ = "mail_token_postings"
