@@ -473,5 +473,7 @@ async def test_reindex_recomputes_the_header_columns_stored_with_replacement_cha
         assert await store.search(inbox, Header("SUBJECT", "résultats")) == [1]
         assert await store.search(inbox, Header("FROM", "josé")) == [1]
         assert await store.search(inbox, Header("SUBJECT", "\ufffd")) == []
+    envelope = (await indexed.fetch_envelopes(inbox, UidSet.of(1)))[1]      # parsed again with the columns
+    assert isinstance(envelope, bytes) and b"Caf\xe9 au lait, r\xc3\xa9sultats" in envelope
     again = await reindex_mailbox(database, blobs, sealer, indexed.index, box)
     assert (again.recomputed, again.indexed, again.envelopes) == (0, 0, 0)
