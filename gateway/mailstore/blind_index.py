@@ -599,12 +599,16 @@ class BlindIndex:
 
     async def maintain(self, mailbox_id: int, write: Transaction, read: Transaction) -> None:
         """The background work after deliveries (``SqlMailStore._fold``), each step a transaction of its own:
-        the unposted messages folded; every ``COMPACT_EVERY`` folds, the crowded tokens of this fold compacted
+        the unposted messages folded, ``FOLD_AT`` per transaction; every ``COMPACT_EVERY`` folds, the crowded tokens of this fold compacted
         in transactions of at most ``COMPACT_BYTES`` of ids each; then, when the ids of messages expunged since
         they were posted reach ``SWEEP_SHARE`` of the posted ones, a sweep that drops them (same bound per
         transaction), so a mailbox that churns keeps an index the size of what it holds."""
         written: set[int] = set()
-        await write(lambda connection: self._fold_pending(connection, mailbox_id, written))
+        self._unposted[mailbox_id] = 0
+        for _ in range(MAX_PASSES):      # ``FOLD_AT`` messages per transaction: the lock held for one batch
+            done = await write(lambda connection: fold(connection, mailbox_id, limit=FOLD_AT, written=written))
+            if done < FOLD_AT:
+                break
         folds = self._folds.get(mailbox_id, 0) + 1
         self._folds[mailbox_id] = 0 if folds >= COMPACT_EVERY else folds
         if folds >= COMPACT_EVERY and written:

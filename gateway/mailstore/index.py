@@ -11,7 +11,11 @@ reflects; every change of a folder's messages takes a new MODSEQ in the folder
 row under that row's lock (``sql.py``), so an index whose MODSEQ equals the
 row's is current, and otherwise the changes since (messages whose MODSEQ is
 higher, expunge tombstones whose MODSEQ is higher: both indexed) bring it up to
-date.  Nothing depends on the change notifications for correctness: they only
+date.  On PostgreSQL (READ COMMITTED: a snapshot per statement) the rows read
+after the folder row may be newer than it, so an index there holds at least the
+state of its MODSEQ, perhaps a little more: nothing that needs exactly that state
+(STATUS's counts, the update check from memory) is answered from it there.
+Nothing depends on the change notifications for correctness: they only
 tell the store which indexes to refresh eagerly; a lost one (another node, a
 dropped LISTEN connection) is caught at the next look at the folder row.
 
