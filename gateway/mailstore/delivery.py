@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from gateway.mailstore.errors import FolderExists, FolderNotFound
 from gateway.mailstore.headers import CachedHeaders
-from gateway.mailstore.interface import INBOX, FolderRef, MessageSource
+from gateway.mailstore.interface import INBOX, FolderRef, MailStore, MessageSource
 from gateway.mailstore.append_rows import AfterInsert, BeforeInsert
-from gateway.mailstore.sql import SqlMailStore
 
 # RFC 6154 2 special-use folders every hosted mailbox gets (mox#66: clients that find
 # none invent "Sent Messages" and "Deleted Messages" beside ours).
@@ -40,7 +39,7 @@ class DeliveryResult:
 
 
 class LocalDelivery:
-    def __init__(self, store: SqlMailStore) -> None:
+    def __init__(self, store: MailStore) -> None:
         self.store = store
         # The first deliveries to a mailbox never provisioned arrive together (every delivery worker): one of
         # them provisions, the others wait and find the folders made (instead of racing to create them all).
@@ -49,7 +48,7 @@ class LocalDelivery:
     @property
     def shares_commits(self) -> bool:
         """Concurrent deliveries share one transaction, run in arrival order (SQLite's group commit)."""
-        return self.store.group is not None
+        return self.store.shares_commits
 
     async def provision(self, mailbox_id: int) -> None:
         """Create the standard folders with their special use, all subscribed (stalwart#1342); idempotent."""

@@ -17,7 +17,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from gateway.mailstore.append_rows import AfterInsert, BeforeInsert
+    from gateway.mailstore.headers import CachedHeaders
 
 SEPARATOR = "/"
 INBOX = "INBOX"
@@ -171,6 +175,14 @@ class AppendResult:
     uidvalidity: int
     uid: int
     modseq: int
+
+
+@dataclass(frozen=True)
+class AddedMessage:
+    """What ``MailStore.add_message`` did: the message's UIDs, or the earlier delivery's for a known key."""
+
+    result: AppendResult
+    duplicate: bool  # the delivery key had already reached this mailbox: nothing was written
 
 
 class StoreMode(enum.Enum):
@@ -427,6 +439,23 @@ class MailStore(ABC):
     @abstractmethod
     async def append(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
                      internaldate: dt.datetime | None = None) -> AppendResult: ...
+
+    @abstractmethod
+    async def add_message(self, folder: FolderRef, message: MessageSource, *, flags: Iterable[str] = (),
+                          internaldate: dt.datetime | None = None, delivery_key: str | None = None,
+                          headers: CachedHeaders | None = None, after: AfterInsert | None = None,
+                          before: BeforeInsert | None = None, filing_due: bool = True) -> AddedMessage:
+        """APPEND and local delivery (``gateway.mailstore.delivery.LocalDelivery``), idempotent per
+        ``delivery_key``: a key that reached the mailbox before answers its message, ``duplicate``.
+        ``headers``: a parse the caller made already (``parse_headers``); ``after`` / ``before``: the caller's
+        rows and check in the delivery's database transaction (a store without one refuses them);
+        ``filing_due``: False when the delivery's filing job ended at delivery (the filing worker is not woken)."""
+
+    @property
+    def shares_commits(self) -> bool:
+        """Concurrent deliveries share one transaction, committed in arrival order (SQLite's group commit):
+        the delivery worker then hands them over together."""
+        return False
 
     @abstractmethod
     async def store_flags(self, folder: FolderRef, uids: UidSet, mode: StoreMode, flags: Iterable[str], *,

@@ -37,6 +37,7 @@ from gateway.mailstore.interface import (
     PERMANENT_FLAGS,
     SPECIAL_USES,
     SYSTEM_FLAGS,
+    AddedMessage,
     AppendResult,
     Changes,
     CopyResult,
@@ -60,7 +61,6 @@ from gateway.mailstore.interface import (
 from gateway.mailstore.notify import ChangeEvent, ChangeHub, ChangeKind
 from gateway.mailstore.search import Evaluator
 from gateway.mailstore.append_rows import AfterInsert, BeforeInsert
-from gateway.mailstore.sql import AddedMessage
 
 SEEN_BIT = flagcodec.SYSTEM_BITS["\\Seen"]
 DELETED_BIT = flagcodec.SYSTEM_BITS["\\Deleted"]

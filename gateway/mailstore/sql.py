@@ -65,6 +65,7 @@ from gateway.mailstore.interface import (
     PERMANENT_FLAGS,
     SPECIAL_USES,
     SYSTEM_FLAGS,
+    AddedMessage,
     AppendResult,
     Changes,
     CopyResult,
@@ -107,12 +108,6 @@ DELETED_BIT = flagcodec.SYSTEM_BITS["\\Deleted"]
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock timeout.
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
 LOCK_TIMEOUT = "5s"
-
-
-@dataclass(frozen=True)
-class AddedMessage:
-    result: AppendResult
-    duplicate: bool  # the delivery key had already reached this mailbox
 
 
 @dataclass(frozen=True)
@@ -491,6 +486,10 @@ class SqlMailStore(MailStore):
         self.hub.observe(self._observed)
         self._folding: set[int] = set()              # mailboxes whose blind index is being folded
         self._fold_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def shares_commits(self) -> bool:
+        return self.group is not None
 
     # ------------------------------------------------------------------ plumbing
 

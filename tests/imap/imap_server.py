@@ -116,7 +116,7 @@ class RunningImap:
         hub = ChangeHub()
         blobs = BlobStore(settings.data_path / "blobs", KeyManager(services.db, settings.data_path / "keys"))
         self.store = self._make_store(services, blobs, hub, settings.directory.default_quota_mb)
-        self.delivery = LocalDelivery(self.store)  # type: ignore[arg-type]  # the memory store has add_message too
+        self.delivery = LocalDelivery(self.store)
         for account in self.accounts:
             found = await services.directory.account(account.address)
             assert found is not None

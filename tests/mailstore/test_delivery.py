@@ -139,3 +139,20 @@ async def test_concurrent_first_deliveries_to_an_unprovisioned_mailbox(
     results = await asyncio.gather(*(delivery.deliver(box, message(n), delivery_key=f"first-{n}") for n in range(4)))
     assert sorted(result.uid for result in results) == [1, 2, 3, 4]
     assert len(await store.list_folders(box)) == 6
+
+
+async def test_local_delivery_runs_on_the_mail_store_interface_alone() -> None:
+    """``LocalDelivery`` needs only ``MailStore`` (``add_message``, ``shares_commits``): the in-memory store
+    delivers as the SQL one, idempotent per delivery key, a missing folder falling back to INBOX."""
+    from gateway.mailstore.memory import MemoryMailStore
+
+    store = MemoryMailStore()
+    delivery = LocalDelivery(store)
+    assert delivery.shares_commits is False           # no group commit: recipients delivered one by one
+    await delivery.provision(7)
+    raw = b"From: a@example.org\r\nSubject: Compte rendu\r\n\r\nBonjour\r\n"
+    first = await delivery.deliver(7, raw, delivery_key="q1:1", folder="Nowhere")
+    again = await delivery.deliver(7, raw, delivery_key="q1:1")
+    assert (first.folder, first.uid, first.duplicate) == (INBOX, 1, False)
+    assert (again.uid, again.duplicate) == (1, True)
+    assert [meta.uid for meta in await store.fetch(FolderRef(7, INBOX), UidSet.of((1, 10)))] == [1]
