@@ -7,7 +7,7 @@ The statements are SQL Core built once at import and run on SQLite's driver dire
 (``gateway.storage.prepared``); the blind index tokens are one packed row (``blind_index.pack``).
 
 Per message: the quota (one SELECT), UIDNEXT and MODSEQ (one UPDATE ... RETURNING, which on PostgreSQL
-also locks the folder row), the message row, its index tokens, the delivery row, then the caller's rows
+also locks the folder row), the message row, its body when inline (``inline_blobs``), its index tokens, the delivery row, then the caller's rows
 (``after``: the queue's outcome, the filing job). On SQLite the transaction began with BEGIN IMMEDIATE,
 so the reads are already the writer's and no no-op write is needed to take the lock first.
 
@@ -37,7 +37,7 @@ from gateway.mailstore.errors import (
 from gateway.mailstore.headers import CachedHeaders
 from gateway.mailstore.interface import AppendResult, FolderRef
 from gateway.mailstore.tables import Delivery, Folder, Message, MessageTokens
-from gateway.storage.blobs import StoredBlob
+from gateway.storage.blobs import StoredBlob, insert_inline
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
 
@@ -137,6 +137,8 @@ def insert_append(connection: Connection, rows: AppendRows) -> AppendResult:
         "cc_addr": headers.cc_addr, "sent_date": headers.sent_date, "envelope": headers.envelope,
         "envelope_sealed": headers.envelope_sealed,
     }).fetchone()[0]
+    if stored.sealed is not None:        # an inline body: durable with this commit (``storage/blobs.py``)
+        insert_inline(connection, stored)
     if rows.tokens:                      # the blind index row, in the message's transaction
         write_tokens(connection, ref.mailbox_id, message_id, rows.tokens)
     delivery_id = None

@@ -95,7 +95,15 @@ from gateway.imap.protocol.envelope import WIRE_VERSION
 from gateway.mailstore.envelopes import envelope_form, sealed_envelope_octets, sealed_envelope_parts
 from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer, sealed_octets
 from gateway.security.keys import mailbox_owner
-from gateway.storage.blobs import BlobNotFound, BlobReader, BlobSource, BlobStore, StoredBlob
+from gateway.storage.blobs import (
+    BlobNotFound,
+    BlobReader,
+    BlobSource,
+    BlobStore,
+    StoredBlob,
+    delete_inline,
+    is_inline,
+)
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, utcnow
 from gateway.storage.prepared import Prepared
@@ -1272,15 +1280,18 @@ class SqlMailStore(MailStore):
                     return AddedMessage(done, duplicate=True)
                 await self._find_folder(session, folder)
         owner = mailbox_owner(folder.mailbox_id)
+        # A small body is sealed in memory and inserted with its row (``inline_blobs``): durable with the
+        # transaction's commit, no file of its own (``storage/blobs.py``).
         if headers is None and isinstance(message, bytes | bytearray | memoryview):
-            # Parsed and written in one worker-thread hop (the quota is checked by the write transaction).
-            prepared, stored = await self.blobs.put_prepared(owner, lambda: _with_source(_prepare(message)))
+            # Parsed and sealed in one worker-thread hop (the quota is checked by the write transaction).
+            prepared, stored = await self.blobs.put_prepared(owner, lambda: _with_source(_prepare(message)),
+                                                             inline=True)
         else:
             prepared = await asyncio.to_thread(_prepare, message) if headers is None \
                 else _Prepared(headers, message, None)
             if prepared.known_size is not None and not isinstance(message, bytes | bytearray | memoryview):
                 await self._check_quota(folder.mailbox_id, prepared.known_size)  # refuse before writing 50 MB
-            stored = await self.blobs.put(owner, prepared.source)
+            stored = await self.blobs.put(owner, prepared.source, inline=True)
         when = internaldate or utcnow()
         tokens = await self.index.tokens_for(folder.mailbox_id, prepared.headers) if self.index is not None else None
         sealed = await self.headers.seal(owner, prepared.headers) if self.headers is not None else prepared.headers
@@ -1294,14 +1305,14 @@ class SqlMailStore(MailStore):
             result = await (self.append_group.run(work) if self.append_group is not None
                             else self._sync_transaction(work))
         except IntegrityError:
-            await self.blobs.delete(stored.blob_id)
+            await self.blobs.discard(stored)
             done = await self._delivered(folder.mailbox_id, delivery_key) if delivery_key else None
             if done is None:
                 raise
             return AddedMessage(done, duplicate=True)  # a concurrent redelivery won the race
         except BaseException as exc:
             if not getattr(exc, "committed", False):  # a row committed by its group still needs its blob
-                await self.blobs.delete(stored.blob_id)
+                await self.blobs.discard(stored)
             raise
         folder_id = self._folder_ids.get((folder.mailbox_id, names.normalise(folder.name)))
         self._committed(folder, _Written(-1 if folder_id is None else folder_id, result.uidvalidity, result.modseq - 1,
@@ -1541,7 +1552,9 @@ class SqlMailStore(MailStore):
             _FOLDER_EXPUNGED.run(connection, {"folder_id": row.id, "new_modseq": modseq, "gone_count": len(doomed),
                                               "gone_bytes": sum(size for _, _, size, _ in doomed)})
             written.append(_Written(row.id, row.uidvalidity, row.highestmodseq, modseq, expunged=gone))
-            return ExpungeResult(tuple(gone), modseq), _unreferenced(connection, {blob_id for *_, blob_id in doomed})
+            unreferenced = _unreferenced(connection, {blob_id for *_, blob_id in doomed})
+            delete_inline(connection, unreferenced)      # inline bodies go with their rows, in this transaction
+            return ExpungeResult(tuple(gone), modseq), [blob_id for blob_id in unreferenced if not is_inline(blob_id)]
 
         result, blob_ids = await self._run(work, write=True)
         if result.uids:

@@ -20,6 +20,15 @@ anyone with the directory listing which mailboxes received the same document.
 Writes go to a temporary file, are fsynced, renamed into a sharded directory
 (``ab/cd/<id>``), and the directory is fsynced: once ``put`` returns the body
 survives a power cut (a 250 after DATA depends on it).
+
+Inline blobs: a body of at most ``INLINE_MAX`` octets that a caller stores with a database row (a local
+delivery, an APPEND) may be sealed in memory instead (``put(..., inline=True)``): the very same bytes
+as its file would hold (header, one segment), returned in ``StoredBlob.sealed`` for the caller to insert
+with ``insert_inline`` in the transaction that adds the row pointing at it, so it is durable with that
+commit (one WAL fsync for a batch of deliveries, where a file cost a write, two fsyncs and a rename).
+Its id is ``i`` + 31 hex digits, never a file name; every reader (``open``, ``read``, ``read_whole``,
+``read_then``) and ``delete`` take both kinds alike. The owner's data key seals both: shredding it makes
+an inline blob unreadable as it does a file, in the database and in every backup of it.
 """
 
 from __future__ import annotations
@@ -28,17 +37,21 @@ import asyncio
 import io
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Table, bindparam, delete, insert, select
+from sqlalchemy.engine import Connection
 
+from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.nonces import nonce_bytes, nonce_hex
 from gateway.security.segments import SegmentAead
+from gateway.storage.prepared import Prepared
 from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
 
 T = TypeVar("T")
@@ -51,6 +64,13 @@ NONCE_PREFIX_BYTES = 7
 TAG_BYTES = 16
 SEGMENT_SIZE = 64 * 1024
 COPY_CHUNK = 1024 * 1024
+INLINE_PREFIX = "i"
+INLINE_MAX = SEGMENT_SIZE          # plaintext octets of an inline blob: one segment, sealed in memory
+
+_INLINE = cast(Table, InlineBlob.__table__)
+_INSERT_INLINE = Prepared(insert(_INLINE))
+_SELECT_INLINE = Prepared(select(_INLINE.c.sealed).where(_INLINE.c.blob_id == bindparam("blob")))
+_DELETE_INLINE = Prepared(delete(_INLINE).where(_INLINE.c.blob_id == bindparam("blob")))
 
 BlobSource = bytes | Path | BinaryIO
 
@@ -71,6 +91,32 @@ class BlobCorrupt(BlobError):
 class StoredBlob:
     blob_id: str
     size: int  # plaintext octets
+    sealed: bytes | None = None  # an inline blob's sealed bytes, for ``insert_inline`` in the row's transaction
+
+
+def is_inline(blob_id: str) -> bool:
+    """An inline blob's id (kept in the database, ``inline_blobs``), not a file's."""
+    return blob_id.startswith(INLINE_PREFIX)
+
+
+def insert_inline(connection: Connection, stored: StoredBlob) -> None:
+    """Write an inline blob, in the transaction that adds the row referencing it (durable with that commit)."""
+    assert stored.sealed is not None and is_inline(stored.blob_id)
+    _INSERT_INLINE.run(connection, {"blob_id": stored.blob_id, "sealed": stored.sealed})
+
+
+def delete_inline(connection: Connection, blob_ids: Iterable[str]) -> None:
+    """Delete the inline blobs among ``blob_ids`` in the caller's transaction (files are left to ``delete``)."""
+    for blob_id in blob_ids:
+        if is_inline(blob_id):
+            _DELETE_INLINE.run(connection, {"blob": blob_id})
+
+
+def _select_inline(connection: Connection, blob_id: str) -> bytes:
+    row = _SELECT_INLINE.run(connection, {"blob": blob_id}).fetchone()
+    if row is None:
+        raise BlobNotFound(f"no inline blob {blob_id}")
+    return bytes(row[0])
 
 
 @dataclass(frozen=True)
@@ -105,6 +151,16 @@ def _segment_cipher(data_key: bytes, header: _Header, owner: str, blob_id: str) 
     ).derive(data_key)
     return SegmentAead(blob_key, header.nonce_prefix, header.pack() + b"\x00" + binding,
                        failure=lambda index: BlobCorrupt(f"segment {index} fails authentication"))
+
+
+def seal_whole(owner: str, key_id: int, data_key: bytes, plaintext: bytes) -> StoredBlob:
+    """An inline blob: ``plaintext`` (at most ``INLINE_MAX`` octets) sealed in memory, as its file would hold it."""
+    if len(plaintext) > INLINE_MAX:
+        raise ValueError(f"an inline blob holds at most {INLINE_MAX} octets")
+    blob_id = INLINE_PREFIX + nonce_hex(16)[1:]
+    header = _Header(key_id, nonce_bytes(SALT_BYTES), nonce_bytes(NONCE_PREFIX_BYTES), SEGMENT_SIZE)
+    cipher = _segment_cipher(data_key, header, owner, blob_id)
+    return StoredBlob(blob_id, len(plaintext), header.pack() + cipher.seal(0, plaintext, True))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -250,9 +306,14 @@ class BlobStore:
         self._shards.add(known)
         return changed
 
-    async def put(self, owner: str, source: BlobSource) -> StoredBlob:
-        """Encrypt ``source`` (bytes, a file path or a binary stream) as a new durable blob of ``owner``."""
+    async def put(self, owner: str, source: BlobSource, *, inline: bool = False) -> StoredBlob:
+        """Encrypt ``source`` (bytes, a file path or a binary stream) as a new durable blob of ``owner``.
+
+        ``inline``: bytes of at most ``INLINE_MAX`` octets are sealed in memory, right here (no file, no thread
+        hop); the caller must ``insert_inline`` the result in the transaction of the row that references it."""
         material = await self.keys.current_key(owner)
+        if inline and _fits_inline(source):
+            return seal_whole(owner, material.key_id, material.key, bytes(cast(bytes, source)))
         # One worker-thread hop for create + encrypt + fsync (three hops cost more than a 4 KB body's encryption).
         return await asyncio.to_thread(self._put_blocking, owner, material.key_id, material.key, source)
 
@@ -274,13 +335,16 @@ class BlobStore:
 
         return await asyncio.to_thread(work) if items else []
 
-    async def put_prepared(self, owner: str, prepare: Callable[[], tuple[T, BlobSource]]) -> tuple[T, StoredBlob]:
+    async def put_prepared(self, owner: str, prepare: Callable[[], tuple[T, BlobSource]], *,
+                           inline: bool = False) -> tuple[T, StoredBlob]:
         """``put`` of the source ``prepare()`` returns beside its other result, both in the same worker-thread hop
-        (an APPEND's header parse and its blob write)."""
+        (an APPEND's header parse and its blob write); ``inline`` as for ``put``."""
         material = await self.keys.current_key(owner)
 
         def work() -> tuple[T, StoredBlob]:
             result, source = prepare()
+            if inline and _fits_inline(source):
+                return result, seal_whole(owner, material.key_id, material.key, bytes(cast(bytes, source)))
             return result, self._put_blocking(owner, material.key_id, material.key, source)
 
         return await asyncio.to_thread(work)
@@ -296,6 +360,8 @@ class BlobStore:
 
     async def open(self, owner: str, blob_id: str) -> BlobReader:
         """A reader of ``owner``'s blob; BlobCorrupt when it is not theirs or was tampered with."""
+        if is_inline(blob_id):
+            return await self._open_inline(owner, blob_id, await self._fetch_inline(blob_id))
         path = self.path(blob_id)
         opened = await asyncio.to_thread(self._open_known, path, owner, blob_id)
         if isinstance(opened, BlobReader):
@@ -308,6 +374,17 @@ class BlobStore:
         except BaseException:
             file.close()
             raise
+
+    async def _fetch_inline(self, blob_id: str) -> bytes:
+        return await self.keys.database.run_in_transaction(lambda connection: _select_inline(connection, blob_id))
+
+    async def _open_inline(self, owner: str, blob_id: str, sealed: bytes) -> BlobReader:
+        """A reader of an inline blob's sealed bytes (one segment: opened in the event loop, no thread hop)."""
+        header = _Header.unpack(sealed)
+        data_key = self.keys.cached_key(owner, header.key_id)
+        if data_key is None:
+            data_key = await self._data_key(owner, header.key_id)
+        return BlobReader(io.BytesIO(sealed), header, _segment_cipher(data_key, header, owner, blob_id), len(sealed))
 
     def _open_known(self, path: Path, owner: str, blob_id: str) -> BlobReader | tuple[BinaryIO, _Header, int]:
         """In one worker-thread hop: the reader when the owner's data key named by the header is in memory
@@ -323,7 +400,11 @@ class BlobStore:
             raise
 
     async def read_whole(self, owner: str, blob_id: str) -> bytes:
-        """A blob's whole plaintext; one worker-thread hop when the owner's data key is in memory."""
+        """A blob's whole plaintext; one worker-thread hop when the owner's data key is in memory (an inline
+        blob: one database hop)."""
+        if is_inline(blob_id):
+            with await self.open(owner, blob_id) as reader:
+                return reader.read()
         return await self.read_then(owner, blob_id, _as_is)
 
     async def _data_key(self, owner: str, key_id: int) -> bytes:
@@ -334,6 +415,9 @@ class BlobStore:
 
     async def read(self, owner: str, blob_id: str, offset: int = 0, length: int | None = None) -> bytes:
         reader = await self.open(owner, blob_id)
+        if is_inline(blob_id):
+            with reader:
+                return reader.read(offset, length)   # in memory already
         try:
             return await asyncio.to_thread(reader.read, offset, length)
         finally:
@@ -342,7 +426,12 @@ class BlobStore:
     async def read_then(self, owner: str, blob_id: str, work: Callable[[bytes], T]) -> T:
         """``work(await read(owner, blob_id))`` with the file's reading, its decryption and ``work`` in one
         worker-thread hop when ``owner``'s data key is already in memory (the usual case: ``read`` takes
-        three hops); else by ``read``, then one hop for ``work``. Same errors as ``read``."""
+        three hops); else by ``read``, then one hop for ``work``. Same errors as ``read``. An inline blob: one
+        database hop for its bytes, then ``work`` of the plaintext in a worker thread."""
+        if is_inline(blob_id):
+            with await self.open(owner, blob_id) as reader:
+                plaintext = reader.read()
+            return await asyncio.to_thread(work, plaintext)
         path = self.path(blob_id)
         done, result = await asyncio.to_thread(self._read_then_blocking, owner, blob_id, path, work)
         if done:
@@ -360,11 +449,25 @@ class BlobStore:
         return True, work(plaintext)
 
     async def delete(self, blob_id: str) -> None:
+        """Delete a blob no row refers to any more (an inline one in a transaction of its own: callers that
+        remove the referencing rows delete inline blobs in that transaction, ``delete_inline``)."""
+        if is_inline(blob_id):
+            await self.keys.database.run_in_transaction(lambda c: delete_inline(c, [blob_id]), write=True)
+            return
         await asyncio.to_thread(self.path(blob_id).unlink, True)
+
+    async def discard(self, stored: StoredBlob) -> None:
+        """Undo a ``put`` whose row was not committed: a file is deleted; an inline blob was never written."""
+        if stored.sealed is None:
+            await self.delete(stored.blob_id)
 
 
 def _as_is(plaintext: bytes) -> bytes:
     return plaintext
+
+
+def _fits_inline(source: BlobSource) -> bool:
+    return isinstance(source, bytes | bytearray | memoryview) and len(source) <= INLINE_MAX
 
 
 def _copy_into(source: BlobSource, writer: BlobWriter) -> None:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from sqlalchemy import func, select
+
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyManager
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
@@ -79,3 +82,11 @@ async def mailbox_id(make_mailbox: MakeMailbox, delivery: LocalDelivery) -> int:
     box = await make_mailbox()
     await delivery.provision(box)
     return box
+
+
+async def stored_bodies(database: Database, data_dir: Path) -> int:
+    """Message bodies kept: blob files (not the temporary ones) and inline blobs (``inline_blobs`` rows)."""
+    files = [p for p in (data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
+    async with database.session() as session:
+        inline = await session.scalar(select(func.count()).select_from(InlineBlob))
+    return len(files) + int(inline or 0)

@@ -11,8 +11,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sqlalchemy import select, update
+
+from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyDestroyed, KeyManager
-from gateway.storage.blobs import SEGMENT_SIZE, BlobCorrupt, BlobNotFound, BlobStore, StoredBlob
+from gateway.storage.blobs import (
+    INLINE_MAX,
+    SEGMENT_SIZE,
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStore,
+    StoredBlob,
+    insert_inline,
+    is_inline,
+)
 
 SECRET = b"Compte rendu: carcinome canalaire infiltrant, patient DUPONT Jean, INS 180017512345678"
 
@@ -193,3 +205,79 @@ async def test_many_blobs_in_one_hop_each_under_its_owner_and_a_failure_keeps_th
     assert await blobs.read("patient:1", before.blob_id) == b"before"
     assert await blobs.read("patient:1", after.blob_id) == b"after"
     assert await blobs.put_many([]) == []
+
+
+# ---------------------------------------------------------------- inline blobs (kept in the database)
+
+async def _store_inline(blobs: BlobStore, owner: str, payload: bytes) -> StoredBlob:
+    stored = await blobs.put(owner, payload, inline=True)
+    await blobs.keys.database.run_in_transaction(lambda connection: insert_inline(connection, stored), write=True)
+    return stored
+
+
+async def _sealed_of(blobs: BlobStore, blob_id: str) -> bytes:
+    async with blobs.keys.database.session() as session:
+        return bytes(await session.scalar(select(InlineBlob.sealed).where(InlineBlob.blob_id == blob_id)))
+
+
+async def _overwrite(blobs: BlobStore, blob_id: str, sealed: bytes) -> None:
+    async with blobs.keys.database.session() as session:
+        await session.execute(update(InlineBlob).where(InlineBlob.blob_id == blob_id).values(sealed=sealed))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, INLINE_MAX])
+async def test_a_small_body_is_sealed_inline_and_read_by_every_reader(blobs: BlobStore, data_dir: Path,
+                                                                        size: int) -> None:
+    """No file: the same sealed format in a database row, read back by ``read``/``read_whole``/``open``/
+    ``read_then`` alike, never in clear in the row."""
+    payload = (SECRET * (size // len(SECRET) + 1))[:size]
+    stored = await _store_inline(blobs, "mailbox:1", payload)
+    assert is_inline(stored.blob_id) and len(stored.blob_id) == 32 and stored.size == size
+    assert _every_file(data_dir / "blobs") == []
+    sealed = await _sealed_of(blobs, stored.blob_id)
+    assert sealed.startswith(b"GWBL\x01") and (size == 0 or b"carcinome" not in sealed)
+    assert await blobs.read_whole("mailbox:1", stored.blob_id) == payload
+    assert await blobs.read("mailbox:1", stored.blob_id, 3, 20) == payload[3:23]
+    assert await blobs.read_then("mailbox:1", stored.blob_id, len) == size
+    with await blobs.open("mailbox:1", stored.blob_id) as reader:
+        assert reader.size == size and reader.read() == payload
+
+
+async def test_a_body_over_the_inline_limit_or_a_stream_is_still_a_file(blobs: BlobStore) -> None:
+    large = await blobs.put("mailbox:1", os.urandom(INLINE_MAX + 1), inline=True)
+    streamed = await blobs.put("mailbox:1", io.BytesIO(SECRET), inline=True)
+    for stored in (large, streamed):
+        assert stored.sealed is None and not is_inline(stored.blob_id) and blobs.path(stored.blob_id).is_file()
+
+
+async def test_an_inline_blob_refuses_tampering_swaps_and_shredding(blobs: BlobStore, keys: KeyManager,
+                                                                    data_dir: Path) -> None:
+    victim = await _store_inline(blobs, "mailbox:1", SECRET)
+    with pytest.raises(BlobCorrupt):
+        await blobs.read_whole("mailbox:2", victim.blob_id)               # another owner
+    mine = await _store_inline(blobs, "mailbox:1", b"mine")
+    await _overwrite(blobs, mine.blob_id, await _sealed_of(blobs, victim.blob_id))
+    with pytest.raises(BlobCorrupt):
+        await blobs.read_whole("mailbox:1", mine.blob_id)                 # same key, other blob id
+    damaged = bytearray(await _sealed_of(blobs, victim.blob_id))
+    damaged[-20] ^= 0x01
+    other = await _store_inline(blobs, "mailbox:1", SECRET)
+    await _overwrite(blobs, other.blob_id, bytes(damaged))
+    with pytest.raises(BlobCorrupt):
+        await blobs.read("mailbox:1", other.blob_id)
+    with pytest.raises(BlobNotFound):
+        await blobs.read_whole("mailbox:1", "i" + "0" * 31)
+    assert await keys.destroy_owner_key("mailbox:1") == 1
+    cold = BlobStore(blobs.root, KeyManager(keys.database, data_dir / "keys"))
+    for reader in (blobs, cold):
+        with pytest.raises(KeyDestroyed):
+            await reader.read_whole("mailbox:1", victim.blob_id)
+
+
+async def test_deleting_an_inline_blob_removes_its_row(blobs: BlobStore) -> None:
+    stored = await _store_inline(blobs, "mailbox:1", SECRET)
+    await blobs.delete(stored.blob_id)
+    with pytest.raises(BlobNotFound):
+        await blobs.read_whole("mailbox:1", stored.blob_id)
+    unwritten = await blobs.put("mailbox:1", SECRET, inline=True)        # its row never committed: nothing to do
+    await blobs.discard(unwritten)

@@ -29,7 +29,8 @@ from gateway.mailstore.interface import (
 )
 from gateway.mailstore.notify import ChangeHub, ChangeKind
 from gateway.mailstore.sql import SqlMailStore
-from tests.mailstore.conftest import MakeMailbox
+from gateway.storage.db import Database
+from tests.mailstore.conftest import MakeMailbox, stored_bodies
 from tests.mailstore.test_store import message
 
 
@@ -65,7 +66,8 @@ async def test_first_delivery_provisions_and_missing_folder_falls_back_to_inbox(
 
 
 async def test_quota_exceeded_is_typed_and_leaves_no_blob(store: SqlMailStore, delivery: LocalDelivery,
-                                                          make_mailbox: MakeMailbox, data_dir: Path) -> None:
+                                                          make_mailbox: MakeMailbox, data_dir: Path,
+                                                          database: Database) -> None:
     box = await make_mailbox(quota_bytes=4096)
     await delivery.provision(box)
     await delivery.deliver(box, b"Subject: small\r\n\r\n" + b"x" * 3000, delivery_key="a")
@@ -74,7 +76,7 @@ async def test_quota_exceeded_is_typed_and_leaves_no_blob(store: SqlMailStore, d
     assert refused.value.imap_code == "OVERQUOTA"
     usage = await store.quota(box)
     assert usage.messages == 1 and usage.storage_kib == 3 and usage.storage_limit_kib == 4
-    assert len([p for p in (data_dir / "blobs").rglob("*") if p.is_file()]) == 1
+    assert await stored_bodies(database, data_dir) == 1
 
 
 async def test_unknown_mailbox_is_refused(delivery: LocalDelivery) -> None:
@@ -97,8 +99,33 @@ async def test_large_message_streams_from_a_spool_file(store: SqlMailStore, deli
 async def test_no_plaintext_on_disk_after_delivery(delivery: LocalDelivery, mailbox_id: int, data_dir: Path) -> None:
     await delivery.deliver(mailbox_id, message(1, subject="Resultat biopsie", body="adenocarcinome"),
                            delivery_key="secret")
-    for path in (p for p in data_dir.rglob("*") if p.is_file()):
+    for path in (p for p in data_dir.parent.rglob("*") if p.is_file()):     # the SQLite files too
         assert b"adenocarcinome" not in path.read_bytes(), path
+
+
+async def test_a_small_delivery_is_sealed_in_its_row_and_goes_with_the_last_reference(
+        store: SqlMailStore, delivery: LocalDelivery, mailbox_id: int, data_dir: Path, database: Database) -> None:
+    """A delivered message of a few KB writes no blob file: its sealed body is a row committed with the
+    message (``inline_blobs``), read back byte for byte; a COPY shares it; it goes with the EXPUNGE of the
+    last message referring to it, in that transaction."""
+    raw = message(1, subject="Resultat biopsie", body="adenocarcinome")
+    result = await delivery.deliver(mailbox_id, raw, delivery_key="q1:r1")
+    inbox = FolderRef(mailbox_id, INBOX, result.uidvalidity)
+    assert [p for p in (data_dir / "blobs").rglob("*") if p.is_file()] == []
+    assert await stored_bodies(database, data_dir) == 1
+    assert await store.message_bytes(inbox, result.uid) == raw
+    async with await store.open_message(inbox, result.uid) as body:
+        assert await body.read() == raw
+    copied = await store.copy(inbox, UidSet.of((result.uid, result.uid)), FolderRef(mailbox_id, "Archive"))
+    await store.store_flags(inbox, UidSet.of((result.uid, result.uid)), StoreMode.ADD, ["\\Deleted"])
+    await store.expunge(inbox)
+    assert await stored_bodies(database, data_dir) == 1                    # the copy still refers to it
+    archive = FolderRef(mailbox_id, "Archive", copied.uidvalidity)
+    [copy_uid] = copied.dest_uids
+    assert await store.message_bytes(archive, copy_uid) == raw
+    await store.store_flags(archive, UidSet.of((copy_uid, copy_uid)), StoreMode.ADD, ["\\Deleted"])
+    await store.expunge(archive)
+    assert await stored_bodies(database, data_dir) == 0
 
 
 async def test_search_in_sql_and_by_body_scan(store: SqlMailStore, mailbox_id: int) -> None:

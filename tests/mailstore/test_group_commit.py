@@ -11,7 +11,7 @@ from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.errors import FolderNotFound, QuotaExceeded
 from gateway.mailstore.interface import INBOX, ExpungeResult, FolderRef, StoreMode, StoreResult, UidSet
 from gateway.mailstore.sql import SqlMailStore
-from tests.mailstore.conftest import MakeMailbox
+from tests.mailstore.conftest import MakeMailbox, stored_bodies
 from tests.mailstore.test_store import message
 
 
@@ -43,7 +43,7 @@ async def test_a_redelivery_racing_inside_a_group_files_once(store: SqlMailStore
     results = await asyncio.gather(*others, *same)
     assert sum(not r.duplicate for r in results[5:]) == 1
     assert (await store.status(FolderRef(mailbox_id, INBOX))).messages == 6
-    assert len([p for p in (data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]) == 6
+    assert await stored_bodies(store.database, data_dir) == 6
 
 
 async def test_a_refusal_inside_a_group_goes_to_its_writer_alone(
