@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import sqlite3
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.nonces import nonce_bytes, nonce_hex
 from gateway.security.segments import SegmentAead
+from gateway.storage.db import Database
 from gateway.storage.prepared import Prepared
 from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
 
@@ -110,6 +112,40 @@ def delete_inline(connection: Connection, blob_ids: Iterable[str]) -> None:
     for blob_id in blob_ids:
         if is_inline(blob_id):
             _DELETE_INLINE.run(connection, {"blob": blob_id})
+
+
+class _InlineReads:
+    """Inline blobs' sealed bytes by id. On a SQLite file, read on a private read-only connection in the
+    calling (event loop's) thread: one primary-key read in WAL mode never waits for the writer (a reader has
+    its own snapshot) and takes microseconds, where a database-thread hop costs a transaction's set-up and
+    two thread switches, more than the file read it replaces. Elsewhere (PostgreSQL), a read transaction."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._connection: sqlite3.Connection | None = None
+
+    async def sealed(self, blob_id: str) -> bytes:
+        if self.database.sqlite_file is not None:
+            try:
+                return self._read_here(self.database.sqlite_file, blob_id)
+            except sqlite3.Error:          # busy, or not migrated yet: the engine's way, which waits
+                pass
+        return await self.database.run_in_transaction(lambda connection: _select_inline(connection, blob_id))
+
+    def _read_here(self, path: str, blob_id: str) -> bytes:
+        if self._connection is None:
+            self._connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0,
+                                               isolation_level=None, check_same_thread=False)
+        # fetchall: a statement left unfinished would keep its snapshot, and stop checkpoints emptying the WAL.
+        rows = self._connection.execute("SELECT sealed FROM inline_blobs WHERE blob_id = ?", (blob_id,)).fetchall()
+        if not rows:
+            raise BlobNotFound(f"no inline blob {blob_id}")
+        return bytes(rows[0][0])
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def _select_inline(connection: Connection, blob_id: str) -> bytes:
@@ -284,6 +320,7 @@ class BlobStore:
         self.keys = keys
         self.temp_dir = root / "tmp"
         self._shards: set[str] = set()      # "abcd" of the shard directories known to exist (at most 65,536)
+        self._inline = _InlineReads(keys.database)
         private_dir(self.root)
         private_dir(self.temp_dir)
 
@@ -376,7 +413,7 @@ class BlobStore:
             raise
 
     async def _fetch_inline(self, blob_id: str) -> bytes:
-        return await self.keys.database.run_in_transaction(lambda connection: _select_inline(connection, blob_id))
+        return await self._inline.sealed(blob_id)
 
     async def _open_inline(self, owner: str, blob_id: str, sealed: bytes) -> BlobReader:
         """A reader of an inline blob's sealed bytes (one segment: opened in the event loop, no thread hop)."""

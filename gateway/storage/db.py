@@ -147,6 +147,7 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         path = url.split("///", 1)[1] if self.is_sqlite and "///" in url else ""
+        self.sqlite_file: str | None = path if path and path != ":memory:" else None   # a SQLite file's path
         if self.is_sqlite:
             if path and path != ":memory:":
                 # The database file 0600 before SQLite opens it: its -wal and -shm take the file's mode.
