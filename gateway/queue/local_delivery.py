@@ -50,6 +50,7 @@ import asyncio
 import datetime as dt
 import io
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -227,24 +228,50 @@ class _Content:
     headers: CachedHeaders
 
 
+class _Settler:
+    """Futures of the event loop settled from a database thread, many per wake-up of the loop: the spool
+    files of a group commit's messages are unlinked one after the other after that commit, and each used to
+    wake the loop on its own (a write to its self-pipe, a thread switch)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[asyncio.Future[None]] = []
+
+    def settle(self, future: asyncio.Future[None]) -> None:
+        """From any thread: ``future`` done soon; the loop is woken only by the first of a run."""
+        with self._lock:
+            self._ready.append(future)
+            first = len(self._ready) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for future in ready:
+            _settle_once(future)
+
+
 class _Ending:
     """A message's spool file, unlinked in the database thread after the commit that finished the message
     (``after_commit``); ``wait`` returns once it is gone."""
 
-    def __init__(self, queue_id: str) -> None:
+    def __init__(self, queue_id: str, settler: _Settler) -> None:
         self.queue_id = queue_id
         self.registered = False          # the finishing transaction will unlink it once committed
-        self._gone = asyncio.get_running_loop().create_future()
+        self._settler = settler
+        self._gone = settler.loop.create_future()
 
     def register(self, connection: Connection, spool: Spool) -> bool:
         """False outside ``run_in_transaction`` (a test's store): the caller unlinks."""
-        loop = self._gone.get_loop()
+        settler, gone = self._settler, self._gone
 
         def unlink() -> None:
             try:
                 spool.remove(self.queue_id)
             finally:
-                loop.call_soon_threadsafe(_settle_once, self._gone)
+                settler.settle(gone)
         return after_commit(connection, unlink)
 
     async def wait(self) -> None:
@@ -304,8 +331,15 @@ class LocalDeliveryWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = 0
+        self._settler: _Settler | None = None   # spool files unlinked after a commit: one loop wake-up a run
         self.delivers_here = True             # False: another node delivers (``gateway serve --only`` without workers)
         self.elsewhere: Callable[[str], None] | None = None   # then: tell the delivering nodes (queue/wake.py)
+
+    def _settler_of_loop(self) -> _Settler:
+        loop = asyncio.get_running_loop()
+        if self._settler is None or self._settler.loop is not loop:
+            self._settler = _Settler(loop)
+        return self._settler
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -502,7 +536,7 @@ class LocalDeliveryWorker:
                                                 mailbox_type=work.mailbox_type, recipient=work.address,
                                                 sender=work.sender, headers=headers)
         finished = False
-        ending = _Ending(work.queue_id) if endings is not None else None
+        ending = _Ending(work.queue_id, self._settler_of_loop()) if endings is not None else None
 
         def after(connection: Connection, delivery_id: int | None) -> None:
             # Committed with the message, or not at all: a crash leaves both undone, and the retry delivers.
