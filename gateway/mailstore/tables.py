@@ -197,21 +197,6 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
 
 
-class InlineBlob(Base):
-    """A small blob kept in the database instead of a file (``storage/blobs.py``, ids ``i`` + 31 hex digits).
-
-    The same sealed bytes as a blob file (header, one AES-256-GCM segment, under a key derived from the owner's
-    data key and bound to owner and blob id): crypto-shredding the owner's data key makes it unreadable, here
-    and in every backup. Written in the transaction that adds the message row pointing at it, so it is as
-    durable as that row (one WAL commit for a delivery batch, no file, no fsync of its own).
-    """
-
-    __tablename__ = "inline_blobs"
-
-    blob_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    sealed: Mapped[bytes] = mapped_column(LargeBinary)
-
-
 class DataKey(Base):
     """A data key of one owner (``mailbox:<id>``, later ``patient:<id>``), wrapped by a KEK.
 

@@ -45,14 +45,15 @@ from typing import BinaryIO, TypeVar, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import Table, bindparam, delete, insert, select
+from sqlalchemy import LargeBinary, String, Table, bindparam, delete, insert, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyManager, UnknownDataKey
 from gateway.security.nonces import nonce_bytes, nonce_hex
 from gateway.security.segments import SegmentAead
 from gateway.storage.db import Database
+from gateway.storage.models import Base
 from gateway.storage.prepared import Prepared
 from gateway.storage.private import PRIVATE_DIR, PRIVATE_FILE, private_dir
 
@@ -68,6 +69,23 @@ SEGMENT_SIZE = 64 * 1024
 COPY_CHUNK = 1024 * 1024
 INLINE_PREFIX = "i"
 INLINE_MAX = SEGMENT_SIZE          # plaintext octets of an inline blob: one segment, sealed in memory
+
+
+
+class InlineBlob(Base):
+    """A small blob kept in the database instead of a file (ids ``i`` + 31 hex digits; see the module's text).
+
+    The same sealed bytes as a blob file (header, one AES-256-GCM segment, under a key derived from the owner's
+    data key and bound to owner and blob id): crypto-shredding the owner's data key makes it unreadable, here
+    and in every backup. Written in the transaction that adds the row pointing at it (``insert_inline``), so it
+    is as durable as that row. Its Alembic revision is the mail store's (``0024_delivery_inline_blobs``).
+    """
+
+    __tablename__ = "inline_blobs"
+
+    blob_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+
 
 _INLINE = cast(Table, InlineBlob.__table__)
 _INSERT_INLINE = Prepared(insert(_INLINE))

@@ -13,9 +13,8 @@ from sqlalchemy import func, select
 from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
-from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyManager
-from gateway.storage.blobs import BlobStore
+from gateway.storage.blobs import BlobStore, InlineBlob
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, Professional
 

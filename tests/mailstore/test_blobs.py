@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from sqlalchemy import select, update
 
-from gateway.mailstore.tables import InlineBlob
 from gateway.security.keys import KeyDestroyed, KeyManager
 from gateway.storage.blobs import (
     INLINE_MAX,
     SEGMENT_SIZE,
+    InlineBlob,
     BlobCorrupt,
     BlobNotFound,
     BlobStore,
