@@ -25,6 +25,7 @@ from gateway.queue.tables import QueuedMessage
 from gateway.queue.store import QueueStore
 from gateway.queue.spool import Spool
 from gateway.security.at_rest import is_sealed
+from gateway.storage.blobs import InlineBlob, is_inline
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox
 from tests.dmp_bridge.filing_world import LAB_ADDRESS, PRO_DOMAIN, SAMPLES, TEST_INS, World, build_world, cda_message
@@ -221,6 +222,22 @@ async def test_the_safety_net_looks_at_new_deliveries_and_at_every_one_on_its_fu
     assert (await bench.job("q1:1")).state == (await bench.job("q2:1")).state == "filed"
 
 
+async def _sealed_body(bench: Bench, blob_id: str) -> bytes:
+    """A delivered body as stored: an inline blob's row (a small message), else its blob file."""
+    if not is_inline(blob_id):
+        return bench.world.blobs.path(blob_id).read_bytes()
+    async with bench.world.db.session() as session:
+        return bytes(await session.scalar(select(InlineBlob.sealed).where(InlineBlob.blob_id == blob_id)))
+
+
+async def _replace_sealed_body(bench: Bench, blob_id: str, sealed: bytes) -> None:
+    if not is_inline(blob_id):
+        bench.world.blobs.path(blob_id).write_bytes(sealed)
+        return
+    async with bench.world.db.session() as session:
+        await session.execute(update(InlineBlob).where(InlineBlob.blob_id == blob_id).values(sealed=sealed))
+
+
 async def test_transient_failures_are_retried_then_failed_and_refile_recovers(bench: Bench) -> None:
     await bench.deliver(cda_message("VAC-NOTE_2023.01.xml"), bench.world.patient_mailbox_id, "q1:1")
     async with bench.world.db.session() as session:
@@ -231,9 +248,8 @@ async def test_transient_failures_are_retried_then_failed_and_refile_recovers(be
     async with bench.world.db.session() as session:
         from gateway.mailstore.tables import Message
         blob_id = await session.scalar(select(Message.blob_id).where(Message.uid == meta.uid))
-    path = bench.world.blobs.path(str(blob_id))
-    intact = path.read_bytes()
-    path.write_bytes(intact[:-20])  # a damaged disk: the body no longer authenticates
+    intact = await _sealed_body(bench, str(blob_id))
+    await _replace_sealed_body(bench, str(blob_id), intact[:-20])  # a damaged disk: the body no longer authenticates
     worker = bench.worker(max_attempts=2, retry_delays=(0,))
     await worker.run_once()
     assert (await bench.job("q1:1")).state == "received"  # deferred: due again at once (delay 0)
@@ -242,7 +258,7 @@ async def test_transient_failures_are_retried_then_failed_and_refile_recovers(be
     assert (job.state, job.attempts) == ("failed", 2) and "Blob" in (job.last_error or "")
     [entry] = await RecordStore(bench.world.db, bench.world.blobs).quarantine()
     assert entry.job_state == "failed"
-    path.write_bytes(intact)  # restored from backup
+    await _replace_sealed_body(bench, str(blob_id), intact)  # restored from backup
     assert (await worker.refile(job.delivery_id)).state == "filed"
 
 

@@ -28,7 +28,7 @@ from gateway.security.at_rest import (
 from gateway.retention import shred_expired_patients
 from gateway.security.keys import KekMissing, KeyDestroyed, KeyManager, mailbox_owner
 from gateway.security.passwords import PasswordHasher
-from gateway.storage.blobs import BlobStore
+from gateway.storage.blobs import BlobStore, insert_inline
 from gateway.storage.db import Database
 from gateway.storage.models import Mailbox, Patient, PatientState, utcnow
 
@@ -170,6 +170,8 @@ async def test_crypto_shredding_makes_backups_unreadable(db: Database, keys: Key
     blobs = BlobStore(tmp_path / "blobs", keys)
     message = await blobs.put(mailbox_owner(mailbox_id), b"Compte rendu de la patiente")
     document = await blobs.put(patient_owner(ins), b"%PDF-1.4 dossier medical")
+    delivered = await blobs.put(mailbox_owner(mailbox_id), b"Compte rendu livre", inline=True)  # in the database
+    await db.run_in_transaction(lambda connection: insert_inline(connection, delivered), write=True)
     backup = tmp_path / "backup"                                     # the data directory, backed up: DB and blobs
     shutil.copytree(tmp_path / "blobs", backup / "blobs")
     with sqlite3.connect(tmp_path / "data" / "gateway.db") as source, sqlite3.connect(backup / "gateway.db") as copy:
@@ -181,13 +183,15 @@ async def test_crypto_shredding_makes_backups_unreadable(db: Database, keys: Key
     assert await shred_expired_patients(db, keys, retention_days=365) == []     # idempotent
 
     live = BlobStore(backup / "blobs", KeyManager(db, tmp_path / "keys"))
-    for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document)):
+    for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document),
+                        (mailbox_owner(mailbox_id), delivered)):
         with pytest.raises(KeyDestroyed):
             await live.read(owner, blob.blob_id)
     restored = Database(f"sqlite+aiosqlite:///{backup / 'gateway.db'}")            # the old database, keys intact
     try:
         old = BlobStore(backup / "blobs", KeyManager(restored, tmp_path / "keys"))
-        for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document)):
+        for owner, blob in ((mailbox_owner(mailbox_id), message), (patient_owner(ins), document),
+                            (mailbox_owner(mailbox_id), delivered)):
             with pytest.raises(KekMissing):                              # wrapped under a KEK that was destroyed
                 await old.read(owner, blob.blob_id)
     finally:

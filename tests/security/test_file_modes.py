@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import sqlite3
 import ssl
 import stat
 import time
@@ -73,10 +74,12 @@ def test_serve_under_umask_022_writes_nothing_others_can_read(tmp_path: Path) ->
 
 
 def _wait_for_delivery(data_dir: Path, attempts: int = 300) -> None:
-    """Until a message body is in the blob store and the spool queue is empty."""
+    """Until a message is in a mailbox (its body a blob file, or sealed in the database when small) and the
+    spool queue is empty."""
     for _ in range(attempts):
-        blobs = [p for p in (data_dir / "blobs").rglob("*") if p.is_file() and p.parent.name != "tmp"]
-        if blobs and not any((data_dir / "spool" / "queue").iterdir()):
+        with sqlite3.connect(f"file:{data_dir / 'gateway.db'}?mode=ro", uri=True) as connection:
+            messages = connection.execute("SELECT count(*) FROM mail_messages").fetchone()[0]
+        if messages and not any((data_dir / "spool" / "queue").iterdir()):
             return
         time.sleep(0.1)
     raise AssertionError("the message was not delivered")
