@@ -10,7 +10,9 @@ recipient is delivered and every filing job has ended:
 
 - delivered msgs/s (wall clock; the machine is shared, so also)
 - CPU ms per delivered message of this process (``time.process_time``:
-  the event loop and aiosqlite's threads), delivery and filing apart.
+  the event loop and aiosqlite's threads), delivery and filing apart; user and
+  system apart, and context switches (voluntary + involuntary, every thread:
+  ``getrusage``) per delivered message, from the start until every delivery.
 
     .venv/bin/python bench/local_delivery.py [--messages 1000] [--recipients 1] [--mailboxes 1] [--profile FILE]
 
@@ -26,6 +28,7 @@ import asyncio
 import cProfile
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -98,6 +101,7 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
         delivery = services.queue.local       # as open_services() builds it (filing intake included)
         filing = build_filing_worker(services)
         profiler = cProfile.Profile() if profile else None
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
@@ -105,6 +109,7 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
         await filing.start()
         await delivery.wait_idle()
         cpu1, wall1 = time.process_time(), time.perf_counter()
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
         while await open_jobs(services.db):
             filing.wake()
             await asyncio.sleep(0.05)
@@ -125,6 +130,10 @@ async def measure(settings: Any, expected: int, profile: str | None) -> dict[str
         "delivered_and_filed_per_s": round(delivered / (wall2 - wall0), 1),
         "cpu_ms_per_delivery_incl_concurrent_filing": round((cpu1 - cpu0) * 1000 / delivered, 2),
         "cpu_ms_per_message_total": round((cpu2 - cpu0) * 1000 / delivered, 2),
+        "delivery_cpu_ms_user_system": [round((usage1.ru_utime - usage0.ru_utime) * 1000 / delivered, 2),
+                                        round((usage1.ru_stime - usage0.ru_stime) * 1000 / delivered, 2)],
+        "delivery_context_switches_per_msg": round(
+            (usage1.ru_nvcsw + usage1.ru_nivcsw - usage0.ru_nvcsw - usage0.ru_nivcsw) / delivered, 1),
         "wall_s": round(wall2 - wall0, 2),
         "deliveries_per_commit": round(group.grouped / group.batches, 2) if group and group.batches else None,
         "workers": settings.smtp.delivery_workers,
