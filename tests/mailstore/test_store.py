@@ -229,8 +229,7 @@ async def test_a_message_whose_body_vanished_meanwhile_is_not_found(store: SqlMa
     await fill(store, inbox, 2)
     async with await store.open_message(inbox, 1) as body:
         assert await store.message_bytes(inbox, 1) == await body.read()
-    blob_id = await store._blob_of(inbox, 2)
-    store.blobs.path(blob_id).unlink()
+    await store.blobs.delete(await store._blob_of(inbox, 2))     # a file, or an inline body's row
     with pytest.raises(MessageNotFound):
         await store.message_bytes(inbox, 2)
     with pytest.raises(MessageNotFound):
@@ -243,6 +242,6 @@ async def test_a_message_whose_body_vanished_meanwhile_is_not_found(store: SqlMa
     assert [meta.uid for meta in await store.fetch_meta(selected, UidSet.of((1, 3)))] == [1, 2, 3]
     async with await store.open_message(selected, 3) as body:
         assert await store.message_bytes(selected, 3) == await body.read()
-    store.blobs.path(await store._blob_of(selected, 3)).unlink()
+    await store.blobs.delete(await store._blob_of(selected, 3))
     with pytest.raises(MessageNotFound):
         await store.message_bytes(selected, 3)
