@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-
 from sqlalchemy import func, select
 
 from gateway.mailstore.delivery import LocalDelivery

@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from sqlalchemy import select, update
 
 from gateway.security.keys import KeyDestroyed, KeyManager
 from gateway.storage.blobs import (
     INLINE_MAX,
     SEGMENT_SIZE,
-    InlineBlob,
     BlobCorrupt,
     BlobNotFound,
     BlobStore,
+    InlineBlob,
     StoredBlob,
     insert_inline,
     is_inline,
