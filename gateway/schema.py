@@ -8,7 +8,7 @@ its tables module to this list and its Alembic revisions to
 """
 
 from gateway.storage import models  # noqa: F401  (directory tables)
-from gateway.storage import blobs  # noqa: F401  (inline blobs: revision 0024_delivery_inline_blobs)
+from gateway.storage import blobs  # noqa: F401  (inline blobs: revision 0025_delivery_inline_blobs)
 from gateway.mailstore import tables as mailstore_tables  # noqa: F401  (folders, messages, data keys)
 from gateway.queue import tables as queue_tables  # noqa: F401  (queue messages and recipients: revision 0003)
 from gateway.pipeline import tables as pipeline_tables  # noqa: F401  (conversations: revision 0003)

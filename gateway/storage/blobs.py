@@ -78,7 +78,7 @@ class InlineBlob(Base):
     The same sealed bytes as a blob file (header, one AES-256-GCM segment, under a key derived from the owner's
     data key and bound to owner and blob id): crypto-shredding the owner's data key makes it unreadable, here
     and in every backup. Written in the transaction that adds the row pointing at it (``insert_inline``), so it
-    is as durable as that row. Its Alembic revision is the mail store's (``0024_delivery_inline_blobs``).
+    is as durable as that row. Its Alembic revision is the mail store's (``0025_delivery_inline_blobs``).
     """
 
     __tablename__ = "inline_blobs"

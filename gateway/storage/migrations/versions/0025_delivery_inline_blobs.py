@@ -1,7 +1,7 @@
 """mailstore: small message bodies sealed in the database row of ``inline_blobs`` instead of a file
 
-Revision ID: 0024_delivery_inline_blobs
-Revises: 0022_blindindex_postings
+Revision ID: 0025_delivery_inline_blobs
+Revises: 0024_envelope_sealed_bytes
 
 A delivered message of a few KB was written to a blob file of its own: a file created, written, fsynced,
 renamed, and its directory fsynced, about half the CPU and most of the system calls of a local delivery.
@@ -13,8 +13,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0024_delivery_inline_blobs'
-down_revision = '0022_blindindex_postings'
+revision = '0025_delivery_inline_blobs'
+down_revision = '0024_envelope_sealed_bytes'
 branch_labels = None
 depends_on = None
 
