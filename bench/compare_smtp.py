@@ -28,7 +28,7 @@ message from /proc/PID/stat (utime + stime, every thread): during the load,
 and up to the last delivery (accepted + delivered); ``--profile FILE`` runs
 ``py-spy record`` on it during the load.
 
-    .venv/bin/python bench/compare_smtp.py [--messages 3000] [--concurrency 20] [--size 4096] [--postfix-tls] [--only gateway] [--profile gw.txt]
+    .venv/bin/python bench/compare_smtp.py [--messages 3000] [--concurrency 20] [--size 4096] [--postfix-tls] [--only gateway] [--profile gw.txt [--profile-gil]]
 
 Needs root for the Postfix log and Maildir; start the reference servers first
 (start-reference.sh). Prints one JSON object.
@@ -153,12 +153,13 @@ def cpu_split(pid: int) -> tuple[float, float]:
 class Profiler:
     """``py-spy record`` attached to the server for the length of the load (``--profile FILE``)."""
 
-    def __init__(self, pid: int, output: str | None) -> None:
+    def __init__(self, pid: int, output: str | None, *, gil: bool = False) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         if output:
             fmt = "speedscope" if output.endswith(".json") else "raw" if output.endswith(".txt") else "flamegraph"
             self.process = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-                                             "--rate", "200", "--format", fmt, "--output", output, "--nonblocking"],
+                                             "--rate", "200", "--format", fmt, "--output", output, "--nonblocking",
+                                             *(["--gil"] if gil else [])],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
 
@@ -195,7 +196,7 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
         assert gateway.process is not None
         pid = gateway.process.pid
         watch = Watch({"gateway": pid})
-        profiler = Profiler(pid, args.profile)
+        profiler = Profiler(pid, args.profile, gil=args.profile_gil)
 
         def delivered() -> int:
             with sqlite3.connect(database, timeout=30) as conn:
@@ -364,6 +365,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the gateway's data directory")
     parser.add_argument("--profile", metavar="FILE", help="py-spy record the gateway during the load into FILE "
                         "(.svg flame graph, .json speedscope, .txt collapsed stacks)")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL (py-spy --gil)")
     parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for gateway serve (repeatable)")
     args = parser.parse_args()

@@ -43,5 +43,18 @@ def configure_logging(level: str, log_format: str) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    _record_only_what_is_shown()
     for name in QUIET_BELOW_INFO:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def _record_only_what_is_shown() -> None:
+    """Neither format shows where a call was made, nor the thread, process or task: the logging module then
+    need not look them up for every record (its documented optimisations; the source file lookup walks
+    the stack, the costliest part of a record)."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):     # Python 3.12+
+        logging.logAsyncioTasks = False

@@ -31,7 +31,7 @@ from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.acceptance import AcceptanceCommitter, AcceptCancelled
 from gateway.pipeline.conversations import ConversationBook
 from gateway.pipeline.limits import RateLimiter
-from gateway.pipeline.origin import Origin
+from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
 from gateway.pipeline.trace import trace_header_block
@@ -93,6 +93,8 @@ class Pipeline:
         self.parse_limits = ParseLimits(settings.smtp.max_header_count, settings.smtp.max_header_bytes,
                                         settings.smtp.max_mime_depth)
         self.dkim = DkimVerifier(settings.outbound) if settings.dkim.verify else None
+        # prometheus_client's ``labels()`` looks its child up under a lock at every call: once per door here.
+        self._accepted_counters = {door: MESSAGES_ACCEPTED.labels(door.value) for door in Door}
 
     # ----------------------------------------------------------------- envelope
 
@@ -172,10 +174,11 @@ class Pipeline:
             copy.spool_file.keep()
             await self._record_smime(copy)
         self._hand_over(copies, queued)
-        log.info("queued %s from %s (%s) for %d recipient(s), %d octets", copies[0].spool_file.queue_id,
-                 transaction.sender or "<>", transaction.origin.door.value,
-                 sum(len(rows.recipients) for rows in queued), copies[0].spool_file.size)
-        MESSAGES_ACCEPTED.labels(transaction.origin.door.value).inc()
+        if log.isEnabledFor(logging.INFO):
+            log.info("queued %s from %s (%s) for %d recipient(s), %d octets", copies[0].spool_file.queue_id,
+                     transaction.sender or "<>", transaction.origin.door.value,
+                     sum(len(rows.recipients) for rows in queued), copies[0].spool_file.size)
+        self._accepted_counters[transaction.origin.door].inc()
 
     def _hand_over(self, copies: list[_Copy], queued: list[AcceptedRows]) -> None:
         for copy in copies:
@@ -188,8 +191,8 @@ class Pipeline:
             # Local delivery gets the rows as committed and the plaintext still in memory (SQLite; see
             # gateway.queue.local_delivery): it need not read either back.
             types = {a.route.mailbox_id: a.route.type for a, _ in copy.recipients if isinstance(a.route, LocalRoute)}
-            ready = ReadyMessage(QueueStore.local_works(rows, types), copy.spool_file.plaintext()) \
-                if rows.recipient_ids else None
+            ready = ReadyMessage(QueueStore.local_works(rows, types), copy.spool_file.plaintext(),
+                                 in_row=copy.spool_file.row_content is not None) if rows.recipient_ids else None
             self.delivery.schedule(rows.queue_id, ready)
         if rows.has_route(RouteKind.REMOTE):
             self.remote_queued()

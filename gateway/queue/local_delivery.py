@@ -101,6 +101,7 @@ class ReadyMessage:
 
     works: list[LocalWork]            # its local recipients, as committed (pending)
     plaintext: bytes | None           # the spooled message's plaintext; None: read it from the spool
+    in_row: bool = False              # kept in its queue row (gateway.queue.spool): no spool file to unlink
 
 
 class Delivered(Protocol):
@@ -395,7 +396,7 @@ class LocalDeliveryWorker:
     def _hold(self, queue_id: str, ready: ReadyMessage) -> None:
         size = len(ready.plaintext) if ready.plaintext is not None else 0
         if self._ready_bytes + size > READY_PLAINTEXT_BYTES:
-            ready = ReadyMessage(ready.works, None)        # delivery reads this one from the spool
+            ready = ReadyMessage(ready.works, None, in_row=ready.in_row)   # delivery reads this one from the spool
         else:
             self._ready_bytes += size
         self._ready[queue_id] = ready
@@ -472,11 +473,15 @@ class LocalDeliveryWorker:
                 self.spool.remove(queue_id)
             return
         plaintext = ready.plaintext if ready is not None else None
+        in_row = ready is not None and ready.in_row
         if plaintext is None:                 # not handed over: a small message is in its queue row, not a file
             plaintext = await self.spool.plaintext_in_row(queue_id, size=works[0].size)
+            in_row = in_row or plaintext is not None
         content = await self._content(works[0], plaintext)
         assert self.store is not None
-        endings: list[_Ending] = []
+        # A message kept in its row has no spool file: the commit that finishes it clears the row's content
+        # (gateway.queue.store), and no unlink (a failed syscall, a loop wake-up) follows it.
+        endings: list[_Ending] | None = None if in_row else []
         check = _still_open if ready is not None else None
         if self.store.shares_commits and len(works) > 1:
             # Every recipient's transaction joins the same group commit, run one after the other in order:
@@ -491,7 +496,7 @@ class LocalDeliveryWorker:
             finished = any([await self._deliver_one(work, content, endings, check) for work in works])
         if finished and endings:
             await endings[-1].wait()          # unlinked by the database thread after the finishing commit
-        elif finished:
+        elif finished and not in_row:
             # The store holds its own copy now (a failure or a duplicate finished it: no commit hook ran).
             # Recovery never depends on it: a file whose message is done is removed, never delivered, by
             # ``recover``.
