@@ -229,6 +229,7 @@ class GatewaySMTP(SMTP):
         self.connection_data: dict[str, Any] = {}   # the handler's per-connection data (survives STARTTLS)
         self._errors = 0
         self._closed_notified = False
+        self._idle_deadline = 0.0     # loop time after which an idle connection is closed (_reset_timeout)
         self._stopping = False        # SIGTERM: no further command once the running one has its reply
         self._command_running = False
         self._current_verb = "other"     # the verb of the command running (audit of a fault names it)
@@ -286,6 +287,25 @@ class GatewaySMTP(SMTP):
         if isinstance(self.envelope, GatewayEnvelope):
             self.handler.abandon_transaction(self, self.envelope)
         self.handler.connection_closed(self)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """RFC 5321 4.5.3.2: the idle timeout starts again. aiosmtpd cancels its timer and schedules a new one
+        at every command and data block (a heap entry each, cancelled ones left in the loop's heap); here the
+        deadline moves and one timer per connection, when it fires before the deadline, re-arms for the rest."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return                                                     # fires first, then re-arms
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self.loop.time() < self._idle_deadline:                     # active since: wait for the rest
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing an idle connection.
