@@ -133,7 +133,24 @@ def _split_field(raw: bytes) -> tuple[str, str]:
     return name.strip(), unfolded
 
 
+CACHED_CONTENT_TYPE_CHARS = 256     # longer values are read each time (the cache's memory stays small)
+
+
 def _content_type(value: str | None) -> tuple[str, str | None]:
+    """The media type and boundary of a Content-Type value (RFC 2045 5.1). The answers for short values are
+    kept (a function of the text alone): most messages repeat a client's few values, and building a
+    ``Message`` to read one costs more than the rest of the scan of a small message."""
+    if value is not None and len(value) > CACHED_CONTENT_TYPE_CHARS:
+        return _read_content_type(value)
+    return _cached_content_type(value)
+
+
+@lru_cache(maxsize=1024)
+def _cached_content_type(value: str | None) -> tuple[str, str | None]:
+    return _read_content_type(value)
+
+
+def _read_content_type(value: str | None) -> tuple[str, str | None]:
     message = Message()
     message["Content-Type"] = value or "text/plain"
     boundary = message.get_param("boundary")

@@ -117,3 +117,18 @@ def test_arbitrary_bodies_never_crash(noise: bytes) -> None:
             assert 1 <= depth(head + noise) <= LIMIT
         except MailRefusal as exc:
             assert exc.reply.enhanced == "5.6.0"
+
+
+@pytest.mark.parametrize("padding", [0, 400], ids=["short-value-cached", "long-value-read-each-time"])
+def test_a_repeated_content_type_counts_every_time(padding: int) -> None:
+    """The Content-Type answers are kept for short values (``_content_type``): the same values, message after
+    message, are containers each time, and a long value (beyond the kept length) is read as well."""
+    parameters = b"".join(b"; x-pad%d=\"%s\"" % (i, b"p" * 40) for i in range(padding // 50))
+    boundary = b"=_same"
+    part = (b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"" + parameters + b"\r\n\r\n--" + boundary
+            + b"\r\n" + LEAF + b"--" + boundary + b"--\r\n")
+    message = b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"" + parameters + b"\r\n\r\n--" \
+        + boundary + b"\r\n" + part + b"--" + boundary + b"--\r\n"
+    assert len(parameters) > 256 if padding else not parameters
+    for _ in range(3):
+        assert depth(message) == 2
