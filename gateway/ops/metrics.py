@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,13 +63,32 @@ class CountedFailures:
         await self.inner.failed(door, login, source, reason)
 
 
-@contextmanager
-def timed(protocol: str, command: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        COMMAND_SECONDS.labels(protocol, command).observe(time.perf_counter() - started)
+class _Timed:
+    """``with timed(...)``: the command's time observed when the block ends, however it ends."""
+
+    __slots__ = ("_histogram", "_started")
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._histogram.observe(time.perf_counter() - self._started)
+
+
+# The histogram's child per (protocol, verb): ``labels()`` looks it up under a lock at every call, and this
+# runs for every command. Verbs are fixed words (``verb_label``), so the dict stays small.
+_COMMAND_CHILDREN: dict[tuple[str, str], Any] = {}
+
+
+def timed(protocol: str, command: str) -> _Timed:
+    child = _COMMAND_CHILDREN.get((protocol, command))
+    if child is None:
+        child = _COMMAND_CHILDREN[(protocol, command)] = COMMAND_SECONDS.labels(protocol, command)
+    return _Timed(child)
 
 
 @dataclass
