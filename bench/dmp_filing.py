@@ -46,7 +46,7 @@ from gateway.mailstore.delivery import LocalDelivery
 from gateway.mailstore.notify import ChangeHub
 from gateway.mailstore.sql import SqlMailStore
 from gateway.queue.tables import QueuedMessage
-from gateway.security.at_rest import FieldSealer
+from gateway.security.at_rest import FieldSealer, SpoolCipher
 from gateway.security.keys import KeyManager
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.spool import Spool
@@ -75,8 +75,10 @@ class BenchServices:
         self.hub = ChangeHub()
         self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
         self.smime = None  # the bench's documents are not S/MIME
-        # Acknowledgements are queued (spool file and rows), not delivered: the bench times the filing.
-        self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(data_dir / "spool"), schedule_local=None)
+        # Acknowledgements are queued (sealed, in their queue rows or spool files), not delivered: the bench
+        # times the filing. The spool is built as ``open_services`` builds it once the keys exist (``prepare``).
+        self.spool_root = data_dir / "spool"
+        self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(self.spool_root), schedule_local=None)
 
 
 def document(number: int) -> bytes:
@@ -99,6 +101,8 @@ def message(number: int, patient_address: str) -> bytes:
 
 async def prepare(services: BenchServices, count: int) -> None:
     await services.db.migrate()
+    # As gateway.app.open_services builds it: sealed under the spool key, small messages in their queue rows.
+    services.generated.spool = Spool(services.spool_root, await SpoolCipher.load(services.blobs.keys), db=services.db)
     await services.directory.add_local_domain("demo.mssante.localhost")
     await services.directory.add_local_domain(services.settings.directory.patient_domain, kind="patient")
     patient = await services.directory.add_patient(ins=INS, ins_oid=OID, birth_family_name="PAT-TROIS",
@@ -195,6 +199,8 @@ async def main(count: int, database_url: str | None, profile: str | None = None,
                 cpu += helpers
             await worker.stop()
             filed = len(await RecordStore(services.db, services.blobs).list_for_patient(INS))
+            files = {name: sum(1 for path in (Path(directory) / name).rglob("*") if path.is_file())
+                     for name in ("blobs", "spool")}
             chain = await AuditLog.for_data_dir(services.db, services.settings.data_path).verify()
             if not chain.ok:
                 raise SystemExit(f"the audit chain does not verify: {chain.summary()}")
@@ -205,6 +211,8 @@ async def main(count: int, database_url: str | None, profile: str | None = None,
           f"(of which {1000 * helpers / max(filed, 1):.1f} in {worker.examiner.processes} extraction process(es)) "
           f"({'SQLite, synchronous=FULL' if database_url is None else database_url.split(':', 1)[0]}); "
           f"audit chain {chain.summary()}")
+    print(f"files left: {files['blobs']} blob files (the delivered messages' included), "
+          f"{files['spool']} spool files")
     if clock.transactions:
         print(f"database thread: {clock.transactions} transactions, {1000 * clock.cpu / max(filed, 1):.2f} ms CPU and "
               f"{1000 * clock.wall / max(filed, 1):.2f} ms wall per document")

@@ -7,14 +7,17 @@ outcome, not an error: it never undoes another document's filing.
 
 Two phases, so that filing costs one commit: ``prepare_filing`` (no database
 write) identifies the patient, writes each new document's encrypted blob
-(fsync) and seals its free-text metadata (``record.RecordSealer``);
+(fsync; a document up to ``blobs.INLINE_MAX`` is sealed in memory instead, and
+inserted by the transaction with the row that references it, durable with that
+commit: no file, no fsync) and seals its free-text metadata (``record.RecordSealer``);
 ``apply_filing`` then runs inside one transaction (the worker's, with the
 job's outcomes and the acknowledgements), a synchronous function over a
 ``Connection`` (``Database.run_in_transaction``: one hop to a database thread),
 and only writes rows, by SQL Core: the documents, the versions they replace and
 their audit entries (``forecast_filing`` decides the same without writing). Blobs that no committed row
 references are deleted afterwards (``PreparedFiling.release``); a crash in
-between leaves an unreferenced blob, never a row without its blob.
+between leaves an unreferenced blob file, never a row without its blob (an inline
+blob commits or rolls back with its row: never a stray one).
 
 Only a copy delivered to a patient's own mailbox feeds the record: a copy
 delivered to a professional's mailbox is examined for nothing (outcome
@@ -106,7 +109,7 @@ from gateway.dmp_bridge.record import (
 from gateway.dmp_bridge.tables import DocumentStatus, OutcomeKind, RecordDocument
 from gateway.dmp_bridge.xdm import DocumentEntry, XdsAuthor, XdsCode
 from gateway.security.at_rest import FieldSealer
-from gateway.storage.blobs import BlobStore, StoredBlob
+from gateway.storage.blobs import INLINE_MAX, BlobStore, StoredBlob, insert_inline
 from gateway.storage.db import Database
 from gateway.storage.models import Patient, PatientState, utcnow
 from gateway.storage.prepared import Prepared
@@ -364,6 +367,11 @@ async def store_ahead_many(blobs: BlobStore, sealer: RecordSealer, documents: Se
             item.sealed_columns = await sealer.seal_document_columns(ins, fields.columns)
         if item.stored is None:
             missing.append(item)
+    # A document up to ``INLINE_MAX`` is sealed here, in memory (``inline``): the filing transaction inserts it
+    # with the row that references it (``WrittenRows.insert``), durable with that commit: no file, no fsync.
+    for item in [item for item in missing if len(item.document.content) <= INLINE_MAX]:
+        item.stored = await blobs.put(patient_owner(item.patient_ins or ""), item.document.content, inline=True)
+    missing = [item for item in missing if item.stored is None]
     results = await blobs.put_many([(patient_owner(item.patient_ins or ""), item.document.content)
                                     for item in missing])
     errors = [result for result in results if isinstance(result, Exception)]
@@ -397,10 +405,11 @@ class PreparedFiling:
     pending: list[_Pending]
 
     async def release(self, blobs: BlobStore, *, kept: frozenset[str] | tuple[str, ...]) -> None:
-        """Delete the blobs written ahead that no committed row references."""
+        """Delete the blobs written ahead that no committed row references (an inline one was only ever
+        written by a transaction that committed its row, or rolled back with it: nothing to delete)."""
         for item in self.pending:
             if item.stored is not None and item.stored.blob_id not in kept:
-                await blobs.delete(item.stored.blob_id)
+                await blobs.discard(item.stored)
                 item.stored = None
 
 
@@ -518,7 +527,7 @@ async def _plan_document(document: ExtractedDocument, context: FilingContext, pa
 
 async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending, ins: str) -> None:
     assert pending.fields is not None
-    pending.stored = await blobs.put(patient_owner(ins), pending.document.content)
+    pending.stored = await blobs.put(patient_owner(ins), pending.document.content, inline=True)
     pending.sealed_columns = await sealer.seal_document_columns(ins, pending.fields.columns)
 
 
@@ -606,6 +615,8 @@ class WrittenRows:
         del fields
         if item.stored is None or item.sealed_columns is None:
             raise AssertionError("apply_filing checks the blob was written ahead")
+        if item.stored.sealed is not None:
+            insert_inline(self.connection, item.stored)   # durable with this row; rolled back with it
         return int(_INSERT_DOCUMENT.run(self.connection, values).fetchone()[0])
 
     def supersede(self, row: RecordDocument) -> None:

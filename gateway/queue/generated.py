@@ -16,7 +16,9 @@ makes every report durable and queued exactly once:
 
 1. ``prepare`` (bytes in memory) or ``prepare_written`` (streamed into the
    spool, for a DSN that returns a large original) writes the message to the
-   spool durably and returns its queue rows;
+   spool durably and returns its queue rows; ``prepare_many`` (a filing batch's
+   notices) keeps a small message's sealed octets in its queue row instead of a
+   file, durable with the caller's commit;
 2. the caller calls ``prepared.add_to(session)`` and commits; then calls
    ``dispatch`` (or ``discard`` when the commit failed).
 
@@ -139,9 +141,11 @@ class GeneratedMailQueue:
     async def prepare_many(self, messages: Sequence[tuple[bytes, str, str | None]], *,
                            door: str = GENERATED_DOOR) -> list[PreparedMail | None]:
         """``prepare`` for several (message, recipient, Message-ID) at once, in their order (a filing batch's
-        notices): each distinct recipient routed once, the files written, their data fsynced side by side,
-        then moved into the queue with one fsync of its directory (spool.py steps 1 and 2, grouped). All or
-        none: if anything fails, every file written is removed and the error raised."""
+        notices): each distinct recipient routed once; a message whose sealed octets fit in a queue row
+        (``Spool.keeps_in_row``) kept for its row (``queue_messages.content``: durable with the caller's
+        commit, no file), the others written, their data fsynced side by side, then moved into the queue with
+        one fsync of its directory (spool.py steps 1 and 2, grouped). All or none: if anything fails, every
+        file written is removed and the error raised."""
         routes: dict[str, Route] = {}
         for _message, recipient, _message_id in messages:
             if recipient not in routes:
@@ -161,10 +165,13 @@ class GeneratedMailQueue:
                 written = WrittenMail(message_id, len(message), _has_8bit(message))
                 prepared.append(PreparedMail(self._message_row(spool_file.queue_id, route.address, written, door=door,
                                                                smtputf8=False), _recipient_row(route)))
-            await asyncio.gather(*(spool_file.sync_data() for spool_file in files))
-            for spool_file in files:
+            # A small notice gets no file: its sealed octets go in its queue row, durable with the caller's
+            # commit (as an accepted message's: spool.py, "In its row"); a larger one is a file, as before.
+            await asyncio.gather(*(spool_file.sync_data(into_row=True) for spool_file in files))
+            for spool_file, mail in zip(files, [mail for mail in prepared if mail is not None]):
+                mail.message.content = spool_file.row_content
                 spool_file.move_into_queue()
-            if files:
+            if any(spool_file.in_queue_directory for spool_file in files):
                 await fsync_directory_in_thread(self.spool.queue)
         except BaseException:
             for spool_file in files:
