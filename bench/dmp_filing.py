@@ -142,6 +142,33 @@ def sampled(output: str | None):  # type: ignore[no-untyped-def]
         process.wait(timeout=60)
 
 
+@contextlib.contextmanager
+def traced(output: str | None):  # type: ignore[no-untyped-def]
+    """``strace -c -f`` of this very process (every thread) while the filing pass runs, when asked: the
+    count of fsync and fdatasync calls (the durability cost per document), a summary table into ``output``."""
+    if output is None:
+        yield
+        return
+    command = ["strace", "-c", "-f", "-e", "trace=fsync,fdatasync", "-o", output, "-p", str(os.getpid())]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # strace attaches to every thread
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def _syscalls(output: str) -> dict[str, int]:
+    """The calls counted by ``strace -c`` in ``output``, by name."""
+    counted: dict[str, int] = {}
+    for line in Path(output).read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] in ("fsync", "fdatasync") and fields[3].isdigit():
+            counted[fields[-1]] = int(fields[3])
+    return counted
+
+
 class DatabaseThreadClock:
     """The CPU and wall time the filing's synchronous transactions spend on SQLite's database thread
     (``Database.run_in_transaction``: the forecast and the batch's transaction), while the pass runs."""
@@ -182,7 +209,7 @@ def _helper_cpu(worker: object) -> float:
 
 
 async def main(count: int, database_url: str | None, profile: str | None = None,
-               extract_processes: int | None = None) -> None:
+               extract_processes: int | None = None, strace: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
         services = BenchServices(Path(directory), database_url, extract_processes)
         try:
@@ -190,7 +217,7 @@ async def main(count: int, database_url: str | None, profile: str | None = None,
             worker = build_filing_worker(services)
             await worker.examiner.start()  # as `gateway serve` does before its first pass
             clock = DatabaseThreadClock()
-            with sampled(profile), clock.watching():
+            with sampled(profile), traced(strace), clock.watching():
                 started, cpu_started = time.perf_counter(), time.process_time()
                 helpers_started = _helper_cpu(worker)
                 jobs = await worker.run_once()
@@ -213,6 +240,10 @@ async def main(count: int, database_url: str | None, profile: str | None = None,
           f"audit chain {chain.summary()}")
     print(f"files left: {files['blobs']} blob files (the delivered messages' included), "
           f"{files['spool']} spool files")
+    if strace is not None:
+        counted = _syscalls(strace)
+        print(f"strace: {counted.get('fsync', 0)} fsync + {counted.get('fdatasync', 0)} fdatasync during the pass: "
+              f"{sum(counted.values()) / max(filed, 1):.2f} per document")
     if clock.transactions:
         print(f"database thread: {clock.transactions} transactions, {1000 * clock.cpu / max(filed, 1):.2f} ms CPU and "
               f"{1000 * clock.wall / max(filed, 1):.2f} ms wall per document")
@@ -226,5 +257,8 @@ if __name__ == "__main__":
                         help="sample the filing pass with py-spy into FILE (.svg: a flame graph; else collapsed stacks)")
     parser.add_argument("--extract-processes", type=int, metavar="N",
                         help="filing.extract_processes (default: the configuration's default; 0: worker threads)")
+    parser.add_argument("--strace", metavar="FILE",
+                        help="count the filing pass's fsync and fdatasync calls (strace -c -f) into FILE")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.count, arguments.database, arguments.profile, arguments.extract_processes))
+    asyncio.run(main(arguments.count, arguments.database, arguments.profile, arguments.extract_processes,
+                     arguments.strace))

@@ -369,7 +369,7 @@ async def store_ahead_many(blobs: BlobStore, sealer: RecordSealer, documents: Se
             missing.append(item)
     # A document up to ``INLINE_MAX`` is sealed here, in memory (``inline``): the filing transaction inserts it
     # with the row that references it (``WrittenRows.insert``), durable with that commit: no file, no fsync.
-    for item in [item for item in missing if len(item.document.content) <= INLINE_MAX]:
+    for item in [item for item in missing if _inline(item.document.content)]:
         item.stored = await blobs.put(patient_owner(item.patient_ins or ""), item.document.content, inline=True)
     missing = [item for item in missing if item.stored is None]
     results = await blobs.put_many([(patient_owner(item.patient_ins or ""), item.document.content)
@@ -380,6 +380,11 @@ async def store_ahead_many(blobs: BlobStore, sealer: RecordSealer, documents: Se
             item.stored = result
     if errors:
         raise errors[0]
+
+
+def _inline(content: bytes) -> bool:
+    """A document small enough to seal in memory and insert with its record row (``blobs.INLINE_MAX``)."""
+    return len(content) <= INLINE_MAX
 
 
 @dataclass
@@ -527,7 +532,8 @@ async def _plan_document(document: ExtractedDocument, context: FilingContext, pa
 
 async def _write_ahead(blobs: BlobStore, sealer: RecordSealer, pending: _Pending, ins: str) -> None:
     assert pending.fields is not None
-    pending.stored = await blobs.put(patient_owner(ins), pending.document.content, inline=True)
+    pending.stored = await blobs.put(patient_owner(ins), pending.document.content,
+                                     inline=_inline(pending.document.content))
     pending.sealed_columns = await sealer.seal_document_columns(ins, pending.fields.columns)
 
 

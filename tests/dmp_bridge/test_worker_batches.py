@@ -22,12 +22,15 @@ from gateway.dmp_bridge.acknowledgement import Acknowledger
 from gateway.dmp_bridge.filing import AuditJournal, LoggingJournal
 from gateway.dmp_bridge.record import RecordStore
 from gateway.dmp_bridge.tables import FilingJob, FilingNotice, FilingOutcome, RecordDocument
+from gateway.dmp_bridge import worker as worker_module
 from gateway.dmp_bridge.worker import FilingWorker, WorkerPolicy
 from gateway.mailstore.delivery import LocalDelivery as StoreDelivery
 from gateway.mailstore.tables import Message
 from gateway.queue.generated import GeneratedMailQueue
 from gateway.queue.tables import QueuedMessage
 from gateway.queue.spool import Spool
+from gateway.security.at_rest import SpoolCipher
+from gateway.storage.blobs import InlineBlob, is_inline
 from gateway.storage.db import Database
 from tests.dmp_bridge.filing_world import (BIO_V1, BIO_V2, LAB_ADDRESS, SAMPLES, TEST_INS, World, build_world,
                                            message_with, sample)
@@ -84,6 +87,15 @@ async def assert_filed_once(world: World, count: int) -> None:
     assert sorted(states) == ["filed"] * count
     assert (await AuditLog.for_data_dir(db, world.settings.data_path).verify()).ok
     assert len(await RecordStore(db, world.blobs).list_for_patient(TEST_INS)) == count
+    await assert_no_stray_inline_blob(world)
+
+
+async def assert_no_stray_inline_blob(world: World) -> None:
+    """Every inline blob is a record document's (the delivered messages' aside): none left by a rollback."""
+    async with world.db.session() as session:
+        inline = set((await session.scalars(select(InlineBlob.blob_id))).all())
+        documents = set((await session.scalars(select(RecordDocument.blob_id))).all())
+    assert inline - await _message_blobs(world) == {blob_id for blob_id in documents if is_inline(blob_id)}
 
 
 @pytest.mark.parametrize("processes", [0, 1], ids=["extracting-in-threads", "extracting-in-a-process"])
@@ -98,6 +110,69 @@ async def test_a_batch_files_every_job_with_one_chain_of_audit_entries(database:
         await filing.stop()
     await assert_filed_once(world, COUNT)
     assert await worker(world, Spool(tmp_path / "spool")).run_once() == 0  # nothing left: nothing twice
+
+
+async def test_small_documents_and_notices_are_committed_in_their_rows_without_a_file(
+        database: Database, settings: Settings, tmp_path: Path) -> None:
+    """A document up to ``INLINE_MAX`` is sealed inline and inserted with its record row; a notice is kept
+    sealed in its queue row (the spool given the database, as ``open_services`` builds it): the filing
+    commit makes both durable, with no blob file and no spool file; both read back as they were."""
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    spool = Spool(tmp_path / "spool", await SpoolCipher.load(world.blobs.keys), db=world.db)
+    assert await worker(world, spool).run_once() == COUNT
+    await assert_filed_once(world, COUNT)
+    store = RecordStore(world.db, world.blobs)
+    documents = await store.list_for_patient(TEST_INS)
+    assert all(is_inline(document.blob_id) for document in documents)
+    assert sorted([await store.read_content(document) for document in documents]) == sorted(
+        numbered_cda(number) for number in range(COUNT))
+    document_files = {path.name for path in world.blobs.root.rglob("*") if path.is_file()} - await _message_blobs(world)
+    assert document_files == set()
+    assert [path for path in spool.root.rglob("*") if path.is_file()] == []
+    async with world.db.session() as session:
+        queued = (await session.scalars(select(QueuedMessage.id).where(QueuedMessage.door == "generated"))).all()
+    for queue_id in queued:
+        notice = await spool.plaintext_in_row(queue_id)
+        assert notice is not None and b"Subject:" in notice
+        sealed = await spool.row_content(queue_id)
+        assert sealed is not None and notice not in sealed          # sealed in the row, never plaintext
+
+
+async def test_a_batch_decided_otherwise_than_forecast_rolls_its_inline_documents_back_and_files_them_once(
+        database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's transaction writes every record row with its inline document, then finds it decided
+    otherwise than forecast (here: made to, once): nothing is committed, the inline documents roll back with
+    their rows, and the next attempt inserts the very same sealed documents again, each filed once."""
+    world = await build_world(database, settings)
+    await deliver_batch(world, COUNT)
+    filing = worker(world, Spool(tmp_path / "spool", await SpoolCipher.load(world.blobs.keys), db=world.db))
+    real_shape, real_commit = worker_module._shape, filing._commit
+    commits: list[int] = []
+    written: list[int] = []
+    in_first_commit: list[bool] = []
+
+    def shape_in_first_commit(report: Any) -> Any:
+        shape = real_shape(report)
+        return (*shape, ("decided otherwise",)) if in_first_commit else shape
+
+    def commit(connection: Any, ready: Any) -> Any:
+        commits.append(len(commits) + 1)
+        if len(commits) > 1:
+            return real_commit(connection, ready)
+        in_first_commit.append(True)
+        try:
+            return real_commit(connection, ready)
+        finally:   # what the first attempt had written in its transaction before it found the change
+            in_first_commit.clear()
+            written.append(connection.execute(select(func.count()).select_from(InlineBlob)).scalar_one())
+
+    monkeypatch.setattr(worker_module, "_shape", shape_in_first_commit)
+    filing._commit = commit  # type: ignore[method-assign]
+    assert await filing.run_once() == COUNT
+    assert len(commits) == 2
+    assert written[0] >= 2 * COUNT          # the delivered messages' and the batch's documents, uncommitted
+    await assert_filed_once(world, COUNT)
 
 
 async def test_chunks_are_pipelined_and_each_job_is_filed_once(database: Database, settings: Settings,
@@ -142,7 +217,7 @@ KILLER = textwrap.dedent('''
     from gateway.mailstore.notify import ChangeHub
     from gateway.mailstore.sql import SqlMailStore
     from gateway.queue.spool import Spool
-    from gateway.security.at_rest import FieldSealer
+    from gateway.security.at_rest import FieldSealer, SpoolCipher
     from gateway.security.keys import KeyManager
     from gateway.security.passwords import PasswordHasher
     from gateway.storage.blobs import BlobStore
@@ -160,6 +235,7 @@ KILLER = textwrap.dedent('''
             self.hub = ChangeHub()
             self.mailstore = SqlMailStore(self.db, self.blobs, self.hub)
             self.smime = None
+            self.spool_dir = spool_dir
             self.generated = GeneratedMailQueue(self.settings, self.directory, Spool(spool_dir), schedule_local=None)
 
     async def die_before_commit(db, work, *, attempts=3):
@@ -172,6 +248,8 @@ KILLER = textwrap.dedent('''
 
     async def main():
         services = Services(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+        # as open_services builds it: sealed, small notices in their queue rows
+        services.generated.spool = Spool(services.spool_dir, await SpoolCipher.load(services.blobs.keys), db=services.db)
         worker_module.committed = die_before_commit
         worker = worker_module.build_filing_worker(services)
         await worker.run_once()
@@ -190,9 +268,15 @@ async def test_kill_9_between_claim_and_commit_files_each_document_exactly_once(
     killed = subprocess.run([sys.executable, "-c", KILLER, database.url, str(settings.data_path), str(spool_dir)],
                             env=environment, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
-    # The dead worker's batch left nothing behind but its lease (and unreferenced blobs and spool files).
+    # The dead worker's batch left nothing behind but its lease: its documents and notices were in the rows
+    # of the transaction it never committed (no inline blob, no queue row, no blob or spool file).
     assert await count_rows(database, select(func.count()).select_from(RecordDocument)) == 0
     assert await count_rows(database, select(func.count()).select_from(FilingNotice)) == 0
+    assert await count_rows(database, select(func.count()).select_from(QueuedMessage)
+                            .where(QueuedMessage.door == "generated")) == 0
+    await assert_no_stray_inline_blob(world)
+    assert {path.name for path in world.blobs.root.rglob("*") if path.is_file()} <= await _message_blobs(world)
+    assert [path for path in (spool_dir / "queue").rglob("*") if path.is_file()] == []
     async with database.session() as session:
         leased = (await session.scalars(select(FilingJob.attempts).where(FilingJob.lease_until.is_not(None)))).all()
         assert list(leased) == [1] * COUNT
@@ -230,6 +314,7 @@ async def test_one_failing_job_rolls_its_batch_back_and_the_others_are_filed_on_
     assert {job.state for job in jobs.values()} == {"filed"}
     assert await count_rows(database, select(func.count()).select_from(RecordDocument)) == COUNT - 1
     assert await count_rows(database, select(func.count()).select_from(FilingNotice)) == 2 * (COUNT - 1)
+    await assert_no_stray_inline_blob(world)    # the rolled-back batch's inline documents went with it
 
 
 V1_ID, V2_ID = "1.2.250.1.213.1.1.1.55.2021.6.1", "1.2.250.1.213.1.1.1.55.2021.6.2"
@@ -273,6 +358,7 @@ async def test_a_document_whose_blob_cannot_be_written_delays_only_its_job_and_l
     """The batch's documents are written ahead a group per worker-thread hop (``BlobStore.put_many``): one
     that fails (disk full) fails its batch, which is filed again job by job; the others are filed once, the
     failing job waits for its retry, and no blob is left behind that no row references."""
+    monkeypatch.setattr("gateway.dmp_bridge.filing.INLINE_MAX", 0)   # documents above the inline limit: files
     world = await build_world(database, settings)
     await deliver_batch(world, COUNT)
     refused = numbered_cda(2)
