@@ -276,6 +276,22 @@ def test_unsupported_methods_and_unknown_paths_are_audited(served: GatewayProces
     assert [(e.outcome, e.reason) for e in audit.fhir_since(before)] == [("refused", reason)]
 
 
+def damage_blob(served: GatewayProcess, blob_id: str) -> None:
+    """Flip one octet in the middle of a blob's ciphertext, where it is: its row (an inline blob, as a small
+    filed document is) or its file."""
+    if blob_id.startswith("i"):
+        with sqlite3.connect(served.data_dir / "gateway.db", timeout=30) as connection:
+            [sealed] = connection.execute("SELECT sealed FROM inline_blobs WHERE blob_id = ?", (blob_id,)).fetchone()
+            stored = bytearray(sealed)
+            stored[len(stored) // 2] ^= 0xFF
+            connection.execute("UPDATE inline_blobs SET sealed = ? WHERE blob_id = ?", (bytes(stored), blob_id))
+        return
+    blob = served.data_dir / "blobs" / blob_id[:2] / blob_id[2:4] / blob_id
+    stored = bytearray(blob.read_bytes())
+    stored[len(stored) // 2] ^= 0xFF
+    blob.write_bytes(bytes(stored))
+
+
 def test_a_server_error_is_audited_as_an_error_not_a_refusal(served: GatewayProcess) -> None:
     """A real failure inside the server (the document's encrypted blob damaged on disk: AES-GCM refuses it):
     a 500 OperationOutcome that tells nothing of the internals, and one ``command_failed`` entry whose outcome
@@ -288,10 +304,7 @@ def test_a_server_error_is_audited_as_an_error_not_a_refusal(served: GatewayProc
     damaged_id = filed(served, unique_id)[0]
     with sqlite3.connect(f"file:{served.data_dir / 'gateway.db'}?mode=ro", uri=True) as connection:
         [blob_id] = connection.execute("SELECT blob_id FROM record_documents WHERE id = ?", (damaged_id,)).fetchone()
-    blob = served.data_dir / "blobs" / blob_id[:2] / blob_id[2:4] / blob_id
-    stored = bytearray(blob.read_bytes())
-    stored[len(stored) // 2] ^= 0xFF
-    blob.write_bytes(bytes(stored))
+    damage_blob(served, blob_id)
 
     audit = AuditTail(served)
     before = audit.head()
