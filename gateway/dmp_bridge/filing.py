@@ -409,6 +409,13 @@ class PreparedFiling:
     failures: list[DocumentOutcome]
     pending: list[_Pending]
 
+    def settle(self, kept: frozenset[str] | tuple[str, ...]) -> None:
+        """The blobs written ahead that committed rows reference are the record's from now on: no later
+        ``release`` deletes them."""
+        for item in self.pending:
+            if item.stored is not None and item.stored.blob_id in kept:
+                item.stored = None
+
     async def release(self, blobs: BlobStore, *, kept: frozenset[str] | tuple[str, ...]) -> None:
         """Delete the blobs written ahead that no committed row references (an inline one was only ever
         written by a transaction that committed its row, or rolled back with it: nothing to delete)."""

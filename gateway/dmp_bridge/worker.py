@@ -406,16 +406,34 @@ class FilingWorker:
                 raise
             # Cancelled: the database thread still commits or rolls back; the spool files stay either way (files
             # without queue rows are removed by local delivery's recovery pass; removing them could lose notices).
-            if self.acknowledger is not None:
-                self.acknowledger.dispatch(committed_jobs.notices)
-            for job in ready.jobs:
-                report = committed_jobs.reports.get(job.job_id)
-                if report is None:
-                    log.warning("filing job %d: lease lost to another worker; its result is left to that worker",
-                                job.job_id)
-                await job.prepared.release(self.blobs, kept=report.blob_ids if report is not None else ())
+            await self._after_commit(ready, committed_jobs)
             return
         raise RuntimeError(f"the record kept changing while {len(jobs)} job(s) were filed: filed again later")
+
+    async def _after_commit(self, ready: _ReadyBatch, committed_jobs: _Committed) -> None:
+        """What follows a committed filing: the blobs its rows reference handed over to the record at once
+        (a later failure must never delete them), the notices' delivery woken, the blobs written ahead for
+        nothing deleted. The filing is done whatever fails here: a failure is logged, never raised (raising
+        had the jobs filed again and their committed documents' files deleted)."""
+        kept = {job.job_id: report.blob_ids if (report := committed_jobs.reports.get(job.job_id)) is not None else ()
+                for job in ready.jobs}
+        for job in ready.jobs:
+            job.prepared.settle(kept[job.job_id])
+        try:
+            if self.acknowledger is not None:
+                self.acknowledger.dispatch(committed_jobs.notices)
+        except Exception:
+            # The notices are committed queue rows: local delivery's recovery pass delivers them.
+            log.warning("filing committed; waking the delivery of its notices failed", exc_info=True)
+        for job in ready.jobs:
+            if job.job_id not in committed_jobs.reports:
+                log.warning("filing job %d: lease lost to another worker; its result is left to that worker",
+                            job.job_id)
+            try:
+                await job.prepared.release(self.blobs, kept=kept[job.job_id])
+            except Exception:
+                log.warning("filing job %d committed; a blob written ahead for nothing was not deleted",
+                            job.job_id, exc_info=True)
 
     async def _file_alone(self, job: _Planned) -> None:
         """Phase 2 of one job in a transaction of its own (a batch of one, or after a batch rolled back)."""

@@ -391,3 +391,29 @@ async def test_a_document_whose_blob_cannot_be_written_delays_only_its_job_and_l
 async def _message_blobs(world: World) -> set[str]:
     async with world.db.session() as session:
         return set((await session.scalars(select(Message.blob_id))).all())
+
+
+@pytest.mark.parametrize("count", [1, COUNT], ids=["a-batch-of-one", "a-batch"])
+async def test_a_failure_after_the_commit_never_deletes_a_committed_document(
+        database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Once the filing transaction has committed, its documents' blob files are the record's: a failure in what
+    follows the commit (waking the notices' delivery) is logged; it neither deletes those files (which left
+    committed rows pointing at nothing) nor files the jobs again."""
+    monkeypatch.setattr("gateway.dmp_bridge.filing.INLINE_MAX", 0)   # documents above the inline limit: files
+    world = await build_world(database, settings)
+    await deliver_batch(world, count)
+    filing = worker(world, Spool(tmp_path / "spool"))
+    assert filing.acknowledger is not None
+
+    def dispatch_fails(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the event loop refused the wake-up")
+
+    monkeypatch.setattr(filing.acknowledger, "dispatch", dispatch_fails)
+    assert await filing.run_once() == count
+    await assert_filed_once(world, count)
+    async with database.session() as session:
+        referenced = set((await session.scalars(select(RecordDocument.blob_id))).all())
+    document_blobs = {path.name for path in world.blobs.root.rglob("*") if path.is_file()} - await _message_blobs(world)
+    assert document_blobs == referenced and len(referenced) == count
+    for document in await RecordStore(database, world.blobs).list_for_patient(TEST_INS):
+        assert (await RecordStore(database, world.blobs).read_content(document)).startswith(b"<?xml")
