@@ -132,6 +132,51 @@ def indexed_value(column: str, value: str | None) -> str | None:
     return value
 
 
+class _GramMemo:
+    """Trigram -> token, per index key and field, of the trigrams hashed lately, so that a delivery hashes only
+    the trigrams it is the first (since the last reset) to bring: the sender's and recipient's addresses, the
+    domain of a Message-ID and the words of subjects come back message after message. Same tokens, no
+    re-keying: a hit is the value a hash computed before.
+
+    Bounded for the whole process (``MEMO_GRAMS`` entries over every owner): when full, it is emptied and
+    fills again with what comes next (no per-hit bookkeeping, which would cost what the memo saves).
+    Holding trigram -> token pairs in memory discloses nothing the process does not hold already (the index
+    keys, the plaintext it delivers); an owner's entries go with its key (``BlindIndex.forget``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries = 0
+        self._by_key: dict[bytes, dict[str, dict[str, int]]] = {}
+
+    def of(self, key: bytes) -> dict[str, dict[str, int]]:
+        memos = self._by_key.get(key)
+        if memos is None:
+            memos = self._by_key[key] = {}
+        return memos
+
+    def room(self, count: int) -> bool:
+        """Whether ``count`` more entries fit (True after emptying the memo when they did not)."""
+        if count > self.capacity:
+            return False
+        if self.entries + count > self.capacity:
+            for memos in self._by_key.values():
+                memos.clear()
+            self._by_key.clear()
+            self.entries = 0
+        self.entries += count
+        return True
+
+    def drop(self, key: bytes) -> None:
+        memos = self._by_key.pop(key, None)
+        if memos is not None:
+            self.entries -= sum(len(memo) for memo in memos.values())
+            memos.clear()
+
+
+MEMO_GRAMS = 65536       # trigram tokens the process remembers, every owner together (about 10 MB)
+_MEMO = _GramMemo(MEMO_GRAMS)
+
+
 @dataclass(frozen=True)
 class IndexKey:
     """One owner's index key: turns (field, kind, text) into a signed 64-bit token."""
@@ -155,15 +200,25 @@ class IndexKey:
             states[column] = state
         return states
 
+    @cached_property
+    def _fixed_tokens(self) -> dict[str, int]:
+        """The tokens every message (``""``: indexed) or every message with the field (present) holds."""
+        fixed = {column: self.token(column, _PRESENT) for column in FIELD_TAGS}
+        fixed[""] = self.token("", _INDEXED)
+        return fixed
+
     def message_tokens(self, values: dict[str, str | None]) -> set[int]:
         """Every token of one message, from its cached columns in clear (``FIELD_TAGS`` names): the
-        tokens ``token`` gives, computed from the keyed states of ``_gram_states``."""
-        tokens = {self.token("", _INDEXED)}
-        from_bytes = int.from_bytes
+        tokens ``token`` gives, computed from the keyed states of ``_gram_states``, a trigram met lately
+        taken from the memo (``_GramMemo``) instead of hashed again."""
+        fixed = self._fixed_tokens
+        tokens = {fixed[""]}
+        memos = _MEMO.of(self.key)
         for column, value in values.items():
             if value is None:
                 continue
-            tokens.add(self.token(column, _PRESENT))
+            present = fixed.get(column)
+            tokens.add(self.token(column, _PRESENT) if present is None else present)
             grams = trigrams(value.casefold())
             if len(grams) > MAX_GRAMS_PER_FIELD:
                 tokens.add(self.token(column, _OVERFLOW))
@@ -172,11 +227,26 @@ class IndexKey:
             if keyed is None:                      # not an indexed column: the reference computation
                 tokens.update(self.token(column, _GRAM, gram) for gram in grams)
                 continue
-            for gram in grams:
-                state = keyed.copy()
-                state.update(gram.encode("utf-8", "surrogatepass"))
-                tokens.add(from_bytes(state.digest(), "big", signed=True))
+            memo = memos.get(column)
+            if memo is None:
+                memo = memos[column] = {}
+            known = memo.keys() & grams            # set operations and map() in C: no Python step per hit
+            tokens.update(map(memo.__getitem__, known))
+            if len(known) < len(grams):
+                tokens.update(self._hash_grams(column, keyed, grams - known))
         return tokens
+
+    def _hash_grams(self, column: str, keyed: Any, grams: set[str]) -> list[int]:
+        """The tokens of trigrams not in the memo, each from a copy of the field's keyed state; remembered."""
+        from_bytes = int.from_bytes
+        hashed = []
+        for gram in grams:
+            state = keyed.copy()
+            state.update(gram.encode("utf-8", "surrogatepass"))
+            hashed.append(from_bytes(state.digest(), "big", signed=True))
+        if _MEMO.room(len(grams)):              # (which may have emptied the memo: looked up again)
+            _MEMO.of(self.key).setdefault(column, {}).update(zip(grams, hashed))
+        return hashed
 
     def needle_tokens(self, column: str, needle: str) -> list[int] | None:
         """The tokens every message matching ``needle`` holds, or None when the index cannot narrow."""
@@ -575,7 +645,9 @@ class BlindIndex:
 
     def forget(self, owner: str) -> None:
         """Drop an owner's index key from memory (crypto-shredding destroyed the data key it came from)."""
-        self._keys.pop(owner, None)
+        key = self._keys.pop(owner, None)
+        if key is not None:
+            _MEMO.drop(key.key)
 
     def note_unposted(self, mailbox_id: int, count: int = 1) -> bool:
         """``count`` messages of the mailbox were indexed unposted (committed); True when a fold is due."""

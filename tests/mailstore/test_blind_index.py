@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from gateway.mailstore import blind_index
 from gateway.mailstore.blind_index import (
     FIELD_TAGS,
     MAX_GRAMS_PER_FIELD,
@@ -223,6 +224,36 @@ def test_message_tokens_are_the_reference_tokens(values: dict[str, str | None], 
         for needle in ([value[1:4], value] if value else []):
             needle_tokens = index_key.needle_tokens(column, needle)
             assert needle_tokens is None or set(needle_tokens) <= index_key.message_tokens(values)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(sorted(FIELD_TAGS)), st.none() | st.text(max_size=20)),
+                min_size=1, max_size=6),
+       st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=3), st.integers(0, 24))
+def test_memoised_tokens_are_the_reference_tokens_across_resets(
+        messages: list[dict[str, str | None]], keys: list[bytes], capacity: int) -> None:
+    """The trigram memo (emptied when full, shared by every owner) gives each message the tokens a fresh
+    computation gives; an owner's entries leave with its key."""
+    memo = blind_index._GramMemo(capacity)
+    original = blind_index._MEMO
+    blind_index._MEMO = memo
+    try:
+        for _ in range(2):                       # the second round finds (some of) its trigrams remembered
+            for number, values in enumerate(messages):
+                key = keys[number % len(keys)]
+                fresh = IndexKey(key)
+                expected = {fresh.token("", b"i")}
+                for column, value in values.items():
+                    if value is not None:
+                        expected.add(fresh.token(column, b"p"))
+                        expected.update(fresh.token(column, b"g", gram) for gram in trigrams(value.casefold()))
+                assert IndexKey(key).message_tokens(values) == expected
+                assert memo.entries <= capacity
+        for key in keys:
+            memo.drop(key)
+        assert memo.entries == 0
+    finally:
+        blind_index._MEMO = original
 
 
 async def _fold(database: Database, mailbox_id: int, limit: int) -> int:
