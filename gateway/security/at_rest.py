@@ -108,6 +108,19 @@ class FieldSealer:
         nonce = nonce_bytes(FIELD_NONCE_BYTES)
         return KEY_ID.pack(current.key_id) + nonce + cipher.encrypt(nonce, value, _field_aad(owner, column))
 
+    async def seal_raw_many(self, owner: str, values: Sequence[tuple[str, bytes]]) -> list[bytes]:
+        """``seal_raw`` of several (column, value) of one owner: the key and cipher looked up once, the
+        nonces drawn together (a delivery seals its five header columns and its ENVELOPE)."""
+        current = await self.keys.current_key(owner)
+        cipher = await self._cipher(owner, current.key_id)
+        key_id = KEY_ID.pack(current.key_id)
+        nonces = nonce_bytes(FIELD_NONCE_BYTES * len(values))
+        sealed = []
+        for number, (column, value) in enumerate(values):
+            nonce = nonces[number * FIELD_NONCE_BYTES:(number + 1) * FIELD_NONCE_BYTES]
+            sealed.append(key_id + nonce + cipher.encrypt(nonce, value, _field_aad(owner, column)))
+        return sealed
+
     async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
         """``value`` sealed as a token (a text column): ``"gw1:" base64url(seal_raw)``."""
         return SEALED_PREFIX + base64.urlsafe_b64encode(await self.seal_raw(owner, column, value)).decode("ascii")
@@ -381,18 +394,23 @@ class HeaderSealer:
         self.fields = fields
 
     async def seal(self, owner: str, headers: Any) -> Any:
-        """A copy of ``CachedHeaders`` with every text field and the envelope sealed."""
-        values: dict[str, Any] = {}
+        """A copy of ``CachedHeaders`` with every text field and the envelope sealed (one ``seal_raw_many``)."""
+        plain: list[tuple[str, bytes]] = []
         for column in _SEALED_TEXT_COLUMNS:
-            plain = getattr(headers, column)
-            if column == "message_id" and plain is not None:
-                plain = plain[:MESSAGE_ID_PLAINTEXT_LIMIT]
-            values[column] = await self.fields.seal(owner, column, plain)
+            value = getattr(headers, column)
+            if column == "message_id" and value is not None:
+                value = value[:MESSAGE_ID_PLAINTEXT_LIMIT]
+            if value is not None:
+                plain.append((column, value.encode("utf-8")))
         # The ENVELOPE as IMAP renders it (gateway.imap.protocol.envelope), not its structure, as raw octets
         # (no JSON, no base64): a FETCH decrypts it and sends it as is.
+        plain.append((ENVELOPE_WIRE_COLUMN, headers.envelope_wire()))
+        sealed = await self.fields.seal_raw_many(owner, plain)
+        values: dict[str, Any] = dict.fromkeys(_SEALED_TEXT_COLUMNS)
+        for (column, _), raw in zip(plain[:-1], sealed, strict=False):
+            values[column] = SEALED_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii")
         values["envelope"] = {}
-        values["envelope_sealed"] = ENVELOPE_SEALED_TAG + await self.fields.seal_raw(
-            owner, ENVELOPE_WIRE_COLUMN, headers.envelope_wire())
+        values["envelope_sealed"] = ENVELOPE_SEALED_TAG + sealed[-1]
         return dataclasses.replace(headers, **values)
 
     async def open_rows(self, owner: str, rows: Any) -> None:
