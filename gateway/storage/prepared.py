@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy import LargeBinary
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
@@ -62,17 +63,27 @@ class _Plan:
     processors: dict[str, Callable[[Any], Any]]   # the columns' bind processors (timestamps...)
     results: tuple[Callable[[Any], Any] | None, ...] = ()   # the selected columns' result processors
 
+    blobs: frozenset[str] = frozenset()          # binary columns: octets go to the driver as they are
+
+    def __post_init__(self) -> None:
+        # The positions whose value a bind processor converts, found once (a delivery's statements build
+        # about 40 parameters); octets of a binary column skip its processor: SQLite's driver takes bytes
+        # as a BLOB, what the processor's ``sqlite3.Binary`` (a memoryview) hands it.
+        converted = tuple((index, self.processors[name], bytes if name in self.blobs else None)
+                          for index, name in enumerate(self.names) if name in self.processors)
+        object.__setattr__(self, "_converted", converted)
+
+    def _missing(self, name: str) -> Any:
+        default = self.defaults.get(name)
+        return default() if default is not None else self.fixed[name]
+
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
-        out = []
-        for name in self.names:
-            if name in values:
-                value = values[name]
-            elif name in self.defaults:
-                value = self.defaults[name]()
-            else:
-                value = self.fixed[name]
-            processor = self.processors.get(name)
-            out.append(processor(value) if processor is not None else value)
+        out = [values[name] if name in values else self._missing(name) for name in self.names]
+        converted: tuple[tuple[int, Callable[[Any], Any], type | None], ...] = self._converted  # type: ignore[attr-defined]
+        for index, processor, as_is in converted:
+            value = out[index]
+            if as_is is None or type(value) is not as_is:
+                out[index] = processor(value)
         return tuple(out)
 
 
@@ -177,7 +188,9 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
                   if name in compiled.positiontup}
     fixed = compiled.construct_params(_check=False)         # literals compiled in; None for the caller's
     results = tuple(entry[3].dialect_impl(dialect).result_processor(dialect, None) for entry in compiled._result_columns)
-    return _Plan(compiled.string, tuple(compiled.positiontup), dict(fixed), defaults, processors, results)
+    blobs = frozenset(name for name in processors if dialect.name == "sqlite" and name in compiled.binds
+                      and isinstance(compiled.binds[name].type, LargeBinary))
+    return _Plan(compiled.string, tuple(compiled.positiontup), dict(fixed), defaults, processors, results, blobs)
 
 
 def _default_of(arg: Any, is_callable: bool) -> Callable[[], Any]:
