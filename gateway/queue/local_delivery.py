@@ -467,14 +467,17 @@ class LocalDeliveryWorker:
         ready = self._take_ready(queue_id)
         # Handed over (SQLite, one process): the rows just committed, each checked again in its delivery
         # transaction (``_still_open``); otherwise read (and on PostgreSQL claimed) from the queue.
-        works = ready.works if ready is not None else await self.queue.claim_local_work(queue_id, self.claim_lease)
+        if ready is not None:
+            works, plaintext = ready.works, ready.plaintext
+        else:
+            works, plaintext = await self._queued(queue_id)
         if not works:
             if await self.queue.finish_if_done(queue_id):
                 self.spool.remove(queue_id)
             return
-        plaintext = ready.plaintext if ready is not None else None
-        in_row = ready is not None and ready.in_row
-        if plaintext is None:                 # not handed over: a small message is in its queue row, not a file
+        # Read from the queue, a plaintext can only come from the message's row (``_queued``: None for a file).
+        in_row = ready.in_row if ready is not None else plaintext is not None
+        if plaintext is None and ready is not None:   # a small message is in its queue row, not a file
             plaintext = await self.spool.plaintext_in_row(queue_id, size=works[0].size)
             in_row = in_row or plaintext is not None
         content = await self._content(works[0], plaintext)
@@ -501,6 +504,24 @@ class LocalDeliveryWorker:
             # Recovery never depends on it: a file whose message is done is removed, never delivered, by
             # ``recover``.
             await asyncio.to_thread(self.spool.remove, queue_id)
+
+    async def _queued(self, queue_id: str) -> tuple[list[LocalWork], bytes | None]:
+        """A message not handed over: its due local recipients (claimed, on PostgreSQL) and, when it is small
+        enough to be in its queue row, its plaintext from there (None: in a file). On SQLite both are read
+        in one transaction, one database thread hop."""
+        if not self.queue.db.is_sqlite:
+            works = await self.queue.claim_local_work(queue_id, self.claim_lease)
+            if not works:
+                return works, None
+            return works, await self.spool.plaintext_in_row(queue_id, size=works[0].size)
+        spool = self.spool
+
+        def read(connection: Connection) -> tuple[list[LocalWork], bytes | None]:
+            works = QueueStore.local_work_in(connection, queue_id)
+            return works, spool.row_content_in(connection, queue_id, size=works[0].size) if works else None
+
+        works, sealed = await self.queue.db.run_in_transaction(read)
+        return works, None if sealed is None else spool.plaintext_of_row(sealed, queue_id)
 
     async def _content(self, work: LocalWork, plaintext: bytes | None) -> _Content | None:
         """The message as delivered, read once for all its recipients: from the handed-over plaintext (a

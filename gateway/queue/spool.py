@@ -310,10 +310,17 @@ class Spool:
         if size > self.in_row_bytes:
             return None
         content = await self.row_content(queue_id)
-        if content is None:
-            return None
+        return None if content is None else self.plaintext_of_row(content, queue_id)
+
+    def plaintext_of_row(self, content: bytes, queue_id: str) -> bytes:
+        """The plaintext of a queue row's sealed content (``row_content``, ``row_content_in``)."""
         with self._content_reader(content, queue_id) as stream:
             return stream.read()
+
+    def row_content_in(self, connection: Connection, queue_id: str, *, size: int = 0) -> bytes | None:
+        """``row_content`` inside the caller's transaction; None without reading when ``size`` (the plaintext's,
+        when known) is larger than a row holds."""
+        return None if self.db is None or size > self.in_row_bytes else _row_content_in(connection, queue_id)
 
     async def row_content(self, queue_id: str) -> bytes | None:
         """The sealed octets in a message's queue row (None: in a file, or no such message)."""

@@ -176,13 +176,17 @@ class QueueStore:
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         """Local recipients that are pending, or deferred and due, oldest message first."""
+        now = utcnow()
+        return await self.db.run_in_transaction(lambda connection: self.local_work_in(connection, queue_id,
+                                                                                      limit=limit, now=now))
+
+    @staticmethod
+    def local_work_in(connection: Connection, queue_id: str | None = None, *, limit: int = 500,
+                      now: dt.datetime | None = None) -> list[LocalWork]:
+        """``local_work`` inside the caller's transaction (synchronous, in the database thread)."""
         stmt = _LOCAL_WORK if queue_id is None else _LOCAL_WORK_OF
-        wanted = {"now": utcnow(), "limit": limit, "queue_id": queue_id}
-
-        def read(connection: Connection) -> list[LocalWork]:
-            return [LocalWork(*row) for row in stmt.rows(connection, wanted)]
-
-        return await self.db.run_in_transaction(read)
+        wanted = {"now": now or utcnow(), "limit": limit, "queue_id": queue_id}
+        return [LocalWork(*row) for row in stmt.rows(connection, wanted)]
 
     async def claim_local_work(self, queue_id: str, lease: dt.timedelta) -> list[LocalWork]:
         """``local_work(queue_id)``, claimed for ``lease`` when several nodes share the database.
