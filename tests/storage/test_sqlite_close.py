@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
+import traceback
 from pathlib import Path
 
 import aiosqlite
@@ -50,11 +52,13 @@ async def test_our_connection_close_cancelled_after_stop_ends(tmp_path: Path) ->
 
 
 async def _thread_ends(connection: aiosqlite.Connection) -> bool:
-    for _ in range(200):
-        if not connection._thread.is_alive():
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    """Whether the worker thread ends (a bound, not a timing: a loaded CI machine once took over 10 s);
+    if it does not, where it is, so that a failure says why."""
+    await asyncio.to_thread(connection._thread.join, 120)
+    if connection._thread.is_alive():
+        frame = sys._current_frames().get(connection._thread.ident or -1)
+        raise AssertionError("worker thread still running:\n" + "".join(traceback.format_stack(frame)))
+    return True
 
 
 async def test_database_uses_it_and_still_works(tmp_path: Path) -> None:
