@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -405,9 +406,47 @@ FEW_BLOBS = 8
 BLOB_IDS_KEPT = 4096
 
 
+# Bodies are shared by copies (COPY and MOVE copy ``blob_id``), so a body goes with the last row referring to it.
+# Nothing acknowledged may lose its body, nor may a body outlive its last row:
+# - a row referring to a body is made only by COPY/MOVE, from a source row it reads under its source folder's
+#   lock and ``FOR SHARE`` (PostgreSQL; ``_copy``): the source's deletion cannot commit before the copy does;
+# - whoever deletes rows (EXPUNGE, DELETE of a folder) deletes them first, then locks their bodies (below) and
+#   asks which ones no row refers to any more (``_unreferenced``), in that transaction, each statement a fresh
+#   snapshot under READ COMMITTED: of two removers of one body's last rows (two folders expunged at once), the
+#   second to take the lock sees the first's deletion committed, where both saw the other's row and kept the
+#   body. An inline body is deleted in that transaction, a file after its commit (a rollback keeps it).
+# SQLite has one writer: BEGIN IMMEDIATE (or a first write) orders whole transactions, so none of this can
+# interleave there.
+_BODY_LOCK_CLASS = 0x6D626F64   # "mbod": the first key of PostgreSQL's two-key advisory locks, the body's hash second
+_LOCK_BODIES = text("SELECT pg_advisory_xact_lock(:lock_class, body) FROM "
+                    "(SELECT DISTINCT unnest(CAST(:bodies AS integer[])) AS body) AS bodies ORDER BY body")
+
+
+def _body_lock_key(blob_id: str) -> int:
+    """A signed 32-bit key for a body's advisory lock (two bodies sharing a key only wait for each other)."""
+    return int.from_bytes(hashlib.blake2b(blob_id.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+def _lock_bodies(connection: Connection, blob_ids: set[str]) -> None:
+    """PostgreSQL: lock the bodies until the commit, in one order (no two removers wait on each other in a
+    cycle). SQLite: the writer's lock is already held."""
+    if blob_ids and connection.dialect.name == "postgresql":
+        connection.execute(_LOCK_BODIES, {"lock_class": _BODY_LOCK_CLASS,
+                                          "bodies": sorted({_body_lock_key(blob_id) for blob_id in blob_ids})})
+
+
+def _release_bodies(connection: Connection, blob_ids: set[str]) -> list[str]:
+    """After this transaction deleted rows referring to ``blob_ids``: the bodies no row refers to any more,
+    inline ones deleted now (with the rows); the files among them are returned, to delete after the commit."""
+    _lock_bodies(connection, blob_ids)
+    unreferenced = _unreferenced(connection, blob_ids)
+    delete_inline(connection, unreferenced)
+    return [blob_id for blob_id in unreferenced if not is_inline(blob_id)]
+
+
 def _unreferenced(connection: Connection, blob_ids: set[str]) -> list[str]:
-    """Of ``blob_ids``, those no message row refers to any more (asked in the transaction that removed rows, so
-    no second transaction after it)."""
+    """Of ``blob_ids``, those no message row refers to any more (asked in the transaction that removed rows,
+    after ``_lock_bodies``)."""
     if not blob_ids:
         return []
     if len(blob_ids) <= FEW_BLOBS:        # the usual EXPUNGE: one statement prepared, one index probe each
@@ -790,17 +829,6 @@ class SqlMailStore(MailStore):
     def _epochs(self, mailbox_id: int) -> tuple[int, int]:
         return self._epoch, self._mailbox_epochs.get(mailbox_id, 0)
 
-    async def _drop_unreferenced_blobs(self, blob_ids: Iterable[str]) -> None:
-        candidates = set(blob_ids)
-        if not candidates:
-            return
-        async with self.database.session() as session:
-            still_used = set(await session.scalars(
-                select(Message.blob_id).where(Message.blob_id.in_(candidates)).distinct()
-            ))
-        for blob_id in candidates - still_used:
-            await self.blobs.delete(blob_id)
-
     # ------------------------------------------------------------------ folders
 
     async def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
@@ -877,14 +905,16 @@ class SqlMailStore(MailStore):
                 Folder.mailbox_id == mailbox_id, Folder.name.startswith(name + "/", autoescape=True)))
             if children:
                 raise FolderHasChildren(f"folder {name!r} has subfolders: delete or move them first")
-            blob_ids = list(await session.scalars(select(Message.blob_id).where(Message.folder_id == folder.id)))
+            blob_ids = set(await session.scalars(delete(Message).where(Message.folder_id == folder.id)
+                                                 .returning(Message.blob_id)))
             await session.execute(delete(ExpungedMessage).where(ExpungedMessage.folder_id == folder.id))
-            await session.execute(delete(Message).where(Message.folder_id == folder.id))
             await session.execute(delete(Folder).where(Folder.id == folder.id))
-            return blob_ids
+            # The bodies only these messages used go too (see ``_release_bodies``).
+            return await session.run_sync(lambda sync: _release_bodies(sync.connection(), blob_ids))
 
-        blob_ids = await self._transaction(work)
-        await self._drop_unreferenced_blobs(blob_ids)
+        files = await self._transaction(work)
+        for blob_id in files:
+            await self.blobs.delete(blob_id)   # after the commit: a rollback leaves every body in place
         self._publish(mailbox_id, name, ChangeKind.FOLDERS)
 
     async def rename_folder(self, mailbox_id: int, old: str, new: str) -> None:
@@ -1476,9 +1506,14 @@ class SqlMailStore(MailStore):
         # RFC 6851 3.3 allows a MOVE into the source folder itself (as Dovecot does): the copies take new UIDs
         # (UIDNEXT and a MODSEQ first), then the originals are expunged under the next MODSEQ.
         source, target = await self._lock_folders(session, [ref, destination])
-        messages = [m for m in await session.scalars(
-            select(Message).where(Message.folder_id == source.id, uid_clause(uids)).order_by(Message.uid))
-            if m.uid in uids]
+        # The copies share their sources' bodies: the source rows are read FOR SHARE (PostgreSQL), so no
+        # deletion of theirs (an EXPUNGE elsewhere) commits before the copies do, and whoever then drops a body
+        # sees the copies (see ``_release_bodies``). A source expunged before is not found, hence not copied:
+        # COPYUID names only the messages copied (RFC 4315 3; RFC 2180 4.4: the others were expunged meanwhile).
+        query = select(Message).where(Message.folder_id == source.id, uid_clause(uids)).order_by(Message.uid)
+        if not self.database.is_sqlite:
+            query = query.with_for_update(read=True)
+        messages = [m for m in await session.scalars(query) if m.uid in uids]
         if not move:
             await self._enforce_quota(session, ref.mailbox_id, sum(m.size for m in messages))
         dest_uids = self._insert_copies(session, target, messages) if messages else ()
@@ -1552,9 +1587,8 @@ class SqlMailStore(MailStore):
             _FOLDER_EXPUNGED.run(connection, {"folder_id": row.id, "new_modseq": modseq, "gone_count": len(doomed),
                                               "gone_bytes": sum(size for _, _, size, _ in doomed)})
             written.append(_Written(row.id, row.uidvalidity, row.highestmodseq, modseq, expunged=gone))
-            unreferenced = _unreferenced(connection, {blob_id for *_, blob_id in doomed})
-            delete_inline(connection, unreferenced)      # inline bodies go with their rows, in this transaction
-            return ExpungeResult(tuple(gone), modseq), [blob_id for blob_id in unreferenced if not is_inline(blob_id)]
+            files = _release_bodies(connection, {blob_id for *_, blob_id in doomed})
+            return ExpungeResult(tuple(gone), modseq), files
 
         result, blob_ids = await self._run(work, write=True)
         if result.uids:

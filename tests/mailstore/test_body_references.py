@@ -10,17 +10,17 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from sqlalchemy import event, select, text
 
-from gateway.mailstore.errors import MailStoreError
+from gateway.mailstore.errors import FolderNotFound, MailStoreError
 from gateway.mailstore.interface import INBOX, CopyResult, FolderRef, StoreMode, UidSet
 from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.tables import Message
 from gateway.storage.blobs import INLINE_MAX, BlobStore, is_inline
 from gateway.storage.db import Database
-from gateway.mailstore.tables import Message
 from tests.mailstore.conftest import stored_bodies
 from tests.mailstore.test_store import message
 
@@ -45,7 +45,7 @@ class _AnotherNodeDuring:
         self.outcome: list[Any] = []
         self.thread = threading.Thread(target=self._other_node)
 
-    def __enter__(self) -> _AnotherNodeDuring:
+    def __enter__(self) -> Self:
         event.listen(self.database.engine.sync_engine, "after_cursor_execute", self._after)
         return self
 
@@ -269,3 +269,65 @@ async def test_deleting_a_folder_drops_the_bodies_only_its_messages_used(
     assert await stored_bodies(database, data_dir) == 1
     assert await store.message_bytes(inbox, 1) == shared
     await _no_body_lost_or_left(database, data_dir)
+
+
+# The reference check of an EXPUNGE or a DELETE (in its transaction, or after its commit as it once was).
+CHECK = ("SELECT", "WHERE mail_messages.blob_id")
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_a_folder_deleted_while_its_shared_bodys_other_copy_is_expunged_leaves_nothing_behind(
+        store: SqlMailStore, database: Database, blobs: BlobStore, data_dir: Path, mailbox_id: int,
+        size: str) -> None:
+    """DELETE of Old (holding Old 1) while another node expunges INBOX 1, a copy of it: the body goes, once."""
+    _on_postgresql(database)
+    inbox, old = FolderRef(mailbox_id, INBOX), FolderRef(mailbox_id, "Old")
+    await store.create_folder(mailbox_id, "Old")
+    await store.append(old, message(1, body=SIZES[size]))
+    assert (await store.copy(old, UidSet.of(1), inbox)).dest_uids == (1,)
+    await store.store_flags(inbox, UidSet.of(1), StoreMode.ADD, ["\\Deleted"])
+
+    async def other(node: SqlMailStore) -> Any:
+        return await node.expunge(inbox)
+
+    with _AnotherNodeDuring(database, blobs, other, *CHECK) as during:
+        await store.delete_folder(mailbox_id, "Old")
+    assert during.result().uids == (1,)
+    assert await _bodies_referenced(database) == set()
+    await _no_body_lost_or_left(database, data_dir)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_a_copy_out_of_a_folder_being_deleted_is_refused_or_keeps_its_body(
+        store: SqlMailStore, database: Database, blobs: BlobStore, data_dir: Path, mailbox_id: int,
+        size: str) -> None:
+    _on_postgresql(database)
+    old, archive = FolderRef(mailbox_id, "Old"), FolderRef(mailbox_id, "Archive")
+    await store.create_folder(mailbox_id, "Old")
+    raw = message(1, body=SIZES[size])
+    await store.append(old, raw)
+
+    async def other(node: SqlMailStore) -> Any:
+        return await node.copy(old, UidSet.of(1), archive)
+
+    with _AnotherNodeDuring(database, blobs, other, "DELETE FROM mail_messages") as during:
+        await store.delete_folder(mailbox_id, "Old")
+    with pytest.raises(FolderNotFound):      # it waited for the DELETE's commit: no folder any more
+        during.result()
+    await _no_body_lost_or_left(database, data_dir)
+    assert await stored_bodies(database, data_dir) == 0
+
+
+async def test_an_inline_body_goes_with_its_deleted_folder_in_one_transaction(
+        store: SqlMailStore, database: Database, data_dir: Path, mailbox_id: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing done after the commit (the process may be killed there) is needed to drop an inline body."""
+    await store.create_folder(mailbox_id, "Old")
+    await store.append(FolderRef(mailbox_id, "Old"), message(1))
+
+    async def killed(_blob_id: str) -> None:
+        raise RuntimeError("killed after the commit")
+
+    monkeypatch.setattr(store.blobs, "delete", killed)
+    await store.delete_folder(mailbox_id, "Old")
+    assert await stored_bodies(database, data_dir) == 0
