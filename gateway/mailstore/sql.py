@@ -96,6 +96,7 @@ from gateway.imap.protocol.envelope import WIRE_VERSION
 from gateway.mailstore.envelopes import envelope_form, sealed_envelope_octets, sealed_envelope_parts
 from gateway.security.at_rest import ENVELOPE_WIRE_COLUMN, HeaderSealer, sealed_octets
 from gateway.security.keys import mailbox_owner
+from gateway.storage.advisory import lock_key
 from gateway.storage.blobs import (
     BlobNotFound,
     BlobReader,
@@ -417,28 +418,32 @@ BLOB_IDS_KEPT = 4096
 #   body. An inline body is deleted in that transaction, a file after its commit (a rollback keeps it).
 # SQLite has one writer: BEGIN IMMEDIATE (or a first write) orders whole transactions, so none of this can
 # interleave there.
-_BODY_LOCK_CLASS = 0x6D626F64   # "mbod": the first key of PostgreSQL's two-key advisory locks, the body's hash second
-_LOCK_BODIES = text("SELECT pg_advisory_xact_lock(:lock_class, body) FROM "
-                    "(SELECT DISTINCT unnest(CAST(:bodies AS integer[])) AS body) AS bodies ORDER BY body")
+# A body's lock: one of BODY_LOCKS per mailbox (copies never leave their mailbox), so a transaction holds at most
+# that many advisory locks whatever it removes (PostgreSQL's shared lock table is small: 64 per connection by
+# default), and removers in other mailboxes never wait for each other; two bodies of one bucket only share a wait.
+BODY_LOCKS = 16
+_LOCK_BODIES = text("SELECT pg_advisory_xact_lock(body) FROM "
+                    "(SELECT DISTINCT unnest(CAST(:bodies AS bigint[])) AS body) AS bodies ORDER BY body")
 
 
-def _body_lock_key(blob_id: str) -> int:
-    """A signed 32-bit key for a body's advisory lock (two bodies sharing a key only wait for each other)."""
-    return int.from_bytes(hashlib.blake2b(blob_id.encode(), digest_size=4).digest(), "big", signed=True)
+def _body_lock_key(mailbox_id: int, blob_id: str) -> int:
+    """The signed 64-bit advisory lock key of a body of ``mailbox_id`` (``storage.advisory.lock_key`` names)."""
+    bucket = hashlib.blake2b(blob_id.encode(), digest_size=4).digest()[0] % BODY_LOCKS
+    return lock_key(f"mailstore-body:{mailbox_id}:{bucket}")
 
 
-def _lock_bodies(connection: Connection, blob_ids: set[str]) -> None:
+def _lock_bodies(connection: Connection, mailbox_id: int, blob_ids: set[str]) -> None:
     """PostgreSQL: lock the bodies until the commit, in one order (no two removers wait on each other in a
     cycle). SQLite: the writer's lock is already held."""
     if blob_ids and connection.dialect.name == "postgresql":
-        connection.execute(_LOCK_BODIES, {"lock_class": _BODY_LOCK_CLASS,
-                                          "bodies": sorted({_body_lock_key(blob_id) for blob_id in blob_ids})})
+        connection.execute(_LOCK_BODIES, {"bodies": sorted({_body_lock_key(mailbox_id, blob_id)
+                                                            for blob_id in blob_ids})})
 
 
-def _release_bodies(connection: Connection, blob_ids: set[str]) -> list[str]:
+def _release_bodies(connection: Connection, mailbox_id: int, blob_ids: set[str]) -> list[str]:
     """After this transaction deleted rows referring to ``blob_ids``: the bodies no row refers to any more,
     inline ones deleted now (with the rows); the files among them are returned, to delete after the commit."""
-    _lock_bodies(connection, blob_ids)
+    _lock_bodies(connection, mailbox_id, blob_ids)
     unreferenced = _unreferenced(connection, blob_ids)
     delete_inline(connection, unreferenced)
     return [blob_id for blob_id in unreferenced if not is_inline(blob_id)]
@@ -910,7 +915,7 @@ class SqlMailStore(MailStore):
             await session.execute(delete(ExpungedMessage).where(ExpungedMessage.folder_id == folder.id))
             await session.execute(delete(Folder).where(Folder.id == folder.id))
             # The bodies only these messages used go too (see ``_release_bodies``).
-            return await session.run_sync(lambda sync: _release_bodies(sync.connection(), blob_ids))
+            return await session.run_sync(lambda sync: _release_bodies(sync.connection(), mailbox_id, blob_ids))
 
         files = await self._transaction(work)
         for blob_id in files:
@@ -1587,7 +1592,7 @@ class SqlMailStore(MailStore):
             _FOLDER_EXPUNGED.run(connection, {"folder_id": row.id, "new_modseq": modseq, "gone_count": len(doomed),
                                               "gone_bytes": sum(size for _, _, size, _ in doomed)})
             written.append(_Written(row.id, row.uidvalidity, row.highestmodseq, modseq, expunged=gone))
-            files = _release_bodies(connection, {blob_id for *_, blob_id in doomed})
+            files = _release_bodies(connection, folder.mailbox_id, {blob_id for *_, blob_id in doomed})
             return ExpungeResult(tuple(gone), modseq), files
 
         result, blob_ids = await self._run(work, write=True)

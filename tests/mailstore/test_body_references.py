@@ -17,7 +17,7 @@ from sqlalchemy import event, select, text
 
 from gateway.mailstore.errors import FolderNotFound, MailStoreError
 from gateway.mailstore.interface import INBOX, CopyResult, FolderRef, StoreMode, UidSet
-from gateway.mailstore.sql import SqlMailStore
+from gateway.mailstore.sql import BODY_LOCKS, SqlMailStore
 from gateway.mailstore.tables import Message
 from gateway.storage.blobs import INLINE_MAX, BlobStore, is_inline
 from gateway.storage.db import Database
@@ -330,4 +330,15 @@ async def test_an_inline_body_goes_with_its_deleted_folder_in_one_transaction(
 
     monkeypatch.setattr(store.blobs, "delete", killed)
     await store.delete_folder(mailbox_id, "Old")
+    assert await stored_bodies(database, data_dir) == 0
+
+
+async def test_an_expunge_of_many_bodies_drops_them_all_under_a_bounded_number_of_locks(
+        store: SqlMailStore, database: Database, data_dir: Path, mailbox_id: int) -> None:
+    """Every body of a large EXPUNGE is locked (one of ``BODY_LOCKS`` per mailbox, so PostgreSQL's lock table
+    is never exhausted) and dropped."""
+    inbox = FolderRef(mailbox_id, INBOX)
+    for number in range(3 * BODY_LOCKS):
+        await store.append(inbox, message(number), flags=["\\Deleted"])
+    assert len((await store.expunge(inbox)).uids) == 3 * BODY_LOCKS
     assert await stored_bodies(database, data_dir) == 0
