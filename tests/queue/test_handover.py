@@ -25,13 +25,8 @@ from tests.dmp_bridge.filing_world import World, build_world
 BODY = b"From: a@lab.example\r\nSubject: handed over\r\nMessage-ID: <h-1@lab.example>\r\n\r\nbonjour\r\n"
 
 
-async def _accepted(world: World, spool: Spool) -> tuple[SpoolFile, AcceptedRows]:
-    """A message as the pipeline leaves it after its 250: file durable, rows committed (their ids known)."""
-    await StoreDelivery(world.mailstore).provision(world.doctor_mailbox_id)
-    spool_file = spool.new_file()
-    spool_file.write(BODY)
-    await spool_file.make_durable()
-    spool_file.keep()
+def _rows(world: World, spool_file: SpoolFile) -> AcceptedRows:
+    """The queue rows acceptance writes for BODY to the doctor."""
     message: dict[str, object] = dict(id=spool_file.queue_id, door="submission", sender="a@lab.example", envid=None,
                                       ret=None, body_type="7BIT", smtputf8=False, size=spool_file.size,
                                       message_id_header="<h-1@lab.example>", received_at=utcnow(),
@@ -40,7 +35,17 @@ async def _accepted(world: World, spool: Spool) -> tuple[SpoolFile, AcceptedRows
     recipient: dict[str, object] = dict(address=world.doctor_address, orcpt=None, notify=None, route="local",
                                         mailbox_id=world.doctor_mailbox_id, domain=world.doctor_address.split("@")[1],
                                         state="pending", attempts=0)
-    rows = AcceptedRows(message, [recipient])
+    return AcceptedRows(message, [recipient])
+
+
+async def _accepted(world: World, spool: Spool) -> tuple[SpoolFile, AcceptedRows]:
+    """A message as the pipeline leaves it after its 250: file durable, rows committed (their ids known)."""
+    await StoreDelivery(world.mailstore).provision(world.doctor_mailbox_id)
+    spool_file = spool.new_file()
+    spool_file.write(BODY)
+    await spool_file.make_durable()
+    spool_file.keep()
+    rows = _rows(world, spool_file)
     await world.db.run_in_transaction(lambda c: QueueStore.insert_accepted(c, [rows], []), write=True)
     return spool_file, rows
 
@@ -94,15 +99,7 @@ async def _accepted_in_row(world: World, spool: Spool) -> tuple[SpoolFile, Accep
     await StoreDelivery(world.mailstore).provision(world.doctor_mailbox_id)
     spool_file = spool.new_file()
     spool_file.write(BODY)
-    message: dict[str, object] = dict(id=spool_file.queue_id, door="submission", sender="a@lab.example", envid=None,
-                                      ret=None, body_type="7BIT", smtputf8=False, size=spool_file.size,
-                                      message_id_header="<h-1@lab.example>", received_at=utcnow(),
-                                      trace_headers="Return-Path: <a@lab.example>\r\n", authenticated_as=None,
-                                      client_address="127.0.0.1", client_helo="lab", tls=None)
-    recipient: dict[str, object] = dict(address=world.doctor_address, orcpt=None, notify=None, route="local",
-                                        mailbox_id=world.doctor_mailbox_id, domain=world.doctor_address.split("@")[1],
-                                        state="pending", attempts=0)
-    rows = AcceptedRows(message, [recipient])
+    rows = _rows(world, spool_file)
     await AcceptanceCommitter(spool, QueueStore(world.db)).commit([spool_file], [rows], [])
     spool_file.keep()
     assert spool_file.row_content is not None and not spool.path_of(spool_file.queue_id).exists()
