@@ -270,6 +270,9 @@ class FilingWorker:
                    .outerjoin(FilingJob, FilingJob.delivery_id == Delivery.id).where(FilingJob.id.is_(None)))
         if since is not None:
             missing = missing.where(Delivery.id > since)
+        # In delivery id order: two nodes' passes insert the same missing jobs; in one order each waits for
+        # the other's rows one after the other, where PostgreSQL saw two orders as a deadlock.
+        missing = missing.order_by(Delivery.id)
         insert = pg_insert(FilingJob) if not self.db.is_sqlite else sqlite_insert(FilingJob)
         statement = insert.from_select(["delivery_id", "delivery_key", "mailbox_id", "state", "attempts", "documents_filed"],
                                        missing)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import pytest
@@ -43,7 +44,7 @@ class HeldStore:
         self.started.put_nowait(queue_id)
         await self.released.setdefault(queue_id, asyncio.Event()).wait()
         if after is not None:
-            after(None, 1)  # type: ignore[arg-type]  (the fake queue ignores the connection)
+            after(None, 1)  # type: ignore[arg-type]  # the fake queue ignores the connection
         self.delivered.append(queue_id)
         return type("Result", (), {"duplicate": False})()
 
@@ -54,6 +55,9 @@ class FakeQueue:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.done: set[str] = set()
+        # Local delivery reads a message not handed over through the claim (PostgreSQL's way) unless the
+        # queue's database is SQLite (one transaction): this queue has no database, so the claim it is.
+        self.db = SimpleNamespace(is_sqlite=False)
 
     async def local_work(self, queue_id: str | None = None, *, limit: int = 500) -> list[LocalWork]:
         if queue_id is None or queue_id in self.done:
