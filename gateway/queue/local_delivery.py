@@ -477,9 +477,8 @@ class LocalDeliveryWorker:
             return
         # Read from the queue, a plaintext can only come from the message's row (``_queued``: None for a file).
         in_row = ready.in_row if ready is not None else plaintext is not None
-        if plaintext is None and ready is not None:   # a small message is in its queue row, not a file
-            plaintext = await self.spool.plaintext_in_row(queue_id, size=works[0].size)
-            in_row = in_row or plaintext is not None
+        if plaintext is None and in_row:   # handed over without its plaintext (over the memory budget)
+            plaintext = await self.spool.plaintext_in_row(queue_id)
         content = await self._content(works[0], plaintext)
         assert self.store is not None
         # A message kept in its row has no spool file: the commit that finishes it clears the row's content

@@ -103,10 +103,7 @@ class FieldSealer:
 
     async def seal_raw(self, owner: str, column: str, value: bytes) -> bytes:
         """``value`` sealed as raw octets: ``key id | nonce | ciphertext || tag`` (a binary column)."""
-        current = await self.keys.current_key(owner)
-        cipher = await self._cipher(owner, current.key_id)
-        nonce = nonce_bytes(FIELD_NONCE_BYTES)
-        return KEY_ID.pack(current.key_id) + nonce + cipher.encrypt(nonce, value, _field_aad(owner, column))
+        return (await self.seal_raw_many(owner, [(column, value)]))[0]
 
     async def seal_raw_many(self, owner: str, values: Sequence[tuple[str, bytes]]) -> list[bytes]:
         """``seal_raw`` of several (column, value) of one owner: the key and cipher looked up once, the
@@ -123,7 +120,7 @@ class FieldSealer:
 
     async def seal_bytes(self, owner: str, column: str, value: bytes) -> str:
         """``value`` sealed as a token (a text column): ``"gw1:" base64url(seal_raw)``."""
-        return SEALED_PREFIX + base64.urlsafe_b64encode(await self.seal_raw(owner, column, value)).decode("ascii")
+        return sealed_token(await self.seal_raw(owner, column, value))
 
     async def seal(self, owner: str, column: str, value: str | None) -> str | None:
         return None if value is None else await self.seal_bytes(owner, column, value.encode("utf-8"))
@@ -192,6 +189,11 @@ class FieldSealer:
         """Drop cached ciphers of ``owner`` (after crypto-shredding)."""
         for cached in [entry for entry in self._ciphers if entry[0] == owner]:
             del self._ciphers[cached]
+
+
+def sealed_token(raw: bytes) -> str:
+    """The token form of raw sealed octets (a text column): ``"gw1:" base64url(raw)``."""
+    return SEALED_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii")
 
 
 def sealed_octets(owner: str, column: str, token: str) -> bytes:
@@ -408,7 +410,7 @@ class HeaderSealer:
         sealed = await self.fields.seal_raw_many(owner, plain)
         values: dict[str, Any] = dict.fromkeys(_SEALED_TEXT_COLUMNS)
         for (column, _), raw in zip(plain[:-1], sealed, strict=False):
-            values[column] = SEALED_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii")
+            values[column] = sealed_token(raw)
         values["envelope"] = {}
         values["envelope_sealed"] = ENVELOPE_SEALED_TAG + sealed[-1]
         return dataclasses.replace(headers, **values)
