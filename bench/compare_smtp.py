@@ -41,6 +41,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -116,11 +117,15 @@ def run_load(port: int, args: argparse.Namespace, extra: list[str]) -> tuple[dic
                "--concurrency", str(args.concurrency), "--size", str(args.size), "--per-connection", "0",
                "--max-seconds", str(args.max_seconds), *extra]
     started = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.max_seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = result.stdout.strip().splitlines()
     if not lines:
         raise SystemExit(f"load client failed: {result.stderr}")
     summary = parse_line(lines[-1])
+    # The load client's own CPU (user + system), so that what the server could have used of the two cores shows.
+    summary["client_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2)
     if result.returncode != 0 or result.stderr.strip():
         summary["errors"] = result.stderr.strip()[-500:]
     return summary, started
