@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import schema
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.directory.service import DirectoryService
@@ -58,6 +59,7 @@ from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.server_identity import ServerCertificate
 from gateway.security.smime_service import SmimeService
 from gateway.smtp.listeners import start_smtp_listeners
+from gateway.storage.blob_sweep import BlobSweep, BlobSweepTask
 from gateway.storage.blobs import BlobStore
 from gateway.storage.db import Database
 from gateway.storage.private import private_dir, secure_data_dir, secure_tree
@@ -154,6 +156,12 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
         )
     finally:
         await db.dispose()
+
+
+def blob_sweep(services: Services) -> BlobSweep:
+    """The sweep of blob files no row refers to (``gateway serve``'s daily pass and ``gateway blobs sweep``)."""
+    return BlobSweep(services.db, services.blobs, schema.metadata,
+                     min_age=dt.timedelta(hours=services.settings.retention.blob_orphan_min_age_hours))
 
 
 def mail_path(settings: Settings, db: Database, directory: DirectoryService, spool: Spool, store: LocalStore | None,
@@ -370,6 +378,9 @@ class Gateway:
         purge = QueuePurgeTask(services.queue.purge, interval_seconds=settings.retention.purge_interval_minutes * 60)
         await purge.start()
         running.push_async_callback(purge.stop)
+        sweep = BlobSweepTask(blob_sweep(services), interval_seconds=settings.retention.blob_sweep_interval_hours * 3600)
+        await sweep.start()
+        running.push_async_callback(sweep.stop)
         return outbound
 
     def _reload_trust(self, services: Services) -> None:

@@ -517,6 +517,13 @@ class RetentionSettings(_Section):
         "quarantine`, `gateway record refile` possible) is kept this long after it finished, then purged with its "
         "delivery row; a failed job (waiting for a refile) and one still running are never purged. The queued message "
         "stays as long as its filing jobs (the refile reads who deposited it)")
+    blob_sweep_interval_hours: float = Field(
+        24.0, gt=0, description="how often `gateway serve` removes blob files no row refers to (one node at a time): "
+        "bodies left on disk by a crash between a write and its row's commit, or between a deletion's commit and the "
+        "file's removal (`gateway blobs sweep` runs the same pass by hand)")
+    blob_orphan_min_age_hours: float = Field(
+        24.0, ge=1, description="a blob file is judged only once this old: a younger one may belong to a row not yet "
+        "committed. Also the age after which a half-written file of blobs/tmp is removed")
 
 
 class NoticeSettings(_Section):

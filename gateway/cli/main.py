@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway.cli.record", "record"),
     ("gateway.cli.status", "status"),
     ("gateway.cli.backup", "backup"),
+    ("gateway.cli.blobs", "blobs"),
 ]
 
 
