@@ -79,6 +79,11 @@ class RollbackOnClose(sqlite3.Connection):
         try:
             if self.in_transaction:
                 self.rollback()
+        except sqlite3.ProgrammingError:
+            # Closed already: aiosqlite's close() and its force stop() may both close it, the second in the
+            # worker thread before the event loop forgets the first. Raising here kept that thread from ever
+            # leaving (its stop ends it only when the close returns), so closing again must be a no-op.
+            pass
         finally:
             super().close()
 

@@ -135,3 +135,19 @@ def test_the_one_hop_engine_connection_frees_the_write_lock_when_closed(tmp_path
         raw.invalidate()
     finally:
         asyncio.run(database.dispose())
+
+
+async def test_closing_twice_in_the_worker_thread_still_ends_it(tmp_path: Path) -> None:
+    """The race behind a CI failure: aiosqlite's close() queues the driver's close, its force stop() queues a
+    second one; when the worker thread runs both before the event loop has forgotten the first, the second
+    closes a closed connection. That must not raise, or the thread never leaves (it waited on its queue for
+    ever, and the test above failed on a loaded machine)."""
+    connection = await sqlite_connector(tmp_path / "twice.db")()
+    driver = connection._conn
+    done = asyncio.get_running_loop().create_future()
+    connection._tx.put_nowait((done, driver.close))     # close()'s own close, not yet seen by the event loop
+    stopping = connection.stop()                         # close_and_stop: the driver still set, closed again
+    assert stopping is not None
+    await asyncio.wait_for(stopping, 30)
+    assert await _thread_ends(connection)
+    driver.close()                                       # and once more, from here: a no-op
