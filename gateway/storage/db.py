@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -58,9 +59,15 @@ def _sqlite_sync_connect(dbapi_connection: Any, record: Any) -> None:
     _sqlite_pragmas(dbapi_connection, record)
 
 
+_BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+
+
 def _sqlite_sync_begin(connection: Connection) -> None:
+    # Said on the driver connection itself: through ``exec_driver_sql`` (an execution context, a cursor
+    # wrapped and closed, its events) the BEGIN cost more than the one-hop transaction's other plumbing.
     mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-    connection.exec_driver_sql(f"BEGIN {mode}")
+    driver: Any = connection.connection.driver_connection
+    driver.execute(_BEGIN.get(mode) or f"BEGIN {mode}")
 
 
 class RollbackOnClose(sqlite3.Connection):
@@ -173,6 +180,7 @@ class Database:
         # transactions run whole in one hop to a worker thread (run_in_transaction).
         self._sync_engine: Engine | None = None
         self._sync_threads: ThreadPoolExecutor | None = None
+        self._thread_connections: _ThreadConnections | None = None
         if self.is_sqlite and path and path != ":memory:":
             self._sync_engine = create_engine(
                 f"sqlite:///{path}", echo=echo, poolclass=QueuePool, pool_size=_SQLITE_THREADS,
@@ -180,6 +188,7 @@ class Database:
             event.listen(self._sync_engine, "connect", _sqlite_sync_connect)
             event.listen(self._sync_engine, "begin", _sqlite_sync_begin)
             self._sync_threads = ThreadPoolExecutor(_SQLITE_THREADS, thread_name_prefix="sqlite")
+            self._thread_connections = _ThreadConnections(self._sync_engine)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -215,7 +224,7 @@ class Database:
         commits or rolls back as a whole, as a client that went away after its
         DATA was sent would leave it.
         """
-        if self._sync_engine is None or self._sync_threads is None:
+        if self._sync_engine is None or self._sync_threads is None or self._thread_connections is None:
             actions: list[Callable[[], None]] = []
             async with self.engine.begin() as conn:
                 result = await conn.run_sync(_collecting(work, actions))
@@ -224,7 +233,7 @@ class Database:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[T] = loop.create_future()
         submitted = self._sync_threads.submit(
-            _run_sync_transaction, self._sync_engine, work, write,
+            _run_sync_transaction, self._thread_connections, work, write,
             lambda result, error: loop.call_soon_threadsafe(_settle, outcome, result, error))
         submitted.add_done_callback(partial(_settle_if_it_failed, loop, outcome))
         return await outcome
@@ -248,6 +257,8 @@ class Database:
         await self.engine.dispose()
         if self._sync_threads is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._sync_threads.shutdown, True)
+        if self._thread_connections is not None:
+            self._thread_connections.close()          # the threads are done: their kept connections go back
         if self._sync_engine is not None:
             self._sync_engine.dispose()
 
@@ -257,18 +268,72 @@ class Database:
 _SQLITE_THREADS = 4
 
 
-def _run_sync_transaction(engine: Engine, work: Callable[[Connection], T], write: bool,
+class _ThreadConnections:
+    """One pooled connection per database thread, kept from one ``run_in_transaction`` to the next.
+
+    Checking a connection out of the pool and back for every transaction (a ``Connection`` built, the pool's
+    events, its reset-on-return ROLLBACK) cost more than the rest of a one-hop transaction's plumbing. The
+    kept connection is the pool's own, opened as any other (WAL, busy_timeout, synchronous=FULL:
+    ``_sqlite_pragmas``), so it waits for other processes' writers as before, and between transactions it
+    holds no transaction (each ends in its COMMIT or ROLLBACK). One that is invalidated, or still in a
+    transaction after its rollback, is closed (``RollbackOnClose``) and replaced at the next use; ``close``
+    closes them all (``Database.dispose``, once the threads are done)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[Connection] = set()
+
+    def take(self) -> Connection:
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.engine.connect()
+            self._local.connection = connection
+            with self._lock:
+                self._open.add(connection)
+        return connection
+
+    def settle(self, connection: Connection) -> None:
+        """After a failed transaction: a connection not left clean is closed (a new one next time)."""
+        driver = None if connection.invalidated or connection.closed else connection.connection.driver_connection
+        if driver is not None and not getattr(driver, "in_transaction", False):
+            return
+        self._forget(connection)
+        try:
+            connection.close()
+        except Exception:  # noqa: BLE001  (it is dropped either way)
+            log.warning("closing a failed database connection failed", exc_info=True)
+
+    def _forget(self, connection: Connection) -> None:
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._lock:
+            self._open.discard(connection)
+
+    def close(self) -> None:
+        with self._lock:
+            kept, self._open = list(self._open), set()
+        for connection in kept:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001
+                log.warning("closing a database connection failed", exc_info=True)
+
+
+def _run_sync_transaction(connections: _ThreadConnections, work: Callable[[Connection], T], write: bool,
                           report: Callable[[T | None, BaseException | None], object]) -> None:
     """In a database thread: the transaction, its outcome reported to the event loop, then (committed) the
     ``after_commit`` actions, in the same hop but after the caller has its answer (an unlink can wait on the
     file system's journal: it must not delay the group commit behind it)."""
     actions: list[Callable[[], None]] = []
+    connection = connections.take()
     try:
-        with engine.connect() as connection:
-            connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
-            with connection.begin():
-                result = _collecting(work, actions)(connection)
+        connection.execution_options(sqlite_begin="IMMEDIATE" if write else "DEFERRED")
+        with connection.begin():
+            result = _collecting(work, actions)(connection)
     except BaseException as exc:  # noqa: BLE001  (handed to the caller as it is)
+        connections.settle(connection)
         report(None, exc)
         return
     report(result, None)

@@ -11,8 +11,10 @@ cancelled while its transaction runs does not tear it in half.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text, update
@@ -138,3 +140,51 @@ async def test_a_failure_before_the_transaction_reaches_the_caller(database: Dat
     monkeypatch.setattr(db_module, "_run_sync_transaction", wrong_shape)
     with pytest.raises(TypeError):
         await asyncio.wait_for(database.run_in_transaction(_read), timeout=30)
+
+
+async def test_a_database_thread_keeps_its_connection_clean_between_transactions_and_dispose_closes_it(
+        tmp_path: Path) -> None:
+    """SQLite: a database thread keeps one connection from a transaction to the next (no pool checkout each
+    time), holding no transaction in between: another process's writer gets the lock at once, our next
+    transaction sees what it committed, and our writer waits for its lock (busy_timeout) instead of failing.
+    A transaction that raises leaves it clean too; ``dispose`` closes it."""
+    path = tmp_path / "kept.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await _with_counter(database)
+        seen: list[Connection] = []             # the connection of each transaction
+
+        def note(conn: Connection) -> int:
+            seen.append(conn)
+            return _read(conn)
+
+        for _ in range(12):                     # one at a time: each may run on any of the threads
+            await database.run_in_transaction(note)
+        assert len({id(kept) for kept in seen}) <= db_module._SQLITE_THREADS
+        assert len(seen) > db_module._SQLITE_THREADS   # so some connection served more than one transaction
+        with pytest.raises(RuntimeError):
+            await database.run_in_transaction(_bump_then_fail, write=True)
+
+        other = sqlite3.connect(path, timeout=0)       # another process: a writer, never waiting
+        other.execute("BEGIN IMMEDIATE")               # the lock is free: nothing of ours holds it
+        other.execute("UPDATE rit_counters SET n = 41")
+        writing = asyncio.ensure_future(database.run_in_transaction(_bump, write=True))
+        await asyncio.sleep(0.3)
+        assert not writing.done()                      # waits for the other writer's lock
+        other.commit()
+        await asyncio.wait_for(writing, 30)
+        assert await database.run_in_transaction(_read) == 42
+        other.close()
+    finally:
+        kept = list(database._thread_connections._open) if database._thread_connections else []
+        await database.dispose()
+    assert kept and all(connection.closed for connection in kept)
+
+
+def _bump(conn: Connection) -> None:
+    conn.execute(update(COUNTERS).where(COUNTERS.c.name == "c").values(n=COUNTERS.c.n + 1))
+
+
+def _bump_then_fail(conn: Connection) -> None:
+    _bump(conn)
+    raise RuntimeError("refused")
