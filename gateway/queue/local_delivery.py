@@ -221,6 +221,27 @@ class DeliveryStream(io.RawIOBase):
         super().close()
 
 
+def _header_lines_end(message: bytes) -> int:
+    """Where the lines ``DeliveryStream`` treats as header lines end at the latest: after the first empty line
+    (a line that is only CRLF or LF), or the end of a message without one."""
+    if message[:1] == b"\n" or message[:2] == b"\r\n":
+        return 2
+    ends = [found + length for found, length in ((message.find(b"\n\r\n"), 3), (message.find(b"\n\n"), 2))
+            if found >= 0]
+    return min(ends) if ends else len(message)
+
+
+def delivered_bytes(trace_headers: bytes, message: bytes, authserv_id: str) -> bytes:
+    """What ``DeliveryStream`` reads for a message held in memory, in one piece: our trace fields, then the
+    message without its forged ``Authentication-Results: <authserv_id>`` fields (RFC 8601 5). A header
+    section that names no Authentication-Results field at all (nearly every message) is passed as it is,
+    without the line-by-line copy; one that does goes through the stream."""
+    if b"authentication-results" not in message[:_header_lines_end(message)].lower():
+        return trace_headers + message
+    with io.BufferedReader(DeliveryStream(trace_headers, io.BytesIO(message), authserv_id), CHUNK) as stream:
+        return stream.read()
+
+
 @dataclass(frozen=True)
 class _Content:
     """A message as delivered (trace fields first), read once for all its local recipients."""
@@ -534,8 +555,10 @@ class LocalDeliveryWorker:
 
     def _read(self, work: LocalWork, plaintext: bytes | None = None) -> _Content:
         """The message as delivered (``plaintext``, or decrypted from the spool), its header fields parsed once."""
-        with self._stream(work, plaintext) as stream:
-            data = stream.read()
+        if plaintext is None:
+            with self.spool.open_read(work.queue_id) as spooled:
+                plaintext = spooled.read()
+        data = delivered_bytes(work.trace_headers.encode("utf-8"), plaintext, self.authserv_id)
         return _Content(data, parse_headers(header_section(data[:MAX_HEADER_BYTES])))
 
     def _stream(self, work: LocalWork, plaintext: bytes | None = None) -> io.BufferedReader:
