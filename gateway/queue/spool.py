@@ -313,9 +313,9 @@ class Spool:
         return None if content is None else self.plaintext_of_row(content, queue_id)
 
     def plaintext_of_row(self, content: bytes, queue_id: str) -> bytes:
-        """The plaintext of a queue row's sealed content (``row_content``, ``row_content_in``)."""
-        with self._content_reader(content, queue_id) as stream:
-            return stream.read()
+        """The plaintext of a queue row's sealed content (``row_content``, ``row_content_in``), opened in one piece
+        (``SpoolCipher.open_octets``: what ``opener``'s stream reads)."""
+        return self.cipher.open_octets(content, queue_id) if self.cipher else bytes(content)
 
     def row_content_in(self, connection: Connection, queue_id: str, *, size: int = 0) -> bytes | None:
         """``row_content`` inside the caller's transaction; None without reading when ``size`` (the plaintext's,

@@ -267,6 +267,31 @@ class SpoolCipher:
             return handle
         return io.BufferedReader(_SealedSpoolReader(handle, self, binding), SPOOL_SEGMENT)
 
+    def open_octets(self, content: bytes, binding: str) -> bytes:
+        """The whole plaintext of spool octets held in memory (a queue row's content): what
+        ``stream_reader(io.BytesIO(content), binding).read()`` returns, and the same errors, each segment
+        opened straight from ``content`` (no stream, no buffer copied through ``readinto``)."""
+        if content[:len(SPOOL_MAGIC)] != SPOOL_MAGIC:
+            return bytes(content)                           # written before sealing: passed through
+        if len(content) < SPOOL_HEADER.size:
+            raise SealedDataError("spool file shorter than its header")
+        _magic, version, key_id, salt, prefix = SPOOL_HEADER.unpack_from(content)
+        if version != SPOOL_VERSION:
+            raise SealedDataError(f"unsupported spool format version {version}")
+        aead = self._aead(_SpoolHeader(key_id, salt, prefix), binding)
+        pieces: list[bytes] = []
+        offset, end, index = SPOOL_HEADER.size, len(content), 0
+        while True:
+            size = min(SPOOL_SEGMENT + TAG_BYTES, end - offset)
+            last = offset + size == end
+            if size < TAG_BYTES:
+                raise SealedDataError("spool file truncated")
+            pieces.append(aead.open(index, content[offset:offset + size], last))
+            if last:
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            offset += size
+            index += 1
+
     def _aead(self, header: _SpoolHeader, binding: str) -> SegmentAead:
         if header.key_id != self.key_id:
             raise SealedDataError(f"spool file sealed under data key {header.key_id}, the spool key is {self.key_id}")
