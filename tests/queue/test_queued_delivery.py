@@ -4,8 +4,10 @@ the database (on SQLite in one transaction, ``LocalDeliveryWorker._queued``), an
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -65,3 +67,57 @@ async def test_a_message_in_its_queue_row_is_delivered_without_a_hand_over(
 
     await delivery.deliver_message(rows.queue_id)              # scheduled again: nothing due, nothing delivered
     assert (await world.mailstore.status(inbox)).messages == 1
+
+
+async def test_messages_delivered_together_read_their_queue_rows_in_one_transaction(
+        database: Database, settings: Settings, tmp_path: Path) -> None:
+    """Messages not handed over whose deliveries start together (a restart's backlog, the workers a group
+    commit lets go) read their rows together: in one transaction on SQLite, each exactly as alone, whether
+    it is kept in its row or in a file, and one with nothing due is skipped as before."""
+    world = await build_world(database, settings)
+    await StoreDelivery(world.mailstore).provision(world.doctor_mailbox_id)
+    spool = Spool(tmp_path / "spool", SpoolCipher(7, os.urandom(32)), db=world.db)
+    queue = QueueStore(world.db)
+    bodies = [BODY.replace(b"q-1@", f"q-{number}@".encode()) + b"x" * (70_000 if number == 3 else number)
+              for number in range(6)]
+    queued: list[AcceptedRows] = []
+    for number, body in enumerate(bodies):
+        spool_file = spool.new_file()
+        spool_file.write(body)
+        message: dict[str, object] = dict(id=spool_file.queue_id, door="submission", sender="a@lab.example",
+                                          envid=None, ret=None, body_type="7BIT", smtputf8=False,
+                                          size=spool_file.size, message_id_header=f"<q-{number}@lab.example>",
+                                          received_at=utcnow(), trace_headers=TRACE, authenticated_as=None,
+                                          client_address="127.0.0.1", client_helo="lab", tls=None)
+        recipient: dict[str, object] = dict(address=world.doctor_address, orcpt=None, notify=None, route="local",
+                                            mailbox_id=world.doctor_mailbox_id,
+                                            domain=world.doctor_address.split("@")[1],
+                                            state="delivered" if number == 5 else "pending", attempts=0)
+        rows = AcceptedRows(message, [recipient])
+        await AcceptanceCommitter(spool, queue).commit([spool_file], [rows], [])
+        spool_file.keep()
+        queued.append(rows)
+    assert len(sorted(spool.root.rglob("*.eml"))) == 1         # the 70 kB one has a file, the others rows
+
+    transactions = 0
+    run = world.db.run_in_transaction
+
+    async def counted(work: Any, *, write: bool = False) -> Any:
+        nonlocal transactions
+        transactions += 0 if write else 1
+        return await run(work, write=write)
+
+    world.db.run_in_transaction = counted                       # type: ignore[method-assign]
+    delivery = LocalDeliveryWorker(queue, spool, StoreDelivery(world.mailstore), authserv_id="localhost")
+    await asyncio.gather(*(delivery.deliver_message(rows.queue_id) for rows in queued))
+    if world.db.is_sqlite:
+        assert transactions == 1                                # six messages' rows, one read
+
+    inbox = FolderRef(world.doctor_mailbox_id, "INBOX")
+    status = await world.mailstore.status(inbox)
+    assert status.messages == 5                                 # not the one with nothing due
+    delivered = []
+    for uid in range(status.uidnext - 5, status.uidnext):
+        async with await world.mailstore.open_message(inbox, uid) as stored:
+            delivered.append(await stored.read())
+    assert sorted(delivered) == sorted(TRACE.encode() + body for body in bodies[:5])
