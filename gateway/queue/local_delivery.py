@@ -525,8 +525,10 @@ class LocalDeliveryWorker:
         for queue_id in await self.queue.done_ids(sorted(known)):
             self.spool.remove(queue_id)
             report.finished_removed += 1
-        for queue_id in sorted(await self.queue.queued_message_ids()):
-            if await self.queue.local_work(queue_id, limit=1):
+        queued = sorted(await self.queue.queued_message_ids())
+        due = await self.queue.with_local_work(queued) if queued else set()   # one read, not one per message
+        for queue_id in queued:
+            if queue_id in due:
                 self.schedule(queue_id)
                 report.scheduled += 1
         if any(vars(report).values()):

@@ -188,6 +188,26 @@ class QueueStore:
         wanted = {"now": now or utcnow(), "limit": limit, "queue_id": queue_id}
         return [LocalWork(*row) for row in stmt.rows(connection, wanted)]
 
+    async def with_local_work(self, queue_ids: Sequence[str]) -> set[str]:
+        """Which of ``queue_ids`` have local recipients due now (what ``local_work(queue_id, limit=1)`` finds
+        for each), read in one transaction: the recovery pass asks it of every queued message at once."""
+        now = utcnow()
+        recipients = _RECIPIENTS.c
+
+        def read(connection: Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(queue_ids), 500):
+                chunk = list(queue_ids[start:start + 500])
+                found.update(connection.execute(
+                    select(recipients.message_id).distinct()
+                    .join_from(_RECIPIENTS, _MESSAGES, _MESSAGES.c.id == recipients.message_id)
+                    .where(recipients.message_id.in_(chunk), recipients.route == RouteKind.LOCAL.value,
+                           or_(*(recipients.state == state for state in OPEN_STATES)),
+                           recipients.next_attempt_at.is_(None) | (recipients.next_attempt_at <= now))).scalars())
+            return found
+
+        return await self.db.run_in_transaction(read)
+
     async def claim_local_work(self, queue_id: str, lease: dt.timedelta) -> list[LocalWork]:
         """``local_work(queue_id)``, claimed for ``lease`` when several nodes share the database.
 
