@@ -18,9 +18,14 @@ ENVELOPE_ADDRESSES = ("from", "sender", "reply-to", "to", "cc", "bcc")
 WIRE_VERSION = "imap1"
 
 
+# The addresses rendered at delivery, kept from one message to the next (a mailbox's mail comes from and goes
+# to the same few correspondents), bounded as a writer's own; as parse_headers keeps their parsed form.
+_DELIVERED_ADDRESSES: dict[tuple[Any, ...], bytes] = {}
+
+
 def render_envelope(cached: dict[str, Any]) -> bytes:
     """The ENVELOPE as sent to a session without UTF8=ACCEPT (see ``usable_wire`` for one with it)."""
-    return EnvelopeWriter(utf8=False).envelope(cached)
+    return EnvelopeWriter(utf8=False, addresses=_DELIVERED_ADDRESSES).envelope(cached)
 
 
 def usable_wire(wire: bytes, *, utf8: bool) -> bool:
@@ -35,10 +40,12 @@ class EnvelopeWriter:
 
     MAX_REMEMBERED = 4096
 
-    def __init__(self, *, utf8: bool) -> None:
+    def __init__(self, *, utf8: bool, addresses: dict[tuple[Any, ...], bytes] | None = None) -> None:
+        """``addresses``: the rendered addresses to remember in (one shared by several writers of the same
+        ``utf8``); a dictionary of this writer's own by default."""
         self.utf8 = utf8
         self._strings: dict[str, bytes] = {}
-        self._addresses: dict[tuple[Any, ...], bytes] = {}
+        self._addresses: dict[tuple[Any, ...], bytes] = {} if addresses is None else addresses
 
     def envelope(self, cached: dict[str, Any]) -> bytes:
         string = self.nstring
