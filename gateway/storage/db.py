@@ -26,6 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -65,9 +66,15 @@ _BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
 def _sqlite_sync_begin(connection: Connection) -> None:
     # Said on the driver connection itself: through ``exec_driver_sql`` (an execution context, a cursor
     # wrapped and closed, its events) the BEGIN cost more than the one-hop transaction's other plumbing.
+    # Its errors raised as SQLAlchemy's (a BEGIN IMMEDIATE that waited out busy_timeout: OperationalError
+    # "database is locked", which the mail store's retries look for), as ``exec_driver_sql`` raised them.
     mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+    statement = _BEGIN.get(mode) or f"BEGIN {mode}"
     driver: Any = connection.connection.driver_connection
-    driver.execute(_BEGIN.get(mode) or f"BEGIN {mode}")
+    try:
+        driver.execute(statement)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
 
 
 class RollbackOnClose(sqlite3.Connection):

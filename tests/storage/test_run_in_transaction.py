@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gateway.storage import db as db_module
 from gateway.storage.db import Database, after_commit
@@ -188,3 +189,27 @@ def _bump(conn: Connection) -> None:
 def _bump_then_fail(conn: Connection) -> None:
     _bump(conn)
     raise RuntimeError("refused")
+
+
+async def test_a_begin_that_waits_out_the_lock_raises_sqlalchemys_operational_error(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE is said on the driver connection: a writer that waited out busy_timeout behind another
+    process's writer still gets SQLAlchemy's OperationalError ("database is locked"), which the mail store's
+    retries recognise (a DBAPIError), not the driver's own."""
+    path = tmp_path / "locked.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        assert database._sync_engine is not None
+        with database._sync_engine.connect() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=50")  # type: ignore[union-attr]
+            other.execute("BEGIN IMMEDIATE")
+            conn.execution_options(sqlite_begin="IMMEDIATE")
+            with pytest.raises(OperationalError, match="database is locked") as raised:
+                conn.begin()
+            assert isinstance(raised.value, DBAPIError) and isinstance(raised.value.orig, sqlite3.OperationalError)
+            other.rollback()
+            with conn.begin():                         # free again: the same connection begins
+                conn.execute(text("SELECT 1"))
+    finally:
+        other.close()
+        await database.dispose()
