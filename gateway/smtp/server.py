@@ -30,7 +30,7 @@ import binascii
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, cast
 
@@ -41,6 +41,7 @@ from gateway.ops.proxied import peer_address
 from gateway.pipeline.origin import TlsInfo
 from gateway.mail import codes
 from gateway.mail.codes import Reply, MailRefusal
+from gateway.smtp.body import BodyReader, BodyReading
 from gateway.smtp.ehlo import EhloContext, ehlo_keywords
 from gateway.mail.parameters import (
     MailParameters,
@@ -57,7 +58,6 @@ log = logging.getLogger("gateway.smtp")
 COMMAND_LINE_LIMIT = 512           # RFC 5321 4.5.3.1.4
 PARAMETER_LINE_LIMIT = 2048        # MAIL/RCPT with SIZE, BODY, DSN parameters (RFC 5321 4.5.3.1.4 allows more)
 AUTH_LINE_LIMIT = 12288            # RFC 4954 4: AUTH command lines up to 12288 octets
-DATA_FLUSH_BYTES = 256 * 1024      # body bytes kept in memory before they are handed to the sink
 BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "RSET", "STARTTLS"})   # RFC 3207 4
 NEED_AUTH = frozenset({"MAIL", "RCPT", "DATA", "VRFY", "EXPN"})               # RFC 4954 6 (530)
 PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
@@ -194,17 +194,6 @@ class SmtpHandler(Protocol):
     async def handle_DATA(self, server: "GatewaySMTP", session: GatewaySession, envelope: GatewayEnvelope) -> Reply: ...
 
     def abandon_transaction(self, server: "GatewaySMTP", envelope: GatewayEnvelope) -> None: ...
-
-
-@dataclass
-class _BodyReading:
-    """The state of one DATA transfer while it streams."""
-
-    size: int = 0
-    problem: Reply | None = None
-    buffer: bytearray = field(default_factory=bytearray)
-    inside_overlong_line: bool = False
-    after_crlf: bool = True          # the previous line ended with CRLF: a lone dot here may end DATA
 
 
 class GatewaySMTP(SMTP):
@@ -779,53 +768,11 @@ class GatewaySMTP(SMTP):
                      f" ({refusal.detail})" if refusal.detail else "")
             return refusal.reply
 
-    async def _receive_body(self, sink: MessageSink) -> _BodyReading:
-        """Read to the lone dot, unstuffing and checking as we go (RFC 5321 4.5.2, 4.5.3.1.6)."""
-        reading = _BodyReading()
-        while True:
-            try:
-                line = await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as overrun:
-                await self._reader.read(overrun.consumed)              # drop it, keep reading to the end
-                reading.inside_overlong_line = True
-                reading.problem = reading.problem or codes.DATA_LINE_TOO_LONG.format(limit=self.limits.max_line_length)
-                continue
-            if reading.inside_overlong_line:
-                reading.inside_overlong_line = False                   # the tail of the dropped line
-                reading.after_crlf = line.endswith(b"\r\n")
-                continue
-            # RFC 5321 4.1.1.4: only <CRLF>.<CRLF> ends DATA. "<LF>.<CRLF>", "<CR>.<CR>" and the like are
-            # content (and refused below), never an end: what follows them is not a second transaction.
-            if line == b".\r\n" and reading.after_crlf:
-                break
-            reading.after_crlf = line.endswith(b"\r\n")
-            self._take_line(line, reading, sink)
-        if reading.problem is None and reading.buffer:
-            sink.write(bytes(reading.buffer))
-        reading.buffer.clear()
-        return reading
-
-    def _take_line(self, line: bytes, reading: _BodyReading, sink: MessageSink) -> None:
-        if line.startswith(b"."):
-            line = line[1:]                                            # RFC 5321 4.5.2 transparency
-        reading.size += len(line)
-        if reading.problem is not None:
-            return
-        bare = _bare_line_ending(line)
-        if bare is not None:
-            reading.problem = bare
-        elif len(line) - 2 > self.limits.max_line_length:
-            reading.problem = codes.DATA_LINE_TOO_LONG.format(limit=self.limits.max_line_length)
-        elif reading.size > self.limits.max_message_size:
-            reading.problem = codes.SIZE_EXCEEDED.format(limit=self.limits.max_message_size)   # RFC 1870 6.1
-        if reading.problem is not None:
-            reading.buffer.clear()
-            return
-        reading.buffer += line
-        if len(reading.buffer) >= DATA_FLUSH_BYTES:
-            sink.write(bytes(reading.buffer))
-            reading.buffer.clear()
-            self._reset_timeout()                                      # RFC 5321 4.5.3.2.5: per data block
+    async def _receive_body(self, sink: MessageSink) -> BodyReading:
+        """Read to the lone dot, unstuffing and checking as we go (RFC 5321 4.5.2, 4.5.3.1.6; gateway.smtp.body)."""
+        return await BodyReader(self._reader, sink, max_line_length=self.limits.max_line_length,
+                                max_message_size=self.limits.max_message_size,
+                                stream_limit=self.line_length_limit, on_flush=self._reset_timeout).read()
 
 
 def handshake_failure_reason(error: BaseException | None) -> str:
@@ -844,15 +791,6 @@ def _refuse_control_characters(command: str, argument: str) -> None:
     Received field (RFC 5321 4.4), where a CR or another control character would forge header lines."""
     if any(ord(c) < 32 or ord(c) == 127 for c in argument):
         raise MailRefusal(codes.SYNTAX_PARAMS.format(detail=f"{command} argument holds a control character"))
-
-
-def _bare_line_ending(line: bytes) -> Reply | None:
-    """RFC 5321 2.3.8: a line read up to its LF must end with CRLF and hold no other CR."""
-    if not line.endswith(b"\r\n"):
-        return codes.BARE_LF
-    if b"\r" in line[:-2]:
-        return codes.BARE_CR
-    return None
 
 
 def _strip_keyword(keyword: str, arg: str | None) -> str:

@@ -133,6 +133,21 @@ def test_pipelined_transaction(gw: GatewayThread, transcript: type[Transcript]) 
     t.s(r"250 2\.0\.0 OK")
 
 
+def test_a_line_beyond_the_read_limit_then_the_end_in_one_write(gw: GatewayThread,
+                                                                 transcript: type[Transcript]) -> None:
+    """A body line far beyond every limit (20000 octets: more than one read holds), its CRLF and the end of
+    DATA sent in one go: the message is refused as too long and the end is seen (RFC 5321 4.1.1.4), so the
+    reply comes at once and the session stays in step. The line reader took the end for content here (it
+    judged the line's end from the LF alone) and the client waited until the idle timeout."""
+    t = _authenticated(gw, transcript)
+    t.c("MAIL FROM:<claire.medecin@demo.mssante.localhost>");  t.s(r"250 .*")
+    t.c("RCPT TO:<marc.pharmacien@demo.mssante.localhost>");   t.s(r"250 .*")
+    t.c("DATA");                                              t.s(r"354 .*")
+    t.raw(b"Subject: long\r\n\r\n" + b"x" * 20000 + b"\r\n.\r\n")
+    t.s(r"500 5\.5\.2 Message line longer than \d+ octets \(RFC 5321 4\.5\.3\.1\.6\); message refused")
+    t.c("NOOP");                                              t.s(r"250 2\.0\.0 OK")
+
+
 def test_data_without_recipients(gw: GatewayThread, transcript: type[Transcript]) -> None:
     t = _authenticated(gw, transcript)
     t.c("MAIL FROM:<claire.medecin@demo.mssante.localhost>");  t.s(r"250 .*")
