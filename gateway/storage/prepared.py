@@ -16,6 +16,7 @@ with its type's result processor as Core does (timestamps back as aware datetime
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ClauseElement
+
+from gateway.storage.models import UTCDateTime
 
 
 class Rows(Protocol):
@@ -186,11 +189,40 @@ def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...]) -> 
         defaults[column.key] = _default_of(default.arg, default.is_callable)
     processors = {name: processor for name, processor in compiled._bind_processors.items()
                   if name in compiled.positiontup}
+    if dialect.name == "sqlite":
+        for name in processors:
+            if name in compiled.binds and isinstance(compiled.binds[name].type, UTCDateTime):
+                processors[name] = _sqlite_utc_datetime(processors[name])
     fixed = compiled.construct_params(_check=False)         # literals compiled in; None for the caller's
     results = tuple(entry[3].dialect_impl(dialect).result_processor(dialect, None) for entry in compiled._result_columns)
     blobs = frozenset(name for name in processors if dialect.name == "sqlite" and name in compiled.binds
                       and isinstance(compiled.binds[name].type, LargeBinary))
     return _Plan(compiled.string, tuple(compiled.positiontup), dict(fixed), defaults, processors, results, blobs)
+
+
+_UTC = dt.timezone.utc
+# Timestamps whose text ``_sqlite_utc_datetime`` must give exactly as SQLAlchemy does (checked when a plan is made).
+_SAMPLE_TIMESTAMPS = (dt.datetime(2026, 12, 5, 6, 22, 0, 123456, tzinfo=_UTC), dt.datetime(2026, 1, 1, tzinfo=_UTC),
+                      dt.datetime(999, 3, 4, 5, 6, 7, 8, tzinfo=dt.timezone(dt.timedelta(hours=-5, minutes=-30))),
+                      dt.datetime(2026, 6, 30, 23, 59, 59, 999999, tzinfo=dt.timezone(dt.timedelta(hours=2))))
+
+
+def _sqlite_utc_datetime(core: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A ``UTCDateTime``'s bind processor on SQLite, the same text for less: Core's runs the type's
+    ``process_bind_param`` (to UTC) and then SQLite's DATETIME, which formats ``%(year)04d-...%(microsecond)06d``
+    from a dictionary of seven attributes (a few microseconds a timestamp; a delivery binds several). Here the
+    UTC value's own ``isoformat(" ", "microseconds")``, which writes the same characters (the stored text, which
+    SQLite compares and sorts as text, is unchanged). Anything but an aware datetime goes to Core's (None,
+    errors). Core's is kept if the two disagree on a sample."""
+
+    def process(value: Any) -> Any:
+        if type(value) is dt.datetime and value.tzinfo is not None:
+            return value.astimezone(_UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        return core(value)
+
+    if any(process(sample) != core(sample) for sample in _SAMPLE_TIMESTAMPS):
+        return core
+    return process
 
 
 def _default_of(arg: Any, is_callable: bool) -> Callable[[], Any]:
