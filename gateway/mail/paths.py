@@ -9,6 +9,7 @@ an address literal (``user@[192.0.2.1]``, RFC 5321 4.1.3), and the characters
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ def split_path_argument(argument: str) -> tuple[str, str]:
     if not text.startswith("<"):
         path, _, rest = text.partition(" ")
         return path, rest.strip()
+    if '"' not in text:                                  # no quoted local part: the path ends at the first '>'
+        end = text.find(">")
+        if end >= 0:
+            return text[: end + 1], text[end + 1:].strip()
     in_quotes = False
     escaped = False
     for index, char in enumerate(text):
@@ -83,7 +88,19 @@ def split_path_argument(argument: str) -> tuple[str, str]:
 
 def parse_path(path_text: str, *, allow_null: bool, allow_postmaster: bool = False) -> SmtpPath | None:
     """Parse ``<...>`` (or a bare mailbox). ``None`` is the null reverse-path ``<>``; with
-    ``allow_postmaster`` (RCPT TO), ``<Postmaster>`` in any case is a path without a domain."""
+    ``allow_postmaster`` (RCPT TO), ``<Postmaster>`` in any case is a path without a domain.
+
+    A path parsed before is answered from a bounded cache: a client sends the same MAIL FROM and RCPT TO
+    transaction after transaction, and ``SmtpPath`` is immutable. A refusal is not cached (raised again)."""
+    return _parse_path_cached(path_text, allow_null, allow_postmaster)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_path_cached(path_text: str, allow_null: bool, allow_postmaster: bool) -> SmtpPath | None:
+    return _parse_path(path_text, allow_null=allow_null, allow_postmaster=allow_postmaster)
+
+
+def _parse_path(path_text: str, *, allow_null: bool, allow_postmaster: bool = False) -> SmtpPath | None:
     inner = path_text[1:-1] if path_text.startswith("<") and path_text.endswith(">") else path_text
     if inner == "":
         if allow_null:

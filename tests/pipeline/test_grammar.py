@@ -3,6 +3,7 @@ the streaming header/MIME scan, the limiters, and the trace-field filter. No soc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from gateway.mail.parameters import (
     parse_mail_parameters,
     parse_rcpt_parameters,
 )
-from gateway.mail.paths import parse_path, split_path_argument
+from gateway.mail.paths import SmtpPath, parse_path, split_path_argument
 
 
 # --------------------------------------------------------------------------- paths
@@ -164,3 +165,57 @@ def test_paths_and_parameters_refuse_garbage_with_a_reply(text: str) -> None:
         parse_rcpt_parameters(params)
     except MailRefusal as refusal:
         assert 500 <= refusal.reply.code < 600
+
+
+_PATH_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda local, domain, wrap: f"<{local}@{domain}>" if wrap else f"{local}@{domain}",
+              st.text(alphabet='ab."\\ %!@<>,:-[]é', max_size=12), st.text(alphabet="ab.-[]1é@", max_size=12),
+              st.booleans()))
+
+
+def _outcome(parse: Callable[..., SmtpPath | None], text: str, allow_null: bool, allow_postmaster: bool) -> object:
+    try:
+        return parse(text, allow_null=allow_null, allow_postmaster=allow_postmaster)
+    except MailRefusal as refusal:
+        return refusal.reply, str(refusal)
+
+
+@given(_PATH_TEXT, st.booleans(), st.booleans())
+def test_a_path_parsed_again_is_parsed_the_same(text: str, allow_null: bool, allow_postmaster: bool) -> None:
+    """The cache of parsed paths answers what parsing answers, a refusal included, the first time and after."""
+    from gateway.mail.paths import _parse_path
+    expected = _outcome(_parse_path, text, allow_null, allow_postmaster)
+    assert _outcome(parse_path, text, allow_null, allow_postmaster) == expected
+    assert _outcome(parse_path, text, allow_null, allow_postmaster) == expected
+
+
+@given(st.text(alphabet='ab"\\<> @=x', max_size=30))
+def test_split_path_argument_without_quotes_as_with_the_scanner(text: str) -> None:
+    """The shortcut for a path without quotes ends it where the quote-aware scan ends it."""
+    from gateway.mail.paths import split_path_argument as split
+    try:
+        split_text = split(text)
+    except MailRefusal:
+        split_text = None
+    scanned = _scan_split(text)
+    assert split_text == scanned
+
+
+def _scan_split(argument: str) -> tuple[str, str] | None:
+    """``split_path_argument`` as it was: a character scan that follows quotes and backslashes."""
+    text = argument.lstrip()
+    if not text.startswith("<"):
+        path, _, rest = text.partition(" ")
+        return path, rest.strip()
+    in_quotes = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and in_quotes:
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == ">" and not in_quotes:
+            return text[: index + 1], text[index + 1:].strip()
+    return None
