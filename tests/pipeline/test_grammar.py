@@ -219,3 +219,16 @@ def _scan_split(argument: str) -> tuple[str, str] | None:
         elif char == ">" and not in_quotes:
             return text[: index + 1], text[index + 1:].strip()
     return None
+
+
+def test_the_received_date_is_now_to_the_second() -> None:
+    """RFC 5321 4.4 / RFC 5322 3.3: the Received field's date, formatted once a second, is the date of now."""
+    from email.utils import format_datetime
+
+    from gateway.pipeline.trace import _DATE
+    from gateway.storage.models import utcnow
+    for _ in range(3):
+        before = format_datetime(utcnow())
+        dated = _DATE.now()
+        after = format_datetime(utcnow())
+        assert dated in (before, after)
