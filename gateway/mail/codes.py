@@ -11,6 +11,7 @@ useful to the sender; details go to the log.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 
@@ -40,7 +41,7 @@ class Reply:
         return replace(self, text=text)
 
     def format(self, **values: object) -> "Reply":
-        return replace(self, text=self.text.format(**values))
+        return Reply(self.code, self.enhanced, self.text.format(**values))
 
     def lines(self) -> list[str]:
         """Wire lines; a multi-line text becomes ``code-`` continuation lines (RFC 5321 4.2.1)."""
@@ -50,6 +51,11 @@ class Reply:
         return [cont + part for part in parts[:-1]] + [prefix + parts[-1]]
 
     def __str__(self) -> str:
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> str:
+        """The wire lines, joined once per reply (the constant replies are sent for every message)."""
         return "\r\n".join(self.lines())
 
 

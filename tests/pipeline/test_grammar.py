@@ -232,3 +232,18 @@ def test_the_received_date_is_now_to_the_second() -> None:
         dated = _DATE.now()
         after = format_datetime(utcnow())
         assert dated in (before, after)
+
+
+@given(st.sampled_from([(250, "2.0.0"), (354, ""), (550, "5.1.1"), (421, "4.7.0")]),
+       st.text(alphabet="ab {}\n%é", max_size=30))
+def test_a_reply_is_its_wire_lines_joined_once(codes_: tuple[int, str], text: str) -> None:
+    """RFC 5321 4.2.1: the wire text of a reply (continuation lines for a multi-line text), built once per reply;
+    ``format`` gives the reply ``dataclasses.replace`` gave."""
+    from dataclasses import replace
+
+    from gateway.mail.codes import Reply
+    reply = Reply(codes_[0], codes_[1], text)
+    assert str(reply) == "\r\n".join(reply.lines())
+    assert str(reply) is str(reply)
+    template = Reply(codes_[0], codes_[1], "queued as {queue_id}: " + text.replace("{", "").replace("}", ""))
+    assert template.format(queue_id="0abc") == replace(template, text=template.text.format(queue_id="0abc"))
