@@ -129,8 +129,14 @@ def _read_header_section(stream: BinaryIO, limits: ParseLimits) -> MessageFacts:
 def _split_field(raw: bytes) -> tuple[str, str]:
     text = raw.decode("utf-8", errors="replace")                       # RFC 6532 3.2: UTF-8 header values
     name, _, value = text.partition(":")
-    unfolded = " ".join(part.strip() for part in value.replace("\r\n", "\n").split("\n") if part.strip())
-    return name.strip(), unfolded
+    if "\n" not in value[:-1]:                                         # one line (most fields): nothing to unfold
+        return name.strip(), value.strip()
+    return name.strip(), _unfolded(value)
+
+
+def _unfolded(value: str) -> str:
+    """RFC 5322 2.2.3: each line's content, trimmed, joined by one space."""
+    return " ".join(part.strip() for part in value.replace("\r\n", "\n").split("\n") if part.strip())
 
 
 CACHED_CONTENT_TYPE_CHARS = 256     # longer values are read each time (the cache's memory stays small)

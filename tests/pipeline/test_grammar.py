@@ -247,3 +247,12 @@ def test_a_reply_is_its_wire_lines_joined_once(codes_: tuple[int, str], text: st
     assert str(reply) is str(reply)
     template = Reply(codes_[0], codes_[1], "queued as {queue_id}: " + text.replace("{", "").replace("}", ""))
     assert template.format(queue_id="0abc") == replace(template, text=template.text.format(queue_id="0abc"))
+
+
+@given(st.text(alphabet="ab :\t\r\n\x0b\x85é", max_size=40))
+def test_a_one_line_field_is_split_as_a_folded_one(text: str) -> None:
+    """RFC 5322 2.2.3: the shortcut for a field on one line gives what unfolding gives."""
+    from gateway.pipeline.parse import _split_field, _unfolded
+    raw = text.encode()
+    name, _, value = raw.decode("utf-8", errors="replace").partition(":")
+    assert _split_field(raw) == (name.strip(), _unfolded(value))
