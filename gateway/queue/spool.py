@@ -39,6 +39,7 @@ delete --bounce``) ask ``opener``, which reads the row's content when there is s
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import time
@@ -127,8 +128,6 @@ class SpoolFile:
     def __init__(self, spool: "Spool", queue_id: str) -> None:
         self.spool = spool
         self.queue_id = queue_id
-        self.incoming_path = spool.incoming / f"{queue_id}.eml"
-        self.path = spool.path_of(queue_id)
         self.size = 0
         self._fd: int | None = None                      # created at the spill, or in sync_data
         self._held: bytearray = bytearray()              # the file's octets while it is not created
@@ -138,6 +137,15 @@ class SpoolFile:
         self._committed = False
         self._discarded = False
         self._row_content: bytes | None = None           # set by sync_data: the message goes in its row
+
+    # Its two names, made when first needed: a message kept in its row (most) never has a file.
+    @functools.cached_property
+    def incoming_path(self) -> Path:
+        return self.spool.incoming / f"{self.queue_id}.eml"
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return self.spool.path_of(self.queue_id)
 
     def write(self, data: bytes) -> None:
         assert not self._closed, "spool file already closed"

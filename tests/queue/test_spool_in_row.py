@@ -59,6 +59,7 @@ async def test_a_small_message_is_committed_sealed_in_its_row_without_a_file(dat
     spool_file.keep()
 
     assert _files(spool) == []                                # no file created, fsynced, renamed
+    assert "path" not in vars(spool_file) and "incoming_path" not in vars(spool_file)   # nor even named
     sealed = await _stored(database, spool_file.queue_id)
     assert sealed is not None and sealed.startswith(SPOOL_MAGIC)
     for plaintext in (b"HbA1c", b"Dupont", b"Subject:"):
