@@ -15,8 +15,8 @@ The rules (gateway.smtp.server, RFC 5321):
 The line reader awaited ``readuntil(b"\\n")`` and ran those checks in Python once per line: a few
 microseconds each, sixty times for a 4 KiB message. This reader asks the stream for everything up to the
 next ``.<CRLF>`` (every end of DATA finishes with one: the stream never gives an octet beyond the end) and
-checks a whole block at once with bytes methods that run in C: CR, LF and CRLF counts equal (no bare CR or
-LF), no run of too many octets without an LF, the size; unstuffing is one ``replace``. A block that fails a
+checks a whole block at once with bytes methods that run in C: as many lines (``splitlines``) as LFs and
+as CRs (no bare CR or LF), no line too long, the size; unstuffing is one ``replace``. A block that fails a
 check, and every block after a problem, is taken line by line by the line reader's own steps, so a refused
 message is refused with the same reply.
 
@@ -129,10 +129,11 @@ class BodyReader:
         unstuffed = text[1:] if text[:1] == b"." else text  # RFC 5321 4.5.2: every line's leading dot
         if b"\n." in unstuffed:
             unstuffed = unstuffed.replace(b"\n.", b"\n")
-        lines = unstuffed.count(b"\n")
-        if (unstuffed.count(b"\r\n") == lines and unstuffed.count(b"\r") == lines      # no bare LF, no bare CR
-                and (len(unstuffed) <= self.max_line_length + 2
-                     or max(map(len, unstuffed.split(b"\n"))) <= self.max_line_length + 1)
+        # bytes.splitlines breaks at CRLF, CR and LF: as many lines as LFs and as CRs means every break is one
+        # CRLF (no bare LF, no bare CR), and the lines it gives are then the lines without their CRLF.
+        lines = unstuffed.splitlines()
+        if (len(lines) == unstuffed.count(b"\n") and len(lines) == unstuffed.count(b"\r")
+                and (len(unstuffed) <= self.max_line_length + 2 or max(map(len, lines)) <= self.max_line_length)
                 and reading.size + len(unstuffed) <= self.max_message_size):
             reading.size += len(unstuffed)
             reading.after_crlf = True

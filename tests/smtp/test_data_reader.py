@@ -164,6 +164,7 @@ def _run(data: bytes, cuts: list[int], stream_limit: int, reader: str, max_line_
 
 # Pieces that meet the rules' edges, joined at random (and raw octets, for what they did not think of).
 PIECES = st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b"Subject: x", b"\xe9\xff\x00", b" ",
+                          b"\x0b\x0c\x1c\x1d\x1e\x85", b"\xe2\x80\xa8",
                           END, b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\n.\n", b".\r\n", b"x" * 30, b"y" * 90])
 BODIES = st.one_of(st.lists(PIECES, max_size=40).map(b"".join), st.binary(max_size=300))
 
