@@ -62,6 +62,7 @@ def split_address(address: str, *, field: str = "address") -> tuple[str, str]:
     return local, normalise_domain(domain, field=field)
 
 
+@lru_cache(maxsize=4096)  # every MAIL FROM and RCPT TO asks it, for the same few addresses (a refusal is not kept)
 def normalise_address(address: str, *, field: str = "address") -> str:
     """The canonical form used as the directory key: lower-case local part @ A-label domain."""
     local, domain = split_address(address, field=field)

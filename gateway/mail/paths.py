@@ -36,8 +36,9 @@ class SmtpPath:
     quoted: bool = False
     address_literal: bool = False
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
+        """``local-part@domain`` (quoted as it came), made once: the server, the policy and the queue ask it."""
         local = f'"{self.local_part}"' if self.quoted else self.local_part
         return f"{local}@{self.domain}"
 

@@ -256,3 +256,26 @@ def test_a_one_line_field_is_split_as_a_folded_one(text: str) -> None:
     raw = text.encode()
     name, _, value = raw.decode("utf-8", errors="replace").partition(":")
     assert _split_field(raw) == (name.strip(), _unfolded(value))
+
+
+@given(st.one_of(st.text(max_size=30), st.builds("{}@{}".format, st.text(alphabet="aB.-_+é", max_size=10),
+                                                  st.text(alphabet="aB.-é", max_size=12))))
+def test_a_canonical_address_asked_again_is_the_same(address: str) -> None:
+    """The directory key of an address (kept for the addresses seen last) is what computing it gives; a
+    malformed address is refused each time with the same error."""
+    from gateway.directory.addresses import AddressError, normalise_address
+
+    def outcome(normalise: Callable[..., str]) -> object:
+        try:
+            return normalise(address)
+        except AddressError as error:
+            return str(error)
+
+    expected = outcome(normalise_address.__wrapped__)
+    assert outcome(normalise_address) == expected
+    assert outcome(normalise_address) == expected
+
+
+def test_a_path_names_its_address_once() -> None:
+    path = parse_path('<"a b"@c.example>', allow_null=False)
+    assert path is not None and path.address == '"a b"@c.example' and path.address is path.address
