@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ from gateway.security.pki import TestPKI
 from gateway.security.revocation import ReloadingContexts, RevocationList
 from gateway.security.server_identity import ServerCertificate
 from gateway.security.smime_service import SmimeService
+from gateway.smtp.acceptors import (AcceptorSupervisor, MainProcessChannel, SharedConcurrencyLimiter,
+                                    SharedMessageRates, acceptor_command)
+from gateway.smtp.handler import SessionLimits
 from gateway.smtp.listeners import start_smtp_listeners
 from gateway.storage.blob_sweep import BlobSweep, BlobSweepTask
 from gateway.storage.blobs import BlobStore
@@ -215,12 +219,18 @@ class Gateway:
     ``roles`` (``gateway serve --only``) splits the work between nodes sharing one PostgreSQL database:
     ``smtp``, ``imap`` and ``https`` are the listeners, ``workers`` the background work (local delivery,
     outbound, filing, access notices, crypto-shredding). A node without ``workers`` still accepts mail and
-    announces it to the nodes that deliver (gateway.queue.wake), which claim it with row locks."""
+    announces it to the nodes that deliver (gateway.queue.wake), which claim it with row locks.
+
+    ``smtp.acceptor_processes`` >= 1: SMTP is accepted by that many child processes on the ports this process
+    binds (gateway.smtp.acceptors; ``run_acceptor`` is a child's run); ``acceptor_command`` starts one."""
 
     def __init__(self, settings: Settings, *, reread_settings: Callable[[], Settings] | None = None,
-                 roles: frozenset[str] = frozenset(ROLES)) -> None:
+                 roles: frozenset[str] = frozenset(ROLES), acceptor_command: Sequence[str] | None = None) -> None:
         self.settings = settings
         self.roles = roles
+        self.acceptor_command = list(acceptor_command) if acceptor_command is not None else None
+        self.acceptors: AcceptorSupervisor | None = None   # the SMTP acceptor processes, when they run
+        self._endpoints: list[tuple[str, str, int]] = []
         self._reread_settings = reread_settings      # SIGHUP: the configuration as its file says now
         self._stop = asyncio.Event()
         self.workers: dict[str, int] = {}   # background worker -> jobs it runs at once (ready.json, `gateway status`)
@@ -256,6 +266,7 @@ class Gateway:
             metrics = await self._start_metrics(services, running, readiness)
             endpoints = await self._start(services, running, readiness) + metrics
             loop.add_signal_handler(signal.SIGHUP, self._reload_trust, services)
+            self._endpoints = endpoints
             self._write_ready_file(endpoints, self.workers)
             readiness.listening = True
             # What start-up built (modules, schema, caches, the directory's trust lists) lives as long as the
@@ -301,11 +312,26 @@ class Gateway:
         settings = self.settings
         grace = settings.listen.shutdown_grace_seconds
         notices = AccessNoticeTask(services.db, settings, services.generated)
+        separate_acceptors = "smtp" in self.roles and settings.smtp.acceptor_processes > 0
+        if separate_acceptors:
+            # The acceptors commit beside this process (a restarted one's predecessor maybe still finishing):
+            # the recovery pass leaves a young spool file without rows alone, as on a shared spool.
+            services.spool.shared = True
         await self._announce_queued_work(services, running)
         outbound = await self._start_workers(services, running, notices) if "workers" in self.roles else None
         endpoints: list[tuple[str, str, int]] = []
         connections: dict[str, Callable[[], int]] = {}
-        if "smtp" in self.roles:
+        if separate_acceptors:
+            # Stopped first on SIGTERM: every acceptor stops listening and finishes its transactions in flight.
+            acceptors = AcceptorSupervisor(settings, settings.smtp.acceptor_processes,
+                                           self.acceptor_command or acceptor_command(None, None),
+                                           services.queue.local, services.queue.wake_remote,
+                                           on_change=self._acceptors_changed)
+            await acceptors.start()
+            self.acceptors = acceptors
+            running.push_async_callback(acceptors.aclose, grace)
+            endpoints += [(f"smtp_{door}", host, port) for door, (host, port) in acceptors.addresses.items()]
+        elif "smtp" in self.roles:
             # Stopped first on SIGTERM (callbacks run in reverse): no new mail, transactions in flight finish.
             smtp = await start_smtp_listeners(services, settings)
             running.push_async_callback(smtp.aclose, grace)
@@ -330,6 +356,46 @@ class Gateway:
         if readiness is not None:
             readiness.collector = collector
         return endpoints
+
+    async def run_acceptor(self, channel_fd: int, sockets: dict[str, list[socket.socket]]) -> None:
+        """An SMTP acceptor process (gateway.smtp.acceptors): SMTP only, on the sockets the main process bound,
+        announcing what it queued and asking for the gateway-wide limits over the channel ``channel_fd``."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        channel = MainProcessChannel(channel_fd)
+        settings = self.settings
+        async with open_services(settings, migrate=False) as services, AsyncExitStack() as running:
+            running.push_async_callback(_let_leftover_tasks_finish, _LEFTOVER_TASKS_SECONDS)  # runs last
+            running.push_async_callback(services.door_audit.flush)
+            services.server_certificate.paths()
+            local = services.queue.local
+            local.delivers_here = False            # the main process delivers what this one queues
+            local.elsewhere = channel.announce
+            services.pipeline.on_remote_queued(channel.remote_queued)
+            await channel.start(on_room=local.room_elsewhere, on_lost=self._stop.set)
+            running.push_async_callback(channel.stop)          # after the listeners: the last queue ids go out
+            services.pipeline.rates = SharedMessageRates(channel, settings.smtp)
+            limits = SessionLimits(SharedConcurrencyLimiter(channel, "ip", settings.smtp.max_connections_per_ip),
+                                   SharedConcurrencyLimiter(channel, "user", settings.smtp.max_sessions_per_user),
+                                   services.auth_limiter)
+            removed = services.spool.clear_incoming()   # its own incoming/<node>: half-received by its predecessor
+            if removed:
+                log.info("removed %d half-received message(s) of a previous acceptor", removed)
+            smtp = await start_smtp_listeners(services, settings, sockets=sockets, limits=limits)
+            running.push_async_callback(smtp.aclose, settings.listen.shutdown_grace_seconds)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_trust, services)
+            gc.collect()
+            gc.freeze()
+            channel.ready()
+            log.info("SMTP acceptor %s ready (pid %d)", settings.cluster.node_name, os.getpid())
+            await self._stop.wait()
+            log.info("SMTP acceptor %s stopping", settings.cluster.node_name)
+
+    def _acceptors_changed(self) -> None:
+        """An acceptor process was started again: ready.json names its new pid."""
+        if self._endpoints:
+            self._write_ready_file(self._endpoints, self.workers)
 
     async def _announce_queued_work(self, services: Services, running: AsyncExitStack) -> None:
         """Several nodes (PostgreSQL): a node without workers announces what it queued, the nodes with workers
@@ -394,6 +460,8 @@ class Gateway:
             services.revocation.reload()
             services.tls_contexts.reload()
             self._reload_outbound_identity(services)
+            if self.acceptors is not None:
+                self.acceptors.reload()             # each acceptor process reloads as this one does
             log.info("SIGHUP: reloaded")
         finally:
             self.systemd.ready("serving: reloaded")   # systemctl reload returns; the service goes on either way
@@ -436,6 +504,8 @@ class Gateway:
         payload = {"pid": os.getpid(), "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "listeners": {name: {"host": host, "port": port} for name, host, port in servers},
                    "workers": workers}
+        if self.acceptors is not None:
+            payload["acceptors"] = self.acceptors.describe()
         tmp = run_dir / "ready.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

@@ -345,6 +345,12 @@ class SmtpSettings(_Section):
         description="hosted mailbox that receives mail for <Postmaster> and for postmaster@ every local domain without "
         "a mailbox of its own (RFC 5321 4.5.1), e.g. \"exploitation@demo.mssante.localhost\". Empty: such mail is "
         "refused with 550 5.1.1 naming this setting")
+    acceptor_processes: int = Field(
+        0, ge=0, le=32,
+        description="SMTP acceptor processes: with N >= 1, `gateway serve` binds the SMTP ports itself and N child "
+        "processes accept SMTP on them (the least busy one takes the next connection) while the main process "
+        "delivers, serves IMAP and HTTPS and runs the workers; the connection and message-rate limits stay "
+        "gateway-wide (docs/ARCHITECTURE.md, \"SMTP acceptor processes\"). 0: everything in one process")
     local_queue_lifetime_hours: float = Field(
         48.0, gt=0,
         description="a local recipient still undeliverable this long after arrival (e.g. over quota) fails: 5.2.2 for a "

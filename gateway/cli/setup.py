@@ -74,19 +74,27 @@ def _write_demo_file(config: Settings, accounts: list[dict[str, Any]], listeners
 @click.option("--only", "only", metavar="ROLES", default=None,
               help="serve only these roles, comma-separated: smtp, imap, https, workers (default: all); "
               "nodes sharing one PostgreSQL database may split them")
+# An SMTP acceptor process (smtp.acceptor_processes, gateway.smtp.acceptors): started by ``gateway serve`` only.
+@click.option("--acceptor-channel", "acceptor_channel", type=int, default=None, hidden=True)
+@click.option("--acceptor-socket", "acceptor_sockets", multiple=True, hidden=True)
 @user_errors
-def serve(only: str | None) -> None:
+def serve(only: str | None, acceptor_channel: int | None, acceptor_sockets: tuple[str, ...]) -> None:
     """Run the gateway's listeners until SIGTERM or Ctrl-C."""
     from gateway.app import Gateway, parse_roles
     from gateway.ops.logs import configure_logging
+    from gateway.smtp.acceptors import acceptor_command, inherited_sockets
 
     roles = parse_roles(only)
     config = settings()
     configure_logging(config.log_level, config.log_format)
     cli = state()
+    gateway = Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir),
+                      roles=roles, acceptor_command=acceptor_command(cli.config_file, cli.data_dir))
     try:
-        asyncio.run(Gateway(config, reread_settings=lambda: load_settings(cli.config_file, data_dir=cli.data_dir),
-                            roles=roles).run())
+        if acceptor_channel is not None:
+            asyncio.run(gateway.run_acceptor(acceptor_channel, inherited_sockets(acceptor_sockets)))
+        else:
+            asyncio.run(gateway.run())
     except OSError as exc:
         raise UserError(f"cannot start: {exc}") from None
 

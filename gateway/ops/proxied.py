@@ -25,6 +25,7 @@ import asyncio
 import asyncio.sslproto as sslproto
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -133,15 +134,18 @@ class ImplicitTls:
 
 
 async def open_listener(factory: ProtocolFactory, host: str, port: int, *, guard: ProxyGuard | None, door: str,
-                        tls: ImplicitTls | None = None, reuse_address: bool = True) -> asyncio.Server:
-    """``loop.create_server`` for a client-facing listener, reading PROXY headers from trusted proxies."""
+                        tls: ImplicitTls | None = None, reuse_address: bool = True,
+                        sock: socket.socket | None = None) -> asyncio.Server:
+    """``loop.create_server`` for a client-facing listener, reading PROXY headers from trusted proxies.
+    ``sock``: a listening socket bound already (an SMTP acceptor process's, inherited from the main process)
+    instead of ``host`` and ``port``."""
     loop = asyncio.get_running_loop()
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port,
+                                                                     "reuse_address": reuse_address}
     if guard is None or not guard.enabled:
-        return await loop.create_server(factory, host, port, reuse_address=reuse_address,
-                                        ssl=tls.context if tls else None,
-                                        ssl_handshake_timeout=tls.handshake_timeout if tls else None)
-    return await loop.create_server(lambda: _HeaderReader(factory, guard, door, tls), host, port,
-                                    reuse_address=reuse_address)
+        return await loop.create_server(factory, ssl=tls.context if tls else None,
+                                        ssl_handshake_timeout=tls.handshake_timeout if tls else None, **where)
+    return await loop.create_server(lambda: _HeaderReader(factory, guard, door, tls), **where)
 
 
 def stream_factory(connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],

@@ -11,14 +11,22 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import Literal, Protocol
 
 Clock = Callable[[], float]
+
+
+class SlotGiver(Protocol):
+    """What a ``Slot`` gives itself back to: a ``ConcurrencyLimiter``, or its stand-in in an SMTP acceptor
+    process, which tells the main process (gateway.smtp.acceptors)."""
+
+    def _give_back(self, key: str) -> None: ...
 
 
 class Slot:
     """One held unit of a ``ConcurrencyLimiter``; ``release()`` may be called any number of times."""
 
-    def __init__(self, limiter: "ConcurrencyLimiter", key: str) -> None:
+    def __init__(self, limiter: SlotGiver, key: str) -> None:
         self._limiter = limiter
         self.key = key
         self._held = True
@@ -41,6 +49,11 @@ class ConcurrencyLimiter:
             return None
         self._counts[key] += 1
         return Slot(self, key)
+
+    async def acquire(self, key: str) -> Slot | None:
+        """``try_acquire`` as the SMTP handler calls it: an acceptor process asks the main process, which
+        holds the gateway-wide counts (gateway.smtp.acceptors)."""
+        return self.try_acquire(key)
 
     def _give_back(self, key: str) -> None:
         self._counts[key] -= 1
@@ -81,3 +94,30 @@ class RateLimiter:
 
     def snapshot(self) -> dict[str, int]:
         return {key: len(events) for key, events in self._events.items() if events}
+
+
+RateRefusal = Literal["user", "ip"]
+
+
+class MessageRates:
+    """``smtp.messages_per_minute_per_user`` and ``_per_ip``: which one a new message would exceed, if any
+    (the user's counted first; a message refused by one is not counted by the other)."""
+
+    def __init__(self, per_user: int, per_ip: int, clock: Clock = time.monotonic) -> None:
+        self.user = RateLimiter(per_user, clock=clock)
+        self.ip = RateLimiter(per_ip, clock=clock)
+
+    @property
+    def unlimited(self) -> bool:
+        return not self.user.limit and not self.ip.limit
+
+    def refusal(self, account: str | None, address: str) -> RateRefusal | None:
+        if account is not None and not self.user.allow(account):
+            return "user"
+        if not self.ip.allow(address):
+            return "ip"
+        return None
+
+    async def check(self, account: str | None, address: str) -> RateRefusal | None:
+        """``refusal`` as the pipeline calls it: an acceptor process asks the main process."""
+        return self.refusal(account, address)

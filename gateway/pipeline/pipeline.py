@@ -30,7 +30,7 @@ from gateway.mail.paths import SmtpPath
 from gateway.ops.metrics import MESSAGES_ACCEPTED
 from gateway.pipeline.acceptance import AcceptanceCommitter, AcceptCancelled
 from gateway.pipeline.conversations import ConversationBook
-from gateway.pipeline.limits import RateLimiter
+from gateway.pipeline.limits import MessageRates
 from gateway.pipeline.origin import Door, Origin
 from gateway.pipeline.parse import MessageFacts, ParseLimits, scan_stream
 from gateway.pipeline.policy import AcceptedRecipient, Policy
@@ -88,8 +88,8 @@ class Pipeline:
         self.delivery = delivery
         self.policy = Policy(directory, conversations, settings.smtp.patient_first_contact,
                              postmaster=settings.smtp.postmaster, primary_domain=settings.directory.professional_domain)
-        self.user_rate = RateLimiter(settings.smtp.messages_per_minute_per_user)
-        self.ip_rate = RateLimiter(settings.smtp.messages_per_minute_per_ip)
+        # Replaced in an SMTP acceptor process by one that asks the main process (gateway.smtp.acceptors).
+        self.rates = MessageRates(settings.smtp.messages_per_minute_per_user, settings.smtp.messages_per_minute_per_ip)
         self.parse_limits = ParseLimits(settings.smtp.max_header_count, settings.smtp.max_header_bytes,
                                         settings.smtp.max_mime_depth)
         self.dkim = DkimVerifier(settings.outbound) if settings.dkim.verify else None
@@ -99,18 +99,22 @@ class Pipeline:
     # ----------------------------------------------------------------- envelope
 
     async def start_transaction(self, origin: Origin, path: SmtpPath | None, params: MailParameters) -> Transaction:
-        self._check_rates(origin)
+        await self._check_rates(origin)
         await self.answers.refresh()
         sender = await self.policy.check_sender(origin, path)
         return Transaction(origin, sender, params)
 
-    def _check_rates(self, origin: Origin) -> None:
-        if origin.account is not None and not self.user_rate.allow(origin.account.address):
-            raise MailRefusal(codes.RATE_LIMITED.format(who=origin.account.address, limit=self.user_rate.limit,
-                                                        window=int(self.user_rate.window)))
-        if not self.ip_rate.allow(origin.client_address):
-            raise MailRefusal(codes.RATE_LIMITED.format(who=origin.client_address, limit=self.ip_rate.limit,
-                                                        window=int(self.ip_rate.window)))
+    async def _check_rates(self, origin: Origin) -> None:
+        if self.rates.unlimited:
+            return
+        account = origin.account.address if origin.account is not None else None
+        refused = await self.rates.check(account, origin.client_address)
+        if refused == "user":
+            raise MailRefusal(codes.RATE_LIMITED.format(who=account, limit=self.rates.user.limit,
+                                                        window=int(self.rates.user.window)))
+        if refused == "ip":
+            raise MailRefusal(codes.RATE_LIMITED.format(who=origin.client_address, limit=self.rates.ip.limit,
+                                                        window=int(self.rates.ip.window)))
 
     async def add_recipient(self, transaction: Transaction, path: SmtpPath, params: RcptParameters) -> AcceptedRecipient:
         if len(transaction.recipients) >= self.smtp.max_recipients:

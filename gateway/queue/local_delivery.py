@@ -428,6 +428,9 @@ class LocalDeliveryWorker:
         self._reads: _QueuedReads | None = None   # SQLite: the queue rows of messages not handed over
         self.delivers_here = True             # False: another node delivers (``gateway serve --only`` without workers)
         self.elsewhere: Callable[[str], None] | None = None   # then: tell the delivering nodes (queue/wake.py)
+        # Told each time the backlog fills (False) or has room again (True): the SMTP acceptor processes,
+        # whose sessions wait as this process's would (gateway.smtp.acceptors).
+        self.room_listeners: list[Callable[[bool], None]] = []
 
     def _settler_of_loop(self) -> _Settler:
         loop = asyncio.get_running_loop()
@@ -465,14 +468,20 @@ class LocalDeliveryWorker:
             if ready is not None and self.queue.db.is_sqlite:
                 self._hold(queue_id, ready)
             self._idle.clear()
-            if self.backlog_limit and len(self._scheduled) >= self.backlog_limit:
+            if self.backlog_limit and len(self._scheduled) >= self.backlog_limit and self._room.is_set():
                 self._room.clear()
+                self._tell_room(False)
             self._pending.put_nowait(queue_id)
 
     @property
     def backlog(self) -> int:
         """Messages waiting for, or in, local delivery."""
         return len(self._scheduled)
+
+    @property
+    def has_room(self) -> bool:
+        """Fewer than ``backlog_limit`` messages wait for local delivery (always, without a limit)."""
+        return self._room.is_set()
 
     async def wait_for_room(self) -> None:
         """Back-pressure for acceptance (see the module docstring): return once fewer than
@@ -485,6 +494,18 @@ class LocalDeliveryWorker:
             log.warning("local delivery backlog at %d messages for %gs: refusing a message for now",
                         self.backlog, self.backlog_wait)
             raise MailRefusal(BACKLOG_FULL) from None
+
+    def room_elsewhere(self, has_room: bool) -> None:
+        """An SMTP acceptor process (which delivers nothing itself): the main process's backlog is full (False)
+        or has room again (True); ``wait_for_room`` waits on it as on this process's own."""
+        if has_room:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _tell_room(self, has_room: bool) -> None:
+        for listener in self.room_listeners:
+            listener(has_room)
 
     def _hold(self, queue_id: str, ready: ReadyMessage) -> None:
         size = len(ready.plaintext) if ready.plaintext is not None else 0
@@ -503,8 +524,9 @@ class LocalDeliveryWorker:
     def _done(self, queue_id: str) -> None:
         self._scheduled.discard(queue_id)
         self._take_ready(queue_id)
-        if len(self._scheduled) < self.backlog_limit or not self.backlog_limit:
+        if (len(self._scheduled) < self.backlog_limit or not self.backlog_limit) and not self._room.is_set():
             self._room.set()
+            self._tell_room(True)
         if not self._scheduled and self._busy == 0:
             self._idle.set()
 

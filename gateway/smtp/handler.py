@@ -54,7 +54,8 @@ class TokenVerifier(Protocol):
 
 @dataclass
 class SessionLimits:
-    """Shared by every SMTP listener of one gateway process."""
+    """Shared by every SMTP listener of one gateway process; in an SMTP acceptor process, the two limiters
+    ask the main process, which holds the counts of every acceptor (gateway.smtp.acceptors)."""
 
     connections_per_ip: ConcurrencyLimiter
     sessions_per_user: ConcurrencyLimiter
@@ -88,10 +89,12 @@ class GatewayHandler:
 
     async def connection_opened(self, server: GatewaySMTP, session: GatewaySession) -> None:
         address = _client_address(session)
-        slot = self.limits.connections_per_ip.try_acquire(address)
+        slot = await self.limits.connections_per_ip.acquire(address)
         if slot is None:
             raise MailRefusal(codes.TOO_MANY_CONNECTIONS.format(who=address, limit=self.limits.connections_per_ip.limit))
         server.connection_data["ip_slot"] = slot
+        if server.closed:           # gone while an acceptor process asked for the slot: nobody else releases it
+            self.connection_closed(server)
 
     def connection_closed(self, server: GatewaySMTP) -> None:
         for key in ("user_slot", "ip_slot"):
@@ -128,11 +131,13 @@ class GatewayHandler:
             await limiter.failed("smtp", login, address)
             raise MailRefusal(codes.AUTH_INVALID, detail=f"{credentials.__class__.__name__} for {login or '?'}")
         await limiter.succeeded("smtp", login, address)
-        slot = self.limits.sessions_per_user.try_acquire(account.address)
+        slot = await self.limits.sessions_per_user.acquire(account.address)
         if slot is None:
             # A limit, said as a limit: clients must not conclude the password is wrong (stalwart#190).
             raise MailRefusal(codes.TOO_MANY_SESSIONS.format(who=account.address, limit=self.limits.sessions_per_user.limit))
         server.connection_data["user_slot"] = slot
+        if server.closed:
+            self.connection_closed(server)
         return account
 
     def token_error_status(self) -> bytes:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.config import Settings
@@ -125,12 +126,18 @@ def tls_material_from_pki(services: SmtpServices, settings: Settings) -> TlsMate
                        anchors, services.tls_contexts, services.server_certificate)
 
 
-async def start_smtp_listeners(services: SmtpServices, settings: Settings) -> SmtpListeners:
-    """Open the three listeners in front of ``services.pipeline``."""
+# A listening socket per door, bound already: an SMTP acceptor process's, inherited from the main process.
+BoundSockets = Mapping[str, Sequence[socket.socket]]
+
+
+async def start_smtp_listeners(services: SmtpServices, settings: Settings, *, sockets: BoundSockets | None = None,
+                               limits: SessionLimits | None = None) -> SmtpListeners:
+    """Open the three listeners in front of ``services.pipeline`` (on ``sockets`` when given, by door name:
+    ``submission``, ``submissions``, ``relay``); ``limits``: the session limits, when not this process's own."""
     return await open_listeners(services.pipeline, services.directory, settings, tls_material_from_pki(services, settings),
                                 token_verifier=services.token_verifier, auth_limiter=services.auth_limiter,
                                 revocation=services.revocation, door_audit=services.door_audit,
-                                proxy=proxy_guard(services, settings))
+                                proxy=proxy_guard(services, settings), sockets=sockets, limits=limits)
 
 
 async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settings: Settings, tls: TlsMaterial,
@@ -138,9 +145,12 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
                          auth_limiter: AuthLimiter | None = None,
                          revocation: RevocationList | None = None,
                          door_audit: DoorAudit | None = None,
-                         proxy: ProxyGuard | None = None) -> SmtpListeners:
-    limits = SessionLimits.from_settings(
-        settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
+                         proxy: ProxyGuard | None = None,
+                         sockets: BoundSockets | None = None,
+                         limits: SessionLimits | None = None) -> SmtpListeners:
+    if limits is None:
+        limits = SessionLimits.from_settings(
+            settings.smtp, auth_limiter or AuthLimiter(LimiterPolicy.from_settings(settings.auth)))
     listeners = SmtpListeners(pipeline, limits)
     plan = (
         (ListenerKind.SUBMISSION, settings.listen.smtp_submission_port, tls.context(require_client_cert=False)),
@@ -153,10 +163,13 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
         for kind, port, context in plan:
             handler = GatewayHandler(Door(kind.value), pipeline, directory, limits, token_verifier, revocation,
                                      door_audit)
-            server = await _listen(kind, handler, settings, port, context, listeners.connections, proxy)
-            listeners.append(server)
-            host, bound_port = server.sockets[0].getsockname()[:2]
-            listeners.addresses[kind.value] = (host, bound_port)
+            bound: Sequence[socket.socket | None] = sockets[kind.value] if sockets is not None else [None]
+            for sock in bound:
+                server = await _listen(kind, handler, settings, port, context, listeners.connections, proxy, sock)
+                listeners.append(server)
+                if kind.value not in listeners.addresses:
+                    host, bound_port = server.sockets[0].getsockname()[:2]
+                    listeners.addresses[kind.value] = (host, bound_port)
     except BaseException:
         await listeners.aclose()
         raise
@@ -165,7 +178,7 @@ async def open_listeners(pipeline: Pipeline, directory: DirectoryService, settin
 
 async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Settings, port: int,
                   context: ssl.SSLContext, connections: "weakref.WeakSet[GatewaySMTP]",
-                  proxy: ProxyGuard | None) -> asyncio.Server:
+                  proxy: ProxyGuard | None, sock: socket.socket | None = None) -> asyncio.Server:
     smtp = settings.smtp
     limits = ProtocolLimits(max_message_size=smtp.max_message_size, max_line_length=smtp.max_line_length,
                             max_auth_failures=smtp.auth_failures_per_connection, timeout_seconds=smtp.timeout_seconds)
@@ -180,4 +193,4 @@ async def _listen(kind: ListenerKind, handler: GatewayHandler, settings: Setting
 
     # Implicit TLS (submissions) is handshaken by GatewaySMTP itself, so refusals are logged like STARTTLS ones;
     # behind HAProxy the PROXY header is read before (gateway.ops.proxied).
-    return await open_listener(factory, settings.listen.host, port, guard=proxy, door=f"smtp_{kind.value}")
+    return await open_listener(factory, settings.listen.host, port, guard=proxy, door=f"smtp_{kind.value}", sock=sock)
