@@ -24,7 +24,9 @@ recipient; Postfix: the ``delay=`` of each LMTP delivery in its log, from
 arrival in the queue to delivery), and memory and CPU (rss_watch.py over the
 process tree: for Postfix the postfix master tree plus the Dovecot tree,
 which does the delivery). For the gateway also its CPU seconds per accepted
-message from /proc/PID/stat (utime + stime, every thread): during the load,
+message from /proc/PID/stat (utime + stime, every thread, summed over the
+process tree: with ``smtp.acceptor_processes`` the SMTP acceptor children too;
+``acceptor_processes`` says how many ran): during the load,
 and up to the last delivery (accepted + delivered); ``--profile FILE`` runs
 ``py-spy record`` on it during the load.
 
@@ -131,28 +133,70 @@ def run_load(port: int, args: argparse.Namespace, extra: list[str]) -> tuple[dic
     return summary, started
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the gateway and its SMTP acceptor processes, smtp.acceptor_processes)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far, every thread included (/proc/PID/stat fields 14 and 15)."""
+    """User + system CPU of a process tree so far, every thread included (/proc/PID/stat fields 14 and 15)."""
     user, system = cpu_split(pid)
     return user + system
 
 
 def context_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches of every live thread of a process (each a thread hop or a wait)."""
+    """Voluntary + involuntary context switches of every live thread of a process tree (each a thread hop or a
+    wait)."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for member in process_tree(pid):
         try:
-            status = (task / "status").read_text()
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
         except OSError:
             continue
-        total += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
     return total
 
 
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each live process of the tree, by pid."""
+    seconds = {}
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[member] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
 def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process so far, every thread included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    """(user, system) CPU seconds of a process tree so far (the gateway and its acceptor processes), every
+    thread included."""
+    user = system = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
 
 
 class Profiler:
@@ -207,7 +251,10 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
             with sqlite3.connect(database, timeout=30) as conn:
                 return int(conn.execute("SELECT count(*) FROM queue_recipients WHERE state = 'delivered'").fetchone()[0])
 
+        ready = json.loads((root / "data" / "run" / "ready.json").read_text())
+        acceptors = len(ready.get("acceptors", []))
         cpu_before = cpu_seconds(pid)
+        each_before = cpu_by_process(pid)
         split_before = cpu_split(pid)
         switches_before = context_switches(pid)
         summary, started = run_load(gateway.ports["smtp_submission_port"], args, [
@@ -217,6 +264,7 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
         profiler.stop()
         done_s = wait_until(delivered, int(summary.get("ok", 0)), started, 600)
         cpu_delivered = cpu_seconds(pid) - cpu_before
+        each_after = cpu_by_process(pid)
         split_after = cpu_split(pid)
         switches = context_switches(pid) - switches_before
         memory = watch.stop()
@@ -229,6 +277,7 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     figures = _figures("gateway", "submission, STARTTLS (TLS 1.3) + AUTH PLAIN", summary, done_s, latencies, memory)
+    figures["acceptor_processes"] = acceptors      # smtp.acceptor_processes (0: SMTP in the one process)
     ok = max(1, int(summary.get("ok", 0)))
     # Server CPU per message: during the load (acceptance, plus whatever delivery ran meanwhile in the same
     # process) and up to the last delivery (accepted + delivered).
@@ -236,6 +285,10 @@ def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     figures["server_cpu_ms_per_msg"] = {"during_load": round(cpu_accepted * 1000 / ok, 2),
                                         "accepted_and_delivered": round(cpu_delivered * 1000 / ok, 2)}
     figures["server_context_switches_per_msg"] = round(switches / ok, 1)
+    # The main process (delivery, and SMTP without acceptor processes) and each acceptor process apart.
+    figures["server_cpu_ms_per_msg_by_process"] = {
+        ("main" if member == pid else f"acceptor pid {member}"): round((seconds - each_before.get(member, 0.0)) * 1000 / ok, 2)
+        for member, seconds in each_after.items()}
     figures["server_cpu_ms_per_msg_user_system"] = [round((after - before) * 1000 / ok, 2)
                                                     for before, after in zip(split_before, split_after)]
     return figures

@@ -498,6 +498,7 @@ class LocalDeliveryWorker:
     def room_elsewhere(self, has_room: bool) -> None:
         """An SMTP acceptor process (which delivers nothing itself): the main process's backlog is full (False)
         or has room again (True); ``wait_for_room`` waits on it as on this process's own."""
+        log.debug("the main process's local delivery backlog %s", "has room" if has_room else "is full")
         if has_room:
             self._room.set()
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import json
 import re
 import signal
 import smtplib
@@ -133,8 +134,11 @@ def _read_reply(sock: ssl.SSLSocket) -> bytes:
     return data
 
 
-def test_sigterm_lets_a_data_in_flight_finish_and_says_bye_to_imap(tmp_path: Path) -> None:
-    gateway = GatewayProcess(tmp_path / "gw")
+@pytest.mark.parametrize("acceptors", [0, 2], ids=["one-process", "acceptor-processes"])
+def test_sigterm_lets_a_data_in_flight_finish_and_says_bye_to_imap(tmp_path: Path, acceptors: int) -> None:
+    """With smtp.acceptor_processes, the DATA in flight is an acceptor's: the main process stops it first,
+    and it finishes the transaction before it ends."""
+    gateway = GatewayProcess(tmp_path / "gw", extra_env={"GATEWAY_SMTP_ACCEPTOR_PROCESSES": str(acceptors)})
     gateway.start()
     sender, recipient = gateway.account("PER", 0), gateway.account("PER", 1)
     imap = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps_port"], ssl_context=_tls(gateway))
@@ -153,6 +157,9 @@ def test_sigterm_lets_a_data_in_flight_finish_and_says_bye_to_imap(tmp_path: Pat
         message = (f"From: {sender['address']}\r\nTo: {recipient['address']}\r\nSubject: {marker}\r\n\r\n"
                    f"{_body(marker)}").encode()
         smtp.sendall(message[:200])                      # the DATA is in flight when SIGTERM arrives
+        ready = json.loads((gateway.data_dir / "run" / "ready.json").read_text())
+        children = [acceptor["pid"] for acceptor in ready.get("acceptors", [])]
+        assert len(children) == acceptors
 
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGTERM)
@@ -167,6 +174,7 @@ def test_sigterm_lets_a_data_in_flight_finish_and_says_bye_to_imap(tmp_path: Pat
         closing = _read_reply(smtp)
         assert closing.startswith(b"421 4.3.2"), closing  # then the connection is closed (RFC 5321 3.8)
         assert wait_until(lambda: _exited(gateway), timeout=60, what="gateway exited") == 0
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "an acceptor outlived the gateway"
     finally:
         smtp.close()
         gateway.kill()
