@@ -51,8 +51,13 @@ def _process(data_path: Path) -> dict[str, Any]:
                  for name, spec in payload.get("listeners", {}).items()]
     state = "serving" if alive and all(listener["accepting"] for listener in listeners) else (
         "degraded" if alive else "not running (stale ready.json)")
+    # smtp.acceptor_processes: the SMTP acceptor processes, each checked alive (a dead one is being started again).
+    acceptors = [{"name": acceptor["name"], "pid": acceptor["pid"], "alive": alive and _pid_alive(int(acceptor["pid"]))}
+                 for acceptor in payload.get("acceptors", [])]
+    if acceptors and state == "serving" and not all(acceptor["alive"] for acceptor in acceptors):
+        state = "degraded"
     return {"state": state, "pid": pid, "started_at": payload.get("started_at"), "listeners": listeners,
-            "workers": payload.get("workers", {})}
+            "workers": payload.get("workers", {}), "acceptors": acceptors}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -163,6 +168,9 @@ def _print(report: dict[str, Any]) -> None:
     click.echo("\nworkers")
     emit_rows([{"worker": name, "count": count} for name, count in process["workers"].items()],
               ["worker", "count"], as_json=False)
+    if process.get("acceptors"):
+        click.echo("\nSMTP acceptor processes")
+        emit_rows(process["acceptors"], ["name", "pid", "alive"], as_json=False)
     queue = report["queue"]
     click.echo("\nqueue")
     emit_record({"waiting": queue["waiting_total"], "oldest waiting (s)": queue["oldest_waiting_seconds"],

@@ -104,6 +104,9 @@ def test_mail_accepted_by_an_acceptor_wakes_idle_in_the_main_process(tmp_path: P
         pids = _acceptor_pids(gateway)
         assert gateway.process is not None
         assert len(set(pids)) == 2 and gateway.process.pid not in pids and all(_running(pid) for pid in pids)
+        status = json.loads(gateway.cli("status", "--json").stdout)["gateway"]
+        assert status["state"] == "serving", status
+        assert [(a["pid"], a["alive"]) for a in status["acceptors"]] == [(pid, True) for pid in pids], status
         doors = Doors(smtp=[("localhost", gateway.ports["smtp_submissions_port"])],
                       imaps=[("localhost", gateway.ports["imaps_port"])])
         waited = _idle_wakes_on_mail_from_another_node(doors, doors, _tls(gateway), gateway.account("PER", 0),
