@@ -207,7 +207,7 @@ class Profiler:
         if output:
             fmt = "speedscope" if output.endswith(".json") else "raw" if output.endswith(".txt") else "flamegraph"
             self.process = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-                                             "--rate", "200", "--format", fmt, "--output", output, "--nonblocking",
+                                             "--rate", "200", "--format", fmt, "--output", output, "--nonblocking", "--subprocesses",
                                              *(["--gil"] if gil else [])],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)

@@ -133,19 +133,29 @@ class ImplicitTls:
     handshake_timeout: float | None = None
 
 
+SHARED_LISTEN_BACKLOG = 100     # a shared listening socket's queue of connections not accepted yet (asyncio's default)
+
+
 async def open_listener(factory: ProtocolFactory, host: str, port: int, *, guard: ProxyGuard | None, door: str,
                         tls: ImplicitTls | None = None, reuse_address: bool = True,
                         sock: socket.socket | None = None) -> asyncio.Server:
     """``loop.create_server`` for a client-facing listener, reading PROXY headers from trusted proxies.
-    ``sock``: a listening socket bound already (an SMTP acceptor process's, inherited from the main process)
-    instead of ``host`` and ``port``."""
+    ``sock``: a listening socket bound already, which other processes accept on too (the SMTP acceptor
+    processes, gateway.smtp.acceptors), instead of ``host`` and ``port``. Such a socket is accepted from one
+    connection per wake-up: asyncio's ``backlog`` is also how many connections it accepts in a row when the
+    socket is readable, so a burst of connections all went to whichever process woke first (a connection
+    accepted is kept for the whole session); one at a time, the process that is free first takes the next."""
     loop = asyncio.get_running_loop()
-    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port,
-                                                                     "reuse_address": reuse_address}
+    where: dict[str, Any] = {"sock": sock, "backlog": 1} if sock is not None else {
+        "host": host, "port": port, "reuse_address": reuse_address}
     if guard is None or not guard.enabled:
-        return await loop.create_server(factory, ssl=tls.context if tls else None,
-                                        ssl_handshake_timeout=tls.handshake_timeout if tls else None, **where)
-    return await loop.create_server(lambda: _HeaderReader(factory, guard, door, tls), **where)
+        server = await loop.create_server(factory, ssl=tls.context if tls else None,
+                                          ssl_handshake_timeout=tls.handshake_timeout if tls else None, **where)
+    else:
+        server = await loop.create_server(lambda: _HeaderReader(factory, guard, door, tls), **where)
+    if sock is not None:
+        sock.listen(SHARED_LISTEN_BACKLOG)     # create_server said listen(1): the kernel's queue as it was bound
+    return server
 
 
 def stream_factory(connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],

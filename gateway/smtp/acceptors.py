@@ -54,13 +54,14 @@ from gateway.config import Settings, SmtpSettings
 from gateway.errors import UserError
 from gateway.mail import codes
 from gateway.mail.codes import MailRefusal
+from gateway.ops.proxied import SHARED_LISTEN_BACKLOG
 from gateway.pipeline.limits import ConcurrencyLimiter, MessageRates, RateRefusal, Slot
 from gateway.queue.local_delivery import LocalDeliveryWorker
 
 log = logging.getLogger("gateway.acceptors")
 
 DOORS = ("submission", "submissions", "relay")
-LISTEN_BACKLOG = 100                # as asyncio's create_server
+LISTEN_BACKLOG = SHARED_LISTEN_BACKLOG   # as asyncio's create_server
 START_TIMEOUT_SECONDS = 60.0        # a child not ready by then: ``gateway serve`` fails to start
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
