@@ -279,6 +279,8 @@ class Gateway:
             self.systemd.start_watchdog()
             running.push_async_callback(self.systemd.stop_watchdog)   # first to stop: then TimeoutStopSec bounds it
             await self._stop.wait()
+            if self.acceptors is not None:
+                self.acceptors.stop_restarting()
             readiness.stopping = True
             self.systemd.stopping()
             log.info("gateway stopping")
@@ -361,8 +363,9 @@ class Gateway:
         """An SMTP acceptor process (gateway.smtp.acceptors): SMTP only, on the sockets the main process bound,
         announcing what it queued and asking for the gateway-wide limits over the channel ``channel_fd``."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        # Ctrl-C in a terminal reaches the whole process group: the main process stops the acceptors itself.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
         channel = MainProcessChannel(channel_fd)
         settings = self.settings
         async with open_services(settings, migrate=False) as services, AsyncExitStack() as running:

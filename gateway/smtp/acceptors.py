@@ -215,10 +215,18 @@ class AcceptorSupervisor:
                  ", ".join(f"{child.name} (pid {child.pid})" for child in self.children.values()))
 
     def reload(self) -> None:
-        """SIGHUP, passed on to every child."""
+        """SIGHUP, passed on to every child that is ready (one still starting has no handler for it yet: the
+        signal would end it, and it reads the configuration as it is now anyway)."""
         for child in self.children.values():
+            if not child.ready.done():
+                continue
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGHUP)
+
+    def stop_restarting(self) -> None:
+        """The gateway is stopping (SIGTERM, before its other listeners close): a child that exits now, told to
+        stop at the same time as its parent, is not started again."""
+        self._stopping = True
 
     async def aclose(self, grace_seconds: float = 0.0) -> None:
         """Stop every child (SIGTERM: each drains its transactions within ``grace_seconds``; SIGKILL after
@@ -266,6 +274,9 @@ class AcceptorSupervisor:
                     return
             else:
                 self.children[index] = child
+                if self._stopping:                # started while the gateway began to stop
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.send_signal(signal.SIGTERM)
                 await self._serve(child)
                 code = await child.process.wait()
                 released = child.give_back_slots()

@@ -113,6 +113,11 @@ def test_mail_accepted_by_an_acceptor_wakes_idle_in_the_main_process(tmp_path: P
                                                        gateway.account("PER", 1), timeout=20)
         print(f"accepted by an acceptor process, IDLE in the main process woken after {waited * 1000:.0f} ms")
         assert "queued " in gateway.log_text()
+        gateway.process.send_signal(signal.SIGHUP)      # passed on: each acceptor reloads as its parent does
+        log = gateway.data_dir / "serve.log"
+        wait_until(lambda: True if log.read_text(errors="replace").count("SIGHUP: reloaded") == 3 else None,
+                   timeout=30, what="the main process and both acceptors reloaded")
+        assert _acceptor_pids(gateway) == pids and all(_running(pid) for pid in pids)
     finally:
         assert gateway.stop() == 0
     assert not any(_running(pid) for pid in pids)
