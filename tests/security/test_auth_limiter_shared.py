@@ -70,13 +70,28 @@ def _statements(database: Database) -> Iterator[list[str]]:
     hooks: list[tuple[Any, str, Any]] = [(database.engine.sync_engine, "before_cursor_execute", cursor_execute)]
     if database._sync_engine is not None:
         hooks += [(database._sync_engine.pool, "checkout", checkout), (database._sync_engine.pool, "checkin", checkin)]
+    # The database threads keep their connection from one transaction to the next (no checkout each time):
+    # those already open are traced here.
+    kept = [connection.connection.driver_connection for connection in _kept_connections(database)]
     for target, name, hook in hooks:
         event.listen(target, name, hook)
+    for driver in kept:
+        driver.set_trace_callback(record)
     try:
         yield seen
     finally:
         for target, name, hook in hooks:
             event.remove(target, name, hook)
+        for driver in [connection.connection.driver_connection for connection in _kept_connections(database)]:
+            driver.set_trace_callback(None)
+
+
+def _kept_connections(database: Database) -> list[Any]:
+    kept = database._thread_connections
+    if kept is None:
+        return []
+    with kept._lock:
+        return [connection for connection in kept._open if not connection.closed and not connection.invalidated]
 
 
 def _writes(statements: list[str]) -> list[str]:
