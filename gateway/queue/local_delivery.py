@@ -61,6 +61,7 @@ from gateway.directory.generation import AnswerCache
 from gateway.directory.service import LocalRoute, RefusedRoute, Route
 from gateway.errors import UserError
 from gateway.mailstore.errors import MailStoreError
+from gateway.mailstore.group_commit import SyncGroupCommit
 from gateway.mailstore.headers import MAX_HEADER_BYTES, CachedHeaders, header_section, parse_headers
 from gateway.ops.metrics import LOCAL_DELIVERIES
 from gateway.queue.dsn import Action, RecipientReport, wants_report
@@ -76,7 +77,7 @@ from gateway.queue.outbound_store import MessageWork
 from gateway.queue.spool import Spool
 from gateway.queue.store import LocalWork, QueueStore, delivery_key
 from gateway.mail.codes import MailRefusal
-from gateway.storage.db import Database, after_commit
+from gateway.storage.db import after_commit
 from gateway.storage.models import utcnow
 
 log = logging.getLogger("gateway.delivery")
@@ -317,71 +318,6 @@ def _queued_rows_in(connection: Connection, spool: Spool, queue_id: str) -> tupl
     return works, spool.row_content_in(connection, queue_id, size=works[0].size) if works else None
 
 
-class _QueuedReads:
-    """SQLite: the queue rows of messages not handed over (``_queued``), read for every message waiting at
-    the time in one transaction, one database thread hop: the delivery workers that start together (a
-    group commit just let them go, or a restart's backlog) used to read theirs in one hop each. Each
-    message's rows are read exactly as alone (``_queued_rows_in``, in a snapshot taken when the read
-    starts); a batch that fails is read again one message at a time, so each gets its own outcome."""
-
-    MAX_BATCH = 64
-
-    def __init__(self, db: Database, spool: Spool) -> None:
-        self.db = db
-        self.spool = spool
-        self.loop = asyncio.get_running_loop()
-        self._waiting: list[tuple[str, asyncio.Future[tuple[list[LocalWork], bytes | None]]]] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def read(self, queue_id: str) -> tuple[list[LocalWork], bytes | None]:
-        future: asyncio.Future[tuple[list[LocalWork], bytes | None]] = self.loop.create_future()
-        self._waiting.append((queue_id, future))
-        if self._reader is None or self._reader.done():
-            self._reader = self.loop.create_task(self._drain(), name="local-delivery-queue-reads")
-        return await future            # a read has no effect: a caller cancelled meanwhile just goes
-
-    async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:self.MAX_BATCH], self._waiting[self.MAX_BATCH:]
-            spool, ids = self.spool, [queue_id for queue_id, _future in batch]
-            try:
-                if len(batch) == 1:
-                    results = [await self.db.run_in_transaction(lambda c: _queued_rows_in(c, spool, ids[0]))]
-                else:
-                    results = await self.db.run_in_transaction(
-                        lambda c: [_queued_rows_in(c, spool, queue_id) for queue_id in ids])
-            except asyncio.CancelledError:           # the loop is going: nobody is left waiting
-                for _queue_id, future in batch + self._waiting:
-                    future.cancel()
-                self._waiting = []
-                raise
-            except Exception as exc:  # noqa: BLE001  (each message alone gets its own outcome)
-                if len(batch) == 1:
-                    _settle_read(batch[0][1], exc)
-                    continue
-                for queue_id, future in batch:
-                    await self._alone(queue_id, future)
-                continue
-            for (_queue_id, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-
-    async def _alone(self, queue_id: str, future: asyncio.Future[tuple[list[LocalWork], bytes | None]]) -> None:
-        spool = self.spool
-        try:
-            result = await self.db.run_in_transaction(lambda c: _queued_rows_in(c, spool, queue_id))
-        except Exception as exc:  # noqa: BLE001  (handed to that message's delivery)
-            _settle_read(future, exc)
-        else:
-            if not future.done():
-                future.set_result(result)
-
-
-def _settle_read(future: asyncio.Future[Any], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
 @dataclass
 class RecoveryReport:
     half_received_removed: int = 0
@@ -425,7 +361,9 @@ class LocalDeliveryWorker:
         self._idle.set()
         self._busy = 0
         self._settler: _Settler | None = None   # spool files unlinked after a commit: one loop wake-up a run
-        self._reads: _QueuedReads | None = None   # SQLite: the queue rows of messages not handed over
+        # SQLite: the queue rows of messages not handed over, read for every message waiting at the time in one
+        # transaction (a batch that fails is read again one message at a time): (its loop, the batcher).
+        self._reads: tuple[asyncio.AbstractEventLoop, SyncGroupCommit] | None = None
         self.delivers_here = True             # False: another node delivers (``gateway serve --only`` without workers)
         self.elsewhere: Callable[[str], None] | None = None   # then: tell the delivering nodes (queue/wake.py)
         # Told each time the backlog fills (False) or has room again (True): the SMTP acceptor processes,
@@ -631,9 +569,11 @@ class LocalDeliveryWorker:
             if not works:
                 return works, None
             return works, await self.spool.plaintext_in_row(queue_id, size=works[0].size)
-        if self._reads is None or self._reads.loop is not asyncio.get_running_loop():
-            self._reads = _QueuedReads(self.queue.db, self.spool)
-        works, sealed = await self._reads.read(queue_id)
+        loop = asyncio.get_running_loop()
+        if self._reads is None or self._reads[0] is not loop:
+            self._reads = (loop, SyncGroupCommit(self.queue.db.run_in_transaction))
+        spool = self.spool
+        works, sealed = await self._reads[1].run(lambda c: _queued_rows_in(c, spool, queue_id))
         return works, None if sealed is None else self.spool.plaintext_of_row(sealed, queue_id)
 
     async def _content(self, work: LocalWork, plaintext: bytes | None) -> _Content | None:
