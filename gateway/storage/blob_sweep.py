@@ -51,9 +51,16 @@ HEX = frozenset("0123456789abcdef")
 
 
 def blob_reference_columns(metadata: MetaData) -> list[Column[str]]:
-    """Every column of ``metadata`` that holds blob ids (named ``blob_id`` or ``*_blob_id``)."""
-    return [column for table in metadata.sorted_tables if table.name != INLINE_TABLE
-            for column in table.columns if column.name == "blob_id" or column.name.endswith("_blob_id")]
+    """Every column of ``metadata`` that holds blob ids (named ``blob_id`` or ``*_blob_id``), the indexed ones
+    first: a shard's files are looked up column by column until all are found, and most are message bodies,
+    whose column has an index (the others are read whole)."""
+    columns = [column for table in metadata.sorted_tables if table.name != INLINE_TABLE
+               for column in table.columns if column.name == "blob_id" or column.name.endswith("_blob_id")]
+    return sorted(columns, key=lambda column: not _leads_an_index(column))
+
+
+def _leads_an_index(column: Column[str]) -> bool:
+    return any(next(iter(index.columns), None) is column for index in column.table.indexes)
 
 
 @dataclass
