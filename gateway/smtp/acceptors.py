@@ -525,17 +525,17 @@ class SharedMessageRates(MessageRates):
 
 def inherited_sockets(specs: Sequence[str]) -> dict[str, list[socket.socket]]:
     """``--acceptor-socket DOOR=FD`` (repeated): the listening sockets inherited from the main process."""
-    sockets: dict[str, list[socket.socket]] = defaultdict(list)
+    descriptors: dict[str, list[int]] = defaultdict(list)
     for spec in specs:
         door, _, fd = spec.partition("=")
         if door not in DOORS or not fd.isdigit():
             raise UserError(f"bad --acceptor-socket {spec!r}: DOOR=FD with DOOR one of {', '.join(DOORS)}",
                             field="--acceptor-socket")
-        sockets[door].append(socket.socket(fileno=int(fd)))
-    missing = [door for door in DOORS if door not in sockets]
-    if missing:
+        descriptors[door].append(int(fd))
+    missing = [door for door in DOORS if door not in descriptors]
+    if missing:        # checked before any descriptor is taken as a socket
         raise UserError(f"--acceptor-socket missing for {', '.join(missing)}", field="--acceptor-socket")
-    return dict(sockets)
+    return {door: [socket.socket(fileno=fd) for fd in fds] for door, fds in descriptors.items()}
 
 
 def acceptor_command(config_file: str | None, data_dir: str | None) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import GatewayProcess, wait_until
+from tests.harness import GatewayProcess, run_cli, wait_until
 from tests.ops.test_multinode import Doors, _body, _delivered, _idle_wakes_on_mail_from_another_node, _load, _submit
 
 UNLIMITED = {"GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_USER": "0", "GATEWAY_SMTP_MESSAGES_PER_MINUTE_PER_IP": "0"}
@@ -317,3 +317,18 @@ def test_the_audit_chain_stays_whole_with_acceptors_and_the_main_process_appendi
         assert report["ok"] and report["complete"] and report["checked"] >= 2, report
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("specs, said", [
+    (["bogus=5"], "bad --acceptor-socket 'bogus=5': DOOR=FD"),
+    (["submission=five"], "bad --acceptor-socket 'submission=five': DOOR=FD"),
+    (["submission=7"], "--acceptor-socket missing for submissions, relay"),
+])
+def test_a_bad_acceptor_socket_is_refused_naming_the_option(tmp_path: Path, specs: list[str], said: str) -> None:
+    # The hidden options only ``gateway serve`` passes its children: a wrong one is refused before any
+    # descriptor is taken as a socket, and nothing starts.
+    args = ["serve", "--acceptor-channel", "9"] + [arg for spec in specs for arg in ("--acceptor-socket", spec)]
+    result = run_cli(*args, data_dir=tmp_path / "data")
+    assert result.returncode == 1
+    assert said in result.stderr and "--acceptor-socket" in result.stderr
+    assert not (tmp_path / "data" / "run" / "ready.json").exists()
